@@ -1,0 +1,31 @@
+// swift-tools-version:6.0
+// Graft: parameter-efficient fine-tuning on the CPU. See DESIGN notes in README.md for the module layout.
+import PackageDescription
+
+let package = Package(
+    name: "Graft",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "Graft", targets: ["Graft"]),
+        .executable(name: "graft", targets: ["graft"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CGraftSystem", path: "Sources/CGraftSystem"),
+        .target(name: "GraftTensor", dependencies: ["CGraftSystem"]),
+        .target(name: "GraftIO", dependencies: ["GraftTensor"]),
+        .target(name: "GraftText", dependencies: ["GraftIO"]),
+        .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
+        .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels"]),
+        .executableTarget(name: "graft", dependencies: [
+            "Graft", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "GraftTensorTests", dependencies: ["GraftTensor"]),
+        .testTarget(name: "GraftIOTests", dependencies: ["GraftIO"]),
+        .testTarget(name: "GraftTextTests", dependencies: ["GraftText", "GraftIO"]),
+        .testTarget(name: "GraftModelsTests", dependencies: ["GraftModels", "Graft"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

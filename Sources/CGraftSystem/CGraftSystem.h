@@ -1,0 +1,11 @@
+/* System libraries Graft's Swift modules call directly. */
+#ifndef CGRAFT_SYSTEM_H
+#define CGRAFT_SYSTEM_H
+
+#include <cblas.h>
+
+/* OpenBLAS extensions (declared in OpenBLAS's cblas.h; repeated so the shim builds against any cblas.h). */
+void openblas_set_num_threads(int num_threads);
+int openblas_get_num_threads(void);
+
+#endif

@@ -1,0 +1,122 @@
+import CGraftSystem
+
+/// `C[m×n] = alpha · op(A) · op(B) + beta · C`, row-major, with transpose flags instead of copies.
+///
+/// `A` is stored `m×k` (or `k×m` when `transA`), `B` is `k×n` (or `n×k` when `transB`).
+@inline(__always)
+public func sgemm(
+    transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+    alpha: Float = 1, a: UnsafePointer<Float>, lda: Int? = nil,
+    b: UnsafePointer<Float>, ldb: Int? = nil,
+    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int? = nil
+) {
+    if m == 0 || n == 0 { return }
+    if k == 0 {
+        if beta == 0 {
+            for i in 0..<m { (c + i * (ldc ?? n)).update(repeating: 0, count: n) }
+        }
+        return
+    }
+    cblas_sgemm(
+        CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+        Int32(m), Int32(n), Int32(k), alpha,
+        a, Int32(lda ?? (transA ? m : k)),
+        b, Int32(ldb ?? (transB ? k : n)),
+        beta, c, Int32(ldc ?? n))
+}
+
+/// `x · Wᵀ (+ bias)`: the Linear layer. `x` is `[..., in]`, `weight` is `[out, in]`, `bias` is `[out]`.
+///
+/// Backward computes `dx = dy · W` only when `x` is tracked and `dW = dyᵀ · x` only when `W` is trainable,
+/// so a frozen weight costs one GEMM in backward and allocates nothing for itself.
+public func linear(_ x: Tensor, _ weight: Tensor, _ bias: Tensor? = nil) -> Tensor {
+    let inF = weight.shape[1], outF = weight.shape[0]
+    precondition(x.lastDim == inF, "linear: input \(x.shape) does not end in \(inF)")
+    let rowsN = x.rows
+    var outShape = x.shape
+    outShape[outShape.count - 1] = outF
+    let out = Tensor(zeros: outShape)
+    if let bias {
+        let pb = bias.pointer, po = out.pointer
+        for r in 0..<rowsN { (po + r * outF).update(from: pb, count: outF) }
+    }
+    sgemm(transA: false, transB: true, m: rowsN, n: outF, k: inF,
+          a: x.pointer, b: weight.pointer, beta: bias == nil ? 0 : 1, c: out.pointer)
+    var inputs = [x, weight]
+    if let bias { inputs.append(bias) }
+    return Tensor.result(out, inputs: inputs) { g in
+        var dx: Tensor? = nil, dw: Tensor? = nil, db: Tensor? = nil
+        if x.requiresGrad {
+            let t = Tensor(zeros: x.shape)
+            sgemm(transA: false, transB: false, m: rowsN, n: inF, k: outF,
+                  a: g.pointer, b: weight.pointer, c: t.pointer)
+            dx = t
+        }
+        if weight.requiresGrad {
+            let t = Tensor(zeros: weight.shape)
+            sgemm(transA: true, transB: false, m: outF, n: inF, k: rowsN,
+                  a: g.pointer, b: x.pointer, c: t.pointer)
+            dw = t
+        }
+        if let bias, bias.requiresGrad { db = g.sumToShape(bias.shape) }
+        return [dx, dw, db]
+    }
+}
+
+/// Matrix product of the last two dimensions, batched over one leading dimension when both are 3-D.
+///
+/// Shapes: `a` is `[M, K]` or `[B, M, K]` (`[.., K, M]` with `transposeA`), `b` is `[K, N]` or `[B, K, N]`
+/// (`[.., N, K]` with `transposeB`). A 2-D `b` is shared by every batch of a 3-D `a`.
+public func matmul(_ a: Tensor, _ b: Tensor, transposeA: Bool = false, transposeB: Bool = false) -> Tensor {
+    precondition(a.rank == 2 || a.rank == 3, "matmul: a must be 2-D or 3-D, got \(a.shape)")
+    precondition(b.rank == 2 || b.rank == 3, "matmul: b must be 2-D or 3-D, got \(b.shape)")
+    let batch = a.rank == 3 ? a.shape[0] : 1
+    let bBatched = b.rank == 3
+    if bBatched { precondition(a.rank == 3 && b.shape[0] == batch, "matmul: batch \(a.shape) vs \(b.shape)") }
+    let ar = a.shape[a.rank - 2], ac = a.shape[a.rank - 1]
+    let br = b.shape[b.rank - 2], bc = b.shape[b.rank - 1]
+    let m = transposeA ? ac : ar, k = transposeA ? ar : ac
+    let kb = transposeB ? bc : br, n = transposeB ? br : bc
+    precondition(k == kb, "matmul: inner dimensions \(a.shape) vs \(b.shape) differ")
+    let out = Tensor(zeros: a.rank == 3 ? [batch, m, n] : [m, n])
+    let aStride = ar * ac, bStride = bBatched ? br * bc : 0
+    for i in 0..<batch {
+        sgemm(transA: transposeA, transB: transposeB, m: m, n: n, k: k,
+              a: a.pointer + i * aStride, b: b.pointer + i * bStride, c: out.pointer + i * m * n)
+    }
+    return Tensor.result(out, inputs: [a, b]) { g in
+        var da: Tensor? = nil, db: Tensor? = nil
+        if a.requiresGrad {
+            let t = Tensor(zeros: a.shape)
+            for i in 0..<batch {
+                // dA = dC · op(B)ᵀ, stored transposed when A was.
+                if transposeA {
+                    sgemm(transA: transposeB, transB: true, m: k, n: m, k: n,
+                          a: b.pointer + i * bStride, b: g.pointer + i * m * n, c: t.pointer + i * aStride)
+                } else {
+                    sgemm(transA: false, transB: !transposeB, m: m, n: k, k: n,
+                          a: g.pointer + i * m * n, b: b.pointer + i * bStride, c: t.pointer + i * aStride)
+                }
+            }
+            da = t
+        }
+        if b.requiresGrad {
+            let t = Tensor(zeros: b.shape)
+            for i in 0..<batch {
+                // dB = op(A)ᵀ · dC, stored transposed when B was; a shared B accumulates over the batch.
+                let beta: Float = (!bBatched && i > 0) ? 1 : 0
+                if transposeB {
+                    sgemm(transA: true, transB: transposeA, m: n, n: k, k: m,
+                          a: g.pointer + i * m * n, b: a.pointer + i * aStride, beta: beta,
+                          c: t.pointer + i * bStride)
+                } else {
+                    sgemm(transA: !transposeA, transB: false, m: k, n: n, k: m,
+                          a: a.pointer + i * aStride, b: g.pointer + i * m * n, beta: beta,
+                          c: t.pointer + i * bStride)
+                }
+            }
+            db = t
+        }
+        return [da, db]
+    }
+}

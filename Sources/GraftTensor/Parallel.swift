@@ -1,0 +1,71 @@
+import Dispatch
+import CGraftSystem
+
+/// Graft's one parallel-for: splits `0..<count` into chunks of at least `grain` and runs them on the
+/// available cores. Runs inline when the work is small or only one thread is configured.
+///
+/// OpenBLAS owns its own threads for large GEMMs; callers never run a `parallelFor` around calls that
+/// may themselves go multi-threaded in BLAS (see ``Threading``).
+public func parallelFor(_ count: Int, grain: Int = 1, _ body: (Range<Int>) -> Void) {
+    let threads = Threading.threads
+    guard count > 0 else { return }
+    let chunks = min(threads, (count + max(grain, 1) - 1) / max(grain, 1))
+    if chunks <= 1 {
+        body(0..<count)
+        return
+    }
+    let per = (count + chunks - 1) / chunks
+    withoutActuallyEscaping(body) { body in
+        let box = UncheckedSendable(body)
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in
+            let lo = c * per
+            let hi = min(count, lo + per)
+            if lo < hi { box.value(lo..<hi) }
+        }
+    }
+}
+
+/// Carries a value across a concurrency boundary the caller has made safe (disjoint ranges, joined before return).
+struct UncheckedSendable<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}
+
+/// Process-wide thread settings for Graft's own loops and for OpenBLAS.
+public enum Threading {
+    nonisolated(unsafe) private static var configured: Int = 0
+
+    /// Threads Graft's loops use (defaults to `GRAFT_NUM_THREADS`, else the number of cores).
+    public static var threads: Int {
+        if configured > 0 { return configured }
+        return defaultThreads
+    }
+
+    /// Sets the thread count for both Graft's loops and OpenBLAS. Call before starting work.
+    public static func setThreads(_ n: Int) {
+        configured = max(1, n)
+        openblas_set_num_threads(Int32(configured))
+    }
+
+    private static let defaultThreads: Int = {
+        if let s = getenvString("GRAFT_NUM_THREADS"), let n = Int(s), n > 0 { return n }
+        return max(1, ProcessInfoLite.activeProcessorCount)
+    }()
+}
+
+func getenvString(_ name: String) -> String? {
+    guard let p = getenv(name) else { return nil }
+    return String(cString: p)
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+enum ProcessInfoLite {
+    static var activeProcessorCount: Int {
+        Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+    }
+}

@@ -1,0 +1,43 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A reference-counted, 64-byte aligned block of `Float`s: the storage behind every ``Tensor``.
+///
+/// Hot loops reach the memory through ``pointer`` directly; the buffer frees itself when the last
+/// tensor that shares it goes away.
+public final class TensorBuffer: @unchecked Sendable {
+    /// Number of `Float` elements.
+    public let count: Int
+    /// The first element. Valid for `count` elements while the buffer lives.
+    public let pointer: UnsafeMutablePointer<Float>
+
+    /// Allocates `count` zero-filled elements.
+    public init(count: Int) {
+        self.count = count
+        let bytes = max(count, 1) * MemoryLayout<Float>.stride
+        var raw: UnsafeMutableRawPointer?
+        if posix_memalign(&raw, 64, (bytes + 63) & ~63) != 0 || raw == nil {
+            // Allocation failure of a size the caller already validated is not recoverable here.
+            fatalError("Graft: out of memory allocating \(bytes) bytes")
+        }
+        let p = raw!.bindMemory(to: Float.self, capacity: max(count, 1))
+        p.initialize(repeating: 0, count: max(count, 1))
+        pointer = p
+    }
+
+    /// Allocates a buffer holding a copy of `values`.
+    public convenience init(copying values: UnsafeBufferPointer<Float>) {
+        self.init(count: values.count)
+        if let base = values.baseAddress { pointer.update(from: base, count: values.count) }
+    }
+
+    deinit { free(pointer) }
+
+    /// The elements as a mutable buffer pointer.
+    @inlinable public var buffer: UnsafeMutableBufferPointer<Float> {
+        UnsafeMutableBufferPointer(start: pointer, count: count)
+    }
+}

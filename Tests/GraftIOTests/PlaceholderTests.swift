@@ -1,0 +1,4 @@
+import Testing
+@testable import GraftIO
+
+@Test func moduleLinks() {}

@@ -1,0 +1,4 @@
+import Testing
+@testable import GraftModels
+
+@Test func moduleLinks() {}

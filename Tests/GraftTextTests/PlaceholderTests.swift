@@ -1,0 +1,4 @@
+import Testing
+@testable import GraftText
+
+@Test func moduleLinks() {}
