@@ -86,6 +86,7 @@ public func scaledDotProductAttention(
     }
 
     return Tensor.result(out, inputs: [query, key, value]) { g in
+        let pq = query.pointer, pk = key.pointer, pv = value.pointer, pp = probs.pointer
         let dq: Tensor? = query.requiresGrad ? Tensor(zeros: query.shape) : nil
         let dk: Tensor? = key.requiresGrad ? Tensor(zeros: key.shape) : nil
         let dv: Tensor? = value.requiresGrad ? Tensor(zeros: value.shape) : nil

@@ -36,6 +36,7 @@ public func crossEntropy(_ logits: Tensor, targets: [Int32], ignoreIndex: Int32 
         let d = Tensor(zeros: logits.shape)
         guard counted > 0 else { return [d] }
         let scale = g.item / Float(counted)
+        let pp = probs.pointer
         let pd = d.pointer
         for r in 0..<n {
             let t = targets[r]

@@ -28,6 +28,9 @@ public func layerNorm(_ x: Tensor, weight: Tensor, bias: Tensor?, eps: Float) ->
     var inputs = [x, weight]
     if let bias { inputs.append(bias) }
     return Tensor.result(out, inputs: inputs) { g in
+        // Saved activations are re-read through the captured tensors, which keeps them alive until now.
+        let ph = xhat.pointer, pis = invStd.pointer, px = x.pointer, pw = weight.pointer
+        _ = px
         let pg = g.pointer
         var dx: Tensor? = nil, dw: Tensor? = nil, db: Tensor? = nil
         if x.requiresGrad {
@@ -78,6 +81,7 @@ public func rmsNorm(_ x: Tensor, weight: Tensor, eps: Float) -> Tensor {
         }
     }
     return Tensor.result(out, inputs: [x, weight]) { g in
+        let pir = invRms.pointer, px = x.pointer, pw = weight.pointer
         let pg = g.pointer
         var dx: Tensor? = nil, dw: Tensor? = nil
         if x.requiresGrad {
