@@ -18,14 +18,19 @@ let package = Package(
         .target(name: "GraftIO", dependencies: ["GraftTensor"]),
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
-        .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels"]),
+        .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),
+        .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftModels", "GraftAdapters"]),
+        .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftTrain"]),
         .executableTarget(name: "graft", dependencies: [
             "Graft", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "GraftTensorTests", dependencies: ["GraftTensor"]),
         .testTarget(name: "GraftIOTests", dependencies: ["GraftIO"]),
         .testTarget(name: "GraftTextTests", dependencies: ["GraftText", "GraftIO"]),
-        .testTarget(name: "GraftModelsTests", dependencies: ["GraftModels", "Graft"]),
+        .testTarget(name: "GraftModelsTests", dependencies: ["GraftModels", "GraftIO", "GraftTensor"]),
+        .testTarget(name: "GraftTests", dependencies: ["Graft"]),
+        .testTarget(name: "GraftAdaptersTests", dependencies: ["GraftAdapters", "Graft"]),
+        .testTarget(name: "GraftTrainTests", dependencies: ["GraftTrain", "Graft"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,0 +1,31 @@
+# Graft — the two commands: `make demo` (set up, fetch assets, build, run the demo) and `make test`.
+SWIFT ?= swift
+RELEASE_BIN = .build/release/graft
+
+.PHONY: demo test build release setup assets bench clean
+
+demo: setup assets release
+	$(RELEASE_BIN) inspect minilm
+	$(RELEASE_BIN) generate --model smollm2 --prompt "What is the capital of France?" --max-tokens 40
+
+test: assets
+	$(SWIFT) build --build-tests
+	$(SWIFT) test
+
+setup:
+	scripts/setup
+
+assets:
+	scripts/fetch-assets
+
+build:
+	$(SWIFT) build
+
+release:
+	$(SWIFT) build -c release --product graft
+
+bench: assets release
+	bench/forward
+
+clean:
+	rm -rf .build

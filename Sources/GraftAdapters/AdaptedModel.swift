@@ -1,0 +1,228 @@
+import GraftModels
+import GraftTensor
+
+/// One named adapter: its config, shared state, and the layers it attached to.
+public final class NamedAdapter {
+    /// The adapter's name (`"default"` unless chosen).
+    public let name: String
+    /// Its configuration.
+    public let config: AdapterConfig
+    /// Active / training / merged switches shared by its layers.
+    public let state: AdapterState
+    /// Attached layers by module path, in model order.
+    public internal(set) var layers: [(path: String, linear: Linear, adapter: any LinearAdapterMethod)] = []
+    /// Trainable copies of `modules_to_save` modules by module path.
+    public internal(set) var savedModules: [(path: String, linear: Linear, adapter: ModulesToSaveLinear)] = []
+
+    init(name: String, config: AdapterConfig, state: AdapterState) {
+        self.name = name
+        self.config = config
+        self.state = state
+    }
+
+    /// Every trainable tensor under its PEFT key (`base_model.model.<path>.<param>`), adapter name stripped.
+    public var peftStateDict: [(key: String, tensor: Tensor)] {
+        var out: [(String, Tensor)] = []
+        for (path, _, adapter) in layers {
+            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
+        }
+        for (path, _, adapter) in savedModules {
+            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
+        }
+        return out
+    }
+
+    /// The trainable tensors, in a stable order.
+    public var parameters: [Tensor] { peftStateDict.map(\.tensor) }
+
+    /// Number of trainable scalars.
+    public var parameterCount: Int { parameters.reduce(0) { $0 + $1.count } }
+}
+
+/// A base model with named adapters attached OpenDelta-style: each target Linear keeps a list of adapters,
+/// and adding, activating, disabling, deleting or unmerging adapters never rewrites the base weights.
+public final class AdaptedModel: @unchecked Sendable {
+    /// The base model's root module.
+    public let root: Module
+    /// Paths of output heads that `"all-linear"` leaves alone (`lm_head`, a classifier).
+    public let outputHeads: Set<String>
+    /// Attached adapters in the order they were added.
+    public private(set) var adapters: [NamedAdapter] = []
+    /// The adapter forward passes use (PEFT's `active_adapter`).
+    public private(set) var activeAdapter: String?
+    /// When true, no adapter takes part in forward passes (PEFT's `disable_adapter()` context).
+    public private(set) var adaptersDisabled = false
+
+    /// Wraps `root`; `outputHeads` defaults to the conventional head names found in the tree.
+    public init(root: Module, outputHeads: Set<String>? = nil) {
+        self.root = root
+        self.outputHeads = outputHeads ?? Set(root.children.map(\.name).filter { ["lm_head", "classifier", "score"].contains($0) })
+    }
+
+    /// The adapter called `name`.
+    public func adapter(_ name: String) throws -> NamedAdapter {
+        guard let a = adapters.first(where: { $0.name == name }) else {
+            throw GraftError(.notFound, "no adapter named '\(name)' (have: \(adapters.map(\.name).joined(separator: ", ")))")
+        }
+        return a
+    }
+
+    /// Attaches a new adapter to every module `config` selects and makes it active.
+    ///
+    /// Throws when the name is taken, the method is unknown, or nothing matches (naming the patterns and some
+    /// module names that exist).
+    @discardableResult
+    public func addAdapter(_ name: String, config: AdapterConfig, seed: UInt64 = 0) throws -> NamedAdapter {
+        guard !name.isEmpty, !name.contains(".") else {
+            throw GraftError.invalid("adapter name '\(name)' must be non-empty and contain no '.'")
+        }
+        guard !adapters.contains(where: { $0.name == name }) else {
+            throw GraftError.invalid("an adapter named '\(name)' already exists")
+        }
+        let factory = try AdapterRegistry.factory(for: config)
+        try factory.validate(config)
+        let state = AdapterState(seed: seed)
+        let named = NamedAdapter(name: name, config: config, state: state)
+        let matcher = TargetMatcher(config: config)
+        var matchedNonLinear: [String] = []
+        for (path, module) in root.namedModules() where !path.isEmpty {
+            let isLinear = module is Linear
+            guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path)) else { continue }
+            guard let lin = module as? Linear else {
+                // Containers whose name matches (e.g. "output" in BERT) are skipped as PEFT skips them.
+                if !(module is ModuleList) { matchedNonLinear.append("\(path) (\(module.typeName))") }
+                continue
+            }
+            named.layers.append((path, lin, try factory.make(for: lin, path: path, config: config, state: state)))
+        }
+        if !matchedNonLinear.isEmpty {
+            throw GraftError(.unsupported, "\(config.source): \(config.peftType) adapts Linear layers, but target_modules also selects \(matchedNonLinear.prefix(4).joined(separator: ", "))")
+        }
+        for m in config.modulesToSave {
+            let hits = root.namedModules().filter { $0.name == m || $0.name.hasSuffix("." + m) }
+            for (path, module) in hits {
+                guard let lin = module as? Linear else {
+                    throw GraftError(.unsupported, "\(config.source): modules_to_save '\(m)' is a \(module.typeName) at '\(path)'; only Linear modules can be saved")
+                }
+                named.savedModules.append((path, lin, ModulesToSaveLinear(base: lin, state: state)))
+            }
+        }
+        if named.layers.isEmpty {
+            let linears = root.namedModules().filter { $0.module is Linear }.map(\.name)
+            let examples = linears.prefix(3) + (linears.count > 3 ? [linears[linears.count - 1]] : [])
+            throw GraftError.invalid("\(config.source): target_modules \(describe(config.targetModules))\(config.layersToTransform.map { " with layers_to_transform \($0)" } ?? "") matches no Linear module; modules that exist include \(examples.joined(separator: ", "))")
+        }
+        for (_, lin, adapter) in named.layers { lin.adapters.append(adapter) }
+        for (_, lin, adapter) in named.savedModules { lin.adapters.append(adapter) }
+        adapters.append(named)
+        try setActiveAdapter(name)
+        return named
+    }
+
+    private func describe(_ t: TargetModules) -> String {
+        switch t {
+        case .names(let n): return "[" + n.map { "\"\($0)\"" }.joined(separator: ", ") + "]"
+        case .regex(let r): return "regex \"\(r)\""
+        case .allLinear: return "\"all-linear\""
+        }
+    }
+
+    /// Makes `name` the only adapter that takes part in forward passes.
+    public func setActiveAdapter(_ name: String) throws {
+        _ = try adapter(name)
+        activeAdapter = name
+        refreshStates()
+    }
+
+    /// Turns every adapter off (true) or restores the active one (false).
+    public func setAdaptersDisabled(_ disabled: Bool) {
+        adaptersDisabled = disabled
+        refreshStates()
+    }
+
+    /// Runs `body` with adapters off, as PEFT's `with model.disable_adapter():`.
+    public func withAdaptersDisabled<R>(_ body: () throws -> R) rethrows -> R {
+        let before = adaptersDisabled
+        setAdaptersDisabled(true)
+        defer { setAdaptersDisabled(before) }
+        return try body()
+    }
+
+    private func refreshStates() {
+        for a in adapters { a.state.isActive = !adaptersDisabled && a.name == activeAdapter }
+    }
+
+    /// Detaches and forgets an adapter (unmerging it first if merged).
+    public func deleteAdapter(_ name: String) throws {
+        let a = try adapter(name)
+        if a.state.isMerged { try unmerge(name) }
+        for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
+        for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
+        adapters.removeAll { $0.name == name }
+        if activeAdapter == name { activeAdapter = adapters.last?.name }
+        refreshStates()
+    }
+
+    /// Sets training mode (dropout on) for every adapter.
+    public func setTraining(_ training: Bool) {
+        for a in adapters { a.state.isTraining = training }
+    }
+
+    /// Adds the adapter's ΔW into the base weights so inference pays nothing for it. Reversible with ``unmerge(_:)``.
+    public func merge(_ name: String) throws {
+        let a = try adapter(name)
+        guard !a.state.isMerged else { throw GraftError(.state, "adapter '\(name)' is already merged") }
+        var deltas: [Tensor] = []
+        for (path, lin, adapter) in a.layers {
+            guard let d = adapter.deltaWeight(base: lin) else {
+                throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path)' cannot be merged")
+            }
+            deltas.append(d)
+        }
+        for ((_, lin, _), d) in zip(a.layers, deltas) { lin.weight.addInPlace(d) }
+        var originals: [(Tensor, Tensor?)] = []
+        for (_, lin, saved) in a.savedModules {
+            originals.append((lin.weight.copy(), lin.bias?.copy()))
+            lin.weight.pointer.update(from: saved.weight.pointer, count: lin.weight.count)
+            if let b = lin.bias, let sb = saved.bias { b.pointer.update(from: sb.pointer, count: b.count) }
+        }
+        a.state.isMerged = true
+        mergedDeltas[name] = deltas
+        mergedOriginals[name] = originals
+    }
+
+    /// Subtracts a merged adapter's ΔW from the base weights again.
+    public func unmerge(_ name: String) throws {
+        let a = try adapter(name)
+        guard a.state.isMerged, let deltas = mergedDeltas[name] else {
+            throw GraftError(.state, "adapter '\(name)' is not merged")
+        }
+        for ((_, lin, _), d) in zip(a.layers, deltas) { withNoGrad { lin.weight.addInPlace(d * -1) } }
+        for ((_, lin, _), (w, b)) in zip(a.savedModules, mergedOriginals[name] ?? []) {
+            lin.weight.pointer.update(from: w.pointer, count: w.count)
+            if let b, let lb = lin.bias { lb.pointer.update(from: b.pointer, count: b.count) }
+        }
+        a.state.isMerged = false
+        mergedDeltas[name] = nil
+        mergedOriginals[name] = nil
+    }
+
+    /// Merges the adapter and removes it, leaving a plain model (PEFT's `merge_and_unload`).
+    public func mergeAndUnload(_ name: String) throws {
+        try merge(name)
+        let a = try adapter(name)
+        for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
+        for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
+        adapters.removeAll { $0.name == name }
+        mergedDeltas[name] = nil
+        mergedOriginals[name] = nil
+        if activeAdapter == name { activeAdapter = adapters.last?.name }
+        refreshStates()
+    }
+
+    /// Base parameters of `modules_to_save` layers replaced by a merge.
+    private var mergedOriginals: [String: [(Tensor, Tensor?)]] = [:]
+
+    /// ΔW of each merged adapter, as applied, so unmerge restores the base bit for bit up to float addition.
+    private var mergedDeltas: [String: [Tensor]] = [:]
+}

@@ -1,0 +1,55 @@
+import GraftModels
+import GraftTensor
+
+/// Shared switches of one named adapter: whether it is active, and whether adapters are disabled model-wide.
+public final class AdapterState: @unchecked Sendable {
+    /// The adapter takes part in forward passes.
+    public var isActive: Bool = true
+    /// Dropout and other training-only behaviour is on.
+    public var isTraining: Bool = false
+    /// The adapter's weights are currently merged into the base weights (its forward is then skipped).
+    public var isMerged: Bool = false
+    /// RNG for dropout and random initialization.
+    public var rng: GraftRNG
+
+    /// Creates the state with a seed for its RNG.
+    public init(seed: UInt64) {
+        rng = GraftRNG(seed: seed)
+    }
+}
+
+/// One adapter method attached to one Linear layer: its parameters under PEFT's key names, its forward, and
+/// (for weight-delta methods) the ΔW used to merge it.
+public protocol LinearAdapterMethod: LinearAdapter {
+    /// The named adapter this layer belongs to.
+    var state: AdapterState { get }
+    /// Parameters by PEFT key suffix (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`).
+    var namedParameters: [(name: String, tensor: Tensor)] { get }
+    /// The weight change `[out, in]` this adapter applies, for merging; nil when the method cannot merge.
+    func deltaWeight(base: Linear) -> Tensor?
+    /// Replaces a parameter's values from a loaded state dict; throws naming the key and both shapes on mismatch.
+    func load(_ name: String, from tensor: Tensor) throws
+}
+
+extension LinearAdapterMethod {
+    /// Active and not merged.
+    public var isEnabled: Bool { state.isActive && !state.isMerged }
+
+    /// Copies `tensor` into the parameter called `name` after checking its shape.
+    func copyParameter(_ name: String, into target: Tensor, from tensor: Tensor) throws {
+        guard target.shape == tensor.shape else {
+            throw GraftError.format("adapter tensor '\(name)' has shape \(tensor.shape), the layer expects \(target.shape)")
+        }
+        target.pointer.update(from: tensor.pointer, count: target.count)
+    }
+}
+
+/// Inverted dropout with probability `p` while training (identity otherwise), recorded for autograd.
+func dropout(_ x: Tensor, p: Float, state: AdapterState) -> Tensor {
+    guard p > 0, state.isTraining else { return x }
+    let keep = 1 - p
+    let mask = Tensor(zeros: x.shape)
+    let pm = mask.pointer
+    for i in 0..<mask.count { pm[i] = state.rng.nextUniform() < keep ? 1 / keep : 0 }
+    return x * mask
+}

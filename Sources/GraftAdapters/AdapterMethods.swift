@@ -1,0 +1,65 @@
+import GraftModels
+import GraftTensor
+
+/// Builds the per-layer adapter for one PEFT method from its config.
+public protocol AdapterMethodFactory {
+    /// The `peft_type` this factory handles.
+    static var peftType: String { get }
+    /// Checks method-specific keys once, before any layer is built.
+    static func validate(_ config: AdapterConfig) throws
+    /// The adapter for the Linear at `path`.
+    static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState) throws -> any LinearAdapterMethod
+}
+
+/// LoRA and DoRA (`peft_type: "LORA"`, `use_dora`).
+public enum LoRAFactory: AdapterMethodFactory {
+    public static let peftType = "LORA"
+
+    public static func validate(_ config: AdapterConfig) throws {
+        let r = try config.int("r", default: 8)
+        guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
+        let p = try config.double("lora_dropout", default: 0)
+        guard p >= 0, p < 1 else { throw GraftError.invalid("\(config.source): 'lora_dropout' must be in [0, 1), got \(p)") }
+        if let bias = try config.string("bias"), bias != "none" {
+            throw GraftError(.unsupported, "\(config.source): bias '\(bias)' is not supported (only \"none\")")
+        }
+        if try config.bool("fan_in_fan_out", default: false) {
+            throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
+        }
+        switch config.json["init_lora_weights"] {
+        case nil, is Bool: break
+        case let other?:
+            throw GraftError(.unsupported, "\(config.source): init_lora_weights \(other) is not supported yet (true or false)")
+        }
+    }
+
+    public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState) throws -> any LinearAdapterMethod {
+        let defaultRank = try config.int("r", default: 8)
+        let defaultAlpha = try config.double("lora_alpha", default: 8)
+        let r = Int(TargetMatcher.patternValue(try config.patternMap("rank_pattern"), path: path) ?? Double(defaultRank))
+        let alpha = TargetMatcher.patternValue(try config.patternMap("alpha_pattern"), path: path) ?? defaultAlpha
+        guard r > 0 else { throw GraftError.invalid("\(config.source): rank for '\(path)' must be positive, got \(r)") }
+        return LoRALayer(base: layer, rank: r, alpha: Float(alpha),
+                         useRSLoRA: try config.bool("use_rslora", default: false),
+                         dropout: Float(try config.double("lora_dropout", default: 0)),
+                         useDoRA: try config.bool("use_dora", default: false),
+                         initLoraWeights: (config.json["init_lora_weights"] as? Bool) ?? true,
+                         state: state)
+    }
+}
+
+/// Every method Graft knows, by `peft_type`.
+public enum AdapterRegistry {
+    /// The factories, keyed by upper-case `peft_type`.
+    public static let factories: [String: any AdapterMethodFactory.Type] = [
+        LoRAFactory.peftType: LoRAFactory.self,
+    ]
+
+    /// The factory for `config.peftType`, or an error listing the known types.
+    public static func factory(for config: AdapterConfig) throws -> any AdapterMethodFactory.Type {
+        guard let f = factories[config.peftType] else {
+            throw GraftError(.unsupported, "\(config.source): unknown peft_type '\(config.peftType)' (known: \(factories.keys.sorted().joined(separator: ", ")))")
+        }
+        return f
+    }
+}

@@ -1,0 +1,111 @@
+import GraftModels
+import GraftTensor
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// LoRA (Hu et al., 2021): `y = W x + (α/r)·B A dropout(x)` with `A: [r, in]`, `B: [out, r]`.
+///
+/// ΔW is never materialized in forward or backward: the update runs as `(x Aᵀ) Bᵀ`. rsLoRA scales by
+/// `α/√r` instead of `α/r`. With `useDoRA` the layer is DoRA (see `DoRA.swift`).
+public final class LoRALayer: LinearAdapterMethod {
+    public let state: AdapterState
+    /// `[r, in]`.
+    public let loraA: Tensor
+    /// `[out, r]`.
+    public let loraB: Tensor
+    /// DoRA's magnitude vector `[out]` (nil for plain LoRA).
+    public let magnitude: Tensor?
+    /// The rank.
+    public let rank: Int
+    /// The multiplier of `B A`: `α/r`, or `α/√r` with rsLoRA.
+    public let scaling: Float
+    /// Dropout probability on the adapter's input while training.
+    public let dropoutProbability: Float
+
+    /// Creates the layer with PEFT's default initialization: A Kaiming-uniform (a = √5), B zero
+    /// (`initLoraWeights == false` draws B like A, so the adapter is not the identity).
+    public init(base: Linear, rank: Int, alpha: Float, useRSLoRA: Bool, dropout: Float, useDoRA: Bool,
+                initLoraWeights: Bool, state: AdapterState) {
+        self.state = state
+        self.rank = rank
+        scaling = useRSLoRA ? alpha / Float(rank).squareRoot() : alpha / Float(rank)
+        dropoutProbability = dropout
+        // kaiming_uniform_(a=√5) on [r, in]: bound = √(6 / ((1 + a²)·fan_in)) = 1/√fan_in.
+        let bound = 1 / Float(base.inFeatures).squareRoot()
+        loraA = Tensor.randomUniform([rank, base.inFeatures], low: -bound, high: bound, rng: &state.rng).requiringGrad()
+        if initLoraWeights {
+            loraB = Tensor(zeros: [base.outFeatures, rank]).requiringGrad()
+        } else {
+            let bBound = 1 / Float(rank).squareRoot()
+            loraB = Tensor.randomUniform([base.outFeatures, rank], low: -bBound, high: bBound, rng: &state.rng).requiringGrad()
+        }
+        if useDoRA {
+            magnitude = Tensor(zeros: [base.outFeatures]).requiringGrad()
+            let norms = LoRALayer.rowNorms(base.weight, plus: nil, scale: 0)
+            magnitude?.pointer.update(from: norms.pointer, count: base.outFeatures)
+        } else {
+            magnitude = nil
+        }
+    }
+
+    public var namedParameters: [(name: String, tensor: Tensor)] {
+        var p: [(String, Tensor)] = [("lora_A.weight", loraA), ("lora_B.weight", loraB)]
+        if let magnitude { p.append(("lora_magnitude_vector", magnitude)) }
+        return p
+    }
+
+    public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
+        if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
+        let h = linear(dropout(x, p: dropoutProbability, state: state), loraA)
+        return y + linear(h, loraB) * scaling
+    }
+
+    public func deltaWeight(base: Linear) -> Tensor? {
+        let delta = withNoGrad { matmul(loraB, loraA) * scaling }
+        guard let magnitude else { return delta }
+        // DoRA merges to m/‖W + ΔW‖ · (W + ΔW) − W.
+        let norms = LoRALayer.rowNorms(base.weight, plus: delta, scale: 1)
+        let out = Tensor(zeros: base.weight.shape)
+        let cols = base.inFeatures
+        for r in 0..<base.outFeatures {
+            let s = magnitude.pointer[r] / norms.pointer[r]
+            for c in 0..<cols {
+                let w = base.weight.pointer[r * cols + c], d = delta.pointer[r * cols + c]
+                out.pointer[r * cols + c] = s * (w + d) - w
+            }
+        }
+        return out
+    }
+
+    public func load(_ name: String, from tensor: Tensor) throws {
+        switch name {
+        case "lora_A.weight": try copyParameter(name, into: loraA, from: tensor)
+        case "lora_B.weight": try copyParameter(name, into: loraB, from: tensor)
+        case "lora_magnitude_vector":
+            guard let magnitude else { throw GraftError.format("'lora_magnitude_vector' given for a LoRA layer without use_dora") }
+            try copyParameter(name, into: magnitude, from: tensor)
+        default: throw GraftError.format("unknown LoRA tensor '\(name)'")
+        }
+    }
+
+    /// ‖W + scale·Δ‖ per output row, `[out]` (accumulated in Double).
+    static func rowNorms(_ w: Tensor, plus delta: Tensor?, scale: Float) -> Tensor {
+        let rowsN = w.shape[0], cols = w.shape[1]
+        let norms = Tensor(zeros: [rowsN])
+        let out = norms.pointer
+        for r in 0..<rowsN {
+            var s: Double = 0
+            for c in 0..<cols {
+                var v = w.pointer[r * cols + c]
+                if let delta { v += scale * delta.pointer[r * cols + c] }
+                s += Double(v) * Double(v)
+            }
+            out[r] = Float(s.squareRoot())
+        }
+        return norms
+    }
+}

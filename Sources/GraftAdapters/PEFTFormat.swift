@@ -1,0 +1,99 @@
+import Foundation
+import GraftIO
+import GraftModels
+import GraftTensor
+
+/// Reading and writing adapters in the layout Hugging Face PEFT uses: a directory with `adapter_config.json`
+/// and `adapter_model.safetensors`, tensor keys `base_model.model.<module path>.<parameter>` with the adapter
+/// name stripped.
+extension AdaptedModel {
+    /// Loads a PEFT adapter directory as adapter `name` and makes it active.
+    @discardableResult
+    public func loadAdapter(directory: String, name: String = "default") throws -> NamedAdapter {
+        let configPath = directory + "/adapter_config.json"
+        guard let data = FileManager.default.contents(atPath: configPath) else {
+            throw GraftError(.notFound, "\(configPath): cannot read the adapter config (is '\(directory)' a PEFT adapter directory?)")
+        }
+        let config = try AdapterConfig(jsonText: String(decoding: data, as: UTF8.self), source: configPath)
+        let weightsPath = directory + "/adapter_model.safetensors"
+        guard FileManager.default.fileExists(atPath: weightsPath) else {
+            throw GraftError(.notFound, "\(weightsPath): missing (PEFT's .bin format is not supported; save with safe_serialization=True)")
+        }
+        let file = try SafeTensorsFile(contentsOf: weightsPath)
+        let adapter = try addAdapter(name, config: config)
+        do {
+            try loadWeights(file, into: adapter)
+        } catch {
+            try? deleteAdapter(name)
+            throw error
+        }
+        return adapter
+    }
+
+    /// Copies a PEFT state dict into `adapter`; every expected key must be present and every key used.
+    public func loadWeights(_ file: SafeTensorsFile, into adapter: NamedAdapter) throws {
+        var expected: [String: (any LinearAdapterMethod, String)] = [:]
+        for (path, _, layer) in adapter.layers {
+            for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
+        }
+        for (path, _, layer) in adapter.savedModules {
+            for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
+        }
+        var seen = Set<String>()
+        for key in file.names {
+            // Tolerate keys that still carry the adapter name (`lora_A.default.weight`).
+            let normalized = key.replacingOccurrences(of: ".\(adapter.name).", with: ".")
+            guard let (layer, n) = expected[normalized] else {
+                throw GraftError.format("\(file.path): tensor '\(key)' does not belong to any adapted module of this model (config targets \(adapter.layers.count) layers)")
+            }
+            let t = try file.tensor(key)
+            do {
+                try layer.load(n, from: t)
+            } catch let e as GraftError {
+                throw GraftError(e.code, "\(file.path): \(key): \(e.message)")
+            }
+            seen.insert(normalized)
+        }
+        let missing = expected.keys.filter { !seen.contains($0) }.sorted()
+        if !missing.isEmpty {
+            throw GraftError.format("\(file.path): missing \(missing.count) adapter tensors, e.g. '\(missing[0])'")
+        }
+    }
+
+    /// Writes adapter `name` as PEFT does (`adapter_config.json` + `adapter_model.safetensors`), atomically.
+    public func saveAdapter(_ name: String, directory: String) throws {
+        let a = try adapter(name)
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        } catch {
+            throw GraftError.io("\(directory): cannot create directory (\(error.localizedDescription))")
+        }
+        var writer = SafeTensorsWriter()
+        writer.metadata = ["format": "pt"]
+        for (key, t) in a.peftStateDict { try writer.add(key, t) }
+        try writer.write(to: directory + "/adapter_model.safetensors")
+        let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(a.config),
+                                              options: [.prettyPrinted, .sortedKeys])
+        try AtomicFile.write([UInt8](json), to: directory + "/adapter_config.json")
+    }
+
+    /// The config as PEFT 0.21 reads it: the user's keys plus the common keys PEFT expects.
+    static func peftConfigJSON(_ config: AdapterConfig) -> [String: Any] {
+        var json = config.json
+        json["peft_type"] = config.peftType
+        json["inference_mode"] = true
+        if json["base_model_name_or_path"] == nil { json["base_model_name_or_path"] = NSNull() }
+        if json["task_type"] == nil { json["task_type"] = NSNull() }
+        if json["revision"] == nil { json["revision"] = NSNull() }
+        if config.peftType == "LORA" {
+            let defaults: [String: Any] = [
+                "r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "use_rslora": false, "use_dora": false,
+                "fan_in_fan_out": false, "init_lora_weights": true, "rank_pattern": [String: Any](),
+                "alpha_pattern": [String: Any](), "modules_to_save": NSNull(), "layers_to_transform": NSNull(),
+                "layers_pattern": NSNull(), "exclude_modules": NSNull(), "lora_bias": false,
+            ]
+            for (k, v) in defaults where json[k] == nil { json[k] = v }
+        }
+        return json
+    }
+}

@@ -1,0 +1,72 @@
+import Foundation
+import GraftModels
+import GraftTensor
+
+/// PEFT's rules for which module paths an adapter config selects.
+public struct TargetMatcher {
+    let config: AdapterConfig
+
+    /// A matcher for `config`.
+    public init(config: AdapterConfig) {
+        self.config = config
+    }
+
+    /// Whether the module at `path` (a dotted Hugging Face path) is selected; `isLinear` and `isOutputHead`
+    /// serve `"all-linear"`.
+    public func matches(path: String, isLinear: Bool, isOutputHead: Bool) -> Bool {
+        if let exclude = config.excludeModules, TargetMatcher.nameMatches(exclude, path) { return false }
+        // Modules trained in full are never adapted as well.
+        for m in config.modulesToSave where TargetMatcher.regexMatches("(^|.*\\.)\(NSRegularExpression.escapedPattern(for: m))($|\\..*)", path) {
+            return false
+        }
+        let found: Bool
+        switch config.targetModules {
+        case .regex(let pattern):
+            return TargetMatcher.regexMatches(pattern, path)
+        case .allLinear:
+            found = isLinear && !isOutputHead
+        case .names(let names):
+            found = names.contains(path) || names.contains { path.hasSuffix("." + $0) }
+        }
+        guard found, let layers = config.layersToTransform else { return found }
+        guard let index = TargetMatcher.layerIndex(of: path, patterns: config.layersPattern) else { return false }
+        return layers.contains(index)
+    }
+
+    static func nameMatches(_ targets: TargetModules, _ path: String) -> Bool {
+        switch targets {
+        case .regex(let pattern): return regexMatches(pattern, path)
+        case .names(let names): return names.contains(path) || names.contains { path.hasSuffix("." + $0) }
+        case .allLinear: return false
+        }
+    }
+
+    /// Whether `pattern` matches the whole of `string`.
+    static func regexMatches(_ pattern: String, _ string: String) -> Bool {
+        guard let re = try? NSRegularExpression(pattern: "^(?:\(pattern))$") else { return false }
+        return re.firstMatch(in: string, range: NSRange(string.startIndex..., in: string)) != nil
+    }
+
+    /// The layer index in a path: the number after the first `<pattern>.` (or after the first dotted segment
+    /// followed by a number when no pattern is given), as PEFT finds it.
+    static func layerIndex(of path: String, patterns: [String]?) -> Int? {
+        let candidates = patterns ?? [nil as String?].compactMap { $0 }
+        let regexes = candidates.isEmpty ? [#"^.*?\.[^.]*\.(\d+)\."#] : candidates.map { #"^.*?\."# + NSRegularExpression.escapedPattern(for: $0) + #"\.(\d+)\."# }
+        for pattern in regexes {
+            guard let re = try? NSRegularExpression(pattern: pattern),
+                  let m = re.firstMatch(in: path, range: NSRange(path.startIndex..., in: path)),
+                  let r = Range(m.range(at: 1), in: path) else { continue }
+            return Int(path[r])
+        }
+        return nil
+    }
+
+    /// The value of the first `pattern → value` entry whose pattern matches the end of `path` after a dot
+    /// (PEFT's `rank_pattern` / `alpha_pattern` rule), or nil.
+    public static func patternValue(_ entries: [(pattern: String, value: Double)], path: String) -> Double? {
+        for (pattern, value) in entries where regexMatches("(.*\\.)?(\(pattern))", path) {
+            return value
+        }
+        return nil
+    }
+}

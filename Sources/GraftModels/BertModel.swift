@@ -1,0 +1,188 @@
+import Foundation
+import GraftIO
+import GraftTensor
+
+/// The hyper-parameters of a BERT encoder, as in transformers' `BertConfig`.
+public struct BertConfig: Sendable, Equatable {
+    public var vocabSize: Int
+    public var hiddenSize: Int
+    public var layers: Int
+    public var heads: Int
+    public var intermediateSize: Int
+    public var maxPositions: Int
+    public var typeVocabSize: Int
+    public var layerNormEps: Float
+    public var padTokenId: Int32
+
+    /// Reads a transformers `config.json`; only `hidden_act: gelu` and absolute positions are supported.
+    public init(contentsOf path: String) throws {
+        let c = try JSONConfig(contentsOf: path)
+        if let act = try c.string("hidden_act"), act != "gelu" {
+            throw GraftError(.unsupported, "\(path): hidden_act '\(act)' is not supported (only 'gelu')")
+        }
+        if let pos = try c.string("position_embedding_type"), pos != "absolute" {
+            throw GraftError(.unsupported, "\(path): position_embedding_type '\(pos)' is not supported (only 'absolute')")
+        }
+        vocabSize = try c.int("vocab_size")
+        hiddenSize = try c.int("hidden_size")
+        layers = try c.int("num_hidden_layers")
+        heads = try c.int("num_attention_heads")
+        intermediateSize = try c.int("intermediate_size")
+        maxPositions = try c.int("max_position_embeddings", default: 512)
+        typeVocabSize = try c.int("type_vocab_size", default: 2)
+        layerNormEps = Float(try c.double("layer_norm_eps", default: 1e-12))
+        padTokenId = Int32(try c.int("pad_token_id", default: 0))
+        guard heads > 0, hiddenSize % heads == 0 else {
+            throw GraftError.format("\(path): hidden_size \(hiddenSize) is not divisible by num_attention_heads \(heads)")
+        }
+    }
+}
+
+/// One `BertLayer`: self-attention, its output projection + LayerNorm, the feed-forward block + LayerNorm.
+public final class BertLayer: Module {
+    public let query: Linear, key: Linear, value: Linear
+    public let attentionOutput: Linear, attentionNorm: LayerNorm
+    public let intermediate: Linear, output: Linear, outputNorm: LayerNorm
+    let heads: Int
+
+    init(prefix: String, weights: (String) throws -> Tensor, config: BertConfig) throws {
+        func lin(_ name: String) throws -> Linear {
+            Linear(weight: try weights("\(prefix).\(name).weight"), bias: try weights("\(prefix).\(name).bias"))
+        }
+        func norm(_ name: String) throws -> LayerNorm {
+            LayerNorm(weight: try weights("\(prefix).\(name).weight"), bias: try weights("\(prefix).\(name).bias"),
+                      eps: config.layerNormEps)
+        }
+        query = try lin("attention.self.query")
+        key = try lin("attention.self.key")
+        value = try lin("attention.self.value")
+        attentionOutput = try lin("attention.output.dense")
+        attentionNorm = try norm("attention.output.LayerNorm")
+        intermediate = try lin("intermediate.dense")
+        output = try lin("output.dense")
+        outputNorm = try norm("output.LayerNorm")
+        heads = config.heads
+        super.init(typeName: "BertLayer")
+        let attention = ModuleList(typeName: "BertAttention")
+        let selfAttention = ModuleList(typeName: "BertSelfAttention")
+        selfAttention.register("query", query)
+        selfAttention.register("key", key)
+        selfAttention.register("value", value)
+        let attOut = ModuleList(typeName: "BertSelfOutput")
+        attOut.register("dense", attentionOutput)
+        attOut.register("LayerNorm", attentionNorm)
+        attention.register("self", selfAttention)
+        attention.register("output", attOut)
+        register("attention", attention)
+        let inter = ModuleList(typeName: "BertIntermediate")
+        inter.register("dense", intermediate)
+        register("intermediate", inter)
+        let out = ModuleList(typeName: "BertOutput")
+        out.register("dense", output)
+        out.register("LayerNorm", outputNorm)
+        register("output", out)
+    }
+
+    /// `x`: `[batch, length, hidden]`.
+    func forward(_ x: Tensor, mask: AttentionMask) -> Tensor {
+        let q = query.forward(x), k = key.forward(x), v = value.forward(x)
+        let context = scaledDotProductAttention(query: q, key: k, value: v, heads: heads, kvHeads: heads, mask: mask)
+        let h = attentionNorm.forward(attentionOutput.forward(context) + x)
+        let ff = output.forward(gelu(intermediate.forward(h)))
+        return outputNorm.forward(ff + h)
+    }
+}
+
+/// A BERT encoder with Hugging Face parameter names (`embeddings.*`, `encoder.layer.N.*`, `pooler.dense`).
+public final class BertModel: Module {
+    public let config: BertConfig
+    public let wordEmbeddings: Embedding, positionEmbeddings: Embedding, tokenTypeEmbeddings: Embedding
+    public let embeddingNorm: LayerNorm
+    public let layers: [BertLayer]
+    /// The pooler's dense layer (`pooler.dense`), applied with tanh to the first token.
+    public let pooler: Linear?
+
+    /// Builds the encoder from a tensor source keyed by Hugging Face names.
+    public init(config: BertConfig, weights: (String) throws -> Tensor, hasPooler: Bool) throws {
+        self.config = config
+        func expect(_ name: String, _ shape: [Int]) throws -> Tensor {
+            let t = try weights(name)
+            guard t.shape == shape else {
+                throw GraftError.format("tensor '\(name)' has shape \(t.shape), config expects \(shape)")
+            }
+            return t
+        }
+        let h = config.hiddenSize
+        wordEmbeddings = Embedding(weight: try expect("embeddings.word_embeddings.weight", [config.vocabSize, h]))
+        positionEmbeddings = Embedding(weight: try expect("embeddings.position_embeddings.weight", [config.maxPositions, h]))
+        tokenTypeEmbeddings = Embedding(weight: try expect("embeddings.token_type_embeddings.weight", [config.typeVocabSize, h]))
+        embeddingNorm = LayerNorm(weight: try expect("embeddings.LayerNorm.weight", [h]),
+                                  bias: try expect("embeddings.LayerNorm.bias", [h]), eps: config.layerNormEps)
+        var layers: [BertLayer] = []
+        for i in 0..<config.layers {
+            let layer = try BertLayer(prefix: "encoder.layer.\(i)", weights: weights, config: config)
+            guard layer.query.weight.shape == [h, h], layer.intermediate.weight.shape == [config.intermediateSize, h] else {
+                throw GraftError.format("encoder.layer.\(i): weight shapes do not match hidden_size \(h) / intermediate_size \(config.intermediateSize)")
+            }
+            layers.append(layer)
+        }
+        self.layers = layers
+        pooler = hasPooler
+            ? Linear(weight: try expect("pooler.dense.weight", [h, h]), bias: try expect("pooler.dense.bias", [h]))
+            : nil
+        super.init(typeName: "BertModel")
+        let embeddings = ModuleList(typeName: "BertEmbeddings")
+        embeddings.register("word_embeddings", wordEmbeddings)
+        embeddings.register("position_embeddings", positionEmbeddings)
+        embeddings.register("token_type_embeddings", tokenTypeEmbeddings)
+        embeddings.register("LayerNorm", embeddingNorm)
+        register("embeddings", embeddings)
+        let encoder = ModuleList(typeName: "BertEncoder")
+        let list = ModuleList()
+        for (i, layer) in layers.enumerated() { list.register(String(i), layer) }
+        encoder.register("layer", list)
+        register("encoder", encoder)
+        if let pooler {
+            let p = ModuleList(typeName: "BertPooler")
+            p.register("dense", pooler)
+            register("pooler", p)
+        }
+    }
+
+    /// Loads a transformers BERT directory (`config.json` + `model.safetensors`).
+    public convenience init(directory: String) throws {
+        let config = try BertConfig(contentsOf: directory + "/config.json")
+        let file = try SafeTensorsFile(contentsOf: directory + "/model.safetensors")
+        // Checkpoints saved from BertFor* heads prefix names with "bert.".
+        let prefix = file.contains("bert.embeddings.word_embeddings.weight") ? "bert." : ""
+        try self.init(config: config, weights: { try file.tensor(prefix + $0) },
+                      hasPooler: file.contains(prefix + "pooler.dense.weight"))
+    }
+
+    /// The last hidden state, `[batch, length, hidden]`. Padding positions are computed (as transformers does)
+    /// but never attended to.
+    public func forward(_ batch: TokenBatch) throws -> Tensor {
+        try batch.validate(vocabularySize: config.vocabSize)
+        let positions = batch.resolvedPositions
+        if let bad = positions.first(where: { $0 < 0 || Int($0) >= config.maxPositions }) {
+            throw GraftError.invalid("position \(bad) is outside 0..<\(config.maxPositions) (sequence too long for this model)")
+        }
+        let types = batch.tokenTypes ?? [Int32](repeating: 0, count: batch.ids.count)
+        if let bad = types.first(where: { $0 < 0 || Int($0) >= config.typeVocabSize }) {
+            throw GraftError.invalid("token type \(bad) is outside 0..<\(config.typeVocabSize)")
+        }
+        let shape = [batch.batchSize, batch.length, config.hiddenSize]
+        let summed = wordEmbeddings.forward(batch.ids) + positionEmbeddings.forward(positions) + tokenTypeEmbeddings.forward(types)
+        var x = embeddingNorm.forward(summed).reshaped(shape)
+        let mask = AttentionMask(keyLengths: batch.lengths, segments: batch.segments)
+        for layer in layers { x = layer.forward(x, mask: mask) }
+        return x
+    }
+
+    /// `tanh(dense(hidden[:, 0]))`, the pooled output BertForSequenceClassification classifies.
+    public func pool(_ hidden: Tensor) throws -> Tensor {
+        guard let pooler else { throw GraftError(.unsupported, "this checkpoint has no pooler (pooler.dense)") }
+        let first = hidden.slice(dim: 1, 0..<1).reshaped([hidden.shape[0], hidden.shape[2]])
+        return tanh(pooler.forward(first))
+    }
+}

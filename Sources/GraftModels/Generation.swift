@@ -1,0 +1,124 @@
+import GraftTensor
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// How ``LlamaModel/generate(prompt:parameters:onToken:)`` picks each next token.
+public struct GenerationParameters: Sendable {
+    /// Stop after this many new tokens.
+    public var maxNewTokens: Int = 128
+    /// 0 = greedy (argmax); otherwise logits are divided by it before sampling.
+    public var temperature: Float = 0
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `topP` (1 = all).
+    public var topP: Float = 1
+    /// Keep only the `topK` most likely tokens (0 = all).
+    public var topK: Int = 0
+    /// Seed of the sampling RNG.
+    public var seed: UInt64 = 0
+    /// Generation stops after emitting any of these (the model's end-of-turn / EOS tokens).
+    public var stopTokens: Set<Int32> = []
+
+    /// Defaults: greedy, 128 tokens, no stop tokens.
+    public init(maxNewTokens: Int = 128, temperature: Float = 0, topP: Float = 1, topK: Int = 0, seed: UInt64 = 0,
+                stopTokens: Set<Int32> = []) {
+        self.maxNewTokens = maxNewTokens
+        self.temperature = temperature
+        self.topP = topP
+        self.topK = topK
+        self.seed = seed
+        self.stopTokens = stopTokens
+    }
+
+    /// Throws on values outside their ranges, naming the field.
+    public func validate() throws {
+        guard maxNewTokens >= 0 else { throw GraftError.invalid("maxNewTokens must be ≥ 0, got \(maxNewTokens)") }
+        guard temperature >= 0, temperature.isFinite else { throw GraftError.invalid("temperature must be ≥ 0, got \(temperature)") }
+        guard topP > 0, topP <= 1 else { throw GraftError.invalid("topP must be in (0, 1], got \(topP)") }
+        guard topK >= 0 else { throw GraftError.invalid("topK must be ≥ 0, got \(topK)") }
+    }
+}
+
+/// Picks tokens from logits: greedy, or temperature / top-k / top-p sampling with a seeded RNG.
+public struct TokenSampler {
+    let parameters: GenerationParameters
+    var rng: GraftRNG
+
+    /// A sampler seeded from `parameters.seed`.
+    public init(parameters: GenerationParameters) {
+        self.parameters = parameters
+        self.rng = GraftRNG(seed: parameters.seed)
+    }
+
+    /// The next token for one row of logits.
+    public mutating func sample(_ logits: UnsafeBufferPointer<Float>) -> Int32 {
+        let n = logits.count
+        if parameters.temperature == 0 {
+            var best = 0
+            for i in 1..<n where logits[i] > logits[best] { best = i }
+            return Int32(best)
+        }
+        var order = Array(0..<n)
+        order.sort { logits[$0] > logits[$1] }
+        if parameters.topK > 0 { order = Array(order.prefix(parameters.topK)) }
+        let m = logits[order[0]]
+        var probs = order.map { expf((logits[$0] - m) / parameters.temperature) }
+        let total = probs.reduce(0, +)
+        for i in probs.indices { probs[i] /= total }
+        if parameters.topP < 1 {
+            var cumulative: Float = 0
+            var keep = probs.count
+            for (i, p) in probs.enumerated() {
+                cumulative += p
+                if cumulative >= parameters.topP { keep = i + 1; break }
+            }
+            probs = Array(probs.prefix(keep))
+            order = Array(order.prefix(keep))
+            let s = probs.reduce(0, +)
+            for i in probs.indices { probs[i] /= s }
+        }
+        let u = rng.nextUniform()
+        var c: Float = 0
+        for (i, p) in probs.enumerated() {
+            c += p
+            if u < c { return Int32(order[i]) }
+        }
+        return Int32(order[order.count - 1])
+    }
+}
+
+extension LlamaModel {
+    /// Generates up to `parameters.maxNewTokens` tokens after `prompt` with a KV cache.
+    ///
+    /// `onToken` sees each new token as it is chosen; returning `false` stops generation. The returned array
+    /// holds the new tokens only (including a final stop token, if one was produced).
+    public func generate(
+        prompt: [Int32], parameters: GenerationParameters = GenerationParameters(),
+        onToken: (Int32) -> Bool = { _ in true }
+    ) throws -> [Int32] {
+        try parameters.validate()
+        guard !prompt.isEmpty else { throw GraftError.invalid("generate: the prompt is empty") }
+        guard prompt.count + parameters.maxNewTokens <= config.contextLength else {
+            throw GraftError.invalid("generate: prompt (\(prompt.count)) + maxNewTokens (\(parameters.maxNewTokens)) exceeds the context length \(config.contextLength)")
+        }
+        return try withNoGrad {
+            let cache = KVCache(layerCount: layers.count)
+            var sampler = TokenSampler(parameters: parameters)
+            var generated: [Int32] = []
+            var input = prompt
+            while generated.count < parameters.maxNewTokens {
+                let batch = try TokenBatch(ids: input, batchSize: 1, length: input.count)
+                let hidden = try hiddenStates(batch, cache: cache)
+                let last = hidden.slice(dim: 1, (input.count - 1)..<input.count).reshaped([1, config.hiddenSize])
+                let logits = lmHead.forward(last)
+                let next = sampler.sample(UnsafeBufferPointer(logits.buffer))
+                generated.append(next)
+                if !onToken(next) || parameters.stopTokens.contains(next) { break }
+                input = [next]
+            }
+            return generated
+        }
+    }
+}

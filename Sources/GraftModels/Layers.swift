@@ -1,0 +1,131 @@
+import GraftTensor
+
+/// Something attached to a ``Linear`` that changes its output: LoRA and the rest of the adapter catalog.
+///
+/// The base weight is never rewritten: `Linear.forward` computes the base projection, then passes it through
+/// each enabled adapter in order.
+public protocol LinearAdapter: AnyObject {
+    /// Whether the adapter currently takes part in forward passes.
+    var isEnabled: Bool { get }
+    /// Returns the adapted output given the layer's input `x` and its base output `y`.
+    func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor
+}
+
+/// `y = x Wᵀ + b` with Hugging Face's `[out, in]` weight layout. The weight is frozen unless made trainable.
+public final class Linear: Module {
+    /// `[outFeatures, inFeatures]`.
+    public private(set) var weight: Tensor
+    /// `[outFeatures]`, if the layer has a bias.
+    public private(set) var bias: Tensor?
+    /// Input width.
+    public let inFeatures: Int
+    /// Output width.
+    public let outFeatures: Int
+    /// Adapters attached to this layer, applied in order.
+    public var adapters: [any LinearAdapter] = []
+
+    /// Creates a layer over existing tensors.
+    public init(weight: Tensor, bias: Tensor?) {
+        self.weight = weight
+        self.bias = bias
+        self.outFeatures = weight.shape[0]
+        self.inFeatures = weight.shape[1]
+        super.init(typeName: "Linear")
+        register(parameter: "weight", weight)
+        if let bias { register(parameter: "bias", bias) }
+    }
+
+    /// Replaces the weight (merge/unmerge write new values through this).
+    public func setWeight(_ w: Tensor) {
+        weight = w
+        replaceParameter("weight", with: w)
+    }
+
+    /// Replaces the bias.
+    public func setBias(_ b: Tensor?) {
+        bias = b
+        if let b { replaceParameter("bias", with: b) }
+    }
+
+    /// The base projection followed by every enabled adapter.
+    public func forward(_ x: Tensor) -> Tensor {
+        var y = linear(x, weight, bias)
+        for adapter in adapters where adapter.isEnabled {
+            y = adapter.forward(input: x, baseOutput: y, layer: self)
+        }
+        return y
+    }
+
+    public override var summary: String {
+        "in_features=\(inFeatures), out_features=\(outFeatures), bias=\(bias != nil)"
+    }
+}
+
+/// A lookup table `[count, dim]`.
+public final class Embedding: Module {
+    /// `[count, dim]`.
+    public private(set) var weight: Tensor
+
+    /// Creates a table over an existing tensor.
+    public init(weight: Tensor) {
+        self.weight = weight
+        super.init(typeName: "Embedding")
+        register(parameter: "weight", weight)
+    }
+
+    /// Number of rows.
+    public var count: Int { weight.shape[0] }
+    /// Row width.
+    public var dim: Int { weight.shape[1] }
+
+    /// Rows for `ids` (already validated against ``count``), shape `[ids.count, dim]`.
+    public func forward(_ ids: [Int32]) -> Tensor { embedding(ids, table: weight) }
+
+    public override var summary: String { "\(count), \(dim)" }
+}
+
+/// LayerNorm over the last dimension with a learned scale and shift.
+public final class LayerNorm: Module {
+    /// Scale, `[dim]`.
+    public private(set) var weight: Tensor
+    /// Shift, `[dim]`.
+    public private(set) var bias: Tensor
+    /// Added to the variance.
+    public let eps: Float
+
+    /// Creates a norm over existing tensors.
+    public init(weight: Tensor, bias: Tensor, eps: Float) {
+        self.weight = weight
+        self.bias = bias
+        self.eps = eps
+        super.init(typeName: "LayerNorm")
+        register(parameter: "weight", weight)
+        register(parameter: "bias", bias)
+    }
+
+    /// Normalizes `x`.
+    public func forward(_ x: Tensor) -> Tensor { layerNorm(x, weight: weight, bias: bias, eps: eps) }
+
+    public override var summary: String { "(\(weight.count),), eps=\(eps)" }
+}
+
+/// RMSNorm with a learned scale (Llama's `LlamaRMSNorm`).
+public final class RMSNorm: Module {
+    /// Scale, `[dim]`.
+    public private(set) var weight: Tensor
+    /// Added to the mean square.
+    public let eps: Float
+
+    /// Creates a norm over an existing tensor.
+    public init(weight: Tensor, eps: Float) {
+        self.weight = weight
+        self.eps = eps
+        super.init(typeName: "LlamaRMSNorm")
+        register(parameter: "weight", weight)
+    }
+
+    /// Normalizes `x`.
+    public func forward(_ x: Tensor) -> Tensor { rmsNorm(x, weight: weight, eps: eps) }
+
+    public override var summary: String { "(\(weight.count),), eps=\(eps)" }
+}

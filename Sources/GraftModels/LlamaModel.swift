@@ -1,0 +1,238 @@
+import GraftIO
+import GraftTensor
+
+/// The hyper-parameters of a Llama decoder, as in transformers' `LlamaConfig`.
+public struct LlamaConfig: Sendable, Equatable {
+    public var vocabSize: Int
+    public var hiddenSize: Int
+    public var layers: Int
+    public var heads: Int
+    public var kvHeads: Int
+    public var headDim: Int
+    public var intermediateSize: Int
+    public var rmsNormEps: Float
+    public var ropeBase: Float
+    public var contextLength: Int
+
+    /// Reads the `llama.*` metadata of a GGUF file.
+    public init(gguf: GGUFFile) throws {
+        func int(_ key: String) throws -> Int {
+            guard let v = gguf.int(key) else { throw GraftError.format("\(gguf.path): metadata '\(key)' is missing or not an integer") }
+            return v
+        }
+        guard let arch = gguf.string("general.architecture") else {
+            throw GraftError.format("\(gguf.path): metadata 'general.architecture' is missing")
+        }
+        guard arch == "llama" else {
+            throw GraftError(.unsupported, "\(gguf.path): architecture '\(arch)' is not supported (only 'llama')")
+        }
+        hiddenSize = try int("llama.embedding_length")
+        layers = try int("llama.block_count")
+        heads = try int("llama.attention.head_count")
+        kvHeads = gguf.int("llama.attention.head_count_kv") ?? heads
+        intermediateSize = try int("llama.feed_forward_length")
+        contextLength = gguf.int("llama.context_length") ?? 2048
+        rmsNormEps = gguf.float("llama.attention.layer_norm_rms_epsilon") ?? 1e-5
+        ropeBase = gguf.float("llama.rope.freq_base") ?? 10000
+        guard heads > 0, kvHeads > 0, hiddenSize % heads == 0, heads % kvHeads == 0 else {
+            throw GraftError.format("\(gguf.path): head counts \(heads)/\(kvHeads) do not divide embedding_length \(hiddenSize)")
+        }
+        headDim = hiddenSize / heads
+        guard let embd = gguf.tensorInfo("token_embd.weight"), embd.shape.count == 2, embd.shape[1] == hiddenSize else {
+            throw GraftError.format("\(gguf.path): tensor 'token_embd.weight' is missing or not [vocab, \(hiddenSize)]")
+        }
+        vocabSize = embd.shape[0]
+    }
+}
+
+/// One `LlamaDecoderLayer`: RMSNorm, grouped-query self-attention with RoPE, RMSNorm, SwiGLU MLP.
+public final class LlamaDecoderLayer: Module {
+    public let inputNorm: RMSNorm, postAttentionNorm: RMSNorm
+    public let qProj: Linear, kProj: Linear, vProj: Linear, oProj: Linear
+    public let gateProj: Linear, upProj: Linear, downProj: Linear
+    let config: LlamaConfig
+
+    init(inputNorm: RMSNorm, q: Linear, k: Linear, v: Linear, o: Linear, postNorm: RMSNorm,
+         gate: Linear, up: Linear, down: Linear, config: LlamaConfig) {
+        self.inputNorm = inputNorm
+        self.postAttentionNorm = postNorm
+        qProj = q; kProj = k; vProj = v; oProj = o
+        gateProj = gate; upProj = up; downProj = down
+        self.config = config
+        super.init(typeName: "LlamaDecoderLayer")
+        let attn = ModuleList(typeName: "LlamaAttention")
+        attn.register("q_proj", q)
+        attn.register("k_proj", k)
+        attn.register("v_proj", v)
+        attn.register("o_proj", o)
+        register("self_attn", attn)
+        let mlp = ModuleList(typeName: "LlamaMLP")
+        mlp.register("gate_proj", gate)
+        mlp.register("up_proj", up)
+        mlp.register("down_proj", down)
+        register("mlp", mlp)
+        register("input_layernorm", inputNorm)
+        register("post_attention_layernorm", postNorm)
+    }
+
+    /// `x`: `[batch, length, hidden]`; `cache` (when generating) holds this layer's earlier keys and values.
+    func forward(_ x: Tensor, positions: [Int32], mask: AttentionMask, cache: KVCache.Layer?) -> Tensor {
+        let b = x.shape[0], t = x.shape[1]
+        let h = inputNorm.forward(x)
+        let q = rope(qProj.forward(h).reshaped([b * t, config.heads, config.headDim]),
+                     positions: positions, headDim: config.headDim, base: config.ropeBase).reshaped([b, t, config.heads * config.headDim])
+        var k = rope(kProj.forward(h).reshaped([b * t, config.kvHeads, config.headDim]),
+                     positions: positions, headDim: config.headDim, base: config.ropeBase).reshaped([b, t, config.kvHeads * config.headDim])
+        var v = vProj.forward(h)
+        if let cache {
+            if let pk = cache.keys, let pv = cache.values {
+                k = concat([pk, k], dim: 1)
+                v = concat([pv, v], dim: 1)
+            }
+            cache.keys = k
+            cache.values = v
+        }
+        let attn = scaledDotProductAttention(query: q, key: k, value: v, heads: config.heads, kvHeads: config.kvHeads, mask: mask)
+        let x1 = x + oProj.forward(attn)
+        let h2 = postAttentionNorm.forward(x1)
+        return x1 + downProj.forward(silu(gateProj.forward(h2)) * upProj.forward(h2))
+    }
+}
+
+/// Keys and values of earlier positions, per layer, for incremental decoding.
+public final class KVCache {
+    /// One layer's cache: `[batch, cachedLength, kvHeads * headDim]`.
+    public final class Layer {
+        var keys: Tensor?
+        var values: Tensor?
+    }
+    let layers: [Layer]
+    /// Number of positions cached.
+    public internal(set) var length: Int = 0
+
+    /// An empty cache for `layerCount` layers.
+    public init(layerCount: Int) {
+        layers = (0..<layerCount).map { _ in Layer() }
+    }
+}
+
+/// A Llama decoder with Hugging Face names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
+/// `model.norm`, `lm_head`), loaded from GGUF.
+public final class LlamaModel: Module {
+    public let config: LlamaConfig
+    public let embedTokens: Embedding
+    public let layers: [LlamaDecoderLayer]
+    public let norm: RMSNorm
+    /// The output projection; tied to `embedTokens` when the file has no `output.weight`.
+    public let lmHead: Linear
+
+    /// Builds the decoder from tensors keyed by Hugging Face names.
+    public init(config: LlamaConfig, weights: (String) throws -> Tensor, tiedHead: Bool) throws {
+        self.config = config
+        func expect(_ name: String, _ shape: [Int]) throws -> Tensor {
+            let t = try weights(name)
+            guard t.shape == shape else { throw GraftError.format("tensor '\(name)' has shape \(t.shape), config expects \(shape)") }
+            return t
+        }
+        let h = config.hiddenSize, qd = config.heads * config.headDim, kvd = config.kvHeads * config.headDim
+        let ff = config.intermediateSize
+        embedTokens = Embedding(weight: try expect("model.embed_tokens.weight", [config.vocabSize, h]))
+        var layers: [LlamaDecoderLayer] = []
+        for i in 0..<config.layers {
+            let p = "model.layers.\(i)."
+            func lin(_ n: String, _ shape: [Int]) throws -> Linear { Linear(weight: try expect(p + n + ".weight", shape), bias: nil) }
+            layers.append(LlamaDecoderLayer(
+                inputNorm: RMSNorm(weight: try expect(p + "input_layernorm.weight", [h]), eps: config.rmsNormEps),
+                q: try lin("self_attn.q_proj", [qd, h]), k: try lin("self_attn.k_proj", [kvd, h]),
+                v: try lin("self_attn.v_proj", [kvd, h]), o: try lin("self_attn.o_proj", [h, qd]),
+                postNorm: RMSNorm(weight: try expect(p + "post_attention_layernorm.weight", [h]), eps: config.rmsNormEps),
+                gate: try lin("mlp.gate_proj", [ff, h]), up: try lin("mlp.up_proj", [ff, h]),
+                down: try lin("mlp.down_proj", [h, ff]), config: config))
+        }
+        self.layers = layers
+        norm = RMSNorm(weight: try expect("model.norm.weight", [h]), eps: config.rmsNormEps)
+        lmHead = Linear(weight: tiedHead ? embedTokens.weight : try expect("lm_head.weight", [config.vocabSize, h]), bias: nil)
+        super.init(typeName: "LlamaForCausalLM")
+        let model = ModuleList(typeName: "LlamaModel")
+        model.register("embed_tokens", embedTokens)
+        let list = ModuleList()
+        for (i, layer) in layers.enumerated() { list.register(String(i), layer) }
+        model.register("layers", list)
+        model.register("norm", norm)
+        register("model", model)
+        register("lm_head", lmHead)
+    }
+
+    /// Maps a GGUF tensor name to its Hugging Face name (`blk.0.attn_q.weight` → `model.layers.0.self_attn.q_proj.weight`).
+    public static func huggingFaceName(forGGUF name: String) -> String? {
+        let fixed = ["token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                     "output.weight": "lm_head.weight"]
+        if let n = fixed[name] { return n }
+        let parts = name.split(separator: ".")
+        guard parts.count == 4, parts[0] == "blk", let layer = Int(parts[1]) else { return nil }
+        let map = ["attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                   "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+                   "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"]
+        guard let m = map[String(parts[2])] else { return nil }
+        return "model.layers.\(layer).\(m).\(parts[3])"
+    }
+
+    /// Loads a Llama GGUF file, dequantizing to Float32 and undoing the converter's Q/K row permutation so
+    /// weights are in transformers' layout (RoPE then rotates the two halves of each head).
+    public convenience init(gguf: GGUFFile) throws {
+        let config = try LlamaConfig(gguf: gguf)
+        var byHF: [String: String] = [:]
+        for info in gguf.tensors {
+            if let hf = LlamaModel.huggingFaceName(forGGUF: info.name) { byHF[hf] = info.name }
+        }
+        let tied = byHF["lm_head.weight"] == nil
+        try self.init(config: config, weights: { hf in
+            guard let name = byHF[hf] else {
+                throw GraftError(.notFound, "\(gguf.path): no tensor for '\(hf)' in the file")
+            }
+            let t = try gguf.tensor(name)
+            if hf.hasSuffix("q_proj.weight") { return LlamaModel.unpermuteRoPERows(t, heads: config.heads) }
+            if hf.hasSuffix("k_proj.weight") { return LlamaModel.unpermuteRoPERows(t, heads: config.kvHeads) }
+            return t
+        }, tiedHead: tied)
+    }
+
+    /// Inverts llama.cpp's converter permutation of Q/K rows: GGUF row `h·d + 2i + j` is transformers' row
+    /// `h·d + j·d/2 + i`.
+    static func unpermuteRoPERows(_ w: Tensor, heads: Int) -> Tensor {
+        let rowsN = w.shape[0], cols = w.shape[1], d = rowsN / heads, half = d / 2
+        let out = Tensor(zeros: w.shape)
+        for h in 0..<heads {
+            for i in 0..<half {
+                for j in 0..<2 {
+                    (out.pointer + (h * d + j * half + i) * cols).update(from: w.pointer + (h * d + 2 * i + j) * cols, count: cols)
+                }
+            }
+        }
+        return out
+    }
+
+    /// The final hidden states `[batch, length, hidden]` (after `model.norm`).
+    public func hiddenStates(_ batch: TokenBatch, cache: KVCache? = nil) throws -> Tensor {
+        try batch.validate(vocabularySize: config.vocabSize)
+        let offset = cache?.length ?? 0
+        var positions = batch.resolvedPositions
+        if offset > 0 { positions = positions.map { $0 + Int32(offset) } }
+        if cache != nil && batch.batchSize != 1 {
+            throw GraftError(.unsupported, "incremental decoding with a KV cache takes one sequence at a time")
+        }
+        var x = embedTokens.forward(batch.ids).reshaped([batch.batchSize, batch.length, config.hiddenSize])
+        let lengths = cache == nil ? batch.lengths : nil
+        let mask = AttentionMask(causal: true, keyLengths: lengths, segments: batch.segments, queryOffset: offset)
+        for (i, layer) in layers.enumerated() {
+            x = layer.forward(x, positions: positions, mask: mask, cache: cache?.layers[i])
+        }
+        cache?.length += batch.length
+        return norm.forward(x)
+    }
+
+    /// Logits `[batch, length, vocab]`.
+    public func logits(_ batch: TokenBatch) throws -> Tensor {
+        lmHead.forward(try hiddenStates(batch))
+    }
+}

@@ -1,0 +1,73 @@
+import GraftTensor
+
+/// A node of a model's module tree. Every module and parameter carries the Hugging Face transformers name,
+/// so PEFT `target_modules`, `layers_to_transform` and adapter tensor keys map onto it directly.
+open class Module: @unchecked Sendable {
+    /// The class name shown by `graft inspect` (transformers' class names where one exists).
+    public let typeName: String
+    /// Child modules in registration order, by local name (`"self"`, `"query"`, `"0"`, ...).
+    public private(set) var children: [(name: String, module: Module)] = []
+    /// Parameters owned directly by this module, by local name (`"weight"`, `"bias"`).
+    public private(set) var localParameters: [(name: String, tensor: Tensor)] = []
+
+    /// Creates a module shown as `typeName`.
+    public init(typeName: String) {
+        self.typeName = typeName
+    }
+
+    /// Adds a child module under `name`.
+    public func register(_ name: String, _ module: Module) {
+        children.append((name, module))
+    }
+
+    /// Adds a parameter under `name`.
+    public func register(parameter name: String, _ tensor: Tensor) {
+        localParameters.append((name, tensor))
+    }
+
+    /// Replaces a parameter registered under `name` (used when adapters swap in trainable copies).
+    public func replaceParameter(_ name: String, with tensor: Tensor) {
+        if let i = localParameters.firstIndex(where: { $0.name == name }) { localParameters[i].tensor = tensor }
+    }
+
+    /// This module and every descendant with its dotted path (`encoder.layer.0.attention.self.query`).
+    public func namedModules(prefix: String = "") -> [(name: String, module: Module)] {
+        var out: [(String, Module)] = [(prefix, self)]
+        for (name, child) in children {
+            out += child.namedModules(prefix: prefix.isEmpty ? name : prefix + "." + name)
+        }
+        return out
+    }
+
+    /// Every parameter below this module with its dotted path (`...query.weight`).
+    public func namedParameters(prefix: String = "") -> [(name: String, tensor: Tensor)] {
+        namedModules(prefix: prefix).flatMap { path, module in
+            module.localParameters.map { (path.isEmpty ? $0.name : path + "." + $0.name, $0.tensor) }
+        }
+    }
+
+    /// The module at a dotted path, if any.
+    public func module(at path: String) -> Module? {
+        if path.isEmpty { return self }
+        var current: Module = self
+        for part in path.split(separator: ".") {
+            guard let next = current.children.first(where: { $0.name == part })?.module else { return nil }
+            current = next
+        }
+        return current
+    }
+
+    /// Number of scalar parameters below this module.
+    public var parameterCount: Int { namedParameters().reduce(0) { $0 + $1.tensor.count } }
+
+    /// A short description of this module's own configuration for `graft inspect` (e.g. `in=384, out=384`).
+    open var summary: String { "" }
+}
+
+/// A container with no computation of its own (`encoder`, `layer`, `attention`, ...).
+public final class ModuleList: Module {
+    /// Creates an empty container shown as `typeName`.
+    public override init(typeName: String = "ModuleList") {
+        super.init(typeName: typeName)
+    }
+}

@@ -1,0 +1,99 @@
+import ArgumentParser
+import Foundation
+import Graft
+
+/// The `graft` command line: thin wrappers over the Graft library.
+@main
+struct GraftCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "graft",
+        abstract: "Parameter-efficient fine-tuning on the CPU.",
+        subcommands: [Inspect.self, Generate.self, Encode.self, Bench.self])
+}
+
+/// Resolves a model argument: a path, or one of the asset names fetched by scripts/fetch-assets.
+func resolveModelPath(_ name: String) -> String {
+    if FileManager.default.fileExists(atPath: name) { return name }
+    let home = ProcessInfo.processInfo.environment["GRAFT_HOME"] ?? (NSHomeDirectory() + "/.cache/graft")
+    switch name.lowercased() {
+    case "minilm", "all-minilm-l6-v2": return home + "/all-MiniLM-L6-v2"
+    case "smollm2", "smollm2-135m": return home + "/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    default: return name
+    }
+}
+
+/// Runs `body`, turning a GraftError into a one-line message and exit code 1.
+func run(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let error as GraftError {
+        FileHandle.standardError.write(Data("graft: error: \(error.message)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+struct Inspect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print a model's module tree with shapes and parameter counts (to choose target_modules).")
+
+    @Argument(help: "Model: a transformers directory, a .gguf file, or 'minilm' / 'smollm2' from the asset cache.")
+    var model: String
+
+    @Flag(help: "Print every layer instead of folding repeated ones.")
+    var full = false
+
+    func run() throws {
+        try graft.run {
+            let m = try GraftModel(path: resolveModelPath(model))
+            print(ModelInspector.report(m, full: full))
+        }
+    }
+}
+
+struct Encode: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Tokenize text with a model's tokenizer and print the ids.")
+
+    @Argument(help: "Model path or asset name.")
+    var model: String
+    @Argument(help: "Text to tokenize.")
+    var text: String
+
+    func run() throws {
+        try graft.run {
+            let m = try GraftModel(path: resolveModelPath(model))
+            print(m.encode(text).map(String.init).joined(separator: " "))
+        }
+    }
+}
+
+struct Generate: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Generate text from a decoder model, streaming tokens.")
+
+    @Option(help: "Model path or asset name.")
+    var model: String = "smollm2"
+    @Option(help: "The prompt, used as the user turn of the chat template unless --raw.")
+    var prompt: String
+    @Flag(help: "Send the prompt as is, without the chat template.")
+    var raw = false
+    @Option(help: "Maximum new tokens.")
+    var maxTokens: Int = 64
+    @Option(help: "Sampling temperature (0 = greedy).")
+    var temperature: Float = 0
+    @Option(help: "Nucleus sampling threshold.")
+    var topP: Float = 1
+    @Option(help: "Sampling seed.")
+    var seed: UInt64 = 0
+
+    func run() throws {
+        try graft.run {
+            let m = try GraftModel(path: resolveModelPath(model))
+            let text = raw ? prompt : "<|im_start|>user\n\(prompt)<|im_end|>\n<|im_start|>assistant\n"
+            let params = GenerationParameters(maxNewTokens: maxTokens, temperature: temperature, topP: topP, seed: seed)
+            _ = try m.generate(prompt: text, parameters: params) { piece in
+                FileHandle.standardOutput.write(Data(piece.utf8))
+                return true
+            }
+            print()
+        }
+    }
+}

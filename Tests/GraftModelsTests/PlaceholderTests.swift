@@ -1,4 +1,0 @@
-import Testing
-@testable import GraftModels
-
-@Test func moduleLinks() {}
