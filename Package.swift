@@ -24,13 +24,14 @@ let package = Package(
         .executableTarget(name: "graft", dependencies: [
             "Graft", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .target(name: "GraftTestSupport", dependencies: ["GraftTensor", "GraftIO", "GraftModels"], path: "Tests/GraftTestSupport"),
         .testTarget(name: "GraftTensorTests", dependencies: ["GraftTensor"]),
         .testTarget(name: "GraftIOTests", dependencies: ["GraftIO"]),
         .testTarget(name: "GraftTextTests", dependencies: ["GraftText", "GraftIO"]),
-        .testTarget(name: "GraftModelsTests", dependencies: ["GraftModels", "GraftIO", "GraftTensor"]),
-        .testTarget(name: "GraftTests", dependencies: ["Graft"]),
-        .testTarget(name: "GraftAdaptersTests", dependencies: ["GraftAdapters", "Graft"]),
-        .testTarget(name: "GraftTrainTests", dependencies: ["GraftTrain", "Graft"]),
+        .testTarget(name: "GraftModelsTests", dependencies: ["GraftModels", "GraftIO", "GraftTensor", "GraftTestSupport"]),
+        .testTarget(name: "GraftTests", dependencies: ["Graft", "GraftTestSupport"]),
+        .testTarget(name: "GraftAdaptersTests", dependencies: ["GraftAdapters", "Graft", "GraftTestSupport"]),
+        .testTarget(name: "GraftTrainTests", dependencies: ["GraftTrain", "Graft", "GraftTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

