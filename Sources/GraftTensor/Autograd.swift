@@ -34,7 +34,23 @@ public enum GradMode {
     static func set(enabled: Bool) {
         pthread_setspecific(gradModeKey, enabled ? nil : UnsafeRawPointer(bitPattern: 1))
     }
+
+    /// How many operations this thread has recorded onto autograd graphs (a diagnostic: tests use it to show
+    /// that frozen sub-graphs are not recorded).
+    public static var recordedOperations: Int {
+        Int(bitPattern: pthread_getspecific(recordCountKey))
+    }
+
+    static func countRecord() {
+        pthread_setspecific(recordCountKey, UnsafeRawPointer(bitPattern: recordedOperations + 1))
+    }
 }
+
+private let recordCountKey: pthread_key_t = {
+    var key = pthread_key_t()
+    pthread_key_create(&key, nil)
+    return key
+}()
 
 /// Runs `body` with gradient recording off on this thread (inference, optimizer updates, backward itself).
 public func withNoGrad<R>(_ body: () throws -> R) rethrows -> R {
@@ -55,6 +71,7 @@ extension Tensor {
         if GradMode.isEnabled, inputs.contains(where: { $0.requiresGrad }) {
             output.requiresGrad = true
             output.node = GradNode(inputs: inputs, backward: backward)
+            GradMode.countRecord()
         }
         return output
     }

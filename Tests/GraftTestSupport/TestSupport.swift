@@ -35,13 +35,13 @@ public enum Assets {
 }
 
 /// A fixture's padded `input_ids` + `attention_mask` as a right-padded batch.
-public func fixtureBatch(_ file: SafeTensorsFile) throws -> TokenBatch {
-    guard let info = file.info("input_ids"), info.shape.count == 2 else {
-        throw GraftError.format("\(file.path): no 2-D input_ids")
+public func fixtureBatch(_ file: SafeTensorsFile, prefix: String = "") throws -> TokenBatch {
+    guard let info = file.info(prefix + "input_ids"), info.shape.count == 2 else {
+        throw GraftError.format("\(file.path): no 2-D \(prefix)input_ids")
     }
     let (b, t) = (info.shape[0], info.shape[1])
-    let ids = try file.int64s("input_ids").map { Int32($0) }
-    let mask = try file.int64s("attention_mask")
+    let ids = try file.int64s(prefix + "input_ids").map { Int32($0) }
+    let mask = try file.int64s(prefix + "attention_mask")
     var lengths: [Int] = []
     for r in 0..<b {
         let row = Array(mask[(r * t)..<((r + 1) * t)])
