@@ -6,8 +6,9 @@ public struct AttentionMask: Sendable {
     public var causal: Bool
     /// Per batch row, how many leading key positions are real (the rest is padding); nil = all.
     public var keyLengths: [Int]?
-    /// Per token (batch-major, `[batch * queryLength]` and the same ids for keys when self-attending):
-    /// a query attends only to keys with the same segment id, so packed sequences never see each other.
+    /// Packed sequences: one id per token (`[batch * length]`, self-attention only). Each contiguous run of
+    /// equal ids is attended as its own sequence, so packed sequences never see each other and no work is
+    /// spent on the blocks between them.
     public var segments: [Int32]?
     /// Key position of the first query (the KV-cache length during generation).
     public var queryOffset: Int
@@ -21,14 +22,22 @@ public struct AttentionMask: Sendable {
     }
 }
 
+/// One block of attention work: queries `q0..<q0+qn` of batch row `b` against keys `k0..<k0+kn`.
+private struct AttentionBlock {
+    var b: Int, q0: Int, qn: Int, k0: Int, kn: Int
+    /// Offset of this block's probabilities (per head: `qn * kn`) in the saved buffer.
+    var probOffset: Int
+}
+
 /// Multi-head scaled dot-product attention, `softmax(Q Kᵀ / √d + mask) V`, with grouped-query heads.
 ///
 /// - `query`: `[batch, queryLength, heads * headDim]`
 /// - `key`, `value`: `[batch, keyLength, kvHeads * headDim]`
 /// - result: `[batch, queryLength, heads * headDim]`
 ///
-/// Heads are read in place with leading-dimension strides, so no transposes or copies are made. Query head `h`
-/// uses key/value head `h / (heads / kvHeads)`. A query row whose keys are all masked outputs zeros.
+/// Heads are read in place with leading-dimension strides (no transposes or copies). Query head `h` uses
+/// key/value head `h / (heads / kvHeads)`. Packed segments are computed block by block. A query whose keys are
+/// all masked outputs zeros.
 public func scaledDotProductAttention(
     query: Tensor, key: Tensor, value: Tensor, heads: Int, kvHeads: Int, mask: AttentionMask
 ) -> Tensor {
@@ -40,87 +49,93 @@ public func scaledDotProductAttention(
     let group = heads / kvHeads
     let qStride = heads * headDim, kStride = kvHeads * headDim
     let scale = 1 / Float(headDim).squareRoot()
-    let probs = Tensor(zeros: [batch, heads, tq, tk])
-    let out = Tensor(zeros: query.shape)
-    let pq = query.pointer, pk = key.pointer, pv = value.pointer, pp = probs.pointer, po = out.pointer
 
-    // Additive mask per batch row, shared by all heads: 0 where visible, -inf where not.
-    let maskT = Tensor(zeros: [batch, tq, tk])
-    let pm = maskT.pointer
-    var anyMasked = false
+    var blocks: [AttentionBlock] = []
+    var probCount = 0
     for b in 0..<batch {
-        let klen = mask.keyLengths?[b] ?? tk
-        for i in 0..<tq {
-            let row = pm + (b * tq + i) * tk
-            let qpos = mask.queryOffset + i
-            let qseg = mask.segments?[b * tq + i]
-            for j in 0..<tk {
-                var visible = j < klen
-                if mask.causal && j > qpos { visible = false }
-                if let qseg, let segs = mask.segments, tk == tq, segs[b * tk + j] != qseg { visible = false }
-                if !visible { row[j] = -.infinity; anyMasked = true }
+        let klen = min(tk, mask.keyLengths?[b] ?? tk)
+        if let segs = mask.segments, tq == tk {
+            var start = 0
+            while start < tq {
+                var end = start + 1
+                while end < tq && segs[b * tq + end] == segs[b * tq + start] { end += 1 }
+                let kn = max(0, min(end, klen) - start)
+                blocks.append(AttentionBlock(b: b, q0: start, qn: end - start, k0: start, kn: kn, probOffset: probCount))
+                probCount += (end - start) * kn * heads
+                start = end
             }
+        } else {
+            blocks.append(AttentionBlock(b: b, q0: 0, qn: tq, k0: 0, kn: klen, probOffset: probCount))
+            probCount += tq * klen * heads
         }
     }
 
-    for b in 0..<batch {
+    let probs = Tensor(zeros: [probCount])
+    let out = Tensor(zeros: query.shape)
+    let pq = query.pointer, pk = key.pointer, pv = value.pointer, pp = probs.pointer, po = out.pointer
+    let causal = mask.causal, offset = mask.queryOffset
+
+    for block in blocks where block.kn > 0 {
         for h in 0..<heads {
             let kvh = h / group
-            let qbh = pq + b * tq * qStride + h * headDim
-            let kbh = pk + b * tk * kStride + kvh * headDim
-            let vbh = pv + b * tk * kStride + kvh * headDim
-            let pbh = pp + (b * heads + h) * tq * tk
-            sgemm(transA: false, transB: true, m: tq, n: tk, k: headDim, alpha: scale,
-                  a: qbh, lda: qStride, b: kbh, ldb: kStride, c: pbh, ldc: tk)
-            for i in 0..<tq {
-                let row = pbh + i * tk
-                if anyMasked {
-                    let mrow = pm + (b * tq + i) * tk
-                    for j in 0..<tk { row[j] += mrow[j] }
+            let qbh = pq + (block.b * tq + block.q0) * qStride + h * headDim
+            let kbh = pk + (block.b * tk + block.k0) * kStride + kvh * headDim
+            let vbh = pv + (block.b * tk + block.k0) * kStride + kvh * headDim
+            let pbh = pp + block.probOffset + h * block.qn * block.kn
+            sgemm(transA: false, transB: true, m: block.qn, n: block.kn, k: headDim, alpha: scale,
+                  a: qbh, lda: qStride, b: kbh, ldb: kStride, c: pbh, ldc: block.kn)
+            for i in 0..<block.qn {
+                let row = pbh + i * block.kn
+                if causal {
+                    // Query i of the block sits at key position offset + i (positions are block-relative).
+                    let visible = min(block.kn, offset + i + 1)
+                    for j in visible..<block.kn { row[j] = -.infinity }
                 }
-                softmaxRow(row, tk)
+                softmaxRow(row, block.kn)
             }
-            sgemm(transA: false, transB: false, m: tq, n: headDim, k: tk,
-                  a: pbh, lda: tk, b: vbh, ldb: kStride, c: po + b * tq * qStride + h * headDim, ldc: qStride)
+            sgemm(transA: false, transB: false, m: block.qn, n: headDim, k: block.kn,
+                  a: pbh, lda: block.kn, b: vbh, ldb: kStride,
+                  c: po + (block.b * tq + block.q0) * qStride + h * headDim, ldc: qStride)
         }
     }
 
     return Tensor.result(out, inputs: [query, key, value]) { g in
-        let pq = query.pointer, pk = key.pointer, pv = value.pointer, pp = probs.pointer
+        let pq = query.pointer, pk = key.pointer, pv = value.pointer, pp = probs.pointer, pg = g.pointer
         let dq: Tensor? = query.requiresGrad ? Tensor(zeros: query.shape) : nil
         let dk: Tensor? = key.requiresGrad ? Tensor(zeros: key.shape) : nil
         let dv: Tensor? = value.requiresGrad ? Tensor(zeros: value.shape) : nil
-        let dP = Tensor(zeros: [tq, tk])
-        let pdP = dP.pointer, pg = g.pointer
-        for b in 0..<batch {
+        let maxBlock = blocks.map { $0.qn * $0.kn }.max() ?? 0
+        let dP = Tensor(zeros: [max(maxBlock, 1)])
+        let pdP = dP.pointer
+        for block in blocks where block.kn > 0 {
             for h in 0..<heads {
                 let kvh = h / group
-                let qOff = b * tq * qStride + h * headDim
-                let kOff = b * tk * kStride + kvh * headDim
-                let pbh = pp + (b * heads + h) * tq * tk
+                let qOff = (block.b * tq + block.q0) * qStride + h * headDim
+                let kOff = (block.b * tk + block.k0) * kStride + kvh * headDim
+                let pbh = pp + block.probOffset + h * block.qn * block.kn
                 let gbh = pg + qOff
                 if let dv {
                     // dV += Pᵀ dO
-                    sgemm(transA: true, transB: false, m: tk, n: headDim, k: tq,
-                          a: pbh, lda: tk, b: gbh, ldb: qStride, beta: 1, c: dv.pointer + kOff, ldc: kStride)
+                    sgemm(transA: true, transB: false, m: block.kn, n: headDim, k: block.qn,
+                          a: pbh, lda: block.kn, b: gbh, ldb: qStride, beta: 1, c: dv.pointer + kOff, ldc: kStride)
                 }
                 guard dq != nil || dk != nil else { continue }
                 // dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-                sgemm(transA: false, transB: true, m: tq, n: tk, k: headDim,
-                      a: gbh, lda: qStride, b: pv + kOff, ldb: kStride, c: pdP, ldc: tk)
-                for i in 0..<tq {
-                    let prow = pbh + i * tk, drow = pdP + i * tk
+                sgemm(transA: false, transB: true, m: block.qn, n: block.kn, k: headDim,
+                      a: gbh, lda: qStride, b: pv + kOff, ldb: kStride, c: pdP, ldc: block.kn)
+                for i in 0..<block.qn {
+                    let prow = pbh + i * block.kn, drow = pdP + i * block.kn
                     var dot: Float = 0
-                    for j in 0..<tk { dot += prow[j] * drow[j] }
-                    for j in 0..<tk { drow[j] = prow[j] * (drow[j] - dot) * scale }
+                    for j in 0..<block.kn { dot += prow[j] * drow[j] }
+                    for j in 0..<block.kn { drow[j] = prow[j] * (drow[j] - dot) * scale }
                 }
                 if let dq {
-                    sgemm(transA: false, transB: false, m: tq, n: headDim, k: tk,
-                          a: pdP, lda: tk, b: pk + kOff, ldb: kStride, c: dq.pointer + qOff, ldc: qStride)
+                    sgemm(transA: false, transB: false, m: block.qn, n: headDim, k: block.kn,
+                          a: pdP, lda: block.kn, b: pk + kOff, ldb: kStride, beta: 1, c: dq.pointer + qOff, ldc: qStride)
                 }
                 if let dk {
-                    sgemm(transA: true, transB: false, m: tk, n: headDim, k: tq,
-                          a: pdP, lda: tk, b: pq + qOff, ldb: qStride, beta: 1, c: dk.pointer + kOff, ldc: kStride)
+                    sgemm(transA: true, transB: false, m: block.kn, n: headDim, k: block.qn,
+                          a: pdP, lda: block.kn, b: pq + qOff, ldb: qStride, beta: 1, c: dk.pointer + kOff, ldc: kStride)
                 }
             }
         }
