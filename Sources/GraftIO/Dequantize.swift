@@ -36,8 +36,8 @@ extension GGMLType {
                 #else
                 for i in 0..<n { y[i] = Float(bitPattern: UInt32(littleEndian: UnsafeRawPointer(p).loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self))) }
                 #endif
-            case .f16: HalfFloat.decodeF16(p, into: y, count: n)
-            case .bf16: HalfFloat.decodeBF16(p, into: y, count: n)
+            case .f16: HalfFloat.decodeF16Serial(p, y, 0..<n)
+            case .bf16: HalfFloat.decodeBF16Serial(p, y, 0..<n)
             case .f64:
                 for i in 0..<n { y[i] = Float(Double(bitPattern: UInt64(littleEndian: UnsafeRawPointer(p).loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self)))) }
             case .i8:

@@ -59,21 +59,27 @@ public enum HalfFloat {
         return UInt16(truncatingIfNeeded: rounded >> 16)
     }
 
-    /// Decodes `count` little-endian binary16 values from unaligned `src` into `dst`.
+    /// Decodes `count` little-endian binary16 values from unaligned `src` into `dst` (in parallel when large).
     public static func decodeF16(_ src: UnsafeRawPointer, into dst: UnsafeMutablePointer<Float>, count: Int) {
-        parallelFor(count, grain: 1 << 16) { r in
-            for i in r {
-                dst[i] = float(fromF16: UInt16(littleEndian: src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
-            }
+        parallelFor(count, grain: 1 << 16) { r in decodeF16Serial(src, dst, r) }
+    }
+
+    /// Decodes `count` little-endian bfloat16 values from unaligned `src` into `dst` (in parallel when large).
+    public static func decodeBF16(_ src: UnsafeRawPointer, into dst: UnsafeMutablePointer<Float>, count: Int) {
+        parallelFor(count, grain: 1 << 16) { r in decodeBF16Serial(src, dst, r) }
+    }
+
+    /// Decodes binary16 elements `range` on the calling thread.
+    static func decodeF16Serial(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ range: Range<Int>) {
+        for i in range {
+            dst[i] = float(fromF16: UInt16(littleEndian: src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
         }
     }
 
-    /// Decodes `count` little-endian bfloat16 values from unaligned `src` into `dst`.
-    public static func decodeBF16(_ src: UnsafeRawPointer, into dst: UnsafeMutablePointer<Float>, count: Int) {
-        parallelFor(count, grain: 1 << 16) { r in
-            for i in r {
-                dst[i] = float(fromBF16: UInt16(littleEndian: src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
-            }
+    /// Decodes bfloat16 elements `range` on the calling thread.
+    static func decodeBF16Serial(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ range: Range<Int>) {
+        for i in range {
+            dst[i] = float(fromBF16: UInt16(littleEndian: src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
         }
     }
 

@@ -1,4 +1,4 @@
-@testable import GraftIO
+import GraftIO
 
 /// A minimal GGUF writer for building synthetic (and deliberately broken) files in tests.
 /// Written from the GGUF spec independently of the reader under test.

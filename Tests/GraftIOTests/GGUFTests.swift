@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 import GraftTensor
-@testable import GraftIO
+import GraftIO
 
 /// Packs a Float into IEEE half bits with Swift's own Float16 (independent of GraftIO's converter).
 private func h(_ x: Float) -> [UInt8] {

@@ -1,5 +1,5 @@
 import Testing
-@testable import GraftIO
+import GraftIO
 
 /// The 16-bit conversions checked exhaustively against Swift's own `Float16` (an independent implementation)
 /// and against hand-computed bfloat16 rounding.

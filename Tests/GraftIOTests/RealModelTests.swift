@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 import GraftTensor
-@testable import GraftIO
+import GraftIO
 
 /// Reads the real SmolLM2-135M-Instruct Q4_1 GGUF fetched by scripts/fetch-assets.
 @Suite struct RealModelTests {

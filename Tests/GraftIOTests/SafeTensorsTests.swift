@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 import GraftTensor
-@testable import GraftIO
+import GraftIO
 
 @Suite struct SafeTensorsTests {
     /// Values that exercise rounding, subnormals and specials in every float dtype.

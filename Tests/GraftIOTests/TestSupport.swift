@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 import GraftTensor
-@testable import GraftIO
+import GraftIO
 
 /// Test helpers: fixture paths, temporary directories, and checks on thrown `GraftError`s.
 enum TestSupport {
