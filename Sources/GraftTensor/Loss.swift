@@ -47,3 +47,78 @@ public func crossEntropy(_ logits: Tensor, targets: [Int32], ignoreIndex: Int32 
         return [d]
     }
 }
+
+/// Mean cross entropy of `x · weightᵀ` (an LM head) against `targets`, computed `chunkRows` rows at a time so
+/// the `[rows, vocab]` logits are never held in full: forward keeps only each row's log-sum-exp, backward
+/// recomputes one chunk of logits at a time. Rows whose target is `ignoreIndex` cost nothing.
+///
+/// `x`: `[rows, hidden]` (any leading shape flattened), `weight`: `[vocab, hidden]`, `targets`: `[rows]`.
+public func linearCrossEntropy(
+    _ x: Tensor, weight: Tensor, targets: [Int32], ignoreIndex: Int32 = -100, chunkRows: Int = 128
+) -> Tensor {
+    let hidden = x.lastDim, rowsN = x.rows, vocab = weight.shape[0]
+    precondition(weight.shape[1] == hidden && targets.count == rowsN, "linearCrossEntropy: x \(x.shape) weight \(weight.shape) targets \(targets.count)")
+    let active = (0..<rowsN).filter { targets[$0] != ignoreIndex }
+    for r in active { precondition(targets[r] >= 0 && Int(targets[r]) < vocab, "linearCrossEntropy: target \(targets[r]) outside 0..<\(vocab)") }
+    let chunk = max(1, chunkRows)
+    let packed = Tensor(zeros: [chunk, hidden])
+    let logits = Tensor(zeros: [chunk, vocab])
+    var lse = [Float](repeating: 0, count: active.count)
+    var total: Double = 0
+    func loadChunk(_ start: Int, _ n: Int) {
+        for i in 0..<n {
+            (packed.pointer + i * hidden).update(from: x.pointer + active[start + i] * hidden, count: hidden)
+        }
+        sgemm(transA: false, transB: true, m: n, n: vocab, k: hidden, a: packed.pointer, b: weight.pointer, c: logits.pointer)
+    }
+    var start = 0
+    while start < active.count {
+        let n = min(chunk, active.count - start)
+        loadChunk(start, n)
+        for i in 0..<n {
+            let row = logits.pointer + i * vocab
+            var m = -Float.infinity
+            for j in 0..<vocab { m = max(m, row[j]) }
+            var s: Double = 0
+            for j in 0..<vocab { s += Double(expf(row[j] - m)) }
+            let l = m + Float(log(s))
+            lse[start + i] = l
+            total += Double(l - row[Int(targets[active[start + i]])])
+        }
+        start += n
+    }
+    let count = active.count
+    let out = Tensor(scalar: count == 0 ? 0 : Float(total / Double(count)))
+    return Tensor.result(out, inputs: [x, weight]) { g in
+        guard count > 0 else { return [x.requiresGrad ? Tensor(zeros: x.shape) : nil, weight.requiresGrad ? Tensor(zeros: weight.shape) : nil] }
+        let scale = g.item / Float(count)
+        let dx: Tensor? = x.requiresGrad ? Tensor(zeros: x.shape) : nil
+        let dw: Tensor? = weight.requiresGrad ? Tensor(zeros: weight.shape) : nil
+        let dPacked = Tensor(zeros: [chunk, hidden])
+        var start = 0
+        while start < count {
+            let n = min(chunk, count - start)
+            loadChunk(start, n)
+            // dlogits = (softmax − onehot) · scale, in place.
+            for i in 0..<n {
+                let row = logits.pointer + i * vocab
+                let l = lse[start + i]
+                for j in 0..<vocab { row[j] = expf(row[j] - l) * scale }
+                row[Int(targets[active[start + i]])] -= scale
+            }
+            if let dx {
+                sgemm(transA: false, transB: false, m: n, n: hidden, k: vocab, a: logits.pointer, b: weight.pointer, c: dPacked.pointer)
+                for i in 0..<n {
+                    let dst = dx.pointer + active[start + i] * hidden, src = dPacked.pointer + i * hidden
+                    for j in 0..<hidden { dst[j] += src[j] }
+                }
+            }
+            if let dw {
+                sgemm(transA: true, transB: false, m: vocab, n: hidden, k: n, a: logits.pointer, b: packed.pointer,
+                      beta: 1, c: dw.pointer)
+            }
+            start += n
+        }
+        return [dx, dw]
+    }
+}

@@ -188,4 +188,16 @@ import Testing
                   op: { crossEntropy($0[0], targets: targets) },
                   reference: { [Ref.crossEntropy($0[0], targets: targets.map(Int.init), classes: 5, ignore: -100)] })
     }
+
+    @Test func chunkedLinearCrossEntropy() {
+        let x = randomValues(5 * 4, seed: 25, scale: 2), w = randomValues(7 * 4, seed: 26)
+        let targets: [Int32] = [3, -100, 6, 0, 3]
+        for chunk in [1, 2, 8] {
+            check.run("linearCrossEntropy chunk \(chunk)", inputs: [x, w], shapes: [[5, 4], [7, 4]], trainable: [true, true],
+                      op: { linearCrossEntropy($0[0], weight: $0[1], targets: targets, chunkRows: chunk) },
+                      reference: { v in
+                          [Ref.crossEntropy(Ref.linear(v[0], v[1], nil, rows: 5, inF: 4, outF: 7), targets: targets.map(Int.init), classes: 7, ignore: -100)]
+                      })
+        }
+    }
 }
