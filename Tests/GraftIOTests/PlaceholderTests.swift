@@ -1,4 +1,0 @@
-import Testing
-@testable import GraftIO
-
-@Test func moduleLinks() {}
