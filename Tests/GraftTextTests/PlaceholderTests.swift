@@ -1,4 +1,0 @@
-import Testing
-@testable import GraftText
-
-@Test func moduleLinks() {}
