@@ -91,7 +91,7 @@ public final class GraftModel: @unchecked Sendable {
         var params = parameters
         if params.stopTokens.isEmpty {
             for t in ["<|im_end|>", "<|endoftext|>"] { if let id = tokenizer.id(of: t) { params.stopTokens.insert(id) } }
-            if let eos = tokenizer.eosId { params.stopTokens.insert(eos) }
+            if let eos = tokenizer.eosTokenId { params.stopTokens.insert(eos) }
         }
         var emitted: [Int32] = []
         var printed = ""

@@ -81,7 +81,7 @@ import GraftIO
     }
 
     @Test func readsVendoredMiniLMFixture() throws {
-        let f = try SafeTensorsFile(contentsOf: TestSupport.fixtures + "/minilm/base_expected.safetensors")
+        let f = try SafeTensorsFile(contentsOf: TestSupport.fixtures + "/peft-minilm/base_expected.safetensors")
         #expect(f.names == ["attention_mask", "input_ids", "last_hidden_state"])
         guard let ids = f.info("input_ids"), let hidden = f.info("last_hidden_state") else {
             Issue.record("fixture keys missing"); return
