@@ -8,9 +8,13 @@ demo: setup assets release
 	$(RELEASE_BIN) inspect minilm
 	$(RELEASE_BIN) generate --model smollm2 --prompt "What is the capital of France?" --max-tokens 40
 
+# Tests run optimized (the SIMD kernels are unusably slow unoptimized) in their own build folder, with
+# -enable-testing so @testable imports work.
+TEST_FLAGS = -c release -Xswiftc -enable-testing --scratch-path .build-test
+
 test: assets
-	$(SWIFT) build --build-tests
-	$(SWIFT) test
+	$(SWIFT) build --build-tests $(TEST_FLAGS)
+	$(SWIFT) test --skip-build $(TEST_FLAGS)
 
 setup:
 	scripts/setup

@@ -19,7 +19,7 @@ let package = Package(
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),
-        .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftModels", "GraftAdapters"]),
+        .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters"]),
         .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftTrain"]),
         .executableTarget(name: "graft", dependencies: [
             "Graft", .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -1,3 +1,4 @@
+import Foundation
 import GraftModels
 import GraftTensor
 
@@ -15,20 +16,32 @@ public enum ModelInspector {
         lines.append("")
         walk(root, name: "", prefix: "", isLast: true, isRoot: true, full: full, into: &lines)
         lines.append("")
-        lines.append("Linear layers (target_modules names, as PEFT matches them by suffix):")
-        var byLeaf: [(String, Int, String)] = []
+        lines.append("Linear layers (PEFT target_modules names a module or a dotted suffix of its path, e.g. \"query\"):")
+        // Group paths that differ only in their layer index: encoder.layer.{0-5}.attention.self.query.
+        var groups: [(pattern: String, indices: [Int], shape: String)] = []
         for (path, module) in root.namedModules() {
             guard let lin = module as? Linear else { continue }
-            let leaf = String(path.split(separator: ".").last ?? "")
-            if let i = byLeaf.firstIndex(where: { $0.0 == leaf }) {
-                byLeaf[i].1 += 1
+            var parts = path.split(separator: ".").map(String.init)
+            var index: Int? = nil
+            if let i = parts.firstIndex(where: { Int($0) != nil }) {
+                index = Int(parts[i])
+                parts[i] = "{N}"
+            }
+            let pattern = parts.joined(separator: ".")
+            let shape = "[\(lin.outFeatures), \(lin.inFeatures)]"
+            if let g = groups.firstIndex(where: { $0.pattern == pattern }) {
+                if let index { groups[g].indices.append(index) }
             } else {
-                byLeaf.append((leaf, 1, "[\(lin.outFeatures), \(lin.inFeatures)]"))
+                groups.append((pattern, index.map { [$0] } ?? [], shape))
             }
         }
-        let width = byLeaf.map(\.0.count).max() ?? 0
-        for (leaf, n, shape) in byLeaf {
-            lines.append("  " + leaf.padding(width) + "  ×\(n)  weight \(shape)")
+        let rendered = groups.map { g -> (String, Int, String) in
+            let range = g.indices.isEmpty ? "" : "{\(g.indices.min() ?? 0)-\(g.indices.max() ?? 0)}"
+            return (g.pattern.replacingOccurrences(of: "{N}", with: range), max(1, g.indices.count), g.shape)
+        }
+        let width = rendered.map(\.0.count).max() ?? 0
+        for (name, n, shape) in rendered {
+            lines.append("  " + name.padding(width) + "  ×\(n)  weight \(shape)")
         }
         return lines.joined(separator: "\n")
     }
@@ -41,6 +54,7 @@ public enum ModelInspector {
         let count = module.parameterCount
         var line = (isRoot ? "" : prefix + (isLast ? "└─ " : "├─ ")) + label
         if !params.isEmpty { line += "  " + params }
+        if let note = module.note { line += "  (\(note))" }
         if !module.children.isEmpty || params.isEmpty { line += "  [\(formatCount(count))]" }
         lines.append(line)
         let childPrefix = isRoot ? "" : prefix + (isLast ? "   " : "│  ")

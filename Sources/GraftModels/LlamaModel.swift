@@ -125,10 +125,13 @@ public final class LlamaModel: Module {
     public let norm: RMSNorm
     /// The output projection; tied to `embedTokens` when the file has no `output.weight`.
     public let lmHead: Linear
+    /// Whether `lm_head` shares `embed_tokens`' weight.
+    public let tiedHead: Bool
 
     /// Builds the decoder from tensors keyed by Hugging Face names.
     public init(config: LlamaConfig, weights: (String) throws -> Tensor, tiedHead: Bool) throws {
         self.config = config
+        self.tiedHead = tiedHead
         func expect(_ name: String, _ shape: [Int]) throws -> Tensor {
             let t = try weights(name)
             guard t.shape == shape else { throw GraftError.format("tensor '\(name)' has shape \(t.shape), config expects \(shape)") }
@@ -161,6 +164,7 @@ public final class LlamaModel: Module {
         model.register("norm", norm)
         register("model", model)
         register("lm_head", lmHead)
+        lmHead.note = tiedHead ? "tied to model.embed_tokens" : nil
     }
 
     /// Maps a GGUF tensor name to its Hugging Face name (`blk.0.attn_q.weight` → `model.layers.0.self_attn.q_proj.weight`).

@@ -2,7 +2,7 @@ import GraftTensor
 
 /// A node of a model's module tree. Every module and parameter carries the Hugging Face transformers name,
 /// so PEFT `target_modules`, `layers_to_transform` and adapter tensor keys map onto it directly.
-open class Module: @unchecked Sendable {
+open class Module {
     /// The class name shown by `graft inspect` (transformers' class names where one exists).
     public let typeName: String
     /// Child modules in registration order, by local name (`"self"`, `"query"`, `"0"`, ...).
@@ -57,8 +57,17 @@ open class Module: @unchecked Sendable {
         return current
     }
 
-    /// Number of scalar parameters below this module.
-    public var parameterCount: Int { namedParameters().reduce(0) { $0 + $1.tensor.count } }
+    /// Number of scalar parameters below this module, counting a tensor shared by several modules (a tied
+    /// LM head) once.
+    public var parameterCount: Int {
+        var seen = Set<ObjectIdentifier>()
+        var total = 0
+        for (_, t) in namedParameters() where seen.insert(ObjectIdentifier(t.storage)).inserted { total += t.count }
+        return total
+    }
+
+    /// A remark shown by `graft inspect` (e.g. that a weight is tied to another module's).
+    public var note: String?
 
     /// A short description of this module's own configuration for `graft inspect` (e.g. `in=384, out=384`).
     open var summary: String { "" }

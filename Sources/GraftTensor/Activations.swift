@@ -4,66 +4,68 @@ import Glibc
 import Darwin
 #endif
 
-/// Applies `f` elementwise, in parallel chunks for large tensors.
+/// Elementwise `f` over `x`, 16 lanes at a time, in parallel chunks for large tensors.
 @inline(__always)
-func mapElements(_ x: Tensor, _ f: (Float) -> Float) -> Tensor {
-    let out = Tensor(zeros: x.shape)
+func mapElements(_ x: Tensor, _ f: (Float16x) -> Float16x) -> Tensor {
+    let out = Tensor(uninitialized: x.shape)
     let px = x.pointer, po = out.pointer
-    parallelFor(x.count, grain: 1 << 15) { range in
-        for i in range { po[i] = f(px[i]) }
-    }
+    parallelFor(x.count, grain: 1 << 15) { range in simdMap(px, po, range, f) }
     return out
 }
 
-/// `g * f'(x)` elementwise.
+/// `g · f'(x)` elementwise; `df` receives `(x, g)`.
 @inline(__always)
-func mapGradient(_ x: Tensor, _ g: Tensor, _ df: (Float) -> Float) -> Tensor {
-    let out = Tensor(zeros: x.shape)
+func mapGradient(_ x: Tensor, _ g: Tensor, _ df: (Float16x, Float16x) -> Float16x) -> Tensor {
+    let out = Tensor(uninitialized: x.shape)
     let px = x.pointer, pg = g.pointer, po = out.pointer
-    parallelFor(x.count, grain: 1 << 15) { range in
-        for i in range { po[i] = pg[i] * df(px[i]) }
-    }
+    parallelFor(x.count, grain: 1 << 15) { range in simdMap2(px, pg, po, range, df) }
     return out
 }
+
+private let invSqrt2: Float = 0.70710678118654752
+private let invSqrt2Pi: Float = 0.3989422804014327
 
 /// GELU in its exact erf form, `x/2 · (1 + erf(x/√2))` (BERT's "gelu").
 public func gelu(_ x: Tensor) -> Tensor {
-    let invSqrt2: Float = 0.70710678118654752
-    let out = mapElements(x) { v in 0.5 * v * (1 + erff(v * invSqrt2)) }
+    let out = mapElements(x) { v in splat(0.5) * v * (splat(1) + verf(v * splat(invSqrt2))) }
     return Tensor.result(out, inputs: [x]) { g in
-        [mapGradient(x, g) { v in
-            let cdf = 0.5 * (1 + erff(v * invSqrt2))
-            let pdf = expf(-0.5 * v * v) * 0.3989422804014327
-            return cdf + v * pdf
+        [mapGradient(x, g) { v, gv in
+            let cdf = splat(0.5) * (splat(1) + verf(v * splat(invSqrt2)))
+            let pdf = vexp(splat(-0.5) * v * v) * splat(invSqrt2Pi)
+            return gv * (cdf + v * pdf)
         }]
     }
 }
 
 /// SiLU (swish), `x · σ(x)`.
 public func silu(_ x: Tensor) -> Tensor {
-    let out = mapElements(x) { v in v / (1 + expf(-v)) }
+    let out = mapElements(x) { v in v / (splat(1) + vexp(-v)) }
     return Tensor.result(out, inputs: [x]) { g in
-        [mapGradient(x, g) { v in
-            let s = 1 / (1 + expf(-v))
-            return s * (1 + v * (1 - s))
+        [mapGradient(x, g) { v, gv in
+            let s = splat(1) / (splat(1) + vexp(-v))
+            return gv * s * (splat(1) + v * (splat(1) - s))
         }]
     }
 }
 
 /// ReLU, `max(x, 0)`.
 public func relu(_ x: Tensor) -> Tensor {
-    let out = mapElements(x) { v in max(v, 0) }
-    return Tensor.result(out, inputs: [x]) { g in [mapGradient(x, g) { v in v > 0 ? 1 : 0 }] }
+    let zero = Float16x(repeating: 0)
+    let out = mapElements(x) { v in v.replacing(with: zero, where: v .< zero) }
+    return Tensor.result(out, inputs: [x]) { g in
+        [mapGradient(x, g) { v, gv in gv.replacing(with: zero, where: v .<= zero) }]
+    }
 }
 
 /// Hyperbolic tangent.
 public func tanh(_ x: Tensor) -> Tensor {
-    let out = mapElements(x) { v in tanhf(v) }
-    return Tensor.result(out, inputs: [x]) { g in [mapGradient(out, g) { t in 1 - t * t }] }
+    // tanh(v) = 1 − 2 / (exp(2v) + 1), stable at both ends with the clamped vexp.
+    let out = mapElements(x) { v in splat(1) - splat(2) / (vexp(splat(2) * v) + splat(1)) }
+    return Tensor.result(out, inputs: [x]) { g in [mapGradient(out, g) { t, gv in gv * (splat(1) - t * t) }] }
 }
 
 /// Logistic sigmoid.
 public func sigmoid(_ x: Tensor) -> Tensor {
-    let out = mapElements(x) { v in 1 / (1 + expf(-v)) }
-    return Tensor.result(out, inputs: [x]) { g in [mapGradient(out, g) { s in s * (1 - s) }] }
+    let out = mapElements(x) { v in splat(1) / (splat(1) + vexp(-v)) }
+    return Tensor.result(out, inputs: [x]) { g in [mapGradient(out, g) { s, gv in gv * s * (splat(1) - s) }] }
 }

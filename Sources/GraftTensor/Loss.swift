@@ -18,14 +18,9 @@ public func crossEntropy(_ logits: Tensor, targets: [Int32], ignoreIndex: Int32 
         if t == ignoreIndex { continue }
         precondition(t >= 0 && Int(t) < c, "crossEntropy: target \(t) outside 0..<\(c)")
         let row = pl + r * c, prow = pp + r * c
-        var m = -Float.infinity
-        for j in 0..<c { m = max(m, row[j]) }
-        var s: Double = 0
-        for j in 0..<c {
-            let e = expf(row[j] - m)
-            prow[j] = e
-            s += Double(e)
-        }
+        let m = rowMax(row, c)
+        prow.update(from: row, count: c)
+        let s = Double(expShiftInPlace(prow, c, shift: m))
         let inv = Float(1 / s)
         for j in 0..<c { prow[j] *= inv }
         total += Double(m) + log(s) - Double(row[Int(t)])
@@ -77,11 +72,8 @@ public func linearCrossEntropy(
         loadChunk(start, n)
         for i in 0..<n {
             let row = logits.pointer + i * vocab
-            var m = -Float.infinity
-            for j in 0..<vocab { m = max(m, row[j]) }
-            var s: Double = 0
-            for j in 0..<vocab { s += Double(expf(row[j] - m)) }
-            let l = m + Float(log(s))
+            let m = rowMax(row, vocab)
+            let l = m + Float(log(expShiftSum(row, vocab, shift: m)))
             lse[start + i] = l
             total += Double(l - row[Int(targets[active[start + i]])])
         }
@@ -102,8 +94,8 @@ public func linearCrossEntropy(
             // dlogits = (softmax − onehot) · scale, in place.
             for i in 0..<n {
                 let row = logits.pointer + i * vocab
-                let l = lse[start + i]
-                for j in 0..<vocab { row[j] = expf(row[j] - l) * scale }
+                _ = expShiftInPlace(row, vocab, shift: lse[start + i])
+                for j in 0..<vocab { row[j] *= scale }
                 row[Int(targets[active[start + i]])] -= scale
             }
             if let dx {

@@ -3,26 +3,72 @@ import CGraftSystem
 /// `C[m×n] = alpha · op(A) · op(B) + beta · C`, row-major, with transpose flags instead of copies.
 ///
 /// `A` is stored `m×k` (or `k×m` when `transA`), `B` is `k×n` (or `n×k` when `transB`).
+/// Large products are split into row (or column) blocks run on Graft's threads, each a single-threaded BLAS
+/// call: one thread pool for the whole process, none spinning while the other works. `parallel: false` keeps
+/// the call on the current thread (for callers that are already parallel).
 @inline(__always)
 public func sgemm(
     transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
     alpha: Float = 1, a: UnsafePointer<Float>, lda: Int? = nil,
     b: UnsafePointer<Float>, ldb: Int? = nil,
-    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int? = nil
+    beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int? = nil, parallel: Bool = true
+) {
+    let lda = lda ?? (transA ? m : k), ldb = ldb ?? (transB ? k : n), ldc = ldc ?? n
+    let threads = Threading.threads
+    if parallel && threads > 1 && m * n * k >= 1 << 20 {
+        if m >= 32 * threads {
+            // Split rows of C (and of op(A)).
+            let blocks = threads * 2
+            let per = ((m + blocks - 1) / blocks + 7) / 8 * 8
+            parallelFor((m + per - 1) / per, grain: 1) { range in
+                for blk in range {
+                    let i0 = blk * per, rows = min(per, m - i0)
+                    if rows <= 0 { continue }
+                    sgemmSerial(transA: transA, transB: transB, m: rows, n: n, k: k, alpha: alpha,
+                                a: transA ? a + i0 : a + i0 * lda, lda: lda, b: b, ldb: ldb, beta: beta,
+                                c: c + i0 * ldc, ldc: ldc)
+                }
+            }
+            return
+        }
+        if n >= 64 * threads {
+            // Split columns of C (and of op(B)).
+            let blocks = threads * 2
+            let per = ((n + blocks - 1) / blocks + 15) / 16 * 16
+            parallelFor((n + per - 1) / per, grain: 1) { range in
+                for blk in range {
+                    let j0 = blk * per, cols = min(per, n - j0)
+                    if cols <= 0 { continue }
+                    sgemmSerial(transA: transA, transB: transB, m: m, n: cols, k: k, alpha: alpha,
+                                a: a, lda: lda, b: transB ? b + j0 * ldb : b + j0, ldb: ldb, beta: beta,
+                                c: c + j0, ldc: ldc)
+                }
+            }
+            return
+        }
+    }
+    sgemmSerial(transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
+                beta: beta, c: c, ldc: ldc)
+}
+
+/// One BLAS call on the current thread.
+@inline(__always)
+func sgemmSerial(
+    transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+    b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
 ) {
     if m == 0 || n == 0 { return }
     if k == 0 {
         if beta == 0 {
-            for i in 0..<m { (c + i * (ldc ?? n)).update(repeating: 0, count: n) }
+            for i in 0..<m { (c + i * ldc).update(repeating: 0, count: n) }
+        } else if beta != 1 {
+            for i in 0..<m { for j in 0..<n { c[i * ldc + j] *= beta } }
         }
         return
     }
     cblas_sgemm(
         CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-        Int32(m), Int32(n), Int32(k), alpha,
-        a, Int32(lda ?? (transA ? m : k)),
-        b, Int32(ldb ?? (transB ? k : n)),
-        beta, c, Int32(ldc ?? n))
+        Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
 }
 
 /// `x · Wᵀ (+ bias)`: the Linear layer. `x` is `[..., in]`, `weight` is `[out, in]`, `bias` is `[out]`.
@@ -35,7 +81,7 @@ public func linear(_ x: Tensor, _ weight: Tensor, _ bias: Tensor? = nil) -> Tens
     let rowsN = x.rows
     var outShape = x.shape
     outShape[outShape.count - 1] = outF
-    let out = Tensor(zeros: outShape)
+    let out = inF == 0 || bias != nil ? Tensor(zeros: outShape) : Tensor(uninitialized: outShape)
     if let bias {
         let pb = bias.pointer, po = out.pointer
         for r in 0..<rowsN { (po + r * outF).update(from: pb, count: outF) }
@@ -47,7 +93,7 @@ public func linear(_ x: Tensor, _ weight: Tensor, _ bias: Tensor? = nil) -> Tens
     return Tensor.result(out, inputs: inputs) { g in
         var dx: Tensor? = nil, dw: Tensor? = nil, db: Tensor? = nil
         if x.requiresGrad {
-            let t = Tensor(zeros: x.shape)
+            let t = outF == 0 ? Tensor(zeros: x.shape) : Tensor(uninitialized: x.shape)
             sgemm(transA: false, transB: false, m: rowsN, n: inF, k: outF,
                   a: g.pointer, b: weight.pointer, c: t.pointer)
             dx = t

@@ -41,13 +41,18 @@ public enum Threading {
         return defaultThreads
     }
 
-    /// Sets the thread count for both Graft's loops and OpenBLAS. Call before starting work.
+    /// Sets the number of threads Graft's loops and GEMM splits use. Call before starting work.
     public static func setThreads(_ n: Int) {
         configured = max(1, n)
-        openblas_set_num_threads(Int32(configured))
+        blasSingleThreaded
     }
 
+    /// OpenBLAS runs every call on its caller's thread; Graft splits large GEMMs across its own threads
+    /// instead, so two thread pools never compete (OpenBLAS's idle workers spin and steal the cores).
+    static let blasSingleThreaded: Void = { openblas_set_num_threads(1) }()
+
     private static let defaultThreads: Int = {
+        blasSingleThreaded
         if let s = getenvString("GRAFT_NUM_THREADS"), let n = Int(s), n > 0 { return n }
         return max(1, ProcessInfoLite.activeProcessorCount)
     }()

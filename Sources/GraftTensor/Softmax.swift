@@ -7,20 +7,59 @@ import Darwin
 /// Softmax of one row in place (numerically stable).
 @inline(__always)
 func softmaxRow(_ p: UnsafeMutablePointer<Float>, _ n: Int) {
-    var m = -Float.infinity
-    for j in 0..<n { m = max(m, p[j]) }
+    let m = rowMax(p, n)
     if m == -Float.infinity {
         p.update(repeating: 0, count: n)
         return
     }
-    var s: Float = 0
-    for j in 0..<n {
-        let e = expf(p[j] - m)
-        p[j] = e
-        s += e
-    }
-    let inv = 1 / s
+    let inv = 1 / expShiftInPlace(p, n, shift: m)
     for j in 0..<n { p[j] *= inv }
+}
+
+/// The largest of `n` values.
+@inline(__always)
+func rowMax(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
+    var m = -Float.infinity
+    for j in 0..<n { m = max(m, p[j]) }
+    return m
+}
+
+/// `p[j] = exp(p[j] − shift)` for `j < n`; returns the sum (accumulated per lane, then in Double).
+@inline(__always)
+func expShiftInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int, shift: Float) -> Float {
+    var acc = Float16x(repeating: 0)
+    var i = 0
+    while i + 16 <= n {
+        let e = vexp(UnsafeRawPointer(p + i).loadUnaligned(as: Float16x.self) - splat(shift))
+        UnsafeMutableRawPointer(p + i).storeBytes(of: e, as: Float16x.self)
+        acc += e
+        i += 16
+    }
+    var s = Double(acc.sum())
+    while i < n {
+        let e = expf(p[i] - shift)
+        p[i] = e
+        s += Double(e)
+        i += 1
+    }
+    return Float(s)
+}
+
+/// `Σ exp(p[j] − shift)` without writing (for log-sum-exp), in Double.
+@inline(__always)
+func expShiftSum(_ p: UnsafePointer<Float>, _ n: Int, shift: Float) -> Double {
+    var acc = Float16x(repeating: 0)
+    var i = 0
+    while i + 16 <= n {
+        acc += vexp(UnsafeRawPointer(p + i).loadUnaligned(as: Float16x.self) - splat(shift))
+        i += 16
+    }
+    var s = Double(acc.sum())
+    while i < n {
+        s += Double(expf(p[i] - shift))
+        i += 1
+    }
+    return s
 }
 
 /// Softmax over the last dimension.
@@ -53,11 +92,8 @@ public func logSoftmax(_ x: Tensor) -> Tensor {
     parallelFor(rowsN, grain: max(1, 4096 / max(n, 1))) { range in
         for r in range {
             let xr = px + r * n, o = po + r * n
-            var m = -Float.infinity
-            for j in 0..<n { m = max(m, xr[j]) }
-            var s: Float = 0
-            for j in 0..<n { s += expf(xr[j] - m) }
-            let lse = m + logf(s)
+            let m = rowMax(xr, n)
+            let lse = m + Float(log(expShiftSum(xr, n, shift: m)))
             for j in 0..<n { o[j] = xr[j] - lse }
         }
     }

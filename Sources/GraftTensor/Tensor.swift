@@ -29,6 +29,11 @@ public final class Tensor: @unchecked Sendable {
         self.init(shape: shape, storage: TensorBuffer(count: Tensor.elementCount(shape)))
     }
 
+    /// Creates a tensor whose contents are unspecified; for op outputs that are written in full.
+    convenience init(uninitialized shape: [Int]) {
+        self.init(shape: shape, storage: TensorBuffer(count: Tensor.elementCount(shape), zeroed: false))
+    }
+
     /// Creates a tensor holding a copy of `values`; `values.count` must equal the product of `shape`.
     public convenience init(shape: [Int], values: [Float]) {
         let n = Tensor.elementCount(shape)

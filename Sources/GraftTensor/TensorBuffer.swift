@@ -14,8 +14,8 @@ public final class TensorBuffer: @unchecked Sendable {
     /// The first element. Valid for `count` elements while the buffer lives.
     public let pointer: UnsafeMutablePointer<Float>
 
-    /// Allocates `count` zero-filled elements.
-    public init(count: Int) {
+    /// Allocates `count` elements, zero-filled unless `zeroed` is false.
+    public init(count: Int, zeroed: Bool = true) {
         self.count = count
         let bytes = max(count, 1) * MemoryLayout<Float>.stride
         var raw: UnsafeMutableRawPointer?
@@ -24,13 +24,13 @@ public final class TensorBuffer: @unchecked Sendable {
             fatalError("Graft: out of memory allocating \(bytes) bytes")
         }
         let p = raw!.bindMemory(to: Float.self, capacity: max(count, 1))
-        p.initialize(repeating: 0, count: max(count, 1))
+        if zeroed { p.initialize(repeating: 0, count: max(count, 1)) }
         pointer = p
     }
 
     /// Allocates a buffer holding a copy of `values`.
     public convenience init(copying values: UnsafeBufferPointer<Float>) {
-        self.init(count: values.count)
+        self.init(count: values.count, zeroed: false)
         if let base = values.baseAddress { pointer.update(from: base, count: values.count) }
     }
 

@@ -1,0 +1,90 @@
+import GraftModels
+import GraftTensor
+
+/// What a trainer minimizes and how it scores held-out data.
+public protocol TrainingObjective: AnyObject {
+    /// The scalar loss of a batch, recorded for backward.
+    func loss(_ batch: PackedBatch) throws -> Tensor
+    /// Loss (summed over counted items), number correct, and items counted, without recording.
+    func evaluate(_ batch: PackedBatch) throws -> (lossSum: Double, correct: Int, count: Int)
+}
+
+/// BertForSequenceClassification's objective: mean cross entropy of each sequence's logits.
+public final class SequenceClassificationObjective: TrainingObjective {
+    /// The model.
+    public let model: BertForSequenceClassification
+
+    /// Wraps the model.
+    public init(model: BertForSequenceClassification) {
+        self.model = model
+    }
+
+    func checkLabels(_ batch: PackedBatch) throws {
+        if let bad = batch.labels.first(where: { $0 < 0 || Int($0) >= model.numLabels }) {
+            throw GraftError.invalid("label \(bad) is outside 0..<\(model.numLabels) (num_labels)")
+        }
+    }
+
+    public func loss(_ batch: PackedBatch) throws -> Tensor {
+        try checkLabels(batch)
+        return crossEntropy(try model.forward(batch.tokens, firstTokens: batch.firstTokens), targets: batch.labels)
+    }
+
+    public func evaluate(_ batch: PackedBatch) throws -> (lossSum: Double, correct: Int, count: Int) {
+        try checkLabels(batch)
+        return try withNoGrad {
+            let logits = try model.forward(batch.tokens, firstTokens: batch.firstTokens)
+            let loss = crossEntropy(logits, targets: batch.labels)
+            var correct = 0
+            let c = model.numLabels
+            for (r, label) in batch.labels.enumerated() {
+                var best = 0
+                for j in 1..<c where logits.pointer[r * c + j] > logits.pointer[r * c + best] { best = j }
+                if best == Int(label) { correct += 1 }
+            }
+            return (Double(loss.item) * Double(batch.labels.count), correct, batch.labels.count)
+        }
+    }
+}
+
+/// Causal language modelling: mean next-token cross entropy over targeted positions, computed in chunks.
+public final class CausalLMObjective: TrainingObjective {
+    /// The model.
+    public let model: LlamaModel
+
+    /// Wraps the model.
+    public init(model: LlamaModel) {
+        self.model = model
+    }
+
+    public func loss(_ batch: PackedBatch) throws -> Tensor {
+        guard batch.targets.count == batch.tokenCount else {
+            throw GraftError.invalid("causal LM batch has \(batch.targets.count) targets for \(batch.tokenCount) tokens")
+        }
+        let hidden = try model.hiddenStates(batch.tokens)
+        return linearCrossEntropy(hidden.reshaped([batch.tokenCount, model.config.hiddenSize]),
+                                  weight: model.lmHead.weight, targets: batch.targets)
+    }
+
+    public func evaluate(_ batch: PackedBatch) throws -> (lossSum: Double, correct: Int, count: Int) {
+        try withNoGrad {
+            let counted = batch.targets.filter { $0 != -100 }.count
+            let hidden = try model.hiddenStates(batch.tokens).reshaped([batch.tokenCount, model.config.hiddenSize])
+            let loss = linearCrossEntropy(hidden, weight: model.lmHead.weight, targets: batch.targets)
+            // Next-token accuracy on targeted positions.
+            var correct = 0
+            let rows = (0..<batch.tokenCount).filter { batch.targets[$0] != -100 }
+            if !rows.isEmpty {
+                let picked = embedding(rows.map(Int32.init), table: hidden)
+                let logits = linear(picked, model.lmHead.weight)
+                let v = model.config.vocabSize
+                for (i, r) in rows.enumerated() {
+                    var best = 0
+                    for j in 1..<v where logits.pointer[i * v + j] > logits.pointer[i * v + best] { best = j }
+                    if best == Int(batch.targets[r]) { correct += 1 }
+                }
+            }
+            return (Double(loss.item) * Double(counted), correct, counted)
+        }
+    }
+}

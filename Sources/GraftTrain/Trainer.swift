@@ -1,0 +1,247 @@
+import Foundation
+import GraftAdapters
+import GraftIO
+import GraftTensor
+
+/// How a ``Trainer`` runs.
+public struct TrainerConfig: Sendable, Equatable {
+    /// The optimizer family.
+    public enum OptimizerKind: String, Sendable, CaseIterable {
+        /// AdamW with decoupled weight decay.
+        case adamw
+        /// SGD with momentum.
+        case sgd
+    }
+    /// Passes over the training data.
+    public var epochs: Int = 1
+    /// Sequences per micro-batch.
+    public var batchSize: Int = 32
+    /// Micro-batches whose gradients are summed (averaged) before each optimizer step.
+    public var gradientAccumulationSteps: Int = 1
+    /// Peak learning rate.
+    public var learningRate: Float = 1e-3
+    /// The optimizer.
+    public var optimizer: OptimizerKind = .adamw
+    /// AdamW's decoupled decay, or SGD's L2 penalty.
+    public var weightDecay: Float = 0.01
+    /// AdamW's betas.
+    public var beta1: Float = 0.9, beta2: Float = 0.999
+    /// AdamW's epsilon.
+    public var eps: Float = 1e-8
+    /// SGD's momentum.
+    public var momentum: Float = 0.9
+    /// Learning-rate schedule after warm-up.
+    public var schedule: LearningRateSchedule.Kind = .linear
+    /// Linear warm-up steps.
+    public var warmupSteps: Int = 0
+    /// Clip the global gradient norm to this (nil = no clipping).
+    public var maxGradNorm: Float? = 1.0
+    /// Seed for shuffling and dropout.
+    public var seed: UInt64 = 42
+    /// Shuffle the training data each epoch.
+    public var shuffle: Bool = true
+    /// Sequences per evaluation batch.
+    public var evalBatchSize: Int = 64
+
+    /// Defaults (AdamW, lr 1e-3, linear decay, clip 1.0, batch 32).
+    public init() {}
+
+    /// Throws naming the first field out of range.
+    public func validate() throws {
+        guard epochs >= 1 else { throw GraftError.invalid("epochs must be ≥ 1, got \(epochs)") }
+        guard batchSize >= 1 else { throw GraftError.invalid("batch size must be ≥ 1, got \(batchSize)") }
+        guard gradientAccumulationSteps >= 1 else { throw GraftError.invalid("gradient accumulation steps must be ≥ 1, got \(gradientAccumulationSteps)") }
+        guard learningRate > 0, learningRate.isFinite else { throw GraftError.invalid("learning rate must be positive, got \(learningRate)") }
+        guard weightDecay >= 0 else { throw GraftError.invalid("weight decay must be ≥ 0, got \(weightDecay)") }
+        guard warmupSteps >= 0 else { throw GraftError.invalid("warmup steps must be ≥ 0, got \(warmupSteps)") }
+        if let c = maxGradNorm { guard c > 0 else { throw GraftError.invalid("max grad norm must be positive, got \(c)") } }
+        guard evalBatchSize >= 1 else { throw GraftError.invalid("eval batch size must be ≥ 1, got \(evalBatchSize)") }
+    }
+}
+
+/// What the progress callback sees after every optimizer step.
+public struct TrainingProgress: Sendable {
+    /// Optimizer steps taken (1-based after the first).
+    public var step: Int
+    /// Optimizer steps in the whole run.
+    public var totalSteps: Int
+    /// Current epoch (0-based).
+    public var epoch: Int
+    /// This step's training loss.
+    public var loss: Float
+    /// Mean training loss over the steps so far in this run.
+    public var meanLoss: Float
+    /// Learning rate used by this step.
+    public var learningRate: Float
+    /// Global gradient norm before clipping.
+    public var gradNorm: Float
+    /// Training tokens processed per second so far (real tokens only: there is no padding).
+    public var tokensPerSecond: Double
+    /// Seconds since training started.
+    public var elapsed: Double
+    /// Estimated seconds remaining.
+    public var eta: Double
+}
+
+/// Loss, accuracy and perplexity over a dataset.
+public struct EvaluationMetrics: Sendable {
+    /// Mean loss per counted item (sequence or target token).
+    public var loss: Double
+    /// Fraction of items predicted correctly (class, or next token).
+    public var accuracy: Double
+    /// `exp(loss)`; meaningful for language modelling.
+    public var perplexity: Double { exp(loss) }
+    /// Items counted.
+    public var count: Int
+}
+
+/// Trains one adapter: batching, optimizer, schedule, clipping, accumulation, evaluation, checkpoints.
+public final class Trainer {
+    /// The run's settings.
+    public let config: TrainerConfig
+    /// The model with the adapter being trained.
+    public let model: AdaptedModel
+    /// The adapter being trained.
+    public let adapter: NamedAdapter
+    /// The loss.
+    public let objective: TrainingObjective
+    /// The optimizer over the adapter's parameters.
+    public let optimizer: Optimizer
+    /// Optimizer steps taken so far (restored by ``loadCheckpoint(directory:)``).
+    public internal(set) var globalStep = 0
+    /// Micro-batches consumed so far.
+    public internal(set) var microStep = 0
+
+    /// Sets up training of `adapterName` (made active) with `objective`.
+    public init(model: AdaptedModel, adapterName: String, objective: TrainingObjective, config: TrainerConfig) throws {
+        try config.validate()
+        self.config = config
+        self.model = model
+        adapter = try model.adapter(adapterName)
+        try model.setActiveAdapter(adapterName)
+        self.objective = objective
+        let params = adapter.parameters
+        switch config.optimizer {
+        case .adamw:
+            optimizer = AdamW(parameters: params, learningRate: config.learningRate, beta1: config.beta1, beta2: config.beta2,
+                              eps: config.eps, weightDecay: config.weightDecay)
+        case .sgd:
+            optimizer = SGD(parameters: params, learningRate: config.learningRate, momentum: config.momentum,
+                            weightDecay: config.weightDecay)
+        }
+        adapter.state.rng = GraftRNG(seed: config.seed &+ 0x5EED)
+    }
+
+    /// Micro-batches per epoch for `count` examples.
+    public func batchesPerEpoch(_ count: Int) -> Int { (count + config.batchSize - 1) / config.batchSize }
+
+    /// Optimizer steps for a run over `count` examples.
+    public func totalSteps(_ count: Int) -> Int {
+        config.epochs * ((batchesPerEpoch(count) + config.gradientAccumulationSteps - 1) / config.gradientAccumulationSteps)
+    }
+
+    /// The example order of `epoch` (a seeded shuffle, so a resumed run sees the same order).
+    public func order(epoch: Int, count: Int) -> [Int] {
+        var indices = Array(0..<count)
+        guard config.shuffle else { return indices }
+        var rng = GraftRNG(seed: config.seed &+ UInt64(epoch) &* 0x9E37_79B9)
+        for i in stride(from: count - 1, to: 0, by: -1) {
+            let j = Int(rng.next() % UInt64(i + 1))
+            indices.swapAt(i, j)
+        }
+        return indices
+    }
+
+    /// One micro-batch forward + backward, gradients scaled for accumulation; returns the loss.
+    public func accumulate(_ batch: PackedBatch) throws -> Float {
+        model.setTraining(true)
+        defer { model.setTraining(false) }
+        let loss = try objective.loss(batch)
+        let scaled = config.gradientAccumulationSteps == 1 ? loss : loss * (1 / Float(config.gradientAccumulationSteps))
+        scaled.backward()
+        microStep += 1
+        return loss.item
+    }
+
+    /// Clips, updates and clears gradients with the scheduled learning rate; returns (lr, grad norm).
+    @discardableResult
+    public func optimizerStep(totalSteps: Int) -> (learningRate: Float, gradNorm: Float) {
+        let schedule = LearningRateSchedule(kind: config.schedule, warmupSteps: config.warmupSteps, totalSteps: totalSteps)
+        let lr = config.learningRate * schedule.multiplier(at: globalStep)
+        optimizer.learningRate = lr
+        let norm = clipGradientNorm(optimizer.parameters, maxNorm: config.maxGradNorm)
+        optimizer.step()
+        optimizer.zeroGrad()
+        globalStep += 1
+        return (lr, norm)
+    }
+
+    /// One full optimizer step on one batch (no accumulation); returns the loss. For drivers that batch themselves.
+    public func step(_ batch: PackedBatch, totalSteps: Int) throws -> Float {
+        let loss = try accumulate(batch)
+        optimizerStep(totalSteps: totalSteps)
+        return loss
+    }
+
+    /// Trains over `data` for `config.epochs`, continuing from a restored checkpoint if one was loaded.
+    ///
+    /// `progress` runs after every optimizer step; returning false stops training early (the trainer stays
+    /// consistent and can be checkpointed). Returns the mean training loss of the steps run.
+    @discardableResult
+    public func train(_ data: [TokenizedExample], progress: (TrainingProgress) -> Bool = { _ in true }) throws -> Float {
+        guard !data.isEmpty else { throw GraftError.invalid("the training set is empty") }
+        let total = totalSteps(data.count)
+        let perEpoch = batchesPerEpoch(data.count)
+        let start = Date()
+        var tokens = 0
+        var lossSum: Double = 0, lossCount = 0
+        var windowLoss: Double = 0, windowCount = 0
+        let startStep = globalStep
+        while microStep < config.epochs * perEpoch {
+            let epoch = microStep / perEpoch
+            let b = microStep % perEpoch
+            let indices = order(epoch: epoch, count: data.count)
+            let slice = indices[(b * config.batchSize)..<min(data.count, (b + 1) * config.batchSize)]
+            let batch = try PackedBatch(ArraySlice(slice.map { data[$0] }))
+            let loss = try accumulate(batch)
+            tokens += batch.tokenCount
+            windowLoss += Double(loss)
+            windowCount += 1
+            let endOfEpoch = microStep % perEpoch == 0
+            if (b + 1) % config.gradientAccumulationSteps == 0 || endOfEpoch {
+                let (lr, norm) = optimizerStep(totalSteps: total)
+                let stepLoss = Float(windowLoss / Double(max(windowCount, 1)))
+                windowLoss = 0
+                windowCount = 0
+                lossSum += Double(stepLoss)
+                lossCount += 1
+                let elapsed = Date().timeIntervalSince(start)
+                let done = globalStep - startStep
+                let remaining = total - globalStep
+                let info = TrainingProgress(
+                    step: globalStep, totalSteps: total, epoch: epoch, loss: stepLoss,
+                    meanLoss: Float(lossSum / Double(lossCount)), learningRate: lr, gradNorm: norm,
+                    tokensPerSecond: elapsed > 0 ? Double(tokens) / elapsed : 0, elapsed: elapsed,
+                    eta: done > 0 ? elapsed / Double(done) * Double(remaining) : 0)
+                if !progress(info) { break }
+            }
+        }
+        return Float(lossSum / Double(max(lossCount, 1)))
+    }
+
+    /// Loss and accuracy over `data`, without recording.
+    public func evaluate(_ data: [TokenizedExample]) throws -> EvaluationMetrics {
+        guard !data.isEmpty else { throw GraftError.invalid("the evaluation set is empty") }
+        var lossSum: Double = 0, correct = 0, count = 0
+        var i = 0
+        while i < data.count {
+            let batch = try PackedBatch(data[i..<min(data.count, i + config.evalBatchSize)])
+            let r = try objective.evaluate(batch)
+            lossSum += r.lossSum
+            correct += r.correct
+            count += r.count
+            i += config.evalBatchSize
+        }
+        return EvaluationMetrics(loss: lossSum / Double(max(count, 1)), accuracy: Double(correct) / Double(max(count, 1)), count: count)
+    }
+}
