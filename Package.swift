@@ -22,7 +22,7 @@ let package = Package(
         .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters"]),
         .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftTrain"]),
         .executableTarget(name: "graft", dependencies: [
-            "Graft", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "Graft", "CGraftSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "GraftTestSupport", dependencies: ["GraftTensor", "GraftIO", "GraftModels"], path: "Tests/GraftTestSupport"),
         .testTarget(name: "GraftTensorTests", dependencies: ["GraftTensor"]),

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CGraftSystem
 import Foundation
 import Graft
 
@@ -7,7 +8,7 @@ import Graft
 struct GraftCommand: ParsableCommand {
     /// Line-buffers stdout so reports interleave correctly with the progress bar on stderr.
     static func main() {
-        setvbuf(stdout, nil, _IOLBF, 0)
+        cgraft_line_buffer_stdout()
         self.main(nil)
     }
 
