@@ -44,8 +44,12 @@ public func crossEntropy(_ logits: Tensor, targets: [Int32], ignoreIndex: Int32 
 }
 
 /// Mean cross entropy of `x · weightᵀ` (an LM head) against `targets`, computed `chunkRows` rows at a time so
-/// the `[rows, vocab]` logits are never held in full: forward keeps only each row's log-sum-exp, backward
-/// recomputes one chunk of logits at a time. Rows whose target is `ignoreIndex` cost nothing.
+/// the `[rows, vocab]` logits are never held in full. Rows whose target is `ignoreIndex` cost nothing.
+///
+/// When `x` is tracked and `weight` is frozen (LoRA on a decoder), the gradient with respect to `x` is formed
+/// chunk by chunk during the forward pass, while each chunk's logits are at hand, and backward only scales it:
+/// the head costs two GEMMs, as with stored logits, and `[rows, hidden]` floats instead of `[rows, vocab]`.
+/// A trainable `weight` recomputes each chunk's logits in backward instead.
 ///
 /// `x`: `[rows, hidden]` (any leading shape flattened), `weight`: `[vocab, hidden]`, `targets`: `[rows]`.
 public func linearCrossEntropy(
@@ -56,55 +60,77 @@ public func linearCrossEntropy(
     let active = (0..<rowsN).filter { targets[$0] != ignoreIndex }
     for r in active { precondition(targets[r] >= 0 && Int(targets[r]) < vocab, "linearCrossEntropy: target \(targets[r]) outside 0..<\(vocab)") }
     let chunk = max(1, chunkRows)
-    let packed = Tensor(zeros: [chunk, hidden])
-    let logits = Tensor(zeros: [chunk, vocab])
-    var lse = [Float](repeating: 0, count: active.count)
+    let count = active.count
+    let packed = Tensor(uninitialized: [chunk, hidden])
+    let logits = Tensor(uninitialized: [chunk, vocab])
+    var lse = [Float](repeating: 0, count: count)
     var total: Double = 0
+    let recording = GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)
+    let eagerInputGradient = recording && x.requiresGrad && !weight.requiresGrad
+    // Unscaled dL/dx (Σ over a row's (softmax − onehot)·W), filled during forward when eager.
+    let eagerDX: Tensor? = eagerInputGradient ? Tensor(zeros: x.shape) : nil
+    let dPacked = Tensor(uninitialized: [chunk, hidden])
+
     func loadChunk(_ start: Int, _ n: Int) {
         for i in 0..<n {
             (packed.pointer + i * hidden).update(from: x.pointer + active[start + i] * hidden, count: hidden)
         }
         sgemm(transA: false, transB: true, m: n, n: vocab, k: hidden, a: packed.pointer, b: weight.pointer, c: logits.pointer)
     }
-    var start = 0
-    while start < active.count {
-        let n = min(chunk, active.count - start)
-        loadChunk(start, n)
-        for i in 0..<n {
-            let row = logits.pointer + i * vocab
-            let m = rowMax(row, vocab)
-            let l = m + Float(log(expShiftSum(row, vocab, shift: m)))
-            lse[start + i] = l
-            total += Double(l - row[Int(targets[active[start + i]])])
-        }
-        start += n
-    }
-    let count = active.count
-    let out = Tensor(scalar: count == 0 ? 0 : Float(total / Double(count)))
-    return Tensor.result(out, inputs: [x, weight]) { g in
-        guard count > 0 else { return [x.requiresGrad ? Tensor(zeros: x.shape) : nil, weight.requiresGrad ? Tensor(zeros: weight.shape) : nil] }
-        let scale = g.item / Float(count)
-        let dx: Tensor? = x.requiresGrad ? Tensor(zeros: x.shape) : nil
-        let dw: Tensor? = weight.requiresGrad ? Tensor(zeros: weight.shape) : nil
-        let dPacked = Tensor(zeros: [chunk, hidden])
-        var start = 0
-        while start < count {
-            let n = min(chunk, count - start)
-            loadChunk(start, n)
-            // dlogits = (softmax − onehot) · scale, in place.
-            for i in 0..<n {
+    /// Turns a chunk's logits into (softmax − onehot)·scale in place.
+    func logitGradient(_ start: Int, _ n: Int, scale: Float) {
+        parallelFor(n, grain: 8) { range in
+            for i in range {
                 let row = logits.pointer + i * vocab
                 _ = expShiftInPlace(row, vocab, shift: lse[start + i])
                 for j in 0..<vocab { row[j] *= scale }
                 row[Int(targets[active[start + i]])] -= scale
             }
-            if let dx {
-                sgemm(transA: false, transB: false, m: n, n: hidden, k: vocab, a: logits.pointer, b: weight.pointer, c: dPacked.pointer)
-                for i in 0..<n {
-                    let dst = dx.pointer + active[start + i] * hidden, src = dPacked.pointer + i * hidden
-                    for j in 0..<hidden { dst[j] += src[j] }
-                }
+        }
+    }
+    /// dx rows += dlogits · W for a chunk.
+    func scatterInputGradient(_ start: Int, _ n: Int, into dx: Tensor) {
+        sgemm(transA: false, transB: false, m: n, n: hidden, k: vocab, a: logits.pointer, b: weight.pointer, c: dPacked.pointer)
+        for i in 0..<n {
+            let dst = dx.pointer + active[start + i] * hidden, src = dPacked.pointer + i * hidden
+            for j in 0..<hidden { dst[j] += src[j] }
+        }
+    }
+
+    var start = 0
+    while start < count {
+        let n = min(chunk, count - start)
+        loadChunk(start, n)
+        var partial = [Double](repeating: 0, count: n)
+        parallelFor(n, grain: 8) { range in
+            for i in range {
+                let row = logits.pointer + i * vocab
+                let m = rowMax(row, vocab)
+                let l = m + Float(log(expShiftSum(row, vocab, shift: m)))
+                lse[start + i] = l
+                partial[i] = Double(l - row[Int(targets[active[start + i]])])
             }
+        }
+        total += partial.reduce(0, +)
+        if let eagerDX {
+            logitGradient(start, n, scale: 1)
+            scatterInputGradient(start, n, into: eagerDX)
+        }
+        start += n
+    }
+    let out = Tensor(scalar: count == 0 ? 0 : Float(total / Double(count)))
+    return Tensor.result(out, inputs: [x, weight]) { g in
+        guard count > 0 else { return [x.requiresGrad ? Tensor(zeros: x.shape) : nil, weight.requiresGrad ? Tensor(zeros: weight.shape) : nil] }
+        let scale = g.item / Float(count)
+        if let eagerDX { return [eagerDX * scale, nil] }
+        let dx: Tensor? = x.requiresGrad ? Tensor(zeros: x.shape) : nil
+        let dw: Tensor? = weight.requiresGrad ? Tensor(zeros: weight.shape) : nil
+        var start = 0
+        while start < count {
+            let n = min(chunk, count - start)
+            loadChunk(start, n)
+            logitGradient(start, n, scale: scale)
+            if let dx { scatterInputGradient(start, n, into: dx) }
             if let dw {
                 sgemm(transA: true, transB: false, m: vocab, n: hidden, k: n, a: logits.pointer, b: packed.pointer,
                       beta: 1, c: dw.pointer)

@@ -1,3 +1,4 @@
+import CGraftSystem
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -14,8 +15,16 @@ public final class TensorBuffer: @unchecked Sendable {
     /// The first element. Valid for `count` elements while the buffer lives.
     public let pointer: UnsafeMutablePointer<Float>
 
+    /// Keeps large freed blocks in the allocator for reuse instead of returning them to the kernel: a training
+    /// step allocates and frees the same activation sizes every time, and fresh pages cost faults and zeroing.
+    static let allocatorTuned: Bool = {
+        cgraft_keep_freed_memory()
+        return true
+    }()
+
     /// Allocates `count` elements, zero-filled unless `zeroed` is false.
     public init(count: Int, zeroed: Bool = true) {
+        _ = TensorBuffer.allocatorTuned
         self.count = count
         let bytes = max(count, 1) * MemoryLayout<Float>.stride
         var raw: UnsafeMutableRawPointer?
