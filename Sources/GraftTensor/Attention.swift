@@ -75,15 +75,18 @@ public func scaledDotProductAttention(
     let pq = query.pointer, pk = key.pointer, pv = value.pointer, pp = probs.pointer, po = out.pointer
     let causal = mask.causal, offset = mask.queryOffset
 
-    for block in blocks where block.kn > 0 {
-        for h in 0..<heads {
+    // One task per (block, head); each writes its own probabilities and output columns.
+    let work = blocks.filter { $0.kn > 0 }
+    parallelFor(work.count * heads, grain: max(1, 4096 / max(1, (tq * tk) / max(blocks.count, 1)))) { range in
+        for task in range {
+            let block = work[task / heads], h = task % heads
             let kvh = h / group
             let qbh = pq + (block.b * tq + block.q0) * qStride + h * headDim
             let kbh = pk + (block.b * tk + block.k0) * kStride + kvh * headDim
             let vbh = pv + (block.b * tk + block.k0) * kStride + kvh * headDim
             let pbh = pp + block.probOffset + h * block.qn * block.kn
             sgemm(transA: false, transB: true, m: block.qn, n: block.kn, k: headDim, alpha: scale,
-                  a: qbh, lda: qStride, b: kbh, ldb: kStride, c: pbh, ldc: block.kn)
+                  a: qbh, lda: qStride, b: kbh, ldb: kStride, c: pbh, ldc: block.kn, parallel: false)
             for i in 0..<block.qn {
                 let row = pbh + i * block.kn
                 if causal {
@@ -95,7 +98,7 @@ public func scaledDotProductAttention(
             }
             sgemm(transA: false, transB: false, m: block.qn, n: headDim, k: block.kn,
                   a: pbh, lda: block.kn, b: vbh, ldb: kStride,
-                  c: po + (block.b * tq + block.q0) * qStride + h * headDim, ldc: qStride)
+                  c: po + (block.b * tq + block.q0) * qStride + h * headDim, ldc: qStride, parallel: false)
         }
     }
 
@@ -104,38 +107,45 @@ public func scaledDotProductAttention(
         let dq: Tensor? = query.requiresGrad ? Tensor(zeros: query.shape) : nil
         let dk: Tensor? = key.requiresGrad ? Tensor(zeros: key.shape) : nil
         let dv: Tensor? = value.requiresGrad ? Tensor(zeros: value.shape) : nil
-        let maxBlock = blocks.map { $0.qn * $0.kn }.max() ?? 0
-        let dP = Tensor(zeros: [max(maxBlock, 1)])
-        let pdP = dP.pointer
-        for block in blocks where block.kn > 0 {
-            for h in 0..<heads {
-                let kvh = h / group
-                let qOff = (block.b * tq + block.q0) * qStride + h * headDim
-                let kOff = (block.b * tk + block.k0) * kStride + kvh * headDim
-                let pbh = pp + block.probOffset + h * block.qn * block.kn
-                let gbh = pg + qOff
-                if let dv {
-                    // dV += Pᵀ dO
-                    sgemm(transA: true, transB: false, m: block.kn, n: headDim, k: block.qn,
-                          a: pbh, lda: block.kn, b: gbh, ldb: qStride, beta: 1, c: dv.pointer + kOff, ldc: kStride)
-                }
-                guard dq != nil || dk != nil else { continue }
-                // dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-                sgemm(transA: false, transB: true, m: block.qn, n: block.kn, k: headDim,
-                      a: gbh, lda: qStride, b: pv + kOff, ldb: kStride, c: pdP, ldc: block.kn)
-                for i in 0..<block.qn {
-                    let prow = pbh + i * block.kn, drow = pdP + i * block.kn
-                    var dot: Float = 0
-                    for j in 0..<block.kn { dot += prow[j] * drow[j] }
-                    for j in 0..<block.kn { drow[j] = prow[j] * (drow[j] - dot) * scale }
-                }
-                if let dq {
-                    sgemm(transA: false, transB: false, m: block.qn, n: headDim, k: block.kn,
-                          a: pdP, lda: block.kn, b: pk + kOff, ldb: kStride, beta: 1, c: dq.pointer + qOff, ldc: qStride)
-                }
-                if let dk {
-                    sgemm(transA: true, transB: false, m: block.kn, n: headDim, k: block.qn,
-                          a: pdP, lda: block.kn, b: pq + qOff, ldb: qStride, beta: 1, c: dk.pointer + kOff, ldc: kStride)
+        // One task per (block, key/value head): the heads of a group add into the same dK/dV columns.
+        let work = blocks.filter { $0.kn > 0 }
+        let maxBlock = work.map { $0.qn * $0.kn }.max() ?? 0
+        parallelFor(work.count * kvHeads, grain: 1) { range in
+            let dP = Tensor(uninitialized: [max(maxBlock, 1)])
+            let pdP = dP.pointer
+            for task in range {
+                let block = work[task / kvHeads], kvh = task % kvHeads
+                for h in (kvh * group)..<((kvh + 1) * group) {
+                    let qOff = (block.b * tq + block.q0) * qStride + h * headDim
+                    let kOff = (block.b * tk + block.k0) * kStride + kvh * headDim
+                    let pbh = pp + block.probOffset + h * block.qn * block.kn
+                    let gbh = pg + qOff
+                    if let dv {
+                        // dV += Pᵀ dO
+                        sgemm(transA: true, transB: false, m: block.kn, n: headDim, k: block.qn,
+                              a: pbh, lda: block.kn, b: gbh, ldb: qStride, beta: 1, c: dv.pointer + kOff, ldc: kStride,
+                              parallel: false)
+                    }
+                    guard dq != nil || dk != nil else { continue }
+                    // dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+                    sgemm(transA: false, transB: true, m: block.qn, n: block.kn, k: headDim,
+                          a: gbh, lda: qStride, b: pv + kOff, ldb: kStride, c: pdP, ldc: block.kn, parallel: false)
+                    for i in 0..<block.qn {
+                        let prow = pbh + i * block.kn, drow = pdP + i * block.kn
+                        var dot: Float = 0
+                        for j in 0..<block.kn { dot += prow[j] * drow[j] }
+                        for j in 0..<block.kn { drow[j] = prow[j] * (drow[j] - dot) * scale }
+                    }
+                    if let dq {
+                        sgemm(transA: false, transB: false, m: block.qn, n: headDim, k: block.kn,
+                              a: pdP, lda: block.kn, b: pk + kOff, ldb: kStride, beta: 1, c: dq.pointer + qOff, ldc: qStride,
+                              parallel: false)
+                    }
+                    if let dk {
+                        sgemm(transA: true, transB: false, m: block.kn, n: headDim, k: block.qn,
+                              a: pdP, lda: block.kn, b: pq + qOff, ldb: qStride, beta: 1, c: dk.pointer + kOff, ldc: kStride,
+                              parallel: false)
+                    }
                 }
             }
         }

@@ -120,7 +120,7 @@ extension Tensor {
     public func addInPlace(_ other: Tensor) {
         precondition(other.count == count, "addInPlace: \(shape) vs \(other.shape)")
         let p = pointer, q = other.pointer
-        for i in 0..<count { p[i] += q[i] }
+        parallelFor(count, grain: 1 << 16) { range in simdMap2(p, q, p, range) { $0 + $1 } }
     }
 
     /// In-place `self *= s`. Not recorded.
@@ -131,44 +131,54 @@ extension Tensor {
 
     /// `self + other` without recording (same shape).
     func adding(_ other: Tensor) -> Tensor {
-        let out = Tensor(zeros: shape)
+        let out = Tensor(uninitialized: shape)
         let p = pointer, q = other.pointer, o = out.pointer
-        for i in 0..<count { o[i] = p[i] + q[i] }
+        parallelFor(count, grain: 1 << 16) { range in simdMap2(p, q, o, range) { $0 + $1 } }
         return out
     }
 }
 
 @inline(__always)
-private func binaryKernel(_ a: Tensor, _ b: Tensor, _ f: (Float, Float) -> Float) -> Tensor {
+private func binaryKernel(_ a: Tensor, _ b: Tensor, _ f: @escaping (Float16x, Float16x) -> Float16x,
+                          _ scalarF: @escaping (Float, Float) -> Float) -> Tensor {
     switch classify(a.shape, b.shape) {
     case .same:
-        let out = Tensor(zeros: a.shape)
+        let out = Tensor(uninitialized: a.shape)
         let pa = a.pointer, pb = b.pointer, po = out.pointer
-        for i in 0..<a.count { po[i] = f(pa[i], pb[i]) }
+        parallelFor(a.count, grain: 1 << 16) { range in simdMap2(pa, pb, po, range, f) }
         return out
     case .scalar:
-        let out = Tensor(zeros: a.shape)
-        let pa = a.pointer, s = b.pointer[0], po = out.pointer
-        for i in 0..<a.count { po[i] = f(pa[i], s) }
+        let out = Tensor(uninitialized: a.shape)
+        let pa = a.pointer, s = splat(b.pointer[0]), po = out.pointer
+        parallelFor(a.count, grain: 1 << 16) { range in simdMap(pa, po, range) { f($0, s) } }
         return out
     case .suffix(let inner):
-        let out = Tensor(zeros: a.shape)
+        let out = Tensor(uninitialized: a.shape)
         let pa = a.pointer, pb = b.pointer, po = out.pointer
         let rowsN = inner == 0 ? 0 : a.count / inner
-        for r in 0..<rowsN {
-            let base = r * inner
-            for j in 0..<inner { po[base + j] = f(pa[base + j], pb[j]) }
+        parallelFor(rowsN, grain: max(1, (1 << 16) / max(inner, 1))) { range in
+            for r in range {
+                let base = r * inner
+                var j = 0
+                while j + 16 <= inner {
+                    let va = UnsafeRawPointer(pa + base + j).loadUnaligned(as: Float16x.self)
+                    let vb = UnsafeRawPointer(pb + j).loadUnaligned(as: Float16x.self)
+                    UnsafeMutableRawPointer(po + base + j).storeBytes(of: f(va, vb), as: Float16x.self)
+                    j += 16
+                }
+                while j < inner { po[base + j] = scalarF(pa[base + j], pb[j]); j += 1 }
+            }
         }
         return out
     case .general(let outShape):
-        return generalBinary(a, b, outShape: outShape, f)
+        return generalBinary(a, b, outShape: outShape, scalarF)
     }
 }
 
 /// Elementwise `a + b` with broadcasting.
 public func add(_ a: Tensor, _ b: Tensor) -> Tensor {
     if b.count > a.count { return add(b, a) }
-    let out = binaryKernel(a, b, +)
+    let out = binaryKernel(a, b, { $0 + $1 }, { $0 + $1 })
     return Tensor.result(out, inputs: [a, b]) { g in
         [a.requiresGrad ? g.sumToShape(a.shape) : nil, b.requiresGrad ? g.sumToShape(b.shape) : nil]
     }
@@ -182,18 +192,18 @@ public func sub(_ a: Tensor, _ b: Tensor) -> Tensor {
 /// Elementwise `a * b` with broadcasting.
 public func mul(_ a: Tensor, _ b: Tensor) -> Tensor {
     if b.count > a.count { return mul(b, a) }
-    let out = binaryKernel(a, b, *)
+    let out = binaryKernel(a, b, { $0 * $1 }, { $0 * $1 })
     return Tensor.result(out, inputs: [a, b]) { g in
-        [a.requiresGrad ? binaryKernel(g, b, *) : nil,
-         b.requiresGrad ? binaryKernel(g, a, *).sumToShape(b.shape) : nil]
+        [a.requiresGrad ? binaryKernel(g, b, { $0 * $1 }, { $0 * $1 }) : nil,
+         b.requiresGrad ? binaryKernel(g, a, { $0 * $1 }, { $0 * $1 }).sumToShape(b.shape) : nil]
     }
 }
 
 /// `a * s` for a constant `s`.
 public func mul(_ a: Tensor, _ s: Float) -> Tensor {
-    let out = Tensor(zeros: a.shape)
-    let pa = a.pointer, po = out.pointer
-    for i in 0..<a.count { po[i] = pa[i] * s }
+    let out = Tensor(uninitialized: a.shape)
+    let pa = a.pointer, po = out.pointer, sv = splat(s)
+    parallelFor(a.count, grain: 1 << 16) { range in simdMap(pa, po, range) { $0 * sv } }
     return Tensor.result(out, inputs: [a]) { g in [mul(g, s)] }
 }
 

@@ -2,9 +2,9 @@
 public func layerNorm(_ x: Tensor, weight: Tensor, bias: Tensor?, eps: Float) -> Tensor {
     let n = x.lastDim, rowsN = x.rows
     precondition(weight.count == n, "layerNorm: weight \(weight.shape) vs input \(x.shape)")
-    let out = Tensor(zeros: x.shape)
-    let xhat = Tensor(zeros: x.shape)
-    let invStd = Tensor(zeros: [rowsN])
+    let out = Tensor(uninitialized: x.shape)
+    let xhat = Tensor(uninitialized: x.shape)
+    let invStd = Tensor(uninitialized: [rowsN])
     let px = x.pointer, po = out.pointer, ph = xhat.pointer, pw = weight.pointer, pis = invStd.pointer
     let pb = bias?.pointer
     parallelFor(rowsN, grain: 16) { range in
@@ -34,7 +34,7 @@ public func layerNorm(_ x: Tensor, weight: Tensor, bias: Tensor?, eps: Float) ->
         let pg = g.pointer
         var dx: Tensor? = nil, dw: Tensor? = nil, db: Tensor? = nil
         if x.requiresGrad {
-            let t = Tensor(zeros: x.shape)
+            let t = Tensor(uninitialized: x.shape)
             let pd = t.pointer
             parallelFor(rowsN, grain: 16) { range in
                 for r in range {
@@ -67,8 +67,8 @@ public func layerNorm(_ x: Tensor, weight: Tensor, bias: Tensor?, eps: Float) ->
 public func rmsNorm(_ x: Tensor, weight: Tensor, eps: Float) -> Tensor {
     let n = x.lastDim, rowsN = x.rows
     precondition(weight.count == n, "rmsNorm: weight \(weight.shape) vs input \(x.shape)")
-    let out = Tensor(zeros: x.shape)
-    let invRms = Tensor(zeros: [rowsN])
+    let out = Tensor(uninitialized: x.shape)
+    let invRms = Tensor(uninitialized: [rowsN])
     let px = x.pointer, po = out.pointer, pw = weight.pointer, pir = invRms.pointer
     parallelFor(rowsN, grain: 16) { range in
         for r in range {
@@ -85,7 +85,7 @@ public func rmsNorm(_ x: Tensor, weight: Tensor, eps: Float) -> Tensor {
         let pg = g.pointer
         var dx: Tensor? = nil, dw: Tensor? = nil
         if x.requiresGrad {
-            let t = Tensor(zeros: x.shape)
+            let t = Tensor(uninitialized: x.shape)
             let pd = t.pointer
             parallelFor(rowsN, grain: 16) { range in
                 for r in range {

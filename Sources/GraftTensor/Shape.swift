@@ -58,7 +58,7 @@ extension Tensor {
 private func permuteCopy(_ x: Tensor, _ perm: [Int]) -> Tensor {
     let n = x.rank
     let outShape = perm.map { x.shape[$0] }
-    let out = Tensor(zeros: outShape)
+    let out = Tensor(uninitialized: outShape)
     var inStrides = [Int](repeating: 1, count: n)
     for d in stride(from: n - 2, through: 0, by: -1) { inStrides[d] = inStrides[d + 1] * x.shape[d + 1] }
     let strides = perm.map { inStrides[$0] }
@@ -136,7 +136,7 @@ public func concat(_ tensors: [Tensor], dim: Int) -> Tensor {
 /// Ids must already be validated against `vocab` (model entry points do that and throw).
 public func embedding(_ ids: [Int32], table: Tensor) -> Tensor {
     let dim = table.shape[1], vocab = table.shape[0]
-    let out = Tensor(zeros: [ids.count, dim])
+    let out = Tensor(uninitialized: [ids.count, dim])
     for (i, id) in ids.enumerated() {
         precondition(id >= 0 && Int(id) < vocab, "embedding: id \(id) outside 0..<\(vocab)")
         (out.pointer + i * dim).update(from: table.pointer + Int(id) * dim, count: dim)
