@@ -5,8 +5,7 @@ RELEASE_BIN = .build/release/graft
 .PHONY: demo test build release setup assets bench clean
 
 demo: setup assets release
-	$(RELEASE_BIN) inspect minilm
-	$(RELEASE_BIN) generate --model smollm2 --prompt "What is the capital of France?" --max-tokens 40
+	$(RELEASE_BIN) demo
 
 # Tests run optimized (the SIMD kernels are unusably slow unoptimized) in their own build folder, with
 # -enable-testing so @testable imports work.
@@ -30,6 +29,7 @@ release:
 
 bench: assets release
 	bench/forward
+	bench/train-step
 
 clean:
-	rm -rf .build
+	rm -rf .build .build-test

@@ -156,6 +156,7 @@ struct Train: ParsableCommand {
     @Option(help: "Number of classes (seq-cls).") var numLabels: Int?
     @Option(help: "Maximum tokens per example.") var maxLength: Int?
     @Option(help: "Optimizer: adamw or sgd.") var optimizer: String?
+    @Option(help: "Use only the first N training examples.") var maxExamples: Int?
     @OptionGroup var options: TrainingOptions
 
     func run() throws {
@@ -235,7 +236,8 @@ struct Train: ParsableCommand {
                     test = try evalName.map { try JSONLDataset.loadClassification(path: $0, labelNames: &labels) } ?? []
                 }
                 spec.numLabels = value(numLabels, "num_labels") ?? max(labels.count, (train.map(\.label).max() ?? 0) + 1)
-                try runClassification(spec: spec, train: train, test: test.isEmpty ? Array(train.prefix(256)) : test)
+                let limited = maxExamples.map { spaced(train, $0) } ?? train
+                try runClassification(spec: spec, train: limited, test: test.isEmpty ? Array(train.prefix(256)) : test)
             case .causalLM:
                 let train: [TextCompletion], test: [TextCompletion]
                 if dataName == "tweets" {
@@ -244,15 +246,21 @@ struct Train: ParsableCommand {
                         TextCompletion(prompt: "Tweet: \(e.text)\nSentiment:", completion: " " + TweetCorpus.labels[e.label])
                     }
                     train = tr.map(prompt)
-                    test = Array(te.prefix(200)).map(prompt)
+                    test = spaced(te, 64).map(prompt)
                 } else {
                     train = try JSONLDataset.loadCompletions(path: dataName)
                     test = try evalName.map { try JSONLDataset.loadCompletions(path: $0) } ?? Array(train.prefix(64))
                 }
-                try runCausalLM(spec: spec, train: train, test: test)
+                try runCausalLM(spec: spec, train: maxExamples.map { spaced(train, $0) } ?? train, test: test)
             }
         }
     }
+}
+
+/// `n` examples spread evenly over `items` (data files are often sorted by label, so a prefix is not a sample).
+func spaced<T>(_ items: [T], _ n: Int) -> [T] {
+    guard n > 0, n < items.count else { return items }
+    return (0..<n).map { items[$0 * items.count / n] }
 }
 
 /// Runs a causal-LM fine-tune with perplexity before and after.

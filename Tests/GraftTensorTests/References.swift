@@ -1,4 +1,5 @@
 import Foundation
+import GraftTestSupport
 
 /// Naive Float64 reference implementations used by the gradient checks. Written for clarity, not speed,
 /// and independently of the Float32 kernels they check.

@@ -39,8 +39,33 @@ struct SentimentSetup {
         #expect(train.count == 29_795 && test.count == 7_448)
         let (demoTrain, demoTest) = try TweetCorpus.demoSubsets(path: Assets.tweets)
         #expect(demoTrain.count == 2_980 && demoTest.count == 1_490)
-        #expect(train[0].text == "I just don't trust my life in google's hands #driverless cars_\u{8F}_.no thank you" || train[0].label == 0)
+        // Values from Python: csv.reader(open(path, encoding="latin-1")), strip, first occurrence, i % 5.
+        #expect(train[0].text == "I just don't trust my life in google's hands #driverless cars_\u{D1}_.no thank you")
+        #expect(test[0].text == "I totally hate the idea of not driving my own car. Automatics bad enough. Now #autonomous?")
         #expect(Set(train.map(\.label)) == [0, 1, 2])
+    }
+
+    @Test func jsonlDatasetsAndTheirErrors() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-jsonl-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let cls = dir.appendingPathComponent("cls.jsonl").path
+        try Data("{\"text\": \"good\", \"label\": \"pos\"}\n\n{\"text\": \"bad\", \"label\": \"neg\"}\n{\"text\": \"ok\", \"label\": 0}\n".utf8).write(to: URL(fileURLWithPath: cls))
+        var labels: [String] = []
+        let examples = try JSONLDataset.loadClassification(path: cls, labelNames: &labels)
+        #expect(labels == ["pos", "neg"] && examples.map(\.label) == [0, 1, 0])
+        let lm = dir.appendingPathComponent("lm.jsonl").path
+        try Data("{\"prompt\": \"Q:\", \"completion\": \" A\"}\n{\"text\": \"plain\"}\n{\"nope\": 1}\n".utf8).write(to: URL(fileURLWithPath: lm))
+        do {
+            _ = try JSONLDataset.loadCompletions(path: lm)
+            Issue.record("a line without text was accepted")
+        } catch let e as GraftError {
+            #expect(e.message.contains(lm + ":3"))
+        }
+        // Completion-only loss: prompt positions carry no target.
+        let tokenizer = try WordPieceTokenizer(vocabFile: try Assets.require(Assets.minilm) + "/vocab.txt")
+        let tokenized = try ExampleTokenizer.causalLM([TextCompletion(prompt: "hello there", completion: " world")], tokenizer: tokenizer, maxLength: 16, appendEOS: false)
+        #expect(tokenized[0].ids.count == 3 && tokenized[0].targets == [-100, tokenized[0].ids[2], -100])
     }
 
     @Test func csvHandlesQuotesAndNewlines() {

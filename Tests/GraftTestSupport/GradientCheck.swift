@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-@testable import GraftTensor
+import GraftTensor
 
 /// A finite-difference gradient check against a Float64 reference.
 ///
@@ -8,18 +8,33 @@ import Testing
 /// implementation of the same function. The check asserts (1) the Float32 forward matches the reference and
 /// (2) the analytic gradient of `Σ wᵢ·outᵢ` (random `w`) matches central differences of the reference
 /// taken in Float64 (step 1e-6), for every element of every input marked trainable.
-struct GradientCheck {
-    var forwardTolerance: Double = 1e-4
-    var gradientTolerance: Double = 1e-3
+public struct GradientCheck {
+    /// Largest accepted forward error (relative to max(1, |reference|)).
+    public var forwardTolerance: Double = 1e-4
+    /// Largest accepted gradient error (relative to max(1, |numeric|)).
+    public var gradientTolerance: Double = 1e-3
 
-    func run(
+    /// A check with the default tolerances.
+    public init() {}
+
+    /// Checks `op` against `reference` at `inputs`; `trainable` marks the inputs whose gradients are checked.
+    public func run(
         _ label: String,
         inputs: [[Double]], shapes: [[Int]], trainable: [Bool],
         op: ([Tensor]) -> Tensor,
         reference: ([[Double]]) -> [Double],
+        bound: [Tensor?] = [],
         sourceLocation: SourceLocation = #_sourceLocation
     ) {
-        let tensors = zip(inputs, shapes).map { Tensor(shape: $1, values: $0.map(Float.init)) }
+        // Inputs may be bound to existing tensors (an adapter's own parameters): their values are set in place.
+        let tensors = zip(inputs, shapes).enumerated().map { i, pair -> Tensor in
+            if i < bound.count, let t = bound[i] {
+                pair.0.enumerated().forEach { t.pointer[$0.offset] = Float($0.element) }
+                t.grad = nil
+                return t
+            }
+            return Tensor(shape: pair.1, values: pair.0.map(Float.init))
+        }
         for (t, tr) in zip(tensors, trainable) where tr { t.requiringGrad() }
         let out = op(tensors)
         let refOut = reference(inputs)
@@ -58,13 +73,13 @@ struct GradientCheck {
 }
 
 /// max |a − b| / max(1, max |b|): absolute for small values, relative for large ones.
-func maxRelativeError(_ a: [Double], _ b: [Double]) -> Double {
+public func maxRelativeError(_ a: [Double], _ b: [Double]) -> Double {
     let scale = max(1, b.map(abs).max() ?? 0)
     return zip(a, b).map { abs($0 - $1) }.max().map { $0 / scale } ?? 0
 }
 
 /// Deterministic inputs in [-1, 1].
-func randomValues(_ n: Int, seed: UInt64, scale: Double = 1) -> [Double] {
+public func randomValues(_ n: Int, seed: UInt64, scale: Double = 1) -> [Double] {
     var rng = GraftRNG(seed: seed)
     return (0..<n).map { _ in Double(rng.nextUniform() * 2 - 1) * scale }
 }
