@@ -63,24 +63,12 @@ public final class BertLayer: Module {
         outputNorm = try norm("output.LayerNorm")
         heads = config.heads
         super.init(typeName: "BertLayer")
-        let attention = ModuleList(typeName: "BertAttention")
-        let selfAttention = ModuleList(typeName: "BertSelfAttention")
-        selfAttention.register("query", query)
-        selfAttention.register("key", key)
-        selfAttention.register("value", value)
-        let attOut = ModuleList(typeName: "BertSelfOutput")
-        attOut.register("dense", attentionOutput)
-        attOut.register("LayerNorm", attentionNorm)
-        attention.register("self", selfAttention)
-        attention.register("output", attOut)
-        register("attention", attention)
-        let inter = ModuleList(typeName: "BertIntermediate")
-        inter.register("dense", intermediate)
-        register("intermediate", inter)
-        let out = ModuleList(typeName: "BertOutput")
-        out.register("dense", output)
-        out.register("LayerNorm", outputNorm)
-        register("output", out)
+        register("attention", ModuleList(typeName: "BertAttention", [
+            ("self", ModuleList(typeName: "BertSelfAttention", [("query", query), ("key", key), ("value", value)])),
+            ("output", ModuleList(typeName: "BertSelfOutput", [("dense", attentionOutput), ("LayerNorm", attentionNorm)])),
+        ]))
+        register("intermediate", ModuleList(typeName: "BertIntermediate", [("dense", intermediate)]))
+        register("output", ModuleList(typeName: "BertOutput", [("dense", output), ("LayerNorm", outputNorm)]))
     }
 
     /// `x`: `[batch, length, hidden]`.
@@ -131,22 +119,12 @@ public final class BertModel: Module {
             ? Linear(weight: try expect("pooler.dense.weight", [h, h]), bias: try expect("pooler.dense.bias", [h]))
             : nil
         super.init(typeName: "BertModel")
-        let embeddings = ModuleList(typeName: "BertEmbeddings")
-        embeddings.register("word_embeddings", wordEmbeddings)
-        embeddings.register("position_embeddings", positionEmbeddings)
-        embeddings.register("token_type_embeddings", tokenTypeEmbeddings)
-        embeddings.register("LayerNorm", embeddingNorm)
-        register("embeddings", embeddings)
-        let encoder = ModuleList(typeName: "BertEncoder")
-        let list = ModuleList()
-        for (i, layer) in layers.enumerated() { list.register(String(i), layer) }
-        encoder.register("layer", list)
-        register("encoder", encoder)
-        if let pooler {
-            let p = ModuleList(typeName: "BertPooler")
-            p.register("dense", pooler)
-            register("pooler", p)
-        }
+        register("embeddings", ModuleList(typeName: "BertEmbeddings", [
+            ("word_embeddings", wordEmbeddings), ("position_embeddings", positionEmbeddings),
+            ("token_type_embeddings", tokenTypeEmbeddings), ("LayerNorm", embeddingNorm),
+        ]))
+        register("encoder", ModuleList(typeName: "BertEncoder", [("layer", ModuleList.numbered(layers))]))
+        if let pooler { register("pooler", ModuleList(typeName: "BertPooler", [("dense", pooler)])) }
     }
 
     /// Loads a transformers BERT directory (`config.json` + `model.safetensors`).

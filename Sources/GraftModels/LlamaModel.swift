@@ -60,17 +60,8 @@ public final class LlamaDecoderLayer: Module {
         gateProj = gate; upProj = up; downProj = down
         self.config = config
         super.init(typeName: "LlamaDecoderLayer")
-        let attn = ModuleList(typeName: "LlamaAttention")
-        attn.register("q_proj", q)
-        attn.register("k_proj", k)
-        attn.register("v_proj", v)
-        attn.register("o_proj", o)
-        register("self_attn", attn)
-        let mlp = ModuleList(typeName: "LlamaMLP")
-        mlp.register("gate_proj", gate)
-        mlp.register("up_proj", up)
-        mlp.register("down_proj", down)
-        register("mlp", mlp)
+        register("self_attn", ModuleList(typeName: "LlamaAttention", [("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)]))
+        register("mlp", ModuleList(typeName: "LlamaMLP", [("gate_proj", gate), ("up_proj", up), ("down_proj", down)]))
         register("input_layernorm", inputNorm)
         register("post_attention_layernorm", postNorm)
     }
@@ -156,13 +147,9 @@ public final class LlamaModel: Module {
         norm = RMSNorm(weight: try expect("model.norm.weight", [h]), eps: config.rmsNormEps)
         lmHead = Linear(weight: tiedHead ? embedTokens.weight : try expect("lm_head.weight", [config.vocabSize, h]), bias: nil)
         super.init(typeName: "LlamaForCausalLM")
-        let model = ModuleList(typeName: "LlamaModel")
-        model.register("embed_tokens", embedTokens)
-        let list = ModuleList()
-        for (i, layer) in layers.enumerated() { list.register(String(i), layer) }
-        model.register("layers", list)
-        model.register("norm", norm)
-        register("model", model)
+        register("model", ModuleList(typeName: "LlamaModel", [
+            ("embed_tokens", embedTokens), ("layers", ModuleList.numbered(layers)), ("norm", norm),
+        ]))
         register("lm_head", lmHead)
         lmHead.note = tiedHead ? "tied to model.embed_tokens" : nil
     }

@@ -75,8 +75,14 @@ open class Module {
 
 /// A container with no computation of its own (`encoder`, `layer`, `attention`, ...).
 public final class ModuleList: Module {
-    /// Creates an empty container shown as `typeName`.
-    public override init(typeName: String = "ModuleList") {
+    /// Creates a container shown as `typeName` holding `children` in order.
+    public init(typeName: String = "ModuleList", _ children: [(String, Module)] = []) {
         super.init(typeName: typeName)
+        for (name, child) in children { register(name, child) }
+    }
+
+    /// A `ModuleList` of numbered children (`0`, `1`, ...), as transformers' `nn.ModuleList`.
+    public static func numbered(_ modules: [Module]) -> ModuleList {
+        ModuleList(modules.enumerated().map { (String($0.offset), $0.element) })
     }
 }

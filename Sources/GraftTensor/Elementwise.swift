@@ -34,6 +34,20 @@ private func classify(_ a: [Int], _ b: [Int]) -> BroadcastKind {
     return .general(outShape: out)
 }
 
+/// Advances a row-major multi-index over `shape` (dimensions `0...last`) by one; false after the last index.
+@inline(__always)
+@discardableResult
+func advance(_ index: inout [Int], in shape: [Int], last: Int) -> Bool {
+    var d = last
+    while d >= 0 {
+        index[d] += 1
+        if index[d] < shape[d] { return true }
+        index[d] = 0
+        d -= 1
+    }
+    return false
+}
+
 /// Strides of `shape` aligned to `outShape` (0 along broadcast dimensions).
 private func broadcastStrides(_ shape: [Int], to outShape: [Int]) -> [Int] {
     var strides = [Int](repeating: 0, count: outShape.count)
@@ -59,13 +73,7 @@ private func generalBinary(
         var ia = 0, ib = 0
         for d in 0..<n { ia += index[d] * sa[d]; ib += index[d] * sb[d] }
         po[o] = f(pa[ia], pb[ib])
-        var d = n - 1
-        while d >= 0 {
-            index[d] += 1
-            if index[d] < outShape[d] { break }
-            index[d] = 0
-            d -= 1
-        }
+        advance(&index, in: outShape, last: n - 1)
     }
     return out
 }
@@ -97,13 +105,7 @@ extension Tensor {
             var it = 0
             for d in 0..<n { it += index[d] * st[d] }
             po[it] += p[o]
-            var d = n - 1
-            while d >= 0 {
-                index[d] += 1
-                if index[d] < shape[d] { break }
-                index[d] = 0
-                d -= 1
-            }
+            advance(&index, in: shape, last: n - 1)
         }
         return out
     }

@@ -78,13 +78,7 @@ private func permuteCopy(_ x: Tensor, _ perm: [Int]) -> Tensor {
             for j in 0..<innerLen { dst[o + j] = src[base + j * innerStride] }
         }
         o += innerLen
-        var d = n - 2
-        while d >= 0 {
-            index[d] += 1
-            if index[d] < outShape[d] { break }
-            index[d] = 0
-            d -= 1
-        }
+        advance(&index, in: outShape, last: n - 2)
     }
     return out
 }
