@@ -103,7 +103,7 @@ public struct AdapterConfig: @unchecked Sendable {
         switch json[key] {
         case nil, is NSNull: return defaultValue
         case let n as Int: return n
-        case let d as Double where d == d.rounded(): return Int(d)
+        case let d as Double where Int(exactly: d) != nil: return Int(exactly: d) ?? defaultValue
         case let other?: throw GraftError.invalid("\(source): '\(key)' must be an integer, got \(other)")
         }
     }

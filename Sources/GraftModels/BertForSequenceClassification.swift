@@ -14,7 +14,7 @@ public final class BertForSequenceClassification: Module {
 
     /// Wraps `bert` with a new head drawn as transformers initializes it (N(0, 0.02²) weight, zero bias).
     public init(bert: BertModel, numLabels: Int, seed: UInt64 = 0) throws {
-        guard numLabels >= 1 else { throw GraftError.invalid("num_labels must be at least 1, got \(numLabels)") }
+        guard numLabels >= 1, numLabels <= 1 << 20 else { throw GraftError.invalid("num_labels must be in 1...1048576, got \(numLabels)") }
         guard bert.pooler != nil else {
             throw GraftError(.unsupported, "sequence classification needs the checkpoint's pooler (pooler.dense), which this one lacks")
         }

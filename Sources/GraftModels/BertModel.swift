@@ -31,7 +31,13 @@ public struct BertConfig: Sendable, Equatable {
         maxPositions = try c.int("max_position_embeddings", default: 512)
         typeVocabSize = try c.int("type_vocab_size", default: 2)
         layerNormEps = Float(try c.double("layer_norm_eps", default: 1e-12))
-        padTokenId = Int32(try c.int("pad_token_id", default: 0))
+        padTokenId = Int32(clamping: try c.int("pad_token_id", default: 0))
+        for (field, value) in [("vocab_size", vocabSize), ("hidden_size", hiddenSize), ("num_hidden_layers", layers),
+                               ("num_attention_heads", heads), ("intermediate_size", intermediateSize),
+                               ("max_position_embeddings", maxPositions), ("type_vocab_size", typeVocabSize)]
+        where value <= 0 || value > 1 << 24 {
+            throw GraftError.format("\(path): '\(field)' must be a positive size, got \(value)")
+        }
         guard heads > 0, hiddenSize % heads == 0 else {
             throw GraftError.format("\(path): hidden_size \(hiddenSize) is not divisible by num_attention_heads \(heads)")
         }

@@ -40,7 +40,7 @@ public struct JSONConfig {
     public func int(_ key: String) throws -> Int {
         guard let v = object[key] else { throw GraftError.format("\(source): missing field '\(key)'") }
         if let n = v as? Int { return n }
-        if let d = v as? Double, d == d.rounded() { return Int(d) }
+        if let d = v as? Double, let n = Int(exactly: d) { return n }
         throw GraftError.format("\(source): field '\(key)' must be an integer, got \(v)")
     }
 

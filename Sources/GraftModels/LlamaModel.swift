@@ -34,6 +34,12 @@ public struct LlamaConfig: Sendable, Equatable {
         contextLength = gguf.int("llama.context_length") ?? 2048
         rmsNormEps = gguf.float("llama.attention.layer_norm_rms_epsilon") ?? 1e-5
         ropeBase = gguf.float("llama.rope.freq_base") ?? 10000
+        for (key, value) in [("llama.embedding_length", hiddenSize), ("llama.block_count", layers),
+                             ("llama.attention.head_count", heads), ("llama.attention.head_count_kv", kvHeads),
+                             ("llama.feed_forward_length", intermediateSize), ("llama.context_length", contextLength)]
+        where value <= 0 || value > 1 << 24 {
+            throw GraftError.format("\(gguf.path): metadata '\(key)' must be a positive size, got \(value)")
+        }
         guard heads > 0, kvHeads > 0, hiddenSize % heads == 0, heads % kvHeads == 0 else {
             throw GraftError.format("\(gguf.path): head counts \(heads)/\(kvHeads) do not divide embedding_length \(hiddenSize)")
         }

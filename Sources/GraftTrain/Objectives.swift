@@ -58,16 +58,24 @@ public final class CausalLMObjective: TrainingObjective {
     }
 
     public func loss(_ batch: PackedBatch) throws -> Tensor {
-        guard batch.targets.count == batch.tokenCount else {
-            throw GraftError.invalid("causal LM batch has \(batch.targets.count) targets for \(batch.tokenCount) tokens")
-        }
+        try checkTargets(batch)
         let hidden = try model.hiddenStates(batch.tokens)
         return linearCrossEntropy(hidden.reshaped([batch.tokenCount, model.config.hiddenSize]),
                                   weight: model.lmHead.weight, targets: batch.targets)
     }
 
+    func checkTargets(_ batch: PackedBatch) throws {
+        guard batch.targets.count == batch.tokenCount else {
+            throw GraftError.invalid("causal LM batch has \(batch.targets.count) targets for \(batch.tokenCount) tokens")
+        }
+        if let (i, t) = batch.targets.enumerated().first(where: { $0.element != -100 && ($0.element < 0 || Int($0.element) >= model.config.vocabSize) }) {
+            throw GraftError.invalid("target \(t) at token \(i) is outside the vocabulary 0..<\(model.config.vocabSize) (use -100 to skip a position)")
+        }
+    }
+
     public func evaluate(_ batch: PackedBatch) throws -> (lossSum: Double, correct: Int, count: Int) {
-        try withNoGrad {
+        try checkTargets(batch)
+        return try withNoGrad {
             let counted = batch.targets.filter { $0 != -100 }.count
             let hidden = try model.hiddenStates(batch.tokens).reshaped([batch.tokenCount, model.config.hiddenSize])
             let loss = linearCrossEntropy(hidden, weight: model.lmHead.weight, targets: batch.targets)

@@ -198,14 +198,22 @@ struct Train: ParsableCommand {
             var trainer = TrainerConfig()
             let t = file["training"] as? [String: Any] ?? [:]
             func num(_ k: String) -> Double? { (t[k] as? Double) ?? (t[k] as? Int).map(Double.init) }
-            if let v = num("epochs") { trainer.epochs = Int(v) }
-            if let v = num("batch_size") { trainer.batchSize = Int(v) }
+            func whole(_ k: String) throws -> Int? {
+                guard let v = num(k) else { return nil }
+                guard let n = Int(exactly: v) else { throw GraftError.invalid("\(config ?? "config"): training.\(k) must be a whole number, got \(v)") }
+                return n
+            }
+            if let v = try whole("epochs") { trainer.epochs = v }
+            if let v = try whole("batch_size") { trainer.batchSize = v }
             if let v = num("learning_rate") { trainer.learningRate = Float(v) }
             if let v = num("weight_decay") { trainer.weightDecay = Float(v) }
-            if let v = num("warmup_steps") { trainer.warmupSteps = Int(v) }
+            if let v = try whole("warmup_steps") { trainer.warmupSteps = v }
             if let v = num("max_grad_norm") { trainer.maxGradNorm = v > 0 ? Float(v) : nil }
-            if let v = num("gradient_accumulation_steps") { trainer.gradientAccumulationSteps = Int(v) }
-            if let v = num("seed") { trainer.seed = UInt64(v) }
+            if let v = try whole("gradient_accumulation_steps") { trainer.gradientAccumulationSteps = v }
+            if let v = try whole("seed") {
+                guard let s = UInt64(exactly: v) else { throw GraftError.invalid("training.seed must be ≥ 0, got \(v)") }
+                trainer.seed = s
+            }
             if let s = t["schedule"] as? String {
                 guard let k = LearningRateSchedule.Kind(rawValue: s) else { throw GraftError.invalid("training.schedule '\(s)' is not one of constant, linear, cosine") }
                 trainer.schedule = k
