@@ -13,6 +13,8 @@ public final class NamedAdapter {
     public internal(set) var layers: [(path: String, linear: Linear, adapter: any LinearAdapterMethod)] = []
     /// Trainable copies of `modules_to_save` modules by module path.
     public internal(set) var savedModules: [(path: String, linear: Linear, adapter: ModulesToSaveLinear)] = []
+    /// Frozen tensors shared by all layers (VeRA's projections), by PEFT key; saved with the adapter.
+    public internal(set) var shared: [(key: String, tensor: Tensor)] = []
 
     init(name: String, config: AdapterConfig, state: AdapterState) {
         self.name = name
@@ -85,6 +87,7 @@ public final class AdaptedModel: @unchecked Sendable {
         let named = NamedAdapter(name: name, config: config, state: state)
         let matcher = TargetMatcher(config: config)
         var matchedNonLinear: [String] = []
+        var targets: [(String, Linear)] = []
         for (path, module) in root.namedModules() where !path.isEmpty {
             let isLinear = module is Linear
             guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path)) else { continue }
@@ -93,7 +96,12 @@ public final class AdaptedModel: @unchecked Sendable {
                 if !(module is ModuleList) { matchedNonLinear.append("\(path) (\(module.typeName))") }
                 continue
             }
-            named.layers.append((path, lin, try factory.make(for: lin, path: path, config: config, state: state)))
+            targets.append((path, lin))
+        }
+        named.shared = try factory.sharedTensors(for: targets.map(\.1), config: config, state: state)
+        let sharedByKey = Dictionary(named.shared.map { ($0.key, $0.tensor) }, uniquingKeysWith: { a, _ in a })
+        for (path, lin) in targets {
+            named.layers.append((path, lin, try factory.make(for: lin, path: path, config: config, state: state, shared: sharedByKey)))
         }
         if !matchedNonLinear.isEmpty {
             throw GraftError(.unsupported, "\(config.source): \(config.peftType) adapts Linear layers, but target_modules also selects \(matchedNonLinear.prefix(4).joined(separator: ", "))")
@@ -179,7 +187,14 @@ public final class AdaptedModel: @unchecked Sendable {
             }
             deltas.append(d)
         }
-        for ((_, lin, _), d) in zip(a.layers, deltas) { lin.weight.addInPlace(d) }
+        var biasDeltas: [Tensor?] = []
+        for ((_, lin, layer), d) in zip(a.layers, deltas) {
+            let db = lin.bias == nil ? nil : layer.deltaBias(base: lin)
+            lin.weight.addInPlace(d)
+            if let db, let b = lin.bias { b.addInPlace(db) }
+            biasDeltas.append(db)
+        }
+        mergedBiasDeltas[name] = biasDeltas
         var originals: [(Tensor, Tensor?)] = []
         for (_, lin, saved) in a.savedModules {
             originals.append((lin.weight.copy(), lin.bias?.copy()))
@@ -198,6 +213,10 @@ public final class AdaptedModel: @unchecked Sendable {
             throw GraftError(.state, "adapter '\(name)' is not merged")
         }
         for ((_, lin, _), d) in zip(a.layers, deltas) { withNoGrad { lin.weight.addInPlace(d * -1) } }
+        for ((_, lin, _), db) in zip(a.layers, mergedBiasDeltas[name] ?? []) {
+            if let db, let b = lin.bias { withNoGrad { b.addInPlace(db * -1) } }
+        }
+        mergedBiasDeltas[name] = nil
         for ((_, lin, _), (w, b)) in zip(a.savedModules, mergedOriginals[name] ?? []) {
             lin.weight.pointer.update(from: w.pointer, count: w.count)
             if let b, let lb = lin.bias { lb.pointer.update(from: b.pointer, count: b.count) }
@@ -219,6 +238,9 @@ public final class AdaptedModel: @unchecked Sendable {
         if activeAdapter == name { activeAdapter = adapters.last?.name }
         refreshStates()
     }
+
+    /// Bias changes applied by a merge (IA³), per layer.
+    private var mergedBiasDeltas: [String: [Tensor?]] = [:]
 
     /// Base parameters of `modules_to_save` layers replaced by a merge.
     private var mergedOriginals: [String: [(Tensor, Tensor?)]] = [:]

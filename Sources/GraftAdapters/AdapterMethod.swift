@@ -27,11 +27,15 @@ public protocol LinearAdapterMethod: LinearAdapter {
     var namedParameters: [(name: String, tensor: Tensor)] { get }
     /// The weight change `[out, in]` this adapter applies, for merging; nil when the method cannot merge.
     func deltaWeight(base: Linear) -> Tensor?
+    /// The bias change `[out]` a merge applies (IA³ scales the bias); nil for none.
+    func deltaBias(base: Linear) -> Tensor?
     /// Replaces a parameter's values from a loaded state dict; throws naming the key and both shapes on mismatch.
     func load(_ name: String, from tensor: Tensor) throws
 }
 
 extension LinearAdapterMethod {
+    public func deltaBias(base: Linear) -> Tensor? { nil }
+
     /// Active and not merged.
     public var isEnabled: Bool { state.isActive && !state.isMerged }
 
@@ -52,4 +56,11 @@ func dropout(_ x: Tensor, p: Float, state: AdapterState) -> Tensor {
     let pm = mask.pointer
     for i in 0..<mask.count { pm[i] = state.rng.nextUniform() < keep ? 1 / keep : 0 }
     return x * mask
+}
+
+/// Kaiming-uniform initialization with a = √5 on a `[rows, cols]` matrix, as `nn.init.kaiming_uniform_`
+/// (bound 1/√cols), which PEFT uses for most adapter matrices.
+func kaimingUniform(_ rows: Int, _ cols: Int, rng: inout GraftRNG) -> Tensor {
+    let bound = 1 / Float(max(cols, 1)).squareRoot()
+    return Tensor.randomUniform([rows, cols], low: -bound, high: bound, rng: &rng)
 }

@@ -7,8 +7,39 @@ public protocol AdapterMethodFactory {
     static var peftType: String { get }
     /// Checks method-specific keys once, before any layer is built.
     static func validate(_ config: AdapterConfig) throws
+    /// Tensors shared by all of the adapter's layers (VeRA's projections), under their PEFT keys; none by default.
+    static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)]
     /// The adapter for the Linear at `path`.
-    static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState) throws -> any LinearAdapterMethod
+    static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
+                     shared: [String: Tensor]) throws -> any LinearAdapterMethod
+}
+
+extension AdapterMethodFactory {
+    public static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] { [] }
+
+    /// `r` and the alpha (under `alphaKey`) for `path`, after `rank_pattern` / `alpha_pattern`.
+    static func rankAndAlpha(_ config: AdapterConfig, path: String, alphaKey: String) throws -> (Int, Float) {
+        let defaultRank = try config.int("r", default: 8)
+        let defaultAlpha = try config.double(alphaKey, default: 8)
+        let r = Int(TargetMatcher.patternValue(try config.patternMap("rank_pattern"), path: path) ?? Double(defaultRank))
+        let alpha = TargetMatcher.patternValue(try config.patternMap("alpha_pattern"), path: path) ?? defaultAlpha
+        guard r > 0 else { throw GraftError.invalid("\(config.source): rank for '\(path)' must be positive, got \(r)") }
+        return (r, Float(alpha))
+    }
+
+    /// Throws for options Graft does not implement when they are switched on.
+    static func rejectUnsupported(_ config: AdapterConfig, _ flags: [String], rankDropout: Bool) throws {
+        for flag in flags where try config.bool(flag, default: false) {
+            throw GraftError(.unsupported, "\(config.source): '\(flag)' is not supported")
+        }
+        if rankDropout {
+            for key in ["rank_dropout", "module_dropout"] where try config.double(key, default: 0) != 0 {
+                throw GraftError(.unsupported, "\(config.source): '\(key)' is not supported yet (use 0)")
+            }
+        }
+        let r = try config.int("r", default: 8)
+        guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
+    }
 }
 
 /// LoRA and DoRA (`peft_type: "LORA"`, `use_dora`).
@@ -33,13 +64,10 @@ public enum LoRAFactory: AdapterMethodFactory {
         }
     }
 
-    public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState) throws -> any LinearAdapterMethod {
-        let defaultRank = try config.int("r", default: 8)
-        let defaultAlpha = try config.double("lora_alpha", default: 8)
-        let r = Int(TargetMatcher.patternValue(try config.patternMap("rank_pattern"), path: path) ?? Double(defaultRank))
-        let alpha = TargetMatcher.patternValue(try config.patternMap("alpha_pattern"), path: path) ?? defaultAlpha
-        guard r > 0 else { throw GraftError.invalid("\(config.source): rank for '\(path)' must be positive, got \(r)") }
-        return LoRALayer(base: layer, rank: r, alpha: Float(alpha),
+    public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
+                            shared: [String: Tensor]) throws -> any LinearAdapterMethod {
+        let (r, alpha) = try rankAndAlpha(config, path: path, alphaKey: "lora_alpha")
+        return LoRALayer(base: layer, rank: r, alpha: alpha,
                          useRSLoRA: try config.bool("use_rslora", default: false),
                          dropout: Float(try config.double("lora_dropout", default: 0)),
                          useDoRA: try config.bool("use_dora", default: false),
@@ -53,6 +81,10 @@ public enum AdapterRegistry {
     /// The factories, keyed by upper-case `peft_type`.
     public static let factories: [String: any AdapterMethodFactory.Type] = [
         LoRAFactory.peftType: LoRAFactory.self,
+        IA3Factory.peftType: IA3Factory.self,
+        LoHaFactory.peftType: LoHaFactory.self,
+        LoKrFactory.peftType: LoKrFactory.self,
+        VeRAFactory.peftType: VeRAFactory.self,
     ]
 
     /// The factory for `config.peftType`, or an error listing the known types.

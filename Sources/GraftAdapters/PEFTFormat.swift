@@ -40,7 +40,15 @@ extension AdaptedModel {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
         }
         var seen = Set<String>()
-        for key in file.names {
+        for (key, tensor) in adapter.shared where file.contains(key) {
+            let t = try file.tensor(key)
+            guard t.shape == tensor.shape else {
+                throw GraftError.format("\(file.path): '\(key)' has shape \(t.shape), the adapter expects \(tensor.shape)")
+            }
+            tensor.pointer.update(from: t.pointer, count: t.count)
+            seen.insert(key)
+        }
+        for key in file.names where !seen.contains(key) {
             // Tolerate keys that still carry the adapter name (`lora_A.default.weight`).
             let normalized = key.replacingOccurrences(of: ".\(adapter.name).", with: ".")
             guard let (layer, n) = expected[normalized] else {
@@ -53,6 +61,9 @@ extension AdaptedModel {
                 throw GraftError(e.code, "\(file.path): \(key): \(e.message)")
             }
             seen.insert(normalized)
+        }
+        if let unsaved = adapter.shared.first(where: { !seen.contains($0.key) }) {
+            throw GraftError.format("\(file.path): missing '\(unsaved.key)' (the adapter was saved without save_projection; Graft cannot regenerate PyTorch's random projection)")
         }
         let missing = expected.keys.filter { !seen.contains($0) }.sorted()
         if !missing.isEmpty {
@@ -71,6 +82,7 @@ extension AdaptedModel {
         var writer = SafeTensorsWriter()
         writer.metadata = ["format": "pt"]
         for (key, t) in a.peftStateDict { try writer.add(key, t) }
+        for (key, t) in a.shared { try writer.add(key, t) }
         try writer.write(to: directory + "/adapter_model.safetensors")
         let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(a.config),
                                               options: [.prettyPrinted, .sortedKeys])

@@ -9,6 +9,12 @@ public protocol LinearAdapter: AnyObject {
     var isEnabled: Bool { get }
     /// Returns the adapted output given the layer's input `x` and its base output `y`.
     func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor
+    /// Changes the input before the base projection (IA³ on feed-forward layers scales it); identity by default.
+    func transformInput(_ x: Tensor, layer: Linear) -> Tensor
+}
+
+extension LinearAdapter {
+    public func transformInput(_ x: Tensor, layer: Linear) -> Tensor { x }
 }
 
 /// `y = x Wᵀ + b` with Hugging Face's `[out, in]` weight layout. The weight is frozen unless made trainable.
@@ -49,7 +55,9 @@ public final class Linear: Module {
 
     /// The base projection followed by every enabled adapter.
     public func forward(_ x: Tensor) -> Tensor {
-        var y = linear(x, weight, bias)
+        var input = x
+        for adapter in adapters where adapter.isEnabled { input = adapter.transformInput(input, layer: self) }
+        var y = linear(input, weight, bias)
         for adapter in adapters where adapter.isEnabled {
             y = adapter.forward(input: x, baseOutput: y, layer: self)
         }

@@ -144,3 +144,42 @@ public func embedding(_ ids: [Int32], table: Tensor) -> Tensor {
         return [d]
     }
 }
+
+/// The Kronecker product of two matrices: `a` `[p, q]` ⊗ `b` `[r, s]` is `[p·r, q·s]` with
+/// `out[i·r + k, j·s + l] = a[i, j] · b[k, l]`.
+public func kron(_ a: Tensor, _ b: Tensor) -> Tensor {
+    precondition(a.rank == 2 && b.rank == 2, "kron: matrices expected, got \(a.shape) and \(b.shape)")
+    let (p, q, r, s) = (a.shape[0], a.shape[1], b.shape[0], b.shape[1])
+    let out = Tensor(uninitialized: [p * r, q * s])
+    let pa = a.pointer, pb = b.pointer, po = out.pointer
+    let cols = q * s
+    for i in 0..<p { for k in 0..<r {
+        let row = po + (i * r + k) * cols
+        for j in 0..<q {
+            let av = pa[i * q + j]
+            for l in 0..<s { row[j * s + l] = av * pb[k * s + l] }
+        }
+    } }
+    return Tensor.result(out, inputs: [a, b]) { g in
+        let pg = g.pointer
+        var da: Tensor? = nil, db: Tensor? = nil
+        if a.requiresGrad {
+            let t = Tensor(zeros: a.shape)
+            for i in 0..<p { for j in 0..<q {
+                var acc: Float = 0
+                for k in 0..<r { for l in 0..<s { acc += pg[(i * r + k) * cols + j * s + l] * pb[k * s + l] } }
+                t.pointer[i * q + j] = acc
+            } }
+            da = t
+        }
+        if b.requiresGrad {
+            let t = Tensor(zeros: b.shape)
+            for i in 0..<p { for j in 0..<q {
+                let av = pa[i * q + j]
+                for k in 0..<r { for l in 0..<s { t.pointer[k * s + l] += pg[(i * r + k) * cols + j * s + l] * av } }
+            } }
+            db = t
+        }
+        return [da, db]
+    }
+}

@@ -201,4 +201,17 @@ import Testing
                       })
         }
     }
+
+    @Test func kroneckerProduct() {
+        let a = randomValues(2 * 3, seed: 27), b = randomValues(4 * 2, seed: 28)
+        check.run("kron", inputs: [a, b], shapes: [[2, 3], [4, 2]], trainable: [true, true],
+                  op: { kron($0[0], $0[1]) },
+                  reference: { v in
+                      var out = [Double](repeating: 0, count: 8 * 6)
+                      for i in 0..<2 { for j in 0..<3 { for k in 0..<4 { for l in 0..<2 {
+                          out[(i * 4 + k) * 6 + j * 2 + l] = v[0][i * 3 + j] * v[1][k * 2 + l]
+                      } } } }
+                      return out
+                  })
+    }
 }

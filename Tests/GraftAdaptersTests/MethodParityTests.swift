@@ -1,0 +1,70 @@
+import Foundation
+import Testing
+@testable import GraftAdapters
+import GraftIO
+import GraftModels
+import GraftTensor
+import GraftTestSupport
+
+/// Catalog methods beyond LoRA: PEFT's adapter files reproduce PEFT's outputs, merge where mergeable, and
+/// survive a save → load round trip.
+@Suite(.serialized) struct MethodParityTests {
+    static let methods = ["ia3", "loha", "lokr", "vera"]
+
+    func base() throws -> SafeTensorsFile {
+        try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/base_expected.safetensors"))
+    }
+
+    func trainableCount(_ name: String) throws -> Int? {
+        let data = try Data(contentsOf: URL(fileURLWithPath: Assets.fixture("peft-minilm/manifest.json")))
+        let manifest = try JSONSerialization.jsonObject(with: data) as? [String: Any]
+        return ((manifest?["methods"] as? [String: Any])?[name] as? [String: Any])?["trainable"] as? Int
+    }
+
+    @Test(arguments: methods)
+    func outputMatchesPEFT(method: String) throws {
+        let bert = try Assets.loadMiniLM()
+        let model = AdaptedModel(root: bert)
+        let adapter = try model.loadAdapter(directory: Assets.fixture("peft-minilm/\(method)"))
+        let expected = try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/\(method)/expected.safetensors")).tensor("last_hidden_state")
+        let out = try withNoGrad { try bert.forward(try fixtureBatch(try base())) }
+        let err = maxAbsDifference(out, expected)
+        print("\(method): max-abs error vs PEFT \(err) (\(adapter.layers.count) layers, \(adapter.parameterCount) trainable)")
+        #expect(err <= 1e-4)
+        #expect(adapter.parameterCount == (try trainableCount(method)), "trainable parameter count differs from PEFT's")
+        let plain = try model.withAdaptersDisabled { try withNoGrad { try bert.forward(try fixtureBatch(try base())) } }
+        #expect(maxAbsDifference(plain, expected) > 1e-3)
+    }
+
+    @Test(arguments: methods)
+    func mergeUnmergeAndRoundTrip(method: String) throws {
+        let bert = try Assets.loadMiniLM()
+        let model = AdaptedModel(root: bert)
+        try model.loadAdapter(directory: Assets.fixture("peft-minilm/\(method)"))
+        let forward = { try withNoGrad { try bert.forward(try fixtureBatch(try self.base())) } }
+        let unmerged = try forward()
+        try model.merge("default")
+        #expect(maxAbsDifference(try forward(), unmerged) <= 1e-5)
+        try model.unmerge("default")
+        #expect(maxAbsDifference(try forward(), unmerged) <= 1e-5)
+
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-\(method)-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try model.saveAdapter("default", directory: dir)
+        let other = try Assets.loadMiniLM()
+        try AdaptedModel(root: other).loadAdapter(directory: dir)
+        #expect(maxAbsDifference(try withNoGrad { try other.forward(try fixtureBatch(try base())) }, unmerged) == 0)
+        let saved = Set(try SafeTensorsFile(contentsOf: dir + "/adapter_model.safetensors").names)
+        let original = Set(try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/\(method)/adapter_model.safetensors")).names)
+        #expect(saved == original)
+    }
+
+    @Test func lokrFactorizationFollowsPEFT() {
+        #expect(LoKrLayer.factorization(256, factor: -1) == (16, 16))
+        #expect(LoKrLayer.factorization(128, factor: -1) == (8, 16))
+        #expect(LoKrLayer.factorization(127, factor: -1) == (1, 127))
+        #expect(LoKrLayer.factorization(128, factor: 4) == (4, 32))
+        #expect(LoKrLayer.factorization(384, factor: -1) == (16, 24))
+        #expect(LoKrLayer.factorization(1536, factor: -1) == (32, 48))
+    }
+}
