@@ -85,6 +85,10 @@ public enum AdapterRegistry {
         LoHaFactory.peftType: LoHaFactory.self,
         LoKrFactory.peftType: LoKrFactory.self,
         VeRAFactory.peftType: VeRAFactory.self,
+        HRAFactory.peftType: HRAFactory.self,
+        MiSSFactory.peftType: MiSSFactory.self,
+        RoAdFactory.peftType: RoAdFactory.self,
+        AdaLoRAFactory.peftType: AdaLoRAFactory.self,
     ]
 
     /// The factory for `config.peftType`, or an error listing the known types.

@@ -69,3 +69,45 @@ public func sigmoid(_ x: Tensor) -> Tensor {
     let out = mapElements(x) { v in splat(1) / (splat(1) + vexp(-v)) }
     return Tensor.result(out, inputs: [x]) { g in [mapGradient(out, g) { s, gv in gv * s * (splat(1) - s) }] }
 }
+
+/// Elementwise scalar map for the less common functions (no vector kernel needed).
+@inline(__always)
+func mapScalar(_ x: Tensor, _ f: (Float) -> Float) -> Tensor {
+    let out = Tensor(uninitialized: x.shape)
+    let px = x.pointer, po = out.pointer
+    for i in 0..<x.count { po[i] = f(px[i]) }
+    return out
+}
+
+/// `g · f'(x)` for a scalar derivative.
+@inline(__always)
+func scalarGradient(_ x: Tensor, _ g: Tensor, _ df: (Float) -> Float) -> Tensor {
+    let out = Tensor(uninitialized: x.shape)
+    let px = x.pointer, pg = g.pointer, po = out.pointer
+    for i in 0..<x.count { po[i] = pg[i] * df(px[i]) }
+    return out
+}
+
+/// Elementwise square root (inputs must be positive where a gradient is taken).
+public func sqrt(_ x: Tensor) -> Tensor {
+    let out = mapScalar(x) { $0.squareRoot() }
+    return Tensor.result(out, inputs: [x]) { g in [scalarGradient(out, g) { 0.5 / $0 }] }
+}
+
+/// Elementwise `1 / x`.
+public func reciprocal(_ x: Tensor) -> Tensor {
+    let out = mapScalar(x) { 1 / $0 }
+    return Tensor.result(out, inputs: [x]) { g in [scalarGradient(x, g) { -1 / ($0 * $0) }] }
+}
+
+/// Elementwise cosine.
+public func cos(_ x: Tensor) -> Tensor {
+    let out = mapScalar(x) { cosf($0) }
+    return Tensor.result(out, inputs: [x]) { g in [scalarGradient(x, g) { -sinf($0) }] }
+}
+
+/// Elementwise sine.
+public func sin(_ x: Tensor) -> Tensor {
+    let out = mapScalar(x) { sinf($0) }
+    return Tensor.result(out, inputs: [x]) { g in [scalarGradient(x, g) { cosf($0) }] }
+}

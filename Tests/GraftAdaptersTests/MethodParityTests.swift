@@ -9,7 +9,7 @@ import GraftTestSupport
 /// Catalog methods beyond LoRA: PEFT's adapter files reproduce PEFT's outputs, merge where mergeable, and
 /// survive a save → load round trip.
 @Suite(.serialized) struct MethodParityTests {
-    static let methods = ["ia3", "loha", "lokr", "vera"]
+    static let methods = ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora"]
 
     func base() throws -> SafeTensorsFile {
         try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/base_expected.safetensors"))
@@ -44,7 +44,11 @@ import GraftTestSupport
         let forward = { try withNoGrad { try bert.forward(try fixtureBatch(try self.base())) } }
         let unmerged = try forward()
         try model.merge("default")
-        #expect(maxAbsDifference(try forward(), unmerged) <= 1e-5)
+        // Relative to the output's scale: merging reorders float32 sums, and methods that move the output far
+        // (MiSS by 2.3) carry that rounding through six layers. Each layer's ΔW is checked alone, tightly, below.
+        let scale = max(1, unmerged.scalars.map(abs).max() ?? 1)
+        let mergedError = maxAbsDifference(try forward(), unmerged)
+        #expect(mergedError / scale <= 2e-5, "merged output differs by \(mergedError) (scale \(scale))")
         try model.unmerge("default")
         #expect(maxAbsDifference(try forward(), unmerged) <= 1e-5)
 
@@ -66,5 +70,25 @@ import GraftTestSupport
         #expect(LoKrLayer.factorization(128, factor: 4) == (4, 32))
         #expect(LoKrLayer.factorization(384, factor: -1) == (16, 24))
         #expect(LoKrLayer.factorization(1536, factor: -1) == (32, 48))
+    }
+}
+
+@Suite struct SingleLayerMergeTests {
+    /// ΔW reproduces each layer's adapted output on its own (no accumulation through the encoder).
+    @Test(arguments: ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "lora", "dora"])
+    func deltaWeightReproducesTheLayer(method: String) throws {
+        let bert = try Assets.loadMiniLM()
+        let model = AdaptedModel(root: bert)
+        let adapter = try model.loadAdapter(directory: Assets.fixture("peft-minilm/\(method)"))
+        var rng = GraftRNG(seed: 9)
+        for (path, lin, layer) in adapter.layers.prefix(3) {
+            let x = Tensor.randomNormal([4, lin.inFeatures], rng: &rng)
+            let adapted = withNoGrad { lin.forward(x) }
+            guard let dw = layer.deltaWeight(base: lin) else { Issue.record("\(method) has no ΔW"); continue }
+            let bias = lin.bias.map { b in withNoGrad { b + (layer.deltaBias(base: lin) ?? Tensor(zeros: b.shape)) } }
+            let merged = withNoGrad { linear(x, lin.weight + dw, bias) }
+            let scale = max(1, adapted.scalars.map(abs).max() ?? 1)
+            #expect(maxAbsDifference(adapted, merged) / scale < 1e-5, "\(method) \(path): \(maxAbsDifference(adapted, merged))")
+        }
     }
 }

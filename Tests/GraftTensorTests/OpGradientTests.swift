@@ -214,4 +214,17 @@ import Testing
                       return out
                   })
     }
+
+    @Test func scalarFunctions() {
+        let x = randomValues(12, seed: 29, scale: 3)
+        let positive = x.map { abs($0) + 0.5 }
+        check.run("sqrt", inputs: [positive], shapes: [[12]], trainable: [true], op: { GraftTensor.sqrt($0[0]) },
+                  reference: { $0[0].map { $0.squareRoot() } })
+        check.run("reciprocal", inputs: [positive], shapes: [[12]], trainable: [true], op: { reciprocal($0[0]) },
+                  reference: { $0[0].map { 1 / $0 } })
+        check.run("cos", inputs: [x], shapes: [[12]], trainable: [true], op: { GraftTensor.cos($0[0]) },
+                  reference: { $0[0].map { Foundation.cos($0) } })
+        check.run("sin", inputs: [x], shapes: [[12]], trainable: [true], op: { GraftTensor.sin($0[0]) },
+                  reference: { $0[0].map { Foundation.sin($0) } })
+    }
 }
