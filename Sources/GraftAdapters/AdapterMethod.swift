@@ -31,10 +31,20 @@ public protocol LinearAdapterMethod: LinearAdapter {
     func deltaBias(base: Linear) -> Tensor?
     /// Replaces a parameter's values from a loaded state dict; throws naming the key and both shapes on mismatch.
     func load(_ name: String, from tensor: Tensor) throws
+    /// Integer buffers saved with the adapter (SHiRA's indices) by PEFT key suffix; none by default.
+    var integerBuffers: [(name: String, values: [Int32], shape: [Int])] { get }
+    /// Restores an integer buffer; the default rejects any.
+    func loadIntegers(_ name: String, values: [Int64], shape: [Int]) throws
 }
 
 extension LinearAdapterMethod {
     public func deltaBias(base: Linear) -> Tensor? { nil }
+
+    public var integerBuffers: [(name: String, values: [Int32], shape: [Int])] { [] }
+
+    public func loadIntegers(_ name: String, values: [Int64], shape: [Int]) throws {
+        throw GraftError.format("unexpected integer tensor '\(name)' for this adapter method")
+    }
 
     /// Active and not merged.
     public var isEnabled: Bool { state.isActive && !state.isMerged }

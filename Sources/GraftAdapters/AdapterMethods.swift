@@ -89,6 +89,7 @@ public enum AdapterRegistry {
         MiSSFactory.peftType: MiSSFactory.self,
         RoAdFactory.peftType: RoAdFactory.self,
         AdaLoRAFactory.peftType: AdaLoRAFactory.self,
+        SHiRAFactory.peftType: SHiRAFactory.self,
     ]
 
     /// The factory for `config.peftType`, or an error listing the known types.

@@ -33,8 +33,10 @@ extension AdaptedModel {
     /// Copies a PEFT state dict into `adapter`; every expected key must be present and every key used.
     public func loadWeights(_ file: SafeTensorsFile, into adapter: NamedAdapter) throws {
         var expected: [String: (any LinearAdapterMethod, String)] = [:]
+        var integers: [String: (any LinearAdapterMethod, String)] = [:]
         for (path, _, layer) in adapter.layers {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
+            for (n, _, _) in layer.integerBuffers { integers["base_model.model.\(path).\(n)"] = (layer, n) }
         }
         for (path, _, layer) in adapter.savedModules {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
@@ -51,6 +53,16 @@ extension AdaptedModel {
         for key in file.names where !seen.contains(key) {
             // Tolerate keys that still carry the adapter name (`lora_A.default.weight`).
             let normalized = key.replacingOccurrences(of: ".\(adapter.name).", with: ".")
+            if let (layer, n) = integers[normalized] {
+                let shape = file.info(key)?.shape ?? []
+                do {
+                    try layer.loadIntegers(n, values: try file.int64s(key), shape: shape)
+                } catch let e as GraftError {
+                    throw GraftError(e.code, "\(file.path): \(key): \(e.message)")
+                }
+                seen.insert(normalized)
+                continue
+            }
             guard let (layer, n) = expected[normalized] else {
                 throw GraftError.format("\(file.path): tensor '\(key)' does not belong to any adapted module of this model (config targets \(adapter.layers.count) layers)")
             }
@@ -65,7 +77,7 @@ extension AdaptedModel {
         if let unsaved = adapter.shared.first(where: { !seen.contains($0.key) }) {
             throw GraftError.format("\(file.path): missing '\(unsaved.key)' (the adapter was saved without save_projection; Graft cannot regenerate PyTorch's random projection)")
         }
-        let missing = expected.keys.filter { !seen.contains($0) }.sorted()
+        let missing = (Array(expected.keys) + Array(integers.keys)).filter { !seen.contains($0) }.sorted()
         if !missing.isEmpty {
             throw GraftError.format("\(file.path): missing \(missing.count) adapter tensors, e.g. '\(missing[0])'")
         }
@@ -83,6 +95,9 @@ extension AdaptedModel {
         writer.metadata = ["format": "pt"]
         for (key, t) in a.peftStateDict { try writer.add(key, t) }
         for (key, t) in a.shared { try writer.add(key, t) }
+        for (path, _, layer) in a.layers {
+            for (n, values, shape) in layer.integerBuffers { try writer.add("base_model.model.\(path).\(n)", int32s: values, shape: shape) }
+        }
         try writer.write(to: directory + "/adapter_model.safetensors")
         let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(a.config),
                                               options: [.prettyPrinted, .sortedKeys])

@@ -183,3 +183,16 @@ public func kron(_ a: Tensor, _ b: Tensor) -> Tensor {
         return [da, db]
     }
 }
+
+/// A dense `[rows, cols]` matrix holding `values[i]` at `(rowIndex[i], colIndex[i])` and zeros elsewhere
+/// (duplicates add). Indices must already be validated against the shape.
+public func denseFromSparse(_ values: Tensor, rowIndex: [Int32], colIndex: [Int32], rows: Int, cols: Int) -> Tensor {
+    precondition(values.count == rowIndex.count && values.count == colIndex.count, "denseFromSparse: index counts")
+    let out = Tensor(zeros: [rows, cols])
+    for i in 0..<values.count { out.pointer[Int(rowIndex[i]) * cols + Int(colIndex[i])] += values.pointer[i] }
+    return Tensor.result(out, inputs: [values]) { g in
+        let d = Tensor(uninitialized: values.shape)
+        for i in 0..<values.count { d.pointer[i] = g.pointer[Int(rowIndex[i]) * cols + Int(colIndex[i])] }
+        return [d]
+    }
+}

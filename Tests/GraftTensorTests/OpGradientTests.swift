@@ -227,4 +227,16 @@ import Testing
         check.run("sin", inputs: [x], shapes: [[12]], trainable: [true], op: { GraftTensor.sin($0[0]) },
                   reference: { $0[0].map { Foundation.sin($0) } })
     }
+
+    @Test func sparseToDense() {
+        let v = randomValues(4, seed: 30)
+        let rows: [Int32] = [0, 2, 1, 2], cols: [Int32] = [1, 0, 2, 0]
+        check.run("denseFromSparse", inputs: [v], shapes: [[4]], trainable: [true],
+                  op: { denseFromSparse($0[0], rowIndex: rows, colIndex: cols, rows: 3, cols: 3) },
+                  reference: { x in
+                      var d = [Double](repeating: 0, count: 9)
+                      for i in 0..<4 { d[Int(rows[i]) * 3 + Int(cols[i])] += x[0][i] }
+                      return d
+                  })
+    }
 }
