@@ -42,6 +42,8 @@ public final class AdaLoRALayer: LinearAdapterMethod {
 /// AdaLoRA (`peft_type: "ADALORA"`): `init_r`, `target_r`, `lora_alpha`, `lora_dropout`, schedule keys.
 public enum AdaLoRAFactory: AdapterMethodFactory {
     public static let peftType = "ADALORA"
+    public static let family = "weight-delta (adaptive-rank SVD)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["init_r": 12, "target_r": 8, "lora_alpha": 8, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
         let r = try config.int("init_r", default: 12)

@@ -5,6 +5,14 @@ import GraftTensor
 public protocol AdapterMethodFactory {
     /// The `peft_type` this factory handles.
     static var peftType: String { get }
+    /// The method's family (weight-delta, multiplicative/orthogonal, ...), for `graft methods`.
+    static var family: String { get }
+    /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
+    static var hasPEFTParity: Bool { get }
+    /// Whether the adapter folds into the base weights.
+    static var mergeable: Bool { get }
+    /// A small config for this method over `targets` (what `graft methods` counts parameters with).
+    static func exampleConfig(targets: [String]) -> [String: Any]
     /// Checks method-specific keys once, before any layer is built.
     static func validate(_ config: AdapterConfig) throws
     /// Tensors shared by all of the adapter's layers (VeRA's projections), under their PEFT keys; none by default.
@@ -15,6 +23,9 @@ public protocol AdapterMethodFactory {
 }
 
 extension AdapterMethodFactory {
+    public static var hasPEFTParity: Bool { true }
+    public static var mergeable: Bool { true }
+
     public static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] { [] }
 
     /// `r` and the alpha (under `alphaKey`) for `path`, after `rank_pattern` / `alpha_pattern`.
@@ -45,6 +56,8 @@ extension AdapterMethodFactory {
 /// LoRA and DoRA (`peft_type: "LORA"`, `use_dora`).
 public enum LoRAFactory: AdapterMethodFactory {
     public static let peftType = "LORA"
+    public static let family = "weight-delta (low rank)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 8, "lora_alpha": 16, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
         let r = try config.int("r", default: 8)
@@ -98,5 +111,45 @@ public enum AdapterRegistry {
             throw GraftError(.unsupported, "\(config.source): unknown peft_type '\(config.peftType)' (known: \(factories.keys.sorted().joined(separator: ", ")))")
         }
         return f
+    }
+}
+
+/// One row of `graft methods`.
+public struct MethodSummary: Sendable {
+    /// `peft_type`.
+    public var peftType: String
+    /// Family.
+    public var family: String
+    /// Checked against Hugging Face PEFT's output.
+    public var peftParity: Bool
+    /// Folds into the base weights.
+    public var mergeable: Bool
+    /// Trainable parameters with the example config on the given targets (nil when it does not apply).
+    public var trainableParameters: Int?
+    /// Why the example config did not apply, if it did not.
+    public var note: String?
+}
+
+extension AdapterRegistry {
+    /// Every registered method with its trainable-parameter count on `root` for `targets`.
+    public static func summaries(root: Module, targets: [String]) -> [MethodSummary] {
+        factories.keys.sorted().compactMap { type in
+            guard let f = factories[type] else { return nil }
+            var json = f.exampleConfig(targets: targets)
+            json["peft_type"] = type
+            let model = AdaptedModel(root: root)
+            var count: Int? = nil, note: String? = nil
+            do {
+                let a = try model.addAdapter("probe", config: AdapterConfig(json: json, source: type))
+                count = a.parameterCount
+                try model.deleteAdapter("probe")
+            } catch let e as GraftError {
+                note = e.message
+            } catch {
+                note = "\(error)"
+            }
+            return MethodSummary(peftType: type, family: f.family, peftParity: f.hasPEFTParity, mergeable: f.mergeable,
+                                 trainableParameters: count, note: note)
+        }
     }
 }

@@ -67,6 +67,8 @@ public final class HRALayer: LinearAdapterMethod {
 /// HRA (`peft_type: "HRA"`): `r` (even for the identity initialization); `apply_GS` is not supported yet.
 public enum HRAFactory: AdapterMethodFactory {
     public static let peftType = "HRA"
+    public static let family = "orthogonal (Householder reflections)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 8, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
         try rejectUnsupported(config, ["apply_GS"], rankDropout: false)

@@ -50,6 +50,8 @@ public final class IA3Layer: LinearAdapterMethod {
 /// IA³ (`peft_type: "IA3"`): `target_modules`, `feedforward_modules` (a subset whose input is scaled).
 public enum IA3Factory: AdapterMethodFactory {
     public static let peftType = "IA3"
+    public static let family = "multiplicative (rescaling)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["target_modules": targets, "feedforward_modules": [String]()] }
 
     public static func validate(_ config: AdapterConfig) throws {
         if let ff = config.json["feedforward_modules"], !(ff is [String]) && !(ff is String) && !(ff is NSNull) {

@@ -44,6 +44,8 @@ public final class LoHaLayer: LinearAdapterMethod {
 /// LoHa (`peft_type: "LOHA"`): `r`, `alpha`, `rank_pattern`, `alpha_pattern`.
 public enum LoHaFactory: AdapterMethodFactory {
     public static let peftType = "LOHA"
+    public static let family = "weight-delta (Hadamard)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 8, "alpha": 16, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
         try rejectUnsupported(config, ["use_effective_conv2d"], rankDropout: true)

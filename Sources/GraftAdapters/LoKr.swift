@@ -82,6 +82,8 @@ public final class LoKrLayer: LinearAdapterMethod {
 /// LoKr (`peft_type: "LOKR"`): `r`, `alpha`, `decompose_both`, `decompose_factor`, rank/alpha patterns.
 public enum LoKrFactory: AdapterMethodFactory {
     public static let peftType = "LOKR"
+    public static let family = "weight-delta (Kronecker)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 8, "alpha": 16, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
         try rejectUnsupported(config, ["use_effective_conv2d"], rankDropout: true)

@@ -54,6 +54,8 @@ public final class MiSSLayer: LinearAdapterMethod {
 /// `miss_dropout`.
 public enum MiSSFactory: AdapterMethodFactory {
     public static let peftType = "MISS"
+    public static let family = "weight-delta (shared block)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 64, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
         switch config.json["init_weights"] {

@@ -85,6 +85,8 @@ public final class RoAdLayer: LinearAdapterMethod {
 /// RoAd (`peft_type: "ROAD"`): `variant` (`road_1`, `road_2`, `road_4`), `group_size`.
 public enum RoAdFactory: AdapterMethodFactory {
     public static let peftType = "ROAD"
+    public static let family = "multiplicative (2-D rotations)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["variant": "road_1", "group_size": 64, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {}
 

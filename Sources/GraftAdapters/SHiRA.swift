@@ -74,6 +74,8 @@ public final class SHiRALayer: LinearAdapterMethod {
 /// SHiRA (`peft_type: "SHIRA"`): `r` (entries = r·(in + out)), `mask_type` (`"random"`).
 public enum SHiRAFactory: AdapterMethodFactory {
     public static let peftType = "SHIRA"
+    public static let family = "weight-delta (sparse)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 32, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
         if let mask = try config.string("mask_type"), mask != "random" {

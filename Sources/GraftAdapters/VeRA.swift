@@ -61,6 +61,8 @@ public final class VeRALayer: LinearAdapterMethod {
 /// VeRA (`peft_type: "VERA"`): `r`, `d_initial`, `vera_dropout`, `projection_prng_key`, `save_projection`.
 public enum VeRAFactory: AdapterMethodFactory {
     public static let peftType = "VERA"
+    public static let family = "weight-delta (shared random projections)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 256, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
         let r = try config.int("r", default: 256)

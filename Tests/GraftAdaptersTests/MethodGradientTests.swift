@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import GraftAdapters
+import GraftIO
 import GraftModels
 import GraftTensor
 import GraftTestSupport
@@ -64,5 +65,32 @@ import GraftTestSupport
             }
         }
         #expect(worst < 2e-3, "\(method): worst gradient error \(worst)")
+    }
+}
+
+@Suite(.serialized) struct MethodsOnBothModelsTests {
+    /// Every method attaches to SmolLM2's q/k/v projections (k and v are 192 wide under grouped-query attention,
+    /// q is 576), runs forward and backward, and leaves the base untouched when removed.
+    @Test func everyMethodTrainsOnSmolLM2GroupedQueryProjections() throws {
+        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
+        let batch = try TokenBatch(ids: [1, 504, 3458, 282, 4649, 314], batchSize: 1, length: 6)
+        let base = try withNoGrad { try llama.logits(batch) }
+        let model = AdaptedModel(root: llama)
+        for (type, f) in AdapterRegistry.factories.sorted(by: { $0.key < $1.key }) {
+            var json = f.exampleConfig(targets: ["q_proj", "k_proj", "v_proj"])
+            json["peft_type"] = type
+            json["layers_to_transform"] = [28, 29]
+            let adapter = try model.addAdapter("m", config: AdapterConfig(json: json, source: type))
+            for (_, p) in adapter.peftStateDict { for i in 0..<p.count { p.pointer[i] += 0.01 * Float(i % 7 - 3) } }
+            let hidden = try llama.hiddenStates(batch)
+            let loss = linearCrossEntropy(hidden.reshaped([6, llama.config.hiddenSize]), weight: llama.lmHead.weight,
+                                          targets: [504, 3458, 282, 4649, 314, -100])
+            loss.backward()
+            #expect(loss.item.isFinite, "\(type): loss \(loss.item)")
+            let missing = adapter.peftStateDict.filter { $0.tensor.grad == nil }.map(\.key)
+            #expect(missing.isEmpty, "\(type): no gradient for \(missing.prefix(2))")
+            try model.deleteAdapter("m")
+        }
+        #expect(maxAbsDifference(try withNoGrad { try llama.logits(batch) }, base) == 0)
     }
 }
