@@ -103,6 +103,7 @@ public enum AdapterRegistry {
         RoAdFactory.peftType: RoAdFactory.self,
         AdaLoRAFactory.peftType: AdaLoRAFactory.self,
         SHiRAFactory.peftType: SHiRAFactory.self,
+        OFTFactory.peftType: OFTFactory.self,
     ]
 
     /// The factory for `config.peftType`, or an error listing the known types.

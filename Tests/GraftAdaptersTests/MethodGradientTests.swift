@@ -23,6 +23,7 @@ import GraftTestSupport
         ("RoAd", #"{"peft_type":"ROAD","group_size":4,"target_modules":["proj"]}"#),
         ("AdaLoRA", #"{"peft_type":"ADALORA","init_r":3,"lora_alpha":4,"target_modules":["proj"]}"#),
         ("SHiRA", #"{"peft_type":"SHIRA","r":1,"target_modules":["proj"]}"#),
+        ("OFT", #"{"peft_type":"OFT","oft_block_size":4,"r":0,"target_modules":["proj"]}"#),
     ]
 
     @Test(arguments: configs.map(\.0))
