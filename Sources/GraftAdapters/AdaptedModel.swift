@@ -15,6 +15,8 @@ public final class NamedAdapter {
     public internal(set) var savedModules: [(path: String, linear: Linear, adapter: ModulesToSaveLinear)] = []
     /// Frozen tensors shared by all layers (VeRA's projections), by PEFT key; saved with the adapter.
     public internal(set) var shared: [(key: String, tensor: Tensor)] = []
+    /// Adapters on modules other than Linear (LN tuning, trainable tokens) by module path.
+    public internal(set) var modules: [(path: String, adapter: any ModuleAdapterMethod)] = []
 
     init(name: String, config: AdapterConfig, state: AdapterState) {
         self.name = name
@@ -29,6 +31,9 @@ public final class NamedAdapter {
             for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
         }
         for (path, _, adapter) in savedModules {
+            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
+        }
+        for (path, adapter) in modules {
             for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
         }
         return out
@@ -81,6 +86,9 @@ public final class AdaptedModel: @unchecked Sendable {
         guard !adapters.contains(where: { $0.name == name }) else {
             throw GraftError.invalid("an adapter named '\(name)' already exists")
         }
+        if let moduleFactory = AdapterRegistry.moduleFactories[config.peftType] {
+            return try addModuleAdapter(name, config: config, factory: moduleFactory, seed: seed)
+        }
         let factory = try AdapterRegistry.factory(for: config)
         try factory.validate(config)
         let state = AdapterState(seed: seed)
@@ -127,6 +135,25 @@ public final class AdaptedModel: @unchecked Sendable {
         return named
     }
 
+    private func addModuleAdapter(_ name: String, config: AdapterConfig, factory: any ModuleAdapterFactory.Type,
+                                  seed: UInt64) throws -> NamedAdapter {
+        let state = AdapterState(seed: seed)
+        let named = NamedAdapter(name: name, config: config, state: state)
+        let matcher = TargetMatcher(config: config)
+        for (path, module) in root.namedModules() where !path.isEmpty {
+            guard matcher.matches(path: path, isLinear: module is Linear, isOutputHead: outputHeads.contains(path)),
+                  let adapter = try factory.make(for: module, path: path, config: config, state: state) else { continue }
+            named.modules.append((path, adapter))
+        }
+        guard !named.modules.isEmpty else {
+            throw GraftError.invalid("\(config.source): target_modules \(describe(config.targetModules)) matches no module \(config.peftType) applies to")
+        }
+        for (_, adapter) in named.modules { adapter.attach() }
+        adapters.append(named)
+        try setActiveAdapter(name)
+        return named
+    }
+
     private func describe(_ t: TargetModules) -> String {
         switch t {
         case .names(let n): return "[" + n.map { "\"\($0)\"" }.joined(separator: ", ") + "]"
@@ -166,6 +193,7 @@ public final class AdaptedModel: @unchecked Sendable {
         if a.state.isMerged { try unmerge(name) }
         for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
         for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
+        for (_, adapter) in a.modules { adapter.detach() }
         adapters.removeAll { $0.name == name }
         if activeAdapter == name { activeAdapter = adapters.last?.name }
         refreshStates()
@@ -201,6 +229,7 @@ public final class AdaptedModel: @unchecked Sendable {
             lin.weight.pointer.update(from: saved.weight.pointer, count: lin.weight.count)
             if let b = lin.bias, let sb = saved.bias { b.pointer.update(from: sb.pointer, count: b.count) }
         }
+        mergedModuleValues[name] = a.modules.map { $0.adapter.merge() }
         a.state.isMerged = true
         mergedDeltas[name] = deltas
         mergedOriginals[name] = originals
@@ -221,6 +250,8 @@ public final class AdaptedModel: @unchecked Sendable {
             lin.weight.pointer.update(from: w.pointer, count: w.count)
             if let b, let lb = lin.bias { lb.pointer.update(from: b.pointer, count: b.count) }
         }
+        for ((_, adapter), saved) in zip(a.modules, mergedModuleValues[name] ?? []) { adapter.unmerge(saved) }
+        mergedModuleValues[name] = nil
         a.state.isMerged = false
         mergedDeltas[name] = nil
         mergedOriginals[name] = nil
@@ -232,12 +263,17 @@ public final class AdaptedModel: @unchecked Sendable {
         let a = try adapter(name)
         for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
         for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
+        for (_, adapter) in a.modules { adapter.detach() }
         adapters.removeAll { $0.name == name }
         mergedDeltas[name] = nil
         mergedOriginals[name] = nil
+        mergedModuleValues[name] = nil
         if activeAdapter == name { activeAdapter = adapters.last?.name }
         refreshStates()
     }
+
+    /// Module parameters replaced by a merge (LN tuning, trainable tokens), per module.
+    private var mergedModuleValues: [String: [[Tensor]]] = [:]
 
     /// Bias changes applied by a merge (IA³), per layer.
     private var mergedBiasDeltas: [String: [Tensor?]] = [:]

@@ -106,10 +106,19 @@ public enum AdapterRegistry {
         OFTFactory.peftType: OFTFactory.self,
     ]
 
+    /// Methods that target modules other than Linear, keyed by `peft_type`.
+    public static let moduleFactories: [String: any ModuleAdapterFactory.Type] = [
+        LNTuningFactory.peftType: LNTuningFactory.self,
+        TrainableTokensFactory.peftType: TrainableTokensFactory.self,
+    ]
+
+    /// Every known `peft_type`, sorted.
+    public static var knownTypes: [String] { (Array(factories.keys) + Array(moduleFactories.keys)).sorted() }
+
     /// The factory for `config.peftType`, or an error listing the known types.
     public static func factory(for config: AdapterConfig) throws -> any AdapterMethodFactory.Type {
         guard let f = factories[config.peftType] else {
-            throw GraftError(.unsupported, "\(config.source): unknown peft_type '\(config.peftType)' (known: \(factories.keys.sorted().joined(separator: ", ")))")
+            throw GraftError(.unsupported, "\(config.source): unknown peft_type '\(config.peftType)' (known: \(knownTypes.joined(separator: ", ")))")
         }
         return f
     }
@@ -134,9 +143,11 @@ public struct MethodSummary: Sendable {
 extension AdapterRegistry {
     /// Every registered method with its trainable-parameter count on `root` for `targets`.
     public static func summaries(root: Module, targets: [String]) -> [MethodSummary] {
-        factories.keys.sorted().compactMap { type in
-            guard let f = factories[type] else { return nil }
-            var json = f.exampleConfig(targets: targets)
+        knownTypes.compactMap { type in
+            let linear = factories[type]
+            let module = moduleFactories[type]
+            guard linear != nil || module != nil else { return nil }
+            var json = linear?.exampleConfig(targets: targets) ?? module?.exampleConfig(targets: targets) ?? [:]
             json["peft_type"] = type
             let model = AdaptedModel(root: root)
             var count: Int? = nil, note: String? = nil
@@ -149,8 +160,8 @@ extension AdapterRegistry {
             } catch {
                 note = "\(error)"
             }
-            return MethodSummary(peftType: type, family: f.family, peftParity: f.hasPEFTParity, mergeable: f.mergeable,
-                                 trainableParameters: count, note: note)
+            return MethodSummary(peftType: type, family: linear?.family ?? module?.family ?? "", peftParity: linear?.hasPEFTParity ?? true,
+                                 mergeable: linear?.mergeable ?? true, trainableParameters: count, note: note)
         }
     }
 }

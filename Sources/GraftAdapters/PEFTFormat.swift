@@ -34,6 +34,10 @@ extension AdaptedModel {
     public func loadWeights(_ file: SafeTensorsFile, into adapter: NamedAdapter) throws {
         var expected: [String: (any LinearAdapterMethod, String)] = [:]
         var integers: [String: (any LinearAdapterMethod, String)] = [:]
+        var moduleParams: [String: (any ModuleAdapterMethod, String)] = [:]
+        for (path, m) in adapter.modules {
+            for (n, _) in m.namedParameters { moduleParams["base_model.model.\(path).\(n)"] = (m, n) }
+        }
         for (path, _, layer) in adapter.layers {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
             for (n, _, _) in layer.integerBuffers { integers["base_model.model.\(path).\(n)"] = (layer, n) }
@@ -63,6 +67,15 @@ extension AdaptedModel {
                 seen.insert(normalized)
                 continue
             }
+            if let (m, n) = moduleParams[normalized] {
+                do {
+                    try m.load(n, from: try file.tensor(key))
+                } catch let e as GraftError {
+                    throw GraftError(e.code, "\(file.path): \(key): \(e.message)")
+                }
+                seen.insert(normalized)
+                continue
+            }
             guard let (layer, n) = expected[normalized] else {
                 throw GraftError.format("\(file.path): tensor '\(key)' does not belong to any adapted module of this model (config targets \(adapter.layers.count) layers)")
             }
@@ -77,7 +90,7 @@ extension AdaptedModel {
         if let unsaved = adapter.shared.first(where: { !seen.contains($0.key) }) {
             throw GraftError.format("\(file.path): missing '\(unsaved.key)' (the adapter was saved without save_projection; Graft cannot regenerate PyTorch's random projection)")
         }
-        let missing = (Array(expected.keys) + Array(integers.keys)).filter { !seen.contains($0) }.sorted()
+        let missing = (Array(expected.keys) + Array(integers.keys) + Array(moduleParams.keys)).filter { !seen.contains($0) }.sorted()
         if !missing.isEmpty {
             throw GraftError.format("\(file.path): missing \(missing.count) adapter tensors, e.g. '\(missing[0])'")
         }

@@ -69,6 +69,24 @@ public final class Linear: Module {
     }
 }
 
+/// Something attached to an ``Embedding`` that changes its rows (PEFT's trainable tokens).
+public protocol EmbeddingAdapter: AnyObject {
+    /// Whether the adapter currently takes part in forward passes.
+    var isEnabled: Bool { get }
+    /// The adapted rows for `ids` given the base rows `y` (`[ids.count, dim]`).
+    func forward(ids: [Int32], baseOutput y: Tensor, layer: Embedding) -> Tensor
+}
+
+/// Something attached to a ``LayerNorm`` that supplies its own scale and shift (PEFT's LN tuning).
+public protocol NormAdapter: AnyObject {
+    /// Whether the adapter currently takes part in forward passes.
+    var isEnabled: Bool { get }
+    /// The scale and shift to use instead of the layer's own.
+    var weight: Tensor { get }
+    /// The shift (nil keeps none).
+    var bias: Tensor? { get }
+}
+
 /// A lookup table `[count, dim]`.
 public final class Embedding: Module {
     /// `[count, dim]`.
@@ -86,8 +104,15 @@ public final class Embedding: Module {
     /// Row width.
     public var dim: Int { weight.shape[1] }
 
+    /// Adapters attached to this table, applied in order.
+    public var adapters: [any EmbeddingAdapter] = []
+
     /// Rows for `ids` (already validated against ``count``), shape `[ids.count, dim]`.
-    public func forward(_ ids: [Int32]) -> Tensor { embedding(ids, table: weight) }
+    public func forward(_ ids: [Int32]) -> Tensor {
+        var y = embedding(ids, table: weight)
+        for adapter in adapters where adapter.isEnabled { y = adapter.forward(ids: ids, baseOutput: y, layer: self) }
+        return y
+    }
 
     public override var summary: String { "\(count), \(dim)" }
 }
@@ -111,8 +136,14 @@ public final class LayerNorm: Module {
         register(parameter: "bias", bias)
     }
 
+    /// Adapters that replace the scale and shift; the first enabled one is used.
+    public var adapters: [any NormAdapter] = []
+
     /// Normalizes `x`.
-    public func forward(_ x: Tensor) -> Tensor { layerNorm(x, weight: weight, bias: bias, eps: eps) }
+    public func forward(_ x: Tensor) -> Tensor {
+        if let a = adapters.first(where: { $0.isEnabled }) { return layerNorm(x, weight: a.weight, bias: a.bias, eps: eps) }
+        return layerNorm(x, weight: weight, bias: bias, eps: eps)
+    }
 
     public override var summary: String { "(\(weight.count),), eps=\(eps)" }
 }
@@ -132,8 +163,14 @@ public final class RMSNorm: Module {
         register(parameter: "weight", weight)
     }
 
+    /// Adapters that replace the scale; the first enabled one is used.
+    public var adapters: [any NormAdapter] = []
+
     /// Normalizes `x`.
-    public func forward(_ x: Tensor) -> Tensor { rmsNorm(x, weight: weight, eps: eps) }
+    public func forward(_ x: Tensor) -> Tensor {
+        if let a = adapters.first(where: { $0.isEnabled }) { return rmsNorm(x, weight: a.weight, eps: eps) }
+        return rmsNorm(x, weight: weight, eps: eps)
+    }
 
     public override var summary: String { "(\(weight.count),), eps=\(eps)" }
 }

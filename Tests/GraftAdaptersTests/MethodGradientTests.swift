@@ -92,6 +92,61 @@ import GraftTestSupport
             #expect(missing.isEmpty, "\(type): no gradient for \(missing.prefix(2))")
             try model.deleteAdapter("m")
         }
+        for (type, f) in AdapterRegistry.moduleFactories.sorted(by: { $0.key < $1.key }) {
+            var json = f.exampleConfig(targets: [])
+            json["peft_type"] = type
+            let adapter = try model.addAdapter("m", config: AdapterConfig(json: json, source: type))
+            for (_, p) in adapter.peftStateDict { for i in 0..<p.count { p.pointer[i] += 0.01 } }
+            let loss = linearCrossEntropy(try llama.hiddenStates(batch).reshaped([6, llama.config.hiddenSize]),
+                                          weight: llama.lmHead.weight, targets: [504, 3458, 282, 4649, 314, -100])
+            loss.backward()
+            #expect(loss.item.isFinite && adapter.peftStateDict.allSatisfy { $0.tensor.grad != nil }, "\(type) on SmolLM2")
+            try model.deleteAdapter("m")
+        }
         #expect(maxAbsDifference(try withNoGrad { try llama.logits(batch) }, base) == 0)
+    }
+}
+
+@Suite struct ModuleMethodGradientTests {
+    /// Central differences of the module's own forward against the analytic gradients of its adapter.
+    func check(_ name: String, params: [(String, Tensor)], objective: () -> Tensor) {
+        let w = objective().scalars.enumerated().map { Float(($0.offset * 7919) % 13) / 13 - 0.5 }
+        func value() -> Double {
+            withNoGrad { zip(objective().scalars, w).reduce(0) { $0 + Double($1.0) * Double($1.1) } }
+        }
+        let out = objective()
+        sum(out * Tensor(shape: out.shape, values: w)).backward()
+        var worst = 0.0
+        for (key, p) in params {
+            guard let grad = p.grad else { Issue.record("\(name): \(key) got no gradient"); continue }
+            for i in 0..<p.count {
+                let saved = p.pointer[i]
+                let h: Float = 1e-2
+                p.pointer[i] = saved + h
+                let up = value()
+                p.pointer[i] = saved - h
+                let down = value()
+                p.pointer[i] = saved
+                worst = max(worst, abs(Double(grad.pointer[i]) - (up - down) / Double(2 * h)) / max(1, abs((up - down) / Double(2 * h))))
+            }
+        }
+        #expect(worst < 2e-3, "\(name): worst gradient error \(worst)")
+    }
+
+    @Test func lnTuningAndTrainableTokens() throws {
+        var rng = GraftRNG(seed: 5)
+        let norm = LayerNorm(weight: Tensor.randomNormal([6], rng: &rng), bias: Tensor.randomNormal([6], rng: &rng), eps: 1e-5)
+        let table = Embedding(weight: Tensor.randomNormal([10, 6], rng: &rng))
+        let root = ModuleList(typeName: "Toy", [("LayerNorm", norm), ("embed", table)])
+        let model = AdaptedModel(root: root)
+        let ln = try model.addAdapter("ln", config: AdapterConfig(jsonText: #"{"peft_type":"LN_TUNING","target_modules":["LayerNorm"]}"#, source: "ln"))
+        let x = Tensor.randomNormal([3, 6], rng: &rng)
+        check("LN tuning", params: ln.peftStateDict.map { ($0.key, $0.tensor) }) { norm.forward(x) }
+        let tokens = try model.addAdapter("tok", config: AdapterConfig(jsonText: #"{"peft_type":"TRAINABLE_TOKENS","target_modules":["embed"],"token_indices":[2,7]}"#, source: "tok"))
+        for (_, p) in tokens.peftStateDict { for i in 0..<p.count { p.pointer[i] += 0.3 } }
+        check("trainable tokens", params: tokens.peftStateDict.map { ($0.key, $0.tensor) }) { table.forward([1, 2, 7, 2, 9]) }
+        #expect(throws: GraftError.self) {
+            try model.addAdapter("bad", config: AdapterConfig(jsonText: #"{"peft_type":"TRAINABLE_TOKENS","target_modules":["embed"],"token_indices":[10]}"#, source: "bad"))
+        }
     }
 }

@@ -9,7 +9,7 @@ import GraftTestSupport
 /// Catalog methods beyond LoRA: PEFT's adapter files reproduce PEFT's outputs, merge where mergeable, and
 /// survive a save → load round trip.
 @Suite(.serialized) struct MethodParityTests {
-    static let methods = ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "shira", "oft"]
+    static let methods = ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "shira", "oft", "ln_tuning", "trainable_tokens"]
 
     func base() throws -> SafeTensorsFile {
         try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/base_expected.safetensors"))

@@ -1,0 +1,186 @@
+import GraftModels
+import GraftTensor
+
+/// An adapter method attached to a module other than Linear (a LayerNorm, an Embedding): its parameters under
+/// PEFT's key names, attach/detach, and merge/unmerge into the module's own parameters.
+public protocol ModuleAdapterMethod: AnyObject {
+    /// The named adapter this belongs to.
+    var state: AdapterState { get }
+    /// Parameters by PEFT key suffix.
+    var namedParameters: [(name: String, tensor: Tensor)] { get }
+    /// Hooks the adapter into its module.
+    func attach()
+    /// Removes the hook.
+    func detach()
+    /// Writes the adapted values into the module's parameters; returns what `unmerge` needs to restore them.
+    func merge() -> [Tensor]
+    /// Restores the module's parameters saved by `merge`.
+    func unmerge(_ saved: [Tensor])
+    /// Replaces a parameter's values from a loaded state dict.
+    func load(_ name: String, from tensor: Tensor) throws
+}
+
+/// Builds module adapters for methods that target LayerNorms, embeddings, ...
+public protocol ModuleAdapterFactory {
+    /// The `peft_type` this factory handles.
+    static var peftType: String { get }
+    /// Family, for `graft methods`.
+    static var family: String { get }
+    /// A small config for `graft methods`.
+    static func exampleConfig(targets: [String]) -> [String: Any]
+    /// The adapter for `module` at `path`, or nil when the method does not apply to that kind of module.
+    static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)?
+}
+
+/// LN tuning (Zhao et al., 2023): trainable copies of selected LayerNorm/RMSNorm scales and shifts.
+/// PEFT keys `ln_tuning_layers.weight` / `.bias`.
+public final class LNTuningLayer: ModuleAdapterMethod, NormAdapter {
+    public let state: AdapterState
+    public let weight: Tensor
+    public let bias: Tensor?
+    let module: Module
+
+    init(module: Module, state: AdapterState) throws {
+        self.state = state
+        self.module = module
+        if let ln = module as? LayerNorm {
+            weight = ln.weight.copy().requiringGrad()
+            bias = ln.bias.copy().requiringGrad()
+        } else if let rms = module as? RMSNorm {
+            weight = rms.weight.copy().requiringGrad()
+            bias = nil
+        } else {
+            throw GraftError(.internalError, "LN tuning on a \(module.typeName)")
+        }
+    }
+
+    public var isEnabled: Bool { state.isActive && !state.isMerged }
+
+    public var namedParameters: [(name: String, tensor: Tensor)] {
+        [("ln_tuning_layers.weight", weight)] + (bias.map { [("ln_tuning_layers.bias", $0)] } ?? [])
+    }
+
+    public func attach() {
+        (module as? LayerNorm)?.adapters.append(self)
+        (module as? RMSNorm)?.adapters.append(self)
+    }
+
+    public func detach() {
+        (module as? LayerNorm)?.adapters.removeAll { $0 === self }
+        (module as? RMSNorm)?.adapters.removeAll { $0 === self }
+    }
+
+    private var targets: [Tensor] {
+        if let ln = module as? LayerNorm { return [ln.weight, ln.bias] }
+        if let rms = module as? RMSNorm { return [rms.weight] }
+        return []
+    }
+
+    public func merge() -> [Tensor] {
+        let saved = targets.map { $0.copy() }
+        for (t, v) in zip(targets, [weight] + (bias.map { [$0] } ?? [])) { t.pointer.update(from: v.pointer, count: t.count) }
+        return saved
+    }
+
+    public func unmerge(_ saved: [Tensor]) {
+        for (t, v) in zip(targets, saved) { t.pointer.update(from: v.pointer, count: t.count) }
+    }
+
+    public func load(_ name: String, from tensor: Tensor) throws {
+        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
+            throw GraftError.format("unknown LN tuning tensor '\(name)'")
+        }
+        guard target.shape == tensor.shape else {
+            throw GraftError.format("adapter tensor '\(name)' has shape \(tensor.shape), the layer expects \(target.shape)")
+        }
+        target.pointer.update(from: tensor.pointer, count: target.count)
+    }
+}
+
+/// LN tuning (`peft_type: "LN_TUNING"`): `target_modules` names LayerNorm/RMSNorm modules.
+public enum LNTuningFactory: ModuleAdapterFactory {
+    public static let peftType = "LN_TUNING"
+    public static let family = "selective (norm parameters)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["target_modules": ["LayerNorm", "input_layernorm", "post_attention_layernorm", "norm"]] }
+
+    public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
+        guard module is LayerNorm || module is RMSNorm else { return nil }
+        return try LNTuningLayer(module: module, state: state)
+    }
+}
+
+/// Trainable tokens (PEFT): new values for selected rows of an embedding table, trained while the rest stays
+/// frozen. PEFT key `trainable_tokens_delta` `[tokens, dim]` (the replacement rows, in `token_indices` order).
+public final class TrainableTokensLayer: ModuleAdapterMethod, EmbeddingAdapter {
+    public let state: AdapterState
+    /// The replacement rows.
+    public let rows: Tensor
+    /// The token ids whose rows are replaced.
+    public let tokenIndices: [Int32]
+    let table: Embedding
+    let slot: [Int32: Int32]
+
+    init(table: Embedding, tokenIndices: [Int32], state: AdapterState) throws {
+        if let bad = tokenIndices.first(where: { $0 < 0 || Int($0) >= table.count }) {
+            throw GraftError.invalid("token index \(bad) is outside the embedding's 0..<\(table.count)")
+        }
+        self.state = state
+        self.table = table
+        self.tokenIndices = tokenIndices
+        rows = embedding(tokenIndices, table: table.weight).detached().copy().requiringGrad()
+        slot = Dictionary(tokenIndices.enumerated().map { ($0.element, Int32($0.offset)) }, uniquingKeysWith: { a, _ in a })
+    }
+
+    public var isEnabled: Bool { state.isActive && !state.isMerged }
+    public var namedParameters: [(name: String, tensor: Tensor)] { [("trainable_tokens_delta", rows)] }
+    public func attach() { table.adapters.append(self) }
+    public func detach() { table.adapters.removeAll { $0 === self } }
+
+    public func forward(ids: [Int32], baseOutput y: Tensor, layer: Embedding) -> Tensor {
+        // Rows of selected tokens come from `rows` (index k), the others from the base (index → a zero row).
+        let zeroSlot = Int32(tokenIndices.count)
+        let picks = ids.map { slot[$0] ?? zeroSlot }
+        let keep = Tensor(shape: [ids.count, 1], values: ids.map { slot[$0] == nil ? 1 : 0 })
+        let replacement = embedding(picks, table: concat([rows, Tensor(zeros: [1, layer.dim])], dim: 0))
+        return y * keep + replacement
+    }
+
+    public func merge() -> [Tensor] {
+        let saved = [table.weight.copy()]
+        for (k, id) in tokenIndices.enumerated() {
+            (table.weight.pointer + Int(id) * table.dim).update(from: rows.pointer + k * table.dim, count: table.dim)
+        }
+        return saved
+    }
+
+    public func unmerge(_ saved: [Tensor]) {
+        if let w = saved.first { table.weight.pointer.update(from: w.pointer, count: w.count) }
+    }
+
+    public func load(_ name: String, from tensor: Tensor) throws {
+        guard name == "trainable_tokens_delta" else { throw GraftError.format("unknown trainable-tokens tensor '\(name)'") }
+        guard rows.shape == tensor.shape else {
+            throw GraftError.format("'trainable_tokens_delta' has shape \(tensor.shape), expected \(rows.shape) for token_indices \(tokenIndices)")
+        }
+        rows.pointer.update(from: tensor.pointer, count: rows.count)
+    }
+}
+
+/// Trainable tokens (`peft_type: "TRAINABLE_TOKENS"`): `target_modules` (the embedding), `token_indices`.
+public enum TrainableTokensFactory: ModuleAdapterFactory {
+    public static let peftType = "TRAINABLE_TOKENS"
+    public static let family = "selective (embedding rows)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["target_modules": ["word_embeddings", "embed_tokens"], "token_indices": [0, 1, 2]] }
+
+    public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
+        guard let table = module as? Embedding else { return nil }
+        guard let indices = config.json["token_indices"] as? [Int], !indices.isEmpty else {
+            throw GraftError.invalid("\(config.source): 'token_indices' must be a non-empty list of token ids")
+        }
+        do {
+            return try TrainableTokensLayer(table: table, tokenIndices: indices.map { Int32(clamping: $0) }, state: state)
+        } catch let e as GraftError {
+            throw GraftError(e.code, "\(config.source): \(path): \(e.message)")
+        }
+    }
+}
