@@ -8,7 +8,8 @@ demo: setup assets release
 	$(RELEASE_BIN) demo
 
 # Tests run optimized (the SIMD kernels are unusably slow unoptimized) in their own build folder, with
-# -enable-testing so @testable imports work.
+# -enable-testing so @testable imports work. Optimized incremental builds can keep a test module compiled
+# against an older private layout of a class (seen as a crash in a deinit); `make clean` and rebuild then.
 TEST_FLAGS = -c release -Xswiftc -enable-testing --scratch-path .build-test
 
 test: assets

@@ -63,7 +63,9 @@ public func linearCrossEntropy(
     let count = active.count
     let packed = Tensor(uninitialized: [chunk, hidden])
     let logits = Tensor(uninitialized: [chunk, vocab])
-    var lse = [Float](repeating: 0, count: count)
+    // Written from parallel chunks: raw storage, never a Swift array (concurrent writes to one are a race).
+    let lseStorage = Tensor(zeros: [max(count, 1)])
+    let lse = lseStorage.pointer
     var total: Double = 0
     let recording = GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)
     let eagerInputGradient = recording && x.requiresGrad && !weight.requiresGrad
@@ -101,7 +103,9 @@ public func linearCrossEntropy(
     while start < count {
         let n = min(chunk, count - start)
         loadChunk(start, n)
-        var partial = [Double](repeating: 0, count: n)
+        let partial = UnsafeMutablePointer<Double>.allocate(capacity: n)
+        partial.initialize(repeating: 0, count: n)
+        defer { partial.deallocate() }
         parallelFor(n, grain: 8) { range in
             for i in range {
                 let row = logits.pointer + i * vocab
@@ -111,7 +115,7 @@ public func linearCrossEntropy(
                 partial[i] = Double(l - row[Int(targets[active[start + i]])])
             }
         }
-        total += partial.reduce(0, +)
+        for i in 0..<n { total += partial[i] }
         if let eagerDX {
             logitGradient(start, n, scale: 1)
             scatterInputGradient(start, n, into: eagerDX)
@@ -120,6 +124,7 @@ public func linearCrossEntropy(
     }
     let out = Tensor(scalar: count == 0 ? 0 : Float(total / Double(count)))
     return Tensor.result(out, inputs: [x, weight]) { g in
+        _ = lseStorage
         guard count > 0 else { return [x.requiresGrad ? Tensor(zeros: x.shape) : nil, weight.requiresGrad ? Tensor(zeros: weight.shape) : nil] }
         let scale = g.item / Float(count)
         if let eagerDX { return [eagerDX * scale, nil] }
