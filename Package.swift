@@ -25,9 +25,17 @@ let package = Package(
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),
         .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters"]),
         .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftTrain"]),
-        .target(name: "GraftCAPI", dependencies: ["Graft"],
+        .target(name: "GraftCAPI", dependencies: ["Graft"], exclude: ["exports.map"],
                 linkerSettings: [.unsafeFlags([
                     "-static-stdlib", "-Xlinker", "-soname=libgraft.so",
+                    // -static-stdlib alone leaves Foundation's own static dependencies unresolved in a .so.
+                    "-Xlinker", "--start-group",
+                    "-Xlinker", "-lFoundation", "-Xlinker", "-lFoundationEssentials",
+                    "-Xlinker", "-lFoundationInternationalization", "-Xlinker", "-lCoreFoundation",
+                    "-Xlinker", "-l_FoundationICU", "-Xlinker", "-l_FoundationCollections",
+                    "-Xlinker", "-l_FoundationCShims", "-Xlinker", "-lswiftSynchronization",
+                    "-Xlinker", "-lswiftDispatch", "-Xlinker", "-ldispatch", "-Xlinker", "-lBlocksRuntime",
+                    "-Xlinker", "--end-group",
                     // Export only the graft_* functions: the Swift runtime and modules stay private.
                     "-Xlinker", "--version-script=Sources/GraftCAPI/exports.map",
                 ])]),
