@@ -25,8 +25,8 @@ lib:
 	$(SWIFT) build -c release --product GraftCAPI
 	cp $(LIB_DIR)/libGraftCAPI.so $(LIBGRAFT)
 
-# The C ABI: the tests (strict C11, then again under AddressSanitizer + UBSan), the exported-symbol check, an
-# install into a temporary prefix, and examples/c/finetune.c built from that install with pkg-config.
+# The C ABI: the tests (strict C11, then again under AddressSanitizer + UBSan), the exported-symbol check, the
+# README's C snippet, an install into a temporary prefix, and examples/c/finetune.c built from it with pkg-config.
 CC ?= cc
 C_EXAMPLE_FLAGS = -std=c11 -Wall -Wextra -Werror -pedantic -g
 C_FLAGS = $(C_EXAMPLE_FLAGS) -Iinclude
@@ -42,6 +42,7 @@ test-c: assets lib
 	# update make its process-lifetime caches show up, run this line with ASAN_OPTIONS=detect_leaks=0.
 	$(C_OUT)/test_capi_asan
 	tests/c/check-symbols.sh include/graft.h $(LIBGRAFT)
+	tests/c/readme-snippet.sh README.md include $(LIB_DIR)
 	@if ldd $(LIBGRAFT) | grep -q libswift; then echo "libgraft.so links the Swift runtime dynamically" >&2; exit 1; fi
 	rm -rf $(C_OUT)/prefix
 	$(MAKE) --no-print-directory install PREFIX=$(abspath $(C_OUT)/prefix)

@@ -25,7 +25,7 @@ public enum SessionTask: Int32, Sendable, CaseIterable {
     }
 }
 
-/// What ``GraftSession/forward(ids:lengths:batch:stride:adapterIds:output:)`` returns.
+/// What ``GraftSession/forward(batch:adapterIds:output:)`` returns.
 public enum SessionOutput: Int32, Sendable {
     /// Final hidden states `[batch, stride, hidden]`.
     case hidden = 1
@@ -186,7 +186,7 @@ public final class GraftSession: @unchecked Sendable {
         model.bert?.config.vocabSize ?? model.llama?.config.vocabSize ?? fallback
     }
 
-    /// The number of floats ``forward(ids:lengths:batch:stride:adapterIds:output:)`` returns, or a throw when
+    /// The number of floats ``forward(batch:adapterIds:output:)`` returns, or a throw when
     /// the output kind does not exist for this model.
     public func outputCount(batch: Int, stride: Int, output: SessionOutput) throws -> Int {
         let width: Int
@@ -348,10 +348,18 @@ public final class GraftTrainingSession: @unchecked Sendable {
                 return n.doubleValue
             }
             switch key {
-            case "beta1": config.beta1 = Float(try number())
-            case "beta2": config.beta2 = Float(try number())
-            case "eps": config.eps = Float(try number())
-            case "momentum": config.momentum = Float(try number())
+            case "beta1", "beta2":
+                let b = try number()
+                guard b >= 0, b < 1 else { throw GraftError.invalid("extras: '\(key)' must be in [0, 1), got \(b)") }
+                if key == "beta1" { config.beta1 = Float(b) } else { config.beta2 = Float(b) }
+            case "eps":
+                let e = try number()
+                guard e > 0, e.isFinite else { throw GraftError.invalid("extras: 'eps' must be positive, got \(e)") }
+                config.eps = Float(e)
+            case "momentum":
+                let m = try number()
+                guard m >= 0, m < 1 else { throw GraftError.invalid("extras: 'momentum' must be in [0, 1), got \(m)") }
+                config.momentum = Float(m)
             case "eval_batch_size": config.evalBatchSize = Int(exactly: try number()) ?? -1
             case "max_examples":
                 guard let n = Int(exactly: try number()), n >= 1 else { throw GraftError.invalid("extras: 'max_examples' must be an integer ≥ 1") }
@@ -433,6 +441,9 @@ public final class GraftTrainingSession: @unchecked Sendable {
                 targets[t] = label
             }
             out.append(TokenizedExample(ids: ids, targets: targets))
+        }
+        guard out.contains(where: { $0.targets.contains { $0 != -100 } }) else {
+            throw GraftError.invalid("labels: no token of the batch is scored (every label is -100, or every sequence has one token)")
         }
         return out
     }

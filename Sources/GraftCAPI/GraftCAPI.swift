@@ -202,36 +202,44 @@ private let progressSize = 56
 
 // MARK: - Version, status, strings
 
+/// The C entry point `graft_version`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_version")
 public func graft_version() -> UInt32 { UInt32(versionMajor * 10000 + versionMinor * 100 + versionPatch) }
 
+/// The C entry point `graft_version_string`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_version_string")
 public func graft_version_string() -> UnsafePointer<CChar> { versionText }
 
+/// The C entry point `graft_status_string`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_status_string")
 public func graft_status_string(_ status: Int32) -> UnsafePointer<CChar> { statusTexts[status] ?? unknownStatusText }
 
+/// The C entry point `graft_last_error`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_last_error")
 public func graft_last_error() -> UnsafePointer<CChar> {
     guard let p = pthread_getspecific(errorKey) else { return emptyText }
     return UnsafePointer(p.assumingMemoryBound(to: CChar.self))
 }
 
+/// The C entry point `graft_string_free`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_string_free")
 public func graft_string_free(_ s: UnsafeMutablePointer<CChar>?) { free(s) }
 
 // MARK: - Parameter initializers
 
+/// The C entry point `graft_model_params_init_sized`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_model_params_init_sized")
 public func graft_model_params_init_sized(_ p: UnsafeMutableRawPointer?, _ size: Int) {
     initParams(p, size: size, known: modelParamsSize, fields: modelParamsDefaults)
 }
 
+/// The C entry point `graft_sampling_params_init_sized`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_sampling_params_init_sized")
 public func graft_sampling_params_init_sized(_ p: UnsafeMutableRawPointer?, _ size: Int) {
     initParams(p, size: size, known: samplingParamsSize, fields: samplingParamsDefaults)
 }
 
+/// The C entry point `graft_trainer_params_init_sized`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_params_init_sized")
 public func graft_trainer_params_init_sized(_ p: UnsafeMutableRawPointer?, _ size: Int) {
     initParams(p, size: size, known: trainerParamsSize, fields: trainerParamsDefaults)
@@ -239,6 +247,7 @@ public func graft_trainer_params_init_sized(_ p: UnsafeMutableRawPointer?, _ siz
 
 // MARK: - Models
 
+/// The C entry point `graft_model_load`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_model_load")
 public func graft_model_load(_ path: UnsafePointer<CChar>?, _ params: UnsafeRawPointer?,
                              _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
@@ -262,12 +271,14 @@ public func graft_model_load(_ path: UnsafePointer<CChar>?, _ params: UnsafeRawP
     }
 }
 
+/// The C entry point `graft_model_free`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_model_free")
 public func graft_model_free(_ model: OpaquePointer?) {
     guard let model else { return }
     Unmanaged<GraftSession>.fromOpaque(UnsafeRawPointer(model)).release()
 }
 
+/// The C entry point `graft_model_info`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_model_info")
 public func graft_model_info(_ model: OpaquePointer?, _ json: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> Int32 {
     guarded {
@@ -277,6 +288,7 @@ public func graft_model_info(_ model: OpaquePointer?, _ json: UnsafeMutablePoint
     }
 }
 
+/// The C entry point `graft_tokenize`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_tokenize")
 public func graft_tokenize(_ model: OpaquePointer?, _ text: UnsafePointer<CChar>?, _ addSpecial: Int32,
                            _ ids: UnsafeMutablePointer<Int32>?, _ capacity: Int,
@@ -290,6 +302,7 @@ public func graft_tokenize(_ model: OpaquePointer?, _ text: UnsafePointer<CChar>
     }
 }
 
+/// The C entry point `graft_detokenize`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_detokenize")
 public func graft_detokenize(_ model: OpaquePointer?, _ ids: UnsafePointer<Int32>?, _ n: Int, _ skipSpecial: Int32,
                              _ text: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> Int32 {
@@ -304,6 +317,7 @@ public func graft_detokenize(_ model: OpaquePointer?, _ ids: UnsafePointer<Int32
 
 // MARK: - Adapters
 
+/// The C entry point `graft_adapter_add`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_add")
 public func graft_adapter_add(_ model: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ config: UnsafePointer<CChar>?) -> Int32 {
     guarded {
@@ -312,6 +326,7 @@ public func graft_adapter_add(_ model: OpaquePointer?, _ name: UnsafePointer<CCh
     }
 }
 
+/// The C entry point `graft_adapter_load`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_load")
 public func graft_adapter_load(_ model: OpaquePointer?, _ directory: UnsafePointer<CChar>?, _ name: UnsafePointer<CChar>?) -> Int32 {
     guarded {
@@ -322,6 +337,7 @@ public func graft_adapter_load(_ model: OpaquePointer?, _ directory: UnsafePoint
     }
 }
 
+/// The C entry point `graft_adapter_save`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_save")
 public func graft_adapter_save(_ model: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ directory: UnsafePointer<CChar>?) -> Int32 {
     guarded {
@@ -330,6 +346,7 @@ public func graft_adapter_save(_ model: OpaquePointer?, _ name: UnsafePointer<CC
     }
 }
 
+/// The C entry point `graft_adapter_list`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_list")
 public func graft_adapter_list(_ model: OpaquePointer?, _ json: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> Int32 {
     guarded {
@@ -339,26 +356,31 @@ public func graft_adapter_list(_ model: OpaquePointer?, _ json: UnsafeMutablePoi
     }
 }
 
+/// The C entry point `graft_adapter_set_active`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_set_active")
 public func graft_adapter_set_active(_ model: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> Int32 {
     guarded { try session(model).adapted.setActiveAdapter(try string(name, "name")) }
 }
 
+/// The C entry point `graft_adapter_set_enabled`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_set_enabled")
 public func graft_adapter_set_enabled(_ model: OpaquePointer?, _ enabled: Int32) -> Int32 {
     guarded { try session(model).adapted.setAdaptersDisabled(enabled == 0) }
 }
 
+/// The C entry point `graft_adapter_delete`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_delete")
 public func graft_adapter_delete(_ model: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> Int32 {
     guarded { try session(model).deleteAdapter(name: try string(name, "name")) }
 }
 
+/// The C entry point `graft_adapter_merge`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_merge")
 public func graft_adapter_merge(_ model: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> Int32 {
     guarded { try session(model).adapted.merge(try string(name, "name")) }
 }
 
+/// The C entry point `graft_adapter_unmerge`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_adapter_unmerge")
 public func graft_adapter_unmerge(_ model: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> Int32 {
     guarded { try session(model).adapted.unmerge(try string(name, "name")) }
@@ -366,6 +388,7 @@ public func graft_adapter_unmerge(_ model: OpaquePointer?, _ name: UnsafePointer
 
 // MARK: - Inference
 
+/// The C entry point `graft_model_forward`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_model_forward")
 public func graft_model_forward(_ model: OpaquePointer?, _ ids: UnsafePointer<Int32>?, _ lengths: UnsafePointer<Int32>?,
                                 _ batch: Int32, _ stride: Int32, _ adapterIds: UnsafePointer<Int32>?, _ output: Int32,
@@ -390,6 +413,7 @@ public func graft_model_forward(_ model: OpaquePointer?, _ ids: UnsafePointer<In
     }
 }
 
+/// The C entry point `graft_generate`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_generate")
 public func graft_generate(_ model: OpaquePointer?, _ prompt: UnsafePointer<Int32>?, _ n: Int, _ params: UnsafeRawPointer?,
                            _ callback: (@convention(c) (Int32, UnsafePointer<CChar>?, UnsafeMutableRawPointer?) -> Int32)?,
@@ -424,6 +448,7 @@ public func graft_generate(_ model: OpaquePointer?, _ prompt: UnsafePointer<Int3
 
 // MARK: - Training
 
+/// The C entry point `graft_trainer_create`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_create")
 public func graft_trainer_create(_ model: OpaquePointer?, _ adapterName: UnsafePointer<CChar>?, _ params: UnsafeRawPointer?,
                                  _ extrasJSON: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
@@ -478,6 +503,7 @@ public func graft_trainer_create(_ model: OpaquePointer?, _ adapterName: UnsafeP
     }
 }
 
+/// The C entry point `graft_trainer_free`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_free")
 public func graft_trainer_free(_ trainer: OpaquePointer?) {
     guard let trainer else { return }
@@ -493,6 +519,7 @@ private func labels(_ t: GraftTrainingSession, _ p: UnsafePointer<Int32>?, batch
     return try int32s(p, count: count, "labels")
 }
 
+/// The C entry point `graft_trainer_step`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_step")
 public func graft_trainer_step(_ trainer: OpaquePointer?, _ ids: UnsafePointer<Int32>?, _ lengths: UnsafePointer<Int32>?,
                                _ batch: Int32, _ stride: Int32, _ labelsPointer: UnsafePointer<Int32>?,
@@ -506,6 +533,7 @@ public func graft_trainer_step(_ trainer: OpaquePointer?, _ ids: UnsafePointer<I
     }
 }
 
+/// The C entry point `graft_trainer_evaluate`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_evaluate")
 public func graft_trainer_evaluate(_ trainer: OpaquePointer?, _ ids: UnsafePointer<Int32>?, _ lengths: UnsafePointer<Int32>?,
                                    _ batch: Int32, _ stride: Int32, _ labelsPointer: UnsafePointer<Int32>?,
@@ -520,6 +548,7 @@ public func graft_trainer_evaluate(_ trainer: OpaquePointer?, _ ids: UnsafePoint
     }
 }
 
+/// The C entry point `graft_trainer_train_file`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_train_file")
 public func graft_trainer_train_file(_ trainer: OpaquePointer?, _ data: UnsafePointer<CChar>?,
                                      _ callback: (@convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?) -> Int32)?,
@@ -548,6 +577,7 @@ public func graft_trainer_train_file(_ trainer: OpaquePointer?, _ data: UnsafePo
     }
 }
 
+/// The C entry point `graft_trainer_save_checkpoint`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_save_checkpoint")
 public func graft_trainer_save_checkpoint(_ trainer: OpaquePointer?, _ directory: UnsafePointer<CChar>?) -> Int32 {
     guarded {
@@ -558,6 +588,7 @@ public func graft_trainer_save_checkpoint(_ trainer: OpaquePointer?, _ directory
     }
 }
 
+/// The C entry point `graft_trainer_load_checkpoint`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_load_checkpoint")
 public func graft_trainer_load_checkpoint(_ trainer: OpaquePointer?, _ directory: UnsafePointer<CChar>?) -> Int32 {
     guarded {

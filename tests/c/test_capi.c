@@ -416,6 +416,8 @@ static void test_minilm_round_trip(void) {
     EXPECT(graft_trainer_create(m, NULL, &tp, "{bad json", &t), GRAFT_ERR_INVALID_ARGUMENT);
     EXPECT(graft_trainer_create(m, NULL, &tp, "{\"nope\": 1}", &t), GRAFT_ERR_INVALID_ARGUMENT);
     CHECK(strstr(graft_last_error(), "nope") != NULL);
+    EXPECT(graft_trainer_create(m, NULL, &tp, "{\"beta1\": 2}", &t), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_trainer_create(m, NULL, &tp, "[]", &t), GRAFT_ERR_INVALID_ARGUMENT);
     tp.struct_size = 0;
     EXPECT(graft_trainer_create(m, NULL, &tp, NULL, &t), GRAFT_ERR_INVALID_ARGUMENT);
     tp.struct_size = sizeof tp;
@@ -654,6 +656,9 @@ static void test_smollm(void) {
     EXPECT(graft_trainer_step(t, ids, lengths, 2, 8, labels, &loss), GRAFT_OK);
     labels[2] = -7;
     EXPECT(graft_trainer_step(t, ids, lengths, 2, 8, labels, &loss), GRAFT_ERR_INVALID_ARGUMENT);
+    for (int i = 0; i < 16; i++) labels[i] = -100;
+    EXPECT(graft_trainer_step(t, ids, lengths, 2, 8, labels, &loss), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "scored") != NULL);
     EXPECT(graft_trainer_evaluate(t, ids, lengths, 2, 8, NULL, &loss, &accuracy), GRAFT_OK);
     CHECK(isfinite(loss) && accuracy >= 0 && accuracy <= 1);
     graft_trainer_free(t);
