@@ -31,7 +31,7 @@ CC ?= cc
 C_EXAMPLE_FLAGS = -std=c11 -Wall -Wextra -Werror -pedantic -g
 C_FLAGS = $(C_EXAMPLE_FLAGS) -Iinclude
 C_OUT = .build/c
-C_LINK = -L$(LIB_DIR) -lgraft -Wl,-rpath,$(abspath $(LIB_DIR)) -lm
+C_LINK = -L$(LIB_DIR) -lgraft -Wl,-rpath,$(abspath $(LIB_DIR)) -lm -pthread
 test-c: assets lib
 	mkdir -p $(C_OUT)
 	$(CC) $(C_FLAGS) -O2 tests/c/test_capi.c -o $(C_OUT)/test_capi $(C_LINK)

@@ -10,6 +10,7 @@
 #include "graft.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -661,8 +662,43 @@ static void test_smollm(void) {
     CHECK(strstr(graft_last_error(), "scored") != NULL);
     EXPECT(graft_trainer_evaluate(t, ids, lengths, 2, 8, NULL, &loss, &accuracy), GRAFT_OK);
     CHECK(isfinite(loss) && accuracy >= 0 && accuracy <= 1);
+    /* NULL labels mean "labels = ids" (Hugging Face's convention; the library shifts). */
+    float loss_ids = 0;
+    EXPECT(graft_trainer_evaluate(t, ids, lengths, 2, 8, ids, &loss_ids, NULL), GRAFT_OK);
+    CHECK(loss_ids == loss);
+    graft_trainer_free(t);
+
+    /* train_file on the tweets as prompt/completion pairs, one step. */
+    graft_trainer_params tp;
+    graft_trainer_params_init(&tp);
+    tp.total_steps = 1;
+    tp.batch_size = 4;
+    int stop_at = 0;
+    progress_calls = 0;
+    EXPECT(graft_trainer_create(m, "lm", &tp, "{\"max_examples\": 8}", &t), GRAFT_OK);
+    EXPECT(graft_trainer_train_file(t, "tweets", on_progress, &stop_at), GRAFT_OK);
+    CHECK(progress_calls == 1);
     graft_trainer_free(t);
     graft_model_free(m);
+}
+
+/* graft_last_error() is per thread: a failure on another thread leaves this thread's message alone. */
+static void *fail_on_thread(void *arg) {
+    graft_model *m = NULL;
+    graft_status s = graft_model_load(NULL, NULL, &m);
+    int *ok = arg;
+    *ok = s == GRAFT_ERR_INVALID_ARGUMENT && strstr(graft_last_error(), "path") != NULL;
+    return NULL;
+}
+
+static void test_thread_local_error(void) {
+    EXPECT(graft_model_load("/nonexistent/main-thread", NULL, &(graft_model *){NULL}), GRAFT_ERR_NOT_FOUND);
+    int ok = 0;
+    pthread_t thread;
+    CHECK(pthread_create(&thread, NULL, fail_on_thread, &ok) == 0);
+    pthread_join(thread, NULL);
+    CHECK(ok);
+    CHECK(strstr(graft_last_error(), "/nonexistent/main-thread") != NULL);
 }
 
 int main(int argc, char **argv) {
@@ -677,6 +713,7 @@ int main(int argc, char **argv) {
     if (!mkdtemp(tmpdir)) { perror("mkdtemp"); return 2; }
 
     test_version_and_status();
+    test_thread_local_error();
     test_params_init();
     test_model_load_errors();
     graft_model *bert = load(minilm, GRAFT_TASK_BASE, 0);
