@@ -224,7 +224,7 @@ GRAFT_API graft_status graft_model_info(const graft_model *model, char **json);
  * @param n_needed     receives the number of ids (always set when the text tokenizes, also on the
  *                     too-small error, like snprintf). Must not be NULL.
  * @return GRAFT_OK (ids[0 .. *n_needed) written); GRAFT_ERR_INVALID_ARGUMENT when capacity < *n_needed
- *         (nothing written, *n_needed set) or for NULL model, text or n_needed.
+ *         (nothing written, *n_needed set), for NULL model, text or n_needed, or text that is not UTF-8.
  * Thread safety: one thread at a time per model.
  */
 GRAFT_API graft_status graft_tokenize(const graft_model *model, const char *text, int add_special, int32_t *ids,
@@ -254,7 +254,9 @@ GRAFT_API graft_status graft_detokenize(const graft_model *model, const int32_t 
  * ------------------------------------------------------------------------------------------------------------ */
 
 /**
- * Attaches a new adapter called `name` configured by `config_json` and makes it active.
+ * Attaches a new adapter called `name` configured by `config_json` and makes it active. "task_type" and
+ * "base_model_name_or_path" are filled in from the model when the JSON lacks them (they are saved with it).
+ * Adapters start as PEFT initialises them (LoRA: B = 0, so outputs equal the base model's until trained).
  * @return GRAFT_OK; GRAFT_ERR_INVALID_ARGUMENT (NULL arguments, invalid JSON, a bad or missing field, a name
  *         in use, target_modules matching nothing); GRAFT_ERR_UNSUPPORTED (unknown peft_type).
  */
