@@ -8,6 +8,10 @@ let package = Package(
     products: [
         .library(name: "Graft", targets: ["Graft"]),
         .executable(name: "graft", targets: ["graft"]),
+        // The C ABI (include/graft.h) with the Swift runtime linked statically, so C hosts need no toolchain.
+        // Named GraftCAPI because the CLI already owns the product name "graft"; `make lib` publishes the file
+        // as .build/release/libgraft.so (its soname is already libgraft.so).
+        .library(name: "GraftCAPI", type: .dynamic, targets: ["GraftCAPI"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -21,6 +25,20 @@ let package = Package(
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),
         .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters"]),
         .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftTrain"]),
+        .target(name: "GraftCAPI", dependencies: ["Graft"], exclude: ["exports.map"],
+                linkerSettings: [.unsafeFlags([
+                    "-static-stdlib", "-Xlinker", "-soname=libgraft.so",
+                    // -static-stdlib alone leaves Foundation's own static dependencies unresolved in a .so.
+                    "-Xlinker", "--start-group",
+                    "-Xlinker", "-lFoundation", "-Xlinker", "-lFoundationEssentials",
+                    "-Xlinker", "-lFoundationInternationalization", "-Xlinker", "-lCoreFoundation",
+                    "-Xlinker", "-l_FoundationICU", "-Xlinker", "-l_FoundationCollections",
+                    "-Xlinker", "-l_FoundationCShims", "-Xlinker", "-lswiftSynchronization",
+                    "-Xlinker", "-lswiftDispatch", "-Xlinker", "-ldispatch", "-Xlinker", "-lBlocksRuntime",
+                    "-Xlinker", "--end-group",
+                    // Export only the graft_* functions: the Swift runtime and modules stay private.
+                    "-Xlinker", "--version-script=Sources/GraftCAPI/exports.map",
+                ])]),
         .executableTarget(name: "graft", dependencies: [
             "Graft", "CGraftSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

