@@ -30,13 +30,6 @@ public final class AdaLoRALayer: LinearAdapterMethod {
     }
 
     public func deltaWeight(base: Linear) -> Tensor? { withNoGrad { matmul(loraB, loraA * loraE) * scaling } }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
-            throw GraftError.format("unknown AdaLoRA tensor '\(name)'")
-        }
-        try copyParameter(name, into: target, from: tensor)
-    }
 }
 
 /// AdaLoRA (`peft_type: "ADALORA"`): `init_r`, `target_r`, `lora_alpha`, `lora_dropout`, schedule keys.

@@ -42,6 +42,14 @@ extension LinearAdapterMethod {
 
     public var integerBuffers: [(name: String, values: [Int32], shape: [Int])] { [] }
 
+    /// Copies `tensor` into the parameter of that PEFT name, checking the shape.
+    public func load(_ name: String, from tensor: Tensor) throws {
+        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
+            throw GraftError.format("unknown \(Self.self) tensor '\(name)' (expected \(namedParameters.map(\.name).joined(separator: ", ")))")
+        }
+        try copyParameter(name, into: target, from: tensor)
+    }
+
     public func loadIntegers(_ name: String, values: [Int64], shape: [Int]) throws {
         throw GraftError.format("unexpected integer tensor '\(name)' for this adapter method")
     }
@@ -73,4 +81,15 @@ func dropout(_ x: Tensor, p: Float, state: AdapterState) -> Tensor {
 func kaimingUniform(_ rows: Int, _ cols: Int, rng: inout GraftRNG) -> Tensor {
     let bound = 1 / Float(max(cols, 1)).squareRoot()
     return Tensor.randomUniform([rows, cols], low: -bound, high: bound, rng: &rng)
+}
+
+/// A method whose update is a weight delta it forms in full (LoHa, LoKr, SHiRA): `y = W x + b + ΔW x`.
+protocol DenseDeltaMethod: LinearAdapterMethod {
+    /// ΔW `[out, in]`, recorded for autograd.
+    func delta() -> Tensor
+}
+
+extension DenseDeltaMethod {
+    public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor { y + linear(x, delta()) }
+    public func deltaWeight(base: Linear) -> Tensor? { withNoGrad { delta() } }
 }

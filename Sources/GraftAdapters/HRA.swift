@@ -57,11 +57,6 @@ public final class HRALayer: LinearAdapterMethod {
             return h - base.weight
         }
     }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard name == "hra_u" else { throw GraftError.format("unknown HRA tensor '\(name)'") }
-        try copyParameter(name, into: u, from: tensor)
-    }
 }
 
 /// HRA (`peft_type: "HRA"`): `r` (even for the identity initialization); `apply_GS` is not supported yet.

@@ -40,11 +40,6 @@ public final class IA3Layer: LinearAdapterMethod {
         guard !isFeedForward, let b = base.bias else { return nil }
         return withNoGrad { b * add(vector, -1) }
     }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard name == "ia3_l" else { throw GraftError.format("unknown IA3 tensor '\(name)'") }
-        try copyParameter(name, into: scale, from: tensor)
-    }
 }
 
 /// IA³ (`peft_type: "IA3"`): `target_modules`, `feedforward_modules` (a subset whose input is scaled).

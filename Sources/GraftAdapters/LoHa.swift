@@ -4,7 +4,7 @@ import GraftTensor
 /// LoHa (Hyeon-Woo et al., FedPara): a Hadamard product of two low-rank products,
 /// `ΔW = (α/r) · (W1a W1b) ⊙ (W2a W2b)`, applied as `y = W x + ΔW x` (ΔW is formed: the product does not
 /// factor). PEFT keys `hada_w1_a` `[out, r]`, `hada_w1_b` `[r, in]`, `hada_w2_a`, `hada_w2_b`.
-public final class LoHaLayer: LinearAdapterMethod {
+public final class LoHaLayer: DenseDeltaMethod {
     public let state: AdapterState
     public let w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor
     /// `α / r`.
@@ -25,20 +25,7 @@ public final class LoHaLayer: LinearAdapterMethod {
     }
 
     /// ΔW, recorded for autograd.
-    func delta() -> Tensor { (matmul(w1a, w1b) * matmul(w2a, w2b)) * scaling }
-
-    public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
-        y + linear(x, delta())
-    }
-
-    public func deltaWeight(base: Linear) -> Tensor? { withNoGrad { delta() } }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
-            throw GraftError.format("unknown LoHa tensor '\(name)'")
-        }
-        try copyParameter(name, into: target, from: tensor)
-    }
+    public func delta() -> Tensor { (matmul(w1a, w1b) * matmul(w2a, w2b)) * scaling }
 }
 
 /// LoHa (`peft_type: "LOHA"`): `r`, `alpha`, `rank_pattern`, `alpha_pattern`.

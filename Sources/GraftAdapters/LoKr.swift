@@ -5,7 +5,7 @@ import GraftTensor
 /// `[out_l, in_m]` and `W2` is `[out_k, in_n]` for the factorizations `out = out_l·out_k`, `in = in_m·in_n`;
 /// either factor may itself be low rank (`W1 = W1a W1b`, `W2 = W2a W2b`). PEFT keys `lokr_w1` or
 /// `lokr_w1_a`/`lokr_w1_b`, and `lokr_w2` or `lokr_w2_a`/`lokr_w2_b`.
-public final class LoKrLayer: LinearAdapterMethod {
+public final class LoKrLayer: DenseDeltaMethod {
     public let state: AdapterState
     /// The factors by PEFT key, in PEFT's order.
     public let factors: [(name: String, tensor: Tensor)]
@@ -59,17 +59,11 @@ public final class LoKrLayer: LinearAdapterMethod {
     private func factor(_ name: String) -> Tensor? { factors.first { $0.name == name }?.tensor }
 
     /// ΔW, recorded for autograd.
-    func delta() -> Tensor {
+    public func delta() -> Tensor {
         let w1 = factor("lokr_w1") ?? matmul(factor("lokr_w1_a") ?? Tensor(zeros: [1, 1]), factor("lokr_w1_b") ?? Tensor(zeros: [1, 1]))
         let w2 = factor("lokr_w2") ?? matmul(factor("lokr_w2_a") ?? Tensor(zeros: [1, 1]), factor("lokr_w2_b") ?? Tensor(zeros: [1, 1]))
         return kron(w1, w2) * scaling
     }
-
-    public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
-        y + linear(x, delta())
-    }
-
-    public func deltaWeight(base: Linear) -> Tensor? { withNoGrad { delta() } }
 
     public func load(_ name: String, from tensor: Tensor) throws {
         guard let target = factor(name) else {

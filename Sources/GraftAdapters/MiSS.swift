@@ -43,11 +43,6 @@ public final class MiSSLayer: LinearAdapterMethod {
     public func deltaWeight(base: Linear) -> Tensor? {
         withNoGrad { matmul(fullBlock(), fold, transposeA: true) }
     }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard name == "miss_block" else { throw GraftError.format("unknown MiSS tensor '\(name)'") }
-        try copyParameter(name, into: block, from: tensor)
-    }
 }
 
 /// MiSS (`peft_type: "MISS"`): `r`, `mini_r`, `init_weights` (`true` or `"mini"`; `"bat"` is not supported yet),

@@ -81,11 +81,6 @@ public final class OFTLayer: LinearAdapterMethod {
         // y = W (x R)ᵀ-style: y = (x R) Wᵀ = x (W Rᵀ)ᵀ, so W' = W Rᵀ: rotate W's rows by Rᵀ.
         withNoGrad { rotate(base.weight, transpose: true) - base.weight }
     }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard name == "oft_R.weight" else { throw GraftError.format("unknown OFT tensor '\(name)'") }
-        try copyParameter(name, into: weight, from: tensor)
-    }
 }
 
 /// OFT (`peft_type: "OFT"`): `oft_block_size` (or `r` blocks), `use_cayley_neumann` with

@@ -73,13 +73,6 @@ public final class RoAdLayer: LinearAdapterMethod {
         guard let b = base.bias else { return nil }
         return withNoGrad { rotate(b.reshaped([1, b.count])).reshaped([b.count]) - b }
     }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
-            throw GraftError.format("unknown RoAd tensor '\(name)'")
-        }
-        try copyParameter(name, into: target, from: tensor)
-    }
 }
 
 /// RoAd (`peft_type: "ROAD"`): `variant` (`road_1`, `road_2`, `road_4`), `group_size`.

@@ -4,7 +4,7 @@ import GraftTensor
 /// SHiRA (Bhardwaj et al., 2024): a sparse high-rank update — `r·(in + out)` trainable entries of ΔW at fixed
 /// positions, `y = W x + b + ΔW x`. PEFT keys `shira_weight` `[n]` and `shira_indices` `[2, n]` (row, column;
 /// int32). Positions are drawn at random (`mask_type: "random"`) when the adapter is created and saved with it.
-public final class SHiRALayer: LinearAdapterMethod {
+public final class SHiRALayer: DenseDeltaMethod {
     public let state: AdapterState
     /// The trainable entries.
     public let values: Tensor
@@ -55,19 +55,9 @@ public final class SHiRALayer: LinearAdapterMethod {
         colIndex = loaded.suffix(n).map { Int32($0) }
     }
 
-    private func delta() -> Tensor {
+    /// ΔW, recorded for autograd.
+    public func delta() -> Tensor {
         denseFromSparse(values, rowIndex: rowIndex, colIndex: colIndex, rows: outFeatures, cols: inFeatures)
-    }
-
-    public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
-        y + linear(x, delta())
-    }
-
-    public func deltaWeight(base: Linear) -> Tensor? { withNoGrad { delta() } }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard name == "shira_weight" else { throw GraftError.format("unknown SHiRA tensor '\(name)'") }
-        try copyParameter(name, into: values, from: tensor)
     }
 }
 

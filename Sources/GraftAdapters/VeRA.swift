@@ -49,13 +49,6 @@ public final class VeRALayer: LinearAdapterMethod {
             return matmul(scaledB, a)
         }
     }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
-            throw GraftError.format("unknown VeRA tensor '\(name)'")
-        }
-        try copyParameter(name, into: target, from: tensor)
-    }
 }
 
 /// VeRA (`peft_type: "VERA"`): `r`, `d_initial`, `vera_dropout`, `projection_prng_key`, `save_projection`.
