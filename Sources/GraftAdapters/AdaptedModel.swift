@@ -39,8 +39,8 @@ public final class NamedAdapter {
         return out
     }
 
-    /// The trainable tensors, in a stable order.
-    public var parameters: [Tensor] { peftStateDict.map(\.tensor) }
+    /// The trainable tensors, in a stable order (shared tensors count when trainable, as VB-LoRA's bank).
+    public var parameters: [Tensor] { peftStateDict.map(\.tensor) + shared.map(\.tensor).filter(\.requiresGrad) }
 
     /// Number of trainable scalars.
     public var parameterCount: Int { parameters.reduce(0) { $0 + $1.count } }

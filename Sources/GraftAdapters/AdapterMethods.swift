@@ -104,6 +104,7 @@ public enum AdapterRegistry {
         AdaLoRAFactory.peftType: AdaLoRAFactory.self,
         SHiRAFactory.peftType: SHiRAFactory.self,
         OFTFactory.peftType: OFTFactory.self,
+        VBLoRAFactory.peftType: VBLoRAFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.
