@@ -34,7 +34,7 @@ public final class NamedAdapter {
             for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
         }
         for (path, adapter) in modules {
-            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
+            for (n, t) in adapter.namedParameters { out.append((adapter.key(n, path: path), t)) }
         }
         return out
     }
@@ -140,8 +140,15 @@ public final class AdaptedModel: @unchecked Sendable {
         let state = AdapterState(seed: seed)
         let named = NamedAdapter(name: name, config: config, state: state)
         let matcher = TargetMatcher(config: config)
-        for (path, module) in root.namedModules() where !path.isEmpty {
-            guard matcher.matches(path: path, isLinear: module is Linear, isOutputHead: outputHeads.contains(path)),
+        let inputLevel = ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"].contains(config.peftType)
+        for (path, module) in root.namedModules() {
+            if inputLevel {
+                // Input-level methods attach to the first module that takes them (the encoder itself).
+                guard named.modules.isEmpty, let adapter = try factory.make(for: module, path: path, config: config, state: state) else { continue }
+                named.modules.append((path, adapter))
+                continue
+            }
+            guard !path.isEmpty, matcher.matches(path: path, isLinear: module is Linear, isOutputHead: outputHeads.contains(path)),
                   let adapter = try factory.make(for: module, path: path, config: config, state: state) else { continue }
             named.modules.append((path, adapter))
         }
@@ -208,6 +215,9 @@ public final class AdaptedModel: @unchecked Sendable {
     public func merge(_ name: String) throws {
         let a = try adapter(name)
         guard !a.state.isMerged else { throw GraftError(.state, "adapter '\(name)' is already merged") }
+        if let (path, _) = a.modules.first(where: { !$0.adapter.mergeable }) {
+            throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path.isEmpty ? "<model>" : path)' adds virtual tokens and cannot be merged into weights")
+        }
         var deltas: [Tensor] = []
         for (path, lin, adapter) in a.layers {
             guard let d = adapter.deltaWeight(base: lin) else {

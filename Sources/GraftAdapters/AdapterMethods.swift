@@ -111,6 +111,8 @@ public enum AdapterRegistry {
     public static let moduleFactories: [String: any ModuleAdapterFactory.Type] = [
         LNTuningFactory.peftType: LNTuningFactory.self,
         TrainableTokensFactory.peftType: TrainableTokensFactory.self,
+        PromptTuningFactory.peftType: PromptTuningFactory.self,
+        PTuningFactory.peftType: PTuningFactory.self,
     ]
 
     /// Every known `peft_type`, sorted.

@@ -18,6 +18,19 @@ public protocol ModuleAdapterMethod: AnyObject {
     func unmerge(_ saved: [Tensor])
     /// Replaces a parameter's values from a loaded state dict.
     func load(_ name: String, from tensor: Tensor) throws
+    /// The key prefix of this adapter's tensors; nil means PEFT's usual `base_model.model.<path>.`
+    /// (prompt learning saves bare `prompt_embeddings`).
+    var keyPrefix: String? { get }
+    /// Whether the adapter folds into the module's parameters (virtual tokens do not).
+    var mergeable: Bool { get }
+}
+
+extension ModuleAdapterMethod {
+    public var keyPrefix: String? { nil }
+    public var mergeable: Bool { true }
+
+    /// The PEFT key of parameter `name` for a module at `path`.
+    func key(_ name: String, path: String) -> String { (keyPrefix ?? "base_model.model.\(path).") + name }
 }
 
 /// Builds module adapters for methods that target LayerNorms, embeddings, ...
@@ -182,5 +195,75 @@ public enum TrainableTokensFactory: ModuleAdapterFactory {
         } catch let e as GraftError {
             throw GraftError(e.code, "\(config.source): \(path): \(e.message)")
         }
+    }
+}
+
+/// Prompt tuning (Lester et al., 2021) and P-tuning (Liu et al., 2021) at inference: learned virtual-token
+/// embeddings `[n, hidden]` prepended to every input. PEFT saves P-tuning's encoder output under the same key,
+/// so both load as `prompt_embeddings`. (Training P-tuning's MLP/LSTM encoder is not implemented yet.)
+public final class PromptTuningLayer: ModuleAdapterMethod, PromptAdapter {
+    public let state: AdapterState
+    /// The virtual tokens.
+    public let embeddings: Tensor
+    let model: BertModel
+
+    init(model: BertModel, virtualTokens: Int, initialRows: Tensor?, state: AdapterState) {
+        self.state = state
+        self.model = model
+        embeddings = (initialRows ?? Tensor.randomNormal([virtualTokens, model.config.hiddenSize], std: 0.02, rng: &state.rng)).requiringGrad()
+    }
+
+    public var isEnabled: Bool { state.isActive && !state.isMerged }
+    public var keyPrefix: String? { "" }
+    public var mergeable: Bool { false }
+    public var namedParameters: [(name: String, tensor: Tensor)] { [("prompt_embeddings", embeddings)] }
+    public func virtualTokens() -> Tensor { embeddings }
+    public func attach() { model.promptAdapters.append(self) }
+    public func detach() { model.promptAdapters.removeAll { $0 === self } }
+    public func merge() -> [Tensor] { [] }
+    public func unmerge(_ saved: [Tensor]) {}
+
+    public func load(_ name: String, from tensor: Tensor) throws {
+        guard name == "prompt_embeddings" else { throw GraftError.format("unknown prompt-tuning tensor '\(name)'") }
+        guard tensor.shape == embeddings.shape else {
+            throw GraftError.format("'prompt_embeddings' has shape \(tensor.shape), expected \(embeddings.shape) (num_virtual_tokens × token_dim)")
+        }
+        embeddings.pointer.update(from: tensor.pointer, count: embeddings.count)
+    }
+}
+
+/// Prompt tuning (`PROMPT_TUNING`) and P-tuning (`P_TUNING`, inference): `num_virtual_tokens`, `token_dim`,
+/// `prompt_tuning_init` (`RANDOM`, or `TEXT` is not supported yet). Applies to BERT encoders.
+public enum PromptTuningFactory: ModuleAdapterFactory {
+    public static let peftType = "PROMPT_TUNING"
+    public static let family = "input (virtual tokens)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8] }
+
+    public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
+        guard let bert = module as? BertModel else { return nil }
+        if let initMode = try config.string("prompt_tuning_init"), initMode != "RANDOM" {
+            throw GraftError(.unsupported, "\(config.source): prompt_tuning_init '\(initMode)' is not supported yet (RANDOM)")
+        }
+        let n = try config.int("num_virtual_tokens", default: 8)
+        guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
+        let dim = try config.int("token_dim", default: bert.config.hiddenSize)
+        guard dim == bert.config.hiddenSize else {
+            throw GraftError.invalid("\(config.source): token_dim \(dim) differs from the model's hidden size \(bert.config.hiddenSize)")
+        }
+        return PromptTuningLayer(model: bert, virtualTokens: n, initialRows: nil, state: state)
+    }
+}
+
+/// P-tuning loaded for inference: the same virtual tokens under PEFT's `P_TUNING` type.
+public enum PTuningFactory: ModuleAdapterFactory {
+    public static let peftType = "P_TUNING"
+    public static let family = "input (virtual tokens from an encoder)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8, "encoder_hidden_size": 64] }
+
+    public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
+        guard let bert = module as? BertModel else { return nil }
+        let n = try config.int("num_virtual_tokens", default: 8)
+        guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
+        return PromptTuningLayer(model: bert, virtualTokens: n, initialRows: nil, state: state)
     }
 }

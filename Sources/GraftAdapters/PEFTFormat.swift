@@ -36,7 +36,7 @@ extension AdaptedModel {
         var integers: [String: (any LinearAdapterMethod, String)] = [:]
         var moduleParams: [String: (any ModuleAdapterMethod, String)] = [:]
         for (path, m) in adapter.modules {
-            for (n, _) in m.namedParameters { moduleParams["base_model.model.\(path).\(n)"] = (m, n) }
+            for (n, _) in m.namedParameters { moduleParams[m.key(n, path: path)] = (m, n) }
         }
         for (path, _, layer) in adapter.layers {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }

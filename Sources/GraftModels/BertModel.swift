@@ -145,8 +145,16 @@ public final class BertModel: Module {
 
     /// The last hidden state, `[batch, length, hidden]`. Padding positions are computed (as transformers does)
     /// but never attended to.
+    /// Prompt adapters; the first enabled one prepends its virtual tokens to every row.
+    public var promptAdapters: [any PromptAdapter] = []
+
+    /// The last hidden state, `[batch, virtual + length, hidden]` with prompt tuning (virtual tokens first, at
+    /// positions `0..<virtual`, as PEFT runs BertModel on `inputs_embeds`).
     public func forward(_ batch: TokenBatch) throws -> Tensor {
         try batch.validate(vocabularySize: config.vocabSize)
+        if let prompt = promptAdapters.first(where: { $0.isEnabled }) {
+            return try forwardWithPrompt(batch, prompt: prompt.virtualTokens())
+        }
         let positions = batch.resolvedPositions
         if let bad = positions.first(where: { $0 < 0 || Int($0) >= config.maxPositions }) {
             throw GraftError.invalid("position \(bad) is outside 0..<\(config.maxPositions) (sequence too long for this model)")
@@ -159,6 +167,27 @@ public final class BertModel: Module {
         let summed = wordEmbeddings.forward(batch.ids) + positionEmbeddings.forward(positions) + tokenTypeEmbeddings.forward(types)
         var x = embeddingNorm.forward(summed).reshaped(shape)
         let mask = AttentionMask(keyLengths: batch.lengths, segments: batch.segments)
+        for layer in layers { x = layer.forward(x, mask: mask) }
+        return x
+    }
+
+    private func forwardWithPrompt(_ batch: TokenBatch, prompt: Tensor) throws -> Tensor {
+        guard batch.segments == nil else {
+            throw GraftError(.unsupported, "prompt tuning with packed sequences is not supported; pad the batch instead")
+        }
+        let virtual = prompt.shape[0], total = virtual + batch.length
+        guard total <= config.maxPositions else {
+            throw GraftError.invalid("\(virtual) virtual + \(batch.length) tokens exceed the model's \(config.maxPositions) positions")
+        }
+        let rows = batch.batchSize, h = config.hiddenSize
+        let words = wordEmbeddings.forward(batch.ids).reshaped([rows, batch.length, h])
+        let prompts = concat([Tensor](repeating: prompt.reshaped([1, virtual, h]), count: rows), dim: 0)
+        let inputs = concat([prompts, words], dim: 1).reshaped([rows * total, h])
+        let positions = (0..<rows).flatMap { _ in (0..<total).map(Int32.init) }
+        let types = [Int32](repeating: 0, count: rows * total)
+        let summed = inputs + positionEmbeddings.forward(positions) + tokenTypeEmbeddings.forward(types)
+        var x = embeddingNorm.forward(summed).reshaped([rows, total, h])
+        let mask = AttentionMask(keyLengths: batch.lengths.map { $0 + virtual })
         for layer in layers { x = layer.forward(x, mask: mask) }
         return x
     }

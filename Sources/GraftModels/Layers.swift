@@ -87,6 +87,14 @@ public protocol NormAdapter: AnyObject {
     var bias: Tensor? { get }
 }
 
+/// Virtual tokens prepended to every sequence's input embeddings (prompt tuning, P-tuning).
+public protocol PromptAdapter: AnyObject {
+    /// Whether the adapter currently takes part in forward passes.
+    var isEnabled: Bool { get }
+    /// The virtual token embeddings `[virtualTokens, hidden]`, recorded for autograd.
+    func virtualTokens() -> Tensor
+}
+
 /// A lookup table `[count, dim]`.
 public final class Embedding: Module {
     /// `[count, dim]`.
