@@ -113,6 +113,7 @@ public enum AdapterRegistry {
         TrainableTokensFactory.peftType: TrainableTokensFactory.self,
         PromptTuningFactory.peftType: PromptTuningFactory.self,
         PTuningFactory.peftType: PTuningFactory.self,
+        PrefixTuningFactory.peftType: PrefixTuningFactory.self,
     ]
 
     /// Every known `peft_type`, sorted.

@@ -267,3 +267,61 @@ public enum PTuningFactory: ModuleAdapterFactory {
         return PromptTuningLayer(model: bert, virtualTokens: n, initialRows: nil, state: state)
     }
 }
+
+/// Prefix tuning (Li & Liang, 2021): learned keys and values prepended in every attention layer. PEFT stores
+/// them as `prompt_embeddings` `[n, layers · 2 · hidden]`, layer `l`'s keys at columns `2l·hidden` and values at
+/// `(2l+1)·hidden` (heads × head_dim inside). `prefix_projection` (an MLP reparameterization) is not supported yet.
+public final class PrefixTuningLayer: ModuleAdapterMethod, PrefixAdapter {
+    public let state: AdapterState
+    /// All layers' prefixes.
+    public let embeddings: Tensor
+    let model: BertModel
+
+    init(model: BertModel, virtualTokens: Int, state: AdapterState) {
+        self.state = state
+        self.model = model
+        embeddings = Tensor.randomNormal([virtualTokens, model.config.layers * 2 * model.config.hiddenSize], std: 0.02,
+                                         rng: &state.rng).requiringGrad()
+    }
+
+    public var isEnabled: Bool { state.isActive && !state.isMerged }
+    public var keyPrefix: String? { "" }
+    public var mergeable: Bool { false }
+    public var namedParameters: [(name: String, tensor: Tensor)] { [("prompt_embeddings", embeddings)] }
+    public func attach() { model.prefixAdapters.append(self) }
+    public func detach() { model.prefixAdapters.removeAll { $0 === self } }
+    public func merge() -> [Tensor] { [] }
+    public func unmerge(_ saved: [Tensor]) {}
+
+    public func prefix(layer: Int) -> (keys: Tensor, values: Tensor) {
+        let h = model.config.hiddenSize
+        let perLayer = embeddings.reshaped([embeddings.shape[0], model.config.layers * 2, h])
+        return (perLayer.slice(dim: 1, (2 * layer)..<(2 * layer + 1)).reshaped([embeddings.shape[0], h]),
+                perLayer.slice(dim: 1, (2 * layer + 1)..<(2 * layer + 2)).reshaped([embeddings.shape[0], h]))
+    }
+
+    public func load(_ name: String, from tensor: Tensor) throws {
+        guard name == "prompt_embeddings" else { throw GraftError.format("unknown prefix-tuning tensor '\(name)'") }
+        guard tensor.shape == embeddings.shape else {
+            throw GraftError.format("'prompt_embeddings' has shape \(tensor.shape), expected \(embeddings.shape) (num_virtual_tokens × layers·2·hidden)")
+        }
+        embeddings.pointer.update(from: tensor.pointer, count: embeddings.count)
+    }
+}
+
+/// Prefix tuning (`PREFIX_TUNING`): `num_virtual_tokens`; BERT encoders so far.
+public enum PrefixTuningFactory: ModuleAdapterFactory {
+    public static let peftType = "PREFIX_TUNING"
+    public static let family = "input (attention prefixes)"
+    public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8] }
+
+    public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
+        guard let bert = module as? BertModel else { return nil }
+        if try config.bool("prefix_projection", default: false) {
+            throw GraftError(.unsupported, "\(config.source): prefix_projection is not supported yet")
+        }
+        let n = try config.int("num_virtual_tokens", default: 8)
+        guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
+        return PrefixTuningLayer(model: bert, virtualTokens: n, state: state)
+    }
+}

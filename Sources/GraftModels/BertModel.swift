@@ -77,9 +77,15 @@ public final class BertLayer: Module {
         register("output", ModuleList(typeName: "BertOutput", [("dense", output), ("LayerNorm", outputNorm)]))
     }
 
-    /// `x`: `[batch, length, hidden]`.
-    func forward(_ x: Tensor, mask: AttentionMask) -> Tensor {
-        let q = query.forward(x), k = key.forward(x), v = value.forward(x)
+    /// `x`: `[batch, length, hidden]`; `prefix` (prefix tuning) is prepended to the keys and values.
+    func forward(_ x: Tensor, mask: AttentionMask, prefix: (keys: Tensor, values: Tensor)? = nil) -> Tensor {
+        let q = query.forward(x)
+        var k = key.forward(x), v = value.forward(x)
+        if let prefix {
+            let rows = x.shape[0], n = prefix.keys.shape[0], width = prefix.keys.shape[1]
+            k = concat([concat([Tensor](repeating: prefix.keys.reshaped([1, n, width]), count: rows), dim: 0), k], dim: 1)
+            v = concat([concat([Tensor](repeating: prefix.values.reshaped([1, n, width]), count: rows), dim: 0), v], dim: 1)
+        }
         let context = scaledDotProductAttention(query: q, key: k, value: v, heads: heads, kvHeads: heads, mask: mask)
         let h = attentionNorm.forward(attentionOutput.forward(context) + x)
         let ff = output.forward(gelu(intermediate.forward(h)))
@@ -147,6 +153,8 @@ public final class BertModel: Module {
     /// but never attended to.
     /// Prompt adapters; the first enabled one prepends its virtual tokens to every row.
     public var promptAdapters: [any PromptAdapter] = []
+    /// Prefix adapters; the first enabled one prepends keys and values in every layer.
+    public var prefixAdapters: [any PrefixAdapter] = []
 
     /// The last hidden state, `[batch, virtual + length, hidden]` with prompt tuning (virtual tokens first, at
     /// positions `0..<virtual`, as PEFT runs BertModel on `inputs_embeds`).
@@ -164,8 +172,26 @@ public final class BertModel: Module {
             throw GraftError.invalid("token type \(bad) is outside 0..<\(config.typeVocabSize)")
         }
         let shape = [batch.batchSize, batch.length, config.hiddenSize]
-        let summed = wordEmbeddings.forward(batch.ids) + positionEmbeddings.forward(positions) + tokenTypeEmbeddings.forward(types)
+        let prefix = prefixAdapters.first(where: { $0.isEnabled })
+        // With a prefix, transformers counts positions after the cached (virtual) tokens.
+        let offset = Int32(prefix?.prefix(layer: 0).keys.shape[0] ?? 0)
+        let shifted = offset == 0 ? positions : positions.map { $0 + offset }
+        if let bad = shifted.first(where: { Int($0) >= config.maxPositions }) {
+            throw GraftError.invalid("position \(bad) (after \(offset) prefix tokens) is outside 0..<\(config.maxPositions)")
+        }
+        let summed = wordEmbeddings.forward(batch.ids) + positionEmbeddings.forward(shifted) + tokenTypeEmbeddings.forward(types)
         var x = embeddingNorm.forward(summed).reshaped(shape)
+        if let prefix {
+            guard batch.segments == nil else {
+                throw GraftError(.unsupported, "prefix tuning with packed sequences is not supported; pad the batch instead")
+            }
+            for (i, layer) in layers.enumerated() {
+                let p = prefix.prefix(layer: i)
+                let mask = AttentionMask(keyLengths: batch.lengths.map { $0 + p.keys.shape[0] })
+                x = layer.forward(x, mask: mask, prefix: p)
+            }
+            return x
+        }
         let mask = AttentionMask(keyLengths: batch.lengths, segments: batch.segments)
         for layer in layers { x = layer.forward(x, mask: mask) }
         return x

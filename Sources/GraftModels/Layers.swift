@@ -95,6 +95,14 @@ public protocol PromptAdapter: AnyObject {
     func virtualTokens() -> Tensor
 }
 
+/// Learned keys and values prepended to every attention layer (prefix tuning).
+public protocol PrefixAdapter: AnyObject {
+    /// Whether the adapter currently takes part in forward passes.
+    var isEnabled: Bool { get }
+    /// Layer `layer`'s prefix keys and values, each `[virtualTokens, kvHeads * headDim]`, recorded.
+    func prefix(layer: Int) -> (keys: Tensor, values: Tensor)
+}
+
 /// A lookup table `[count, dim]`.
 public final class Embedding: Module {
     /// `[count, dim]`.

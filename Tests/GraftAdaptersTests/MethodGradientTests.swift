@@ -97,7 +97,7 @@ import GraftTestSupport
         for (type, f) in AdapterRegistry.moduleFactories.sorted(by: { $0.key < $1.key }) {
             var json = f.exampleConfig(targets: [])
             json["peft_type"] = type
-            if ["PROMPT_TUNING", "P_TUNING"].contains(type) {
+            if ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"].contains(type) {
                 // Virtual tokens are wired into the BERT encoder so far; a decoder says so clearly.
                 #expect(throws: GraftError.self) { try model.addAdapter("m", config: AdapterConfig(json: json, source: type)) }
                 continue
@@ -159,16 +159,17 @@ import GraftTestSupport
 }
 
 @Suite struct PromptGradientTests {
-    /// Prompt tuning's virtual tokens on the real MiniLM: sampled entries against central differences.
-    @Test func promptTuningGradients() throws {
+    /// Prompt and prefix tuning on the real MiniLM: sampled entries against central differences.
+    @Test(arguments: ["PROMPT_TUNING", "PREFIX_TUNING"])
+    func promptLearningGradients(type: String) throws {
         let bert = try Assets.loadMiniLM()
         let model = AdaptedModel(root: bert)
-        let adapter = try model.addAdapter("p", config: AdapterConfig(jsonText: #"{"peft_type":"PROMPT_TUNING","num_virtual_tokens":3}"#, source: "p"))
+        let adapter = try model.addAdapter("p", config: AdapterConfig(jsonText: #"{"peft_type":"\#(type)","num_virtual_tokens":3}"#, source: "p"))
         guard let prompt = adapter.peftStateDict.first?.tensor else { Issue.record("no prompt tensor"); return }
         #expect(adapter.peftStateDict.first?.key == "prompt_embeddings")
         let batch = try TokenBatch(sequences: [[101, 7592, 2088, 102], [101, 2023, 102]])
         var rng = GraftRNG(seed: 2)
-        let w = Tensor.randomNormal([2, 7, 384], rng: &rng)
+        let w = Tensor.randomNormal([2, type == "PROMPT_TUNING" ? 7 : 4, 384], rng: &rng)
         func value() throws -> Double {
             let out = try withNoGrad { try bert.forward(batch) }
             return zip(out.scalars, w.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
@@ -186,7 +187,7 @@ import GraftTestSupport
             let numeric = (up - down) / 2e-2
             worst = max(worst, abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric)))
         }
-        #expect(worst < 5e-3, "prompt tuning: worst gradient error \(worst)")
+        #expect(worst < 5e-3, "\(type): worst gradient error \(worst)")
         #expect(throws: GraftError.self) { try model.merge("p") }
     }
 }

@@ -9,7 +9,7 @@ import GraftTestSupport
 /// Catalog methods beyond LoRA: PEFT's adapter files reproduce PEFT's outputs, merge where mergeable, and
 /// survive a save → load round trip.
 @Suite(.serialized) struct MethodParityTests {
-    static let methods = ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "shira", "oft", "vblora", "ln_tuning", "trainable_tokens", "prompt_tuning", "p_tuning"]
+    static let methods = ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "shira", "oft", "vblora", "ln_tuning", "trainable_tokens", "prompt_tuning", "p_tuning", "prefix_tuning"]
 
     func base() throws -> SafeTensorsFile {
         try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/base_expected.safetensors"))
@@ -46,7 +46,7 @@ import GraftTestSupport
         try model.loadAdapter(directory: Assets.fixture("peft-minilm/\(method)"))
         let forward = { try withNoGrad { try bert.forward(try fixtureBatch(try self.base())) } }
         let unmerged = try forward()
-        if ["prompt_tuning", "p_tuning"].contains(method) {
+        if ["prompt_tuning", "p_tuning", "prefix_tuning"].contains(method) {
             #expect(throws: GraftError.self) { try model.merge("default") }
         } else {
             try checkMerge(model, forward: forward, unmerged: unmerged)
