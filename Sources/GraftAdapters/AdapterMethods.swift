@@ -105,6 +105,7 @@ public enum AdapterRegistry {
         SHiRAFactory.peftType: SHiRAFactory.self,
         OFTFactory.peftType: OFTFactory.self,
         VBLoRAFactory.peftType: VBLoRAFactory.self,
+        C3AFactory.peftType: C3AFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

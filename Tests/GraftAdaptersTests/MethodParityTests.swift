@@ -9,7 +9,7 @@ import GraftTestSupport
 /// Catalog methods beyond LoRA: PEFT's adapter files reproduce PEFT's outputs, merge where mergeable, and
 /// survive a save → load round trip.
 @Suite(.serialized) struct MethodParityTests {
-    static let methods = ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "shira", "oft", "vblora", "ln_tuning", "trainable_tokens", "prompt_tuning", "p_tuning", "prefix_tuning"]
+    static let methods = ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "shira", "oft", "vblora", "c3a", "ln_tuning", "trainable_tokens", "prompt_tuning", "p_tuning", "prefix_tuning"]
 
     func base() throws -> SafeTensorsFile {
         try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/base_expected.safetensors"))
@@ -89,7 +89,7 @@ import GraftTestSupport
 
 @Suite struct SingleLayerMergeTests {
     /// ΔW reproduces each layer's adapted output on its own (no accumulation through the encoder).
-    @Test(arguments: ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "shira", "oft", "vblora", "lora", "dora"])
+    @Test(arguments: ["ia3", "loha", "lokr", "vera", "hra", "miss", "road", "adalora", "shira", "oft", "vblora", "c3a", "lora", "dora"])
     func deltaWeightReproducesTheLayer(method: String) throws {
         let bert = try Assets.loadMiniLM()
         let model = AdaptedModel(root: bert)
