@@ -33,6 +33,9 @@ public protocol LinearAdapterMethod: LinearAdapter {
     func load(_ name: String, from tensor: Tensor) throws
     /// Integer buffers saved with the adapter (SHiRA's indices) by PEFT key suffix; none by default.
     var integerBuffers: [(name: String, values: [Int32], shape: [Int])] { get }
+    /// Frozen float tensors PEFT saves under this layer's keys (RandLoRA's per-layer copies of its bases);
+    /// written on save, checked for presence on load, never trained. None by default.
+    var savedBuffers: [(name: String, tensor: Tensor)] { get }
     /// Restores an integer buffer; the default rejects any.
     func loadIntegers(_ name: String, values: [Int64], shape: [Int]) throws
 }
@@ -41,6 +44,7 @@ extension LinearAdapterMethod {
     public func deltaBias(base: Linear) -> Tensor? { nil }
 
     public var integerBuffers: [(name: String, values: [Int32], shape: [Int])] { [] }
+    public var savedBuffers: [(name: String, tensor: Tensor)] { [] }
 
     /// Copies `tensor` into the parameter of that PEFT name, checking the shape.
     public func load(_ name: String, from tensor: Tensor) throws {

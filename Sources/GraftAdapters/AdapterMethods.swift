@@ -106,6 +106,7 @@ public enum AdapterRegistry {
         OFTFactory.peftType: OFTFactory.self,
         VBLoRAFactory.peftType: VBLoRAFactory.self,
         C3AFactory.peftType: C3AFactory.self,
+        RandLoRAFactory.peftType: RandLoRAFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

@@ -38,9 +38,11 @@ extension AdaptedModel {
         for (path, m) in adapter.modules {
             for (n, _) in m.namedParameters { moduleParams[m.key(n, path: path)] = (m, n) }
         }
+        var buffers = Set<String>()
         for (path, _, layer) in adapter.layers {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
             for (n, _, _) in layer.integerBuffers { integers["base_model.model.\(path).\(n)"] = (layer, n) }
+            for (n, _) in layer.savedBuffers { buffers.insert("base_model.model.\(path).\(n)") }
         }
         for (path, _, layer) in adapter.savedModules {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
@@ -64,6 +66,11 @@ extension AdaptedModel {
                 } catch let e as GraftError {
                     throw GraftError(e.code, "\(file.path): \(key): \(e.message)")
                 }
+                seen.insert(normalized)
+                continue
+            }
+            if buffers.contains(normalized) {
+                // Copies of the shared frozen bases: the shared tensors were loaded above.
                 seen.insert(normalized)
                 continue
             }
@@ -110,6 +117,7 @@ extension AdaptedModel {
         for (key, t) in a.shared { try writer.add(key, t) }
         for (path, _, layer) in a.layers {
             for (n, values, shape) in layer.integerBuffers { try writer.add("base_model.model.\(path).\(n)", int32s: values, shape: shape) }
+            for (n, t) in layer.savedBuffers { try writer.add("base_model.model.\(path).\(n)", t) }
         }
         try writer.write(to: directory + "/adapter_model.safetensors")
         let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(a.config),

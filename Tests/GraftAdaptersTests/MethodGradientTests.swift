@@ -24,6 +24,7 @@ import GraftTestSupport
         ("AdaLoRA", #"{"peft_type":"ADALORA","init_r":3,"lora_alpha":4,"target_modules":["proj"]}"#),
         ("SHiRA", #"{"peft_type":"SHIRA","r":1,"target_modules":["proj"]}"#),
         ("OFT", #"{"peft_type":"OFT","oft_block_size":4,"r":0,"target_modules":["proj"]}"#),
+        ("RandLoRA", #"{"peft_type":"RANDLORA","r":2,"randlora_alpha":4,"target_modules":["proj"]}"#),
         ("C3A", #"{"peft_type":"C3A","block_size":4,"target_modules":["proj"]}"#),
         ("VB-LoRA", #"{"peft_type":"VBLORA","r":2,"num_vectors":6,"vector_length":4,"topk":2,"target_modules":["proj"]}"#),
     ]
