@@ -2,7 +2,7 @@
 SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
-.PHONY: demo test test-c lib install build release setup assets bench clean
+.PHONY: demo test test-c test-python lib install build release setup assets bench clean
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -12,7 +12,7 @@ demo: setup assets release
 # against an older private layout of a class (seen as a crash in a deinit); `make clean` and rebuild then.
 TEST_FLAGS = -c release -Xswiftc -enable-testing --scratch-path .build-test
 
-test: assets test-c
+test: assets test-c test-python
 	$(SWIFT) build --build-tests $(TEST_FLAGS)
 	$(SWIFT) test --skip-build $(TEST_FLAGS)
 
@@ -50,6 +50,14 @@ test-c: assets lib
 	PKG_CONFIG_PATH=$(abspath $(C_OUT)/prefix)/lib/pkgconfig sh -c '$(CC) $(C_EXAMPLE_FLAGS) examples/c/finetune.c \
 		-o $(C_OUT)/finetune $$(pkg-config --cflags --libs graft) -Wl,-rpath,$(abspath $(C_OUT)/prefix)/lib'
 	$(C_OUT)/finetune "" $(C_OUT)/finetune-adapter
+
+# The Python binding (bindings/python, ctypes over libgraft.so) straight from the checkout: its pytest suite, then
+# examples/python/finetune.py capped at 20 steps. `python3 -m pytest` fails on exit code 5 (no tests collected) too.
+PYTHON ?= python3
+PY_ENV = PYTHONPATH=$(abspath bindings/python) GRAFT_LIB=$(abspath $(LIBGRAFT))
+test-python: assets lib
+	$(PY_ENV) $(PYTHON) -m pytest -q bindings/python/tests
+	$(PY_ENV) $(PYTHON) examples/python/finetune.py --max-steps 20 --output $(abspath .build/python-lora)
 
 # Installs lib/libgraft.so, include/graft.h and lib/pkgconfig/graft.pc under PREFIX.
 PREFIX ?= /usr/local
