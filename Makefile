@@ -52,14 +52,15 @@ test-c: assets lib
 	$(C_OUT)/finetune "" $(C_OUT)/finetune-adapter
 
 # The Python binding (bindings/python, ctypes over libgraft.so) straight from the checkout: its pytest suite, then
-# examples/python/finetune.py capped at 20 steps. `python3 -m pytest` fails on exit code 5 (no tests collected) too.
+# examples/python/finetune.py capped at 20 steps, and the README's Python snippet. `python3 -m pytest` fails on exit code 5 (no tests collected) too.
 PYTHON ?= python3
 PY_ENV = PYTHONPATH=$(abspath bindings/python) GRAFT_LIB=$(abspath $(LIBGRAFT))
 test-python: assets lib
 	$(PY_ENV) $(PYTHON) -m pytest -q bindings/python/tests
 	$(PY_ENV) $(PYTHON) examples/python/finetune.py --max-steps 20 --output $(abspath .build/python-lora)
+	$(PY_ENV) PYTHON=$(PYTHON) tests/bindings/readme-snippets.sh README.md python
 
-# The Lua host: bindings/lua/graft.so (a Lua 5.4 C module over graft.h), its test, and examples/lua/train.lua.
+# The Lua host: bindings/lua/graft.so (a Lua 5.4 C module over graft.h), its test, examples/lua/train.lua and the README's Lua snippet.
 LUA ?= lua5.4
 LUA_OUT = .build/lua
 test-lua: assets lib
@@ -68,6 +69,7 @@ test-lua: assets lib
 		-o $(LUA_OUT)/graft.so -L$(LIB_DIR) -lgraft -Wl,-rpath,$(abspath $(LIB_DIR))
 	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" $(LUA) bindings/lua/test.lua
 	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" $(LUA) examples/lua/train.lua
+	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" LUA=$(LUA) tests/bindings/readme-snippets.sh README.md lua
 
 # Installs lib/libgraft.so, include/graft.h and lib/pkgconfig/graft.pc under PREFIX.
 PREFIX ?= /usr/local
