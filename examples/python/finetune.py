@@ -55,7 +55,7 @@ def main():
     args = ap.parse_args()
 
     print(f"graft {graft.__version__} ({graft.library_path})")
-    with graft.load_model(args.model, task="seq_cls", num_labels=3) as model:
+    with graft.load_model(args.model, task="seq_cls", num_labels=3, seed=42) as model:
         model.add_adapter("default", graft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                       lora_dropout=0.0, modules_to_save=["classifier"],
                                                       task_type="SEQ_CLS"))
