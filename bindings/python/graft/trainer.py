@@ -1,5 +1,6 @@
 """graft.Trainer: trains one adapter of a model (graft_trainer_*)."""
 import ctypes
+import functools
 import json
 import os
 import weakref
@@ -9,6 +10,15 @@ from . import _lib
 from ._arrays import as_int32, ptr, token_batch
 from ._lib import lib
 from .errors import GraftError, check, invalid
+
+def _locked(method):
+    """Runs a method under the model's lock: a trainer must not run concurrently with its model."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
 
 _SCHEDULES = {"constant": 0, "linear": 1, "cosine": 2}
 _OPTIMIZERS = {"adamw": 0, "sgd": 1}
@@ -81,14 +91,17 @@ class Trainer:
             except (TypeError, ValueError) as e:
                 raise invalid(f"extras is not JSON-serialisable: {e}", where) from None
         self.model = model
+        self._lock = model._lock
         self._num_labels = model._info.get("num_labels")
         handle = ctypes.c_void_p()
         name = None if adapter is None else str(adapter).encode()
-        check(lib.graft_trainer_create(model._h(where), name, ctypes.byref(p), extras_text, ctypes.byref(handle)),
-              f"Trainer(adapter={adapter!r})")
+        with self._lock:
+            check(lib.graft_trainer_create(model._h(where), name, ctypes.byref(p), extras_text,
+                                           ctypes.byref(handle)), f"Trainer(adapter={adapter!r})")
         self._handle = handle
         self._finalizer = weakref.finalize(self, lib.graft_trainer_free, handle)
 
+    @_locked
     def close(self):
         """Frees the trainer now (idempotent); the adapter and its trained weights stay on the model."""
         self._finalizer()
@@ -120,6 +133,7 @@ class Trainer:
                               f"got {lab.size}", where)
         return mat, lens, lab
 
+    @_locked
     def step(self, ids, lengths=None, labels=None):
         """One training micro-batch (forward, backward, optimizer update); returns its mean loss (before the update).
 
@@ -133,6 +147,7 @@ class Trainer:
                                      ctypes.byref(loss)), where)
         return float(loss.value)
 
+    @_locked
     def evaluate(self, ids, lengths=None, labels=None):
         """(mean loss, accuracy) over a batch without training; labels as for step()."""
         where = "Trainer.evaluate"
@@ -142,6 +157,7 @@ class Trainer:
                                          ctypes.byref(loss), ctypes.byref(acc)), where)
         return float(loss.value), float(acc.value)
 
+    @_locked
     def train(self, dataset, callback=None):
         """Trains over a dataset for `epochs` (or `total_steps`) with shuffling, packing and the schedule.
 
@@ -181,11 +197,13 @@ class Trainer:
         check(s, where)
         return TrainResult(False, last[0])
 
+    @_locked
     def save_checkpoint(self, directory):
         """Writes the adapter (PEFT format), optimizer state and trainer state to `directory`."""
         check(lib.graft_trainer_save_checkpoint(self._h("save_checkpoint"), os.fsencode(directory)),
               f"save_checkpoint({os.fspath(directory)!r})")
 
+    @_locked
     def load_checkpoint(self, directory):
         """Restores a checkpoint from save_checkpoint(), so training continues exactly where it stopped."""
         check(lib.graft_trainer_load_checkpoint(self._h("load_checkpoint"), os.fsencode(directory)),

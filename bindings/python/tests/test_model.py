@@ -197,3 +197,12 @@ def test_close_and_gc(minilm_path):
     del m2
     gc.collect()
     assert ref() is None and not fin.alive
+
+
+def test_threads_share_a_model(bert):
+    from concurrent.futures import ThreadPoolExecutor
+    ids = [bert.tokenize("one model, several threads"), bert.tokenize("calls are serialised")]
+    want = bert(ids)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: bert(ids), range(8)))
+    assert all(np.array_equal(r, want) for r in results)
