@@ -2,7 +2,7 @@
 SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
-.PHONY: demo test test-c lib install build release setup assets bench clean
+.PHONY: demo test test-c test-python test-lua lib install build release setup assets bench clean
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -12,7 +12,7 @@ demo: setup assets release
 # against an older private layout of a class (seen as a crash in a deinit); `make clean` and rebuild then.
 TEST_FLAGS = -c release -Xswiftc -enable-testing --scratch-path .build-test
 
-test: assets test-c
+test: assets test-c test-python test-lua
 	$(SWIFT) build --build-tests $(TEST_FLAGS)
 	$(SWIFT) test --skip-build $(TEST_FLAGS)
 
@@ -50,6 +50,26 @@ test-c: assets lib
 	PKG_CONFIG_PATH=$(abspath $(C_OUT)/prefix)/lib/pkgconfig sh -c '$(CC) $(C_EXAMPLE_FLAGS) examples/c/finetune.c \
 		-o $(C_OUT)/finetune $$(pkg-config --cflags --libs graft) -Wl,-rpath,$(abspath $(C_OUT)/prefix)/lib'
 	$(C_OUT)/finetune "" $(C_OUT)/finetune-adapter
+
+# The Python binding (bindings/python, ctypes over libgraft.so) straight from the checkout: its pytest suite, then
+# examples/python/finetune.py capped at 20 steps, and the README's Python snippet. `python3 -m pytest` fails on exit code 5 (no tests collected) too.
+PYTHON ?= python3
+PY_ENV = PYTHONPATH=$(abspath bindings/python) GRAFT_LIB=$(abspath $(LIBGRAFT))
+test-python: assets lib
+	$(PY_ENV) $(PYTHON) -m pytest -q bindings/python/tests
+	$(PY_ENV) $(PYTHON) examples/python/finetune.py --max-steps 20 --output $(abspath .build/python-lora)
+	$(PY_ENV) PYTHON=$(PYTHON) tests/bindings/readme-snippets.sh README.md python
+
+# The Lua host: bindings/lua/graft.so (a Lua 5.4 C module over graft.h), its test, examples/lua/train.lua and the README's Lua snippet.
+LUA ?= lua5.4
+LUA_OUT = .build/lua
+test-lua: assets lib
+	mkdir -p $(LUA_OUT)
+	$(CC) $(C_EXAMPLE_FLAGS) -O2 -shared -fPIC $$(pkg-config --cflags lua5.4) -Iinclude bindings/lua/graft.c \
+		-o $(LUA_OUT)/graft.so -L$(LIB_DIR) -lgraft -Wl,-rpath,$(abspath $(LIB_DIR))
+	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" $(LUA) bindings/lua/test.lua
+	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" $(LUA) examples/lua/train.lua
+	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" LUA=$(LUA) tests/bindings/readme-snippets.sh README.md lua
 
 # Installs lib/libgraft.so, include/graft.h and lib/pkgconfig/graft.pc under PREFIX.
 PREFIX ?= /usr/local

@@ -1,0 +1,658 @@
+/*
+ * graft.so — a Lua 5.4 module over Graft's C ABI (include/graft.h).
+ *
+ *   local graft = require "graft"
+ *   local model <close> = graft.load(path, {task = "seq_cls", num_labels = 3})
+ *   model:add_adapter("default", '{"peft_type": "LORA", "r": 8, "target_modules": ["query", "value"]}')
+ *   local trainer <close> = model:trainer{learning_rate = 1e-3}
+ *   print(trainer:step({model:tokenize("great"), model:tokenize("awful")}, {0, 1}))
+ *
+ * Models and trainers are userdata freed by close(), by a to-be-closed variable (__close) or by the garbage
+ * collector (__gc). Failures raise Lua errors "graft: <call>: <status>: <graft_last_error()>". Token batches are
+ * Lua sequences of sequences of integers (rows may differ in length; they are padded). Temporary C buffers
+ * are Lua userdata, so an error raised halfway never leaks them.
+ *
+ * Build: cc -std=c11 -Wall -Wextra -Werror -pedantic -shared -fPIC $(pkg-config --cflags lua5.4) -Iinclude \
+ *           bindings/lua/graft.c -o graft.so -Lpath/to/lib -lgraft
+ */
+#include <graft.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#define MODEL_MT "graft.Model"
+#define TRAINER_MT "graft.Trainer"
+
+typedef struct {
+    graft_model *handle;
+} lmodel;
+
+typedef struct {
+    graft_trainer *handle;
+} ltrainer;
+
+/* Raises a Lua error for a failed status, naming the call, the status and the library's message. */
+static void check(lua_State *L, graft_status s, const char *where) {
+    if (s != GRAFT_OK) luaL_error(L, "graft: %s: %s (%d): %s", where, graft_status_string(s), (int)s, graft_last_error());
+}
+
+/* Pushes a library-owned string and releases it. */
+static void push_owned(lua_State *L, char *s) {
+    lua_pushstring(L, s ? s : "");
+    graft_string_free(s);
+}
+
+static graft_model *to_model(lua_State *L, int idx) {
+    lmodel *m = luaL_checkudata(L, idx, MODEL_MT);
+    if (!m->handle) luaL_error(L, "graft: the model is closed");
+    return m->handle;
+}
+
+static graft_trainer *to_trainer(lua_State *L, int idx) {
+    ltrainer *t = luaL_checkudata(L, idx, TRAINER_MT);
+    if (!t->handle) luaL_error(L, "graft: the trainer is closed");
+    return t->handle;
+}
+
+/* An int32 from a Lua value, with an error naming `what` when it is not an integer in range. */
+static int32_t to_int32(lua_State *L, int idx, const char *what, lua_Integer row, lua_Integer col) {
+    int ok = 0;
+    lua_Integer v = lua_tointegerx(L, idx, &ok);
+    if (!ok || v < INT32_MIN || v > INT32_MAX) {
+        if (col > 0) luaL_error(L, "graft: %s[%d][%d] must be an int32 integer, got %s", what, (int)row, (int)col,
+                                luaL_typename(L, idx));
+        luaL_error(L, "graft: %s[%d] must be an int32 integer, got %s", what, (int)row, luaL_typename(L, idx));
+    }
+    return (int32_t)v;
+}
+
+/* Temporary memory owned by the Lua stack (a full userdata pushed there). */
+static void *scratch(lua_State *L, size_t bytes) {
+    return lua_newuserdatauv(L, bytes ? bytes : 1, 0);
+}
+
+/* A token batch: a sequence of non-empty sequences of ids at stack index idx -> padded ids + lengths.
+ * Pushes two userdata (ids, lengths) that keep the memory alive until the caller returns. */
+typedef struct {
+    int32_t *ids, *lengths;
+    int32_t batch, stride;
+} batch_t;
+
+static batch_t read_batch(lua_State *L, int idx) {
+    batch_t b = {NULL, NULL, 0, 0};
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_Integer rows = luaL_len(L, idx);
+    if (rows < 1 || rows > INT32_MAX) luaL_error(L, "graft: the batch must hold 1 or more rows, got %d", (int)rows);
+    lua_Integer width = 0;
+    for (lua_Integer r = 1; r <= rows; r++) {
+        if (lua_geti(L, idx, r) != LUA_TTABLE)
+            luaL_error(L, "graft: batch row %d must be a table of token ids, got %s", (int)r, luaL_typename(L, -1));
+        lua_Integer n = luaL_len(L, -1);
+        if (n < 1) luaL_error(L, "graft: batch row %d is empty", (int)r);
+        if (n > width) width = n;
+        lua_pop(L, 1);
+    }
+    if ((size_t)width > SIZE_MAX / sizeof(int32_t) / (size_t)rows || width > INT32_MAX)
+        luaL_error(L, "graft: the batch is too large");
+    b.batch = (int32_t)rows;
+    b.stride = (int32_t)width;
+    b.ids = scratch(L, (size_t)rows * (size_t)width * sizeof(int32_t));
+    b.lengths = scratch(L, (size_t)rows * sizeof(int32_t));
+    memset(b.ids, 0, (size_t)rows * (size_t)width * sizeof(int32_t));
+    for (lua_Integer r = 1; r <= rows; r++) {
+        lua_geti(L, idx, r);
+        lua_Integer n = luaL_len(L, -1);
+        for (lua_Integer c = 1; c <= n; c++) {
+            lua_geti(L, -1, c);
+            b.ids[(r - 1) * width + (c - 1)] = to_int32(L, -1, "batch", r, c);
+            lua_pop(L, 1);
+        }
+        b.lengths[r - 1] = (int32_t)n;
+        lua_pop(L, 1);
+    }
+    return b;
+}
+
+/* An optional sequence of `n` int32 at idx (nil -> NULL); pushes its buffer. */
+static int32_t *read_ints(lua_State *L, int idx, lua_Integer n, const char *what) {
+    if (lua_isnoneornil(L, idx)) return NULL;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_Integer len = luaL_len(L, idx);
+    if (len != n) luaL_error(L, "graft: %s needs %d entries, got %d", what, (int)n, (int)len);
+    int32_t *out = scratch(L, (size_t)n * sizeof(int32_t));
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_geti(L, idx, i);
+        out[i - 1] = to_int32(L, -1, what, i, 0);
+        lua_pop(L, 1);
+    }
+    return out;
+}
+
+/* Option readers for a table at idx (absent keys keep *out). */
+static void opt_int(lua_State *L, int idx, const char *key, int32_t *out) {
+    if (lua_getfield(L, idx, key) != LUA_TNIL) {
+        int ok = 0;
+        lua_Integer v = lua_tointegerx(L, -1, &ok);
+        if (!ok || v < INT32_MIN || v > INT32_MAX) luaL_error(L, "graft: option '%s' must be an integer", key);
+        *out = (int32_t)v;
+    }
+    lua_pop(L, 1);
+}
+
+static void opt_u64(lua_State *L, int idx, const char *key, uint64_t *out) {
+    if (lua_getfield(L, idx, key) != LUA_TNIL) {
+        int ok = 0;
+        lua_Integer v = lua_tointegerx(L, -1, &ok);
+        if (!ok || v < 0) luaL_error(L, "graft: option '%s' must be a non-negative integer", key);
+        *out = (uint64_t)v;
+    }
+    lua_pop(L, 1);
+}
+
+static void opt_float(lua_State *L, int idx, const char *key, float *out) {
+    if (lua_getfield(L, idx, key) != LUA_TNIL) {
+        int ok = 0;
+        lua_Number v = lua_tonumberx(L, -1, &ok);
+        if (!ok) luaL_error(L, "graft: option '%s' must be a number", key);
+        *out = (float)v;
+    }
+    lua_pop(L, 1);
+}
+
+/* A string option mapped through names[] to its index (absent keeps *out). */
+static void opt_enum(lua_State *L, int idx, const char *key, const char *const names[], int32_t *out) {
+    if (lua_getfield(L, idx, key) != LUA_TNIL) {
+        const char *s = lua_tostring(L, -1);
+        int found = -1;
+        for (int i = 0; s && names[i]; i++)
+            if (strcmp(s, names[i]) == 0) found = i;
+        if (found < 0) luaL_error(L, "graft: option '%s' has an unknown value '%s'", key, s ? s : "?");
+        *out = (int32_t)found;
+    }
+    lua_pop(L, 1);
+}
+
+static void check_options(lua_State *L, int idx, const char *const known[]) {
+    if (lua_isnoneornil(L, idx)) return;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        int ok = 0;
+        for (int i = 0; k && known[i]; i++)
+            if (strcmp(k, known[i]) == 0) ok = 1;
+        if (!ok) luaL_error(L, "graft: unknown option '%s'", k ? k : luaL_typename(L, -1));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Module functions                                                                                            */
+
+static int l_version(lua_State *L) {
+    lua_pushstring(L, graft_version_string());
+    lua_pushinteger(L, (lua_Integer)graft_version());
+    return 2;
+}
+
+/* graft.load(path [, {task = "base"|"seq_cls"|"causal_lm", num_labels = n, threads = n, seed = n}]) -> model */
+static int l_load(lua_State *L) {
+    static const char *const known[] = {"task", "num_labels", "threads", "seed", NULL};
+    static const char *const tasks[] = {"base", "seq_cls", "causal_lm", NULL};
+    const char *path = luaL_checkstring(L, 1);
+    check_options(L, 2, known);
+    graft_model_params mp;
+    graft_model_params_init(&mp);
+    if (lua_istable(L, 2)) {
+        opt_enum(L, 2, "task", tasks, &mp.task);
+        opt_int(L, 2, "num_labels", &mp.num_labels);
+        opt_int(L, 2, "threads", &mp.num_threads);
+        opt_u64(L, 2, "seed", &mp.seed);
+    }
+    lmodel *m = lua_newuserdatauv(L, sizeof *m, 0);
+    m->handle = NULL;
+    luaL_setmetatable(L, MODEL_MT);
+    check(L, graft_model_load(path, &mp, &m->handle), path);
+    return 1;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Model methods                                                                                               */
+
+static int m_close(lua_State *L) {
+    lmodel *m = luaL_checkudata(L, 1, MODEL_MT);
+    graft_model_free(m->handle);
+    m->handle = NULL;
+    return 0;
+}
+
+static int m_tostring(lua_State *L) {
+    lmodel *m = luaL_checkudata(L, 1, MODEL_MT);
+    lua_pushfstring(L, "graft.Model (%s)", m->handle ? "open" : "closed");
+    return 1;
+}
+
+/* model:info() -> JSON text (graft_model_info) */
+static int m_info(lua_State *L) {
+    char *json = NULL;
+    check(L, graft_model_info(to_model(L, 1), &json), "info");
+    push_owned(L, json);
+    return 1;
+}
+
+/* model:tokenize(text [, add_special = true]) -> {ids} */
+static int m_tokenize(lua_State *L) {
+    lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
+    graft_model *m = to_model(L, 1);
+    size_t len = 0;
+    const char *text = luaL_checklstring(L, 2, &len);
+    if (strlen(text) != len) return luaL_error(L, "graft: tokenize: text contains a NUL byte");
+    int add = lua_isnoneornil(L, 3) ? 1 : lua_toboolean(L, 3);
+    size_t n = 0;
+    graft_status s = graft_tokenize(m, text, add, NULL, 0, &n);
+    if (s != GRAFT_OK && n == 0) check(L, s, "tokenize");
+    int32_t *ids = scratch(L, n * sizeof(int32_t));
+    check(L, graft_tokenize(m, text, add, ids, n, &n), "tokenize");
+    lua_createtable(L, (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        lua_pushinteger(L, ids[i]);
+        lua_seti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+/* model:decode({ids} [, skip_special = false]) -> text */
+static int m_decode(lua_State *L) {
+    lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
+    graft_model *m = to_model(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_Integer n = luaL_len(L, 2);
+    int32_t *ids = n > 0 ? read_ints(L, 2, n, "ids") : NULL;
+    char *text = NULL;
+    check(L, graft_detokenize(m, ids, (size_t)n, lua_toboolean(L, 3), &text), "decode");
+    push_owned(L, text);
+    return 1;
+}
+
+/* model:add_adapter(name, config_json) */
+static int m_add_adapter(lua_State *L) {
+    check(L, graft_adapter_add(to_model(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3)), "add_adapter");
+    return 0;
+}
+
+/* model:load_adapter(directory [, name = "default"]) */
+static int m_load_adapter(lua_State *L) {
+    check(L, graft_adapter_load(to_model(L, 1), luaL_checkstring(L, 2), luaL_optstring(L, 3, "default")),
+          "load_adapter");
+    return 0;
+}
+
+/* model:save_adapter(directory [, name = "default"]) */
+static int m_save_adapter(lua_State *L) {
+    check(L, graft_adapter_save(to_model(L, 1), luaL_optstring(L, 3, "default"), luaL_checkstring(L, 2)),
+          "save_adapter");
+    return 0;
+}
+
+/* model:list_adapters() -> JSON text */
+static int m_list_adapters(lua_State *L) {
+    char *json = NULL;
+    check(L, graft_adapter_list(to_model(L, 1), &json), "list_adapters");
+    push_owned(L, json);
+    return 1;
+}
+
+static int m_set_adapter(lua_State *L) {
+    check(L, graft_adapter_set_active(to_model(L, 1), luaL_checkstring(L, 2)), "set_adapter");
+    return 0;
+}
+
+/* model:enable_adapters([on = true]) */
+static int m_enable_adapters(lua_State *L) {
+    check(L, graft_adapter_set_enabled(to_model(L, 1), lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2)),
+          "enable_adapters");
+    return 0;
+}
+
+static int m_disable_adapters(lua_State *L) {
+    check(L, graft_adapter_set_enabled(to_model(L, 1), 0), "disable_adapters");
+    return 0;
+}
+
+static int m_delete_adapter(lua_State *L) {
+    check(L, graft_adapter_delete(to_model(L, 1), luaL_checkstring(L, 2)), "delete_adapter");
+    return 0;
+}
+
+static int m_merge_adapter(lua_State *L) {
+    check(L, graft_adapter_merge(to_model(L, 1), luaL_checkstring(L, 2)), "merge_adapter");
+    return 0;
+}
+
+static int m_unmerge_adapter(lua_State *L) {
+    check(L, graft_adapter_unmerge(to_model(L, 1), luaL_checkstring(L, 2)), "unmerge_adapter");
+    return 0;
+}
+
+/* model:forward(batch [, {output = "hidden"|"logits", adapter_ids = {...}}]) -> {floats}, count
+ * The floats are row-major as graft_model_forward documents them, 1-based. */
+static int m_forward(lua_State *L) {
+    static const char *const known[] = {"output", "adapter_ids", NULL};
+    static const char *const outputs[] = {"none", "hidden", "logits", NULL};
+    lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
+    graft_model *m = to_model(L, 1);
+    check_options(L, 3, known);
+    batch_t b = read_batch(L, 2);
+    int32_t output = GRAFT_OUTPUT_HIDDEN;
+    int32_t *adapter_ids = NULL;
+    if (lua_istable(L, 3)) {
+        opt_enum(L, 3, "output", outputs, &output);
+        if (output == 0) return luaL_error(L, "graft: option 'output' must be 'hidden' or 'logits'");
+        lua_getfield(L, 3, "adapter_ids");
+        adapter_ids = read_ints(L, lua_gettop(L), b.batch, "adapter_ids");
+    }
+    size_t count = 0;
+    graft_status s = graft_model_forward(m, b.ids, b.lengths, b.batch, b.stride, adapter_ids, output, NULL, 0, &count);
+    if (s != GRAFT_OK && count == 0) check(L, s, "forward");
+    float *out = scratch(L, count * sizeof(float));
+    check(L, graft_model_forward(m, b.ids, b.lengths, b.batch, b.stride, adapter_ids, output, out, count, &count),
+          "forward");
+    lua_createtable(L, (int)count, 0);
+    for (size_t i = 0; i < count; i++) {
+        lua_pushnumber(L, (lua_Number)out[i]);
+        lua_seti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_pushinteger(L, (lua_Integer)count);
+    return 2;
+}
+
+/* Token callback of generate: calls the Lua function at stack slot ctx->fn; an error stops and is kept. */
+typedef struct {
+    lua_State *L;
+    int fn, err;
+} cb_ctx;
+
+static int on_token(int32_t token, const char *piece, void *user_data) {
+    cb_ctx *c = user_data;
+    lua_State *L = c->L;
+    lua_pushvalue(L, c->fn);
+    lua_pushinteger(L, token);
+    lua_pushstring(L, piece);
+    if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+        lua_replace(L, c->err);
+        return 1;
+    }
+    int stop = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return stop;
+}
+
+/* model:generate({prompt ids} [, {max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, callback}])
+ * -> {new ids}. callback(token, text_piece) may return true to stop. */
+static int m_generate(lua_State *L) {
+    static const char *const known[] = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_at_eos",
+                                        "callback", NULL};
+    lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
+    graft_model *m = to_model(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    check_options(L, 3, known);
+    lua_Integer n = luaL_len(L, 2);
+    if (n < 1) return luaL_error(L, "graft: generate: the prompt is empty");
+    int32_t *prompt = read_ints(L, 2, n, "prompt");
+    graft_sampling_params sp;
+    graft_sampling_params_init(&sp);
+    cb_ctx ctx = {L, 0, 0};
+    lua_pushnil(L); /* error slot */
+    ctx.err = lua_gettop(L);
+    if (lua_istable(L, 3)) {
+        opt_int(L, 3, "max_new_tokens", &sp.max_new_tokens);
+        opt_float(L, 3, "temperature", &sp.temperature);
+        opt_float(L, 3, "top_p", &sp.top_p);
+        opt_int(L, 3, "top_k", &sp.top_k);
+        opt_u64(L, 3, "seed", &sp.seed);
+        if (lua_getfield(L, 3, "stop_at_eos") != LUA_TNIL) sp.stop_at_eos = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (lua_getfield(L, 3, "callback") != LUA_TNIL) {
+            luaL_checktype(L, -1, LUA_TFUNCTION);
+            ctx.fn = lua_gettop(L);
+        } else {
+            lua_pop(L, 1);
+        }
+    }
+    if (sp.max_new_tokens < 0) return luaL_error(L, "graft: generate: max_new_tokens must be >= 0");
+    size_t cap = sp.max_new_tokens > 0 ? (size_t)sp.max_new_tokens : 1;
+    int32_t *out = scratch(L, cap * sizeof(int32_t));
+    size_t n_out = 0;
+    graft_status s = graft_generate(m, prompt, (size_t)n, &sp, ctx.fn ? on_token : NULL, &ctx, out, cap, &n_out);
+    if (!lua_isnil(L, ctx.err)) {
+        lua_pushvalue(L, ctx.err);
+        return lua_error(L);
+    }
+    check(L, s, "generate");
+    lua_createtable(L, (int)n_out, 0);
+    for (size_t i = 0; i < n_out; i++) {
+        lua_pushinteger(L, out[i]);
+        lua_seti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+/* model:trainer([{adapter, learning_rate, weight_decay, warmup_steps, total_steps, schedule, optimizer,
+ *                 max_grad_norm, gradient_accumulation_steps, batch_size, epochs, max_length, seed, extras}])
+ * -> trainer. schedule: "constant"|"linear"|"cosine"; optimizer: "adamw"|"sgd"; extras: JSON text. */
+static int m_trainer(lua_State *L) {
+    static const char *const known[] = {"adapter", "learning_rate", "weight_decay", "warmup_steps", "total_steps",
+                                        "schedule", "optimizer", "max_grad_norm", "gradient_accumulation_steps",
+                                        "batch_size", "epochs", "max_length", "seed", "extras", NULL};
+    static const char *const schedules[] = {"constant", "linear", "cosine", NULL};
+    static const char *const optimizers[] = {"adamw", "sgd", NULL};
+    graft_model *m = to_model(L, 1);
+    check_options(L, 2, known);
+    graft_trainer_params tp;
+    graft_trainer_params_init(&tp);
+    const char *adapter = NULL, *extras = NULL;
+    if (lua_istable(L, 2)) {
+        opt_float(L, 2, "learning_rate", &tp.learning_rate);
+        opt_float(L, 2, "weight_decay", &tp.weight_decay);
+        opt_int(L, 2, "warmup_steps", &tp.warmup_steps);
+        opt_int(L, 2, "total_steps", &tp.total_steps);
+        opt_enum(L, 2, "schedule", schedules, &tp.schedule);
+        opt_enum(L, 2, "optimizer", optimizers, &tp.optimizer);
+        opt_float(L, 2, "max_grad_norm", &tp.max_grad_norm);
+        opt_int(L, 2, "gradient_accumulation_steps", &tp.gradient_accumulation_steps);
+        opt_int(L, 2, "batch_size", &tp.batch_size);
+        opt_int(L, 2, "epochs", &tp.epochs);
+        opt_int(L, 2, "max_length", &tp.max_length);
+        opt_u64(L, 2, "seed", &tp.seed);
+        lua_getfield(L, 2, "adapter"); /* strings stay referenced by the options table */
+        adapter = lua_tostring(L, -1);
+        lua_pop(L, 1);
+        lua_getfield(L, 2, "extras");
+        extras = lua_tostring(L, -1);
+        lua_pop(L, 1);
+    }
+    ltrainer *t = lua_newuserdatauv(L, sizeof *t, 0);
+    t->handle = NULL;
+    luaL_setmetatable(L, TRAINER_MT);
+    check(L, graft_trainer_create(m, adapter, &tp, extras, &t->handle), "trainer");
+    return 1;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Trainer methods                                                                                             */
+
+static int t_close(lua_State *L) {
+    ltrainer *t = luaL_checkudata(L, 1, TRAINER_MT);
+    graft_trainer_free(t->handle);
+    t->handle = NULL;
+    return 0;
+}
+
+static int t_tostring(lua_State *L) {
+    ltrainer *t = luaL_checkudata(L, 1, TRAINER_MT);
+    lua_pushfstring(L, "graft.Trainer (%s)", t->handle ? "open" : "closed");
+    return 1;
+}
+
+/* Labels for a batch: nil, one class per row, or batch * stride per-token labels (flat). */
+static int32_t *read_labels(lua_State *L, int idx, const batch_t *b) {
+    if (lua_isnoneornil(L, idx)) return NULL;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_Integer n = luaL_len(L, idx);
+    lua_Integer per_token = (lua_Integer)b->batch * b->stride;
+    if (n != b->batch && n != per_token)
+        luaL_error(L, "graft: labels need %d entries (one class per row) or %d (per token), got %d", (int)b->batch,
+                   (int)per_token, (int)n);
+    return read_ints(L, idx, n, "labels");
+}
+
+/* trainer:step(batch [, labels]) -> loss */
+static int t_step(lua_State *L) {
+    lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
+    graft_trainer *t = to_trainer(L, 1);
+    batch_t b = read_batch(L, 2);
+    int32_t *labels = read_labels(L, 3, &b);
+    float loss = 0;
+    check(L, graft_trainer_step(t, b.ids, b.lengths, b.batch, b.stride, labels, &loss), "step");
+    lua_pushnumber(L, loss);
+    return 1;
+}
+
+/* trainer:evaluate(batch [, labels]) -> loss, accuracy */
+static int t_evaluate(lua_State *L) {
+    lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
+    graft_trainer *t = to_trainer(L, 1);
+    batch_t b = read_batch(L, 2);
+    int32_t *labels = read_labels(L, 3, &b);
+    float loss = 0, accuracy = 0;
+    check(L, graft_trainer_evaluate(t, b.ids, b.lengths, b.batch, b.stride, labels, &loss, &accuracy), "evaluate");
+    lua_pushnumber(L, loss);
+    lua_pushnumber(L, accuracy);
+    return 2;
+}
+
+static int on_progress(const graft_progress *p, void *user_data) {
+    cb_ctx *c = user_data;
+    lua_State *L = c->L;
+    lua_pushvalue(L, c->fn);
+    lua_createtable(L, 0, 10);
+    lua_pushinteger(L, p->step), lua_setfield(L, -2, "step");
+    lua_pushinteger(L, p->total_steps), lua_setfield(L, -2, "total_steps");
+    lua_pushinteger(L, p->epoch), lua_setfield(L, -2, "epoch");
+    lua_pushnumber(L, p->loss), lua_setfield(L, -2, "loss");
+    lua_pushnumber(L, p->learning_rate), lua_setfield(L, -2, "learning_rate");
+    lua_pushnumber(L, p->grad_norm), lua_setfield(L, -2, "grad_norm");
+    lua_pushnumber(L, p->mean_loss), lua_setfield(L, -2, "mean_loss");
+    lua_pushnumber(L, p->tokens_per_second), lua_setfield(L, -2, "tokens_per_second");
+    lua_pushnumber(L, p->elapsed_seconds), lua_setfield(L, -2, "elapsed_seconds");
+    lua_pushnumber(L, p->eta_seconds), lua_setfield(L, -2, "eta_seconds");
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        lua_replace(L, c->err);
+        return 1;
+    }
+    int stop = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return stop;
+}
+
+/* trainer:train(data [, callback]) -> true when finished, false when the callback stopped it.
+ * data: a JSON Lines path or "tweets"; callback(progress table) may return true to stop. */
+static int t_train(lua_State *L) {
+    graft_trainer *t = to_trainer(L, 1);
+    const char *data = luaL_checkstring(L, 2);
+    cb_ctx ctx = {L, 0, 0};
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TFUNCTION);
+        ctx.fn = 3;
+    }
+    lua_settop(L, 3);
+    lua_pushnil(L);
+    ctx.err = 4;
+    graft_status s = graft_trainer_train_file(t, data, ctx.fn ? on_progress : NULL, &ctx);
+    if (!lua_isnil(L, ctx.err)) {
+        lua_pushvalue(L, ctx.err);
+        return lua_error(L);
+    }
+    if (s == GRAFT_ERR_CANCELLED) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    check(L, s, "train");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int t_save_checkpoint(lua_State *L) {
+    check(L, graft_trainer_save_checkpoint(to_trainer(L, 1), luaL_checkstring(L, 2)), "save_checkpoint");
+    return 0;
+}
+
+static int t_load_checkpoint(lua_State *L) {
+    check(L, graft_trainer_load_checkpoint(to_trainer(L, 1), luaL_checkstring(L, 2)), "load_checkpoint");
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+
+static const luaL_Reg model_methods[] = {
+    {"close", m_close},
+    {"info", m_info},
+    {"tokenize", m_tokenize},
+    {"decode", m_decode},
+    {"add_adapter", m_add_adapter},
+    {"load_adapter", m_load_adapter},
+    {"save_adapter", m_save_adapter},
+    {"list_adapters", m_list_adapters},
+    {"set_adapter", m_set_adapter},
+    {"enable_adapters", m_enable_adapters},
+    {"disable_adapters", m_disable_adapters},
+    {"delete_adapter", m_delete_adapter},
+    {"merge_adapter", m_merge_adapter},
+    {"unmerge_adapter", m_unmerge_adapter},
+    {"forward", m_forward},
+    {"generate", m_generate},
+    {"trainer", m_trainer},
+    {NULL, NULL},
+};
+
+static const luaL_Reg trainer_methods[] = {
+    {"close", t_close},
+    {"step", t_step},
+    {"evaluate", t_evaluate},
+    {"train", t_train},
+    {"save_checkpoint", t_save_checkpoint},
+    {"load_checkpoint", t_load_checkpoint},
+    {NULL, NULL},
+};
+
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction close,
+                      lua_CFunction tostring) {
+    luaL_newmetatable(L, name);
+    lua_newtable(L); /* methods is a pointer, so not luaL_newlib (which sizes from an array) */
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+}
+
+int luaopen_graft(lua_State *L) {
+    static const luaL_Reg functions[] = {
+        {"load", l_load},
+        {"version", l_version},
+        {NULL, NULL},
+    };
+    new_class(L, MODEL_MT, model_methods, m_close, m_tostring);
+    new_class(L, TRAINER_MT, trainer_methods, t_close, t_tostring);
+    luaL_newlib(L, functions);
+    lua_pushstring(L, graft_version_string());
+    lua_setfield(L, -2, "_VERSION");
+    return 1;
+}

@@ -1,0 +1,28 @@
+"""Graft: parameter-efficient fine-tuning (LoRA, DoRA, IA³, LoHa, LoKr, VeRA, ...) from Python.
+
+A ctypes binding of libgraft.so's C ABI (include/graft.h) with a PEFT-shaped API:
+
+    import graft
+    with graft.load_model(path, task="seq_cls", num_labels=3) as model:
+        model.add_adapter("default", graft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                      modules_to_save=["classifier"]))
+        with graft.Trainer(model, total_steps=10) as trainer:
+            trainer.train("tweets")
+        model.save_adapter("out/lora")
+
+libgraft.so is found through $GRAFT_LIB, else beside this package, else in the checkout's .build/release.
+"""
+from . import _lib
+from .config import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, VeraConfig
+from .errors import GraftError
+from .model import Model, load_model
+from .trainer import Progress, Trainer, TrainResult
+
+__version__ = _lib.lib.graft_version_string().decode()
+#: The loaded library's version as MAJOR * 10000 + MINOR * 100 + PATCH.
+version_number = _lib.lib.graft_version()
+#: Where libgraft.so was loaded from.
+library_path = str(_lib.path)
+
+__all__ = ["GraftError", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "Model", "PeftConfig", "Progress",
+           "TrainResult", "Trainer", "VeraConfig", "load_model", "__version__"]
