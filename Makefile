@@ -93,6 +93,7 @@ release:
 bench: assets release
 	bench/forward
 	bench/train-step
+	bench/ctypes-overhead
 
 clean:
 	rm -rf .build .build-test
