@@ -198,38 +198,49 @@ public enum TrainableTokensFactory: ModuleAdapterFactory {
     }
 }
 
-/// Prompt tuning (Lester et al., 2021) and P-tuning (Liu et al., 2021) at inference: learned virtual-token
-/// embeddings `[n, hidden]` prepended to every input. PEFT saves P-tuning's encoder output under the same key,
-/// so both load as `prompt_embeddings`. (Training P-tuning's MLP/LSTM encoder is not implemented yet.)
-public final class PromptTuningLayer: ModuleAdapterMethod, PromptAdapter {
+/// Learned embeddings PEFT saves as a bare `prompt_embeddings` key, attached to a BERT encoder (the shared part
+/// of prompt, P- and prefix tuning: loading, lifetime, no merging).
+public class VirtualTokenLayer: ModuleAdapterMethod {
     public let state: AdapterState
-    /// The virtual tokens.
+    /// The embeddings, `[virtualTokens, width]`.
     public let embeddings: Tensor
     let model: BertModel
 
-    init(model: BertModel, virtualTokens: Int, initialRows: Tensor?, state: AdapterState) {
+    init(model: BertModel, rows: Int, width: Int, state: AdapterState) {
         self.state = state
         self.model = model
-        embeddings = (initialRows ?? Tensor.randomNormal([virtualTokens, model.config.hiddenSize], std: 0.02, rng: &state.rng)).requiringGrad()
+        embeddings = Tensor.randomNormal([rows, width], std: 0.02, rng: &state.rng).requiringGrad()
     }
 
     public var isEnabled: Bool { state.isActive && !state.isMerged }
     public var keyPrefix: String? { "" }
     public var mergeable: Bool { false }
     public var namedParameters: [(name: String, tensor: Tensor)] { [("prompt_embeddings", embeddings)] }
-    public func virtualTokens() -> Tensor { embeddings }
-    public func attach() { model.promptAdapters.append(self) }
-    public func detach() { model.promptAdapters.removeAll { $0 === self } }
+    public func attach() {}
+    public func detach() {}
     public func merge() -> [Tensor] { [] }
     public func unmerge(_ saved: [Tensor]) {}
 
     public func load(_ name: String, from tensor: Tensor) throws {
-        guard name == "prompt_embeddings" else { throw GraftError.format("unknown prompt-tuning tensor '\(name)'") }
+        guard name == "prompt_embeddings" else { throw GraftError.format("unknown \(Self.self) tensor '\(name)'") }
         guard tensor.shape == embeddings.shape else {
-            throw GraftError.format("'prompt_embeddings' has shape \(tensor.shape), expected \(embeddings.shape) (num_virtual_tokens × token_dim)")
+            throw GraftError.format("'prompt_embeddings' has shape \(tensor.shape), expected \(embeddings.shape) (check num_virtual_tokens)")
         }
         embeddings.pointer.update(from: tensor.pointer, count: embeddings.count)
     }
+}
+
+/// Prompt tuning (Lester et al., 2021) and P-tuning (Liu et al., 2021) at inference: learned virtual-token
+/// embeddings `[n, hidden]` prepended to every input. PEFT saves P-tuning's encoder output under the same key,
+/// so both load as `prompt_embeddings`. (Training P-tuning's MLP/LSTM encoder is not implemented yet.)
+public final class PromptTuningLayer: VirtualTokenLayer, PromptAdapter {
+    init(model: BertModel, virtualTokens: Int, state: AdapterState) {
+        super.init(model: model, rows: virtualTokens, width: model.config.hiddenSize, state: state)
+    }
+
+    public func virtualTokens() -> Tensor { embeddings }
+    public override func attach() { model.promptAdapters.append(self) }
+    public override func detach() { model.promptAdapters.removeAll { $0 === self } }
 }
 
 /// Prompt tuning (`PROMPT_TUNING`) and P-tuning (`P_TUNING`, inference): `num_virtual_tokens`, `token_dim`,
@@ -250,7 +261,7 @@ public enum PromptTuningFactory: ModuleAdapterFactory {
         guard dim == bert.config.hiddenSize else {
             throw GraftError.invalid("\(config.source): token_dim \(dim) differs from the model's hidden size \(bert.config.hiddenSize)")
         }
-        return PromptTuningLayer(model: bert, virtualTokens: n, initialRows: nil, state: state)
+        return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
     }
 }
 
@@ -264,48 +275,26 @@ public enum PTuningFactory: ModuleAdapterFactory {
         guard let bert = module as? BertModel else { return nil }
         let n = try config.int("num_virtual_tokens", default: 8)
         guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
-        return PromptTuningLayer(model: bert, virtualTokens: n, initialRows: nil, state: state)
+        return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
     }
 }
 
 /// Prefix tuning (Li & Liang, 2021): learned keys and values prepended in every attention layer. PEFT stores
 /// them as `prompt_embeddings` `[n, layers · 2 · hidden]`, layer `l`'s keys at columns `2l·hidden` and values at
 /// `(2l+1)·hidden` (heads × head_dim inside). `prefix_projection` (an MLP reparameterization) is not supported yet.
-public final class PrefixTuningLayer: ModuleAdapterMethod, PrefixAdapter {
-    public let state: AdapterState
-    /// All layers' prefixes.
-    public let embeddings: Tensor
-    let model: BertModel
-
+public final class PrefixTuningLayer: VirtualTokenLayer, PrefixAdapter {
     init(model: BertModel, virtualTokens: Int, state: AdapterState) {
-        self.state = state
-        self.model = model
-        embeddings = Tensor.randomNormal([virtualTokens, model.config.layers * 2 * model.config.hiddenSize], std: 0.02,
-                                         rng: &state.rng).requiringGrad()
+        super.init(model: model, rows: virtualTokens, width: model.config.layers * 2 * model.config.hiddenSize, state: state)
     }
 
-    public var isEnabled: Bool { state.isActive && !state.isMerged }
-    public var keyPrefix: String? { "" }
-    public var mergeable: Bool { false }
-    public var namedParameters: [(name: String, tensor: Tensor)] { [("prompt_embeddings", embeddings)] }
-    public func attach() { model.prefixAdapters.append(self) }
-    public func detach() { model.prefixAdapters.removeAll { $0 === self } }
-    public func merge() -> [Tensor] { [] }
-    public func unmerge(_ saved: [Tensor]) {}
+    public override func attach() { model.prefixAdapters.append(self) }
+    public override func detach() { model.prefixAdapters.removeAll { $0 === self } }
 
     public func prefix(layer: Int) -> (keys: Tensor, values: Tensor) {
         let h = model.config.hiddenSize
         let perLayer = embeddings.reshaped([embeddings.shape[0], model.config.layers * 2, h])
         return (perLayer.slice(dim: 1, (2 * layer)..<(2 * layer + 1)).reshaped([embeddings.shape[0], h]),
                 perLayer.slice(dim: 1, (2 * layer + 1)..<(2 * layer + 2)).reshaped([embeddings.shape[0], h]))
-    }
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard name == "prompt_embeddings" else { throw GraftError.format("unknown prefix-tuning tensor '\(name)'") }
-        guard tensor.shape == embeddings.shape else {
-            throw GraftError.format("'prompt_embeddings' has shape \(tensor.shape), expected \(embeddings.shape) (num_virtual_tokens × layers·2·hidden)")
-        }
-        embeddings.pointer.update(from: tensor.pointer, count: embeddings.count)
     }
 }
 

@@ -67,10 +67,9 @@ class IA3Config(PeftConfig):
 
 
 @dataclass
-class LoHaConfig(PeftConfig):
-    """LoHa (low-rank Hadamard product), as peft.LoHaConfig."""
+class _LycorisConfig(PeftConfig):
+    """Fields LoHa and LoKr share (PEFT's LycorisConfig)."""
 
-    PEFT_TYPE = "LOHA"
     r: int = 8
     alpha: float = 8
     rank_dropout: float = 0.0
@@ -90,29 +89,20 @@ class LoHaConfig(PeftConfig):
 
 
 @dataclass
-class LoKrConfig(PeftConfig):
+class LoHaConfig(_LycorisConfig):
+    """LoHa (low-rank Hadamard product), as peft.LoHaConfig."""
+
+    PEFT_TYPE = "LOHA"
+
+
+@dataclass
+class LoKrConfig(_LycorisConfig):
     """LoKr (low-rank Kronecker product), as peft.LoKrConfig."""
 
     PEFT_TYPE = "LOKR"
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
-    target_modules: Targets = None
-    exclude_modules: Targets = None
-    init_weights: bool = True
-    layers_to_transform: Optional[Union[List[int], int]] = None
-    layers_pattern: Optional[Union[List[str], str]] = None
-    rank_pattern: Dict[str, int] = field(default_factory=dict)
-    alpha_pattern: Dict[str, float] = field(default_factory=dict)
-    modules_to_save: Optional[List[str]] = None
-    task_type: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    inference_mode: bool = False
 
 
 @dataclass

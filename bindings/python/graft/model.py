@@ -1,15 +1,14 @@
 """graft.Model: a loaded model with its tokenizer and named adapters (graft_model_* and graft_adapter_*)."""
 import ctypes
 import json
-import functools
 import os
 import threading
-import weakref
 
 import numpy as np
 
 from . import _lib
 from ._arrays import as_int32, ptr, token_batch
+from ._handle import NativeHandle, locked
 from ._lib import lib
 from .config import PeftConfig
 from .errors import GraftError, check, invalid
@@ -20,15 +19,6 @@ _TASKS = {
     "causal_lm": _lib.TASK_CAUSAL_LM,
 }
 _OUTPUTS = {"hidden": _lib.OUTPUT_HIDDEN, "logits": _lib.OUTPUT_LOGITS}
-
-
-def _locked(method):
-    """Runs a method under the model's lock: the C ABI allows one thread at a time per model handle."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return wrapper
 
 
 def _enc(s, what, where):
@@ -70,43 +60,23 @@ def load_model(path, task=None, num_labels=None, threads=None, seed=0):
     return Model(handle)
 
 
-class Model:
+class Model(NativeHandle):
     """A loaded model. Create with graft.load_model(). A context manager; close() frees it at once.
 
     Calls on one model (and its trainers) are serialised by a lock, so sharing it between threads is safe.
     """
 
+    _kind = "model"
+
     def __init__(self, handle):
         self._lock = threading.RLock()
-        self._handle = handle
-        self._finalizer = weakref.finalize(self, lib.graft_model_free, handle)
+        self._adopt(handle, lib.graft_model_free)
         self._info = self.info()
 
-    # -- lifetime --------------------------------------------------------------------------------------------
-    @_locked
-    def close(self):
-        """Frees the model now (idempotent). Trainers created from it stay usable."""
-        self._finalizer()
-        self._handle = None
-
-    @property
-    def closed(self):
-        """True after close()."""
-        return not self._finalizer.alive
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _h(self, where):
-        if not self._finalizer.alive:
-            raise GraftError(_lib.ERR_STATE, "the model is closed", where)
-        return self._handle
+    # -- lifetime: close() frees the model now; trainers created from it stay usable (NativeHandle) ----------
 
     # -- description -----------------------------------------------------------------------------------------
-    @_locked
+    @locked
     def info(self):
         """The model's description (graft_model_info) as a dict: architecture, task, sizes, module tree."""
         out = ctypes.c_void_p()
@@ -124,7 +94,7 @@ class Model:
         return self._info["task"]
 
     # -- tokenizer -------------------------------------------------------------------------------------------
-    @_locked
+    @locked
     def tokenize(self, text, add_special_tokens=True):
         """Token ids (list of int) of UTF-8 `text`; add_special_tokens adds the model's template ([CLS] ... [SEP])."""
         h = self._h("tokenize")
@@ -140,7 +110,7 @@ class Model:
         check(s, "tokenize")
         return list(buf[: n.value])
 
-    @_locked
+    @locked
     def decode(self, ids, skip_special_tokens=False):
         """The text of token ids (ids outside the vocabulary are skipped)."""
         arr = as_int32(np.asarray(ids).reshape(-1) if not isinstance(ids, np.ndarray) else ids.reshape(-1),
@@ -151,7 +121,7 @@ class Model:
         return _lib.take_string(out)
 
     # -- adapters --------------------------------------------------------------------------------------------
-    @_locked
+    @locked
     def add_adapter(self, name, config):
         """Attaches a new adapter and makes it active.
 
@@ -173,13 +143,13 @@ class Model:
         check(lib.graft_adapter_add(self._h("add_adapter"), _enc(name, "name", "add_adapter"), text.encode()),
               f"add_adapter({name!r})")
 
-    @_locked
+    @locked
     def load_adapter(self, peft_dir, name="default"):
         """Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) as `name`, active."""
         check(lib.graft_adapter_load(self._h("load_adapter"), _enc(peft_dir, "peft_dir", "load_adapter"),
                                      _enc(name, "name", "load_adapter")), f"load_adapter({os.fspath(peft_dir)!r})")
 
-    @_locked
+    @locked
     def save_adapter(self, directory, name=None):
         """Saves adapter `name` (default: the active one) in PEFT's format to `directory` (created if missing)."""
         if name is None:
@@ -189,7 +159,7 @@ class Model:
         check(lib.graft_adapter_save(self._h("save_adapter"), _enc(name, "name", "save_adapter"),
                                      _enc(directory, "directory", "save_adapter")), f"save_adapter({name!r})")
 
-    @_locked
+    @locked
     def list_adapters(self):
         """{"active": name|None, "enabled": bool, "adapters": [{"id", "name", "peft_type", "active", "merged",
         "layers", "trainable_parameters", "config"}, ...]}."""
@@ -202,36 +172,36 @@ class Model:
         """The active adapter's name, or None."""
         return self.list_adapters()["active"]
 
-    @_locked
+    @locked
     def set_adapter(self, name):
         """Makes adapter `name` the one forward passes, generation and training use."""
         check(lib.graft_adapter_set_active(self._h("set_adapter"), _enc(name, "name", "set_adapter")),
               f"set_adapter({name!r})")
 
-    @_locked
+    @locked
     def enable_adapters(self):
         """Turns the active adapter back on after disable_adapters()."""
         check(lib.graft_adapter_set_enabled(self._h("enable_adapters"), 1), "enable_adapters")
 
-    @_locked
+    @locked
     def disable_adapters(self):
         """Forward passes see the base model until enable_adapters() (merged adapters stay in the weights)."""
         check(lib.graft_adapter_set_enabled(self._h("disable_adapters"), 0), "disable_adapters")
 
-    @_locked
+    @locked
     def delete_adapter(self, name):
         """Detaches and forgets adapter `name`."""
         check(lib.graft_adapter_delete(self._h("delete_adapter"), _enc(name, "name", "delete_adapter")),
               f"delete_adapter({name!r})")
 
-    @_locked
+    @locked
     def merge_adapter(self, name=None):
         """Adds adapter `name`'s (default: active) weight delta into the base weights. Reversible."""
         name = self.active_adapter if name is None else name
         check(lib.graft_adapter_merge(self._h("merge_adapter"), _enc(name, "name", "merge_adapter")),
               f"merge_adapter({name!r})")
 
-    @_locked
+    @locked
     def unmerge_adapter(self, name=None):
         """Subtracts a merged adapter's delta from the base weights again."""
         name = self.active_adapter if name is None else name
@@ -247,7 +217,7 @@ class Model:
             return (batch, info["num_labels"])
         return (batch, stride, info["vocab_size"])
 
-    @_locked
+    @locked
     def __call__(self, ids, lengths=None, adapter_ids=None, output="hidden", out=None):
         """Runs a batch without gradients (graft_model_forward) and returns a float32 numpy array.
 
@@ -302,7 +272,7 @@ class Model:
     forward = __call__
 
     # -- generation ------------------------------------------------------------------------------------------
-    @_locked
+    @locked
     def generate(self, prompt, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0,
                  stop_at_eos=True, callback=None):
         """Generates a continuation (Llama models) with the active adapter; returns the new token ids.

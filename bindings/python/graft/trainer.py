@@ -1,24 +1,14 @@
 """graft.Trainer: trains one adapter of a model (graft_trainer_*)."""
 import ctypes
-import functools
 import json
 import os
-import weakref
 from dataclasses import dataclass
 
 from . import _lib
 from ._arrays import as_int32, ptr, token_batch
+from ._handle import NativeHandle, locked
 from ._lib import lib
 from .errors import GraftError, check, invalid
-
-def _locked(method):
-    """Runs a method under the model's lock: a trainer must not run concurrently with its model."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return wrapper
-
 
 _SCHEDULES = {"constant": 0, "linear": 1, "cosine": 2}
 _OPTIMIZERS = {"adamw": 0, "sgd": 1}
@@ -48,7 +38,7 @@ class TrainResult:
     progress: "Progress | None"
 
 
-class Trainer:
+class Trainer(NativeHandle):
     """Trains adapter `adapter` of `model` (made active). A context manager; close() frees it at once.
 
     The objective follows the model's task: class cross entropy for a sequence-classification model,
@@ -59,6 +49,8 @@ class Trainer:
     batch_size (32), epochs (1), max_length (64), seed (42). `extras` is a dict of further settings: beta1,
     beta2, eps, momentum, shuffle, eval_batch_size, max_examples.
     """
+
+    _kind = "trainer"
 
     def __init__(self, model, adapter="default", learning_rate=None, weight_decay=None, warmup_steps=None,
                  total_steps=None, schedule="linear", optimizer="adamw", max_grad_norm=None,
@@ -98,30 +90,7 @@ class Trainer:
         with self._lock:
             check(lib.graft_trainer_create(model._h(where), name, ctypes.byref(p), extras_text,
                                            ctypes.byref(handle)), f"Trainer(adapter={adapter!r})")
-        self._handle = handle
-        self._finalizer = weakref.finalize(self, lib.graft_trainer_free, handle)
-
-    @_locked
-    def close(self):
-        """Frees the trainer now (idempotent); the adapter and its trained weights stay on the model."""
-        self._finalizer()
-        self._handle = None
-
-    @property
-    def closed(self):
-        """True after close()."""
-        return not self._finalizer.alive
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _h(self, where):
-        if not self._finalizer.alive:
-            raise GraftError(_lib.ERR_STATE, "the trainer is closed", where)
-        return self._handle
+        self._adopt(handle, lib.graft_trainer_free)
 
     def _batch(self, ids, lengths, labels, where):
         mat, lens = token_batch(ids, lengths, where)
@@ -133,7 +102,7 @@ class Trainer:
                               f"got {lab.size}", where)
         return mat, lens, lab
 
-    @_locked
+    @locked
     def step(self, ids, lengths=None, labels=None):
         """One training micro-batch (forward, backward, optimizer update); returns its mean loss (before the update).
 
@@ -147,7 +116,7 @@ class Trainer:
                                      ctypes.byref(loss)), where)
         return float(loss.value)
 
-    @_locked
+    @locked
     def evaluate(self, ids, lengths=None, labels=None):
         """(mean loss, accuracy) over a batch without training; labels as for step()."""
         where = "Trainer.evaluate"
@@ -157,7 +126,7 @@ class Trainer:
                                          ctypes.byref(loss), ctypes.byref(acc)), where)
         return float(loss.value), float(acc.value)
 
-    @_locked
+    @locked
     def train(self, dataset, callback=None):
         """Trains over a dataset for `epochs` (or `total_steps`) with shuffling, packing and the schedule.
 
@@ -197,13 +166,13 @@ class Trainer:
         check(s, where)
         return TrainResult(False, last[0])
 
-    @_locked
+    @locked
     def save_checkpoint(self, directory):
         """Writes the adapter (PEFT format), optimizer state and trainer state to `directory`."""
         check(lib.graft_trainer_save_checkpoint(self._h("save_checkpoint"), os.fsencode(directory)),
               f"save_checkpoint({os.fspath(directory)!r})")
 
-    @_locked
+    @locked
     def load_checkpoint(self, directory):
         """Restores a checkpoint from save_checkpoint(), so training continues exactly where it stopped."""
         check(lib.graft_trainer_load_checkpoint(self._h("load_checkpoint"), os.fsencode(directory)),
