@@ -7,8 +7,8 @@ import GraftTensor
 /// Pipeline for `encode`:
 /// 1. Special tokens (`[PAD]`, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`, or the `added_tokens` of a
 ///    `tokenizer.json`) are matched whole in the raw text.
-/// 2. Every other run is normalized: control characters, U+0000 and U+FFFD are dropped, whitespace becomes a
-///    space, CJK ideographs get spaces around them, then (uncased models) accents are stripped (NFD, drop
+/// 2. Every other run is normalized: control characters (Cc/Cf/Co/Cs), U+0000 and U+FFFD are dropped,
+///    whitespace becomes a space, CJK ideographs get spaces around them, then (uncased models) accents are stripped (NFD, drop
 ///    nonspacing marks) and the text is lowercased character by character.
 /// 3. The text is split on whitespace, and every punctuation character (Unicode P* plus the ASCII symbol
 ///    ranges 33–47, 58–64, 91–96, 123–126) becomes its own word.
@@ -265,7 +265,7 @@ public final class WordPieceTokenizer: Tokenizer {
             view.append(contentsOf: scalars)
             let decomposed = String(view).decomposedStringWithCanonicalMapping
             scalars.removeAll(keepingCapacity: true)
-            for s in decomposed.unicodeScalars where s.properties.generalCategory != .nonspacingMark {
+            for s in decomposed.unicodeScalars where !UnicodeClass.isBertNonspacingMark(s) {
                 scalars.append(s)
             }
         }
