@@ -14,9 +14,16 @@ enum UnicodeClass {
     }
 
     /// BERT's accent test: general category Mn, as of Unicode 8.0.
+    ///
+    /// Scalars whose category changed after 8.0 (found by comparing every scalar with `tokenizers`):
+    /// U+1734 and U+1171E were Mn (now Mc); U+1885, U+1886, U+A9BD and U+111C9 were not Mn (now Mn).
     @inline(__always)
     static func isBertNonspacingMark(_ s: Unicode.Scalar) -> Bool {
-        s.properties.generalCategory == .nonspacingMark && inUnicode8(s)
+        switch s.value {
+        case 0x1734, 0x1171E: return true
+        case 0x1885, 0x1886, 0xA9BD, 0x111C9: return false
+        default: return s.properties.generalCategory == .nonspacingMark && inUnicode8(s)
+        }
     }
 
     /// Rust `char::is_whitespace`: the Unicode White_Space property.
@@ -51,9 +58,11 @@ enum UnicodeClass {
         }
     }
 
-    /// Unicode punctuation (P*: Pc, Pd, Ps, Pe, Pi, Pf, Po), as of Unicode 8.0.
+    /// Unicode punctuation (P*: Pc, Pd, Ps, Pe, Pi, Pf, Po), as of Unicode 8.0 (U+166D and U+111C9 were Po
+    /// then; they are So and Mn now).
     @inline(__always)
     static func isUnicodePunctuation(_ s: Unicode.Scalar) -> Bool {
+        if s.value == 0x166D || s.value == 0x111C9 { return true }
         switch s.properties.generalCategory {
         case .connectorPunctuation, .dashPunctuation, .openPunctuation, .closePunctuation,
              .initialPunctuation, .finalPunctuation, .otherPunctuation:
