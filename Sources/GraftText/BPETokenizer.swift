@@ -7,7 +7,8 @@ import GraftTensor
 /// 1. Control and user-defined tokens (GGUF token types 3 and 4, e.g. `<|im_start|>`) are matched whole in
 ///    the raw text, leftmost-longest, and emitted as their ids.
 /// 2. The text between them is split into words by the `PreTokenizer`.
-/// 3. Each word's UTF-8 bytes start as one symbol per byte; adjacent pairs are merged by lowest merge rank
+/// 3. Each word's UTF-8 bytes start as one symbol per byte (a byte with no token is dropped, as in Hugging
+///    Face BPE without an unk token and in llama.cpp); adjacent pairs are merged by lowest merge rank
 ///    (ties leftmost) until no pair has a rank. Results are cached per word.
 ///
 /// No BOS/EOS is added unless `addBosToken`/`addEosToken` is set and `addSpecialTokens` is true.
@@ -58,8 +59,8 @@ public final class BPETokenizer: Tokenizer {
     ///   - preTokenizer: the word splitter.
     ///   - addBosToken, addEosToken: whether `encode(addSpecialTokens: true)` adds BOS/EOS (default no).
     /// - Throws: `GraftError(.format)` naming the offending index and value for: an empty vocabulary, a
-    ///   type list of the wrong length, an out-of-range special id, a malformed merge or one whose parts or
-    ///   result are not in the vocabulary, or a byte with no token when there is no unknown token.
+    ///   type list of the wrong length, an out-of-range special id, or a malformed merge or one whose parts or
+    ///   result are not in the vocabulary. A byte with no token is allowed: it is dropped when encoding.
     public init(
         tokens: [String], merges: [String], tokenTypes: [Int32]?,
         bosId: Int32?, eosId: Int32?, unkId: Int32?, padId: Int32?,
@@ -97,16 +98,11 @@ public final class BPETokenizer: Tokenizer {
             mergeTable[UInt64(UInt32(l)) << 32 | UInt64(UInt32(r))] = UInt64(rank) << 32 | UInt64(UInt32(merged))
         }
 
+        // A byte with no token (SmolLM2 lacks e.g. 0x04 and 0xF1) is dropped from the word, as Hugging Face
+        // BPE without an unk_token and llama.cpp both do; its neighbours may then merge.
         var byteIds = [Int32](repeating: -1, count: 256)
         for b in 0..<256 {
-            if let id = map[String(ByteLevel.byteToScalar[b])] {
-                byteIds[b] = id
-            } else if let unk = unkId {
-                byteIds[b] = unk
-            } else {
-                throw GraftError.format("BPE vocabulary has no token for byte 0x\(String(b, radix: 16)) "
-                                        + "(\"\(ByteLevel.byteToScalar[b])\") and no unknown token")
-            }
+            if let id = map[String(ByteLevel.byteToScalar[b])] { byteIds[b] = id }
         }
 
         var specials: [(String, Int32)] = []
@@ -193,7 +189,8 @@ public final class BPETokenizer: Tokenizer {
 
     private func encodeWord(_ word: ArraySlice<UInt8>, into ids: inout [Int32]) {
         if word.count == 1 {
-            ids.append(byteIds[Int(word[word.startIndex])])
+            let id = byteIds[Int(word[word.startIndex])]
+            if id >= 0 { ids.append(id) }
             return
         }
         let key = Array(word)
@@ -214,14 +211,18 @@ public final class BPETokenizer: Tokenizer {
     /// Merges one word: symbols in a doubly linked list, candidate pairs in a min-heap keyed by
     /// (rank, position); a popped pair is applied only if it is still present.
     func bpe(_ word: ArraySlice<UInt8>) -> [Int32] {
-        let n = word.count
-        if n == 0 { return [] }
-        var sym = [Int32](repeating: 0, count: n)
+        var sym: [Int32] = []
+        sym.reserveCapacity(word.count)
+        for b in word {
+            let id = byteIds[Int(b)]
+            if id >= 0 { sym.append(id) }
+        }
+        let n = sym.count
+        if n < 2 { return sym }
         var prev = [Int](repeating: -1, count: n)
         var next = [Int](repeating: -1, count: n)
         var alive = [Bool](repeating: true, count: n)
-        for (i, b) in word.enumerated() {
-            sym[i] = byteIds[Int(b)]
+        for i in 0..<n {
             prev[i] = i - 1
             next[i] = i + 1 < n ? i + 1 : -1
         }

@@ -7,8 +7,8 @@ import GraftTensor
 /// Pipeline for `encode`:
 /// 1. Special tokens (`[PAD]`, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`, or the `added_tokens` of a
 ///    `tokenizer.json`) are matched whole in the raw text.
-/// 2. Every other run is normalized: control characters, U+0000 and U+FFFD are dropped, whitespace becomes a
-///    space, CJK ideographs get spaces around them, then (uncased models) accents are stripped (NFD, drop
+/// 2. Every other run is normalized: control characters (Cc/Cf/Co/Cs), U+0000 and U+FFFD are dropped,
+///    whitespace becomes a space, CJK ideographs get spaces around them, then (uncased models) accents are stripped (NFD, drop
 ///    nonspacing marks) and the text is lowercased character by character.
 /// 3. The text is split on whitespace, and every punctuation character (Unicode P* plus the ASCII symbol
 ///    ranges 33–47, 58–64, 91–96, 123–126) becomes its own word.
@@ -20,6 +20,7 @@ public final class WordPieceTokenizer: Tokenizer {
     private let tokenToId: [String: Int32]
     private let specialMatcher: SpecialTokenMatcher
     private let specialIds: Set<Int32>
+    private let trie: WordPieceTrie
 
     /// Whether the text is lowercased (and, as in BERT, accents stripped unless `stripAccents` says otherwise).
     public let lowercase: Bool
@@ -99,6 +100,7 @@ public final class WordPieceTokenizer: Tokenizer {
         }
         self.specialMatcher = SpecialTokenMatcher(tokens: specials)
         self.specialIds = Set(specials.map(\.1))
+        self.trie = WordPieceTrie(map, continuingSubwordPrefix: continuingSubwordPrefix)
         self.lowercase = lowercase
         self.stripAccents = stripAccents ?? lowercase
         self.maxInputCharsPerWord = maxInputCharsPerWord
@@ -265,7 +267,7 @@ public final class WordPieceTokenizer: Tokenizer {
             view.append(contentsOf: scalars)
             let decomposed = String(view).decomposedStringWithCanonicalMapping
             scalars.removeAll(keepingCapacity: true)
-            for s in decomposed.unicodeScalars where s.properties.generalCategory != .nonspacingMark {
+            for s in decomposed.unicodeScalars where !UnicodeClass.isBertNonspacingMark(s) {
                 scalars.append(s)
             }
         }
@@ -312,36 +314,25 @@ public final class WordPieceTokenizer: Tokenizer {
 
     private func encodeOrdinary(_ text: String, into ids: inout [Int32]) {
         let scalars = normalize(text)
-        let prefix = Array(continuingSubwordPrefix.unicodeScalars)
-        var candidate = String.UnicodeScalarView()
+        var bytes: [UInt8] = []
         for word in words(in: scalars) {
             if word.count > maxInputCharsPerWord {
                 ids.append(unkId)
                 continue
             }
+            bytes.removeAll(keepingCapacity: true)
+            for s in word { UTF8.encode(s) { bytes.append($0) } }
             let first = ids.count
-            var start = word.startIndex
-            var bad = false
-            while start < word.endIndex {
-                var end = word.endIndex
-                var found: Int32?
-                while start < end {
-                    candidate.removeAll(keepingCapacity: true)
-                    if start > word.startIndex { candidate.append(contentsOf: prefix) }
-                    candidate.append(contentsOf: word[start..<end])
-                    if let id = tokenToId[String(candidate)] {
-                        found = id
-                        break
-                    }
-                    end -= 1
+            var start = 0
+            while start < bytes.count {
+                // Longest vocabulary entry starting at `start` (continuations carry the prefix).
+                guard let (id, end) = trie.longestMatch(bytes, from: start, continuation: start > 0) else {
+                    ids.removeSubrange(first...)
+                    ids.append(unkId)
+                    break
                 }
-                guard let id = found else { bad = true; break }
                 ids.append(id)
                 start = end
-            }
-            if bad {
-                ids.removeSubrange(first...)
-                ids.append(unkId)
             }
         }
     }
@@ -374,5 +365,63 @@ public final class WordPieceTokenizer: Tokenizer {
             s = s.replacingOccurrences(of: from, with: to)
         }
         return s
+    }
+}
+
+/// The vocabulary as two byte tries — word-initial entries, and continuation entries with the prefix
+/// removed — so the longest match at a position costs one walk over the word's UTF-8 bytes instead of
+/// building and hashing a string per candidate length. Matches always end on a scalar boundary because
+/// vocabulary entries are whole UTF-8 strings.
+struct WordPieceTrie: Sendable {
+    /// (node << 8 | byte) → child node. Node 0 is the initial root, node 1 the continuation root.
+    private var children: [UInt64: Int32] = [:]
+    /// Token id ending at each node, or -1.
+    private var terminal: [Int32] = [-1, -1]
+
+    init(_ vocabulary: [String: Int32], continuingSubwordPrefix prefix: String) {
+        let prefixBytes = Array(prefix.utf8)
+        for (token, id) in vocabulary {
+            let bytes = Array(token.utf8)
+            insert(bytes[...], id: id, root: 0)
+            if !prefixBytes.isEmpty, bytes.count > prefixBytes.count, bytes.starts(with: prefixBytes) {
+                insert(bytes[prefixBytes.count...], id: id, root: 1)
+            }
+        }
+        if prefixBytes.isEmpty {
+            for (token, id) in vocabulary { insert(Array(token.utf8)[...], id: id, root: 1) }
+        }
+    }
+
+    private mutating func insert(_ bytes: ArraySlice<UInt8>, id: Int32, root: Int32) {
+        guard !bytes.isEmpty else { return }
+        var node = root
+        for b in bytes {
+            let key = UInt64(UInt32(node)) << 8 | UInt64(b)
+            if let child = children[key] {
+                node = child
+            } else {
+                let child = Int32(terminal.count)
+                terminal.append(-1)
+                children[key] = child
+                node = child
+            }
+        }
+        // A duplicated token keeps its last id, as the String dictionary does.
+        terminal[Int(node)] = id
+    }
+
+    /// The id and end offset of the longest entry matching `bytes` from `start`, or nil if none does.
+    func longestMatch(_ bytes: [UInt8], from start: Int, continuation: Bool) -> (Int32, Int)? {
+        var node: Int32 = continuation ? 1 : 0
+        var best: (Int32, Int)?
+        var i = start
+        while i < bytes.count {
+            guard let child = children[UInt64(UInt32(node)) << 8 | UInt64(bytes[i])] else { break }
+            node = child
+            i += 1
+            let id = terminal[Int(node)]
+            if id >= 0 { best = (id, i) }
+        }
+        return best
     }
 }

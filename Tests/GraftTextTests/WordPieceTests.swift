@@ -82,6 +82,35 @@ import GraftTensor
         #expect(t.decode(ids, skipSpecialTokens: true) == text)
     }
 
+    /// Hugging Face's BertNormalizer/BertPreTokenizer use Unicode 8.0 category tables; these scalars are
+    /// where that differs from today's Unicode (expected values from tokenizers 0.23).
+    @Test func unicodeEightCategoryEdges() throws {
+        guard let path = TextTestSupport.asset("all-MiniLM-L6-v2/vocab.txt") else { return }
+        let t = try WordPieceTokenizer(vocabFile: path)
+        let expectations: [(UInt32, [String])] = [
+            (0x0381, ["[UNK]"]),           // unassigned: kept (not "control")
+            (0xE000, ["ab"]),              // private use: dropped
+            (0x08E2, ["[UNK]"]),           // Cf since 9.0: kept
+            (0x2E3C, ["a", "[UNK]", "b"]), // Po in 7.0: punctuation
+            (0x2E43, ["[UNK]"]),           // Po since 9.0: not punctuation
+            (0x08E3, ["ab"]),              // Mn in 8.0: stripped
+            (0x1DF6, ["[UNK]"]),           // Mn since 10.0: kept
+            (0x166D, ["a", "[UNK]", "b"]), // Po in 8.0, So now
+            (0x111C9, ["a", "[UNK]", "b"]), // Po in 8.0, Mn now
+            (0x1885, ["[UNK]"]),           // Lo in 8.0, Mn now
+            (0xA9BD, ["[UNK]"]),           // Mc in 8.0, Mn now
+            (0x1734, ["ab"]),              // Mn in 8.0, Mc now
+            (0x1171E, ["ab"]),             // Mn in 8.0, Mc now
+        ]
+        for (value, expected) in expectations {
+            guard let scalar = Unicode.Scalar(value) else { continue }
+            var view = String.UnicodeScalarView()
+            view.append("a"); view.append(scalar); view.append("b")
+            let got = t.encode(String(view), addSpecialTokens: false).map { t.token(of: $0) ?? "?" }
+            #expect(got == expected, "U+\(String(value, radix: 16, uppercase: true))")
+        }
+    }
+
     @Test func loadErrors() throws {
         #expect(throws: GraftError.self) { try WordPieceTokenizer(vocabulary: []) }
         do {
