@@ -709,7 +709,8 @@ int main(int argc, char **argv) {
     else snprintf(home, sizeof home, "%s/.cache/graft", h ? h : ".");
     snprintf(minilm, sizeof minilm, "%s/all-MiniLM-L6-v2", home);
     snprintf(smollm, sizeof smollm, "%s/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", home);
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/graft-capi-XXXXXX");
+    const char *tmp = getenv("TMPDIR");
+    snprintf(tmpdir, sizeof tmpdir, "%s/graft-capi-XXXXXX", tmp && tmp[0] ? tmp : "/tmp");
     if (!mkdtemp(tmpdir)) { perror("mkdtemp"); return 2; }
 
     test_version_and_status();
