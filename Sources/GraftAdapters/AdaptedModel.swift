@@ -140,7 +140,7 @@ public final class AdaptedModel: @unchecked Sendable {
         let state = AdapterState(seed: seed)
         let named = NamedAdapter(name: name, config: config, state: state)
         let matcher = TargetMatcher(config: config)
-        let inputLevel = ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"].contains(config.peftType)
+        let inputLevel = factory.actsOnInput
         for (path, module) in root.namedModules() {
             if inputLevel {
                 // Input-level methods attach to the first module that takes them (the encoder itself).

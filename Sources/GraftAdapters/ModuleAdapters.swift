@@ -43,6 +43,25 @@ public protocol ModuleAdapterFactory {
     static func exampleConfig(targets: [String]) -> [String: Any]
     /// The adapter for `module` at `path`, or nil when the method does not apply to that kind of module.
     static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)?
+    /// True for methods that act on the model's input rather than on named modules (prompt learning): they need
+    /// no `target_modules` and attach once, to the first module that takes them.
+    static var actsOnInput: Bool { get }
+}
+
+extension ModuleAdapterFactory {
+    public static var actsOnInput: Bool { false }
+}
+
+/// Shared by the prompt-learning factories: the encoder they attach to and the validated `num_virtual_tokens`.
+func virtualTokenTarget(_ module: Module, config: AdapterConfig) throws -> (BertModel, Int)? {
+    guard let bert = module as? BertModel else { return nil }
+    let n = try config.int("num_virtual_tokens", default: 8)
+    guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
+    let dim = try config.int("token_dim", default: bert.config.hiddenSize)
+    guard dim == bert.config.hiddenSize else {
+        throw GraftError.invalid("\(config.source): token_dim \(dim) differs from the model's hidden size \(bert.config.hiddenSize)")
+    }
+    return (bert, n)
 }
 
 /// LN tuning (Zhao et al., 2023): trainable copies of selected LayerNorm/RMSNorm scales and shifts.
@@ -250,17 +269,13 @@ public enum PromptTuningFactory: ModuleAdapterFactory {
     public static let family = "input (virtual tokens)"
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8] }
 
+    public static let actsOnInput = true
+
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
-        guard let bert = module as? BertModel else { return nil }
         if let initMode = try config.string("prompt_tuning_init"), initMode != "RANDOM" {
             throw GraftError(.unsupported, "\(config.source): prompt_tuning_init '\(initMode)' is not supported yet (RANDOM)")
         }
-        let n = try config.int("num_virtual_tokens", default: 8)
-        guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
-        let dim = try config.int("token_dim", default: bert.config.hiddenSize)
-        guard dim == bert.config.hiddenSize else {
-            throw GraftError.invalid("\(config.source): token_dim \(dim) differs from the model's hidden size \(bert.config.hiddenSize)")
-        }
+        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
         return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
     }
 }
@@ -271,10 +286,10 @@ public enum PTuningFactory: ModuleAdapterFactory {
     public static let family = "input (virtual tokens from an encoder)"
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8, "encoder_hidden_size": 64] }
 
+    public static let actsOnInput = true
+
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
-        guard let bert = module as? BertModel else { return nil }
-        let n = try config.int("num_virtual_tokens", default: 8)
-        guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
+        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
         return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
     }
 }
@@ -304,13 +319,13 @@ public enum PrefixTuningFactory: ModuleAdapterFactory {
     public static let family = "input (attention prefixes)"
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8] }
 
+    public static let actsOnInput = true
+
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
-        guard let bert = module as? BertModel else { return nil }
         if try config.bool("prefix_projection", default: false) {
             throw GraftError(.unsupported, "\(config.source): prefix_projection is not supported yet")
         }
-        let n = try config.int("num_virtual_tokens", default: 8)
-        guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
+        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
         return PrefixTuningLayer(model: bert, virtualTokens: n, state: state)
     }
 }

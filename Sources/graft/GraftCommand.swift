@@ -21,10 +21,9 @@ struct GraftCommand: ParsableCommand {
 /// Resolves a model argument: a path, or one of the asset names fetched by scripts/fetch-assets.
 func resolveModelPath(_ name: String) -> String {
     if FileManager.default.fileExists(atPath: name) { return name }
-    let home = ProcessInfo.processInfo.environment["GRAFT_HOME"] ?? (NSHomeDirectory() + "/.cache/graft")
     switch name.lowercased() {
-    case "minilm", "all-minilm-l6-v2": return home + "/all-MiniLM-L6-v2"
-    case "smollm2", "smollm2-135m": return home + "/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    case "minilm", "all-minilm-l6-v2": return GraftSession.assetPath("all-MiniLM-L6-v2")
+    case "smollm2", "smollm2-135m": return GraftSession.assetPath("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     default: return name
     }
 }

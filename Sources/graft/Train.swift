@@ -123,10 +123,7 @@ struct Demo: ParsableCommand {
 }
 
 /// The asset cache path of `relative`.
-func resolveAssetPath(_ relative: String) -> String {
-    let home = ProcessInfo.processInfo.environment["GRAFT_HOME"] ?? (NSHomeDirectory() + "/.cache/graft")
-    return home + "/" + relative
-}
+func resolveAssetPath(_ relative: String) -> String { GraftSession.assetPath(relative) }
 
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(
