@@ -58,7 +58,7 @@ public final class PolyLayer: LinearAdapterMethod {
     func mixingWeights(examples: Int) -> Tensor {
         let ids = state.taskIDs ?? [0]
         let rows: [Int32] = (0..<examples).map { e in
-            let id = ids.isEmpty ? 0 : (ids.count == examples ? ids[e] : ids[e % ids.count])
+            let id = ids.isEmpty ? 0 : ids[e % ids.count]
             return Int32(min(max(id, 0), tasks - 1))
         }
         var logits = embedding(rows, table: moduleLogits)  // [E, splits·skills]
