@@ -192,3 +192,28 @@ def test_sigterm_during_a_job_cancels_it_and_exits_zero():
         finally:
             d.stop()
 
+
+
+def test_a_client_that_stops_reading_is_paused_not_buffered_forever(daemon, raw):
+    with Client(daemon.socket_path) as c:
+        c.load_model(MINILM, model_id="backpressure")
+        raw.sendall(hello_frame())
+        response(raw)
+        # 200 forward passes whose hidden states (~100 KB each) far exceed the 8 MiB write-queue limit; never read.
+        text = " ".join(["word"] * 60)
+        request = pb.Request(id=2, forward=pb.Forward(model_id="backpressure", texts=[text], output=pb.OUTPUT_HIDDEN))
+        payload = frame(request.SerializeToString()) * 200
+        raw.setblocking(False)
+        try:
+            raw.sendall(payload)
+        except BlockingIOError:
+            pass  # the daemon stopped reading: exactly the point
+        deadline = time.time() + 120
+        while "action=pause_reading" not in daemon.log_path.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        assert "action=pause_reading" in daemon.log_path.read_text()
+        # Everyone else is still served promptly.
+        start = time.time()
+        assert c.server_stats()["connections"] >= 2
+        assert time.time() - start < 5
+        c._call("unload_model", pb.UnloadModel(model_id="backpressure"))
