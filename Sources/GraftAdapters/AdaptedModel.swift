@@ -148,7 +148,7 @@ public final class AdaptedModel: @unchecked Sendable {
                 named.modules.append((path, adapter))
                 continue
             }
-            guard !path.isEmpty, matcher.matches(path: path, isLinear: module is Linear, isOutputHead: outputHeads.contains(path)),
+            guard !path.isEmpty, factory.selectsLayers || matcher.matches(path: path, isLinear: module is Linear, isOutputHead: outputHeads.contains(path)),
                   let adapter = try factory.make(for: module, path: path, config: config, state: state) else { continue }
             named.modules.append((path, adapter))
         }
@@ -215,8 +215,8 @@ public final class AdaptedModel: @unchecked Sendable {
     public func merge(_ name: String) throws {
         let a = try adapter(name)
         guard !a.state.isMerged else { throw GraftError(.state, "adapter '\(name)' is already merged") }
-        if let (path, _) = a.modules.first(where: { !$0.adapter.mergeable }) {
-            throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path.isEmpty ? "<model>" : path)' adds virtual tokens and cannot be merged into weights")
+        if let (path, m) = a.modules.first(where: { !$0.adapter.mergeable }) {
+            throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path.isEmpty ? "<model>" : path)' cannot be merged into weights: \(m.notMergeableReason)")
         }
         var deltas: [Tensor] = []
         for (path, lin, adapter) in a.layers {

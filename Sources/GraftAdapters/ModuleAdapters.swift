@@ -23,11 +23,14 @@ public protocol ModuleAdapterMethod: AnyObject {
     var keyPrefix: String? { get }
     /// Whether the adapter folds into the module's parameters (virtual tokens do not).
     var mergeable: Bool { get }
+    /// Why the adapter cannot merge, for the error `merge` throws.
+    var notMergeableReason: String { get }
 }
 
 extension ModuleAdapterMethod {
     public var keyPrefix: String? { nil }
     public var mergeable: Bool { true }
+    public var notMergeableReason: String { "it adds virtual tokens" }
 
     /// The PEFT key of parameter `name` for a module at `path`.
     func key(_ name: String, path: String) -> String { (keyPrefix ?? "base_model.model.\(path).") + name }
@@ -46,10 +49,25 @@ public protocol ModuleAdapterFactory {
     /// True for methods that act on the model's input rather than on named modules (prompt learning): they need
     /// no `target_modules` and attach once, to the first module that takes them.
     static var actsOnInput: Bool { get }
+    /// True for methods that pick transformer layers themselves (bottleneck adapters, ReFT): they need no
+    /// `target_modules`, and every module `make` accepts is adapted.
+    static var selectsLayers: Bool { get }
+    /// Whether the adapter folds into the base parameters, for `graft methods`.
+    static var mergeable: Bool { get }
+    /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
+    static var hasPEFTParity: Bool { get }
 }
 
 extension ModuleAdapterFactory {
     public static var actsOnInput: Bool { false }
+    public static var selectsLayers: Bool { false }
+    public static var mergeable: Bool { true }
+    public static var hasPEFTParity: Bool { true }
+}
+
+/// The index of the transformer layer at `path` (its last component, `encoder.layer.3` → 3).
+func layerIndex(_ path: String) -> Int? {
+    path.split(separator: ".").last.flatMap { Int($0) }
 }
 
 /// Shared by the prompt-learning factories: the encoder they attach to and the validated `num_virtual_tokens`.

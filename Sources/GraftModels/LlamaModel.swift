@@ -52,11 +52,16 @@ public struct LlamaConfig: Sendable, Equatable {
 }
 
 /// One `LlamaDecoderLayer`: RMSNorm, grouped-query self-attention with RoPE, RMSNorm, SwiGLU MLP.
-public final class LlamaDecoderLayer: Module {
+public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     public let inputNorm: RMSNorm, postAttentionNorm: RMSNorm
     public let qProj: Linear, kProj: Linear, vProj: Linear, oProj: Linear
     public let gateProj: Linear, upProj: Linear, downProj: Linear
     let config: LlamaConfig
+    /// Modules inserted after the attention / MLP sublayers or on the layer output (bottleneck adapters, ReFT);
+    /// none by default.
+    public var layerAdapters: [any LayerAdapter] = []
+    /// Width of the residual stream.
+    public var hiddenSize: Int { oProj.outFeatures }
 
     init(inputNorm: RMSNorm, q: Linear, k: Linear, v: Linear, o: Linear, postNorm: RMSNorm,
          gate: Linear, up: Linear, down: Linear, config: LlamaConfig) {
@@ -90,9 +95,11 @@ public final class LlamaDecoderLayer: Module {
             cache.values = v
         }
         let attn = scaledDotProductAttention(query: q, key: k, value: v, heads: config.heads, kvHeads: config.kvHeads, mask: mask)
-        let x1 = x + oProj.forward(attn)
+        let x1 = x + applyLayerAdapters(layerAdapters, site: .attention, output: oProj.forward(attn), input: h, mask: mask)
         let h2 = postAttentionNorm.forward(x1)
-        return x1 + downProj.forward(silu(gateProj.forward(h2)) * upProj.forward(h2))
+        let mlp = downProj.forward(silu(gateProj.forward(h2)) * upProj.forward(h2))
+        let out = x1 + applyLayerAdapters(layerAdapters, site: .feedForward, output: mlp, input: h2, mask: mask)
+        return applyLayerAdapters(layerAdapters, site: .output, output: out, input: x, mask: mask)
     }
 }
 
