@@ -110,6 +110,8 @@ public enum AdapterRegistry {
         BOFTFactory.peftType: BOFTFactory.self,
         FourierFTFactory.peftType: FourierFTFactory.self,
         PolyFactory.peftType: PolyFactory.self,
+        ETHERFactory.peftType: ETHERFactory.self,
+        ETHERPlusFactory.peftType: ETHERPlusFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

@@ -32,6 +32,8 @@ import GraftTestSupport
         ("FourierFT", #"{"peft_type":"FOURIERFT","n_frequency":12,"scaling":20,"random_loc_seed":5,"target_modules":["proj"]}"#),
         ("Poly", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":1,"init_weights":false,"target_modules":["proj"]}"#),
         ("MHR", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":2,"init_weights":false,"target_modules":["proj"]}"#),
+        ("ETHER", #"{"peft_type":"ETHER","nb":2,"side":"both","target_modules":["proj"]}"#),
+        ("ETHER+", #"{"peft_type":"ETHER_PLUS","nb":2,"side":"both","target_modules":["proj"]}"#),
     ]
 
     @Test(arguments: configs.map(\.0))
