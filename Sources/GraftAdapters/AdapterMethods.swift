@@ -121,6 +121,9 @@ public enum AdapterRegistry {
         PromptTuningFactory.peftType: PromptTuningFactory.self,
         PTuningFactory.peftType: PTuningFactory.self,
         PrefixTuningFactory.peftType: PrefixTuningFactory.self,
+        BottleneckSequentialFactory.peftType: BottleneckSequentialFactory.self,
+        BottleneckDoubleSequentialFactory.peftType: BottleneckDoubleSequentialFactory.self,
+        BottleneckParallelFactory.peftType: BottleneckParallelFactory.self,
     ]
 
     /// Every known `peft_type`, sorted.
