@@ -112,6 +112,7 @@ public enum AdapterRegistry {
         PolyFactory.peftType: PolyFactory.self,
         ETHERFactory.peftType: ETHERFactory.self,
         ETHERPlusFactory.peftType: ETHERPlusFactory.self,
+        MoSFactory.peftType: MoSFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.
