@@ -121,6 +121,7 @@ import GraftTestSupport
     /// Toy check over every trainable tensor, shared ones included (MoS's shard pools, VB-LoRA's bank).
     @Test(arguments: [
         #"{"peft_type":"MOS","r":2,"lora_alpha":4,"shard_length":4,"shared_shards":3,"private_fraction":0.25,"target_modules":["p","q"]}"#,
+        #"{"peft_type":"VBLORA","r":2,"num_vectors":6,"vector_length":4,"topk":2,"target_modules":["p","q"]}"#,
     ])
     func sharedTensorGradients(json: String) throws {
         var rng = GraftRNG(seed: 11)
@@ -160,5 +161,38 @@ import GraftTestSupport
         }
         #expect(worst < 5e-3, "worst gradient error \(worst)")
         #expect(kinks <= 2, "\(kinks) entries sit on a top-k boundary")
+    }
+
+    /// VB-LoRA trains end to end: plain gradient steps on the logits and the shared bank lower a regression loss,
+    /// and the top-k selection is recomputed from the current logits (it changes as they move).
+    @Test func vbloraTopKTrainingLowersTheLoss() throws {
+        var rng = GraftRNG(seed: 21)
+        let p = Linear(weight: Tensor.randomNormal([8, 8], std: 0.5, rng: &rng), bias: nil)
+        let model = AdaptedModel(root: ModuleList(typeName: "Toy", [("p", p)]))
+        let json = #"{"peft_type":"VBLORA","r":2,"num_vectors":8,"vector_length":4,"topk":2,"init_vector_bank_bound":0.5,"target_modules":["p"]}"#
+        let adapter = try model.addAdapter("a", config: AdapterConfig(jsonText: json, source: "toy"), seed: 5)
+        guard let layer = adapter.layers.first?.adapter as? VBLoRALayer else { Issue.record("no VB-LoRA layer"); return }
+        let x = Tensor.randomNormal([16, 8], rng: &rng)
+        let target = withNoGrad { p.forward(x) + linear(x, Tensor.randomNormal([8, 8], std: 0.3, rng: &rng)) }
+        func topK() -> [[Int]] {
+            let t = layer.logitsA, n = t.shape[2]
+            return (0..<(t.count / n)).map { row in Array((0..<n).sorted { t.pointer[row * n + $0] > t.pointer[row * n + $1] }.prefix(2)) }
+        }
+        let initialSelection = topK()
+        var losses: [Float] = []
+        for _ in 0..<60 {
+            for t in adapter.parameters { t.zeroGrad() }
+            let diff = p.forward(x) - target
+            let loss = mean(diff * diff)
+            loss.backward()
+            losses.append(loss.item)
+            for t in adapter.parameters {
+                guard let g = t.grad else { Issue.record("a \(t.shape) parameter got no gradient"); continue }
+                for i in 0..<t.count { t.pointer[i] -= 0.5 * g.pointer[i] }
+            }
+        }
+        #expect(adapter.parameters.count == 3, "logits A, logits B and the bank are trainable")
+        #expect((losses.last ?? 1) < 0.7 * losses[0], "loss \(losses[0]) → \(losses.last ?? 0)")
+        #expect(topK() != initialSelection, "the top-k selection never changed")
     }
 }
