@@ -125,6 +125,7 @@ public enum AdapterRegistry {
         BottleneckSequentialFactory.peftType: BottleneckSequentialFactory.self,
         BottleneckDoubleSequentialFactory.peftType: BottleneckDoubleSequentialFactory.self,
         BottleneckParallelFactory.peftType: BottleneckParallelFactory.self,
+        LoReFTFactory.peftType: LoReFTFactory.self,
     ]
 
     /// Every known `peft_type`, sorted.

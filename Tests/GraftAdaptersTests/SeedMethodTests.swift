@@ -26,6 +26,8 @@ import GraftTestSupport
           "output_adapter.adapter_down.weight", "output_adapter.adapter_down.bias", "output_adapter.adapter_up.weight", "output_adapter.adapter_up.bias"]),
         ("MOS", #"{"peft_type":"MOS","r":8,"lora_alpha":16,"shard_length":32,"shared_shards":64,"private_fraction":0.25,"target_modules":["query","value"]}"#, true,
          ["mos_private_A", "mos_private_B", "mos_index_A", "mos_index_B"]),
+        ("LOREFT", #"{"peft_type":"LOREFT","r":4,"layers":[1,3,5],"positions":"f2+l2"}"#, false,
+         ["loreft_rotation", "loreft_source.weight", "loreft_source.bias"]),
     ]
 
     func base() throws -> SafeTensorsFile {
@@ -78,12 +80,13 @@ import GraftTestSupport
         #expect(maxAbsDifference(try forward(), plain) <= 1e-5)
     }
 
-    /// Bottleneck adapters on the real MiniLM: sampled entries of every tensor against central
+    /// Bottleneck adapters and LoReFT on the real MiniLM: sampled entries of every tensor against central
     /// differences of the encoder's output (the hooks sit inside BertLayer, so this checks them in place).
-    @Test(arguments: ["SEQ_BN", "PAR_BN", "DOUBLE_SEQ_BN"])
+    @Test(arguments: ["SEQ_BN", "PAR_BN", "DOUBLE_SEQ_BN", "LOREFT"])
     func moduleGradients(type: String) throws {
         let json: String
         switch type {
+        case "LOREFT": json = #"{"peft_type":"LOREFT","r":3,"layers":[1,4],"positions":"f1+l2"}"#
         case "PAR_BN": json = #"{"peft_type":"PAR_BN","reduction_factor":48,"mh_adapter":true,"non_linearity":"tanh","scaling":1.0}"#
         default: json = #"{"peft_type":"\#(type)","reduction_factor":48,"non_linearity":"tanh"}"#
         }
@@ -116,6 +119,29 @@ import GraftTestSupport
             }
         }
         #expect(worst < 5e-3, "\(type): worst gradient error \(worst)")
+    }
+
+    /// LoReFT's R has orthonormal rows whatever its free parameters, and edits only the chosen positions.
+    @Test func loreftRotationIsOrthonormalAndPositional() throws {
+        var rng = GraftRNG(seed: 8)
+        let v = Tensor.randomNormal([5, 16], rng: &rng)
+        let r = withNoGrad { LoReFTLayer.orthonormalRows(v, rank: 5) }
+        let rrt = withNoGrad { matmul(r, r, transposeB: true) }
+        #expect(maxAbsDifference(rrt, Tensor(shape: [5, 5], values: (0..<25).map { $0 % 6 == 0 ? 1 : 0 })) < 1e-5)
+        let bert = try Assets.loadMiniLM()
+        let model = AdaptedModel(root: bert)
+        let adapter = try model.addAdapter("m", config: AdapterConfig(jsonText: #"{"peft_type":"LOREFT","r":2,"layers":[5],"positions":"f1"}"#, source: "t"))
+        let batch = try TokenBatch(sequences: [[101, 7592, 2088, 102]])
+        let plain = try withNoGrad { try model.withAdaptersDisabled { try bert.forward(batch) } }
+        #expect(maxAbsDifference(try withNoGrad { try bert.forward(batch) }, plain) < 1e-5, "W = R at init must be the identity")
+        Self.perturb(adapter, by: 0.1)
+        let out = try withNoGrad { try bert.forward(batch) }
+        // Only layer 5 (the last), only token 0: the other tokens are untouched.
+        #expect(maxAbsDifference(out.slice(dim: 1, 1..<4), plain.slice(dim: 1, 1..<4)) == 0)
+        #expect(maxAbsDifference(out.slice(dim: 1, 0..<1), plain.slice(dim: 1, 0..<1)) > 1e-3)
+        #expect(throws: GraftError.self) {
+            try model.addAdapter("bad", config: AdapterConfig(jsonText: #"{"peft_type":"LOREFT","positions":"x3"}"#, source: "bad"))
+        }
     }
 
     /// Toy check over every trainable tensor, shared ones included (MoS's shard pools, VB-LoRA's bank).
