@@ -1,3 +1,4 @@
+import Foundation
 import GraftModels
 import GraftTensor
 
@@ -106,14 +107,18 @@ extension BottleneckFactory {
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         guard let host = module as? any LayerAdapterHost else { return nil }
-        let leaveOut = config.json["leave_out"].map { $0 as? [Int] } ?? []
-        guard let leaveOut else { throw GraftError.invalid("\(config.source): 'leave_out' must be a list of layer indices") }
+        let leaveOut: [Int]
+        switch config.json["leave_out"] {
+        case nil, is NSNull: leaveOut = []
+        case let list as [Int]: leaveOut = list
+        case let other?: throw GraftError.invalid("\(config.source): 'leave_out' must be a list of layer indices, got \(other)")
+        }
         if let i = layerIndex(path), leaveOut.contains(i) { return nil }
         let reduction = try config.double("reduction_factor", default: Double(defaults.reduction))
-        let bottleneck = Int(Double(host.hiddenSize) / reduction)
-        guard reduction > 0, bottleneck >= 1 else {
+        guard reduction > 0, reduction.isFinite, Double(host.hiddenSize) / reduction >= 1 else {
             throw GraftError.invalid("\(config.source): reduction_factor \(reduction) leaves no bottleneck for hidden size \(host.hiddenSize)")
         }
+        let bottleneck = Int(Double(host.hiddenSize) / reduction)
         let attention = try config.bool("mh_adapter", default: defaults.attention)
         let feedForward = try config.bool("output_adapter", default: defaults.feedForward)
         guard attention || feedForward else {

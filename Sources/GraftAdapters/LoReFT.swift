@@ -1,3 +1,4 @@
+import Foundation
 import GraftModels
 import GraftTensor
 
@@ -142,9 +143,11 @@ public enum LoReFTFactory: ModuleAdapterFactory {
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         guard let host = module as? any LayerAdapterHost else { return nil }
-        if let layers = config.json["layers"] {
-            guard let list = layers as? [Int] else { throw GraftError.invalid("\(config.source): 'layers' must be a list of layer indices") }
+        switch config.json["layers"] {
+        case nil, is NSNull: break
+        case let list as [Int]:
             guard let i = layerIndex(path), list.contains(i) else { return nil }
+        case let other?: throw GraftError.invalid("\(config.source): 'layers' must be a list of layer indices, got \(other)")
         }
         let (first, last, all) = try positions(try config.string("positions") ?? "f1+l1", source: config.source)
         do {

@@ -288,6 +288,7 @@ public enum PromptTuningFactory: ModuleAdapterFactory {
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8] }
 
     public static let actsOnInput = true
+    public static let mergeable = false
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         if let initMode = try config.string("prompt_tuning_init"), initMode != "RANDOM" {
@@ -305,6 +306,7 @@ public enum PTuningFactory: ModuleAdapterFactory {
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8, "encoder_hidden_size": 64] }
 
     public static let actsOnInput = true
+    public static let mergeable = false
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
@@ -338,6 +340,7 @@ public enum PrefixTuningFactory: ModuleAdapterFactory {
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["num_virtual_tokens": 8] }
 
     public static let actsOnInput = true
+    public static let mergeable = false
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         if try config.bool("prefix_projection", default: false) {

@@ -66,8 +66,9 @@ import GraftTestSupport
             guard let grad = p.grad else { Issue.record("\(method): \(key) got no gradient"); continue }
             for i in 0..<p.count {
                 let saved = p.pointer[i]
-                // VB-LoRA selects its top-k logits: a smaller step keeps the selection fixed.
-                let h: Float = (method == "VB-LoRA" ? 1e-3 : 1e-2) * max(1, abs(saved))
+                // VB-LoRA selects its top-k logits: a smaller step keeps the selection fixed. ETHER normalizes short
+                // vectors (‖u‖ ≈ 1): a smaller step keeps the truncation error of the difference down.
+                let h: Float = (["VB-LoRA", "ETHER", "ETHER+"].contains(method) ? 1e-3 : 1e-2) * max(1, abs(saved))
                 p.pointer[i] = saved + h
                 let up = objective()
                 p.pointer[i] = saved - h

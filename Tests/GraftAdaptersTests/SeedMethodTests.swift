@@ -142,6 +142,12 @@ import GraftTestSupport
         #expect(throws: GraftError.self) {
             try model.addAdapter("bad", config: AdapterConfig(jsonText: #"{"peft_type":"LOREFT","positions":"x3"}"#, source: "bad"))
         }
+        for bad in [#"{"peft_type":"LOREFT","layers":"all"}"#, #"{"peft_type":"LOREFT","r":999}"#, #"{"peft_type":"SEQ_BN","reduction_factor":0}"#,
+                    #"{"peft_type":"SEQ_BN","leave_out":3}"#, #"{"peft_type":"PAR_BN","non_linearity":"softsign"}"#,
+                    #"{"peft_type":"ETHER","nb":5,"target_modules":["query"]}"#, #"{"peft_type":"ETHER","side":"left","target_modules":["query"]}"#,
+                    #"{"peft_type":"MOS","shard_length":100,"target_modules":["query"]}"#] {
+            #expect(throws: GraftError.self, "\(bad)") { try model.addAdapter("bad", config: AdapterConfig(jsonText: bad, source: "bad")) }
+        }
     }
 
     /// Toy check over every trainable tensor, shared ones included (MoS's shard pools, VB-LoRA's bank).
