@@ -451,7 +451,7 @@ public final class GraftTrainingSession: @unchecked Sendable {
     /// One micro-batch: forward, backward, and an optimizer update on every `gradientAccumulationSteps`-th call.
     public func step(_ examples: [TokenizedExample]) throws -> Float {
         try prepare()
-        let batch = try PackedBatch(ArraySlice(examples))
+        let batch = try PackedBatch(ArraySlice(examples), padded: session.adapted.needsPaddedBatches)
         let loss = try trainer.accumulate(batch)
         if trainer.microStep % trainer.config.gradientAccumulationSteps == 0 {
             // No horizon given: a schedule far longer than any run, i.e. no decay after warm-up.

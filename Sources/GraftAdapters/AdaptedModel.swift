@@ -169,6 +169,15 @@ public final class AdaptedModel: @unchecked Sendable {
         }
     }
 
+    /// Whether the active adapter adds virtual tokens (prompt, prefix, P-tuning): such models need one sequence
+    /// per row (padded batches), not packed rows.
+    public var needsPaddedBatches: Bool {
+        guard !adaptersDisabled, let active = activeAdapter, let a = adapters.first(where: { $0.name == active }) else {
+            return false
+        }
+        return AdapterRegistry.moduleFactories[a.config.peftType]?.actsOnInput ?? false
+    }
+
     /// Makes `name` the only adapter that takes part in forward passes.
     public func setActiveAdapter(_ name: String) throws {
         _ = try adapter(name)
