@@ -166,7 +166,7 @@ struct Bench: ParsableCommand {
                     }
                     times.sort()
                     let median = times[times.count / 2]
-                    print(String(format: "  %@ median %.3f s (min %.3f, max %.3f)", label.padding(toLength: 34, withPad: " ", startingAt: 0),
+                    print(String(format: "  %@ median %.3f s (min %.3f, max %.3f)", label.padding(toLength: 40, withPad: " ", startingAt: 0),
                                  median, times.first ?? 0, times.last ?? 0))
                     return median
                 }

@@ -128,6 +128,44 @@ import GraftTestSupport
         #expect(logits.relative <= 1e-5)
     }
 
+    @Test func everyAdaptedSmolLM2LayerMatchesPerRowRunsAbsolutely() throws {
+        // Layer by layer (inputs of magnitude ~1), a mixed batch is checked absolutely against each row through
+        // the ordinary path under its adapter: LoRA ×2, IA³ (input and output scaling), RoAd, VeRA, LoKr, HRA.
+        let s = try GraftSession(path: try Assets.require(Assets.smollm2), task: .causalLM)
+        try Self.add(s, [
+            ("lora_a", #"{"peft_type": "LORA", "r": 16, "target_modules": "all-linear", "init_lora_weights": false}"#),
+            ("lora_b", #"{"peft_type": "LORA", "r": 4, "lora_alpha": 32, "target_modules": ["q_proj", "down_proj"], "init_lora_weights": false}"#),
+            ("ia3", #"{"peft_type": "IA3", "target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["down_proj"]}"#),
+            ("road", #"{"peft_type": "ROAD", "variant": "road_4", "group_size": 64, "target_modules": ["q_proj", "down_proj"]}"#),
+            ("vera", #"{"peft_type": "VERA", "r": 8, "target_modules": ["q_proj", "v_proj"]}"#),
+            ("lokr", #"{"peft_type": "LOKR", "r": 4, "target_modules": ["q_proj", "down_proj"]}"#),
+            ("hra", #"{"peft_type": "HRA", "r": 4, "target_modules": ["q_proj", "down_proj"]}"#),
+        ])
+        let ids: [Int32] = [5, 0, -1, 3, 6, 1, 2, 4, 0, -1]
+        let plan = try AdapterBatchPlan(adapterIds: ids, adapterCount: s.adapted.adapters.count)
+        let t = 3
+        var worst: Float = 0
+        for layer in ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.7.mlp.down_proj"] {
+            guard let lin = s.adapted.root.namedModules().first(where: { $0.name == layer })?.module as? Linear else {
+                Issue.record("no Linear \(layer)"); continue
+            }
+            var rng = GraftRNG(seed: 11)
+            let x = Tensor.randomUniform([ids.count, t, lin.inFeatures], low: -1, high: 1, rng: &rng)
+            let grouped = Tensor(zeros: x.shape)
+            for (i, r) in plan.order.enumerated() { grouped.rowsView(i..<(i + 1)).pointer.update(from: x.rowsView(r..<(r + 1)).pointer, count: t * lin.inFeatures) }
+            let mixed = try MixedAdapterBatch.withRouting(s.adapted, ids: plan.sortedIds) { lin.forward(grouped) }
+            for (i, r) in plan.order.enumerated() {
+                try Self.use(s, ids[r])
+                let alone = withNoGrad { lin.forward(x.rowsView(r..<(r + 1)).copy()) }
+                let m = mixed.rowsView(i..<(i + 1))
+                for j in 0..<alone.count { worst = max(worst, abs(alone.pointer[j] - m.pointer[j])) }
+            }
+            s.adapted.setAdaptersDisabled(false)
+        }
+        print("SmolLM2 adapted layers, mixed rows vs each row alone: max |Δ| = \(worst)")
+        #expect(worst <= 1e-5)
+    }
+
     @Test func miniLMMixedBatchMatchesEachSequenceAlone() throws {
         let s = try GraftSession(path: try Assets.require(Assets.minilm), task: .base)
         try Self.add(s, [
