@@ -25,8 +25,10 @@ public enum MixedAdapterBatch {
     /// Runs `body` (a forward pass over a batch whose row `i` uses adapter `ids[i]`) with per-row routing
     /// installed on `model`'s Linear layers; restores the layers and the adapter switches afterwards.
     ///
-    /// `ids` must already be in run order (contiguous per adapter, see ``AdapterBatchPlan/sortedIds``);
-    /// unsorted ids still give correct results, with one segment per run of equal ids.
+    /// `ids` holds one id per row of the batch `body` runs (its row count must equal `ids.count`: a layer
+    /// whose row count is not a multiple of it makes this throw) and should be in run order (contiguous per
+    /// adapter, see ``AdapterBatchPlan/sortedIds``); unsorted ids still give correct results, with one segment
+    /// per run of equal ids.
     public static func withRouting<R>(_ model: AdaptedModel, ids: [Int32], _ body: () throws -> R) throws -> R {
         _ = try AdapterBatchPlan(adapterIds: ids, adapterCount: model.adapters.count)
         try checkMixable(model, ids: ids)
