@@ -2,7 +2,7 @@
 SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
-.PHONY: demo test test-c test-python test-lua lib install build release setup assets bench clean
+.PHONY: demo test test-c test-python test-lua test-daemon lib graftd client install build release setup assets bench clean
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -12,7 +12,7 @@ demo: setup assets release
 # against an older private layout of a class (seen as a crash in a deinit); `make clean` and rebuild then.
 TEST_FLAGS = -c release -Xswiftc -enable-testing --scratch-path .build-test
 
-test: assets test-c test-python test-lua
+test: assets test-c test-python test-lua test-daemon
 	$(SWIFT) build --build-tests $(TEST_FLAGS)
 	$(SWIFT) test --skip-build $(TEST_FLAGS)
 
@@ -81,6 +81,23 @@ install: lib
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(GRAFT_VERSION)|' scripts/graft.pc.in \
 		> $(DESTDIR)$(PREFIX)/lib/pkgconfig/graft.pc
 
+# graftd and its clients: the C client library (bindings/c, protobuf-c) with examples/remote/client.c, and the
+# daemon tests (tests/daemon: the Python client end to end, hostile inputs, 64 clients, a killed client, SIGTERM).
+GRAFTD = .build/release/graftd
+C_CLIENT_SOURCES = bindings/c/graft_client.c bindings/c/graft.pb-c.c
+graftd:
+	$(SWIFT) build -c release --product graftd
+
+client:
+	mkdir -p $(C_OUT)
+	$(CC) $(C_EXAMPLE_FLAGS) -O2 -Ibindings/c examples/remote/client.c $(C_CLIENT_SOURCES) -o $(C_OUT)/remote-client -lprotobuf-c
+	$(CC) $(C_EXAMPLE_FLAGS) -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
+		-Ibindings/c examples/remote/client.c $(C_CLIENT_SOURCES) -o $(C_OUT)/remote-client-asan -lprotobuf-c
+
+test-daemon: assets lib graftd client
+	$(PY_ENV) GRAFTD=$(abspath $(GRAFTD)) $(PYTHON) -m pytest -q tests/daemon
+	tests/daemon/run-c-client.sh $(GRAFTD) $(C_OUT)/remote-client $(C_OUT)/remote-client-asan
+
 assets:
 	scripts/fetch-assets
 
@@ -94,6 +111,7 @@ bench: assets release
 	bench/forward
 	bench/train-step
 	bench/ctypes-overhead
+	bench/daemon
 
 clean:
 	rm -rf .build .build-test

@@ -12,9 +12,12 @@ let package = Package(
         // Named GraftCAPI because the CLI already owns the product name "graft"; `make lib` publishes the file
         // as .build/release/libgraft.so (its soname is already libgraft.so).
         .library(name: "GraftCAPI", type: .dynamic, targets: ["GraftCAPI"]),
+        .executable(name: "graftd", targets: ["graftd"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        // The daemon's codec; the generated code (Sources/GraftDaemon/Generated) is committed, see proto/README.md.
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
     ],
     targets: [
         .systemLibrary(name: "CGraftSystem", path: "Sources/CGraftSystem"),
@@ -40,6 +43,13 @@ let package = Package(
                     // Export only the graft_* functions: the Swift runtime and modules stay private.
                     "-Xlinker", "--version-script=Sources/GraftCAPI/exports.map",
                 ])]),
+        .systemLibrary(name: "CGraftUV", path: "Sources/CGraftUV"),
+        .target(name: "GraftDaemon", dependencies: [
+            "Graft", "CGraftUV", .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
+        .executableTarget(name: "graftd", dependencies: [
+            "GraftDaemon", "CGraftSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .executableTarget(name: "graft", dependencies: [
             "Graft", "CGraftSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
@@ -52,6 +62,7 @@ let package = Package(
         .testTarget(name: "GraftAdaptersTests", dependencies: ["GraftAdapters", "Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftRoutingTests", dependencies: ["GraftRouting", "Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftTrainTests", dependencies: ["GraftTrain", "Graft", "GraftTestSupport"]),
+        .testTarget(name: "GraftDaemonTests", dependencies: ["GraftDaemon", "GraftTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

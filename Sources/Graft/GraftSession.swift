@@ -517,6 +517,22 @@ public final class GraftTrainingSession: @unchecked Sendable {
 }
 
 extension GraftSession {
+    /// A model argument resolved: an existing path as is, else an asset name fetched by scripts/fetch-assets
+    /// (`minilm`, `smollm2`) as its path in the cache; anything else unchanged (loading then names it).
+    public static func resolveModelPath(_ name: String) -> String {
+        if FileManager.default.fileExists(atPath: name) { return name }
+        switch name.lowercased() {
+        case "minilm", "all-minilm-l6-v2": return assetPath("all-MiniLM-L6-v2")
+        case "smollm2", "smollm2-135m": return assetPath("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        default: return name
+        }
+    }
+
+    /// The chat template of the supported instruct decoders (ChatML) around one user turn.
+    public static func chatPrompt(_ user: String) -> String {
+        "<|im_start|>user\n\(user)<|im_end|>\n<|im_start|>assistant\n"
+    }
+
     /// `${GRAFT_HOME:-$HOME/.cache/graft}/relative`.
     public static func assetPath(_ relative: String) -> String {
         let home = ProcessInfo.processInfo.environment["GRAFT_HOME"] ?? (NSHomeDirectory() + "/.cache/graft")

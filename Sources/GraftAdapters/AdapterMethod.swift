@@ -11,6 +11,9 @@ public final class AdapterState: @unchecked Sendable {
     public var isMerged: Bool = false
     /// RNG for dropout and random initialization.
     public var rng: GraftRNG
+    /// Per-example task ids for task-routed methods (Poly / MHR), PEFT's `task_ids=` forward argument; set with
+    /// ``AdaptedModel/setTaskIDs(_:)``. Nil routes every example to task 0.
+    public var taskIDs: [Int]?
 
     /// Creates the state with a seed for its RNG.
     public init(seed: UInt64) {

@@ -107,6 +107,9 @@ public enum AdapterRegistry {
         VBLoRAFactory.peftType: VBLoRAFactory.self,
         C3AFactory.peftType: C3AFactory.self,
         RandLoRAFactory.peftType: RandLoRAFactory.self,
+        BOFTFactory.peftType: BOFTFactory.self,
+        FourierFTFactory.peftType: FourierFTFactory.self,
+        PolyFactory.peftType: PolyFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

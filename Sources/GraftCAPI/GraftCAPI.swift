@@ -12,7 +12,7 @@ import Glibc
 
 // MARK: - Status, thread-local last error
 
-private let versionMajor = 0, versionMinor = 1, versionPatch = 0
+private let versionMajor = GraftVersion.major, versionMinor = GraftVersion.minor, versionPatch = GraftVersion.patch
 
 /// Every fallible entry point clears the message and maps a thrown error onto (code, message).
 private let errorKey: pthread_key_t = {

@@ -10,11 +10,14 @@ import GraftTensor
 /// sorts them) so that there is one segment per adapter.
 ///
 /// What mixes: every method attached to Linear layers, because their contract is row-wise — weight-delta
-/// methods (LoRA, rsLoRA, DoRA, AdaLoRA, LoHa, LoKr, VeRA, VB-LoRA, MiSS, SHiRA, C3A, RandLoRA), rotations and
-/// rescalings of the output (RoAd, IA³) and of the base GEMM's input (IA³ feed-forward, OFT, HRA: each
+/// methods (LoRA, rsLoRA, DoRA, AdaLoRA, LoHa, LoKr, VeRA, VB-LoRA, MiSS, SHiRA, C3A, RandLoRA, FourierFT),
+/// rotations and rescalings of the output (RoAd, IA³) and of the base GEMM's input (IA³ feed-forward, OFT, BOFT, HRA: each
 /// segment's input rows are transformed before the one base GEMM), and `modules_to_save` copies of a Linear.
 /// Plain LoRA runs a fused kernel (two GEMMs per segment straight into the output rows, segments in
 /// parallel); the others run their own `forward` on views of their rows.
+///
+/// Poly / MHR mix with a single task id (or none) set; per-example task ids index positions of the whole batch
+/// and throw.
 ///
 /// What does not mix: methods on other modules — prompt tuning, P-tuning and prefix tuning (virtual tokens
 /// change the sequence), LN tuning and trainable tokens — and merged adapters (their ΔW is in the base
@@ -85,6 +88,10 @@ public enum MixedAdapterBatch {
         }
         for id in Set(ids).sorted() where id >= 0 {
             let named = model.adapters[Int(id)]
+            // Poly / MHR pick each example's task by its position in the batch; a segment is a different batch.
+            if named.config.peftType == PolyFactory.peftType, let tasks = named.state.taskIDs, Set(tasks).count > 1 {
+                throw GraftError(.unsupported, "adapter \(id) '\(named.name)' (\(named.config.peftType)) routes by per-example task ids (\(tasks.count) set), which index positions of the whole batch; in a mixed-adapter batch set a single task id (setTaskIDs([id])) or run its rows in a separate batch")
+            }
             if let (path, module) = named.modules.first {
                 let what = module.mergeable ? "adapts \(path.isEmpty ? "the model" : "'\(path)'") outside Linear layers"
                                             : "adds virtual tokens, which change every sequence's length and attention"

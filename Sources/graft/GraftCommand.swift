@@ -19,14 +19,7 @@ struct GraftCommand: ParsableCommand {
 }
 
 /// Resolves a model argument: a path, or one of the asset names fetched by scripts/fetch-assets.
-func resolveModelPath(_ name: String) -> String {
-    if FileManager.default.fileExists(atPath: name) { return name }
-    switch name.lowercased() {
-    case "minilm", "all-minilm-l6-v2": return GraftSession.assetPath("all-MiniLM-L6-v2")
-    case "smollm2", "smollm2-135m": return GraftSession.assetPath("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    default: return name
-    }
-}
+func resolveModelPath(_ name: String) -> String { GraftSession.resolveModelPath(name) }
 
 /// Runs `body`, turning a GraftError into a one-line message and exit code 1.
 func run(_ body: () throws -> Void) throws {
@@ -99,7 +92,7 @@ struct Generate: ParsableCommand {
                 let adapted = AdaptedModel(root: m.root)
                 try adapted.loadAdapter(directory: adapter)
             }
-            let text = raw ? prompt : "<|im_start|>user\n\(prompt)<|im_end|>\n<|im_start|>assistant\n"
+            let text = raw ? prompt : GraftSession.chatPrompt(prompt)
             let params = GenerationParameters(maxNewTokens: maxTokens, temperature: temperature, topP: topP, seed: seed)
             _ = try m.generate(prompt: text, parameters: params) { piece in
                 FileHandle.standardOutput.write(Data(piece.utf8))

@@ -27,6 +27,11 @@ import GraftTestSupport
         ("RandLoRA", #"{"peft_type":"RANDLORA","r":2,"randlora_alpha":4,"target_modules":["proj"]}"#),
         ("C3A", #"{"peft_type":"C3A","block_size":4,"target_modules":["proj"]}"#),
         ("VB-LoRA", #"{"peft_type":"VBLORA","r":2,"num_vectors":6,"vector_length":4,"topk":2,"target_modules":["proj"]}"#),
+        ("BOFT", #"{"peft_type":"BOFT","boft_block_size":4,"boft_block_num":0,"boft_n_butterfly_factor":1,"target_modules":["proj"]}"#),
+        ("BOFT butterfly", #"{"peft_type":"BOFT","boft_block_size":0,"boft_block_num":2,"boft_n_butterfly_factor":2,"target_modules":["proj"]}"#),
+        ("FourierFT", #"{"peft_type":"FOURIERFT","n_frequency":12,"scaling":20,"random_loc_seed":5,"target_modules":["proj"]}"#),
+        ("Poly", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":1,"init_weights":false,"target_modules":["proj"]}"#),
+        ("MHR", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":2,"init_weights":false,"target_modules":["proj"]}"#),
     ]
 
     @Test(arguments: configs.map(\.0))
@@ -38,6 +43,8 @@ import GraftTestSupport
         let root = ModuleList(typeName: "Toy", [("proj", proj)])
         let model = AdaptedModel(root: root)
         let adapter = try model.addAdapter("a", config: AdapterConfig(jsonText: json, source: method), seed: 3)
+        // Poly / MHR: each of the three rows is an example with its own task.
+        if adapter.config.peftType == "POLY" { try model.setTaskIDs([1, 0, 1]) }
         // Move every parameter off its (often identity) initialization.
         for (_, p) in adapter.peftStateDict {
             for i in 0..<p.count { p.pointer[i] += 0.3 * rng.nextNormal() }

@@ -176,10 +176,15 @@ import GraftTestSupport
             ("vera", #"{"peft_type": "VERA", "r": 16, "target_modules": ["query", "value"]}"#),
             ("dora", #"{"peft_type": "LORA", "r": 4, "use_dora": true, "target_modules": ["query", "value"], "init_lora_weights": false}"#),
         ])
-        let ids: [Int32] = [4, 0, -1, 2, 5, 1, 3, 0, -1, 4]
+        // PEFT's own BOFT (butterfly rotations of the input), FourierFT and Poly (one task id set) adapters.
+        for method in ["boft", "fourierft", "poly"] {
+            _ = try s.adapted.loadAdapter(directory: Assets.fixture("peft-minilm/\(method)"), name: method)
+        }
+        try s.adapted.setTaskIDs([2])
+        let ids: [Int32] = [4, 0, -1, 7, 2, 5, 8, 1, 3, 0, -1, 6, 4]
         let rows = Self.rows(ids.count, lengths: [8, 13, 5, 10, 16], vocab: 30522, seed: 9, first: 101)
         let d = try Self.maxDifference(s, rows: rows, ids: ids, output: .hidden)
-        print("MiniLM mixed batch (LoRA ×2, IA³, RoAd, VeRA, DoRA, base) vs each sequence alone, hidden states: max |Δ| = \(d.absolute)")
+        print("MiniLM mixed batch (LoRA ×2, IA³, RoAd, VeRA, DoRA, BOFT, FourierFT, Poly, base) vs each sequence alone, hidden states: max |Δ| = \(d.absolute)")
         #expect(d.absolute <= 1e-5)
         let same = try Self.sameBatchDifference(s, rows: rows, ids: ids, output: .hidden)
         print("MiniLM mixed batch vs the same batch under each row's adapter: max |Δ| = \(same.absolute)")
@@ -260,6 +265,18 @@ import GraftTestSupport
         } catch let e as GraftError {
             #expect(e.code == .invalidArgument && e.message.contains("adapter_ids[1] = 9 names no adapter"))
         }
+        // Poly with per-example task ids: the ids index positions of the whole batch, so it cannot mix.
+        _ = try s.adapted.loadAdapter(directory: Assets.fixture("peft-minilm/poly"), name: "poly")
+        try s.adapted.setTaskIDs([0, 1])
+        do {
+            _ = try s.forward(batch: batch, adapterIds: [2, -1], output: .hidden)
+            Issue.record("Poly with per-example task ids in a mixed batch should throw")
+        } catch let e as GraftError {
+            #expect(e.code == .unsupported && e.message.contains("'poly'") && e.message.contains("task ids"))
+        }
+        try s.adapted.setTaskIDs(nil)
+        _ = try s.forward(batch: batch, adapterIds: [2, -1], output: .hidden)
+        try s.adapted.setActiveAdapter("prompt")
         try s.adapted.merge("lora")
         #expect(throws: GraftError.self) { _ = try s.forward(batch: batch, adapterIds: [0, -1], output: .hidden) }
         try s.adapted.unmerge("lora")

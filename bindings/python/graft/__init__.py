@@ -11,18 +11,28 @@ A ctypes binding of libgraft.so's C ABI (include/graft.h) with a PEFT-shaped API
         model.save_adapter("out/lora")
 
 libgraft.so is found through $GRAFT_LIB, else beside this package, else in the checkout's .build/release.
+graft.remote (a client of the graftd daemon) works without it.
 """
-from . import _lib
 from .config import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, VeraConfig
-from .errors import GraftError
-from .model import Model, load_model
-from .trainer import Progress, Trainer, TrainResult
 
-__version__ = _lib.lib.graft_version_string().decode()
-#: The loaded library's version as MAJOR * 10000 + MINOR * 100 + PATCH.
-version_number = _lib.lib.graft_version()
-#: Where libgraft.so was loaded from.
-library_path = str(_lib.path)
+try:
+    from . import _lib
+except ImportError as _error:  # no libgraft.so here: only graft.remote (and the configs) are usable
+    _native_error = _error
+
+    def __getattr__(name):
+        raise ImportError(f"graft.{name} needs libgraft.so, which could not be loaded ({_native_error}); "
+                          "graft.remote works without it") from None
+else:
+    from .errors import GraftError
+    from .model import Model, load_model
+    from .trainer import Progress, Trainer, TrainResult
+
+    __version__ = _lib.lib.graft_version_string().decode()
+    #: The loaded library's version as MAJOR * 10000 + MINOR * 100 + PATCH.
+    version_number = _lib.lib.graft_version()
+    #: Where libgraft.so was loaded from.
+    library_path = str(_lib.path)
 
 __all__ = ["GraftError", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "Model", "PeftConfig", "Progress",
            "TrainResult", "Trainer", "VeraConfig", "load_model", "__version__"]

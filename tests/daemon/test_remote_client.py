@@ -1,0 +1,98 @@
+"""graft.remote.Client against a real graftd: the whole fine-tune flow, over the Unix socket and TCP."""
+import numpy as np
+import pytest
+
+import graft
+from graft.remote import Client, RemoteError
+
+from conftest import MINILM
+
+TEXTS = ["what a great day, I love it", "awful service, never again", "the meeting is at noon"]
+LORA = graft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+
+
+def test_load_add_train_save_forward_over_the_unix_socket(daemon, tmp_path):
+    with Client(daemon.socket_path) as c:
+        assert c.server_version
+        model = c.load_model(MINILM, task="seq_cls", num_labels=3, seed=1)
+        model.add_adapter("default", LORA)
+        assert [a["name"] for a in model.list_adapters()["adapters"]] == ["default"]
+        before = model(TEXTS)
+        events = []
+        job = c.train(model, "tweets", total_steps=20, batch_size=16, learning_rate=2e-3, callback=events.append)
+        progress = [e for e in events if not e.finished]
+        assert [e.step for e in progress] == list(range(1, 21))
+        assert all(np.isfinite(e.loss) and e.tokens_per_second > 0 for e in progress)
+        assert events[-1].finished == "completed" and job.result.step == 20
+        first, last = np.mean([e.loss for e in progress[:5]]), np.mean([e.loss for e in progress[-5:]])
+        assert last < first, f"training did not lower the loss: first 5 steps {first:.4f}, last 5 {last:.4f}"
+        model.save_adapter(tmp_path / "lora")
+        assert (tmp_path / "lora" / "adapter_model.safetensors").exists()
+        after = model(TEXTS)
+        assert after.shape == (3, 3) and after.dtype == np.float32
+        assert np.abs(after - before).max() > 1e-4
+        # The saved adapter, loaded into a fresh model, reproduces the trained model's output.
+        fresh = c.load_model(MINILM, task="seq_cls", num_labels=3, seed=1)
+        fresh.load_adapter(tmp_path / "lora")
+        assert np.abs(fresh(TEXTS) - after).max() <= 1e-5
+        status = c.job_status(job.job_id)
+        assert status["state"] == "completed" and status["last"].step == 20
+        fresh.unload()
+        model.unload()
+
+
+def test_tcp_with_the_token(daemon):
+    with Client(host="127.0.0.1", port=daemon.port, token=daemon.token) as c:
+        model = c.load_model(MINILM)
+        hidden = model([[101, 7592, 2088, 102]], output="hidden")
+        assert hidden.shape == (1, 4, 384)
+        ids = model([[101, 7592, 2088, 102]], output="hidden")
+        assert np.array_equal(hidden, ids)
+        model.unload()
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_tcp_without_the_right_token_is_refused(daemon, token):
+    with pytest.raises(RemoteError) as e:
+        Client(host="127.0.0.1", port=daemon.port, token=token)
+    assert e.value.code == "UNAUTHENTICATED"
+    assert "token" in e.value.message
+
+
+def test_errors_name_what_was_wrong(daemon, tmp_path):
+    with Client(daemon.socket_path) as c:
+        with pytest.raises(RemoteError) as e:
+            c.load_model(tmp_path / "no-such-model")
+        assert "no-such-model" in e.value.message
+        with pytest.raises(RemoteError) as e:
+            c.job_status("j999")
+        assert e.value.code == "NOT_FOUND" and "j999" in e.value.message
+        model = c.load_model(MINILM)
+        with pytest.raises(RemoteError) as e:
+            model([[101, 999999, 102]])
+        assert e.value.code == "INVALID_ARGUMENT" and "999999" in e.value.message
+        with pytest.raises(RemoteError) as e:
+            model.add_adapter("x", {"peft_type": "LORA", "r": 0, "target_modules": ["query"]})
+        assert e.value.code == "INVALID_ARGUMENT"
+        # The connection is still usable after errors.
+        assert c.server_stats()["errors_total"] >= 4
+        model.unload()
+
+
+def test_cancel_ends_a_job_as_cancelled(daemon):
+    with Client(daemon.socket_path) as c:
+        model = c.load_model(MINILM, task="seq_cls", num_labels=3)
+        model.add_adapter("default", LORA)
+        job = c.train(model, "tweets", total_steps=500, batch_size=8, wait=False)
+        events = job.events()
+        first = next(events)
+        assert first.step == 1
+        c2 = Client(daemon.socket_path)
+        c2.cancel(job.job_id)
+        c2.close()
+        rest = list(events)
+        assert rest[-1].finished == "cancelled" and rest[-1].step < 500
+        with pytest.raises(RemoteError) as e:
+            c.cancel(job.job_id)
+        assert e.value.code == "STATE"
+        model.unload()
