@@ -156,7 +156,10 @@ public final class Trainer {
     public func accumulate(_ batch: PackedBatch) throws -> Float {
         model.setTraining(true)
         defer { model.setTraining(false) }
-        let loss = try objective.loss(batch)
+        var loss = try objective.loss(batch)
+        for hook in adapter.trainingHooks {
+            if let penalty = hook.regularization() { loss = loss + penalty }
+        }
         let scaled = config.gradientAccumulationSteps == 1 ? loss : loss * (1 / Float(config.gradientAccumulationSteps))
         scaled.backward()
         microStep += 1
@@ -171,8 +174,9 @@ public final class Trainer {
         optimizer.learningRate = lr
         let norm = clipGradientNorm(optimizer.parameters, maxNorm: config.maxGradNorm)
         optimizer.step()
-        optimizer.zeroGrad()
         globalStep += 1
+        for hook in adapter.trainingHooks { hook.didUpdate(step: globalStep, totalSteps: totalSteps) }
+        optimizer.zeroGrad()
         return (lr, norm)
     }
 
