@@ -110,6 +110,7 @@ release:
 bench: assets release
 	bench/forward
 	bench/train-step
+	bench/mixed-adapters
 	bench/ctypes-overhead
 	bench/daemon
 

@@ -26,8 +26,9 @@ let package = Package(
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),
+        .target(name: "GraftRouting", dependencies: ["GraftTensor", "GraftModels", "GraftAdapters"]),
         .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters"]),
-        .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftTrain"]),
+        .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftRouting", "GraftTrain"]),
         .target(name: "GraftCAPI", dependencies: ["Graft"], exclude: ["exports.map"],
                 linkerSettings: [.unsafeFlags([
                     "-static-stdlib", "-Xlinker", "-soname=libgraft.so",
@@ -59,6 +60,7 @@ let package = Package(
         .testTarget(name: "GraftModelsTests", dependencies: ["GraftModels", "GraftIO", "GraftTensor", "GraftTestSupport"]),
         .testTarget(name: "GraftTests", dependencies: ["Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftAdaptersTests", dependencies: ["GraftAdapters", "Graft", "GraftTestSupport"]),
+        .testTarget(name: "GraftRoutingTests", dependencies: ["GraftRouting", "Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftTrainTests", dependencies: ["GraftTrain", "Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftDaemonTests", dependencies: ["GraftDaemon", "GraftTestSupport"]),
     ],

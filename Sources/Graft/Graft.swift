@@ -2,6 +2,7 @@
 @_exported import GraftAdapters
 @_exported import GraftIO
 @_exported import GraftModels
+@_exported import GraftRouting
 @_exported import GraftTensor
 @_exported import GraftText
 @_exported import GraftTrain

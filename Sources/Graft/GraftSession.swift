@@ -208,45 +208,23 @@ public final class GraftSession: @unchecked Sendable {
     }
 
     /// Runs the batch without recording and returns the output flattened as documented for
-    /// `graft_model_forward`. `adapterIds` (one per row, -1 = base) groups rows by adapter.
+    /// `graft_model_forward`.
+    ///
+    /// `adapterIds` (one per batch row, -1 = base; nil = the current adapter state for every row) makes a
+    /// mixed-adapter batch: rows are grouped by adapter, the model runs once with each adapted layer's base GEMM
+    /// over the whole batch and each adapter's work on its own rows (see ``MixedAdapterBatch``), and the output
+    /// comes back in the caller's row order. Methods that cannot mix (virtual tokens, LN tuning, trainable
+    /// tokens) and merged adapters throw.
     public func forward(batch tokens: TokenBatch, adapterIds: [Int32]?, output: SessionOutput) throws -> [Float] {
         let count = try outputCount(batch: tokens.batchSize, stride: tokens.length, output: output)
         guard let adapterIds else { return try forwardRows(tokens, output: output) }
         guard adapterIds.count == tokens.batchSize else {
             throw GraftError.invalid("\(adapterIds.count) adapter ids for \(tokens.batchSize) rows")
         }
-        if let bad = adapterIds.firstIndex(where: { $0 < -1 || Int($0) >= adapted.adapters.count }) {
-            throw GraftError.invalid("adapter_ids[\(bad)] = \(adapterIds[bad]) names no adapter (have \(adapted.adapters.count); -1 = base)")
-        }
-        if let merged = adapted.adapters.first(where: { $0.state.isMerged }) {
-            throw GraftError(.state, "per-row adapter ids need unmerged adapters, but '\(merged.name)' is merged; unmerge it first")
-        }
-        let previousActive = adapted.activeAdapter
-        let previousDisabled = adapted.adaptersDisabled
-        defer {
-            if let previousActive { try? adapted.setActiveAdapter(previousActive) }
-            adapted.setAdaptersDisabled(previousDisabled)
-        }
-        var out = [Float](repeating: 0, count: count)
-        let perRow = count / tokens.batchSize
-        for id in Set(adapterIds).sorted() {
-            let rows = (0..<tokens.batchSize).filter { adapterIds[$0] == id }
-            var ids: [Int32] = []
-            for r in rows { ids += tokens.ids[(r * tokens.length)..<((r + 1) * tokens.length)] }
-            let group = try TokenBatch(ids: ids, batchSize: rows.count, length: tokens.length,
-                                       lengths: rows.map { tokens.lengths[$0] })
-            if id < 0 {
-                adapted.setAdaptersDisabled(true)
-            } else {
-                try adapted.setActiveAdapter(adapted.adapters[Int(id)].name)
-                adapted.setAdaptersDisabled(false)
-            }
-            let values = try forwardRows(group, output: output)
-            for (i, r) in rows.enumerated() {
-                out.replaceSubrange((r * perRow)..<((r + 1) * perRow), with: values[(i * perRow)..<((i + 1) * perRow)])
-            }
-        }
-        return out
+        let plan = try AdapterBatchPlan(adapterIds: adapterIds, adapterCount: adapted.adapters.count)
+        let grouped = try plan.gather(tokens)
+        let values = try MixedAdapterBatch.withRouting(adapted, ids: plan.sortedIds) { try forwardRows(grouped, output: output) }
+        return plan.scatter(values, perRow: count / max(tokens.batchSize, 1))
     }
 
     private func forwardRows(_ batch: TokenBatch, output: SessionOutput) throws -> [Float] {
@@ -273,6 +251,31 @@ public final class GraftSession: @unchecked Sendable {
             }
             return values
         }
+    }
+
+    /// Generates after each of `prompts` with its own adapter (`adapterIds[i]`, -1 = base) as one batch (Llama
+    /// only); see ``MixedAdapterBatch/generate(_:llama:prompts:adapterIds:parameters:onToken:)``. Stop tokens
+    /// end a sequence and are not returned when `stopAtEOS`. `onToken(sequence, token)` returning false stops
+    /// that sequence. Returns the new tokens per prompt, in the caller's order.
+    public func generate(prompts: [[Int32]], adapterIds: [Int32], parameters: GenerationParameters, stopAtEOS: Bool,
+                         onToken: (Int, Int32) -> Bool = { _, _ in true }) throws -> [[Int32]] {
+        guard let llama = model.llama else {
+            throw GraftError(.unsupported, "\(model.path): generation needs a decoder model (Llama); this is a \(model.architecture.rawValue) encoder")
+        }
+        var params = parameters
+        if stopAtEOS {
+            for t in ["<|im_end|>", "<|endoftext|>"] { if let id = model.tokenizer.id(of: t) { params.stopTokens.insert(id) } }
+            if let eos = model.tokenizer.eosTokenId { params.stopTokens.insert(eos) }
+        }
+        for (i, prompt) in prompts.enumerated() {
+            if let bad = prompt.firstIndex(where: { $0 < 0 || Int($0) >= llama.config.vocabSize }) {
+                throw GraftError.invalid("prompts[\(i)][\(bad)] = \(prompt[bad]) is outside the vocabulary 0..<\(llama.config.vocabSize)")
+            }
+        }
+        let out = try MixedAdapterBatch.generate(adapted, llama: llama, prompts: prompts, adapterIds: adapterIds, parameters: params) { i, id in
+            params.stopTokens.contains(id) || onToken(i, id)
+        }
+        return out.map { $0.filter { !params.stopTokens.contains($0) } }
     }
 
     /// Generates after `prompt` (Llama only). `onToken` sees each token and the text it completes; returning
@@ -451,7 +454,7 @@ public final class GraftTrainingSession: @unchecked Sendable {
     /// One micro-batch: forward, backward, and an optimizer update on every `gradientAccumulationSteps`-th call.
     public func step(_ examples: [TokenizedExample]) throws -> Float {
         try prepare()
-        let batch = try PackedBatch(ArraySlice(examples))
+        let batch = try PackedBatch(ArraySlice(examples), padded: session.adapted.needsPaddedBatches)
         let loss = try trainer.accumulate(batch)
         if trainer.microStep % trainer.config.gradientAccumulationSteps == 0 {
             // No horizon given: a schedule far longer than any run, i.e. no decay after warm-up.

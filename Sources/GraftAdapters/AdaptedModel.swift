@@ -17,6 +17,8 @@ public final class NamedAdapter {
     public internal(set) var shared: [(key: String, tensor: Tensor)] = []
     /// Adapters on modules other than Linear (LN tuning, trainable tokens) by module path.
     public internal(set) var modules: [(path: String, adapter: any ModuleAdapterMethod)] = []
+    /// Training behaviour beyond the forward pass (AdaLoRA's rank allocation), called by the trainer.
+    public internal(set) var trainingHooks: [any AdapterTrainingHook] = []
 
     init(name: String, config: AdapterConfig, state: AdapterState) {
         self.name = name
@@ -111,6 +113,7 @@ public final class AdaptedModel: @unchecked Sendable {
         for (path, lin) in targets {
             named.layers.append((path, lin, try factory.make(for: lin, path: path, config: config, state: state, shared: sharedByKey)))
         }
+        if let hook = try factory.trainingHook(for: named) { named.trainingHooks.append(hook) }
         if !matchedNonLinear.isEmpty {
             throw GraftError(.unsupported, "\(config.source): \(config.peftType) adapts Linear layers, but target_modules also selects \(matchedNonLinear.prefix(4).joined(separator: ", "))")
         }
@@ -167,6 +170,15 @@ public final class AdaptedModel: @unchecked Sendable {
         case .regex(let r): return "regex \"\(r)\""
         case .allLinear: return "\"all-linear\""
         }
+    }
+
+    /// Whether the active adapter adds virtual tokens (prompt, prefix, P-tuning): such models need one sequence
+    /// per row (padded batches), not packed rows.
+    public var needsPaddedBatches: Bool {
+        guard !adaptersDisabled, let active = activeAdapter, let a = adapters.first(where: { $0.name == active }) else {
+            return false
+        }
+        return AdapterRegistry.moduleFactories[a.config.peftType]?.actsOnInput ?? false
     }
 
     /// Makes `name` the only adapter that takes part in forward passes.

@@ -121,4 +121,59 @@ extension LlamaModel {
             return generated
         }
     }
+
+    /// Generates after each of `prompts` as one batch: every step runs the still-active sequences together
+    /// (prompts right-padded in the first step), each with its own KV cache and its own sampler seeded from
+    /// `parameters.seed`, so each sequence gets exactly the tokens it would get alone.
+    ///
+    /// `around(rows, step)` wraps every forward step: `rows` are the indices (into `prompts`, ascending) of the
+    /// sequences in that step's batch, and `step()` returns their next-token logits `[rows.count, vocab]`
+    /// (mixed-adapter routing installs itself here). `onToken(sequence, token)` returning false stops that
+    /// sequence. Returns the new tokens per prompt (including a final stop token, if produced).
+    public func generate(
+        prompts: [[Int32]], parameters: GenerationParameters = GenerationParameters(),
+        around: (_ rows: [Int], _ step: () throws -> Tensor) throws -> Tensor = { try $1() },
+        onToken: (_ sequence: Int, _ token: Int32) -> Bool = { _, _ in true }
+    ) throws -> [[Int32]] {
+        try parameters.validate()
+        for (i, p) in prompts.enumerated() {
+            guard !p.isEmpty else { throw GraftError.invalid("generate: prompt \(i) is empty") }
+            guard p.count + parameters.maxNewTokens <= config.contextLength else {
+                throw GraftError.invalid("generate: prompt \(i) (\(p.count)) + maxNewTokens (\(parameters.maxNewTokens)) exceeds the context length \(config.contextLength)")
+            }
+        }
+        return try withNoGrad {
+            let caches = prompts.map { _ in KVCache(layerCount: layers.count) }
+            var samplers = prompts.map { _ in TokenSampler(parameters: parameters) }
+            var generated = [[Int32]](repeating: [], count: prompts.count)
+            var inputs = prompts
+            var active = parameters.maxNewTokens > 0 ? Array(prompts.indices) : []
+            while !active.isEmpty {
+                let rows = active
+                let batch = try TokenBatch(sequences: rows.map { inputs[$0] })
+                let logits = try around(rows) {
+                    let hidden = try hiddenStates(batch, rowCaches: rows.map { caches[$0] })
+                    let last = Tensor(zeros: [rows.count, config.hiddenSize])
+                    for (i, r) in rows.enumerated() {
+                        (last.pointer + i * config.hiddenSize).update(
+                            from: hidden.pointer + (i * batch.length + inputs[r].count - 1) * config.hiddenSize, count: config.hiddenSize)
+                    }
+                    return lmHead.forward(last)
+                }
+                guard logits.count == rows.count * config.vocabSize else {
+                    throw GraftError(.internalError, "generate: step returned \(logits.shape) logits for \(rows.count) rows")
+                }
+                active = []
+                for (i, r) in rows.enumerated() {
+                    let next = samplers[r].sample(UnsafeBufferPointer(start: logits.pointer + i * config.vocabSize, count: config.vocabSize))
+                    generated[r].append(next)
+                    inputs[r] = [next]
+                    if onToken(r, next) && !parameters.stopTokens.contains(next) && generated[r].count < parameters.maxNewTokens {
+                        active.append(r)
+                    }
+                }
+            }
+            return generated
+        }
+    }
 }

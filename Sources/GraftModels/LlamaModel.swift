@@ -78,7 +78,10 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     }
 
     /// `x`: `[batch, length, hidden]`; `cache` (when generating) holds this layer's earlier keys and values.
-    func forward(_ x: Tensor, positions: [Int32], mask: AttentionMask, cache: KVCache.Layer?) -> Tensor {
+    /// With `rowCaches` (one cache per batch row, batched generation) only the first `rowLengths[r]` positions
+    /// of row `r` are real; each row attends to its own cache and its real positions.
+    func forward(_ x: Tensor, positions: [Int32], mask: AttentionMask, cache: KVCache.Layer?,
+                 rowCaches: [KVCache.Layer]? = nil, rowLengths: [Int]? = nil) -> Tensor {
         let b = x.shape[0], t = x.shape[1]
         let h = inputNorm.forward(x)
         let q = rope(qProj.forward(h).reshaped([b * t, config.heads, config.headDim]),
@@ -94,7 +97,26 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
             cache.keys = k
             cache.values = v
         }
-        let attn = scaledDotProductAttention(query: q, key: k, value: v, heads: config.heads, kvHeads: config.kvHeads, mask: mask)
+        let attn: Tensor
+        if let rowCaches, let rowLengths {
+            var rows: [Tensor] = []
+            for r in 0..<b {
+                let c = rowCaches[r], n = rowLengths[r]
+                var kr = k.rowsView(r..<(r + 1)).slice(dim: 1, 0..<n), vr = v.rowsView(r..<(r + 1)).slice(dim: 1, 0..<n)
+                let offset = c.keys?.shape[1] ?? 0
+                if let pk = c.keys, let pv = c.values {
+                    kr = concat([pk, kr], dim: 1)
+                    vr = concat([pv, vr], dim: 1)
+                }
+                c.keys = kr
+                c.values = vr
+                rows.append(scaledDotProductAttention(query: q.rowsView(r..<(r + 1)), key: kr, value: vr, heads: config.heads,
+                                                      kvHeads: config.kvHeads, mask: AttentionMask(causal: true, queryOffset: offset)))
+            }
+            attn = concat(rows, dim: 0)
+        } else {
+            attn = scaledDotProductAttention(query: q, key: k, value: v, heads: config.heads, kvHeads: config.kvHeads, mask: mask)
+        }
         let x1 = x + applyLayerAdapters(layerAdapters, site: .attention, output: oProj.forward(attn), input: h, mask: mask)
         let h2 = postAttentionNorm.forward(x1)
         let mlp = downProj.forward(silu(gateProj.forward(h2)) * upProj.forward(h2))
@@ -232,6 +254,30 @@ public final class LlamaModel: Module {
             x = layer.forward(x, positions: positions, mask: mask, cache: cache?.layers[i])
         }
         cache?.length += batch.length
+        return norm.forward(x)
+    }
+
+    /// The final hidden states `[batch, length, hidden]` of a batch in which row `r` continues its own sequence
+    /// cached in `caches[r]` (batched generation): the first `batch.lengths[r]` tokens of row `r` are real, take
+    /// positions from `caches[r].length` on, and are appended to that cache. Inference only.
+    public func hiddenStates(_ batch: TokenBatch, rowCaches caches: [KVCache]) throws -> Tensor {
+        try batch.validate(vocabularySize: config.vocabSize)
+        guard caches.count == batch.batchSize else {
+            throw GraftError.invalid("\(caches.count) KV caches for \(batch.batchSize) rows")
+        }
+        guard batch.segments == nil else {
+            throw GraftError(.unsupported, "batched generation does not take packed rows (one sequence per row)")
+        }
+        var positions = [Int32](repeating: 0, count: batch.ids.count)
+        for r in 0..<batch.batchSize {
+            for i in 0..<batch.length { positions[r * batch.length + i] = Int32(caches[r].length + i) }
+        }
+        var x = embedTokens.forward(batch.ids).reshaped([batch.batchSize, batch.length, config.hiddenSize])
+        for (i, layer) in layers.enumerated() {
+            x = layer.forward(x, positions: positions, mask: AttentionMask(), cache: nil,
+                              rowCaches: caches.map { $0.layers[i] }, rowLengths: batch.lengths)
+        }
+        for r in 0..<batch.batchSize { caches[r].length += batch.lengths[r] }
         return norm.forward(x)
     }
 

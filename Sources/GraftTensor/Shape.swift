@@ -14,6 +14,16 @@ extension Tensor {
         return Tensor.result(out, inputs: [self]) { g in [Tensor(shape: original, storage: g.storage)] }
     }
 
+    /// Rows `range` of the first dimension as a view sharing this tensor's storage (no copy, not recorded for
+    /// autograd): for inference code that works on blocks of rows in place (mixed-adapter batches).
+    public func rowsView(_ range: Range<Int>) -> Tensor {
+        precondition(rank >= 1 && range.lowerBound >= 0 && range.upperBound <= shape[0], "rows \(range) of \(shape)")
+        let inner = shape.dropFirst().reduce(1, *)
+        var s = shape
+        s[0] = range.count
+        return Tensor(shape: s, storage: TensorBuffer(viewing: storage, offset: range.lowerBound * inner, count: range.count * inner))
+    }
+
     /// Dimensions reordered by `perm` (a copy): result dimension `i` is input dimension `perm[i]`.
     public func permuted(_ perm: [Int]) -> Tensor {
         precondition(perm.sorted() == Array(0..<rank), "permute \(shape) by \(perm)")

@@ -14,6 +14,8 @@ public final class TensorBuffer: @unchecked Sendable {
     public let count: Int
     /// The first element. Valid for `count` elements while the buffer lives.
     public let pointer: UnsafeMutablePointer<Float>
+    /// The buffer a view borrows its memory from (kept alive by the view); nil when this buffer owns its memory.
+    private let owner: TensorBuffer?
 
     /// Keeps large freed blocks in the allocator for reuse instead of returning them to the kernel: a training
     /// step allocates and frees the same activation sizes every time, and fresh pages cost faults and zeroing.
@@ -35,6 +37,17 @@ public final class TensorBuffer: @unchecked Sendable {
         let p = raw!.bindMemory(to: Float.self, capacity: max(count, 1))
         if zeroed { p.initialize(repeating: 0, count: max(count, 1)) }
         pointer = p
+        owner = nil
+    }
+
+    /// A view of `count` elements of `owner` starting at `offset`: no copy; writes go to `owner`'s memory,
+    /// which stays alive as long as the view does.
+    public init(viewing owner: TensorBuffer, offset: Int, count: Int) {
+        precondition(offset >= 0 && count >= 0 && offset + count <= owner.count,
+                     "view \(offset)..<\(offset + count) of a buffer of \(owner.count)")
+        self.count = count
+        pointer = owner.pointer + offset
+        self.owner = owner
     }
 
     /// Allocates a buffer holding a copy of `values`.
@@ -43,7 +56,7 @@ public final class TensorBuffer: @unchecked Sendable {
         if let base = values.baseAddress { pointer.update(from: base, count: values.count) }
     }
 
-    deinit { free(pointer) }
+    deinit { if owner == nil { free(pointer) } }
 
     /// The elements as a mutable buffer pointer.
     @inlinable public var buffer: UnsafeMutableBufferPointer<Float> {

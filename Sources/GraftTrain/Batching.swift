@@ -64,8 +64,48 @@ public struct PackedBatch: Sendable {
     public let targets: [Int32]
     /// Number of sequences.
     public var sequenceCount: Int { firstTokens.count }
-    /// Number of tokens.
+    /// Number of token slots (padding included for a padded batch).
     public var tokenCount: Int { tokens.ids.count }
+    /// Whether the sequences share one row (false: one padded row per sequence, for virtual-token methods).
+    public let isPacked: Bool
+    /// Real tokens (padding excluded).
+    public var realTokenCount: Int { tokens.lengths.reduce(0, +) }
+
+    /// `examples` packed into one row, or with `padded` one row per sequence padded to the longest (prompt and
+    /// prefix methods prepend virtual tokens to each sequence, so they need rows of their own).
+    public init(_ examples: ArraySlice<TokenizedExample>, padded: Bool) throws {
+        guard padded else {
+            try self.init(examples)
+            return
+        }
+        guard !examples.isEmpty else { throw GraftError.invalid("cannot batch an empty set of examples") }
+        let length = examples.map(\.ids.count).max() ?? 0
+        var ids: [Int32] = [], lengths: [Int] = [], labels: [Int32] = [], targets: [Int32] = []
+        let lm = examples.contains { !$0.targets.isEmpty }
+        for (s, e) in examples.enumerated() {
+            guard !e.ids.isEmpty else { throw GraftError.invalid("example \(s) of the batch has no tokens") }
+            ids += e.ids + [Int32](repeating: 0, count: length - e.ids.count)
+            lengths.append(e.ids.count)
+            labels.append(e.label)
+            if lm {
+                guard e.targets.count == e.ids.count else {
+                    throw GraftError.invalid("example \(s): \(e.targets.count) targets for \(e.ids.count) tokens")
+                }
+                targets += e.targets + [Int32](repeating: -100, count: length - e.ids.count)
+            }
+        }
+        self.init(tokens: try TokenBatch(ids: ids, batchSize: examples.count, length: length, lengths: lengths),
+                  firstTokens: (0..<examples.count).map { Int32($0 * length) }, labels: labels, targets: targets,
+                  isPacked: false)
+    }
+
+    private init(tokens: TokenBatch, firstTokens: [Int32], labels: [Int32], targets: [Int32], isPacked: Bool) {
+        self.tokens = tokens
+        self.firstTokens = firstTokens
+        self.labels = labels
+        self.targets = targets
+        self.isPacked = isPacked
+    }
 
     /// Packs `examples` (at least one, none empty).
     public init(_ examples: ArraySlice<TokenizedExample>) throws {
@@ -87,9 +127,7 @@ public struct PackedBatch: Sendable {
                 targets += e.targets
             }
         }
-        tokens = try TokenBatch(ids: ids, batchSize: 1, length: ids.count, positions: positions, segments: segments)
-        firstTokens = first
-        self.labels = labels
-        self.targets = targets
+        self.init(tokens: try TokenBatch(ids: ids, batchSize: 1, length: ids.count, positions: positions, segments: segments),
+                  firstTokens: first, labels: labels, targets: targets, isPacked: true)
     }
 }

@@ -27,13 +27,13 @@ public final class SequenceClassificationObjective: TrainingObjective {
 
     public func loss(_ batch: PackedBatch) throws -> Tensor {
         try checkLabels(batch)
-        return crossEntropy(try model.forward(batch.tokens, firstTokens: batch.firstTokens), targets: batch.labels)
+        return crossEntropy(try model.forward(batch.tokens, firstTokens: batch.isPacked ? batch.firstTokens : nil), targets: batch.labels)
     }
 
     public func evaluate(_ batch: PackedBatch) throws -> (lossSum: Double, correct: Int, count: Int) {
         try checkLabels(batch)
         return try withNoGrad {
-            let logits = try model.forward(batch.tokens, firstTokens: batch.firstTokens)
+            let logits = try model.forward(batch.tokens, firstTokens: batch.isPacked ? batch.firstTokens : nil)
             let loss = crossEntropy(logits, targets: batch.labels)
             var correct = 0
             let c = model.numLabels

@@ -156,7 +156,10 @@ public final class Trainer {
     public func accumulate(_ batch: PackedBatch) throws -> Float {
         model.setTraining(true)
         defer { model.setTraining(false) }
-        let loss = try objective.loss(batch)
+        var loss = try objective.loss(batch)
+        for hook in adapter.trainingHooks {
+            if let penalty = hook.regularization() { loss = loss + penalty }
+        }
         let scaled = config.gradientAccumulationSteps == 1 ? loss : loss * (1 / Float(config.gradientAccumulationSteps))
         scaled.backward()
         microStep += 1
@@ -171,8 +174,9 @@ public final class Trainer {
         optimizer.learningRate = lr
         let norm = clipGradientNorm(optimizer.parameters, maxNorm: config.maxGradNorm)
         optimizer.step()
-        optimizer.zeroGrad()
         globalStep += 1
+        for hook in adapter.trainingHooks { hook.didUpdate(step: globalStep, totalSteps: totalSteps) }
+        optimizer.zeroGrad()
         return (lr, norm)
     }
 
@@ -205,9 +209,9 @@ public final class Trainer {
             let b = microStep % perEpoch
             let indices = order(epoch: epoch, count: data.count)
             let slice = indices[(b * config.batchSize)..<min(data.count, (b + 1) * config.batchSize)]
-            let batch = try PackedBatch(ArraySlice(slice.map { data[$0] }))
+            let batch = try PackedBatch(ArraySlice(slice.map { data[$0] }), padded: model.needsPaddedBatches)
             let loss = try accumulate(batch)
-            tokens += batch.tokenCount
+            tokens += batch.realTokenCount
             windowLoss += Double(loss)
             windowCount += 1
             let endOfEpoch = microStep % perEpoch == 0
@@ -238,7 +242,7 @@ public final class Trainer {
         var lossSum: Double = 0, correct = 0, count = 0
         var i = 0
         while i < data.count {
-            let batch = try PackedBatch(data[i..<min(data.count, i + config.evalBatchSize)])
+            let batch = try PackedBatch(data[i..<min(data.count, i + config.evalBatchSize)], padded: model.needsPaddedBatches)
             let r = try objective.evaluate(batch)
             lossSum += r.lossSum
             correct += r.correct

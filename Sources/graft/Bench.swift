@@ -5,7 +5,7 @@ import Graft
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Time forward passes (median of several runs); used by bench/.",
-        subcommands: [Forward.self, TrainStep.self])
+        subcommands: [Forward.self, TrainStep.self, MixedAdapters.self])
 
     struct Forward: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Forward-pass time for a batch of random tokens.")
@@ -100,6 +100,92 @@ struct Bench: ParsableCommand {
                              (adapter["target_modules"] as? [String] ?? []).joined(separator: ","), session.trainableParameters,
                              threads, times[times.count / 2], times.first ?? 0, times.last ?? 0, runs, warmup,
                              Double(usage.ru_maxrss) / 1_048_576))
+            }
+        }
+    }
+
+    struct MixedAdapters: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "mixed-adapters",
+            abstract: "Prefill one batch whose sequences each use their own LoRA adapter, against one adapter and the base.")
+
+        @Option(help: "Model path or asset name (a Llama decoder).") var model: String = "smollm2"
+        @Option(help: "Sequences (and different adapters).") var batch: Int = 8
+        @Option(help: "Tokens per sequence.") var length: Int = 64
+        @Option(help: "LoRA rank.") var r: Int = 16
+        @Option(help: "Comma-separated target modules.") var targets: String = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+        @Option(help: "Logits to compute: 'last' (each sequence's last position, what generation needs) or 'all'.")
+        var logits: String = "last"
+        @Option(help: "Timed runs (the median is reported).") var runs: Int = 5
+        @Option(help: "Untimed warm-up runs.") var warmup: Int = 1
+        @Option(help: "Threads.") var threads: Int = 2
+
+        func run() throws {
+            try graft.run {
+                Threading.setThreads(threads)
+                guard logits == "last" || logits == "all" else { throw GraftError.invalid("--logits must be 'last' or 'all', got '\(logits)'") }
+                guard batch >= 1, length >= 1, runs >= 1, r >= 1 else { throw GraftError.invalid("--batch, --length, --runs and --r must be ≥ 1") }
+                let session = try GraftSession(path: resolveModelPath(model), task: .causalLM)
+                guard let llama = session.model.llama else { throw GraftError(.unsupported, "\(model): mixed-adapter prefill needs a decoder") }
+                let targetList = targets.split(separator: ",").map(String.init)
+                for i in 0..<batch {
+                    // init_lora_weights false draws B too, so every adapter changes the output.
+                    let config: [String: Any] = ["peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": targetList,
+                                                 "init_lora_weights": false]
+                    try session.addAdapter(name: "a\(i)", configJSON: try GraftSession.jsonString(config), seed: UInt64(100 + i))
+                }
+                var rng = GraftRNG(seed: 5)
+                let vocab = llama.config.vocabSize
+                let ids = (0..<(batch * length)).map { _ in Int32(1000 + Int(rng.next() % UInt64(max(1, vocab - 2000)))) }
+                let tokens = try TokenBatch(ids: ids, batchSize: batch, length: length)
+                // One adapter per sequence, in shuffled (not grouped) order.
+                var perRow = (0..<batch).map(Int32.init)
+                for i in stride(from: batch - 1, to: 0, by: -1) { perRow.swapAt(i, Int(rng.next() % UInt64(i + 1))) }
+                let hidden = llama.config.hiddenSize
+
+                func prefill(_ adapterIds: [Int32]?) throws {
+                    if logits == "all" {
+                        _ = try session.forward(batch: tokens, adapterIds: adapterIds, output: .logits)
+                        return
+                    }
+                    let h = try session.forward(batch: tokens, adapterIds: adapterIds, output: .hidden)
+                    let last = Tensor(zeros: [batch, hidden])
+                    h.withUnsafeBufferPointer { src in
+                        guard let base = src.baseAddress else { return }
+                        for b in 0..<batch { (last.pointer + b * hidden).update(from: base + ((b + 1) * length - 1) * hidden, count: hidden) }
+                    }
+                    _ = withNoGrad { llama.lmHead.forward(last) }
+                }
+                func time(_ label: String, _ body: () throws -> Void) throws -> Double {
+                    var times: [Double] = []
+                    for i in 0..<(warmup + runs) {
+                        let start = DispatchTime.now().uptimeNanoseconds
+                        try body()
+                        let t = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+                        if i >= warmup { times.append(t) }
+                    }
+                    times.sort()
+                    let median = times[times.count / 2]
+                    print(String(format: "  %@ median %.3f s (min %.3f, max %.3f)", label.padding(toLength: 40, withPad: " ", startingAt: 0),
+                                 median, times.first ?? 0, times.last ?? 0))
+                    return median
+                }
+                print("graft bench mixed-adapters: \(llama.config.layers)-layer decoder, \(batch) sequences × \(length) tokens, " +
+                      "\(batch) LoRA r\(r) adapters on \(targets), logits: \(logits), threads=\(threads), \(runs) runs after \(warmup) warm-up")
+                let mixed = try time("mixed (adapter ids \(perRow.map(String.init).joined(separator: ",")))") { try prefill(perRow) }
+                try session.adapted.setActiveAdapter("a0")
+                session.adapted.setAdaptersDisabled(false)
+                let one = try time("one adapter (a0 active)") { try prefill(nil) }
+                let routedOne = try time("one adapter via ids (all 0)") { try prefill([Int32](repeating: 0, count: batch)) }
+                session.adapted.setAdaptersDisabled(true)
+                let base = try time("base (adapters disabled)") { try prefill(nil) }
+                print(String(format: "| %@ | Graft | PEFT 0.21.2 + PyTorch (product side) |", "prefill".padding(toLength: 12, withPad: " ", startingAt: 0)))
+                print("| --- | --- | --- |")
+                print(String(format: "| mixed        | %.3f s | 1.05 s |", mixed))
+                print(String(format: "| one adapter  | %.3f s | 0.85 s |", one))
+                print(String(format: "| base         | %.3f s | 0.79 s |", base))
+                print(String(format: "mixed / one adapter = %.3f (goal ≤ 1.05); mixed / base = %.3f; one adapter via ids / one adapter = %.3f",
+                             mixed / one, mixed / base, routedOne / one))
             }
         }
     }
