@@ -23,11 +23,15 @@ public protocol ModuleAdapterMethod: AnyObject {
     var keyPrefix: String? { get }
     /// Whether the adapter folds into the module's parameters (virtual tokens do not).
     var mergeable: Bool { get }
+    /// What PEFT's file holds for this adapter, when that differs from the trainable parameters (P-tuning saves
+    /// its encoder's output, not the encoder).
+    var exportedParameters: [(name: String, tensor: Tensor)] { get }
 }
 
 extension ModuleAdapterMethod {
     public var keyPrefix: String? { nil }
     public var mergeable: Bool { true }
+    public var exportedParameters: [(name: String, tensor: Tensor)] { namedParameters }
 
     /// The PEFT key of parameter `name` for a module at `path`.
     func key(_ name: String, path: String) -> String { (keyPrefix ?? "base_model.model.\(path).") + name }
@@ -235,6 +239,7 @@ public class VirtualTokenLayer: ModuleAdapterMethod {
     public var keyPrefix: String? { "" }
     public var mergeable: Bool { false }
     public var namedParameters: [(name: String, tensor: Tensor)] { [("prompt_embeddings", embeddings)] }
+    public var exportedParameters: [(name: String, tensor: Tensor)] { namedParameters }
     public func attach() {}
     public func detach() {}
     public func merge() -> [Tensor] { [] }
@@ -280,7 +285,67 @@ public enum PromptTuningFactory: ModuleAdapterFactory {
     }
 }
 
-/// P-tuning loaded for inference: the same virtual tokens under PEFT's `P_TUNING` type.
+/// P-tuning (Liu et al., 2021) while training: the virtual tokens are `MLP(E)`, PEFT's `PromptEncoder` with
+/// `encoder_reparameterization_type: "MLP"` — `Linear(d, h) → ReLU → Linear(h, h) → ReLU → Linear(h, d)` over
+/// trainable input embeddings `E` `[n, d]`. PEFT saves the encoder's output as `prompt_embeddings`, and so does
+/// Graft; such a file (its config has `inference_mode: true`) loads as a ``PromptTuningLayer``.
+public final class PTuningEncoderLayer: VirtualTokenLayer, PromptAdapter {
+    /// The MLP's layers: weights `[out, in]` and biases, PEFT's `mlp_head.{0,2,4}`.
+    public let weights: [Tensor], biases: [Tensor]
+
+    init(model: BertModel, virtualTokens: Int, hidden: Int, state: AdapterState) {
+        let d = model.config.hiddenSize
+        var ws: [Tensor] = [], bs: [Tensor] = []
+        for (inF, outF) in [(d, hidden), (hidden, hidden), (hidden, d)] {
+            // torch.nn.Linear's default init: U(-1/√in, 1/√in) for weight and bias.
+            let bound = 1 / Float(inF).squareRoot()
+            ws.append(Tensor.randomUniform([outF, inF], low: -bound, high: bound, rng: &state.rng).requiringGrad())
+            bs.append(Tensor.randomUniform([outF], low: -bound, high: bound, rng: &state.rng).requiringGrad())
+        }
+        weights = ws
+        biases = bs
+        super.init(model: model, rows: virtualTokens, width: d, state: state)
+    }
+
+    public func virtualTokens() -> Tensor {
+        var h = embeddings
+        for i in 0..<3 {
+            h = linear(h, weights[i], biases[i])
+            if i < 2 { h = relu(h) }
+        }
+        return h
+    }
+
+    public override var namedParameters: [(name: String, tensor: Tensor)] {
+        var out: [(String, Tensor)] = [("prompt_encoder.embedding.weight", embeddings)]
+        for i in 0..<3 {
+            out.append(("prompt_encoder.mlp_head.\(2 * i).weight", weights[i]))
+            out.append(("prompt_encoder.mlp_head.\(2 * i).bias", biases[i]))
+        }
+        return out
+    }
+
+    public override var exportedParameters: [(name: String, tensor: Tensor)] {
+        [("prompt_embeddings", withNoGrad { virtualTokens() })]
+    }
+
+    public override func load(_ name: String, from tensor: Tensor) throws {
+        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
+            throw GraftError.format("unknown P-tuning encoder tensor '\(name)'")
+        }
+        guard tensor.shape == target.shape else {
+            throw GraftError.format("'\(name)' has shape \(tensor.shape), expected \(target.shape)")
+        }
+        target.pointer.update(from: tensor.pointer, count: target.count)
+    }
+
+    public override func attach() { model.promptAdapters.append(self) }
+    public override func detach() { model.promptAdapters.removeAll { $0 === self } }
+}
+
+/// P-tuning (`P_TUNING`): `num_virtual_tokens`, `encoder_hidden_size` (default: the model's hidden size),
+/// `encoder_reparameterization_type` (`MLP`; `LSTM` is not supported). A fresh adapter trains the MLP
+/// encoder; a PEFT file (`inference_mode: true`) holds the encoder's output and loads as plain virtual tokens.
 public enum PTuningFactory: ModuleAdapterFactory {
     public static let peftType = "P_TUNING"
     public static let family = "input (virtual tokens from an encoder)"
@@ -289,8 +354,17 @@ public enum PTuningFactory: ModuleAdapterFactory {
     public static let actsOnInput = true
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
+        let kind = try config.string("encoder_reparameterization_type") ?? "MLP"
+        guard kind == "MLP" else {
+            throw GraftError(.unsupported, "\(config.source): encoder_reparameterization_type '\(kind)' is not supported (MLP)")
+        }
         guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
-        return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
+        if try config.bool("inference_mode", default: false) {
+            return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
+        }
+        let hidden = try config.int("encoder_hidden_size", default: bert.config.hiddenSize)
+        guard hidden > 0 else { throw GraftError.invalid("\(config.source): 'encoder_hidden_size' must be positive, got \(hidden)") }
+        return PTuningEncoderLayer(model: bert, virtualTokens: n, hidden: hidden, state: state)
     }
 }
 

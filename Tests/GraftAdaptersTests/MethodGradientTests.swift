@@ -200,3 +200,56 @@ import GraftTestSupport
         #expect(throws: GraftError.self) { try model.merge("p") }
     }
 }
+
+@Suite struct PTuningEncoderTests {
+    /// P-tuning's MLP encoder trains (its parameters' gradients match central differences) and saves its output
+    /// as PEFT does, which reloads (as plain virtual tokens) to the same model output.
+    @Test func encoderGradientsAndSaveAsPEFTOutput() throws {
+        let bert = try Assets.loadMiniLM()
+        let model = AdaptedModel(root: bert)
+        let adapter = try model.addAdapter("p", config: AdapterConfig(
+            jsonText: #"{"peft_type":"P_TUNING","num_virtual_tokens":3,"encoder_hidden_size":16}"#, source: "p"))
+        #expect(adapter.peftStateDict.map(\.key) == ["prompt_encoder.embedding.weight"] + (0..<3).flatMap {
+            ["prompt_encoder.mlp_head.\(2 * $0).weight", "prompt_encoder.mlp_head.\(2 * $0).bias"]
+        })
+        let batch = try TokenBatch(sequences: [[101, 7592, 2088, 102], [101, 2023, 102]])
+        var rng = GraftRNG(seed: 4)
+        let w = Tensor.randomNormal([2, 7, 384], rng: &rng)
+        func value() throws -> Double {
+            let out = try withNoGrad { try bert.forward(batch) }
+            return zip(out.scalars, w.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        sum(try bert.forward(batch) * w).backward()
+        var worst = 0.0
+        for (key, p) in adapter.peftStateDict {
+            guard let grad = p.grad else { Issue.record("\(key): no gradient"); continue }
+            for i in stride(from: 0, to: p.count, by: max(1, p.count / 5)) {
+                let saved = p.pointer[i]
+                // A small step: the MLP's ReLUs make the objective piecewise smooth only.
+                p.pointer[i] = saved + 2e-3
+                let up = try value()
+                p.pointer[i] = saved - 2e-3
+                let down = try value()
+                p.pointer[i] = saved
+                let numeric = (up - down) / 4e-3
+                let e = abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric))
+                if e > 2e-2 { print("P-tuning FD \(key)[\(i)]: analytic \(grad.pointer[i]) numeric \(numeric)") }
+                worst = max(worst, e)
+            }
+        }
+        // Float32 forward passes over 5k outputs with a 2e-3 step: differences carry ~1e-2 of noise.
+        #expect(worst < 2e-2, "P-tuning encoder: worst gradient error \(worst)")
+
+        let expected = try withNoGrad { try bert.forward(batch) }
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-ptuning-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try model.saveAdapter("p", directory: dir)
+        let file = try SafeTensorsFile(contentsOf: dir + "/adapter_model.safetensors")
+        #expect(file.names == ["prompt_embeddings"], "PEFT's file holds the encoder output only")
+        try model.deleteAdapter("p")
+        let reloaded = AdaptedModel(root: bert)
+        try reloaded.loadAdapter(directory: dir, name: "p")
+        #expect(maxAbsDifference(try withNoGrad { try bert.forward(batch) }, expected) < 1e-5)
+        try reloaded.deleteAdapter("p")
+    }
+}
