@@ -56,16 +56,17 @@ extension ModuleAdapterFactory {
     public static var actsOnInput: Bool { false }
 }
 
-/// Shared by the prompt-learning factories: the encoder they attach to and the validated `num_virtual_tokens`.
-func virtualTokenTarget(_ module: Module, config: AdapterConfig) throws -> (BertModel, Int)? {
-    guard let bert = module as? BertModel else { return nil }
+/// Shared by the prompt-learning factories: the model they attach to (a BERT encoder or a Llama decoder) and the
+/// validated `num_virtual_tokens`.
+func virtualTokenTarget(_ module: Module, config: AdapterConfig) throws -> (any PromptHost, Int)? {
+    guard let host = module as? any PromptHost else { return nil }
     let n = try config.int("num_virtual_tokens", default: 8)
     guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
-    let dim = try config.int("token_dim", default: bert.config.hiddenSize)
-    guard dim == bert.config.hiddenSize else {
-        throw GraftError.invalid("\(config.source): token_dim \(dim) differs from the model's hidden size \(bert.config.hiddenSize)")
+    let dim = try config.int("token_dim", default: host.embeddingWidth)
+    guard dim == host.embeddingWidth else {
+        throw GraftError.invalid("\(config.source): token_dim \(dim) differs from the model's hidden size \(host.embeddingWidth)")
     }
-    return (bert, n)
+    return (host, n)
 }
 
 /// LN tuning (Zhao et al., 2023): trainable copies of selected LayerNorm/RMSNorm scales and shifts.
@@ -227,11 +228,11 @@ public class VirtualTokenLayer: ModuleAdapterMethod {
     public let state: AdapterState
     /// The embeddings, `[virtualTokens, width]`.
     public let embeddings: Tensor
-    let model: BertModel
+    let host: any PromptHost
 
-    init(model: BertModel, rows: Int, width: Int, state: AdapterState) {
+    init(host: any PromptHost, rows: Int, width: Int, state: AdapterState) {
         self.state = state
-        self.model = model
+        self.host = host
         embeddings = Tensor.randomNormal([rows, width], std: 0.02, rng: &state.rng).requiringGrad()
     }
 
@@ -258,13 +259,13 @@ public class VirtualTokenLayer: ModuleAdapterMethod {
 /// embeddings `[n, hidden]` prepended to every input. PEFT saves P-tuning's encoder output under the same key,
 /// so both load as `prompt_embeddings`. (Training P-tuning's MLP/LSTM encoder is not implemented yet.)
 public final class PromptTuningLayer: VirtualTokenLayer, PromptAdapter {
-    init(model: BertModel, virtualTokens: Int, state: AdapterState) {
-        super.init(model: model, rows: virtualTokens, width: model.config.hiddenSize, state: state)
+    init(host: any PromptHost, virtualTokens: Int, state: AdapterState) {
+        super.init(host: host, rows: virtualTokens, width: host.embeddingWidth, state: state)
     }
 
     public func virtualTokens() -> Tensor { embeddings }
-    public override func attach() { model.promptAdapters.append(self) }
-    public override func detach() { model.promptAdapters.removeAll { $0 === self } }
+    public override func attach() { host.promptAdapters.append(self) }
+    public override func detach() { host.promptAdapters.removeAll { $0 === self } }
 }
 
 /// Prompt tuning (`PROMPT_TUNING`) and P-tuning (`P_TUNING`, inference): `num_virtual_tokens`, `token_dim`,
@@ -280,8 +281,8 @@ public enum PromptTuningFactory: ModuleAdapterFactory {
         if let initMode = try config.string("prompt_tuning_init"), initMode != "RANDOM" {
             throw GraftError(.unsupported, "\(config.source): prompt_tuning_init '\(initMode)' is not supported yet (RANDOM)")
         }
-        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
-        return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
+        guard let (host, n) = try virtualTokenTarget(module, config: config) else { return nil }
+        return PromptTuningLayer(host: host, virtualTokens: n, state: state)
     }
 }
 
@@ -293,8 +294,8 @@ public final class PTuningEncoderLayer: VirtualTokenLayer, PromptAdapter {
     /// The MLP's layers: weights `[out, in]` and biases, PEFT's `mlp_head.{0,2,4}`.
     public let weights: [Tensor], biases: [Tensor]
 
-    init(model: BertModel, virtualTokens: Int, hidden: Int, state: AdapterState) {
-        let d = model.config.hiddenSize
+    init(host: any PromptHost, virtualTokens: Int, hidden: Int, state: AdapterState) {
+        let d = host.embeddingWidth
         var ws: [Tensor] = [], bs: [Tensor] = []
         for (inF, outF) in [(d, hidden), (hidden, hidden), (hidden, d)] {
             // torch.nn.Linear's default init: U(-1/√in, 1/√in) for weight and bias.
@@ -304,7 +305,7 @@ public final class PTuningEncoderLayer: VirtualTokenLayer, PromptAdapter {
         }
         weights = ws
         biases = bs
-        super.init(model: model, rows: virtualTokens, width: d, state: state)
+        super.init(host: host, rows: virtualTokens, width: d, state: state)
     }
 
     public func virtualTokens() -> Tensor {
@@ -339,8 +340,8 @@ public final class PTuningEncoderLayer: VirtualTokenLayer, PromptAdapter {
         target.pointer.update(from: tensor.pointer, count: target.count)
     }
 
-    public override func attach() { model.promptAdapters.append(self) }
-    public override func detach() { model.promptAdapters.removeAll { $0 === self } }
+    public override func attach() { host.promptAdapters.append(self) }
+    public override func detach() { host.promptAdapters.removeAll { $0 === self } }
 }
 
 /// P-tuning (`P_TUNING`): `num_virtual_tokens`, `encoder_hidden_size` (default: the model's hidden size),
@@ -358,13 +359,13 @@ public enum PTuningFactory: ModuleAdapterFactory {
         guard kind == "MLP" else {
             throw GraftError(.unsupported, "\(config.source): encoder_reparameterization_type '\(kind)' is not supported (MLP)")
         }
-        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
+        guard let (host, n) = try virtualTokenTarget(module, config: config) else { return nil }
         if try config.bool("inference_mode", default: false) {
-            return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
+            return PromptTuningLayer(host: host, virtualTokens: n, state: state)
         }
-        let hidden = try config.int("encoder_hidden_size", default: bert.config.hiddenSize)
+        let hidden = try config.int("encoder_hidden_size", default: host.embeddingWidth)
         guard hidden > 0 else { throw GraftError.invalid("\(config.source): 'encoder_hidden_size' must be positive, got \(hidden)") }
-        return PTuningEncoderLayer(model: bert, virtualTokens: n, hidden: hidden, state: state)
+        return PTuningEncoderLayer(host: host, virtualTokens: n, hidden: hidden, state: state)
     }
 }
 
@@ -372,8 +373,11 @@ public enum PTuningFactory: ModuleAdapterFactory {
 /// them as `prompt_embeddings` `[n, layers · 2 · hidden]`, layer `l`'s keys at columns `2l·hidden` and values at
 /// `(2l+1)·hidden` (heads × head_dim inside). `prefix_projection` (an MLP reparameterization) is not supported yet.
 public final class PrefixTuningLayer: VirtualTokenLayer, PrefixAdapter {
+    let model: BertModel
+
     init(model: BertModel, virtualTokens: Int, state: AdapterState) {
-        super.init(model: model, rows: virtualTokens, width: model.config.layers * 2 * model.config.hiddenSize, state: state)
+        self.model = model
+        super.init(host: model, rows: virtualTokens, width: model.config.layers * 2 * model.config.hiddenSize, state: state)
     }
 
     public override func attach() { model.prefixAdapters.append(self) }
@@ -399,7 +403,10 @@ public enum PrefixTuningFactory: ModuleAdapterFactory {
         if try config.bool("prefix_projection", default: false) {
             throw GraftError(.unsupported, "\(config.source): prefix_projection is not supported yet")
         }
-        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
+        if module is LlamaModel {
+            throw GraftError(.unsupported, "\(config.source): prefix tuning is implemented for BERT encoders; on a decoder use PROMPT_TUNING or P_TUNING")
+        }
+        guard let (host, n) = try virtualTokenTarget(module, config: config), let bert = host as? BertModel else { return nil }
         return PrefixTuningLayer(model: bert, virtualTokens: n, state: state)
     }
 }

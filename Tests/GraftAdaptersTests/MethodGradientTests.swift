@@ -106,8 +106,8 @@ import GraftTestSupport
         for (type, f) in AdapterRegistry.moduleFactories.sorted(by: { $0.key < $1.key }) {
             var json = f.exampleConfig(targets: [])
             json["peft_type"] = type
-            if ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"].contains(type) {
-                // Virtual tokens are wired into the BERT encoder so far; a decoder says so clearly.
+            if type == "PREFIX_TUNING" {
+                // Attention prefixes are wired into the BERT encoder so far; a decoder says so clearly.
                 #expect(throws: GraftError.self) { try model.addAdapter("m", config: AdapterConfig(json: json, source: type)) }
                 continue
             }
@@ -251,5 +251,32 @@ import GraftTestSupport
         try reloaded.loadAdapter(directory: dir, name: "p")
         #expect(maxAbsDifference(try withNoGrad { try bert.forward(batch) }, expected) < 1e-5)
         try reloaded.deleteAdapter("p")
+    }
+}
+
+@Suite(.serialized) struct DecoderPromptTuningTests {
+    /// Virtual tokens equal to the embeddings of real tokens `p` make the decoder compute exactly what it computes
+    /// on `p + x` (positions, causal attention, cache), for the forward pass and for greedy generation.
+    @Test func virtualTokensActLikeAPrependedPrompt() throws {
+        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
+        let model = AdaptedModel(root: llama)
+        let prefix: [Int32] = [1, 9690, 198]            // "<|im_start|>system\n"
+        let text: [Int32] = [504, 3458, 282, 4649, 314]
+        let adapter = try model.addAdapter("p", config: AdapterConfig(json: ["peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3], source: "p"))
+        let prompt = try #require(adapter.peftStateDict.first?.tensor)
+        let h = llama.config.hiddenSize
+        for (i, id) in prefix.enumerated() {
+            (prompt.pointer + i * h).update(from: llama.embedTokens.weight.pointer + Int(id) * h, count: h)
+        }
+        let withPrompt = try withNoGrad { try llama.hiddenStates(TokenBatch(ids: text, batchSize: 1, length: text.count)) }
+        model.setAdaptersDisabled(true)
+        let full = try withNoGrad { try llama.hiddenStates(TokenBatch(ids: prefix + text, batchSize: 1, length: prefix.count + text.count)) }
+        let expected = full.slice(dim: 1, prefix.count..<(prefix.count + text.count))
+        #expect(maxAbsDifference(withPrompt, expected) < 1e-4)
+        let plain = try llama.generate(prompt: prefix + text, parameters: GenerationParameters(maxNewTokens: 6))
+        model.setAdaptersDisabled(false)
+        let prompted = try llama.generate(prompt: text, parameters: GenerationParameters(maxNewTokens: 6))
+        #expect(prompted == plain, "generation under the prompt adapter \(prompted) vs with the prompt written out \(plain)")
+        try model.deleteAdapter("p")
     }
 }
