@@ -184,8 +184,8 @@ extension AdapterRegistry {
             } catch {
                 note = "\(error)"
             }
-            return MethodSummary(peftType: type, family: linear?.family ?? module?.family ?? "", peftParity: linear?.hasPEFTParity ?? true,
-                                 mergeable: linear?.mergeable ?? true, trainableParameters: count, note: note)
+            return MethodSummary(peftType: type, family: linear?.family ?? module?.family ?? "", peftParity: linear?.hasPEFTParity ?? module?.hasPEFTParity ?? true,
+                                 mergeable: linear?.mergeable ?? module?.mergeable ?? true, trainableParameters: count, note: note)
         }
     }
 }

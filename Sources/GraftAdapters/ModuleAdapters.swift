@@ -50,10 +50,16 @@ public protocol ModuleAdapterFactory {
     /// True for methods that act on the model's input rather than on named modules (prompt learning): they need
     /// no `target_modules` and attach once, to the first module that takes them.
     static var actsOnInput: Bool { get }
+    /// Whether the adapter folds into the model's parameters (for `graft methods`); default: not for input methods.
+    static var mergeable: Bool { get }
+    /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
+    static var hasPEFTParity: Bool { get }
 }
 
 extension ModuleAdapterFactory {
     public static var actsOnInput: Bool { false }
+    public static var mergeable: Bool { !actsOnInput }
+    public static var hasPEFTParity: Bool { true }
 }
 
 /// Shared by the prompt-learning factories: the model they attach to (a BERT encoder or a Llama decoder) and the
