@@ -41,6 +41,21 @@ public final class NamedAdapter {
         return out
     }
 
+    /// What PEFT's file holds: ``peftStateDict`` with module adapters' exported forms (P-tuning's encoder output).
+    public var peftExportDict: [(key: String, tensor: Tensor)] {
+        var out: [(String, Tensor)] = []
+        for (path, _, adapter) in layers {
+            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
+        }
+        for (path, _, adapter) in savedModules {
+            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
+        }
+        for (path, adapter) in modules {
+            for (n, t) in adapter.exportedParameters { out.append((adapter.key(n, path: path), t)) }
+        }
+        return out
+    }
+
     /// The trainable tensors, in a stable order (shared tensors count when trainable, as VB-LoRA's bank).
     public var parameters: [Tensor] { peftStateDict.map(\.tensor) + shared.map(\.tensor).filter(\.requiresGrad) }
 

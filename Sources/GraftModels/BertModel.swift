@@ -100,7 +100,7 @@ public final class BertLayer: Module, LayerAdapterHost {
 }
 
 /// A BERT encoder with Hugging Face parameter names (`embeddings.*`, `encoder.layer.N.*`, `pooler.dense`).
-public final class BertModel: Module {
+public final class BertModel: Module, PromptHost {
     public let config: BertConfig
     public let wordEmbeddings: Embedding, positionEmbeddings: Embedding, tokenTypeEmbeddings: Embedding
     public let embeddingNorm: LayerNorm
@@ -159,6 +159,8 @@ public final class BertModel: Module {
     /// but never attended to.
     /// Prompt adapters; the first enabled one prepends its virtual tokens to every row.
     public var promptAdapters: [any PromptAdapter] = []
+    /// The hidden size (virtual tokens enter as input embeddings).
+    public var embeddingWidth: Int { config.hiddenSize }
     /// Prefix adapters; the first enabled one prepends keys and values in every layer.
     public var prefixAdapters: [any PrefixAdapter] = []
 

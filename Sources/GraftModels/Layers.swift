@@ -95,6 +95,14 @@ public protocol PromptAdapter: AnyObject {
     func virtualTokens() -> Tensor
 }
 
+/// A model that prepends enabled prompt adapters' virtual tokens to its input (BERT, Llama).
+public protocol PromptHost: AnyObject {
+    /// The prompt adapters; the first enabled one is used.
+    var promptAdapters: [any PromptAdapter] { get set }
+    /// The width of the input embeddings (the virtual tokens' width).
+    var embeddingWidth: Int { get }
+}
+
 /// Learned keys and values prepended to every attention layer (prefix tuning).
 public protocol PrefixAdapter: AnyObject {
     /// Whether the adapter currently takes part in forward passes.

@@ -144,7 +144,7 @@ public final class KVCache {
 
 /// A Llama decoder with Hugging Face names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
 /// `model.norm`, `lm_head`), loaded from GGUF.
-public final class LlamaModel: Module {
+public final class LlamaModel: Module, PromptHost {
     public let config: LlamaConfig
     public let embedTokens: Embedding
     public let layers: [LlamaDecoderLayer]
@@ -153,6 +153,10 @@ public final class LlamaModel: Module {
     public let lmHead: Linear
     /// Whether `lm_head` shares `embed_tokens`' weight.
     public let tiedHead: Bool
+    /// Prompt adapters (prompt tuning, P-tuning); the first enabled one's virtual tokens precede every sequence.
+    public var promptAdapters: [any PromptAdapter] = []
+    /// The hidden size (virtual tokens enter as input embeddings).
+    public var embeddingWidth: Int { config.hiddenSize }
 
     /// Builds the decoder from tensors keyed by Hugging Face names.
     public init(config: LlamaConfig, weights: (String) throws -> Tensor, tiedHead: Bool) throws {
@@ -247,6 +251,9 @@ public final class LlamaModel: Module {
         if cache != nil && batch.batchSize != 1 {
             throw GraftError(.unsupported, "incremental decoding with a KV cache takes one sequence at a time")
         }
+        if let prompt = promptAdapters.first(where: { $0.isEnabled }), offset == 0 {
+            return try hiddenStates(batch, prompt: prompt.virtualTokens(), cache: cache)
+        }
         var x = embedTokens.forward(batch.ids).reshaped([batch.batchSize, batch.length, config.hiddenSize])
         let lengths = cache == nil ? batch.lengths : nil
         let mask = AttentionMask(causal: true, keyLengths: lengths, segments: batch.segments, queryOffset: offset)
@@ -255,6 +262,29 @@ public final class LlamaModel: Module {
         }
         cache?.length += batch.length
         return norm.forward(x)
+    }
+
+    /// Prompt tuning as PEFT runs a decoder: `n` virtual tokens at positions `0..<n` precede each sequence (whose
+    /// tokens move to `n...`), every token attends to them causally, and a cache keeps them for decoding. Returns
+    /// the real tokens' states only, `[batch, length, hidden]`, so losses and generation see the usual shape.
+    private func hiddenStates(_ batch: TokenBatch, prompt: Tensor, cache: KVCache?) throws -> Tensor {
+        guard batch.segments == nil else {
+            throw GraftError(.unsupported, "prompt tuning needs one sequence per row (padded), not packed rows")
+        }
+        let virtual = prompt.shape[0], total = virtual + batch.length, rows = batch.batchSize, h = config.hiddenSize
+        guard total <= config.contextLength else {
+            throw GraftError.invalid("\(virtual) virtual + \(batch.length) tokens exceed the context length \(config.contextLength)")
+        }
+        let words = embedTokens.forward(batch.ids).reshaped([rows, batch.length, h])
+        let prompts = concat([Tensor](repeating: prompt.reshaped([1, virtual, h]), count: rows), dim: 0)
+        var x = concat([prompts, words], dim: 1)
+        let positions = (0..<rows).flatMap { _ in (0..<total).map(Int32.init) }
+        let mask = AttentionMask(causal: true, keyLengths: cache == nil ? batch.lengths.map { $0 + virtual } : nil)
+        for (i, layer) in layers.enumerated() {
+            x = layer.forward(x, positions: positions, mask: mask, cache: cache?.layers[i])
+        }
+        cache?.length += total
+        return norm.forward(x.slice(dim: 1, virtual..<total))
     }
 
     /// The final hidden states `[batch, length, hidden]` of a batch in which row `r` continues its own sequence
@@ -267,6 +297,9 @@ public final class LlamaModel: Module {
         }
         guard batch.segments == nil else {
             throw GraftError(.unsupported, "batched generation does not take packed rows (one sequence per row)")
+        }
+        if promptAdapters.contains(where: { $0.isEnabled }) {
+            throw GraftError(.unsupported, "batched generation does not support prompt tuning yet; generate one prompt at a time")
         }
         var positions = [Int32](repeating: 0, count: batch.ids.count)
         for r in 0..<batch.batchSize {

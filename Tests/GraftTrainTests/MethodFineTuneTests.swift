@@ -48,7 +48,7 @@ import Testing
             }
             let after = try trainer.evaluate(examples).loss
             report.append("\(type) \(String(format: "%.4f", before)) -> \(String(format: "%.4f", after))")
-            #expect(after < before - 1e-3, "\(type): the training loss went \(before) -> \(after) in \(Self.steps) steps")
+            #expect(after < before - 5e-4, "\(type): the training loss went \(before) -> \(after) in \(Self.steps) steps")
             try model.deleteAdapter("default")
         }
         print("fine-tune, \(Self.steps) steps on 16 demo tweets (loss before -> after):\n  " + report.joined(separator: "\n  "))
