@@ -27,22 +27,12 @@ public final class NamedAdapter {
     }
 
     /// Every trainable tensor under its PEFT key (`base_model.model.<path>.<param>`), adapter name stripped.
-    public var peftStateDict: [(key: String, tensor: Tensor)] {
-        var out: [(String, Tensor)] = []
-        for (path, _, adapter) in layers {
-            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
-        }
-        for (path, _, adapter) in savedModules {
-            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
-        }
-        for (path, adapter) in modules {
-            for (n, t) in adapter.namedParameters { out.append((adapter.key(n, path: path), t)) }
-        }
-        return out
-    }
+    public var peftStateDict: [(key: String, tensor: Tensor)] { stateDict(exported: false) }
 
     /// What PEFT's file holds: ``peftStateDict`` with module adapters' exported forms (P-tuning's encoder output).
-    public var peftExportDict: [(key: String, tensor: Tensor)] {
+    public var peftExportDict: [(key: String, tensor: Tensor)] { stateDict(exported: true) }
+
+    private func stateDict(exported: Bool) -> [(key: String, tensor: Tensor)] {
         var out: [(String, Tensor)] = []
         for (path, _, adapter) in layers {
             for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
@@ -51,7 +41,7 @@ public final class NamedAdapter {
             for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
         }
         for (path, adapter) in modules {
-            for (n, t) in adapter.exportedParameters { out.append((adapter.key(n, path: path), t)) }
+            for (n, t) in exported ? adapter.exportedParameters : adapter.namedParameters { out.append((adapter.key(n, path: path), t)) }
         }
         return out
     }
