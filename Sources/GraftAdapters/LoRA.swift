@@ -97,6 +97,7 @@ public final class LoRALayer: LinearAdapterMethod {
     }
 
     public func load(_ name: String, from tensor: Tensor) throws {
+        if initialFactors != nil, try loadConvertedFactor(name, from: tensor) { return }
         switch name {
         case "lora_A.weight": try copyParameter(name, into: loraA, from: tensor)
         case "lora_B.weight": try copyParameter(name, into: loraB, from: tensor)

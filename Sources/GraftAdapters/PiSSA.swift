@@ -20,7 +20,9 @@ import GraftTensor
 /// `save_pretrained(path_initial_model_for_weight_conversion=...)` does: rank `2r` with
 /// `lora_A = [A; A₀]`, `lora_B = [B, −B₀]`, `lora_alpha` doubled (×√2 with rsLoRA, keeping the scaling),
 /// `rank_pattern` / `alpha_pattern` scaled alike and `init_lora_weights: true`. PEFT's LoRA loader reads the
-/// file, and loading it back into Graft reproduces the outputs.
+/// file, and loading it back into Graft reproduces the outputs. Loading that file into an adapter created with
+/// the same SVD-based config (a trainer checkpoint resumed with ``AdaptedModel/loadWeights(_:into:)``) splits it
+/// back into the trained factors and the frozen initial ones.
 enum SVDInitialization: Equatable {
     /// Top-r singular triplets of W.
     case pissa
@@ -67,6 +69,32 @@ extension LoRALayer {
         }
         let (u, s, vt) = try svd(base.weight, what: "the weight of '\(path)'")
         initializeFromTriplets(u: u, s: s, vt: vt, indices: minor ? Array((k - rank)..<k) : Array(0..<rank))
+    }
+}
+
+extension LoRALayer {
+    /// Loads one half of the converted rank-`2r` form ``NamedAdapter/exportedLoRA()`` writes back into this
+    /// SVD-initialized layer (a trainer checkpoint of PiSSA / MiLoRA / CorDA): `lora_A` `[2r, in]` → `A`, `A₀`;
+    /// `lora_B` `[out, 2r]` → `B`, `−B₀`. Returns false when the tensor has the plain rank-`r` shape.
+    func loadConvertedFactor(_ name: String, from tensor: Tensor) throws -> Bool {
+        guard let (a0, b0) = initialFactors else { return false }
+        let inF = loraA.shape[1], outF = loraB.shape[0], r = rank
+        switch name {
+        case "lora_A.weight" where tensor.shape == [2 * r, inF]:
+            loraA.pointer.update(from: tensor.pointer, count: r * inF)
+            a0.pointer.update(from: tensor.pointer + r * inF, count: r * inF)
+            return true
+        case "lora_B.weight" where tensor.shape == [outF, 2 * r]:
+            for o in 0..<outF {
+                for j in 0..<r {
+                    loraB.pointer[o * r + j] = tensor.pointer[o * 2 * r + j]
+                    b0.pointer[o * r + j] = -tensor.pointer[o * 2 * r + r + j]
+                }
+            }
+            return true
+        default:
+            return false
+        }
     }
 }
 

@@ -13,8 +13,8 @@ import GraftTensor
 /// Without a trainer calling the hook (plain inference) the probe is never added.
 ///
 /// Keys: `rosa_A.weight`, `rosa_B.weight`, `rosa_spa_values` `[n]` and `rosa_spa_indices` `[2, n]` (row,
-/// column; int32). A loaded adapter is past its warm-up: its saved mask is used. An adapter saved before its
-/// mask was chosen stores zero values on a placeholder mask (the first `n` entries).
+/// column; int32). A loaded mask is used as is; an adapter saved before its mask was chosen stores the indices
+/// as −1 and zero values, and continues its warm-up when loaded.
 public final class RoSALayer: LinearAdapterMethod, TrainingStepHook {
     public let state: AdapterState
     /// `[r, in]`.
@@ -62,8 +62,11 @@ public final class RoSALayer: LinearAdapterMethod, TrainingStepHook {
         [("rosa_A.weight", loraA), ("rosa_B.weight", loraB), ("rosa_spa_values", values)]
     }
 
+    /// Before the mask exists the indices are written as −1 (no mask yet), so a checkpoint taken during the
+    /// warm-up resumes the warm-up (with the squared gradients gathered so far lost) instead of a placeholder mask.
     public var integerBuffers: [(name: String, values: [Int32], shape: [Int])] {
-        [("rosa_spa_indices", rowIndex + colIndex, [2, rowIndex.count])]
+        let n = rowIndex.count
+        return [("rosa_spa_indices", maskReady ? rowIndex + colIndex : [Int32](repeating: -1, count: 2 * n), [2, n])]
     }
 
     public func loadIntegers(_ name: String, values loaded: [Int64], shape: [Int]) throws {
@@ -71,6 +74,12 @@ public final class RoSALayer: LinearAdapterMethod, TrainingStepHook {
         let n = values.count
         guard shape == [2, n], loaded.count == 2 * n else {
             throw GraftError.format("'rosa_spa_indices' has shape \(shape), expected [2, \(n)]")
+        }
+        if loaded.allSatisfy({ $0 == -1 }) {  // saved during the warm-up: no mask yet
+            rowIndex = (0..<n).map { Int32($0 / inFeatures) }
+            colIndex = (0..<n).map { Int32($0 % inFeatures) }
+            maskReady = false
+            return
         }
         if let bad = loaded.prefix(n).first(where: { $0 < 0 || $0 >= Int64(outFeatures) }) {
             throw GraftError.format("'rosa_spa_indices' row \(bad) is outside 0..<\(outFeatures)")

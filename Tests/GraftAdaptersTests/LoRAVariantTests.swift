@@ -250,6 +250,30 @@ import GraftTestSupport
         }
     }
 
+    /// A trainer checkpoint of an SVD-initialized LoRA (written in the converted rank-2r form) loads back into an
+    /// adapter created with the same config; a RoSA adapter saved during its warm-up loads without a mask.
+    @Test func checkpointsOfPiSSAAndWarmingUpRoSALoadBack() throws {
+        for json in [#"{"peft_type":"LORA","init_lora_weights":"pissa","r":4,"lora_alpha":8,"target_modules":["query","value"]}"#,
+                     #"{"peft_type":"ROSA","r":4,"density":0.01,"warmup_steps":3,"target_modules":["query","value"]}"#] {
+            let bert = try Assets.loadMiniLM()
+            let model = AdaptedModel(root: bert)
+            let adapter = try model.addAdapter("default", config: AdapterConfig(jsonText: json, source: "ckpt"), seed: 3)
+            var rng = GraftRNG(seed: 6)
+            for (_, p) in adapter.peftStateDict { for i in 0..<p.count { p.pointer[i] += 0.02 * rng.nextNormal() } }
+            let out = try withNoGrad { try bert.forward(try Self.batch()) }
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-ckpt-\(UUID().uuidString)").path
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            try model.saveAdapter("default", directory: dir)
+            let other = try Assets.loadMiniLM()
+            let otherModel = AdaptedModel(root: other)
+            let fresh = try otherModel.addAdapter("default", config: AdapterConfig(jsonText: json, source: "ckpt"), seed: 9)
+            try otherModel.loadWeights(try SafeTensorsFile(contentsOf: dir + "/adapter_model.safetensors"), into: fresh)
+            #expect(Self.relative(try withNoGrad { try other.forward(try Self.batch()) }, out) <= 1e-5, "\(json)")
+            for ((key, x), (_, y)) in zip(adapter.peftStateDict, fresh.peftStateDict) { #expect(x.scalars == y.scalars, "\(key)") }
+            if let rosa = fresh.layers.first?.adapter as? RoSALayer { #expect(!rosa.maskReady) }
+        }
+    }
+
     /// Bad configs fail naming the key.
     @Test func configErrorsNameTheKey() throws {
         var rng = GraftRNG(seed: 2)
