@@ -34,6 +34,13 @@ import GraftTestSupport
         ("MHR", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":2,"init_weights":false,"target_modules":["proj"]}"#),
         ("ETHER", #"{"peft_type":"ETHER","nb":2,"side":"both","target_modules":["proj"]}"#),
         ("ETHER+", #"{"peft_type":"ETHER_PLUS","nb":2,"side":"both","target_modules":["proj"]}"#),
+        ("LoRA-XS", #"{"peft_type":"LORAXS","r":3,"lora_alpha":4,"target_modules":["proj"]}"#),
+        ("asymmetric LoRA", #"{"peft_type":"ASYMMETRIC_LORA","r":2,"lora_alpha":4,"target_modules":["proj"]}"#),
+        ("PiSSA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"init_lora_weights":"pissa"}"#),
+        ("MiLoRA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"init_lora_weights":"milora"}"#),
+        ("SVFT banded", #"{"peft_type":"SVFT","pattern":"banded","off_diag":1,"target_modules":["proj"]}"#),
+        ("SVFT random", #"{"peft_type":"SVFT","pattern":"random","off_diag":2,"target_modules":["proj"]}"#),
+        ("RoSA", #"{"peft_type":"ROSA","r":2,"lora_alpha":4,"density":0.1,"target_modules":["proj"]}"#),
     ]
 
     @Test(arguments: configs.map(\.0))
