@@ -17,8 +17,8 @@ public final class NamedAdapter {
     public internal(set) var shared: [(key: String, tensor: Tensor)] = []
     /// Adapters on modules other than Linear (LN tuning, trainable tokens) by module path.
     public internal(set) var modules: [(path: String, adapter: any ModuleAdapterMethod)] = []
-    /// Training behaviour beyond the forward pass (AdaLoRA's rank allocation), called by the trainer.
-    public internal(set) var trainingHooks: [any AdapterTrainingHook] = []
+    /// Adapter-wide training behaviour built by the factory (AdaLoRA's rank allocation); see ``trainingHooks``.
+    public internal(set) var adapterHooks: [any AdapterTrainingHook] = []
 
     init(name: String, config: AdapterConfig, state: AdapterState) {
         self.name = name
@@ -118,7 +118,7 @@ public final class AdaptedModel: @unchecked Sendable {
         for (path, lin) in targets {
             named.layers.append((path, lin, try factory.make(for: lin, path: path, config: config, state: state, shared: sharedByKey)))
         }
-        if let hook = try factory.trainingHook(for: named) { named.trainingHooks.append(hook) }
+        if let hook = try factory.trainingHook(for: named) { named.adapterHooks.append(hook) }
         if !matchedNonLinear.isEmpty {
             throw GraftError(.unsupported, "\(config.source): \(config.peftType) adapts Linear layers, but target_modules also selects \(matchedNonLinear.prefix(4).joined(separator: ", "))")
         }

@@ -25,15 +25,6 @@ public protocol AdapterMethodFactory {
     static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)?
 }
 
-/// Training behaviour of an adapter beyond its forward pass, e.g. AdaLoRA's orthogonality penalty and rank
-/// allocation. The trainer calls the hooks of the adapter it trains.
-public protocol AdapterTrainingHook: AnyObject {
-    /// A term (recorded on the tape) added to the objective's loss, or nil.
-    func regularization() -> Tensor?
-    /// Runs after the optimizer update that completes global step `step` (1-based) of a run of `totalSteps`,
-    /// before the gradients are cleared (they are still readable).
-    func didUpdate(step: Int, totalSteps: Int)
-}
 
 extension AdapterMethodFactory {
     public static var hasPEFTParity: Bool { true }

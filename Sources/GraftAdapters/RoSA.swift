@@ -7,7 +7,7 @@ import GraftTensor
 ///
 /// The mask is chosen from the data: for the first `warmup_steps` optimizer steps the layer adds a dense
 /// zero probe `P` to its weight (`y += P x`) and accumulates the squared gradient `(∂L/∂P)²` (the empirical
-/// Fisher diagonal, a magnitude criterion) after every backward, through ``TrainingStepHook``; at the end of
+/// Fisher diagonal, a magnitude criterion) after every backward, through ``AdapterTrainingHook``; at the end of
 /// the last warm-up step the top-`n` entries become the mask. Until then `S` is zero and untrained (its values
 /// are gated by 0, so they get zero gradients and AdamW leaves them at 0); afterwards they train like LoRA's.
 /// Without a trainer calling the hook (plain inference) the probe is never added.
@@ -15,7 +15,7 @@ import GraftTensor
 /// Keys: `rosa_A.weight`, `rosa_B.weight`, `rosa_spa_values` `[n]` and `rosa_spa_indices` `[2, n]` (row,
 /// column; int32). A loaded mask is used as is; an adapter saved before its mask was chosen stores the indices
 /// as −1 and zero values, and continues its warm-up when loaded.
-public final class RoSALayer: LinearAdapterMethod, TrainingStepHook {
+public final class RoSALayer: LinearAdapterMethod, AdapterTrainingHook {
     public let state: AdapterState
     /// `[r, in]`.
     public let loraA: Tensor

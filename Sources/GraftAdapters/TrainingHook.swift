@@ -1,20 +1,37 @@
 import GraftTensor
 
-/// An adapter layer that takes part in training beyond its forward pass (RoSA picks its sparse mask from the
-/// gradients of a warm-up). Trainers call ``afterBackward(step:)`` on every layer of the trained adapter that
-/// conforms, after each micro-batch's backward pass and before the optimizer step (so gradients are visible);
-/// a layer that does not conform costs nothing. Custom training loops should do the same.
-public protocol TrainingStepHook: AnyObject {
-    /// Called after a micro-batch's backward; `step` is the number of optimizer steps taken so far (the
-    /// micro-batch belongs to optimizer step `step`, 0-based).
+/// Training behaviour of an adapter beyond its forward pass: AdaLoRA's orthogonality penalty and rank allocation,
+/// RoSA's mask selection from warm-up gradients, router auxiliary losses.
+///
+/// ``GraftTrain/Trainer`` calls every hook of the adapter it trains (``NamedAdapter/trainingHooks``): after each
+/// micro-batch forward it adds ``regularization()`` to the loss (on the tape, so it is back-propagated); after
+/// that micro-batch's backward it calls ``afterBackward(step:)`` (gradients visible); after each optimizer update,
+/// before gradients are cleared, ``didUpdate(step:totalSteps:)``. Custom training loops should do the same.
+public protocol AdapterTrainingHook: AnyObject {
+    /// A term (a scalar recorded on the tape) to add to the objective's loss, or nil.
+    func regularization() -> Tensor?
+    /// After a micro-batch's backward; `step` is the number of optimizer steps taken so far (the micro-batch
+    /// belongs to optimizer step `step`, 0-based).
     func afterBackward(step: Int)
+    /// After the optimizer update that completes global step `step` (1-based) of a run of `totalSteps`, before the
+    /// gradients are cleared (they are still readable).
+    func didUpdate(step: Int, totalSteps: Int)
+}
+
+extension AdapterTrainingHook {
+    public func regularization() -> Tensor? { nil }
+    public func afterBackward(step: Int) {}
+    public func didUpdate(step: Int, totalSteps: Int) {}
 }
 
 extension NamedAdapter {
-    /// The adapter's layers that want ``TrainingStepHook`` calls.
-    public var trainingHooks: [any TrainingStepHook] { layers.compactMap { $0.adapter as? any TrainingStepHook } }
+    /// Every hook of the adapter: adapter-wide ones built by its factory (AdaLoRA's allocator), then its layers
+    /// that conform (RoSA).
+    public var trainingHooks: [any AdapterTrainingHook] {
+        adapterHooks + layers.compactMap { $0.adapter as? any AdapterTrainingHook }
+    }
 
-    /// Calls ``TrainingStepHook/afterBackward(step:)`` on every hooked layer.
+    /// Calls ``AdapterTrainingHook/afterBackward(step:)`` on every hook.
     public func afterBackward(step: Int) {
         for hook in trainingHooks { hook.afterBackward(step: step) }
     }
