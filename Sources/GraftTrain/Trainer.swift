@@ -156,7 +156,11 @@ public final class Trainer {
     public func accumulate(_ batch: PackedBatch) throws -> Float {
         model.setTraining(true)
         defer { model.setTraining(false) }
-        let loss = try objective.loss(batch)
+        var loss = try objective.loss(batch)
+        // Layers with training hooks (router auxiliary losses) add their terms on the tape.
+        for hook in adapter.trainingHooks {
+            if let extra = hook.regularization() { loss = loss + extra }
+        }
         let scaled = config.gradientAccumulationSteps == 1 ? loss : loss * (1 / Float(config.gradientAccumulationSteps))
         scaled.backward()
         microStep += 1
@@ -173,6 +177,7 @@ public final class Trainer {
         optimizer.step()
         optimizer.zeroGrad()
         globalStep += 1
+        for hook in adapter.trainingHooks { hook.didUpdate(step: globalStep, totalSteps: totalSteps) }
         return (lr, norm)
     }
 
