@@ -97,6 +97,8 @@ public final class LoRAMixtureLayer: LinearAdapterMethod, AdapterTrainingHook {
         statistics.record(probs: probs, gates: g, plan: plan)
         lastPlan = plan
         if state.isTraining && GradMode.isEnabled && options.needsAuxiliary {
+            // Kept until the trainer asks for the losses; bounded for forwards no trainer consumes.
+            if pending.count >= 64 { pending.removeFirst() }
             pending.append(Pending(logits: logits, probs: probs, x: x2, plan: plan))
         }
         let delta = routedLoRAExperts(x2, a: loraA, b: loraB, gates: g, rows: plan.rows, scaling: scaling)

@@ -31,12 +31,12 @@ import GraftTestSupport
         func tok(_ s: some Collection<LabeledText>) throws -> [TokenizedExample] {
             try ExampleTokenizer.classification(Array(s), tokenizer: tokenizer, maxLength: 40)
         }
-        for (name, data) in [("sentiment", Array(sentiment.prefix(48))), ("flight", Array(flights.prefix(48)))] {
+        for (name, data) in [("sentiment", Array(sentiment.prefix(64))), ("flight", Array(flights.prefix(64)))] {
             let json: [String: Any] = ["peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]]
             try model.addAdapter(name, config: AdapterConfig(json: json, source: name), seed: 7)
             var config = TrainerConfig()
             config.batchSize = 16
-            config.epochs = 3
+            config.epochs = 4
             config.learningRate = 5e-3
             let trainer = try Trainer(model: model, adapterName: name, objective: SequenceClassificationObjective(model: classifier), config: config)
             let loss = try trainer.train(try tok(data))
