@@ -152,7 +152,8 @@ public final class Trainer {
         return indices
     }
 
-    /// One micro-batch forward + backward, gradients scaled for accumulation; returns the loss.
+    /// One micro-batch forward + backward, gradients scaled for accumulation; returns the loss (including the
+    /// terms of the adapter's ``AdapterTrainingHook`` layers, e.g. router auxiliary losses).
     public func accumulate(_ batch: PackedBatch) throws -> Float {
         model.setTraining(true)
         defer { model.setTraining(false) }

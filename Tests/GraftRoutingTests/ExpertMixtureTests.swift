@@ -241,6 +241,17 @@ import GraftTestSupport
         #expect(try model.routerStatisticsJSON().contains("mean_entropy"))
         model.resetRouterStatistics()
         #expect(model.routerStatistics().allSatisfy { $0.stats.tokens == 0 })
+        // Save and load round trip (per-layer expert counts come back from adapter_config.json).
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-moe-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let logits = try withNoGrad { try classifier.forward(batch.tokens, firstTokens: batch.firstTokens) }.scalars
+        try model.saveAdapter("moe", directory: dir)
+        try model.deleteAdapter("moe")
+        let loaded = try model.loadAdapter(directory: dir, name: "moe2")
+        #expect(loaded.layers.compactMap { ($0.adapter as? LoRAMixtureLayer)?.experts } == counts)
+        let again = try withNoGrad { try classifier.forward(batch.tokens, firstTokens: batch.firstTokens) }.scalars
+        let diff = zip(logits, again).map { abs($0 - $1) }.max() ?? 1
+        #expect(diff < 1e-6, "reloaded adapter differs by \(diff)")
         print("SiRA + aux losses, 8 steps on 16 tweets: loss \(before) -> \(after)")
     }
 }
