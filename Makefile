@@ -89,8 +89,10 @@ graftd:
 	$(SWIFT) build -c release --product graftd
 
 client:
-	mkdir -p $(C_OUT)
-	$(CC) $(C_EXAMPLE_FLAGS) -O2 -Ibindings/c examples/remote/client.c $(C_CLIENT_SOURCES) -o $(C_OUT)/remote-client -lprotobuf-c
+	mkdir -p $(C_OUT)/client
+	cd $(C_OUT)/client && $(CC) $(C_EXAMPLE_FLAGS) -O2 -fPIC -I$(abspath bindings/c) -c $(abspath $(C_CLIENT_SOURCES))
+	ar rcs $(C_OUT)/libgraft_client.a $(C_OUT)/client/graft_client.o $(C_OUT)/client/graft.pb-c.o
+	$(CC) $(C_EXAMPLE_FLAGS) -O2 -Ibindings/c examples/remote/client.c -o $(C_OUT)/remote-client -L$(C_OUT) -lgraft_client -lprotobuf-c
 	$(CC) $(C_EXAMPLE_FLAGS) -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
 		-Ibindings/c examples/remote/client.c $(C_CLIENT_SOURCES) -o $(C_OUT)/remote-client-asan -lprotobuf-c
 

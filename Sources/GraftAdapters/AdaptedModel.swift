@@ -17,6 +17,8 @@ public final class NamedAdapter {
     public internal(set) var shared: [(key: String, tensor: Tensor)] = []
     /// Adapters on modules other than Linear (LN tuning, trainable tokens) by module path.
     public internal(set) var modules: [(path: String, adapter: any ModuleAdapterMethod)] = []
+    /// Training behaviour beyond the forward pass (AdaLoRA's rank allocation), called by the trainer.
+    public internal(set) var trainingHooks: [any AdapterTrainingHook] = []
 
     init(name: String, config: AdapterConfig, state: AdapterState) {
         self.name = name
@@ -35,6 +37,21 @@ public final class NamedAdapter {
         }
         for (path, adapter) in modules {
             for (n, t) in adapter.namedParameters { out.append((adapter.key(n, path: path), t)) }
+        }
+        return out
+    }
+
+    /// What PEFT's file holds: ``peftStateDict`` with module adapters' exported forms (P-tuning's encoder output).
+    public var peftExportDict: [(key: String, tensor: Tensor)] {
+        var out: [(String, Tensor)] = []
+        for (path, _, adapter) in layers {
+            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
+        }
+        for (path, _, adapter) in savedModules {
+            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
+        }
+        for (path, adapter) in modules {
+            for (n, t) in adapter.exportedParameters { out.append((adapter.key(n, path: path), t)) }
         }
         return out
     }
@@ -111,6 +128,7 @@ public final class AdaptedModel: @unchecked Sendable {
         for (path, lin) in targets {
             named.layers.append((path, lin, try factory.make(for: lin, path: path, config: config, state: state, shared: sharedByKey)))
         }
+        if let hook = try factory.trainingHook(for: named) { named.trainingHooks.append(hook) }
         if !matchedNonLinear.isEmpty {
             throw GraftError(.unsupported, "\(config.source): \(config.peftType) adapts Linear layers, but target_modules also selects \(matchedNonLinear.prefix(4).joined(separator: ", "))")
         }
@@ -148,7 +166,7 @@ public final class AdaptedModel: @unchecked Sendable {
                 named.modules.append((path, adapter))
                 continue
             }
-            guard !path.isEmpty, matcher.matches(path: path, isLinear: module is Linear, isOutputHead: outputHeads.contains(path)),
+            guard !path.isEmpty, factory.selectsLayers || matcher.matches(path: path, isLinear: module is Linear, isOutputHead: outputHeads.contains(path)),
                   let adapter = try factory.make(for: module, path: path, config: config, state: state) else { continue }
             named.modules.append((path, adapter))
         }
@@ -226,8 +244,8 @@ public final class AdaptedModel: @unchecked Sendable {
     public func merge(_ name: String) throws {
         let a = try adapter(name)
         guard !a.state.isMerged else { throw GraftError(.state, "adapter '\(name)' is already merged") }
-        if let (path, _) = a.modules.first(where: { !$0.adapter.mergeable }) {
-            throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path.isEmpty ? "<model>" : path)' adds virtual tokens and cannot be merged into weights")
+        if let (path, m) = a.modules.first(where: { !$0.adapter.mergeable }) {
+            throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path.isEmpty ? "<model>" : path)' cannot be merged into weights: \(m.notMergeableReason)")
         }
         var deltas: [Tensor] = []
         for (path, lin, adapter) in a.layers {

@@ -45,7 +45,7 @@ public struct AdapterConfig: @unchecked Sendable {
         peftType = type.uppercased()
         let targets = try AdapterConfig.parseTargets(json["target_modules"], field: "target_modules", source: source)
         // Prompt-learning methods act on the input, not on named modules.
-        let promptLearning = AdapterRegistry.moduleFactories[peftType]?.actsOnInput ?? false
+        let promptLearning = AdapterRegistry.moduleFactories[peftType].map { $0.actsOnInput || $0.selectsLayers } ?? false
         guard let targets = targets ?? (promptLearning ? .names([]) : nil) else {
             throw GraftError.invalid("\(source): 'target_modules' is required (a list of module names, a regex string, or \"all-linear\")")
         }

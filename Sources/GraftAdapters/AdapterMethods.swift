@@ -20,6 +20,19 @@ public protocol AdapterMethodFactory {
     /// The adapter for the Linear at `path`.
     static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                      shared: [String: Tensor]) throws -> any LinearAdapterMethod
+    /// What the method does during training beyond its forward pass (a regularizer, work after each update),
+    /// built once the adapter's layers exist; none by default.
+    static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)?
+}
+
+/// Training behaviour of an adapter beyond its forward pass, e.g. AdaLoRA's orthogonality penalty and rank
+/// allocation. The trainer calls the hooks of the adapter it trains.
+public protocol AdapterTrainingHook: AnyObject {
+    /// A term (recorded on the tape) added to the objective's loss, or nil.
+    func regularization() -> Tensor?
+    /// Runs after the optimizer update that completes global step `step` (1-based) of a run of `totalSteps`,
+    /// before the gradients are cleared (they are still readable).
+    func didUpdate(step: Int, totalSteps: Int)
 }
 
 extension AdapterMethodFactory {
@@ -27,6 +40,8 @@ extension AdapterMethodFactory {
     public static var mergeable: Bool { true }
 
     public static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] { [] }
+
+    public static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)? { nil }
 
     /// `r` and the alpha (under `alphaKey`) for `path`, after `rank_pattern` / `alpha_pattern`.
     static func rankAndAlpha(_ config: AdapterConfig, path: String, alphaKey: String) throws -> (Int, Float) {
@@ -110,6 +125,9 @@ public enum AdapterRegistry {
         BOFTFactory.peftType: BOFTFactory.self,
         FourierFTFactory.peftType: FourierFTFactory.self,
         PolyFactory.peftType: PolyFactory.self,
+        ETHERFactory.peftType: ETHERFactory.self,
+        ETHERPlusFactory.peftType: ETHERPlusFactory.self,
+        MoSFactory.peftType: MoSFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.
@@ -119,6 +137,10 @@ public enum AdapterRegistry {
         PromptTuningFactory.peftType: PromptTuningFactory.self,
         PTuningFactory.peftType: PTuningFactory.self,
         PrefixTuningFactory.peftType: PrefixTuningFactory.self,
+        BottleneckSequentialFactory.peftType: BottleneckSequentialFactory.self,
+        BottleneckDoubleSequentialFactory.peftType: BottleneckDoubleSequentialFactory.self,
+        BottleneckParallelFactory.peftType: BottleneckParallelFactory.self,
+        LoReFTFactory.peftType: LoReFTFactory.self,
     ]
 
     /// Every known `peft_type`, sorted.
@@ -169,8 +191,8 @@ extension AdapterRegistry {
             } catch {
                 note = "\(error)"
             }
-            return MethodSummary(peftType: type, family: linear?.family ?? module?.family ?? "", peftParity: linear?.hasPEFTParity ?? true,
-                                 mergeable: linear?.mergeable ?? true, trainableParameters: count, note: note)
+            return MethodSummary(peftType: type, family: linear?.family ?? module?.family ?? "", peftParity: linear?.hasPEFTParity ?? module?.hasPEFTParity ?? true,
+                                 mergeable: linear?.mergeable ?? module?.mergeable ?? true, trainableParameters: count, note: note)
         }
     }
 }

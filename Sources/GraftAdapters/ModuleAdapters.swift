@@ -23,11 +23,18 @@ public protocol ModuleAdapterMethod: AnyObject {
     var keyPrefix: String? { get }
     /// Whether the adapter folds into the module's parameters (virtual tokens do not).
     var mergeable: Bool { get }
+    /// Why the adapter cannot merge, for the error `merge` throws.
+    var notMergeableReason: String { get }
+    /// What PEFT's file holds for this adapter, when that differs from the trainable parameters (P-tuning saves
+    /// its encoder's output, not the encoder).
+    var exportedParameters: [(name: String, tensor: Tensor)] { get }
 }
 
 extension ModuleAdapterMethod {
     public var keyPrefix: String? { nil }
     public var mergeable: Bool { true }
+    public var notMergeableReason: String { "it adds virtual tokens" }
+    public var exportedParameters: [(name: String, tensor: Tensor)] { namedParameters }
 
     /// The PEFT key of parameter `name` for a module at `path`.
     func key(_ name: String, path: String) -> String { (keyPrefix ?? "base_model.model.\(path).") + name }
@@ -46,22 +53,38 @@ public protocol ModuleAdapterFactory {
     /// True for methods that act on the model's input rather than on named modules (prompt learning): they need
     /// no `target_modules` and attach once, to the first module that takes them.
     static var actsOnInput: Bool { get }
+    /// True for methods that pick transformer layers themselves (bottleneck adapters, ReFT): they need no
+    /// `target_modules`, and every module `make` accepts is adapted.
+    static var selectsLayers: Bool { get }
+    /// Whether the adapter folds into the model's parameters (for `graft methods`); default: not for input methods.
+    static var mergeable: Bool { get }
+    /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
+    static var hasPEFTParity: Bool { get }
 }
 
 extension ModuleAdapterFactory {
     public static var actsOnInput: Bool { false }
+    public static var selectsLayers: Bool { false }
+    public static var mergeable: Bool { !actsOnInput }
+    public static var hasPEFTParity: Bool { true }
 }
 
-/// Shared by the prompt-learning factories: the encoder they attach to and the validated `num_virtual_tokens`.
-func virtualTokenTarget(_ module: Module, config: AdapterConfig) throws -> (BertModel, Int)? {
-    guard let bert = module as? BertModel else { return nil }
+/// The index of the transformer layer at `path` (its last component, `encoder.layer.3` → 3).
+func layerIndex(_ path: String) -> Int? {
+    path.split(separator: ".").last.flatMap { Int($0) }
+}
+
+/// Shared by the prompt-learning factories: the model they attach to (a BERT encoder or a Llama decoder) and the
+/// validated `num_virtual_tokens`.
+func virtualTokenTarget(_ module: Module, config: AdapterConfig) throws -> (any PromptHost, Int)? {
+    guard let host = module as? any PromptHost else { return nil }
     let n = try config.int("num_virtual_tokens", default: 8)
     guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
-    let dim = try config.int("token_dim", default: bert.config.hiddenSize)
-    guard dim == bert.config.hiddenSize else {
-        throw GraftError.invalid("\(config.source): token_dim \(dim) differs from the model's hidden size \(bert.config.hiddenSize)")
+    let dim = try config.int("token_dim", default: host.embeddingWidth)
+    guard dim == host.embeddingWidth else {
+        throw GraftError.invalid("\(config.source): token_dim \(dim) differs from the model's hidden size \(host.embeddingWidth)")
     }
-    return (bert, n)
+    return (host, n)
 }
 
 /// LN tuning (Zhao et al., 2023): trainable copies of selected LayerNorm/RMSNorm scales and shifts.
@@ -223,11 +246,11 @@ public class VirtualTokenLayer: ModuleAdapterMethod {
     public let state: AdapterState
     /// The embeddings, `[virtualTokens, width]`.
     public let embeddings: Tensor
-    let model: BertModel
+    let host: any PromptHost
 
-    init(model: BertModel, rows: Int, width: Int, state: AdapterState) {
+    init(host: any PromptHost, rows: Int, width: Int, state: AdapterState) {
         self.state = state
-        self.model = model
+        self.host = host
         embeddings = Tensor.randomNormal([rows, width], std: 0.02, rng: &state.rng).requiringGrad()
     }
 
@@ -235,6 +258,7 @@ public class VirtualTokenLayer: ModuleAdapterMethod {
     public var keyPrefix: String? { "" }
     public var mergeable: Bool { false }
     public var namedParameters: [(name: String, tensor: Tensor)] { [("prompt_embeddings", embeddings)] }
+    public var exportedParameters: [(name: String, tensor: Tensor)] { namedParameters }
     public func attach() {}
     public func detach() {}
     public func merge() -> [Tensor] { [] }
@@ -253,13 +277,13 @@ public class VirtualTokenLayer: ModuleAdapterMethod {
 /// embeddings `[n, hidden]` prepended to every input. PEFT saves P-tuning's encoder output under the same key,
 /// so both load as `prompt_embeddings`. (Training P-tuning's MLP/LSTM encoder is not implemented yet.)
 public final class PromptTuningLayer: VirtualTokenLayer, PromptAdapter {
-    init(model: BertModel, virtualTokens: Int, state: AdapterState) {
-        super.init(model: model, rows: virtualTokens, width: model.config.hiddenSize, state: state)
+    init(host: any PromptHost, virtualTokens: Int, state: AdapterState) {
+        super.init(host: host, rows: virtualTokens, width: host.embeddingWidth, state: state)
     }
 
     public func virtualTokens() -> Tensor { embeddings }
-    public override func attach() { model.promptAdapters.append(self) }
-    public override func detach() { model.promptAdapters.removeAll { $0 === self } }
+    public override func attach() { host.promptAdapters.append(self) }
+    public override func detach() { host.promptAdapters.removeAll { $0 === self } }
 }
 
 /// Prompt tuning (`PROMPT_TUNING`) and P-tuning (`P_TUNING`, inference): `num_virtual_tokens`, `token_dim`,
@@ -275,12 +299,72 @@ public enum PromptTuningFactory: ModuleAdapterFactory {
         if let initMode = try config.string("prompt_tuning_init"), initMode != "RANDOM" {
             throw GraftError(.unsupported, "\(config.source): prompt_tuning_init '\(initMode)' is not supported yet (RANDOM)")
         }
-        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
-        return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
+        guard let (host, n) = try virtualTokenTarget(module, config: config) else { return nil }
+        return PromptTuningLayer(host: host, virtualTokens: n, state: state)
     }
 }
 
-/// P-tuning loaded for inference: the same virtual tokens under PEFT's `P_TUNING` type.
+/// P-tuning (Liu et al., 2021) while training: the virtual tokens are `MLP(E)`, PEFT's `PromptEncoder` with
+/// `encoder_reparameterization_type: "MLP"` — `Linear(d, h) → ReLU → Linear(h, h) → ReLU → Linear(h, d)` over
+/// trainable input embeddings `E` `[n, d]`. PEFT saves the encoder's output as `prompt_embeddings`, and so does
+/// Graft; such a file (its config has `inference_mode: true`) loads as a ``PromptTuningLayer``.
+public final class PTuningEncoderLayer: VirtualTokenLayer, PromptAdapter {
+    /// The MLP's layers: weights `[out, in]` and biases, PEFT's `mlp_head.{0,2,4}`.
+    public let weights: [Tensor], biases: [Tensor]
+
+    init(host: any PromptHost, virtualTokens: Int, hidden: Int, state: AdapterState) {
+        let d = host.embeddingWidth
+        var ws: [Tensor] = [], bs: [Tensor] = []
+        for (inF, outF) in [(d, hidden), (hidden, hidden), (hidden, d)] {
+            // torch.nn.Linear's default init: U(-1/√in, 1/√in) for weight and bias.
+            let bound = 1 / Float(inF).squareRoot()
+            ws.append(Tensor.randomUniform([outF, inF], low: -bound, high: bound, rng: &state.rng).requiringGrad())
+            bs.append(Tensor.randomUniform([outF], low: -bound, high: bound, rng: &state.rng).requiringGrad())
+        }
+        weights = ws
+        biases = bs
+        super.init(host: host, rows: virtualTokens, width: d, state: state)
+    }
+
+    public func virtualTokens() -> Tensor {
+        var h = embeddings
+        for i in 0..<3 {
+            h = linear(h, weights[i], biases[i])
+            if i < 2 { h = relu(h) }
+        }
+        return h
+    }
+
+    public override var namedParameters: [(name: String, tensor: Tensor)] {
+        var out: [(String, Tensor)] = [("prompt_encoder.embedding.weight", embeddings)]
+        for i in 0..<3 {
+            out.append(("prompt_encoder.mlp_head.\(2 * i).weight", weights[i]))
+            out.append(("prompt_encoder.mlp_head.\(2 * i).bias", biases[i]))
+        }
+        return out
+    }
+
+    public override var exportedParameters: [(name: String, tensor: Tensor)] {
+        [("prompt_embeddings", withNoGrad { virtualTokens() })]
+    }
+
+    public override func load(_ name: String, from tensor: Tensor) throws {
+        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
+            throw GraftError.format("unknown P-tuning encoder tensor '\(name)'")
+        }
+        guard tensor.shape == target.shape else {
+            throw GraftError.format("'\(name)' has shape \(tensor.shape), expected \(target.shape)")
+        }
+        target.pointer.update(from: tensor.pointer, count: target.count)
+    }
+
+    public override func attach() { host.promptAdapters.append(self) }
+    public override func detach() { host.promptAdapters.removeAll { $0 === self } }
+}
+
+/// P-tuning (`P_TUNING`): `num_virtual_tokens`, `encoder_hidden_size` (default: the model's hidden size),
+/// `encoder_reparameterization_type` (`MLP`; `LSTM` is not supported). A fresh adapter trains the MLP
+/// encoder; a PEFT file (`inference_mode: true`) holds the encoder's output and loads as plain virtual tokens.
 public enum PTuningFactory: ModuleAdapterFactory {
     public static let peftType = "P_TUNING"
     public static let family = "input (virtual tokens from an encoder)"
@@ -289,8 +373,17 @@ public enum PTuningFactory: ModuleAdapterFactory {
     public static let actsOnInput = true
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
-        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
-        return PromptTuningLayer(model: bert, virtualTokens: n, state: state)
+        let kind = try config.string("encoder_reparameterization_type") ?? "MLP"
+        guard kind == "MLP" else {
+            throw GraftError(.unsupported, "\(config.source): encoder_reparameterization_type '\(kind)' is not supported (MLP)")
+        }
+        guard let (host, n) = try virtualTokenTarget(module, config: config) else { return nil }
+        if try config.bool("inference_mode", default: false) {
+            return PromptTuningLayer(host: host, virtualTokens: n, state: state)
+        }
+        let hidden = try config.int("encoder_hidden_size", default: host.embeddingWidth)
+        guard hidden > 0 else { throw GraftError.invalid("\(config.source): 'encoder_hidden_size' must be positive, got \(hidden)") }
+        return PTuningEncoderLayer(host: host, virtualTokens: n, hidden: hidden, state: state)
     }
 }
 
@@ -298,8 +391,11 @@ public enum PTuningFactory: ModuleAdapterFactory {
 /// them as `prompt_embeddings` `[n, layers · 2 · hidden]`, layer `l`'s keys at columns `2l·hidden` and values at
 /// `(2l+1)·hidden` (heads × head_dim inside). `prefix_projection` (an MLP reparameterization) is not supported yet.
 public final class PrefixTuningLayer: VirtualTokenLayer, PrefixAdapter {
+    let model: BertModel
+
     init(model: BertModel, virtualTokens: Int, state: AdapterState) {
-        super.init(model: model, rows: virtualTokens, width: model.config.layers * 2 * model.config.hiddenSize, state: state)
+        self.model = model
+        super.init(host: model, rows: virtualTokens, width: model.config.layers * 2 * model.config.hiddenSize, state: state)
     }
 
     public override func attach() { model.prefixAdapters.append(self) }
@@ -325,7 +421,10 @@ public enum PrefixTuningFactory: ModuleAdapterFactory {
         if try config.bool("prefix_projection", default: false) {
             throw GraftError(.unsupported, "\(config.source): prefix_projection is not supported yet")
         }
-        guard let (bert, n) = try virtualTokenTarget(module, config: config) else { return nil }
+        if module is LlamaModel {
+            throw GraftError(.unsupported, "\(config.source): prefix tuning is implemented for BERT encoders; on a decoder use PROMPT_TUNING or P_TUNING")
+        }
+        guard let (host, n) = try virtualTokenTarget(module, config: config), let bert = host as? BertModel else { return nil }
         return PrefixTuningLayer(model: bert, virtualTokens: n, state: state)
     }
 }

@@ -113,7 +113,7 @@ extension AdaptedModel {
         }
         var writer = SafeTensorsWriter()
         writer.metadata = ["format": "pt"]
-        for (key, t) in a.peftStateDict { try writer.add(key, t) }
+        for (key, t) in a.peftExportDict { try writer.add(key, t) }
         for (key, t) in a.shared { try writer.add(key, t) }
         for (path, _, layer) in a.layers {
             for (n, values, shape) in layer.integerBuffers { try writer.add("base_model.model.\(path).\(n)", int32s: values, shape: shape) }

@@ -396,6 +396,9 @@ public final class Daemon: @unchecked Sendable {
         s.jobsRunning = UInt32(jobs.filter { !$0.isFinished }.count)
         s.jobsTotal = UInt32(engine.jobs.total)
         s.queueDepth = UInt32(engine.worker.queueDepth)
+        let forwards = engine.forwardStatistics
+        s.forwardRequests = forwards.requests
+        s.forwardPasses = forwards.passes
         return s
     }
 

@@ -38,6 +38,19 @@ final class Engine: @unchecked Sendable {
     private var modelCount = 0
     private let namesLock = NSLock()
     private var _modelNames: [String] = []
+    private let pendingLock = NSLock()
+    /// Forward requests waiting for their model's queued batch, by model id.
+    private var pendingForwards: [String: [(Graft_V1_Forward, RequestContext)]] = [:]
+    /// Requests queued (not yet started) per connection.
+    private var queued: [UInt64: Int] = [:]
+    private var forwardCounts = (requests: UInt64(0), passes: UInt64(0))
+
+    /// Forward requests answered and the passes that answered them (thread-safe).
+    var forwardStatistics: (requests: UInt64, passes: UInt64) {
+        pendingLock.lock()
+        defer { pendingLock.unlock() }
+        return forwardCounts
+    }
 
     /// An engine whose outputs go to `emit` (called on the worker thread).
     init(emit: @escaping @Sendable (EngineOutput) -> Void) {
@@ -61,13 +74,22 @@ final class Engine: @unchecked Sendable {
 
     /// Queues `request` for the worker; false when the worker no longer takes work.
     func submit(_ request: Graft_V1_Request, context: RequestContext) -> Bool {
-        worker.submit(.init(startsJob: false) { [self] in
+        if case .forward(let r) = request.kind, r.adapterIds.isEmpty {
+            return submitForward(r, context: context)
+        }
+        pendingLock.lock()
+        queued[context.connection, default: 0] += 1
+        pendingLock.unlock()
+        let accepted = worker.submit(.init(startsJob: false) { [self] in
+            dequeued(context.connection)
             do {
                 try handle(request, context: context)
             } catch {
                 emit(.reply(context, Self.errorResponse(id: context.id, error), final: true))
             }
         })
+        if !accepted { dequeued(context.connection) }
+        return accepted
     }
 
     private func reply(_ context: RequestContext, final: Bool = true, _ fill: (inout Graft_V1_Response) -> Void) {
@@ -123,7 +145,7 @@ final class Engine: @unchecked Sendable {
                 s.adapted.setAdaptersDisabled(false)
             }
             ok(context)
-        case .forward(let r): try forward(r, context)
+        case .forward(let r): runForwards(modelID: r.modelID, [(r, context)])
         case .generate(let r): try generate(r, context)
         case .startTraining(let r): try startTraining(r, context)
         case .saveCheckpoint(let r):
@@ -177,8 +199,56 @@ final class Engine: @unchecked Sendable {
 
     // MARK: inference
 
-    private func forward(_ r: Graft_V1_Forward, _ context: RequestContext) throws {
-        let s = try session(r.modelID)
+    /// A forward request checked and tokenized, waiting to run alone or batched with others.
+    private struct PreparedForward {
+        var context: RequestContext
+        var rows: [[Int32]]
+        var output: SessionOutput
+    }
+
+    /// Forward requests of different connections for the same model that arrive while one is queued run
+    /// together as one batch (up to these limits), each answered with its own rows.
+    static let maxBatchedSequences = 64
+    static let maxBatchedTokens = 32768
+
+    /// Queues a forward request: it joins the model's pending batch when that cannot reorder its connection's
+    /// requests (the connection has nothing else queued), else it is queued on its own.
+    private func submitForward(_ r: Graft_V1_Forward, context: RequestContext) -> Bool {
+        pendingLock.lock()
+        let idle = queued[context.connection, default: 0] == 0
+        queued[context.connection, default: 0] += 1
+        if idle, pendingForwards[r.modelID] != nil {
+            pendingForwards[r.modelID]?.append((r, context))
+            pendingLock.unlock()
+            return true
+        }
+        let startsBatch = pendingForwards[r.modelID] == nil
+        if startsBatch { pendingForwards[r.modelID] = [(r, context)] }
+        pendingLock.unlock()
+        let accepted = worker.submit(.init(startsJob: false) { [self] in
+            if startsBatch {
+                pendingLock.lock()
+                let batch = pendingForwards.removeValue(forKey: r.modelID) ?? []
+                for (_, c) in batch { queued[c.connection, default: 1] -= 1 }
+                pendingLock.unlock()
+                runForwards(modelID: r.modelID, batch)
+            } else {
+                dequeued(context.connection)
+                runForwards(modelID: r.modelID, [(r, context)])
+            }
+        })
+        if !accepted { dequeued(context.connection) }
+        return accepted
+    }
+
+    private func dequeued(_ connection: UInt64) {
+        pendingLock.lock()
+        queued[connection, default: 1] -= 1
+        if queued[connection] == 0 { queued[connection] = nil }
+        pendingLock.unlock()
+    }
+
+    private func prepareForward(_ r: Graft_V1_Forward, _ s: GraftSession, _ context: RequestContext) throws -> PreparedForward {
         guard r.sequences.isEmpty || r.texts.isEmpty else {
             throw GraftError.invalid("forward: give sequences or texts, not both")
         }
@@ -187,11 +257,7 @@ final class Engine: @unchecked Sendable {
         if let empty = rows.firstIndex(where: \.isEmpty) {
             throw GraftError.invalid("forward: sequence \(empty) is empty")
         }
-        let stride = rows.map(\.count).max() ?? 1
-        var ids = [Int32](repeating: 0, count: rows.count * stride)
-        for (b, row) in rows.enumerated() { ids.replaceSubrange((b * stride)..<(b * stride + row.count), with: row) }
-        let lengths = rows.map(\.count)
-        let batch = try s.tokenBatch(ids: ids, lengths: lengths, batch: rows.count, stride: stride)
+        _ = try tokenBatch(rows, s)  // validates ids and lengths against this model
         let output: SessionOutput
         switch r.output {
         case .default: output = (s.classifier != nil || s.model.llama != nil) ? .logits : .hidden
@@ -199,19 +265,108 @@ final class Engine: @unchecked Sendable {
         case .logits: output = .logits
         case .UNRECOGNIZED(let v): throw GraftError.invalid("forward.output \(v) is not an Output value (0, 1, 2)")
         }
-        let values = try s.forward(batch: batch, adapterIds: r.adapterIds.isEmpty ? nil : r.adapterIds, output: output)
-        var shape: [UInt32]
-        if output == .logits, let cls = s.classifier {
-            shape = [UInt32(rows.count), UInt32(cls.numLabels)]
-        } else {
-            shape = [UInt32(rows.count), UInt32(stride), UInt32(values.count / max(1, rows.count * stride))]
+        if output == .logits && s.classifier == nil && s.model.llama == nil {
+            throw GraftError(.unsupported, "forward: a bare encoder has no logits; ask for hidden states (OUTPUT_HIDDEN)")
         }
-        reply(context) {
-            $0.forward = .with {
-                $0.shape = shape
-                $0.values = values
-                $0.lengths = lengths.map { UInt32($0) }
+        return PreparedForward(context: context, rows: rows, output: output)
+    }
+
+    private func tokenBatch(_ rows: [[Int32]], _ s: GraftSession) throws -> TokenBatch {
+        let stride = rows.map(\.count).max() ?? 1
+        var ids = [Int32](repeating: 0, count: rows.count * stride)
+        for (b, row) in rows.enumerated() { ids.replaceSubrange((b * stride)..<(b * stride + row.count), with: row) }
+        return try s.tokenBatch(ids: ids, lengths: rows.map(\.count), batch: rows.count, stride: stride)
+    }
+
+    /// Runs forward requests for one model: per-row adapter ids alone, the rest batched by output kind.
+    private func runForwards(modelID: String, _ requests: [(Graft_V1_Forward, RequestContext)]) {
+        let s: GraftSession
+        do {
+            s = try session(modelID)
+        } catch {
+            for (_, c) in requests { emit(.reply(c, Self.errorResponse(id: c.id, error), final: true)) }
+            return
+        }
+        var batchable: [PreparedForward] = []
+        for (r, c) in requests {
+            do {
+                let p = try prepareForward(r, s, c)
+                if r.adapterIds.isEmpty {
+                    batchable.append(p)
+                } else {
+                    try answer([p], s, adapterIds: r.adapterIds)
+                }
+            } catch {
+                emit(.reply(c, Self.errorResponse(id: c.id, error), final: true))
             }
+        }
+        for output in [SessionOutput.hidden, .logits] {
+            var group = batchable.filter { $0.output == output }[...]
+            while !group.isEmpty {
+                var chunk: [PreparedForward] = []
+                var sequences = 0, longest = 0
+                while let next = group.first {
+                    let n = next.rows.count, l = max(longest, next.rows.map(\.count).max() ?? 0)
+                    if !chunk.isEmpty && (sequences + n > Self.maxBatchedSequences || (sequences + n) * l > Self.maxBatchedTokens) { break }
+                    chunk.append(next)
+                    sequences += n
+                    longest = l
+                    group = group.dropFirst()
+                }
+                do {
+                    try answer(chunk, s, adapterIds: nil)
+                } catch {
+                    for p in chunk { emit(.reply(p.context, Self.errorResponse(id: p.context.id, error), final: true)) }
+                }
+            }
+        }
+    }
+
+    /// One forward pass over the rows of `requests` (same output kind), each answered with its own rows cut to
+    /// its own longest sequence.
+    private func answer(_ requests: [PreparedForward], _ s: GraftSession, adapterIds: [Int32]?) throws {
+        guard let output = requests.first?.output else { return }
+        let rows = requests.flatMap(\.rows)
+        let batch = try tokenBatch(rows, s)
+        let values = try s.forward(batch: batch, adapterIds: adapterIds, output: output)
+        pendingLock.lock()
+        forwardCounts.requests += UInt64(requests.count)
+        forwardCounts.passes += 1
+        pendingLock.unlock()
+        let stride = batch.length
+        let perRow = output == .logits && s.classifier != nil
+        let width = perRow ? values.count / max(1, rows.count) : values.count / max(1, rows.count * stride)
+        var offset = 0
+        for p in requests {
+            let n = p.rows.count
+            let own = p.rows.map(\.count).max() ?? 1
+            var out: [Float]
+            let shape: [UInt32]
+            if perRow {
+                out = Array(values[(offset * width)..<((offset + n) * width)])
+                shape = [UInt32(n), UInt32(width)]
+            } else {
+                out = [Float](repeating: 0, count: n * own * width)
+                values.withUnsafeBufferPointer { src in
+                    out.withUnsafeMutableBufferPointer { dst in
+                        for b in 0..<n {
+                            guard let from = src.baseAddress?.advanced(by: (offset + b) * stride * width),
+                                  let to = dst.baseAddress?.advanced(by: b * own * width) else { continue }
+                            to.update(from: from, count: own * width)
+                        }
+                    }
+                }
+                shape = [UInt32(n), UInt32(own), UInt32(width)]
+            }
+            let lengths = p.rows.map { UInt32($0.count) }
+            reply(p.context) {
+                $0.forward = .with {
+                    $0.shape = shape
+                    $0.values = out
+                    $0.lengths = lengths
+                }
+            }
+            offset += n
         }
     }
 

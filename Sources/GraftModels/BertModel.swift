@@ -45,11 +45,16 @@ public struct BertConfig: Sendable, Equatable {
 }
 
 /// One `BertLayer`: self-attention, its output projection + LayerNorm, the feed-forward block + LayerNorm.
-public final class BertLayer: Module {
+public final class BertLayer: Module, LayerAdapterHost {
     public let query: Linear, key: Linear, value: Linear
     public let attentionOutput: Linear, attentionNorm: LayerNorm
     public let intermediate: Linear, output: Linear, outputNorm: LayerNorm
     let heads: Int
+    /// Modules inserted after the attention / feed-forward sublayers or on the layer output (bottleneck adapters,
+    /// ReFT); none by default.
+    public var layerAdapters: [any LayerAdapter] = []
+    /// Width of the residual stream.
+    public var hiddenSize: Int { attentionOutput.outFeatures }
 
     init(prefix: String, weights: (String) throws -> Tensor, config: BertConfig) throws {
         func lin(_ name: String) throws -> Linear {
@@ -87,14 +92,15 @@ public final class BertLayer: Module {
             v = concat([concat([Tensor](repeating: prefix.values.reshaped([1, n, width]), count: rows), dim: 0), v], dim: 1)
         }
         let context = scaledDotProductAttention(query: q, key: k, value: v, heads: heads, kvHeads: heads, mask: mask)
-        let h = attentionNorm.forward(attentionOutput.forward(context) + x)
-        let ff = output.forward(gelu(intermediate.forward(h)))
-        return outputNorm.forward(ff + h)
+        let attended = applyLayerAdapters(layerAdapters, site: .attention, output: attentionOutput.forward(context), input: x, mask: mask)
+        let h = attentionNorm.forward(attended + x)
+        let ff = applyLayerAdapters(layerAdapters, site: .feedForward, output: output.forward(gelu(intermediate.forward(h))), input: h, mask: mask)
+        return applyLayerAdapters(layerAdapters, site: .output, output: outputNorm.forward(ff + h), input: x, mask: mask)
     }
 }
 
 /// A BERT encoder with Hugging Face parameter names (`embeddings.*`, `encoder.layer.N.*`, `pooler.dense`).
-public final class BertModel: Module {
+public final class BertModel: Module, PromptHost {
     public let config: BertConfig
     public let wordEmbeddings: Embedding, positionEmbeddings: Embedding, tokenTypeEmbeddings: Embedding
     public let embeddingNorm: LayerNorm
@@ -153,6 +159,8 @@ public final class BertModel: Module {
     /// but never attended to.
     /// Prompt adapters; the first enabled one prepends its virtual tokens to every row.
     public var promptAdapters: [any PromptAdapter] = []
+    /// The hidden size (virtual tokens enter as input embeddings).
+    public var embeddingWidth: Int { config.hiddenSize }
     /// Prefix adapters; the first enabled one prepends keys and values in every layer.
     public var prefixAdapters: [any PrefixAdapter] = []
 

@@ -95,6 +95,14 @@ public protocol PromptAdapter: AnyObject {
     func virtualTokens() -> Tensor
 }
 
+/// A model that prepends enabled prompt adapters' virtual tokens to its input (BERT, Llama).
+public protocol PromptHost: AnyObject {
+    /// The prompt adapters; the first enabled one is used.
+    var promptAdapters: [any PromptAdapter] { get set }
+    /// The width of the input embeddings (the virtual tokens' width).
+    var embeddingWidth: Int { get }
+}
+
 /// Learned keys and values prepended to every attention layer (prefix tuning).
 public protocol PrefixAdapter: AnyObject {
     /// Whether the adapter currently takes part in forward passes.
@@ -189,4 +197,42 @@ public final class RMSNorm: Module {
     }
 
     public override var summary: String { "(\(weight.count),), eps=\(eps)" }
+}
+
+/// Where in a transformer layer a ``LayerAdapter`` acts.
+public enum LayerSite: Sendable {
+    /// The attention block's output projection, before the residual add (and, in BERT, its LayerNorm).
+    case attention
+    /// The feed-forward block's output projection, before the residual add (and, in BERT, its LayerNorm).
+    case feedForward
+    /// The layer's output hidden state (the residual stream after the layer).
+    case output
+}
+
+/// A module inserted into a transformer layer's data flow (bottleneck adapters, ReFT interventions).
+public protocol LayerAdapter: AnyObject {
+    /// Whether the adapter currently takes part in forward passes.
+    var isEnabled: Bool { get }
+    /// The replacement for `output`, the `[batch, length, hidden]` result at `site`. `input` is what that
+    /// sublayer read (the normed hidden state attention or the feed-forward block saw; for `.output`, the layer's
+    /// input). `mask` describes the batch (real lengths, packed segments, the KV-cache offset).
+    func forward(site: LayerSite, output: Tensor, input: Tensor, mask: AttentionMask) -> Tensor
+}
+
+/// Passes `output` through every enabled adapter in order (the identity when none is attached).
+@inline(__always)
+func applyLayerAdapters(_ adapters: [any LayerAdapter], site: LayerSite, output: Tensor, input: Tensor,
+                        mask: AttentionMask) -> Tensor {
+    guard !adapters.isEmpty else { return output }
+    var y = output
+    for a in adapters where a.isEnabled { y = a.forward(site: site, output: y, input: input, mask: mask) }
+    return y
+}
+
+/// A transformer layer that runs ``LayerAdapter``s (BERT's and Llama's layers).
+public protocol LayerAdapterHost: AnyObject {
+    /// The adapters, applied in order at each ``LayerSite``.
+    var layerAdapters: [any LayerAdapter] { get set }
+    /// Width of the residual stream.
+    var hiddenSize: Int { get }
 }

@@ -52,11 +52,16 @@ public struct LlamaConfig: Sendable, Equatable {
 }
 
 /// One `LlamaDecoderLayer`: RMSNorm, grouped-query self-attention with RoPE, RMSNorm, SwiGLU MLP.
-public final class LlamaDecoderLayer: Module {
+public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     public let inputNorm: RMSNorm, postAttentionNorm: RMSNorm
     public let qProj: Linear, kProj: Linear, vProj: Linear, oProj: Linear
     public let gateProj: Linear, upProj: Linear, downProj: Linear
     let config: LlamaConfig
+    /// Modules inserted after the attention / MLP sublayers or on the layer output (bottleneck adapters, ReFT);
+    /// none by default.
+    public var layerAdapters: [any LayerAdapter] = []
+    /// Width of the residual stream.
+    public var hiddenSize: Int { oProj.outFeatures }
 
     init(inputNorm: RMSNorm, q: Linear, k: Linear, v: Linear, o: Linear, postNorm: RMSNorm,
          gate: Linear, up: Linear, down: Linear, config: LlamaConfig) {
@@ -112,9 +117,11 @@ public final class LlamaDecoderLayer: Module {
         } else {
             attn = scaledDotProductAttention(query: q, key: k, value: v, heads: config.heads, kvHeads: config.kvHeads, mask: mask)
         }
-        let x1 = x + oProj.forward(attn)
+        let x1 = x + applyLayerAdapters(layerAdapters, site: .attention, output: oProj.forward(attn), input: h, mask: mask)
         let h2 = postAttentionNorm.forward(x1)
-        return x1 + downProj.forward(silu(gateProj.forward(h2)) * upProj.forward(h2))
+        let mlp = downProj.forward(silu(gateProj.forward(h2)) * upProj.forward(h2))
+        let out = x1 + applyLayerAdapters(layerAdapters, site: .feedForward, output: mlp, input: h2, mask: mask)
+        return applyLayerAdapters(layerAdapters, site: .output, output: out, input: x, mask: mask)
     }
 }
 
@@ -137,7 +144,7 @@ public final class KVCache {
 
 /// A Llama decoder with Hugging Face names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
 /// `model.norm`, `lm_head`), loaded from GGUF.
-public final class LlamaModel: Module {
+public final class LlamaModel: Module, PromptHost {
     public let config: LlamaConfig
     public let embedTokens: Embedding
     public let layers: [LlamaDecoderLayer]
@@ -146,6 +153,10 @@ public final class LlamaModel: Module {
     public let lmHead: Linear
     /// Whether `lm_head` shares `embed_tokens`' weight.
     public let tiedHead: Bool
+    /// Prompt adapters (prompt tuning, P-tuning); the first enabled one's virtual tokens precede every sequence.
+    public var promptAdapters: [any PromptAdapter] = []
+    /// The hidden size (virtual tokens enter as input embeddings).
+    public var embeddingWidth: Int { config.hiddenSize }
 
     /// Builds the decoder from tensors keyed by Hugging Face names.
     public init(config: LlamaConfig, weights: (String) throws -> Tensor, tiedHead: Bool) throws {
@@ -240,6 +251,9 @@ public final class LlamaModel: Module {
         if cache != nil && batch.batchSize != 1 {
             throw GraftError(.unsupported, "incremental decoding with a KV cache takes one sequence at a time")
         }
+        if let prompt = promptAdapters.first(where: { $0.isEnabled }), offset == 0 {
+            return try hiddenStates(batch, prompt: prompt.virtualTokens(), cache: cache)
+        }
         var x = embedTokens.forward(batch.ids).reshaped([batch.batchSize, batch.length, config.hiddenSize])
         let lengths = cache == nil ? batch.lengths : nil
         let mask = AttentionMask(causal: true, keyLengths: lengths, segments: batch.segments, queryOffset: offset)
@@ -248,6 +262,29 @@ public final class LlamaModel: Module {
         }
         cache?.length += batch.length
         return norm.forward(x)
+    }
+
+    /// Prompt tuning as PEFT runs a decoder: `n` virtual tokens at positions `0..<n` precede each sequence (whose
+    /// tokens move to `n...`), every token attends to them causally, and a cache keeps them for decoding. Returns
+    /// the real tokens' states only, `[batch, length, hidden]`, so losses and generation see the usual shape.
+    private func hiddenStates(_ batch: TokenBatch, prompt: Tensor, cache: KVCache?) throws -> Tensor {
+        guard batch.segments == nil else {
+            throw GraftError(.unsupported, "prompt tuning needs one sequence per row (padded), not packed rows")
+        }
+        let virtual = prompt.shape[0], total = virtual + batch.length, rows = batch.batchSize, h = config.hiddenSize
+        guard total <= config.contextLength else {
+            throw GraftError.invalid("\(virtual) virtual + \(batch.length) tokens exceed the context length \(config.contextLength)")
+        }
+        let words = embedTokens.forward(batch.ids).reshaped([rows, batch.length, h])
+        let prompts = concat([Tensor](repeating: prompt.reshaped([1, virtual, h]), count: rows), dim: 0)
+        var x = concat([prompts, words], dim: 1)
+        let positions = (0..<rows).flatMap { _ in (0..<total).map(Int32.init) }
+        let mask = AttentionMask(causal: true, keyLengths: cache == nil ? batch.lengths.map { $0 + virtual } : nil)
+        for (i, layer) in layers.enumerated() {
+            x = layer.forward(x, positions: positions, mask: mask, cache: cache?.layers[i])
+        }
+        cache?.length += total
+        return norm.forward(x.slice(dim: 1, virtual..<total))
     }
 
     /// The final hidden states `[batch, length, hidden]` of a batch in which row `r` continues its own sequence
@@ -260,6 +297,9 @@ public final class LlamaModel: Module {
         }
         guard batch.segments == nil else {
             throw GraftError(.unsupported, "batched generation does not take packed rows (one sequence per row)")
+        }
+        if promptAdapters.contains(where: { $0.isEnabled }) {
+            throw GraftError(.unsupported, "batched generation does not support prompt tuning yet; generate one prompt at a time")
         }
         var positions = [Int32](repeating: 0, count: batch.ids.count)
         for r in 0..<batch.batchSize {

@@ -13,8 +13,8 @@ import GraftTensor
 /// `[E, out, r]` (B starts at zero, so the layer starts as the identity).
 ///
 /// While training, the layer keeps what its auxiliary losses need from each forward and hands them to the
-/// trainer through ``AdapterTrainingHook/regularization()``. Every forward also updates ``statistics``.
-public final class LoRAMixtureLayer: LinearAdapterMethod, AdapterTrainingHook {
+/// trainer through the adapter's ``MixtureTrainingHook``. Every forward also updates ``statistics``.
+public final class LoRAMixtureLayer: LinearAdapterMethod {
     public let state: AdapterState
     /// The module path of the layer (for statistics).
     public let path: String
@@ -108,7 +108,7 @@ public final class LoRAMixtureLayer: LinearAdapterMethod, AdapterTrainingHook {
     // MARK: Auxiliary losses
 
     /// The weighted sum of the enabled auxiliary losses over the forwards since the last call (then cleared).
-    public func regularization() -> Tensor? {
+    public func auxiliaryLoss() -> Tensor? {
         defer { pending.removeAll() }
         var total: Tensor?
         func add(_ t: Tensor, _ w: Float) {
@@ -128,6 +128,27 @@ public final class LoRAMixtureLayer: LinearAdapterMethod, AdapterTrainingHook {
         }
         return total
     }
+}
+
+/// The training hook of a `LORA_MOE` adapter: adds every layer's auxiliary router losses to the trainer's loss.
+public final class MixtureTrainingHook: AdapterTrainingHook {
+    /// The adapter's mixture layers.
+    public let layers: [LoRAMixtureLayer]
+
+    /// A hook over `layers`.
+    public init(layers: [LoRAMixtureLayer]) { self.layers = layers }
+
+    /// The sum of the layers' weighted auxiliary losses from the forwards since the last call.
+    public func regularization() -> Tensor? {
+        var total: Tensor?
+        for l in layers {
+            if let t = l.auxiliaryLoss() { total = total.map { $0 + t } ?? t }
+        }
+        return total
+    }
+
+    /// Nothing to do after an update.
+    public func didUpdate(step: Int, totalSteps: Int) {}
 }
 
 /// The routing settings of a mixture adapter (shared by its layers).

@@ -93,6 +93,12 @@ public enum LoRAMixtureFactory: AdapterMethodFactory {
         return try config.int("num_experts", default: 4)
     }
 
+    /// The hook that adds the layers' auxiliary losses while training (nil when every loss weight is 0).
+    public static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)? {
+        guard try options(adapter.config).needsAuxiliary else { return nil }
+        return MixtureTrainingHook(layers: adapter.layers.compactMap { $0.adapter as? LoRAMixtureLayer })
+    }
+
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
         let r = try config.int("r", default: 8)

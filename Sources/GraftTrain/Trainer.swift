@@ -153,15 +153,14 @@ public final class Trainer {
     }
 
     /// One micro-batch forward + backward, gradients scaled for accumulation; returns the loss (including the
-    /// terms of the adapter's ``AdapterTrainingHook`` layers, e.g. router auxiliary losses).
+    /// terms of the adapter's ``AdapterTrainingHook``s, e.g. router auxiliary losses).
     public func accumulate(_ batch: PackedBatch) throws -> Float {
         model.setTraining(true)
         defer { model.setTraining(false) }
         try applyTaskIDs(batch)
         var loss = try objective.loss(batch)
-        // Layers with training hooks (router auxiliary losses) add their terms on the tape.
         for hook in adapter.trainingHooks {
-            if let extra = hook.regularization() { loss = loss + extra }
+            if let penalty = hook.regularization() { loss = loss + penalty }
         }
         let scaled = config.gradientAccumulationSteps == 1 ? loss : loss * (1 / Float(config.gradientAccumulationSteps))
         scaled.backward()
@@ -195,9 +194,9 @@ public final class Trainer {
         optimizer.learningRate = lr
         let norm = clipGradientNorm(optimizer.parameters, maxNorm: config.maxGradNorm)
         optimizer.step()
-        optimizer.zeroGrad()
         globalStep += 1
         for hook in adapter.trainingHooks { hook.didUpdate(step: globalStep, totalSteps: totalSteps) }
+        optimizer.zeroGrad()
         return (lr, norm)
     }
 

@@ -32,6 +32,8 @@ import GraftTestSupport
         ("FourierFT", #"{"peft_type":"FOURIERFT","n_frequency":12,"scaling":20,"random_loc_seed":5,"target_modules":["proj"]}"#),
         ("Poly", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":1,"init_weights":false,"target_modules":["proj"]}"#),
         ("MHR", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":2,"init_weights":false,"target_modules":["proj"]}"#),
+        ("ETHER", #"{"peft_type":"ETHER","nb":2,"side":"both","target_modules":["proj"]}"#),
+        ("ETHER+", #"{"peft_type":"ETHER_PLUS","nb":2,"side":"both","target_modules":["proj"]}"#),
     ]
 
     @Test(arguments: configs.map(\.0))
@@ -64,8 +66,9 @@ import GraftTestSupport
             guard let grad = p.grad else { Issue.record("\(method): \(key) got no gradient"); continue }
             for i in 0..<p.count {
                 let saved = p.pointer[i]
-                // VB-LoRA selects its top-k logits: a smaller step keeps the selection fixed.
-                let h: Float = (method == "VB-LoRA" ? 1e-3 : 1e-2) * max(1, abs(saved))
+                // VB-LoRA selects its top-k logits: a smaller step keeps the selection fixed. ETHER normalizes short
+                // vectors (‖u‖ ≈ 1): a smaller step keeps the truncation error of the difference down.
+                let h: Float = (["VB-LoRA", "ETHER", "ETHER+"].contains(method) ? 1e-3 : 1e-2) * max(1, abs(saved))
                 p.pointer[i] = saved + h
                 let up = objective()
                 p.pointer[i] = saved - h
@@ -106,8 +109,8 @@ import GraftTestSupport
         for (type, f) in AdapterRegistry.moduleFactories.sorted(by: { $0.key < $1.key }) {
             var json = f.exampleConfig(targets: [])
             json["peft_type"] = type
-            if ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"].contains(type) {
-                // Virtual tokens are wired into the BERT encoder so far; a decoder says so clearly.
+            if type == "PREFIX_TUNING" {
+                // Attention prefixes are wired into the BERT encoder so far; a decoder says so clearly.
                 #expect(throws: GraftError.self) { try model.addAdapter("m", config: AdapterConfig(json: json, source: type)) }
                 continue
             }
@@ -198,5 +201,85 @@ import GraftTestSupport
         }
         #expect(worst < 5e-3, "\(type): worst gradient error \(worst)")
         #expect(throws: GraftError.self) { try model.merge("p") }
+    }
+}
+
+@Suite struct PTuningEncoderTests {
+    /// P-tuning's MLP encoder trains (its parameters' gradients match central differences) and saves its output
+    /// as PEFT does, which reloads (as plain virtual tokens) to the same model output.
+    @Test func encoderGradientsAndSaveAsPEFTOutput() throws {
+        let bert = try Assets.loadMiniLM()
+        let model = AdaptedModel(root: bert)
+        let adapter = try model.addAdapter("p", config: AdapterConfig(
+            jsonText: #"{"peft_type":"P_TUNING","num_virtual_tokens":3,"encoder_hidden_size":16}"#, source: "p"))
+        #expect(adapter.peftStateDict.map(\.key) == ["prompt_encoder.embedding.weight"] + (0..<3).flatMap {
+            ["prompt_encoder.mlp_head.\(2 * $0).weight", "prompt_encoder.mlp_head.\(2 * $0).bias"]
+        })
+        let batch = try TokenBatch(sequences: [[101, 7592, 2088, 102], [101, 2023, 102]])
+        var rng = GraftRNG(seed: 4)
+        let w = Tensor.randomNormal([2, 7, 384], rng: &rng)
+        func value() throws -> Double {
+            let out = try withNoGrad { try bert.forward(batch) }
+            return zip(out.scalars, w.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        sum(try bert.forward(batch) * w).backward()
+        var worst = 0.0
+        for (key, p) in adapter.peftStateDict {
+            guard let grad = p.grad else { Issue.record("\(key): no gradient"); continue }
+            for i in stride(from: 0, to: p.count, by: max(1, p.count / 5)) {
+                let saved = p.pointer[i]
+                // A small step: the MLP's ReLUs make the objective piecewise smooth only.
+                p.pointer[i] = saved + 2e-3
+                let up = try value()
+                p.pointer[i] = saved - 2e-3
+                let down = try value()
+                p.pointer[i] = saved
+                let numeric = (up - down) / 4e-3
+                let e = abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric))
+                if e > 2e-2 { print("P-tuning FD \(key)[\(i)]: analytic \(grad.pointer[i]) numeric \(numeric)") }
+                worst = max(worst, e)
+            }
+        }
+        // Float32 forward passes over 5k outputs with a 2e-3 step: differences carry ~1e-2 of noise.
+        #expect(worst < 2e-2, "P-tuning encoder: worst gradient error \(worst)")
+
+        let expected = try withNoGrad { try bert.forward(batch) }
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-ptuning-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try model.saveAdapter("p", directory: dir)
+        let file = try SafeTensorsFile(contentsOf: dir + "/adapter_model.safetensors")
+        #expect(file.names == ["prompt_embeddings"], "PEFT's file holds the encoder output only")
+        try model.deleteAdapter("p")
+        let reloaded = AdaptedModel(root: bert)
+        try reloaded.loadAdapter(directory: dir, name: "p")
+        #expect(maxAbsDifference(try withNoGrad { try bert.forward(batch) }, expected) < 1e-5)
+        try reloaded.deleteAdapter("p")
+    }
+}
+
+@Suite(.serialized) struct DecoderPromptTuningTests {
+    /// Virtual tokens equal to the embeddings of real tokens `p` make the decoder compute exactly what it computes
+    /// on `p + x` (positions, causal attention, cache), for the forward pass and for greedy generation.
+    @Test func virtualTokensActLikeAPrependedPrompt() throws {
+        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
+        let model = AdaptedModel(root: llama)
+        let prefix: [Int32] = [1, 9690, 198]            // "<|im_start|>system\n"
+        let text: [Int32] = [504, 3458, 282, 4649, 314]
+        let adapter = try model.addAdapter("p", config: AdapterConfig(json: ["peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3], source: "p"))
+        let prompt = try #require(adapter.peftStateDict.first?.tensor)
+        let h = llama.config.hiddenSize
+        for (i, id) in prefix.enumerated() {
+            (prompt.pointer + i * h).update(from: llama.embedTokens.weight.pointer + Int(id) * h, count: h)
+        }
+        let withPrompt = try withNoGrad { try llama.hiddenStates(TokenBatch(ids: text, batchSize: 1, length: text.count)) }
+        model.setAdaptersDisabled(true)
+        let full = try withNoGrad { try llama.hiddenStates(TokenBatch(ids: prefix + text, batchSize: 1, length: prefix.count + text.count)) }
+        let expected = full.slice(dim: 1, prefix.count..<(prefix.count + text.count))
+        #expect(maxAbsDifference(withPrompt, expected) < 1e-4)
+        let plain = try llama.generate(prompt: prefix + text, parameters: GenerationParameters(maxNewTokens: 6))
+        model.setAdaptersDisabled(false)
+        let prompted = try llama.generate(prompt: text, parameters: GenerationParameters(maxNewTokens: 6))
+        #expect(prompted == plain, "generation under the prompt adapter \(prompted) vs with the prompt written out \(plain)")
+        try model.deleteAdapter("p")
     }
 }

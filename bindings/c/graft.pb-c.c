@@ -4424,7 +4424,7 @@ const ProtobufCMessageDescriptor graft__v1__server_stats_request__descriptor =
   (ProtobufCMessageInit) graft__v1__server_stats_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__server_stats__field_descriptors[11] =
+static const ProtobufCFieldDescriptor graft__v1__server_stats__field_descriptors[13] =
 {
   {
     "uptime_seconds",
@@ -4558,6 +4558,30 @@ static const ProtobufCFieldDescriptor graft__v1__server_stats__field_descriptors
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "forward_requests",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, forward_requests),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "forward_passes",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, forward_passes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__server_stats__field_indices_by_name[] = {
   5,   /* field[5] = bytes_in */
@@ -4565,6 +4589,8 @@ static const unsigned graft__v1__server_stats__field_indices_by_name[] = {
   1,   /* field[1] = connections */
   2,   /* field[2] = connections_total */
   4,   /* field[4] = errors_total */
+  12,   /* field[12] = forward_passes */
+  11,   /* field[11] = forward_requests */
   8,   /* field[8] = jobs_running */
   9,   /* field[9] = jobs_total */
   7,   /* field[7] = models */
@@ -4575,7 +4601,7 @@ static const unsigned graft__v1__server_stats__field_indices_by_name[] = {
 static const ProtobufCIntRange graft__v1__server_stats__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 11 }
+  { 0, 13 }
 };
 const ProtobufCMessageDescriptor graft__v1__server_stats__descriptor =
 {
@@ -4585,7 +4611,7 @@ const ProtobufCMessageDescriptor graft__v1__server_stats__descriptor =
   "Graft__V1__ServerStats",
   "graft.v1",
   sizeof(Graft__V1__ServerStats),
-  11,
+  13,
   graft__v1__server_stats__field_descriptors,
   graft__v1__server_stats__field_indices_by_name,
   1,  graft__v1__server_stats__number_ranges,

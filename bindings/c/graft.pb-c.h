@@ -859,10 +859,16 @@ struct  Graft__V1__ServerStats
    * Requests waiting for the engine worker.
    */
   uint32_t queue_depth;
+  /*
+   * Forward requests answered, and the engine passes that answered them (concurrent forward requests for one
+   * model are batched into one pass).
+   */
+  uint64_t forward_requests;
+  uint64_t forward_passes;
 };
 #define GRAFT__V1__SERVER_STATS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__server_stats__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0, 0, 0, 0 }
 
 
 struct  Graft__V1__Shutdown

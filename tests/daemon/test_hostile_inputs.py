@@ -121,12 +121,18 @@ def test_64_concurrent_clients_get_correct_forward_passes(daemon):
             except Exception as e:  # reported below
                 errors.append(f"client {i}: {e!r}")
 
+        before = c.server_stats()
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(64)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert not errors, errors
+        after = c.server_stats()
+        requests = after["forward_requests"] - before["forward_requests"]
+        passes = after["forward_passes"] - before["forward_passes"]
+        assert requests == 64 and passes < 64, f"concurrent forwards were not batched: {requests} in {passes} passes"
+        print(f"64 concurrent forward requests answered in {passes} passes")
         assert len(results) == 64
         for text, r in results.values():
             got = np.asarray(r.values, dtype=np.float32).reshape(tuple(r.shape))

@@ -1392,6 +1392,12 @@ public nonisolated struct Graft_V1_ServerStats: Sendable {
   /// Requests waiting for the engine worker.
   public var queueDepth: UInt32 = 0
 
+  /// Forward requests answered, and the engine passes that answered them (concurrent forward requests for one
+  /// model are batched into one pass).
+  public var forwardRequests: UInt64 = 0
+
+  public var forwardPasses: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -3527,7 +3533,7 @@ nonisolated extension Graft_V1_ServerStatsRequest: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Graft_V1_ServerStats: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ServerStats"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}uptime_seconds\0\u{1}connections\0\u{3}connections_total\0\u{3}requests_total\0\u{3}errors_total\0\u{3}bytes_in\0\u{3}bytes_out\0\u{1}models\0\u{3}jobs_running\0\u{3}jobs_total\0\u{3}queue_depth\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}uptime_seconds\0\u{1}connections\0\u{3}connections_total\0\u{3}requests_total\0\u{3}errors_total\0\u{3}bytes_in\0\u{3}bytes_out\0\u{1}models\0\u{3}jobs_running\0\u{3}jobs_total\0\u{3}queue_depth\0\u{3}forward_requests\0\u{3}forward_passes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3546,6 +3552,8 @@ nonisolated extension Graft_V1_ServerStats: SwiftProtobuf.Message, SwiftProtobuf
       case 9: try { try decoder.decodeSingularUInt32Field(value: &self.jobsRunning) }()
       case 10: try { try decoder.decodeSingularUInt32Field(value: &self.jobsTotal) }()
       case 11: try { try decoder.decodeSingularUInt32Field(value: &self.queueDepth) }()
+      case 12: try { try decoder.decodeSingularUInt64Field(value: &self.forwardRequests) }()
+      case 13: try { try decoder.decodeSingularUInt64Field(value: &self.forwardPasses) }()
       default: break
       }
     }
@@ -3585,6 +3593,12 @@ nonisolated extension Graft_V1_ServerStats: SwiftProtobuf.Message, SwiftProtobuf
     if self.queueDepth != 0 {
       try visitor.visitSingularUInt32Field(value: self.queueDepth, fieldNumber: 11)
     }
+    if self.forwardRequests != 0 {
+      try visitor.visitSingularUInt64Field(value: self.forwardRequests, fieldNumber: 12)
+    }
+    if self.forwardPasses != 0 {
+      try visitor.visitSingularUInt64Field(value: self.forwardPasses, fieldNumber: 13)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3600,6 +3614,8 @@ nonisolated extension Graft_V1_ServerStats: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.jobsRunning != rhs.jobsRunning {return false}
     if lhs.jobsTotal != rhs.jobsTotal {return false}
     if lhs.queueDepth != rhs.queueDepth {return false}
+    if lhs.forwardRequests != rhs.forwardRequests {return false}
+    if lhs.forwardPasses != rhs.forwardPasses {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
