@@ -12,6 +12,21 @@
 void openblas_set_num_threads(int num_threads);
 int openblas_get_num_threads(void);
 
+/* LAPACK (shipped in OpenBLAS): divide-and-conquer SVD of a column-major m×n matrix, Fortran calling convention
+   (every argument by pointer; the trailing length is gfortran's hidden length of the `jobz` string). */
+void sgesdd_(const char *jobz, const int *m, const int *n, float *a, const int *lda, float *s, float *u,
+             const int *ldu, float *vt, const int *ldvt, float *work, const int *lwork, int *iwork, int *info,
+             size_t jobz_len);
+
+/* Thin SVD (jobz = 'S') of a column-major m×n matrix `a` (overwritten); lwork = -1 queries the work size into
+   work[0]. Returns LAPACK's info (0 on success, > 0 when the iteration did not converge). */
+static inline int cgraft_sgesdd_thin(int m, int n, float *a, int lda, float *s, float *u, int ldu, float *vt, int ldvt,
+                                     float *work, int lwork, int *iwork) {
+    int info = 0;
+    sgesdd_("S", &m, &n, a, &lda, s, u, &ldu, vt, &ldvt, work, &lwork, iwork, &info, 1);
+    return info;
+}
+
 /* Line-buffers stdout (a command-line tool's reports then interleave in order with progress on stderr). */
 static inline void cgraft_line_buffer_stdout(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
 

@@ -253,12 +253,9 @@ public final class GraftSession: @unchecked Sendable {
         }
     }
 
-    /// Generates after each of `prompts` with its own adapter (`adapterIds[i]`, -1 = base) as one batch (Llama
-    /// only); see ``MixedAdapterBatch/generate(_:llama:prompts:adapterIds:parameters:onToken:)``. Stop tokens
-    /// end a sequence and are not returned when `stopAtEOS`. `onToken(sequence, token)` returning false stops
-    /// that sequence. Returns the new tokens per prompt, in the caller's order.
-    public func generate(prompts: [[Int32]], adapterIds: [Int32], parameters: GenerationParameters, stopAtEOS: Bool,
-                         onToken: (Int, Int32) -> Bool = { _, _ in true }) throws -> [[Int32]] {
+    /// The decoder, and `parameters` with the model's end-of-sequence / end-of-turn tokens as stop tokens when
+    /// `stopAtEOS`; throws for an encoder.
+    private func generationSetup(_ parameters: GenerationParameters, stopAtEOS: Bool) throws -> (LlamaModel, GenerationParameters) {
         guard let llama = model.llama else {
             throw GraftError(.unsupported, "\(model.path): generation needs a decoder model (Llama); this is a \(model.architecture.rawValue) encoder")
         }
@@ -267,6 +264,16 @@ public final class GraftSession: @unchecked Sendable {
             for t in ["<|im_end|>", "<|endoftext|>"] { if let id = model.tokenizer.id(of: t) { params.stopTokens.insert(id) } }
             if let eos = model.tokenizer.eosTokenId { params.stopTokens.insert(eos) }
         }
+        return (llama, params)
+    }
+
+    /// Generates after each of `prompts` with its own adapter (`adapterIds[i]`, -1 = base) as one batch (Llama
+    /// only); see ``MixedAdapterBatch/generate(_:llama:prompts:adapterIds:parameters:onToken:)``. Stop tokens
+    /// end a sequence and are not returned when `stopAtEOS`. `onToken(sequence, token)` returning false stops
+    /// that sequence. Returns the new tokens per prompt, in the caller's order.
+    public func generate(prompts: [[Int32]], adapterIds: [Int32], parameters: GenerationParameters, stopAtEOS: Bool,
+                         onToken: (Int, Int32) -> Bool = { _, _ in true }) throws -> [[Int32]] {
+        let (llama, params) = try generationSetup(parameters, stopAtEOS: stopAtEOS)
         for (i, prompt) in prompts.enumerated() {
             if let bad = prompt.firstIndex(where: { $0 < 0 || Int($0) >= llama.config.vocabSize }) {
                 throw GraftError.invalid("prompts[\(i)][\(bad)] = \(prompt[bad]) is outside the vocabulary 0..<\(llama.config.vocabSize)")
@@ -282,14 +289,7 @@ public final class GraftSession: @unchecked Sendable {
     /// false stops. Stop tokens (EOS, end of turn) end generation and are not reported when `stopAtEOS`.
     public func generate(prompt: [Int32], parameters: GenerationParameters, stopAtEOS: Bool,
                          onToken: (Int32, String) -> Bool) throws -> [Int32] {
-        guard let llama = model.llama else {
-            throw GraftError(.unsupported, "\(model.path): generation needs a decoder model (Llama); this is a \(model.architecture.rawValue) encoder")
-        }
-        var params = parameters
-        if stopAtEOS {
-            for t in ["<|im_end|>", "<|endoftext|>"] { if let id = model.tokenizer.id(of: t) { params.stopTokens.insert(id) } }
-            if let eos = model.tokenizer.eosTokenId { params.stopTokens.insert(eos) }
-        }
+        let (llama, params) = try generationSetup(parameters, stopAtEOS: stopAtEOS)
         if let bad = prompt.firstIndex(where: { $0 < 0 || Int($0) >= llama.config.vocabSize }) {
             throw GraftError.invalid("prompt[\(bad)] = \(prompt[bad]) is outside the vocabulary 0..<\(llama.config.vocabSize)")
         }

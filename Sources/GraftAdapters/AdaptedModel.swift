@@ -17,8 +17,8 @@ public final class NamedAdapter {
     public internal(set) var shared: [(key: String, tensor: Tensor)] = []
     /// Adapters on modules other than Linear (LN tuning, trainable tokens) by module path.
     public internal(set) var modules: [(path: String, adapter: any ModuleAdapterMethod)] = []
-    /// Training behaviour beyond the forward pass (AdaLoRA's rank allocation), called by the trainer.
-    public internal(set) var trainingHooks: [any AdapterTrainingHook] = []
+    /// Adapter-wide training behaviour built by the factory (AdaLoRA's rank allocation); see ``trainingHooks``.
+    public internal(set) var adapterHooks: [any AdapterTrainingHook] = []
 
     init(name: String, config: AdapterConfig, state: AdapterState) {
         self.name = name
@@ -27,22 +27,12 @@ public final class NamedAdapter {
     }
 
     /// Every trainable tensor under its PEFT key (`base_model.model.<path>.<param>`), adapter name stripped.
-    public var peftStateDict: [(key: String, tensor: Tensor)] {
-        var out: [(String, Tensor)] = []
-        for (path, _, adapter) in layers {
-            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
-        }
-        for (path, _, adapter) in savedModules {
-            for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
-        }
-        for (path, adapter) in modules {
-            for (n, t) in adapter.namedParameters { out.append((adapter.key(n, path: path), t)) }
-        }
-        return out
-    }
+    public var peftStateDict: [(key: String, tensor: Tensor)] { stateDict(exported: false) }
 
     /// What PEFT's file holds: ``peftStateDict`` with module adapters' exported forms (P-tuning's encoder output).
-    public var peftExportDict: [(key: String, tensor: Tensor)] {
+    public var peftExportDict: [(key: String, tensor: Tensor)] { stateDict(exported: true) }
+
+    private func stateDict(exported: Bool) -> [(key: String, tensor: Tensor)] {
         var out: [(String, Tensor)] = []
         for (path, _, adapter) in layers {
             for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
@@ -51,7 +41,7 @@ public final class NamedAdapter {
             for (n, t) in adapter.namedParameters { out.append(("base_model.model.\(path).\(n)", t)) }
         }
         for (path, adapter) in modules {
-            for (n, t) in adapter.exportedParameters { out.append((adapter.key(n, path: path), t)) }
+            for (n, t) in exported ? adapter.exportedParameters : adapter.namedParameters { out.append((adapter.key(n, path: path), t)) }
         }
         return out
     }
@@ -128,7 +118,7 @@ public final class AdaptedModel: @unchecked Sendable {
         for (path, lin) in targets {
             named.layers.append((path, lin, try factory.make(for: lin, path: path, config: config, state: state, shared: sharedByKey)))
         }
-        if let hook = try factory.trainingHook(for: named) { named.trainingHooks.append(hook) }
+        if let hook = try factory.trainingHook(for: named) { named.adapterHooks.append(hook) }
         if !matchedNonLinear.isEmpty {
             throw GraftError(.unsupported, "\(config.source): \(config.peftType) adapts Linear layers, but target_modules also selects \(matchedNonLinear.prefix(4).joined(separator: ", "))")
         }

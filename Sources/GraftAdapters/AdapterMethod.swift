@@ -41,6 +41,9 @@ public protocol LinearAdapterMethod: LinearAdapter {
     var savedBuffers: [(name: String, tensor: Tensor)] { get }
     /// Restores an integer buffer; the default rejects any.
     func loadIntegers(_ name: String, values: [Int64], shape: [Int]) throws
+    /// Restores a frozen tensor listed in ``savedBuffers`` from a loaded file (asymmetric LoRA's random A). The
+    /// default ignores it (RandLoRA's copies of shared bases, which are loaded as shared tensors).
+    func loadBuffer(_ name: String, from tensor: Tensor) throws
 }
 
 extension LinearAdapterMethod {
@@ -60,6 +63,8 @@ extension LinearAdapterMethod {
     public func loadIntegers(_ name: String, values: [Int64], shape: [Int]) throws {
         throw GraftError.format("unexpected integer tensor '\(name)' for this adapter method")
     }
+
+    public func loadBuffer(_ name: String, from tensor: Tensor) throws {}
 
     /// Active and not merged.
     public var isEnabled: Bool { state.isActive && !state.isMerged }

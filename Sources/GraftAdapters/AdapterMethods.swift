@@ -25,15 +25,6 @@ public protocol AdapterMethodFactory {
     static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)?
 }
 
-/// Training behaviour of an adapter beyond its forward pass, e.g. AdaLoRA's orthogonality penalty and rank
-/// allocation. The trainer calls the hooks of the adapter it trains.
-public protocol AdapterTrainingHook: AnyObject {
-    /// A term (recorded on the tape) added to the objective's loss, or nil.
-    func regularization() -> Tensor?
-    /// Runs after the optimizer update that completes global step `step` (1-based) of a run of `totalSteps`,
-    /// before the gradients are cleared (they are still readable).
-    func didUpdate(step: Int, totalSteps: Int)
-}
 
 extension AdapterMethodFactory {
     public static var hasPEFTParity: Bool { true }
@@ -75,6 +66,22 @@ public enum LoRAFactory: AdapterMethodFactory {
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 8, "lora_alpha": 16, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
+        try validateCommon(config)
+        if config.json["train_a"] != nil, !(try config.bool("train_a", default: true)) {
+            // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
+            return try AsymmetricLoRAFactory.validate(config)
+        }
+        // Booleans, or the SVD-based initializations of PiSSA.swift / MiLoRA.swift / CorDA.swift.
+        if let svdInit = try SVDInitialization.parse(config.json["init_lora_weights"], source: config.source) {
+            if try config.bool("use_dora", default: false) {
+                throw GraftError(.unsupported, "\(config.source): init_lora_weights \(svdInit) cannot be combined with use_dora yet")
+            }
+            if svdInit == .corda { _ = try CorDAOptions.method(config) }
+        }
+    }
+
+    /// The checks LoRA and its variants share: rank, dropout, bias, fan_in_fan_out.
+    static func validateCommon(_ config: AdapterConfig) throws {
         let r = try config.int("r", default: 8)
         guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
         let p = try config.double("lora_dropout", default: 0)
@@ -85,22 +92,27 @@ public enum LoRAFactory: AdapterMethodFactory {
         if try config.bool("fan_in_fan_out", default: false) {
             throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
         }
-        switch config.json["init_lora_weights"] {
-        case nil, is Bool: break
-        case let other?:
-            throw GraftError(.unsupported, "\(config.source): init_lora_weights \(other) is not supported yet (true or false)")
-        }
     }
 
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
+        if config.json["train_a"] != nil, !(try config.bool("train_a", default: true)) {
+            return try AsymmetricLoRAFactory.make(for: layer, path: path, config: config, state: state, shared: shared)
+        }
         let (r, alpha) = try rankAndAlpha(config, path: path, alphaKey: "lora_alpha")
-        return LoRALayer(base: layer, rank: r, alpha: alpha,
-                         useRSLoRA: try config.bool("use_rslora", default: false),
-                         dropout: Float(try config.double("lora_dropout", default: 0)),
-                         useDoRA: try config.bool("use_dora", default: false),
-                         initLoraWeights: (config.json["init_lora_weights"] as? Bool) ?? true,
-                         state: state)
+        let svdInit = try SVDInitialization.parse(config.json["init_lora_weights"], source: config.source)
+        let lora = LoRALayer(base: layer, rank: r, alpha: alpha,
+                             useRSLoRA: try config.bool("use_rslora", default: false),
+                             dropout: Float(try config.double("lora_dropout", default: 0)),
+                             useDoRA: try config.bool("use_dora", default: false),
+                             initLoraWeights: (config.json["init_lora_weights"] as? Bool) ?? true,
+                             state: state)
+        switch svdInit {
+        case .pissa?: try lora.initializeFromWeightSVD(base: layer, minor: false, path: "\(config.source): \(path)")
+        case .milora?: try lora.initializeMinorComponents(base: layer, path: "\(config.source): \(path)")
+        case .corda?, nil: break  // CorDA waits for AdaptedModel.initializeCorDA and its data.
+        }
+        return lora
     }
 }
 
@@ -128,6 +140,10 @@ public enum AdapterRegistry {
         ETHERFactory.peftType: ETHERFactory.self,
         ETHERPlusFactory.peftType: ETHERPlusFactory.self,
         MoSFactory.peftType: MoSFactory.self,
+        LoRAXSFactory.peftType: LoRAXSFactory.self,
+        AsymmetricLoRAFactory.peftType: AsymmetricLoRAFactory.self,
+        SVFTFactory.peftType: SVFTFactory.self,
+        RoSAFactory.peftType: RoSAFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

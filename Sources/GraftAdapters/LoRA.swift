@@ -25,6 +25,14 @@ public final class LoRALayer: LinearAdapterMethod {
     public let scaling: Float
     /// Dropout probability on the adapter's input while training.
     public let dropoutProbability: Float
+    /// Frozen copies `(A₀, B₀)` of an SVD-based initialization (PiSSA, MiLoRA, CorDA; see `PiSSA.swift`).
+    ///
+    /// Those methods replace the base weight by `W − s·B₀A₀`. Graft never rewrites base weights, so the layer
+    /// subtracts `s·B₀A₀x` itself: `y = W x + s·B A x − s·B₀A₀ x`, the same function (and the same gradients)
+    /// as PEFT's residual model, with the base left intact for other adapters and `disable_adapter`.
+    public internal(set) var initialFactors: (a: Tensor, b: Tensor)?
+    /// Input statistics gathered for CorDA's initialization (see `CorDA.swift`); nil unless collecting.
+    var covarianceCollector: CovarianceCollector?
 
     /// Creates the layer with PEFT's default initialization: A Kaiming-uniform (a = √5), B zero
     /// (`initLoraWeights == false` draws B like A, so the adapter is not the identity).
@@ -60,12 +68,19 @@ public final class LoRALayer: LinearAdapterMethod {
 
     public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
+        covarianceCollector?.add(x)
         let h = linear(dropout(x, p: dropoutProbability, state: state), loraA)
-        return y + linear(h, loraB) * scaling
+        let out = y + linear(h, loraB) * scaling
+        guard let (a0, b0) = initialFactors else { return out }
+        return out - linear(linear(x, a0), b0) * scaling
     }
 
     public func deltaWeight(base: Linear) -> Tensor? {
-        let delta = withNoGrad { matmul(loraB, loraA) * scaling }
+        let delta = withNoGrad {
+            let d = matmul(loraB, loraA) * scaling
+            guard let (a0, b0) = initialFactors else { return d }
+            return d - matmul(b0, a0) * scaling
+        }
         guard let magnitude else { return delta }
         // DoRA merges to m/‖W + ΔW‖ · (W + ΔW) − W.
         let norms = LoRALayer.rowNorms(base.weight, plus: delta, scale: 1)
@@ -82,6 +97,7 @@ public final class LoRALayer: LinearAdapterMethod {
     }
 
     public func load(_ name: String, from tensor: Tensor) throws {
+        if initialFactors != nil, try loadConvertedFactor(name, from: tensor) { return }
         switch name {
         case "lora_A.weight": try copyParameter(name, into: loraA, from: tensor)
         case "lora_B.weight": try copyParameter(name, into: loraB, from: tensor)

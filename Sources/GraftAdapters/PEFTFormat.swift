@@ -38,11 +38,11 @@ extension AdaptedModel {
         for (path, m) in adapter.modules {
             for (n, _) in m.namedParameters { moduleParams[m.key(n, path: path)] = (m, n) }
         }
-        var buffers = Set<String>()
+        var buffers: [String: (any LinearAdapterMethod, String)] = [:]
         for (path, _, layer) in adapter.layers {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
             for (n, _, _) in layer.integerBuffers { integers["base_model.model.\(path).\(n)"] = (layer, n) }
-            for (n, _) in layer.savedBuffers { buffers.insert("base_model.model.\(path).\(n)") }
+            for (n, _) in layer.savedBuffers { buffers["base_model.model.\(path).\(n)"] = (layer, n) }
         }
         for (path, _, layer) in adapter.savedModules {
             for (n, _) in layer.namedParameters { expected["base_model.model.\(path).\(n)"] = (layer, n) }
@@ -69,8 +69,13 @@ extension AdaptedModel {
                 seen.insert(normalized)
                 continue
             }
-            if buffers.contains(normalized) {
-                // Copies of the shared frozen bases: the shared tensors were loaded above.
+            if let (layer, n) = buffers[normalized] {
+                // Frozen per-layer tensors: copies of shared bases (loaded above) or a layer's own (restored here).
+                do {
+                    try layer.loadBuffer(n, from: try file.tensor(key))
+                } catch let e as GraftError {
+                    throw GraftError(e.code, "\(file.path): \(key): \(e.message)")
+                }
                 seen.insert(normalized)
                 continue
             }
@@ -113,14 +118,16 @@ extension AdaptedModel {
         }
         var writer = SafeTensorsWriter()
         writer.metadata = ["format": "pt"]
-        for (key, t) in a.peftExportDict { try writer.add(key, t) }
+        // SVD-initialized LoRA (PiSSA, MiLoRA, CorDA) is written as the equivalent plain LoRA (see PiSSA.swift).
+        let (stateDict, config) = try a.exportedLoRA() ?? (a.peftExportDict, a.config)
+        for (key, t) in stateDict { try writer.add(key, t) }
         for (key, t) in a.shared { try writer.add(key, t) }
         for (path, _, layer) in a.layers {
             for (n, values, shape) in layer.integerBuffers { try writer.add("base_model.model.\(path).\(n)", int32s: values, shape: shape) }
             for (n, t) in layer.savedBuffers { try writer.add("base_model.model.\(path).\(n)", t) }
         }
         try writer.write(to: directory + "/adapter_model.safetensors")
-        let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(a.config),
+        let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(config),
                                               options: [.prettyPrinted, .sortedKeys])
         try AtomicFile.write([UInt8](json), to: directory + "/adapter_config.json")
     }

@@ -1,3 +1,5 @@
+import CGraftSystem
+
 /// Inverses of a batch of small square matrices: `a` is `[n, n]` or `[batch, n, n]`, recorded for autograd.
 ///
 /// Each matrix is inverted by Gauss–Jordan elimination with partial pivoting in Float64 (meant for the small
@@ -47,5 +49,57 @@ public func inverse(_ a: Tensor) -> Tensor {
                   c: d.pointer + off, parallel: false)
         }
         return [d]
+    }
+}
+
+/// The thin singular value decomposition of a row-major `[m, n]` matrix: `a = u · diag(s) · vt` with
+/// `u: [m, k]`, `s: [k]` (descending, ≥ 0), `vt: [k, n]`, `k = min(m, n)`. Not recorded for autograd.
+///
+/// Computed by LAPACK's divide-and-conquer `sgesdd` (OpenBLAS). A row-major `[m, n]` buffer is the
+/// column-major `aᵀ`, so LAPACK factors `aᵀ = V S Uᵀ`, whose column-major factors are, read row-major, exactly
+/// `vt` and `u`: no transposes are needed. `what` names the matrix in errors (a layer path). Throws for a
+/// non-2-D or empty matrix, non-finite entries, or when LAPACK does not converge.
+public func svd(_ a: Tensor, what: String = "matrix") throws -> (u: Tensor, s: Tensor, vt: Tensor) {
+    guard a.rank == 2, a.shape[0] > 0, a.shape[1] > 0 else {
+        throw GraftError.invalid("svd of \(what): a non-empty 2-D matrix is required, got shape \(a.shape)")
+    }
+    let m = a.shape[0], n = a.shape[1], k = min(m, n)
+    guard m <= Int(Int32.max) / max(n, 1) else { throw GraftError.invalid("svd of \(what): \(a.shape) is too large for LAPACK") }
+    var work = a.contiguousCopyForLAPACK()
+    for i in 0..<work.count where !work[i].isFinite {
+        throw GraftError.invalid("svd of \(what): entry \(i) is \(work[i]) (not finite)")
+    }
+    let u = Tensor(zeros: [m, k]), s = Tensor(zeros: [k]), vt = Tensor(zeros: [k, n])
+    var iwork = [Int32](repeating: 0, count: 8 * k)
+    // LAPACK's view: the column-major n×m matrix aᵀ (lda = n); its U (n×k, ldu = n) is our vt, its Vᵀ
+    // (k×m, ldvt = k) is our u.
+    var query: Float = 0
+    var info = work.withUnsafeMutableBufferPointer { pa in
+        iwork.withUnsafeMutableBufferPointer { pi in
+            cgraft_sgesdd_thin(Int32(n), Int32(m), pa.baseAddress, Int32(n), s.pointer, vt.pointer, Int32(n),
+                               u.pointer, Int32(k), &query, -1, pi.baseAddress)
+        }
+    }
+    guard info == 0 else { throw GraftError(.internalError, "svd of \(what): LAPACK sgesdd workspace query failed (info \(info))") }
+    let lwork = max(1, Int(query.rounded(.up)) + 1)
+    var scratch = [Float](repeating: 0, count: lwork)
+    info = work.withUnsafeMutableBufferPointer { pa in
+        iwork.withUnsafeMutableBufferPointer { pi in
+            scratch.withUnsafeMutableBufferPointer { pw in
+                cgraft_sgesdd_thin(Int32(n), Int32(m), pa.baseAddress, Int32(n), s.pointer, vt.pointer, Int32(n),
+                                   u.pointer, Int32(k), pw.baseAddress, Int32(lwork), pi.baseAddress)
+            }
+        }
+    }
+    guard info == 0 else {
+        throw GraftError(.internalError, "svd of \(what) \(a.shape): LAPACK sgesdd did not converge (info \(info))")
+    }
+    return (u, s, vt)
+}
+
+extension Tensor {
+    /// The values as a fresh array (LAPACK overwrites its input).
+    fileprivate func contiguousCopyForLAPACK() -> [Float] {
+        Array(UnsafeBufferPointer(start: pointer, count: count))
     }
 }

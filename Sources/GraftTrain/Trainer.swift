@@ -164,6 +164,8 @@ public final class Trainer {
         }
         let scaled = config.gradientAccumulationSteps == 1 ? loss : loss * (1 / Float(config.gradientAccumulationSteps))
         scaled.backward()
+        // Layers that learn from gradients beyond the optimizer (RoSA's mask) see them before the step.
+        adapter.afterBackward(step: globalStep)
         microStep += 1
         return loss.item
     }

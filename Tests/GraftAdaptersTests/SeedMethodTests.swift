@@ -102,22 +102,8 @@ import GraftTestSupport
             return zip(out.scalars, w.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
         }
         sum(try bert.forward(batch) * w).backward()
-        var worst = 0.0
-        for (key, p) in adapter.peftStateDict {
-            guard let grad = p.grad else { Issue.record("\(type): \(key) got no gradient"); continue }
-            for i in stride(from: 0, to: p.count, by: max(1, p.count / 12)) {
-                let saved = p.pointer[i]
-                p.pointer[i] = saved + 1e-2
-                let up = try value()
-                p.pointer[i] = saved - 1e-2
-                let down = try value()
-                p.pointer[i] = saved
-                let numeric = (up - down) / 2e-2
-                let err = abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric))
-                if err > 5e-3 { print("module-gradient mismatch \(type) \(key)[\(i)]: analytic \(grad.pointer[i]) numeric \(numeric)") }
-                worst = max(worst, err)
-            }
-        }
+        let (worst, missing) = try sampledGradientError(adapter.peftStateDict, step: 1e-2, samples: 12, report: 5e-3, value: value)
+        #expect(missing.isEmpty, "\(type): no gradient for \(missing)")
         #expect(worst < 5e-3, "\(type): worst gradient error \(worst)")
     }
 

@@ -83,3 +83,31 @@ public func randomValues(_ n: Int, seed: UInt64, scale: Double = 1) -> [Double] 
     var rng = GraftRNG(seed: seed)
     return (0..<n).map { _ in Double(rng.nextUniform() * 2 - 1) * scale }
 }
+
+/// Central differences of `value` (the objective, accumulated in Float64) against the analytic gradients already
+/// in each tensor's `grad`, at about `samples` evenly spaced entries per tensor with step `step`. Returns the worst
+/// error relative to `max(1, |numeric|)` and the keys that got no gradient; prints each entry worse than `report`.
+public func sampledGradientError(_ params: [(key: String, tensor: Tensor)], step: Float, samples: Int,
+                                 report: Double, value: () throws -> Double) rethrows -> (worst: Double, missing: [String]) {
+    var worst = 0.0
+    var missing: [String] = []
+    for (key, p) in params {
+        guard let grad = p.grad else {
+            missing.append(key)
+            continue
+        }
+        for i in stride(from: 0, to: p.count, by: max(1, p.count / samples)) {
+            let saved = p.pointer[i]
+            p.pointer[i] = saved + step
+            let up = try value()
+            p.pointer[i] = saved - step
+            let down = try value()
+            p.pointer[i] = saved
+            let numeric = (up - down) / Double(2 * step)
+            let error = abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric))
+            if error > report { print("gradient mismatch \(key)[\(i)]: analytic \(grad.pointer[i]) numeric \(numeric)") }
+            worst = max(worst, error)
+        }
+    }
+    return (worst, missing)
+}

@@ -1,0 +1,38 @@
+import GraftTensor
+
+/// Training behaviour of an adapter beyond its forward pass: AdaLoRA's orthogonality penalty and rank allocation,
+/// RoSA's mask selection from warm-up gradients, router auxiliary losses.
+///
+/// ``GraftTrain/Trainer`` calls every hook of the adapter it trains (``NamedAdapter/trainingHooks``): after each
+/// micro-batch forward it adds ``regularization()`` to the loss (on the tape, so it is back-propagated); after
+/// that micro-batch's backward it calls ``afterBackward(step:)`` (gradients visible); after each optimizer update,
+/// before gradients are cleared, ``didUpdate(step:totalSteps:)``. Custom training loops should do the same.
+public protocol AdapterTrainingHook: AnyObject {
+    /// A term (a scalar recorded on the tape) to add to the objective's loss, or nil.
+    func regularization() -> Tensor?
+    /// After a micro-batch's backward; `step` is the number of optimizer steps taken so far (the micro-batch
+    /// belongs to optimizer step `step`, 0-based).
+    func afterBackward(step: Int)
+    /// After the optimizer update that completes global step `step` (1-based) of a run of `totalSteps`, before the
+    /// gradients are cleared (they are still readable).
+    func didUpdate(step: Int, totalSteps: Int)
+}
+
+extension AdapterTrainingHook {
+    public func regularization() -> Tensor? { nil }
+    public func afterBackward(step: Int) {}
+    public func didUpdate(step: Int, totalSteps: Int) {}
+}
+
+extension NamedAdapter {
+    /// Every hook of the adapter: adapter-wide ones built by its factory (AdaLoRA's allocator), then its layers
+    /// that conform (RoSA).
+    public var trainingHooks: [any AdapterTrainingHook] {
+        adapterHooks + layers.compactMap { $0.adapter as? any AdapterTrainingHook }
+    }
+
+    /// Calls ``AdapterTrainingHook/afterBackward(step:)`` on every hook.
+    public func afterBackward(step: Int) {
+        for hook in trainingHooks { hook.afterBackward(step: step) }
+    }
+}
