@@ -30,6 +30,7 @@ public final class GraftModel: @unchecked Sendable {
 
     /// Loads the model at `path`, detecting its format.
     public init(path: String) throws {
+        RoutingMethods.register()
         self.path = path
         var isDirectory: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {

@@ -160,11 +160,11 @@ public enum AdapterRegistry {
     ]
 
     /// Every known `peft_type`, sorted.
-    public static var knownTypes: [String] { (Array(factories.keys) + Array(moduleFactories.keys)).sorted() }
+    public static var knownTypes: [String] { (Array(allFactories.keys) + Array(moduleFactories.keys)).sorted() }
 
     /// The factory for `config.peftType`, or an error listing the known types.
     public static func factory(for config: AdapterConfig) throws -> any AdapterMethodFactory.Type {
-        guard let f = factories[config.peftType] else {
+        guard let f = allFactories[config.peftType] else {
             throw GraftError(.unsupported, "\(config.source): unknown peft_type '\(config.peftType)' (known: \(knownTypes.joined(separator: ", ")))")
         }
         return f
@@ -191,7 +191,7 @@ extension AdapterRegistry {
     /// Every registered method with its trainable-parameter count on `root` for `targets`.
     public static func summaries(root: Module, targets: [String]) -> [MethodSummary] {
         knownTypes.compactMap { type in
-            let linear = factories[type]
+            let linear = allFactories[type]
             let module = moduleFactories[type]
             guard linear != nil || module != nil else { return nil }
             var json = linear?.exampleConfig(targets: targets) ?? module?.exampleConfig(targets: targets) ?? [:]

@@ -10,12 +10,15 @@ public struct TokenizedExample: Sendable, Equatable {
     public var label: Int32
     /// Next-token targets per position (causal LM), `-100` where no loss is taken; empty when unused.
     public var targets: [Int32]
+    /// The example's task for task-routed adapters (Poly / MHR); -1 when unused.
+    public var taskID: Int32
 
     /// Creates an example.
-    public init(ids: [Int32], label: Int32 = -1, targets: [Int32] = []) {
+    public init(ids: [Int32], label: Int32 = -1, targets: [Int32] = [], taskID: Int32 = -1) {
         self.ids = ids
         self.label = label
         self.targets = targets
+        self.taskID = taskID
     }
 }
 
@@ -62,6 +65,8 @@ public struct PackedBatch: Sendable {
     public let labels: [Int32]
     /// Next-token targets, one per token (`-100` = no loss); empty for classification.
     public let targets: [Int32]
+    /// Task ids, one per sequence (Poly / MHR routing); empty when no example carries one.
+    public let taskIDs: [Int32]
     /// Number of sequences.
     public var sequenceCount: Int { firstTokens.count }
     /// Number of token slots (padding included for a padded batch).
@@ -96,10 +101,16 @@ public struct PackedBatch: Sendable {
         }
         self.init(tokens: try TokenBatch(ids: ids, batchSize: examples.count, length: length, lengths: lengths),
                   firstTokens: (0..<examples.count).map { Int32($0 * length) }, labels: labels, targets: targets,
-                  isPacked: false)
+                  isPacked: false, taskIDs: PackedBatch.taskIDs(examples))
     }
 
-    private init(tokens: TokenBatch, firstTokens: [Int32], labels: [Int32], targets: [Int32], isPacked: Bool) {
+    /// The examples' task ids, or none when no example has one (−1 elsewhere counts as task 0).
+    static func taskIDs(_ examples: ArraySlice<TokenizedExample>) -> [Int32] {
+        examples.contains { $0.taskID >= 0 } ? examples.map { max($0.taskID, 0) } : []
+    }
+
+    private init(tokens: TokenBatch, firstTokens: [Int32], labels: [Int32], targets: [Int32], isPacked: Bool, taskIDs: [Int32]) {
+        self.taskIDs = taskIDs
         self.tokens = tokens
         self.firstTokens = firstTokens
         self.labels = labels
@@ -128,6 +139,6 @@ public struct PackedBatch: Sendable {
             }
         }
         self.init(tokens: try TokenBatch(ids: ids, batchSize: 1, length: ids.count, positions: positions, segments: segments),
-                  firstTokens: first, labels: labels, targets: targets, isPacked: true)
+                  firstTokens: first, labels: labels, targets: targets, isPacked: true, taskIDs: PackedBatch.taskIDs(examples))
     }
 }

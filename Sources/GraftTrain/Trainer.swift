@@ -152,10 +152,12 @@ public final class Trainer {
         return indices
     }
 
-    /// One micro-batch forward + backward, gradients scaled for accumulation; returns the loss.
+    /// One micro-batch forward + backward, gradients scaled for accumulation; returns the loss (including the
+    /// terms of the adapter's ``AdapterTrainingHook``s, e.g. router auxiliary losses).
     public func accumulate(_ batch: PackedBatch) throws -> Float {
         model.setTraining(true)
         defer { model.setTraining(false) }
+        try applyTaskIDs(batch)
         var loss = try objective.loss(batch)
         for hook in adapter.trainingHooks {
             if let penalty = hook.regularization() { loss = loss + penalty }
@@ -166,6 +168,24 @@ public final class Trainer {
         adapter.afterBackward(step: globalStep)
         microStep += 1
         return loss.item
+    }
+
+    /// Whether the last batch set per-example task ids on the model.
+    var taskIDsSet = false
+
+    /// Routes task-routed adapters (Poly / MHR) by the batch's per-sequence task ids; clears ids this trainer
+    /// set before when the batch carries none.
+    func applyTaskIDs(_ batch: PackedBatch) throws {
+        if !batch.taskIDs.isEmpty {
+            guard !batch.isPacked || batch.sequenceCount == 1 || Set(batch.taskIDs).count == 1 else {
+                throw GraftError.invalid("per-example task ids need one row per sequence (a padded batch); this batch packs \(batch.sequenceCount) sequences of \(Set(batch.taskIDs).count) tasks")
+            }
+            try model.setTaskIDs(batch.isPacked ? [Int(batch.taskIDs[0])] : batch.taskIDs.map(Int.init))
+            taskIDsSet = true
+        } else if taskIDsSet {
+            try model.setTaskIDs(nil)
+            taskIDsSet = false
+        }
     }
 
     /// Clips, updates and clears gradients with the scheduled learning rate; returns (lr, grad norm).
@@ -245,6 +265,7 @@ public final class Trainer {
         var i = 0
         while i < data.count {
             let batch = try PackedBatch(data[i..<min(data.count, i + config.evalBatchSize)], padded: model.needsPaddedBatches)
+            try applyTaskIDs(batch)
             let r = try objective.evaluate(batch)
             lossSum += r.lossSum
             correct += r.correct

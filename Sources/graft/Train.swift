@@ -79,8 +79,14 @@ func runClassification(spec: FineTuneSpec, train: [LabeledText], test: [LabeledT
     let trainStart = Date()
     try session.trainer.train(trainSet) { p in printer.update(p); return true }
     let trainTime = Date().timeIntervalSince(trainStart)
+    session.adapted.resetRouterStatistics()
     let after = try session.trainer.evaluate(testSet)
     print(String(format: "after      test accuracy %.3f, loss %.4f", after.accuracy, after.loss))
+    // Expert mixtures: how the routers spread the test tokens (load per expert, entropy, capacity overflow).
+    for (_, st) in session.adapted.routerStatistics() {
+        print("router     \(st.path): load [\(st.load.map { String(format: "%.2f", $0) }.joined(separator: " "))], "
+              + String(format: "entropy %.2f nats, overflow %d", st.meanEntropy, st.overflowCount))
+    }
     print(String(format: "time       %.1f s training (%.0f tokens/s), %.1f s in all", trainTime,
                  Double(tokens * spec.trainer.epochs) / trainTime, Date().timeIntervalSince(start)))
     if let out = spec.outputDirectory {

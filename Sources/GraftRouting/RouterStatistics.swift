@@ -1,0 +1,100 @@
+import Foundation
+import GraftAdapters
+import GraftTensor
+
+/// What one mixture layer's router did since its statistics were last reset: enough to see collapse (one
+/// expert taking every token), capacity pressure and how peaked the router is.
+public struct RouterLayerStatistics: Sendable, Codable, Equatable {
+    /// The layer's module path.
+    public var path: String
+    /// Experts in the layer.
+    public var experts: Int
+    /// Forward passes counted.
+    public var forwardPasses: Int = 0
+    /// Tokens routed.
+    public var tokens: Int = 0
+    /// Per expert, tokens sent to it (after capacity).
+    public var dispatchedTokens: [Int]
+    /// Per expert, the sum over tokens of the gate weight applied to it.
+    public var gateMass: [Double]
+    /// Per expert, selections dropped because the expert was at capacity.
+    public var overflow: [Int]
+    /// Sum over tokens of the router's entropy (nats).
+    public var entropySum: Double = 0
+
+    /// Empty statistics for a layer of `experts` experts.
+    public init(path: String, experts: Int) {
+        self.path = path
+        self.experts = experts
+        dispatchedTokens = [Int](repeating: 0, count: experts)
+        gateMass = [Double](repeating: 0, count: experts)
+        overflow = [Int](repeating: 0, count: experts)
+    }
+
+    /// Expert load: the fraction of the applied gate weight each expert received (sums to 1 without overflow).
+    public var load: [Double] {
+        let total = gateMass.reduce(0, +)
+        return gateMass.map { total > 0 ? $0 / total : 0 }
+    }
+
+    /// Per expert, the fraction of tokens sent to it (sums to the mean number of experts per token).
+    public var tokenFraction: [Double] { dispatchedTokens.map { tokens > 0 ? Double($0) / Double(tokens) : 0 } }
+
+    /// Mean router entropy per token in nats (`log E` is a uniform router, 0 a one-hot one).
+    public var meanEntropy: Double { tokens > 0 ? entropySum / Double(tokens) : 0 }
+
+    /// Selections dropped at capacity, all experts together.
+    public var overflowCount: Int { overflow.reduce(0, +) }
+
+    /// Adds one forward pass: the router's probabilities and the gates applied, both `[T, E]`.
+    mutating func record(probs: Tensor, gates: Tensor, plan: RoutePlan) {
+        let t = plan.tokens, e = plan.experts
+        forwardPasses += 1
+        tokens += t
+        let pp = probs.pointer, pg = gates.pointer
+        var h: Double = 0
+        var mass = [Double](repeating: 0, count: e)
+        for i in 0..<t {
+            for j in 0..<e {
+                let p = pp[i * e + j]
+                if p > 0 { h -= Double(p) * Double(Foundation.log(p)) }
+                mass[j] += Double(pg[i * e + j])
+            }
+        }
+        entropySum += h
+        for j in 0..<e {
+            gateMass[j] += mass[j]
+            dispatchedTokens[j] += plan.rows[j]?.count ?? t
+            overflow[j] += plan.overflow[j]
+        }
+    }
+
+    /// A JSON object with the derived figures (load, token fraction, mean entropy, overflow).
+    public var summary: [String: Any] {
+        ["path": path, "experts": experts, "forward_passes": forwardPasses, "tokens": tokens, "load": load,
+         "token_fraction": tokenFraction, "mean_entropy": meanEntropy, "overflow": overflow, "overflow_count": overflowCount]
+    }
+}
+
+extension AdaptedModel {
+    /// Router statistics of every mixture layer of adapter `name` (all adapters when nil), in layer order.
+    public func routerStatistics(adapter name: String? = nil) -> [(adapter: String, stats: RouterLayerStatistics)] {
+        adapters.filter { name == nil || $0.name == name }.flatMap { a in
+            a.layers.compactMap { ($0.adapter as? LoRAMixtureLayer).map { (a.name, $0.statistics) } }
+        }
+    }
+
+    /// Clears the router statistics of every mixture layer (of adapter `name`, or all).
+    public func resetRouterStatistics(adapter name: String? = nil) {
+        for a in adapters where name == nil || a.name == name {
+            for l in a.layers { if let m = l.adapter as? LoRAMixtureLayer { m.statistics = RouterLayerStatistics(path: m.path, experts: m.experts) } }
+        }
+    }
+
+    /// The router statistics as JSON (an array of per-layer objects with an `adapter` field).
+    public func routerStatisticsJSON(adapter name: String? = nil) throws -> String {
+        let rows: [[String: Any]] = routerStatistics(adapter: name).map { var s = $0.stats.summary; s["adapter"] = $0.adapter; return s }
+        let data = try JSONSerialization.data(withJSONObject: rows, options: [.prettyPrinted, .sortedKeys])
+        return String(decoding: data, as: UTF8.self)
+    }
+}
