@@ -68,13 +68,7 @@ public final class BottleneckAdapterLayer: ModuleAdapterMethod, LayerAdapter {
     public func unmerge(_ saved: [Tensor]) {}
 
     public func load(_ name: String, from tensor: Tensor) throws {
-        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
-            throw GraftError.format("unknown bottleneck adapter tensor '\(name)' (expected \(namedParameters.map(\.name).joined(separator: ", ")))")
-        }
-        guard target.shape == tensor.shape else {
-            throw GraftError.format("'\(name)' has shape \(tensor.shape), the layer expects \(target.shape) (check reduction_factor)")
-        }
-        target.pointer.update(from: tensor.pointer, count: target.count)
+        try loadNamedParameter(name, from: tensor, hint: "reduction_factor")
     }
 
     public func forward(site: LayerSite, output: Tensor, input: Tensor, mask: AttentionMask) -> Tensor {

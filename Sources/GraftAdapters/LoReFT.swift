@@ -63,15 +63,7 @@ public final class LoReFTLayer: ModuleAdapterMethod, LayerAdapter {
     public func merge() -> [Tensor] { [] }
     public func unmerge(_ saved: [Tensor]) {}
 
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
-            throw GraftError.format("unknown LoReFT tensor '\(name)' (expected loreft_rotation, loreft_source.weight, loreft_source.bias)")
-        }
-        guard target.shape == tensor.shape else {
-            throw GraftError.format("'\(name)' has shape \(tensor.shape), the layer expects \(target.shape) (check r)")
-        }
-        target.pointer.update(from: tensor.pointer, count: target.count)
-    }
+    public func load(_ name: String, from tensor: Tensor) throws { try loadNamedParameter(name, from: tensor, hint: "r") }
 
     /// `[rows·length, 1]`: 1 at the edited positions. Positions count within each sequence of the batch (each
     /// packed segment, up to each row's real length); during incremental decoding only absolute positions

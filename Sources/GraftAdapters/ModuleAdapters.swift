@@ -38,6 +38,18 @@ extension ModuleAdapterMethod {
 
     /// The PEFT key of parameter `name` for a module at `path`.
     func key(_ name: String, path: String) -> String { (keyPrefix ?? "base_model.model.\(path).") + name }
+
+    /// Copies `tensor` into the parameter called `name` after checking its shape; `hint` names the config key
+    /// that sets the shape.
+    func loadNamedParameter(_ name: String, from tensor: Tensor, hint: String? = nil) throws {
+        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
+            throw GraftError.format("unknown \(Self.self) tensor '\(name)' (expected \(namedParameters.map(\.name).joined(separator: ", ")))")
+        }
+        guard target.shape == tensor.shape else {
+            throw GraftError.format("'\(name)' has shape \(tensor.shape), the layer expects \(target.shape)" + (hint.map { " (check \($0))" } ?? ""))
+        }
+        target.pointer.update(from: tensor.pointer, count: target.count)
+    }
 }
 
 /// Builds module adapters for methods that target LayerNorms, embeddings, ...
@@ -141,15 +153,7 @@ public final class LNTuningLayer: ModuleAdapterMethod, NormAdapter {
         for (t, v) in zip(targets, saved) { t.pointer.update(from: v.pointer, count: t.count) }
     }
 
-    public func load(_ name: String, from tensor: Tensor) throws {
-        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
-            throw GraftError.format("unknown LN tuning tensor '\(name)'")
-        }
-        guard target.shape == tensor.shape else {
-            throw GraftError.format("adapter tensor '\(name)' has shape \(tensor.shape), the layer expects \(target.shape)")
-        }
-        target.pointer.update(from: tensor.pointer, count: target.count)
-    }
+    public func load(_ name: String, from tensor: Tensor) throws { try loadNamedParameter(name, from: tensor) }
 }
 
 /// LN tuning (`peft_type: "LN_TUNING"`): `target_modules` names LayerNorm/RMSNorm modules.
@@ -349,13 +353,7 @@ public final class PTuningEncoderLayer: VirtualTokenLayer, PromptAdapter {
     }
 
     public override func load(_ name: String, from tensor: Tensor) throws {
-        guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
-            throw GraftError.format("unknown P-tuning encoder tensor '\(name)'")
-        }
-        guard tensor.shape == target.shape else {
-            throw GraftError.format("'\(name)' has shape \(tensor.shape), expected \(target.shape)")
-        }
-        target.pointer.update(from: tensor.pointer, count: target.count)
+        try loadNamedParameter(name, from: tensor, hint: "num_virtual_tokens, encoder_hidden_size")
     }
 
     public override func attach() { host.promptAdapters.append(self) }
