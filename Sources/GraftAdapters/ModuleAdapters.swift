@@ -386,28 +386,29 @@ public enum PTuningFactory: ModuleAdapterFactory {
 }
 
 /// Prefix tuning (Li & Liang, 2021): learned keys and values prepended in every attention layer. PEFT stores
-/// them as `prompt_embeddings` `[n, layers · 2 · hidden]`, layer `l`'s keys at columns `2l·hidden` and values at
-/// `(2l+1)·hidden` (heads × head_dim inside). `prefix_projection` (an MLP reparameterization) is not supported yet.
+/// them as `prompt_embeddings` `[n, layers · 2 · w]`, layer `l`'s keys at columns `2l·w` and values at
+/// `(2l+1)·w` (heads × head_dim inside), `w` the hidden size, or `kvHeads · headDim` under grouped-query attention
+/// (PEFT's `token_dim` for such decoders). `prefix_projection` (an MLP reparameterization) is not supported yet.
 public final class PrefixTuningLayer: VirtualTokenLayer, PrefixAdapter {
-    let model: BertModel
+    let model: any PrefixHost
 
-    init(model: BertModel, virtualTokens: Int, state: AdapterState) {
+    init(model: any PrefixHost, virtualTokens: Int, state: AdapterState) {
         self.model = model
-        super.init(host: model, rows: virtualTokens, width: model.config.layers * 2 * model.config.hiddenSize, state: state)
+        super.init(host: model, rows: virtualTokens, width: model.prefixLayerCount * 2 * model.prefixWidth, state: state)
     }
 
     public override func attach() { model.prefixAdapters.append(self) }
     public override func detach() { model.prefixAdapters.removeAll { $0 === self } }
 
     public func prefix(layer: Int) -> (keys: Tensor, values: Tensor) {
-        let h = model.config.hiddenSize
-        let perLayer = embeddings.reshaped([embeddings.shape[0], model.config.layers * 2, h])
-        return (perLayer.slice(dim: 1, (2 * layer)..<(2 * layer + 1)).reshaped([embeddings.shape[0], h]),
-                perLayer.slice(dim: 1, (2 * layer + 1)..<(2 * layer + 2)).reshaped([embeddings.shape[0], h]))
+        let w = model.prefixWidth, n = embeddings.shape[0]
+        let perLayer = embeddings.reshaped([n, model.prefixLayerCount * 2, w])
+        return (perLayer.slice(dim: 1, (2 * layer)..<(2 * layer + 1)).reshaped([n, w]),
+                perLayer.slice(dim: 1, (2 * layer + 1)..<(2 * layer + 2)).reshaped([n, w]))
     }
 }
 
-/// Prefix tuning (`PREFIX_TUNING`): `num_virtual_tokens`; BERT encoders so far.
+/// Prefix tuning (`PREFIX_TUNING`): `num_virtual_tokens`; BERT encoders and Llama decoders.
 public enum PrefixTuningFactory: ModuleAdapterFactory {
     public static let peftType = "PREFIX_TUNING"
     public static let family = "input (attention prefixes)"
@@ -419,10 +420,14 @@ public enum PrefixTuningFactory: ModuleAdapterFactory {
         if try config.bool("prefix_projection", default: false) {
             throw GraftError(.unsupported, "\(config.source): prefix_projection is not supported yet")
         }
-        if module is LlamaModel {
-            throw GraftError(.unsupported, "\(config.source): prefix tuning is implemented for BERT encoders; on a decoder use PROMPT_TUNING or P_TUNING")
+        guard let host = module as? any PrefixHost else { return nil }
+        let n = try config.int("num_virtual_tokens", default: 8)
+        guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
+        // PEFT sets token_dim to kvHeads · headDim for grouped-query decoders; accept either spelling.
+        let dim = try config.int("token_dim", default: host.prefixWidth)
+        guard dim == host.prefixWidth || dim == host.embeddingWidth else {
+            throw GraftError.invalid("\(config.source): token_dim \(dim) fits neither the model's key width \(host.prefixWidth) nor its hidden size \(host.embeddingWidth)")
         }
-        guard let (host, n) = try virtualTokenTarget(module, config: config), let bert = host as? BertModel else { return nil }
-        return PrefixTuningLayer(model: bert, virtualTokens: n, state: state)
+        return PrefixTuningLayer(model: host, virtualTokens: n, state: state)
     }
 }

@@ -100,7 +100,7 @@ public final class BertLayer: Module, LayerAdapterHost {
 }
 
 /// A BERT encoder with Hugging Face parameter names (`embeddings.*`, `encoder.layer.N.*`, `pooler.dense`).
-public final class BertModel: Module, PromptHost {
+public final class BertModel: Module, PrefixHost {
     public let config: BertConfig
     public let wordEmbeddings: Embedding, positionEmbeddings: Embedding, tokenTypeEmbeddings: Embedding
     public let embeddingNorm: LayerNorm
@@ -161,6 +161,10 @@ public final class BertModel: Module, PromptHost {
     public var promptAdapters: [any PromptAdapter] = []
     /// The hidden size (virtual tokens enter as input embeddings).
     public var embeddingWidth: Int { config.hiddenSize }
+    /// Attention layers (prefix tuning).
+    public var prefixLayerCount: Int { config.layers }
+    /// Width of one layer's prefix keys: the hidden size.
+    public var prefixWidth: Int { config.hiddenSize }
     /// Prefix adapters; the first enabled one prepends keys and values in every layer.
     public var prefixAdapters: [any PrefixAdapter] = []
 

@@ -111,6 +111,17 @@ public protocol PrefixAdapter: AnyObject {
     func prefix(layer: Int) -> (keys: Tensor, values: Tensor)
 }
 
+/// A model whose attention layers take prefix keys and values (BERT, Llama).
+public protocol PrefixHost: PromptHost {
+    /// The prefix adapters; the first enabled one is used.
+    var prefixAdapters: [any PrefixAdapter] { get set }
+    /// Attention layers.
+    var prefixLayerCount: Int { get }
+    /// Width of one layer's keys (and values): `kvHeads · headDim` (the hidden size without grouped-query
+    /// attention).
+    var prefixWidth: Int { get }
+}
+
 /// A lookup table `[count, dim]`.
 public final class Embedding: Module {
     /// `[count, dim]`.

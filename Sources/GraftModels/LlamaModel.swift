@@ -80,8 +80,10 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     /// `x`: `[batch, length, hidden]`; `cache` (when generating) holds this layer's earlier keys and values.
     /// With `rowCaches` (one cache per batch row, batched generation) only the first `rowLengths[r]` positions
     /// of row `r` are real; each row attends to its own cache and its real positions.
+    /// `prefix`: keys and values `[n, kvHeads · headDim]` every row attends to before its own (prefix tuning).
     func forward(_ x: Tensor, positions: [Int32], mask: AttentionMask, cache: KVCache.Layer?,
-                 rowCaches: [KVCache.Layer]? = nil, rowLengths: [Int]? = nil) -> Tensor {
+                 rowCaches: [KVCache.Layer]? = nil, rowLengths: [Int]? = nil,
+                 prefix: (keys: Tensor, values: Tensor)? = nil) -> Tensor {
         let b = x.shape[0], t = x.shape[1]
         let h = inputNorm.forward(x)
         let q = rope(qProj.forward(h).reshaped([b * t, config.heads, config.headDim]),
@@ -89,6 +91,11 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
         var k = rope(kProj.forward(h).reshaped([b * t, config.kvHeads, config.headDim]),
                      positions: positions, headDim: config.headDim, base: config.ropeBase).reshaped([b, t, config.kvHeads * config.headDim])
         var v = vProj.forward(h)
+        if let prefix {
+            let n = prefix.keys.shape[0], w = config.kvHeads * config.headDim
+            k = concat([concat([Tensor](repeating: prefix.keys.reshaped([1, n, w]), count: b), dim: 0), k], dim: 1)
+            v = concat([concat([Tensor](repeating: prefix.values.reshaped([1, n, w]), count: b), dim: 0), v], dim: 1)
+        }
         if let cache {
             if let pk = cache.keys, let pv = cache.values {
                 k = concat([pk, k], dim: 1)
@@ -144,7 +151,7 @@ public final class KVCache {
 
 /// A Llama decoder with Hugging Face names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
 /// `model.norm`, `lm_head`), loaded from GGUF.
-public final class LlamaModel: Module, PromptHost {
+public final class LlamaModel: Module, PrefixHost {
     public let config: LlamaConfig
     public let embedTokens: Embedding
     public let layers: [LlamaDecoderLayer]
@@ -157,6 +164,13 @@ public final class LlamaModel: Module, PromptHost {
     public var promptAdapters: [any PromptAdapter] = []
     /// The hidden size (virtual tokens enter as input embeddings).
     public var embeddingWidth: Int { config.hiddenSize }
+    /// Prefix adapters (prefix tuning); the first enabled one's keys and values precede every sequence in every
+    /// layer.
+    public var prefixAdapters: [any PrefixAdapter] = []
+    /// Decoder layers (prefix tuning).
+    public var prefixLayerCount: Int { config.layers }
+    /// Width of one layer's prefix keys: `kvHeads · headDim` (PEFT's `token_dim` under grouped-query attention).
+    public var prefixWidth: Int { config.kvHeads * config.headDim }
 
     /// Builds the decoder from tensors keyed by Hugging Face names.
     public init(config: LlamaConfig, weights: (String) throws -> Tensor, tiedHead: Bool) throws {
@@ -254,6 +268,9 @@ public final class LlamaModel: Module, PromptHost {
         if let prompt = promptAdapters.first(where: { $0.isEnabled }), offset == 0 {
             return try hiddenStates(batch, prompt: prompt.virtualTokens(), cache: cache)
         }
+        if let prefix = prefixAdapters.first(where: { $0.isEnabled }), offset == 0 {
+            return try hiddenStates(batch, prefix: prefix, cache: cache)
+        }
         var x = embedTokens.forward(batch.ids).reshaped([batch.batchSize, batch.length, config.hiddenSize])
         let lengths = cache == nil ? batch.lengths : nil
         let mask = AttentionMask(causal: true, keyLengths: lengths, segments: batch.segments, queryOffset: offset)
@@ -287,6 +304,26 @@ public final class LlamaModel: Module, PromptHost {
         return norm.forward(x.slice(dim: 1, virtual..<total))
     }
 
+    /// Prefix tuning as PEFT runs a decoder: each layer's `n` prefix keys and values (used as cached keys, so not
+    /// rotated) precede every sequence, whose tokens take positions `n...`; a cache keeps them for decoding.
+    private func hiddenStates(_ batch: TokenBatch, prefix: any PrefixAdapter, cache: KVCache?) throws -> Tensor {
+        guard batch.segments == nil else {
+            throw GraftError(.unsupported, "prefix tuning needs one sequence per row (padded), not packed rows")
+        }
+        let n = prefix.prefix(layer: 0).keys.shape[0]
+        guard n + batch.length <= config.contextLength else {
+            throw GraftError.invalid("\(n) prefix + \(batch.length) tokens exceed the context length \(config.contextLength)")
+        }
+        let positions = batch.resolvedPositions.map { $0 + Int32(n) }
+        var x = embedTokens.forward(batch.ids).reshaped([batch.batchSize, batch.length, config.hiddenSize])
+        let mask = AttentionMask(causal: true, keyLengths: cache == nil ? batch.lengths.map { $0 + n } : nil, queryOffset: n)
+        for (i, layer) in layers.enumerated() {
+            x = layer.forward(x, positions: positions, mask: mask, cache: cache?.layers[i], prefix: prefix.prefix(layer: i))
+        }
+        cache?.length += n + batch.length
+        return norm.forward(x)
+    }
+
     /// The final hidden states `[batch, length, hidden]` of a batch in which row `r` continues its own sequence
     /// cached in `caches[r]` (batched generation): the first `batch.lengths[r]` tokens of row `r` are real, take
     /// positions from `caches[r].length` on, and are appended to that cache. Inference only.
@@ -298,8 +335,8 @@ public final class LlamaModel: Module, PromptHost {
         guard batch.segments == nil else {
             throw GraftError(.unsupported, "batched generation does not take packed rows (one sequence per row)")
         }
-        if promptAdapters.contains(where: { $0.isEnabled }) {
-            throw GraftError(.unsupported, "batched generation does not support prompt tuning yet; generate one prompt at a time")
+        if promptAdapters.contains(where: { $0.isEnabled }) || prefixAdapters.contains(where: { $0.isEnabled }) {
+            throw GraftError(.unsupported, "batched generation does not support prompt or prefix tuning yet; generate one prompt at a time")
         }
         var positions = [Int32](repeating: 0, count: batch.ids.count)
         for r in 0..<batch.batchSize {
