@@ -470,7 +470,9 @@ public final class Daemon: @unchecked Sendable {
         }
         let count = frame.count - offset
         let storage = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 1)
-        frame.withUnsafeBytes { storage.copyMemory(from: $0.baseAddress! + offset, byteCount: count) }
+        frame.withUnsafeBytes { raw in
+            if let base = raw.baseAddress { storage.copyMemory(from: base + offset, byteCount: count) }
+        }
         let request = UnsafeMutablePointer<uv_write_t>.allocate(capacity: 1)
         request.pointee.data = storage
         var buf = uv_buf_init(storage.assumingMemoryBound(to: CChar.self), UInt32(count))

@@ -90,7 +90,7 @@ public final class AdamW: Optimizer {
                 guard values.count == t.count else {
                     throw GraftError.format("optimizer state: '\(key)' has \(values.count) values, parameter \(i) has \(t.count)")
                 }
-                values.withUnsafeBufferPointer { t.pointer.update(from: $0.baseAddress!, count: t.count) }
+                values.withUnsafeBufferPointer { if let base = $0.baseAddress { t.pointer.update(from: base, count: t.count) } }
             }
         }
         stepCount = Int(s)
