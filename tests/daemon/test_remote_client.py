@@ -1,4 +1,6 @@
 """graft.remote.Client against a real graftd: the whole fine-tune flow, over the Unix socket and TCP."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,14 @@ def test_cancel_ends_a_job_as_cancelled(daemon):
             c.cancel(job.job_id)
         assert e.value.code == "STATE"
         model.unload()
+
+
+def test_the_readme_python_client_snippet_runs_as_printed(daemon, tmp_path, monkeypatch):
+    """The README's "Python client" block, run against this daemon (its default socket path points here)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Python client", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"/tmp/remote-lora"', repr(str(tmp_path / "remote-lora")))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(Path(daemon.socket_path).parent))
+    exec(compile(code, "README.md (Python client)", "exec"), {})
+    assert (tmp_path / "remote-lora" / "adapter_model.safetensors").exists()
