@@ -105,7 +105,7 @@ def test_the_readme_python_client_snippet_runs_as_printed(daemon, tmp_path, monk
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("### Python client", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    code = code.replace('"/tmp/remote-lora"', repr(str(tmp_path / "remote-lora")))
+    code = code.replace('"out/remote-lora"', repr(str(tmp_path / "remote-lora")))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(Path(daemon.socket_path).parent))
     exec(compile(code, "README.md (Python client)", "exec"), {})
     assert (tmp_path / "remote-lora" / "adapter_model.safetensors").exists()
