@@ -229,22 +229,9 @@ import GraftTestSupport
         for (_, p) in adapter.peftStateDict { for i in 0..<p.count { p.pointer[i] += 0.3 * rng.nextNormal() } }
         func objective() -> Double { zip(withNoGrad { proj.forward(x) }.scalars, w.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) } }
         sum(proj.forward(x) * w).backward()
-        var worst = 0.0
-        for (key, p) in adapter.peftStateDict {
-            guard let grad = p.grad else { Issue.record("\(key): no gradient"); continue }
-            for i in 0..<p.count {
-                let saved = p.pointer[i]
-                let h: Float = 1e-2 * max(1, abs(saved))
-                p.pointer[i] = saved + h
-                let up = objective()
-                p.pointer[i] = saved - h
-                let down = objective()
-                p.pointer[i] = saved
-                let numeric = (up - down) / (2 * Double(h))
-                worst = max(worst, abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric)))
-            }
-        }
-        #expect(worst < 2e-3, "RoSA worst gradient error \(worst)")
+        let check = finiteDifferenceCheck(adapter.peftStateDict, step: 1e-2, relativeStep: true, value: objective)
+        #expect(check.missing.isEmpty, "RoSA: no gradient for \(check.missing)")
+        #expect(check.worst < 2e-3, "RoSA worst gradient error \(check.worst)")
         #expect(throws: GraftError.self) {
             try AdaptedModel(root: root).addAdapter("w", config: AdapterConfig(jsonText: #"{"peft_type":"ROSA","warmup_steps":0,"target_modules":["proj"]}"#, source: "rosa"))
         }

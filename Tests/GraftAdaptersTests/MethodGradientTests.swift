@@ -65,28 +65,15 @@ import GraftTestSupport
             return zip(out.scalars, w.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
         }
         sum(proj.forward(x) * w).backward()
-        var worst = 0.0
         // DoRA defines its A/B gradients with the weight norm detached (not the forward's true derivative);
         // those are checked against a detached-norm Float64 reference in AdapterGradientTests.
         let checked = (adapter.peftStateDict + [("input", x)]).filter { method != "DoRA" || !$0.key.contains("lora_") || $0.key.contains("magnitude") }
-        for (key, p) in checked {
-            guard let grad = p.grad else { Issue.record("\(method): \(key) got no gradient"); continue }
-            for i in 0..<p.count {
-                let saved = p.pointer[i]
-                // VB-LoRA selects its top-k logits: a smaller step keeps the selection fixed. ETHER normalizes short
-                // vectors (‖u‖ ≈ 1): a smaller step keeps the truncation error of the difference down.
-                let h: Float = (["VB-LoRA", "ETHER", "ETHER+"].contains(method) ? 1e-3 : 1e-2) * max(1, abs(saved))
-                p.pointer[i] = saved + h
-                let up = objective()
-                p.pointer[i] = saved - h
-                let down = objective()
-                p.pointer[i] = saved
-                let numeric = (up - down) / (2 * Double(h))
-                let err = abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric))
-                worst = max(worst, err)
-            }
-        }
-        #expect(worst < 2e-3, "\(method): worst gradient error \(worst)")
+        // VB-LoRA selects its top-k logits: a smaller step keeps the selection fixed. ETHER normalizes short
+        // vectors (‖u‖ ≈ 1): a smaller step keeps the truncation error of the difference down.
+        let step: Float = ["VB-LoRA", "ETHER", "ETHER+"].contains(method) ? 1e-3 : 1e-2
+        let check = finiteDifferenceCheck(checked, step: step, relativeStep: true, value: objective)
+        #expect(check.missing.isEmpty, "\(method): no gradient for \(check.missing)")
+        #expect(check.worst < 2e-3, "\(method): worst gradient error \(check.worst)")
     }
 }
 
@@ -227,9 +214,9 @@ import GraftTestSupport
         sum(try bert.forward(batch) * w).backward()
         // A small step: the MLP's ReLUs make the objective only piecewise smooth. Float32 forward passes over 5k
         // outputs then carry ~1e-2 of noise in the differences.
-        let (worst, missing) = try sampledGradientError(adapter.peftStateDict, step: 2e-3, samples: 5, report: 2e-2, value: value)
-        #expect(missing.isEmpty, "P-tuning encoder: no gradient for \(missing)")
-        #expect(worst < 2e-2, "P-tuning encoder: worst gradient error \(worst)")
+        let check = try finiteDifferenceCheck(adapter.peftStateDict, step: 2e-3, samples: 5, report: 2e-2, value: value)
+        #expect(check.missing.isEmpty, "P-tuning encoder: no gradient for \(check.missing)")
+        #expect(check.worst < 2e-2, "P-tuning encoder: worst gradient error \(check.worst)")
 
         let expected = try withNoGrad { try bert.forward(batch) }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-ptuning-\(UUID().uuidString)").path

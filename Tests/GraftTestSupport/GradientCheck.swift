@@ -84,30 +84,51 @@ public func randomValues(_ n: Int, seed: UInt64, scale: Double = 1) -> [Double] 
     return (0..<n).map { _ in Double(rng.nextUniform() * 2 - 1) * scale }
 }
 
+/// What ``finiteDifferenceCheck(_:step:relativeStep:samples:skipKinks:report:value:)`` found.
+public struct FiniteDifferenceResult {
+    /// The worst error relative to `max(1, |numeric|)`.
+    public var worst = 0.0
+    /// Keys of tensors that got no gradient.
+    public var missing: [String] = []
+    /// Entries skipped because the objective has a kink there (one-sided slopes disagree).
+    public var kinks = 0
+}
+
 /// Central differences of `value` (the objective, accumulated in Float64) against the analytic gradients already
-/// in each tensor's `grad`, at about `samples` evenly spaced entries per tensor with step `step`. Returns the worst
-/// error relative to `max(1, |numeric|)` and the keys that got no gradient; prints each entry worse than `report`.
-public func sampledGradientError(_ params: [(key: String, tensor: Tensor)], step: Float, samples: Int,
-                                 report: Double, value: () throws -> Double) rethrows -> (worst: Double, missing: [String]) {
-    var worst = 0.0
-    var missing: [String] = []
+/// in each tensor's `grad`. `step` is the difference step (times `max(1, |θ|)` when `relativeStep`); `samples`
+/// limits each tensor to about that many evenly spaced entries (nil = every entry); `skipKinks` leaves out
+/// entries whose one-sided slopes disagree by more than 5% (a top-k selection flipping inside the step). Prints
+/// each entry worse than `report`.
+public func finiteDifferenceCheck(_ params: [(key: String, tensor: Tensor)], step: Float, relativeStep: Bool = false,
+                                  samples: Int? = nil, skipKinks: Bool = false, report: Double = .infinity,
+                                  value: () throws -> Double) rethrows -> FiniteDifferenceResult {
+    var result = FiniteDifferenceResult()
+    let center = skipKinks ? try value() : 0
     for (key, p) in params {
         guard let grad = p.grad else {
-            missing.append(key)
+            result.missing.append(key)
             continue
         }
-        for i in stride(from: 0, to: p.count, by: max(1, p.count / samples)) {
+        for i in stride(from: 0, to: p.count, by: max(1, p.count / (samples ?? p.count))) {
             let saved = p.pointer[i]
-            p.pointer[i] = saved + step
+            let h = relativeStep ? step * max(1, abs(saved)) : step
+            p.pointer[i] = saved + h
             let up = try value()
-            p.pointer[i] = saved - step
+            p.pointer[i] = saved - h
             let down = try value()
             p.pointer[i] = saved
-            let numeric = (up - down) / Double(2 * step)
+            let numeric = (up - down) / Double(2 * h)
+            if skipKinks {
+                let right = (up - center) / Double(h), left = (center - down) / Double(h)
+                if abs(right - left) > 0.05 * max(1, abs(numeric)) {
+                    result.kinks += 1
+                    continue
+                }
+            }
             let error = abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric))
             if error > report { print("gradient mismatch \(key)[\(i)]: analytic \(grad.pointer[i]) numeric \(numeric)") }
-            worst = max(worst, error)
+            result.worst = max(result.worst, error)
         }
     }
-    return (worst, missing)
+    return result
 }
