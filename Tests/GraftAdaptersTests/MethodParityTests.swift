@@ -173,19 +173,62 @@ import GraftTestSupport
 @Suite struct IllConditionedFixtureTests {
     /// RandLoRA's fixture is chaotic in float32: with `randlora_alpha / r = 80` and perturbed scalings, ΔW reaches
     /// ±22 against base weights of ±0.05, attention logits grow to ~10⁵ and softmax saturates, so the order of
-    /// float32 sums decides which key wins. Graft and PEFT agree to 0.034 on an output PEFT moves by 6.2 (0.5%), a
-    /// wrong index order or scaling would miss by O(6). Each layer's own update is checked tightly in
-    /// SingleLayerMergeTests; a save → load round trip must be exact.
+    /// float32 sums decides which key wins. No fixed tolerance fits it: the test measures each token's float32
+    /// noise floor and derives that token's tolerance from it. A wrong index order or scaling misses by O(1)
+    /// on every token. Each layer's own update is checked tightly in SingleLayerMergeTests; a save → load round
+    /// trip must be exact.
     @Test func randLoRAAgreesWithPEFTWithinItsConditioning() throws {
         let bert = try Assets.loadMiniLM()
         let model = AdaptedModel(root: bert)
         let adapter = try model.loadAdapter(directory: Assets.fixture("peft-minilm/randlora"))
         let base = try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/base_expected.safetensors"))
         let expected = try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/randlora/expected.safetensors")).tensor("last_hidden_state")
-        let out = try withNoGrad { try bert.forward(try fixtureBatch(base)) }
-        let err = maxAbsDifference(out, expected)
-        print("randlora: max-abs error vs PEFT \(err) (output moved by 6.18; ill-conditioned)")
-        #expect(err < 0.1)
+        let batch = try fixtureBatch(base)
+        let out = try withNoGrad { try bert.forward(batch) }
+        let plain = try model.withAdaptersDisabled { try withNoGrad { try bert.forward(batch) } }
+        let hidden = out.shape[2], tokens = out.count / hidden
+
+        // Each token's noise floor δᵤ: how far its output moves when every scaling is perturbed by one rounding
+        // (relative u = 2⁻²⁴, random signs), the least that two float32 evaluations differ by in these values
+        // (the worst of 16 draws; the scalings are restored bit for bit afterwards). Two evaluations carry such
+        // noise each, and their activations are rounded too, which the perturbation does not reach: a token's
+        // tolerance is 4·δᵤ.
+        let scalings = adapter.peftStateDict.filter { $0.key.hasSuffix("randlora_lambda") || $0.key.hasSuffix("randlora_gamma") }.map(\.tensor)
+        let saved = scalings.map(\.scalars)
+        let u = Float(float32UnitRoundoff)
+        var rng = GraftRNG(seed: 3)
+        var noiseFloor = [Float](repeating: 0, count: tokens)
+        for _ in 0..<16 {
+            for t in scalings { for i in 0..<t.count { t.pointer[i] *= 1 + (rng.next() & 1 == 0 ? u : -u) } }
+            let moved = try withNoGrad { try bert.forward(batch) }
+            for (t, difference) in Self.tokenDifferences(moved, out, hidden: hidden).enumerated() { noiseFloor[t] = max(noiseFloor[t], difference) }
+            for (t, values) in zip(scalings, saved) { for i in 0..<t.count { t.pointer[i] = values[i] } }
+        }
+        #expect(maxAbsDifference(try withNoGrad { try bert.forward(batch) }, out) == 0, "scalings not restored")
+        let tolerance = noiseFloor.map { 4 * $0 }
+        let error = Self.tokenDifferences(out, expected, hidden: hidden)
+        let effect = Self.tokenDifferences(plain, expected, hidden: hidden)
+        let share = zip(error, tolerance).map { $0 / $1 }.max() ?? .nan
+        print("randlora: max-abs error vs PEFT \(error.max() ?? .nan), at most \(share) of a token's tolerance (4 × its one-rounding noise floor, \(tolerance.min() ?? .nan) to \(tolerance.max() ?? .nan)); the adapter moves the output by \(effect.max() ?? .nan)")
+        for t in 0..<tokens {
+            #expect(error[t] <= tolerance[t], "token \(t): |Graft − PEFT| = \(error[t]) > tolerance \(tolerance[t])")
+        }
+        // The tolerance must still tell a right implementation from a wrong one, which would miss a token by
+        // about what the adapter does to it: at least a third of the tokens are tested to within a quarter of that
+        // (the first sequence is well-conditioned; on some BLAS kernels most of the second is not).
+        let tested = (0..<tokens).filter { tolerance[$0] < 0.25 * effect[$0] }
+        print("randlora: \(tested.count) of \(tokens) tokens tested to within a quarter of the adapter's effect on them")
+        #expect(3 * tested.count >= tokens, "the fixture is too ill-conditioned to test")
+
+        // One sequence alone only reorders the activations' GEMMs: the same bound holds.
+        let length = batch.lengths[0]
+        let alone = try TokenBatch(ids: Array(batch.ids[0..<length]), batchSize: 1, length: length)
+        let single = try withNoGrad { try bert.forward(alone) }
+        let rowDifference = Self.tokenDifferences(single, out.slice(dim: 0, 0..<1).slice(dim: 1, 0..<length), hidden: hidden)
+        print("randlora: one sequence alone vs in the batch: \(rowDifference.max() ?? .nan)")
+        for t in 0..<length {
+            #expect(rowDifference[t] <= tolerance[t], "token \(t) alone: \(rowDifference[t]) > tolerance \(tolerance[t])")
+        }
 
         #expect(adapter.parameterCount == 338_688)
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-randlora-\(UUID().uuidString)").path
@@ -193,23 +236,22 @@ import GraftTestSupport
         try model.saveAdapter("default", directory: dir)
         let other = try Assets.loadMiniLM()
         try AdaptedModel(root: other).loadAdapter(directory: dir)
-        #expect(maxAbsDifference(try withNoGrad { try other.forward(try fixtureBatch(base)) }, out) == 0)
-        let saved = Set(try SafeTensorsFile(contentsOf: dir + "/adapter_model.safetensors").names)
-        #expect(saved == Set(try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/randlora/adapter_model.safetensors")).names))
+        #expect(maxAbsDifference(try withNoGrad { try other.forward(batch) }, out) == 0)
+        let savedKeys = Set(try SafeTensorsFile(contentsOf: dir + "/adapter_model.safetensors").names)
+        #expect(savedKeys == Set(try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/randlora/adapter_model.safetensors")).names))
+    }
 
-        // The conditioning, shown with Graft alone: scalings nudged by 1e-6 relative (a few float32 ulps, the size
-        // of the rounding differences between any two ways of summing ΔW) move the output by more than Graft and PEFT
-        // differ, so ≤ 1e-4 agreement with PEFT's particular float32 rounding is out of reach for any float32
-        // implementation. Reordering only the activations' GEMMs (one sequence alone) stays near 1e-5.
-        let batch = try fixtureBatch(base)
-        let alone = try TokenBatch(ids: Array(batch.ids[0..<batch.lengths[0]]), batchSize: 1, length: batch.lengths[0])
-        let single = try withNoGrad { try bert.forward(alone) }
-        #expect(maxAbsDifference(single, out.slice(dim: 0, 0..<1).slice(dim: 1, 0..<batch.lengths[0])) < 1e-4)
-        for (key, t) in adapter.peftStateDict where key.hasSuffix("randlora_lambda") {
-            for i in 0..<t.count { t.pointer[i] *= 1 + 1e-6 }
+    /// max |a − b| over each token's `hidden` values (NaN where either holds NaN; infinity for unequal sizes).
+    static func tokenDifferences(_ a: Tensor, _ b: Tensor, hidden: Int) -> [Float] {
+        guard a.count == b.count else { return [.infinity] }
+        return (0..<(a.count / hidden)).map { t in
+            var worst: Float = 0
+            for k in (t * hidden)..<((t + 1) * hidden) {
+                let d = abs(a.pointer[k] - b.pointer[k])
+                if d.isNaN { return .nan }
+                worst = max(worst, d)
+            }
+            return worst
         }
-        let nudge = maxAbsDifference(try withNoGrad { try bert.forward(batch) }, out)
-        print("randlora: scalings nudged by 1e-6 relative move the output by \(nudge)")
-        #expect(nudge > err, "a 1e-6 relative nudge moved the output by \(nudge), less than the distance to PEFT \(err)")
     }
 }

@@ -128,9 +128,12 @@ import GraftTestSupport
         #expect(logits.relative <= 1e-5)
     }
 
-    @Test func everyAdaptedSmolLM2LayerMatchesPerRowRunsAbsolutely() throws {
-        // Layer by layer (inputs of magnitude ~1), a mixed batch is checked absolutely against each row through
-        // the ordinary path under its adapter: LoRA ×2, IA³ (input and output scaling), RoAd, VeRA, LoKr, HRA.
+    @Test func everyAdaptedSmolLM2LayerMatchesPerRowRunsWithinRounding() throws {
+        // Layer by layer, a mixed batch is checked against each row through the ordinary path under its adapter:
+        // LoRA ×2, IA³ (input and output scaling), RoAd, VeRA, LoKr, HRA. The two paths add the same products in
+        // different orders (a batch of one against grouped rows), so each output element may differ by the
+        // rounding of its sum: `reorderingTolerance` of K = in_features products of magnitude Σ|W + ΔW|·|x|.
+        // A row routed to the wrong adapter misses by |ΔW·x|, which the test shows is far larger.
         let s = try GraftSession(path: try Assets.require(Assets.smollm2), task: .causalLM)
         try Self.add(s, [
             ("lora_a", #"{"peft_type": "LORA", "r": 16, "target_modules": "all-linear", "init_lora_weights": false}"#),
@@ -144,7 +147,7 @@ import GraftTestSupport
         let ids: [Int32] = [5, 0, -1, 3, 6, 1, 2, 4, 0, -1]
         let plan = try AdapterBatchPlan(adapterIds: ids, adapterCount: s.adapted.adapters.count)
         let t = 3
-        var worst: Float = 0
+        var worst: Float = 0, worstShare = 0.0, weakestAdapterEffect = Double.infinity
         for layer in ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.7.mlp.down_proj"] {
             guard let lin = s.adapted.root.namedModules().first(where: { $0.name == layer })?.module as? Linear else {
                 Issue.record("no Linear \(layer)"); continue
@@ -154,16 +157,55 @@ import GraftTestSupport
             let grouped = Tensor(zeros: x.shape)
             for (i, r) in plan.order.enumerated() { grouped.rowsView(i..<(i + 1)).pointer.update(from: x.rowsView(r..<(r + 1)).pointer, count: t * lin.inFeatures) }
             let mixed = try MixedAdapterBatch.withRouting(s.adapted, ids: plan.sortedIds) { lin.forward(grouped) }
+            let base = s.adapted.withAdaptersDisabled { withNoGrad { lin.forward(x) } }
             for (i, r) in plan.order.enumerated() {
                 try Self.use(s, ids[r])
-                let alone = withNoGrad { lin.forward(x.rowsView(r..<(r + 1)).copy()) }
-                let m = mixed.rowsView(i..<(i + 1))
-                for j in 0..<alone.count { worst = max(worst, abs(alone.pointer[j] - m.pointer[j])) }
+                let row = x.rowsView(r..<(r + 1)).copy()
+                let alone = withNoGrad { lin.forward(row) }
+                let delta = ids[r] < 0 ? nil : try s.adapted.adapter(s.adapted.adapters[Int(ids[r])].name).layers
+                    .first(where: { $0.path == layer })?.adapter.deltaWeight(base: lin)
+                let magnitude = Self.productMagnitudes(lin, delta: delta, x: row)
+                let m = mixed.rowsView(i..<(i + 1)), plain = base.rowsView(r..<(r + 1))
+                var adapterEffect = 0.0
+                for j in 0..<alone.count {
+                    let difference = abs(alone.pointer[j] - m.pointer[j])
+                    let tolerance = reorderingTolerance(terms: lin.inFeatures, absoluteSum: magnitude[j])
+                    if !(Double(difference) <= tolerance) {
+                        Issue.record("\(layer) row \(r) (adapter \(ids[r])) element \(j): mixed \(m.pointer[j]) vs alone \(alone.pointer[j]), |Δ| \(difference) > \(tolerance)")
+                        break
+                    }
+                    worst = max(worst, difference)
+                    worstShare = max(worstShare, Double(difference) / tolerance)
+                    adapterEffect = max(adapterEffect, Double(abs(alone.pointer[j] - plain.pointer[j])) / tolerance)
+                }
+                if delta != nil { weakestAdapterEffect = min(weakestAdapterEffect, adapterEffect) }
             }
             s.adapted.setAdaptersDisabled(false)
         }
-        print("SmolLM2 adapted layers, mixed rows vs each row alone: max |Δ| = \(worst)")
-        #expect(worst <= 1e-5)
+        print("SmolLM2 adapted layers, mixed rows vs each row alone: max |Δ| = \(worst), at most \(worstShare) of the rounding tolerance")
+        #expect(worstShare <= 1)
+        // The check can fail: every adapted row's adapter moves it by far more than the tolerance.
+        print("SmolLM2 adapted layers: each adapted row moves at least \(weakestAdapterEffect)× the tolerance away from the base")
+        #expect(weakestAdapterEffect >= 10)
+    }
+
+    /// Σⱼ (|Wᵢⱼ| + |ΔWᵢⱼ|)·|xⱼ| + |bᵢ| for every token of `x` ([1, T, in]) and output i: the magnitude of the
+    /// products each output element sums, which its rounding error scales with.
+    static func productMagnitudes(_ lin: Linear, delta: Tensor?, x: Tensor) -> [Double] {
+        let (n, k) = (lin.outFeatures, lin.inFeatures)
+        let tokens = x.count / k
+        var out = [Double](repeating: 0, count: tokens * n)
+        for tok in 0..<tokens {
+            for i in 0..<n {
+                var sum = Double(abs(lin.bias?.pointer[i] ?? 0))
+                for j in 0..<k {
+                    let w = Double(abs(lin.weight.pointer[i * k + j])) + Double(abs(delta?.pointer[i * k + j] ?? 0))
+                    sum += w * Double(abs(x.pointer[tok * k + j]))
+                }
+                out[tok * n + i] = sum
+            }
+        }
+        return out
     }
 
     @Test func miniLMMixedBatchMatchesEachSequenceAlone() throws {

@@ -59,3 +59,14 @@ public func maxAbsDifference(_ a: Tensor, _ b: Tensor) -> Float {
     for i in 0..<a.count { m = max(m, abs(a.pointer[i] - b.pointer[i])) }
     return m
 }
+
+/// Float32's unit roundoff, u = 2⁻²⁴: the largest relative error of one rounded operation.
+public let float32UnitRoundoff: Double = 0x1p-24
+
+/// How far two float32 evaluations of one sum of `terms` products may drift apart when they add the products in
+/// different orders (another GEMM shape, blocking or thread split): each evaluation's rounding error stays below
+/// √K·u·Σ|products| (its typical size is about u·Σ|products|, its worst case K·u·Σ|products|), so two differ by
+/// at most twice that. `absoluteSum` is Σ|products|, the magnitude the rounding scales with.
+public func reorderingTolerance(terms: Int, absoluteSum: Double) -> Double {
+    2 * Double(max(terms, 1)).squareRoot() * float32UnitRoundoff * absoluteSum
+}
