@@ -55,7 +55,7 @@ let package = Package(
         ]),
         .target(name: "GraftTestSupport", dependencies: ["GraftTensor", "GraftIO", "GraftModels"], path: "Tests/GraftTestSupport"),
         .testTarget(name: "GraftTensorTests", dependencies: ["GraftTensor", "GraftTestSupport"]),
-        .testTarget(name: "GraftIOTests", dependencies: ["GraftIO"]),
+        .testTarget(name: "GraftIOTests", dependencies: ["GraftIO", "GraftTestSupport"]),
         .testTarget(name: "GraftTextTests", dependencies: ["GraftText", "GraftIO"]),
         .testTarget(name: "GraftModelsTests", dependencies: ["GraftModels", "GraftIO", "GraftTensor", "GraftTestSupport"]),
         .testTarget(name: "GraftTests", dependencies: ["Graft", "GraftTestSupport"]),

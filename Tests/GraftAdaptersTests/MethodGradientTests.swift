@@ -135,7 +135,7 @@ import GraftTestSupport
                 p.pointer[i] = saved - h
                 let down = value()
                 p.pointer[i] = saved
-                worst = max(worst, abs(Double(grad.pointer[i]) - (up - down) / Double(2 * h)) / max(1, abs((up - down) / Double(2 * h))))
+                worst = worse(worst, abs(Double(grad.pointer[i]) - (up - down) / Double(2 * h)) / max(1, abs((up - down) / Double(2 * h))))
             }
         }
         #expect(worst < 2e-3, "\(name): worst gradient error \(worst)")
@@ -186,7 +186,7 @@ import GraftTestSupport
             let down = try value()
             prompt.pointer[i] = saved
             let numeric = (up - down) / 2e-2
-            worst = max(worst, abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric)))
+            worst = worse(worst, abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric)))
         }
         #expect(worst < 5e-3, "\(type): worst gradient error \(worst)")
         #expect(throws: GraftError.self) { try model.merge("p") }

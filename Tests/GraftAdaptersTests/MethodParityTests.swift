@@ -201,14 +201,14 @@ import GraftTestSupport
         for _ in 0..<16 {
             for t in scalings { for i in 0..<t.count { t.pointer[i] *= 1 + (rng.next() & 1 == 0 ? u : -u) } }
             let moved = try withNoGrad { try bert.forward(batch) }
-            for (t, difference) in Self.tokenDifferences(moved, out, hidden: hidden).enumerated() { noiseFloor[t] = max(noiseFloor[t], difference) }
+            for (t, difference) in Self.tokenDifferences(moved, out, hidden: hidden).enumerated() { noiseFloor[t] = worse(noiseFloor[t], difference) }
             for (t, values) in zip(scalings, saved) { for i in 0..<t.count { t.pointer[i] = values[i] } }
         }
         #expect(maxAbsDifference(try withNoGrad { try bert.forward(batch) }, out) == 0, "scalings not restored")
         let tolerance = noiseFloor.map { 4 * $0 }
         let error = Self.tokenDifferences(out, expected, hidden: hidden)
         let effect = Self.tokenDifferences(plain, expected, hidden: hidden)
-        let share = zip(error, tolerance).map { $0 / $1 }.max() ?? .nan
+        let share = worstOf(zip(error, tolerance).map { $0 / $1 }, empty: .nan)
         print("randlora: max-abs error vs PEFT \(error.max() ?? .nan), at most \(share) of a token's tolerance (4 × its one-rounding noise floor, \(tolerance.min() ?? .nan) to \(tolerance.max() ?? .nan)); the adapter moves the output by \(effect.max() ?? .nan)")
         for t in 0..<tokens {
             #expect(error[t] <= tolerance[t], "token \(t): |Graft − PEFT| = \(error[t]) > tolerance \(tolerance[t])")

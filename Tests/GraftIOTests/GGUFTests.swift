@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import GraftTensor
 import GraftIO
+import GraftTestSupport
 
 /// Packs a Float into IEEE half bits with Swift's own Float16 (independent of GraftIO's converter).
 private func h(_ x: Float) -> [UInt8] {
@@ -135,7 +136,7 @@ private func h(_ x: Float) -> [UInt8] {
             #expect(ours.shape == ref.shape, "\(name)")
             var worst: Float = 0
             for i in 0..<ref.count {
-                worst = max(worst, abs(ours.pointer[i] - ref.pointer[i]) / max(1, abs(ref.pointer[i])))
+                worst = worse(worst, abs(ours.pointer[i] - ref.pointer[i]) / max(1, abs(ref.pointer[i])))
             }
             #expect(worst <= 1e-6, "\(name): max relative difference \(worst)")
         }

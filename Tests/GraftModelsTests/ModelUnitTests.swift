@@ -2,6 +2,7 @@ import Foundation
 import Testing
 @testable import GraftModels
 @testable import GraftTensor
+import GraftTestSupport
 
 @Suite struct ModelUnitTests {
     @Test func ggufNamesMapToHuggingFaceNames() {
@@ -35,7 +36,7 @@ import Testing
                          positions: positions, headDim: d, base: 100, style: .halfSplit)
         let back = LlamaModel.unpermuteRoPERows(ggufOut.reshaped([3 * heads, d]).transposed(0, 1), heads: 1)
         let hfT = hfOut.reshaped([3 * heads, d]).transposed(0, 1)
-        let err = zip(back.scalars, hfT.scalars).map { abs($0 - $1) }.max() ?? 0
+        let err = worstOf(zip(back.scalars, hfT.scalars).map { abs($0 - $1) }, empty: 0)
         #expect(err < 1e-5)
     }
 

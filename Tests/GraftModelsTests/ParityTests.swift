@@ -27,7 +27,7 @@ import GraftTestSupport
         let t = expected.shape[1], cols = expected.shape[2], vocab = logits.shape[2]
         var err: Float = 0
         for i in 0..<t {
-            for j in 0..<cols { err = max(err, abs(logits.pointer[i * vocab + j] - expected.pointer[i * cols + j])) }
+            for j in 0..<cols { err = worse(err, abs(logits.pointer[i * vocab + j] - expected.pointer[i * cols + j])) }
         }
         print("SmolLM2 logits[:, :, :2048] max-abs error vs transformers: \(err)")
         #expect(err <= 1e-3)
@@ -47,7 +47,7 @@ import GraftTestSupport
                 let row = model.lmHead.forward(h.reshaped([1, model.config.hiddenSize]))
                 let pos = 6 + step
                 for j in 0..<model.config.vocabSize {
-                    err = max(err, abs(row.pointer[j] - full.pointer[pos * model.config.vocabSize + j]))
+                    err = worse(err, abs(row.pointer[j] - full.pointer[pos * model.config.vocabSize + j]))
                 }
             }
             #expect(err < 1e-3, "cached decoding differs from the full forward by \(err)")

@@ -250,7 +250,7 @@ import GraftTestSupport
         let loaded = try model.loadAdapter(directory: dir, name: "moe2")
         #expect(loaded.layers.compactMap { ($0.adapter as? LoRAMixtureLayer)?.experts } == counts)
         let again = try withNoGrad { try classifier.forward(batch.tokens, firstTokens: batch.firstTokens) }.scalars
-        let diff = zip(logits, again).map { abs($0 - $1) }.max() ?? 1
+        let diff = worstOf(zip(logits, again).map { abs($0 - $1) }, empty: 1)
         #expect(diff < 1e-6, "reloaded adapter differs by \(diff)")
         print("SiRA + aux losses, 8 steps on 16 tweets: loss \(before) -> \(after)")
     }

@@ -52,11 +52,11 @@ import GraftTestSupport
             #expect(alone.count == (perToken ? row.count : 1) * width)
             var rowWorst: Float = 0, magnitude: Float = 0
             for i in 0..<alone.count {
-                rowWorst = max(rowWorst, abs(alone[i] - mixed[r * perRow + i]))
+                rowWorst = worse(rowWorst, abs(alone[i] - mixed[r * perRow + i]))
                 magnitude = max(magnitude, abs(alone[i]))
             }
-            worst = max(worst, rowWorst)
-            worstRelative = max(worstRelative, rowWorst / max(magnitude, 1))
+            worst = worse(worst, rowWorst)
+            worstRelative = worse(worstRelative, rowWorst / max(magnitude, 1))
             // Padding positions stay zero.
             for i in alone.count..<perRow { #expect(mixed[r * perRow + i] == 0) }
         }
@@ -81,11 +81,11 @@ import GraftTestSupport
             for r in ids.indices where ids[r] == id {
                 var rowWorst: Float = 0, magnitude: Float = 0
                 for i in (r * perRow)..<((r + 1) * perRow) {
-                    rowWorst = max(rowWorst, abs(whole[i] - mixed[i]))
+                    rowWorst = worse(rowWorst, abs(whole[i] - mixed[i]))
                     magnitude = max(magnitude, abs(whole[i]))
                 }
-                worst = max(worst, rowWorst)
-                worstRelative = max(worstRelative, rowWorst / max(magnitude, 1))
+                worst = worse(worst, rowWorst)
+                worstRelative = worse(worstRelative, rowWorst / max(magnitude, 1))
             }
         }
         s.adapted.setAdaptersDisabled(false)
@@ -174,9 +174,9 @@ import GraftTestSupport
                         Issue.record("\(layer) row \(r) (adapter \(ids[r])) element \(j): mixed \(m.pointer[j]) vs alone \(alone.pointer[j]), |Δ| \(difference) > \(tolerance)")
                         break
                     }
-                    worst = max(worst, difference)
-                    worstShare = max(worstShare, Double(difference) / tolerance)
-                    adapterEffect = max(adapterEffect, Double(abs(alone.pointer[j] - plain.pointer[j])) / tolerance)
+                    worst = worse(worst, difference)
+                    worstShare = worse(worstShare, Double(difference) / tolerance)
+                    adapterEffect = worse(adapterEffect, Double(abs(alone.pointer[j] - plain.pointer[j])) / tolerance)
                 }
                 if delta != nil { weakestAdapterEffect = min(weakestAdapterEffect, adapterEffect) }
             }

@@ -51,7 +51,7 @@ import GraftTestSupport
         let router1 = poly.moduleLogits.scalars
         for task in 0..<2 {
             var moved: Float = 0
-            for j in 0..<width { moved = max(moved, abs(router1[task * width + j] - router0[task * width + j])) }
+            for j in 0..<width { moved = worse(moved, abs(router1[task * width + j] - router0[task * width + j])) }
             #expect(moved > 1e-4, "task \(task)'s routing logits did not move")
         }
         // A packed batch mixing tasks cannot route per example: a clear error.

@@ -72,10 +72,12 @@ public struct GradientCheck {
     }
 }
 
-/// max |a − b| / max(1, max |b|): absolute for small values, relative for large ones.
+/// max |a − b| / max(1, max |b|): absolute for small values, relative for large ones. NaN when either side holds
+/// a NaN, infinity when their sizes differ.
 public func maxRelativeError(_ a: [Double], _ b: [Double]) -> Double {
-    let scale = max(1, b.map(abs).max() ?? 0)
-    return zip(a, b).map { abs($0 - $1) }.max().map { $0 / scale } ?? 0
+    guard a.count == b.count else { return .infinity }
+    let scale = worse(1, worstOf(b.map(abs), empty: 0))
+    return worstOf(zip(a, b).map { abs($0 - $1) }, empty: 0) / scale
 }
 
 /// Deterministic inputs in [-1, 1].
@@ -86,7 +88,7 @@ public func randomValues(_ n: Int, seed: UInt64, scale: Double = 1) -> [Double] 
 
 /// What ``finiteDifferenceCheck(_:step:relativeStep:samples:skipKinks:report:value:)`` found.
 public struct FiniteDifferenceResult {
-    /// The worst error relative to `max(1, |numeric|)`.
+    /// The worst error relative to `max(1, |numeric|)`; NaN when any analytic or numeric gradient was NaN.
     public var worst = 0.0
     /// Keys of tensors that got no gradient.
     public var missing: [String] = []
@@ -127,7 +129,7 @@ public func finiteDifferenceCheck(_ params: [(key: String, tensor: Tensor)], ste
             }
             let error = abs(Double(grad.pointer[i]) - numeric) / max(1, abs(numeric))
             if error > report { print("gradient mismatch \(key)[\(i)]: analytic \(grad.pointer[i]) numeric \(numeric)") }
-            result.worst = max(result.worst, error)
+            result.worst = worse(result.worst, error)
         }
     }
     return result

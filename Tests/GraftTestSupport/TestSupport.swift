@@ -52,12 +52,24 @@ public func fixtureBatch(_ file: SafeTensorsFile, prefix: String = "") throws ->
     return try TokenBatch(ids: ids, batchSize: b, length: t, lengths: lengths)
 }
 
-/// max |a − b| over two tensors (infinity when their sizes differ).
+/// max |a − b| over two tensors: NaN when either holds a NaN or both hold the same infinity, infinity when their
+/// sizes differ or only one is infinite, so every `difference <= tolerance` check fails on them.
 public func maxAbsDifference(_ a: Tensor, _ b: Tensor) -> Float {
     guard a.count == b.count else { return .infinity }
     var m: Float = 0
-    for i in 0..<a.count { m = max(m, abs(a.pointer[i] - b.pointer[i])) }
+    for i in 0..<a.count { m = worse(m, abs(a.pointer[i] - b.pointer[i])) }
     return m
+}
+
+/// The larger of two errors, NaN when either is NaN: a running worst that a NaN cannot hide in (Swift's `max`
+/// returns its first argument when the second is NaN).
+public func worse<T: FloatingPoint>(_ a: T, _ b: T) -> T { a.isNaN || b.isNaN ? .nan : Swift.max(a, b) }
+
+/// The largest of `values`, NaN when any is NaN (`Sequence.max()` may skip a NaN), `empty` when there are none.
+public func worstOf<S: Sequence>(_ values: S, empty: S.Element) -> S.Element where S.Element: FloatingPoint {
+    var m: S.Element? = nil
+    for v in values { m = m.map { worse($0, v) } ?? v }
+    return m ?? empty
 }
 
 /// Float32's unit roundoff, u = 2⁻²⁴: the largest relative error of one rounded operation.

@@ -36,15 +36,15 @@ import GraftTestSupport
             optimizer.zeroGrad()
             let lossErr = abs(Double(loss.item) - step.loss) / abs(step.loss)
             let normErr = abs(Double(norm) - step.grad_norm) / abs(step.grad_norm)
-            worstLoss = max(worstLoss, lossErr)
-            worstNorm = max(worstNorm, normErr)
+            worstLoss = worse(worstLoss, lossErr)
+            worstNorm = worse(worstNorm, normErr)
             #expect(lossErr <= 1e-4, "step \(step.step): loss \(loss.item) vs PEFT \(step.loss)")
             #expect(normErr <= 1e-4, "step \(step.step): grad norm \(norm) vs PEFT \(step.grad_norm)")
         }
         let final = try SafeTensorsFile(contentsOf: Assets.fixture("training-minilm/final/adapter_model.safetensors"))
         var worstWeight: Float = 0
         for (key, t) in adapter.peftStateDict {
-            worstWeight = max(worstWeight, maxAbsDifference(t, try final.tensor(key)))
+            worstWeight = worse(worstWeight, maxAbsDifference(t, try final.tensor(key)))
         }
         print("training trace: worst relative loss error \(worstLoss), grad-norm error \(worstNorm), final weight max-abs error \(worstWeight)")
         #expect(worstWeight <= 1e-4)
