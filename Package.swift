@@ -21,15 +21,17 @@ let package = Package(
     ],
     targets: [
         .systemLibrary(name: "CGraftSystem", path: "Sources/CGraftSystem"),
-        .target(name: "GraftTensor", dependencies: ["CGraftSystem"]),
+        // include/graft.h as a module: struct layouts, versions and the status table come from the header itself.
+        .systemLibrary(name: "CGraftABI", path: "Sources/CGraftABI"),
+        .target(name: "GraftTensor", dependencies: ["CGraftSystem", "CGraftABI"]),
         .target(name: "GraftIO", dependencies: ["GraftTensor"]),
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),
         .target(name: "GraftRouting", dependencies: ["GraftTensor", "GraftModels", "GraftAdapters"]),
         .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters"]),
-        .target(name: "Graft", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftRouting", "GraftTrain"]),
-        .target(name: "GraftCAPI", dependencies: ["Graft"], exclude: ["exports.map"],
+        .target(name: "Graft", dependencies: ["CGraftABI", "GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftRouting", "GraftTrain"]),
+        .target(name: "GraftCAPI", dependencies: ["Graft", "CGraftABI"], exclude: ["exports.map"],
                 linkerSettings: [.unsafeFlags([
                     "-static-stdlib", "-Xlinker", "-soname=libgraft.so",
                     // -static-stdlib alone leaves Foundation's own static dependencies unresolved in a .so.

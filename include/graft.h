@@ -64,7 +64,7 @@ extern "C" {
 /** Major version: the ABI is stable while it stays the same. */
 #define GRAFT_VERSION_MAJOR 0
 /** Minor version: grows when functions, enum values or struct fields are added. */
-#define GRAFT_VERSION_MINOR 1
+#define GRAFT_VERSION_MINOR 2
 /** Patch version: fixes only. */
 #define GRAFT_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH, the value graft_version() returns for this header's library. */
@@ -92,6 +92,29 @@ GRAFT_API const char *graft_version_string(void);
 /** The result of a fallible call: GRAFT_OK or one of the negative GRAFT_ERR_* codes. */
 typedef int32_t graft_status;
 
+/**
+ * The status table, one row per code: X(NAME, code, description), where GRAFT_<NAME> is the code's macro and
+ * description the text graft_status_string returns. It is the one definition every door uses: Swift's GraftError,
+ * graftd's wire codes (graft.v1.Error.Code = -code) and the Python exceptions are generated from it or checked
+ * against it. Codes -10 to -13 are graftd's: the daemon and its clients report them, library functions never
+ * return them. Rows are only ever appended.
+ */
+#define GRAFT_STATUS_MAP(X) \
+    X(OK, 0, "ok") \
+    X(ERR_INVALID_ARGUMENT, -1, "invalid argument") \
+    X(ERR_IO, -2, "i/o error") \
+    X(ERR_FORMAT, -3, "malformed data") \
+    X(ERR_UNSUPPORTED, -4, "unsupported") \
+    X(ERR_NOT_FOUND, -5, "not found") \
+    X(ERR_OUT_OF_MEMORY, -6, "out of memory") \
+    X(ERR_STATE, -7, "invalid state (wrong call order)") \
+    X(ERR_CANCELLED, -8, "cancelled") \
+    X(ERR_INTERNAL, -9, "internal error") \
+    X(ERR_PROTOCOL, -10, "protocol error") \
+    X(ERR_UNAUTHENTICATED, -11, "unauthenticated") \
+    X(ERR_UNKNOWN_REQUEST, -12, "unknown request") \
+    X(ERR_SHUTTING_DOWN, -13, "shutting down")
+
 /** Success. */
 #define GRAFT_OK 0
 /** An argument, configuration value, size or shape is invalid (including NULL handles and pointers). */
@@ -112,12 +135,34 @@ typedef int32_t graft_status;
 #define GRAFT_ERR_CANCELLED (-8)
 /** A bug in Graft: an internal invariant did not hold. Please report it with graft_last_error(). */
 #define GRAFT_ERR_INTERNAL (-9)
+/** graftd: an undecodable frame, a frame above the maximum, a request before hello, a timed-out frame. */
+#define GRAFT_ERR_PROTOCOL (-10)
+/** graftd: a missing or wrong token. */
+#define GRAFT_ERR_UNAUTHENTICATED (-11)
+/** graftd: a request kind this daemon does not know. */
+#define GRAFT_ERR_UNKNOWN_REQUEST (-12)
+/** graftd: the daemon is shutting down and takes no new work. */
+#define GRAFT_ERR_SHUTTING_DOWN (-13)
+
+/* Every GRAFT_* status macro equals its row of GRAFT_STATUS_MAP (a compile error otherwise). */
+#define GRAFT_STATUS_CHECK_(name, code, description) \
+    typedef char graft_status_check_##name##_[(GRAFT_##name == (code)) ? 1 : -1];
+GRAFT_STATUS_MAP(GRAFT_STATUS_CHECK_)
+#undef GRAFT_STATUS_CHECK_
 
 /**
- * A short static description of `status` ("ok", "invalid argument", ...; "unknown status" for values that are
- * not codes). Never NULL; do not free. Thread-safe; never fails; does not touch graft_last_error().
+ * A short static description of `status` (its GRAFT_STATUS_MAP row: "ok", "invalid argument", ...; "unknown
+ * status" for values that are not codes). Never NULL; do not free. Thread-safe; never fails; does not touch
+ * graft_last_error().
  */
 GRAFT_API const char *graft_status_string(graft_status status);
+
+/**
+ * The macro name of `status` without its prefix ("OK", "ERR_INVALID_ARGUMENT", ...; NULL for values that are not
+ * codes). Static text; do not free. Thread-safe; never fails; does not touch graft_last_error().
+ * Since 0.2.
+ */
+GRAFT_API const char *graft_status_name(graft_status status);
 
 /**
  * The message of the most recent failed call on the calling thread, or "" when the most recent call succeeded

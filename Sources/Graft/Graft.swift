@@ -1,4 +1,5 @@
 // The umbrella module: `import Graft` brings in every layer of the engine.
+import CGraftABI
 @_exported import GraftAdapters
 @_exported import GraftIO
 @_exported import GraftModels
@@ -7,14 +8,14 @@
 @_exported import GraftText
 @_exported import GraftTrain
 
-/// Graft's version (keep in step with GRAFT_VERSION_* in include/graft.h; the C tests compare them).
+/// Graft's version: GRAFT_VERSION_* of include/graft.h, read from the header.
 public enum GraftVersion {
     /// Incremented on incompatible changes of the C ABI.
-    public static let major = 0
+    public static let major = Int(GRAFT_VERSION_MAJOR)
     /// Incremented when features are added compatibly.
-    public static let minor = 1
+    public static let minor = Int(GRAFT_VERSION_MINOR)
     /// Incremented for fixes.
-    public static let patch = 0
+    public static let patch = Int(GRAFT_VERSION_PATCH)
     /// "major.minor.patch".
     public static var string: String { "\(major).\(minor).\(patch)" }
 }

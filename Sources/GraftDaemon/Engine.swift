@@ -402,50 +402,47 @@ final class Engine: @unchecked Sendable {
 
     // MARK: training
 
-    private static func trainerConfig(_ c: Graft_V1_TrainingConfig) throws -> (TrainerConfig, totalSteps: Int, maxLength: Int) {
-        var config = TrainerConfig()
-        if c.learningRate != 0 { config.learningRate = c.learningRate }
-        config.weightDecay = c.weightDecay
-        config.warmupSteps = Int(c.warmupSteps)
+    /// The wire's training config as the typed options (zero-valued fields take the defaults graft.proto states).
+    static func trainingOptions(_ c: Graft_V1_TrainingConfig) throws -> TrainingOptions {
+        var o = TrainingOptions()
+        if c.learningRate != 0 { o.learningRate = c.learningRate }
+        o.weightDecay = c.weightDecay
+        o.warmupSteps = Int(c.warmupSteps)
+        o.totalSteps = Int(c.totalSteps)
         switch c.schedule {
-        case .linear: config.schedule = .linear
-        case .constant: config.schedule = .constant
-        case .cosine: config.schedule = .cosine
-        case .UNRECOGNIZED(let v): throw GraftError.invalid("config.schedule \(v) is not a Schedule value (0, 1, 2)")
+        case .linear: o.schedule = .linear
+        case .constant: o.schedule = .constant
+        case .cosine: o.schedule = .cosine
+        case .UNRECOGNIZED(let v): throw GraftError.invalid("start_training.config.schedule \(v) is not a Schedule value (0, 1, 2)")
         }
         switch c.optimizer {
-        case .adamw: config.optimizer = .adamw
-        case .sgd: config.optimizer = .sgd
-        case .UNRECOGNIZED(let v): throw GraftError.invalid("config.optimizer \(v) is not an Optimizer value (0, 1)")
+        case .adamw: o.optimizer = .adamw
+        case .sgd: o.optimizer = .sgd
+        case .UNRECOGNIZED(let v): throw GraftError.invalid("start_training.config.optimizer \(v) is not an Optimizer value (0, 1)")
         }
-        guard !c.maxGradNorm.isNaN else { throw GraftError.invalid("config.max_grad_norm is NaN") }
-        config.maxGradNorm = c.maxGradNorm == 0 ? 1 : (c.maxGradNorm < 0 ? nil : c.maxGradNorm)
-        if c.gradientAccumulationSteps != 0 { config.gradientAccumulationSteps = Int(c.gradientAccumulationSteps) }
-        if c.batchSize != 0 { config.batchSize = Int(c.batchSize) }
-        config.seed = c.seed
-        if c.epochs != 0 { config.epochs = Int(c.epochs) }
+        guard !c.maxGradNorm.isNaN else { throw GraftError.invalid("start_training.config.max_grad_norm is NaN") }
+        o.maxGradNorm = c.maxGradNorm == 0 ? 1 : max(0, c.maxGradNorm)
+        if c.gradientAccumulationSteps != 0 { o.gradientAccumulationSteps = Int(c.gradientAccumulationSteps) }
+        if c.batchSize != 0 { o.batchSize = Int(c.batchSize) }
+        o.seed = c.seed
+        if c.epochs != 0 { o.epochs = Int(c.epochs) }
+        if c.maxLength != 0 { o.maxLength = Int(c.maxLength) }
+        if !c.extrasJson.isEmpty {
+            try o.update(json: c.extrasJson, allowed: TrainingOptions.extrasKeys, source: "start_training.config.extras_json")
+        }
         do {
-            try config.validate()
+            try o.validate()
         } catch let e as GraftError {
-            throw GraftError(e.code, "start_training.config: \(e.message)")
+            throw GraftError(e.code, "start_training.config.\(e.message)")
         }
-        return (config, Int(c.totalSteps), c.maxLength == 0 ? 64 : Int(c.maxLength))
+        return o
     }
 
     private func startTraining(_ r: Graft_V1_StartTraining, _ context: RequestContext) throws {
         let s = try session(r.modelID)
         let data = try nonEmpty(r.data, "start_training.data")
-        let (config, totalSteps, maxLength) = try Self.trainerConfig(r.config)
-        var extras: [String: Any] = [:]
-        if !r.config.extrasJson.isEmpty {
-            guard let object = try? JSONSerialization.jsonObject(with: Data(r.config.extrasJson.utf8)) as? [String: Any] else {
-                throw GraftError.invalid("start_training.config.extras_json is not a JSON object: \(r.config.extrasJson.prefix(80))")
-            }
-            extras = object
-        }
         let training = try GraftTrainingSession(session: s, adapterName: r.adapter.isEmpty ? nil : r.adapter,
-                                                config: config, totalSteps: totalSteps, maxLength: maxLength,
-                                                extras: extras)
+                                                options: try Self.trainingOptions(r.config))
         let job = jobs.create(modelID: r.modelID, adapter: training.trainer.adapter.name, training: training)
         emit(.jobStarted(context, job))
         worker.submit(.init(startsJob: true) { [self] in
@@ -535,17 +532,8 @@ final class Engine: @unchecked Sendable {
             return e
         }
         e.message = g.message
-        switch g.code {
-        case .invalidArgument: e.code = .invalidArgument
-        case .io: e.code = .io
-        case .format: e.code = .format
-        case .unsupported: e.code = .unsupported
-        case .notFound: e.code = .notFound
-        case .outOfMemory: e.code = .outOfMemory
-        case .state: e.code = .state
-        case .cancelled: e.code = .cancelled
-        case .internalError: e.code = .internal
-        }
+        // graft.v1.Error.Code is the GRAFT_STATUS_MAP code negated.
+        e.code = Graft_V1_Error.Code(rawValue: g.code.wireCode) ?? .internal
         return e
     }
 

@@ -212,21 +212,23 @@ public final class Trainer {
     /// Trains over `data` for `config.epochs`, continuing from a restored checkpoint if one was loaded.
     ///
     /// `progress` runs after every optimizer step; returning false stops training early (the trainer stays
-    /// consistent and can be checkpointed). `maxSteps` ends the run after that many optimizer steps in all
-    /// (the schedule then spans `maxSteps`). Returns the mean training loss of the steps run.
+    /// consistent and can be checkpointed). `maxSteps` is a step budget that overrides `config.epochs`, as
+    /// transformers' `max_steps` does: the run takes that many optimizer steps in all, passing over the data as
+    /// often as that needs, and the schedule spans them. Returns the mean training loss of the steps run.
     @discardableResult
     public func train(_ data: [TokenizedExample], maxSteps: Int? = nil,
                       progress: (TrainingProgress) -> Bool = { _ in true }) throws -> Float {
         guard !data.isEmpty else { throw GraftError.invalid("the training set is empty") }
         if let maxSteps, maxSteps < 1 { throw GraftError.invalid("max steps must be ≥ 1, got \(maxSteps)") }
-        let total = maxSteps.map { min($0, totalSteps(data.count)) } ?? totalSteps(data.count)
+        let total = maxSteps ?? totalSteps(data.count)
         let perEpoch = batchesPerEpoch(data.count)
+        let microSteps = maxSteps == nil ? config.epochs * perEpoch : Int.max
         let start = Date()
         var tokens = 0
         var lossSum: Double = 0, lossCount = 0
         var windowLoss: Double = 0, windowCount = 0
         let startStep = globalStep
-        while microStep < config.epochs * perEpoch && globalStep < total {
+        while microStep < microSteps && globalStep < total {
             let epoch = microStep / perEpoch
             let b = microStep % perEpoch
             let indices = order(epoch: epoch, count: data.count)

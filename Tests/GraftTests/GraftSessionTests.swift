@@ -15,8 +15,7 @@ import GraftTestSupport
         let base = try s.forward(batch: batch, adapterIds: nil, output: .logits)
         try s.addAdapter(name: "a", configJSON: Self.lora)
         // Make the adapter differ from the base: train it one step.
-        let t = try GraftTrainingSession(session: s, adapterName: "a", config: TrainerConfig(), totalSteps: 0,
-                                         maxLength: 64, extras: [:])
+        let t = try GraftTrainingSession(session: s, adapterName: "a", options: TrainingOptions())
         _ = try t.step(try t.examples(batch: batch, labels: [0, 1, 2]))
         let adapted = try s.forward(batch: batch, adapterIds: nil, output: .logits)
         #expect(adapted != base)
@@ -35,8 +34,7 @@ import GraftTestSupport
     @Test func causalLabelsFollowHuggingFaceShift() throws {
         let s = try GraftSession(path: try Assets.require(Assets.smollm2), task: .causalLM)
         try s.addAdapter(name: "lm", configJSON: #"{"peft_type": "LORA", "target_modules": ["q_proj"]}"#)
-        let t = try GraftTrainingSession(session: s, adapterName: nil, config: TrainerConfig(), totalSteps: 0,
-                                         maxLength: 64, extras: [:])
+        let t = try GraftTrainingSession(session: s, adapterName: nil, options: TrainingOptions())
         let batch = try s.tokenBatch(ids: [10, 11, 12, 13, 20, 21, 0, 0], lengths: [4, 2], batch: 2, stride: 4)
         let e = try t.examples(batch: batch, labels: [-100, -100, 12, 13, 5, 21, 0, 0])
         #expect(e[0].ids == [10, 11, 12, 13] && e[0].targets == [-100, 12, 13, -100])

@@ -110,6 +110,16 @@ static void test_version_and_status(void) {
     }
     CHECK(strcmp(graft_status_string(42), "unknown status") == 0);
     CHECK(strcmp(graft_status_string(GRAFT_OK), "ok") == 0);
+    /* The library's status texts and names are the header's table, row by row. */
+    size_t rows = 0;
+#define TABLE_ROW(name, code, description) \
+    CHECK(strcmp(graft_status_string(code), description) == 0); \
+    CHECK(graft_status_name(code) != NULL && strcmp(graft_status_name(code), #name) == 0); \
+    rows++;
+    GRAFT_STATUS_MAP(TABLE_ROW)
+#undef TABLE_ROW
+    CHECK(rows == 14);
+    CHECK(graft_status_name(42) == NULL && graft_status_name(-14) == NULL);
     CHECK(graft_last_error()[0] == '\0');
     graft_string_free(NULL);
     graft_model_free(NULL);

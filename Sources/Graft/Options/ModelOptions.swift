@@ -1,0 +1,38 @@
+/// How a model is loaded: the one definition of these options, their defaults and their checks. The C ABI's
+/// `graft_model_params`, graftd's `LoadModel`, the CLI's flags and the bindings all translate into it.
+public struct ModelOptions: Sendable, Equatable {
+    /// What the model is loaded for. Default ``SessionTask/base``.
+    public var task: SessionTask = .base
+    /// Classes of the sequence-classification head (≥ 1; ignored for other tasks). Default 2.
+    public var numLabels: Int = 2
+    /// Seed of the classification head's initialisation. Default 0.
+    public var seed: UInt64 = 0
+    /// Threads for all Graft work in the process; 0 keeps the current setting. Default 0.
+    public var numThreads: Int = 0
+
+    /// The defaults.
+    public init() {}
+
+    /// Throws naming the first field out of range.
+    public func validate() throws {
+        guard numThreads >= 0 else { throw GraftError.invalid("num_threads must be ≥ 0 (0 = keep the current setting), got \(numThreads)") }
+        if task == .sequenceClassification, numLabels < 1 {
+            throw GraftError.invalid("num_labels must be ≥ 1 for sequence classification, got \(numLabels)")
+        }
+    }
+}
+
+extension SessionTask {
+    /// The task named `name`: its canonical spelling (`base`, `sequence_classification`, `causal_lm`) or an alias
+    /// (`seq_cls`, `seq-cls`, `causal-lm`, ...: dashes and underscores are interchangeable, case is ignored).
+    public init(name: String) throws {
+        let key = name.lowercased().replacingOccurrences(of: "-", with: "_")
+        switch key {
+        case "base", "feature_extraction": self = .base
+        case "sequence_classification", "seq_cls", "classification": self = .sequenceClassification
+        case "causal_lm", "clm": self = .causalLM
+        default:
+            throw GraftError.invalid("unknown task '\(name)'; expected base, sequence_classification (seq_cls, seq-cls) or causal_lm (causal-lm)")
+        }
+    }
+}
