@@ -41,6 +41,8 @@ public enum AdaLoRAFactory: AdapterMethodFactory {
     public static func validate(_ config: AdapterConfig) throws {
         let r = try config.int("init_r", default: 12)
         guard r > 0 else { throw GraftError.invalid("\(config.source): 'init_r' must be positive, got \(r)") }
+        // PEFT's AdaLoRA inherits `r` from LoraConfig and ignores it: init_r and target_r set the ranks.
+        config.acknowledge("r")
     }
 
     public static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)? {

@@ -136,6 +136,7 @@ public final class AdaptedModel: @unchecked Sendable {
             let examples = linears.prefix(3) + (linears.count > 3 ? [linears[linears.count - 1]] : [])
             throw GraftError.invalid("\(config.source): target_modules \(describe(config.targetModules))\(config.layersToTransform.map { " with layers_to_transform \($0)" } ?? "") matches no Linear module; modules that exist include \(examples.joined(separator: ", "))")
         }
+        try config.rejectUnhonouredKeys()
         for (_, lin, adapter) in named.layers { lin.adapters.append(adapter) }
         for (_, lin, adapter) in named.savedModules { lin.adapters.append(adapter) }
         adapters.append(named)
@@ -163,6 +164,7 @@ public final class AdaptedModel: @unchecked Sendable {
         guard !named.modules.isEmpty else {
             throw GraftError.invalid("\(config.source): target_modules \(describe(config.targetModules)) matches no module \(config.peftType) applies to")
         }
+        try config.rejectUnhonouredKeys()
         for (_, adapter) in named.modules { adapter.attach() }
         adapters.append(named)
         try setActiveAdapter(name)

@@ -11,6 +11,11 @@ public enum TargetModules: Sendable, Equatable {
     case allLinear
 }
 
+/// The keys of one config that have been read (a reference, so copies of the config share it).
+final class KeyLedger: @unchecked Sendable {
+    var read: Set<String> = []
+}
+
 /// The configuration keys every PEFT method shares (the common part of `adapter_config.json`), plus the
 /// whole JSON object for method-specific keys.
 public struct AdapterConfig: @unchecked Sendable {
@@ -34,11 +39,25 @@ public struct AdapterConfig: @unchecked Sendable {
     public var json: [String: Any]
     /// Where the config came from, for error messages.
     public var source: String
+    /// The keys the method and the common parser have read (shared by copies of this config).
+    private let ledger = KeyLedger()
+
+    /// Keys that describe the file, not what the adapter computes.
+    public static let descriptiveKeys: Set<String> = [
+        "peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
+    ]
+    /// PEFT's defaults of options no Graft method implements: a file that leaves them at these values loads.
+    static let inertDefaults: [String: String] = [
+        "bias": "none", "megatron_core": "megatron.core", "qalora_group_size": "16", "init_weights": "true",
+        "init_lora_weights": "true", "init_ia3_weights": "true",
+    ]
 
     /// Parses the common keys of a PEFT `adapter_config.json` object.
     public init(json: [String: Any], source: String) throws {
         self.json = json
         self.source = source
+        ledger.read.formUnion(["peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                               "modules_to_save"])
         guard let type = json["peft_type"] as? String else {
             throw GraftError.invalid("\(source): missing or non-string 'peft_type'")
         }
@@ -100,9 +119,55 @@ public struct AdapterConfig: @unchecked Sendable {
 
     // MARK: typed access to method-specific keys
 
+    /// The raw value of `key` (nil when absent), recorded as honoured: every read of a method-specific key goes
+    /// through here or the typed accessors below, so ``rejectUnhonouredKeys()`` knows what the method used.
+    public func value(_ key: String) -> Any? {
+        ledger.read.insert(key)
+        return json[key]
+    }
+
+    /// Marks keys as honoured without reading them: keys that cannot change the result in this configuration
+    /// (PEFT's own AdaLoRA ignores `r`; prompt-learning configs record the model's sizes). Say why at the call.
+    public func acknowledge(_ keys: String...) {
+        ledger.read.formUnion(keys)
+    }
+
+    /// Throws for the first key the method did not read whose value is not neutral (null, false, 0, empty; for
+    /// keys with a PEFT default in ``inertDefaults``, that default only), naming it and the keys the method honours:
+    /// no setting in an adapter_config.json is silently ignored. Descriptive keys (``descriptiveKeys``) pass.
+    public func rejectUnhonouredKeys() throws {
+        let unread = json.keys.filter { !ledger.read.contains($0) && !Self.descriptiveKeys.contains($0) }.sorted()
+        for key in unread where !Self.isNeutral(json[key], default: Self.inertDefaults[key]) {
+            let honoured = ledger.read.subtracting(["peft_type"]).sorted().joined(separator: ", ")
+            throw GraftError(.unsupported, "\(source): '\(key)' = \(Self.render(json[key])) is not supported by Graft's \(peftType) (remove it or leave it at PEFT's default); \(peftType) honours: \(honoured)")
+        }
+    }
+
+    private static func isNeutral(_ value: Any?, default inert: String?) -> Bool {
+        switch value {
+        case nil, is NSNull: return true
+        case let list as [Any]: return list.isEmpty
+        case let object as [String: Any]: return object.isEmpty
+        default: break
+        }
+        let text = render(value)
+        if let inert { return text == inert }
+        return text == "false" || text == "0" || text == "0.0"
+    }
+
+    private static func render(_ value: Any?) -> String {
+        switch value {
+        case let b as Bool: return b ? "true" : "false"
+        case let s as String: return s
+        case let n as NSNumber: return n.stringValue
+        case let v?: return "\(v)"
+        case nil: return "null"
+        }
+    }
+
     /// An integer key, or `defaultValue` when absent.
     public func int(_ key: String, default defaultValue: Int) throws -> Int {
-        switch json[key] {
+        switch value(key) {
         case nil, is NSNull: return defaultValue
         case let n as Int: return n
         case let d as Double where Int(exactly: d) != nil: return Int(exactly: d) ?? defaultValue
@@ -112,7 +177,7 @@ public struct AdapterConfig: @unchecked Sendable {
 
     /// A number key, or `defaultValue` when absent.
     public func double(_ key: String, default defaultValue: Double) throws -> Double {
-        switch json[key] {
+        switch value(key) {
         case nil, is NSNull: return defaultValue
         case let d as Double: return d
         case let n as Int: return Double(n)
@@ -122,7 +187,7 @@ public struct AdapterConfig: @unchecked Sendable {
 
     /// A boolean key, or `defaultValue` when absent.
     public func bool(_ key: String, default defaultValue: Bool) throws -> Bool {
-        switch json[key] {
+        switch value(key) {
         case nil, is NSNull: return defaultValue
         case let b as Bool: return b
         case let other?: throw GraftError.invalid("\(source): '\(key)' must be true or false, got \(other)")
@@ -131,7 +196,7 @@ public struct AdapterConfig: @unchecked Sendable {
 
     /// A string key, or nil when absent.
     public func string(_ key: String) throws -> String? {
-        switch json[key] {
+        switch value(key) {
         case nil, is NSNull: return nil
         case let s as String: return s
         case let other?: throw GraftError.invalid("\(source): '\(key)' must be a string, got \(other)")
@@ -140,7 +205,7 @@ public struct AdapterConfig: @unchecked Sendable {
 
     /// A `{pattern: number}` key such as `rank_pattern` / `alpha_pattern`, in file order.
     public func patternMap(_ key: String) throws -> [(pattern: String, value: Double)] {
-        switch json[key] {
+        switch value(key) {
         case nil, is NSNull: return []
         case let d as [String: Any]:
             return try d.keys.sorted().map { k in

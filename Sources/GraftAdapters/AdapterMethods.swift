@@ -67,12 +67,12 @@ public enum LoRAFactory: AdapterMethodFactory {
 
     public static func validate(_ config: AdapterConfig) throws {
         try validateCommon(config)
-        if config.json["train_a"] != nil, !(try config.bool("train_a", default: true)) {
+        if config.value("train_a") != nil, !(try config.bool("train_a", default: true)) {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
             return try AsymmetricLoRAFactory.validate(config)
         }
         // Booleans, or the SVD-based initializations of PiSSA.swift / MiLoRA.swift / CorDA.swift.
-        if let svdInit = try SVDInitialization.parse(config.json["init_lora_weights"], source: config.source) {
+        if let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source) {
             if try config.bool("use_dora", default: false) {
                 throw GraftError(.unsupported, "\(config.source): init_lora_weights \(svdInit) cannot be combined with use_dora yet")
             }
@@ -87,7 +87,7 @@ public enum LoRAFactory: AdapterMethodFactory {
         let p = try config.double("lora_dropout", default: 0)
         guard p >= 0, p < 1 else { throw GraftError.invalid("\(config.source): 'lora_dropout' must be in [0, 1), got \(p)") }
         if let bias = try config.string("bias"), bias != "none" {
-            throw GraftError(.unsupported, "\(config.source): bias '\(bias)' is not supported (only \"none\")")
+            throw GraftError(.unsupported, "\(config.source): 'bias' = \(bias) is not supported (only \"none\")")
         }
         if try config.bool("fan_in_fan_out", default: false) {
             throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
@@ -96,16 +96,16 @@ public enum LoRAFactory: AdapterMethodFactory {
 
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
-        if config.json["train_a"] != nil, !(try config.bool("train_a", default: true)) {
+        if config.value("train_a") != nil, !(try config.bool("train_a", default: true)) {
             return try AsymmetricLoRAFactory.make(for: layer, path: path, config: config, state: state, shared: shared)
         }
         let (r, alpha) = try rankAndAlpha(config, path: path, alphaKey: "lora_alpha")
-        let svdInit = try SVDInitialization.parse(config.json["init_lora_weights"], source: config.source)
+        let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
         let lora = LoRALayer(base: layer, rank: r, alpha: alpha,
                              useRSLoRA: try config.bool("use_rslora", default: false),
                              dropout: Float(try config.double("lora_dropout", default: 0)),
                              useDoRA: try config.bool("use_dora", default: false),
-                             initLoraWeights: (config.json["init_lora_weights"] as? Bool) ?? true,
+                             initLoraWeights: (config.value("init_lora_weights") as? Bool) ?? true,
                              state: state)
         switch svdInit {
         case .pissa?: try lora.initializeFromWeightSVD(base: layer, minor: false, path: "\(config.source): \(path)")

@@ -73,12 +73,12 @@ public enum AsymmetricLoRAFactory: AdapterMethodFactory {
         if try config.bool("use_dora", default: false) {
             throw GraftError(.unsupported, "\(config.source): 'use_dora' cannot be combined with a frozen A (asymmetric LoRA)")
         }
-        switch config.json["init_lora_weights"] {
+        switch config.value("init_lora_weights") {
         case nil: break
         case let b as Bool where b: break
         case let other?: throw GraftError(.unsupported, "\(config.source): asymmetric LoRA takes no init_lora_weights \(other) (A is random orthonormal, B zero)")
         }
-        if let flag = config.json["train_a"], !(flag is Bool) {
+        if let flag = config.value("train_a"), !(flag is Bool) {
             throw GraftError.invalid("\(config.source): 'train_a' must be a boolean, got \(flag)")
         }
         if config.peftType == peftType, try config.bool("train_a", default: false) {

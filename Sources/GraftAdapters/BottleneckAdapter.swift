@@ -102,7 +102,7 @@ extension BottleneckFactory {
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         guard let host = module as? any LayerAdapterHost else { return nil }
         let leaveOut: [Int]
-        switch config.json["leave_out"] {
+        switch config.value("leave_out") {
         case nil, is NSNull: leaveOut = []
         case let list as [Int]: leaveOut = list
         case let other?: throw GraftError.invalid("\(config.source): 'leave_out' must be a list of layer indices, got \(other)")

@@ -51,7 +51,7 @@ public enum C3AFactory: AdapterMethodFactory {
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["block_size": 64, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
-        switch config.json["init_weights"] {
+        switch config.value("init_weights") {
         case nil, is Bool: break
         case let s as String where ["xavier_uniform", "gaussian", "kaiming_uniform"].contains(s): break
         case let other?: throw GraftError(.unsupported, "\(config.source): C3A init_weights \(other) is not supported")

@@ -50,7 +50,7 @@ extension AdaptedModel {
     public func initializeCorDA(_ name: String, run: () throws -> Void) throws {
         let a = try adapter(name)
         guard a.config.peftType == LoRAFactory.peftType,
-              try SVDInitialization.parse(a.config.json["init_lora_weights"], source: a.config.source) == .corda else {
+              try SVDInitialization.parse(a.config.value("init_lora_weights"), source: a.config.source) == .corda else {
             throw GraftError.invalid("adapter '\(name)' is not a CorDA LoRA (init_lora_weights \"corda\")")
         }
         guard !a.state.isMerged else { throw GraftError(.state, "adapter '\(name)' is merged; unmerge it before initializing CorDA") }
@@ -76,7 +76,7 @@ extension AdaptedModel {
 enum CorDAOptions {
     /// `corda_config.corda_method`: `"ipm"` (default) or `"kpm"`.
     static func method(_ config: AdapterConfig) throws -> String {
-        guard let raw = config.json["corda_config"], !(raw is NSNull) else { return "ipm" }
+        guard let raw = config.value("corda_config"), !(raw is NSNull) else { return "ipm" }
         guard let dict = raw as? [String: Any] else {
             throw GraftError.invalid("\(config.source): 'corda_config' must be an object, got \(raw)")
         }

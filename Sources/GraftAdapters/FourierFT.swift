@@ -143,7 +143,7 @@ public enum FourierFTFactory: AdapterMethodFactory {
         if try config.bool("fan_in_fan_out", default: false) {
             throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
         }
-        if config.json["random_loc_seed"] is NSNull {
+        if config.value("random_loc_seed") is NSNull {
             throw GraftError(.unsupported, "\(config.source): 'random_loc_seed' must be an integer (the frequencies are drawn from it)")
         }
         let seed = try config.int("random_loc_seed", default: 777)

@@ -10,11 +10,13 @@ public final class IA3Layer: LinearAdapterMethod {
     /// True when the input (not the output) is scaled.
     public let isFeedForward: Bool
 
-    /// Creates the layer with PEFT's default initialization (ones: the identity).
-    public init(base: Linear, feedForward: Bool, state: AdapterState) {
+    /// Creates the layer with PEFT's default initialization (ones: the identity), or, with `initOnes` false
+    /// (PEFT's `init_ia3_weights: false`), standard normal values as PEFT's `torch.randn` leaves them.
+    public init(base: Linear, feedForward: Bool, state: AdapterState, initOnes: Bool = true) {
         self.state = state
         isFeedForward = feedForward
-        scale = Tensor(repeating: 1, shape: feedForward ? [1, base.inFeatures] : [base.outFeatures, 1]).requiringGrad()
+        let shape = feedForward ? [1, base.inFeatures] : [base.outFeatures, 1]
+        scale = (initOnes ? Tensor(repeating: 1, shape: shape) : Tensor.randomNormal(shape, rng: &state.rng)).requiringGrad()
     }
 
     public var namedParameters: [(name: String, tensor: Tensor)] { [("ia3_l", scale)] }
@@ -42,14 +44,15 @@ public final class IA3Layer: LinearAdapterMethod {
     }
 }
 
-/// IA³ (`peft_type: "IA3"`): `target_modules`, `feedforward_modules` (a subset whose input is scaled).
+/// IA³ (`peft_type: "IA3"`): `target_modules`, `feedforward_modules` (a subset whose input is scaled),
+/// `init_ia3_weights` (true: ones; false: standard normal, as PEFT).
 public enum IA3Factory: AdapterMethodFactory {
     public static let peftType = "IA3"
     public static let family = "multiplicative (rescaling)"
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["target_modules": targets, "feedforward_modules": [String]()] }
 
     public static func validate(_ config: AdapterConfig) throws {
-        if let ff = config.json["feedforward_modules"], !(ff is [String]) && !(ff is String) && !(ff is NSNull) {
+        if let ff = config.value("feedforward_modules"), !(ff is [String]) && !(ff is String) && !(ff is NSNull) {
             throw GraftError.invalid("\(config.source): 'feedforward_modules' must be a list of names or a regex")
         }
     }
@@ -57,12 +60,13 @@ public enum IA3Factory: AdapterMethodFactory {
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
         var feedForward = false
-        switch config.json["feedforward_modules"] {
+        switch config.value("feedforward_modules") {
         case let names as [String]: feedForward = names.contains(path) || names.contains { path.hasSuffix("." + $0) }
         case let regex as String: feedForward = TargetMatcher.regexMatches(regex, path)
         default: break
         }
-        return IA3Layer(base: layer, feedForward: feedForward, state: state)
+        return IA3Layer(base: layer, feedForward: feedForward, state: state,
+                        initOnes: try config.bool("init_ia3_weights", default: true))
     }
 }
 

@@ -70,7 +70,7 @@ public enum LoRAXSFactory: AdapterMethodFactory {
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
         let (rank, alpha) = try rankAndAlpha(config, path: path, alphaKey: "lora_alpha")
         let alphaPatterns = try config.patternMap("alpha_pattern")
-        let alphaValue = config.json["lora_alpha"] == nil && alphaPatterns.isEmpty ? Float(rank) : alpha
+        let alphaValue = config.value("lora_alpha") == nil && alphaPatterns.isEmpty ? Float(rank) : alpha
         return try LoRAXSLayer(base: layer, rank: rank, alpha: alphaValue, dropout: Float(try config.double("lora_dropout", default: 0)),
                                zeroInit: try config.bool("init_weights", default: true), state: state, path: "\(config.source): \(path)")
     }

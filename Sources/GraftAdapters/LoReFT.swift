@@ -135,7 +135,7 @@ public enum LoReFTFactory: ModuleAdapterFactory {
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         guard let host = module as? any LayerAdapterHost else { return nil }
-        switch config.json["layers"] {
+        switch config.value("layers") {
         case nil, is NSNull: break
         case let list as [Int]:
             guard let i = layerIndex(path), list.contains(i) else { return nil }

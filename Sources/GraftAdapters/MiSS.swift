@@ -53,7 +53,7 @@ public enum MiSSFactory: AdapterMethodFactory {
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 64, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {
-        switch config.json["init_weights"] {
+        switch config.value("init_weights") {
         case nil, is Bool: break
         case let s as String where s == "mini": break
         case let other?: throw GraftError(.unsupported, "\(config.source): MiSS init_weights \(other) is not supported (true or \"mini\")")
@@ -67,7 +67,7 @@ public enum MiSSFactory: AdapterMethodFactory {
         let defaultRank = try config.int("r", default: 64)
         let r = Int(TargetMatcher.patternValue(try config.patternMap("rank_pattern"), path: path) ?? Double(defaultRank))
         let miniRank = try config.int("mini_r", default: 1)
-        let mini = (config.json["init_weights"] as? String) == "mini" ? miniRank : nil
+        let mini = (config.value("init_weights") as? String) == "mini" ? miniRank : nil
         if let mini, mini <= 0 || layer.outFeatures % mini != 0 {
             throw GraftError.invalid("\(config.source): mini_r \(mini) must divide out_features \(layer.outFeatures) of '\(path)'")
         }

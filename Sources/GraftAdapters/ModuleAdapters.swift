@@ -89,6 +89,8 @@ func layerIndex(_ path: String) -> Int? {
 /// Shared by the prompt-learning factories: the model they attach to (a BERT encoder or a Llama decoder) and the
 /// validated `num_virtual_tokens`.
 func virtualTokenTarget(_ module: Module, config: AdapterConfig) throws -> (any PromptHost, Int)? {
+    // PEFT records the model's sizes in prompt-learning configs; Graft reads them from the model itself.
+    config.acknowledge("num_attention_heads", "num_layers", "token_dim", "num_transformer_submodules")
     guard let host = module as? any PromptHost else { return nil }
     let n = try config.int("num_virtual_tokens", default: 8)
     guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }
@@ -233,7 +235,7 @@ public enum TrainableTokensFactory: ModuleAdapterFactory {
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         guard let table = module as? Embedding else { return nil }
-        guard let indices = config.json["token_indices"] as? [Int], !indices.isEmpty else {
+        guard let indices = config.value("token_indices") as? [Int], !indices.isEmpty else {
             throw GraftError.invalid("\(config.source): 'token_indices' must be a non-empty list of token ids")
         }
         do {
@@ -372,11 +374,15 @@ public enum PTuningFactory: ModuleAdapterFactory {
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {
         let kind = try config.string("encoder_reparameterization_type") ?? "MLP"
+        // PEFT's MLP encoder always has two layers and ignores encoder_num_layers (an LSTM setting).
+        config.acknowledge("encoder_num_layers")
         guard kind == "MLP" else {
             throw GraftError(.unsupported, "\(config.source): encoder_reparameterization_type '\(kind)' is not supported (MLP)")
         }
         guard let (host, n) = try virtualTokenTarget(module, config: config) else { return nil }
         if try config.bool("inference_mode", default: false) {
+            // The file holds the encoder's output; the encoder's width no longer matters.
+            config.acknowledge("encoder_hidden_size")
             return PromptTuningLayer(host: host, virtualTokens: n, state: state)
         }
         let hidden = try config.int("encoder_hidden_size", default: host.embeddingWidth)
@@ -420,6 +426,8 @@ public enum PrefixTuningFactory: ModuleAdapterFactory {
         if try config.bool("prefix_projection", default: false) {
             throw GraftError(.unsupported, "\(config.source): prefix_projection is not supported yet")
         }
+        // encoder_hidden_size sizes the prefix projection only, which is off here; PEFT records the model's sizes.
+        config.acknowledge("encoder_hidden_size", "num_attention_heads", "num_layers", "num_transformer_submodules")
         guard let host = module as? any PrefixHost else { return nil }
         let n = try config.int("num_virtual_tokens", default: 8)
         guard n > 0 else { throw GraftError.invalid("\(config.source): 'num_virtual_tokens' must be positive, got \(n)") }

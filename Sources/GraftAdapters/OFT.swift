@@ -94,6 +94,8 @@ public enum OFTFactory: AdapterMethodFactory {
         for flag in ["coft", "block_share"] where try config.bool(flag, default: false) {
             throw GraftError(.unsupported, "\(config.source): OFT '\(flag)' is not supported yet")
         }
+        // `eps` bounds COFT's constraint only, and COFT is rejected above.
+        config.acknowledge("eps")
         guard try config.bool("use_cayley_neumann", default: true) else {
             throw GraftError(.unsupported, "\(config.source): OFT with use_cayley_neumann false (an exact solve) is not supported yet")
         }

@@ -20,6 +20,8 @@ extension AdaptedModel {
             throw GraftError(.notFound, "\(weightsPath): missing (PEFT's .bin format is not supported; save with safe_serialization=True)")
         }
         let file = try SafeTensorsFile(contentsOf: weightsPath)
+        // The file's tensors replace whatever the initialization drew, so the init options cannot matter.
+        config.acknowledge("init_weights", "init_lora_weights", "init_ia3_weights")
         let adapter = try addAdapter(name, config: config)
         do {
             try loadWeights(file, into: adapter)

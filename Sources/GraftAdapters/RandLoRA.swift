@@ -66,6 +66,8 @@ public enum RandLoRAFactory: AdapterMethodFactory {
     public static func validate(_ config: AdapterConfig) throws {
         let r = try config.int("r", default: 32)
         guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
+        // The bases are regenerated from projection_prng_key or read from the file when it holds them.
+        config.acknowledge("save_projection")
         if try config.bool("sparse", default: false) || config.bool("very_sparse", default: false) {
             throw GraftError(.unsupported, "\(config.source): sparse RandLoRA bases are not supported yet")
         }

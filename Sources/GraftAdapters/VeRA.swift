@@ -60,6 +60,8 @@ public enum VeRAFactory: AdapterMethodFactory {
     public static func validate(_ config: AdapterConfig) throws {
         let r = try config.int("r", default: 256)
         guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
+        // The projections are regenerated from projection_prng_key or read from the file when it holds them.
+        config.acknowledge("save_projection")
         if let bias = try config.string("bias"), bias != "none" {
             throw GraftError(.unsupported, "\(config.source): bias '\(bias)' is not supported (only \"none\")")
         }

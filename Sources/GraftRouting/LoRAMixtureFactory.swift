@@ -67,7 +67,7 @@ public enum LoRAMixtureFactory: AdapterMethodFactory {
         guard e > 0 else { throw GraftError.invalid("\(config.source): 'num_experts' must be positive, got \(e)") }
         let p = try config.double("lora_dropout", default: 0)
         guard p == 0 else { throw GraftError(.unsupported, "\(config.source): 'lora_dropout' \(p) is not supported by LORA_MOE (use gate_dropout)") }
-        if let list = config.json["experts_per_layer"] {
+        if let list = config.value("experts_per_layer") {
             guard let values = list as? [Int], values.allSatisfy({ $0 > 0 }) else {
                 throw GraftError.invalid("\(config.source): 'experts_per_layer' must be a list of positive integers, got \(list)")
             }
@@ -81,7 +81,7 @@ public enum LoRAMixtureFactory: AdapterMethodFactory {
             guard v >= 1 else { throw GraftError.invalid("\(config.source): 'experts_pattern' gives \(v) experts for '\(path)'; need ≥ 1") }
             return Int(v)
         }
-        if let list = config.json["experts_per_layer"] as? [Int] {
+        if let list = config.value("experts_per_layer") as? [Int] {
             guard let layer = path.split(separator: ".").compactMap({ Int($0) }).first else {
                 throw GraftError.invalid("\(config.source): 'experts_per_layer' is set but '\(path)' has no layer number")
             }
