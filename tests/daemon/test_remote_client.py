@@ -20,12 +20,11 @@ def test_load_add_train_save_forward_over_the_unix_socket(daemon, tmp_path):
         model.add_adapter("default", LORA)
         assert [a["name"] for a in model.list_adapters()["adapters"]] == ["default"]
         before = model(TEXTS)
-        events = []
-        job = c.train(model, "tweets", total_steps=20, batch_size=16, learning_rate=2e-3, callback=events.append)
-        progress = [e for e in events if not e.finished]
+        progress = []
+        job = c.train(model, "tweets", total_steps=20, batch_size=16, learning_rate=2e-3, callback=progress.append)
         assert [e.step for e in progress] == list(range(1, 21))
         assert all(np.isfinite(e.loss) and e.tokens_per_second > 0 for e in progress)
-        assert events[-1].finished == "completed" and job.result.step == 20
+        assert job.result.finished == "completed" and job.result.step == 20
         first, last = np.mean([e.loss for e in progress[:5]]), np.mean([e.loss for e in progress[-5:]])
         assert last < first, f"training did not lower the loss: first 5 steps {first:.4f}, last 5 {last:.4f}"
         model.save_adapter(tmp_path / "lora")
@@ -109,3 +108,25 @@ def test_the_readme_python_client_snippet_runs_as_printed(daemon, tmp_path, monk
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(Path(daemon.socket_path).parent))
     exec(compile(code, "README.md (Python client)", "exec"), {})
     assert (tmp_path / "remote-lora" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("progress_every, steps", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5])])
+def test_the_training_callback_sees_each_step_once(daemon, progress_every, steps):
+    """The callback is called once per reported step; the job's final event (which repeats the last step's
+    figures with `finished` set) is the result, not another call."""
+    with Client(daemon.socket_path) as c:
+        model = c.load_model(MINILM, task="seq_cls", num_labels=3)
+        model.add_adapter("default", LORA)
+        calls = []
+        job = c.train(model, "tweets", total_steps=5, batch_size=4, progress_every=progress_every,
+                      callback=calls.append)
+        print(f"progress_every={progress_every}: callback called {len(calls)} times, steps {[e.step for e in calls]}")
+        assert [e.step for e in calls] == steps
+        assert not any(e.finished for e in calls)
+        assert job.result.finished == "completed" and job.result.step == 5
+        # job.events() still ends with the final event, for clients that want it.
+        model.add_adapter("second", LORA)
+        events = list(c.train(model, "tweets", adapter="second", total_steps=2, batch_size=4, wait=False).events())
+        assert [(e.step, e.finished) for e in events] == [(1, None), (2, None), (2, "completed")]
+        model.unload()
+
