@@ -1,0 +1,36 @@
+import Foundation
+import Graft
+
+/// Engine errors as wire errors.
+extension Engine {
+    /// `error` as a typed wire error.
+    static func errorMessage(_ error: Error) -> Graft_V1_Error {
+        var e = Graft_V1_Error()
+        guard let g = error as? GraftError else {
+            e.code = .internal
+            e.message = "\(error)"
+            return e
+        }
+        e.message = g.message
+        switch g.code {
+        case .invalidArgument: e.code = .invalidArgument
+        case .io: e.code = .io
+        case .format: e.code = .format
+        case .unsupported: e.code = .unsupported
+        case .notFound: e.code = .notFound
+        case .outOfMemory: e.code = .outOfMemory
+        case .state: e.code = .state
+        case .cancelled: e.code = .cancelled
+        case .internalError: e.code = .internal
+        }
+        return e
+    }
+
+    /// A response carrying `error` for request `id`.
+    static func errorResponse(id: UInt64, _ error: Error) -> Graft_V1_Response {
+        var r = Graft_V1_Response()
+        r.id = id
+        r.error = errorMessage(error)
+        return r
+    }
+}
