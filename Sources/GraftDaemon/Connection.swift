@@ -1,3 +1,4 @@
+import CGraftUV
 import Foundation
 
 /// One client connection (loop thread only).
@@ -6,6 +7,8 @@ final class Connection {
     let id: UInt64
     /// The libuv stream handle (a uv_pipe_t or uv_tcp_t), freed when closed.
     let handle: UnsafeMutableRawPointer
+    /// The timer enforcing ``helloDeadline`` and ``frameDeadline``, initialized on accept and freed when closed.
+    let timer: UnsafeMutablePointer<uv_timer_t>
     /// Whether it came in over TCP (hello then needs the token).
     let isTCP: Bool
     /// Incoming bytes split into frames.
@@ -14,6 +17,14 @@ final class Connection {
     var helloDone = false
     /// The client's self-description from hello.
     var clientName = ""
+    /// Loop time (milliseconds, `uv_now`) by which hello must be done; nil once it is, or with no hello timeout.
+    var helloDeadline: UInt64?
+    /// Loop time (milliseconds) by which the frame whose first bytes have arrived must be complete; nil when no
+    /// frame is partly received, or with no frame timeout.
+    var frameDeadline: UInt64?
+    /// Refused at the connection limit: its error frame is sent, what it sends is discarded until it closes or
+    /// its linger time (``helloDeadline``) ends.
+    var refused = false
     /// Bytes queued in libuv for writing.
     var pendingWriteBytes = 0
     /// Writes not yet completed.
@@ -32,6 +43,7 @@ final class Connection {
         self.id = id
         self.handle = handle
         self.isTCP = isTCP
+        timer = .allocate(capacity: 1)
         decoder = FrameDecoder(maximumFrame: maxFrame)
     }
 

@@ -18,7 +18,7 @@ extension Daemon {
     }
 
     /// Handles `nread` bytes read into the read buffer (negative: end of stream or an error): every complete
-    /// frame is handled in order; a partial one stays buffered.
+    /// frame is handled in order, a partial one starts or keeps its frame deadline.
     func didRead(_ connection: Connection, _ nread: Int) {
         guard nread >= 0 else {
             close(connection, flush: false)
@@ -26,14 +26,18 @@ extension Daemon {
         }
         guard nread > 0, !connection.closing else { return }
         stats.bytesIn += UInt64(nread)
+        if connection.refused { return }  // its error is sent; what it says now is discarded
         connection.decoder.append(UnsafeRawBufferPointer(start: readBuffer, count: nread))
+        var completed = false
         do {
             while !connection.closing, let body = try connection.decoder.next() {
+                completed = true
                 handleFrame(body, connection)
             }
         } catch {
             protocolError(connection, id: 0, code: .protocol, "\(error)")
         }
+        frameProgress(connection, completedFrame: completed)
     }
 
     /// Writes `response` as one frame: at once when nothing is queued and the socket takes it, else queued;
@@ -96,12 +100,13 @@ extension Daemon {
         if !connection.readPaused && connection.pendingWriteBytes > configuration.writeQueueLimit {
             uv_read_stop(stream)
             connection.readPaused = true
+            armTimer(connection)  // time spent not reading is not the client's: its frame deadline waits
             log("conn=\(connection.id) event=backpressure queued_bytes=\(connection.pendingWriteBytes) action=pause_reading")
         }
     }
 
     /// A queued write finished: unqueue its bytes and resume reading once the queue has drained to half the
-    /// limit.
+    /// limit (a partial frame then gets a fresh deadline).
     func didWrite(_ connection: Connection, request: UnsafeMutablePointer<uv_write_t>, status: Int32) {
         let size = connection.writeSizes.removeValue(forKey: UnsafeMutableRawPointer(request)) ?? 0
         connection.pendingWriteBytes -= size
@@ -112,6 +117,7 @@ extension Daemon {
         }
         if connection.readPaused && !connection.closing && connection.pendingWriteBytes <= configuration.writeQueueLimit / 2 {
             startReading(connection)
+            frameProgress(connection, completedFrame: true)
         }
     }
 
@@ -123,6 +129,9 @@ extension Daemon {
         guard !connection.closing else { return }
         connection.closing = true
         connections[connection.id] = nil
+        refusedConnections[connection.id] = nil
+        uv_timer_stop(connection.timer)
+        uv_close(cgraft_uv_handle(connection.timer)) { h in h.map { UnsafeMutableRawPointer($0).deallocate() } }
         for (job, sub) in subscribers where sub.connection == connection.id { subscribers[job] = nil }
         let stream = cgraft_uv_stream(connection.handle)
         uv_read_stop(stream)

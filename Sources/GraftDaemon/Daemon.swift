@@ -30,8 +30,10 @@ public final class Daemon: @unchecked Sendable {
     var signals: [UnsafeMutablePointer<uv_signal_t>] = []
     /// Models, adapters, forward passes, generation and training, on the worker thread.
     var engine: Engine!
-    /// Open connections by number.
+    /// Open connections by number (refused ones excluded).
     var connections: [UInt64: Connection] = [:]
+    /// Connections refused at the connection limit, lingering until their peers close or their time is up.
+    var refusedConnections: [UInt64: Connection] = [:]
     /// The connection (and request id) each job's events go to, by job id.
     var subscribers: [String: (connection: UInt64, request: UInt64)] = [:]
     /// Guards ``outputs``, ``workerExited`` and ``shutdownAsked`` (written by other threads).
@@ -167,6 +169,7 @@ public final class Daemon: @unchecked Sendable {
     /// Closes every connection (after its queued responses) and the async handle, so the loop can end.
     func finishShutdown() {
         for connection in Array(connections.values) { close(connection, flush: true) }
+        for connection in Array(refusedConnections.values) { close(connection, flush: false) }
         uv_close(cgraft_uv_handle(async), nil)
     }
 

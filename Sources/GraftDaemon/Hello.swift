@@ -21,6 +21,7 @@ extension Daemon {
             }
         }
         connection.helloDone = true
+        endHelloDeadline(connection)
         connection.clientName = hello.clientName
         reply(context) {
             $0.hello = .with {

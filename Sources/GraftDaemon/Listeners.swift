@@ -95,7 +95,8 @@ extension Daemon {
         log("event=listen tcp=\(host):\(boundPort)")
     }
 
-    /// Accepts a connection from `server` and starts reading from it.
+    /// Accepts a connection from `server`: it is served, or refused when ``DaemonConfiguration/maxConnections``
+    /// are open.
     func accept(_ server: UnsafeMutablePointer<uv_stream_t>?, status: Int32, tcp: Bool) {
         guard status == 0, let server, !shuttingDown else { return }
         let handle = UnsafeMutableRawPointer.allocate(byteCount: Self.handleSize, alignment: 16)
@@ -110,11 +111,18 @@ extension Daemon {
         }
         if tcp { uv_tcp_nodelay(handle.assumingMemoryBound(to: uv_tcp_t.self), 1) }
         nextConnection += 1
-        stats.connections += 1
         let connection = Connection(id: nextConnection, handle: handle, isTCP: tcp, maxFrame: configuration.maxFrame)
-        connections[connection.id] = connection
         connection.daemon = self
         cgraft_uv_handle(handle).pointee.data = Unmanaged.passRetained(connection).toOpaque()
+        uv_timer_init(loop, connection.timer)
+        connection.timer.pointee.data = Unmanaged.passUnretained(connection).toOpaque()
+        guard connections.count < configuration.maxConnections else {
+            refuse(connection)
+            return
+        }
+        stats.connections += 1
+        connections[connection.id] = connection
+        startHelloDeadline(connection)
         startReading(connection)
     }
 }

@@ -38,6 +38,15 @@ struct GraftDaemonCommand: ParsableCommand {
     @Option(help: "Bytes queued for one client before the daemon stops reading from it.")
     var writeQueueLimit = 8 << 20
 
+    @Option(help: ArgumentHelp("Seconds a client has to send the rest of a frame after its first byte, else it gets a PROTOCOL error and is closed (0 = no limit).", valueName: "seconds"))
+    var frameTimeout: Double = 30
+
+    @Option(help: ArgumentHelp("Seconds a new connection has to complete hello, else it gets a PROTOCOL error and is closed (0 = no limit).", valueName: "seconds"))
+    var helloTimeout: Double = 10
+
+    @Option(help: "Open connections at most; one beyond gets a STATE error frame and is closed.")
+    var maxConnections = 256
+
     @Option(help: "Worker threads for the engine's parallel kernels (default: $GRAFT_NUM_THREADS, else all cores).")
     var threads: Int?
 
@@ -55,6 +64,9 @@ struct GraftDaemonCommand: ParsableCommand {
         config.allowRemote = allowRemote
         config.maxFrame = maxFrame
         config.writeQueueLimit = writeQueueLimit
+        config.frameTimeout = frameTimeout
+        config.helloTimeout = helloTimeout
+        config.maxConnections = maxConnections
         if quiet { config.log = nil }
         do {
             if let tokenFile { config.token = try DaemonConfiguration.readToken(path: tokenFile) }
