@@ -9,17 +9,24 @@ extension Engine {
         ok(context)
     }
 
-    /// Loads a PEFT adapter directory (on the daemon's machine) as `name` (default "default").
+    /// Loads a PEFT adapter directory (on the daemon's machine; relative paths against graftd's working
+    /// directory) as `name` (default "default").
     func loadAdapter(_ r: Graft_V1_LoadAdapter, _ context: RequestContext) throws {
         let name = r.name.isEmpty ? "default" : r.name
-        try session(r.modelID).adapted.loadAdapter(directory: try nonEmpty(r.path, "load_adapter.path"), name: name)
+        let s = try session(r.modelID)
+        let path = try clientPath(r.path, "load_adapter.path")
+        try path.mustExist("adapter directory")
+        try path.use { _ = try s.adapted.loadAdapter(directory: $0, name: name) }
         ok(context)
     }
 
-    /// Writes an adapter in PEFT's format to a directory on the daemon's machine.
+    /// Writes an adapter in PEFT's format to a directory on the daemon's machine (relative paths against
+    /// graftd's working directory).
     func saveAdapter(_ r: Graft_V1_SaveAdapter, _ context: RequestContext) throws {
-        try session(r.modelID).adapted.saveAdapter(try nonEmpty(r.name, "save_adapter.name"),
-                                                   directory: try nonEmpty(r.path, "save_adapter.path"))
+        let s = try session(r.modelID)
+        let name = try nonEmpty(r.name, "save_adapter.name")
+        _ = try s.adapted.adapter(name)  // a missing adapter is not the path's fault
+        try clientPath(r.path, "save_adapter.path").use { try s.adapted.saveAdapter(name, directory: $0) }
         ok(context)
     }
 

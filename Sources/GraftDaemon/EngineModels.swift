@@ -18,9 +18,14 @@ extension Engine {
         return value
     }
 
-    /// Loads a model (a path, or an asset name such as "minilm") under the requested or a generated id.
+    /// Loads a model (a path, relative ones against graftd's working directory, or an asset name such as
+    /// "minilm") under the requested or a generated id.
     func loadModel(_ r: Graft_V1_LoadModel, _ context: RequestContext) throws {
-        let path = GraftSession.resolveModelPath(try nonEmpty(r.path, "load_model.path"))
+        let name = try nonEmpty(r.path, "load_model.path")
+        let asset = GraftSession.resolveModelPath(name)
+        // An asset name ("minilm") is a path in the cache; anything else is the client's path.
+        let path = asset != name ? ClientPath(asset, field: "load_model.path") : ClientPath(name, field: "load_model.path")
+        if asset == name { try path.mustExist("model file or directory (nor is '\(name)' an asset name such as minilm or smollm2)") }
         let task = try Self.sessionTask(r.task)
         var id = r.modelID
         if id.isEmpty {
@@ -28,7 +33,7 @@ extension Engine {
         } else if models[id] != nil {
             throw GraftError(.state, "model_id '\(id)' is already loaded; unload it first or choose another")
         }
-        let s = try GraftSession(path: path, task: task, numLabels: r.numLabels == 0 ? 2 : Int(r.numLabels), seed: r.seed)
+        let s = try path.use { try GraftSession(path: $0, task: task, numLabels: r.numLabels == 0 ? 2 : Int(r.numLabels), seed: r.seed) }
         models[id] = s
         publishModelNames()
         let info = try s.infoJSON()

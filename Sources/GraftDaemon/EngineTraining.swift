@@ -6,7 +6,8 @@ extension Engine {
     /// Creates a job training the request's adapter on its data, answers with the job's id, and queues the run.
     func startTraining(_ r: Graft_V1_StartTraining, _ context: RequestContext) throws {
         let s = try session(r.modelID)
-        let data = try nonEmpty(r.data, "start_training.data")
+        let data = try trainingData(r.data, "start_training.data")
+        let evalData = r.evalData.isEmpty ? nil : try trainingData(r.evalData, "start_training.eval_data")
         let (config, totalSteps, maxLength) = try Self.trainerConfig(r.config)
         var extras: [String: Any] = [:]
         if !r.config.extrasJson.isEmpty {
@@ -21,13 +22,13 @@ extension Engine {
         let job = jobs.create(modelID: r.modelID, adapter: training.trainer.adapter.name, training: training)
         emit(.jobStarted(context, job))
         worker.submit(.init(startsJob: true) { [self] in
-            run(job, data: data, evalData: r.evalData, evalEvery: Int(r.evalEvery), progressEvery: max(1, Int(r.progressEvery)))
+            run(job, data: data, evalData: evalData, evalEvery: Int(r.evalEvery), progressEvery: max(1, Int(r.progressEvery)))
         })
     }
 
     /// Runs `job` to its end on the worker thread, emitting progress events every `progressEvery` steps (and
     /// after evaluations) and one final event saying how it ended; serves queued requests between steps.
-    func run(_ job: TrainingJob, data: String, evalData: String, evalEvery: Int, progressEvery: Int) {
+    func run(_ job: TrainingJob, data: ClientPath?, evalData: ClientPath?, evalEvery: Int, progressEvery: Int) {
         var last = Graft_V1_TrainingEvent()
         last.jobID = job.id
         guard let training = job.training else { return }
@@ -38,30 +39,34 @@ extension Engine {
         }
         job.update(state: .jobRunning)
         do {
-            let evalExamples = evalData.isEmpty ? nil : try training.loadExamples(evalData)
+            let evalExamples = try evalData.map { path in try path.use { try training.loadExamples($0) } }
             func evaluate(into event: inout Graft_V1_TrainingEvent) throws {
                 guard let evalExamples else { return }
                 event.eval = Self.evalMetrics(try training.evaluate(evalExamples))
             }
             var stepError: Error?
-            try training.train(file: data) { p in
-                var e = Self.trainingEvent(jobID: job.id, p)
-                do {
-                    if evalEvery > 0, p.step % evalEvery == 0, p.step < p.totalSteps { try evaluate(into: &e) }
-                } catch {
-                    stepError = error
-                    return false
+            do {
+                try training.train(file: data?.resolved ?? "tweets") { p in
+                    var e = Self.trainingEvent(jobID: job.id, p)
+                    do {
+                        if evalEvery > 0, p.step % evalEvery == 0, p.step < p.totalSteps { try evaluate(into: &e) }
+                    } catch {
+                        stepError = error
+                        return false
+                    }
+                    last = e
+                    job.update(event: e)
+                    if p.step % progressEvery == 0 || p.step == p.totalSteps || e.hasEval { emit(.jobEvent(job, e)) }
+                    // Serve other clients between steps, then make sure this job's adapter is the trained one again.
+                    worker.runPending()
+                    do { try training.prepare() } catch {
+                        stepError = error
+                        return false
+                    }
+                    return !job.cancelRequested
                 }
-                last = e
-                job.update(event: e)
-                if p.step % progressEvery == 0 || p.step == p.totalSteps || e.hasEval { emit(.jobEvent(job, e)) }
-                // Serve other clients between steps, then make sure this job's adapter is the trained one again.
-                worker.runPending()
-                do { try training.prepare() } catch {
-                    stepError = error
-                    return false
-                }
-                return !job.cancelRequested
+            } catch {
+                throw data?.annotate(error) ?? error
             }
             if let stepError { throw stepError }
             last.clearEval()
@@ -88,7 +93,17 @@ extension Engine {
         guard let training = job.training else {
             throw GraftError(.state, "job \(job.id)'s model '\(job.modelID)' was unloaded; its trainer is gone")
         }
-        try training.trainer.saveCheckpoint(directory: try nonEmpty(r.path, "save_checkpoint.path"))
+        try clientPath(r.path, "save_checkpoint.path").use { try training.trainer.saveCheckpoint(directory: $0) }
         ok(context)
+    }
+
+    /// Training data named in `field`: the demo set "tweets" (nil), or a JSONL file that must exist, relative
+    /// paths resolved against graftd's working directory.
+    func trainingData(_ value: String, _ field: String) throws -> ClientPath? {
+        let name = try nonEmpty(value, field)
+        if name == "tweets" { return nil }
+        let path = ClientPath(name, field: field)
+        try path.mustExist("JSONL file (nor is it \"tweets\", the demo set)")
+        return path
     }
 }

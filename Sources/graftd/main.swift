@@ -11,6 +11,7 @@ struct GraftDaemonCommand: ParsableCommand {
         abstract: "Serve Graft over length-prefixed protobuf (proto/graft.proto) on a Unix socket and/or TCP.",
         discussion: """
             Clients send hello first (protocol version 1; on TCP with the token from --token-file).
+            Relative paths in requests (models, data, adapters, checkpoints) resolve against graftd's working directory.
             SIGINT/SIGTERM cancel running training jobs, close connections and exit 0.
             """)
 

@@ -43,3 +43,23 @@ import Testing
         #expect(Daemon.seconds(2) == "2" && Daemon.seconds(0.5) == "0.5")
     }
 }
+
+@Suite struct ClientPathTests {
+    @Test func relativePathsResolveAgainstTheWorkingDirectory() {
+        let p = ClientPath("out/../lora", field: "save_adapter.path", workingDirectory: "/srv/graft")
+        #expect(p.resolved == "/srv/graft/lora" && p.base == "/srv/graft")
+        #expect(p.explanation == "save_adapter.path 'out/../lora' resolved against graftd's working directory /srv/graft as /srv/graft/lora")
+        let a = ClientPath("/data/x.jsonl", field: "start_training.data", workingDirectory: "/srv/graft")
+        #expect(a.resolved == "/data/x.jsonl" && a.base == nil)
+    }
+
+    @Test func fileErrorsOfRelativePathsNameTheDirectory() {
+        let p = ClientPath("missing", field: "load_adapter.path", workingDirectory: "/nonexistent-graft-dir")
+        #expect(throws: (any Error).self) { try p.mustExist("adapter directory") }
+        do {
+            try p.mustExist("adapter directory")
+        } catch {
+            #expect("\(error)".contains("/nonexistent-graft-dir/missing") && "\(error)".contains("working directory /nonexistent-graft-dir"))
+        }
+    }
+}

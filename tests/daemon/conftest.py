@@ -27,7 +27,8 @@ SLACK = 1.5
 
 
 class Daemon:
-    """A running graftd: its socket path, TCP port, token, log file and process."""
+    """A running graftd: its socket path, TCP port, token, log file and process. Its working directory is
+    `directory` (relative paths in requests resolve there)."""
 
     def __init__(self, directory, extra_args=()):
         self.directory = Path(directory)
@@ -40,7 +41,7 @@ class Daemon:
         self.process = subprocess.Popen(
             [GRAFTD, "--socket", self.socket_path, "--port", "0", "--token-file", str(token_file), "--threads", "2",
              *extra_args],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
+            stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=self.directory)
         line = self.process.stdout.readline()
         if "listening" not in line:
             self.process.kill()

@@ -1,4 +1,5 @@
 """graft.remote.Client against a real graftd: the whole fine-tune flow, over the Unix socket and TCP."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,37 @@ def test_the_training_callback_sees_each_step_once(daemon, progress_every, steps
         assert [(e.step, e.finished) for e in events] == [(1, None), (2, None), (2, "completed")]
         model.unload()
 
+
+def test_relative_paths_resolve_against_the_daemons_working_directory(daemon):
+    """graftd reads and writes relative paths in its own working directory, and errors say which path and
+    directory it tried."""
+    cwd = os.path.realpath(daemon.directory)
+    with Client(daemon.socket_path) as c:
+        model = c.load_model(MINILM, task="seq_cls", num_labels=3)
+        model.add_adapter("default", LORA)
+        model.save_adapter("relative/lora")
+        assert (Path(cwd) / "relative" / "lora" / "adapter_model.safetensors").exists()
+        model.load_adapter("relative/lora", name="reloaded")
+        for call, field, given in [
+            (lambda: model.load_adapter("missing/lora"), "load_adapter.path", "missing/lora"),
+            (lambda: c.train(model, "missing.jsonl", total_steps=1), "start_training.data", "missing.jsonl"),
+            (lambda: c.train(model, "tweets", eval_data="missing-eval.jsonl", total_steps=1),
+             "start_training.eval_data", "missing-eval.jsonl"),
+            (lambda: c.load_model("missing-model"), "load_model.path", "missing-model"),
+        ]:
+            with pytest.raises(RemoteError) as e:
+                call()
+            assert e.value.code == "NOT_FOUND", e.value
+            assert field in e.value.message and os.path.join(cwd, given) in e.value.message, e.value.message
+            assert f"working directory {cwd}" in e.value.message, e.value.message
+        # A write that fails names the resolved path and the directory too (here a file stands where a directory
+        # would have to be created).
+        with pytest.raises(RemoteError) as e:
+            model.save_adapter("relative/lora/adapter_config.json/inside")
+        assert e.value.code == "IO" and os.path.join(cwd, "relative/lora/adapter_config.json/inside") in e.value.message
+        assert f"working directory {cwd}" in e.value.message, e.value.message
+        # An absolute path is used as given.
+        with pytest.raises(RemoteError) as e:
+            model.load_adapter(os.path.join(cwd, "elsewhere"))
+        assert os.path.join(cwd, "elsewhere") in e.value.message and "working directory" not in e.value.message
+        model.unload()
