@@ -18,6 +18,15 @@ public struct DaemonConfiguration: Sendable {
     /// Bytes queued for a client beyond which the daemon stops reading its requests (and drops its progress
     /// events) until the client catches up.
     public var writeQueueLimit = 8 << 20
+    /// Seconds a client has, from the first byte of a frame, to send the rest of it; then the daemon answers
+    /// with a PROTOCOL error and closes the connection (a peer trickling a frame holds nothing for long). 0 = no
+    /// limit. Time the daemon spends not reading (backpressure) does not count.
+    public var frameTimeout: Double = 30
+    /// Seconds a new connection has to complete hello; then it gets a PROTOCOL error and is closed. 0 = no limit.
+    public var helloTimeout: Double = 10
+    /// Open connections at most (those that have not said hello included). A connection beyond it gets a STATE
+    /// error frame saying so and is closed.
+    public var maxConnections = 256
     /// Where log lines go (one per request); nil = nowhere.
     public var log: (@Sendable (String) -> Void)? = { line in
         FileHandle.standardError.write(Data((line + "\n").utf8))
@@ -25,6 +34,11 @@ public struct DaemonConfiguration: Sendable {
 
     /// A configuration listening on nothing yet; set ``socketPath`` and/or ``tcpPort``.
     public init() {}
+
+    /// The longest ``frameTimeout`` or ``helloTimeout`` accepted, in seconds (one day).
+    public static let maximumTimeout: Double = 86_400
+    /// The largest ``maxConnections`` accepted.
+    public static let maximumConnections = 1 << 20
 
     /// `$XDG_RUNTIME_DIR/graftd.sock`, else `graftd.sock` in the Graft cache directory.
     public static var defaultSocketPath: String {
@@ -48,7 +62,7 @@ public struct DaemonConfiguration: Sendable {
     }
 
     /// Throws when the settings contradict each other (no listener, TCP without a token, a remote bind address
-    /// without ``allowRemote``, a frame limit out of range).
+    /// without ``allowRemote``) or a limit is out of range (frame size, write queue, timeouts, connections).
     public func validate() throws {
         guard socketPath != nil || tcpPort != nil else {
             throw GraftError.invalid("graftd needs a Unix socket path or a TCP port to listen on")
@@ -67,5 +81,13 @@ public struct DaemonConfiguration: Sendable {
             throw GraftError.invalid("max frame \(maxFrame) bytes is outside 1024...\(UInt32.max)")
         }
         guard writeQueueLimit >= 4096 else { throw GraftError.invalid("write queue limit \(writeQueueLimit) is below 4096 bytes") }
+        for (name, seconds) in [("frame timeout (--frame-timeout)", frameTimeout), ("hello timeout (--hello-timeout)", helloTimeout)] {
+            guard seconds.isFinite, seconds >= 0, seconds <= Self.maximumTimeout else {
+                throw GraftError.invalid("\(name) \(seconds) s is outside 0...\(Int(Self.maximumTimeout)) (0 = no limit)")
+            }
+        }
+        guard (1...Self.maximumConnections).contains(maxConnections) else {
+            throw GraftError.invalid("max connections (--max-connections) \(maxConnections) is outside 1...\(Self.maximumConnections)")
+        }
     }
 }

@@ -11,6 +11,7 @@ struct GraftDaemonCommand: ParsableCommand {
         abstract: "Serve Graft over length-prefixed protobuf (proto/graft.proto) on a Unix socket and/or TCP.",
         discussion: """
             Clients send hello first (protocol version 1; on TCP with the token from --token-file).
+            Relative paths in requests (models, data, adapters, checkpoints) resolve against graftd's working directory.
             SIGINT/SIGTERM cancel running training jobs, close connections and exit 0.
             """)
 
@@ -38,6 +39,15 @@ struct GraftDaemonCommand: ParsableCommand {
     @Option(help: "Bytes queued for one client before the daemon stops reading from it.")
     var writeQueueLimit = 8 << 20
 
+    @Option(help: ArgumentHelp("Seconds a client has to send the rest of a frame after its first byte, else it gets a PROTOCOL error and is closed (0 = no limit).", valueName: "seconds"))
+    var frameTimeout: Double = 30
+
+    @Option(help: ArgumentHelp("Seconds a new connection has to complete hello, else it gets a PROTOCOL error and is closed (0 = no limit).", valueName: "seconds"))
+    var helloTimeout: Double = 10
+
+    @Option(help: "Open connections at most; one beyond gets a STATE error frame and is closed.")
+    var maxConnections = 256
+
     @Option(help: "Worker threads for the engine's parallel kernels (default: $GRAFT_NUM_THREADS, else all cores).")
     var threads: Int?
 
@@ -55,6 +65,9 @@ struct GraftDaemonCommand: ParsableCommand {
         config.allowRemote = allowRemote
         config.maxFrame = maxFrame
         config.writeQueueLimit = writeQueueLimit
+        config.frameTimeout = frameTimeout
+        config.helloTimeout = helloTimeout
+        config.maxConnections = maxConnections
         if quiet { config.log = nil }
         do {
             if let tokenFile { config.token = try DaemonConfiguration.readToken(path: tokenFile) }

@@ -20,8 +20,15 @@ GRAFTD = os.environ.get("GRAFTD") or str(ROOT / ".build" / "release" / "graftd")
 TOKEN = "test-token-0123456789"
 
 
+# The hostile-peer tests' graftd answers a peer that has not said hello, or not finished a frame, after this many
+# seconds (--hello-timeout, --frame-timeout); SLACK is what the tests allow on top for scheduling on a busy machine.
+SHORT_TIMEOUT = 2.0
+SLACK = 1.5
+
+
 class Daemon:
-    """A running graftd: its socket path, TCP port, token, log file and process."""
+    """A running graftd: its socket path, TCP port, token, log file and process. Its working directory is
+    `directory` (relative paths in requests resolve there)."""
 
     def __init__(self, directory, extra_args=()):
         self.directory = Path(directory)
@@ -34,7 +41,7 @@ class Daemon:
         self.process = subprocess.Popen(
             [GRAFTD, "--socket", self.socket_path, "--port", "0", "--token-file", str(token_file), "--threads", "2",
              *extra_args],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
+            stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=self.directory)
         line = self.process.stdout.readline()
         if "listening" not in line:
             self.process.kill()
@@ -67,12 +74,39 @@ def daemon():
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def strict_daemon():
+    """A graftd with short hello and frame timeouts (SHORT_TIMEOUT seconds) for the hostile-peer tests."""
+    directory = tempfile.mkdtemp(prefix="graftd-strict-")
+    timeout = str(SHORT_TIMEOUT)
+    d = Daemon(directory, ["--frame-timeout", timeout, "--hello-timeout", timeout])
+    yield d
+    d.stop()
+    assert d.process.returncode == 0, f"graftd exited with {d.process.returncode}; log in {d.log_path}"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def connect(path, timeout=30):
+    """A raw Unix-socket connection to `path` (no hello). A full listen backlog (EAGAIN: the daemon has not yet
+    accepted the connections made just before) is retried for up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            return s
+        except BlockingIOError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 @pytest.fixture
 def raw(daemon):
     """A raw Unix-socket connection (no hello) for hostile-input tests."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(daemon.socket_path)
+    s = connect(daemon.socket_path)
     yield s
     s.close()
 

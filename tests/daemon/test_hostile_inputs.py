@@ -1,6 +1,7 @@
 """graftd under hostile input: garbage, truncated and oversized frames, unknown messages, many clients, a client
 killed mid-training, and a signal during a job. After each, the daemon is alive and answers other clients."""
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -10,12 +11,13 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 import graft
 from graft import graft_pb2 as pb
 from graft.remote import Client
 
-from conftest import MINILM, PYTHON, Daemon, closed, frame, read_frame
+from conftest import MINILM, PYTHON, SHORT_TIMEOUT, SLACK, Daemon, closed, connect, frame, read_frame
 
 TEXTS = ["the cat sat on the mat", "flights to boston are delayed", "I love this phone", "terrible weather"]
 
@@ -40,13 +42,35 @@ def assert_daemon_serves(daemon):
         assert c.server_stats()["uptime_seconds"] > 0
 
 
-def test_random_bytes_close_only_that_connection(daemon, raw):
-    bystander = Client(daemon.socket_path)
-    raw.sendall(os.urandom(4096))
-    assert closed(raw)
-    assert bystander.server_stats()["connections"] >= 1
-    bystander.close()
-    assert_daemon_serves(daemon)
+def garbage(kind, seed=11):
+    """4096 deterministic random bytes shaped as `kind`: "raw" (the first four announce a frame far above the
+    maximum), "half" (a 8192-byte frame cut short) or "whole" (a complete 4092-byte frame of garbage)."""
+    body = random.Random(f"{kind}-{seed}").randbytes(4092)
+    if kind == "raw":
+        data = struct.pack("<I", 0xFFFF0000 | random.Random(seed).getrandbits(16)) + body
+    else:
+        data = struct.pack("<I", 8192 if kind == "half" else 4092) + body
+    assert len(data) == 4096
+    return data
+
+
+@pytest.mark.parametrize("kind", ["raw", "half", "whole"])
+def test_random_bytes_close_only_that_connection(strict_daemon, kind):
+    """Seeded random bytes: however they frame, the sender gets a PROTOCOL error and is closed within the
+    timeout (a half frame by --hello-timeout / --frame-timeout, not never); a bystander is served throughout."""
+    with Client(strict_daemon.socket_path, timeout=30) as bystander:
+        raw = connect(strict_daemon.socket_path)
+        start = time.monotonic()
+        raw.sendall(garbage(kind))
+        r = response(raw)
+        assert r.WhichOneof("kind") == "error" and r.error.code == pb.Error.PROTOCOL, r
+        assert closed(raw, timeout=SHORT_TIMEOUT + SLACK)
+        elapsed = time.monotonic() - start
+        assert elapsed <= SHORT_TIMEOUT + SLACK, f"{kind}: closed after {elapsed:.2f} s"
+        print(f"{kind} garbage: {r.error.message!r}; closed after {elapsed:.2f} s")
+        raw.close()
+        assert bystander.server_stats()["connections"] >= 1
+    assert_daemon_serves(strict_daemon)
 
 
 def test_random_bytes_after_hello_get_a_protocol_error(daemon, raw):
@@ -59,14 +83,22 @@ def test_random_bytes_after_hello_get_a_protocol_error(daemon, raw):
     assert_daemon_serves(daemon)
 
 
-def test_a_truncated_frame_does_not_block_others(daemon, raw):
+def test_a_truncated_frame_does_not_block_others(strict_daemon):
+    raw = connect(strict_daemon.socket_path)
     raw.sendall(hello_frame())
     response(raw)
     body = pb.Request(id=2, server_stats=pb.ServerStatsRequest()).SerializeToString()
+    start = time.monotonic()
     raw.sendall(struct.pack("<I", len(body) + 100) + body)  # 100 bytes never come
-    assert_daemon_serves(daemon)
+    assert_daemon_serves(strict_daemon)
+    # The frame timeout ends it: an error naming the limit, then the close.
+    r = response(raw)
+    assert r.error.code == pb.Error.PROTOCOL and "--frame-timeout" in r.error.message, r
+    assert f"{len(body) + 4} bytes received" in r.error.message
+    assert closed(raw, timeout=SLACK)
+    assert SHORT_TIMEOUT - 0.2 <= time.monotonic() - start <= SHORT_TIMEOUT + SLACK
     raw.close()
-    assert_daemon_serves(daemon)
+    assert_daemon_serves(strict_daemon)
 
 
 def test_a_length_above_the_maximum_is_refused_before_allocating(daemon, raw):

@@ -1,4 +1,5 @@
 """graft.remote.Client against a real graftd: the whole fine-tune flow, over the Unix socket and TCP."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,11 @@ def test_load_add_train_save_forward_over_the_unix_socket(daemon, tmp_path):
         model.add_adapter("default", LORA)
         assert [a["name"] for a in model.list_adapters()["adapters"]] == ["default"]
         before = model(TEXTS)
-        events = []
-        job = c.train(model, "tweets", total_steps=20, batch_size=16, learning_rate=2e-3, callback=events.append)
-        progress = [e for e in events if not e.finished]
+        progress = []
+        job = c.train(model, "tweets", total_steps=20, batch_size=16, learning_rate=2e-3, callback=progress.append)
         assert [e.step for e in progress] == list(range(1, 21))
         assert all(np.isfinite(e.loss) and e.tokens_per_second > 0 for e in progress)
-        assert events[-1].finished == "completed" and job.result.step == 20
+        assert job.result.finished == "completed" and job.result.step == 20
         first, last = np.mean([e.loss for e in progress[:5]]), np.mean([e.loss for e in progress[-5:]])
         assert last < first, f"training did not lower the loss: first 5 steps {first:.4f}, last 5 {last:.4f}"
         model.save_adapter(tmp_path / "lora")
@@ -109,3 +109,59 @@ def test_the_readme_python_client_snippet_runs_as_printed(daemon, tmp_path, monk
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(Path(daemon.socket_path).parent))
     exec(compile(code, "README.md (Python client)", "exec"), {})
     assert (tmp_path / "remote-lora" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("progress_every, steps", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5])])
+def test_the_training_callback_sees_each_step_once(daemon, progress_every, steps):
+    """The callback is called once per reported step; the job's final event (which repeats the last step's
+    figures with `finished` set) is the result, not another call."""
+    with Client(daemon.socket_path) as c:
+        model = c.load_model(MINILM, task="seq_cls", num_labels=3)
+        model.add_adapter("default", LORA)
+        calls = []
+        job = c.train(model, "tweets", total_steps=5, batch_size=4, progress_every=progress_every,
+                      callback=calls.append)
+        print(f"progress_every={progress_every}: callback called {len(calls)} times, steps {[e.step for e in calls]}")
+        assert [e.step for e in calls] == steps
+        assert not any(e.finished for e in calls)
+        assert job.result.finished == "completed" and job.result.step == 5
+        # job.events() still ends with the final event, for clients that want it.
+        model.add_adapter("second", LORA)
+        events = list(c.train(model, "tweets", adapter="second", total_steps=2, batch_size=4, wait=False).events())
+        assert [(e.step, e.finished) for e in events] == [(1, None), (2, None), (2, "completed")]
+        model.unload()
+
+
+def test_relative_paths_resolve_against_the_daemons_working_directory(daemon):
+    """graftd reads and writes relative paths in its own working directory, and errors say which path and
+    directory it tried."""
+    cwd = os.path.realpath(daemon.directory)
+    with Client(daemon.socket_path) as c:
+        model = c.load_model(MINILM, task="seq_cls", num_labels=3)
+        model.add_adapter("default", LORA)
+        model.save_adapter("relative/lora")
+        assert (Path(cwd) / "relative" / "lora" / "adapter_model.safetensors").exists()
+        model.load_adapter("relative/lora", name="reloaded")
+        for call, field, given in [
+            (lambda: model.load_adapter("missing/lora"), "load_adapter.path", "missing/lora"),
+            (lambda: c.train(model, "missing.jsonl", total_steps=1), "start_training.data", "missing.jsonl"),
+            (lambda: c.train(model, "tweets", eval_data="missing-eval.jsonl", total_steps=1),
+             "start_training.eval_data", "missing-eval.jsonl"),
+            (lambda: c.load_model("missing-model"), "load_model.path", "missing-model"),
+        ]:
+            with pytest.raises(RemoteError) as e:
+                call()
+            assert e.value.code == "NOT_FOUND", e.value
+            assert field in e.value.message and os.path.join(cwd, given) in e.value.message, e.value.message
+            assert f"working directory {cwd}" in e.value.message, e.value.message
+        # A write that fails names the resolved path and the directory too (here a file stands where a directory
+        # would have to be created).
+        with pytest.raises(RemoteError) as e:
+            model.save_adapter("relative/lora/adapter_config.json/inside")
+        assert e.value.code == "IO" and os.path.join(cwd, "relative/lora/adapter_config.json/inside") in e.value.message
+        assert f"working directory {cwd}" in e.value.message, e.value.message
+        # An absolute path is used as given.
+        with pytest.raises(RemoteError) as e:
+            model.load_adapter(os.path.join(cwd, "elsewhere"))
+        assert os.path.join(cwd, "elsewhere") in e.value.message and "working directory" not in e.value.message
+        model.unload()

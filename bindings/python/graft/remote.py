@@ -145,9 +145,11 @@ class Client:
               learning_rate=None, weight_decay=None, warmup_steps=0, total_steps=0, schedule="linear",
               optimizer="adamw", max_grad_norm=None, gradient_accumulation_steps=1, batch_size=32, seed=42,
               epochs=1, max_length=64, extras=None, wait=True):
-        """Starts a training job on the daemon: `data` is a JSONL file on its machine or "tweets". Fields as for
-        graft.Trainer. With wait=True (default) streams progress events to `callback(event)` and returns the
-        finished Job; with wait=False returns the Job at once (iterate job.events() or call job.wait())."""
+        """Starts a training job on the daemon: `data` is a JSONL file on its machine (a relative path resolves
+        against the daemon's working directory) or "tweets". Fields as for graft.Trainer. With wait=True
+        (default) passes each progress event to `callback(event)` (once per reported step, as graft.Trainer's
+        callback) and returns the finished Job (`job.result` is the final event); with wait=False returns the Job
+        at once (iterate job.events() or call job.wait())."""
         config = pb.TrainingConfig(
             learning_rate=learning_rate or 0.0, weight_decay=weight_decay or 0.0, warmup_steps=warmup_steps,
             total_steps=total_steps, schedule=_SCHEDULES[schedule], optimizer=_OPTIMIZERS[optimizer],
@@ -272,10 +274,13 @@ class Job:
                 yield event
 
     def wait(self, callback=None):
-        """Consumes events (passing each to `callback`) until the job ends; returns the final event. Raises
-        RemoteError if the job failed."""
+        """Consumes events until the job ends, passing each progress event to `callback`; returns the final
+        event. Raises RemoteError if the job failed.
+
+        The daemon ends a job with a final event (`finished` set) that repeats the last step's figures; it is the
+        return value, not passed to `callback`, so the callback sees each step once."""
         for event in self.events():
-            if callback is not None:
+            if callback is not None and not event.finished:
                 callback(event)
         if self.result.finished == "failed":
             raise RemoteError("JOB_FAILED", self.result.error or "the job failed", self.job_id)

@@ -1,0 +1,108 @@
+import Foundation
+import Graft
+
+/// Wire messages translated into the engine's types.
+extension Engine {
+    /// The training options a `start_training` asks for, with the wire's defaults for zero fields (graft.proto);
+    /// throws naming the field at fault.
+    static func trainingOptions(_ c: Graft_V1_TrainingConfig) throws -> TrainingOptions {
+        var o = TrainingOptions()
+        if c.learningRate != 0 { o.learningRate = c.learningRate }
+        o.weightDecay = c.weightDecay
+        o.warmupSteps = Int(c.warmupSteps)
+        o.totalSteps = Int(c.totalSteps)
+        switch c.schedule {
+        case .linear: o.schedule = .linear
+        case .constant: o.schedule = .constant
+        case .cosine: o.schedule = .cosine
+        case .UNRECOGNIZED(let v): throw GraftError.invalid("start_training.config.schedule \(v) is not a Schedule value (0, 1, 2)")
+        }
+        switch c.optimizer {
+        case .adamw: o.optimizer = .adamw
+        case .sgd: o.optimizer = .sgd
+        case .UNRECOGNIZED(let v): throw GraftError.invalid("start_training.config.optimizer \(v) is not an Optimizer value (0, 1)")
+        }
+        guard !c.maxGradNorm.isNaN else { throw GraftError.invalid("start_training.config.max_grad_norm is NaN") }
+        o.maxGradNorm = c.maxGradNorm == 0 ? 1 : max(0, c.maxGradNorm)
+        if c.gradientAccumulationSteps != 0 { o.gradientAccumulationSteps = Int(c.gradientAccumulationSteps) }
+        if c.batchSize != 0 { o.batchSize = Int(c.batchSize) }
+        o.seed = c.seed
+        if c.epochs != 0 { o.epochs = Int(c.epochs) }
+        if c.maxLength != 0 { o.maxLength = Int(c.maxLength) }
+        if !c.extrasJson.isEmpty {
+            try o.update(json: c.extrasJson, allowed: TrainingOptions.extrasKeys, source: "start_training.config.extras_json")
+        }
+        do {
+            try o.validate()
+        } catch let e as GraftError {
+            throw GraftError(e.code, "start_training.config.\(e.message)")
+        }
+        return o
+    }
+
+    /// The session task a `load_model` asks for.
+    static func sessionTask(_ task: Graft_V1_Task) throws -> SessionTask {
+        switch task {
+        case .base: return .base
+        case .sequenceClassification: return .sequenceClassification
+        case .causalLm: return .causalLM
+        case .UNRECOGNIZED(let v): throw GraftError.invalid("load_model.task \(v) is not a Task value (0, 1, 2)")
+        }
+    }
+
+    /// The output a `forward` asks for; the default is logits when `s` has a head (classifier or LM), else
+    /// hidden states.
+    static func sessionOutput(_ output: Graft_V1_Output, for s: GraftSession) throws -> SessionOutput {
+        switch output {
+        case .default: return (s.classifier != nil || s.model.llama != nil) ? .logits : .hidden
+        case .hidden: return .hidden
+        case .logits: return .logits
+        case .UNRECOGNIZED(let v): throw GraftError.invalid("forward.output \(v) is not an Output value (0, 1, 2)")
+        }
+    }
+
+    /// The sampling options of a `generate`, with the wire's defaults for zero fields (graft.proto); throws
+    /// naming the field at fault.
+    static func samplingOptions(_ r: Graft_V1_Generate) throws -> SamplingOptions {
+        var o = SamplingOptions()
+        if r.maxNewTokens != 0 { o.maxNewTokens = Int(r.maxNewTokens) }
+        o.temperature = r.temperature
+        if r.topP != 0 { o.topP = r.topP }
+        o.topK = Int(r.topK)
+        o.stopAtEOS = !r.ignoreEos
+        o.seed = r.seed
+        do {
+            try o.validate()
+        } catch let e as GraftError {
+            throw GraftError(e.code, "generate.\(e.message)")
+        }
+        return o
+    }
+
+    /// A trainer's progress report as job `jobID`'s wire event.
+    static func trainingEvent(jobID: String, _ p: TrainingProgress) -> Graft_V1_TrainingEvent {
+        var e = Graft_V1_TrainingEvent()
+        e.jobID = jobID
+        e.step = UInt32(p.step)
+        e.totalSteps = UInt32(p.totalSteps)
+        e.epoch = UInt32(p.epoch)
+        e.loss = p.loss
+        e.meanLoss = p.meanLoss
+        e.learningRate = p.learningRate
+        e.gradNorm = p.gradNorm
+        e.tokensPerSecond = p.tokensPerSecond
+        e.elapsedSeconds = p.elapsed
+        e.etaSeconds = p.eta
+        return e
+    }
+
+    /// Evaluation metrics as their wire message.
+    static func evalMetrics(_ m: EvaluationMetrics) -> Graft_V1_EvalMetrics {
+        .with {
+            $0.loss = m.loss
+            $0.accuracy = m.accuracy
+            $0.perplexity = m.perplexity
+            $0.count = UInt32(m.count)
+        }
+    }
+}
