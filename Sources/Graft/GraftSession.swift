@@ -345,10 +345,10 @@ public final class GraftTrainingSession: @unchecked Sendable {
         var maxExamples: Int?
         for (key, value) in extras {
             func number() throws -> Double {
-                guard let n = value as? NSNumber, !(value is Bool) else {
-                    throw GraftError.invalid("extras: '\(key)' must be a number, got \(value)")
+                guard let n = JSONScalar.number(value) else {
+                    throw GraftError.invalid("extras: '\(key)' must be a number, got \(JSONScalar.describe(value))")
                 }
-                return n.doubleValue
+                return n
             }
             switch key {
             case "beta1", "beta2":
@@ -363,12 +363,14 @@ public final class GraftTrainingSession: @unchecked Sendable {
                 let m = try number()
                 guard m >= 0, m < 1 else { throw GraftError.invalid("extras: 'momentum' must be in [0, 1), got \(m)") }
                 config.momentum = Float(m)
-            case "eval_batch_size": config.evalBatchSize = Int(exactly: try number()) ?? -1
+            case "eval_batch_size":
+                guard let n = Int(exactly: try number()), n >= 1 else { throw GraftError.invalid("extras: 'eval_batch_size' must be an integer ≥ 1, got \(JSONScalar.describe(value))") }
+                config.evalBatchSize = n
             case "max_examples":
-                guard let n = Int(exactly: try number()), n >= 1 else { throw GraftError.invalid("extras: 'max_examples' must be an integer ≥ 1") }
+                guard let n = Int(exactly: try number()), n >= 1 else { throw GraftError.invalid("extras: 'max_examples' must be an integer ≥ 1, got \(JSONScalar.describe(value))") }
                 maxExamples = n
             case "shuffle":
-                guard let b = value as? Bool else { throw GraftError.invalid("extras: 'shuffle' must be true or false, got \(value)") }
+                guard let b = JSONScalar.bool(value) else { throw GraftError.invalid("extras: 'shuffle' must be true or false, got \(JSONScalar.describe(value))") }
                 config.shuffle = b
             default:
                 throw GraftError.invalid("extras: unknown key '\(key)' (known: beta1, beta2, eps, momentum, shuffle, eval_batch_size, max_examples)")
