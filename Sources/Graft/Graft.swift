@@ -12,7 +12,7 @@ public enum GraftVersion {
     /// Incremented on incompatible changes of the C ABI.
     public static let major = 0
     /// Incremented when features are added compatibly.
-    public static let minor = 1
+    public static let minor = 2
     /// Incremented for fixes.
     public static let patch = 0
     /// "major.minor.patch".

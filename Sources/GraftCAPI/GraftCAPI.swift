@@ -52,7 +52,7 @@ private func clearLastError() {
 }
 
 /// Runs an entry point: clears the thread's message, and turns any thrown error into its status code.
-private func guarded(_ body: () throws -> Void) -> Int32 {
+func guarded(_ body: () throws -> Void) -> Int32 {
     clearLastError()
     do {
         try body()
@@ -70,13 +70,13 @@ private func guarded(_ body: () throws -> Void) -> Int32 {
 
 private func invalid(_ message: String) -> GraftError { GraftError.invalid(message) }
 
-private func string(_ p: UnsafePointer<CChar>?, _ name: String) throws -> String {
+func string(_ p: UnsafePointer<CChar>?, _ name: String) throws -> String {
     guard let p else { throw invalid("\(name) is NULL") }
     guard let s = String(validatingCString: p) else { throw invalid("\(name) is not valid UTF-8") }
     return s
 }
 
-private func session(_ p: OpaquePointer?) throws -> GraftSession {
+func session(_ p: OpaquePointer?) throws -> GraftSession {
     guard let p else { throw invalid("model is NULL") }
     return Unmanaged<GraftSession>.fromOpaque(UnsafeRawPointer(p)).takeUnretainedValue()
 }
@@ -87,7 +87,7 @@ private func trainingSession(_ p: OpaquePointer?) throws -> GraftTrainingSession
 }
 
 /// A malloc'd copy of `s` for the caller to release with graft_string_free.
-private func mallocString(_ s: String) throws -> UnsafeMutablePointer<CChar> {
+func mallocString(_ s: String) throws -> UnsafeMutablePointer<CChar> {
     guard let p = strdup(s) else { throw GraftError(.outOfMemory, "cannot allocate \(s.utf8.count + 1) bytes for a result string") }
     return p
 }
