@@ -3,7 +3,7 @@
 A ctypes binding of libgraft.so's C ABI (include/graft.h) with a PEFT-shaped API:
 
     import graft
-    with graft.load_model(path, task="seq_cls", num_labels=3) as model:
+    with graft.load_model("minilm", task="seq-cls", num_labels=3) as model:   # an asset name or a path
         model.add_adapter("default", graft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                       modules_to_save=["classifier"]))
         with graft.Trainer(model, total_steps=10) as trainer:
