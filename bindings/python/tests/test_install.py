@@ -4,7 +4,7 @@ that it needs libgraft.so.
 
 The environment is made by `python -m venv` without system site packages, so pip installs the package's own
 dependencies (numpy, protobuf) from PyPI (or pip's cache) as a user's would. The whole test is bounded to 60 s
-(about 20 s on an idle two-core machine, most of it pip fetching and unpacking numpy).
+(10 to 20 s on a two-core machine, most of it pip fetching and unpacking numpy).
 """
 import os
 import shutil
