@@ -227,7 +227,12 @@ static inline void graft_model_params_init(graft_model_params *params) {
  * Loads a model, detecting the format from `path`: a transformers BERT directory (config.json,
  * model.safetensors, vocab.txt) or a Llama GGUF file.
  *
- * @param path    model directory or .gguf file (UTF-8); borrowed.
+ * `path` may also be one of the asset names the graft CLI and graftd accept, for the models scripts/fetch-assets
+ * caches under ${GRAFT_HOME:-$HOME/.cache/graft}: "minilm" (or "all-minilm-l6-v2") for all-MiniLM-L6-v2/ and
+ * "smollm2" (or "smollm2-135m") for smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, ignoring case. An existing file
+ * or directory of that name wins over the asset. (Since 0.2.0; before, only paths.)
+ *
+ * @param path    model directory or .gguf file, or an asset name (UTF-8); borrowed.
  * @param params  NULL for the defaults, or a struct filled by graft_model_params_init.
  * @param out     receives the new model on success; the caller owns it and releases it with graft_model_free.
  * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no such path, no config.json), GRAFT_ERR_FORMAT / GRAFT_ERR_IO (bad
@@ -466,6 +471,22 @@ typedef int (*graft_token_callback)(int32_t token, const char *text_piece, void 
 GRAFT_API graft_status graft_generate(graft_model *model, const int32_t *prompt, size_t n,
                                       const graft_sampling_params *params, graft_token_callback cb, void *user_data,
                                       int32_t *out, size_t capacity, size_t *n_out);
+
+/**
+ * Wraps one user message in the model's chat template, giving the prompt text an instruct decoder expects
+ * (the template `graft generate` applies unless --raw, and graftd applies to a Generate request with `chat`).
+ * For the supported decoders that is ChatML:
+ *   "<|im_start|>user\n" user_message "<|im_end|>\n<|im_start|>assistant\n"
+ * Tokenize the result with add_special = 0 (the template's markers are special tokens) and pass the ids to
+ * graft_generate. Since 0.2.0.
+ *
+ * @param user_message  the user's turn (UTF-8, may be ""); borrowed.
+ * @param prompt        receives the templated text; release it with graft_string_free.
+ * @return GRAFT_OK; GRAFT_ERR_UNSUPPORTED (an encoder, which has no chat template); GRAFT_ERR_INVALID_ARGUMENT
+ *         (NULL model, user_message or prompt, or a user_message that is not UTF-8).
+ * Thread safety: one thread at a time per model.
+ */
+GRAFT_API graft_status graft_chat_template_apply(const graft_model *model, const char *user_message, char **prompt);
 
 /* ------------------------------------------------------------------------------------------------------------
  * Training

@@ -12,6 +12,18 @@ public enum FineTuneTask: String, Sendable, CaseIterable {
     case sequenceClassification = "seq-cls"
     /// Next-token prediction on a decoder, loss on completions only.
     case causalLM = "causal-lm"
+
+    /// The task spelled `name` in any form ``SessionTask/aliases`` lists (`seq-cls`, `seq_cls`,
+    /// `sequence_classification`, `causal-lm`, `causal_lm`); throws naming the value for anything else,
+    /// including `base`, which has no training objective.
+    public init(name: String) throws {
+        switch SessionTask(name: name) {
+        case .sequenceClassification?: self = .sequenceClassification
+        case .causalLM?: self = .causalLM
+        case .base?: throw GraftError.invalid("task '\(name)' has no training objective; train seq-cls or causal-lm")
+        case nil: throw GraftError.invalid("task '\(name)' is not one of \(SessionTask.aliasList)")
+        }
+    }
 }
 
 /// Everything one fine-tuning run needs; `graft demo`, `graft train` and the bindings fill it.

@@ -23,6 +23,26 @@ public enum SessionTask: Int32, Sendable, CaseIterable {
         case .causalLM: return "causal_lm"
         }
     }
+
+    /// Every spelling a front door accepts for each task (the CLI's `seq-cls`, the bindings' `seq_cls`, the
+    /// JSON name, PEFT's `SEQ_CLS`), compared without case. The one task vocabulary of Graft: the CLI, the
+    /// daemon's clients and the Python and Lua bindings accept exactly these.
+    public static let aliases: [(name: String, task: SessionTask)] = [
+        ("base", .base),
+        ("seq-cls", .sequenceClassification), ("seq_cls", .sequenceClassification),
+        ("sequence_classification", .sequenceClassification),
+        ("causal-lm", .causalLM), ("causal_lm", .causalLM),
+    ]
+
+    /// The task spelled `name` (any of ``aliases``, ignoring case); nil for anything else.
+    public init?(name: String) {
+        let key = name.lowercased()
+        guard let hit = Self.aliases.first(where: { $0.name == key }) else { return nil }
+        self = hit.task
+    }
+
+    /// The accepted spellings joined for error messages.
+    public static var aliasList: String { aliases.map(\.name).joined(separator: ", ") }
 }
 
 /// What ``GraftSession/forward(batch:adapterIds:output:)`` returns.
@@ -48,9 +68,10 @@ public final class GraftSession: @unchecked Sendable {
     /// Adapter names that live trainers train (a trained adapter cannot be deleted).
     public internal(set) var adaptersInTraining: [String: Int] = [:]
 
-    /// Loads the model at `path` for `task`; `numLabels` and `seed` shape and draw the classification head.
+    /// Loads the model at `path` (a path, or an asset name ``resolveModelPath(_:)`` knows: `minilm`,
+    /// `smollm2`) for `task`; `numLabels` and `seed` shape and draw the classification head.
     public init(path: String, task: SessionTask, numLabels: Int = 2, seed: UInt64 = 0) throws {
-        model = try GraftModel(path: path)
+        model = try GraftModel(path: Self.resolveModelPath(path))
         self.task = task
         switch task {
         case .base:
@@ -323,9 +344,19 @@ extension GraftSession {
         }
     }
 
-    /// The chat template of the supported instruct decoders (ChatML) around one user turn.
+    /// The chat template of the supported instruct decoders (ChatML) around one user turn: the one
+    /// implementation behind `graft generate` (unless `--raw`), graftd's `chat` flag and the C ABI's
+    /// `graft_chat_template_apply`.
     public static func chatPrompt(_ user: String) -> String {
         "<|im_start|>user\n\(user)<|im_end|>\n<|im_start|>assistant\n"
+    }
+
+    /// ``chatPrompt(_:)`` for this model: throws for an encoder, which has no chat template.
+    public func chatPrompt(_ user: String) throws -> String {
+        guard model.llama != nil else {
+            throw GraftError(.unsupported, "\(model.path): a chat template needs a decoder model (Llama); this is a \(model.architecture.rawValue) encoder")
+        }
+        return Self.chatPrompt(user)
     }
 
     /// `${GRAFT_HOME:-$HOME/.cache/graft}/relative`.

@@ -1,4 +1,5 @@
 import Foundation
+import GraftIO
 import GraftTensor
 
 /// Which modules an adapter targets, as PEFT's `target_modules` says it.
@@ -72,8 +73,10 @@ public struct AdapterConfig: @unchecked Sendable {
         excludeModules = try AdapterConfig.parseTargets(json["exclude_modules"], field: "exclude_modules", source: source)
         switch json["layers_to_transform"] {
         case nil, is NSNull: layersToTransform = nil
-        case let n as Int: layersToTransform = [n]
-        case let list as [Int]: layersToTransform = list.isEmpty ? nil : list
+        case let n? where JSONScalar.integer(n) != nil: layersToTransform = JSONScalar.integer(n).map { [$0] }
+        case let list as [Any] where list.allSatisfy({ JSONScalar.integer($0) != nil }):
+            let indices = list.compactMap { JSONScalar.integer($0) }
+            layersToTransform = indices.isEmpty ? nil : indices
         case let other?: throw GraftError.invalid("\(source): 'layers_to_transform' must be an integer or a list of integers, got \(other)")
         }
         switch json["layers_pattern"] {
@@ -157,40 +160,45 @@ public struct AdapterConfig: @unchecked Sendable {
 
     private static func render(_ value: Any?) -> String {
         switch value {
-        case let b as Bool: return b ? "true" : "false"
         case let s as String: return s
-        case let n as NSNumber: return n.stringValue
-        case let v?: return "\(v)"
+        case let v?: return JSONScalar.describe(v)
         case nil: return "null"
         }
     }
 
-    /// An integer key, or `defaultValue` when absent.
+    /// An integer key (`3` or `3.0`, never `true`/`false`), or `defaultValue` when absent.
     public func int(_ key: String, default defaultValue: Int) throws -> Int {
         switch value(key) {
         case nil, is NSNull: return defaultValue
-        case let n as Int: return n
-        case let d as Double where Int(exactly: d) != nil: return Int(exactly: d) ?? defaultValue
-        case let other?: throw GraftError.invalid("\(source): '\(key)' must be an integer, got \(other)")
+        case let value?:
+            guard let n = JSONScalar.integer(value) else {
+                throw GraftError.invalid("\(source): '\(key)' must be an integer, got \(JSONScalar.describe(value))")
+            }
+            return n
         }
     }
 
-    /// A number key, or `defaultValue` when absent.
+    /// A number key (never `true`/`false`), or `defaultValue` when absent.
     public func double(_ key: String, default defaultValue: Double) throws -> Double {
         switch value(key) {
         case nil, is NSNull: return defaultValue
-        case let d as Double: return d
-        case let n as Int: return Double(n)
-        case let other?: throw GraftError.invalid("\(source): '\(key)' must be a number, got \(other)")
+        case let value?:
+            guard let d = JSONScalar.number(value) else {
+                throw GraftError.invalid("\(source): '\(key)' must be a number, got \(JSONScalar.describe(value))")
+            }
+            return d
         }
     }
 
-    /// A boolean key, or `defaultValue` when absent.
+    /// A boolean key (`true`/`false`, never the numbers 0 and 1), or `defaultValue` when absent.
     public func bool(_ key: String, default defaultValue: Bool) throws -> Bool {
         switch value(key) {
         case nil, is NSNull: return defaultValue
-        case let b as Bool: return b
-        case let other?: throw GraftError.invalid("\(source): '\(key)' must be true or false, got \(other)")
+        case let value?:
+            guard let b = JSONScalar.bool(value) else {
+                throw GraftError.invalid("\(source): '\(key)' must be true or false, got \(JSONScalar.describe(value))")
+            }
+            return b
         }
     }
 
@@ -209,11 +217,10 @@ public struct AdapterConfig: @unchecked Sendable {
         case nil, is NSNull: return []
         case let d as [String: Any]:
             return try d.keys.sorted().map { k in
-                switch d[k] {
-                case let n as Int: return (k, Double(n))
-                case let x as Double: return (k, x)
-                default: throw GraftError.invalid("\(source): '\(key)' entry '\(k)' must be a number")
+                guard let x = JSONScalar.number(d[k]) else {
+                    throw GraftError.invalid("\(source): '\(key)' entry '\(k)' must be a number, got \(JSONScalar.describe(d[k]))")
                 }
+                return (k, x)
             }
         case let other?: throw GraftError.invalid("\(source): '\(key)' must be an object of pattern → number, got \(other)")
         }

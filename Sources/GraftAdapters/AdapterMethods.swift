@@ -1,3 +1,4 @@
+import GraftIO
 import GraftModels
 import GraftTensor
 
@@ -105,7 +106,7 @@ public enum LoRAFactory: AdapterMethodFactory {
                              useRSLoRA: try config.bool("use_rslora", default: false),
                              dropout: Float(try config.double("lora_dropout", default: 0)),
                              useDoRA: try config.bool("use_dora", default: false),
-                             initLoraWeights: (config.value("init_lora_weights") as? Bool) ?? true,
+                             initLoraWeights: JSONScalar.bool(config.value("init_lora_weights")) ?? true,
                              state: state)
         switch svdInit {
         case .pissa?: try lora.initializeFromWeightSVD(base: layer, minor: false, path: "\(config.source): \(path)")

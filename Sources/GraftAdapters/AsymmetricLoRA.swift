@@ -1,3 +1,4 @@
+import GraftIO
 import GraftModels
 import GraftTensor
 
@@ -75,10 +76,10 @@ public enum AsymmetricLoRAFactory: AdapterMethodFactory {
         }
         switch config.value("init_lora_weights") {
         case nil: break
-        case let b as Bool where b: break
+        case let b? where JSONScalar.bool(b) == true: break
         case let other?: throw GraftError(.unsupported, "\(config.source): asymmetric LoRA takes no init_lora_weights \(other) (A is random orthonormal, B zero)")
         }
-        if let flag = config.value("train_a"), !(flag is Bool) {
+        if let flag = config.value("train_a"), !JSONScalar.isBool(flag) {
             throw GraftError.invalid("\(config.source): 'train_a' must be a boolean, got \(flag)")
         }
         if config.peftType == peftType, try config.bool("train_a", default: false) {

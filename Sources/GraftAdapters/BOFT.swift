@@ -208,7 +208,7 @@ public enum BOFTFactory: AdapterMethodFactory {
         do {
             return try BOFTLayer(base: layer, blockSize: blockSize, blockCount: blockCount, factors: factors,
                                  dropout: Float(try config.double("boft_dropout", default: 0)),
-                                 initWeights: (config.value("init_weights") as? Bool) ?? true, state: state)
+                                 initWeights: try config.bool("init_weights", default: true), state: state)
         } catch let e as GraftError {
             throw GraftError(e.code, "\(config.source): \(path): \(e.message)")
         }

@@ -1,3 +1,4 @@
+import GraftIO
 import GraftModels
 import GraftTensor
 
@@ -52,7 +53,8 @@ public enum C3AFactory: AdapterMethodFactory {
 
     public static func validate(_ config: AdapterConfig) throws {
         switch config.value("init_weights") {
-        case nil, is Bool: break
+        case nil: break
+        case let b? where JSONScalar.isBool(b): break
         case let s as String where ["xavier_uniform", "gaussian", "kaiming_uniform"].contains(s): break
         case let other?: throw GraftError(.unsupported, "\(config.source): C3A init_weights \(other) is not supported")
         }

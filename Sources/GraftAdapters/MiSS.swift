@@ -1,3 +1,4 @@
+import GraftIO
 import GraftModels
 import GraftTensor
 
@@ -54,7 +55,8 @@ public enum MiSSFactory: AdapterMethodFactory {
 
     public static func validate(_ config: AdapterConfig) throws {
         switch config.value("init_weights") {
-        case nil, is Bool: break
+        case nil: break
+        case let b? where JSONScalar.isBool(b): break
         case let s as String where s == "mini": break
         case let other?: throw GraftError(.unsupported, "\(config.source): MiSS init_weights \(other) is not supported (true or \"mini\")")
         }

@@ -1,4 +1,5 @@
 import Foundation
+import GraftIO
 import GraftModels
 import GraftTensor
 
@@ -34,7 +35,8 @@ enum SVDInitialization: Equatable {
     /// Parses `init_lora_weights`; nil for booleans and absent values (PEFT's default init).
     static func parse(_ value: Any?, source: String) throws -> SVDInitialization? {
         switch value {
-        case nil, is Bool, is NSNull: return nil
+        case nil, is NSNull: return nil
+        case let b? where JSONScalar.isBool(b): return nil
         case let s as String:
             if s == "pissa" || (s.hasPrefix("pissa_niter_") && Int(s.dropFirst("pissa_niter_".count)).map { $0 >= 0 } == true) { return .pissa }
             if s == "milora" { return .milora }

@@ -1,4 +1,5 @@
 import Foundation
+import GraftIO
 import GraftTensor
 
 /// Typed access to a JSON object with errors that name the file and the field.
@@ -36,12 +37,11 @@ public struct JSONConfig {
         self.source = source
     }
 
-    /// A required integer field.
+    /// A required integer field (`3` or `3.0`; `true`/`false` are rejected).
     public func int(_ key: String) throws -> Int {
         guard let v = object[key] else { throw GraftError.format("\(source): missing field '\(key)'") }
-        if let n = v as? Int { return n }
-        if let d = v as? Double, let n = Int(exactly: d) { return n }
-        throw GraftError.format("\(source): field '\(key)' must be an integer, got \(v)")
+        if let n = JSONScalar.integer(v) { return n }
+        throw GraftError.format("\(source): field '\(key)' must be an integer, got \(JSONScalar.describe(v))")
     }
 
     /// An optional integer field.
@@ -49,12 +49,11 @@ public struct JSONConfig {
         object[key] == nil || object[key] is NSNull ? value : try int(key)
     }
 
-    /// A required number field.
+    /// A required number field (`true`/`false` are rejected).
     public func double(_ key: String) throws -> Double {
         guard let v = object[key] else { throw GraftError.format("\(source): missing field '\(key)'") }
-        if let d = v as? Double { return d }
-        if let n = v as? Int { return Double(n) }
-        throw GraftError.format("\(source): field '\(key)' must be a number, got \(v)")
+        if let d = JSONScalar.number(v) { return d }
+        throw GraftError.format("\(source): field '\(key)' must be a number, got \(JSONScalar.describe(v))")
     }
 
     /// An optional number field.

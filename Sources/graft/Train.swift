@@ -144,7 +144,7 @@ struct Train: ParsableCommand {
 
     @Option(help: "JSON config file.") var config: String?
     @Option(help: "Model path or asset name (minilm, smollm2).") var model: String?
-    @Option(help: "seq-cls or causal-lm.") var task: String?
+    @Option(help: "seq-cls or causal-lm (also seq_cls, sequence_classification, causal_lm).") var task: String?
     @Option(help: "Training data: a JSONL file or 'tweets'.") var data: String?
     @Option(help: "Evaluation data (JSONL); defaults to the tweets' test split with --data tweets.") var evalData: String?
     @Option(help: "Where to save the adapter (PEFT format).") var output: String?
@@ -174,9 +174,7 @@ struct Train: ParsableCommand {
             }
             func value<T>(_ flag: T?, _ key: String) -> T? { flag ?? file[key] as? T }
             let taskName = value(task, "task") ?? "seq-cls"
-            guard let task = FineTuneTask(rawValue: taskName) else {
-                throw GraftError.invalid("task '\(taskName)' is not one of seq-cls, causal-lm")
-            }
+            let task = try FineTuneTask(name: taskName)
             let modelName = value(model, "model") ?? (task == .sequenceClassification ? "minilm" : "smollm2")
             var adapter = file["adapter"] as? [String: Any] ?? [:]
             if let method { adapter["peft_type"] = method.uppercased() }

@@ -63,13 +63,6 @@ import GraftTestSupport
         #expect(throws: GraftError.self) { try o.update(json: "{", source: "config") }
     }
 
-    @Test func taskNamesAcceptEveryDoorsSpelling() throws {
-        for name in ["seq-cls", "seq_cls", "sequence_classification", "SEQ-CLS"] { #expect(try SessionTask(name: name) == .sequenceClassification) }
-        for name in ["causal-lm", "causal_lm"] { #expect(try SessionTask(name: name) == .causalLM) }
-        #expect(try SessionTask(name: "base") == .base)
-        #expect(throws: GraftError.self) { try SessionTask(name: "regression") }
-    }
-
     @Test func stepBudgetOverridesEpochsAndTheScheduleSpansIt() throws {
         let s = try GraftSession(path: try Assets.require(Assets.minilm), task: .sequenceClassification, numLabels: 3)
         try s.addAdapter(name: "a", configJSON: #"{"peft_type": "LORA", "r": 4, "target_modules": ["query"]}"#)

@@ -2,7 +2,7 @@
  * graft.so — a Lua 5.4 module over Graft's C ABI (include/graft.h).
  *
  *   local graft = require "graft"
- *   local model <close> = graft.load(path, {task = "seq_cls", num_labels = 3})
+ *   local model <close> = graft.load(path, {task = "seq-cls", num_labels = 3})
  *   model:add_adapter("default", '{"peft_type": "LORA", "r": 8, "target_modules": ["query", "value"]}')
  *   local trainer <close> = model:trainer{learning_rate = 1e-3}
  *   print(trainer:step({model:tokenize("great"), model:tokenize("awful")}, {0, 1}))
@@ -175,6 +175,39 @@ static void opt_enum(lua_State *L, int idx, const char *key, const char *const n
     lua_pop(L, 1);
 }
 
+/* The task names every front door accepts (SessionTask.aliases in Sources/Graft/GraftSession.swift), any case. */
+static const struct {
+    const char *name;
+    int32_t task;
+} task_names[] = {
+    {"base", GRAFT_TASK_BASE},
+    {"seq-cls", GRAFT_TASK_SEQUENCE_CLASSIFICATION},
+    {"seq_cls", GRAFT_TASK_SEQUENCE_CLASSIFICATION},
+    {"sequence_classification", GRAFT_TASK_SEQUENCE_CLASSIFICATION},
+    {"causal-lm", GRAFT_TASK_CAUSAL_LM},
+    {"causal_lm", GRAFT_TASK_CAUSAL_LM},
+};
+
+/* The option `task` at idx mapped through task_names (absent keeps *out). */
+static void opt_task(lua_State *L, int idx, int32_t *out) {
+    if (lua_getfield(L, idx, "task") != LUA_TNIL) {
+        const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        char key[32];
+        size_t len = s ? strlen(s) : sizeof key;
+        int found = -1;
+        if (len < sizeof key) {
+            for (size_t i = 0; i <= len; i++) key[i] = (s[i] >= 'A' && s[i] <= 'Z') ? (char)(s[i] - 'A' + 'a') : s[i];
+            for (size_t i = 0; i < sizeof task_names / sizeof task_names[0]; i++)
+                if (strcmp(key, task_names[i].name) == 0) found = (int)i;
+        }
+        if (found < 0)
+            luaL_error(L, "graft: option 'task' has an unknown value '%s' (known: base, seq-cls, seq_cls, "
+                          "sequence_classification, causal-lm, causal_lm)", s ? s : luaL_typename(L, -1));
+        *out = task_names[found].task;
+    }
+    lua_pop(L, 1);
+}
+
 static void check_options(lua_State *L, int idx, const char *const known[]) {
     if (lua_isnoneornil(L, idx)) return;
     luaL_checktype(L, idx, LUA_TTABLE);
@@ -198,16 +231,17 @@ static int l_version(lua_State *L) {
     return 2;
 }
 
-/* graft.load(path [, {task = "base"|"seq_cls"|"causal_lm", num_labels = n, threads = n, seed = n}]) -> model */
+/* graft.load(path [, {task = "base"|"seq-cls"|"causal-lm" (or seq_cls, sequence_classification, causal_lm),
+ *                      num_labels = n, threads = n, seed = n}]) -> model.
+ * path: a model directory or .gguf file, or an asset name ("minilm", "smollm2"; see graft_model_load). */
 static int l_load(lua_State *L) {
     static const char *const known[] = {"task", "num_labels", "threads", "seed", NULL};
-    static const char *const tasks[] = {"base", "seq_cls", "causal_lm", NULL};
     const char *path = luaL_checkstring(L, 1);
     check_options(L, 2, known);
     graft_model_params mp;
     graft_model_params_init(&mp);
     if (lua_istable(L, 2)) {
-        opt_enum(L, 2, "task", tasks, &mp.task);
+        opt_task(L, 2, &mp.task);
         opt_int(L, 2, "num_labels", &mp.num_labels);
         opt_int(L, 2, "threads", &mp.num_threads);
         opt_u64(L, 2, "seed", &mp.seed);
@@ -274,6 +308,19 @@ static int m_decode(lua_State *L) {
     char *text = NULL;
     check(L, graft_detokenize(m, ids, (size_t)n, lua_toboolean(L, 3), &text), "decode");
     push_owned(L, text);
+    return 1;
+}
+
+/* model:chat_template(user_message) -> the prompt text in the model's chat template (graft_chat_template_apply);
+ * tokenize it with add_special = false before model:generate. */
+static int m_chat_template(lua_State *L) {
+    graft_model *m = to_model(L, 1);
+    size_t len = 0;
+    const char *text = luaL_checklstring(L, 2, &len);
+    if (strlen(text) != len) return luaL_error(L, "graft: chat_template: the message contains a NUL byte");
+    char *prompt = NULL;
+    check(L, graft_chat_template_apply(m, text, &prompt), "chat_template");
+    push_owned(L, prompt);
     return 1;
 }
 
@@ -614,6 +661,7 @@ static const luaL_Reg model_methods[] = {
     {"unmerge_adapter", m_unmerge_adapter},
     {"forward", m_forward},
     {"generate", m_generate},
+    {"chat_template", m_chat_template},
     {"trainer", m_trainer},
     {NULL, NULL},
 };

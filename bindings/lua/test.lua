@@ -183,5 +183,30 @@ test("SmolLM2 greedy generation", function()
   raises("prompt is empty", m.generate, m, {})
 end)
 
+test("one task vocabulary with the CLI; asset names; an unknown task lists the names", function()
+  local expected = {base = "base", ["seq-cls"] = "sequence_classification", seq_cls = "sequence_classification",
+                    sequence_classification = "sequence_classification", SEQ_CLS = "sequence_classification",
+                    ["causal-lm"] = "causal_lm", causal_lm = "causal_lm", CAUSAL_LM = "causal_lm"}
+  for spelling, task in pairs(expected) do
+    local m <close> = graft.load(task == "causal_lm" and SMOLLM or MINILM, {task = spelling})
+    assert(m:info():find('"task"%s*:%s*"' .. task .. '"'), spelling)
+  end
+  raises("unknown value 'classification' %(known: base, seq%-cls, seq_cls, sequence_classification, causal%-lm, causal_lm%)",
+         graft.load, MINILM, {task = "classification"})
+  raises("unknown value", graft.load, MINILM, {task = 1})
+  local m <close> = graft.load("minilm", {task = "seq-cls"})
+  assert(m:info():find('"path"%s*:%s*"[^"]*all%-MiniLM%-L6%-v2"'))
+end)
+
+test("the CLI's chat template", function()
+  local m <close> = graft.load("smollm2")
+  local prompt = m:chat_template("What is the capital of France?")
+  assert(prompt == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", prompt)
+  local out = m:generate(m:tokenize(prompt, false), {max_new_tokens = 20})
+  assert(m:decode(out, true):find("Paris"))
+  local bert <close> = graft.load(MINILM)
+  raises("unsupported.*chat template", bert.chat_template, bert, "hi")
+end)
+
 os.execute("rm -rf '" .. tmp .. "'")
 print(("lua: %d tests passed"):format(passed))

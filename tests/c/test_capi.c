@@ -315,6 +315,9 @@ static void test_model_basics(graft_model *bert) {
     free(out);
 
     EXPECT(graft_generate(bert, ids, n, NULL, NULL, NULL, NULL, 0, NULL), GRAFT_ERR_UNSUPPORTED);
+    char *chat = NULL;
+    EXPECT(graft_chat_template_apply(bert, "hello", &chat), GRAFT_ERR_UNSUPPORTED); /* an encoder has no template */
+    CHECK(chat == NULL && strstr(graft_last_error(), "chat template") != NULL);
 
     /* Training a bare BERT: first wrong call order (no adapter), then no objective. */
     graft_trainer *t = NULL;
@@ -619,6 +622,29 @@ static void test_smollm(void) {
     CHECK(text && strcmp(text, generated_text) == 0);
     graft_string_free(text);
 
+    /* The chat template the CLI applies by default, then generation from it. */
+    char *chat = NULL;
+    EXPECT(graft_chat_template_apply(m, "What is the capital of France?", &chat), GRAFT_OK);
+    CHECK(chat && strcmp(chat, "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n") == 0);
+    int32_t chat_ids[64];
+    size_t chat_n = 0;
+    EXPECT(graft_tokenize(m, chat, 0, chat_ids, 64, &chat_n), GRAFT_OK);
+    graft_string_free(chat);
+    generated_text[0] = '\0';
+    stop_after = 0;
+    token_calls = 0;
+    EXPECT(graft_generate(m, chat_ids, chat_n, &sp, on_token, &stop_after, out, 8, &n_out), GRAFT_OK);
+    CHECK(strstr(generated_text, "Paris") != NULL);
+    EXPECT(graft_chat_template_apply(m, "", &chat), GRAFT_OK);
+    CHECK(chat && strstr(chat, "<|im_start|>assistant") != NULL);
+    graft_string_free(chat);
+    chat = NULL;
+    EXPECT(graft_chat_template_apply(m, NULL, &chat), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "user_message") != NULL);
+    EXPECT(graft_chat_template_apply(m, "hi", NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_chat_template_apply(NULL, "hi", &chat), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(chat == NULL);
+
     stop_after = 2;
     token_calls = 0;
     generated_text[0] = '\0';
@@ -701,6 +727,20 @@ static void *fail_on_thread(void *arg) {
     return NULL;
 }
 
+/* The asset names the CLI and graftd accept load through graft_model_load too (resolved in the cache). */
+static void test_asset_names(void) {
+    graft_model *m = NULL;
+    EXPECT(graft_model_load("MiniLM", NULL, &m), GRAFT_OK);
+    char *json = NULL;
+    EXPECT(graft_model_info(m, &json), GRAFT_OK);
+    CHECK(json && strstr(json, "all-MiniLM-L6-v2") != NULL && strstr(json, "\"architecture\":\"bert\""));
+    graft_string_free(json);
+    graft_model_free(m);
+    m = NULL;
+    EXPECT(graft_model_load("no-such-asset", NULL, &m), GRAFT_ERR_NOT_FOUND);
+    CHECK(m == NULL && strstr(graft_last_error(), "no-such-asset") != NULL);
+}
+
 static void test_thread_local_error(void) {
     EXPECT(graft_model_load("/nonexistent/main-thread", NULL, &(graft_model *){NULL}), GRAFT_ERR_NOT_FOUND);
     int ok = 0;
@@ -731,6 +771,7 @@ int main(int argc, char **argv) {
     test_model_basics(bert);
     graft_model_free(bert);
     test_minilm_round_trip();
+    if (argc <= 1) test_asset_names(); /* asset names resolve in $GRAFT_HOME, which argv[1] may not be */
     test_smollm();
 
     char cmd[512];

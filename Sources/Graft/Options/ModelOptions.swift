@@ -21,18 +21,3 @@ public struct ModelOptions: Sendable, Equatable {
         }
     }
 }
-
-extension SessionTask {
-    /// The task named `name`: its canonical spelling (`base`, `sequence_classification`, `causal_lm`) or an alias
-    /// (`seq_cls`, `seq-cls`, `causal-lm`, ...: dashes and underscores are interchangeable, case is ignored).
-    public init(name: String) throws {
-        let key = name.lowercased().replacingOccurrences(of: "-", with: "_")
-        switch key {
-        case "base", "feature_extraction": self = .base
-        case "sequence_classification", "seq_cls", "classification": self = .sequenceClassification
-        case "causal_lm", "clm": self = .causalLM
-        default:
-            throw GraftError.invalid("unknown task '\(name)'; expected base, sequence_classification (seq_cls, seq-cls) or causal_lm (causal-lm)")
-        }
-    }
-}

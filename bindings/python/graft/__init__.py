@@ -3,7 +3,7 @@
 A ctypes binding of libgraft.so's C ABI (include/graft.h) with a PEFT-shaped API:
 
     import graft
-    with graft.load_model(path, task="seq_cls", num_labels=3) as model:
+    with graft.load_model("minilm", task="seq-cls", num_labels=3) as model:   # an asset name or a path
         model.add_adapter("default", graft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                       modules_to_save=["classifier"]))
         with graft.Trainer(model, total_steps=10) as trainer:
@@ -15,14 +15,23 @@ graft.remote (a client of the graftd daemon) works without it.
 """
 from .config import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, VeraConfig
 
+# What needs libgraft.so; without it these names raise an ImportError that says so.
+_NATIVE = {"GraftError", "Model", "Progress", "TrainResult", "Trainer", "load_model", "__version__",
+           "version_number", "library_path"}
+
 try:
     from . import _lib
 except ImportError as _error:  # no libgraft.so here: only graft.remote (and the configs) are usable
     _native_error = _error
 
     def __getattr__(name):
-        raise ImportError(f"graft.{name} needs libgraft.so, which could not be loaded ({_native_error}); "
-                          "graft.remote works without it") from None
+        # Only the native API fails loudly. Any other name (a submodule such as graft_pb2 that the import
+        # system looks up while running `from . import graft_pb2`, dunders probed by tools) must raise
+        # AttributeError, or importing graft.remote itself would fail.
+        if name in _NATIVE:
+            raise ImportError(f"graft.{name} needs libgraft.so, which could not be loaded ({_native_error}); "
+                              "graft.remote works without it") from None
+        raise AttributeError(f"module 'graft' has no attribute {name!r}")
 else:
     from .errors import GraftError
     from .model import Model, load_model

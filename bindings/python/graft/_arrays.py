@@ -12,6 +12,8 @@ def as_int32(arr, what, where):
     if isinstance(arr, np.ndarray):
         if arr.dtype == np.int32 and arr.flags.c_contiguous:
             return arr  # zero copy: the library reads this buffer directly
+        if arr.size == 0 and arr.dtype != object:
+            return np.zeros(arr.shape, dtype=np.int32)  # np.asarray([]) is float64: no values, nothing to check
         if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "b"):
             raise invalid(f"{what} must hold integers, got dtype {arr.dtype}", where)
         if arr.size and (arr.min() < _INT32.min or arr.max() > _INT32.max):

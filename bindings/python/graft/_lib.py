@@ -23,7 +23,7 @@ ERR_STATE = -7
 ERR_CANCELLED = -8
 ERR_INTERNAL = -9
 
-TASK_BASE = 0
+TASK_BASE = 0  # graft_task; names for them (one vocabulary with the CLI and Lua) live in _tasks.py
 TASK_SEQUENCE_CLASSIFICATION = 1
 TASK_CAUSAL_LM = 2
 
@@ -159,10 +159,23 @@ _sigs = {
     "graft_trainer_save_checkpoint": (_S, [_P, ctypes.c_char_p]),
     "graft_trainer_load_checkpoint": (_S, [_P, ctypes.c_char_p]),
 }
+
+# Added in graft.h 0.2.0; declared when the loaded library has it (an older libgraft.so still loads, and the
+# methods using these raise a GraftError saying the library is too old).
+_sigs_since_0_2 = {
+    # GRAFT_API graft_status graft_chat_template_apply(const graft_model *model, const char *user_message,
+    #                                                  char **prompt);
+    "graft_chat_template_apply": (_S, [_P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]),
+}
 for _name, (_res, _args) in _sigs.items():
     _f = getattr(lib, _name)
     _f.restype = _res
     _f.argtypes = _args
+for _name, (_res, _args) in _sigs_since_0_2.items():
+    if hasattr(lib, _name):
+        _f = getattr(lib, _name)
+        _f.restype = _res
+        _f.argtypes = _args
 
 
 def take_string(ptr):

@@ -6,18 +6,13 @@ import threading
 
 import numpy as np
 
-from . import _lib
+from . import _lib, _tasks
 from ._arrays import as_int32, ptr, token_batch
 from ._handle import NativeHandle, locked
 from ._lib import lib
 from .config import PeftConfig
 from .errors import GraftError, check, invalid
 
-_TASKS = {
-    None: _lib.TASK_BASE, "base": _lib.TASK_BASE,
-    "seq_cls": _lib.TASK_SEQUENCE_CLASSIFICATION, "sequence_classification": _lib.TASK_SEQUENCE_CLASSIFICATION,
-    "causal_lm": _lib.TASK_CAUSAL_LM,
-}
 _OUTPUTS = {"hidden": _lib.OUTPUT_HIDDEN, "logits": _lib.OUTPUT_LOGITS}
 
 
@@ -28,13 +23,16 @@ def _enc(s, what, where):
 
 
 def load_model(path, task=None, num_labels=None, threads=None, seed=0):
-    """Loads a model: a transformers BERT directory or a Llama GGUF file.
+    """Loads a model: a transformers BERT directory or a Llama GGUF file, or an asset name.
 
     Args:
-        path: model directory (config.json, model.safetensors, vocab.txt) or .gguf file.
-        task: None/"base" (bare model), "seq_cls"/"sequence_classification" (BERT with a fresh `classifier`
-            head; list "classifier" in modules_to_save to train it) or "causal_lm" (Llama). PEFT's task_type
-            spellings ("SEQ_CLS", "CAUSAL_LM") work too.
+        path: model directory (config.json, model.safetensors, vocab.txt) or .gguf file, or one of the asset
+            names the CLI and graftd accept: "minilm" or "smollm2" (the models scripts/fetch-assets caches in
+            ${GRAFT_HOME:-~/.cache/graft}; resolved by the library, see graft_model_load in graft.h).
+        task: None/"base" (bare model), "seq-cls" (BERT with a fresh `classifier` head; list "classifier" in
+            modules_to_save to train it) or "causal-lm" (Llama). The CLI's spellings and these are one
+            vocabulary: "seq_cls", "sequence_classification", "causal_lm" and PEFT's task_type spellings
+            ("SEQ_CLS", "CAUSAL_LM") work too.
         num_labels: classes of the classification head (default 2).
         threads: worker threads for all Graft work in the process (default: $GRAFT_NUM_THREADS, else all cores).
         seed: seed of the classification head's initialisation.
@@ -43,12 +41,12 @@ def load_model(path, task=None, num_labels=None, threads=None, seed=0):
     Raises:
         GraftError: missing path (code -5), malformed files, an unsupported architecture/task, bad arguments.
     """
-    key = task.lower() if isinstance(task, str) else task
-    if key not in _TASKS:
-        raise invalid(f"unknown task {task!r} (known: base, seq_cls, causal_lm)", "load_model")
+    number = _tasks.task_number(task)
+    if number is None:
+        raise invalid(f"unknown task {task!r} (known: {_tasks.known()})", "load_model")
     params = _lib.ModelParams()
     lib.graft_model_params_init_sized(ctypes.byref(params), ctypes.sizeof(params))
-    params.task = _TASKS[key]
+    params.task = number
     if num_labels is not None:
         params.num_labels = int(num_labels)
     if threads is not None:
@@ -223,8 +221,11 @@ class Model(NativeHandle):
 
         Args:
             ids: a 2-D int array [batch, stride] (a C-contiguous int32 array is read in place, without a copy),
-                or a list of token lists (padded; lengths taken from the rows).
-            lengths: real tokens per row (1..stride); None = full rows (or the list rows' lengths).
+                a list of token lists (padded; lengths taken from the rows), or texts: a list of strings (or one
+                string) tokenized with the model's tokenizer and special tokens (BERT: [CLS] ... [SEP]) and
+                padded, as graft.remote does.
+            lengths: real tokens per row (1..stride); None = full rows (or the list rows' lengths). Not with
+                texts.
             adapter_ids: None (current adapter state) or one entry per row: an adapter id or name, or
                 -1/None for the base model.
             output: "hidden" -> [batch, stride, hidden_size]; "logits" -> [batch, num_labels] for sequence
@@ -235,6 +236,7 @@ class Model(NativeHandle):
         if output not in _OUTPUTS:
             raise invalid(f"output must be 'hidden' or 'logits', got {output!r}", where)
         h = self._h(where)
+        ids = self._texts_to_ids(ids, lengths, where)
         mat, lens = token_batch(ids, lengths, where)
         batch, stride = mat.shape
         aids = None
@@ -271,14 +273,47 @@ class Model(NativeHandle):
 
     forward = __call__
 
+    def _texts_to_ids(self, inputs, lengths, where):
+        """`inputs` with every text replaced by its token ids (special tokens added); other inputs unchanged."""
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        elif not isinstance(inputs, (list, tuple)) or not any(isinstance(x, str) for x in inputs):
+            return inputs
+        if not all(isinstance(x, str) for x in inputs):
+            raise invalid("ids mixes texts and token lists; give one kind", where)
+        if lengths is not None:
+            raise invalid("lengths is only for token ids; texts are measured by their tokens", where)
+        rows = [self.tokenize(text, add_special_tokens=True) for text in inputs]
+        for i, row in enumerate(rows):
+            if not row:
+                raise invalid(f"text {i} ({inputs[i]!r}) has no tokens", where)
+        return rows
+
     # -- generation ------------------------------------------------------------------------------------------
     @locked
+    def apply_chat_template(self, message):
+        """`message` as the user turn of the model's chat template (graft_chat_template_apply): the prompt text
+        `graft generate` sends by default (ChatML for the supported decoders). Tokenize it without special
+        tokens added; generate(message, chat=True) does both."""
+        where = "apply_chat_template"
+        h = self._h(where)
+        if not hasattr(lib, "graft_chat_template_apply"):
+            raise GraftError(_lib.ERR_UNSUPPORTED, f"libgraft.so {_lib.lib.graft_version_string().decode()} at "
+                             f"{_lib.path} predates graft_chat_template_apply (0.2.0); rebuild it", where)
+        out = ctypes.c_void_p()
+        check(lib.graft_chat_template_apply(h, _enc(message, "message", where), ctypes.byref(out)), where)
+        return _lib.take_string(out)
+
+    @locked
     def generate(self, prompt, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                 stop_at_eos=True, callback=None):
+                 stop_at_eos=True, callback=None, chat=False):
         """Generates a continuation (Llama models) with the active adapter; returns the new token ids.
 
         Args:
             prompt: token ids, or text (tokenized without special tokens added).
+            chat: wrap a text prompt in the model's chat template first (apply_chat_template), as
+                `graft generate` does unless --raw and graft.remote does with chat=True. Use it to ask an
+                instruct model a question; leave it off for raw completion prompts.
             temperature: 0 = greedy. top_p, top_k, seed: sampling controls.
             stop_at_eos: stop at end-of-sequence / end-of-turn tokens (not returned).
             callback: None, or called as callback(token_id, text_piece) for each new token; returning True stops.
@@ -287,7 +322,13 @@ class Model(NativeHandle):
         where = "generate"
         h = self._h(where)
         if isinstance(prompt, str):
+            if chat:
+                prompt = self.apply_chat_template(prompt)
+            elif not prompt:
+                raise invalid("the prompt is empty", where)
             prompt = self.tokenize(prompt, add_special_tokens=False)
+        elif chat:
+            raise invalid("chat=True needs a text prompt, not token ids", where)
         p = as_int32(np.asarray(prompt).reshape(-1) if not isinstance(prompt, np.ndarray) else prompt.reshape(-1),
                      "prompt", where)
         if p.size == 0:
@@ -322,7 +363,9 @@ class Model(NativeHandle):
         return list(buf[: n.value])
 
     def generate_text(self, prompt, **kwargs):
-        """generate() returning the decoded text of the new tokens (special tokens left out)."""
+        """generate() returning the decoded text of the new tokens (special tokens left out); "" when the model
+        ends the sequence at once. Pass chat=True to ask an instruct model a question:
+        model.generate_text("What is the capital of France?", chat=True)."""
         return self.decode(self.generate(prompt, **kwargs), skip_special_tokens=True)
 
     def __repr__(self):

@@ -20,13 +20,15 @@ import threading
 
 import numpy as np
 
+from . import _tasks
 from . import graft_pb2 as pb
 from .config import PeftConfig
 
 PROTOCOL_VERSION = 1
 
-_TASKS = {"base": pb.TASK_BASE, "seq_cls": pb.TASK_SEQUENCE_CLASSIFICATION,
-          "sequence_classification": pb.TASK_SEQUENCE_CLASSIFICATION, "causal_lm": pb.TASK_CAUSAL_LM}
+# graft.proto's Task numbers equal graft.h's graft_task (and _tasks' numbers); the names are _tasks.ALIASES.
+_TASKS = {_tasks.BASE: pb.TASK_BASE, _tasks.SEQUENCE_CLASSIFICATION: pb.TASK_SEQUENCE_CLASSIFICATION,
+          _tasks.CAUSAL_LM: pb.TASK_CAUSAL_LM}
 _OUTPUTS = {None: pb.OUTPUT_DEFAULT, "default": pb.OUTPUT_DEFAULT, "hidden": pb.OUTPUT_HIDDEN,
             "logits": pb.OUTPUT_LOGITS}
 _SCHEDULES = {"linear": pb.SCHEDULE_LINEAR, "constant": pb.SCHEDULE_CONSTANT, "cosine": pb.SCHEDULE_COSINE}
@@ -132,10 +134,12 @@ class Client:
 
     def load_model(self, path, task=None, num_labels=None, seed=0, model_id=""):
         """Loads a model on the daemon (a path on its machine, or "minilm" / "smollm2" from its cache); `task` is
-        "base" (default), "seq_cls" or "causal_lm" as for graft.load_model. Returns a RemoteModel."""
-        if task not in (None, *_TASKS):
-            raise ValueError(f"task must be one of {sorted(_TASKS)}, got {task!r}")
-        r = self._call("load_model", pb.LoadModel(path=os.fspath(path), task=_TASKS.get(task or "base"),
+        "base" (default), "seq-cls" or "causal-lm" (or any spelling graft.load_model takes: seq_cls,
+        sequence_classification, causal_lm). Returns a RemoteModel."""
+        number = _tasks.task_number(task)
+        if number is None:
+            raise ValueError(f"task must be one of {_tasks.known()}, got {task!r}")
+        r = self._call("load_model", pb.LoadModel(path=os.fspath(path), task=_TASKS[number],
                                                   num_labels=num_labels or 0, seed=seed, model_id=model_id))
         return RemoteModel(self, r.model_loaded.model_id, json.loads(r.model_loaded.info_json))
 
