@@ -2,7 +2,7 @@
 SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
-.PHONY: demo test test-c test-python test-lua test-daemon lib graftd client install build release setup assets bench clean
+.PHONY: demo test test-c test-python test-lua test-daemon test-cli lib graftd client install build release setup assets bench clean
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -12,7 +12,7 @@ demo: setup assets release
 # against an older private layout of a class (seen as a crash in a deinit); `make clean` and rebuild then.
 TEST_FLAGS = -c release -Xswiftc -enable-testing --scratch-path .build-test
 
-test: assets test-c test-python test-lua test-daemon
+test: assets test-c test-python test-lua test-daemon test-cli
 	$(SWIFT) build --build-tests $(TEST_FLAGS)
 	$(SWIFT) test --skip-build $(TEST_FLAGS)
 
@@ -99,6 +99,10 @@ client:
 test-daemon: assets lib graftd client
 	$(PY_ENV) GRAFTD=$(abspath $(GRAFTD)) $(PYTHON) -m pytest -q tests/daemon
 	tests/daemon/run-c-client.sh $(GRAFTD) $(C_OUT)/remote-client $(C_OUT)/remote-client-asan
+
+# The CLI as a user runs it (tests/cli): step budgets, held-out evaluation, what the saved adapter records.
+test-cli: assets release
+	GRAFT_CLI=$(abspath $(RELEASE_BIN)) $(PYTHON) -m pytest -q tests/cli
 
 assets:
 	scripts/fetch-assets

@@ -42,6 +42,8 @@ public struct FineTuneSpec: @unchecked Sendable {
     public var trainer: TrainerConfig
     /// Where to save the adapter (PEFT format); nil = do not save.
     public var outputDirectory: String?
+    /// A step budget that overrides `trainer.epochs` (transformers' `max_steps`); nil = epochs.
+    public var maxSteps: Int?
 
     /// Creates a spec.
     public init(modelPath: String, task: FineTuneTask, adapterConfig: [String: Any], trainer: TrainerConfig) {
@@ -89,7 +91,9 @@ public final class FineTuneSession {
         }
         var json = spec.adapterConfig
         if json["task_type"] == nil { json["task_type"] = spec.task == .sequenceClassification ? "SEQ_CLS" : "CAUSAL_LM" }
-        if json["base_model_name_or_path"] == nil { json["base_model_name_or_path"] = URL(fileURLWithPath: spec.modelPath).lastPathComponent }
+        if json["base_model_name_or_path"] == nil || json["base_model_name_or_path"] is NSNull {
+            json["base_model_name_or_path"] = GraftSession.baseModelReference(spec.modelPath)
+        }
         try adapted.addAdapter("default", config: AdapterConfig(json: json, source: "adapter config"), seed: spec.trainer.seed)
         trainer = try Trainer(model: adapted, adapterName: "default", objective: objective, config: spec.trainer)
     }

@@ -163,8 +163,8 @@ public final class GraftSession: @unchecked Sendable {
         if config.json["task_type"] == nil {
             config.json["task_type"] = task == .sequenceClassification ? "SEQ_CLS" : (model.llama != nil ? "CAUSAL_LM" : "FEATURE_EXTRACTION")
         }
-        if config.json["base_model_name_or_path"] == nil {
-            config.json["base_model_name_or_path"] = URL(fileURLWithPath: model.path).lastPathComponent
+        if config.json["base_model_name_or_path"] == nil || config.json["base_model_name_or_path"] is NSNull {
+            config.json["base_model_name_or_path"] = Self.baseModelReference(model.path)
         }
         try adapted.addAdapter(name, config: config, seed: seed)
     }
@@ -342,6 +342,20 @@ extension GraftSession {
         case "smollm2", "smollm2-135m": return assetPath("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         default: return name
         }
+    }
+
+    /// What an adapter's `base_model_name_or_path` records for a model loaded from `path`, so PEFT can find the
+    /// base again: the Hugging Face hub id of the models fetched as assets (the files are those models'), else
+    /// the absolute path.
+    public static func baseModelReference(_ path: String) -> String {
+        let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
+        if absolute == URL(fileURLWithPath: assetPath("all-MiniLM-L6-v2")).standardizedFileURL.path {
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        }
+        if absolute == URL(fileURLWithPath: assetPath("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).standardizedFileURL.path {
+            return "HuggingFaceTB/SmolLM2-135M-Instruct"
+        }
+        return absolute
     }
 
     /// The chat template of the supported instruct decoders (ChatML) around one user turn: the one

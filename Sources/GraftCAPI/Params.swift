@@ -153,7 +153,14 @@ extension graft_trainer_params {
         o.epochs = Int(epochs)
         o.maxLength = Int(max_length)
         if let extras { try o.update(json: extras, allowed: TrainingOptions.extrasKeys, source: "extras_json") }
-        try prefixed("graft_trainer_params") { try o.validate() }
+        do {
+            try o.validate()
+        } catch let e as GraftError {
+            // Messages start with the field's name; extras fields came from extras_json.
+            let field = String(e.message.prefix { $0 != " " })
+            let owner = TrainingOptions.extrasKeys.contains(field) ? "extras_json" : "graft_trainer_params"
+            throw GraftError(e.code, "\(owner).\(e.message)")
+        }
         return o
     }
 }

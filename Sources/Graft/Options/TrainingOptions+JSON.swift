@@ -1,4 +1,5 @@
 import Foundation
+import GraftIO
 import GraftTrain
 
 extension TrainingOptions {
@@ -12,33 +13,46 @@ extension TrainingOptions {
     /// expected, or the other way round) or a malformed document is an error naming `source` and the key.
     public mutating func update(json text: String, allowed: Set<String>? = nil, source: String) throws {
         let data = Data(text.utf8)
-        let keys: [String]
+        let object: [String: Any]
         do {
-            guard let object = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+            guard let parsed = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
                 throw GraftError.invalid("\(source) must be a JSON object, got \(text.prefix(80))")
             }
-            keys = Array(object.keys)
+            object = parsed
         } catch let e as GraftError {
             throw e
         } catch {
             throw GraftError.invalid("\(source) is not valid JSON (\(error.localizedDescription)): \(text.prefix(80))")
         }
         let known = allowed ?? Set(Self.jsonKeys)
-        for key in keys.sorted() where !known.contains(key) {
+        for key in object.keys.sorted() where !known.contains(key) {
             throw GraftError.invalid("\(source): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")
+        }
+        // Integers first: a fractional number for an integer is named here (the decoder does not say where).
+        for key in object.keys.sorted() where Self.integerKeys.contains(key) {
+            guard let value = object[key], !(value is NSNull) else { continue }
+            if JSONScalar.integer(value) == nil {
+                throw GraftError.invalid("\(source): '\(key)' must be an integer, got \(JSONScalar.describe(value))")
+            }
         }
         let patch: Patch
         do {
             patch = try JSONDecoder().decode(Patch.self, from: data)
         } catch let DecodingError.typeMismatch(type, context), let DecodingError.valueNotFound(type, context) {
             let key = context.codingPath.first?.stringValue ?? "?"
-            throw GraftError.invalid("\(source): '\(key)' must be \(Self.describe(type)): \(context.debugDescription)")
+            throw GraftError.invalid("\(source): '\(key)' must be \(Self.describe(type)), got \(JSONScalar.describe(object[key]))")
         } catch let DecodingError.dataCorrupted(context) {
             let key = context.codingPath.first?.stringValue ?? "?"
-            throw GraftError.invalid("\(source): '\(key)' is invalid: \(context.debugDescription)")
+            let expected = Self.integerKeys.contains(key) ? "must be an integer" : "is invalid (\(context.debugDescription))"
+            throw GraftError.invalid("\(source): '\(key)' \(expected), got \(JSONScalar.describe(object[key]))")
         }
         patch.apply(to: &self)
     }
+
+    private static let integerKeys: Set<String> = [
+        "warmup_steps", "total_steps", "gradient_accumulation_steps", "batch_size", "seed", "epochs", "max_length",
+        "eval_batch_size", "max_examples",
+    ]
 
     private static func describe(_ type: Any.Type) -> String {
         switch type {

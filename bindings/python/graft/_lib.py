@@ -11,18 +11,6 @@ c_int32_p = ctypes.POINTER(ctypes.c_int32)
 c_float_p = ctypes.POINTER(ctypes.c_float)
 c_char_pp = ctypes.POINTER(ctypes.c_char_p)
 
-# Status codes (graft.h).
-OK = 0
-ERR_INVALID_ARGUMENT = -1
-ERR_IO = -2
-ERR_FORMAT = -3
-ERR_UNSUPPORTED = -4
-ERR_NOT_FOUND = -5
-ERR_OUT_OF_MEMORY = -6
-ERR_STATE = -7
-ERR_CANCELLED = -8
-ERR_INTERNAL = -9
-
 TASK_BASE = 0  # graft_task; names for them (one vocabulary with the CLI and Lua) live in _tasks.py
 TASK_SEQUENCE_CLASSIFICATION = 1
 TASK_CAUSAL_LM = 2
@@ -166,6 +154,8 @@ _sigs_since_0_2 = {
     # GRAFT_API graft_status graft_chat_template_apply(const graft_model *model, const char *user_message,
     #                                                  char **prompt);
     "graft_chat_template_apply": (_S, [_P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]),
+    # GRAFT_API const char *graft_status_name(graft_status status);
+    "graft_status_name": (ctypes.c_char_p, [_S]),
 }
 for _name, (_res, _args) in _sigs.items():
     _f = getattr(lib, _name)
@@ -176,6 +166,19 @@ for _name, (_res, _args) in _sigs_since_0_2.items():
         _f = getattr(lib, _name)
         _f.restype = _res
         _f.argtypes = _args
+
+
+# Status codes: graft.h's GRAFT_STATUS_MAP, read from the library (the one table behind GraftError, the C codes,
+# graftd's wire codes and these constants). A library older than 0.2 has no graft_status_name: its nine codes.
+_OLD_STATUS_NAMES = ["OK", "ERR_INVALID_ARGUMENT", "ERR_IO", "ERR_FORMAT", "ERR_UNSUPPORTED", "ERR_NOT_FOUND",
+                     "ERR_OUT_OF_MEMORY", "ERR_STATE", "ERR_CANCELLED", "ERR_INTERNAL"]
+STATUS_NAMES = {}
+for _code in range(0, -64, -1):
+    _status_name = (lib.graft_status_name(_code) or b"").decode() if hasattr(lib, "graft_status_name") else (
+        _OLD_STATUS_NAMES[-_code] if -_code < len(_OLD_STATUS_NAMES) else "")
+    if _status_name:
+        STATUS_NAMES[_code] = _status_name
+        globals()[_status_name] = _code
 
 
 def take_string(ptr):

@@ -7,13 +7,15 @@ class GraftError(Exception):
 
     Attributes:
         code: the graft_status (a negative GRAFT_ERR_* value, e.g. -1 invalid argument, -5 not found).
-        status: the status's short name ("invalid argument", "not found", ...).
+        name: the status's macro name without GRAFT_ ("ERR_INVALID_ARGUMENT"), from graft.h's status table.
+        status: the status's short description ("invalid argument", "not found", ...).
         message: what was wrong, from graft_last_error() (or from the binding's own checks).
     """
 
     def __init__(self, code, message, where=None):
         self.code = int(code)
         self.status = _lib.lib.graft_status_string(self.code).decode()
+        self.name = _lib.STATUS_NAMES.get(self.code, f"ERR_{self.code}")
         self.message = message
         self.where = where
         prefix = f"{where}: " if where else ""

@@ -1,0 +1,43 @@
+"""`graft train` as a user runs it: a step budget, a held-out split when no eval data is given, and an adapter
+config PEFT can resolve the base model from."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+GRAFT = os.environ.get("GRAFT_CLI", str(Path(__file__).resolve().parents[2] / ".build" / "release" / "graft"))
+
+
+@pytest.fixture
+def data(tmp_path):
+    texts = ["what a great day", "awful service", "it is fine", "love it", "hate it", "meh",
+             "brilliant show", "terrible food", "okay I guess", "so happy", "so sad", "nothing special"]
+    names = ["positive", "negative", "neutral"]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "label": names[i % 3]}) for i, t in enumerate(texts)))
+    return path
+
+
+def train(*args, cwd):
+    r = subprocess.run([GRAFT, "train", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return r.stdout, r.stderr
+
+
+def test_max_steps_overrides_epochs_and_eval_is_held_out(data, tmp_path):
+    out, err = train("--data", str(data), "--batch-size", "4", "--epochs", "1", "--max-steps", "5",
+                     "--output", str(tmp_path / "adapter"), cwd=tmp_path)
+    # 12 examples, 2 held out: 10 train in batches of 4 = 3 steps per epoch; a budget of 5 needs a second epoch.
+    assert "2 of 12 examples (every 10th) held out of training" in out
+    assert "held-out accuracy" in out and "test accuracy" not in out
+    assert "5/5" in err
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_max_steps_must_be_positive(data, tmp_path):
+    r = subprocess.run([GRAFT, "train", "--data", str(data), "--max-steps", "0"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "--max-steps must be ≥ 1, got 0" in r.stderr
