@@ -2,7 +2,7 @@
 SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
-.PHONY: demo test test-c test-python test-lua test-daemon test-cli lib graftd client install build release setup assets bench clean
+.PHONY: demo test test-c test-python test-lua test-daemon test-cli install-lua lib graftd client install build release setup assets bench clean
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -70,6 +70,9 @@ test-lua: assets lib
 	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" $(LUA) bindings/lua/test.lua
 	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" $(LUA) examples/lua/train.lua
 	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" LUA=$(LUA) tests/bindings/readme-snippets.sh README.md lua
+	rm -rf $(LUA_OUT)/prefix
+	$(MAKE) --no-print-directory install-lua PREFIX=$(abspath $(LUA_OUT)/prefix)
+	LUA_CPATH="$(abspath $(LUA_OUT))/prefix/lib/lua/5.4/?.so" $(LUA) -e 'local g = require "graft"; print("installed Lua module: graft " .. g.version())'
 
 # Installs lib/libgraft.so, include/graft.h and lib/pkgconfig/graft.pc under PREFIX.
 PREFIX ?= /usr/local
@@ -80,6 +83,15 @@ install: lib
 	install -m 644 include/graft.h $(DESTDIR)$(PREFIX)/include/graft.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(GRAFT_VERSION)|' scripts/graft.pc.in \
 		> $(DESTDIR)$(PREFIX)/lib/pkgconfig/graft.pc
+
+# The Lua module under PREFIX/lib/lua/5.4 (Lua's own search path when PREFIX is /usr/local), linked against the
+# libgraft.so that `make install` put in PREFIX/lib (found through the rpath).
+install-lua: install
+	mkdir -p $(LUA_OUT)
+	$(CC) $(C_EXAMPLE_FLAGS) -O2 -shared -fPIC $$(pkg-config --cflags lua5.4) -Iinclude bindings/lua/graft.c \
+		-o $(LUA_OUT)/graft-install.so -L$(DESTDIR)$(PREFIX)/lib -lgraft -Wl,-rpath,$(PREFIX)/lib
+	install -d $(DESTDIR)$(PREFIX)/lib/lua/5.4
+	install -m 755 $(LUA_OUT)/graft-install.so $(DESTDIR)$(PREFIX)/lib/lua/5.4/graft.so
 
 # graftd and its clients: the C client library (bindings/c, protobuf-c) with examples/remote/client.c, and the
 # daemon tests (tests/daemon: the Python client end to end, hostile inputs, 64 clients, a killed client, SIGTERM).
