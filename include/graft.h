@@ -585,6 +585,18 @@ GRAFT_API graft_status graft_trainer_create(graft_model *model, const char *adap
 GRAFT_API void graft_trainer_free(graft_trainer *trainer);
 
 /**
+ * The options the trainer runs with — its graft_trainer_params and extras_json after defaults — as a JSON object
+ * with one key per option ("learning_rate", "weight_decay", "warmup_steps", "total_steps", "schedule",
+ * "optimizer", "max_grad_norm", "gradient_accumulation_steps", "batch_size", "seed", "epochs", "max_length",
+ * "beta1", "beta2", "eps", "momentum", "shuffle", "eval_batch_size", "max_examples"); the same object graftd's
+ * JobStarted and `graft train` report. Since 0.2.0.
+ * @param json  receives the text; release it with graft_string_free.
+ * @return GRAFT_OK or GRAFT_ERR_INVALID_ARGUMENT (NULL trainer or json).
+ * Thread safety: one thread at a time per trainer.
+ */
+GRAFT_API graft_status graft_trainer_options(const graft_trainer *trainer, char **json);
+
+/**
  * One training micro-batch: forward, backward, and an optimizer update (every gradient_accumulation_steps-th
  * call; every call with the default 1). The rows are packed end to end internally (no compute on padding).
  *

@@ -19,6 +19,16 @@ public func graft_trainer_create(_ model: OpaquePointer?, _ adapterName: UnsafeP
     }
 }
 
+/// The C entry point `graft_trainer_options`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
+@_cdecl("graft_trainer_options")
+public func graft_trainer_options(_ trainer: OpaquePointer?, _ json: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> graft_status {
+    guarded {
+        let t = try trainingSession(trainer)
+        guard let json else { throw invalid("json is NULL") }
+        json.pointee = try mallocString(t.options.json)
+    }
+}
+
 /// The C entry point `graft_trainer_free`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_free")
 public func graft_trainer_free(_ trainer: OpaquePointer?) {

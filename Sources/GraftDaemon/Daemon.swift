@@ -197,7 +197,7 @@ public final class Daemon: @unchecked Sendable {
                 deliver(context, response, final: final)
             case let .jobStarted(context, job):
                 subscribers[job.id] = (context.connection, context.id)
-                reply(context) { $0.jobStarted = .with { $0.jobID = job.id; $0.running = true } }
+                reply(context) { $0.jobStarted = .with { $0.jobID = job.id; $0.running = true; $0.optionsJson = job.optionsJSON } }
             case let .jobEvent(job, event):
                 deliver(job, event)
             case .shutdownRequested:

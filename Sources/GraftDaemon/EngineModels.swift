@@ -33,7 +33,7 @@ extension Engine {
         } else if models[id] != nil {
             throw GraftError(.state, "model_id '\(id)' is already loaded; unload it first or choose another")
         }
-        let s = try path.use { try GraftSession(path: $0, task: task, numLabels: r.numLabels == 0 ? 2 : Int(r.numLabels), seed: r.seed) }
+        let s = try path.use { try GraftSession(path: $0, task: task, numLabels: r.numLabelsSet == nil ? ModelOptions().numLabels : Int(r.numLabels), seed: r.seed) }
         models[id] = s
         publishModelNames()
         let info = try s.infoJSON()

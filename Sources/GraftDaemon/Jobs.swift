@@ -16,9 +16,12 @@ final class TrainingJob: @unchecked Sendable {
     private var _cancelRequested = false
     /// The trainer (engine worker only); kept after the job ends for checkpoint saves.
     var training: GraftTrainingSession?
+    /// The options it trains with (TrainingOptions.json), for JobStarted.
+    let optionsJSON: String
 
     init(id: String, modelID: String, adapter: String, training: GraftTrainingSession) {
         self.id = id
+        optionsJSON = training.options.json
         self.modelID = modelID
         self.adapter = adapter
         self.training = training

@@ -59,7 +59,7 @@ extension Daemon {
             guard let job = engine.jobs.job(r.jobID) else { return errorReply(context, .notFound, "no job '\(r.jobID)'") }
             subscribers[job.id] = (connection.id, request.id)
             let finished = job.isFinished
-            reply(context) { $0.jobStarted = .with { $0.jobID = job.id; $0.running = !finished } }
+            reply(context) { $0.jobStarted = .with { $0.jobID = job.id; $0.running = !finished; $0.optionsJson = job.optionsJSON } }
             if finished, let last = job.lastEvent { deliver(job, last) }
         case .serverStats:
             let s = serverStats()

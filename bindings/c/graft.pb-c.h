@@ -331,6 +331,12 @@ struct  Graft__V1__HelloReply
     , 0, (char *)protobuf_c_empty_string, 0 }
 
 
+typedef enum {
+  GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET__NOT_SET = 0,
+  GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET_NUM_LABELS = 3
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET__CASE)
+} Graft__V1__LoadModel__NumLabelsSetCase;
+
 struct  Graft__V1__LoadModel
 {
   ProtobufCMessage base;
@@ -341,10 +347,6 @@ struct  Graft__V1__LoadModel
   char *path;
   Graft__V1__Task task;
   /*
-   * Classes of a sequence classification head (default 2 when 0).
-   */
-  uint32_t num_labels;
-  /*
    * Seed of the classification head.
    */
   uint64_t seed;
@@ -352,10 +354,14 @@ struct  Graft__V1__LoadModel
    * The handle to use; empty = the daemon picks one ("m1", "m2", ...). Must be unused.
    */
   char *model_id;
+  Graft__V1__LoadModel__NumLabelsSetCase num_labels_set_case;
+  union {
+    uint32_t num_labels;
+  };
 };
 #define GRAFT__V1__LOAD_MODEL__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__load_model__descriptor) \
-    , (char *)protobuf_c_empty_string, GRAFT__V1__TASK__TASK_BASE, 0, 0, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, GRAFT__V1__TASK__TASK_BASE, 0, (char *)protobuf_c_empty_string, GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET__NOT_SET, {0} }
 
 
 struct  Graft__V1__ModelLoaded
@@ -559,6 +565,18 @@ struct  Graft__V1__ForwardResult
     , 0,NULL, 0,NULL, 0,NULL }
 
 
+typedef enum {
+  GRAFT__V1__GENERATE__MAX_NEW_TOKENS_SET__NOT_SET = 0,
+  GRAFT__V1__GENERATE__MAX_NEW_TOKENS_SET_MAX_NEW_TOKENS = 4
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__GENERATE__MAX_NEW_TOKENS_SET__CASE)
+} Graft__V1__Generate__MaxNewTokensSetCase;
+
+typedef enum {
+  GRAFT__V1__GENERATE__TOP_P_SET__NOT_SET = 0,
+  GRAFT__V1__GENERATE__TOP_P_SET_TOP_P = 6
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__GENERATE__TOP_P_SET__CASE)
+} Graft__V1__Generate__TopPSetCase;
+
 struct  Graft__V1__Generate
 {
   ProtobufCMessage base;
@@ -570,19 +588,11 @@ struct  Graft__V1__Generate
   int32_t *prompt_ids;
   char *prompt;
   /*
-   * 0 = 128
-   */
-  uint32_t max_new_tokens;
-  /*
-   * 0 = greedy
+   * 0 = greedy (the default)
    */
   float temperature;
   /*
-   * 0 = 1
-   */
-  float top_p;
-  /*
-   * 0 = all
+   * 0 = all (the default)
    */
   uint32_t top_k;
   protobuf_c_boolean ignore_eos;
@@ -591,10 +601,18 @@ struct  Graft__V1__Generate
    * Wrap the prompt in the model's chat template as one user turn.
    */
   protobuf_c_boolean chat;
+  Graft__V1__Generate__MaxNewTokensSetCase max_new_tokens_set_case;
+  union {
+    uint32_t max_new_tokens;
+  };
+  Graft__V1__Generate__TopPSetCase top_p_set_case;
+  union {
+    float top_p;
+  };
 };
 #define GRAFT__V1__GENERATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__generate__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0 }
+    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, GRAFT__V1__GENERATE__MAX_NEW_TOKENS_SET__NOT_SET, {0}, GRAFT__V1__GENERATE__TOP_P_SET__NOT_SET, {0} }
 
 
 struct  Graft__V1__GeneratedToken
@@ -623,60 +641,121 @@ struct  Graft__V1__Generated
     , 0,NULL, (char *)protobuf_c_empty_string }
 
 
+typedef enum {
+  GRAFT__V1__TRAINING_CONFIG__LEARNING_RATE_SET__NOT_SET = 0,
+  GRAFT__V1__TRAINING_CONFIG__LEARNING_RATE_SET_LEARNING_RATE = 1
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TRAINING_CONFIG__LEARNING_RATE_SET__CASE)
+} Graft__V1__TrainingConfig__LearningRateSetCase;
+
+typedef enum {
+  GRAFT__V1__TRAINING_CONFIG__WEIGHT_DECAY_SET__NOT_SET = 0,
+  GRAFT__V1__TRAINING_CONFIG__WEIGHT_DECAY_SET_WEIGHT_DECAY = 2
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TRAINING_CONFIG__WEIGHT_DECAY_SET__CASE)
+} Graft__V1__TrainingConfig__WeightDecaySetCase;
+
+typedef enum {
+  GRAFT__V1__TRAINING_CONFIG__MAX_GRAD_NORM_SET__NOT_SET = 0,
+  GRAFT__V1__TRAINING_CONFIG__MAX_GRAD_NORM_SET_MAX_GRAD_NORM = 7
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TRAINING_CONFIG__MAX_GRAD_NORM_SET__CASE)
+} Graft__V1__TrainingConfig__MaxGradNormSetCase;
+
+typedef enum {
+  GRAFT__V1__TRAINING_CONFIG__GRADIENT_ACCUMULATION_STEPS_SET__NOT_SET = 0,
+  GRAFT__V1__TRAINING_CONFIG__GRADIENT_ACCUMULATION_STEPS_SET_GRADIENT_ACCUMULATION_STEPS = 8
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TRAINING_CONFIG__GRADIENT_ACCUMULATION_STEPS_SET__CASE)
+} Graft__V1__TrainingConfig__GradientAccumulationStepsSetCase;
+
+typedef enum {
+  GRAFT__V1__TRAINING_CONFIG__BATCH_SIZE_SET__NOT_SET = 0,
+  GRAFT__V1__TRAINING_CONFIG__BATCH_SIZE_SET_BATCH_SIZE = 9
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TRAINING_CONFIG__BATCH_SIZE_SET__CASE)
+} Graft__V1__TrainingConfig__BatchSizeSetCase;
+
+typedef enum {
+  GRAFT__V1__TRAINING_CONFIG__SEED_SET__NOT_SET = 0,
+  GRAFT__V1__TRAINING_CONFIG__SEED_SET_SEED = 10
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TRAINING_CONFIG__SEED_SET__CASE)
+} Graft__V1__TrainingConfig__SeedSetCase;
+
+typedef enum {
+  GRAFT__V1__TRAINING_CONFIG__EPOCHS_SET__NOT_SET = 0,
+  GRAFT__V1__TRAINING_CONFIG__EPOCHS_SET_EPOCHS = 11
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TRAINING_CONFIG__EPOCHS_SET__CASE)
+} Graft__V1__TrainingConfig__EpochsSetCase;
+
+typedef enum {
+  GRAFT__V1__TRAINING_CONFIG__MAX_LENGTH_SET__NOT_SET = 0,
+  GRAFT__V1__TRAINING_CONFIG__MAX_LENGTH_SET_MAX_LENGTH = 12
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TRAINING_CONFIG__MAX_LENGTH_SET__CASE)
+} Graft__V1__TrainingConfig__MaxLengthSetCase;
+
 /*
- * A training run. Zero-valued fields take the defaults given.
+ * A training run: the fields of graft_trainer_params with the same meaning (the README's options table). A field
+ * left unset takes the option's default; a set field means exactly its value (max_grad_norm 0 = no clipping,
+ * total_steps a step budget overriding epochs). Fields whose default is not zero sit in a one-field oneof,
+ * proto3's field presence that every generator here supports. Schedule and Optimizer are numbered differently
+ * from graft.h's enums; Sources/GraftDaemon/ProtoMapping.swift is the one table between them.
  */
 struct  Graft__V1__TrainingConfig
 {
   ProtobufCMessage base;
   /*
-   * default 1e-3
+   * default 0
    */
-  float learning_rate;
-  /*
-   * default 0 (as in transformers' Trainer)
-   */
-  float weight_decay;
   uint32_t warmup_steps;
   /*
-   * Stop after this many optimizer steps; 0 = `epochs` passes over the data.
+   * default 0: `epochs` passes
    */
   uint32_t total_steps;
+  /*
+   * default linear
+   */
   Graft__V1__Schedule schedule;
+  /*
+   * default AdamW
+   */
   Graft__V1__Optimizer optimizer;
-  /*
-   * 0 = default 1.0; negative = no clipping
-   */
-  float max_grad_norm;
-  /*
-   * default 1
-   */
-  uint32_t gradient_accumulation_steps;
-  /*
-   * default 32
-   */
-  uint32_t batch_size;
-  /*
-   * shuffling and dropout
-   */
-  uint64_t seed;
-  /*
-   * default 1
-   */
-  uint32_t epochs;
-  /*
-   * default 64
-   */
-  uint32_t max_length;
   /*
    * Further settings as for graft_trainer_create's extras_json (beta1, beta2, eps, momentum, shuffle,
    * eval_batch_size, max_examples).
    */
   char *extras_json;
+  Graft__V1__TrainingConfig__LearningRateSetCase learning_rate_set_case;
+  union {
+    float learning_rate;
+  };
+  Graft__V1__TrainingConfig__WeightDecaySetCase weight_decay_set_case;
+  union {
+    float weight_decay;
+  };
+  Graft__V1__TrainingConfig__MaxGradNormSetCase max_grad_norm_set_case;
+  union {
+    float max_grad_norm;
+  };
+  Graft__V1__TrainingConfig__GradientAccumulationStepsSetCase gradient_accumulation_steps_set_case;
+  union {
+    uint32_t gradient_accumulation_steps;
+  };
+  Graft__V1__TrainingConfig__BatchSizeSetCase batch_size_set_case;
+  union {
+    uint32_t batch_size;
+  };
+  Graft__V1__TrainingConfig__SeedSetCase seed_set_case;
+  union {
+    uint64_t seed;
+  };
+  Graft__V1__TrainingConfig__EpochsSetCase epochs_set_case;
+  union {
+    uint32_t epochs;
+  };
+  Graft__V1__TrainingConfig__MaxLengthSetCase max_length_set_case;
+  union {
+    uint32_t max_length;
+  };
 };
 #define GRAFT__V1__TRAINING_CONFIG__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__training_config__descriptor) \
-    , 0, 0, 0, 0, GRAFT__V1__SCHEDULE__SCHEDULE_LINEAR, GRAFT__V1__OPTIMIZER__OPTIMIZER_ADAMW, 0, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string }
+    , 0, 0, GRAFT__V1__SCHEDULE__SCHEDULE_LINEAR, GRAFT__V1__OPTIMIZER__OPTIMIZER_ADAMW, (char *)protobuf_c_empty_string, GRAFT__V1__TRAINING_CONFIG__LEARNING_RATE_SET__NOT_SET, {0}, GRAFT__V1__TRAINING_CONFIG__WEIGHT_DECAY_SET__NOT_SET, {0}, GRAFT__V1__TRAINING_CONFIG__MAX_GRAD_NORM_SET__NOT_SET, {0}, GRAFT__V1__TRAINING_CONFIG__GRADIENT_ACCUMULATION_STEPS_SET__NOT_SET, {0}, GRAFT__V1__TRAINING_CONFIG__BATCH_SIZE_SET__NOT_SET, {0}, GRAFT__V1__TRAINING_CONFIG__SEED_SET__NOT_SET, {0}, GRAFT__V1__TRAINING_CONFIG__EPOCHS_SET__NOT_SET, {0}, GRAFT__V1__TRAINING_CONFIG__MAX_LENGTH_SET__NOT_SET, {0} }
 
 
 struct  Graft__V1__StartTraining
@@ -716,10 +795,14 @@ struct  Graft__V1__JobStarted
    * Whether the job is still running (an attach to a finished job gets its final event right after this).
    */
   protobuf_c_boolean running;
+  /*
+   * The options the job trains with, as the JSON object graft_trainer_options returns (every option by name).
+   */
+  char *options_json;
 };
 #define GRAFT__V1__JOB_STARTED__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__job_started__descriptor) \
-    , (char *)protobuf_c_empty_string, 0 }
+    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string }
 
 
 struct  Graft__V1__EvalMetrics

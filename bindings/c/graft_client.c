@@ -215,7 +215,10 @@ int graft_client_load_model(graft_client *client, const char *path, Graft__V1__T
     Graft__V1__LoadModel m = GRAFT__V1__LOAD_MODEL__INIT;
     m.path = (char *)path;
     m.task = task;
-    m.num_labels = num_labels;
+    if (num_labels != 0) {  /* 0 = unset: the daemon's default (2) */
+        m.num_labels_set_case = GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET_NUM_LABELS;
+        m.num_labels = num_labels;
+    }
     Graft__V1__Request request = GRAFT__V1__REQUEST__INIT;
     request.kind_case = GRAFT__V1__REQUEST__KIND_LOAD_MODEL;
     request.load_model = &m;

@@ -57,7 +57,7 @@ int graft_client_connect_tcp(graft_client *client, const char *host, int port, c
 
 /**
  * Loads a model on the daemon: `path` on the daemon's machine or an asset name ("minilm", "smollm2"); `task`
- * a Graft__V1__Task; `num_labels` for classification (0 = 2). On success *model_id receives the daemon's
+ * a Graft__V1__Task; `num_labels` for classification (0 = unset: the default, 2). On success *model_id receives the daemon's
  * handle (malloc'd; free() it).
  */
 int graft_client_load_model(graft_client *client, const char *path, Graft__V1__Task task, uint32_t num_labels,

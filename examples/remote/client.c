@@ -81,8 +81,11 @@ int main(int argc, char **argv) {
         goto done;
 
     Graft__V1__TrainingConfig config = GRAFT__V1__TRAINING_CONFIG__INIT;
+    /* Fields with a non-zero default sit in one-field oneofs: set the case to say the value is given. */
+    config.learning_rate_set_case = GRAFT__V1__TRAINING_CONFIG__LEARNING_RATE_SET_LEARNING_RATE;
     config.learning_rate = 2e-3f;
     config.total_steps = 20;
+    config.batch_size_set_case = GRAFT__V1__TRAINING_CONFIG__BATCH_SIZE_SET_BATCH_SIZE;
     config.batch_size = 16;
     Graft__V1__StartTraining start = GRAFT__V1__START_TRAINING__INIT;
     start.model_id = model;

@@ -49,6 +49,21 @@ extension TrainingOptions {
         patch.apply(to: &self)
     }
 
+    /// Every option as one JSON object with sorted keys (the names of ``jsonKeys``; `max_examples` null for all):
+    /// what graft_trainer_options, graftd's JobStarted and `graft train` report, so doors can be compared.
+    public var json: String {
+        let object: [String: Any] = [
+            "learning_rate": Double(learningRate), "weight_decay": Double(weightDecay), "warmup_steps": warmupSteps,
+            "total_steps": totalSteps, "schedule": schedule.rawValue, "optimizer": optimizer.rawValue,
+            "max_grad_norm": Double(maxGradNorm), "gradient_accumulation_steps": gradientAccumulationSteps,
+            "batch_size": batchSize, "seed": seed, "epochs": epochs, "max_length": maxLength,
+            "beta1": Double(beta1), "beta2": Double(beta2), "eps": Double(eps), "momentum": Double(momentum),
+            "shuffle": shuffle, "eval_batch_size": evalBatchSize, "max_examples": maxExamples.map { $0 as Any } ?? NSNull(),
+        ]
+        guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return "{}" }
+        return String(decoding: data, as: UTF8.self)
+    }
+
     private static let integerKeys: Set<String> = [
         "warmup_steps", "total_steps", "gradient_accumulation_steps", "batch_size", "seed", "epochs", "max_length",
         "eval_batch_size", "max_examples",

@@ -748,8 +748,16 @@ public nonisolated struct Graft_V1_LoadModel: Sendable {
 
   public var task: Graft_V1_Task = .base
 
-  /// Classes of a sequence classification head (default 2 when 0).
-  public var numLabels: UInt32 = 0
+  /// Classes of a sequence classification head (default 2).
+  public var numLabelsSet: Graft_V1_LoadModel.OneOf_NumLabelsSet? = nil
+
+  public var numLabels: UInt32 {
+    get {
+      if case .numLabels(let v)? = numLabelsSet {return v}
+      return 0
+    }
+    set {numLabelsSet = .numLabels(newValue)}
+  }
 
   /// Seed of the classification head.
   public var seed: UInt64 = 0
@@ -758,6 +766,12 @@ public nonisolated struct Graft_V1_LoadModel: Sendable {
   public var modelID: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  /// Classes of a sequence classification head (default 2).
+  public nonisolated enum OneOf_NumLabelsSet: Equatable, Sendable {
+    case numLabels(UInt32)
+
+  }
 
   public init() {}
 }
@@ -988,16 +1002,32 @@ public nonisolated struct Graft_V1_Generate: Sendable {
 
   public var prompt: String = String()
 
-  /// 0 = 128
-  public var maxNewTokens: UInt32 = 0
+  /// Sampling as graft_sampling_params (the README's options): a field left unset takes its default. Fields whose
+  /// default is not zero sit in a one-field oneof, proto3's presence that every generator here supports.
+  public var maxNewTokensSet: Graft_V1_Generate.OneOf_MaxNewTokensSet? = nil
 
-  /// 0 = greedy
+  public var maxNewTokens: UInt32 {
+    get {
+      if case .maxNewTokens(let v)? = maxNewTokensSet {return v}
+      return 0
+    }
+    set {maxNewTokensSet = .maxNewTokens(newValue)}
+  }
+
+  /// 0 = greedy (the default)
   public var temperature: Float = 0
 
-  /// 0 = 1
-  public var topP: Float = 0
+  public var topPSet: Graft_V1_Generate.OneOf_TopPSet? = nil
 
-  /// 0 = all
+  public var topP: Float {
+    get {
+      if case .topP(let v)? = topPSet {return v}
+      return 0
+    }
+    set {topPSet = .topP(newValue)}
+  }
+
+  /// 0 = all (the default)
   public var topK: UInt32 = 0
 
   public var ignoreEos: Bool = false
@@ -1008,6 +1038,18 @@ public nonisolated struct Graft_V1_Generate: Sendable {
   public var chat: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  /// Sampling as graft_sampling_params (the README's options): a field left unset takes its default. Fields whose
+  /// default is not zero sit in a one-field oneof, proto3's presence that every generator here supports.
+  public nonisolated enum OneOf_MaxNewTokensSet: Equatable, Sendable {
+    case maxNewTokens(UInt32)
+
+  }
+
+  public nonisolated enum OneOf_TopPSet: Equatable, Sendable {
+    case topP(Float)
+
+  }
 
   public init() {}
 }
@@ -1041,50 +1083,153 @@ public nonisolated struct Graft_V1_Generated: Sendable {
   public init() {}
 }
 
-/// A training run. Zero-valued fields take the defaults given.
+/// A training run: the fields of graft_trainer_params with the same meaning (the README's options table). A field
+/// left unset takes the option's default; a set field means exactly its value (max_grad_norm 0 = no clipping,
+/// total_steps a step budget overriding epochs). Fields whose default is not zero sit in a one-field oneof,
+/// proto3's field presence that every generator here supports. Schedule and Optimizer are numbered differently
+/// from graft.h's enums; Sources/GraftDaemon/ProtoMapping.swift is the one table between them.
 public nonisolated struct Graft_V1_TrainingConfig: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// default 1e-3
-  public var learningRate: Float = 0
+  public var learningRateSet: Graft_V1_TrainingConfig.OneOf_LearningRateSet? = nil
 
-  /// default 0 (as in transformers' Trainer)
-  public var weightDecay: Float = 0
+  public var learningRate: Float {
+    get {
+      if case .learningRate(let v)? = learningRateSet {return v}
+      return 0
+    }
+    set {learningRateSet = .learningRate(newValue)}
+  }
 
+  public var weightDecaySet: Graft_V1_TrainingConfig.OneOf_WeightDecaySet? = nil
+
+  public var weightDecay: Float {
+    get {
+      if case .weightDecay(let v)? = weightDecaySet {return v}
+      return 0
+    }
+    set {weightDecaySet = .weightDecay(newValue)}
+  }
+
+  /// default 0
   public var warmupSteps: UInt32 = 0
 
-  /// Stop after this many optimizer steps; 0 = `epochs` passes over the data.
+  /// default 0: `epochs` passes
   public var totalSteps: UInt32 = 0
 
+  /// default linear
   public var schedule: Graft_V1_Schedule = .linear
 
+  /// default AdamW
   public var optimizer: Graft_V1_Optimizer = .adamw
 
-  /// 0 = default 1.0; negative = no clipping
-  public var maxGradNorm: Float = 0
+  public var maxGradNormSet: Graft_V1_TrainingConfig.OneOf_MaxGradNormSet? = nil
 
-  /// default 1
-  public var gradientAccumulationSteps: UInt32 = 0
+  public var maxGradNorm: Float {
+    get {
+      if case .maxGradNorm(let v)? = maxGradNormSet {return v}
+      return 0
+    }
+    set {maxGradNormSet = .maxGradNorm(newValue)}
+  }
 
-  /// default 32
-  public var batchSize: UInt32 = 0
+  public var gradientAccumulationStepsSet: Graft_V1_TrainingConfig.OneOf_GradientAccumulationStepsSet? = nil
 
-  /// shuffling and dropout
-  public var seed: UInt64 = 0
+  public var gradientAccumulationSteps: UInt32 {
+    get {
+      if case .gradientAccumulationSteps(let v)? = gradientAccumulationStepsSet {return v}
+      return 0
+    }
+    set {gradientAccumulationStepsSet = .gradientAccumulationSteps(newValue)}
+  }
 
-  /// default 1
-  public var epochs: UInt32 = 0
+  public var batchSizeSet: Graft_V1_TrainingConfig.OneOf_BatchSizeSet? = nil
 
-  /// default 64
-  public var maxLength: UInt32 = 0
+  public var batchSize: UInt32 {
+    get {
+      if case .batchSize(let v)? = batchSizeSet {return v}
+      return 0
+    }
+    set {batchSizeSet = .batchSize(newValue)}
+  }
+
+  public var seedSet: Graft_V1_TrainingConfig.OneOf_SeedSet? = nil
+
+  public var seed: UInt64 {
+    get {
+      if case .seed(let v)? = seedSet {return v}
+      return 0
+    }
+    set {seedSet = .seed(newValue)}
+  }
+
+  public var epochsSet: Graft_V1_TrainingConfig.OneOf_EpochsSet? = nil
+
+  public var epochs: UInt32 {
+    get {
+      if case .epochs(let v)? = epochsSet {return v}
+      return 0
+    }
+    set {epochsSet = .epochs(newValue)}
+  }
+
+  public var maxLengthSet: Graft_V1_TrainingConfig.OneOf_MaxLengthSet? = nil
+
+  public var maxLength: UInt32 {
+    get {
+      if case .maxLength(let v)? = maxLengthSet {return v}
+      return 0
+    }
+    set {maxLengthSet = .maxLength(newValue)}
+  }
 
   /// Further settings as for graft_trainer_create's extras_json (beta1, beta2, eps, momentum, shuffle,
   /// eval_batch_size, max_examples).
   public var extrasJson: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_LearningRateSet: Equatable, Sendable {
+    case learningRate(Float)
+
+  }
+
+  public nonisolated enum OneOf_WeightDecaySet: Equatable, Sendable {
+    case weightDecay(Float)
+
+  }
+
+  public nonisolated enum OneOf_MaxGradNormSet: Equatable, Sendable {
+    case maxGradNorm(Float)
+
+  }
+
+  public nonisolated enum OneOf_GradientAccumulationStepsSet: Equatable, Sendable {
+    case gradientAccumulationSteps(UInt32)
+
+  }
+
+  public nonisolated enum OneOf_BatchSizeSet: Equatable, Sendable {
+    case batchSize(UInt32)
+
+  }
+
+  public nonisolated enum OneOf_SeedSet: Equatable, Sendable {
+    case seed(UInt64)
+
+  }
+
+  public nonisolated enum OneOf_EpochsSet: Equatable, Sendable {
+    case epochs(UInt32)
+
+  }
+
+  public nonisolated enum OneOf_MaxLengthSet: Equatable, Sendable {
+    case maxLength(UInt32)
+
+  }
 
   public init() {}
 }
@@ -1154,6 +1299,9 @@ public nonisolated struct Graft_V1_JobStarted: Sendable {
 
   /// Whether the job is still running (an attach to a finished job gets its final event right after this).
   public var running: Bool = false
+
+  /// The options the job trains with, as the JSON object graft_trainer_options returns (every option by name).
+  public var optionsJson: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -2207,7 +2355,14 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.path) }()
       case 2: try { try decoder.decodeSingularEnumField(value: &self.task) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.numLabels) }()
+      case 3: try {
+        var v: UInt32?
+        try decoder.decodeSingularUInt32Field(value: &v)
+        if let v = v {
+          if self.numLabelsSet != nil {try decoder.handleConflictingOneOf()}
+          self.numLabelsSet = .numLabels(v)
+        }
+      }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.seed) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.modelID) }()
       default: break
@@ -2216,15 +2371,19 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.path.isEmpty {
       try visitor.visitSingularStringField(value: self.path, fieldNumber: 1)
     }
     if self.task != .base {
       try visitor.visitSingularEnumField(value: self.task, fieldNumber: 2)
     }
-    if self.numLabels != 0 {
-      try visitor.visitSingularUInt32Field(value: self.numLabels, fieldNumber: 3)
-    }
+    try { if case .numLabels(let v)? = self.numLabelsSet {
+      try visitor.visitSingularUInt32Field(value: v, fieldNumber: 3)
+    } }()
     if self.seed != 0 {
       try visitor.visitSingularUInt64Field(value: self.seed, fieldNumber: 4)
     }
@@ -2237,7 +2396,7 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
   public static func ==(lhs: Graft_V1_LoadModel, rhs: Graft_V1_LoadModel) -> Bool {
     if lhs.path != rhs.path {return false}
     if lhs.task != rhs.task {return false}
-    if lhs.numLabels != rhs.numLabels {return false}
+    if lhs.numLabelsSet != rhs.numLabelsSet {return false}
     if lhs.seed != rhs.seed {return false}
     if lhs.modelID != rhs.modelID {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
@@ -2758,9 +2917,23 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
       case 1: try { try decoder.decodeSingularStringField(value: &self.modelID) }()
       case 2: try { try decoder.decodeRepeatedInt32Field(value: &self.promptIds) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.prompt) }()
-      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.maxNewTokens) }()
+      case 4: try {
+        var v: UInt32?
+        try decoder.decodeSingularUInt32Field(value: &v)
+        if let v = v {
+          if self.maxNewTokensSet != nil {try decoder.handleConflictingOneOf()}
+          self.maxNewTokensSet = .maxNewTokens(v)
+        }
+      }()
       case 5: try { try decoder.decodeSingularFloatField(value: &self.temperature) }()
-      case 6: try { try decoder.decodeSingularFloatField(value: &self.topP) }()
+      case 6: try {
+        var v: Float?
+        try decoder.decodeSingularFloatField(value: &v)
+        if let v = v {
+          if self.topPSet != nil {try decoder.handleConflictingOneOf()}
+          self.topPSet = .topP(v)
+        }
+      }()
       case 7: try { try decoder.decodeSingularUInt32Field(value: &self.topK) }()
       case 8: try { try decoder.decodeSingularBoolField(value: &self.ignoreEos) }()
       case 9: try { try decoder.decodeSingularUInt64Field(value: &self.seed) }()
@@ -2771,6 +2944,10 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.modelID.isEmpty {
       try visitor.visitSingularStringField(value: self.modelID, fieldNumber: 1)
     }
@@ -2780,15 +2957,15 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
     if !self.prompt.isEmpty {
       try visitor.visitSingularStringField(value: self.prompt, fieldNumber: 3)
     }
-    if self.maxNewTokens != 0 {
-      try visitor.visitSingularUInt32Field(value: self.maxNewTokens, fieldNumber: 4)
-    }
+    try { if case .maxNewTokens(let v)? = self.maxNewTokensSet {
+      try visitor.visitSingularUInt32Field(value: v, fieldNumber: 4)
+    } }()
     if self.temperature.bitPattern != 0 {
       try visitor.visitSingularFloatField(value: self.temperature, fieldNumber: 5)
     }
-    if self.topP.bitPattern != 0 {
-      try visitor.visitSingularFloatField(value: self.topP, fieldNumber: 6)
-    }
+    try { if case .topP(let v)? = self.topPSet {
+      try visitor.visitSingularFloatField(value: v, fieldNumber: 6)
+    } }()
     if self.topK != 0 {
       try visitor.visitSingularUInt32Field(value: self.topK, fieldNumber: 7)
     }
@@ -2808,9 +2985,9 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
     if lhs.modelID != rhs.modelID {return false}
     if lhs.promptIds != rhs.promptIds {return false}
     if lhs.prompt != rhs.prompt {return false}
-    if lhs.maxNewTokens != rhs.maxNewTokens {return false}
+    if lhs.maxNewTokensSet != rhs.maxNewTokensSet {return false}
     if lhs.temperature != rhs.temperature {return false}
-    if lhs.topP != rhs.topP {return false}
+    if lhs.topPSet != rhs.topPSet {return false}
     if lhs.topK != rhs.topK {return false}
     if lhs.ignoreEos != rhs.ignoreEos {return false}
     if lhs.seed != rhs.seed {return false}
@@ -2900,18 +3077,74 @@ nonisolated extension Graft_V1_TrainingConfig: SwiftProtobuf.Message, SwiftProto
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularFloatField(value: &self.learningRate) }()
-      case 2: try { try decoder.decodeSingularFloatField(value: &self.weightDecay) }()
+      case 1: try {
+        var v: Float?
+        try decoder.decodeSingularFloatField(value: &v)
+        if let v = v {
+          if self.learningRateSet != nil {try decoder.handleConflictingOneOf()}
+          self.learningRateSet = .learningRate(v)
+        }
+      }()
+      case 2: try {
+        var v: Float?
+        try decoder.decodeSingularFloatField(value: &v)
+        if let v = v {
+          if self.weightDecaySet != nil {try decoder.handleConflictingOneOf()}
+          self.weightDecaySet = .weightDecay(v)
+        }
+      }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.warmupSteps) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.totalSteps) }()
       case 5: try { try decoder.decodeSingularEnumField(value: &self.schedule) }()
       case 6: try { try decoder.decodeSingularEnumField(value: &self.optimizer) }()
-      case 7: try { try decoder.decodeSingularFloatField(value: &self.maxGradNorm) }()
-      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.gradientAccumulationSteps) }()
-      case 9: try { try decoder.decodeSingularUInt32Field(value: &self.batchSize) }()
-      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.seed) }()
-      case 11: try { try decoder.decodeSingularUInt32Field(value: &self.epochs) }()
-      case 12: try { try decoder.decodeSingularUInt32Field(value: &self.maxLength) }()
+      case 7: try {
+        var v: Float?
+        try decoder.decodeSingularFloatField(value: &v)
+        if let v = v {
+          if self.maxGradNormSet != nil {try decoder.handleConflictingOneOf()}
+          self.maxGradNormSet = .maxGradNorm(v)
+        }
+      }()
+      case 8: try {
+        var v: UInt32?
+        try decoder.decodeSingularUInt32Field(value: &v)
+        if let v = v {
+          if self.gradientAccumulationStepsSet != nil {try decoder.handleConflictingOneOf()}
+          self.gradientAccumulationStepsSet = .gradientAccumulationSteps(v)
+        }
+      }()
+      case 9: try {
+        var v: UInt32?
+        try decoder.decodeSingularUInt32Field(value: &v)
+        if let v = v {
+          if self.batchSizeSet != nil {try decoder.handleConflictingOneOf()}
+          self.batchSizeSet = .batchSize(v)
+        }
+      }()
+      case 10: try {
+        var v: UInt64?
+        try decoder.decodeSingularUInt64Field(value: &v)
+        if let v = v {
+          if self.seedSet != nil {try decoder.handleConflictingOneOf()}
+          self.seedSet = .seed(v)
+        }
+      }()
+      case 11: try {
+        var v: UInt32?
+        try decoder.decodeSingularUInt32Field(value: &v)
+        if let v = v {
+          if self.epochsSet != nil {try decoder.handleConflictingOneOf()}
+          self.epochsSet = .epochs(v)
+        }
+      }()
+      case 12: try {
+        var v: UInt32?
+        try decoder.decodeSingularUInt32Field(value: &v)
+        if let v = v {
+          if self.maxLengthSet != nil {try decoder.handleConflictingOneOf()}
+          self.maxLengthSet = .maxLength(v)
+        }
+      }()
       case 13: try { try decoder.decodeSingularStringField(value: &self.extrasJson) }()
       default: break
       }
@@ -2919,12 +3152,16 @@ nonisolated extension Graft_V1_TrainingConfig: SwiftProtobuf.Message, SwiftProto
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if self.learningRate.bitPattern != 0 {
-      try visitor.visitSingularFloatField(value: self.learningRate, fieldNumber: 1)
-    }
-    if self.weightDecay.bitPattern != 0 {
-      try visitor.visitSingularFloatField(value: self.weightDecay, fieldNumber: 2)
-    }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if case .learningRate(let v)? = self.learningRateSet {
+      try visitor.visitSingularFloatField(value: v, fieldNumber: 1)
+    } }()
+    try { if case .weightDecay(let v)? = self.weightDecaySet {
+      try visitor.visitSingularFloatField(value: v, fieldNumber: 2)
+    } }()
     if self.warmupSteps != 0 {
       try visitor.visitSingularUInt32Field(value: self.warmupSteps, fieldNumber: 3)
     }
@@ -2937,24 +3174,24 @@ nonisolated extension Graft_V1_TrainingConfig: SwiftProtobuf.Message, SwiftProto
     if self.optimizer != .adamw {
       try visitor.visitSingularEnumField(value: self.optimizer, fieldNumber: 6)
     }
-    if self.maxGradNorm.bitPattern != 0 {
-      try visitor.visitSingularFloatField(value: self.maxGradNorm, fieldNumber: 7)
-    }
-    if self.gradientAccumulationSteps != 0 {
-      try visitor.visitSingularUInt32Field(value: self.gradientAccumulationSteps, fieldNumber: 8)
-    }
-    if self.batchSize != 0 {
-      try visitor.visitSingularUInt32Field(value: self.batchSize, fieldNumber: 9)
-    }
-    if self.seed != 0 {
-      try visitor.visitSingularUInt64Field(value: self.seed, fieldNumber: 10)
-    }
-    if self.epochs != 0 {
-      try visitor.visitSingularUInt32Field(value: self.epochs, fieldNumber: 11)
-    }
-    if self.maxLength != 0 {
-      try visitor.visitSingularUInt32Field(value: self.maxLength, fieldNumber: 12)
-    }
+    try { if case .maxGradNorm(let v)? = self.maxGradNormSet {
+      try visitor.visitSingularFloatField(value: v, fieldNumber: 7)
+    } }()
+    try { if case .gradientAccumulationSteps(let v)? = self.gradientAccumulationStepsSet {
+      try visitor.visitSingularUInt32Field(value: v, fieldNumber: 8)
+    } }()
+    try { if case .batchSize(let v)? = self.batchSizeSet {
+      try visitor.visitSingularUInt32Field(value: v, fieldNumber: 9)
+    } }()
+    try { if case .seed(let v)? = self.seedSet {
+      try visitor.visitSingularUInt64Field(value: v, fieldNumber: 10)
+    } }()
+    try { if case .epochs(let v)? = self.epochsSet {
+      try visitor.visitSingularUInt32Field(value: v, fieldNumber: 11)
+    } }()
+    try { if case .maxLength(let v)? = self.maxLengthSet {
+      try visitor.visitSingularUInt32Field(value: v, fieldNumber: 12)
+    } }()
     if !self.extrasJson.isEmpty {
       try visitor.visitSingularStringField(value: self.extrasJson, fieldNumber: 13)
     }
@@ -2962,18 +3199,18 @@ nonisolated extension Graft_V1_TrainingConfig: SwiftProtobuf.Message, SwiftProto
   }
 
   public static func ==(lhs: Graft_V1_TrainingConfig, rhs: Graft_V1_TrainingConfig) -> Bool {
-    if lhs.learningRate != rhs.learningRate {return false}
-    if lhs.weightDecay != rhs.weightDecay {return false}
+    if lhs.learningRateSet != rhs.learningRateSet {return false}
+    if lhs.weightDecaySet != rhs.weightDecaySet {return false}
     if lhs.warmupSteps != rhs.warmupSteps {return false}
     if lhs.totalSteps != rhs.totalSteps {return false}
     if lhs.schedule != rhs.schedule {return false}
     if lhs.optimizer != rhs.optimizer {return false}
-    if lhs.maxGradNorm != rhs.maxGradNorm {return false}
-    if lhs.gradientAccumulationSteps != rhs.gradientAccumulationSteps {return false}
-    if lhs.batchSize != rhs.batchSize {return false}
-    if lhs.seed != rhs.seed {return false}
-    if lhs.epochs != rhs.epochs {return false}
-    if lhs.maxLength != rhs.maxLength {return false}
+    if lhs.maxGradNormSet != rhs.maxGradNormSet {return false}
+    if lhs.gradientAccumulationStepsSet != rhs.gradientAccumulationStepsSet {return false}
+    if lhs.batchSizeSet != rhs.batchSizeSet {return false}
+    if lhs.seedSet != rhs.seedSet {return false}
+    if lhs.epochsSet != rhs.epochsSet {return false}
+    if lhs.maxLengthSet != rhs.maxLengthSet {return false}
     if lhs.extrasJson != rhs.extrasJson {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -3094,7 +3331,7 @@ nonisolated extension Graft_V1_StartTraining: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Graft_V1_JobStarted: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".JobStarted"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}job_id\0\u{1}running\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}job_id\0\u{1}running\0\u{3}options_json\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3104,6 +3341,7 @@ nonisolated extension Graft_V1_JobStarted: SwiftProtobuf.Message, SwiftProtobuf.
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.jobID) }()
       case 2: try { try decoder.decodeSingularBoolField(value: &self.running) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.optionsJson) }()
       default: break
       }
     }
@@ -3116,12 +3354,16 @@ nonisolated extension Graft_V1_JobStarted: SwiftProtobuf.Message, SwiftProtobuf.
     if self.running != false {
       try visitor.visitSingularBoolField(value: self.running, fieldNumber: 2)
     }
+    if !self.optionsJson.isEmpty {
+      try visitor.visitSingularStringField(value: self.optionsJson, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Graft_V1_JobStarted, rhs: Graft_V1_JobStarted) -> Bool {
     if lhs.jobID != rhs.jobID {return false}
     if lhs.running != rhs.running {return false}
+    if lhs.optionsJson != rhs.optionsJson {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -156,6 +156,8 @@ _sigs_since_0_2 = {
     "graft_chat_template_apply": (_S, [_P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]),
     # GRAFT_API const char *graft_status_name(graft_status status);
     "graft_status_name": (ctypes.c_char_p, [_S]),
+    # GRAFT_API graft_status graft_trainer_options(const graft_trainer *trainer, char **json);
+    "graft_trainer_options": (_S, [_P, ctypes.POINTER(ctypes.c_void_p)]),
 }
 for _name, (_res, _args) in _sigs.items():
     _f = getattr(lib, _name)

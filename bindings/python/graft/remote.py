@@ -140,7 +140,8 @@ class Client:
         if number is None:
             raise ValueError(f"task must be one of {_tasks.known()}, got {task!r}")
         r = self._call("load_model", pb.LoadModel(path=os.fspath(path), task=_TASKS[number],
-                                                  num_labels=num_labels or 0, seed=seed, model_id=model_id))
+                                                  seed=seed, model_id=model_id,
+                                                  **({} if num_labels is None else {"num_labels": num_labels})))
         return RemoteModel(self, r.model_loaded.model_id, json.loads(r.model_loaded.info_json))
 
     # -- training --------------------------------------------------------------------------------------------
@@ -154,19 +155,21 @@ class Client:
         (default) passes each progress event to `callback(event)` (once per reported step, as graft.Trainer's
         callback) and returns the finished Job (`job.result` is the final event); with wait=False returns the Job
         at once (iterate job.events() or call job.wait())."""
+        # None leaves a field unset: the daemon then uses the option's default, as the in-process Trainer does.
+        given = {"learning_rate": learning_rate, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm,
+                 "gradient_accumulation_steps": gradient_accumulation_steps, "batch_size": batch_size,
+                 "seed": seed, "epochs": epochs, "max_length": max_length}
         config = pb.TrainingConfig(
-            learning_rate=learning_rate or 0.0, weight_decay=weight_decay or 0.0, warmup_steps=warmup_steps,
-            total_steps=total_steps, schedule=_SCHEDULES[schedule], optimizer=_OPTIMIZERS[optimizer],
-            max_grad_norm=(-1.0 if max_grad_norm == 0 else (max_grad_norm or 0.0)),
-            gradient_accumulation_steps=gradient_accumulation_steps, batch_size=batch_size, seed=seed,
-            epochs=epochs, max_length=max_length, extras_json=json.dumps(extras) if extras else "")
+            warmup_steps=warmup_steps, total_steps=total_steps, schedule=_SCHEDULES[schedule],
+            optimizer=_OPTIMIZERS[optimizer], extras_json=json.dumps(extras) if extras else "",
+            **{k: v for k, v in given.items() if v is not None})
         start = pb.StartTraining(model_id=_model_id(model), adapter=adapter, data=os.fspath(data), config=config,
                                  eval_data=os.fspath(eval_data) if eval_data else "", eval_every=eval_every,
                                  progress_every=progress_every)
         with self._lock:
             request_id = self._send("start_training", start)
             r = next(self._responses(request_id, "start_training"))
-        job = Job(self, r.job_started.job_id, request_id)
+        job = Job(self, r.job_started.job_id, request_id, r.job_started.options_json)
         if wait:
             job.wait(callback)
         return job
@@ -176,7 +179,7 @@ class Client:
         with self._lock:
             request_id = self._send("attach_job", pb.AttachJob(job_id=job_id))
             r = next(self._responses(request_id, "attach_job"))
-        job = Job(self, r.job_started.job_id, request_id)
+        job = Job(self, r.job_started.job_id, request_id, r.job_started.options_json)
         job.running = r.job_started.running
         return job
 
@@ -255,10 +258,12 @@ def _event(e):
 class Job:
     """A training job on the daemon, attached to one Client."""
 
-    def __init__(self, client, job_id, request_id):
+    def __init__(self, client, job_id, request_id, options_json=""):
         self.client = client
         self.job_id = job_id
         self._request_id = request_id
+        #: The options the job trains with, after the daemon's defaults (as graft.Trainer.options).
+        self.options = json.loads(options_json) if options_json else {}
         self.running = True
         #: The final event once the job has finished.
         self.result = None

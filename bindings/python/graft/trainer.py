@@ -92,6 +92,15 @@ class Trainer(NativeHandle):
                                            ctypes.byref(handle)), f"Trainer(adapter={adapter!r})")
         self._adopt(handle, lib.graft_trainer_free)
 
+    @property
+    def options(self):
+        """The options the trainer runs with, after defaults: a dict with one key per option (graft_trainer_options;
+        the same object graftd's jobs and `graft train` report)."""
+        out = ctypes.c_void_p()
+        with self._lock:
+            check(lib.graft_trainer_options(self._h("options"), ctypes.byref(out)), "options")
+        return json.loads(_lib.take_string(out))
+
     def _batch(self, ids, lengths, labels, where):
         mat, lens = token_batch(ids, lengths, where)
         lab = None
