@@ -2,7 +2,8 @@
 SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
-.PHONY: demo test test-c test-python test-lua test-daemon test-cli install-lua lib graftd client install build release setup assets bench clean
+.PHONY: demo test test-c test-python test-lua test-daemon test-cli install-lua lib graftd client install build release setup assets bench clean \
+	fuzz fuzz-smoke fuzz-build
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -119,6 +120,21 @@ test-cli: assets release
 assets:
 	scripts/fetch-assets
 
+# libFuzzer targets (scripts/fuzz, Fuzz/): the safetensors and GGUF readers, adapter_config.json, graftd's frame
+# decoder + Request decoding, and the tokenizers, built with -sanitize=fuzzer,address in .build-fuzz.
+# `make fuzz` runs each for FUZZ_SECONDS; `make fuzz-smoke` runs each for FUZZ_SMOKE_RUNS executions and replays
+# every committed crasher in Fuzz/regressions (CI runs it from .ci/run).
+FUZZ_SECONDS ?= 60
+FUZZ_SMOKE_RUNS ?= 3000
+fuzz-build:
+	scripts/fuzz build
+
+fuzz: assets fuzz-build
+	scripts/fuzz all $(FUZZ_SECONDS)
+
+fuzz-smoke: assets fuzz-build
+	scripts/fuzz smoke $(FUZZ_SMOKE_RUNS)
+
 build:
 	$(SWIFT) build
 
@@ -133,4 +149,4 @@ bench: assets release
 	bench/daemon
 
 clean:
-	rm -rf .build .build-test
+	rm -rf .build .build-test .build-fuzz

@@ -1,6 +1,7 @@
 // swift-tools-version:6.0
 // Graft: parameter-efficient fine-tuning on the CPU. See DESIGN notes in README.md for the module layout.
 import PackageDescription
+import Foundation
 
 let package = Package(
     name: "Graft",
@@ -65,6 +66,22 @@ let package = Package(
         .testTarget(name: "GraftRoutingTests", dependencies: ["GraftRouting", "Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftTrainTests", dependencies: ["GraftTrain", "Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftDaemonTests", dependencies: ["GraftDaemon", "GraftTestSupport"]),
+        // What each fuzz target runs on one input; the test replays the committed corpora and crashers through it.
+        .target(name: "GraftFuzzHarness", dependencies: [
+            "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftDaemon",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ], path: "Fuzz/Sources/GraftFuzzHarness"),
+        .testTarget(name: "GraftFuzzRegressionTests", dependencies: ["GraftFuzzHarness"], path: "Fuzz/Tests"),
     ],
     swiftLanguageModes: [.v6]
 )
+
+// The libFuzzer executables (README "Fuzzing"), declared only when GRAFT_FUZZ is set so `swift build` and `make test`
+// never build them. scripts/fuzz builds them with `GRAFT_FUZZ=1 swift build --scratch-path .build-fuzz
+// -Xswiftc -sanitize=fuzzer,address`; each defines LLVMFuzzerTestOneInput and a main that runs libFuzzer's driver.
+if ProcessInfo.processInfo.environment["GRAFT_FUZZ"] != nil {
+    for name in ["FuzzSafeTensors", "FuzzGGUF", "FuzzAdapterConfig", "FuzzFrame", "FuzzTokenizer"] {
+        package.targets.append(.executableTarget(name: name, dependencies: ["GraftFuzzHarness"], path: "Fuzz/Sources/\(name)",
+                                                 swiftSettings: [.unsafeFlags(["-parse-as-library"])]))
+    }
+}

@@ -166,16 +166,37 @@ public struct AdapterConfig: @unchecked Sendable {
         }
     }
 
-    /// An integer key (`3` or `3.0`, never `true`/`false`), or `defaultValue` when absent.
+    /// The largest value accepted for a key that sizes an adapter's tensors or loops (``sizeKeys``): a rank of
+    /// 65,536 is far beyond any published configuration, while a few more digits in a config would ask for
+    /// gigabytes (`"r": 100000000` on a 384-wide layer is 154 GB).
+    public static let maximumSize = 1 << 16
+
+    /// The integer keys that size an adapter's tensors or loops (ranks, virtual tokens, blocks, banks, experts,
+    /// tasks, frequencies); ``int(_:default:)`` rejects values above ``maximumSize`` for them, naming the key.
+    public static let sizeKeys: Set<String> = [
+        "r", "init_r", "target_r", "mini_r", "n_tasks", "n_skills", "n_splits", "num_virtual_tokens", "token_dim",
+        "num_experts", "nb", "boft_n_butterfly_factor", "boft_block_size", "boft_block_num", "off_diag",
+        "vector_length", "num_vectors", "topk", "top_k", "shared_shards", "shard_length", "oft_block_size",
+        "num_cayley_neumann_terms", "n_frequency", "group_size", "encoder_hidden_size", "decompose_factor",
+        "contrastive_tokens", "block_size",
+    ]
+
+    /// An integer key (`3` or `3.0`, never `true`/`false`), or `defaultValue` when absent. A key in ``sizeKeys``
+    /// above ``maximumSize`` is an error.
     public func int(_ key: String, default defaultValue: Int) throws -> Int {
-        switch value(key) {
+        let value: Int
+        switch self.value(key) {
         case nil, is NSNull: return defaultValue
-        case let value?:
-            guard let n = JSONScalar.integer(value) else {
-                throw GraftError.invalid("\(source): '\(key)' must be an integer, got \(JSONScalar.describe(value))")
+        case let raw?:
+            guard let n = JSONScalar.integer(raw) else {
+                throw GraftError.invalid("\(source): '\(key)' must be an integer, got \(JSONScalar.describe(raw))")
             }
-            return n
+            value = n
         }
+        if AdapterConfig.sizeKeys.contains(key), value > AdapterConfig.maximumSize {
+            throw GraftError.invalid("\(source): '\(key)' is \(value), above the largest size Graft accepts (\(AdapterConfig.maximumSize))")
+        }
+        return value
     }
 
     /// A number key (never `true`/`false`), or `defaultValue` when absent.
@@ -209,6 +230,17 @@ public struct AdapterConfig: @unchecked Sendable {
         case let s as String: return s
         case let other?: throw GraftError.invalid("\(source): '\(key)' must be a string, got \(other)")
         }
+    }
+
+    /// The size a `{pattern: number}` key (`rank_pattern`, `n_frequency_pattern`) gives the module at `path`,
+    /// else `defaultValue`. Pattern values arrive as numbers: a fraction, NaN, a value below 1 or above
+    /// ``maximumSize`` is an error naming the key and module, never a trapping conversion.
+    public func patternSize(_ key: String, path: String, default defaultValue: Int) throws -> Int {
+        guard let value = TargetMatcher.patternValue(try patternMap(key), path: path) else { return defaultValue }
+        guard let n = Int(exactly: value), n > 0, n <= AdapterConfig.maximumSize else {
+            throw GraftError.invalid("\(source): '\(key)' gives '\(path)' \(value); it must be an integer in 1...\(AdapterConfig.maximumSize)")
+        }
+        return n
     }
 
     /// A `{pattern: number}` key such as `rank_pattern` / `alpha_pattern`, in file order.

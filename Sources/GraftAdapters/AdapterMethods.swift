@@ -39,7 +39,7 @@ extension AdapterMethodFactory {
     static func rankAndAlpha(_ config: AdapterConfig, path: String, alphaKey: String) throws -> (Int, Float) {
         let defaultRank = try config.int("r", default: 8)
         let defaultAlpha = try config.double(alphaKey, default: 8)
-        let r = Int(TargetMatcher.patternValue(try config.patternMap("rank_pattern"), path: path) ?? Double(defaultRank))
+        let r = try config.patternSize("rank_pattern", path: path, default: defaultRank)
         let alpha = TargetMatcher.patternValue(try config.patternMap("alpha_pattern"), path: path) ?? defaultAlpha
         guard r > 0 else { throw GraftError.invalid("\(config.source): rank for '\(path)' must be positive, got \(r)") }
         return (r, Float(alpha))

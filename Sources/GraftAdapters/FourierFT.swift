@@ -153,7 +153,7 @@ public enum FourierFTFactory: AdapterMethodFactory {
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
         let defaultCount = try config.int("n_frequency", default: 1000)
-        let count = Int(TargetMatcher.patternValue(try config.patternMap("n_frequency_pattern"), path: path) ?? Double(defaultCount))
+        let count = try config.patternSize("n_frequency_pattern", path: path, default: defaultCount)
         do {
             return try FourierFTLayer(base: layer, frequencies: count, scaling: Float(try config.double("scaling", default: 150)),
                                       seed: UInt64(try config.int("random_loc_seed", default: 777)),

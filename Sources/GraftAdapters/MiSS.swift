@@ -67,7 +67,7 @@ public enum MiSSFactory: AdapterMethodFactory {
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
         let defaultRank = try config.int("r", default: 64)
-        let r = Int(TargetMatcher.patternValue(try config.patternMap("rank_pattern"), path: path) ?? Double(defaultRank))
+        let r = try config.patternSize("rank_pattern", path: path, default: defaultRank)
         let miniRank = try config.int("mini_r", default: 1)
         let mini = (config.value("init_weights") as? String) == "mini" ? miniRank : nil
         if let mini, mini <= 0 || layer.outFeatures % mini != 0 {

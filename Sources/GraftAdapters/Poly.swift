@@ -112,6 +112,14 @@ public enum PolyFactory: AdapterMethodFactory {
             let v = try config.int(key, default: 1)
             guard v > 0 else { throw GraftError.invalid("\(config.source): '\(key)' must be positive, got \(v)") }
         }
+        // The router is [n_tasks, n_skills] and each layer holds n_skills rank-r modules: bound the products too.
+        let skills = try config.int("n_skills", default: 4)
+        for other in ["n_tasks", "r"] {
+            let v = try config.int(other, default: other == "r" ? 8 : 1)
+            guard v * skills <= AdapterConfig.maximumSize else {
+                throw GraftError.invalid("\(config.source): n_skills (\(skills)) × \(other) (\(v)) exceeds \(AdapterConfig.maximumSize)")
+            }
+        }
     }
 
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,

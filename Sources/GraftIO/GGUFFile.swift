@@ -51,9 +51,19 @@ public final class GGUFFile: @unchecked Sendable {
     /// opened or mapped; `.unsupported` for a version other than 2 or 3; `.format` for a bad magic, truncated
     /// header, metadata or strings, counts too large for the file, an unknown value type or ggml type,
     /// overflowing dimensions, a block-size mismatch, or tensor data past the end of the file.
-    public init(contentsOf path: String) throws {
+    public convenience init(contentsOf path: String) throws {
+        try self.init(file: MappedFile(path: path))
+    }
+
+    /// Parses GGUF bytes held in memory (a private copy is kept), validated exactly as a file is; `name` stands
+    /// in for the path in messages. The fuzz target `Fuzz/Sources/FuzzGGUF` drives it.
+    package convenience init(bytes: UnsafeRawBufferPointer, name: String = "<memory>") throws {
+        try self.init(file: MappedFile(bytes: bytes, name: name))
+    }
+
+    private init(file: MappedFile) throws {
+        let path = file.path
         self.path = path
-        let file = try MappedFile(path: path)
         self.file = file
         var r = ByteReader(file)
 

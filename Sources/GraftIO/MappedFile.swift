@@ -5,7 +5,8 @@ import Darwin
 #endif
 import GraftTensor
 
-/// A read-only memory map of a whole file. The mapping lives as long as the object.
+/// A read-only memory map of a whole file, or a private copy of bytes already in memory (what the fuzz targets
+/// and in-memory readers parse). The mapping lives as long as the object.
 ///
 /// Every access goes through ``bytes(at:count:_:)``-style bounds checks done by the callers' readers;
 /// the map itself never traps on file contents.
@@ -17,7 +18,8 @@ final class MappedFile: @unchecked Sendable {
     /// The first byte (a dummy non-null pointer for an empty file).
     let base: UnsafeRawPointer
     private let mapped: UnsafeMutableRawPointer?
-    private let empty: UnsafeMutableRawPointer?
+    /// Memory this object allocated (the bytes of an in-memory file, or a placeholder for an empty file).
+    private let owned: UnsafeMutableRawPointer?
 
     /// Maps `path` read-only. Throws `.notFound` if it does not exist, `.io` if it cannot be opened or mapped.
     init(path: String) throws {
@@ -35,7 +37,7 @@ final class MappedFile: @unchecked Sendable {
         if size == 0 {
             // mmap rejects length 0; an empty file gets a small private allocation nothing reads from.
             let p = UnsafeMutableRawPointer.allocate(byteCount: 8, alignment: 8)
-            empty = p
+            owned = p
             mapped = nil
             base = UnsafeRawPointer(p)
             return
@@ -44,13 +46,25 @@ final class MappedFile: @unchecked Sendable {
             throw GraftError.io("\(path): cannot memory-map \(size) bytes: \(errnoText())")
         }
         mapped = p
-        empty = nil
+        owned = nil
+        base = UnsafeRawPointer(p)
+    }
+
+    /// A copy of `bytes` that the readers parse exactly as a file; `name` stands in for the path in messages.
+    /// The copy is a heap allocation of exactly `bytes.count` bytes, so AddressSanitizer catches a read past it.
+    init(bytes: UnsafeRawBufferPointer, name: String) {
+        path = name
+        size = bytes.count
+        let p = UnsafeMutableRawPointer.allocate(byteCount: max(bytes.count, 1), alignment: 16)
+        if let src = bytes.baseAddress, bytes.count > 0 { p.copyMemory(from: src, byteCount: bytes.count) }
+        owned = p
+        mapped = nil
         base = UnsafeRawPointer(p)
     }
 
     deinit {
         if let mapped { munmap(mapped, size) }
-        empty?.deallocate()
+        owned?.deallocate()
     }
 
     /// The bytes `[offset, offset + count)` if they lie inside the file, else nil.

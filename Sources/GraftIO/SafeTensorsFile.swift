@@ -33,9 +33,19 @@ public final class SafeTensorsFile: @unchecked Sendable {
     /// file and the fault) for a truncated file, a header length past the end, a header that is not a JSON
     /// object, an unknown dtype, a shape that disagrees with its byte range, or offsets outside the data
     /// section or overlapping another tensor.
-    public init(contentsOf path: String) throws {
+    public convenience init(contentsOf path: String) throws {
+        try self.init(file: MappedFile(path: path))
+    }
+
+    /// Parses safetensors bytes held in memory (a private copy is kept), validated exactly as a file is;
+    /// `name` stands in for the path in messages. The fuzz target `Fuzz/Sources/FuzzSafeTensors` drives it.
+    package convenience init(bytes: UnsafeRawBufferPointer, name: String = "<memory>") throws {
+        try self.init(file: MappedFile(bytes: bytes, name: name))
+    }
+
+    private init(file: MappedFile) throws {
+        let path = file.path
         self.path = path
-        let file = try MappedFile(path: path)
         self.file = file
         func fault(_ s: String) -> GraftError { GraftError.format("\(path): \(s)") }
 

@@ -77,9 +77,8 @@ public enum LoRAMixtureFactory: AdapterMethodFactory {
     /// The number of experts for the layer at `path`: `experts_pattern`, then `experts_per_layer`, then
     /// `num_experts`.
     public static func experts(_ config: AdapterConfig, path: String) throws -> Int {
-        if let v = TargetMatcher.patternValue(try config.patternMap("experts_pattern"), path: path) {
-            guard v >= 1 else { throw GraftError.invalid("\(config.source): 'experts_pattern' gives \(v) experts for '\(path)'; need ≥ 1") }
-            return Int(v)
+        if TargetMatcher.patternValue(try config.patternMap("experts_pattern"), path: path) != nil {
+            return try config.patternSize("experts_pattern", path: path, default: 1)
         }
         if let list = config.value("experts_per_layer") as? [Int] {
             guard let layer = path.split(separator: ".").compactMap({ Int($0) }).first else {
