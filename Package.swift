@@ -22,7 +22,7 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CGraftSystem", path: "Sources/CGraftSystem"),
         .target(name: "GraftTensor", dependencies: ["CGraftSystem"]),
-        .target(name: "GraftIO", dependencies: ["GraftTensor"]),
+        .target(name: "GraftIO", dependencies: ["CGraftSystem", "GraftTensor"]),
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),

@@ -33,9 +33,15 @@ public final class SafeTensorsFile: @unchecked Sendable {
     /// file and the fault) for a truncated file, a header length past the end, a header that is not a JSON
     /// object, an unknown dtype, a shape that disagrees with its byte range, or offsets outside the data
     /// section or overlapping another tensor.
-    public init(contentsOf path: String) throws {
+    public convenience init(contentsOf path: String) throws {
+        try self.init(mapped: MappedFile(path: path))
+    }
+
+    /// Parses an already mapped file (``SavedDirectory`` hands over the bytes it verified); throws as
+    /// ``init(contentsOf:)``.
+    init(mapped file: MappedFile) throws {
+        let path = file.path
         self.path = path
-        let file = try MappedFile(path: path)
         self.file = file
         func fault(_ s: String) -> GraftError { GraftError.format("\(path): \(s)") }
 
