@@ -41,8 +41,13 @@ extension Trainer {
     ///
     /// Every file is checked against the checkpoint's manifest before anything is restored: a directory
     /// without one, or whose files do not match it (a mix of two saves), is a `.format` error naming the
-    /// file at fault, raised with the trainer untouched. `.invalidArgument` for a checkpoint of another optimizer.
+    /// file at fault, raised with the trainer untouched. `.notFound` when `directory` does not exist,
+    /// `.invalidArgument` for a checkpoint of another optimizer.
     public func loadCheckpoint(directory: String) throws {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw GraftError(.notFound, "\(directory): no such checkpoint directory")
+        }
         let saved = try SavedDirectory(path: directory)
         let manifestPath = directory + "/" + AtomicDirectory.manifestName
         guard let manifest = saved.manifest else {

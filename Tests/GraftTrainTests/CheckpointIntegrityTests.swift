@@ -57,6 +57,13 @@ import GraftTestSupport
         expectFormatError([AtomicDirectory.manifestName, "not a complete Graft checkpoint"]) {
             try fresh.loadCheckpoint(directory: mixed)
         }
+        // A directory that does not exist.
+        do {
+            try fresh.loadCheckpoint(directory: root + "/absent")
+            Issue.record("loading a missing checkpoint directory succeeded")
+        } catch let e as GraftError {
+            #expect(e.code == .notFound && e.message.contains(root + "/absent"), "\(e.message)")
+        }
         // An adapter directory is not a checkpoint.
         try setup.model.saveAdapter("default", directory: root + "/adapter")
         expectFormatError(["holds a saved adapter, not a checkpoint"]) { try fresh.loadCheckpoint(directory: root + "/adapter") }
