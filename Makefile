@@ -112,7 +112,7 @@ test-daemon: assets lib graftd client
 # gcc's libasan cannot be mixed with it. The daemon tests (Python and C clients) run against each sanitized
 # graftd; the Python side keeps the plain libgraft. Any report fails the run (halt_on_error; LeakSanitizer on).
 # lld (shipped with the toolchain) links the test quietly; gold warns about every ASan-internal symbol.
-# Not in .ci/run (three more optimized builds of the tree would take CI past its time budget): run it before
+# Not in .ci/run (two more optimized builds of the tree would take CI past its time budget): run it before
 # each release, see the README.
 ASAN_BUILD = $(SWIFT) build -c release --scratch-path .build-asan -Xswiftc -sanitize=address
 TSAN_BUILD = $(SWIFT) build -c release --scratch-path .build-tsan -Xswiftc -sanitize=thread
