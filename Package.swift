@@ -25,7 +25,7 @@ let package = Package(
         // include/graft.h as a module: struct layouts, versions and the status table come from the header itself.
         .systemLibrary(name: "CGraftABI", path: "Sources/CGraftABI"),
         .target(name: "GraftTensor", dependencies: ["CGraftSystem", "CGraftABI"]),
-        .target(name: "GraftIO", dependencies: ["GraftTensor"]),
+        .target(name: "GraftIO", dependencies: ["CGraftSystem", "GraftTensor"]),
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),

@@ -314,15 +314,18 @@ GRAFT_API graft_status graft_adapter_add(graft_model *model, const char *name, c
 
 /**
  * Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) as adapter `name`
- * (NULL = "default") and makes it active.
+ * (NULL = "default") and makes it active. A directory Graft saved is first checked against its manifest.
  * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (missing directory or files); GRAFT_ERR_FORMAT (tensors that do not
- *         fit this model); the codes of graft_adapter_add for the config.
+ *         fit this model; files that do not match graft_manifest.json, i.e. a mix of two saves); the codes of
+ *         graft_adapter_add for the config.
  */
 GRAFT_API graft_status graft_adapter_load(graft_model *model, const char *directory, const char *name);
 
 /**
- * Saves adapter `name` in PEFT's format to `directory` (created if missing; files written atomically), so
- * `PeftModel.from_pretrained` and graft_adapter_load read it.
+ * Saves adapter `name` in PEFT's format to `directory` (created if missing), so `PeftModel.from_pretrained` and
+ * graft_adapter_load read it, plus Graft's graft_manifest.json (each file's size and SHA-256). Crash-safe: a
+ * directory of its own is replaced as a whole (staged beside it, fsynced, swapped in atomically), so a killed
+ * process leaves the previous adapter or the new one; see the README's "Crash-safe saves".
  * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no such adapter); GRAFT_ERR_IO; GRAFT_ERR_INVALID_ARGUMENT (NULLs).
  */
 GRAFT_API graft_status graft_adapter_save(const graft_model *model, const char *name, const char *directory);
@@ -674,8 +677,10 @@ GRAFT_API graft_status graft_trainer_train_file(graft_trainer *trainer, const ch
                                                 void *user_data);
 
 /**
- * Writes a checkpoint directory: the adapter in PEFT format, the optimizer state and the trainer state (step
- * counters, RNG), each file written atomically.
+ * Writes a checkpoint directory: the adapter in PEFT format, the optimizer state, the trainer state (step
+ * counters, RNG) and graft_manifest.json (each file's size and SHA-256). Crash-safe: a directory of its own is
+ * replaced as a whole (staged beside it, fsynced, swapped in atomically), so a process killed mid-save leaves
+ * the previous checkpoint or the new one, never a mix.
  * @return GRAFT_OK; GRAFT_ERR_IO; GRAFT_ERR_INVALID_ARGUMENT (NULLs); GRAFT_ERR_STATE (adapter gone).
  */
 GRAFT_API graft_status graft_trainer_save_checkpoint(graft_trainer *trainer, const char *directory);
@@ -683,8 +688,10 @@ GRAFT_API graft_status graft_trainer_save_checkpoint(graft_trainer *trainer, con
 /**
  * Restores a checkpoint written by graft_trainer_save_checkpoint into this trainer (same adapter config and
  * optimizer), so training continues exactly where it stopped.
- * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND / GRAFT_ERR_IO / GRAFT_ERR_FORMAT (files); GRAFT_ERR_INVALID_ARGUMENT
- *         (NULLs, a checkpoint of another optimizer).
+ * Every file is checked against the manifest first; nothing is restored from a directory that fails.
+ * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND / GRAFT_ERR_IO / GRAFT_ERR_FORMAT (files; no manifest, or files that do
+ *         not match it: an interrupted or mixed save); GRAFT_ERR_INVALID_ARGUMENT (NULLs, a checkpoint of
+ *         another optimizer).
  */
 GRAFT_API graft_status graft_trainer_load_checkpoint(graft_trainer *trainer, const char *directory);
 

@@ -7,6 +7,12 @@
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
+#if defined(__linux__)
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 /* OpenBLAS extensions (declared in OpenBLAS's cblas.h; repeated so the shim builds against any cblas.h). */
 void openblas_set_num_threads(int num_threads);
@@ -36,6 +42,20 @@ static inline void cgraft_keep_freed_memory(void) {
 #if defined(__GLIBC__)
     mallopt(M_MMAP_THRESHOLD, 1 << 30);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
+}
+
+/* Atomically exchanges two existing paths (directories included): Linux renameat2(RENAME_EXCHANGE), called
+   through syscall(2) because older glibc headers do not declare it. Returns 0, or -1 with errno set (EINVAL or
+   ENOSYS where the kernel or file system cannot exchange; the caller then falls back). */
+static inline int cgraft_exchange_paths(const char *a, const char *b) {
+#if defined(__linux__) && defined(SYS_renameat2)
+    return (int)syscall(SYS_renameat2, AT_FDCWD, a, AT_FDCWD, b, 2 /* RENAME_EXCHANGE */);
+#else
+    (void)a;
+    (void)b;
+    errno = ENOSYS;
+    return -1;
 #endif
 }
 

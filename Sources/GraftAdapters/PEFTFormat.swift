@@ -8,18 +8,22 @@ import GraftTensor
 /// name stripped.
 extension AdaptedModel {
     /// Loads a PEFT adapter directory as adapter `name` and makes it active.
+    ///
+    /// A directory Graft saved carries a manifest (``AtomicDirectory``): its files are checked against it
+    /// first, and a directory mixing two saves is a `.format` error naming the file, never loaded.
     @discardableResult
     public func loadAdapter(directory: String, name: String = "default") throws -> NamedAdapter {
+        let saved = try SavedDirectory(path: directory)
         let configPath = directory + "/adapter_config.json"
-        guard let data = FileManager.default.contents(atPath: configPath) else {
+        guard saved.contains("adapter_config.json"), let data = try? saved.contents("adapter_config.json") else {
             throw GraftError(.notFound, "\(configPath): cannot read the adapter config (is '\(directory)' a PEFT adapter directory?)")
         }
         let config = try AdapterConfig(jsonText: String(decoding: data, as: UTF8.self), source: configPath)
         let weightsPath = directory + "/adapter_model.safetensors"
-        guard FileManager.default.fileExists(atPath: weightsPath) else {
+        guard saved.contains("adapter_model.safetensors") else {
             throw GraftError(.notFound, "\(weightsPath): missing (PEFT's .bin format is not supported; save with safe_serialization=True)")
         }
-        let file = try SafeTensorsFile(contentsOf: weightsPath)
+        let file = try saved.safeTensors("adapter_model.safetensors")
         // The file's tensors replace whatever the initialization drew, so the init options cannot matter.
         config.acknowledge("init_weights", "init_lora_weights", "init_ia3_weights")
         let adapter = try addAdapter(name, config: config)
@@ -110,14 +114,17 @@ extension AdaptedModel {
         }
     }
 
-    /// Writes adapter `name` as PEFT does (`adapter_config.json` + `adapter_model.safetensors`), atomically.
+    /// Writes adapter `name` as PEFT does (`adapter_config.json` + `adapter_model.safetensors`) with Graft's
+    /// manifest, crash-safely: a directory of its own is replaced as a whole, so a process killed mid-save
+    /// leaves the previous adapter or the new one, never a mix (see ``AtomicDirectory``).
     public func saveAdapter(_ name: String, directory: String) throws {
+        try AtomicDirectory.write(directory: directory, kind: "adapter", files: try adapterFiles(name))
+    }
+
+    /// The files of adapter `name` in PEFT's layout, in memory: `adapter_model.safetensors` and
+    /// `adapter_config.json` (checkpoints save them together with their own files).
+    public func adapterFiles(_ name: String) throws -> [(name: String, bytes: [UInt8])] {
         let a = try adapter(name)
-        do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        } catch {
-            throw GraftError.io("\(directory): cannot create directory (\(error.localizedDescription))")
-        }
         var writer = SafeTensorsWriter()
         writer.metadata = ["format": "pt"]
         // SVD-initialized LoRA (PiSSA, MiLoRA, CorDA) is written as the equivalent plain LoRA (see PiSSA.swift).
@@ -128,10 +135,9 @@ extension AdaptedModel {
             for (n, values, shape) in layer.integerBuffers { try writer.add("base_model.model.\(path).\(n)", int32s: values, shape: shape) }
             for (n, t) in layer.savedBuffers { try writer.add("base_model.model.\(path).\(n)", t) }
         }
-        try writer.write(to: directory + "/adapter_model.safetensors")
         let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(config),
                                               options: [.prettyPrinted, .sortedKeys])
-        try AtomicFile.write([UInt8](json), to: directory + "/adapter_config.json")
+        return [("adapter_model.safetensors", writer.serialized()), ("adapter_config.json", [UInt8](json))]
     }
 
     /// The config as PEFT 0.21 reads it: the user's keys plus the common keys PEFT expects.

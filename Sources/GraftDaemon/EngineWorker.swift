@@ -19,7 +19,6 @@ final class EngineWorker: @unchecked Sendable {
     private var items: [Item] = []
     private var stopping = false
     private var nesting = 0
-    private var thread: Thread?
 
     /// Items submitted but not yet started.
     var queueDepth: Int {
@@ -29,6 +28,10 @@ final class EngineWorker: @unchecked Sendable {
     }
 
     /// Starts the thread; `onExit` runs on it after ``stop()`` once the queue is drained.
+    ///
+    /// The running thread keeps the worker alive (its block holds it) and Foundation releases the thread when it
+    /// ends. The worker must not hold the thread in turn: that cycle kept the worker, its queue and through it the
+    /// whole engine (loaded models included) alive after the daemon was gone (found by LeakSanitizer).
     func start(onExit: @escaping @Sendable () -> Void) {
         let thread = Thread { [self] in
             while let item = nextItem(blocking: true, allowJobs: true) { item.run() }
@@ -36,7 +39,6 @@ final class EngineWorker: @unchecked Sendable {
         }
         thread.name = "graftd-engine"
         thread.stackSize = 16 << 20
-        self.thread = thread
         thread.start()
     }
 

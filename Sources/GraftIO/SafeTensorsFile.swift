@@ -34,16 +34,18 @@ public final class SafeTensorsFile: @unchecked Sendable {
     /// object, an unknown dtype, a shape that disagrees with its byte range, or offsets outside the data
     /// section or overlapping another tensor.
     public convenience init(contentsOf path: String) throws {
-        try self.init(file: MappedFile(path: path))
+        try self.init(mapped: MappedFile(path: path))
     }
 
     /// Parses safetensors bytes held in memory (a private copy is kept), validated exactly as a file is;
     /// `name` stands in for the path in messages. The fuzz target `Fuzz/Sources/FuzzSafeTensors` drives it.
     package convenience init(bytes: UnsafeRawBufferPointer, name: String = "<memory>") throws {
-        try self.init(file: MappedFile(bytes: bytes, name: name))
+        try self.init(mapped: MappedFile(bytes: bytes, name: name))
     }
 
-    private init(file: MappedFile) throws {
+    /// Parses an already mapped file (``SavedDirectory`` hands over the bytes it verified); throws as
+    /// ``init(contentsOf:)``.
+    init(mapped file: MappedFile) throws {
         let path = file.path
         self.path = path
         self.file = file
