@@ -115,8 +115,8 @@ client:
 	$(CC) $(C_EXAMPLE_FLAGS) -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
 		-Ibindings/c examples/remote/client.c $(C_CLIENT_SOURCES) -o $(C_OUT)/remote-client-asan -lprotobuf-c
 
-test-daemon: assets lib graftd client
-	$(PY_ENV) GRAFTD=$(abspath $(GRAFTD)) $(PYTHON) -m pytest -q tests/daemon
+test-daemon: assets lib graftd client release
+	$(PY_ENV) GRAFTD=$(abspath $(GRAFTD)) GRAFT_CLI=$(abspath $(RELEASE_BIN)) $(PYTHON) -m pytest -q tests/daemon
 	tests/daemon/run-c-client.sh $(GRAFTD) $(C_OUT)/remote-client $(C_OUT)/remote-client-asan
 
 # The CLI as a user runs it (tests/cli): step budgets, held-out evaluation, what the saved adapter records.
