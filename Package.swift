@@ -80,8 +80,10 @@ let package = Package(
 // never build them. scripts/fuzz builds them with `GRAFT_FUZZ=1 swift build --scratch-path .build-fuzz
 // -Xswiftc -sanitize=fuzzer,address`; each defines LLVMFuzzerTestOneInput and a main that runs libFuzzer's driver.
 if ProcessInfo.processInfo.environment["GRAFT_FUZZ"] != nil {
+    // The driver calls into libFuzzer's runtime, which only a -sanitize=fuzzer link provides.
+    package.targets.append(.target(name: "GraftFuzzDriver", path: "Fuzz/Sources/GraftFuzzDriver"))
     for name in ["FuzzSafeTensors", "FuzzGGUF", "FuzzAdapterConfig", "FuzzFrame", "FuzzTokenizer"] {
-        package.targets.append(.executableTarget(name: name, dependencies: ["GraftFuzzHarness"], path: "Fuzz/Sources/\(name)",
+        package.targets.append(.executableTarget(name: name, dependencies: ["GraftFuzzHarness", "GraftFuzzDriver"], path: "Fuzz/Sources/\(name)",
                                                  swiftSettings: [.unsafeFlags(["-parse-as-library"])]))
     }
 }

@@ -1,6 +1,4 @@
-#if canImport(Glibc)
-import Glibc
-#endif
+import GraftFuzzDriver
 import GraftFuzzHarness
 
 /// One input for `FuzzHarness.safeTensors` (libFuzzer's `LLVMFuzzerTestOneInput`).
@@ -10,20 +8,7 @@ public func fuzzSafeTensors(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32
     return 0
 }
 
-/// libFuzzer's driver, in the runtime `-sanitize=fuzzer` links (there is no Swift module declaring it).
-@_silgen_name("LLVMFuzzerRunDriver")
-func LLVMFuzzerRunDriver(
-    _ argc: UnsafeMutablePointer<Int32>,
-    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>>,
-    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32
-) -> Int32
-
-/// SwiftPM links an executable target's own entry point as `main` (so libFuzzer's `main` is not used):
-/// it hands the command line to libFuzzer's driver and exits with its status.
+/// Runs libFuzzer over `fuzzSafeTensors`.
 @main enum FuzzSafeTensors {
-    static func main() {
-        var argc = CommandLine.argc
-        var argv = CommandLine.unsafeArgv
-        exit(LLVMFuzzerRunDriver(&argc, &argv, fuzzSafeTensors))
-    }
+    static func main() { runLibFuzzer(fuzzSafeTensors) }
 }
