@@ -70,9 +70,10 @@ test-crash: assets lib
 # The Lua host: bindings/lua/graft.so (a Lua 5.4 C module over graft.h), its test, examples/lua/train.lua and the README's Lua snippet.
 LUA ?= lua5.4
 LUA_OUT = .build/lua
+LUA_SOURCES = bindings/lua/graft.c bindings/lua/arguments.c bindings/lua/trainer.c
 test-lua: assets lib
 	mkdir -p $(LUA_OUT)
-	$(CC) $(C_EXAMPLE_FLAGS) -O2 -shared -fPIC $$(pkg-config --cflags lua5.4) -Iinclude bindings/lua/graft.c \
+	$(CC) $(C_EXAMPLE_FLAGS) -O2 -shared -fPIC $$(pkg-config --cflags lua5.4) -Iinclude $(LUA_SOURCES) \
 		-o $(LUA_OUT)/graft.so -L$(LIB_DIR) -lgraft -Wl,-rpath,$(abspath $(LIB_DIR))
 	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" $(LUA) bindings/lua/test.lua
 	LUA_CPATH="$(abspath $(LUA_OUT))/?.so;;" $(LUA) examples/lua/train.lua
@@ -95,7 +96,7 @@ install: lib
 # libgraft.so that `make install` put in PREFIX/lib (found through the rpath).
 install-lua: install
 	mkdir -p $(LUA_OUT)
-	$(CC) $(C_EXAMPLE_FLAGS) -O2 -shared -fPIC $$(pkg-config --cflags lua5.4) -Iinclude bindings/lua/graft.c \
+	$(CC) $(C_EXAMPLE_FLAGS) -O2 -shared -fPIC $$(pkg-config --cflags lua5.4) -Iinclude $(LUA_SOURCES) \
 		-o $(LUA_OUT)/graft-install.so -L$(DESTDIR)$(PREFIX)/lib -lgraft -Wl,-rpath,$(PREFIX)/lib
 	install -d $(DESTDIR)$(PREFIX)/lib/lua/5.4
 	install -m 755 $(LUA_OUT)/graft-install.so $(DESTDIR)$(PREFIX)/lib/lua/5.4/graft.so

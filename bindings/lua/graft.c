@@ -13,214 +13,9 @@
  * are Lua userdata, so an error raised halfway never leaks them.
  *
  * Build: cc -std=c11 -Wall -Wextra -Werror -pedantic -shared -fPIC $(pkg-config --cflags lua5.4) -Iinclude \
- *           bindings/lua/graft.c -o graft.so -Lpath/to/lib -lgraft
+ *           bindings/lua/graft.c bindings/lua/arguments.c bindings/lua/trainer.c -o graft.so -Lpath/to/lib -lgraft
  */
-#include <graft.h>
-
-#include <lauxlib.h>
-#include <lua.h>
-
-#include <stdint.h>
-#include <string.h>
-
-#define MODEL_MT "graft.Model"
-#define TRAINER_MT "graft.Trainer"
-
-typedef struct {
-    graft_model *handle;
-} lmodel;
-
-typedef struct {
-    graft_trainer *handle;
-} ltrainer;
-
-/* Raises a Lua error for a failed status, naming the call, the status and the library's message. */
-static void check(lua_State *L, graft_status s, const char *where) {
-    if (s != GRAFT_OK) luaL_error(L, "graft: %s: %s (%d): %s", where, graft_status_string(s), (int)s, graft_last_error());
-}
-
-/* Pushes a library-owned string and releases it. */
-static void push_owned(lua_State *L, char *s) {
-    lua_pushstring(L, s ? s : "");
-    graft_string_free(s);
-}
-
-static graft_model *to_model(lua_State *L, int idx) {
-    lmodel *m = luaL_checkudata(L, idx, MODEL_MT);
-    if (!m->handle) luaL_error(L, "graft: the model is closed");
-    return m->handle;
-}
-
-static graft_trainer *to_trainer(lua_State *L, int idx) {
-    ltrainer *t = luaL_checkudata(L, idx, TRAINER_MT);
-    if (!t->handle) luaL_error(L, "graft: the trainer is closed");
-    return t->handle;
-}
-
-/* An int32 from a Lua value, with an error naming `what` when it is not an integer in range. */
-static int32_t to_int32(lua_State *L, int idx, const char *what, lua_Integer row, lua_Integer col) {
-    int ok = 0;
-    lua_Integer v = lua_tointegerx(L, idx, &ok);
-    if (!ok || v < INT32_MIN || v > INT32_MAX) {
-        if (col > 0) luaL_error(L, "graft: %s[%d][%d] must be an int32 integer, got %s", what, (int)row, (int)col,
-                                luaL_typename(L, idx));
-        luaL_error(L, "graft: %s[%d] must be an int32 integer, got %s", what, (int)row, luaL_typename(L, idx));
-    }
-    return (int32_t)v;
-}
-
-/* Temporary memory owned by the Lua stack (a full userdata pushed there). */
-static void *scratch(lua_State *L, size_t bytes) {
-    return lua_newuserdatauv(L, bytes ? bytes : 1, 0);
-}
-
-/* A token batch: a sequence of non-empty sequences of ids at stack index idx -> padded ids + lengths.
- * Pushes two userdata (ids, lengths) that keep the memory alive until the caller returns. */
-typedef struct {
-    int32_t *ids, *lengths;
-    int32_t batch, stride;
-} batch_t;
-
-static batch_t read_batch(lua_State *L, int idx) {
-    batch_t b = {NULL, NULL, 0, 0};
-    luaL_checktype(L, idx, LUA_TTABLE);
-    lua_Integer rows = luaL_len(L, idx);
-    if (rows < 1 || rows > INT32_MAX) luaL_error(L, "graft: the batch must hold 1 or more rows, got %d", (int)rows);
-    lua_Integer width = 0;
-    for (lua_Integer r = 1; r <= rows; r++) {
-        if (lua_geti(L, idx, r) != LUA_TTABLE)
-            luaL_error(L, "graft: batch row %d must be a table of token ids, got %s", (int)r, luaL_typename(L, -1));
-        lua_Integer n = luaL_len(L, -1);
-        if (n < 1) luaL_error(L, "graft: batch row %d is empty", (int)r);
-        if (n > width) width = n;
-        lua_pop(L, 1);
-    }
-    if ((size_t)width > SIZE_MAX / sizeof(int32_t) / (size_t)rows || width > INT32_MAX)
-        luaL_error(L, "graft: the batch is too large");
-    b.batch = (int32_t)rows;
-    b.stride = (int32_t)width;
-    b.ids = scratch(L, (size_t)rows * (size_t)width * sizeof(int32_t));
-    b.lengths = scratch(L, (size_t)rows * sizeof(int32_t));
-    memset(b.ids, 0, (size_t)rows * (size_t)width * sizeof(int32_t));
-    for (lua_Integer r = 1; r <= rows; r++) {
-        lua_geti(L, idx, r);
-        lua_Integer n = luaL_len(L, -1);
-        for (lua_Integer c = 1; c <= n; c++) {
-            lua_geti(L, -1, c);
-            b.ids[(r - 1) * width + (c - 1)] = to_int32(L, -1, "batch", r, c);
-            lua_pop(L, 1);
-        }
-        b.lengths[r - 1] = (int32_t)n;
-        lua_pop(L, 1);
-    }
-    return b;
-}
-
-/* An optional sequence of `n` int32 at idx (nil -> NULL); pushes its buffer. */
-static int32_t *read_ints(lua_State *L, int idx, lua_Integer n, const char *what) {
-    if (lua_isnoneornil(L, idx)) return NULL;
-    luaL_checktype(L, idx, LUA_TTABLE);
-    lua_Integer len = luaL_len(L, idx);
-    if (len != n) luaL_error(L, "graft: %s needs %d entries, got %d", what, (int)n, (int)len);
-    int32_t *out = scratch(L, (size_t)n * sizeof(int32_t));
-    for (lua_Integer i = 1; i <= n; i++) {
-        lua_geti(L, idx, i);
-        out[i - 1] = to_int32(L, -1, what, i, 0);
-        lua_pop(L, 1);
-    }
-    return out;
-}
-
-/* Option readers for a table at idx (absent keys keep *out). */
-static void opt_int(lua_State *L, int idx, const char *key, int32_t *out) {
-    if (lua_getfield(L, idx, key) != LUA_TNIL) {
-        int ok = 0;
-        lua_Integer v = lua_tointegerx(L, -1, &ok);
-        if (!ok || v < INT32_MIN || v > INT32_MAX) luaL_error(L, "graft: option '%s' must be an integer", key);
-        *out = (int32_t)v;
-    }
-    lua_pop(L, 1);
-}
-
-static void opt_u64(lua_State *L, int idx, const char *key, uint64_t *out) {
-    if (lua_getfield(L, idx, key) != LUA_TNIL) {
-        int ok = 0;
-        lua_Integer v = lua_tointegerx(L, -1, &ok);
-        if (!ok || v < 0) luaL_error(L, "graft: option '%s' must be a non-negative integer", key);
-        *out = (uint64_t)v;
-    }
-    lua_pop(L, 1);
-}
-
-static void opt_float(lua_State *L, int idx, const char *key, float *out) {
-    if (lua_getfield(L, idx, key) != LUA_TNIL) {
-        int ok = 0;
-        lua_Number v = lua_tonumberx(L, -1, &ok);
-        if (!ok) luaL_error(L, "graft: option '%s' must be a number", key);
-        *out = (float)v;
-    }
-    lua_pop(L, 1);
-}
-
-/* A string option mapped through names[] to its index (absent keeps *out). */
-static void opt_enum(lua_State *L, int idx, const char *key, const char *const names[], int32_t *out) {
-    if (lua_getfield(L, idx, key) != LUA_TNIL) {
-        const char *s = lua_tostring(L, -1);
-        int found = -1;
-        for (int i = 0; s && names[i]; i++)
-            if (strcmp(s, names[i]) == 0) found = i;
-        if (found < 0) luaL_error(L, "graft: option '%s' has an unknown value '%s'", key, s ? s : "?");
-        *out = (int32_t)found;
-    }
-    lua_pop(L, 1);
-}
-
-/* The task names every front door accepts (SessionTask.aliases in Sources/Graft/GraftSession.swift), any case. */
-static const struct {
-    const char *name;
-    int32_t task;
-} task_names[] = {
-    {"base", GRAFT_TASK_BASE},
-    {"seq-cls", GRAFT_TASK_SEQUENCE_CLASSIFICATION},
-    {"seq_cls", GRAFT_TASK_SEQUENCE_CLASSIFICATION},
-    {"sequence_classification", GRAFT_TASK_SEQUENCE_CLASSIFICATION},
-    {"causal-lm", GRAFT_TASK_CAUSAL_LM},
-    {"causal_lm", GRAFT_TASK_CAUSAL_LM},
-};
-
-/* The option `task` at idx mapped through task_names (absent keeps *out). */
-static void opt_task(lua_State *L, int idx, int32_t *out) {
-    if (lua_getfield(L, idx, "task") != LUA_TNIL) {
-        const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-        char key[32];
-        size_t len = s ? strlen(s) : sizeof key;
-        int found = -1;
-        if (len < sizeof key) {
-            for (size_t i = 0; i <= len; i++) key[i] = (s[i] >= 'A' && s[i] <= 'Z') ? (char)(s[i] - 'A' + 'a') : s[i];
-            for (size_t i = 0; i < sizeof task_names / sizeof task_names[0]; i++)
-                if (strcmp(key, task_names[i].name) == 0) found = (int)i;
-        }
-        if (found < 0)
-            luaL_error(L, "graft: option 'task' has an unknown value '%s' (known: base, seq-cls, seq_cls, "
-                          "sequence_classification, causal-lm, causal_lm)", s ? s : luaL_typename(L, -1));
-        *out = task_names[found].task;
-    }
-    lua_pop(L, 1);
-}
-
-static void check_options(lua_State *L, int idx, const char *const known[]) {
-    if (lua_isnoneornil(L, idx)) return;
-    luaL_checktype(L, idx, LUA_TTABLE);
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        lua_pop(L, 1);
-        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-        int ok = 0;
-        for (int i = 0; k && known[i]; i++)
-            if (strcmp(k, known[i]) == 0) ok = 1;
-        if (!ok) luaL_error(L, "graft: unknown option '%s'", k ? k : luaL_typename(L, -1));
-    }
-}
+#include "graft_lua.h"
 
 /* ---------------------------------------------------------------------------------------------------------- */
 /* Module functions                                                                                            */
@@ -417,11 +212,6 @@ static int m_forward(lua_State *L) {
 }
 
 /* Token callback of generate: calls the Lua function at stack slot ctx->fn; an error stops and is kept. */
-typedef struct {
-    lua_State *L;
-    int fn, err;
-} cb_ctx;
-
 static int on_token(int32_t token, const char *piece, void *user_data) {
     cb_ctx *c = user_data;
     lua_State *L = c->L;
@@ -529,120 +319,6 @@ static int m_trainer(lua_State *L) {
 }
 
 /* ---------------------------------------------------------------------------------------------------------- */
-/* Trainer methods                                                                                             */
-
-static int t_close(lua_State *L) {
-    ltrainer *t = luaL_checkudata(L, 1, TRAINER_MT);
-    graft_trainer_free(t->handle);
-    t->handle = NULL;
-    return 0;
-}
-
-static int t_tostring(lua_State *L) {
-    ltrainer *t = luaL_checkudata(L, 1, TRAINER_MT);
-    lua_pushfstring(L, "graft.Trainer (%s)", t->handle ? "open" : "closed");
-    return 1;
-}
-
-/* Labels for a batch: nil, one class per row, or batch * stride per-token labels (flat). */
-static int32_t *read_labels(lua_State *L, int idx, const batch_t *b) {
-    if (lua_isnoneornil(L, idx)) return NULL;
-    luaL_checktype(L, idx, LUA_TTABLE);
-    lua_Integer n = luaL_len(L, idx);
-    lua_Integer per_token = (lua_Integer)b->batch * b->stride;
-    if (n != b->batch && n != per_token)
-        luaL_error(L, "graft: labels need %d entries (one class per row) or %d (per token), got %d", (int)b->batch,
-                   (int)per_token, (int)n);
-    return read_ints(L, idx, n, "labels");
-}
-
-/* trainer:step(batch [, labels]) -> loss */
-static int t_step(lua_State *L) {
-    lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
-    graft_trainer *t = to_trainer(L, 1);
-    batch_t b = read_batch(L, 2);
-    int32_t *labels = read_labels(L, 3, &b);
-    float loss = 0;
-    check(L, graft_trainer_step(t, b.ids, b.lengths, b.batch, b.stride, labels, &loss), "step");
-    lua_pushnumber(L, loss);
-    return 1;
-}
-
-/* trainer:evaluate(batch [, labels]) -> loss, accuracy */
-static int t_evaluate(lua_State *L) {
-    lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
-    graft_trainer *t = to_trainer(L, 1);
-    batch_t b = read_batch(L, 2);
-    int32_t *labels = read_labels(L, 3, &b);
-    float loss = 0, accuracy = 0;
-    check(L, graft_trainer_evaluate(t, b.ids, b.lengths, b.batch, b.stride, labels, &loss, &accuracy), "evaluate");
-    lua_pushnumber(L, loss);
-    lua_pushnumber(L, accuracy);
-    return 2;
-}
-
-static int on_progress(const graft_progress *p, void *user_data) {
-    cb_ctx *c = user_data;
-    lua_State *L = c->L;
-    lua_pushvalue(L, c->fn);
-    lua_createtable(L, 0, 10);
-    lua_pushinteger(L, p->step), lua_setfield(L, -2, "step");
-    lua_pushinteger(L, p->total_steps), lua_setfield(L, -2, "total_steps");
-    lua_pushinteger(L, p->epoch), lua_setfield(L, -2, "epoch");
-    lua_pushnumber(L, p->loss), lua_setfield(L, -2, "loss");
-    lua_pushnumber(L, p->learning_rate), lua_setfield(L, -2, "learning_rate");
-    lua_pushnumber(L, p->grad_norm), lua_setfield(L, -2, "grad_norm");
-    lua_pushnumber(L, p->mean_loss), lua_setfield(L, -2, "mean_loss");
-    lua_pushnumber(L, p->tokens_per_second), lua_setfield(L, -2, "tokens_per_second");
-    lua_pushnumber(L, p->elapsed_seconds), lua_setfield(L, -2, "elapsed_seconds");
-    lua_pushnumber(L, p->eta_seconds), lua_setfield(L, -2, "eta_seconds");
-    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
-        lua_replace(L, c->err);
-        return 1;
-    }
-    int stop = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return stop;
-}
-
-/* trainer:train(data [, callback]) -> true when finished, false when the callback stopped it.
- * data: a JSON Lines path or "tweets"; callback(progress table) may return true to stop. */
-static int t_train(lua_State *L) {
-    graft_trainer *t = to_trainer(L, 1);
-    const char *data = luaL_checkstring(L, 2);
-    cb_ctx ctx = {L, 0, 0};
-    if (!lua_isnoneornil(L, 3)) {
-        luaL_checktype(L, 3, LUA_TFUNCTION);
-        ctx.fn = 3;
-    }
-    lua_settop(L, 3);
-    lua_pushnil(L);
-    ctx.err = 4;
-    graft_status s = graft_trainer_train_file(t, data, ctx.fn ? on_progress : NULL, &ctx);
-    if (!lua_isnil(L, ctx.err)) {
-        lua_pushvalue(L, ctx.err);
-        return lua_error(L);
-    }
-    if (s == GRAFT_ERR_CANCELLED) {
-        lua_pushboolean(L, 0);
-        return 1;
-    }
-    check(L, s, "train");
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-static int t_save_checkpoint(lua_State *L) {
-    check(L, graft_trainer_save_checkpoint(to_trainer(L, 1), luaL_checkstring(L, 2)), "save_checkpoint");
-    return 0;
-}
-
-static int t_load_checkpoint(lua_State *L) {
-    check(L, graft_trainer_load_checkpoint(to_trainer(L, 1), luaL_checkstring(L, 2)), "load_checkpoint");
-    return 0;
-}
-
-/* ---------------------------------------------------------------------------------------------------------- */
 
 static const luaL_Reg model_methods[] = {
     {"close", m_close},
@@ -666,15 +342,6 @@ static const luaL_Reg model_methods[] = {
     {NULL, NULL},
 };
 
-static const luaL_Reg trainer_methods[] = {
-    {"close", t_close},
-    {"step", t_step},
-    {"evaluate", t_evaluate},
-    {"train", t_train},
-    {"save_checkpoint", t_save_checkpoint},
-    {"load_checkpoint", t_load_checkpoint},
-    {NULL, NULL},
-};
 
 static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction close,
                       lua_CFunction tostring) {
@@ -698,7 +365,7 @@ int luaopen_graft(lua_State *L) {
         {NULL, NULL},
     };
     new_class(L, MODEL_MT, model_methods, m_close, m_tostring);
-    new_class(L, TRAINER_MT, trainer_methods, t_close, t_tostring);
+    new_class(L, TRAINER_MT, graft_lua_trainer_methods, t_close, t_tostring);
     luaL_newlib(L, functions);
     lua_pushstring(L, graft_version_string());
     lua_setfield(L, -2, "_VERSION");
