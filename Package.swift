@@ -7,7 +7,7 @@ let package = Package(
     name: "Graft",
     platforms: [.macOS(.v14)],
     products: [
-        .library(name: "Graft", targets: ["Graft"]),
+        .library(name: "Graft", targets: ["Graft", "GraftAssets"]),
         .executable(name: "graft", targets: ["graft"]),
         // The C ABI (include/graft.h) with the Swift runtime linked statically, so C hosts need no toolchain.
         // Named GraftCAPI because the CLI already owns the product name "graft"; `make lib` publishes the file
@@ -32,7 +32,9 @@ let package = Package(
         .target(name: "GraftRouting", dependencies: ["GraftTensor", "GraftModels", "GraftAdapters"]),
         .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters"]),
         .target(name: "Graft", dependencies: ["CGraftABI", "GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftRouting", "GraftTrain"]),
-        .target(name: "GraftCAPI", dependencies: ["Graft", "CGraftABI"], exclude: ["exports.map"],
+        // The asset cache's names (minilm, smollm2, tweets): a front-door convenience kept out of the core.
+        .target(name: "GraftAssets", dependencies: ["Graft"]),
+        .target(name: "GraftCAPI", dependencies: ["Graft", "GraftAssets", "CGraftABI"], exclude: ["exports.map"],
                 linkerSettings: [.unsafeFlags([
                     "-static-stdlib", "-Xlinker", "-soname=libgraft.so",
                     // -static-stdlib alone leaves Foundation's own static dependencies unresolved in a .so.
@@ -48,13 +50,13 @@ let package = Package(
                 ])]),
         .systemLibrary(name: "CGraftUV", path: "Sources/CGraftUV"),
         .target(name: "GraftDaemon", dependencies: [
-            "Graft", "CGraftUV", .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            "Graft", "GraftAssets", "CGraftUV", .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
         .executableTarget(name: "graftd", dependencies: [
             "GraftDaemon", "CGraftSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "graft", dependencies: [
-            "Graft", "CGraftSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "Graft", "GraftAssets", "CGraftSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "GraftTestSupport", dependencies: ["GraftTensor", "GraftIO", "GraftModels"], path: "Tests/GraftTestSupport"),
         .testTarget(name: "GraftTensorTests", dependencies: ["GraftTensor", "GraftTestSupport"]),

@@ -15,22 +15,23 @@ public final class GraftModel: @unchecked Sendable {
         case llama
     }
 
+    /// The network that was loaded, by family.
+    public enum Backbone {
+        /// A BERT encoder.
+        case encoder(BertModel)
+        /// A Llama decoder.
+        case decoder(LlamaModel)
+    }
+
     /// Where the model was loaded from.
     public let path: String
-    /// The model family.
-    public let architecture: Architecture
-    /// The root of the module tree (Hugging Face names below it).
-    public let root: Module
+    /// The network.
+    public let backbone: Backbone
     /// The tokenizer that came with the model.
     public let tokenizer: any Tokenizer
-    /// The encoder, when `architecture == .bert`.
-    public let bert: BertModel?
-    /// The decoder, when `architecture == .llama`.
-    public let llama: LlamaModel?
 
     /// Loads the model at `path`, detecting its format.
     public init(path: String) throws {
-        RoutingMethods.register()
         self.path = path
         var isDirectory: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
@@ -46,21 +47,28 @@ public final class GraftModel: @unchecked Sendable {
             guard type == "bert" else {
                 throw GraftError(.unsupported, "\(config): model_type '\(type)' is not supported in a directory (supported: bert; Llama loads from GGUF)")
             }
-            let model = try BertModel(directory: path)
-            let vocab = path + "/vocab.txt"
-            tokenizer = try WordPieceTokenizer(vocabFile: vocab)
-            architecture = .bert
-            bert = model
-            llama = nil
-            root = model
+            backbone = .encoder(try BertModel(directory: path))
+            tokenizer = try WordPieceTokenizer(vocabFile: path + "/vocab.txt")
         } else {
             let gguf = try GGUFFile(contentsOf: path)
-            let model = try LlamaModel(gguf: gguf)
+            backbone = .decoder(try LlamaModel(gguf: gguf))
             tokenizer = try BPETokenizer(gguf: gguf.metadata)
-            architecture = .llama
-            llama = model
-            bert = nil
-            root = model
+        }
+    }
+
+    /// The model family.
+    public var architecture: Architecture {
+        switch backbone {
+        case .encoder: return .bert
+        case .decoder: return .llama
+        }
+    }
+
+    /// The root of the module tree (Hugging Face names below it).
+    public var root: Module {
+        switch backbone {
+        case .encoder(let bert): return bert
+        case .decoder(let llama): return llama
         }
     }
 
@@ -76,38 +84,9 @@ public final class GraftModel: @unchecked Sendable {
 
     /// The last hidden state (BERT) or the logits (Llama) for a batch, `[batch, length, width]`.
     public func forward(_ batch: TokenBatch) throws -> Tensor {
-        if let bert { return try bert.forward(batch) }
-        if let llama { return try llama.logits(batch) }
-        throw GraftError(.internalError, "model has no architecture")
-    }
-
-    /// Generates a continuation of `prompt` (Llama only); `onToken` streams each new token's text.
-    public func generate(
-        prompt: String, parameters: GenerationParameters = GenerationParameters(),
-        onText: (String) -> Bool = { _ in true }
-    ) throws -> String {
-        guard let llama else {
-            throw GraftError(.unsupported, "\(path): generation needs a decoder model; this is a \(architecture.rawValue) encoder")
+        switch backbone {
+        case .encoder(let bert): return try bert.forward(batch)
+        case .decoder(let llama): return try llama.logits(batch)
         }
-        var params = parameters
-        if params.stopTokens.isEmpty {
-            for t in ["<|im_end|>", "<|endoftext|>"] { if let id = tokenizer.id(of: t) { params.stopTokens.insert(id) } }
-            if let eos = tokenizer.eosTokenId { params.stopTokens.insert(eos) }
-        }
-        var emitted: [Int32] = []
-        var printed = ""
-        let ids = try llama.generate(prompt: tokenizer.encode(prompt, addSpecialTokens: false), parameters: params) { id in
-            if params.stopTokens.contains(id) { return true }
-            emitted.append(id)
-            let text = tokenizer.decode(emitted, skipSpecialTokens: true)
-            // Emit only complete characters: hold back while the tail is an incomplete UTF-8 sequence.
-            if text.hasPrefix(printed), !text.hasSuffix("\u{FFFD}") {
-                let delta = String(text.dropFirst(printed.count))
-                printed = text
-                return onText(delta)
-            }
-            return true
-        }
-        return tokenizer.decode(ids.filter { !params.stopTokens.contains($0) }, skipSpecialTokens: true)
     }
 }

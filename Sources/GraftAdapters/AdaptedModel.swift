@@ -67,9 +67,14 @@ public final class AdaptedModel: @unchecked Sendable {
     /// When true, no adapter takes part in forward passes (PEFT's `disable_adapter()` context).
     public private(set) var adaptersDisabled = false
 
-    /// Wraps `root`; `outputHeads` defaults to the conventional head names found in the tree.
-    public init(root: Module, outputHeads: Set<String>? = nil) {
+    /// The methods adapters can be built with.
+    public let methods: AdapterMethodTable
+
+    /// Wraps `root`; `outputHeads` defaults to the conventional head names found in the tree, and `methods`
+    /// (default: GraftAdapters' own) says which `peft_type`s can be added.
+    public init(root: Module, outputHeads: Set<String>? = nil, methods: AdapterMethodTable = .builtIn) {
         self.root = root
+        self.methods = methods
         self.outputHeads = outputHeads ?? Set(root.children.map(\.name).filter { ["lm_head", "classifier", "score"].contains($0) })
     }
 
@@ -93,10 +98,10 @@ public final class AdaptedModel: @unchecked Sendable {
         guard !adapters.contains(where: { $0.name == name }) else {
             throw GraftError.invalid("an adapter named '\(name)' already exists")
         }
-        if let moduleFactory = AdapterRegistry.moduleFactories[config.peftType] {
+        if let moduleFactory = methods.modules[config.peftType] {
             return try addModuleAdapter(name, config: config, factory: moduleFactory, seed: seed)
         }
-        let factory = try AdapterRegistry.factory(for: config)
+        let factory = try methods.factory(for: config)
         try factory.validate(config)
         let state = AdapterState(seed: seed)
         let named = NamedAdapter(name: name, config: config, state: state)
@@ -187,7 +192,7 @@ public final class AdaptedModel: @unchecked Sendable {
         }
         // Poly / MHR route each example (row) by its task: packed rows would mix examples of different tasks.
         if a.config.peftType == PolyFactory.peftType, (try? a.config.int("n_tasks", default: 1)) ?? 1 > 1 { return true }
-        return AdapterRegistry.moduleFactories[a.config.peftType]?.actsOnInput ?? false
+        return methods.modules[a.config.peftType]?.actsOnInput ?? false
     }
 
     /// Makes `name` the only adapter that takes part in forward passes.

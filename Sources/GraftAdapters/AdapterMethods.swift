@@ -117,7 +117,7 @@ public enum LoRAFactory: AdapterMethodFactory {
     }
 }
 
-/// Every method Graft knows, by `peft_type`.
+/// The methods GraftAdapters defines, by `peft_type`: the built-in part of every ``AdapterMethodTable``.
 public enum AdapterRegistry {
     /// The factories, keyed by upper-case `peft_type`.
     public static let factories: [String: any AdapterMethodFactory.Type] = [
@@ -159,17 +159,6 @@ public enum AdapterRegistry {
         BottleneckParallelFactory.peftType: BottleneckParallelFactory.self,
         LoReFTFactory.peftType: LoReFTFactory.self,
     ]
-
-    /// Every known `peft_type`, sorted.
-    public static var knownTypes: [String] { (Array(allFactories.keys) + Array(moduleFactories.keys)).sorted() }
-
-    /// The factory for `config.peftType`, or an error listing the known types.
-    public static func factory(for config: AdapterConfig) throws -> any AdapterMethodFactory.Type {
-        guard let f = allFactories[config.peftType] else {
-            throw GraftError(.unsupported, "\(config.source): unknown peft_type '\(config.peftType)' (known: \(knownTypes.joined(separator: ", ")))")
-        }
-        return f
-    }
 }
 
 /// One row of `graft methods`.
@@ -186,30 +175,4 @@ public struct MethodSummary: Sendable {
     public var trainableParameters: Int?
     /// Why the example config did not apply, if it did not.
     public var note: String?
-}
-
-extension AdapterRegistry {
-    /// Every registered method with its trainable-parameter count on `root` for `targets`.
-    public static func summaries(root: Module, targets: [String]) -> [MethodSummary] {
-        knownTypes.compactMap { type in
-            let linear = allFactories[type]
-            let module = moduleFactories[type]
-            guard linear != nil || module != nil else { return nil }
-            var json = linear?.exampleConfig(targets: targets) ?? module?.exampleConfig(targets: targets) ?? [:]
-            json["peft_type"] = type
-            let model = AdaptedModel(root: root)
-            var count: Int? = nil, note: String? = nil
-            do {
-                let a = try model.addAdapter("probe", config: AdapterConfig(json: json, source: type))
-                count = a.parameterCount
-                try model.deleteAdapter("probe")
-            } catch let e as GraftError {
-                note = e.message
-            } catch {
-                note = "\(error)"
-            }
-            return MethodSummary(peftType: type, family: linear?.family ?? module?.family ?? "", peftParity: linear?.hasPEFTParity ?? module?.hasPEFTParity ?? true,
-                                 mergeable: linear?.mergeable ?? module?.mergeable ?? true, trainableParameters: count, note: note)
-        }
-    }
 }

@@ -18,7 +18,7 @@ public func graft_adapter_load(_ model: OpaquePointer?, _ directory: UnsafePoint
         let s = try session(model)
         let dir = try string(directory, "directory")
         let adapterName = name == nil ? "default" : try string(name, "name")
-        try s.adapted.loadAdapter(directory: dir, name: adapterName)
+        try s.loadAdapter(directory: dir, name: adapterName)
     }
 }
 
@@ -27,7 +27,7 @@ public func graft_adapter_load(_ model: OpaquePointer?, _ directory: UnsafePoint
 public func graft_adapter_save(_ model: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ directory: UnsafePointer<CChar>?) -> graft_status {
     guarded {
         let s = try session(model)
-        try s.adapted.saveAdapter(try string(name, "name"), directory: try string(directory, "directory"))
+        try s.saveAdapter(try string(name, "name"), directory: try string(directory, "directory"))
     }
 }
 

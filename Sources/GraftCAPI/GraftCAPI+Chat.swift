@@ -1,5 +1,5 @@
-// The C ABI's chat template (include/graft.h, "Generation"): the same template `graft generate` applies
-// unless --raw and graftd applies for a Generate request with `chat` set (GraftSession.chatPrompt).
+// The C ABI's chat template (include/graft.h, "Generation"): the model's ChatTemplate, the same one `graft generate`
+// applies unless --raw and graftd applies for a Generate request with `chat` set (GraftSession.chatPrompt).
 import Foundation
 import Graft
 

@@ -2,6 +2,7 @@
 import CGraftABI
 import Foundation
 import Graft
+import GraftAssets
 
 /// The C entry point `graft_model_params_init_sized`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_model_params_init_sized")
@@ -30,7 +31,7 @@ public func graft_model_load(_ path: UnsafePointer<CChar>?, _ params: UnsafePoin
         let path = try string(path, "path")
         let options = try readParams(params, defaults: graft_model_params(ModelOptions()), name: "graft_model_params").options()
         if options.numThreads > 0 { Threading.setThreads(options.numThreads) }
-        let s = try GraftSession(path: path, task: options.task, numLabels: options.numLabels, seed: options.seed)
+        let s = try AssetCache.openSession(path, options: options)
         out.pointee = OpaquePointer(Unmanaged.passRetained(s).toOpaque())
     }
 }

@@ -2,6 +2,7 @@
 import CGraftABI
 import Foundation
 import Graft
+import GraftAssets
 
 /// The C entry point `graft_trainer_create`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_create")
@@ -41,7 +42,7 @@ public func graft_trainer_free(_ trainer: OpaquePointer?) {
 /// Labels for a batch: one per row (classification) or `batch * stride` (causal LM, NULL allowed).
 private func labels(_ t: GraftTrainingSession, _ p: UnsafePointer<Int32>?, batch: Int32, stride: Int32) throws -> [Int32]? {
     guard let p else { return nil }
-    let count = t.session.classifier != nil ? Int(batch) : Int(batch) * Int(stride)
+    let count = t.session.task == .sequenceClassification ? Int(batch) : Int(batch) * Int(stride)
     return try int32s(p, count: count, "labels")
 }
 
@@ -81,7 +82,9 @@ public func graft_trainer_train_file(_ trainer: OpaquePointer?, _ data: UnsafePo
     guarded {
         let t = try trainingSession(trainer)
         let path = try string(data, "data")
-        try t.train(file: path) { p in
+        let examples = path == AssetCache.tweetsDataName
+            ? try t.tokenize(try AssetCache.tweets(for: t.session.task).train) : try t.loadExamples(path)
+        try t.train(examples) { p in
             guard let callback else { return true }
             var record = graft_progress()
             record.struct_size = UInt32(MemoryLayout<graft_progress>.size)

@@ -1,5 +1,6 @@
 import Foundation
 import Graft
+import GraftAssets
 
 /// How a ``Daemon`` listens and what it accepts.
 public struct DaemonConfiguration: Sendable {
@@ -45,7 +46,7 @@ public struct DaemonConfiguration: Sendable {
         if let runtime = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"], !runtime.isEmpty {
             return runtime + "/graftd.sock"
         }
-        return GraftSession.assetPath("graftd.sock")
+        return AssetCache.path("graftd.sock")
     }
 
     /// Reads the token from `path`: the file's first line, trimmed; it must not be empty.

@@ -16,7 +16,7 @@ extension Engine {
         let s = try session(r.modelID)
         let path = try clientPath(r.path, "load_adapter.path")
         try path.mustExist("adapter directory")
-        try path.use { _ = try s.adapted.loadAdapter(directory: $0, name: name) }
+        try path.use { _ = try s.loadAdapter(directory: $0, name: name) }
         ok(context)
     }
 
@@ -26,7 +26,7 @@ extension Engine {
         let s = try session(r.modelID)
         let name = try nonEmpty(r.name, "save_adapter.name")
         _ = try s.adapted.adapter(name)  // a missing adapter is not the path's fault
-        try clientPath(r.path, "save_adapter.path").use { try s.adapted.saveAdapter(name, directory: $0) }
+        try clientPath(r.path, "save_adapter.path").use { try s.saveAdapter(name, directory: $0) }
         ok(context)
     }
 

@@ -13,7 +13,7 @@ extension Engine {
         let prompt: [Int32]
         if r.promptIds.isEmpty {
             guard !r.prompt.isEmpty else { throw GraftError.invalid("generate: the prompt is empty") }
-            prompt = s.model.encode(r.chat ? GraftSession.chatPrompt(r.prompt) : r.prompt)
+            prompt = s.model.encode(r.chat ? try s.chatPrompt(r.prompt) : r.prompt)
         } else {
             prompt = r.promptIds
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Graft
+import GraftAssets
 
 /// The engine's model registry: loading, looking up and unloading models (engine worker thread).
 extension Engine {
@@ -22,7 +23,7 @@ extension Engine {
     /// "minilm") under the requested or a generated id.
     func loadModel(_ r: Graft_V1_LoadModel, _ context: RequestContext) throws {
         let name = try nonEmpty(r.path, "load_model.path")
-        let asset = GraftSession.resolveModelPath(name)
+        let asset = AssetCache.resolveModelPath(name)
         // An asset name ("minilm") is a path in the cache; anything else is the client's path.
         let path = asset != name ? ClientPath(asset, field: "load_model.path") : ClientPath(name, field: "load_model.path")
         if asset == name { try path.mustExist("model file or directory (nor is '\(name)' an asset name such as minilm or smollm2)") }
@@ -33,7 +34,12 @@ extension Engine {
         } else if models[id] != nil {
             throw GraftError(.state, "model_id '\(id)' is already loaded; unload it first or choose another")
         }
-        let s = try path.use { try GraftSession(path: $0, task: task, numLabels: r.numLabelsSet == nil ? ModelOptions().numLabels : Int(r.numLabels), seed: r.seed) }
+        var options = ModelOptions()
+        options.task = task
+        if r.numLabelsSet != nil { options.numLabels = Int(r.numLabels) }
+        options.seed = r.seed
+        try options.validate()
+        let s = try path.use { try AssetCache.openSession($0, options: options) }
         models[id] = s
         publishModelNames()
         let info = try s.infoJSON()

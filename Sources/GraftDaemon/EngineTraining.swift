@@ -1,5 +1,6 @@
 import Foundation
 import Graft
+import GraftAssets
 
 /// Training jobs: creating a job for a request and running it on the worker, streaming its progress events.
 extension Engine {
@@ -37,7 +38,9 @@ extension Engine {
             }
             var stepError: Error?
             do {
-                try training.train(file: data?.resolved ?? "tweets") { p in
+                let examples = try data.map { try training.loadExamples($0.resolved) }
+                    ?? training.tokenize(try AssetCache.tweets(for: training.session.task).train)
+                try training.train(examples) { p in
                     var e = Self.trainingEvent(jobID: job.id, p)
                     do {
                         if evalEvery > 0, p.step % evalEvery == 0, p.step < p.totalSteps { try evaluate(into: &e) }

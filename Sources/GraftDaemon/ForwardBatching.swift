@@ -66,7 +66,7 @@ extension Engine {
         }
         _ = try tokenBatch(rows, s)  // validates ids and lengths against this model
         let output = try Self.sessionOutput(r.output, for: s)
-        if output == .logits && s.classifier == nil && s.model.llama == nil {
+        if output == .logits && s.defaultOutput != .logits {
             throw GraftError(.unsupported, "forward: a bare encoder has no logits; ask for hidden states (OUTPUT_HIDDEN)")
         }
         return PreparedForward(context: context, rows: rows, output: output)
@@ -136,7 +136,7 @@ extension Engine {
         forwardCounts.passes += 1
         pendingLock.unlock()
         let stride = batch.length
-        let perRow = output == .logits && s.classifier != nil
+        let perRow = output == .logits && s.task == .sequenceClassification
         let width = perRow ? values.count / max(1, rows.count) : values.count / max(1, rows.count * stride)
         var offset = 0
         for p in requests {

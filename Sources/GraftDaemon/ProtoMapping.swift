@@ -54,7 +54,7 @@ extension Engine {
     /// hidden states.
     static func sessionOutput(_ output: Graft_V1_Output, for s: GraftSession) throws -> SessionOutput {
         switch output {
-        case .default: return (s.classifier != nil || s.model.llama != nil) ? .logits : .hidden
+        case .default: return s.defaultOutput
         case .hidden: return .hidden
         case .logits: return .logits
         case .UNRECOGNIZED(let v): throw GraftError.invalid("forward.output \(v) is not an Output value (0, 1, 2)")

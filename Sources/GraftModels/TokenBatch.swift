@@ -57,6 +57,9 @@ public struct TokenBatch: Sendable {
         try self.init(ids: ids, batchSize: sequences.count, length: length, lengths: sequences.map(\.count))
     }
 
+    /// The real tokens of row `b` (its padding left out).
+    public func row(_ b: Int) -> ArraySlice<Int32> { ids[(b * length)..<(b * length + lengths[b])] }
+
     /// Position ids for every token.
     public var resolvedPositions: [Int32] {
         if let positions { return positions }

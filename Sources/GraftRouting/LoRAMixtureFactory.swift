@@ -107,11 +107,8 @@ public enum LoRAMixtureFactory: AdapterMethodFactory {
     }
 }
 
-/// Registration of GraftRouting's adapter methods with ``GraftAdapters/AdapterRegistry``.
-public enum RoutingMethods {
-    /// Registers `LORA_MOE` so configs with that `peft_type` load everywhere (idempotent; the Graft module
-    /// calls it when a session or model is created).
-    public static func register() {
-        AdapterRegistry.register(LoRAMixtureFactory.self)
-    }
+extension AdapterMethodTable {
+    /// Every method Graft has: GraftAdapters' own plus GraftRouting's expert mixtures (`LORA_MOE`). Sessions
+    /// create their models with it.
+    public static let all = AdapterMethodTable.builtIn.adding([LoRAMixtureFactory.self])
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Graft
+import GraftAssets
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -68,15 +69,21 @@ struct Bench: ParsableCommand {
                 let path = resolveModelPath(model)
                 let probe = try GraftModel(path: path)
                 let isBert = probe.architecture == .bert
-                var config = TrainerConfig()
-                config.batchSize = batch
-                config.maxGradNorm = nil
+                var options = Graft.TrainingOptions()
+                options.batchSize = batch
+                options.maxGradNorm = 0
+                options.totalSteps = 1_000
                 var adapter: [String: Any] = ["peft_type": "LORA", "r": r, "lora_alpha": 2 * r]
                 adapter["target_modules"] = targets.map { $0.split(separator: ",").map(String.init) }
                     ?? (isBert ? ["query", "value"] : ["q_proj", "v_proj"])
                 if isBert { adapter["modules_to_save"] = ["classifier"] }
-                let session = try FineTuneSession(spec: FineTuneSpec(
-                    modelPath: path, task: isBert ? .sequenceClassification : .causalLM, adapterConfig: adapter, trainer: config))
+                var modelOptions = ModelOptions()
+                modelOptions.task = isBert ? .sequenceClassification : .causalLM
+                modelOptions.numLabels = 3
+                modelOptions.seed = options.seed
+                let model = try AssetCache.openSession(path, options: modelOptions)
+                try model.addAdapter(name: "default", config: AdapterConfig(json: adapter, source: "bench adapter"), seed: options.seed)
+                let session = try GraftTrainingSession(session: model, adapterName: "default", options: options)
                 var rng = GraftRNG(seed: 3)
                 let vocab = probe.tokenizer.vocabularySize
                 let examples = (0..<batch).map { i -> TokenizedExample in
@@ -125,8 +132,10 @@ struct Bench: ParsableCommand {
                 Threading.setThreads(threads)
                 guard logits == "last" || logits == "all" else { throw GraftError.invalid("--logits must be 'last' or 'all', got '\(logits)'") }
                 guard batch >= 1, length >= 1, runs >= 1, r >= 1 else { throw GraftError.invalid("--batch, --length, --runs and --r must be ≥ 1") }
-                let session = try GraftSession(path: resolveModelPath(model), task: .causalLM)
-                guard let llama = session.model.llama else { throw GraftError(.unsupported, "\(model): mixed-adapter prefill needs a decoder") }
+                var modelOptions = ModelOptions()
+                modelOptions.task = .causalLM
+                let session = try AssetCache.openSession(model, options: modelOptions)
+                let llama = try session.taskModel.decoder()
                 let targetList = targets.split(separator: ",").map(String.init)
                 for i in 0..<batch {
                     // init_lora_weights false draws B too, so every adapter changes the output.

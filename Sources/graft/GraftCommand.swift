@@ -2,6 +2,7 @@ import ArgumentParser
 import CGraftSystem
 import Foundation
 import Graft
+import GraftAssets
 
 /// The `graft` command line: thin wrappers over the Graft library.
 @main
@@ -19,7 +20,7 @@ struct GraftCommand: ParsableCommand {
 }
 
 /// Resolves a model argument: a path, or one of the asset names fetched by scripts/fetch-assets.
-func resolveModelPath(_ name: String) -> String { GraftSession.resolveModelPath(name) }
+func resolveModelPath(_ name: String) -> String { AssetCache.resolveModelPath(name) }
 
 /// Runs `body`, turning a GraftError into a one-line message and exit code 1.
 func run(_ body: () throws -> Void) throws {
@@ -87,14 +88,19 @@ struct Generate: ParsableCommand {
 
     func run() throws {
         try graft.run {
-            let m = try GraftModel(path: resolveModelPath(model))
-            if let adapter {
-                let adapted = AdaptedModel(root: m.root)
-                try adapted.loadAdapter(directory: adapter)
-            }
-            let text = raw ? prompt : GraftSession.chatPrompt(prompt)
-            let params = GenerationParameters(maxNewTokens: maxTokens, temperature: temperature, topP: topP, seed: seed)
-            _ = try m.generate(prompt: text, parameters: params) { piece in
+            var modelOptions = ModelOptions()
+            modelOptions.task = .causalLM
+            let session = try AssetCache.openSession(model, options: modelOptions)
+            if let adapter { try session.loadAdapter(directory: adapter) }
+            var sampling = SamplingOptions()
+            sampling.maxNewTokens = maxTokens
+            sampling.temperature = temperature
+            sampling.topP = topP
+            sampling.seed = seed
+            try sampling.validate()
+            let text = raw ? prompt : try session.chatPrompt(prompt)
+            _ = try session.generate(prompt: session.model.tokenizer.encode(text, addSpecialTokens: false),
+                                     parameters: sampling.generationParameters(stopTokens: []), stopAtEOS: true) { _, piece in
                 FileHandle.standardOutput.write(Data(piece.utf8))
                 return true
             }

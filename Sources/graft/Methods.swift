@@ -15,7 +15,7 @@ struct Methods: ParsableCommand {
             let list = targets.map { $0.split(separator: ",").map(String.init) }
                 ?? (m.architecture == .bert ? ["query", "value"] : ["q_proj", "v_proj"])
             print("methods on \(m.path), target_modules \(list.joined(separator: ","))  (example configs: graft methods --help)")
-            let rows = AdapterRegistry.summaries(root: m.root, targets: list)
+            let rows = AdapterMethodTable.all.summaries(root: m.root, targets: list)
             let header = ["peft_type", "family", "PEFT parity", "mergeable", "trainable"]
             let table = rows.map { r in
                 [r.peftType, r.family, r.peftParity ? "yes" : "no", r.mergeable ? "yes" : "no",

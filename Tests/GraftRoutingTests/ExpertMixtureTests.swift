@@ -189,7 +189,6 @@ import GraftTestSupport
     }
 
     @Test func statisticsAreCollectedAndReset() throws {
-        RoutingMethods.register()
         let (l, lin) = Self.layer(.topK, capacity: 1.0)
         var rng = GraftRNG(seed: 3)
         let x = Tensor.randomNormal([40, Self.inF], std: 1, rng: &rng)
@@ -205,13 +204,12 @@ import GraftTestSupport
     /// MoLA: expert counts per layer; then a few SiRA training steps on MiniLM with every auxiliary loss lower
     /// the loss, and the model-level statistics API reports every layer.
     @Test func perLayerExpertsAndTrainingWithAuxiliaryLosses() throws {
-        RoutingMethods.register()
         let bert = try Assets.loadMiniLM()
         let tokenizer = try WordPieceTokenizer(vocabFile: Assets.minilm + "/vocab.txt")
         let (train, _) = try TweetCorpus.demoSubsets(path: try Assets.require(Assets.tweets))
         let examples = try ExampleTokenizer.classification(Array(train.prefix(16)), tokenizer: tokenizer, maxLength: 32)
         let classifier = try BertForSequenceClassification(bert: bert, numLabels: 3, seed: 3)
-        let model = AdaptedModel(root: classifier)
+        let model = AdaptedModel(root: classifier, methods: .all)
         let json: [String: Any] = [
             "peft_type": "LORA_MOE", "r": 2, "lora_alpha": 4, "routing": "top_k", "top_k": 2, "capacity_factor": 1.0,
             "gate_dropout": 0.1, "experts_per_layer": [2, 3, 4, 2, 3, 4], "experts_pattern": ["layer.5.attention.self.value": 5],

@@ -18,12 +18,12 @@ import Graft
 
     @Test func theCLITrainsUnderEveryTrainableSpelling() throws {
         for name in ["seq-cls", "seq_cls", "sequence_classification", "SEQ_CLS"] {
-            #expect(try FineTuneTask(name: name) == .sequenceClassification)
+            #expect(try SessionTask(trainingTaskName: name) == .sequenceClassification)
         }
-        for name in ["causal-lm", "causal_lm", "CAUSAL_LM"] { #expect(try FineTuneTask(name: name) == .causalLM) }
-        #expect(throws: GraftError.self) { try FineTuneTask(name: "base") }
+        for name in ["causal-lm", "causal_lm", "CAUSAL_LM"] { #expect(try SessionTask(trainingTaskName: name) == .causalLM) }
+        #expect(throws: GraftError.self) { try SessionTask(trainingTaskName: "base") }
         do {
-            _ = try FineTuneTask(name: "translation")
+            _ = try SessionTask(trainingTaskName: "translation")
             Issue.record("translation was accepted")
         } catch let e as GraftError {
             #expect(e.message.contains("'translation'") && e.message.contains("seq-cls, seq_cls, sequence_classification"))

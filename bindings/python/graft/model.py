@@ -91,6 +91,19 @@ class Model(NativeHandle):
         """"base", "sequence_classification" or "causal_lm"."""
         return self._info["task"]
 
+    @property
+    def id2label(self):
+        """Class names by index ({0: "negative", ...}, transformers' id2label) of a sequence classifier, or None
+        until data with string labels or a loaded adapter's labels.json names them."""
+        names = self.info().get("id2label")
+        return None if names is None else {int(k): v for k, v in names.items()}
+
+    @property
+    def label2id(self):
+        """The inverse of id2label ({"negative": 0, ...}), or None."""
+        names = self.id2label
+        return None if names is None else {v: k for k, v in names.items()}
+
     # -- tokenizer -------------------------------------------------------------------------------------------
     @locked
     def tokenize(self, text, add_special_tokens=True):

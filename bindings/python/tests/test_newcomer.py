@@ -98,3 +98,33 @@ def test_remote_client_takes_the_same_task_vocabulary():
         number = _tasks.task_number(spelling)
         assert remote._TASKS[number] == {"base": 0, "sequence_classification": 1, "causal_lm": 2}[expected]
     assert _tasks.task_number("bogus") is None
+
+
+# -- item 14: string labels are numbered once and kept with the adapter ----------------------------------------
+
+def test_string_labels_are_saved_with_the_adapter_and_used_on_load(minilm_path, tmp_path):
+    import json
+
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"text": "win money now", "label": "spam"}, {"text": "see you at lunch", "label": "ham"}]))
+    with graft.load_model(minilm_path, task="seq_cls", num_labels=2) as m:
+        m.add_adapter("default", graft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+        assert m.id2label is None
+        graft.Trainer(m, total_steps=1, batch_size=2).train(str(first))
+        assert m.id2label == {0: "spam", 1: "ham"} and m.label2id == {"spam": 0, "ham": 1}
+        m.save_adapter(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "labels.json").read_text())
+    assert saved == {"id2label": {"0": "spam", "1": "ham"}, "label2id": {"spam": 0, "ham": 1}}
+
+    # The next run loads the adapter and its names: a file listing "ham" first trains, "eggs" is refused.
+    with graft.load_model(minilm_path, task="seq_cls", num_labels=2) as m:
+        m.load_adapter(str(tmp_path / "adapter"))
+        assert m.id2label == {0: "spam", 1: "ham"}
+        second = tmp_path / "second.jsonl"
+        second.write_text(json.dumps({"text": "lunch?", "label": "ham"}) + "\n")
+        graft.Trainer(m, total_steps=1, batch_size=1).train(str(second))
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"text": "hello", "label": "eggs"}) + "\n")
+        with pytest.raises(graft.GraftError, match="'eggs' is not one of"):
+            graft.Trainer(m, total_steps=1).train(str(bad))

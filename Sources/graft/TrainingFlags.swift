@@ -1,0 +1,40 @@
+import ArgumentParser
+import Foundation
+import Graft
+
+/// Shared training flags of `graft demo` and `graft train`: they set Graft's typed ``Graft/TrainingOptions``.
+struct TrainingFlags: ParsableArguments {
+    @Option(help: "Passes over the training data.") var epochs: Int?
+    @Option(help: "Stop after this many optimizer steps, overriding --epochs (the schedule spans them).") var maxSteps: Int?
+    @Option(help: "Sequences per batch.") var batchSize: Int?
+    @Option(help: "Peak learning rate.") var lr: Float?
+    @Option(help: "Weight decay.") var weightDecay: Float?
+    @Option(help: "Warm-up steps.") var warmup: Int?
+    @Option(help: "Schedule: constant, linear, cosine.") var schedule: String?
+    @Option(help: "Clip the global gradient norm (0 = off).") var maxGradNorm: Float?
+    @Option(help: "Gradient accumulation steps.") var accumulate: Int?
+    @Option(help: "Random seed.") var seed: UInt64?
+    @Option(help: "Threads (default: all cores).") var threads: Int?
+
+    func apply(to o: inout Graft.TrainingOptions) throws {
+        if let maxSteps {
+            guard maxSteps >= 1 else { throw GraftError.invalid("--max-steps must be ≥ 1, got \(maxSteps)") }
+            o.totalSteps = maxSteps
+        }
+        if let epochs { o.epochs = epochs }
+        if let batchSize { o.batchSize = batchSize }
+        if let lr { o.learningRate = lr }
+        if let weightDecay { o.weightDecay = weightDecay }
+        if let warmup { o.warmupSteps = warmup }
+        if let schedule {
+            guard let kind = Graft.TrainingOptions.Schedule(rawValue: schedule) else {
+                throw GraftError.invalid("--schedule '\(schedule)' is not one of constant, linear, cosine")
+            }
+            o.schedule = kind
+        }
+        if let maxGradNorm { o.maxGradNorm = maxGradNorm }
+        if let accumulate { o.gradientAccumulationSteps = accumulate }
+        if let seed { o.seed = seed }
+        if let threads { Threading.setThreads(threads) }
+    }
+}

@@ -1,0 +1,74 @@
+import Foundation
+import Graft
+import GraftAssets
+
+/// One fine-tuning run of `graft demo` or `graft train`: the model opened for the task, the adapter added as
+/// `"default"`, and the library's one training facade around them.
+struct TrainingRun {
+    /// The trainer (its session holds the model and adapter).
+    let training: GraftTrainingSession
+    /// The model argument as given.
+    let modelName: String
+
+    /// Opens `model` (a path or asset name) for `task`, adds `adapter` and creates the trainer. The head and the
+    /// adapter are drawn from `options.seed`; `classNames` name the classifier's classes.
+    init(model: String, task: SessionTask, numLabels: Int, classNames: [String]?, adapter: [String: Any],
+         options: Graft.TrainingOptions) throws {
+        var modelOptions = ModelOptions()
+        modelOptions.task = task
+        modelOptions.numLabels = numLabels
+        modelOptions.seed = options.seed
+        try modelOptions.validate()
+        let session = try AssetCache.openSession(model, options: modelOptions)
+        if let classNames { try session.setClassNames(classNames) }
+        try session.addAdapter(name: "default", config: AdapterConfig(json: adapter, source: "adapter config"), seed: options.seed)
+        training = try GraftTrainingSession(session: session, adapterName: "default", options: options)
+        modelName = model
+        print("options    \(options.json)")
+    }
+
+    /// Trains on `train`, evaluates on `test` (called `evalName` in the report) before and after, prints the
+    /// report (accuracy for classification, perplexity for a causal LM) and saves the adapter to `output`.
+    func run(train: TextData, test: TextData, evalName: String, output: String?) throws {
+        let start = Date()
+        let session = training.session
+        let trainSet = try training.tokenize(train)
+        let testSet = try training.tokenize(test)
+        let tokens = trainSet.reduce(0) { $0 + $1.ids.count }
+        let adapter = training.trainer.adapter
+        print("model      \(session.model.path) (\(session.model.architecture.rawValue), \(ModelInspector.formatCount(session.model.root.parameterCount)) parameters, frozen)")
+        print("adapter    \(adapter.config.peftType) on \(adapter.layers.count) layers, \(training.trainableParameters) trainable parameters")
+        print(String(format: "data       %d train / %d %@ examples, %.1f tokens per example (packed, no padding)",
+                     trainSet.count, testSet.count, evalName, Double(tokens) / Double(max(trainSet.count, 1))))
+        report("before", try training.evaluate(testSet), evalName)
+        let printer = ProgressPrinter()
+        let trainStart = Date()
+        try training.train(trainSet) { p in printer.update(p); return true }
+        let trainTime = Date().timeIntervalSince(trainStart)
+        session.adapted.resetRouterStatistics()
+        report("after", try training.evaluate(testSet), evalName)
+        // Expert mixtures: how the routers spread the test tokens (load per expert, entropy, capacity overflow).
+        for (_, st) in session.adapted.routerStatistics() {
+            print("router     \(st.path): load [\(st.load.map { String(format: "%.2f", $0) }.joined(separator: " "))], "
+                  + String(format: "entropy %.2f nats, overflow %d", st.meanEntropy, st.overflowCount))
+        }
+        let trainer = training.trainer
+        let epochsRun = Double(trainer.microStep) / Double(max(trainer.batchesPerEpoch(trainSet.count), 1))
+        print(String(format: "time       %.1f s training (%.0f tokens/s), %.1f s in all", trainTime,
+                     Double(tokens) * epochsRun / trainTime, Date().timeIntervalSince(start)))
+        if let output {
+            try session.saveAdapter("default", directory: output)
+            let labels = session.classNames.map { " + \(ClassLabelFile.fileName) (\($0.joined(separator: ", ")))" } ?? ""
+            print("saved      \(output) (adapter_config.json + adapter_model.safetensors\(labels), loadable by PEFT)")
+        }
+    }
+
+    private func report(_ when: String, _ m: EvaluationMetrics, _ evalName: String) {
+        let label = when.padding(toLength: 10, withPad: " ", startingAt: 0)
+        if training.session.task == .sequenceClassification {
+            print(String(format: "%@ %@ accuracy %.3f, loss %.4f", label, evalName, m.accuracy, m.loss))
+        } else {
+            print(String(format: "%@ %@ loss %.4f, perplexity %.2f, next-token accuracy %.3f", label, evalName, m.loss, m.perplexity, m.accuracy))
+        }
+    }
+}
