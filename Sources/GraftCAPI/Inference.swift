@@ -15,14 +15,17 @@ public func graft_model_forward(_ model: OpaquePointer?, _ ids: UnsafePointer<In
             throw invalid("output is \(output); expected GRAFT_OUTPUT_HIDDEN (\(GRAFT_OUTPUT_HIDDEN)) or GRAFT_OUTPUT_LOGITS (\(GRAFT_OUTPUT_LOGITS))")
         }
         let tokens = try tokenBatch(s, ids, lengths, batch, stride)
+        var options = ForwardOptions()
+        options.output = kind
+        options.adapterIds = try adapterIds.map { try int32s($0, count: Int(batch), "adapter_ids") }
+        _ = try options.validate(for: s, rows: Int(batch))
         let needed = try s.outputCount(batch: Int(batch), stride: Int(stride), output: kind)
         outCount.pointee = needed
         guard capacity >= needed else {
             throw invalid("out_capacity is \(capacity) but the output has \(needed) floats (stored in *out_count)")
         }
         guard out != nil else { throw invalid("out is NULL but the output has \(needed) floats") }
-        let perRow = try adapterIds.map { try int32s($0, count: Int(batch), "adapter_ids") }
-        let values = try s.forward(batch: tokens, adapterIds: perRow, output: kind)
+        let values = try s.forward(batch: tokens, options: options)
         try deliver(values, to: out, capacity: capacity, count: outCount, what: "out")
     }
 }

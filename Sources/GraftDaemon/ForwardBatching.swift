@@ -65,10 +65,10 @@ extension Engine {
             throw GraftError.invalid("forward: sequence \(empty) is empty")
         }
         _ = try tokenBatch(rows, s)  // validates ids and lengths against this model
-        let output = try Self.sessionOutput(r.output, for: s)
-        if output == .logits && s.defaultOutput != .logits {
-            throw GraftError(.unsupported, "forward: a bare encoder has no logits; ask for hidden states (OUTPUT_HIDDEN)")
-        }
+        var options = ForwardOptions()
+        options.output = try Self.sessionOutput(r.output)
+        options.adapterIds = r.adapterIds.isEmpty ? nil : r.adapterIds
+        let output = try options.validate(for: s, rows: rows.count)
         return PreparedForward(context: context, rows: rows, output: output)
     }
 

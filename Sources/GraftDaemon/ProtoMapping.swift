@@ -50,11 +50,10 @@ extension Engine {
         }
     }
 
-    /// The output a `forward` asks for; the default is logits when `s` has a head (classifier or LM), else
-    /// hidden states.
-    static func sessionOutput(_ output: Graft_V1_Output, for s: GraftSession) throws -> SessionOutput {
+    /// The output a `forward` asks for; nil (OUTPUT_DEFAULT) leaves the choice to ``ForwardOptions``.
+    static func sessionOutput(_ output: Graft_V1_Output) throws -> SessionOutput? {
         switch output {
-        case .default: return s.defaultOutput
+        case .default: return nil
         case .hidden: return .hidden
         case .logits: return .logits
         case .UNRECOGNIZED(let v): throw GraftError.invalid("forward.output \(v) is not an Output value (0, 1, 2)")
