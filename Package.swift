@@ -24,7 +24,9 @@ let package = Package(
         .systemLibrary(name: "CGraftSystem", path: "Sources/CGraftSystem"),
         // include/graft.h as a module: struct layouts, versions and the status table come from the header itself.
         .systemLibrary(name: "CGraftABI", path: "Sources/CGraftABI"),
-        .target(name: "GraftTensor", dependencies: ["CGraftSystem", "CGraftABI"]),
+        // Kernels that need CPU intrinsics or oneDNN (bfloat16), selected at run time.
+        .target(name: "CGraftKernels", linkerSettings: [.linkedLibrary("dnnl"), .linkedLibrary("gomp")]),
+        .target(name: "GraftTensor", dependencies: ["CGraftSystem", "CGraftABI", "CGraftKernels"]),
         .target(name: "GraftIO", dependencies: ["CGraftSystem", "GraftTensor"]),
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),

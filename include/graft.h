@@ -64,7 +64,7 @@ extern "C" {
 /** Major version: the ABI is stable while it stays the same. */
 #define GRAFT_VERSION_MAJOR 0
 /** Minor version: grows when functions, enum values or struct fields are added. */
-#define GRAFT_VERSION_MINOR 2
+#define GRAFT_VERSION_MINOR 3
 /** Patch version: fixes only. */
 #define GRAFT_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH, the value graft_version() returns for this header's library. */
@@ -195,6 +195,17 @@ typedef enum graft_task {
     GRAFT_TASK_CAUSAL_LM = 2
 } graft_task;
 
+/** The number format frozen weights are multiplied in (graft_model_params.compute_dtype). (Since 0.3.0.) */
+typedef enum graft_compute_dtype {
+    /** float32 products: the exact mode, the one the parity tests check. */
+    GRAFT_COMPUTE_FLOAT32 = 0,
+    /** bfloat16 products of frozen Linear weights with float32 accumulation (oneDNN; about twice as fast on
+     *  CPUs with AVX-512 BF16). Trainable weights, adapters, attention and norms stay float32. */
+    GRAFT_COMPUTE_BFLOAT16 = 1,
+    /** GRAFT_COMPUTE_BFLOAT16 where the CPU has AVX-512 BF16, else GRAFT_COMPUTE_FLOAT32. */
+    GRAFT_COMPUTE_AUTO = 2
+} graft_compute_dtype;
+
 /** How graft_model_load loads a model. Fill with graft_model_params_init, then change fields. */
 typedef struct graft_model_params {
     /** sizeof(graft_model_params) as the caller knows it (see VERSIONING). */
@@ -208,6 +219,8 @@ typedef struct graft_model_params {
     int32_t num_labels;
     /** Seed of the classification head's initialisation. Default 0. */
     uint64_t seed;
+    /** A graft_compute_dtype value. Default GRAFT_COMPUTE_FLOAT32. (Since 0.3.0.) */
+    int32_t compute_dtype;
 } graft_model_params;
 
 /**

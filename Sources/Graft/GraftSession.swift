@@ -18,14 +18,18 @@ public final class GraftSession: @unchecked Sendable {
     public let adapted: AdaptedModel
     /// What adapters created here record as `base_model_name_or_path`: the hub id or absolute path of the model.
     public let modelReference: String
+    /// The number format the frozen weights are multiplied in (``ComputeDType/auto`` resolved).
+    public let computeDType: ComputeDType
     /// Adapter names that live trainers train (a trained adapter cannot be deleted).
     public internal(set) var adaptersInTraining: [String: Int] = [:]
 
     /// Loads the model at `path` for `task`; `numLabels` and `seed` shape and draw a classification head.
     /// `modelReference` is what saved adapters name as their base (default: the absolute path).
-    public init(path: String, task: SessionTask, numLabels: Int = 2, seed: UInt64 = 0, modelReference: String? = nil) throws {
+    public init(path: String, task: SessionTask, numLabels: Int = 2, seed: UInt64 = 0, modelReference: String? = nil,
+                computeDType: ComputeDType = .float32) throws {
         model = try GraftModel(path: path)
         taskModel = try TaskModels.make(model: model, task: task, numLabels: numLabels, seed: seed)
+        self.computeDType = taskModel.root.setComputeDType(computeDType)
         adapted = AdaptedModel(root: taskModel.root, methods: .all)
         self.modelReference = modelReference ?? URL(fileURLWithPath: path).standardizedFileURL.path
     }
@@ -109,7 +113,7 @@ public final class GraftSession: @unchecked Sendable {
     public func infoJSON() throws -> String {
         var info: [String: Any] = [
             "architecture": model.architecture.rawValue, "path": model.path, "task": task.name,
-            "parameters": adapted.root.parameterCount,
+            "parameters": adapted.root.parameterCount, "compute_dtype": computeDType.rawValue,
         ]
         info.merge(taskModel.configDescription) { _, new in new }
         info["modules"] = Self.describe(adapted.root, name: "", path: "")

@@ -56,7 +56,7 @@ public enum AssetCache {
     public static func openSession(_ nameOrPath: String, options: ModelOptions) throws -> GraftSession {
         let path = resolveModelPath(nameOrPath)
         return try GraftSession(path: path, task: options.task, numLabels: options.numLabels, seed: options.seed,
-                                modelReference: modelReference(path))
+                                modelReference: modelReference(path), computeDType: options.computeDType)
     }
 
     /// The tweet corpus's demo training split as data for `task`: labelled texts for classification, or

@@ -60,6 +60,11 @@ let scheduleTable: [(TrainingOptions.Schedule, UInt32)] = [
     (.constant, GRAFT_SCHEDULE_CONSTANT.rawValue), (.linear, GRAFT_SCHEDULE_LINEAR.rawValue),
     (.cosine, GRAFT_SCHEDULE_COSINE.rawValue),
 ]
+/// graft_compute_dtype ↔ ComputeDType.
+let computeTable: [(ComputeDType, UInt32)] = [
+    (.float32, GRAFT_COMPUTE_FLOAT32.rawValue), (.bfloat16, GRAFT_COMPUTE_BFLOAT16.rawValue),
+    (.auto, GRAFT_COMPUTE_AUTO.rawValue),
+]
 /// graft_optimizer ↔ TrainerConfig.OptimizerKind.
 let optimizerTable: [(TrainerConfig.OptimizerKind, UInt32)] = [
     (.adamw, GRAFT_OPTIMIZER_ADAMW.rawValue), (.sgd, GRAFT_OPTIMIZER_SGD.rawValue),
@@ -74,6 +79,7 @@ extension graft_model_params {
         task = cValue(o.task, in: taskTable)
         num_labels = Int32(clamping: o.numLabels)
         seed = o.seed
+        compute_dtype = cValue(o.computeDType, in: computeTable)
     }
 
     /// The typed options, validated.
@@ -84,6 +90,8 @@ extension graft_model_params {
                                 names: "GRAFT_TASK_BASE (0), GRAFT_TASK_SEQUENCE_CLASSIFICATION (1) or GRAFT_TASK_CAUSAL_LM (2)")
         o.numLabels = Int(num_labels)
         o.seed = seed
+        o.computeDType = try swiftValue(compute_dtype, in: computeTable, field: "graft_model_params.compute_dtype",
+                                        names: "GRAFT_COMPUTE_FLOAT32 (0), GRAFT_COMPUTE_BFLOAT16 (1) or GRAFT_COMPUTE_AUTO (2)")
         try prefixed("graft_model_params") { try o.validate() }
         return o
     }

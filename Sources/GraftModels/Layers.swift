@@ -29,6 +29,13 @@ public final class Linear: Module {
     public let outFeatures: Int
     /// Adapters attached to this layer, applied in order.
     public var adapters: [any LinearAdapter] = []
+    /// The number format of the base product while the weight is frozen (``ComputeDType/resolved`` values only:
+    /// float32 or bfloat16). A trainable weight always runs in float32.
+    public var computeDType: ComputeDType = .float32 {
+        didSet { if computeDType != .bfloat16 { narrowWeight = nil } }
+    }
+    /// The bfloat16 copy of the weight, made on first use in bfloat16 mode and dropped when the weight changes.
+    private var narrowWeight: BFloat16Matrix?
 
     /// Creates a layer over existing tensors.
     public init(weight: Tensor, bias: Tensor?) {
@@ -44,6 +51,7 @@ public final class Linear: Module {
     /// Replaces the weight (merge/unmerge write new values through this).
     public func setWeight(_ w: Tensor) {
         weight = w
+        narrowWeight = nil
         replaceParameter("weight", with: w)
     }
 
@@ -57,11 +65,19 @@ public final class Linear: Module {
     public func forward(_ x: Tensor) -> Tensor {
         var input = x
         for adapter in adapters where adapter.isEnabled { input = adapter.transformInput(input, layer: self) }
-        var y = linear(input, weight, bias)
+        var y = baseForward(input)
         for adapter in adapters where adapter.isEnabled {
             y = adapter.forward(input: x, baseOutput: y, layer: self)
         }
         return y
+    }
+
+    /// `x · Wᵀ + b` in the layer's compute format.
+    public func baseForward(_ x: Tensor) -> Tensor {
+        guard computeDType == .bfloat16, !weight.requiresGrad else { return linear(x, weight, bias) }
+        let narrow = narrowWeight ?? BFloat16Matrix(weight)
+        narrowWeight = narrow
+        return linear(x, weight, narrow: narrow, bias)
     }
 
     public override var summary: String {
@@ -246,4 +262,15 @@ public protocol LayerAdapterHost: AnyObject {
     var layerAdapters: [any LayerAdapter] { get set }
     /// Width of the residual stream.
     var hiddenSize: Int { get }
+}
+
+extension Module {
+    /// Sets every Linear layer below this module (itself included) to multiply its frozen weight in `dtype`
+    /// (``ComputeDType/auto`` resolved for this machine); returns the format in effect.
+    @discardableResult
+    public func setComputeDType(_ dtype: ComputeDType) -> ComputeDType {
+        let resolved = dtype.resolved
+        for (_, module) in namedModules() { (module as? Linear)?.computeDType = resolved }
+        return resolved
+    }
 }

@@ -23,11 +23,14 @@ struct Bench: ParsableCommand {
         var warmup: Int = 1
         @Option(help: "Threads for Graft and OpenBLAS.")
         var threads: Int = 2
+        @Option(name: .customLong("compute-dtype"), help: "Frozen weights' products: float32, bfloat16 or auto.")
+        var computeDType: ComputeDType = .float32
 
         func run() throws {
             try graft.run {
                 Threading.setThreads(threads)
                 let m = try GraftModel(path: resolveModelPath(model))
+                m.root.setComputeDType(computeDType)
                 var rng = GraftRNG(seed: 1)
                 let vocab = m.tokenizer.vocabularySize
                 let ids = (0..<(batch * length)).map { _ in Int32(1000 + Int(rng.next() % UInt64(max(1, vocab - 2000)))) }
@@ -62,6 +65,7 @@ struct Bench: ParsableCommand {
         @Option(help: "Timed steps (the median is reported).") var runs: Int = 5
         @Option(help: "Untimed warm-up steps.") var warmup: Int = 2
         @Option(help: "Threads.") var threads: Int = 2
+        @Option(name: .customLong("compute-dtype"), help: "Frozen weights' products: float32, bfloat16 or auto.") var computeDType: ComputeDType = .float32
 
         func run() throws {
             try graft.run {
@@ -81,6 +85,7 @@ struct Bench: ParsableCommand {
                 modelOptions.task = isBert ? .sequenceClassification : .causalLM
                 modelOptions.numLabels = 3
                 modelOptions.seed = options.seed
+                modelOptions.computeDType = computeDType
                 let model = try AssetCache.openSession(path, options: modelOptions)
                 try model.addAdapter(name: "default", config: AdapterConfig(json: adapter, source: "bench adapter"), seed: options.seed)
                 let session = try GraftTrainingSession(session: model, adapterName: "default", options: options)
@@ -199,3 +204,5 @@ struct Bench: ParsableCommand {
         }
     }
 }
+
+extension ComputeDType: ExpressibleByArgument {}

@@ -20,7 +20,7 @@ struct Demo: ParsableCommand {
             let run = try TrainingRun(model: "minilm", task: .sequenceClassification, numLabels: 3, classNames: TweetCorpus.labels, adapter: [
                 "peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
                 "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
-            ], options: options)
+            ], options: options, computeDType: try flags.computeFormat())
             let (train, test) = try AssetCache.tweets(for: .sequenceClassification)
             try run.run(train: train, test: test, evalName: "test", output: output)
         }
@@ -140,7 +140,7 @@ struct Train: ParsableCommand {
             let heldOut = test == nil
             if test == nil { (train, test) = try holdOut(train) }
             let run = try TrainingRun(model: modelName, task: task, numLabels: numLabels, classNames: classNames,
-                                      adapter: adapter, options: options)
+                                      adapter: adapter, options: options, computeDType: try flags.computeFormat())
             try run.run(train: train, test: test ?? train, evalName: heldOut ? "held-out" : (task == .causalLM ? "eval" : "test"),
                         output: output)
         }

@@ -15,6 +15,17 @@ struct TrainingFlags: ParsableArguments {
     @Option(help: "Gradient accumulation steps.") var accumulate: Int?
     @Option(help: "Random seed.") var seed: UInt64?
     @Option(help: "Threads (default: all cores).") var threads: Int?
+    @Option(name: .customLong("compute-dtype"), help: "Number format of the frozen weights' products: float32 (exact, default), bfloat16 or auto.")
+    var computeDType: String?
+
+    /// The compute format the flags ask for (default float32).
+    func computeFormat() throws -> ComputeDType {
+        guard let computeDType else { return .float32 }
+        guard let d = ComputeDType(rawValue: computeDType) else {
+            throw GraftError.invalid("--compute-dtype '\(computeDType)' is not one of float32, bfloat16, auto")
+        }
+        return d
+    }
 
     func apply(to o: inout Graft.TrainingOptions) throws {
         if let maxSteps {

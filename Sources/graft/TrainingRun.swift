@@ -13,8 +13,9 @@ struct TrainingRun {
     /// Opens `model` (a path or asset name) for `task`, adds `adapter` and creates the trainer. The head and the
     /// adapter are drawn from `options.seed`; `classNames` name the classifier's classes.
     init(model: String, task: SessionTask, numLabels: Int, classNames: [String]?, adapter: [String: Any],
-         options: Graft.TrainingOptions) throws {
+         options: Graft.TrainingOptions, computeDType: ComputeDType = .float32) throws {
         var modelOptions = ModelOptions()
+        modelOptions.computeDType = computeDType
         modelOptions.task = task
         modelOptions.numLabels = numLabels
         modelOptions.seed = options.seed
@@ -25,6 +26,7 @@ struct TrainingRun {
         training = try GraftTrainingSession(session: session, adapterName: "default", options: options)
         modelName = model
         print("options    \(options.json)")
+        if session.computeDType != .float32 { print("compute    frozen weights multiplied in \(session.computeDType.rawValue)") }
     }
 
     /// Trains on `train`, evaluates on `test` (called `evalName` in the report) before and after, prints the

@@ -17,12 +17,13 @@
 #include <string.h>
 #include <unistd.h>
 
-/* The ABI layout the library mirrors by byte offset (Sources/GraftCAPI/GraftCAPI.swift). */
-_Static_assert(sizeof(graft_model_params) == 24, "graft_model_params layout");
+/* The ABI layout, frozen: fields are only ever appended (0.3.0 appended compute_dtype). */
+_Static_assert(sizeof(graft_model_params) == 32, "graft_model_params layout");
 _Static_assert(offsetof(graft_model_params, num_threads) == 4, "num_threads");
 _Static_assert(offsetof(graft_model_params, task) == 8, "task");
 _Static_assert(offsetof(graft_model_params, num_labels) == 12, "num_labels");
 _Static_assert(offsetof(graft_model_params, seed) == 16, "seed");
+_Static_assert(offsetof(graft_model_params, compute_dtype) == 24, "compute_dtype");
 _Static_assert(sizeof(graft_sampling_params) == 32, "graft_sampling_params layout");
 _Static_assert(offsetof(graft_sampling_params, max_new_tokens) == 4, "max_new_tokens");
 _Static_assert(offsetof(graft_sampling_params, temperature) == 8, "temperature");
@@ -195,6 +196,19 @@ static void test_model_load_errors(void) {
     p.num_labels = 2;
     p.num_threads = -1;
     EXPECT(graft_model_load(minilm, &p, &m), GRAFT_ERR_INVALID_ARGUMENT);
+    graft_model_params_init(&p);
+    CHECK(p.compute_dtype == GRAFT_COMPUTE_FLOAT32);
+    p.compute_dtype = 9;
+    EXPECT(graft_model_load(minilm, &p, &m), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "compute_dtype") != NULL);
+    p.compute_dtype = GRAFT_COMPUTE_AUTO; /* bfloat16 where the CPU has it: the model says which it got */
+    EXPECT(graft_model_load(minilm, &p, &m), GRAFT_OK);
+    char *info = NULL;
+    EXPECT(graft_model_info(m, &info), GRAFT_OK);
+    CHECK(info && (strstr(info, "\"compute_dtype\":\"bfloat16\"") || strstr(info, "\"compute_dtype\":\"float32\"")));
+    graft_string_free(info);
+    graft_model_free(m);
+    m = NULL;
     graft_model_params_init(&p);
     p.task = GRAFT_TASK_CAUSAL_LM;
     EXPECT(graft_model_load(minilm, &p, &m), GRAFT_ERR_UNSUPPORTED);

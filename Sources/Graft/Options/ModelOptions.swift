@@ -9,6 +9,8 @@ public struct ModelOptions: Sendable, Equatable {
     public var seed: UInt64 = 0
     /// Threads for all Graft work in the process; 0 keeps the current setting. Default 0.
     public var numThreads: Int = 0
+    /// The number format frozen weights are multiplied in. Default float32 (exact).
+    public var computeDType: ComputeDType = .float32
 
     /// The defaults.
     public init() {}

@@ -26,7 +26,12 @@ class ModelParams(ctypes.Structure):
         ("task", ctypes.c_int32),
         ("num_labels", ctypes.c_int32),
         ("seed", ctypes.c_uint64),
+        ("compute_dtype", ctypes.c_int32),  # graft.h 0.3.0
     ]
+
+
+#: graft_compute_dtype values by name.
+COMPUTE_DTYPES = {"float32": 0, "bfloat16": 1, "auto": 2}
 
 
 class SamplingParams(ctypes.Structure):

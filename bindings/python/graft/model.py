@@ -22,7 +22,7 @@ def _enc(s, what, where):
     return os.fsencode(s) if isinstance(s, os.PathLike) else s.encode("utf-8")
 
 
-def load_model(path, task=None, num_labels=None, threads=None, seed=0):
+def load_model(path, task=None, num_labels=None, threads=None, seed=0, compute_dtype="float32"):
     """Loads a model: a transformers BERT directory or a Llama GGUF file, or an asset name.
 
     Args:
@@ -36,6 +36,9 @@ def load_model(path, task=None, num_labels=None, threads=None, seed=0):
         num_labels: classes of the classification head (default 2).
         threads: worker threads for all Graft work in the process (default: $GRAFT_NUM_THREADS, else all cores).
         seed: seed of the classification head's initialisation.
+        compute_dtype: "float32" (exact, the default), "bfloat16" (frozen weights multiplied in bfloat16 with
+            float32 accumulation: about twice as fast on CPUs with AVX-512 BF16) or "auto" (bfloat16 where the CPU
+            has it). Adapters and trainable weights always stay float32.
     Returns:
         a Model; close it (or use `with`) to free it now, else it is freed when garbage-collected.
     Raises:
@@ -52,6 +55,9 @@ def load_model(path, task=None, num_labels=None, threads=None, seed=0):
     if threads is not None:
         params.num_threads = int(threads)
     params.seed = int(seed)
+    if compute_dtype not in _lib.COMPUTE_DTYPES:
+        raise invalid(f"compute_dtype must be one of {sorted(_lib.COMPUTE_DTYPES)}, got {compute_dtype!r}", "load_model")
+    params.compute_dtype = _lib.COMPUTE_DTYPES[compute_dtype]
     handle = ctypes.c_void_p()
     check(lib.graft_model_load(_enc(path, "path", "load_model"), ctypes.byref(params), ctypes.byref(handle)),
           f"load_model({os.fspath(path)!r})")

@@ -206,3 +206,15 @@ def test_threads_share_a_model(bert):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: bert(ids), range(8)))
     assert all(np.array_equal(r, want) for r in results)
+
+
+def test_bfloat16_compute_stays_near_float32(minilm_path):
+    ids = [[101, 2307, 2154, 1010, 1045, 2293, 2009, 102]]
+    with graft.load_model(minilm_path) as exact, graft.load_model(minilm_path, compute_dtype="bfloat16") as narrow:
+        assert exact.info()["compute_dtype"] == "float32"
+        a, b = exact(ids), narrow(ids)
+        assert np.isfinite(b).all()
+        if narrow.info()["compute_dtype"] == "bfloat16":  # oneDNN present
+            assert 0 < np.abs(a - b).max() <= 0.02 * np.abs(a).max()
+    with pytest.raises(graft.GraftError, match="compute_dtype"):
+        graft.load_model(minilm_path, compute_dtype="float16")

@@ -1,0 +1,39 @@
+// C kernels that need CPU intrinsics or a C library: bfloat16 conversion (AVX-512 BF16 when the CPU has it, a
+// portable fallback otherwise) and bfloat16 matrix products through oneDNN. Selected at run time; every
+// function here works on any x86-64 or other CPU, only faster where the instructions exist.
+#ifndef CGRAFT_KERNELS_H
+#define CGRAFT_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Nonzero when the CPU executes AVX-512 BF16 dot products (vdpbf16ps), the instructions that make bfloat16
+/// products about twice as fast as float32 ones; bfloat16 mode is still correct without them, only not faster.
+int cgraft_cpu_has_avx512_bf16(void);
+
+/// Nonzero when bfloat16 matrix products are available (oneDNN created its CPU engine); 0 otherwise, and then
+/// cgraft_bf16_matmul must not be called.
+int cgraft_bf16_matmul_available(void);
+
+/// Rounds `n` floats to bfloat16 (round to nearest, ties to even; NaN stays NaN) into `dst`.
+void cgraft_f32_to_bf16(const float *src, uint16_t *dst, size_t n);
+
+/// Widens `n` bfloat16 values to float (exact).
+void cgraft_bf16_to_f32(const uint16_t *src, float *dst, size_t n);
+
+/// `C[m×n] = A[m×k] · op(B) (+ C when accumulate)` in bfloat16 with float32 accumulation and output, row-major
+/// with leading dimensions `lda`, `ldb`, `ldc`. `B` is stored `[n, k]` when `trans_b` (so op(B) = Bᵀ, the Linear
+/// layer's `x · Wᵀ`), else `[k, n]`. Runs on the calling thread only (callers split large products over their own
+/// threads). Returns 0, or a oneDNN status (nonzero) when the product could not run.
+int cgraft_bf16_matmul(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
+                       int trans_b, float *c, int64_t ldc, int accumulate);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

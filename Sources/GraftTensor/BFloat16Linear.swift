@@ -1,0 +1,119 @@
+import CGraftKernels
+
+/// The number format frozen weights are multiplied in.
+///
+/// `float32` is exact to the fixtures' tolerances and is the default. `bfloat16` keeps a bfloat16 copy of each
+/// frozen Linear weight and runs its products (forward, and the input gradient in backward) in bfloat16 with
+/// float32 accumulation through oneDNN — about twice the multiply-add rate on CPUs with AVX-512 BF16, at
+/// bfloat16's 8-bit mantissa. Trainable weights, adapters, attention and norms stay float32. `auto` is bfloat16
+/// where the CPU has AVX-512 BF16 and oneDNN is available, else float32.
+public enum ComputeDType: String, Sendable, CaseIterable, Codable {
+    /// Exact float32 products.
+    case float32
+    /// bfloat16 products of frozen weights, float32 accumulation.
+    case bfloat16
+    /// bfloat16 where the CPU runs it natively, else float32.
+    case auto
+
+    /// What `auto` means on this machine; the other cases as they are (bfloat16 falls back to float32 only
+    /// when oneDNN is missing).
+    public var resolved: ComputeDType {
+        switch self {
+        case .float32: return .float32
+        case .bfloat16: return cgraft_bf16_matmul_available() != 0 ? .bfloat16 : .float32
+        case .auto: return cgraft_cpu_has_avx512_bf16() != 0 && cgraft_bf16_matmul_available() != 0 ? .bfloat16 : .float32
+        }
+    }
+}
+
+/// A read-only bfloat16 copy of a `[rows, cols]` float32 matrix (a frozen weight), rounded to nearest even.
+public final class BFloat16Matrix: @unchecked Sendable {
+    /// Rows (a Linear layer's output width).
+    public let rows: Int
+    /// Columns (its input width).
+    public let cols: Int
+    let storage: UnsafeMutablePointer<UInt16>
+
+    /// Rounds `matrix` (2-D) to bfloat16.
+    public init(_ matrix: Tensor) {
+        rows = matrix.shape[0]
+        cols = matrix.count / max(rows, 1)
+        storage = .allocate(capacity: max(matrix.count, 1))
+        cgraft_f32_to_bf16(matrix.pointer, storage, matrix.count)
+    }
+
+    deinit { storage.deallocate() }
+}
+
+/// `count` floats at `source` rounded to a fresh bfloat16 buffer (the caller deallocates it).
+private func narrowed(_ source: UnsafePointer<Float>, count: Int) -> UnsafeMutablePointer<UInt16> {
+    let buffer = UnsafeMutablePointer<UInt16>.allocate(capacity: max(count, 1))
+    cgraft_f32_to_bf16(source, buffer, count)
+    return buffer
+}
+
+/// `C[m×n] = A · op(B) (+ C)` for bfloat16 `a` (`[m, k]`) and `b` (`[n, k]` when `transB`, else `[k, n]`), split
+/// over Graft's threads the way ``sgemm(transA:transB:m:n:k:alpha:a:lda:b:ldb:beta:c:ldc:parallel:)`` splits:
+/// column blocks of C when it is wide enough, else row blocks, each one single-threaded oneDNN call.
+private func bf16Product(m: Int, n: Int, k: Int, a: UnsafePointer<UInt16>, b: UnsafePointer<UInt16>, transB: Bool,
+                         c: UnsafeMutablePointer<Float>, accumulate: Bool) {
+    let ldb = transB ? k : n
+    func run(rows: Range<Int>, cols: Range<Int>) {
+        let bBlock = transB ? b + cols.lowerBound * ldb : b + cols.lowerBound
+        let status = cgraft_bf16_matmul(Int64(rows.count), Int64(cols.count), Int64(k), a + rows.lowerBound * k, Int64(k),
+                                        bBlock, Int64(ldb), transB ? 1 : 0, c + rows.lowerBound * n + cols.lowerBound,
+                                        Int64(n), accumulate ? 1 : 0)
+        // The shapes come from tensors already checked; oneDNN fails only on resource exhaustion.
+        precondition(status == 0, "oneDNN bfloat16 matmul failed with status \(status)")
+    }
+    let threads = Threading.threads
+    guard threads > 1, m * n * k >= 1 << 20 else { return run(rows: 0..<m, cols: 0..<n) }
+    if n >= 64 * threads {
+        let per = ((n + threads - 1) / threads + 15) / 16 * 16
+        parallelFor((n + per - 1) / per, grain: 1) { blocks in
+            for blk in blocks where blk * per < n { run(rows: 0..<m, cols: (blk * per)..<min(n, (blk + 1) * per)) }
+        }
+    } else {
+        let per = ((m + threads - 1) / threads + 7) / 8 * 8
+        parallelFor((m + per - 1) / per, grain: 1) { blocks in
+            for blk in blocks where blk * per < m { run(rows: (blk * per)..<min(m, (blk + 1) * per), cols: 0..<n) }
+        }
+    }
+}
+
+/// ``linear(_:_:_:)`` with the frozen `weight`'s products in bfloat16 (`narrow` is its copy): `x · Wᵀ (+ bias)`
+/// forward, `dx = dy · W` backward. `weight` must not be trainable (its gradient would need float32).
+public func linear(_ x: Tensor, _ weight: Tensor, narrow: BFloat16Matrix, _ bias: Tensor? = nil) -> Tensor {
+    let inF = weight.shape[1], outF = weight.shape[0]
+    precondition(x.lastDim == inF && narrow.cols == inF && narrow.rows == outF, "linear: input \(x.shape) vs weight \(weight.shape)")
+    precondition(!weight.requiresGrad, "linear(narrow:): the weight is trainable; use the float32 linear")
+    let rowsN = x.rows
+    var outShape = x.shape
+    outShape[outShape.count - 1] = outF
+    let out = inF == 0 || bias != nil ? Tensor(zeros: outShape) : Tensor(uninitialized: outShape)
+    if let bias {
+        let pb = bias.pointer, po = out.pointer
+        for r in 0..<rowsN { (po + r * outF).update(from: pb, count: outF) }
+    }
+    if inF > 0 {
+        let xb = narrowed(x.pointer, count: x.count)
+        bf16Product(m: rowsN, n: outF, k: inF, a: xb, b: narrow.storage, transB: true, c: out.pointer, accumulate: bias != nil)
+        xb.deallocate()
+    }
+    var inputs = [x, weight]
+    if let bias { inputs.append(bias) }
+    return Tensor.result(out, inputs: inputs) { g in
+        var dx: Tensor? = nil, db: Tensor? = nil
+        if x.requiresGrad {
+            let t = Tensor(zeros: x.shape)
+            if outF > 0 {
+                let gb = narrowed(g.pointer, count: g.count)
+                bf16Product(m: rowsN, n: inF, k: outF, a: gb, b: narrow.storage, transB: false, c: t.pointer, accumulate: false)
+                gb.deallocate()
+            }
+            dx = t
+        }
+        if let bias, bias.requiresGrad { db = g.sumToShape(bias.shape) }
+        return [dx, nil, db]
+    }
+}
