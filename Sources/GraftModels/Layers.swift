@@ -72,11 +72,18 @@ public final class Linear: Module {
         return y
     }
 
-    /// `x · Wᵀ + b` in the layer's compute format.
-    public func baseForward(_ x: Tensor) -> Tensor {
-        guard computeDType == .bfloat16, !weight.requiresGrad else { return linear(x, weight, bias) }
+    /// The bfloat16 copy products with the weight use, or nil when they run in float32 (float32 mode, or a
+    /// trainable weight).
+    public var frozenNarrowWeight: BFloat16Matrix? {
+        guard computeDType == .bfloat16, !weight.requiresGrad else { return nil }
         let narrow = narrowWeight ?? BFloat16Matrix(weight)
         narrowWeight = narrow
+        return narrow
+    }
+
+    /// `x · Wᵀ + b` in the layer's compute format.
+    public func baseForward(_ x: Tensor) -> Tensor {
+        guard let narrow = frozenNarrowWeight else { return linear(x, weight, bias) }
         return linear(x, weight, narrow: narrow, bias)
     }
 

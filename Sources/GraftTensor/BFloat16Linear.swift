@@ -81,6 +81,15 @@ private func bf16Product(m: Int, n: Int, k: Int, a: UnsafePointer<UInt16>, b: Un
     }
 }
 
+/// `C[m×n] = A · op(B)` for float32 `a` (`[m, k]`, rounded to bfloat16 here) and the bfloat16 matrix `b`
+/// (`[n, k]` when `transB`, else `[k, n]`).
+func bf16Product(m: Int, n: Int, k: Int, a: UnsafePointer<Float>, b: BFloat16Matrix, transB: Bool,
+                 c: UnsafeMutablePointer<Float>) {
+    let narrowA = narrowed(a, count: m * k)
+    bf16Product(m: m, n: n, k: k, a: narrowA, b: b.storage, transB: transB, c: c, accumulate: false)
+    narrowA.deallocate()
+}
+
 /// ``linear(_:_:_:)`` with the frozen `weight`'s products in bfloat16 (`narrow` is its copy): `x · Wᵀ (+ bias)`
 /// forward, `dx = dy · W` backward. `weight` must not be trainable (its gradient would need float32).
 public func linear(_ x: Tensor, _ weight: Tensor, narrow: BFloat16Matrix, _ bias: Tensor? = nil) -> Tensor {

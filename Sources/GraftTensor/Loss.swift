@@ -52,9 +52,12 @@ public func crossEntropy(_ logits: Tensor, targets: [Int32], ignoreIndex: Int32 
 /// A trainable `weight` recomputes each chunk's logits in backward instead.
 ///
 /// `x`: `[rows, hidden]` (any leading shape flattened), `weight`: `[vocab, hidden]`, `targets`: `[rows]`.
+/// `narrow`, a bfloat16 copy of a frozen `weight`, runs the head's two products in bfloat16 (see ``ComputeDType``).
 public func linearCrossEntropy(
-    _ x: Tensor, weight: Tensor, targets: [Int32], ignoreIndex: Int32 = -100, chunkRows: Int = 128
+    _ x: Tensor, weight: Tensor, narrow: BFloat16Matrix? = nil, targets: [Int32], ignoreIndex: Int32 = -100,
+    chunkRows: Int = 128
 ) -> Tensor {
+    let narrow = weight.requiresGrad ? nil : narrow
     let hidden = x.lastDim, rowsN = x.rows, vocab = weight.shape[0]
     precondition(weight.shape[1] == hidden && targets.count == rowsN, "linearCrossEntropy: x \(x.shape) weight \(weight.shape) targets \(targets.count)")
     let active = (0..<rowsN).filter { targets[$0] != ignoreIndex }
@@ -77,7 +80,11 @@ public func linearCrossEntropy(
         for i in 0..<n {
             (packed.pointer + i * hidden).update(from: x.pointer + active[start + i] * hidden, count: hidden)
         }
-        sgemm(transA: false, transB: true, m: n, n: vocab, k: hidden, a: packed.pointer, b: weight.pointer, c: logits.pointer)
+        if let narrow {
+            bf16Product(m: n, n: vocab, k: hidden, a: packed.pointer, b: narrow, transB: true, c: logits.pointer)
+        } else {
+            sgemm(transA: false, transB: true, m: n, n: vocab, k: hidden, a: packed.pointer, b: weight.pointer, c: logits.pointer)
+        }
     }
     /// Turns a chunk's logits into (softmax − onehot)·scale in place.
     func logitGradient(_ start: Int, _ n: Int, scale: Float) {
@@ -92,7 +99,11 @@ public func linearCrossEntropy(
     }
     /// dx rows += dlogits · W for a chunk.
     func scatterInputGradient(_ start: Int, _ n: Int, into dx: Tensor) {
-        sgemm(transA: false, transB: false, m: n, n: hidden, k: vocab, a: logits.pointer, b: weight.pointer, c: dPacked.pointer)
+        if let narrow {
+            bf16Product(m: n, n: hidden, k: vocab, a: logits.pointer, b: narrow, transB: false, c: dPacked.pointer)
+        } else {
+            sgemm(transA: false, transB: false, m: n, n: hidden, k: vocab, a: logits.pointer, b: weight.pointer, c: dPacked.pointer)
+        }
         for i in 0..<n {
             let dst = dx.pointer + active[start + i] * hidden, src = dPacked.pointer + i * hidden
             for j in 0..<hidden { dst[j] += src[j] }

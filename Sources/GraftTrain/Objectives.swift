@@ -61,7 +61,7 @@ public final class CausalLMObjective: TrainingObjective {
         try checkTargets(batch)
         let hidden = try model.hiddenStates(batch.tokens)
         return linearCrossEntropy(hidden.reshaped([batch.tokenCount, model.config.hiddenSize]),
-                                  weight: model.lmHead.weight, targets: batch.targets)
+                                  weight: model.lmHead.weight, narrow: model.lmHead.frozenNarrowWeight, targets: batch.targets)
     }
 
     func checkTargets(_ batch: PackedBatch) throws {
@@ -78,7 +78,7 @@ public final class CausalLMObjective: TrainingObjective {
         return try withNoGrad {
             let counted = batch.targets.filter { $0 != -100 }.count
             let hidden = try model.hiddenStates(batch.tokens).reshaped([batch.tokenCount, model.config.hiddenSize])
-            let loss = linearCrossEntropy(hidden, weight: model.lmHead.weight, targets: batch.targets)
+            let loss = linearCrossEntropy(hidden, weight: model.lmHead.weight, narrow: model.lmHead.frozenNarrowWeight, targets: batch.targets)
             // Next-token accuracy on targeted positions.
             var correct = 0
             let rows = (0..<batch.tokenCount).filter { batch.targets[$0] != -100 }

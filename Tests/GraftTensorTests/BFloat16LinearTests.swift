@@ -1,6 +1,7 @@
 import Testing
 import CGraftKernels
 @testable import GraftTensor
+import GraftTestSupport
 
 /// bfloat16 products of frozen weights (issue 12, item 4): correct against float32 within what rounding both
 /// operands to bfloat16 can move each output, forward and backward, on any CPU.
@@ -70,5 +71,39 @@ import CGraftKernels
             let reference = withNoGrad { linear(x, w, bias) }
             #expect(zip(y.scalars, reference.scalars).contains { $0 != $1 })
         }
+    }
+
+    /// The LM head's chunked cross entropy with its products in bfloat16: the loss moves by at most twice the
+    /// largest logit error rounding allows, and the input gradient stays within its products' bound.
+    @Test func lmHeadCrossEntropyInBFloat16StaysWithinItsRoundingBound() throws {
+        guard ComputeDType.bfloat16.resolved == .bfloat16 else { return }
+        var rng = GraftRNG(seed: 5)
+        let rows = 150, hidden = 64, vocab = 1000
+        let w = Tensor.randomNormal([vocab, hidden], std: 0.1, rng: &rng)
+        let targets = (0..<rows).map { i in i % 7 == 3 ? Int32(-100) : Int32((i * 37) % vocab) }
+        let xExact = Tensor.randomNormal([rows, hidden], rng: &rng).requiringGrad()
+        let xNarrow = Tensor(shape: xExact.shape, values: xExact.scalars).requiringGrad()
+        let exact = linearCrossEntropy(xExact, weight: w, targets: targets, chunkRows: 64)
+        let narrow = linearCrossEntropy(xNarrow, weight: w, narrow: BFloat16Matrix(w), targets: targets, chunkRows: 64)
+        exact.backward()
+        narrow.backward()
+        // The largest logit error rounding allows: (2u + u²) max over rows and classes of Σ|x||w|.
+        var worstMagnitude = 0.0
+        for r in 0..<rows {
+            for v in 0..<vocab {
+                var m = 0.0
+                for k in 0..<hidden { m += abs(Double(xExact.pointer[r * hidden + k]) * Double(w.pointer[v * hidden + k])) }
+                worstMagnitude = max(worstMagnitude, m)
+            }
+        }
+        let logitBound = (2 * Self.u + Self.u * Self.u) * worstMagnitude
+        let lossError = abs(Double(narrow.item) - Double(exact.item))
+        print("bfloat16 LM head: loss \(narrow.item) vs \(exact.item), error \(lossError) of bound \(2 * logitBound)")
+        #expect(narrow.item.isFinite && lossError <= 2 * logitBound)
+        let gExact = try #require(xExact.grad), gNarrow = try #require(xNarrow.grad)
+        let gradError = worstOf(zip(gExact.scalars, gNarrow.scalars).map { abs($0 - $1) }, empty: .nan)
+        let gradScale = worstOf(gExact.scalars.map(abs), empty: .nan)
+        print("bfloat16 LM head: input gradient error \(gradError) (gradients up to \(gradScale))")
+        #expect(gradError <= 0.05 * gradScale)
     }
 }
