@@ -1,0 +1,85 @@
+import ArgumentParser
+import Foundation
+import Graft
+
+/// `graft merge`: PEFT's `add_weighted_adapter` from the command line; loads LoRA adapter directories, combines
+/// them and saves the result in PEFT's format.
+struct Merge: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Combine LoRA adapters as PEFT's add_weighted_adapter does and save the result.",
+        discussion: """
+            Each adapter is a PEFT directory, named in errors and weights by its directory name. Methods: \
+            \(CombinationType.allCases.map(\.rawValue).joined(separator: ", ")). Example:
+              graft merge out/task-a out/task-b --weights 0.7,0.5 --method ties --density 0.5 --output out/merged
+            """)
+
+    @Argument(help: "PEFT LoRA adapter directories to combine.")
+    var adapters: [String]
+    @Option(help: "Comma-separated weights, one per adapter (negative weights subtract). Default: 1 each.")
+    var weights: String?
+    @Option(help: "combination_type: svd (PEFT's default), linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd.")
+    var method: String = "svd"
+    @Option(help: "Fraction of entries kept by the pruning methods (ties, dare_*, magnitude_prune*).")
+    var density: Double?
+    @Option(help: "TIES's sign election: total or frequency.")
+    var majoritySignMethod: String = "total"
+    @Option(help: "Rank of an svd-type result (default: the largest source rank).")
+    var svdRank: Int?
+    @Option(help: "Quantile in [0, 1] at which the SVD factors are clamped (default: no clamping).")
+    var svdClamp: Double?
+    @Option(help: "Seed of DARE's random masks.")
+    var seed: UInt64 = 0
+    @Option(help: "Base model the adapters belong to: a path or 'minilm' / 'smollm2'.")
+    var model: String = "minilm"
+    @Option(help: "Model task the adapters were trained for: base, seq-cls or causal-lm.")
+    var task: String = "base"
+    @Option(help: "Number of labels of a seq-cls head.")
+    var numLabels: Int = 2
+    @Option(help: "Directory to save the combined adapter to.")
+    var output: String
+
+    func run() throws {
+        try graft.run {
+            guard let sessionTask = SessionTask(name: task) else {
+                throw GraftError.invalid("--task '\(task)' is not one of: \(SessionTask.aliasList)")
+            }
+            let parsedWeights = try weights.map(Self.parseWeights) ?? Array(repeating: 1, count: adapters.count)
+            let session = try GraftSession(path: model, task: sessionTask, numLabels: numLabels)
+            let names = Self.adapterNames(adapters)
+            for (dir, name) in zip(adapters, names) {
+                try session.adapted.loadAdapter(directory: dir, name: name)
+            }
+            let request = AdapterCombination(
+                adapters: names, weights: parsedWeights, type: try CombinationType(peftName: method), svdRank: svdRank,
+                svdClamp: svdClamp, density: density, majoritySignMethod: try MajoritySignMethod(peftName: majoritySignMethod),
+                seed: seed)
+            let report = try session.adapted.addWeightedAdapter("combined", combining: request)
+            try session.adapted.saveAdapter("combined", directory: output)
+            let sources = zip(names, parsedWeights).map { "\($0) (\($1))" }.joined(separator: ", ")
+            var line = "merged     \(report.type.rawValue) of \(sources): LoRA r\(report.rank), \(report.adapter.layers.count) layers"
+            if let kept = report.keptFraction { line += String(format: ", DARE kept %.4f of entries", kept) }
+            print(line)
+            print("saved      \(output) (adapter_config.json + adapter_model.safetensors, loadable by PEFT)")
+        }
+    }
+
+    /// "0.7,0.5" → [0.7, 0.5]; the error names the entry that is not a number.
+    static func parseWeights(_ text: String) throws -> [Double] {
+        try text.split(separator: ",", omittingEmptySubsequences: false).map { part in
+            let s = part.trimmingCharacters(in: .whitespaces)
+            guard let w = Double(s), w.isFinite else { throw GraftError.invalid("--weights: '\(s)' is not a finite number") }
+            return w
+        }
+    }
+
+    /// Each directory's last path component (dots replaced, as adapter names cannot hold them), made unique.
+    static func adapterNames(_ dirs: [String]) -> [String] {
+        var used: [String: Int] = [:]
+        return dirs.map { dir in
+            let base = URL(fileURLWithPath: dir).lastPathComponent.replacingOccurrences(of: ".", with: "_")
+            let stem = base.isEmpty || base == "combined" ? "adapter" : base
+            used[stem, default: 0] += 1
+            return used[stem] == 1 ? stem : "\(stem)_\(used[stem] ?? 0)"
+        }
+    }
+}

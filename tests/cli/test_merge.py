@@ -1,0 +1,97 @@
+"""`graft merge` as a user runs it on PEFT's own adapters (Tests/Fixtures/peft-minilm-merge, PEFT 0.21.2's
+add_weighted_adapter): the saved adapter must hold PEFT's keys, shapes and values (for SVD types, the same
+products B·A, as SVD factors are unique only up to sign)."""
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GRAFT = os.environ.get("GRAFT_CLI", str(ROOT / ".build" / "release" / "graft"))
+FIXTURE = ROOT / "Tests" / "Fixtures" / "peft-minilm-merge"
+MANIFEST = json.loads((FIXTURE / "manifest.json").read_text())
+
+
+def read_safetensors(path):
+    """name -> float32 array of a safetensors file (the fixtures and Graft's saves hold F32 only)."""
+    raw = Path(path).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        assert info["dtype"] == "F32", f"{path}: {name} is {info['dtype']}"
+        begin, end = info["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end], dtype=np.float32).reshape(info["shape"])
+    return out
+
+
+def merge(*args, cwd):
+    return subprocess.run([GRAFT, "merge", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST["combinations"]))
+def test_merge_reproduces_peft(name, tmp_path):
+    entry = MANIFEST["combinations"][name]
+    args = [str(FIXTURE / a) for a in entry["adapters"]]
+    args += ["--weights", ",".join(str(w) for w in entry["weights"]), "--method", entry["combination_type"],
+             "--output", str(tmp_path / "merged")]
+    if "density" in entry:
+        args += ["--density", str(entry["density"])]
+    r = merge(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"merged     {entry['combination_type']} of " in r.stdout
+    saved = read_safetensors(tmp_path / "merged" / "adapter_model.safetensors")
+    peft = read_safetensors(FIXTURE / name / "adapter_model.safetensors")
+    assert set(saved) == set(peft)
+    worst = 0.0
+    for key in peft:
+        assert saved[key].shape == peft[key].shape, key
+        assert np.isfinite(saved[key]).all(), key
+        if not entry["combination_type"].endswith("svd"):
+            worst = max(worst, float(np.abs(saved[key] - peft[key]).max()))
+        elif key.endswith("lora_A.weight"):
+            b_key = key.replace("lora_A", "lora_B")
+            worst = max(worst, float(np.abs(saved[b_key] @ saved[key] - peft[b_key] @ peft[key]).max()))
+    print(f"graft merge {name}: max-abs vs PEFT {worst:.3g}")
+    assert worst <= 1e-5
+    config = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
+    expected = json.loads((FIXTURE / name / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (expected["r"], expected["lora_alpha"])
+    assert sorted(config["target_modules"]) == sorted(expected["target_modules"])
+
+
+def test_dare_reports_the_kept_fraction_and_a_seed_fixes_it(tmp_path):
+    def run(seed, out):
+        r = merge(str(FIXTURE / "a"), str(FIXTURE / "b4"), "--weights", "0.7,0.5", "--method", "dare_ties",
+                  "--density", "0.3", "--seed", str(seed), "--output", str(tmp_path / out), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        kept = float(r.stdout.split("DARE kept ")[1].split()[0])
+        assert abs(kept - 0.3) < 0.01, r.stdout
+        return read_safetensors(tmp_path / out / "adapter_model.safetensors")
+    first, again, other = run(5, "one"), run(5, "two"), run(6, "three")
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "0.7"], "1 weights for 2 adapters"),
+    (["--weights", "0.7,x"], "--weights: 'x' is not a finite number"),
+    (["--method", "average"], "combination_type 'average' is not one of"),
+    (["--method", "ties"], "density is required for combination_type 'ties'"),
+    (["--method", "linear", "--majority-sign-method", "sum"], "majority_sign_method 'sum'"),
+])
+def test_bad_flags_name_what_is_wrong(args, message, tmp_path):
+    r = merge(str(FIXTURE / "a"), str(FIXTURE / "b4"), *args, "--output", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_linear_needs_equal_ranks(tmp_path):
+    r = merge(str(FIXTURE / "a"), str(FIXTURE / "b"), "--method", "linear", "--output", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode != 0 and "needs adapters of equal rank, got a: r=4, b: r=6" in r.stderr, r.stderr
