@@ -64,7 +64,7 @@ extern "C" {
 /** Major version: the ABI is stable while it stays the same. */
 #define GRAFT_VERSION_MAJOR 0
 /** Minor version: grows when functions, enum values or struct fields are added. */
-#define GRAFT_VERSION_MINOR 2
+#define GRAFT_VERSION_MINOR 3
 /** Patch version: fixes only. */
 #define GRAFT_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH, the value graft_version() returns for this header's library. */
@@ -373,6 +373,33 @@ GRAFT_API graft_status graft_adapter_merge(graft_model *model, const char *name)
  * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND; GRAFT_ERR_STATE (not merged).
  */
 GRAFT_API graft_status graft_adapter_unmerge(graft_model *model, const char *name);
+
+/**
+ * Combines LoRA adapters into a new adapter `name` as PEFT's LoraModel.add_weighted_adapter does (added in 0.3.0).
+ * The new adapter takes the first source's config with r = lora_alpha = the new rank and target_modules the
+ * union of the sources'; it is attached but not activated (the active adapter stays as it was, as in PEFT).
+ * @param adapters      `count` names of attached LoRA adapters (no DoRA), each listed once.
+ * @param weights       `count` weights, one per adapter; negative weights subtract (task arithmetic).
+ * @param count         number of adapters (>= 1; with 1 the combination is always "linear", as in PEFT).
+ * @param options_json  NULL, or a JSON object with PEFT's keyword arguments (absent or null = PEFT's default):
+ *                        "combination_type": "svd" (default), "linear", "cat", "ties", "ties_svd", "dare_linear",
+ *                          "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd";
+ *                        "svd_rank": rank of an svd-type result (default: the largest source rank);
+ *                        "svd_clamp": quantile in [0, 1] at which the SVD factors are clamped (default: none);
+ *                        "density": fraction of entries kept, required by ties, dare_* and magnitude_prune*;
+ *                        "majority_sign_method": "total" (default) or "frequency";
+ *                        "seed": seed of DARE's random masks (Graft's; default 0, the same seed gives the same
+ *                          adapter); "svd_full_matrices", "svd_driver": accepted, no effect on the result.
+ * @param report_json   NULL, or receives {"name", "combination_type" (as applied), "r", "kept_fraction" (DARE's
+ *                      kept share of entries, else null)}; release it with graft_string_free.
+ * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no adapter of that name); GRAFT_ERR_INVALID_ARGUMENT (NULLs, count 0,
+ *         a name in use, a non-finite weight, unknown or ill-typed options, a missing density, unequal ranks for
+ *         linear, ties, dare_linear, dare_ties, magnitude_prune, svd_rank above a layer's size);
+ *         GRAFT_ERR_UNSUPPORTED (a source that is not plain LoRA).
+ */
+GRAFT_API graft_status graft_adapter_combine(graft_model *model, const char *name, const char *const *adapters,
+                                             const double *weights, size_t count, const char *options_json,
+                                             char **report_json);
 
 /* ------------------------------------------------------------------------------------------------------------
  * Inference
