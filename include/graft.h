@@ -378,7 +378,8 @@ GRAFT_API graft_status graft_adapter_unmerge(graft_model *model, const char *nam
  * Combines LoRA adapters into a new adapter `name` as PEFT's LoraModel.add_weighted_adapter does (added in 0.3.0).
  * The new adapter takes the first source's config with r = lora_alpha = the new rank and target_modules the
  * union of the sources'; it is attached but not activated (the active adapter stays as it was, as in PEFT).
- * @param adapters      `count` names of attached LoRA adapters (no DoRA), each listed once.
+ * IA3 adapters combine as PEFT's IA3Model.add_weighted_adapter: the weighted sum of their vectors (no options).
+ * @param adapters      `count` names of attached LoRA (no DoRA) or IA3 adapters, each listed once.
  * @param weights       `count` weights, one per adapter; negative weights subtract (task arithmetic).
  * @param count         number of adapters (>= 1; with 1 the combination is always "linear", as in PEFT).
  * @param options_json  NULL, or a JSON object with PEFT's keyword arguments (absent or null = PEFT's default):
@@ -395,7 +396,7 @@ GRAFT_API graft_status graft_adapter_unmerge(graft_model *model, const char *nam
  * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no adapter of that name); GRAFT_ERR_INVALID_ARGUMENT (NULLs, count 0,
  *         a name in use, a non-finite weight, unknown or ill-typed options, a missing density, unequal ranks for
  *         linear, ties, dare_linear, dare_ties, magnitude_prune, svd_rank above a layer's size);
- *         GRAFT_ERR_UNSUPPORTED (a source that is not plain LoRA).
+ *         GRAFT_ERR_UNSUPPORTED (a source that is neither plain LoRA nor IA3, or sources of two methods).
  */
 GRAFT_API graft_status graft_adapter_combine(graft_model *model, const char *name, const char *const *adapters,
                                              const double *weights, size_t count, const char *options_json,

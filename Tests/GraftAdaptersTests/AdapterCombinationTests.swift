@@ -193,3 +193,31 @@ import GraftTestSupport
         }
     }
 }
+
+/// IA³ combines as PEFT's `IA3Model.add_weighted_adapter` means to: a weighted sum of the scaling vectors.
+@Suite(.serialized) struct IA3CombinationTests {
+    @Test func weightsSummingToOneReproduceTheSourceAndOthersScaleIt() throws {
+        let bert = try Assets.loadMiniLM()
+        let model = AdaptedModel(root: bert)
+        let dir = Assets.fixture("peft-minilm/ia3")
+        try model.loadAdapter(directory: dir, name: "x")
+        try model.loadAdapter(directory: dir, name: "y")
+        let base = try SafeTensorsFile(contentsOf: Assets.fixture("peft-minilm/base_expected.safetensors"))
+        let expected = try SafeTensorsFile(contentsOf: dir + "/expected.safetensors").tensor("last_hidden_state")
+        let report = try model.addWeightedAdapter("mix", combining: AdapterCombination(adapters: ["x", "y"], weights: [0.3, 0.7]))
+        #expect(report.type == .linear && report.rank == 0 && model.activeAdapter == "y")
+        try model.setActiveAdapter("mix")
+        let err = maxAbsDifference(try withNoGrad { try bert.forward(try fixtureBatch(base)) }, expected)
+        print("combine ia3 0.3·l + 0.7·l: output max-abs vs PEFT's ia3 fixture \(err)")
+        #expect(err <= 1e-4)
+        let doubled = try model.addWeightedAdapter("double", combining: AdapterCombination(adapters: ["x", "y"], weights: [1, 1]))
+        let sourceLayers = try model.adapter("x").layers
+        for ((_, _, s), (_, _, d)) in zip(sourceLayers, doubled.adapter.layers) {
+            guard let s = s as? IA3Layer, let d = d as? IA3Layer else { Issue.record("not IA3"); continue }
+            #expect((0..<s.scale.count).allSatisfy { d.scale.pointer[$0] == 2 * s.scale.pointer[$0] })
+        }
+        #expect(throws: GraftError.self) {
+            try model.addWeightedAdapter("t", combining: AdapterCombination(adapters: ["x", "y"], weights: [1, 1], type: .ties, density: 0.5))
+        }
+    }
+}

@@ -7,14 +7,15 @@ public struct CombinationReport {
     public let adapter: NamedAdapter
     /// The combination type applied (`linear` when a single adapter was given, as in PEFT).
     public let type: CombinationType
-    /// The new adapter's rank (`r`, also its `lora_alpha`, so its scaling is 1 as in PEFT).
+    /// The new adapter's rank (`r`, also its `lora_alpha`, so its scaling is 1 as in PEFT); 0 for IA³.
     public let rank: Int
     /// DARE only: the fraction of entries its random masks kept (expected: `density`); nil for other types.
     public let keptFraction: Double?
 }
 
 extension AdaptedModel {
-    /// PEFT's `add_weighted_adapter` for LoRA: combines the named LoRA adapters into a new adapter `name`.
+    /// PEFT's `add_weighted_adapter`: combines the named LoRA adapters into a new adapter `name` (IA³ adapters
+    /// combine as `IA3Model.add_weighted_adapter` does, see `IA3Combination.swift`).
     ///
     /// The new adapter takes the first source's config with `r = lora_alpha =` the new rank (the largest source
     /// rank or `svdRank` for SVD types, their sum for `cat`, the common rank otherwise), `target_modules` the
@@ -28,6 +29,10 @@ extension AdaptedModel {
         try request.validate()
         guard !adapters.contains(where: { $0.name == name }) else {
             throw GraftError.invalid("an adapter named '\(name)' already exists (choose a new adapter_name for the combination)")
+        }
+        let named = try request.adapters.map { try adapter($0) }
+        if named.contains(where: { $0.config.peftType == "IA3" }) {
+            return try addWeightedIA3Adapter(name, sources: named, request: request)
         }
         let sources = try request.adapters.map { try combinableSource($0) }
         let type = request.effectiveType
@@ -93,6 +98,15 @@ extension AdaptedModel {
         for a in sources where a.config.json["target_parameters"].map({ !($0 is NSNull) }) ?? false {
             throw GraftError(.unsupported, "adapter '\(a.name)' targets parameters (target_parameters): add_weighted_adapter does not combine those")
         }
+        try checkModulesToSave(sources)
+        let config = try AdapterConfig(json: json, source: "add_weighted_adapter(\(sources.map(\.name).joined(separator: ", ")))")
+        // The tensors are written below, so the initialization options cannot matter.
+        config.acknowledge("init_weights", "init_lora_weights")
+        return config
+    }
+
+    /// PEFT refuses sources that train the same `modules_to_save` module: such copies cannot be combined.
+    static func checkModulesToSave(_ sources: [NamedAdapter]) throws {
         var seen: [String: String] = [:]
         for a in sources {
             for m in a.config.modulesToSave {
@@ -102,15 +116,11 @@ extension AdaptedModel {
                 seen[m] = a.name
             }
         }
-        let config = try AdapterConfig(json: json, source: "add_weighted_adapter(\(sources.map(\.name).joined(separator: ", ")))")
-        // The tensors are written below, so the initialization options cannot matter.
-        config.acknowledge("init_weights", "init_lora_weights")
-        return config
     }
 
     /// `target_modules` of the combination: the union of name lists (first-seen order), the regexes joined as
     /// `(a)|(b)`, or `all-linear`; mixing kinds is an error, as in PEFT.
-    private static func unionOfTargets(_ sources: [NamedAdapter]) throws -> Any {
+    static func unionOfTargets(_ sources: [NamedAdapter]) throws -> Any {
         var names: [String] = [], regexes: [String] = [], allLinear = 0
         for a in sources {
             switch a.config.targetModules {
