@@ -11,6 +11,7 @@ struct Merge: ParsableCommand {
             Each adapter is a PEFT directory, named in errors and weights by its directory name. Methods: \
             \(CombinationType.allCases.map(\.rawValue).joined(separator: ", ")). Example:
               graft merge out/task-a out/task-b --weights 0.7,0.5 --method ties --density 0.5 --output out/merged
+              graft merge out/lora --save-merged-model out/minilm-lora   # merge_and_unload + save_pretrained
             """)
 
     @Argument(help: "PEFT LoRA adapter directories to combine.")
@@ -36,10 +37,15 @@ struct Merge: ParsableCommand {
     @Option(help: "Number of labels of a seq-cls head.")
     var numLabels: Int = 2
     @Option(help: "Directory to save the combined adapter to.")
-    var output: String
+    var output: String?
+    @Option(help: "Also merge the combination into the base model (PEFT's merge_and_unload) and save that model to this directory (BERT: model.safetensors + config and tokenizer files).")
+    var saveMergedModel: String?
 
     func run() throws {
         try graft.run {
+            guard output != nil || saveMergedModel != nil else {
+                throw GraftError.invalid("give --output (the combined adapter) and/or --save-merged-model (the merged base model)")
+            }
             guard let sessionTask = SessionTask(name: task) else {
                 throw GraftError.invalid("--task '\(task)' is not one of: \(SessionTask.aliasList)")
             }
@@ -54,12 +60,19 @@ struct Merge: ParsableCommand {
                 svdClamp: svdClamp, density: density, majoritySignMethod: try MajoritySignMethod(peftName: majoritySignMethod),
                 seed: seed)
             let report = try session.adapted.addWeightedAdapter("combined", combining: request)
-            try session.adapted.saveAdapter("combined", directory: output)
             let sources = zip(names, parsedWeights).map { "\($0) (\($1))" }.joined(separator: ", ")
-            var line = "merged     \(report.type.rawValue) of \(sources): LoRA r\(report.rank), \(report.adapter.layers.count) layers"
+            let kind = report.rank > 0 ? "LoRA r\(report.rank)" : report.adapter.config.peftType
+            var line = "merged     \(report.type.rawValue) of \(sources): \(kind), \(report.adapter.layers.count) layers"
             if let kept = report.keptFraction { line += String(format: ", DARE kept %.4f of entries", kept) }
             print(line)
-            print("saved      \(output) (adapter_config.json + adapter_model.safetensors, loadable by PEFT)")
+            if let output {
+                try session.adapted.saveAdapter("combined", directory: output)
+                print("saved      \(output) (adapter_config.json + adapter_model.safetensors, loadable by PEFT)")
+            }
+            if let saveMergedModel {
+                try session.mergeAndUnloadSave(adapter: "combined", directory: saveMergedModel)
+                print("saved      \(saveMergedModel) (the base model with the combination merged in, loadable by transformers)")
+            }
         }
     }
 

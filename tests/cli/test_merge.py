@@ -17,7 +17,7 @@ MANIFEST = json.loads((FIXTURE / "manifest.json").read_text())
 
 
 def read_safetensors(path):
-    """name -> float32 array of a safetensors file (the fixtures and Graft's saves hold F32 only)."""
+    """name -> array of a safetensors file (F32 tensors, and I64 such as BERT's position_ids)."""
     raw = Path(path).read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
@@ -25,9 +25,9 @@ def read_safetensors(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        assert info["dtype"] == "F32", f"{path}: {name} is {info['dtype']}"
+        dtype = {"F32": np.float32, "I64": np.int64}[info["dtype"]]
         begin, end = info["data_offsets"]
-        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end], dtype=np.float32).reshape(info["shape"])
+        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end], dtype=dtype).reshape(info["shape"])
     return out
 
 
@@ -95,3 +95,34 @@ def test_bad_flags_name_what_is_wrong(args, message, tmp_path):
 def test_linear_needs_equal_ranks(tmp_path):
     r = merge(str(FIXTURE / "a"), str(FIXTURE / "b"), "--method", "linear", "--output", str(tmp_path / "m"), cwd=tmp_path)
     assert r.returncode != 0 and "needs adapters of equal rank, got a: r=4, b: r=6" in r.stderr, r.stderr
+
+
+def test_save_merged_model_adds_the_combination_into_the_base_weights(tmp_path):
+    minilm = Path(os.environ.get("GRAFT_HOME") or Path.home() / ".cache" / "graft") / "all-MiniLM-L6-v2"
+    r = merge(str(FIXTURE / "a"), str(FIXTURE / "b4"), "--weights", "0.7,0.5", "--method", "ties", "--density", "0.5",
+              "--output", str(tmp_path / "adapter"), "--save-merged-model", str(tmp_path / "model"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    merged = read_safetensors(tmp_path / "model" / "model.safetensors")
+    base = read_safetensors(minilm / "model.safetensors")
+    adapter = read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert set(merged) == set(base)
+    worst = 0.0
+    for name, w in base.items():
+        if w.dtype != np.float32:
+            continue
+        module = name.rsplit(".", 1)[0]
+        a_key = f"base_model.model.{module}.lora_A.weight"
+        if name.endswith(".weight") and a_key in adapter:
+            # ΔW = B·A: the combined adapter's r = lora_alpha, so its scaling is 1.
+            delta = adapter[a_key.replace("lora_A", "lora_B")] @ adapter[a_key]
+            worst = max(worst, float(np.abs(merged[name] - w - delta).max()))
+        else:
+            assert np.array_equal(merged[name], w), name
+    print(f"graft merge --save-merged-model: max-abs |W' − W − BA| {worst:.3g}")
+    assert worst <= 1e-6
+    assert (tmp_path / "model" / "config.json").read_bytes() == (minilm / "config.json").read_bytes()
+
+
+def test_merge_needs_an_output(tmp_path):
+    r = merge(str(FIXTURE / "a"), cwd=tmp_path)
+    assert r.returncode != 0 and "--output" in r.stderr and "--save-merged-model" in r.stderr

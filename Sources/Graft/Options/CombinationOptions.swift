@@ -18,18 +18,7 @@ extension AdapterCombination {
     public init(adapters: [String], weights: [Double], optionsJSON text: String?, source: String) throws {
         self.init(adapters: adapters, weights: weights)
         if let text, !text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty {
-            let object: [String: Any]
-            do {
-                guard let parsed = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else {
-                    throw GraftError.invalid("\(source) must be a JSON object, got \(text.prefix(80))")
-                }
-                object = parsed
-            } catch let e as GraftError {
-                throw e
-            } catch {
-                throw GraftError.invalid("\(source) is not valid JSON (\(error.localizedDescription)): \(text.prefix(80))")
-            }
-            try apply(object, source: source)
+            try apply(try parseJSONObject(text, source: source), source: source)
         }
         try validate()
     }

@@ -83,7 +83,14 @@ extension AdaptedModel {
             return r
         }
         if type == .cat { return ranks.reduce(0, +) }
-        return request.svdRank ?? ranks.max() ?? 0
+        let rank = request.svdRank ?? ranks.max() ?? 0
+        // Checked before the new adapter is allocated: a truncated SVD cannot have more factors than a layer's size.
+        for a in sources {
+            for (path, linear, _) in a.layers where rank > min(linear.inFeatures, linear.outFeatures) {
+                throw GraftError.invalid("svd_rank \(rank) exceeds the rank \(min(linear.inFeatures, linear.outFeatures)) a \(linear.outFeatures)×\(linear.inFeatures) delta can have at \(path) (adapter '\(a.name)')")
+            }
+        }
+        return rank
     }
 
     /// The first source's config with PEFT's replacements (`r`, `lora_alpha`, `target_modules`, patterns).
