@@ -1,4 +1,4 @@
-// The C ABI: combining adapters (PEFT's add_weighted_adapter).
+// The C ABI: combining adapters (PEFT's add_weighted_adapter) and saving a model with an adapter merged in.
 import CGraftABI
 import Graft
 
@@ -20,5 +20,15 @@ public func graft_adapter_combine(_ model: OpaquePointer?, _ name: UnsafePointer
         let optionsJSON = try options.map { try string($0, "options_json") }
         let json = try s.combineAdapters(name: newName, adapters: names, weights: values, optionsJSON: optionsJSON)
         if let report { report.pointee = try mallocString(json) }
+    }
+}
+
+/// The C entry point `graft_model_save_merged`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
+@_cdecl("graft_model_save_merged")
+public func graft_model_save_merged(_ model: OpaquePointer?, _ adapter: UnsafePointer<CChar>?,
+                                    _ directory: UnsafePointer<CChar>?) -> graft_status {
+    guarded {
+        let s = try session(model)
+        try s.mergeAndUnloadSave(adapter: try string(adapter, "adapter"), directory: try string(directory, "directory"))
     }
 }

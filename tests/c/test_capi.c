@@ -453,6 +453,26 @@ static void test_adapter_combine(void) {
     free(mask);
     free(expected);
 
+    /* merge_and_unload + save: the saved directory loads as a plain model with the same output. */
+    char merged_dir[512];
+    path_in_tmp(merged_dir, sizeof merged_dir, "merged-ties");
+    EXPECT(graft_model_save_merged(m, "ties", merged_dir), GRAFT_OK);
+    EXPECT(graft_model_save_merged(m, "ties", merged_dir), GRAFT_ERR_NOT_FOUND); /* it was unloaded */
+    EXPECT(graft_model_save_merged(NULL, "a", merged_dir), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_model_save_merged(m, "a", NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    graft_model *plain = load(merged_dir, GRAFT_TASK_BASE, 0);
+    static float merged_out[ROWS * STRIDE * HIDDEN];
+    EXPECT(graft_model_forward(plain, ids, lengths, ROWS, STRIDE, NULL, GRAFT_OUTPUT_HIDDEN, merged_out,
+                               ROWS * STRIDE * HIDDEN, &count), GRAFT_OK);
+    float merged_worst = 0;
+    for (size_t i = 0; i < (size_t)ROWS * STRIDE * HIDDEN; i++) {
+        float d = fabsf(merged_out[i] - out[i]);
+        if (!(d <= merged_worst)) merged_worst = d;
+    }
+    printf("graft_model_save_merged: reloaded model max-abs vs the adapter %g\n", (double)merged_worst);
+    CHECK(merged_worst <= 1e-4f);
+    graft_model_free(plain);
+
     const char *bad_names[] = {"a", NULL};
     const double bad_weights[] = {1.0, NAN};
     EXPECT(graft_adapter_combine(NULL, "x", names, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
@@ -464,7 +484,7 @@ static void test_adapter_combine(void) {
     CHECK(strstr(graft_last_error(), "adapters[1]") != NULL);
     EXPECT(graft_adapter_combine(m, "x", names, bad_weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
     CHECK(strstr(graft_last_error(), "b4") != NULL);
-    EXPECT(graft_adapter_combine(m, "ties", names, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_combine(m, "b4", names, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
     EXPECT(graft_adapter_combine(m, "x", names, weights, 2, "{\"combination_type\": \"average\"}", NULL),
            GRAFT_ERR_INVALID_ARGUMENT);
     CHECK(strstr(graft_last_error(), "average") != NULL);

@@ -1,17 +1,22 @@
-"""Model.add_weighted_adapter: PEFT's LoRA combination (graft_adapter_combine), with PEFT's signature."""
+"""Model.add_weighted_adapter (PEFT's LoRA combination, graft_adapter_combine, with PEFT's signature) and
+Model.save_merged_model (PEFT's merge_and_unload + save_pretrained, graft_model_save_merged)."""
 import ctypes
 import json
 import numbers
+import os
 
 from . import _lib
 from ._handle import locked
 from ._lib import lib
 from .errors import GraftError, check, invalid
 
-# graft_adapter_combine was added in graft.h 0.3.0; declared when the loaded library has it.
+# graft_adapter_combine and graft_model_save_merged were added in graft.h 0.3.0; declared when the library has them.
 if hasattr(lib, "graft_adapter_combine"):
     # GRAFT_API graft_status graft_adapter_combine(graft_model *model, const char *name, const char *const *adapters,
     #     const double *weights, size_t count, const char *options_json, char **report_json);
+    # GRAFT_API graft_status graft_model_save_merged(graft_model *model, const char *adapter, const char *directory);
+    lib.graft_model_save_merged.restype = ctypes.c_int32
+    lib.graft_model_save_merged.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
     lib.graft_adapter_combine.restype = ctypes.c_int32
     lib.graft_adapter_combine.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
                                           ctypes.POINTER(ctypes.c_double), ctypes.c_size_t, ctypes.c_char_p,
@@ -25,7 +30,7 @@ def _name(value, what, where):
 
 
 class AdapterCombinationMixin:
-    """Model's adapter combination (mixed into graft.Model)."""
+    """Model's adapter combination and merged-model saving (mixed into graft.Model)."""
 
     @locked
     def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
@@ -76,3 +81,22 @@ class AdapterCombinationMixin:
                                         len(names), text.encode(), ctypes.byref(out)),
               f"{where}({adapter_name!r})")
         return json.loads(_lib.take_string(out))
+
+    @locked
+    def save_merged_model(self, directory, adapter=None):
+        """PEFT's merge_and_unload() then save_pretrained(directory): merges `adapter` (default: the active one)
+        into the base weights, removes it, and writes the plain model (model.safetensors with transformers' names,
+        the source's config and tokenizer files) that graft.load_model and transformers load. BERT only for now."""
+        where = "save_merged_model"
+        h = self._h(where)
+        if not hasattr(lib, "graft_model_save_merged"):
+            raise GraftError(_lib.ERR_UNSUPPORTED, f"libgraft.so {lib.graft_version_string().decode()} at "
+                             f"{_lib.path} predates graft_model_save_merged (0.3.0); rebuild it", where)
+        if adapter is None:
+            adapter = self.active_adapter
+            if adapter is None:
+                raise GraftError(_lib.ERR_NOT_FOUND, "the model has no adapter to merge", where)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise invalid(f"directory must be a path, got {type(directory).__name__}", where)
+        check(lib.graft_model_save_merged(h, _name(adapter, "adapter", where), os.fsencode(directory)),
+              f"{where}({adapter!r})")

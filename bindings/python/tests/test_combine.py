@@ -111,3 +111,21 @@ def test_bad_arguments_raise_graft_error_naming_the_fault(sources, args, kwargs,
         sources.add_weighted_adapter(*args, **kwargs)
     assert message in str(e.value)
     assert [a["name"] for a in sources.list_adapters()["adapters"]] == ["a", "b", "b4"]
+
+
+def test_save_merged_model_reloads_as_a_plain_model(sources, minilm_path, tmp_path):
+    entry = MANIFEST["combinations"]["ties"]
+    sources.add_weighted_adapter(entry["adapters"], entry["weights"], "ties", combination_type="ties",
+                                 density=entry["density"])
+    sources.set_adapter("ties")
+    with_adapter = sources(INPUTS["input_ids"].astype(np.int32), lengths=LENGTHS)
+    sources.save_merged_model(tmp_path / "merged", "ties")
+    assert "ties" not in [a["name"] for a in sources.list_adapters()["adapters"]]
+    with graft.load_model(tmp_path / "merged") as plain:
+        out = plain(INPUTS["input_ids"].astype(np.int32), lengths=LENGTHS)
+    err = max_abs_on_tokens(out, with_adapter)
+    print(f"save_merged_model: reloaded max-abs vs the adapter {err:.3g}")
+    assert err <= 1e-4
+    with pytest.raises(graft.GraftError) as e:
+        sources.save_merged_model(tmp_path / "again", "ties")
+    assert "ties" in str(e.value)
