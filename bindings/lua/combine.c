@@ -34,3 +34,14 @@ int m_add_weighted_adapter(lua_State *L) {
     push_owned(L, report);
     return 1;
 }
+
+/* model:save_merged_model(directory [, adapter = the active one]): PEFT's merge_and_unload then save_pretrained
+ * (graft_model_save_merged): the adapter is merged into the base weights, removed, and the plain model written. */
+int m_save_merged_model(lua_State *L) {
+    graft_model *m = to_model(L, 1);
+    const char *directory = luaL_checkstring(L, 2);
+    const char *adapter = luaL_optstring(L, 3, NULL);
+    if (!adapter) return luaL_error(L, "graft: save_merged_model: name the adapter to merge");
+    check(L, graft_model_save_merged(m, adapter, directory), "save_merged_model");
+    return 0;
+}

@@ -336,6 +336,7 @@ static const luaL_Reg model_methods[] = {
     {"merge_adapter", m_merge_adapter},
     {"unmerge_adapter", m_unmerge_adapter},
     {"add_weighted_adapter", m_add_weighted_adapter},
+    {"save_merged_model", m_save_merged_model},
     {"forward", m_forward},
     {"generate", m_generate},
     {"chat_template", m_chat_template},

@@ -231,6 +231,10 @@ test("add_weighted_adapter reproduces PEFT's ties combination (Tests/Fixtures/pe
   raises("invalid argument.*density is required", m.add_weighted_adapter, m, {"a", "b4"}, {1, 1}, "x",
          '{"combination_type": "ties"}')
   raises("not found.*nope", m.add_weighted_adapter, m, {"a", "nope"}, {1, 1}, "x")
+  m:save_merged_model(tmp .. "/merged", "ties")
+  local plain <close> = graft.load(tmp .. "/merged")
+  assert(same(plain:forward(batch), ours, 1e-4))
+  raises("not found", m.save_merged_model, m, tmp .. "/again", "ties")
 end)
 
 os.execute("rm -rf '" .. tmp .. "'")
