@@ -405,12 +405,13 @@ GRAFT_API graft_status graft_adapter_combine(graft_model *model, const char *nam
 /**
  * PEFT's merge_and_unload() then transformers' save_pretrained (added in 0.3.0): merges adapter `adapter` into the
  * base weights, removes it from the model, and writes the plain model to `directory` (created if missing; replaced
- * as a whole, crash-safely, as graft_adapter_save does): model.safetensors (F32, transformers' tensor names) plus
- * the source directory's config and tokenizer files. graft_model_load (and transformers) load the result. BERT
- * models only for now.
+ * as a whole, crash-safely, as graft_adapter_save does). BERT: model.safetensors (F32, transformers' tensor names)
+ * plus the source directory's config and tokenizer files. Llama: a copy of the source .gguf (same file name,
+ * metadata and tensor types) with the merged tensors re-encoded in their type (F32, F16, BF16, Q8_0 or Q4_1).
+ * graft_model_load, transformers and llama.cpp load the result.
  * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no such adapter); GRAFT_ERR_STATE (a live trainer trains it);
- *         GRAFT_ERR_UNSUPPORTED (a Llama/GGUF model, or an adapter without a weight delta); GRAFT_ERR_IO;
- *         GRAFT_ERR_INVALID_ARGUMENT (NULLs).
+ *         GRAFT_ERR_UNSUPPORTED (an adapter without a weight delta; a GGUF tensor of another type, or a module
+ *         adapter on a GGUF model, refused before anything is merged); GRAFT_ERR_IO; GRAFT_ERR_INVALID_ARGUMENT.
  */
 GRAFT_API graft_status graft_model_save_merged(graft_model *model, const char *adapter, const char *directory);
 

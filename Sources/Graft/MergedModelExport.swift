@@ -5,25 +5,88 @@ import GraftModels
 import GraftTensor
 
 extension GraftSession {
-    /// PEFT's `merge_and_unload()` followed by transformers' `save_pretrained`, for BERT: merges adapter `name` into
-    /// the base weights (it is removed from the session), then writes the plain model to `directory` as
-    /// `model.safetensors` (F32, transformers' tensor names: `embeddings.…` for the bare model, `bert.…` and
-    /// `classifier.…` for sequence classification) beside copies of the source directory's config and tokenizer
-    /// files, crash-safely (``AtomicDirectory``). `BertModel(directory:)` and transformers load the result.
+    /// PEFT's `merge_and_unload()` followed by saving the plain model: merges adapter `name` into the base weights
+    /// (it is removed from the session), then writes the model to `directory`, crash-safely (``AtomicDirectory``).
     ///
-    /// Throws `.unsupported` for a Llama (GGUF) model: writing GGUF is not implemented yet.
+    /// BERT: `model.safetensors` (F32, transformers' tensor names: `embeddings.…` for the bare model, `bert.…` and
+    /// `classifier.…` for sequence classification) beside copies of the source directory's config and tokenizer
+    /// files, as transformers' `save_pretrained` writes it; `BertModel(directory:)` and transformers load it.
+    /// Llama: a copy of the source GGUF file (same name, metadata, tensor order and types) whose merged tensors are
+    /// re-encoded in their own type (F32, F16, BF16, Q8_0 or Q4_1, as ggml quantizes), so llama.cpp and Graft load it.
+    ///
+    /// Throws before merging anything when the adapter cannot be written (a GGUF tensor type Graft cannot encode, a
+    /// module adapter such as LN tuning on a GGUF model), so the adapter is then still attached.
     public func mergeAndUnloadSave(adapter name: String, directory: String) throws {
-        guard model.bert != nil else {
-            throw GraftError(.unsupported, "\(model.path): saving a merged \(model.architecture.rawValue) model is not supported yet (BERT directories only; GGUF writing is not implemented)")
-        }
-        _ = try adapted.adapter(name)
+        let a = try adapted.adapter(name)
         if let trainers = adaptersInTraining[name], trainers > 0 {
             throw GraftError(.state, "adapter '\(name)' is being trained by \(trainers) trainer(s); finish them before merging it into the base")
+        }
+        if model.llama != nil {
+            let gguf = try GGUFFile(contentsOf: model.path)
+            let targets = try ggufTargets(of: a, in: gguf)
+            try adapted.mergeAndUnload(name)
+            let file = URL(fileURLWithPath: model.path).lastPathComponent
+            try AtomicDirectory.write(directory: directory, kind: "model", files: [(file, try mergedGGUF(gguf, targets))])
+            return
         }
         try adapted.mergeAndUnload(name)
         var files: [(name: String, bytes: [UInt8])] = [("model.safetensors", try mergedWeights())]
         files += try sourceFiles()
         try AtomicDirectory.write(directory: directory, kind: "model", files: files)
+    }
+
+    /// The GGUF tensors a merge of `adapter` changes, each with the Linear that will hold its new value.
+    private func ggufTargets(of adapter: NamedAdapter, in gguf: GGUFFile) throws -> [(info: GGUFTensorInfo, linear: Linear, path: String)] {
+        if let (path, _) = adapter.modules.first {
+            throw GraftError(.unsupported, "adapter '\(adapter.name)' changes module '\(path)' (\(adapter.config.peftType)); only Linear deltas are written into GGUF files so far")
+        }
+        var byHF: [String: GGUFTensorInfo] = [:]
+        for info in gguf.tensors {
+            if let hf = LlamaModel.huggingFaceName(forGGUF: info.name) { byHF[hf] = info }
+        }
+        var out: [(info: GGUFTensorInfo, linear: Linear, path: String)] = []
+        let linears = adapter.layers.map { ($0.path, $0.linear) } + adapter.savedModules.map { ($0.path, $0.linear) }
+        for (path, linear) in linears {
+            // A tied lm_head is stored as token_embd.
+            guard let info = byHF[path + ".weight"] ?? (path == "lm_head" ? byHF["model.embed_tokens.weight"] : nil) else {
+                throw GraftError(.notFound, "\(gguf.path): no tensor holds '\(path).weight'")
+            }
+            guard info.type.canQuantize else {
+                throw GraftError(.unsupported, "\(gguf.path): '\(info.name)' is \(info.type.name); Graft writes F32, F16, BF16, Q8_0 and Q4_1 tensors, so adapter '\(adapter.name)' cannot be merged into this file")
+            }
+            guard info.elementCount == linear.weight.count else {
+                throw GraftError.format("\(gguf.path): '\(info.name)' has \(info.elementCount) elements, '\(path)' \(linear.weight.count)")
+            }
+            out.append((info, linear, path))
+        }
+        return out
+    }
+
+    /// The source GGUF bytes with each target tensor re-encoded from its Linear's (merged) weight, its Q/K rows put
+    /// back in the converter's RoPE order.
+    private func mergedGGUF(_ gguf: GGUFFile, _ targets: [(info: GGUFTensorInfo, linear: Linear, path: String)]) throws -> [UInt8] {
+        guard let data = FileManager.default.contents(atPath: gguf.path) else {
+            throw GraftError(.io, "\(gguf.path): cannot read it to write the merged copy")
+        }
+        var bytes = [UInt8](data)
+        guard let config = model.llama?.config else { return bytes }
+        for (info, linear, path) in targets {
+            guard info.offset >= 0, info.offset + info.byteCount <= bytes.count else {
+                throw GraftError.format("\(gguf.path): tensor '\(info.name)' lies outside the file")
+            }
+            var w = linear.weight
+            if path.hasSuffix("q_proj") { w = LlamaModel.permuteRoPERows(w, heads: config.heads) }
+            if path.hasSuffix("k_proj") { w = LlamaModel.permuteRoPERows(w, heads: config.kvHeads) }
+            try bytes.withUnsafeMutableBytes { raw in
+                guard let base = raw.baseAddress else { return }
+                do {
+                    try info.type.quantize(w.pointer, into: base + info.offset, count: info.elementCount)
+                } catch let e as GraftError {
+                    throw GraftError(e.code, "\(info.name): \(e.message)")
+                }
+            }
+        }
+        return bytes
     }
 
     /// The model's parameters as a safetensors file, plus the source file's tensors that are not parameters

@@ -38,7 +38,7 @@ struct Merge: ParsableCommand {
     var numLabels: Int = 2
     @Option(help: "Directory to save the combined adapter to.")
     var output: String?
-    @Option(help: "Also merge the combination into the base model (PEFT's merge_and_unload) and save that model to this directory (BERT: model.safetensors + config and tokenizer files).")
+    @Option(help: "Also merge the combination into the base model (PEFT's merge_and_unload) and save that model to this directory (BERT: model.safetensors + config and tokenizer files; Llama: the .gguf with merged tensors re-encoded in their types).")
     var saveMergedModel: String?
 
     func run() throws {
@@ -71,7 +71,7 @@ struct Merge: ParsableCommand {
             }
             if let saveMergedModel {
                 try session.mergeAndUnloadSave(adapter: "combined", directory: saveMergedModel)
-                print("saved      \(saveMergedModel) (the base model with the combination merged in, loadable by transformers)")
+                print("saved      \(saveMergedModel) (the base model with the combination merged in)")
             }
         }
     }

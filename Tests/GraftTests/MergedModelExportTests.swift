@@ -37,7 +37,7 @@ import GraftTestSupport
         }
     }
 
-    @Test func badOptionsNameTheKeyAndLlamaIsUnsupported() throws {
+    @Test func badOptionsNameTheKey() throws {
         let session = try GraftSession(path: try Assets.require(Assets.minilm), task: .base)
         try session.adapted.loadAdapter(directory: Self.fixture("a"), name: "a")
         try session.adapted.loadAdapter(directory: Self.fixture("b4"), name: "b4")
@@ -51,9 +51,53 @@ import GraftTestSupport
                 #expect(e.message.contains(mentions), "\(e.message)")
             }
         }
-        let llama = try GraftSession(path: try Assets.require(Assets.smollm2), task: .causalLM)
-        try llama.addAdapter(name: "l", configJSON: #"{"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}"#)
-        #expect(throws: GraftError.self) { try llama.mergeAndUnloadSave(adapter: "l", directory: "/nonexistent/never-written") }
-        #expect(llama.adapted.adapters.map(\.name) == ["l"], "a refused export leaves the adapter attached")
+        #expect(throws: GraftError.self) { try session.mergeAndUnloadSave(adapter: "missing", directory: "/nonexistent/never") }
+    }
+
+    /// A merged SmolLM2 (Q4_1 GGUF) is written as the same GGUF with the merged tensors re-encoded in their types:
+    /// untouched tensors byte for byte, merged ones within half a quantization step (plus f16 rounding) of the
+    /// float32 merge, and the reloaded model predicts what the merged one does.
+    @Test func mergedLlamaIsWrittenAsGGUFInTheSourceTypes() throws {
+        let session = try GraftSession(path: try Assets.require(Assets.smollm2), task: .causalLM)
+        try session.addAdapter(name: "l", configJSON: #"{"peft_type": "LORA", "r": 4, "lora_alpha": 0.4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": false}"#, seed: 3)
+        let ids = session.model.encode("The capital of France is")
+        let batch = try TokenBatch(ids: ids, batchSize: 1, length: ids.count)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-merged-gguf-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try session.mergeAndUnloadSave(adapter: "l", directory: dir)
+        let merged = try withNoGrad { try session.model.forward(batch) }
+        // ΔW here is a few percent of W (scaling 0.1), the size a trained adapter's update has.
+
+        let path = dir + "/" + URL(fileURLWithPath: Assets.smollm2).lastPathComponent
+        let source = try GGUFFile(contentsOf: Assets.smollm2), written = try GGUFFile(contentsOf: path)
+        #expect(written.tensors == source.tensors && written.metadataKeys == source.metadataKeys)
+        var changed: [String] = []
+        for info in source.tensors {
+            let same = try source.withRawBytes(info) { a in try written.withRawBytes(info) { b in a.elementsEqual(b) } }
+            if !same { changed.append(info.name) }
+        }
+        #expect(Set(changed) == Set((0..<30).flatMap { ["blk.\($0).attn_q.weight", "blk.\($0).attn_v.weight"] }))
+
+        let reloaded = try GraftModel(path: path)
+        guard let a = session.model.llama, let b = reloaded.llama else { throw GraftError.format("not Llama") }
+        var worstExcess: Float = 0
+        for (la, lb) in zip(a.layers, b.layers) {
+            for (wa, wb) in [(la.qProj.weight, lb.qProj.weight), (la.vProj.weight, lb.vProj.weight)] {
+                // Q4_1 blocks are 32 consecutive entries of a row (rows are whole blocks here, q/k rows permuted whole).
+                for block in 0..<(wa.count / 32) {
+                    let x = UnsafeBufferPointer(start: wa.pointer + block * 32, count: 32)
+                    guard let lo = x.min(), let hi = x.max() else { continue }
+                    let step = (hi - lo) / 15, bound = step / 2 + 16 * step * 0x1p-11 + abs(lo) * 0x1p-11 + 1e-7
+                    for j in 0..<32 { worstExcess = worse(worstExcess, abs(wa.pointer[block * 32 + j] - wb.pointer[block * 32 + j]) - bound) }
+                }
+            }
+        }
+        #expect(worstExcess <= 0, "an entry lies \(worstExcess) beyond half a Q4_1 step")
+        let out = try withNoGrad { try reloaded.forward(batch) }
+        let vocab = out.shape[2], last = (ids.count - 1) * vocab
+        func argmax(_ t: Tensor) -> Int { (0..<vocab).max { t.pointer[last + $0] < t.pointer[last + $1] } ?? -1 }
+        let range = worstOf((0..<merged.count).map { abs(merged.pointer[$0]) }, empty: .nan)
+        print("merged SmolLM2 written as Q4_1 GGUF: \(changed.count) tensors re-encoded, logits max-abs vs the float32 merge \(maxAbsDifference(out, merged)) (logits up to \(range))")
+        #expect(argmax(out) == argmax(merged))
     }
 }

@@ -86,7 +86,8 @@ class AdapterCombinationMixin:
     def save_merged_model(self, directory, adapter=None):
         """PEFT's merge_and_unload() then save_pretrained(directory): merges `adapter` (default: the active one)
         into the base weights, removes it, and writes the plain model (model.safetensors with transformers' names,
-        the source's config and tokenizer files) that graft.load_model and transformers load. BERT only for now."""
+        the source's config and tokenizer files; for Llama a copy of the .gguf with the merged tensors re-encoded
+        in their type) that graft.load_model, transformers and llama.cpp load."""
         where = "save_merged_model"
         h = self._h(where)
         if not hasattr(lib, "graft_model_save_merged"):
