@@ -30,10 +30,10 @@ struct Merge: ParsableCommand {
     var svdClamp: Double?
     @Option(help: "Seed of DARE's random masks.")
     var seed: UInt64 = 0
-    @Option(help: "Base model the adapters belong to: a path or 'minilm' / 'smollm2'.")
-    var model: String = "minilm"
-    @Option(help: "Model task the adapters were trained for: base, seq-cls or causal-lm.")
-    var task: String = "base"
+    @Option(help: "Base model the adapters belong to: a path or 'minilm' / 'smollm2' (default: the first adapter's base_model_name_or_path).")
+    var model: String?
+    @Option(help: "Model task the adapters were trained for: base, seq-cls or causal-lm (default: the first adapter's task_type, else base).")
+    var task: String?
     @Option(help: "Number of labels of a seq-cls head.")
     var numLabels: Int = 2
     @Option(help: "Directory to save the combined adapter to.")
@@ -46,11 +46,16 @@ struct Merge: ParsableCommand {
             guard output != nil || saveMergedModel != nil else {
                 throw GraftError.invalid("give --output (the combined adapter) and/or --save-merged-model (the merged base model)")
             }
-            guard let sessionTask = SessionTask(name: task) else {
-                throw GraftError.invalid("--task '\(task)' is not one of: \(SessionTask.aliasList)")
+            let recorded: (model: String?, task: String?) = try adapters.first.map(Self.recordedBase) ?? (nil, nil)
+            let taskName = task ?? recorded.task ?? "base"
+            guard let sessionTask = SessionTask(name: taskName) else {
+                throw GraftError.invalid("--task '\(taskName)' is not one of: \(SessionTask.aliasList)")
+            }
+            guard let modelName = model ?? recorded.model else {
+                throw GraftError.invalid("\(adapters.first ?? "?")/adapter_config.json names no base model Graft has (base_model_name_or_path); pass --model")
             }
             let parsedWeights = try weights.map(Self.parseWeights) ?? Array(repeating: 1, count: adapters.count)
-            let session = try GraftSession(path: model, task: sessionTask, numLabels: numLabels)
+            let session = try GraftSession(path: modelName, task: sessionTask, numLabels: numLabels)
             let names = Self.adapterNames(adapters)
             for (dir, name) in zip(adapters, names) {
                 try session.adapted.loadAdapter(directory: dir, name: name)
@@ -74,6 +79,23 @@ struct Merge: ParsableCommand {
                 print("saved      \(saveMergedModel) (the base model with the combination merged in)")
             }
         }
+    }
+
+    /// The base model and task an adapter directory records: `base_model_name_or_path` as an existing path or the
+    /// asset it is the hub id of (`minilm`, `smollm2`), and `task_type` as a task name; nil where it says nothing usable.
+    static func recordedBase(_ directory: String) throws -> (model: String?, task: String?) {
+        let path = directory + "/adapter_config.json"
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw GraftError(.notFound, "\(path): cannot read the adapter config (is '\(directory)' a PEFT adapter directory?)")
+        }
+        let config = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] ?? [:]
+        let hubIDs = ["sentence-transformers/all-MiniLM-L6-v2": "minilm", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2"]
+        var model: String? = nil
+        if let base = config["base_model_name_or_path"] as? String {
+            model = hubIDs[base] ?? (FileManager.default.fileExists(atPath: base) ? base : nil)
+        }
+        let tasks = ["SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"]
+        return (model, (config["task_type"] as? String).flatMap { tasks[$0] })
     }
 
     /// "0.7,0.5" → [0.7, 0.5]; the error names the entry that is not a number.

@@ -126,3 +126,18 @@ def test_save_merged_model_adds_the_combination_into_the_base_weights(tmp_path):
 def test_merge_needs_an_output(tmp_path):
     r = merge(str(FIXTURE / "a"), cwd=tmp_path)
     assert r.returncode != 0 and "--output" in r.stderr and "--save-merged-model" in r.stderr
+
+
+def test_the_base_model_comes_from_the_adapter_config_unless_given(tmp_path):
+    # The fixtures record sentence-transformers/all-MiniLM-L6-v2, which is the minilm asset: no --model needed
+    # (the other tests rely on it). A base Graft cannot find must be named with --model.
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    config = json.loads((FIXTURE / "a" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/unknown-model"
+    (stranger / "adapter_config.json").write_text(json.dumps(config))
+    (stranger / "adapter_model.safetensors").write_bytes((FIXTURE / "a" / "adapter_model.safetensors").read_bytes())
+    r = merge(str(stranger), "--output", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode != 0 and "pass --model" in r.stderr, r.stderr
+    r = merge(str(stranger), "--model", "minilm", "--output", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
