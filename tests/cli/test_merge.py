@@ -110,6 +110,7 @@ def test_save_merged_model_adds_the_combination_into_the_base_weights(tmp_path):
     for name, w in base.items():
         if w.dtype != np.float32:
             continue
+        assert np.isfinite(merged[name]).all(), name
         module = name.rsplit(".", 1)[0]
         a_key = f"base_model.model.{module}.lora_A.weight"
         if name.endswith(".weight") and a_key in adapter:
