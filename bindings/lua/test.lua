@@ -224,6 +224,7 @@ test("add_weighted_adapter reproduces PEFT's ties combination (Tests/Fixtures/pe
   local batch = {m:tokenize("Graft adapters onto a frozen model.")}
   local ours = m:forward(batch, {adapter_ids = {2}})
   local peft = m:forward(batch, {adapter_ids = {3}})
+  for _, v in ipairs(ours) do assert(v == v and math.abs(v) < math.huge, "non-finite output") end
   assert(same(ours, peft, 1e-4))
   raises("weights: 1 weights for 2 adapters", m.add_weighted_adapter, m, {"a", "b4"}, {1}, "x")
   raises("weights%[2%] must be a number", m.add_weighted_adapter, m, {"a", "b4"}, {1, "x"}, "x")
