@@ -70,7 +70,7 @@ test-crash: assets lib
 # The Lua host: bindings/lua/graft.so (a Lua 5.4 C module over graft.h), its test, examples/lua/train.lua and the README's Lua snippet.
 LUA ?= lua5.4
 LUA_OUT = .build/lua
-LUA_SOURCES = bindings/lua/graft.c bindings/lua/arguments.c bindings/lua/trainer.c
+LUA_SOURCES = bindings/lua/graft.c bindings/lua/arguments.c bindings/lua/trainer.c bindings/lua/combine.c
 test-lua: assets lib
 	mkdir -p $(LUA_OUT)
 	$(CC) $(C_EXAMPLE_FLAGS) -O2 -shared -fPIC $$(pkg-config --cflags lua5.4) -Iinclude $(LUA_SOURCES) \

@@ -387,6 +387,47 @@ GRAFT_API graft_status graft_adapter_merge(graft_model *model, const char *name)
  */
 GRAFT_API graft_status graft_adapter_unmerge(graft_model *model, const char *name);
 
+/**
+ * Combines LoRA adapters into a new adapter `name` as PEFT's LoraModel.add_weighted_adapter does (added in 0.3.0).
+ * The new adapter takes the first source's config with r = lora_alpha = the new rank and target_modules the
+ * union of the sources'; it is attached but not activated (the active adapter stays as it was, as in PEFT).
+ * IA3 adapters combine as PEFT's IA3Model.add_weighted_adapter: the weighted sum of their vectors (no options).
+ * @param adapters      `count` names of attached LoRA (no DoRA) or IA3 adapters, each listed once.
+ * @param weights       `count` weights, one per adapter; negative weights subtract (task arithmetic).
+ * @param count         number of adapters (>= 1; with 1 the combination is always "linear", as in PEFT).
+ * @param options_json  NULL, or a JSON object with PEFT's keyword arguments (absent or null = PEFT's default):
+ *                        "combination_type": "svd" (default), "linear", "cat", "ties", "ties_svd", "dare_linear",
+ *                          "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd";
+ *                        "svd_rank": rank of an svd-type result (default: the largest source rank);
+ *                        "svd_clamp": quantile in [0, 1] at which the SVD factors are clamped (default: none);
+ *                        "density": fraction of entries kept, required by ties, dare_* and magnitude_prune*;
+ *                        "majority_sign_method": "total" (default) or "frequency";
+ *                        "seed": seed of DARE's random masks (Graft's; default 0, the same seed gives the same
+ *                          adapter); "svd_full_matrices", "svd_driver": accepted, no effect on the result.
+ * @param report_json   NULL, or receives {"name", "combination_type" (as applied), "r", "kept_fraction" (DARE's
+ *                      kept share of entries, else null)}; release it with graft_string_free.
+ * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no adapter of that name); GRAFT_ERR_INVALID_ARGUMENT (NULLs, count 0,
+ *         a name in use, a non-finite weight, unknown or ill-typed options, a missing density, unequal ranks for
+ *         linear, ties, dare_linear, dare_ties, magnitude_prune, svd_rank above a layer's size);
+ *         GRAFT_ERR_UNSUPPORTED (a source that is neither plain LoRA nor IA3, or sources of two methods).
+ */
+GRAFT_API graft_status graft_adapter_combine(graft_model *model, const char *name, const char *const *adapters,
+                                             const double *weights, size_t count, const char *options_json,
+                                             char **report_json);
+
+/**
+ * PEFT's merge_and_unload() then transformers' save_pretrained (added in 0.3.0): merges adapter `adapter` into the
+ * base weights, removes it from the model, and writes the plain model to `directory` (created if missing; replaced
+ * as a whole, crash-safely, as graft_adapter_save does). BERT: model.safetensors (F32, transformers' tensor names)
+ * plus the source directory's config and tokenizer files. Llama: a copy of the source .gguf (same file name,
+ * metadata and tensor types) with the merged tensors re-encoded in their type (F32, F16, BF16, Q8_0 or Q4_1).
+ * graft_model_load, transformers and llama.cpp load the result.
+ * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no such adapter); GRAFT_ERR_STATE (a live trainer trains it);
+ *         GRAFT_ERR_UNSUPPORTED (an adapter without a weight delta; a GGUF tensor of another type, or a module
+ *         adapter on a GGUF model, refused before anything is merged); GRAFT_ERR_IO; GRAFT_ERR_INVALID_ARGUMENT.
+ */
+GRAFT_API graft_status graft_model_save_merged(graft_model *model, const char *adapter, const char *directory);
+
 /* ------------------------------------------------------------------------------------------------------------
  * Inference
  * ------------------------------------------------------------------------------------------------------------ */

@@ -39,6 +39,7 @@ extension Daemon {
         case .listAdapters: return "list_adapters"
         case .deleteAdapter: return "delete_adapter"
         case .setActiveAdapter: return "set_active_adapter"
+        case .combineAdapters: return "combine_adapters"
         case .forward: return "forward"
         case .generate: return "generate"
         case .startTraining: return "start_training"

@@ -241,15 +241,24 @@ public final class LlamaModel: Module, PrefixHost {
         }, tiedHead: tied)
     }
 
+    /// The inverse of ``unpermuteRoPERows(_:heads:)``: transformers' Q/K rows back in the GGUF converter's
+    /// interleaved order, for writing GGUF files.
+    public static func permuteRoPERows(_ w: Tensor, heads: Int) -> Tensor { reorderRoPERows(w, heads: heads, toGGUF: true) }
+
     /// Inverts llama.cpp's converter permutation of Q/K rows: GGUF row `h·d + 2i + j` is transformers' row
     /// `h·d + j·d/2 + i`.
-    static func unpermuteRoPERows(_ w: Tensor, heads: Int) -> Tensor {
+    static func unpermuteRoPERows(_ w: Tensor, heads: Int) -> Tensor { reorderRoPERows(w, heads: heads, toGGUF: false) }
+
+    /// Moves each head's rows between GGUF's interleaved order (`2i + j`) and transformers' halves (`j·d/2 + i`).
+    private static func reorderRoPERows(_ w: Tensor, heads: Int, toGGUF: Bool) -> Tensor {
         let rowsN = w.shape[0], cols = w.shape[1], d = rowsN / heads, half = d / 2
         let out = Tensor(zeros: w.shape)
         for h in 0..<heads {
             for i in 0..<half {
                 for j in 0..<2 {
-                    (out.pointer + (h * d + j * half + i) * cols).update(from: w.pointer + (h * d + 2 * i + j) * cols, count: cols)
+                    let interleaved = h * d + 2 * i + j, halves = h * d + j * half + i
+                    let (dst, src) = toGGUF ? (interleaved, halves) : (halves, interleaved)
+                    (out.pointer + dst * cols).update(from: w.pointer + src * cols, count: cols)
                 }
             }
         }

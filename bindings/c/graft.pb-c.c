@@ -817,6 +817,96 @@ void   graft__v1__set_active_adapter__free_unpacked
   assert(message->base.descriptor == &graft__v1__set_active_adapter__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   graft__v1__combine_adapters__init
+                     (Graft__V1__CombineAdapters         *message)
+{
+  static const Graft__V1__CombineAdapters init_value = GRAFT__V1__COMBINE_ADAPTERS__INIT;
+  *message = init_value;
+}
+size_t graft__v1__combine_adapters__get_packed_size
+                     (const Graft__V1__CombineAdapters *message)
+{
+  assert(message->base.descriptor == &graft__v1__combine_adapters__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t graft__v1__combine_adapters__pack
+                     (const Graft__V1__CombineAdapters *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &graft__v1__combine_adapters__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t graft__v1__combine_adapters__pack_to_buffer
+                     (const Graft__V1__CombineAdapters *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &graft__v1__combine_adapters__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Graft__V1__CombineAdapters *
+       graft__v1__combine_adapters__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Graft__V1__CombineAdapters *)
+     protobuf_c_message_unpack (&graft__v1__combine_adapters__descriptor,
+                                allocator, len, data);
+}
+void   graft__v1__combine_adapters__free_unpacked
+                     (Graft__V1__CombineAdapters *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &graft__v1__combine_adapters__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   graft__v1__adapter_combined__init
+                     (Graft__V1__AdapterCombined         *message)
+{
+  static const Graft__V1__AdapterCombined init_value = GRAFT__V1__ADAPTER_COMBINED__INIT;
+  *message = init_value;
+}
+size_t graft__v1__adapter_combined__get_packed_size
+                     (const Graft__V1__AdapterCombined *message)
+{
+  assert(message->base.descriptor == &graft__v1__adapter_combined__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t graft__v1__adapter_combined__pack
+                     (const Graft__V1__AdapterCombined *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &graft__v1__adapter_combined__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t graft__v1__adapter_combined__pack_to_buffer
+                     (const Graft__V1__AdapterCombined *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &graft__v1__adapter_combined__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Graft__V1__AdapterCombined *
+       graft__v1__adapter_combined__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Graft__V1__AdapterCombined *)
+     protobuf_c_message_unpack (&graft__v1__adapter_combined__descriptor,
+                                allocator, len, data);
+}
+void   graft__v1__adapter_combined__free_unpacked
+                     (Graft__V1__AdapterCombined *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &graft__v1__adapter_combined__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   graft__v1__sequence__init
                      (Graft__V1__Sequence         *message)
 {
@@ -1672,7 +1762,7 @@ void   graft__v1__shutdown__free_unpacked
   assert(message->base.descriptor == &graft__v1__shutdown__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor graft__v1__request__field_descriptors[20] =
+static const ProtobufCFieldDescriptor graft__v1__request__field_descriptors[21] =
 {
   {
     "id",
@@ -1914,11 +2004,24 @@ static const ProtobufCFieldDescriptor graft__v1__request__field_descriptors[20] 
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "combine_adapters",
+    29,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Graft__V1__Request, kind_case),
+    offsetof(Graft__V1__Request, combine_adapters),
+    &graft__v1__combine_adapters__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__request__field_indices_by_name[] = {
   5,   /* field[5] = add_adapter */
   16,   /* field[16] = attach_job */
   15,   /* field[15] = cancel_job */
+  20,   /* field[20] = combine_adapters */
   9,   /* field[9] = delete_adapter */
   11,   /* field[11] = forward */
   12,   /* field[12] = generate */
@@ -1941,7 +2044,7 @@ static const ProtobufCIntRange graft__v1__request__number_ranges[2 + 1] =
 {
   { 1, 0 },
   { 10, 1 },
-  { 0, 20 }
+  { 0, 21 }
 };
 const ProtobufCMessageDescriptor graft__v1__request__descriptor =
 {
@@ -1951,14 +2054,14 @@ const ProtobufCMessageDescriptor graft__v1__request__descriptor =
   "Graft__V1__Request",
   "graft.v1",
   sizeof(Graft__V1__Request),
-  20,
+  21,
   graft__v1__request__field_descriptors,
   graft__v1__request__field_indices_by_name,
   2,  graft__v1__request__number_ranges,
   (ProtobufCMessageInit) graft__v1__request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__response__field_descriptors[14] =
+static const ProtobufCFieldDescriptor graft__v1__response__field_descriptors[15] =
 {
   {
     "id",
@@ -2128,9 +2231,22 @@ static const ProtobufCFieldDescriptor graft__v1__response__field_descriptors[14]
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "combined",
+    31,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Graft__V1__Response, kind_case),
+    offsetof(Graft__V1__Response, combined),
+    &graft__v1__adapter_combined__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__response__field_indices_by_name[] = {
   6,   /* field[6] = adapters */
+  14,   /* field[14] = combined */
   1,   /* field[1] = error */
   13,   /* field[13] = event */
   7,   /* field[7] = forward */
@@ -2153,7 +2269,7 @@ static const ProtobufCIntRange graft__v1__response__number_ranges[6 + 1] =
   { 20, 7 },
   { 27, 11 },
   { 29, 12 },
-  { 0, 14 }
+  { 0, 15 }
 };
 const ProtobufCMessageDescriptor graft__v1__response__descriptor =
 {
@@ -2163,7 +2279,7 @@ const ProtobufCMessageDescriptor graft__v1__response__descriptor =
   "Graft__V1__Response",
   "graft.v1",
   sizeof(Graft__V1__Response),
-  14,
+  15,
   graft__v1__response__field_descriptors,
   graft__v1__response__field_indices_by_name,
   6,  graft__v1__response__number_ranges,
@@ -3055,6 +3171,134 @@ const ProtobufCMessageDescriptor graft__v1__set_active_adapter__descriptor =
   graft__v1__set_active_adapter__field_indices_by_name,
   1,  graft__v1__set_active_adapter__number_ranges,
   (ProtobufCMessageInit) graft__v1__set_active_adapter__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor graft__v1__combine_adapters__field_descriptors[5] =
+{
+  {
+    "model_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__CombineAdapters, model_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "name",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__CombineAdapters, name),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "adapters",
+    3,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Graft__V1__CombineAdapters, n_adapters),
+    offsetof(Graft__V1__CombineAdapters, adapters),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "weights",
+    4,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_DOUBLE,
+    offsetof(Graft__V1__CombineAdapters, n_weights),
+    offsetof(Graft__V1__CombineAdapters, weights),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "options_json",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__CombineAdapters, options_json),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned graft__v1__combine_adapters__field_indices_by_name[] = {
+  2,   /* field[2] = adapters */
+  0,   /* field[0] = model_id */
+  1,   /* field[1] = name */
+  4,   /* field[4] = options_json */
+  3,   /* field[3] = weights */
+};
+static const ProtobufCIntRange graft__v1__combine_adapters__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor graft__v1__combine_adapters__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "graft.v1.CombineAdapters",
+  "CombineAdapters",
+  "Graft__V1__CombineAdapters",
+  "graft.v1",
+  sizeof(Graft__V1__CombineAdapters),
+  5,
+  graft__v1__combine_adapters__field_descriptors,
+  graft__v1__combine_adapters__field_indices_by_name,
+  1,  graft__v1__combine_adapters__number_ranges,
+  (ProtobufCMessageInit) graft__v1__combine_adapters__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor graft__v1__adapter_combined__field_descriptors[1] =
+{
+  {
+    "report_json",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__AdapterCombined, report_json),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned graft__v1__adapter_combined__field_indices_by_name[] = {
+  0,   /* field[0] = report_json */
+};
+static const ProtobufCIntRange graft__v1__adapter_combined__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor graft__v1__adapter_combined__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "graft.v1.AdapterCombined",
+  "AdapterCombined",
+  "Graft__V1__AdapterCombined",
+  "graft.v1",
+  sizeof(Graft__V1__AdapterCombined),
+  1,
+  graft__v1__adapter_combined__field_descriptors,
+  graft__v1__adapter_combined__field_indices_by_name,
+  1,  graft__v1__adapter_combined__number_ranges,
+  (ProtobufCMessageInit) graft__v1__adapter_combined__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor graft__v1__sequence__field_descriptors[1] =

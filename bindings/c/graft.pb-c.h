@@ -33,6 +33,8 @@ typedef struct Graft__V1__ListAdapters Graft__V1__ListAdapters;
 typedef struct Graft__V1__AdapterList Graft__V1__AdapterList;
 typedef struct Graft__V1__DeleteAdapter Graft__V1__DeleteAdapter;
 typedef struct Graft__V1__SetActiveAdapter Graft__V1__SetActiveAdapter;
+typedef struct Graft__V1__CombineAdapters Graft__V1__CombineAdapters;
+typedef struct Graft__V1__AdapterCombined Graft__V1__AdapterCombined;
 typedef struct Graft__V1__Sequence Graft__V1__Sequence;
 typedef struct Graft__V1__Forward Graft__V1__Forward;
 typedef struct Graft__V1__ForwardResult Graft__V1__ForwardResult;
@@ -164,7 +166,8 @@ typedef enum {
   GRAFT__V1__REQUEST__KIND_ATTACH_JOB = 25,
   GRAFT__V1__REQUEST__KIND_SAVE_CHECKPOINT = 26,
   GRAFT__V1__REQUEST__KIND_SERVER_STATS = 27,
-  GRAFT__V1__REQUEST__KIND_SHUTDOWN = 28
+  GRAFT__V1__REQUEST__KIND_SHUTDOWN = 28,
+  GRAFT__V1__REQUEST__KIND_COMBINE_ADAPTERS = 29
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__REQUEST__KIND__CASE)
 } Graft__V1__Request__KindCase;
 
@@ -199,6 +202,7 @@ struct  Graft__V1__Request
     Graft__V1__SaveCheckpoint *save_checkpoint;
     Graft__V1__ServerStatsRequest *server_stats;
     Graft__V1__Shutdown *shutdown;
+    Graft__V1__CombineAdapters *combine_adapters;
   };
 };
 #define GRAFT__V1__REQUEST__INIT \
@@ -220,7 +224,8 @@ typedef enum {
   GRAFT__V1__RESPONSE__KIND_JOB_STARTED = 22,
   GRAFT__V1__RESPONSE__KIND_EVENT = 30,
   GRAFT__V1__RESPONSE__KIND_JOB_STATUS = 23,
-  GRAFT__V1__RESPONSE__KIND_SERVER_STATS = 27
+  GRAFT__V1__RESPONSE__KIND_SERVER_STATS = 27,
+  GRAFT__V1__RESPONSE__KIND_COMBINED = 31
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__RESPONSE__KIND__CASE)
 } Graft__V1__Response__KindCase;
 
@@ -262,6 +267,10 @@ struct  Graft__V1__Response
     Graft__V1__TrainingEvent *event;
     Graft__V1__JobStatus *job_status;
     Graft__V1__ServerStats *server_stats;
+    /*
+     * Answers combine_adapters.
+     */
+    Graft__V1__AdapterCombined *combined;
   };
 };
 #define GRAFT__V1__RESPONSE__INIT \
@@ -503,6 +512,46 @@ struct  Graft__V1__SetActiveAdapter
 #define GRAFT__V1__SET_ACTIVE_ADAPTER__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__set_active_adapter__descriptor) \
     , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+
+
+/*
+ * PEFT's add_weighted_adapter: combines LoRA adapters of a model into a new adapter `name`, attached but not
+ * activated (as graft_adapter_combine in graft.h).
+ */
+struct  Graft__V1__CombineAdapters
+{
+  ProtobufCMessage base;
+  char *model_id;
+  char *name;
+  size_t n_adapters;
+  char **adapters;
+  /*
+   * One per adapter; negative weights subtract.
+   */
+  size_t n_weights;
+  double *weights;
+  /*
+   * PEFT's keyword arguments as a JSON object, e.g. {"combination_type":"ties","density":0.5}; empty = PEFT's
+   * defaults (combination_type "svd").
+   */
+  char *options_json;
+};
+#define GRAFT__V1__COMBINE_ADAPTERS__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&graft__v1__combine_adapters__descriptor) \
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string }
+
+
+struct  Graft__V1__AdapterCombined
+{
+  ProtobufCMessage base;
+  /*
+   * As graft_adapter_combine's report: {"name", "combination_type", "r", "kept_fraction"}.
+   */
+  char *report_json;
+};
+#define GRAFT__V1__ADAPTER_COMBINED__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&graft__v1__adapter_combined__descriptor) \
+    , (char *)protobuf_c_empty_string }
 
 
 /*
@@ -1305,6 +1354,44 @@ Graft__V1__SetActiveAdapter *
 void   graft__v1__set_active_adapter__free_unpacked
                      (Graft__V1__SetActiveAdapter *message,
                       ProtobufCAllocator *allocator);
+/* Graft__V1__CombineAdapters methods */
+void   graft__v1__combine_adapters__init
+                     (Graft__V1__CombineAdapters         *message);
+size_t graft__v1__combine_adapters__get_packed_size
+                     (const Graft__V1__CombineAdapters   *message);
+size_t graft__v1__combine_adapters__pack
+                     (const Graft__V1__CombineAdapters   *message,
+                      uint8_t             *out);
+size_t graft__v1__combine_adapters__pack_to_buffer
+                     (const Graft__V1__CombineAdapters   *message,
+                      ProtobufCBuffer     *buffer);
+Graft__V1__CombineAdapters *
+       graft__v1__combine_adapters__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   graft__v1__combine_adapters__free_unpacked
+                     (Graft__V1__CombineAdapters *message,
+                      ProtobufCAllocator *allocator);
+/* Graft__V1__AdapterCombined methods */
+void   graft__v1__adapter_combined__init
+                     (Graft__V1__AdapterCombined         *message);
+size_t graft__v1__adapter_combined__get_packed_size
+                     (const Graft__V1__AdapterCombined   *message);
+size_t graft__v1__adapter_combined__pack
+                     (const Graft__V1__AdapterCombined   *message,
+                      uint8_t             *out);
+size_t graft__v1__adapter_combined__pack_to_buffer
+                     (const Graft__V1__AdapterCombined   *message,
+                      ProtobufCBuffer     *buffer);
+Graft__V1__AdapterCombined *
+       graft__v1__adapter_combined__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   graft__v1__adapter_combined__free_unpacked
+                     (Graft__V1__AdapterCombined *message,
+                      ProtobufCAllocator *allocator);
 /* Graft__V1__Sequence methods */
 void   graft__v1__sequence__init
                      (Graft__V1__Sequence         *message);
@@ -1722,6 +1809,12 @@ typedef void (*Graft__V1__DeleteAdapter_Closure)
 typedef void (*Graft__V1__SetActiveAdapter_Closure)
                  (const Graft__V1__SetActiveAdapter *message,
                   void *closure_data);
+typedef void (*Graft__V1__CombineAdapters_Closure)
+                 (const Graft__V1__CombineAdapters *message,
+                  void *closure_data);
+typedef void (*Graft__V1__AdapterCombined_Closure)
+                 (const Graft__V1__AdapterCombined *message,
+                  void *closure_data);
 typedef void (*Graft__V1__Sequence_Closure)
                  (const Graft__V1__Sequence *message,
                   void *closure_data);
@@ -1809,6 +1902,8 @@ extern const ProtobufCMessageDescriptor graft__v1__list_adapters__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__adapter_list__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__delete_adapter__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__set_active_adapter__descriptor;
+extern const ProtobufCMessageDescriptor graft__v1__combine_adapters__descriptor;
+extern const ProtobufCMessageDescriptor graft__v1__adapter_combined__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__sequence__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__forward__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__forward_result__descriptor;

@@ -252,6 +252,28 @@ int graft_client_add_adapter(graft_client *client, const char *model_id, const c
     return simple_call(client, &request, GRAFT__V1__RESPONSE__KIND_OK, NULL);
 }
 
+int graft_client_combine_adapters(graft_client *client, const char *model_id, const char *name,
+                                  const char *const *adapters, const double *weights, size_t count,
+                                  const char *options_json, char **report_json) {
+    if (!client || !model_id || !name || !adapters || !weights || count == 0) return GRAFT_CLIENT_ERR_ARGUMENT;
+    Graft__V1__CombineAdapters m = GRAFT__V1__COMBINE_ADAPTERS__INIT;
+    m.model_id = (char *)model_id;
+    m.name = (char *)name;
+    m.n_adapters = m.n_weights = count;
+    m.adapters = (char **)adapters; /* protobuf-c only reads them while packing */
+    m.weights = (double *)weights;
+    m.options_json = (char *)(options_json ? options_json : "");
+    Graft__V1__Request request = GRAFT__V1__REQUEST__INIT;
+    request.kind_case = GRAFT__V1__REQUEST__KIND_COMBINE_ADAPTERS;
+    request.combine_adapters = &m;
+    Graft__V1__Response *r = NULL;
+    int rc = simple_call(client, &request, GRAFT__V1__RESPONSE__KIND_COMBINED, &r);
+    if (rc) return rc;
+    if (report_json) *report_json = duplicate(r->combined->report_json);
+    graft__v1__response__free_unpacked(r, NULL);
+    return !report_json || *report_json ? GRAFT_CLIENT_OK : fail(client, GRAFT_CLIENT_ERR_CONNECTION, "out of memory");
+}
+
 int graft_client_load_adapter(graft_client *client, const char *model_id, const char *name, const char *path) {
     if (!client || !model_id || !name || !path) return GRAFT_CLIENT_ERR_ARGUMENT;
     Graft__V1__LoadAdapter m = GRAFT__V1__LOAD_ADAPTER__INIT;

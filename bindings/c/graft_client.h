@@ -75,6 +75,15 @@ int graft_client_load_adapter(graft_client *client, const char *model_id, const 
 /** Saves adapter `name` in PEFT's format to directory `path` on the daemon's machine. */
 int graft_client_save_adapter(graft_client *client, const char *model_id, const char *name, const char *path);
 
+/**
+ * Combines adapters `adapters[0..count)` with `weights` into a new adapter `name` as PEFT's add_weighted_adapter
+ * (graftd's combine_adapters; `options_json` as graft_adapter_combine's in graft.h, NULL = PEFT's defaults). On
+ * success *report_json, when not NULL, receives {"name", "combination_type", "r", "kept_fraction"} (free() it).
+ */
+int graft_client_combine_adapters(graft_client *client, const char *model_id, const char *name,
+                                  const char *const *adapters, const double *weights, size_t count,
+                                  const char *options_json, char **report_json);
+
 /** A forward pass's result: `count` floats of shape[0..ndim). */
 typedef struct graft_client_tensor {
     float *values;

@@ -13,7 +13,7 @@
  * are Lua userdata, so an error raised halfway never leaks them.
  *
  * Build: cc -std=c11 -Wall -Wextra -Werror -pedantic -shared -fPIC $(pkg-config --cflags lua5.4) -Iinclude \
- *           bindings/lua/graft.c bindings/lua/arguments.c bindings/lua/trainer.c -o graft.so -Lpath/to/lib -lgraft
+ *           bindings/lua/graft.c bindings/lua/arguments.c bindings/lua/trainer.c bindings/lua/combine.c -o graft.so -Lpath/to/lib -lgraft
  */
 #include "graft_lua.h"
 
@@ -335,6 +335,8 @@ static const luaL_Reg model_methods[] = {
     {"delete_adapter", m_delete_adapter},
     {"merge_adapter", m_merge_adapter},
     {"unmerge_adapter", m_unmerge_adapter},
+    {"add_weighted_adapter", m_add_weighted_adapter},
+    {"save_merged_model", m_save_merged_model},
     {"forward", m_forward},
     {"generate", m_generate},
     {"chat_template", m_chat_template},

@@ -208,5 +208,35 @@ test("the CLI's chat template", function()
   raises("unsupported.*chat template", bert.chat_template, bert, "hi")
 end)
 
+test("add_weighted_adapter reproduces PEFT's ties combination (Tests/Fixtures/peft-minilm-merge)", function()
+  local FIXTURE = "Tests/Fixtures/peft-minilm-merge"
+  local m <close> = graft.load(MINILM)
+  m:load_adapter(FIXTURE .. "/a", "a")
+  m:load_adapter(FIXTURE .. "/b4", "b4")
+  local report = m:add_weighted_adapter({"a", "b4"}, {0.7, 0.5}, "ties", '{"combination_type": "ties", "density": 0.5}')
+  assert(report:find('"r"%s*:%s*4') and report:find('"combination_type"%s*:%s*"ties"'), report)
+  assert(m:list_adapters():find('"active"%s*:%s*"b4"'))
+  m:save_adapter(tmp .. "/ties", "ties")
+  local saved = io.open(tmp .. "/ties/adapter_config.json"):read("a")
+  assert(saved:find('"r"%s*:%s*4') and saved:find('"lora_alpha"%s*:%s*4'), saved)
+  -- the same combination loaded back from PEFT's own file gives the same output
+  m:load_adapter(FIXTURE .. "/ties", "peft")
+  local batch = {m:tokenize("Graft adapters onto a frozen model.")}
+  local ours = m:forward(batch, {adapter_ids = {2}})
+  local peft = m:forward(batch, {adapter_ids = {3}})
+  for _, v in ipairs(ours) do assert(v == v and math.abs(v) < math.huge, "non-finite output") end
+  assert(same(ours, peft, 1e-4))
+  raises("weights: 1 weights for 2 adapters", m.add_weighted_adapter, m, {"a", "b4"}, {1}, "x")
+  raises("weights%[2%] must be a number", m.add_weighted_adapter, m, {"a", "b4"}, {1, "x"}, "x")
+  raises("adapters%[1%] must be a string", m.add_weighted_adapter, m, {1, "b4"}, {1, 1}, "x")
+  raises("invalid argument.*density is required", m.add_weighted_adapter, m, {"a", "b4"}, {1, 1}, "x",
+         '{"combination_type": "ties"}')
+  raises("not found.*nope", m.add_weighted_adapter, m, {"a", "nope"}, {1, 1}, "x")
+  m:save_merged_model(tmp .. "/merged", "ties")
+  local plain <close> = graft.load(tmp .. "/merged")
+  assert(same(plain:forward(batch), ours, 1e-4))
+  raises("not found", m.save_merged_model, m, tmp .. "/again", "ties")
+end)
+
 os.execute("rm -rf '" .. tmp .. "'")
 print(("lua: %d tests passed"):format(passed))

@@ -100,6 +100,15 @@ int main(int argc, char **argv) {
     if (check(c, graft_client_save_adapter(c, model, "default", output), "save_adapter")) goto done;
     printf("saved the adapter of job %s to %s\n", job, output);
 
+    /* Task arithmetic on the daemon: the trained adapter at half strength (PEFT's add_weighted_adapter). */
+    const char *sources[] = {"default"};
+    const double half[] = {0.5};
+    char *report = NULL;
+    if (check(c, graft_client_combine_adapters(c, model, "half", sources, half, 1, NULL, &report), "combine_adapters"))
+        goto done;
+    printf("combined: %s\n", report);
+    free(report);
+
     const char *texts[] = {"what a great day, I love it", "awful service, never again"};
     if (check(c, graft_client_forward_texts(c, model, texts, 2, GRAFT__V1__OUTPUT__OUTPUT_DEFAULT, &logits), "forward"))
         goto done;

@@ -384,6 +384,136 @@ static void test_adapter_errors(graft_model *m) {
     EXPECT(graft_adapter_load(NULL, tmpdir, NULL), GRAFT_ERR_INVALID_ARGUMENT);
 }
 
+/* The vendored peft-minilm-merge fixture (PEFT's add_weighted_adapter), relative to the checkout; make runs the
+   tests from there. */
+#define MERGE_FIXTURE "Tests/Fixtures/peft-minilm-merge"
+
+/* Reads tensor `name` of a safetensors file into a malloc'd buffer of its raw bytes; *size receives the length. */
+static void *safetensors_read(const char *path, const char *name, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { perror(path); exit(2); }
+    unsigned char len_bytes[8];
+    if (fread(len_bytes, 1, 8, f) != 8) { fprintf(stderr, "%s: short file\n", path); exit(2); }
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; i--) header_len = header_len << 8 | len_bytes[i];
+    char *header = calloc(header_len + 1, 1);
+    if (!header || fread(header, 1, header_len, f) != header_len) { fprintf(stderr, "%s: bad header\n", path); exit(2); }
+    char key[128];
+    snprintf(key, sizeof key, "\"%s\"", name);
+    const char *entry = strstr(header, key);
+    const char *offsets = entry ? strstr(entry, "\"data_offsets\"") : NULL;
+    unsigned long long begin = 0, end = 0;
+    if (!offsets || sscanf(strchr(offsets, '['), "[%llu,%llu]", &begin, &end) != 2 || end < begin) {
+        fprintf(stderr, "%s: no tensor %s\n", path, name);
+        exit(2);
+    }
+    void *data = malloc(end - begin);
+    if (!data || fseek(f, (long)(8 + header_len + begin), SEEK_SET) != 0 || fread(data, 1, end - begin, f) != end - begin) {
+        fprintf(stderr, "%s: cannot read %s\n", path, name);
+        exit(2);
+    }
+    free(header);
+    fclose(f);
+    *size = end - begin;
+    return data;
+}
+
+/* graft_adapter_combine reproduces PEFT's "ties" combination of adapters a and b4 (weights 0.7, 0.5, density 0.5)
+   on the fixture's two texts, and rejects bad calls naming what is wrong. */
+static void test_adapter_combine(void) {
+    graft_model *m = load(minilm, GRAFT_TASK_BASE, 0);
+    EXPECT(graft_adapter_load(m, MERGE_FIXTURE "/a", "a"), GRAFT_OK);
+    EXPECT(graft_adapter_load(m, MERGE_FIXTURE "/b4", "b4"), GRAFT_OK);
+    const char *names[] = {"a", "b4"};
+    const double weights[] = {0.7, 0.5};
+    char *report = NULL;
+    EXPECT(graft_adapter_combine(m, "ties", names, weights, 2,
+                                 "{\"combination_type\": \"ties\", \"density\": 0.5, \"majority_sign_method\": \"total\"}",
+                                 &report), GRAFT_OK);
+    CHECK(report && strstr(report, "\"r\":4") && strstr(report, "\"combination_type\":\"ties\""));
+    graft_string_free(report);
+    char *json = NULL;
+    EXPECT(graft_adapter_list(m, &json), GRAFT_OK);
+    CHECK(json && strstr(json, "\"active\":\"b4\"")); /* PEFT leaves the active adapter as it was */
+    graft_string_free(json);
+    EXPECT(graft_adapter_set_active(m, "ties"), GRAFT_OK);
+
+    size_t ids_size = 0, mask_size = 0, expected_size = 0;
+    int64_t *ids64 = safetensors_read(MERGE_FIXTURE "/inputs.safetensors", "input_ids", &ids_size);
+    int64_t *mask = safetensors_read(MERGE_FIXTURE "/inputs.safetensors", "attention_mask", &mask_size);
+    float *expected = safetensors_read(MERGE_FIXTURE "/ties/expected.safetensors", "last_hidden_state", &expected_size);
+    enum { ROWS = 2, STRIDE = 12, HIDDEN = 384 };
+    CHECK(ids_size == ROWS * STRIDE * sizeof(int64_t) && expected_size == ROWS * STRIDE * HIDDEN * sizeof(float));
+    int32_t ids[ROWS * STRIDE], lengths[ROWS] = {0, 0};
+    for (int i = 0; i < ROWS * STRIDE; i++) {
+        ids[i] = (int32_t)ids64[i];
+        lengths[i / STRIDE] += (int32_t)mask[i];
+    }
+    static float out[ROWS * STRIDE * HIDDEN];
+    size_t count = 0;
+    EXPECT(graft_model_forward(m, ids, lengths, ROWS, STRIDE, NULL, GRAFT_OUTPUT_HIDDEN, out, ROWS * STRIDE * HIDDEN, &count),
+           GRAFT_OK);
+    float worst = 0;
+    for (int b = 0; b < ROWS; b++)
+        for (int t = 0; t < lengths[b]; t++)
+            for (int k = 0; k < HIDDEN; k++) {
+                size_t i = ((size_t)b * STRIDE + t) * HIDDEN + k;
+                float d = fabsf(out[i] - expected[i]);
+                if (!(d <= worst)) worst = d; /* a NaN becomes the worst and fails below */
+            }
+    printf("graft_adapter_combine ties: max-abs vs PEFT %g\n", (double)worst);
+    CHECK(worst <= 1e-4f);
+    free(ids64);
+    free(mask);
+    free(expected);
+
+    /* merge_and_unload + save: the saved directory loads as a plain model with the same output. */
+    char merged_dir[512];
+    path_in_tmp(merged_dir, sizeof merged_dir, "merged-ties");
+    EXPECT(graft_model_save_merged(m, "ties", merged_dir), GRAFT_OK);
+    EXPECT(graft_model_save_merged(m, "ties", merged_dir), GRAFT_ERR_NOT_FOUND); /* it was unloaded */
+    EXPECT(graft_model_save_merged(NULL, "a", merged_dir), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_model_save_merged(m, "a", NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    graft_model *plain = load(merged_dir, GRAFT_TASK_BASE, 0);
+    static float merged_out[ROWS * STRIDE * HIDDEN];
+    EXPECT(graft_model_forward(plain, ids, lengths, ROWS, STRIDE, NULL, GRAFT_OUTPUT_HIDDEN, merged_out,
+                               ROWS * STRIDE * HIDDEN, &count), GRAFT_OK);
+    float merged_worst = 0;
+    for (size_t i = 0; i < (size_t)ROWS * STRIDE * HIDDEN; i++) {
+        float d = fabsf(merged_out[i] - out[i]);
+        if (!(d <= merged_worst)) merged_worst = d;
+    }
+    printf("graft_model_save_merged: reloaded model max-abs vs the adapter %g\n", (double)merged_worst);
+    CHECK(merged_worst <= 1e-4f);
+    graft_model_free(plain);
+
+    const char *bad_names[] = {"a", NULL};
+    const double bad_weights[] = {1.0, NAN};
+    EXPECT(graft_adapter_combine(NULL, "x", names, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_combine(m, NULL, names, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_combine(m, "x", NULL, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_combine(m, "x", names, NULL, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_combine(m, "x", names, weights, 0, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_combine(m, "x", bad_names, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "adapters[1]") != NULL);
+    EXPECT(graft_adapter_combine(m, "x", names, bad_weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "b4") != NULL);
+    EXPECT(graft_adapter_combine(m, "b4", names, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_combine(m, "x", names, weights, 2, "{\"combination_type\": \"average\"}", NULL),
+           GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "average") != NULL);
+    EXPECT(graft_adapter_combine(m, "x", names, weights, 2, "{\"combination_type\": \"ties\"}", NULL),
+           GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "density") != NULL);
+    EXPECT(graft_adapter_combine(m, "x", names, weights, 2, "{\"densty\": 0.5}", NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "densty") != NULL);
+    EXPECT(graft_adapter_combine(m, "x", names, weights, 2, "{not json", NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    const char *missing[] = {"a", "nope"};
+    EXPECT(graft_adapter_combine(m, "x", missing, weights, 2, NULL, NULL), GRAFT_ERR_NOT_FOUND);
+    CHECK(strstr(graft_last_error(), "nope") != NULL);
+    graft_model_free(m);
+}
+
 /* Four short texts of three classes, padded to a stride of 16. */
 #define B 4
 #define S 16
@@ -785,6 +915,7 @@ int main(int argc, char **argv) {
     test_model_basics(bert);
     graft_model_free(bert);
     test_minilm_round_trip();
+    test_adapter_combine();
     if (argc <= 1) test_asset_names(); /* asset names resolve in $GRAFT_HOME, which argv[1] may not be */
     test_smollm();
 

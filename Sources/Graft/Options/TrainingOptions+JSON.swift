@@ -13,17 +13,7 @@ extension TrainingOptions {
     /// expected, or the other way round) or a malformed document is an error naming `source` and the key.
     public mutating func update(json text: String, allowed: Set<String>? = nil, source: String) throws {
         let data = Data(text.utf8)
-        let object: [String: Any]
-        do {
-            guard let parsed = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-                throw GraftError.invalid("\(source) must be a JSON object, got \(text.prefix(80))")
-            }
-            object = parsed
-        } catch let e as GraftError {
-            throw e
-        } catch {
-            throw GraftError.invalid("\(source) is not valid JSON (\(error.localizedDescription)): \(text.prefix(80))")
-        }
+        let object = try parseJSONObject(text, source: source)
         let known = allowed ?? Set(Self.jsonKeys)
         for key in object.keys.sorted() where !known.contains(key) {
             throw GraftError.invalid("\(source): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")

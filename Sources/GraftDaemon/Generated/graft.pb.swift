@@ -398,6 +398,14 @@ public nonisolated struct Graft_V1_Request: Sendable {
     set {kind = .shutdown(newValue)}
   }
 
+  public var combineAdapters: Graft_V1_CombineAdapters {
+    get {
+      if case .combineAdapters(let v)? = kind {return v}
+      return Graft_V1_CombineAdapters()
+    }
+    set {kind = .combineAdapters(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -420,6 +428,7 @@ public nonisolated struct Graft_V1_Request: Sendable {
     case saveCheckpoint(Graft_V1_SaveCheckpoint)
     case serverStats(Graft_V1_ServerStatsRequest)
     case shutdown(Graft_V1_Shutdown)
+    case combineAdapters(Graft_V1_CombineAdapters)
 
   }
 
@@ -546,6 +555,15 @@ public nonisolated struct Graft_V1_Response: Sendable {
     set {kind = .serverStats(newValue)}
   }
 
+  /// Answers combine_adapters.
+  public var combined: Graft_V1_AdapterCombined {
+    get {
+      if case .combined(let v)? = kind {return v}
+      return Graft_V1_AdapterCombined()
+    }
+    set {kind = .combined(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -567,6 +585,8 @@ public nonisolated struct Graft_V1_Response: Sendable {
     case event(Graft_V1_TrainingEvent)
     case jobStatus(Graft_V1_JobStatus)
     case serverStats(Graft_V1_ServerStats)
+    /// Answers combine_adapters.
+    case combined(Graft_V1_AdapterCombined)
 
   }
 
@@ -929,6 +949,44 @@ public nonisolated struct Graft_V1_SetActiveAdapter: Sendable {
 
   /// Empty = disable adapters (base model).
   public var name: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// PEFT's add_weighted_adapter: combines LoRA adapters of a model into a new adapter `name`, attached but not
+/// activated (as graft_adapter_combine in graft.h).
+public nonisolated struct Graft_V1_CombineAdapters: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var modelID: String = String()
+
+  public var name: String = String()
+
+  public var adapters: [String] = []
+
+  /// One per adapter; negative weights subtract.
+  public var weights: [Double] = []
+
+  /// PEFT's keyword arguments as a JSON object, e.g. {"combination_type":"ties","density":0.5}; empty = PEFT's
+  /// defaults (combination_type "svd").
+  public var optionsJson: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Graft_V1_AdapterCombined: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// As graft_adapter_combine's report: {"name", "combination_type", "r", "kept_fraction"}.
+  public var reportJson: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1587,7 +1645,7 @@ nonisolated extension Graft_V1_JobState: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Graft_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}load_model\0\u{3}unload_model\0\u{3}model_info\0\u{3}add_adapter\0\u{3}load_adapter\0\u{3}save_adapter\0\u{3}list_adapters\0\u{3}delete_adapter\0\u{3}set_active_adapter\0\u{1}forward\0\u{1}generate\0\u{3}start_training\0\u{3}job_status\0\u{3}cancel_job\0\u{3}attach_job\0\u{3}save_checkpoint\0\u{3}server_stats\0\u{1}shutdown\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}load_model\0\u{3}unload_model\0\u{3}model_info\0\u{3}add_adapter\0\u{3}load_adapter\0\u{3}save_adapter\0\u{3}list_adapters\0\u{3}delete_adapter\0\u{3}set_active_adapter\0\u{1}forward\0\u{1}generate\0\u{3}start_training\0\u{3}job_status\0\u{3}cancel_job\0\u{3}attach_job\0\u{3}save_checkpoint\0\u{3}server_stats\0\u{1}shutdown\0\u{3}combine_adapters\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1843,6 +1901,19 @@ nonisolated extension Graft_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.kind = .shutdown(v)
         }
       }()
+      case 29: try {
+        var v: Graft_V1_CombineAdapters?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .combineAdapters(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .combineAdapters(v)
+        }
+      }()
       default: break
       }
     }
@@ -1933,6 +2004,10 @@ nonisolated extension Graft_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Me
       guard case .shutdown(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 28)
     }()
+    case .combineAdapters?: try {
+      guard case .combineAdapters(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 29)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -1948,7 +2023,7 @@ nonisolated extension Graft_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Me
 
 nonisolated extension Graft_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{8}error\0\u{1}hello\0\u{3}model_loaded\0\u{1}ok\0\u{3}model_info\0\u{2}\u{4}adapters\0\u{2}\u{3}forward\0\u{1}token\0\u{3}job_started\0\u{3}job_status\0\u{4}\u{4}server_stats\0\u{2}\u{2}generated\0\u{1}event\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{8}error\0\u{1}hello\0\u{3}model_loaded\0\u{1}ok\0\u{3}model_info\0\u{2}\u{4}adapters\0\u{2}\u{3}forward\0\u{1}token\0\u{3}job_started\0\u{3}job_status\0\u{4}\u{4}server_stats\0\u{2}\u{2}generated\0\u{1}event\0\u{1}combined\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2126,6 +2201,19 @@ nonisolated extension Graft_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._M
           self.kind = .event(v)
         }
       }()
+      case 31: try {
+        var v: Graft_V1_AdapterCombined?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .combined(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .combined(v)
+        }
+      }()
       default: break
       }
     }
@@ -2191,6 +2279,10 @@ nonisolated extension Graft_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._M
     case .event?: try {
       guard case .event(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
+    }()
+    case .combined?: try {
+      guard case .combined(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
     }()
     case nil: break
     }
@@ -2779,6 +2871,86 @@ nonisolated extension Graft_V1_SetActiveAdapter: SwiftProtobuf.Message, SwiftPro
   public static func ==(lhs: Graft_V1_SetActiveAdapter, rhs: Graft_V1_SetActiveAdapter) -> Bool {
     if lhs.modelID != rhs.modelID {return false}
     if lhs.name != rhs.name {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Graft_V1_CombineAdapters: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CombineAdapters"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}model_id\0\u{1}name\0\u{1}adapters\0\u{1}weights\0\u{3}options_json\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.modelID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 3: try { try decoder.decodeRepeatedStringField(value: &self.adapters) }()
+      case 4: try { try decoder.decodeRepeatedDoubleField(value: &self.weights) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.optionsJson) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.modelID.isEmpty {
+      try visitor.visitSingularStringField(value: self.modelID, fieldNumber: 1)
+    }
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 2)
+    }
+    if !self.adapters.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.adapters, fieldNumber: 3)
+    }
+    if !self.weights.isEmpty {
+      try visitor.visitPackedDoubleField(value: self.weights, fieldNumber: 4)
+    }
+    if !self.optionsJson.isEmpty {
+      try visitor.visitSingularStringField(value: self.optionsJson, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Graft_V1_CombineAdapters, rhs: Graft_V1_CombineAdapters) -> Bool {
+    if lhs.modelID != rhs.modelID {return false}
+    if lhs.name != rhs.name {return false}
+    if lhs.adapters != rhs.adapters {return false}
+    if lhs.weights != rhs.weights {return false}
+    if lhs.optionsJson != rhs.optionsJson {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Graft_V1_AdapterCombined: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AdapterCombined"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}report_json\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.reportJson) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.reportJson.isEmpty {
+      try visitor.visitSingularStringField(value: self.reportJson, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Graft_V1_AdapterCombined, rhs: Graft_V1_AdapterCombined) -> Bool {
+    if lhs.reportJson != rhs.reportJson {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

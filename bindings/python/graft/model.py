@@ -10,6 +10,7 @@ from . import _lib, _tasks
 from ._arrays import as_int32, ptr, token_batch
 from ._handle import NativeHandle, locked
 from ._lib import lib
+from .combine import AdapterCombinationMixin
 from .config import PeftConfig
 from .errors import GraftError, check, invalid
 
@@ -64,7 +65,7 @@ def load_model(path, task=None, num_labels=None, threads=None, seed=0, compute_d
     return Model(handle)
 
 
-class Model(NativeHandle):
+class Model(NativeHandle, AdapterCombinationMixin):
     """A loaded model. Create with graft.load_model(). A context manager; close() frees it at once.
 
     Calls on one model (and its trainers) are serialised by a lock, so sharing it between threads is safe.

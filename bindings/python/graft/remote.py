@@ -23,6 +23,7 @@ import numpy as np
 from . import _tasks
 from . import graft_pb2 as pb
 from .config import PeftConfig
+from .remote_combine import RemoteCombinationMixin
 
 PROTOCOL_VERSION = 1
 
@@ -305,7 +306,7 @@ class Job:
         return f"Job({self.job_id!r}, running={self.running})"
 
 
-class RemoteModel:
+class RemoteModel(RemoteCombinationMixin):
     """A model loaded on the daemon; methods mirror graft.Model."""
 
     def __init__(self, client, model_id, info):

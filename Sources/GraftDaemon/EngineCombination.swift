@@ -1,0 +1,13 @@
+import Foundation
+import Graft
+
+/// PEFT's add_weighted_adapter over the wire (engine worker thread).
+extension Engine {
+    /// Combines LoRA adapters of a loaded model into a new adapter, answering with the combination's report.
+    func combineAdapters(_ r: Graft_V1_CombineAdapters, _ context: RequestContext) throws {
+        let s = try session(r.modelID)
+        let json = try s.combineAdapters(name: try nonEmpty(r.name, "combine_adapters.name"), adapters: r.adapters,
+                                         weights: r.weights, optionsJSON: r.optionsJson.isEmpty ? nil : r.optionsJson)
+        reply(context) { $0.combined = .with { $0.reportJson = json } }
+    }
+}
