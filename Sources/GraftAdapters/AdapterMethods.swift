@@ -3,7 +3,7 @@ import GraftModels
 import GraftTensor
 
 /// Builds the per-layer adapter for one PEFT method from its config.
-public protocol AdapterMethodFactory {
+public protocol AdapterMethodFactory: Sendable {
     /// The `peft_type` this factory handles.
     static var peftType: String { get }
     /// The method's family (weight-delta, multiplicative/orthogonal, ...), for `graft methods`.

@@ -53,7 +53,7 @@ extension ModuleAdapterMethod {
 }
 
 /// Builds module adapters for methods that target LayerNorms, embeddings, ...
-public protocol ModuleAdapterFactory {
+public protocol ModuleAdapterFactory: Sendable {
     /// The `peft_type` this factory handles.
     static var peftType: String { get }
     /// Family, for `graft methods`.

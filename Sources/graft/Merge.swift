@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Graft
+import GraftAssets
 
 /// `graft merge`: PEFT's `add_weighted_adapter` from the command line; loads LoRA adapter directories, combines
 /// them and saves the result in PEFT's format.
@@ -55,10 +56,14 @@ struct Merge: ParsableCommand {
                 throw GraftError.invalid("\(adapters.first ?? "?")/adapter_config.json names no base model Graft has (base_model_name_or_path); pass --model")
             }
             let parsedWeights = try weights.map(Self.parseWeights) ?? Array(repeating: 1, count: adapters.count)
-            let session = try GraftSession(path: modelName, task: sessionTask, numLabels: numLabels)
+            var modelOptions = ModelOptions()
+            modelOptions.task = sessionTask
+            modelOptions.numLabels = numLabels
+            try modelOptions.validate()
+            let session = try AssetCache.openSession(modelName, options: modelOptions)
             let names = Self.adapterNames(adapters)
             for (dir, name) in zip(adapters, names) {
-                try session.adapted.loadAdapter(directory: dir, name: name)
+                try session.loadAdapter(directory: dir, name: name)
             }
             let request = AdapterCombination(
                 adapters: names, weights: parsedWeights, type: try CombinationType(peftName: method), svdRank: svdRank,
@@ -71,7 +76,7 @@ struct Merge: ParsableCommand {
             if let kept = report.keptFraction { line += String(format: ", DARE kept %.4f of entries", kept) }
             print(line)
             if let output {
-                try session.adapted.saveAdapter("combined", directory: output)
+                try session.saveAdapter("combined", directory: output)
                 print("saved      \(output) (adapter_config.json + adapter_model.safetensors, loadable by PEFT)")
             }
             if let saveMergedModel {
@@ -89,10 +94,9 @@ struct Merge: ParsableCommand {
             throw GraftError(.notFound, "\(path): cannot read the adapter config (is '\(directory)' a PEFT adapter directory?)")
         }
         let config = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] ?? [:]
-        let hubIDs = ["sentence-transformers/all-MiniLM-L6-v2": "minilm", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2"]
         var model: String? = nil
         if let base = config["base_model_name_or_path"] as? String {
-            model = hubIDs[base] ?? (FileManager.default.fileExists(atPath: base) ? base : nil)
+            model = AssetCache.models.first { $0.hubId == base }?.names.first ?? (FileManager.default.fileExists(atPath: base) ? base : nil)
         }
         let tasks = ["SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"]
         return (model, (config["task_type"] as? String).flatMap { tasks[$0] })
