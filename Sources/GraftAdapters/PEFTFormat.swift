@@ -105,7 +105,9 @@ extension AdaptedModel {
             }
             seen.insert(normalized)
         }
-        if let unsaved = adapter.shared.first(where: { !seen.contains($0.key) }) {
+        let regenerated = (try? AdapterRegistry.factory(for: adapter.config))?.regeneratesSharedTensors ?? false
+        // Frozen shared tensors a factory regenerates exactly (PVeRA's projections) need not be in the file.
+        if let unsaved = adapter.shared.first(where: { !seen.contains($0.key) && !(regenerated && !$0.tensor.requiresGrad) }) {
             throw GraftError.format("\(file.path): missing '\(unsaved.key)' (the adapter was saved without save_projection; Graft cannot regenerate PyTorch's random projection)")
         }
         let missing = (Array(expected.keys) + Array(integers.keys) + Array(moduleParams.keys)).filter { !seen.contains($0) }.sorted()
