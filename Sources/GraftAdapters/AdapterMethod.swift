@@ -19,6 +19,8 @@ public final class AdapterState: @unchecked Sendable {
     public var targetIndex: [ObjectIdentifier: Int] = [:]
     /// Integer tables a factory computes once for all of the adapter's layers (UniLoRA's index assignment), by name.
     public var integerTables: [String: [Int32]] = [:]
+    /// Trainable tensors a factory shares between layers that PEFT saves under each layer's own keys (Lily's A and B).
+    public var sharedParameters: [String: Tensor] = [:]
 
     /// Creates the state with a seed for its RNG.
     public init(seed: UInt64) {

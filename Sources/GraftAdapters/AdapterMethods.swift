@@ -18,6 +18,12 @@ public protocol AdapterMethodFactory {
     static func validate(_ config: AdapterConfig) throws
     /// Tensors shared by all of the adapter's layers (VeRA's projections), under their PEFT keys; none by default.
     static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)]
+    /// The shared tensors given each target's module path (FRoD groups its bases by role); by default
+    /// ``sharedTensors(for:config:state:)`` of the layers alone.
+    static func sharedTensors(forTargets targets: [(path: String, layer: Linear)], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)]
+    /// Whether the shared tensor under `key` holds integers PEFT stores as int64 (FRoD's sparse positions); false
+    /// by default.
+    static func sharedTensorIsInteger(_ key: String) -> Bool
     /// Whether ``sharedTensors(for:config:state:)`` draws exactly what PEFT draws (PyTorch's generator), so a
     /// file without them (saved with `save_projection: false`) still loads; false by default.
     static var regeneratesSharedTensors: Bool { get }
@@ -34,6 +40,12 @@ extension AdapterMethodFactory {
     public static var hasPEFTParity: Bool { true }
     public static var mergeable: Bool { true }
     public static var regeneratesSharedTensors: Bool { false }
+
+    public static func sharedTensors(forTargets targets: [(path: String, layer: Linear)], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] {
+        try sharedTensors(for: targets.map(\.layer), config: config, state: state)
+    }
+
+    public static func sharedTensorIsInteger(_ key: String) -> Bool { false }
 
     public static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] { [] }
 
@@ -161,6 +173,9 @@ public enum AdapterRegistry {
         DEFTFactory.peftType: DEFTFactory.self,
         SuperTuningFactory.peftType: SuperTuningFactory.self,
         WaveFTFactory.peftType: WaveFTFactory.self,
+        LilyFactory.peftType: LilyFactory.self,
+        PSOFTFactory.peftType: PSOFTFactory.self,
+        FroDFactory.peftType: FroDFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

@@ -46,6 +46,14 @@ struct TorchGenerator {
         return Tensor(shape: [rows, cols], values: uniform(rows * cols, from: -bound, to: bound))
     }
 
+    /// `torch.randperm(n, generator=g)` for `n` below 2³² / 20: a forward Fisher–Yates shuffle, `n − 1` draws.
+    mutating func randperm(_ n: Int) -> [Int] {
+        var perm = Array(0..<n)
+        guard n > 1 else { return perm }
+        for i in 0..<(n - 1) { perm.swapAt(i, i + Int(mt.next() % UInt32(n - i))) }
+        return perm
+    }
+
     /// `torch.normal(mean, std, size, generator=g)` / `randn` for `count` float32 values.
     mutating func normal(_ count: Int, mean: Double = 0, std: Double = 1) -> [Float] {
         guard count >= 16 else {
