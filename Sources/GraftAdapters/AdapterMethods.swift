@@ -176,6 +176,7 @@ public enum AdapterRegistry {
         LilyFactory.peftType: LilyFactory.self,
         PSOFTFactory.peftType: PSOFTFactory.self,
         FroDFactory.peftType: FroDFactory.self,
+        OSFFactory.peftType: OSFFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

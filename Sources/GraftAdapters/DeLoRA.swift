@@ -50,9 +50,8 @@ public final class DeLoRALayer: LinearAdapterMethod {
 
     /// `(λ / r) / (‖Aᵢ‖ ‖Bⁱ‖)` `[r]`, recorded for autograd.
     func rankScaling() -> Tensor {
-        let (inF, outF) = (a.shape[1], b.shape[0])
-        let rowNorms = clampMin(sqrt(matmul(a * a, Tensor(repeating: 1, shape: [inF, 1]))).reshaped([rank]), 1e-4)
-        let colNorms = clampMin(sqrt(matmul(Tensor(repeating: 1, shape: [1, outF]), b * b)).reshaped([rank]), 1e-4)
+        let rowNorms = clampedNorms(a, rows: true, floor: 1e-4)
+        let colNorms = clampedNorms(b, rows: false, floor: 1e-4)
         return reciprocal(rowNorms * colNorms) * lambda * (1 / Float(rank))
     }
 
@@ -66,15 +65,28 @@ public final class DeLoRALayer: LinearAdapterMethod {
     }
 }
 
-/// `max(x, floor)` elementwise; the gradient passes where `x > floor` (PyTorch's `clamp(min:)`).
-func clampMin(_ x: Tensor, _ floor: Float) -> Tensor {
-    let out = Tensor(zeros: x.shape)
-    let px = x.pointer, po = out.pointer
-    for i in 0..<x.count { po[i] = max(px[i], floor) }
-    return Tensor.recordingCustomOp(out, inputs: [x]) { g in
-        let d = Tensor(zeros: x.shape)
-        let pg = g.pointer, pd = d.pointer, pxs = x.pointer
-        for i in 0..<x.count where pxs[i] > floor { pd[i] = pg[i] }
+/// `max(‖row‖, floor)` of each row of `m` (`rows`) or each column, recorded for autograd. As PyTorch's
+/// `clamp(norm, min:)`, the gradient is `g · m / ‖·‖` where the norm exceeds the floor and zero elsewhere, so a zero
+/// column (DeLoRA's B at initialization) gets a zero gradient instead of 0 · ∞.
+func clampedNorms(_ m: Tensor, rows: Bool, floor: Float) -> Tensor {
+    let (r, c) = (m.shape[0], m.shape[1])
+    let count = rows ? r : c
+    var raw = [Float](repeating: 0, count: count)
+    let pm = m.pointer
+    for i in 0..<r {
+        for j in 0..<c { raw[rows ? i : j] += pm[i * c + j] * pm[i * c + j] }
+    }
+    raw = raw.map { $0.squareRoot() }
+    let out = Tensor(shape: [count], values: raw.map { max($0, floor) })
+    return Tensor.recordingCustomOp(out, inputs: [m]) { g in
+        let d = Tensor(zeros: m.shape)
+        let pg = g.pointer, pd = d.pointer, pm = m.pointer
+        for i in 0..<r {
+            for j in 0..<c {
+                let k = rows ? i : j
+                if raw[k] > floor { pd[i * c + j] = pg[k] * pm[i * c + j] / raw[k] }
+            }
+        }
         return [d]
     }
 }

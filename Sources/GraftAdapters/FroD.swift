@@ -41,35 +41,42 @@ public final class FroDLayer: LinearAdapterMethod {
 
     /// `W V⁻ᵀ` solved in Float64 with partial pivoting, split into unit columns `U` and their norms.
     static func decompose(weight: [Float], basis: [Float], out: Int, in n: Int) throws -> (u: [Float], norms: [Float]) {
-        // Solve V X = Wᵀ (X = V⁻¹ Wᵀ, n × out); then W V⁻ᵀ = Xᵀ.
+        // Solve V X = Wᵀ (X = V⁻¹ Wᵀ, n × out) by Gaussian elimination with partial pivoting; W V⁻ᵀ = Xᵀ.
         var m = basis.map(Double.init)
         var x = [Double](repeating: 0, count: n * out)
         for o in 0..<out { for j in 0..<n { x[j * out + o] = Double(weight[o * n + j]) } }
-        for col in 0..<n {
-            var pivot = col
-            for r in (col + 1)..<max(n, col + 1) where abs(m[r * n + col]) > abs(m[pivot * n + col]) { pivot = r }
-            guard abs(m[pivot * n + col]) > 1e-300 else { throw GraftError.invalid("FRoD basis is singular (column \(col))") }
-            if pivot != col {
-                for k in 0..<n { m.swapAt(col * n + k, pivot * n + k) }
-                for k in 0..<out { x.swapAt(col * out + k, pivot * out + k) }
-            }
-            let inv = 1 / m[col * n + col]
-            for r in (col + 1)..<max(n, col + 1) {
-                let f = m[r * n + col] * inv
-                guard f != 0 else { continue }
-                for k in col..<n { m[r * n + k] -= f * m[col * n + k] }
-                for k in 0..<out { x[r * out + k] -= f * x[col * out + k] }
+        var singular: Int? = nil
+        m.withUnsafeMutableBufferPointer { mb in
+            x.withUnsafeMutableBufferPointer { xb in
+                guard let pm = mb.baseAddress, let px = xb.baseAddress else { return }
+                for col in 0..<n {
+                    var pivot = col
+                    for r in (col + 1)..<max(n, col + 1) where abs(pm[r * n + col]) > abs(pm[pivot * n + col]) { pivot = r }
+                    guard abs(pm[pivot * n + col]) > 1e-300 else { singular = col; return }
+                    if pivot != col {
+                        for k in 0..<n { swap(&pm[col * n + k], &pm[pivot * n + k]) }
+                        for k in 0..<out { swap(&px[col * out + k], &px[pivot * out + k]) }
+                    }
+                    let inv = 1 / pm[col * n + col]
+                    for r in (col + 1)..<max(n, col + 1) {
+                        let f = pm[r * n + col] * inv
+                        guard f != 0 else { continue }
+                        for k in col..<n { pm[r * n + k] -= f * pm[col * n + k] }
+                        for k in 0..<out { px[r * out + k] -= f * px[col * out + k] }
+                    }
+                }
+                for col in stride(from: n - 1, through: 0, by: -1) {
+                    let inv = 1 / pm[col * n + col]
+                    for k in 0..<out { px[col * out + k] *= inv }
+                    for r in 0..<col {
+                        let f = pm[r * n + col]
+                        guard f != 0 else { continue }
+                        for k in 0..<out { px[r * out + k] -= f * px[col * out + k] }
+                    }
+                }
             }
         }
-        for col in stride(from: n - 1, through: 0, by: -1) {
-            let inv = 1 / m[col * n + col]
-            for k in 0..<out { x[col * out + k] *= inv }
-            for r in 0..<col {
-                let f = m[r * n + col]
-                guard f != 0 else { continue }
-                for k in 0..<out { x[r * out + k] -= f * x[col * out + k] }
-            }
-        }
+        if let col = singular { throw GraftError.invalid("FRoD basis is singular (column \(col))") }
         var u = [Float](repeating: 0, count: out * n), norms = [Float](repeating: 0, count: n)
         for j in 0..<n {
             var s = 0.0

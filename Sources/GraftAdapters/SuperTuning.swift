@@ -72,14 +72,14 @@ public final class SuperTuningLayer: LinearAdapterMethod {
     func sparseProduct(_ x: Tensor) -> Tensor {
         let rows = x.count / inFeatures
         let (inF, outF) = (inFeatures, outFeatures)
-        let idx = indices, values = values
+        let values = values, nnz = indices.count
+        let rowOf = indices.map { Int($0) / inF }, colOf = indices.map { Int($0) % inF }
         let out = Tensor(zeros: [rows, outF])
         let px = x.pointer, pv = values.pointer, po = out.pointer
         parallelFor(rows, grain: 16) { range in
-            for t in range {
-                for (k, flat) in idx.enumerated() {
-                    let row = Int(flat) / inF, col = Int(flat) % inF
-                    po[t * outF + row] += pv[k] * px[t * inF + col]
+            rowOf.withUnsafeBufferPointer { ro in
+                colOf.withUnsafeBufferPointer { co in
+                    for t in range { for k in 0..<nnz { po[t * outF + ro[k]] += pv[k] * px[t * inF + co[k]] } }
                 }
             }
         }
@@ -90,20 +90,14 @@ public final class SuperTuningLayer: LinearAdapterMethod {
                 let t = Tensor(zeros: x.shape)
                 let pt = t.pointer
                 parallelFor(rows, grain: 16) { range in
-                    for r in range {
-                        for (k, flat) in idx.enumerated() {
-                            pt[r * inF + Int(flat) % inF] += pv[k] * pg[r * outF + Int(flat) / inF]
-                        }
-                    }
+                    for r in range { for k in 0..<nnz { pt[r * inF + colOf[k]] += pv[k] * pg[r * outF + rowOf[k]] } }
                 }
                 dx = t
             }
             if values.requiresGrad {
                 let t = Tensor(zeros: values.shape)
                 let pt = t.pointer
-                for r in 0..<rows {
-                    for (k, flat) in idx.enumerated() { pt[k] += pg[r * outF + Int(flat) / inF] * px[r * inF + Int(flat) % inF] }
-                }
+                for r in 0..<rows { for k in 0..<nnz { pt[k] += pg[r * outF + rowOf[k]] * px[r * inF + colOf[k]] } }
                 dv = t
             }
             return [dx, dv]

@@ -223,7 +223,9 @@ struct NumpyPCG64 {
 public enum UniLoRAFactory: AdapterMethodFactory {
     public static let peftType = "UNILORA"
     public static let family = "weight-delta (one shared vector, fixed index)"
-    public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 4, "theta_d_length": 256, "target_modules": targets] }
+    public static func exampleConfig(targets: [String]) -> [String: Any] {
+        ["r": 8, "theta_d_length": 4096, "init_theta_d_bound": 0.1, "target_modules": targets]
+    }
 
     public static func validate(_ config: AdapterConfig) throws {
         let r = try config.int("r", default: 4), d = try config.int("theta_d_length", default: 256)
