@@ -100,11 +100,20 @@ public final class FroDLayer: LinearAdapterMethod {
         return t
     }
 
-    /// `z Sᵀ` for `z: [rows, in]`, S sparse at `indices` with `values`, recorded for autograd.
+    /// S's row and column positions, or nil when the (file-supplied) positions are not integers in `0..<in`.
+    func positions() -> (rows: [Int], cols: [Int])? {
+        let nnz = values.count, n = inFeatures
+        let raw = indices.scalars
+        guard raw.count == 2 * nnz, raw.allSatisfy({ $0.isFinite && $0 >= 0 && $0 < Float(n) && $0.rounded() == $0 }) else { return nil }
+        let idx = raw.map { Int($0) }
+        return (Array(idx[0..<nnz]), Array(idx[nnz..<(2 * nnz)]))
+    }
+
+    /// `z Sᵀ` for `z: [rows, in]`, S sparse at `indices` with `values`, recorded for autograd. Positions outside the
+    /// layer (a corrupt file) make the product NaN, which the loss reports, rather than writing out of bounds.
     func sparseProduct(_ z: Tensor) -> Tensor {
         let rows = z.shape[0], n = inFeatures, nnz = values.count
-        let idx = indices.scalars.map { Int($0) }
-        let (r, c) = (Array(idx[0..<nnz]), Array(idx[nnz..<(2 * nnz)]))
+        guard let (r, c) = positions() else { return z * Float.nan }
         let values = values
         let out = Tensor(zeros: [rows, n])
         let pz = z.pointer, pv = values.pointer, po = out.pointer
@@ -140,9 +149,8 @@ public final class FroDLayer: LinearAdapterMethod {
             let n = inFeatures, nnz = values.count
             let core = Tensor(zeros: [n, n])
             for j in 0..<n { core.pointer[j * n + j] = lambda.pointer[j] }
-            for k in 0..<nnz {
-                core.pointer[Int(indices.pointer[k]) * n + Int(indices.pointer[nnz + k])] += values.pointer[k]
-            }
+            guard let (r, c) = positions() else { return Tensor(repeating: .nan, shape: [outFeatures, n]) }
+            for k in 0..<nnz { core.pointer[r[k] * n + c[k]] += values.pointer[k] }
             return matmul(matmul(currentU(), core), basis, transposeB: true) - base.weight
         }
     }

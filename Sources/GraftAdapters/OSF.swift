@@ -81,11 +81,10 @@ public enum OSFFactory: AdapterMethodFactory {
     /// PEFT's `_resolve_rank`: nil → half the smaller dimension; a fraction → that share of it; clamped to it.
     static func resolve(_ value: Any?, minDim: Int, config: AdapterConfig, key: String) throws -> Int {
         guard let value, !(value is NSNull) else { return minDim / 2 }
-        guard let d = JSONScalar.number(value), d >= 0 else {
+        guard let d = JSONScalar.number(value), d.isFinite, d >= 0 else {
             throw GraftError.invalid("\(config.source): '\(key)' must be a non-negative number, got \(JSONScalar.describe(value))")
         }
-        let r = d > 0 && d < 1 ? Int(Double(minDim) * d) : Int(d)
-        return max(min(minDim, r), 0)
+        return d > 0 && d < 1 ? Int(Double(minDim) * d) : Int(min(d, Double(minDim)))
     }
 
     public static func validate(_ config: AdapterConfig) throws {
