@@ -46,8 +46,12 @@ public final class NamedAdapter {
         return out
     }
 
-    /// The trainable tensors, in a stable order (shared tensors count when trainable, as VB-LoRA's bank).
-    public var parameters: [Tensor] { peftStateDict.map(\.tensor) + shared.map(\.tensor).filter(\.requiresGrad) }
+    /// The trainable tensors, in a stable order (shared tensors count when trainable, as VB-LoRA's bank), each once
+    /// even when several layers hold it (Lily's shared A and B), so an optimizer steps it once.
+    public var parameters: [Tensor] {
+        var seen = Set<ObjectIdentifier>()
+        return (peftStateDict.map(\.tensor) + shared.map(\.tensor).filter(\.requiresGrad)).filter { seen.insert(ObjectIdentifier($0)).inserted }
+    }
 
     /// Number of trainable scalars.
     public var parameterCount: Int { parameters.reduce(0) { $0 + $1.count } }
@@ -118,7 +122,7 @@ public final class AdaptedModel: @unchecked Sendable {
             }
             targets.append((path, lin))
         }
-        named.shared = try factory.sharedTensors(for: targets.map(\.1), config: config, state: state)
+        named.shared = try factory.sharedTensors(forTargets: targets.map { (path: $0.0, layer: $0.1) }, config: config, state: state)
         let sharedByKey = Dictionary(named.shared.map { ($0.key, $0.tensor) }, uniquingKeysWith: { a, _ in a })
         for (path, lin) in targets {
             named.layers.append((path, lin, try factory.make(for: lin, path: path, config: config, state: state, shared: sharedByKey)))

@@ -14,6 +14,13 @@ public final class AdapterState: @unchecked Sendable {
     /// Per-example task ids for task-routed methods (Poly / MHR), PEFT's `task_ids=` forward argument; set with
     /// ``AdaptedModel/setTaskIDs(_:)``. Nil routes every example to task 0.
     public var taskIDs: [Int]?
+    /// Each adapted Linear's position among the adapter's targets in module order, for methods that seed or group
+    /// per layer as PEFT numbers them (TinyLoRA); filled by such factories' `sharedTensors`.
+    public var targetIndex: [ObjectIdentifier: Int] = [:]
+    /// Integer tables a factory computes once for all of the adapter's layers (UniLoRA's index assignment), by name.
+    public var integerTables: [String: [Int32]] = [:]
+    /// Trainable tensors a factory shares between layers that PEFT saves under each layer's own keys (Lily's A and B).
+    public var sharedParameters: [String: Tensor] = [:]
 
     /// Creates the state with a seed for its RNG.
     public init(seed: UInt64) {

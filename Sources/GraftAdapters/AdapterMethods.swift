@@ -18,6 +18,15 @@ public protocol AdapterMethodFactory: Sendable {
     static func validate(_ config: AdapterConfig) throws
     /// Tensors shared by all of the adapter's layers (VeRA's projections), under their PEFT keys; none by default.
     static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)]
+    /// The shared tensors given each target's module path (FRoD groups its bases by role); by default
+    /// ``sharedTensors(for:config:state:)`` of the layers alone.
+    static func sharedTensors(forTargets targets: [(path: String, layer: Linear)], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)]
+    /// Whether the shared tensor under `key` holds integers PEFT stores as int64 (FRoD's sparse positions); false
+    /// by default.
+    static func sharedTensorIsInteger(_ key: String) -> Bool
+    /// Whether ``sharedTensors(for:config:state:)`` draws exactly what PEFT draws (PyTorch's generator), so a
+    /// file without them (saved with `save_projection: false`) still loads; false by default.
+    static var regeneratesSharedTensors: Bool { get }
     /// The adapter for the Linear at `path`.
     static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                      shared: [String: Tensor]) throws -> any LinearAdapterMethod
@@ -30,6 +39,13 @@ public protocol AdapterMethodFactory: Sendable {
 extension AdapterMethodFactory {
     public static var hasPEFTParity: Bool { true }
     public static var mergeable: Bool { true }
+    public static var regeneratesSharedTensors: Bool { false }
+
+    public static func sharedTensors(forTargets targets: [(path: String, layer: Linear)], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] {
+        try sharedTensors(for: targets.map(\.layer), config: config, state: state)
+    }
+
+    public static func sharedTensorIsInteger(_ key: String) -> Bool { false }
 
     public static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] { [] }
 
@@ -145,6 +161,22 @@ public enum AdapterRegistry {
         AsymmetricLoRAFactory.peftType: AsymmetricLoRAFactory.self,
         SVFTFactory.peftType: SVFTFactory.self,
         RoSAFactory.peftType: RoSAFactory.self,
+        GLoRAFactory.peftType: GLoRAFactory.self,
+        DeLoRAFactory.peftType: DeLoRAFactory.self,
+        HiRAFactory.peftType: HiRAFactory.self,
+        TinyLoRAFactory.peftType: TinyLoRAFactory.self,
+        PVeRAFactory.peftType: PVeRAFactory.self,
+        UniLoRAFactory.peftType: UniLoRAFactory.self,
+        GraLoRAFactory.peftType: GraLoRAFactory.self,
+        BEFTFactory.peftType: BEFTFactory.self,
+        PEANuTFactory.peftType: PEANuTFactory.self,
+        DEFTFactory.peftType: DEFTFactory.self,
+        SuperTuningFactory.peftType: SuperTuningFactory.self,
+        WaveFTFactory.peftType: WaveFTFactory.self,
+        LilyFactory.peftType: LilyFactory.self,
+        PSOFTFactory.peftType: PSOFTFactory.self,
+        FroDFactory.peftType: FroDFactory.self,
+        OSFFactory.peftType: OSFFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

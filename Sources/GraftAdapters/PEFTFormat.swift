@@ -55,7 +55,9 @@ extension AdaptedModel {
         }
         var seen = Set<String>()
         for (key, tensor) in adapter.shared where file.contains(key) {
-            let t = try file.tensor(key)
+            // Integer buffers shared by layers (FRoD's sparse positions) are held as floats (exact below 2²⁴).
+            let t = file.info(key)?.dtype.isInteger == true
+                ? Tensor(shape: file.info(key)?.shape ?? [], values: try file.int64s(key).map { Float($0) }) : try file.tensor(key)
             guard t.shape == tensor.shape else {
                 throw GraftError.format("\(file.path): '\(key)' has shape \(t.shape), the adapter expects \(tensor.shape)")
             }
@@ -105,7 +107,9 @@ extension AdaptedModel {
             }
             seen.insert(normalized)
         }
-        if let unsaved = adapter.shared.first(where: { !seen.contains($0.key) }) {
+        let regenerated = (try? AdapterRegistry.factory(for: adapter.config))?.regeneratesSharedTensors ?? false
+        // Frozen shared tensors a factory regenerates exactly (PVeRA's projections) need not be in the file.
+        if let unsaved = adapter.shared.first(where: { !seen.contains($0.key) && !(regenerated && !$0.tensor.requiresGrad) }) {
             throw GraftError.format("\(file.path): missing '\(unsaved.key)' (the adapter was saved without save_projection; Graft cannot regenerate PyTorch's random projection)")
         }
         let missing = (Array(expected.keys) + Array(integers.keys) + Array(moduleParams.keys)).filter { !seen.contains($0) }.sorted()
@@ -130,7 +134,14 @@ extension AdaptedModel {
         // SVD-initialized LoRA (PiSSA, MiLoRA, CorDA) is written as the equivalent plain LoRA (see PiSSA.swift).
         let (stateDict, config) = try a.exportedLoRA() ?? (a.peftExportDict, a.config)
         for (key, t) in stateDict { try writer.add(key, t) }
-        for (key, t) in a.shared { try writer.add(key, t) }
+        let factory = try? AdapterRegistry.factory(for: a.config)
+        for (key, t) in a.shared {
+            if factory?.sharedTensorIsInteger(key) == true {
+                try writer.add(key, int64s: t.scalars.map { Int64($0) }, shape: t.shape)
+            } else {
+                try writer.add(key, t)
+            }
+        }
         for (path, _, layer) in a.layers {
             for (n, values, shape) in layer.integerBuffers { try writer.add("base_model.model.\(path).\(n)", int32s: values, shape: shape) }
             for (n, t) in layer.savedBuffers { try writer.add("base_model.model.\(path).\(n)", t) }
