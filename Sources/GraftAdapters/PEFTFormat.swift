@@ -107,7 +107,7 @@ extension AdaptedModel {
             }
             seen.insert(normalized)
         }
-        let regenerated = (try? AdapterRegistry.factory(for: adapter.config))?.regeneratesSharedTensors ?? false
+        let regenerated = (try? methods.factory(for: adapter.config))?.regeneratesSharedTensors ?? false
         // Frozen shared tensors a factory regenerates exactly (PVeRA's projections) need not be in the file.
         if let unsaved = adapter.shared.first(where: { !seen.contains($0.key) && !(regenerated && !$0.tensor.requiresGrad) }) {
             throw GraftError.format("\(file.path): missing '\(unsaved.key)' (the adapter was saved without save_projection; Graft cannot regenerate PyTorch's random projection)")
@@ -134,7 +134,7 @@ extension AdaptedModel {
         // SVD-initialized LoRA (PiSSA, MiLoRA, CorDA) is written as the equivalent plain LoRA (see PiSSA.swift).
         let (stateDict, config) = try a.exportedLoRA() ?? (a.peftExportDict, a.config)
         for (key, t) in stateDict { try writer.add(key, t) }
-        let factory = try? AdapterRegistry.factory(for: a.config)
+        let factory = try? methods.factory(for: a.config)
         for (key, t) in a.shared {
             if factory?.sharedTensorIsInteger(key) == true {
                 try writer.add(key, int64s: t.scalars.map { Int64($0) }, shape: t.shape)
