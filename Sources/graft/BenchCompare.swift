@@ -14,6 +14,14 @@ func printBenchJSON(_ fields: [String: Any]) {
     print("BENCH_JSON " + text)
 }
 
+/// CPU time (user + system, all threads) this process has used, in seconds: with wall time, how busy the
+/// threads were; unlike wall time, little affected by other processes on a shared machine.
+func processCPUSeconds() -> Double {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
+}
+
 /// Median of a non-empty list of times.
 func benchMedian(_ times: [Double]) -> Double {
     let sorted = times.sorted()

@@ -141,12 +141,17 @@ def cmd_train_step(a):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = timed(step, a.runs, a.warmup)
+    for _ in range(a.warmup):
+        step()
+    c0 = time.process_time()
+    times = timed(step, a.runs, 0)
+    cpu_per_step = (time.process_time() - c0) / a.runs
     n_trainable = sum(p.numel() for p in trainable)
     print(f"pytorch train-step {a.model} B{a.batch}×T{a.length} LoRA r{a.r} on {','.join(targets)}, {n_trainable} "
           f"trainable, threads={torch.get_num_threads()}: median {median(times):.4f} s/step "
           f"(min {times[0]:.4f}, max {times[-1]:.4f}, {a.runs} steps after {a.warmup} warm-up)", flush=True)
-    report({"workload": "train-step", "median_s": median(times), "times_s": times, "trainable": n_trainable})
+    report({"workload": "train-step", "median_s": median(times), "times_s": times, "trainable": n_trainable,
+            "cpu_s_per_step": cpu_per_step})
 
 
 def cmd_forward(a):

@@ -53,6 +53,9 @@ def child_env():
     return env
 
 
+PEER_ENV = {}
+
+
 def run_child(label, argv, log):
     """Runs one engine's command as a child process, echoing its output with a prefix.
 
@@ -61,7 +64,10 @@ def run_child(label, argv, log):
     print(f"  [{label}] $ {' '.join(argv)}", flush=True)
     log.write(f"$ {' '.join(argv)}\n")
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(), text=True,
+    env = child_env()
+    if label == "pytorch":
+        env.update(PEER_ENV)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             bufsize=1)
     lines, result = [], None
     for line in proc.stdout:
@@ -161,7 +167,10 @@ def main():
     ap.add_argument("--runs", type=int, default=5, help="timed repetitions for a–d (median reported)")
     ap.add_argument("--text-steps", type=int, default=20, help="timed steps for f")
     ap.add_argument("--log", default=None, help="where to keep both engines' full output")
+    ap.add_argument("--peer-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for the PyTorch side only, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)")
     a = ap.parse_args()
+    PEER_ENV.update(kv.split("=", 1) for kv in a.peer_env)
     if a.runs < 5:
         print("note: fewer than 5 runs; issue 12 asks for a median of ≥ 5", flush=True)
     only = set(a.only.split(","))
@@ -239,6 +248,8 @@ def main():
     print(f"Graft vs PyTorch + PEFT, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{cpu_model()}, {os.cpu_count()} CPUs, {THREADS} threads each, median of {a.runs} after warm-up "
           f"(e: one run each); ratio = Graft time / PyTorch time (f: for the same tokens)")
+    if PEER_ENV:
+        print("PyTorch side's extra environment: " + " ".join(f"{k}={v}" for k, v in PEER_ENV.items()))
     print(table(rows))
     if idle:
         print(f"PyTorch side's floor (import torch, transformers, peft; no model): peak RSS {gb(idle_rss)} GB, of which "
