@@ -9,7 +9,8 @@ on PATH, and sorts every sample into one of:
 * attention       — softmax and attention-named functions
 * elementwise     — the rest of the engines' own math (norms, activations, adds, reductions, optimizer)
 * allocation      — malloc/free, zeroing new memory (memset) and the kernel's page-fault and page-clearing work
-* threading idle  — threads waiting for work: OpenBLAS's thread server, OpenMP barriers, sched_yield, futex
+* threading idle  — threads waiting for work: OpenBLAS's thread server, all of libgomp (OpenMP's barriers and
+                     spin-waits, whose symbols perf often cannot resolve), sched_yield, futex
 * runtime         — Swift ARC and runtime, the Python interpreter
 * other
 
@@ -38,6 +39,9 @@ def demangle(symbols):
 def category(dso, sym):
     """The category of one (library, function) pair."""
     s, d = sym.lower(), dso.lower()
+    if d.startswith("libgomp"):
+        # OpenMP's runtime: its CPU time is threads spinning or sleeping at barriers, waiting for work.
+        return "threading idle"
     if re.search(r"blas_thread_server|sched_yield|gomp_(team_)?barrier|gomp_.*wait|do_spin|futex|pthread_cond|"
                  r"exec_blas_async_wait|syscall|sched_yield|(^|\s)(__)?schedule(\s|$)|finish_task_switch|do_sched_yield", s):
         return "threading idle"
