@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,7 @@ def main():
             (g, gr, g_lines), (p, pr, _) = pair(
                 "e: the demo recipe end to end (2 epochs, tweet demo split)",
                 [graft, "demo", "--output", out_dir], peer + ["demo"], log)
+            shutil.rmtree(out_dir, ignore_errors=True)
             g = parse_graft_demo(g_lines) if g_lines else None
             note = "training time, 1 run each; test accuracy Graft {} / PEFT {}".format(
                 f"{g['accuracy']:.3f}" if g else "?", f"{p['accuracy']:.3f}" if p else "?")
