@@ -155,6 +155,13 @@ def pair(name, graft_argv, peer_argv, log):
     return (g, g_rss, g_lines), (p, p_rss, p_lines)
 
 
+def cpu_note(g, p):
+    """CPU seconds per step of both engines (all threads): how many cores each kept busy, and what each step costs
+    in CPU time whatever else the machine is doing."""
+    gc, pc = median_of(g, "cpu_s_per_step"), median_of(p, "cpu_s_per_step")
+    return f"CPU-s/step Graft {gc or 0:.2f} / PyTorch {pc or 0:.2f}"
+
+
 def median_of(result, key="median_s"):
     """A field of a result, or None when the run failed."""
     return result.get(key) if result else None
@@ -193,7 +200,7 @@ def main():
                  "--runs", runs, "--warmup", "2", "--threads", "2"],
                 peer + ["train-step", "--model", "minilm", "--batch", "32", "--length", "64", "--r", "8",
                         "--runs", runs, "--warmup", "2"], log)
-            rows.append(Row("a. MiniLM LoRA step B32×T64", median_of(g), median_of(p), gr, pr, "s/step"))
+            rows.append(Row("a. MiniLM LoRA step B32×T64", median_of(g), median_of(p), gr, pr, "s/step; " + cpu_note(g, p)))
         if "b" in only:
             (g, gr, _), (p, pr, _) = pair(
                 "b: SmolLM2 LoRA r8 q_proj,v_proj, one AdamW step, B4×T128",
@@ -202,7 +209,7 @@ def main():
                 peer + ["train-step", "--model", "smollm2", "--batch", "4", "--length", "128", "--r", "8",
                         "--runs", runs, "--warmup", "2"], log)
             rows.append(Row("b. SmolLM2 LoRA step B4×T128", median_of(g), median_of(p), gr, pr,
-                            "s/step; Graft keeps Q4_1/Q8_0 weights, PyTorch dequantized F32"))
+                            "s/step; " + cpu_note(g, p) + "; Graft keeps Q4_1/Q8_0 weights, PyTorch dequantized F32"))
         if "c" in only:
             (g, gr, _), (p, pr, _) = pair(
                 "c: SmolLM2 prefill 8×64, last-position logits, LoRA r16 all-linear",
