@@ -187,7 +187,7 @@ bench: assets release
 
 # Graft against PyTorch + transformers + PEFT on the same work in one run (issue 12): bench/compare/setup-venv makes
 # a private venv (pinned, outside the checkout; ~2.8 GB the first time), then bench/compare/run.py runs each
-# workload on both engines, each in its own process, and prints one table. Takes 15-25 minutes. Asserts nothing.
+# workload on both engines, each in its own process, and prints one table (48 min under heavy load). Asserts nothing.
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--only a,b --runs 7".
 BENCH_ARGS ?=
 bench-compare: assets release
