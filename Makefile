@@ -3,7 +3,7 @@ SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
 .PHONY: demo test test-c test-python test-lua test-daemon test-cli test-crash test-sanitize install-lua lib graftd client \
-	install build release setup assets bench clean fuzz fuzz-smoke fuzz-build
+	install build release setup assets bench bench-compare clean fuzz fuzz-smoke fuzz-build
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -184,6 +184,14 @@ bench: assets release
 	bench/mixed-adapters
 	bench/ctypes-overhead
 	bench/daemon
+
+# Graft against PyTorch + transformers + PEFT on the same work in one run (issue 12): bench/compare/setup-venv makes
+# a private venv (pinned, outside the checkout; ~2.8 GB the first time), then bench/compare/run.py runs each
+# workload on both engines, each in its own process, and prints one table (48 min under heavy load). Asserts nothing.
+# BENCH_ARGS passes options on, e.g. BENCH_ARGS="--only a,b --runs 7".
+BENCH_ARGS ?=
+bench-compare: assets release
+	@py="$$(bench/compare/setup-venv)" && "$$py" bench/compare/run.py --graft $(RELEASE_BIN) $(BENCH_ARGS)
 
 clean:
 	rm -rf .build .build-test .build-fuzz .build-asan .build-tsan

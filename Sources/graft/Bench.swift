@@ -6,7 +6,7 @@ import GraftAssets
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Time forward passes (median of several runs); used by bench/.",
-        subcommands: [Forward.self, TrainStep.self, MixedAdapters.self])
+        subcommands: [Forward.self, TrainStep.self, MixedAdapters.self, TrainText.self])
 
     struct Forward: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Forward-pass time for a batch of random tokens.")
@@ -47,6 +47,7 @@ struct Bench: ParsableCommand {
                 print(String(format: "graft forward %@ B%d×T%d threads=%d: median %.4f s (min %.4f, max %.4f, %d runs), %.0f tokens/s",
                              m.architecture.rawValue, batch, length, threads, median, times.first ?? 0, times.last ?? 0,
                              runs, Double(batch * length) / median))
+                printBenchJSON(["workload": "forward", "median_s": median, "times_s": times])
             }
         }
     }
@@ -98,11 +99,13 @@ struct Bench: ParsableCommand {
                 }
                 let packed = try PackedBatch(ArraySlice(examples))
                 var times: [Double] = []
+                var cpu = 0.0
                 for i in 0..<(warmup + runs) {
                     let start = DispatchTime.now().uptimeNanoseconds
+                    let cpuStart = processCPUSeconds()
                     _ = try session.trainer.step(packed, totalSteps: 1_000)
                     let t = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
-                    if i >= warmup { times.append(t) }
+                    if i >= warmup { times.append(t); cpu += processCPUSeconds() - cpuStart }
                 }
                 times.sort()
                 var usage = rusage()
@@ -112,6 +115,8 @@ struct Bench: ParsableCommand {
                              (adapter["target_modules"] as? [String] ?? []).joined(separator: ","), session.trainableParameters,
                              threads, times[times.count / 2], times.first ?? 0, times.last ?? 0, runs, warmup,
                              Double(usage.ru_maxrss) / 1_048_576))
+                printBenchJSON(["workload": "train-step", "median_s": times[times.count / 2], "times_s": times,
+                                "cpu_s_per_step": cpu / Double(runs)])
             }
         }
     }
@@ -193,13 +198,10 @@ struct Bench: ParsableCommand {
                 let routedOne = try time("one adapter via ids (all 0)") { try prefill([Int32](repeating: 0, count: batch)) }
                 session.adapted.setAdaptersDisabled(true)
                 let base = try time("base (adapters disabled)") { try prefill(nil) }
-                print(String(format: "| %@ | Graft | PEFT 0.21.2 + PyTorch (product side) |", "prefill".padding(toLength: 12, withPad: " ", startingAt: 0)))
-                print("| --- | --- | --- |")
-                print(String(format: "| mixed        | %.3f s | 1.05 s |", mixed))
-                print(String(format: "| one adapter  | %.3f s | 0.85 s |", one))
-                print(String(format: "| base         | %.3f s | 0.79 s |", base))
                 print(String(format: "mixed / one adapter = %.3f (goal ≤ 1.05); mixed / base = %.3f; one adapter via ids / one adapter = %.3f",
                              mixed / one, mixed / base, routedOne / one))
+                printBenchJSON(["workload": "mixed-adapters", "logits": logits, "median_s": mixed, "mixed_s": mixed,
+                                "one_adapter_s": one, "one_adapter_via_ids_s": routedOne, "base_s": base])
             }
         }
     }
