@@ -136,6 +136,8 @@ struct Bench: ParsableCommand {
         @Option(help: "Timed runs (the median is reported).") var runs: Int = 5
         @Option(help: "Untimed warm-up runs.") var warmup: Int = 1
         @Option(help: "Threads.") var threads: Int = 2
+        @Option(name: .customLong("compute-dtype"), help: "Frozen weights' products: float32, bfloat16 or auto.")
+        var computeDType: ComputeDType = .float32
 
         func run() throws {
             try graft.run {
@@ -144,6 +146,7 @@ struct Bench: ParsableCommand {
                 guard batch >= 1, length >= 1, runs >= 1, r >= 1 else { throw GraftError.invalid("--batch, --length, --runs and --r must be ≥ 1") }
                 var modelOptions = ModelOptions()
                 modelOptions.task = .causalLM
+                modelOptions.computeDType = computeDType
                 let session = try AssetCache.openSession(model, options: modelOptions)
                 let llama = try session.taskModel.decoder()
                 let targetList = targets.split(separator: ",").map(String.init)

@@ -47,12 +47,14 @@ extension Bench {
         @Option(help: "Timed steps.") var steps: Int = 20
         @Option(help: "Untimed warm-up steps (taken from the start of the data).") var warmup: Int = 2
         @Option(help: "Threads.") var threads: Int = 2
+        @Option(name: .customLong("compute-dtype"), help: "Frozen weights' products: float32, bfloat16 or auto.")
+        var computeDType: ComputeDType = .float32
 
         func run() throws {
             try graft.run {
                 guard batch >= 1, steps >= 1, warmup >= 0 else { throw GraftError.invalid("--batch and --steps must be ≥ 1") }
                 Threading.setThreads(threads)
-                let session = try GraftSession(path: resolveModelPath(model), task: .causalLM)
+                let session = try GraftSession(path: resolveModelPath(model), task: .causalLM, computeDType: computeDType)
                 let adapter: [String: Any] = ["peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
                                               "target_modules": targets.split(separator: ",").map(String.init)]
                 try session.addAdapter(name: "default", configJSON: try GraftSession.jsonString(adapter), seed: 42)

@@ -362,6 +362,7 @@ def cmd_idle(a):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--autocast", action="store_true", help="run under torch.autocast('cpu', dtype=torch.bfloat16)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("train-step")
@@ -412,7 +413,9 @@ def main():
 
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    a.fn(a)
+    # Equal precision for Graft's bfloat16 mode: PyTorch's own mixed precision on the CPU.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.autocast):
+        a.fn(a)
 
 
 if __name__ == "__main__":

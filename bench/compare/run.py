@@ -177,13 +177,19 @@ def main():
     ap.add_argument("--log", default=None, help="where to keep both engines' full output")
     ap.add_argument("--peer-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the PyTorch side only, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)")
+    ap.add_argument("--graft-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                    help="Graft's compute_dtype for every workload (frozen weights' products)")
+    ap.add_argument("--peer-autocast", action="store_true",
+                    help="run the PyTorch side under torch.autocast('cpu', dtype=torch.bfloat16): equal precision with "
+                         "--graft-dtype bfloat16")
     a = ap.parse_args()
     PEER_ENV.update(kv.split("=", 1) for kv in a.peer_env)
     if a.runs < 5:
         print("note: fewer than 5 runs; issue 12 asks for a median of ≥ 5", flush=True)
     only = set(a.only.split(","))
     graft = os.path.abspath(a.graft)
-    peer = [a.python, os.path.join(HERE, "peer.py"), "--threads", str(THREADS)]
+    peer = [a.python, os.path.join(HERE, "peer.py"), "--threads", str(THREADS)] + (["--autocast"] if a.peer_autocast else [])
+    dtype = ["--compute-dtype", a.graft_dtype]
     work = os.path.join(tweets.graft_home(), "bench-compare")
     os.makedirs(work, exist_ok=True)
     log_path = a.log or os.path.join(work, "last-run.log")
@@ -197,7 +203,7 @@ def main():
             (g, gr, _), (p, pr, _) = pair(
                 "a: MiniLM LoRA r8 query,value + classifier, one AdamW step, B32×T64",
                 [graft, "bench", "train-step", "--model", "minilm", "--batch", "32", "--length", "64", "--r", "8",
-                 "--runs", runs, "--warmup", "2", "--threads", "2"],
+                 "--runs", runs, "--warmup", "2", "--threads", "2"] + dtype,
                 peer + ["train-step", "--model", "minilm", "--batch", "32", "--length", "64", "--r", "8",
                         "--runs", runs, "--warmup", "2"], log)
             rows.append(Row("a. MiniLM LoRA step B32×T64", median_of(g), median_of(p), gr, pr, "s/step; " + cpu_note(g, p)))
@@ -205,7 +211,7 @@ def main():
             (g, gr, _), (p, pr, _) = pair(
                 "b: SmolLM2 LoRA r8 q_proj,v_proj, one AdamW step, B4×T128",
                 [graft, "bench", "train-step", "--model", "smollm2", "--batch", "4", "--length", "128", "--r", "8",
-                 "--runs", runs, "--warmup", "2", "--threads", "2"],
+                 "--runs", runs, "--warmup", "2", "--threads", "2"] + dtype,
                 peer + ["train-step", "--model", "smollm2", "--batch", "4", "--length", "128", "--r", "8",
                         "--runs", runs, "--warmup", "2"], log)
             rows.append(Row("b. SmolLM2 LoRA step B4×T128", median_of(g), median_of(p), gr, pr,
@@ -214,7 +220,7 @@ def main():
             (g, gr, _), (p, pr, _) = pair(
                 "c: SmolLM2 prefill 8×64, last-position logits, LoRA r16 all-linear",
                 [graft, "bench", "mixed-adapters", "--model", "smollm2", "--batch", "8", "--length", "64", "--r", "16",
-                 "--logits", "last", "--runs", runs, "--warmup", "1", "--threads", "2"],
+                 "--logits", "last", "--runs", runs, "--warmup", "1", "--threads", "2"] + dtype,
                 peer + ["prefill", "--model", "smollm2", "--batch", "8", "--length", "64", "--r", "16",
                         "--runs", runs, "--warmup", "1"], log)
             for key, label in (("base_s", "base"), ("one_adapter_s", "one adapter"), ("mixed_s", "8 adapters mixed")):
@@ -224,7 +230,7 @@ def main():
             (g, gr, _), (p, pr, _) = pair(
                 "d: MiniLM forward B32×T64 (inference)",
                 [graft, "bench", "forward", "--model", "minilm", "--batch", "32", "--length", "64",
-                 "--runs", runs, "--warmup", "1", "--threads", "2"],
+                 "--runs", runs, "--warmup", "1", "--threads", "2"] + dtype,
                 peer + ["forward", "--model", "minilm", "--batch", "32", "--length", "64", "--runs", runs,
                         "--warmup", "1"], log)
             rows.append(Row("d. MiniLM forward B32×T64", median_of(g), median_of(p), gr, pr, "inference"))
@@ -232,7 +238,7 @@ def main():
             out_dir = tempfile.mkdtemp(prefix="graft-demo-")
             (g, gr, g_lines), (p, pr, _) = pair(
                 "e: the demo recipe end to end (2 epochs, tweet demo split)",
-                [graft, "demo", "--output", out_dir], peer + ["demo"], log)
+                [graft, "demo", "--output", out_dir] + dtype, peer + ["demo"], log)
             shutil.rmtree(out_dir, ignore_errors=True)
             g = parse_graft_demo(g_lines) if g_lines else None
             note = "training time, 1 run each; test accuracy Graft {} / PEFT {}".format(
@@ -245,7 +251,7 @@ def main():
             (g, gr, _), (p, pr, _) = pair(
                 "f: SmolLM2 causal-LM LoRA r8 q_proj,v_proj on tweets as {\"text\"}, B8, max 64 tokens",
                 [graft, "bench", "train-text", "--model", "smollm2", "--data", data, "--batch", "8",
-                 "--max-length", "64", "--steps", steps, "--warmup", "2", "--threads", "2"],
+                 "--max-length", "64", "--steps", steps, "--warmup", "2", "--threads", "2"] + dtype,
                 peer + ["train-text", "--model", "smollm2", "--data", data, "--batch", "8", "--max-length", "64",
                         "--steps", steps, "--warmup", "2"], log)
             gt, pt = median_of(g, "tokens_per_s"), median_of(p, "tokens_per_s")
@@ -257,6 +263,8 @@ def main():
     print(f"Graft vs PyTorch + PEFT, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{cpu_model()}, {os.cpu_count()} CPUs, {THREADS} threads each, median of {a.runs} after warm-up "
           f"(e: one run each); ratio = Graft time / PyTorch time (f: for the same tokens)")
+    print(f"precision: Graft compute_dtype {a.graft_dtype}; PyTorch "
+          + ("torch.autocast(cpu, bfloat16)" if a.peer_autocast else "float32"))
     if PEER_ENV:
         print("PyTorch side's extra environment: " + " ".join(f"{k}={v}" for k, v in PEER_ENV.items()))
     print(table(rows))
