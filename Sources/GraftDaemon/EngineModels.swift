@@ -38,6 +38,7 @@ extension Engine {
         options.task = task
         if r.numLabelsSet != nil { options.numLabels = Int(r.numLabels) }
         options.seed = r.seed
+        options.computeDType = try Self.computeDType(r.computeDtype)
         try options.validate()
         let s = try path.use { try AssetCache.openSession($0, options: options) }
         models[id] = s

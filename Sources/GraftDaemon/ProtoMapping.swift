@@ -50,6 +50,16 @@ extension Engine {
         }
     }
 
+    /// The compute format a `load_model` asks for.
+    static func computeDType(_ value: Graft_V1_ComputeDType) throws -> ComputeDType {
+        switch value {
+        case .computeFloat32: return .float32
+        case .computeBfloat16: return .bfloat16
+        case .computeAuto: return .auto
+        case .UNRECOGNIZED(let v): throw GraftError.invalid("load_model.compute_dtype \(v) is not a ComputeDType value (0, 1, 2)")
+        }
+    }
+
     /// The output a `forward` asks for; nil (OUTPUT_DEFAULT) leaves the choice to ``ForwardOptions``.
     static func sessionOutput(_ output: Graft_V1_Output) throws -> SessionOutput? {
         switch output {

@@ -2535,7 +2535,7 @@ const ProtobufCMessageDescriptor graft__v1__hello_reply__descriptor =
   (ProtobufCMessageInit) graft__v1__hello_reply__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__load_model__field_descriptors[5] =
+static const ProtobufCFieldDescriptor graft__v1__load_model__field_descriptors[6] =
 {
   {
     "path",
@@ -2597,8 +2597,21 @@ static const ProtobufCFieldDescriptor graft__v1__load_model__field_descriptors[5
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "compute_dtype",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__LoadModel, compute_dtype),
+    &graft__v1__compute_dtype__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__load_model__field_indices_by_name[] = {
+  5,   /* field[5] = compute_dtype */
   4,   /* field[4] = model_id */
   2,   /* field[2] = num_labels */
   0,   /* field[0] = path */
@@ -2608,7 +2621,7 @@ static const unsigned graft__v1__load_model__field_indices_by_name[] = {
 static const ProtobufCIntRange graft__v1__load_model__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor graft__v1__load_model__descriptor =
 {
@@ -2618,7 +2631,7 @@ const ProtobufCMessageDescriptor graft__v1__load_model__descriptor =
   "Graft__V1__LoadModel",
   "graft.v1",
   sizeof(Graft__V1__LoadModel),
-  5,
+  6,
   graft__v1__load_model__field_descriptors,
   graft__v1__load_model__field_indices_by_name,
   1,  graft__v1__load_model__number_ranges,
@@ -4921,6 +4934,36 @@ const ProtobufCEnumDescriptor graft__v1__task__descriptor =
   graft__v1__task__enum_values_by_name,
   1,
   graft__v1__task__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCEnumValue graft__v1__compute_dtype__enum_values_by_number[3] =
+{
+  { "COMPUTE_FLOAT32", "GRAFT__V1__COMPUTE_DTYPE__COMPUTE_FLOAT32", 0 },
+  { "COMPUTE_BFLOAT16", "GRAFT__V1__COMPUTE_DTYPE__COMPUTE_BFLOAT16", 1 },
+  { "COMPUTE_AUTO", "GRAFT__V1__COMPUTE_DTYPE__COMPUTE_AUTO", 2 },
+};
+static const ProtobufCIntRange graft__v1__compute_dtype__value_ranges[] = {
+{0, 0},{0, 3}
+};
+static const ProtobufCEnumValueIndex graft__v1__compute_dtype__enum_values_by_name[3] =
+{
+  { "COMPUTE_AUTO", 2 },
+  { "COMPUTE_BFLOAT16", 1 },
+  { "COMPUTE_FLOAT32", 0 },
+};
+const ProtobufCEnumDescriptor graft__v1__compute_dtype__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "graft.v1.ComputeDType",
+  "ComputeDType",
+  "Graft__V1__ComputeDType",
+  "graft.v1",
+  3,
+  graft__v1__compute_dtype__enum_values_by_number,
+  3,
+  graft__v1__compute_dtype__enum_values_by_name,
+  1,
+  graft__v1__compute_dtype__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
 static const ProtobufCEnumValue graft__v1__output__enum_values_by_number[3] =

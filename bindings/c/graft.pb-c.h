@@ -114,6 +114,24 @@ typedef enum _Graft__V1__Task {
   GRAFT__V1__TASK__TASK_CAUSAL_LM = 2
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__TASK)
 } Graft__V1__Task;
+/*
+ * The number format frozen weights are multiplied in (the C ABI's graft_compute_dtype; the same numbers).
+ */
+typedef enum _Graft__V1__ComputeDType {
+  /*
+   * float32 products: exact, the mode the parity tests check.
+   */
+  GRAFT__V1__COMPUTE_DTYPE__COMPUTE_FLOAT32 = 0,
+  /*
+   * bfloat16 products of frozen Linear weights with float32 accumulation.
+   */
+  GRAFT__V1__COMPUTE_DTYPE__COMPUTE_BFLOAT16 = 1,
+  /*
+   * bfloat16 where the CPU has AVX-512 BF16, else float32.
+   */
+  GRAFT__V1__COMPUTE_DTYPE__COMPUTE_AUTO = 2
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__COMPUTE_DTYPE)
+} Graft__V1__ComputeDType;
 typedef enum _Graft__V1__Output {
   /*
    * logits where the model has them, else hidden states
@@ -363,6 +381,10 @@ struct  Graft__V1__LoadModel
    * The handle to use; empty = the daemon picks one ("m1", "m2", ...). Must be unused.
    */
   char *model_id;
+  /*
+   * How frozen weights are multiplied (default float32). ModelInfo's compute_dtype says what is in effect.
+   */
+  Graft__V1__ComputeDType compute_dtype;
   Graft__V1__LoadModel__NumLabelsSetCase num_labels_set_case;
   union {
     uint32_t num_labels;
@@ -370,7 +392,7 @@ struct  Graft__V1__LoadModel
 };
 #define GRAFT__V1__LOAD_MODEL__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__load_model__descriptor) \
-    , (char *)protobuf_c_empty_string, GRAFT__V1__TASK__TASK_BASE, 0, (char *)protobuf_c_empty_string, GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET__NOT_SET, {0} }
+    , (char *)protobuf_c_empty_string, GRAFT__V1__TASK__TASK_BASE, 0, (char *)protobuf_c_empty_string, GRAFT__V1__COMPUTE_DTYPE__COMPUTE_FLOAT32, GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET__NOT_SET, {0} }
 
 
 struct  Graft__V1__ModelLoaded
@@ -1879,6 +1901,7 @@ typedef void (*Graft__V1__Shutdown_Closure)
 /* --- descriptors --- */
 
 extern const ProtobufCEnumDescriptor    graft__v1__task__descriptor;
+extern const ProtobufCEnumDescriptor    graft__v1__compute_dtype__descriptor;
 extern const ProtobufCEnumDescriptor    graft__v1__output__descriptor;
 extern const ProtobufCEnumDescriptor    graft__v1__schedule__descriptor;
 extern const ProtobufCEnumDescriptor    graft__v1__optimizer__descriptor;

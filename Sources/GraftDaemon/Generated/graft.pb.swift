@@ -73,6 +73,51 @@ public nonisolated enum Graft_V1_Task: SwiftProtobuf.Enum, Swift.CaseIterable {
 
 }
 
+/// The number format frozen weights are multiplied in (the C ABI's graft_compute_dtype; the same numbers).
+public nonisolated enum Graft_V1_ComputeDType: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+
+  /// float32 products: exact, the mode the parity tests check.
+  case computeFloat32 // = 0
+
+  /// bfloat16 products of frozen Linear weights with float32 accumulation.
+  case computeBfloat16 // = 1
+
+  /// bfloat16 where the CPU has AVX-512 BF16, else float32.
+  case computeAuto // = 2
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .computeFloat32
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .computeFloat32
+    case 1: self = .computeBfloat16
+    case 2: self = .computeAuto
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .computeFloat32: return 0
+    case .computeBfloat16: return 1
+    case .computeAuto: return 2
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Graft_V1_ComputeDType] = [
+    .computeFloat32,
+    .computeBfloat16,
+    .computeAuto,
+  ]
+
+}
+
 public nonisolated enum Graft_V1_Output: SwiftProtobuf.Enum, Swift.CaseIterable {
   public typealias RawValue = Int
 
@@ -784,6 +829,9 @@ public nonisolated struct Graft_V1_LoadModel: Sendable {
 
   /// The handle to use; empty = the daemon picks one ("m1", "m2", ...). Must be unused.
   public var modelID: String = String()
+
+  /// How frozen weights are multiplied (default float32). ModelInfo's compute_dtype says what is in effect.
+  public var computeDtype: Graft_V1_ComputeDType = .computeFloat32
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1627,6 +1675,10 @@ nonisolated extension Graft_V1_Task: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0TASK_BASE\0\u{1}TASK_SEQUENCE_CLASSIFICATION\0\u{1}TASK_CAUSAL_LM\0")
 }
 
+nonisolated extension Graft_V1_ComputeDType: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0COMPUTE_FLOAT32\0\u{1}COMPUTE_BFLOAT16\0\u{1}COMPUTE_AUTO\0")
+}
+
 nonisolated extension Graft_V1_Output: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0OUTPUT_DEFAULT\0\u{1}OUTPUT_HIDDEN\0\u{1}OUTPUT_LOGITS\0")
 }
@@ -2437,7 +2489,7 @@ nonisolated extension Graft_V1_HelloReply: SwiftProtobuf.Message, SwiftProtobuf.
 
 nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".LoadModel"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{1}task\0\u{3}num_labels\0\u{1}seed\0\u{3}model_id\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{1}task\0\u{3}num_labels\0\u{1}seed\0\u{3}model_id\0\u{3}compute_dtype\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2457,6 +2509,7 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
       }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.seed) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.modelID) }()
+      case 6: try { try decoder.decodeSingularEnumField(value: &self.computeDtype) }()
       default: break
       }
     }
@@ -2482,6 +2535,9 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
     if !self.modelID.isEmpty {
       try visitor.visitSingularStringField(value: self.modelID, fieldNumber: 5)
     }
+    if self.computeDtype != .computeFloat32 {
+      try visitor.visitSingularEnumField(value: self.computeDtype, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2491,6 +2547,7 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
     if lhs.numLabelsSet != rhs.numLabelsSet {return false}
     if lhs.seed != rhs.seed {return false}
     if lhs.modelID != rhs.modelID {return false}
+    if lhs.computeDtype != rhs.computeDtype {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
