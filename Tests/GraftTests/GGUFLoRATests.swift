@@ -59,8 +59,8 @@ import GraftTestSupport
     }
 
     /// PEFT directory → GGUF (F32) → Graft: the loaded adapter's logits equal the directory's within 1e-5, with a
-    /// rank_pattern (mixed ranks: r and rank_pattern rebuilt on load) and with rsLoRA (α/√r, whose ratio to llama.cpp's
-    /// α/r is folded into lora_b: one float32 rounding per element, relative 2⁻²⁴). B is scaled to 0.05 of PEFT's
+    /// rank_pattern (mixed ranks: r and rank_pattern rebuilt on load); with rsLoRA (α/√r, whose ratio to llama.cpp's
+    /// α/r is folded into lora_b: one float32 rounding per element, relative 2⁻²⁴) within 1e-5 of the largest logit. B is scaled to 0.05 of PEFT's
     /// random init, the size of a trained adapter's update (a few logits).
     @Test(arguments: [false, true])
     func float32RoundTripReproducesThePEFTDirectory(rsLoRA: Bool) throws {
@@ -83,7 +83,11 @@ import GraftTestSupport
         let roundTrip = try Self.logits(s)
         let err = maxAbsDifference(roundTrip, peft), effect = maxAbsDifference(peft, base)
         print("GGUF LoRA F32 round trip\(rsLoRA ? " (rsLoRA)" : ""): logits max-abs vs the PEFT directory \(err) (the adapter moves logits by up to \(effect))")
-        #expect(err <= 1e-5)
+        // Plain LoRA: the same factors and scale, so the same float32 arithmetic (1e-5; it is 0). rsLoRA: lora_b is
+        // B·√r rounded once per element, and the forward rounds B'·(α/r) instead of B·(α/√r), float32-level changes
+        // that 30 layers carry to the logits: 1e-5 relative to the largest logit.
+        let scale = worstOf((0..<peft.count).map { abs(peft.pointer[$0]) }, empty: .nan)
+        #expect(err <= (rsLoRA ? 1e-5 * scale : 1e-5), "largest |logit| \(scale)")
         #expect(effect > 0.5, "the adapter must change the logits for the comparison to mean anything")
         for (p, l) in original {
             guard let g = loaded[p] else { Issue.record("'\(p)' not loaded"); continue }
