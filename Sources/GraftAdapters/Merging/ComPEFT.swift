@@ -17,7 +17,7 @@ public struct ComPEFTAdapter: Sendable {
     public static let format = "graft-compeft-1"
 
     /// One compressed tensor.
-    public struct Entry: Sendable {
+    public struct Entry: Sendable, PackedAdapterEntry {
         /// Its PEFT key (`base_model.model.<path>.<parameter>`).
         public let key: String
         /// Its shape.
@@ -127,10 +127,6 @@ extension AdaptedModel {
     /// Adds adapter `name` holding `compressed`'s decompressed values (the ternary tensors) and makes it active.
     @discardableResult
     public func addAdapter(_ name: String, decompressing compressed: ComPEFTAdapter) throws -> NamedAdapter {
-        let byKey = Dictionary(compressed.entries.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
-        return try CompressedAdapterFile.load(into: self, name: name, config: compressed.config, shapes: byKey.mapValues(\.shape)) { key, target in
-            guard let e = byKey[key] else { throw GraftError.format("ComPEFT: no tensor '\(key)'") }
-            e.decode(into: target.pointer)
-        }
+        try CompressedAdapterFile.add(into: self, name: name, config: compressed.config, entries: compressed.entries)
     }
 }

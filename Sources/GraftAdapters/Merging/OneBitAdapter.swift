@@ -28,7 +28,7 @@ public struct OneBitAdapter: Sendable {
     }
 
     /// One quantized tensor.
-    public struct Entry: Sendable {
+    public struct Entry: Sendable, PackedAdapterEntry {
         /// Its PEFT key.
         public let key: String
         /// Its shape; rows are its last dimension.
@@ -116,13 +116,9 @@ public struct OneBitAdapter: Sendable {
 }
 
 extension AdaptedModel {
-    /// Adds adapter `name` holding `quantized`'s dequantized values (`±s` per row) and makes it active.
+    /// Adds adapter `name` holding `quantized`'s dequantized values (`±s` per group) and makes it active.
     @discardableResult
     public func addAdapter(_ name: String, dequantizing quantized: OneBitAdapter) throws -> NamedAdapter {
-        let byKey = Dictionary(quantized.entries.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
-        return try CompressedAdapterFile.load(into: self, name: name, config: quantized.config, shapes: byKey.mapValues(\.shape)) { key, target in
-            guard let e = byKey[key] else { throw GraftError.format("1-bit adapter: no tensor '\(key)'") }
-            e.decode(into: target.pointer)
-        }
+        try CompressedAdapterFile.add(into: self, name: name, config: quantized.config, entries: quantized.entries)
     }
 }

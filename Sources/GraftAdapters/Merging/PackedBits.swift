@@ -23,6 +23,16 @@ public enum PackedBits {
     }
 }
 
+/// One packed tensor of a compressed adapter: its PEFT key, shape, and how to expand it to float32 values.
+public protocol PackedAdapterEntry {
+    /// The PEFT key (`base_model.model.<path>.<parameter>`).
+    var key: String { get }
+    /// The tensor's shape.
+    var shape: [Int] { get }
+    /// Writes the expanded values (`shape`'s element count of them) to `out`.
+    func decode(into out: UnsafeMutablePointer<Float>)
+}
+
 /// A compressed adapter directory: PEFT's `adapter_config.json` beside one safetensors file of packed tensors
 /// (ComPEFT's `adapter_compeft.safetensors`, 1-bit's `adapter_1bit.safetensors`), each original tensor stored under
 /// its PEFT key with suffixes, its shape in the file's metadata as `<key>.shape` (a JSON array).
@@ -120,6 +130,15 @@ enum CompressedAdapterFile {
         }
         guard !out.isEmpty else { throw GraftError.format("\(file.path): describes no tensors") }
         return out
+    }
+
+    /// Adds adapter `name` from `config` holding `entries` expanded (and makes it active).
+    static func add<E: PackedAdapterEntry>(into model: AdaptedModel, name: String, config: AdapterConfig, entries: [E]) throws -> NamedAdapter {
+        let byKey = Dictionary(entries.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
+        return try load(into: model, name: name, config: config, shapes: byKey.mapValues(\.shape)) { key, target in
+            guard let e = byKey[key] else { throw GraftError.format("compressed adapter '\(name)': no tensor '\(key)'") }
+            e.decode(into: target.pointer)
+        }
     }
 
     /// Adds adapter `name` from `config` and fills each of its PEFT tensors with `decode(key, target)`; the keys
