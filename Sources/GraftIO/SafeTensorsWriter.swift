@@ -80,6 +80,11 @@ public struct SafeTensorsWriter {
         try addIntegers(name, int32s, shape: shape, dtype: .i32)
     }
 
+    /// Adds a one-dimensional U8 tensor of raw bytes (packed bits, codes).
+    public mutating func add(_ name: String, uint8s: [UInt8]) throws {
+        try addIntegers(name, uint8s, shape: [uint8s.count], dtype: .u8)
+    }
+
     private mutating func addIntegers<T: FixedWidthInteger>(_ name: String, _ values: [T], shape: [Int], dtype: DType) throws {
         try checkName(name)
         let n = try SafeTensorsWriter.elementCount(shape, name)

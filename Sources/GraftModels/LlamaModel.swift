@@ -247,7 +247,7 @@ public final class LlamaModel: Module, PrefixHost {
 
     /// Inverts llama.cpp's converter permutation of Q/K rows: GGUF row `h·d + 2i + j` is transformers' row
     /// `h·d + j·d/2 + i`.
-    static func unpermuteRoPERows(_ w: Tensor, heads: Int) -> Tensor { reorderRoPERows(w, heads: heads, toGGUF: false) }
+    public static func unpermuteRoPERows(_ w: Tensor, heads: Int) -> Tensor { reorderRoPERows(w, heads: heads, toGGUF: false) }
 
     /// Moves each head's rows between GGUF's interleaved order (`2i + j`) and transformers' halves (`j·d/2 + i`).
     private static func reorderRoPERows(_ w: Tensor, heads: Int, toGGUF: Bool) -> Tensor {
