@@ -37,6 +37,19 @@ public protocol AdapterMethodFactory: Sendable {
 
 
 extension AdapterMethodFactory {
+    /// The checks most Linear methods share: the dropout under `dropoutKey` in [0, 1), `bias` "none" (Graft trains
+    /// no base biases through these methods), and no `fan_in_fan_out` (a Conv1D layout Graft's models do not have).
+    static func validateDropoutBiasAndLayout(_ config: AdapterConfig, dropoutKey: String) throws {
+        let p = try config.double(dropoutKey, default: 0)
+        guard p >= 0, p < 1 else { throw GraftError.invalid("\(config.source): '\(dropoutKey)' must be in [0, 1), got \(p)") }
+        if let bias = try config.string("bias"), bias != "none" {
+            throw GraftError(.unsupported, "\(config.source): 'bias' = \(bias) is not supported (only \"none\")")
+        }
+        if try config.bool("fan_in_fan_out", default: false) {
+            throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
+        }
+    }
+
     public static var hasPEFTParity: Bool { true }
     public static var mergeable: Bool { true }
     public static var regeneratesSharedTensors: Bool { false }
@@ -101,14 +114,7 @@ public enum LoRAFactory: AdapterMethodFactory {
     static func validateCommon(_ config: AdapterConfig) throws {
         let r = try config.int("r", default: 8)
         guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
-        let p = try config.double("lora_dropout", default: 0)
-        guard p >= 0, p < 1 else { throw GraftError.invalid("\(config.source): 'lora_dropout' must be in [0, 1), got \(p)") }
-        if let bias = try config.string("bias"), bias != "none" {
-            throw GraftError(.unsupported, "\(config.source): 'bias' = \(bias) is not supported (only \"none\")")
-        }
-        if try config.bool("fan_in_fan_out", default: false) {
-            throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
-        }
+        try validateDropoutBiasAndLayout(config, dropoutKey: "lora_dropout")
     }
 
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,

@@ -71,14 +71,7 @@ public enum DEFTFactory: AdapterMethodFactory {
         guard method == "relu" else {
             throw GraftError(.unsupported, "\(config.source): 'decomposition_method' = \"\(method)\" is not supported (only \"relu\"; Graft has no differentiable QR)")
         }
-        let p = try config.double("deft_dropout", default: 0)
-        guard p >= 0, p < 1 else { throw GraftError.invalid("\(config.source): 'deft_dropout' must be in [0, 1), got \(p)") }
-        if let bias = try config.string("bias"), bias != "none" {
-            throw GraftError(.unsupported, "\(config.source): 'bias' = \(bias) is not supported (only \"none\")")
-        }
-        if try config.bool("fan_in_fan_out", default: false) {
-            throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
-        }
+        try validateDropoutBiasAndLayout(config, dropoutKey: "deft_dropout")
     }
 
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,

@@ -173,14 +173,7 @@ public enum FroDFactory: AdapterMethodFactory {
         guard try config.int("projection_prng_key", default: 0) >= 0 else {
             throw GraftError.invalid("\(config.source): 'projection_prng_key' must be non-negative")
         }
-        let p = try config.double("frod_dropout", default: 0)
-        guard p >= 0, p < 1 else { throw GraftError.invalid("\(config.source): 'frod_dropout' must be in [0, 1), got \(p)") }
-        if let bias = try config.string("bias"), bias != "none" {
-            throw GraftError(.unsupported, "\(config.source): 'bias' = \(bias) is not supported (only \"none\")")
-        }
-        if try config.bool("fan_in_fan_out", default: false) {
-            throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
-        }
+        try validateDropoutBiasAndLayout(config, dropoutKey: "frod_dropout")
         // Placement and progress display only; the file's projections are read when saved with save_projection.
         config.acknowledge("runtime_offload_base_weight", "progressbar", "save_projection", "regularization_alpha")
     }

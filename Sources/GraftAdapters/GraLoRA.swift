@@ -98,14 +98,7 @@ public enum GraLoRAFactory: AdapterMethodFactory {
         guard k > 0 else { throw GraftError.invalid("\(config.source): 'gralora_k' must be positive, got \(k)") }
         guard r % k == 0 else { throw GraftError.invalid("\(config.source): 'r' (\(r)) must be divisible by 'gralora_k' (\(k))") }
         guard hybrid >= 0 else { throw GraftError.invalid("\(config.source): 'hybrid_r' must be non-negative, got \(hybrid)") }
-        let p = try config.double("gralora_dropout", default: 0)
-        guard p >= 0, p < 1 else { throw GraftError.invalid("\(config.source): 'gralora_dropout' must be in [0, 1), got \(p)") }
-        if let bias = try config.string("bias"), bias != "none" {
-            throw GraftError(.unsupported, "\(config.source): 'bias' = \(bias) is not supported (only \"none\")")
-        }
-        if try config.bool("fan_in_fan_out", default: false) {
-            throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
-        }
+        try validateDropoutBiasAndLayout(config, dropoutKey: "gralora_dropout")
     }
 
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,

@@ -232,14 +232,7 @@ public enum UniLoRAFactory: AdapterMethodFactory {
         guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
         guard d > 0 else { throw GraftError.invalid("\(config.source): 'theta_d_length' must be positive, got \(d)") }
         guard try config.int("proj_seed", default: 0) >= 0 else { throw GraftError.invalid("\(config.source): 'proj_seed' must be non-negative") }
-        let p = try config.double("unilora_dropout", default: 0)
-        guard p >= 0, p < 1 else { throw GraftError.invalid("\(config.source): 'unilora_dropout' must be in [0, 1), got \(p)") }
-        if let bias = try config.string("bias"), bias != "none" {
-            throw GraftError(.unsupported, "\(config.source): 'bias' = \(bias) is not supported (only \"none\")")
-        }
-        if try config.bool("fan_in_fan_out", default: false) {
-            throw GraftError(.unsupported, "\(config.source): 'fan_in_fan_out' is for Conv1D models; Graft's layers are Linear")
-        }
+        try validateDropoutBiasAndLayout(config, dropoutKey: "unilora_dropout")
     }
 
     /// PEFT's `generate_index`: each of `d` values `count / d` times, plus `count mod d` distinct extras, shuffled.
