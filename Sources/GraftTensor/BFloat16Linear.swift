@@ -97,13 +97,7 @@ public func linear(_ x: Tensor, _ weight: Tensor, narrow: BFloat16Matrix, _ bias
     precondition(x.lastDim == inF && narrow.cols == inF && narrow.rows == outF, "linear: input \(x.shape) vs weight \(weight.shape)")
     precondition(!weight.requiresGrad, "linear(narrow:): the weight is trainable; use the float32 linear")
     let rowsN = x.rows
-    var outShape = x.shape
-    outShape[outShape.count - 1] = outF
-    let out = inF == 0 || bias != nil ? Tensor(zeros: outShape) : Tensor(uninitialized: outShape)
-    if let bias {
-        let pb = bias.pointer, po = out.pointer
-        for r in 0..<rowsN { (po + r * outF).update(from: pb, count: outF) }
-    }
+    let out = linearOutput(x, inFeatures: inF, outFeatures: outF, bias: bias)
     if inF > 0 {
         let xb = narrowed(x.pointer, count: x.count)
         bf16Product(m: rowsN, n: outF, k: inF, a: xb, b: narrow.storage, transB: true, c: out.pointer, accumulate: bias != nil)

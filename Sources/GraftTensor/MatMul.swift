@@ -69,6 +69,19 @@ func sgemmSerial(
         Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
 }
 
+/// The output of a Linear layer over `x` before its product: `[..., outFeatures]`, each row holding `bias` (to be
+/// accumulated into), or zeros when there is no input width, else uninitialized (the product overwrites it).
+func linearOutput(_ x: Tensor, inFeatures: Int, outFeatures: Int, bias: Tensor?) -> Tensor {
+    var shape = x.shape
+    shape[shape.count - 1] = outFeatures
+    let out = inFeatures == 0 || bias != nil ? Tensor(zeros: shape) : Tensor(uninitialized: shape)
+    if let bias {
+        let pb = bias.pointer, po = out.pointer
+        for r in 0..<x.rows { (po + r * outFeatures).update(from: pb, count: outFeatures) }
+    }
+    return out
+}
+
 /// `x · Wᵀ (+ bias)`: the Linear layer. `x` is `[..., in]`, `weight` is `[out, in]`, `bias` is `[out]`.
 ///
 /// Backward computes `dx = dy · W` only when `x` is tracked and `dW = dyᵀ · x` only when `W` is trainable,
@@ -77,13 +90,7 @@ public func linear(_ x: Tensor, _ weight: Tensor, _ bias: Tensor? = nil) -> Tens
     let inF = weight.shape[1], outF = weight.shape[0]
     precondition(x.lastDim == inF, "linear: input \(x.shape) does not end in \(inF)")
     let rowsN = x.rows
-    var outShape = x.shape
-    outShape[outShape.count - 1] = outF
-    let out = inF == 0 || bias != nil ? Tensor(zeros: outShape) : Tensor(uninitialized: outShape)
-    if let bias {
-        let pb = bias.pointer, po = out.pointer
-        for r in 0..<rowsN { (po + r * outF).update(from: pb, count: outF) }
-    }
+    let out = linearOutput(x, inFeatures: inF, outFeatures: outF, bias: bias)
     sgemm(transA: false, transB: true, m: rowsN, n: outF, k: inF,
           a: x.pointer, b: weight.pointer, beta: bias == nil ? 0 : 1, c: out.pointer)
     var inputs = [x, weight]
