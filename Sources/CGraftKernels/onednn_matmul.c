@@ -15,6 +15,18 @@ static __thread dnnl_stream_t stream;
 
 static void setup(void) {
     if (dnnl_engine_create(&engine, dnnl_cpu, 0) != dnnl_success) return;
+    // oneDNN has bfloat16 matmul kernels only for some ISAs (AVX-512 and newer): ask for one small product's
+    // implementation, so a CPU without them reports "unavailable" instead of failing later.
+    dnnl_memory_desc_t ad, bd, cd;
+    dnnl_dims_t dims = {16, 16};
+    dnnl_matmul_desc_t md;
+    dnnl_primitive_desc_t pd = NULL;
+    if (dnnl_memory_desc_init_by_tag(&ad, 2, dims, dnnl_bf16, dnnl_ab) || dnnl_memory_desc_init_by_tag(&bd, 2, dims, dnnl_bf16, dnnl_ba)
+        || dnnl_memory_desc_init_by_tag(&cd, 2, dims, dnnl_f32, dnnl_ab) || dnnl_matmul_desc_init(&md, &ad, &bd, NULL, &cd)
+        || dnnl_primitive_desc_create(&pd, &md, NULL, engine, NULL)) {
+        return;
+    }
+    dnnl_primitive_desc_destroy(pd);
     ready = 1;
 }
 
