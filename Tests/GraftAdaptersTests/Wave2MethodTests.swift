@@ -84,16 +84,7 @@ import GraftTestSupport
     func deltaWeightReproducesTheLayer(method: String) throws {
         let bert = try Assets.loadMiniLM()
         let adapter = try AdaptedModel(root: bert).loadAdapter(directory: Assets.fixture("peft-minilm-wave2/\(method)"))
-        var rng = GraftRNG(seed: 9)
-        for (path, lin, layer) in adapter.layers.prefix(3) {
-            let x = Tensor.randomNormal([4, lin.inFeatures], rng: &rng)
-            let adapted = withNoGrad { lin.forward(x) }
-            guard let dw = layer.deltaWeight(base: lin) else { Issue.record("\(method) has no ΔW"); continue }
-            let bias = lin.bias.map { b in withNoGrad { b + (layer.deltaBias(base: lin) ?? Tensor(zeros: b.shape)) } }
-            let merged = withNoGrad { linear(x, lin.weight + dw, bias) }
-            let scale = max(1, adapted.scalars.map(abs).max() ?? 1)
-            #expect(maxAbsDifference(adapted, merged) / scale < 1e-5, "\(method) \(path): \(maxAbsDifference(adapted, merged))")
-        }
+        expectDeltaWeightReproducesLayers(adapter, method: method)
     }
 }
 

@@ -50,7 +50,7 @@ import GraftTestSupport
                         magnitude += abs(p)
                     }
                     let bound = (2 * Self.u + Self.u * Self.u) * magnitude + 1e-5
-                    worstForward = max(worstForward, abs(Double(y.pointer[i * outF + o]) - exact) / bound)
+                    worstForward = worse(worstForward, abs(Double(y.pointer[i * outF + o]) - exact) / bound)
                     #expect(y.pointer[i * outF + o].isFinite)
                 }
                 for k in 0..<inF {
@@ -61,7 +61,7 @@ import GraftTestSupport
                         magnitude += abs(p)
                     }
                     let bound = (2 * Self.u + Self.u * Self.u) * magnitude + 1e-5
-                    worstBackward = max(worstBackward, abs(Double(dx.pointer[i * inF + k]) - exact) / bound)
+                    worstBackward = worse(worstBackward, abs(Double(dx.pointer[i * inF + k]) - exact) / bound)
                     #expect(dx.pointer[i * inF + k].isFinite)
                 }
             }
