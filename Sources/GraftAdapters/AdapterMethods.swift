@@ -8,8 +8,6 @@ public protocol AdapterMethodFactory: Sendable {
     static var peftType: String { get }
     /// The method's family (weight-delta, multiplicative/orthogonal, ...), for `graft methods`.
     static var family: String { get }
-    /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
-    static var hasPEFTParity: Bool { get }
     /// Whether the adapter folds into the base weights.
     static var mergeable: Bool { get }
     /// A small config for this method over `targets` (what `graft methods` counts parameters with).
@@ -50,7 +48,6 @@ extension AdapterMethodFactory {
         }
     }
 
-    public static var hasPEFTParity: Bool { true }
     public static var mergeable: Bool { true }
     public static var regeneratesSharedTensors: Bool { false }
 
@@ -205,8 +202,8 @@ public struct MethodSummary: Sendable {
     public var peftType: String
     /// Family.
     public var family: String
-    /// Checked against Hugging Face PEFT's output.
-    public var peftParity: Bool
+    /// How the output compares with Hugging Face PEFT's, as the parity tests measure it.
+    public var peftParity: PEFTParity
     /// Folds into the base weights.
     public var mergeable: Bool
     /// Trainable parameters with the example config on the given targets (nil when it does not apply).

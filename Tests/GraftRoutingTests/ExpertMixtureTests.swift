@@ -253,3 +253,12 @@ import GraftTestSupport
         print("SiRA + aux losses, 8 steps on 16 tweets: loss \(before) -> \(after)")
     }
 }
+
+/// The full method table (GraftAdapters' methods plus the mixtures) has a PEFT parity record for every method.
+@Suite struct MethodTableParityRecordTests {
+    @Test func everyMethodHasARecord() {
+        let missing = AdapterMethodTable.all.knownTypes.filter { PEFTParity.records[$0] == nil }
+        #expect(missing.isEmpty, "methods without a PEFT parity record: \(missing)")
+        #expect(PEFTParity.record(for: "LORA_MOE") == .noPEFTCounterpart)
+    }
+}
