@@ -16,6 +16,10 @@ import GraftTensor
 /// Plain LoRA runs a fused kernel (two GEMMs per segment straight into the output rows, segments in
 /// parallel); the others run their own `forward` on views of their rows.
 ///
+/// Methods whose output for one sequence depends on the rest of the batch (Lily's batch-averaged router, expert
+/// capacity in top-k mixtures: ``GraftModels/LinearAdapter/couplesRows``) run their segment one sequence at a
+/// time, so each row still gets what it gets alone.
+///
 /// Poly / MHR mix with a single task id (or none) set; per-example task ids index positions of the whole batch
 /// and throw.
 ///
@@ -60,7 +64,13 @@ public enum MixedAdapterBatch {
             var perSegment: [(rows: Range<Int>, adapters: [any LinearAdapter])] = []
             for seg in segments where seg.adapterId >= 0 {
                 let list = original.filter { owner[ObjectIdentifier($0)] == seg.adapterId }
-                if !list.isEmpty { perSegment.append((seg.rows, list)) }
+                guard !list.isEmpty else { continue }
+                // An adapter whose rows depend on each other runs one sequence at a time.
+                if list.contains(where: \.couplesRows) {
+                    for row in seg.rows { perSegment.append((row..<(row + 1), list)) }
+                } else {
+                    perSegment.append((seg.rows, list))
+                }
             }
             if let stray = original.first(where: { owner[ObjectIdentifier($0)] == nil }) {
                 throw GraftError(.unsupported, "layer '\(path)' carries an adapter (\(type(of: stray))) that no named adapter owns; mixed-adapter batches route only adapters added through the model")
