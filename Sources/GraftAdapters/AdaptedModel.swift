@@ -255,6 +255,9 @@ public final class AdaptedModel: @unchecked Sendable {
             }
             deltas.append(d)
         }
+        for (path, lin, layer) in a.layers where lin.bias == nil && layer.deltaBias(base: lin) != nil {
+            throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path)' has a bias update but the layer has no bias to merge it into")
+        }
         var biasDeltas: [Tensor?] = []
         for ((_, lin, layer), d) in zip(a.layers, deltas) {
             let db = lin.bias == nil ? nil : layer.deltaBias(base: lin)

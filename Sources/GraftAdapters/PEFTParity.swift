@@ -43,7 +43,9 @@ public enum PEFTParity: Sendable, Equatable {
     /// The record of every `peft_type` Graft builds (upper-case), including GraftRouting's.
     public static let records: [String: PEFTParity] = [
         "LORA": .matches(fixtures: ["peft-minilm/lora", "peft-minilm/lora_all_linear_rslora", "peft-minilm/lora_rank_pattern",
-                                    "peft-minilm/lora_layers_to_transform", "peft-minilm/dora"]),
+                                    "peft-minilm/lora_layers_to_transform", "peft-minilm/dora",
+                                    "peft-minilm-lora-options/lora_bias", "peft-minilm-lora-options/lora_bias_rslora_all",
+                                    "peft-minilm-lora-options/olora", "peft-minilm-lora-options/olora_rslora_all"]),
         "ADALORA": minilm("adalora"), "BOFT": minilm("boft"), "C3A": minilm("c3a"), "FOURIERFT": minilm("fourierft"),
         "HRA": minilm("hra"), "IA3": minilm("ia3"), "LN_TUNING": minilm("ln_tuning"), "LOHA": minilm("loha"),
         "LOKR": minilm("lokr"), "MISS": minilm("miss"), "OFT": minilm("oft"), "POLY": .matches(fixtures: ["peft-minilm/poly", "peft-minilm/mhr"]),

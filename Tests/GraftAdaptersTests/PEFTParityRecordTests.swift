@@ -9,7 +9,8 @@ import GraftTestSupport
     static var measuredFixtures: Set<String> {
         Set(LoRAParityTests.encoderFixtures.map { "peft-minilm/\($0)" }
             + MethodParityTests.methods.map { "peft-minilm/\($0)" }
-            + Wave2ParityTests.methods.map { "peft-minilm-wave2/\($0)" })
+            + Wave2ParityTests.methods.map { "peft-minilm-wave2/\($0)" }
+            + LoRAOptionTests.fixtures.map { "peft-minilm-lora-options/\($0)" })
     }
 
     @Test func everyBuiltInMethodHasARecord() {
