@@ -140,6 +140,9 @@ public final class AdaptedModel: @unchecked Sendable {
                 named.savedModules.append((path, lin, ModulesToSaveLinear(base: lin, state: state)))
             }
         }
+        if config.peftType == LoRAFactory.peftType {
+            for (path, rows) in try trainableTokenIndexAdapters(config: config, state: state) { named.modules.append((path, rows)) }
+        }
         if named.layers.isEmpty {
             let linears = root.namedModules().filter { $0.module is Linear }.map(\.name)
             let examples = linears.prefix(3) + (linears.count > 3 ? [linears[linears.count - 1]] : [])
@@ -148,6 +151,7 @@ public final class AdaptedModel: @unchecked Sendable {
         try config.rejectUnhonouredKeys()
         for (_, lin, adapter) in named.layers { lin.adapters.append(adapter) }
         for (_, lin, adapter) in named.savedModules { lin.adapters.append(adapter) }
+        for (_, adapter) in named.modules { adapter.attach() }
         adapters.append(named)
         try setActiveAdapter(name)
         return named

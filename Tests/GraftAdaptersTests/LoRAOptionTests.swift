@@ -7,10 +7,11 @@ import GraftTensor
 import GraftTestSupport
 
 /// LoRA options PEFT 0.21.2 writes that the shared fixtures lack (`lora_bias`, OLoRA's `init_lora_weights:
-/// "olora"`), against fixtures the real PEFT made (scripts/fixtures/peft-minilm-lora-options.py), and
-/// `"gaussian"` initialization by its definition.
+/// "olora"`, `trainable_token_indices`), against fixtures the real PEFT made
+/// (scripts/fixtures/peft-minilm-lora-options.py), and `"gaussian"` initialization by its definition.
 @Suite(.serialized) struct LoRAOptionTests {
-    static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all"]
+    static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all", "lora_trainable_tokens",
+                           "lora_trainable_tokens_dict"]
 
     func fixture(_ name: String) -> String { Assets.fixture("peft-minilm-lora-options/\(name)") }
 
@@ -55,12 +56,13 @@ import GraftTestSupport
         let other = try Assets.loadMiniLM()
         try AdaptedModel(root: other).loadAdapter(directory: dir)
         #expect(maxAbsDifference(try withNoGrad { try other.forward(try batch()) }, unmerged) <= 1e-5)
-        if name.hasPrefix("lora_bias") {
-            // Same keys and shapes as PEFT's file, lora_B.bias included.
-            let saved = try SafeTensorsFile(contentsOf: dir + "/adapter_model.safetensors")
-            let original = try SafeTensorsFile(contentsOf: fixture(name) + "/adapter_model.safetensors")
-            #expect(Set(saved.names) == Set(original.names))
-            #expect(saved.names.contains { $0.hasSuffix("lora_B.bias") })
+        // PEFT's keys (OLoRA's factors are saved as the equivalent rank-2r LoRA, under the same names).
+        let saved = try SafeTensorsFile(contentsOf: dir + "/adapter_model.safetensors")
+        let original = try SafeTensorsFile(contentsOf: fixture(name) + "/adapter_model.safetensors")
+        #expect(Set(saved.names) == Set(original.names))
+        if name.hasPrefix("lora_bias") { #expect(saved.names.contains { $0.hasSuffix("lora_B.bias") }) }
+        if name.hasPrefix("lora_trainable_tokens") {
+            #expect(saved.names.contains("base_model.model.embeddings.word_embeddings.token_adapter.trainable_tokens_delta"))
         }
     }
 
@@ -93,6 +95,25 @@ import GraftTestSupport
         let mean = a.reduce(0, +) / Float(a.count)
         let std = (a.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Float(a.count)).squareRoot()
         #expect(abs(std - 0.25) < 0.01 && abs(mean) < 0.01, "A's std \(std), mean \(mean); N(0, 1/r²) wants 0.25, 0")
+    }
+
+    @Test func trainableTokenIndicesAreValidatedByName() throws {
+        let model = AdaptedModel(root: try Assets.loadMiniLM())
+        for (value, fragment) in [([999_999] as Any, "outside the embedding"), (["no_such_table": [1]] as Any, "names no embedding"),
+                                  ([] as [Int] as Any, "non-empty"), (["x"] as Any, "is not a token id")] {
+            let json: [String: Any] = ["peft_type": "LORA", "r": 2, "target_modules": ["query"], "trainable_token_indices": value]
+            do {
+                try model.addAdapter("t", config: AdapterConfig(json: json, source: "tokens"))
+                Issue.record("accepted trainable_token_indices \(value)")
+            } catch let e as GraftError {
+                #expect(e.message.contains("trainable_token_indices") && e.message.contains(fragment), "\(e.message)")
+            }
+        }
+        #expect(model.adapters.isEmpty)
+        // Training reaches the rows: they get gradients with the LoRA factors.
+        let adapter = try model.addAdapter("t", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["query"],
+                                                                             "trainable_token_indices": [101, 2023]], source: "tokens"))
+        #expect(adapter.parameterCount == 6 * 2 * 2 * 384 + 2 * 384)
     }
 
     @Test func loraBiasFollowsPEFTsRules() throws {

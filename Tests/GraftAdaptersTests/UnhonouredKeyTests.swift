@@ -27,7 +27,7 @@ import GraftTensor
     @Test(arguments: [
         (#""peft_type": "LORA", "use_qalora": true"#, "use_qalora"),
         (#""peft_type": "LORA", "layer_replication": [[0, 1]]"#, "layer_replication"),
-        (#""peft_type": "LORA", "trainable_token_indices": [1, 2]"#, "trainable_token_indices"),
+        (#""peft_type": "LORA", "ensure_weight_tying": true"#, "ensure_weight_tying"),
         (#""peft_type": "LORA", "fan_in_fan_out": true"#, "fan_in_fan_out"),
         (#""peft_type": "LORA", "bias": "all""#, "bias"),
         (#""peft_type": "MOS", "r": 8, "rank_pattern": {"proj": 4}"#, "rank_pattern"),

@@ -134,6 +134,8 @@ extension NamedAdapter {
             dict.append(("base_model.model.\(path).lora_A.weight", a))
             dict.append(("base_model.model.\(path).lora_B.weight", b))
         }
+        // trainable_token_indices rows travel unchanged.
+        for (path, m) in modules { for (n, t) in m.exportedParameters { dict.append((m.key(n, path: path), t)) } }
         var json = config.json
         let rsLoRA = try config.bool("use_rslora", default: false)
         let alphaFactor = rsLoRA ? Double(2).squareRoot() : 2
