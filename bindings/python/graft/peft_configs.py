@@ -9,88 +9,22 @@ from .config import PeftConfig
 
 
 @dataclass
-class AdaLoraConfig(PeftConfig):
-    """peft.AdaLoraConfig: its fields and defaults (PEFT 0.21.2)."""
+class _PeftConfig(PeftConfig):
+    """Fields every PEFT config has (peft.PeftConfig)."""
 
-    PEFT_TYPE = "ADALORA"
     task_type: Any = None
     auto_mapping: Any = None
     peft_version: Any = None
     base_model_name_or_path: Any = None
     revision: Any = None
     inference_mode: Any = False
-    r: Any = 8
-    target_modules: Any = None
-    exclude_modules: Any = None
-    lora_alpha: Any = 8
-    lora_dropout: Any = 0.0
-    fan_in_fan_out: Any = False
-    bias: Any = 'none'
-    use_rslora: Any = False
-    modules_to_save: Any = None
-    init_lora_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    rank_pattern: Any = None
-    alpha_pattern: Any = field(default_factory=lambda: {})
-    megatron_config: Any = None
-    megatron_core: Any = 'megatron.core'
-    trainable_token_indices: Any = None
-    loftq_config: Any = field(default_factory=lambda: {})
-    eva_config: Any = None
-    corda_config: Any = None
-    lora_ga_config: Any = None
-    use_dora: Any = False
-    velora_config: Any = None
-    alora_invocation_tokens: Any = None
-    use_qalora: Any = False
-    qalora_group_size: Any = 16
-    monteclora_config: Any = None
-    layer_replication: Any = None
-    lora_bias: Any = False
-    target_parameters: Any = None
-    use_bdlora: Any = None
-    arrow_config: Any = None
-    kasa_config: Any = None
-    ensure_weight_tying: Any = False
-    target_r: Any = 8
-    init_r: Any = 12
-    tinit: Any = 0
-    tfinal: Any = 0
-    deltaT: Any = 1
-    beta1: Any = 0.85
-    beta2: Any = 0.85
-    orth_reg_weight: Any = 0.5
-    total_step: Any = None
 
 
 @dataclass
-class BeftConfig(PeftConfig):
-    """peft.BeftConfig: its fields and defaults (PEFT 0.21.2)."""
-
-    PEFT_TYPE = "BEFT"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
-    target_modules: Any = None
-    modules_to_save: Any = None
-    init_weights: Any = True
-
-
-@dataclass
-class BOFTConfig(PeftConfig):
+class BOFTConfig(_PeftConfig):
     """peft.BOFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "BOFT"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     boft_block_size: Any = 4
     boft_block_num: Any = 0
     boft_n_butterfly_factor: Any = 1
@@ -106,16 +40,20 @@ class BOFTConfig(PeftConfig):
 
 
 @dataclass
-class C3AConfig(PeftConfig):
+class BeftConfig(_PeftConfig):
+    """peft.BeftConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "BEFT"
+    target_modules: Any = None
+    modules_to_save: Any = None
+    init_weights: Any = True
+
+
+@dataclass
+class C3AConfig(_PeftConfig):
     """peft.C3AConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "C3A"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     block_size: Any = 256
     target_modules: Any = None
     bias: Any = 'none'
@@ -127,16 +65,10 @@ class C3AConfig(PeftConfig):
 
 
 @dataclass
-class DeftConfig(PeftConfig):
+class DeftConfig(_PeftConfig):
     """peft.DeftConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "DEFT"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 8
     target_modules: Any = None
     exclude_modules: Any = None
@@ -154,16 +86,10 @@ class DeftConfig(PeftConfig):
 
 
 @dataclass
-class DeloraConfig(PeftConfig):
+class DeloraConfig(_PeftConfig):
     """peft.DeloraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "DELORA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 8
     delora_lambda: Any = 15
     module_dropout: Any = 0.0
@@ -179,16 +105,10 @@ class DeloraConfig(PeftConfig):
 
 
 @dataclass
-class FourierFTConfig(PeftConfig):
+class FourierFTConfig(_PeftConfig):
     """peft.FourierFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "FOURIERFT"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     n_frequency: Any = 1000
     scaling: Any = 150.0
     random_loc_seed: Any = 777
@@ -204,16 +124,10 @@ class FourierFTConfig(PeftConfig):
 
 
 @dataclass
-class FrodConfig(PeftConfig):
+class FrodConfig(_PeftConfig):
     """peft.FrodConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "FROD"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     target_modules: Any = None
     projection_prng_key: Any = 0
     save_projection: Any = True
@@ -231,16 +145,10 @@ class FrodConfig(PeftConfig):
 
 
 @dataclass
-class GloraConfig(PeftConfig):
+class GloraConfig(_PeftConfig):
     """peft.GloraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "GLORA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 8
     target_modules: Any = None
     bias: Any = 'none'
@@ -252,16 +160,10 @@ class GloraConfig(PeftConfig):
 
 
 @dataclass
-class GraloraConfig(PeftConfig):
+class GraloraConfig(_PeftConfig):
     """peft.GraloraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "GRALORA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 32
     hybrid_r: Any = 0
     target_modules: Any = None
@@ -277,16 +179,26 @@ class GraloraConfig(PeftConfig):
 
 
 @dataclass
-class HiraConfig(PeftConfig):
+class HRAConfig(_PeftConfig):
+    """peft.HRAConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "HRA"
+    r: Any = 8
+    apply_GS: Any = False
+    target_modules: Any = None
+    exclude_modules: Any = None
+    init_weights: Any = True
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    bias: Any = 'none'
+    modules_to_save: Any = None
+
+
+@dataclass
+class HiraConfig(_PeftConfig):
     """peft.HiraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "HIRA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 32
     target_modules: Any = None
     exclude_modules: Any = None
@@ -300,38 +212,10 @@ class HiraConfig(PeftConfig):
 
 
 @dataclass
-class HRAConfig(PeftConfig):
-    """peft.HRAConfig: its fields and defaults (PEFT 0.21.2)."""
-
-    PEFT_TYPE = "HRA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
-    r: Any = 8
-    apply_GS: Any = False
-    target_modules: Any = None
-    exclude_modules: Any = None
-    init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    bias: Any = 'none'
-    modules_to_save: Any = None
-
-
-@dataclass
-class IA3Config(PeftConfig):
+class IA3Config(_PeftConfig):
     """peft.IA3Config: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "IA3"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     target_modules: Any = None
     exclude_modules: Any = None
     feedforward_modules: Any = None
@@ -341,16 +225,20 @@ class IA3Config(PeftConfig):
 
 
 @dataclass
-class LilyConfig(PeftConfig):
+class LNTuningConfig(_PeftConfig):
+    """peft.LNTuningConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "LN_TUNING"
+    target_modules: Any = None
+    exclude_modules: Any = None
+    modules_to_save: Any = None
+
+
+@dataclass
+class LilyConfig(_PeftConfig):
     """peft.LilyConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "LILY"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 32
     stride_A: Any = 1
     num_B: Any = 2
@@ -364,87 +252,10 @@ class LilyConfig(PeftConfig):
 
 
 @dataclass
-class LNTuningConfig(PeftConfig):
-    """peft.LNTuningConfig: its fields and defaults (PEFT 0.21.2)."""
-
-    PEFT_TYPE = "LN_TUNING"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
-    target_modules: Any = None
-    exclude_modules: Any = None
-    modules_to_save: Any = None
-
-
-@dataclass
-class LoHaConfig(PeftConfig):
-    """peft.LoHaConfig: its fields and defaults (PEFT 0.21.2)."""
-
-    PEFT_TYPE = "LOHA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
-    rank_pattern: Any = field(default_factory=lambda: {})
-    alpha_pattern: Any = field(default_factory=lambda: {})
-    r: Any = 8
-    alpha: Any = 8
-    rank_dropout: Any = 0.0
-    module_dropout: Any = 0.0
-    use_effective_conv2d: Any = False
-    target_modules: Any = None
-    exclude_modules: Any = None
-    init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    modules_to_save: Any = None
-
-
-@dataclass
-class LoKrConfig(PeftConfig):
-    """peft.LoKrConfig: its fields and defaults (PEFT 0.21.2)."""
-
-    PEFT_TYPE = "LOKR"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
-    rank_pattern: Any = field(default_factory=lambda: {})
-    alpha_pattern: Any = field(default_factory=lambda: {})
-    r: Any = 8
-    alpha: Any = 8
-    rank_dropout: Any = 0.0
-    module_dropout: Any = 0.0
-    use_effective_conv2d: Any = False
-    decompose_both: Any = False
-    decompose_factor: Any = -1
-    rank_dropout_scale: Any = False
-    target_modules: Any = None
-    exclude_modules: Any = None
-    init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    modules_to_save: Any = None
-
-
-@dataclass
-class LoraConfig(PeftConfig):
+class LoraConfig(_PeftConfig):
     """peft.LoraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "LORA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 8
     target_modules: Any = None
     exclude_modules: Any = None
@@ -482,16 +293,10 @@ class LoraConfig(PeftConfig):
 
 
 @dataclass
-class MissConfig(PeftConfig):
+class MissConfig(_PeftConfig):
     """peft.MissConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "MISS"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 64
     miss_dropout: Any = 0.0
     mini_r: Any = 1
@@ -505,16 +310,10 @@ class MissConfig(PeftConfig):
 
 
 @dataclass
-class OFTConfig(PeftConfig):
+class OFTConfig(_PeftConfig):
     """peft.OFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "OFT"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 0
     oft_block_size: Any = 32
     module_dropout: Any = 0.0
@@ -534,16 +333,10 @@ class OFTConfig(PeftConfig):
 
 
 @dataclass
-class OSFConfig(PeftConfig):
+class OSFConfig(_PeftConfig):
     """peft.OSFConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "OSF"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     effective_rank: Any = None
     target_modules: Any = None
     rank_pattern: Any = None
@@ -553,16 +346,10 @@ class OSFConfig(PeftConfig):
 
 
 @dataclass
-class PeanutConfig(PeftConfig):
+class PeanutConfig(_PeftConfig):
     """peft.PeanutConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "PEANUT"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 32
     depth: Any = 0
     act_fn: Any = 'relu'
@@ -576,16 +363,10 @@ class PeanutConfig(PeftConfig):
 
 
 @dataclass
-class PolyConfig(PeftConfig):
+class PolyConfig(_PeftConfig):
     """peft.PolyConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "POLY"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 8
     target_modules: Any = None
     exclude_modules: Any = None
@@ -598,61 +379,10 @@ class PolyConfig(PeftConfig):
 
 
 @dataclass
-class PrefixTuningConfig(PeftConfig):
-    """peft.PrefixTuningConfig: its fields and defaults (PEFT 0.21.2)."""
-
-    PEFT_TYPE = "PREFIX_TUNING"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
-    num_virtual_tokens: Any = None
-    token_dim: Any = None
-    num_transformer_submodules: Any = None
-    num_attention_heads: Any = None
-    num_layers: Any = None
-    modules_to_save: Any = None
-    init_weights: Any = None
-    encoder_hidden_size: Any = None
-    prefix_projection: Any = False
-
-
-@dataclass
-class PromptTuningConfig(PeftConfig):
-    """peft.PromptTuningConfig: its fields and defaults (PEFT 0.21.2)."""
-
-    PEFT_TYPE = "PROMPT_TUNING"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
-    num_virtual_tokens: Any = None
-    token_dim: Any = None
-    num_transformer_submodules: Any = None
-    num_attention_heads: Any = None
-    num_layers: Any = None
-    modules_to_save: Any = None
-    prompt_tuning_init: Any = 'RANDOM'
-    prompt_tuning_init_text: Any = None
-    tokenizer_name_or_path: Any = None
-    tokenizer_kwargs: Any = None
-
-
-@dataclass
-class PsoftConfig(PeftConfig):
+class PsoftConfig(_PeftConfig):
     """peft.PsoftConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "PSOFT"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 32
     target_modules: Any = None
     exclude_modules: Any = None
@@ -676,16 +406,10 @@ class PsoftConfig(PeftConfig):
 
 
 @dataclass
-class PveraConfig(PeftConfig):
+class PveraConfig(_PeftConfig):
     """peft.PveraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "PVERA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 256
     target_modules: Any = None
     projection_prng_key: Any = 0
@@ -703,39 +427,10 @@ class PveraConfig(PeftConfig):
 
 
 @dataclass
-class PromptEncoderConfig(PeftConfig):
-    """peft.PromptEncoderConfig: its fields and defaults (PEFT 0.21.2)."""
-
-    PEFT_TYPE = "P_TUNING"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
-    num_virtual_tokens: Any = None
-    token_dim: Any = None
-    num_transformer_submodules: Any = None
-    num_attention_heads: Any = None
-    num_layers: Any = None
-    modules_to_save: Any = None
-    encoder_reparameterization_type: Any = 'MLP'
-    encoder_hidden_size: Any = None
-    encoder_num_layers: Any = 2
-    encoder_dropout: Any = 0.0
-
-
-@dataclass
-class RandLoraConfig(PeftConfig):
+class RandLoraConfig(_PeftConfig):
     """peft.RandLoraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "RANDLORA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 32
     target_modules: Any = None
     projection_prng_key: Any = 0
@@ -753,16 +448,10 @@ class RandLoraConfig(PeftConfig):
 
 
 @dataclass
-class RoadConfig(PeftConfig):
+class RoadConfig(_PeftConfig):
     """peft.RoadConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "ROAD"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     variant: Any = 'road_1'
     group_size: Any = 64
     init_weights: Any = True
@@ -771,16 +460,10 @@ class RoadConfig(PeftConfig):
 
 
 @dataclass
-class ShiraConfig(PeftConfig):
+class ShiraConfig(_PeftConfig):
     """peft.ShiraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "SHIRA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 32
     mask_type: Any = 'random'
     random_seed: Any = None
@@ -791,16 +474,10 @@ class ShiraConfig(PeftConfig):
 
 
 @dataclass
-class SupertuningConfig(PeftConfig):
+class SupertuningConfig(_PeftConfig):
     """peft.SupertuningConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "SUPERTUNING"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     target_modules: Any = None
     modules_to_save: Any = None
     sparsity: Any = 0.99
@@ -813,16 +490,10 @@ class SupertuningConfig(PeftConfig):
 
 
 @dataclass
-class TinyLoraConfig(PeftConfig):
+class TinyLoraConfig(_PeftConfig):
     """peft.TinyLoraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "TINYLORA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 2
     u: Any = 64
     weight_tying: Any = 0.0
@@ -840,32 +511,20 @@ class TinyLoraConfig(PeftConfig):
 
 
 @dataclass
-class TrainableTokensConfig(PeftConfig):
+class TrainableTokensConfig(_PeftConfig):
     """peft.TrainableTokensConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "TRAINABLE_TOKENS"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     token_indices: Any = field(default_factory=lambda: [])
     target_modules: Any = None
     init_weights: Any = True
 
 
 @dataclass
-class UniLoraConfig(PeftConfig):
+class UniLoraConfig(_PeftConfig):
     """peft.UniLoraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "UNILORA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 4
     proj_seed: Any = 42
     theta_d_length: Any = 256
@@ -882,16 +541,10 @@ class UniLoraConfig(PeftConfig):
 
 
 @dataclass
-class VBLoRAConfig(PeftConfig):
+class VBLoRAConfig(_PeftConfig):
     """peft.VBLoRAConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "VBLORA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 4
     num_vectors: Any = 256
     vector_length: Any = 256
@@ -910,16 +563,10 @@ class VBLoRAConfig(PeftConfig):
 
 
 @dataclass
-class VeraConfig(PeftConfig):
+class VeraConfig(_PeftConfig):
     """peft.VeraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "VERA"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     r: Any = 256
     target_modules: Any = None
     projection_prng_key: Any = 0
@@ -935,16 +582,10 @@ class VeraConfig(PeftConfig):
 
 
 @dataclass
-class WaveFTConfig(PeftConfig):
+class WaveFTConfig(_PeftConfig):
     """peft.WaveFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "WAVEFT"
-    task_type: Any = None
-    auto_mapping: Any = None
-    peft_version: Any = None
-    base_model_name_or_path: Any = None
-    revision: Any = None
-    inference_mode: Any = False
     n_frequency: Any = 2592
     scaling: Any = 25.0
     wavelet_family: Any = 'db1'
@@ -960,6 +601,114 @@ class WaveFTConfig(PeftConfig):
     n_frequency_pattern: Any = field(default_factory=lambda: {})
     proportional_parameters: Any = False
     init_weights: Any = True
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """peft.AdaLoraConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "ADALORA"
+    rank_pattern: Any = None
+    target_r: Any = 8
+    init_r: Any = 12
+    tinit: Any = 0
+    tfinal: Any = 0
+    deltaT: Any = 1
+    beta1: Any = 0.85
+    beta2: Any = 0.85
+    orth_reg_weight: Any = 0.5
+    total_step: Any = None
+
+
+@dataclass
+class _LycorisConfig(_PeftConfig):
+    """Fields peft.LycorisConfig gives its subclasses."""
+
+    rank_pattern: Any = field(default_factory=lambda: {})
+    alpha_pattern: Any = field(default_factory=lambda: {})
+
+
+@dataclass
+class LoHaConfig(_LycorisConfig):
+    """peft.LoHaConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "LOHA"
+    r: Any = 8
+    alpha: Any = 8
+    rank_dropout: Any = 0.0
+    module_dropout: Any = 0.0
+    use_effective_conv2d: Any = False
+    target_modules: Any = None
+    exclude_modules: Any = None
+    init_weights: Any = True
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    modules_to_save: Any = None
+
+
+@dataclass
+class LoKrConfig(_LycorisConfig):
+    """peft.LoKrConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "LOKR"
+    r: Any = 8
+    alpha: Any = 8
+    rank_dropout: Any = 0.0
+    module_dropout: Any = 0.0
+    use_effective_conv2d: Any = False
+    decompose_both: Any = False
+    decompose_factor: Any = -1
+    rank_dropout_scale: Any = False
+    target_modules: Any = None
+    exclude_modules: Any = None
+    init_weights: Any = True
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    modules_to_save: Any = None
+
+
+@dataclass
+class _PromptLearningConfig(_PeftConfig):
+    """Fields peft.PromptLearningConfig gives its subclasses."""
+
+    num_virtual_tokens: Any = None
+    token_dim: Any = None
+    num_transformer_submodules: Any = None
+    num_attention_heads: Any = None
+    num_layers: Any = None
+    modules_to_save: Any = None
+
+
+@dataclass
+class PrefixTuningConfig(_PromptLearningConfig):
+    """peft.PrefixTuningConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "PREFIX_TUNING"
+    init_weights: Any = None
+    encoder_hidden_size: Any = None
+    prefix_projection: Any = False
+
+
+@dataclass
+class PromptEncoderConfig(_PromptLearningConfig):
+    """peft.PromptEncoderConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "P_TUNING"
+    encoder_reparameterization_type: Any = 'MLP'
+    encoder_hidden_size: Any = None
+    encoder_num_layers: Any = 2
+    encoder_dropout: Any = 0.0
+
+
+@dataclass
+class PromptTuningConfig(_PromptLearningConfig):
+    """peft.PromptTuningConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "PROMPT_TUNING"
+    prompt_tuning_init: Any = 'RANDOM'
+    prompt_tuning_init_text: Any = None
+    tokenizer_name_or_path: Any = None
+    tokenizer_kwargs: Any = None
 
 
 __all__ = ["AdaLoraConfig", "BOFTConfig", "BeftConfig", "C3AConfig", "DeftConfig", "DeloraConfig", "FourierFTConfig", "FrodConfig", "GloraConfig", "GraloraConfig", "HRAConfig", "HiraConfig", "IA3Config", "LNTuningConfig", "LilyConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "MissConfig", "OFTConfig", "OSFConfig", "PeanutConfig", "PolyConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PsoftConfig", "PveraConfig", "RandLoraConfig", "RoadConfig", "ShiraConfig", "SupertuningConfig", "TinyLoraConfig", "TrainableTokensConfig", "UniLoraConfig", "VBLoRAConfig", "VeraConfig", "WaveFTConfig"]

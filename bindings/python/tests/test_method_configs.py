@@ -45,28 +45,27 @@ def peft_config(name):
     return cls(**kwargs)
 
 
+def assert_builds(model, config, peft_type):
+    """`config` adds an adapter of `peft_type` with trainable parameters; the model is left without it."""
+    model.add_adapter("probe", config)
+    try:
+        entry = model.list_adapters()["adapters"][0]
+        assert entry["peft_type"] == peft_type
+        assert entry["trainable_parameters"] > 0
+    finally:
+        model.delete_adapter("probe")
+
+
 @pytest.mark.parametrize("name", peft_configs.__all__)
 def test_peft_config_class_builds_its_adapter(bert, name):
     config = peft_config(name)
     assert config.to_dict()["peft_type"] == config.PEFT_TYPE
-    bert.add_adapter("probe", config)
-    try:
-        entry = bert.list_adapters()["adapters"][0]
-        assert entry["peft_type"] == config.PEFT_TYPE
-        assert entry["trainable_parameters"] > 0
-    finally:
-        bert.delete_adapter("probe")
+    assert_builds(bert, config, config.PEFT_TYPE)
 
 
 @pytest.mark.parametrize("config", OWN, ids=lambda c: c.peft_type)
 def test_graft_method_builds_through_adapter_config(bert, config):
-    bert.add_adapter("probe", config)
-    try:
-        entry = bert.list_adapters()["adapters"][0]
-        assert entry["peft_type"] == config.peft_type
-        assert entry["trainable_parameters"] > 0
-    finally:
-        bert.delete_adapter("probe")
+    assert_builds(bert, config, config.peft_type)
 
 
 def test_config_classes_mirror_peft_names():
