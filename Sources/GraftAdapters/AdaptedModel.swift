@@ -112,9 +112,11 @@ public final class AdaptedModel: @unchecked Sendable {
         let matcher = TargetMatcher(config: config)
         var matchedNonLinear: [String] = []
         var targets: [(String, Linear)] = []
+        let parameterTargets = config.peftType == LoRAFactory.peftType ? try parameterTargetPaths(config: config) : []
         for (path, module) in root.namedModules() where !path.isEmpty {
             let isLinear = module is Linear
-            guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path)) else { continue }
+            guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path))
+                    || parameterTargets.contains(path) else { continue }
             guard let lin = module as? Linear else {
                 // Containers whose name matches (e.g. "output" in BERT) are skipped as PEFT skips them.
                 if !(module is ModuleList) { matchedNonLinear.append("\(path) (\(module.typeName))") }

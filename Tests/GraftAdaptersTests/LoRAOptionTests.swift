@@ -11,7 +11,7 @@ import GraftTestSupport
 /// (scripts/fixtures/peft-minilm-lora-options.py), and `"gaussian"` initialization by its definition.
 @Suite(.serialized) struct LoRAOptionTests {
     static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all", "lora_trainable_tokens",
-                           "lora_trainable_tokens_dict"]
+                           "lora_trainable_tokens_dict", "lora_target_parameters", "lora_target_modules_and_parameters"]
 
     func fixture(_ name: String) -> String { Assets.fixture("peft-minilm-lora-options/\(name)") }
 
@@ -114,6 +114,24 @@ import GraftTestSupport
         let adapter = try model.addAdapter("t", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["query"],
                                                                              "trainable_token_indices": [101, 2023]], source: "tokens"))
         #expect(adapter.parameterCount == 6 * 2 * 2 * 384 + 2 * 384)
+    }
+
+    @Test func targetParametersNameLinearWeightsOnly() throws {
+        let model = AdaptedModel(root: try Assets.loadMiniLM())
+        for (entry, fragment) in [("no_such.weight", "matches no parameter"), ("query.bias", "not the weight of a Linear"),
+                                  ("word_embeddings.weight", "not the weight of a Linear")] {
+            let json: [String: Any] = ["peft_type": "LORA", "r": 2, "target_modules": [String](), "target_parameters": [entry]]
+            do {
+                try model.addAdapter("p", config: AdapterConfig(json: json, source: "params"))
+                Issue.record("accepted target_parameters \(entry)")
+            } catch let e as GraftError {
+                #expect(e.message.contains("target_parameters") && e.message.contains(fragment), "\(e.message)")
+            }
+        }
+        // Without target_modules at all, target_parameters alone selects the layers.
+        let adapter = try model.addAdapter("p", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_parameters": ["value.weight"]],
+                                                                      source: "params"))
+        #expect(adapter.layers.map(\.path).allSatisfy { $0.hasSuffix("attention.self.value") } && adapter.layers.count == 6)
     }
 
     @Test func loraBiasFollowsPEFTsRules() throws {
