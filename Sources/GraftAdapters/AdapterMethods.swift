@@ -106,6 +106,10 @@ public enum LoRAFactory: AdapterMethodFactory {
             }
             if svdInit == .corda { _ = try CorDAOptions.method(config) }
         }
+        let usesDoRA = try config.bool("use_dora", default: false)
+        if try KaSAOptions.parse(config) != nil, svdInit != nil || usesDoRA {
+            throw GraftError(.unsupported, "\(config.source): 'kasa_config' cannot be combined with use_dora or init_lora_weights \(JSONScalar.describe(config.value("init_lora_weights")))")
+        }
         // PEFT's own rules for lora_bias (LoraConfig.__post_init__).
         if try config.bool("lora_bias", default: false) {
             if svdInit != nil || JSONScalar.isBool(config.value("init_lora_weights") ?? true) == false {
@@ -145,7 +149,14 @@ public enum LoRAFactory: AdapterMethodFactory {
         case .olora?: try lora.initializeOLoRA(base: layer, path: "\(config.source): \(path)")
         case .corda?, nil: break  // CorDA waits for AdaptedModel.initializeCorDA and its data.
         }
+        if try KaSAOptions.parse(config) != nil { try lora.initializeKaSA(base: layer, path: "\(config.source): \(path)") }
         return lora
+    }
+
+    /// KaSA's regularizers (`KaSA.swift`); none for other LoRA.
+    public static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)? {
+        guard let options = try KaSAOptions.parse(adapter.config) else { return nil }
+        return KaSARegularizer(layers: adapter.layers.compactMap { $0.adapter as? LoRALayer }, options: options)
     }
 }
 

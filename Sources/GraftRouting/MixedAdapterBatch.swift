@@ -217,9 +217,10 @@ final class RoutedLinear: LinearAdapter {
 }
 
 extension LoRALayer {
-    /// Plain LoRA (no DoRA magnitude, no `lora_bias`, no frozen initial factors) outside training dropout: its update can be added in place by ``addUpdate(input:into:parallel:)``.
+    /// Plain LoRA (no DoRA magnitude, `lora_bias`, frozen initial factors or KaSA parts) outside training dropout: its update can be added in place by ``addUpdate(input:into:parallel:)``.
     var isFusable: Bool {
-        magnitude == nil && loraBias == nil && initialFactors == nil && !(state.isTraining && dropoutProbability > 0)
+        magnitude == nil && loraBias == nil && initialFactors == nil && kasaDiagonal == nil && droppedComponent == nil
+            && !(state.isTraining && dropoutProbability > 0)
     }
 
     /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory on the calling thread

@@ -11,7 +11,8 @@ import GraftTestSupport
 /// (scripts/fixtures/peft-minilm-lora-options.py), and `"gaussian"` initialization by its definition.
 @Suite(.serialized) struct LoRAOptionTests {
     static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all", "lora_trainable_tokens",
-                           "lora_trainable_tokens_dict", "lora_target_parameters", "lora_target_modules_and_parameters"]
+                           "lora_trainable_tokens_dict", "lora_target_parameters", "lora_target_modules_and_parameters",
+                           "kasa"]
 
     func fixture(_ name: String) -> String { Assets.fixture("peft-minilm-lora-options/\(name)") }
 
@@ -132,6 +133,39 @@ import GraftTestSupport
         let adapter = try model.addAdapter("p", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_parameters": ["value.weight"]],
                                                                       source: "params"))
         #expect(adapter.layers.map(\.path).allSatisfy { $0.hasSuffix("attention.self.value") } && adapter.layers.count == 6)
+    }
+
+    /// KaSA's regularizer is β Σ ΔΣ² + γ (‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) over the layers, recomputed here in Float64.
+    @Test func kasaRegularizerIsThePapersPenalty() throws {
+        let model = AdaptedModel(root: try Assets.loadMiniLM())
+        let adapter = try model.addAdapter("k", config: AdapterConfig(json: ["peft_type": "LORA", "r": 4, "target_modules": ["query"],
+                                                                             "init_lora_weights": false,
+                                                                             "kasa_config": ["beta": 0.5, "gamma": 0.25]], source: "kasa"))
+        guard let value = adapter.trainingHooks.compactMap({ $0.regularization() }).first?.item else {
+            Issue.record("KaSA adds no regularization"); return
+        }
+        var expected = 0.0
+        for case let layer as LoRALayer in adapter.layers.map(\.adapter) {
+            let d = layer.kasaDiagonal?.scalars.map(Double.init) ?? []
+            expected += 0.5 * d.reduce(0) { $0 + $1 * $1 }
+            let a = layer.loraA.scalars.map(Double.init), b = layer.loraB.scalars.map(Double.init)
+            let r = layer.rank, inF = layer.loraA.shape[1], outF = layer.loraB.shape[0]
+            var gb = 0.0, ga = 0.0
+            for i in 0..<r {
+                for j in 0..<r {
+                    let bij = (0..<outF).reduce(0.0) { $0 + b[$1 * r + i] * b[$1 * r + j] } - (i == j ? 1 : 0)
+                    let aij = (0..<inF).reduce(0.0) { $0 + a[i * inF + $1] * a[j * inF + $1] } - (i == j ? 1 : 0)
+                    gb += bij * bij
+                    ga += aij * aij
+                }
+            }
+            expected += 0.25 * (gb.squareRoot() + ga.squareRoot())
+        }
+        #expect(value.isFinite && abs(Double(value) - expected) <= 1e-4 * max(1, abs(expected)), "\(value) vs \(expected)")
+        #expect(throws: GraftError.self) {
+            try model.addAdapter("x", config: AdapterConfig(json: ["peft_type": "LORA", "r": 4, "target_modules": ["query"],
+                                                                   "kasa_config": ["beta": -1]], source: "kasa"))
+        }
     }
 
     @Test func loraBiasFollowsPEFTsRules() throws {

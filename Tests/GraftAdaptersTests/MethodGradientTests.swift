@@ -39,6 +39,7 @@ import GraftTestSupport
         ("PiSSA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"init_lora_weights":"pissa"}"#),
         ("MiLoRA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"init_lora_weights":"milora"}"#),
         ("OLoRA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"init_lora_weights":"olora"}"#),
+        ("KaSA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"kasa_config":{},"init_lora_weights":false}"#),
         ("LoRA bias", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"lora_bias":true,"init_lora_weights":false}"#),
         ("SVFT banded", #"{"peft_type":"SVFT","pattern":"banded","off_diag":1,"target_modules":["proj"]}"#),
         ("SVFT random", #"{"peft_type":"SVFT","pattern":"random","off_diag":2,"target_modules":["proj"]}"#),

@@ -34,6 +34,10 @@ public final class LoRALayer: LinearAdapterMethod {
     /// subtracts `s·B₀A₀x` itself: `y = W x + s·B A x − s·B₀A₀ x`, the same function (and the same gradients)
     /// as PEFT's residual model, with the base left intact for other adapters and `disable_adapter`.
     public internal(set) var initialFactors: (a: Tensor, b: Tensor)?
+    /// KaSA's trainable singular values `ΔΣ` `[r]` (`lora_diag`; see `KaSA.swift`); nil for other LoRA.
+    public internal(set) var kasaDiagonal: Tensor?
+    /// KaSA's frozen dropped component `(U_d S_d [out, r], V_dᵀ [r, in])`, subtracted from the base output.
+    public internal(set) var droppedComponent: (us: Tensor, vh: Tensor)?
     /// Input statistics gathered for CorDA's initialization (see `CorDA.swift`); nil unless collecting.
     var covarianceCollector: CovarianceCollector?
 
@@ -71,6 +75,7 @@ public final class LoRALayer: LinearAdapterMethod {
     public var namedParameters: [(name: String, tensor: Tensor)] {
         var p: [(String, Tensor)] = [("lora_A.weight", loraA), ("lora_B.weight", loraB)]
         if let loraBias { p.append(("lora_B.bias", loraBias)) }
+        if let kasaDiagonal { p.append(("lora_diag", kasaDiagonal)) }
         if let magnitude { p.append(("lora_magnitude_vector", magnitude)) }
         return p
     }
@@ -78,8 +83,10 @@ public final class LoRALayer: LinearAdapterMethod {
     public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
         covarianceCollector?.add(x)
-        let h = linear(dropout(x, p: dropoutProbability, state: state), loraA)
-        let out = y + linear(h, loraB, loraBias) * scaling
+        let projected = linear(dropout(x, p: dropoutProbability, state: state), loraA)
+        let h = kasaDiagonal.map { projected * $0 } ?? projected
+        var out = y + linear(h, loraB, loraBias) * scaling
+        if let (us, vh) = droppedComponent { out = out - linear(linear(x, vh), us) }
         guard let (a0, b0) = initialFactors else { return out }
         return out - linear(linear(x, a0), b0) * scaling
     }
@@ -90,7 +97,8 @@ public final class LoRALayer: LinearAdapterMethod {
 
     public func deltaWeight(base: Linear) -> Tensor? {
         let delta = withNoGrad {
-            let d = matmul(loraB, loraA) * scaling
+            var d = matmul(kasaDiagonal.map { loraB * $0 } ?? loraB, loraA) * scaling
+            if let (us, vh) = droppedComponent { d = d - matmul(us, vh) }
             guard let (a0, b0) = initialFactors else { return d }
             return d - matmul(b0, a0) * scaling
         }
@@ -114,6 +122,9 @@ public final class LoRALayer: LinearAdapterMethod {
         switch name {
         case "lora_A.weight": try copyParameter(name, into: loraA, from: tensor)
         case "lora_B.weight": try copyParameter(name, into: loraB, from: tensor)
+        case "lora_diag":
+            guard let kasaDiagonal else { throw GraftError.format("'lora_diag' given for a LoRA layer without kasa_config") }
+            try copyParameter(name, into: kasaDiagonal, from: tensor)
         case "lora_B.bias":
             guard let loraBias else { throw GraftError.format("'lora_B.bias' given for a LoRA layer without lora_bias") }
             try copyParameter(name, into: loraBias, from: tensor)
