@@ -397,10 +397,11 @@ GRAFT_API graft_status graft_adapter_unmerge(graft_model *model, const char *nam
  * @param count         number of adapters (>= 1; with 1 the combination is always "linear", as in PEFT).
  * @param options_json  NULL, or a JSON object with PEFT's keyword arguments (absent or null = PEFT's default):
  *                        "combination_type": "svd" (default), "linear", "cat", "ties", "ties_svd", "dare_linear",
- *                          "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd";
+ *                          "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd",
+ *                          or Graft's "copa" (CoPA-Merging, needs density; an svd-type result);
  *                        "svd_rank": rank of an svd-type result (default: the largest source rank);
  *                        "svd_clamp": quantile in [0, 1] at which the SVD factors are clamped (default: none);
- *                        "density": fraction of entries kept, required by ties, dare_* and magnitude_prune*;
+ *                        "density": fraction of entries kept, required by ties, dare_*, magnitude_prune* and copa;
  *                        "majority_sign_method": "total" (default) or "frequency";
  *                        "seed": seed of DARE's random masks (Graft's; default 0, the same seed gives the same
  *                          adapter); "svd_full_matrices", "svd_driver": accepted, no effect on the result.

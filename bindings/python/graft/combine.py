@@ -40,7 +40,7 @@ class AdapterCombinationMixin:
 
         Arguments as PEFT's: `adapters` (names) and `weights` (one each; negative weights subtract);
         `combination_type` one of svd (default), linear, cat, ties, ties_svd, dare_linear, dare_ties,
-        dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd; `svd_rank` (default: the largest
+        dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd, or Graft's copa; `svd_rank` (default: the largest
         source rank); `svd_clamp` (a quantile; default none); `density` (required by the pruning types);
         `majority_sign_method` "total" or "frequency". `svd_full_matrices` and `svd_driver` do not change the
         result. Graft's `seed` fixes DARE's random masks.
