@@ -32,6 +32,8 @@ struct Compress: ParsableCommand {
     var task: String?
     @Option(help: "Number of labels of a seq-cls head.")
     var numLabels: Int = 3
+    @Option(help: "Seed of the model's head (a seq-cls adapter without modules_to_save reads through the head this seed draws).")
+    var seed: UInt64?
 
     func run() throws {
         try graft.run {
@@ -47,6 +49,7 @@ struct Compress: ParsableCommand {
             var modelOptions = ModelOptions()
             modelOptions.task = sessionTask
             modelOptions.numLabels = numLabels
+            if let seed { modelOptions.seed = seed }
             try modelOptions.validate()
             let session = try AssetCache.openSession(modelName, options: modelOptions)
             try session.loadAdapter(directory: adapter, name: "original")
