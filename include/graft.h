@@ -397,10 +397,11 @@ GRAFT_API graft_status graft_adapter_unmerge(graft_model *model, const char *nam
  * @param count         number of adapters (>= 1; with 1 the combination is always "linear", as in PEFT).
  * @param options_json  NULL, or a JSON object with PEFT's keyword arguments (absent or null = PEFT's default):
  *                        "combination_type": "svd" (default), "linear", "cat", "ties", "ties_svd", "dare_linear",
- *                          "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd";
+ *                          "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd",
+ *                          or Graft's "copa" (CoPA-Merging, needs density; an svd-type result);
  *                        "svd_rank": rank of an svd-type result (default: the largest source rank);
  *                        "svd_clamp": quantile in [0, 1] at which the SVD factors are clamped (default: none);
- *                        "density": fraction of entries kept, required by ties, dare_* and magnitude_prune*;
+ *                        "density": fraction of entries kept, required by ties, dare_*, magnitude_prune* and copa;
  *                        "majority_sign_method": "total" (default) or "frequency";
  *                        "seed": seed of DARE's random masks (Graft's; default 0, the same seed gives the same
  *                          adapter); "svd_full_matrices", "svd_driver": accepted, no effect on the result.
@@ -414,6 +415,27 @@ GRAFT_API graft_status graft_adapter_unmerge(graft_model *model, const char *nam
 GRAFT_API graft_status graft_adapter_combine(graft_model *model, const char *name, const char *const *adapters,
                                              const double *weights, size_t count, const char *options_json,
                                              char **report_json);
+
+/**
+ * Writes adapter `name` compressed to `directory` (added in 0.3.0): PEFT's adapter_config.json beside one packed
+ * safetensors file, written crash-safely (the directory is created if missing). graft_adapter_load reads such a
+ * directory back as a working adapter holding the decoded values.
+ * @param method        "compeft": ComPEFT, each tensor's top `density` entries by magnitude stored as alpha*sigma*sign
+ *                        (sigma: the tensor's standard deviation) with a mask bit per entry and a sign bit per kept
+ *                        entry (adapter_compeft.safetensors);
+ *                      "onebit": a sign bit per value and an error-minimizing float32 scale per row group
+ *                        (adapter_1bit.safetensors).
+ * @param options_json  NULL, or a JSON object: "density" (compeft; fraction in (0, 1], default 0.1), "alpha"
+ *                      (compeft; positive, default 1); onebit takes no options.
+ * @param report_json   NULL, or receives {"method", "file_bytes" (the packed file's size), "float32_bytes" (the
+ *                      tensors as float32), "packed_bytes" (bits and scales), "kept_fraction" (compeft, else null)};
+ *                      release it with graft_string_free.
+ * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no adapter `name`); GRAFT_ERR_INVALID_ARGUMENT (NULLs, an unknown method
+ *         or option, density or alpha out of range); GRAFT_ERR_UNSUPPORTED (an adapter with modules_to_save copies,
+ *         shared tensors or frozen buffers); GRAFT_ERR_IO (the directory cannot be written).
+ */
+GRAFT_API graft_status graft_adapter_compress(graft_model *model, const char *name, const char *method,
+                                              const char *directory, const char *options_json, char **report_json);
 
 /**
  * PEFT's merge_and_unload() then transformers' save_pretrained (added in 0.3.0): merges adapter `adapter` into the

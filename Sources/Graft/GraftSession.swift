@@ -58,10 +58,13 @@ public final class GraftSession: @unchecked Sendable {
 
     /// Loads the PEFT adapter in `directory` as `name`, with its class names (`labels.json`) when the model
     /// classifies: they must match the head's class count, and string labels in data are numbered by them.
-    /// A path ending in `.gguf` is a llama.cpp GGUF LoRA file instead (``loadGGUFLoRA(path:name:)``).
+    /// A path ending in `.gguf` is a llama.cpp GGUF LoRA file instead (``loadGGUFLoRA(path:name:)``); a directory
+    /// holding a ComPEFT or 1-bit packed file (``compressAdapter(name:method:directory:optionsJSON:)``) loads as the
+    /// adapter those bits decode to.
     @discardableResult
     public func loadAdapter(directory: String, name: String = "default") throws -> NamedAdapter {
         if directory.lowercased().hasSuffix(".gguf") { return try loadGGUFLoRA(path: directory, name: name) }
+        if let compressed = try loadCompressedAdapter(directory: directory, name: name) { return compressed }
         let names = try ClassLabelFile.read(directory: directory)
         if let names, let classifier = taskModel as? SequenceClassificationTaskModel {
             try SequenceClassificationTaskModel.check(names, numLabels: classifier.numLabels,

@@ -32,3 +32,17 @@ public func graft_model_save_merged(_ model: OpaquePointer?, _ adapter: UnsafePo
         try s.mergeAndUnloadSave(adapter: try string(adapter, "adapter"), directory: try string(directory, "directory"))
     }
 }
+
+/// The C entry point `graft_adapter_compress`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
+@_cdecl("graft_adapter_compress")
+public func graft_adapter_compress(_ model: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ method: UnsafePointer<CChar>?,
+                                   _ directory: UnsafePointer<CChar>?, _ options: UnsafePointer<CChar>?,
+                                   _ report: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> graft_status {
+    guarded {
+        let s = try session(model)
+        let kind = try AdapterCompressionMethod(name: try string(method, "method"))
+        let json = try s.compressAdapter(name: try string(name, "name"), method: kind, directory: try string(directory, "directory"),
+                                         optionsJSON: try options.map { try string($0, "options_json") })
+        if let report { report.pointee = try mallocString(json) }
+    }
+}

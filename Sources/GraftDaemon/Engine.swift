@@ -101,6 +101,7 @@ final class Engine: @unchecked Sendable {
         case .deleteAdapter(let r): try deleteAdapter(r, context)
         case .setActiveAdapter(let r): try setActiveAdapter(r, context)
         case .combineAdapters(let r): try combineAdapters(r, context)
+        case .compressAdapter(let r): try compressAdapter(r, context)
         case .forward(let r): runForwards(modelID: r.modelID, [(r, context)])
         case .generate(let r): try generate(r, context)
         case .startTraining(let r): try startTraining(r, context)

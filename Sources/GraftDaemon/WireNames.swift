@@ -40,6 +40,7 @@ extension Daemon {
         case .deleteAdapter: return "delete_adapter"
         case .setActiveAdapter: return "set_active_adapter"
         case .combineAdapters: return "combine_adapters"
+        case .compressAdapter: return "compress_adapter"
         case .forward: return "forward"
         case .generate: return "generate"
         case .startTraining: return "start_training"

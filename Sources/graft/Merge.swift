@@ -19,9 +19,9 @@ struct Merge: ParsableCommand {
     var adapters: [String]
     @Option(help: "Comma-separated weights, one per adapter (negative weights subtract). Default: 1 each.")
     var weights: String?
-    @Option(help: "combination_type: svd (PEFT's default), linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd.")
+    @Option(help: "combination_type: svd (PEFT's default), linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd; Graft's copa (CoPA-Merging).")
     var method: String = "svd"
-    @Option(help: "Fraction of entries kept by the pruning methods (ties, dare_*, magnitude_prune*).")
+    @Option(help: "Fraction of entries kept by the pruning methods (ties, dare_*, magnitude_prune*, copa).")
     var density: Double?
     @Option(help: "TIES's sign election: total or frequency.")
     var majoritySignMethod: String = "total"

@@ -907,6 +907,96 @@ void   graft__v1__adapter_combined__free_unpacked
   assert(message->base.descriptor == &graft__v1__adapter_combined__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   graft__v1__compress_adapter__init
+                     (Graft__V1__CompressAdapter         *message)
+{
+  static const Graft__V1__CompressAdapter init_value = GRAFT__V1__COMPRESS_ADAPTER__INIT;
+  *message = init_value;
+}
+size_t graft__v1__compress_adapter__get_packed_size
+                     (const Graft__V1__CompressAdapter *message)
+{
+  assert(message->base.descriptor == &graft__v1__compress_adapter__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t graft__v1__compress_adapter__pack
+                     (const Graft__V1__CompressAdapter *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &graft__v1__compress_adapter__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t graft__v1__compress_adapter__pack_to_buffer
+                     (const Graft__V1__CompressAdapter *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &graft__v1__compress_adapter__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Graft__V1__CompressAdapter *
+       graft__v1__compress_adapter__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Graft__V1__CompressAdapter *)
+     protobuf_c_message_unpack (&graft__v1__compress_adapter__descriptor,
+                                allocator, len, data);
+}
+void   graft__v1__compress_adapter__free_unpacked
+                     (Graft__V1__CompressAdapter *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &graft__v1__compress_adapter__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   graft__v1__adapter_compressed__init
+                     (Graft__V1__AdapterCompressed         *message)
+{
+  static const Graft__V1__AdapterCompressed init_value = GRAFT__V1__ADAPTER_COMPRESSED__INIT;
+  *message = init_value;
+}
+size_t graft__v1__adapter_compressed__get_packed_size
+                     (const Graft__V1__AdapterCompressed *message)
+{
+  assert(message->base.descriptor == &graft__v1__adapter_compressed__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t graft__v1__adapter_compressed__pack
+                     (const Graft__V1__AdapterCompressed *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &graft__v1__adapter_compressed__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t graft__v1__adapter_compressed__pack_to_buffer
+                     (const Graft__V1__AdapterCompressed *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &graft__v1__adapter_compressed__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Graft__V1__AdapterCompressed *
+       graft__v1__adapter_compressed__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Graft__V1__AdapterCompressed *)
+     protobuf_c_message_unpack (&graft__v1__adapter_compressed__descriptor,
+                                allocator, len, data);
+}
+void   graft__v1__adapter_compressed__free_unpacked
+                     (Graft__V1__AdapterCompressed *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &graft__v1__adapter_compressed__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   graft__v1__sequence__init
                      (Graft__V1__Sequence         *message)
 {
@@ -1762,7 +1852,7 @@ void   graft__v1__shutdown__free_unpacked
   assert(message->base.descriptor == &graft__v1__shutdown__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor graft__v1__request__field_descriptors[21] =
+static const ProtobufCFieldDescriptor graft__v1__request__field_descriptors[22] =
 {
   {
     "id",
@@ -2016,12 +2106,25 @@ static const ProtobufCFieldDescriptor graft__v1__request__field_descriptors[21] 
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "compress_adapter",
+    30,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Graft__V1__Request, kind_case),
+    offsetof(Graft__V1__Request, compress_adapter),
+    &graft__v1__compress_adapter__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__request__field_indices_by_name[] = {
   5,   /* field[5] = add_adapter */
   16,   /* field[16] = attach_job */
   15,   /* field[15] = cancel_job */
   20,   /* field[20] = combine_adapters */
+  21,   /* field[21] = compress_adapter */
   9,   /* field[9] = delete_adapter */
   11,   /* field[11] = forward */
   12,   /* field[12] = generate */
@@ -2044,7 +2147,7 @@ static const ProtobufCIntRange graft__v1__request__number_ranges[2 + 1] =
 {
   { 1, 0 },
   { 10, 1 },
-  { 0, 21 }
+  { 0, 22 }
 };
 const ProtobufCMessageDescriptor graft__v1__request__descriptor =
 {
@@ -2054,14 +2157,14 @@ const ProtobufCMessageDescriptor graft__v1__request__descriptor =
   "Graft__V1__Request",
   "graft.v1",
   sizeof(Graft__V1__Request),
-  21,
+  22,
   graft__v1__request__field_descriptors,
   graft__v1__request__field_indices_by_name,
   2,  graft__v1__request__number_ranges,
   (ProtobufCMessageInit) graft__v1__request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__response__field_descriptors[15] =
+static const ProtobufCFieldDescriptor graft__v1__response__field_descriptors[16] =
 {
   {
     "id",
@@ -2243,10 +2346,23 @@ static const ProtobufCFieldDescriptor graft__v1__response__field_descriptors[15]
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "compressed",
+    32,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Graft__V1__Response, kind_case),
+    offsetof(Graft__V1__Response, compressed),
+    &graft__v1__adapter_compressed__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__response__field_indices_by_name[] = {
   6,   /* field[6] = adapters */
   14,   /* field[14] = combined */
+  15,   /* field[15] = compressed */
   1,   /* field[1] = error */
   13,   /* field[13] = event */
   7,   /* field[7] = forward */
@@ -2269,7 +2385,7 @@ static const ProtobufCIntRange graft__v1__response__number_ranges[6 + 1] =
   { 20, 7 },
   { 27, 11 },
   { 29, 12 },
-  { 0, 15 }
+  { 0, 16 }
 };
 const ProtobufCMessageDescriptor graft__v1__response__descriptor =
 {
@@ -2279,7 +2395,7 @@ const ProtobufCMessageDescriptor graft__v1__response__descriptor =
   "Graft__V1__Response",
   "graft.v1",
   sizeof(Graft__V1__Response),
-  15,
+  16,
   graft__v1__response__field_descriptors,
   graft__v1__response__field_indices_by_name,
   6,  graft__v1__response__number_ranges,
@@ -3312,6 +3428,134 @@ const ProtobufCMessageDescriptor graft__v1__adapter_combined__descriptor =
   graft__v1__adapter_combined__field_indices_by_name,
   1,  graft__v1__adapter_combined__number_ranges,
   (ProtobufCMessageInit) graft__v1__adapter_combined__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor graft__v1__compress_adapter__field_descriptors[5] =
+{
+  {
+    "model_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__CompressAdapter, model_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "name",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__CompressAdapter, name),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "method",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__CompressAdapter, method),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "directory",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__CompressAdapter, directory),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "options_json",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__CompressAdapter, options_json),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned graft__v1__compress_adapter__field_indices_by_name[] = {
+  3,   /* field[3] = directory */
+  2,   /* field[2] = method */
+  0,   /* field[0] = model_id */
+  1,   /* field[1] = name */
+  4,   /* field[4] = options_json */
+};
+static const ProtobufCIntRange graft__v1__compress_adapter__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor graft__v1__compress_adapter__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "graft.v1.CompressAdapter",
+  "CompressAdapter",
+  "Graft__V1__CompressAdapter",
+  "graft.v1",
+  sizeof(Graft__V1__CompressAdapter),
+  5,
+  graft__v1__compress_adapter__field_descriptors,
+  graft__v1__compress_adapter__field_indices_by_name,
+  1,  graft__v1__compress_adapter__number_ranges,
+  (ProtobufCMessageInit) graft__v1__compress_adapter__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor graft__v1__adapter_compressed__field_descriptors[1] =
+{
+  {
+    "report_json",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__AdapterCompressed, report_json),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned graft__v1__adapter_compressed__field_indices_by_name[] = {
+  0,   /* field[0] = report_json */
+};
+static const ProtobufCIntRange graft__v1__adapter_compressed__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor graft__v1__adapter_compressed__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "graft.v1.AdapterCompressed",
+  "AdapterCompressed",
+  "Graft__V1__AdapterCompressed",
+  "graft.v1",
+  sizeof(Graft__V1__AdapterCompressed),
+  1,
+  graft__v1__adapter_compressed__field_descriptors,
+  graft__v1__adapter_compressed__field_indices_by_name,
+  1,  graft__v1__adapter_compressed__number_ranges,
+  (ProtobufCMessageInit) graft__v1__adapter_compressed__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor graft__v1__sequence__field_descriptors[1] =

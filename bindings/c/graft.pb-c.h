@@ -35,6 +35,8 @@ typedef struct Graft__V1__DeleteAdapter Graft__V1__DeleteAdapter;
 typedef struct Graft__V1__SetActiveAdapter Graft__V1__SetActiveAdapter;
 typedef struct Graft__V1__CombineAdapters Graft__V1__CombineAdapters;
 typedef struct Graft__V1__AdapterCombined Graft__V1__AdapterCombined;
+typedef struct Graft__V1__CompressAdapter Graft__V1__CompressAdapter;
+typedef struct Graft__V1__AdapterCompressed Graft__V1__AdapterCompressed;
 typedef struct Graft__V1__Sequence Graft__V1__Sequence;
 typedef struct Graft__V1__Forward Graft__V1__Forward;
 typedef struct Graft__V1__ForwardResult Graft__V1__ForwardResult;
@@ -185,7 +187,8 @@ typedef enum {
   GRAFT__V1__REQUEST__KIND_SAVE_CHECKPOINT = 26,
   GRAFT__V1__REQUEST__KIND_SERVER_STATS = 27,
   GRAFT__V1__REQUEST__KIND_SHUTDOWN = 28,
-  GRAFT__V1__REQUEST__KIND_COMBINE_ADAPTERS = 29
+  GRAFT__V1__REQUEST__KIND_COMBINE_ADAPTERS = 29,
+  GRAFT__V1__REQUEST__KIND_COMPRESS_ADAPTER = 30
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__REQUEST__KIND__CASE)
 } Graft__V1__Request__KindCase;
 
@@ -221,6 +224,7 @@ struct  Graft__V1__Request
     Graft__V1__ServerStatsRequest *server_stats;
     Graft__V1__Shutdown *shutdown;
     Graft__V1__CombineAdapters *combine_adapters;
+    Graft__V1__CompressAdapter *compress_adapter;
   };
 };
 #define GRAFT__V1__REQUEST__INIT \
@@ -243,7 +247,8 @@ typedef enum {
   GRAFT__V1__RESPONSE__KIND_EVENT = 30,
   GRAFT__V1__RESPONSE__KIND_JOB_STATUS = 23,
   GRAFT__V1__RESPONSE__KIND_SERVER_STATS = 27,
-  GRAFT__V1__RESPONSE__KIND_COMBINED = 31
+  GRAFT__V1__RESPONSE__KIND_COMBINED = 31,
+  GRAFT__V1__RESPONSE__KIND_COMPRESSED = 32
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__RESPONSE__KIND__CASE)
 } Graft__V1__Response__KindCase;
 
@@ -289,6 +294,10 @@ struct  Graft__V1__Response
      * Answers combine_adapters.
      */
     Graft__V1__AdapterCombined *combined;
+    /*
+     * Answers compress_adapter.
+     */
+    Graft__V1__AdapterCompressed *compressed;
   };
 };
 #define GRAFT__V1__RESPONSE__INIT \
@@ -573,6 +582,43 @@ struct  Graft__V1__AdapterCombined
 };
 #define GRAFT__V1__ADAPTER_COMBINED__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__adapter_combined__descriptor) \
+    , (char *)protobuf_c_empty_string }
+
+
+/*
+ * Writes adapter `name` of a model compressed to `directory` on the daemon's machine (as graft_adapter_compress in
+ * graft.h); load_adapter reads the directory back as a working adapter.
+ */
+struct  Graft__V1__CompressAdapter
+{
+  ProtobufCMessage base;
+  char *model_id;
+  char *name;
+  /*
+   * "compeft" or "onebit".
+   */
+  char *method;
+  char *directory;
+  /*
+   * {"density", "alpha"} for compeft; empty = defaults (density 0.1, alpha 1).
+   */
+  char *options_json;
+};
+#define GRAFT__V1__COMPRESS_ADAPTER__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&graft__v1__compress_adapter__descriptor) \
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+
+
+struct  Graft__V1__AdapterCompressed
+{
+  ProtobufCMessage base;
+  /*
+   * As graft_adapter_compress's report: {"method", "file_bytes", "float32_bytes", "packed_bytes", "kept_fraction"}.
+   */
+  char *report_json;
+};
+#define GRAFT__V1__ADAPTER_COMPRESSED__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&graft__v1__adapter_compressed__descriptor) \
     , (char *)protobuf_c_empty_string }
 
 
@@ -1414,6 +1460,44 @@ Graft__V1__AdapterCombined *
 void   graft__v1__adapter_combined__free_unpacked
                      (Graft__V1__AdapterCombined *message,
                       ProtobufCAllocator *allocator);
+/* Graft__V1__CompressAdapter methods */
+void   graft__v1__compress_adapter__init
+                     (Graft__V1__CompressAdapter         *message);
+size_t graft__v1__compress_adapter__get_packed_size
+                     (const Graft__V1__CompressAdapter   *message);
+size_t graft__v1__compress_adapter__pack
+                     (const Graft__V1__CompressAdapter   *message,
+                      uint8_t             *out);
+size_t graft__v1__compress_adapter__pack_to_buffer
+                     (const Graft__V1__CompressAdapter   *message,
+                      ProtobufCBuffer     *buffer);
+Graft__V1__CompressAdapter *
+       graft__v1__compress_adapter__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   graft__v1__compress_adapter__free_unpacked
+                     (Graft__V1__CompressAdapter *message,
+                      ProtobufCAllocator *allocator);
+/* Graft__V1__AdapterCompressed methods */
+void   graft__v1__adapter_compressed__init
+                     (Graft__V1__AdapterCompressed         *message);
+size_t graft__v1__adapter_compressed__get_packed_size
+                     (const Graft__V1__AdapterCompressed   *message);
+size_t graft__v1__adapter_compressed__pack
+                     (const Graft__V1__AdapterCompressed   *message,
+                      uint8_t             *out);
+size_t graft__v1__adapter_compressed__pack_to_buffer
+                     (const Graft__V1__AdapterCompressed   *message,
+                      ProtobufCBuffer     *buffer);
+Graft__V1__AdapterCompressed *
+       graft__v1__adapter_compressed__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   graft__v1__adapter_compressed__free_unpacked
+                     (Graft__V1__AdapterCompressed *message,
+                      ProtobufCAllocator *allocator);
 /* Graft__V1__Sequence methods */
 void   graft__v1__sequence__init
                      (Graft__V1__Sequence         *message);
@@ -1837,6 +1921,12 @@ typedef void (*Graft__V1__CombineAdapters_Closure)
 typedef void (*Graft__V1__AdapterCombined_Closure)
                  (const Graft__V1__AdapterCombined *message,
                   void *closure_data);
+typedef void (*Graft__V1__CompressAdapter_Closure)
+                 (const Graft__V1__CompressAdapter *message,
+                  void *closure_data);
+typedef void (*Graft__V1__AdapterCompressed_Closure)
+                 (const Graft__V1__AdapterCompressed *message,
+                  void *closure_data);
 typedef void (*Graft__V1__Sequence_Closure)
                  (const Graft__V1__Sequence *message,
                   void *closure_data);
@@ -1927,6 +2017,8 @@ extern const ProtobufCMessageDescriptor graft__v1__delete_adapter__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__set_active_adapter__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__combine_adapters__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__adapter_combined__descriptor;
+extern const ProtobufCMessageDescriptor graft__v1__compress_adapter__descriptor;
+extern const ProtobufCMessageDescriptor graft__v1__adapter_compressed__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__sequence__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__forward__descriptor;
 extern const ProtobufCMessageDescriptor graft__v1__forward_result__descriptor;

@@ -274,6 +274,26 @@ int graft_client_combine_adapters(graft_client *client, const char *model_id, co
     return !report_json || *report_json ? GRAFT_CLIENT_OK : fail(client, GRAFT_CLIENT_ERR_CONNECTION, "out of memory");
 }
 
+int graft_client_compress_adapter(graft_client *client, const char *model_id, const char *name, const char *method,
+                                  const char *directory, const char *options_json, char **report_json) {
+    if (!client || !model_id || !name || !method || !directory) return GRAFT_CLIENT_ERR_ARGUMENT;
+    Graft__V1__CompressAdapter m = GRAFT__V1__COMPRESS_ADAPTER__INIT;
+    m.model_id = (char *)model_id;
+    m.name = (char *)name;
+    m.method = (char *)method;
+    m.directory = (char *)directory;
+    m.options_json = (char *)(options_json ? options_json : "");
+    Graft__V1__Request request = GRAFT__V1__REQUEST__INIT;
+    request.kind_case = GRAFT__V1__REQUEST__KIND_COMPRESS_ADAPTER;
+    request.compress_adapter = &m;
+    Graft__V1__Response *r = NULL;
+    int rc = simple_call(client, &request, GRAFT__V1__RESPONSE__KIND_COMPRESSED, &r);
+    if (rc) return rc;
+    if (report_json) *report_json = duplicate(r->compressed->report_json);
+    graft__v1__response__free_unpacked(r, NULL);
+    return !report_json || *report_json ? GRAFT_CLIENT_OK : fail(client, GRAFT_CLIENT_ERR_CONNECTION, "out of memory");
+}
+
 int graft_client_load_adapter(graft_client *client, const char *model_id, const char *name, const char *path) {
     if (!client || !model_id || !name || !path) return GRAFT_CLIENT_ERR_ARGUMENT;
     Graft__V1__LoadAdapter m = GRAFT__V1__LOAD_ADAPTER__INIT;

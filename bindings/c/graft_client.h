@@ -84,6 +84,15 @@ int graft_client_combine_adapters(graft_client *client, const char *model_id, co
                                   const char *const *adapters, const double *weights, size_t count,
                                   const char *options_json, char **report_json);
 
+/**
+ * Writes adapter `name` compressed to `directory` on the daemon's machine (graftd's compress_adapter; `method`
+ * "compeft" or "onebit", `options_json` as graft_adapter_compress's in graft.h, NULL = defaults). On success
+ * *report_json, when not NULL, receives {"method", "file_bytes", "float32_bytes", "packed_bytes", "kept_fraction"}
+ * (free() it). graft_client_load_adapter reads the directory back.
+ */
+int graft_client_compress_adapter(graft_client *client, const char *model_id, const char *name, const char *method,
+                                  const char *directory, const char *options_json, char **report_json);
+
 /** A forward pass's result: `count` floats of shape[0..ndim). */
 typedef struct graft_client_tensor {
     float *values;

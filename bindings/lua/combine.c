@@ -45,3 +45,18 @@ int m_save_merged_model(lua_State *L) {
     check(L, graft_model_save_merged(m, adapter, directory), "save_merged_model");
     return 0;
 }
+
+/* model:compress_adapter(name, directory [, method = "compeft" [, options_json]]) -> report JSON text
+ * graft_adapter_compress: "compeft" (options {"density", "alpha"}) or "onebit"; model:load_adapter(directory, name)
+ * reads the directory back as a working adapter. */
+int m_compress_adapter(lua_State *L) {
+    graft_model *m = to_model(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    const char *directory = luaL_checkstring(L, 3);
+    const char *method = luaL_optstring(L, 4, "compeft");
+    const char *options = luaL_optstring(L, 5, NULL);
+    char *report = NULL;
+    check(L, graft_adapter_compress(m, name, method, directory, options, &report), "compress_adapter");
+    push_owned(L, report);
+    return 1;
+}

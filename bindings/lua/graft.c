@@ -337,6 +337,7 @@ static const luaL_Reg model_methods[] = {
     {"unmerge_adapter", m_unmerge_adapter},
     {"add_weighted_adapter", m_add_weighted_adapter},
     {"save_merged_model", m_save_merged_model},
+    {"compress_adapter", m_compress_adapter},
     {"forward", m_forward},
     {"generate", m_generate},
     {"chat_template", m_chat_template},

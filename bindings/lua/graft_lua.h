@@ -59,6 +59,7 @@ typedef struct {
 /* model:add_weighted_adapter and model:save_merged_model (combine.c). */
 GRAFT_LUA_INTERNAL int m_add_weighted_adapter(lua_State *L);
 GRAFT_LUA_INTERNAL int m_save_merged_model(lua_State *L);
+GRAFT_LUA_INTERNAL int m_compress_adapter(lua_State *L);
 
 /* The trainer class (trainer.c): its methods, and the __gc/__close and __tostring metamethods. */
 GRAFT_LUA_INTERNAL extern const luaL_Reg graft_lua_trainer_methods[];

@@ -257,5 +257,21 @@ test("add_weighted_adapter reproduces PEFT's ties combination (Tests/Fixtures/pe
   raises("not found", m.save_merged_model, m, tmp .. "/again", "ties")
 end)
 
+test("compress_adapter writes ComPEFT and 1-bit directories that load back as working adapters", function()
+  local FIXTURE = "Tests/Fixtures/peft-minilm-merge"
+  local m <close> = graft.load(MINILM)
+  m:load_adapter(FIXTURE .. "/a", "a")
+  local batch = {m:tokenize("Graft adapters onto a frozen model.")}
+  for i, method in ipairs({"compeft", "onebit"}) do
+    local report = m:compress_adapter("a", tmp .. "/" .. method, method, method == "compeft" and '{"density": 0.2}' or nil)
+    assert(report:find('"file_bytes"%s*:%s*%d+') and report:find(method), report)
+    m:load_adapter(tmp .. "/" .. method, method)
+    local out = m:forward(batch, {adapter_ids = {i}})
+    for _, v in ipairs(out) do assert(v == v and math.abs(v) < math.huge, "non-finite output") end
+  end
+  raises("invalid argument.*zip", m.compress_adapter, m, "a", tmp .. "/zip", "zip")
+  raises("not found.*nope", m.compress_adapter, m, "nope", tmp .. "/zip", "onebit")
+end)
+
 os.execute("rm -rf '" .. tmp .. "'")
 print(("lua: %d tests passed"):format(passed))

@@ -487,6 +487,33 @@ static void test_adapter_combine(void) {
     CHECK(merged_worst <= 1e-4f);
     graft_model_free(plain);
 
+    /* graft_adapter_compress: ComPEFT and 1-bit directories load back as working adapters of the same shape. */
+    char compressed_dir[512];
+    const char *methods[] = {"compeft", "onebit"};
+    for (int k = 0; k < 2; k++) {
+        path_in_tmp(compressed_dir, sizeof compressed_dir, methods[k]);
+        char *creport = NULL;
+        EXPECT(graft_adapter_compress(m, "a", methods[k], compressed_dir, k == 0 ? "{\"density\": 0.2}" : NULL, &creport),
+               GRAFT_OK);
+        CHECK(creport && strstr(creport, "\"file_bytes\":") && strstr(creport, methods[k]));
+        printf("graft_adapter_compress %s: %s\n", methods[k], creport ? creport : "(null)");
+        graft_string_free(creport);
+        EXPECT(graft_adapter_load(m, compressed_dir, methods[k]), GRAFT_OK);
+        EXPECT(graft_adapter_set_active(m, methods[k]), GRAFT_OK);
+        EXPECT(graft_model_forward(m, ids, lengths, ROWS, STRIDE, NULL, GRAFT_OUTPUT_HIDDEN, merged_out,
+                                   ROWS * STRIDE * HIDDEN, &count), GRAFT_OK);
+        CHECK(count == (size_t)ROWS * STRIDE * HIDDEN);
+        for (size_t i = 0; i < count; i++) CHECK(isfinite(merged_out[i]));
+    }
+    EXPECT(graft_adapter_compress(m, "a", "zip", compressed_dir, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "zip") != NULL);
+    EXPECT(graft_adapter_compress(m, "a", "compeft", compressed_dir, "{\"density\": 2}", NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_compress(m, "a", "onebit", compressed_dir, "{\"density\": 0.5}", NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_compress(m, "nope", "onebit", compressed_dir, NULL, NULL), GRAFT_ERR_NOT_FOUND);
+    EXPECT(graft_adapter_compress(NULL, "a", "onebit", compressed_dir, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_compress(m, "a", NULL, compressed_dir, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_adapter_compress(m, "a", "onebit", NULL, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);
+
     const char *bad_names[] = {"a", NULL};
     const double bad_weights[] = {1.0, NAN};
     EXPECT(graft_adapter_combine(NULL, "x", names, weights, 2, NULL, NULL), GRAFT_ERR_INVALID_ARGUMENT);

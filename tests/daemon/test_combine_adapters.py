@@ -51,3 +51,22 @@ def test_bad_combinations_are_errors_and_the_daemon_keeps_serving(daemon):
         assert "1 weights for 2 adapters" in e.value.message
         assert model.add_weighted_adapter(["a", "b"], [1, -1], "x", combination_type="cat")["r"] == 10
         model.unload()
+
+
+@pytest.mark.parametrize("method", ["compeft", "onebit"])
+def test_compress_adapter_round_trips(daemon, method, tmp_path):
+    """compress_adapter writes a packed directory that load_adapter reads back as a working adapter."""
+    with Client(daemon.socket_path, timeout=120) as c:
+        model = c.load_model(str(MINILM), model_id=f"compress-{method}")
+        model.load_adapter(FIXTURE / "a", "a")
+        report = model.compress_adapter("a", tmp_path / method, method=method,
+                                        density=0.2 if method == "compeft" else None)
+        assert report["method"] == method and 0 < report["packed_bytes"] < report["float32_bytes"]
+        model.load_adapter(tmp_path / method, method)
+        ids = {a["name"]: a["id"] for a in model.list_adapters()["adapters"]}
+        out = model(MANIFEST["texts"], adapter_ids=[ids[method]] * len(MANIFEST["texts"]), output="hidden")
+        assert np.isfinite(out).all()
+        with pytest.raises(RemoteError) as e:
+            model.compress_adapter("a", tmp_path / "x", method="zip")
+        assert e.value.code == "INVALID_ARGUMENT" and "zip" in e.value.message
+        model.unload()

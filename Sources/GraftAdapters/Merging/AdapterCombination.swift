@@ -24,6 +24,9 @@ public enum CombinationType: String, Sendable, CaseIterable {
     case magnitudePrune = "magnitude_prune"
     /// Magnitude pruning then a weighted sum of the ΔWs, then a truncated SVD.
     case magnitudePruneSVD = "magnitude_prune_svd"
+    /// CoPA-Merging (Graft's addition, not in PEFT): per-task pruning to `density`, row coefficients that restore
+    /// each row's pruned mass, cross-task normalization of shared entries, then a truncated SVD (``CoPAMerging``).
+    case copa
 
     /// Parses PEFT's name (`"ties_svd"`, ...); the error lists the accepted names.
     public init(peftName: String) throws {
@@ -33,8 +36,8 @@ public enum CombinationType: String, Sendable, CaseIterable {
         self = t
     }
 
-    /// Works on ΔW = s·B·A and re-factors it by SVD (names ending in `svd`).
-    public var usesSVD: Bool { rawValue.hasSuffix("svd") }
+    /// Works on ΔW = s·B·A and re-factors it by SVD (names ending in `svd`, and `copa`).
+    public var usesSVD: Bool { rawValue.hasSuffix("svd") || self == .copa }
 
     /// Needs `density` (every pruning method).
     public var needsDensity: Bool { sparsification != .none }
@@ -48,7 +51,7 @@ public enum CombinationType: String, Sendable, CaseIterable {
     var sparsification: Sparsification {
         switch self {
         case .svd, .linear, .cat: return .none
-        case .ties, .tiesSVD, .magnitudePrune, .magnitudePruneSVD: return .magnitude
+        case .ties, .tiesSVD, .magnitudePrune, .magnitudePruneSVD, .copa: return .magnitude
         case .dareLinear, .dareTies, .dareLinearSVD, .dareTiesSVD: return .random
         }
     }

@@ -49,9 +49,9 @@ extension AdaptedModel {
     /// `svd`, `ties_svd`, `dare_linear_svd`, `dare_ties_svd`, `magnitude_prune_svd`: the ΔW's (`s·B A`, each
     /// weighted by `w`: PEFT 0.21.2's fixtures show the scaling entering once) merge through the task-vector merge; the
     /// result's truncated SVD `U S Vᵀ` gives `B = U_r S_r`, `A = Vᵀ_r`. With `clamp` both are clamped to
-    /// ±(that quantile of their joint entries).
+    /// ±(that quantile of their joint entries). With `copaDensity` the ΔW's merge by ``CoPAMerging`` instead.
     static func factorBySVD(_ parts: [LoRAPart], into target: LoRALayer, path: String, rank: Int, clamp: Double?,
-                            merger: inout TaskVectorMerge, rng: inout GraftRNG) throws {
+                            copaDensity: Double? = nil, merger: inout TaskVectorMerge, rng: inout GraftRNG) throws {
         let inF = target.loraA.shape[1], outF = target.loraB.shape[0]
         guard rank <= min(inF, outF) else {
             throw GraftError.invalid("svd_rank \(rank) exceeds the rank \(min(inF, outF)) a \(outF)×\(inF) delta can have at \(path)")
@@ -68,7 +68,8 @@ extension AdaptedModel {
             deltas.append(d)
             weights.append(Float(p.weight))
         }
-        let merged = merger.merge(deltas, weights: weights, rng: &rng)
+        let merged = try copaDensity.map { try CoPAMerging.merge(deltas, weights: weights, density: $0).merged }
+            ?? merger.merge(deltas, weights: weights, rng: &rng)
         let (u, s, vt) = try svd(merged, what: "the combined ΔW of \(path)")
         let k = s.count
         let a = target.loraA.pointer, b = target.loraB.pointer

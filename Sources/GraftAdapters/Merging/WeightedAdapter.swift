@@ -170,7 +170,7 @@ extension AdaptedModel {
             case .cat: try Self.concatenate(parts, into: target, path: path)
             case _ where type.usesSVD:
                 try Self.factorBySVD(parts, into: target, path: path, rank: rank, clamp: request.svdClamp,
-                                     merger: &merger, rng: &rng)
+                                     copaDensity: type == .copa ? request.density ?? 1 : nil, merger: &merger, rng: &rng)
             default: try Self.combineFactors(parts, into: target, path: path, merger: &merger, rng: &rng)
             }
             for t in [target.loraA, target.loraB] {

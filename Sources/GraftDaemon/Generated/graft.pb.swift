@@ -451,6 +451,14 @@ public nonisolated struct Graft_V1_Request: Sendable {
     set {kind = .combineAdapters(newValue)}
   }
 
+  public var compressAdapter: Graft_V1_CompressAdapter {
+    get {
+      if case .compressAdapter(let v)? = kind {return v}
+      return Graft_V1_CompressAdapter()
+    }
+    set {kind = .compressAdapter(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -474,6 +482,7 @@ public nonisolated struct Graft_V1_Request: Sendable {
     case serverStats(Graft_V1_ServerStatsRequest)
     case shutdown(Graft_V1_Shutdown)
     case combineAdapters(Graft_V1_CombineAdapters)
+    case compressAdapter(Graft_V1_CompressAdapter)
 
   }
 
@@ -609,6 +618,15 @@ public nonisolated struct Graft_V1_Response: Sendable {
     set {kind = .combined(newValue)}
   }
 
+  /// Answers compress_adapter.
+  public var compressed: Graft_V1_AdapterCompressed {
+    get {
+      if case .compressed(let v)? = kind {return v}
+      return Graft_V1_AdapterCompressed()
+    }
+    set {kind = .compressed(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -632,6 +650,8 @@ public nonisolated struct Graft_V1_Response: Sendable {
     case serverStats(Graft_V1_ServerStats)
     /// Answers combine_adapters.
     case combined(Graft_V1_AdapterCombined)
+    /// Answers compress_adapter.
+    case compressed(Graft_V1_AdapterCompressed)
 
   }
 
@@ -1034,6 +1054,43 @@ public nonisolated struct Graft_V1_AdapterCombined: Sendable {
   // methods supported on all messages.
 
   /// As graft_adapter_combine's report: {"name", "combination_type", "r", "kept_fraction"}.
+  public var reportJson: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Writes adapter `name` of a model compressed to `directory` on the daemon's machine (as graft_adapter_compress in
+/// graft.h); load_adapter reads the directory back as a working adapter.
+public nonisolated struct Graft_V1_CompressAdapter: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var modelID: String = String()
+
+  public var name: String = String()
+
+  /// "compeft" or "onebit".
+  public var method: String = String()
+
+  public var directory: String = String()
+
+  /// {"density", "alpha"} for compeft; empty = defaults (density 0.1, alpha 1).
+  public var optionsJson: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Graft_V1_AdapterCompressed: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// As graft_adapter_compress's report: {"method", "file_bytes", "float32_bytes", "packed_bytes", "kept_fraction"}.
   public var reportJson: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1697,7 +1754,7 @@ nonisolated extension Graft_V1_JobState: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Graft_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Request"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}load_model\0\u{3}unload_model\0\u{3}model_info\0\u{3}add_adapter\0\u{3}load_adapter\0\u{3}save_adapter\0\u{3}list_adapters\0\u{3}delete_adapter\0\u{3}set_active_adapter\0\u{1}forward\0\u{1}generate\0\u{3}start_training\0\u{3}job_status\0\u{3}cancel_job\0\u{3}attach_job\0\u{3}save_checkpoint\0\u{3}server_stats\0\u{1}shutdown\0\u{3}combine_adapters\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{9}hello\0\u{3}load_model\0\u{3}unload_model\0\u{3}model_info\0\u{3}add_adapter\0\u{3}load_adapter\0\u{3}save_adapter\0\u{3}list_adapters\0\u{3}delete_adapter\0\u{3}set_active_adapter\0\u{1}forward\0\u{1}generate\0\u{3}start_training\0\u{3}job_status\0\u{3}cancel_job\0\u{3}attach_job\0\u{3}save_checkpoint\0\u{3}server_stats\0\u{1}shutdown\0\u{3}combine_adapters\0\u{3}compress_adapter\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1966,6 +2023,19 @@ nonisolated extension Graft_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.kind = .combineAdapters(v)
         }
       }()
+      case 30: try {
+        var v: Graft_V1_CompressAdapter?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .compressAdapter(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .compressAdapter(v)
+        }
+      }()
       default: break
       }
     }
@@ -2060,6 +2130,10 @@ nonisolated extension Graft_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Me
       guard case .combineAdapters(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 29)
     }()
+    case .compressAdapter?: try {
+      guard case .compressAdapter(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -2075,7 +2149,7 @@ nonisolated extension Graft_V1_Request: SwiftProtobuf.Message, SwiftProtobuf._Me
 
 nonisolated extension Graft_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Response"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{8}error\0\u{1}hello\0\u{3}model_loaded\0\u{1}ok\0\u{3}model_info\0\u{2}\u{4}adapters\0\u{2}\u{3}forward\0\u{1}token\0\u{3}job_started\0\u{3}job_status\0\u{4}\u{4}server_stats\0\u{2}\u{2}generated\0\u{1}event\0\u{1}combined\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{2}\u{8}error\0\u{1}hello\0\u{3}model_loaded\0\u{1}ok\0\u{3}model_info\0\u{2}\u{4}adapters\0\u{2}\u{3}forward\0\u{1}token\0\u{3}job_started\0\u{3}job_status\0\u{4}\u{4}server_stats\0\u{2}\u{2}generated\0\u{1}event\0\u{1}combined\0\u{1}compressed\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2266,6 +2340,19 @@ nonisolated extension Graft_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._M
           self.kind = .combined(v)
         }
       }()
+      case 32: try {
+        var v: Graft_V1_AdapterCompressed?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .compressed(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .compressed(v)
+        }
+      }()
       default: break
       }
     }
@@ -2335,6 +2422,10 @@ nonisolated extension Graft_V1_Response: SwiftProtobuf.Message, SwiftProtobuf._M
     case .combined?: try {
       guard case .combined(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
+    }()
+    case .compressed?: try {
+      guard case .compressed(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
     }()
     case nil: break
     }
@@ -3007,6 +3098,86 @@ nonisolated extension Graft_V1_AdapterCombined: SwiftProtobuf.Message, SwiftProt
   }
 
   public static func ==(lhs: Graft_V1_AdapterCombined, rhs: Graft_V1_AdapterCombined) -> Bool {
+    if lhs.reportJson != rhs.reportJson {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Graft_V1_CompressAdapter: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CompressAdapter"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}model_id\0\u{1}name\0\u{1}method\0\u{1}directory\0\u{3}options_json\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.modelID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.method) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.directory) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.optionsJson) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.modelID.isEmpty {
+      try visitor.visitSingularStringField(value: self.modelID, fieldNumber: 1)
+    }
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 2)
+    }
+    if !self.method.isEmpty {
+      try visitor.visitSingularStringField(value: self.method, fieldNumber: 3)
+    }
+    if !self.directory.isEmpty {
+      try visitor.visitSingularStringField(value: self.directory, fieldNumber: 4)
+    }
+    if !self.optionsJson.isEmpty {
+      try visitor.visitSingularStringField(value: self.optionsJson, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Graft_V1_CompressAdapter, rhs: Graft_V1_CompressAdapter) -> Bool {
+    if lhs.modelID != rhs.modelID {return false}
+    if lhs.name != rhs.name {return false}
+    if lhs.method != rhs.method {return false}
+    if lhs.directory != rhs.directory {return false}
+    if lhs.optionsJson != rhs.optionsJson {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Graft_V1_AdapterCompressed: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AdapterCompressed"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}report_json\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.reportJson) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.reportJson.isEmpty {
+      try visitor.visitSingularStringField(value: self.reportJson, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Graft_V1_AdapterCompressed, rhs: Graft_V1_AdapterCompressed) -> Bool {
     if lhs.reportJson != rhs.reportJson {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true

@@ -21,6 +21,12 @@ if hasattr(lib, "graft_adapter_combine"):
     lib.graft_adapter_combine.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
                                           ctypes.POINTER(ctypes.c_double), ctypes.c_size_t, ctypes.c_char_p,
                                           ctypes.POINTER(ctypes.c_void_p)]
+if hasattr(lib, "graft_adapter_compress"):
+    # GRAFT_API graft_status graft_adapter_compress(graft_model *model, const char *name, const char *method,
+    #     const char *directory, const char *options_json, char **report_json);
+    lib.graft_adapter_compress.restype = ctypes.c_int32
+    lib.graft_adapter_compress.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                           ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
 
 
 def _name(value, what, where):
@@ -40,7 +46,7 @@ class AdapterCombinationMixin:
 
         Arguments as PEFT's: `adapters` (names) and `weights` (one each; negative weights subtract);
         `combination_type` one of svd (default), linear, cat, ties, ties_svd, dare_linear, dare_ties,
-        dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd; `svd_rank` (default: the largest
+        dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd, or Graft's copa; `svd_rank` (default: the largest
         source rank); `svd_clamp` (a quantile; default none); `density` (required by the pruning types);
         `majority_sign_method` "total" or "frequency". `svd_full_matrices` and `svd_driver` do not change the
         result. Graft's `seed` fixes DARE's random masks.
@@ -79,6 +85,30 @@ class AdapterCombinationMixin:
         out = ctypes.c_void_p()
         check(lib.graft_adapter_combine(h, _name(adapter_name, "adapter_name", where), c_names, c_weights,
                                         len(names), text.encode(), ctypes.byref(out)),
+              f"{where}({adapter_name!r})")
+        return json.loads(_lib.take_string(out))
+
+    @locked
+    def compress_adapter(self, adapter_name, directory, method="compeft", density=None, alpha=None):
+        """Writes adapter `adapter_name` compressed to `directory` (graft_adapter_compress): `method` "compeft"
+        (each tensor's top `density` entries, default 0.1, stored as alpha·σ·sign) or "onebit" (sign bits and a
+        scale per row group; takes no density or alpha). load_adapter(directory, name) reads it back as a working
+        adapter. Returns {"method", "file_bytes", "float32_bytes", "packed_bytes", "kept_fraction"}."""
+        where = "compress_adapter"
+        h = self._h(where)
+        if not hasattr(lib, "graft_adapter_compress"):
+            raise GraftError(_lib.ERR_UNSUPPORTED, f"libgraft.so {lib.graft_version_string().decode()} at "
+                             f"{_lib.path} predates graft_adapter_compress; rebuild it", where)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise invalid(f"directory must be a path, got {type(directory).__name__}", where)
+        options = {k: v for k, v in (("density", density), ("alpha", alpha)) if v is not None}
+        try:
+            text = json.dumps(options, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise invalid(f"density and alpha must be numbers: {e}", where) from None
+        out = ctypes.c_void_p()
+        check(lib.graft_adapter_compress(h, _name(adapter_name, "adapter_name", where), _name(method, "method", where),
+                                         os.fsencode(directory), text.encode(), ctypes.byref(out)),
               f"{where}({adapter_name!r})")
         return json.loads(_lib.take_string(out))
 

@@ -1,5 +1,7 @@
-"""RemoteModel.add_weighted_adapter: PEFT's LoRA combination on a model graftd holds (the combine_adapters request)."""
+"""RemoteModel.add_weighted_adapter: PEFT's LoRA combination on a model graftd holds (the combine_adapters request)
+and RemoteModel.compress_adapter (compress_adapter)."""
 import json
+import os
 
 from . import graft_pb2 as pb
 
@@ -20,3 +22,13 @@ class RemoteCombinationMixin:
                                      weights=[float(w) for w in weights], options_json=json.dumps(options))
         r = self.client._call("combine_adapters", request)
         return json.loads(r.combined.report_json)
+
+    def compress_adapter(self, adapter_name, directory, method="compeft", density=None, alpha=None):
+        """As graft.Model.compress_adapter, run by the daemon (the compress_adapter request): writes the adapter
+        compressed to `directory` on the daemon's machine ("compeft" or "onebit"); load_adapter(directory, name)
+        reads it back. Returns {"method", "file_bytes", "float32_bytes", "packed_bytes", "kept_fraction"}."""
+        options = {k: v for k, v in (("density", density), ("alpha", alpha)) if v is not None}
+        request = pb.CompressAdapter(model_id=self.model_id, name=adapter_name, method=method,
+                                     directory=os.fspath(directory), options_json=json.dumps(options) if options else "")
+        r = self.client._call("compress_adapter", request)
+        return json.loads(r.compressed.report_json)

@@ -129,3 +129,27 @@ def test_save_merged_model_reloads_as_a_plain_model(sources, minilm_path, tmp_pa
     with pytest.raises(graft.GraftError) as e:
         sources.save_merged_model(tmp_path / "again", "ties")
     assert "ties" in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["compeft", "onebit"])
+def test_compress_adapter_round_trips_through_load_adapter(sources, method, tmp_path):
+    """A compressed directory is smaller than the float32 tensors and loads back as a working adapter."""
+    report = sources.compress_adapter("a", tmp_path / method, method=method,
+                                      density=0.2 if method == "compeft" else None)
+    assert report["method"] == method and 0 < report["file_bytes"]
+    assert report["packed_bytes"] < report["float32_bytes"]
+    sources.load_adapter(tmp_path / method, method)
+    sources.set_adapter(method)
+    out = sources(INPUTS["input_ids"].astype(np.int32), lengths=LENGTHS)
+    assert np.isfinite(out).all()
+    with pytest.raises(graft.GraftError, match="zip"):
+        sources.compress_adapter("a", tmp_path / "x", method="zip")
+
+
+def test_copa_combination(sources):
+    """Graft's CoPA-Merging is a combination_type like PEFT's."""
+    report = sources.add_weighted_adapter(["a", "b"], [1.0, 0.5], "copa", combination_type="copa", density=0.4)
+    assert report["combination_type"] == "copa" and report["r"] == 6
+    sources.set_adapter("copa")
+    out = sources(INPUTS["input_ids"].astype(np.int32), lengths=LENGTHS)
+    assert np.isfinite(out).all()
