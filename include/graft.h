@@ -64,7 +64,7 @@ extern "C" {
 /** Major version: the ABI is stable while it stays the same. */
 #define GRAFT_VERSION_MAJOR 0
 /** Minor version: grows when functions, enum values or struct fields are added. */
-#define GRAFT_VERSION_MINOR 3
+#define GRAFT_VERSION_MINOR 4
 /** Patch version: fixes only. */
 #define GRAFT_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH, the value graft_version() returns for this header's library. */
@@ -417,7 +417,7 @@ GRAFT_API graft_status graft_adapter_combine(graft_model *model, const char *nam
                                              char **report_json);
 
 /**
- * Writes adapter `name` compressed to `directory` (added in 0.3.0): PEFT's adapter_config.json beside one packed
+ * Writes adapter `name` compressed to `directory` (added in 0.4.0): PEFT's adapter_config.json beside one packed
  * safetensors file, written crash-safely (the directory is created if missing). graft_adapter_load reads such a
  * directory back as a working adapter holding the decoded values.
  * @param method        "compeft": ComPEFT, each tensor's top `density` entries by magnitude stored as alpha*sigma*sign

@@ -21,7 +21,7 @@ if hasattr(lib, "graft_adapter_combine"):
     lib.graft_adapter_combine.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
                                           ctypes.POINTER(ctypes.c_double), ctypes.c_size_t, ctypes.c_char_p,
                                           ctypes.POINTER(ctypes.c_void_p)]
-if hasattr(lib, "graft_adapter_compress"):
+if hasattr(lib, "graft_adapter_compress"):  # graft.h 0.4.0
     # GRAFT_API graft_status graft_adapter_compress(graft_model *model, const char *name, const char *method,
     #     const char *directory, const char *options_json, char **report_json);
     lib.graft_adapter_compress.restype = ctypes.c_int32
