@@ -61,12 +61,13 @@ test-python: assets lib
 	$(PY_ENV) $(PYTHON) examples/python/finetune.py --max-steps 20 --output $(abspath .build/python-lora)
 	$(PY_ENV) PYTHON=$(PYTHON) tests/bindings/readme-snippets.sh README.md python
 
-# Data-parallel training over Open MPI (tests/mpi, issue 18): 2 ranks over TCP on loopback against one process
+# Data-parallel training over Open MPI (tests/mpi, issue 18; README "Scale-out"): 2 ranks over TCP on loopback against one process
 # with the summed batch (MiniLM demo recipe and a SmolLM2 causal LM), a checkpoint of 2 ranks resumed by 1, a
-# rank killed mid-run, ranks given different data, and libmpi missing. About 1 minute; needs openmpi-bin.
-test-mpi: assets
+# rank killed mid-run, ranks given different data, libmpi missing, and the Python binding (C ABI) under mpirun.
+# About 1 minute; needs openmpi-bin (scripts/setup).
+test-mpi: assets lib
 	$(SWIFT) build -c release --product graft
-	$(PYTHON) -m pytest -q -s -p no:cacheprovider tests/mpi
+	GRAFT_LIB=$(abspath $(LIBGRAFT)) $(PYTHON) -m pytest -q -s -p no:cacheprovider tests/mpi
 
 # Crash-safe saves (tests/crash): a trainer process is SIGKILLed 24 times at random moments, most inside checkpoint
 # and adapter saves (GRAFT_TEST_SAVE_PAUSE_MS slows saves down for it); after each kill the checkpoint and the

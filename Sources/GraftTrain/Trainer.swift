@@ -122,6 +122,8 @@ public final class Trainer {
     public var modelIdentity = RunFingerprint()
     /// Whether the ranks were found to start the same run (data-parallel only).
     var verifiedGroup = false
+    /// Real tokens in the last global micro-batch (all ranks' shares), for throughput figures.
+    var lastGlobalTokens = 0
 
     /// Sets up training of `adapterName` (made active) with `objective`.
     public init(model: AdaptedModel, adapterName: String, objective: TrainingObjective, config: TrainerConfig) throws {
@@ -194,12 +196,14 @@ public final class Trainer {
         }
         var share: Float = 1
         var reported = loss?.item ?? 0
+        lastGlobalTokens = batch?.realTokenCount ?? 0
         if processGroup.size > 1 {
             let local = Double(batch.map { objective.countedItems($0) } ?? 0)
-            var sums = [local, local * Double(reported)]
+            var sums = [local, local * Double(reported), Double(lastGlobalTokens)]
             try processGroup.allreduceSum(&sums)
             share = sums[0] > 0 ? Float(local / sums[0]) : 0
             reported = sums[0] > 0 ? Float(sums[1] / sums[0]) : 0
+            lastGlobalTokens = Int(sums[2])
         }
         if let loss {
             let factor = share / Float(config.gradientAccumulationSteps)
@@ -280,7 +284,7 @@ public final class Trainer {
             let slice = shareOfBatch(b, of: indices)
             let batch = slice.isEmpty ? nil : try PackedBatch(ArraySlice(slice.map { data[$0] }), padded: model.needsPaddedBatches)
             let loss = try accumulateShare(batch)
-            tokens += batch?.realTokenCount ?? 0
+            tokens += lastGlobalTokens
             windowLoss += Double(loss)
             windowCount += 1
             let endOfEpoch = microStep % perEpoch == 0

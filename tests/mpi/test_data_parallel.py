@@ -5,9 +5,10 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
-from conftest import GRAFT, MPI_ENV, adapter_difference, graft, mpirun, ok
+from conftest import GRAFT, MPI_ENV, ROOT, adapter_difference, graft, mpirun, ok
 
 # The demo recipe (LoRA r8 α16 on query,value + classifier, AdamW lr 1e-3, wd 0.01, warm-up then linear decay),
 # short: 60 tweets in global batches of 16, so the epoch's last global batch (12) splits 8 + 4 between the ranks.
@@ -123,3 +124,18 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path, eval_file
     r = ok(graft(MINILM + ["--batch-size", "16", "--max-examples", "400", "--max-steps", str(step + 1), "--eval-data", eval_files["cls"],
                            "--checkpoint-dir", ckpt, "--resume", "--output", str(tmp_path / "y")]))
     assert "resumed" in r.stdout, r.stdout
+
+
+def test_python_binding_under_mpirun_equals_one_process(tmp_path):
+    """The C ABI's trainer (through Python's ctypes binding) is data-parallel under mpirun too."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python_door.py")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    lib = os.environ.get("GRAFT_LIB", os.path.join(ROOT, ".build", "release", "libgraft.so"))
+    env = {"PYTHONPATH": os.path.join(ROOT, "bindings", "python"), "GRAFT_LIB": lib}
+    r = subprocess.run([sys.executable, script, one], env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+    ok(r)
+    assert "rank 0 of 1" in r.stdout
+    r = ok(subprocess.run(["mpirun", "-n", "2", sys.executable, script, two], env=dict(os.environ, **MPI_ENV, **env),
+                          capture_output=True, text=True, timeout=300))
+    assert "rank 0 of 2" in r.stdout and "rank 1 of 2" in r.stdout, r.stdout
+    check_equal("Python binding: 2 ranks (5 + 3) vs 1 × 8", two, one)
