@@ -68,6 +68,30 @@ def netns_teardown():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def allreduce_alone(label, ranks, extra_mpi=(), prefix=()):
+    """`graft bench allreduce`: the collective alone for the two adapters' payloads (and 8 bytes for latency)."""
+    env = dict(os.environ, **MPI_ENV)
+    cmd = ["mpirun", "-n", str(ranks), *extra_mpi, GRAFT, "bench", "allreduce", "--runs", "20"]
+    r = subprocess.run(list(prefix) + cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    for line in r.stdout.splitlines():
+        if line.startswith("allreduce"):
+            print(f"  {label:<34} {line}", flush=True)
+
+
+def netns_agent(work):
+    agent = os.path.join(work, "netns-agent")
+    with open(agent, "w") as f:
+        # Open MPI's rsh launcher calls `agent <host> <orted command>`: run it inside that host's namespace.
+        f.write("#!/bin/sh\nhost=$1; shift\ncase $host in\n"
+                + "".join(f"  {addr}) ns={ns} ;;\n" for addr, ns in zip(ADDR, NS))
+                + "  *) echo \"netns-agent: unknown host $host\" >&2; exit 1 ;;\nesac\n"
+                + "exec ip netns exec $ns sh -c \"$*\"\n")
+    os.chmod(agent, 0o755)
+    return agent
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=3)
@@ -77,46 +101,44 @@ def main():
     if shutil.which("mpirun") is None:
         sys.exit("mpirun not found: run scripts/setup (openmpi-bin)")
     work = tempfile.mkdtemp(prefix="graft-scale-out-")
-    eval_file = os.path.join(work, "eval.jsonl")
-    with open(eval_file, "w") as f:
-        f.write(json.dumps({"text": "a fine day", "label": "positive", "prompt": "Tweet: ok\nSentiment:", "completion": " neutral"}) + "\n")
+    evals = {}
+    for kind, row in (("cls", {"text": "a fine day", "label": "positive"}),
+                      ("lm", {"prompt": "Tweet: ok\nSentiment:", "completion": " neutral"})):
+        evals[kind] = os.path.join(work, kind + ".jsonl")
+        with open(evals[kind], "w") as f:
+            f.write(json.dumps(row) + "\n")
+    netns = not a.skip_netns and os.geteuid() == 0 and shutil.which("ip") is not None
+    loop = ["--mca", "btl_tcp_if_include", "lo"]
+    veth = ["--host", f"{ADDR[0]}:1,{ADDR[1]}:1", "--mca", "plm_rsh_agent", netns_agent(work),
+            "--mca", "btl_tcp_if_include", "10.77.0.0/24", "--mca", "oob_tcp_if_include", "10.77.0.0/24"]
     print(f"bench/scale-out: median of {a.runs} runs, {CORES} cores; per-rank batch fixed (weak scaling); "
-          f"threads per rank = cores / ranks; bytes = allreduce payload per rank per optimizer step")
-    for name, args in WORKLOADS.items():
-        if a.only and not name.lower().startswith(a.only):
-            continue
-        if name.startswith("SmolLM2"):
-            lm_eval = os.path.join(work, "lm.jsonl")
-            with open(lm_eval, "w") as f:
-                f.write(json.dumps({"prompt": "Tweet: ok\nSentiment:", "completion": " neutral"}) + "\n")
-            ev = lm_eval
-        else:
-            ev = eval_file
-        print(name)
-        for ranks in (1, 2, 4):
-            label = f"{ranks} rank{'s' if ranks > 1 else ''}, loopback TCP" + (" (oversubscribed)" if ranks > CORES else "")
-            measure(label, ranks, args, a.runs, ev, extra_mpi=["--mca", "btl_tcp_if_include", "lo"])
-        if a.skip_netns:
-            continue
-        if os.geteuid() != 0 or shutil.which("ip") is None:
-            print("  (namespaces skipped: needs root and iproute2)")
-            continue
-        agent = os.path.join(work, "netns-agent")
-        with open(agent, "w") as f:
-            # Open MPI's rsh launcher calls `agent <host> <orted command>`: run it inside that host's namespace.
-            f.write("#!/bin/sh\nhost=$1; shift\ncase $host in\n"
-                    + "".join(f"  {addr}) ns={ns} ;;\n" for addr, ns in zip(ADDR, NS))
-                    + "  *) echo \"netns-agent: unknown host $host\" >&2; exit 1 ;;\nesac\n"
-                    + "exec ip netns exec $ns sh -c \"$*\"\n")
-        os.chmod(agent, 0o755)
+          f"threads per rank = cores / ranks; bytes = allreduce payload per rank per optimizer step; allreduce "
+          f"time includes waiting for the slowest rank")
+    if netns:
         netns_setup()
-        try:
-            measure("2 ranks, 2 namespaces over veth", 2, args, a.runs, ev, prefix=["ip", "netns", "exec", NS[0]],
-                    extra_mpi=["--host", f"{ADDR[0]}:1,{ADDR[1]}:1", "--mca", "plm_rsh_agent", agent,
-                               "--mca", "btl_tcp_if_include", "10.77.0.0/24", "--mca", "oob_tcp_if_include", "10.77.0.0/24"])
-        finally:
+    try:
+        for name, args in WORKLOADS.items():
+            if a.only and not name.lower().startswith(a.only):
+                continue
+            ev = evals["lm" if name.startswith("SmolLM2") else "cls"]
+            print(name)
+            for ranks in (1, 2, 4):
+                label = f"{ranks} rank{'s' if ranks > 1 else ''}, loopback TCP" + (" (oversubscribed)" if ranks > CORES else "")
+                measure(label, ranks, args, a.runs, ev, extra_mpi=loop)
+            if netns:
+                measure("2 ranks, 2 namespaces over veth", 2, args, a.runs, ev, prefix=["ip", "netns", "exec", NS[0]],
+                        extra_mpi=veth)
+            else:
+                print("  (namespaces skipped: needs root and iproute2)")
+        print("The allreduce alone (graft bench allreduce, median of 20, ranks lined up first)")
+        allreduce_alone("2 ranks, loopback TCP", 2, extra_mpi=loop)
+        allreduce_alone(f"4 ranks, loopback TCP{' (oversubscribed)' if 4 > CORES else ''}", 4, extra_mpi=loop)
+        if netns:
+            allreduce_alone("2 ranks, 2 namespaces over veth", 2, extra_mpi=veth, prefix=["ip", "netns", "exec", NS[0]])
+    finally:
+        if netns:
             netns_teardown()
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,36 @@ def test_python_binding_under_mpirun_equals_one_process(tmp_path):
                           capture_output=True, text=True, timeout=300))
     assert "rank 0 of 2" in r.stdout and "rank 1 of 2" in r.stdout, r.stdout
     check_equal("Python binding: 2 ranks (5 + 3) vs 1 × 8", two, one)
+
+
+def test_hung_rank_times_out_with_a_clear_error(tmp_path, eval_files):
+    """A rank that stops responding (SIGSTOP) makes the others fail after GRAFT_MPI_TIMEOUT and end the job."""
+    ckpt = str(tmp_path / "ckpt")
+    args = MINILM + ["--batch-size", "8", "--max-examples", "400", "--eval-data", eval_files["cls"],
+                     "--checkpoint-dir", ckpt, "--checkpoint-every", "1", "--output", str(tmp_path / "x")]
+    e = dict(os.environ, **MPI_ENV, GRAFT_MPI_TIMEOUT="3")
+    p = subprocess.Popen(["mpirun", "-n", "2", GRAFT] + args, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(ckpt, "graft_manifest.json")) and time.time() < deadline:
+            time.sleep(0.2)
+        victim = rank_pid(p.pid, 1)
+        assert victim is not None, "rank 1's process not found"
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.time()
+        out, err = p.communicate(timeout=60)
+        took = time.time() - stopped
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    print(f"job ended {took:.1f} s after rank 1 stopped; rank 0 said: "
+          + next((l for l in err.splitlines() if "graft: error" in l), "?"))
+    assert p.returncode != 0
+    assert took < 30
+    assert "rank 0 of 2" in err and "did not complete within 3 s" in err, err
