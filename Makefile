@@ -2,7 +2,7 @@
 SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
-.PHONY: demo test test-c test-python test-lua test-daemon test-cli test-crash test-mpi test-sanitize install-lua lib graftd client \
+.PHONY: demo test test-c test-python test-lua test-daemon test-cli test-crash test-mpi bench-scale-out test-sanitize install-lua lib graftd client \
 	install build release setup assets bench bench-compare clean fuzz fuzz-smoke fuzz-build
 
 demo: setup assets release
@@ -65,9 +65,8 @@ test-python: assets lib
 # with the summed batch (MiniLM demo recipe and a SmolLM2 causal LM), a checkpoint of 2 ranks resumed by 1, a
 # rank killed mid-run, ranks given different data, libmpi missing, and the Python binding (C ABI) under mpirun.
 # About 1 minute; needs openmpi-bin (scripts/setup).
-test-mpi: assets lib
-	$(SWIFT) build -c release --product graft
-	GRAFT_LIB=$(abspath $(LIBGRAFT)) $(PYTHON) -m pytest -q -s -p no:cacheprovider tests/mpi
+test-mpi: assets lib release
+	GRAFT_BIN=$(abspath $(RELEASE_BIN)) GRAFT_LIB=$(abspath $(LIBGRAFT)) $(PYTHON) -m pytest -q -s -p no:cacheprovider tests/mpi
 
 # Crash-safe saves (tests/crash): a trainer process is SIGKILLed 24 times at random moments, most inside checkpoint
 # and adapter saves (GRAFT_TEST_SAVE_PAUSE_MS slows saves down for it); after each kill the checkpoint and the
@@ -185,6 +184,10 @@ build:
 
 release:
 	$(SWIFT) build -c release --product graft
+
+# Data-parallel scale-out (issue 18): 1, 2, 4 ranks and two network namespaces over veth (root + iproute2).
+bench-scale-out: assets release
+	bench/scale-out
 
 bench: assets release
 	bench/forward

@@ -46,7 +46,7 @@ def measure(label, ranks, args, runs, eval_file, extra_mpi=(), prefix=(), env_ex
     samples = [run(cmd, env, prefix) for _ in range(runs)]
     step = statistics.median(s[0] for s in samples)
     comm = statistics.median(s[1] for s in samples)
-    print(f"  {label:<34} step {step:7.3f} s   allreduce {comm:8.3f} ms/step ({100 * comm / 1000 / step:5.2f}%)   "
+    print(f"  {label:<40} step {step:7.3f} s   allreduce {comm:8.3f} ms/step ({100 * comm / 1000 / step:5.2f}%)   "
           f"{samples[0][2]:>10,} bytes/step", flush=True)
 
 
@@ -77,7 +77,7 @@ def allreduce_alone(label, ranks, extra_mpi=(), prefix=()):
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     for line in r.stdout.splitlines():
         if line.startswith("allreduce"):
-            print(f"  {label:<34} {line}", flush=True)
+            print(f"  {label:<40} {line}", flush=True)
 
 
 def netns_agent(work):
