@@ -187,7 +187,7 @@ release:
 
 # Data-parallel scale-out (issue 18): 1, 2, 4 ranks and two network namespaces over veth (root + iproute2).
 bench-scale-out: assets release
-	bench/scale-out
+	bench/scale-out/run
 
 bench: assets release
 	bench/forward

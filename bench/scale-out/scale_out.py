@@ -1,4 +1,4 @@
-"""bench/scale-out's driver: runs `graft train` under mpirun and reads its `scale-out` line (see bench/scale-out)."""
+"""bench/scale-out/run's driver: runs `graft train` under mpirun and reads its `scale-out` line (see run)."""
 import argparse
 import json
 import os
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRAFT = os.path.join(ROOT, ".build", "release", "graft")
 CORES = os.cpu_count() or 1
 MPI_ENV = {
@@ -111,7 +111,7 @@ def main():
     loop = ["--mca", "btl_tcp_if_include", "lo"]
     veth = ["--host", f"{ADDR[0]}:1,{ADDR[1]}:1", "--mca", "plm_rsh_agent", netns_agent(work),
             "--mca", "btl_tcp_if_include", "10.77.0.0/24", "--mca", "oob_tcp_if_include", "10.77.0.0/24"]
-    print(f"bench/scale-out: median of {a.runs} runs, {CORES} cores; per-rank batch fixed (weak scaling); "
+    print(f"bench/scale-out/run: median of {a.runs} runs, {CORES} cores; per-rank batch fixed (weak scaling); "
           f"threads per rank = cores / ranks; bytes = allreduce payload per rank per optimizer step; allreduce "
           f"time includes waiting for the slowest rank")
     if netns:
