@@ -58,7 +58,7 @@ public struct AdapterMethodTable: Sendable {
                 note = "\(error)"
             }
             return MethodSummary(peftType: type, family: linearFactory?.family ?? module?.family ?? "",
-                                 peftParity: linearFactory?.hasPEFTParity ?? module?.hasPEFTParity ?? true,
+                                 peftParity: PEFTParity.record(for: type),
                                  mergeable: linearFactory?.mergeable ?? module?.mergeable ?? true,
                                  trainableParameters: count, note: note)
         }

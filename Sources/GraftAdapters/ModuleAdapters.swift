@@ -70,15 +70,12 @@ public protocol ModuleAdapterFactory: Sendable {
     static var selectsLayers: Bool { get }
     /// Whether the adapter folds into the model's parameters (for `graft methods`); default: not for input methods.
     static var mergeable: Bool { get }
-    /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
-    static var hasPEFTParity: Bool { get }
 }
 
 extension ModuleAdapterFactory {
     public static var actsOnInput: Bool { false }
     public static var selectsLayers: Bool { false }
     public static var mergeable: Bool { !actsOnInput }
-    public static var hasPEFTParity: Bool { true }
 }
 
 /// The index of the transformer layer at `path` (its last component, `encoder.layer.3` → 3).
