@@ -27,13 +27,17 @@ let package = Package(
         // Kernels that need CPU intrinsics or oneDNN (bfloat16), selected at run time.
         .target(name: "CGraftKernels", linkerSettings: [.linkedLibrary("dnnl"), .linkedLibrary("gomp")]),
         .target(name: "GraftTensor", dependencies: ["CGraftSystem", "CGraftABI", "CGraftKernels"]),
+        // Open MPI loaded with dlopen only under mpirun: nothing links libmpi, no MPI headers at build time.
+        .target(name: "CGraftMPI", cSettings: [.unsafeFlags(["-Wall", "-Wextra", "-Werror"])],
+                linkerSettings: [.linkedLibrary("dl")]),
+        .target(name: "GraftDistributed", dependencies: ["GraftTensor", "CGraftMPI"]),
         .target(name: "GraftIO", dependencies: ["CGraftSystem", "GraftTensor"]),
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),
         .target(name: "GraftRouting", dependencies: ["GraftTensor", "GraftModels", "GraftAdapters"]),
-        .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters"]),
-        .target(name: "Graft", dependencies: ["CGraftABI", "GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftRouting", "GraftTrain"]),
+        .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftDistributed"]),
+        .target(name: "Graft", dependencies: ["CGraftABI", "GraftDistributed", "GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftRouting", "GraftTrain"]),
         // The asset cache's names (minilm, smollm2, tweets): a front-door convenience kept out of the core.
         .target(name: "GraftAssets", dependencies: ["Graft"]),
         .target(name: "GraftCAPI", dependencies: ["Graft", "GraftAssets", "CGraftABI"], exclude: ["exports.map"],
@@ -68,6 +72,7 @@ let package = Package(
         .testTarget(name: "GraftTests", dependencies: ["Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftAdaptersTests", dependencies: ["GraftAdapters", "Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftRoutingTests", dependencies: ["GraftRouting", "Graft", "GraftTestSupport"]),
+        .testTarget(name: "GraftDistributedTests", dependencies: ["GraftDistributed", "GraftTestSupport"]),
         .testTarget(name: "GraftTrainTests", dependencies: ["GraftTrain", "Graft", "GraftTestSupport"]),
         .testTarget(name: "GraftDaemonTests", dependencies: ["GraftDaemon", "GraftTestSupport"]),
         // What each fuzz target runs on one input; the test replays the committed corpora and crashers through it.

@@ -676,6 +676,21 @@ GRAFT_API void graft_trainer_free(graft_trainer *trainer);
 GRAFT_API graft_status graft_trainer_options(const graft_trainer *trainer, char **json);
 
 /**
+ * The trainer's place among data-parallel processes (added in 0.4.0). In a process started by Open MPI's mpirun
+ * (or with GRAFT_MPI=1) every trainer trains data-parallel over MPI_COMM_WORLD: libgraft loads libmpi.so.40 at
+ * run time (it does not link it), each process passes its own batch-size share of every global batch to
+ * graft_trainer_step (graft_trainer_train shards its data itself), gradients are summed over the processes, each
+ * weighted by its share of the counted items, before an optimizer step identical everywhere, and the processes
+ * check at the first step that they got the same options and model. Only rank 0 should save or report. Outside
+ * mpirun: rank 0 of 1.
+ * @param rank  receives this process's rank, 0..size-1 (may be NULL).
+ * @param size  receives the number of processes (may be NULL).
+ * @return GRAFT_OK or GRAFT_ERR_INVALID_ARGUMENT (NULL trainer).
+ * Thread safety: any thread.
+ */
+GRAFT_API graft_status graft_trainer_world(const graft_trainer *trainer, int32_t *rank, int32_t *size);
+
+/**
  * One training micro-batch: forward, backward, and an optimizer update (every gradient_accumulation_steps-th
  * call; every call with the default 1). The rows are packed end to end internally (no compute on padding).
  *

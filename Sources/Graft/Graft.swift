@@ -1,6 +1,7 @@
 // The umbrella module: `import Graft` brings in every layer of the engine.
 import CGraftABI
 @_exported import GraftAdapters
+@_exported import GraftDistributed
 @_exported import GraftIO
 @_exported import GraftModels
 @_exported import GraftRouting

@@ -1,5 +1,6 @@
 import Foundation
 import GraftAdapters
+import GraftDistributed
 import GraftModels
 import GraftTensor
 import GraftText
@@ -34,6 +35,15 @@ public final class GraftTrainingSession: @unchecked Sendable {
         let objective = try session.taskModel.objective()
         session.adapted.setAdaptersDisabled(false)
         trainer = try Trainer(model: session.adapted, adapterName: name, objective: objective, config: config)
+        // Under mpirun every door's training is data-parallel over MPI_COMM_WORLD (GraftDistributed).
+        trainer.processGroup = try ProcessGroups.world()
+        var identity = RunFingerprint()
+        identity.combine(session.model.architecture.rawValue)
+        for (pname, tensor) in session.model.root.namedParameters() {
+            identity.combine(pname)
+            identity.combine(tensor.shape)
+        }
+        trainer.modelIdentity = identity
         self.session = session
         self.options = options
         session.adaptersInTraining[name, default: 0] += 1
@@ -49,6 +59,11 @@ public final class GraftTrainingSession: @unchecked Sendable {
         session.adaptersInTraining[name, default: 1] -= 1
         if session.adaptersInTraining[name] == 0 { session.adaptersInTraining[name] = nil }
     }
+
+    /// This process's rank among the data-parallel processes (0 alone): only rank 0 should save and report.
+    public var rank: Int { trainer.processGroup.rank }
+    /// The number of data-parallel processes (1 unless launched by mpirun).
+    public var worldSize: Int { trainer.processGroup.size }
 
     /// The trained adapter's trainable parameter count.
     public var trainableParameters: Int { trainer.adapter.parameterCount }
@@ -99,7 +114,7 @@ public final class GraftTrainingSession: @unchecked Sendable {
         let loss = try trainer.accumulate(batch)
         if trainer.microStep % trainer.config.gradientAccumulationSteps == 0 {
             // No horizon given: a schedule far longer than any run, i.e. no decay after warm-up.
-            trainer.optimizerStep(totalSteps: options.totalSteps > 0 ? options.totalSteps : 1 << 40)
+            try trainer.optimizerStep(totalSteps: options.totalSteps > 0 ? options.totalSteps : 1 << 40)
         }
         return loss
     }

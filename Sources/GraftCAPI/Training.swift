@@ -30,6 +30,17 @@ public func graft_trainer_options(_ trainer: OpaquePointer?, _ json: UnsafeMutab
     }
 }
 
+/// The C entry point `graft_trainer_world`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
+@_cdecl("graft_trainer_world")
+public func graft_trainer_world(_ trainer: OpaquePointer?, _ rank: UnsafeMutablePointer<Int32>?,
+                                _ size: UnsafeMutablePointer<Int32>?) -> graft_status {
+    guarded {
+        let t = try trainingSession(trainer)
+        rank?.pointee = Int32(t.rank)
+        size?.pointee = Int32(t.worldSize)
+    }
+}
+
 /// The C entry point `graft_trainer_free`; its contract (arguments, errors, ownership, threads) is in include/graft.h.
 @_cdecl("graft_trainer_free")
 public func graft_trainer_free(_ trainer: OpaquePointer?) {

@@ -29,6 +29,8 @@ extension Trainer {
             "dropout_rng": adapter.state.rng.stateWords.map { String($0) },
             "seed": String(config.seed),
             "optimizer": config.optimizer.rawValue,
+            // Examples per global micro-batch: micro_step counts these, so a resume must keep it (any rank count).
+            "global_batch_size": globalBatchSize,
         ]
         let json = try JSONSerialization.data(withJSONObject: state, options: [.prettyPrinted, .sortedKeys])
         files.append(("trainer_state.json", [UInt8](json)))
@@ -71,6 +73,9 @@ extension Trainer {
         guard words.count == 4 else { throw GraftError.format("\(path): 'dropout_rng' words must be unsigned integers") }
         if let kind = object["optimizer"] as? String, kind != config.optimizer.rawValue {
             throw GraftError.invalid("\(path): checkpoint was written by \(kind), this trainer uses \(config.optimizer.rawValue)")
+        }
+        if let global = object["global_batch_size"] as? Int, global != globalBatchSize {
+            throw GraftError.invalid("\(path): the checkpoint was written with a global batch of \(global) examples (ranks × batch size), this run has \(globalBatchSize) (\(processGroup.size) rank(s) × \(config.batchSize)); keep ranks × batch size equal to resume")
         }
         if let recorded = manifest.metadata["global_step"], recorded != String(step) {
             throw GraftError.format("\(path): 'global_step' \(step) disagrees with \(manifestPath) (\(recorded))")

@@ -7,6 +7,16 @@ public protocol TrainingObjective: AnyObject {
     func loss(_ batch: PackedBatch) throws -> Tensor
     /// Loss (summed over counted items), number correct, and items counted, without recording.
     func evaluate(_ batch: PackedBatch) throws -> (lossSum: Double, correct: Int, count: Int)
+    /// The items ``loss(_:)`` averages over (sequences, or targeted tokens): data-parallel ranks weight their
+    /// gradients by it so that the sum over ranks is the gradient of the mean over the whole global batch.
+    func countedItems(_ batch: PackedBatch) -> Int
+}
+
+extension TrainingObjective {
+    /// Targeted tokens when the batch has next-token targets, else its sequences (one label each).
+    public func countedItems(_ batch: PackedBatch) -> Int {
+        batch.targets.isEmpty ? batch.labels.count : batch.targets.reduce(0) { $0 + ($1 == -100 ? 0 : 1) }
+    }
 }
 
 /// BertForSequenceClassification's objective: mean cross entropy of each sequence's logits.

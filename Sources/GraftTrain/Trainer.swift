@@ -1,5 +1,6 @@
 import Foundation
 import GraftAdapters
+import GraftDistributed
 import GraftIO
 import GraftTensor
 
@@ -109,8 +110,20 @@ public final class Trainer {
     public let optimizer: Optimizer
     /// Optimizer steps taken so far (restored by ``loadCheckpoint(directory:)``).
     public internal(set) var globalStep = 0
-    /// Micro-batches consumed so far.
+    /// Micro-batches consumed so far (global micro-batches when data-parallel).
     public internal(set) var microStep = 0
+    /// The processes training together (data parallelism, see ``DataParallel.swift``); one process by default.
+    /// Each rank takes its `batchSize` slice of every global batch of `batchSize × size` examples, and the
+    /// gradients are summed over the group before every optimizer step, so the run equals one process with the
+    /// global batch. Set it before training starts.
+    public var processGroup: any ProcessGroup = SingleProcessGroup()
+    /// What identifies the model and its origin beyond the adapter's weights (e.g. the model file's path and
+    /// size), compared across ranks with the options and data before data-parallel training.
+    public var modelIdentity = RunFingerprint()
+    /// Whether the ranks were found to start the same run (data-parallel only).
+    var verifiedGroup = false
+    /// Real tokens in the last global micro-batch (all ranks' shares), for throughput figures.
+    var lastGlobalTokens = 0
 
     /// Sets up training of `adapterName` (made active) with `objective`.
     public init(model: AdaptedModel, adapterName: String, objective: TrainingObjective, config: TrainerConfig) throws {
@@ -132,8 +145,11 @@ public final class Trainer {
         adapter.state.rng = GraftRNG(seed: config.seed &+ 0x5EED)
     }
 
-    /// Micro-batches per epoch for `count` examples.
-    public func batchesPerEpoch(_ count: Int) -> Int { (count + config.batchSize - 1) / config.batchSize }
+    /// Examples per global micro-batch: `batchSize` on each of the group's processes.
+    public var globalBatchSize: Int { config.batchSize * processGroup.size }
+
+    /// Global micro-batches per epoch for `count` examples.
+    public func batchesPerEpoch(_ count: Int) -> Int { (count + globalBatchSize - 1) / globalBatchSize }
 
     /// Optimizer steps for a run over `count` examples.
     public func totalSteps(_ count: Int) -> Int {
@@ -154,20 +170,50 @@ public final class Trainer {
 
     /// One micro-batch forward + backward, gradients scaled for accumulation; returns the loss (including the
     /// terms of the adapter's ``AdapterTrainingHook``s, e.g. router auxiliary losses).
+    ///
+    /// Data-parallel, `batch` is this rank's share of a global micro-batch, and the loss returned is the global
+    /// batch's (see ``accumulateShare(_:)``).
     public func accumulate(_ batch: PackedBatch) throws -> Float {
+        try accumulateShare(batch)
+    }
+
+    /// ``accumulate(_:)`` for this rank's share of a global micro-batch, which may be empty (nil) at the end of
+    /// an epoch. With more than one process the loss is scaled by this share's counted items over the global
+    /// batch's (one small allreduce), so that summing gradients over the ranks gives the gradient of the global
+    /// batch's mean loss even when shares hold different numbers of sequences or targeted tokens.
+    func accumulateShare(_ batch: PackedBatch?) throws -> Float {
+        if processGroup.size > 1 && !verifiedGroup { try verifyGroup(data: nil, maxSteps: nil) }
         model.setTraining(true)
         defer { model.setTraining(false) }
-        try applyTaskIDs(batch)
-        var loss = try objective.loss(batch)
-        for hook in adapter.trainingHooks {
-            if let penalty = hook.regularization() { loss = loss + penalty }
+        var loss: Tensor?
+        if let batch {
+            try applyTaskIDs(batch)
+            var l = try objective.loss(batch)
+            for hook in adapter.trainingHooks {
+                if let penalty = hook.regularization() { l = l + penalty }
+            }
+            loss = l
         }
-        let scaled = config.gradientAccumulationSteps == 1 ? loss : loss * (1 / Float(config.gradientAccumulationSteps))
-        scaled.backward()
+        var share: Float = 1
+        var reported = loss?.item ?? 0
+        lastGlobalTokens = batch?.realTokenCount ?? 0
+        if processGroup.size > 1 {
+            let local = Double(batch.map { objective.countedItems($0) } ?? 0)
+            var sums = [local, local * Double(reported), Double(lastGlobalTokens)]
+            try processGroup.allreduceSum(&sums)
+            share = sums[0] > 0 ? Float(local / sums[0]) : 0
+            reported = sums[0] > 0 ? Float(sums[1] / sums[0]) : 0
+            lastGlobalTokens = Int(sums[2])
+        }
+        if let loss {
+            let factor = share / Float(config.gradientAccumulationSteps)
+            let scaled = factor == 1 ? loss : loss * factor
+            scaled.backward()
+        }
         // Layers that learn from gradients beyond the optimizer (RoSA's mask) see them before the step.
         adapter.afterBackward(step: globalStep)
         microStep += 1
-        return loss.item
+        return reported
     }
 
     /// Whether the last batch set per-example task ids on the model.
@@ -188,9 +234,11 @@ public final class Trainer {
         }
     }
 
-    /// Clips, updates and clears gradients with the scheduled learning rate; returns (lr, grad norm).
+    /// Sums the gradients over the process group (data-parallel), then clips, updates and clears them with the
+    /// scheduled learning rate; returns (lr, grad norm of the summed gradient).
     @discardableResult
-    public func optimizerStep(totalSteps: Int) -> (learningRate: Float, gradNorm: Float) {
+    public func optimizerStep(totalSteps: Int) throws -> (learningRate: Float, gradNorm: Float) {
+        try GradientAllreduce.sum(optimizer.parameters, group: processGroup)
         let schedule = LearningRateSchedule(kind: config.schedule, warmupSteps: config.warmupSteps, totalSteps: totalSteps)
         let lr = config.learningRate * schedule.multiplier(at: globalStep)
         optimizer.learningRate = lr
@@ -205,7 +253,7 @@ public final class Trainer {
     /// One full optimizer step on one batch (no accumulation); returns the loss. For drivers that batch themselves.
     public func step(_ batch: PackedBatch, totalSteps: Int) throws -> Float {
         let loss = try accumulate(batch)
-        optimizerStep(totalSteps: totalSteps)
+        try optimizerStep(totalSteps: totalSteps)
         return loss
     }
 
@@ -228,19 +276,20 @@ public final class Trainer {
         var lossSum: Double = 0, lossCount = 0
         var windowLoss: Double = 0, windowCount = 0
         let startStep = globalStep
+        if processGroup.size > 1 { try verifyGroup(data: data, maxSteps: maxSteps) }
         while microStep < microSteps && globalStep < total {
             let epoch = microStep / perEpoch
             let b = microStep % perEpoch
             let indices = order(epoch: epoch, count: data.count)
-            let slice = indices[(b * config.batchSize)..<min(data.count, (b + 1) * config.batchSize)]
-            let batch = try PackedBatch(ArraySlice(slice.map { data[$0] }), padded: model.needsPaddedBatches)
-            let loss = try accumulate(batch)
-            tokens += batch.realTokenCount
+            let slice = shareOfBatch(b, of: indices)
+            let batch = slice.isEmpty ? nil : try PackedBatch(ArraySlice(slice.map { data[$0] }), padded: model.needsPaddedBatches)
+            let loss = try accumulateShare(batch)
+            tokens += lastGlobalTokens
             windowLoss += Double(loss)
             windowCount += 1
             let endOfEpoch = microStep % perEpoch == 0
             if (b + 1) % config.gradientAccumulationSteps == 0 || endOfEpoch {
-                let (lr, norm) = optimizerStep(totalSteps: total)
+                let (lr, norm) = try optimizerStep(totalSteps: total)
                 let stepLoss = Float(windowLoss / Double(max(windowCount, 1)))
                 windowLoss = 0
                 windowCount = 0

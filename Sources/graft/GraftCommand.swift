@@ -27,6 +27,7 @@ func run(_ body: () throws -> Void) throws {
     do {
         try body()
     } catch let error as GraftError {
+        ScaleOut.abortJobIfDistributed(error.message)
         FileHandle.standardError.write(Data("graft: error: \(error.message)\n".utf8))
         throw ExitCode(1)
     }

@@ -12,6 +12,7 @@ struct Demo: ParsableCommand {
 
     func run() throws {
         try graft.run {
+            try ScaleOut.join()
             var options = Graft.TrainingOptions()
             options.epochs = 2
             options.warmupSteps = 20
@@ -22,7 +23,7 @@ struct Demo: ParsableCommand {
                 "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
             ], options: options, computeDType: try flags.computeFormat())
             let (train, test) = try AssetCache.tweets(for: .sequenceClassification)
-            try run.run(train: train, test: test, evalName: "test", output: output)
+            try run.run(train: train, test: test, evalName: "test", output: output, checkpoint: try flags.checkpointPlan())
         }
     }
 }
@@ -31,13 +32,23 @@ struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Fine-tune an adapter from flags and/or a JSON config.",
         discussion: """
-        A JSON config may hold any of: model, task ("seq-cls" | "causal-lm"), data, eval_data, output, max_length,
-        num_labels, adapter (a PEFT adapter_config.json object), training (any training option by name:
-        learning_rate, weight_decay, warmup_steps, total_steps or max_steps, schedule, optimizer, max_grad_norm,
-        gradient_accumulation_steps, batch_size, seed, epochs, beta1, beta2, eps, momentum, shuffle,
-        eval_batch_size, max_examples; the README's options table). The options in effect are printed first.
-        Flags override the file. --data takes a JSONL file ({"text","label"} for seq-cls; {"prompt","completion"}
+        A JSON config may hold any of: model, task ("seq-cls" | "causal-lm"), data, eval_data, output, max_length, \
+        num_labels, adapter (a PEFT adapter_config.json object), training (any training option by name: \
+        learning_rate, weight_decay, warmup_steps, total_steps or max_steps, schedule, optimizer, max_grad_norm, \
+        gradient_accumulation_steps, batch_size, seed, epochs, beta1, beta2, eps, momentum, shuffle, \
+        eval_batch_size, max_examples; the README's options table). The options in effect are printed first. \
+        Flags override the file. --data takes a JSONL file ({"text","label"} for seq-cls; {"prompt","completion"} \
         or {"text"} for causal-lm) or "tweets" for the sentiment corpus (demo split).
+
+        Data-parallel training: `mpirun -n N graft train ...` (Open MPI; Debian's openmpi-bin) runs N ranks that \
+        each take --batch-size sequences of every global batch of N × --batch-size and average gradients with \
+        MPI_Allreduce, so the run equals one process with --batch-size N × b (with dropout 0: dropout masks are \
+        drawn per rank). Rank 0 alone evaluates, prints and saves; the ranks check at start-up that they got \
+        the same options, data and model. Checkpoints (--checkpoint-dir) resume with any N that keeps \
+        N × --batch-size. libmpi.so.40 is loaded only under mpirun (or GRAFT_MPI=1; GRAFT_MPI=0 never; \
+        GRAFT_MPI_LIBRARY names another file); without it graft runs as one process. A collective waits at most \
+        GRAFT_MPI_TIMEOUT seconds (default 600) for a rank that stopped responding. As root, add \
+        --allow-run-as-root to mpirun.
         """)
 
     @Option(help: "JSON config file.") var config: String?
@@ -62,6 +73,7 @@ struct Train: ParsableCommand {
 
     func run() throws {
         try graft.run {
+            try ScaleOut.join()
             var file: [String: Any] = [:]
             if let config {
                 guard let data = FileManager.default.contents(atPath: config),
@@ -142,7 +154,7 @@ struct Train: ParsableCommand {
             let run = try TrainingRun(model: modelName, task: task, numLabels: numLabels, classNames: classNames,
                                       adapter: adapter, options: options, computeDType: try flags.computeFormat())
             try run.run(train: train, test: test ?? train, evalName: heldOut ? "held-out" : (task == .causalLM ? "eval" : "test"),
-                        output: output)
+                        output: output, checkpoint: try flags.checkpointPlan())
         }
     }
 

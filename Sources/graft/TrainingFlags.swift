@@ -17,6 +17,20 @@ struct TrainingFlags: ParsableArguments {
     @Option(help: "Threads (default: all cores).") var threads: Int?
     @Option(name: .customLong("compute-dtype"), help: "Number format of the frozen weights' products: float32 (exact, default), bfloat16 or auto.")
     var computeDType: String?
+    @Option(help: "Save a checkpoint (adapter, optimizer, step) in this directory (rank 0 under mpirun).") var checkpointDir: String?
+    @Option(help: "Steps between checkpoints (with --checkpoint-dir; default: only at the end).") var checkpointEvery: Int?
+    @Flag(help: "Continue from the checkpoint in --checkpoint-dir when there is one (any rank count with the same ranks × batch size).")
+    var resume = false
+
+    /// The checkpointing the flags ask for (nil: none).
+    func checkpointPlan() throws -> TrainingRun.CheckpointPlan? {
+        guard let checkpointDir else {
+            if checkpointEvery != nil || resume { throw GraftError.invalid("--checkpoint-every and --resume need --checkpoint-dir") }
+            return nil
+        }
+        if let every = checkpointEvery, every < 1 { throw GraftError.invalid("--checkpoint-every must be ≥ 1, got \(every)") }
+        return .init(directory: checkpointDir, every: checkpointEvery ?? 0, resume: resume)
+    }
 
     /// The compute format the flags ask for (default float32).
     func computeFormat() throws -> ComputeDType {

@@ -29,11 +29,29 @@ struct TrainingRun {
         if session.computeDType != .float32 { print("compute    frozen weights multiplied in \(session.computeDType.rawValue)") }
     }
 
+    /// Where and how often to checkpoint, and whether to resume from there.
+    struct CheckpointPlan {
+        /// The checkpoint directory (one checkpoint, replaced atomically).
+        var directory: String
+        /// Steps between saves; 0 = only after the last step.
+        var every: Int
+        /// Load the checkpoint in `directory` first when there is one.
+        var resume: Bool
+    }
+
     /// Trains on `train`, evaluates on `test` (called `evalName` in the report) before and after, prints the
     /// report (accuracy for classification, perplexity for a causal LM) and saves the adapter to `output`.
-    func run(train: TextData, test: TextData, evalName: String, output: String?) throws {
+    /// Data-parallel (under mpirun) every rank trains, rank 0 alone evaluates, reports and saves.
+    func run(train: TextData, test: TextData, evalName: String, output: String?, checkpoint: CheckpointPlan? = nil) throws {
         let start = Date()
         let session = training.session
+        let rank0 = training.rank == 0
+        let trainer = training.trainer
+        if let checkpoint, checkpoint.resume,
+           FileManager.default.fileExists(atPath: checkpoint.directory + "/" + AtomicDirectory.manifestName) {
+            try trainer.loadCheckpoint(directory: checkpoint.directory)
+            print("resumed    \(checkpoint.directory) at step \(trainer.globalStep)")
+        }
         let trainSet = try training.tokenize(train)
         let testSet = try training.tokenize(test)
         let tokens = trainSet.reduce(0) { $0 + $1.ids.count }
@@ -42,11 +60,25 @@ struct TrainingRun {
         print("adapter    \(adapter.config.peftType) on \(adapter.layers.count) layers, \(training.trainableParameters) trainable parameters")
         print(String(format: "data       %d train / %d %@ examples, %.1f tokens per example (packed, no padding)",
                      trainSet.count, testSet.count, evalName, Double(tokens) / Double(max(trainSet.count, 1))))
-        report("before", try training.evaluate(testSet), evalName)
-        let printer = ProgressPrinter()
+        if rank0 { report("before", try training.evaluate(testSet), evalName) }
+        let printer = rank0 ? ProgressPrinter() : nil
         let trainStart = Date()
-        try training.train(trainSet) { p in printer.update(p); return true }
+        let startStep = trainer.globalStep
+        var saveError: Error?
+        do {
+            try training.train(trainSet) { p in
+                printer?.update(p)
+                guard rank0, let checkpoint, p.step == p.totalSteps || (checkpoint.every > 0 && p.step % checkpoint.every == 0) else { return true }
+                do { try trainer.saveCheckpoint(directory: checkpoint.directory) } catch { saveError = error; return false }
+                return true
+            }
+        } catch let error as GraftError where error.code == .cancelled && saveError != nil {
+            throw saveError ?? error
+        }
         let trainTime = Date().timeIntervalSince(trainStart)
+        if rank0, let checkpoint { print("checkpoint \(checkpoint.directory) at step \(trainer.globalStep)") }
+        ScaleOut.report(group: trainer.processGroup, steps: trainer.globalStep - startStep, trainSeconds: trainTime)
+        guard rank0 else { return }
         session.adapted.resetRouterStatistics()
         report("after", try training.evaluate(testSet), evalName)
         // Expert mixtures: how the routers spread the test tokens (load per expert, entropy, capacity overflow).
@@ -54,7 +86,6 @@ struct TrainingRun {
             print("router     \(st.path): load [\(st.load.map { String(format: "%.2f", $0) }.joined(separator: " "))], "
                   + String(format: "entropy %.2f nats, overflow %d", st.meanEntropy, st.overflowCount))
         }
-        let trainer = training.trainer
         let epochsRun = Double(trainer.microStep) / Double(max(trainer.batchesPerEpoch(trainSet.count), 1))
         print(String(format: "time       %.1f s training (%.0f tokens/s), %.1f s in all", trainTime,
                      Double(tokens) * epochsRun / trainTime, Date().timeIntervalSince(start)))

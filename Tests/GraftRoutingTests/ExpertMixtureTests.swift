@@ -230,7 +230,7 @@ import GraftTestSupport
         let batch = try PackedBatch(ArraySlice(examples), padded: false)
         for _ in 0..<8 {
             _ = try trainer.accumulate(batch)
-            trainer.optimizerStep(totalSteps: 1 << 20)
+            try trainer.optimizerStep(totalSteps: 1 << 20)
         }
         let after = try trainer.evaluate(examples).loss
         #expect(after < before - 1e-3, "loss \(before) -> \(after)")

@@ -44,7 +44,7 @@ import Testing
             let batch = try PackedBatch(ArraySlice(examples), padded: model.needsPaddedBatches)
             for _ in 0..<Self.steps {
                 _ = try trainer.accumulate(batch)
-                trainer.optimizerStep(totalSteps: 1 << 20)
+                try trainer.optimizerStep(totalSteps: 1 << 20)
             }
             let after = try trainer.evaluate(examples).loss
             report.append("\(type) \(String(format: "%.4f", before)) -> \(String(format: "%.4f", after))")
@@ -102,7 +102,7 @@ import Testing
         let batch = try PackedBatch(ArraySlice(examples))
         for _ in 0..<12 {
             _ = try trainer.accumulate(batch)
-            trainer.optimizerStep(totalSteps: 12)
+            try trainer.optimizerStep(totalSteps: 12)
         }
         let kept = adapter.layers.reduce(0) { n, l in
             n + ((l.adapter as? AdaLoRALayer)?.loraE.scalars.filter { $0 != 0 }.count ?? 0)

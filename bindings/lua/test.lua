@@ -165,6 +165,8 @@ test("training lowers the loss; checkpoints; train with callback and cancel", fu
   raises("unknown key", m.trainer, m, {extras = '{"bogus": 1}'})
   local t <close> = m:trainer{learning_rate = 5e-3, schedule = "constant"}
   local loss0, acc0 = t:evaluate(batch, LABELS)
+  local world_rank, world_size = t:world()   -- not under mpirun: rank 0 of 1
+  assert(world_rank == 0 and world_size == 1, "world " .. tostring(world_rank) .. "/" .. tostring(world_size))
   local first = t:step(batch, LABELS)
   assert(math.abs(first - loss0) < 1e-4)
   for _ = 1, 7 do t:step(batch, LABELS) end

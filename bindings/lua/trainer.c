@@ -112,6 +112,15 @@ static int t_load_checkpoint(lua_State *L) {
     return 0;
 }
 
+/* trainer:world() -> rank, size among data-parallel processes (graft_trainer_world; 0, 1 outside mpirun). */
+static int t_world(lua_State *L) {
+    int32_t rank = 0, size = 1;
+    check(L, graft_trainer_world(to_trainer(L, 1), &rank, &size), "world");
+    lua_pushinteger(L, rank);
+    lua_pushinteger(L, size);
+    return 2;
+}
+
 GRAFT_LUA_INTERNAL const luaL_Reg graft_lua_trainer_methods[] = {
     {"close", t_close},
     {"step", t_step},
@@ -119,6 +128,7 @@ GRAFT_LUA_INTERNAL const luaL_Reg graft_lua_trainer_methods[] = {
     {"train", t_train},
     {"save_checkpoint", t_save_checkpoint},
     {"load_checkpoint", t_load_checkpoint},
+    {"world", t_world},
     {NULL, NULL},
 };
 

@@ -621,6 +621,13 @@ static void test_minilm_round_trip(void) {
     CHECK(t == NULL);
     EXPECT(graft_trainer_create(m, "lora", &tp, "{\"shuffle\": false, \"beta2\": 0.99}", &t), GRAFT_OK);
 
+    /* Not under mpirun: rank 0 of 1 (graft_trainer_world, 0.4.0). */
+    int32_t world_rank = -1, world_size = -1;
+    EXPECT(graft_trainer_world(t, &world_rank, &world_size), GRAFT_OK);
+    CHECK(world_rank == 0 && world_size == 1);
+    EXPECT(graft_trainer_world(NULL, &world_rank, &world_size), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT(graft_trainer_world(t, NULL, NULL), GRAFT_OK);
+
     /* Step errors. */
     float loss = 0, first = 0, last = 0, accuracy = -1;
     EXPECT(graft_trainer_step(NULL, train_ids, train_lengths, B, S, train_labels, &loss), GRAFT_ERR_INVALID_ARGUMENT);

@@ -163,6 +163,9 @@ _sigs_since_0_2 = {
     "graft_status_name": (ctypes.c_char_p, [_S]),
     # GRAFT_API graft_status graft_trainer_options(const graft_trainer *trainer, char **json);
     "graft_trainer_options": (_S, [_P, ctypes.POINTER(ctypes.c_void_p)]),
+    # Added in 0.4.0. GRAFT_API graft_status graft_trainer_world(const graft_trainer *trainer, int32_t *rank,
+    #                                                            int32_t *size);
+    "graft_trainer_world": (_S, [_P, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32)]),
 }
 for _name, (_res, _args) in _sigs.items():
     _f = getattr(lib, _name)

@@ -101,6 +101,19 @@ class Trainer(NativeHandle):
             check(lib.graft_trainer_options(self._h("options"), ctypes.byref(out)), "options")
         return json.loads(_lib.take_string(out))
 
+    @property
+    def world(self):
+        """(rank, size) among data-parallel processes (graft_trainer_world): under Open MPI's mpirun every trainer
+        sums gradients over the ranks, each rank passing its own share of every global batch to step();
+        only rank 0 should save or report. (0, 1) outside mpirun."""
+        if not hasattr(lib, "graft_trainer_world"):
+            raise GraftError(_lib.ERR_UNSUPPORTED, f"libgraft.so {lib.graft_version_string().decode()} at "
+                             f"{_lib.path} predates graft_trainer_world (0.4.0); rebuild it", "world")
+        rank, size = ctypes.c_int32(), ctypes.c_int32()
+        with self._lock:
+            check(lib.graft_trainer_world(self._h("world"), ctypes.byref(rank), ctypes.byref(size)), "world")
+        return rank.value, size.value
+
     def _batch(self, ids, lengths, labels, where):
         mat, lens = token_batch(ids, lengths, where)
         lab = None
