@@ -72,6 +72,9 @@ public protocol ModuleAdapterFactory: Sendable {
     static var mergeable: Bool { get }
     /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
     static var hasPEFTParity: Bool { get }
+    /// True for methods PEFT defines for causal decoders only (LLaMA-Adapter, CPT): they apply to Llama models,
+    /// and encoder-only surfaces (the MiniLM fine-tune test) leave them out.
+    static var requiresDecoder: Bool { get }
 }
 
 extension ModuleAdapterFactory {
@@ -79,6 +82,7 @@ extension ModuleAdapterFactory {
     public static var selectsLayers: Bool { false }
     public static var mergeable: Bool { !actsOnInput }
     public static var hasPEFTParity: Bool { true }
+    public static var requiresDecoder: Bool { false }
 }
 
 /// The index of the transformer layer at `path` (its last component, `encoder.layer.3` → 3).

@@ -42,7 +42,9 @@ extension AdaptedModel {
         var integers: [String: (any LinearAdapterMethod, String)] = [:]
         var moduleParams: [String: (any ModuleAdapterMethod, String)] = [:]
         for (path, m) in adapter.modules {
-            for (n, _) in m.namedParameters { moduleParams[m.key(n, path: path)] = (m, n) }
+            // What PEFT's file holds for the module (Cartridges' whole table, CPT's E + δ), which may differ from the
+            // trainable parameters; each adapter's `load` maps it back.
+            for (n, _) in m.exportedParameters { moduleParams[m.key(n, path: path)] = (m, n) }
         }
         var buffers: [String: (any LinearAdapterMethod, String)] = [:]
         for (path, _, layer) in adapter.layers {
