@@ -196,6 +196,7 @@ public enum AdapterRegistry {
         BottleneckDoubleSequentialFactory.peftType: BottleneckDoubleSequentialFactory.self,
         BottleneckParallelFactory.peftType: BottleneckParallelFactory.self,
         LoReFTFactory.peftType: LoReFTFactory.self,
+        AdaptionPromptFactory.peftType: AdaptionPromptFactory.self,
     ]
 }
 

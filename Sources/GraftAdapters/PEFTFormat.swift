@@ -159,7 +159,10 @@ extension AdaptedModel {
         json["peft_type"] = config.peftType
         json["inference_mode"] = true
         if json["base_model_name_or_path"] == nil { json["base_model_name_or_path"] = NSNull() }
-        if json["task_type"] == nil { json["task_type"] = NSNull() }
+        if json["task_type"] == nil || json["task_type"] is NSNull {
+            // LLaMA-Adapter adapts causal decoders only.
+            json["task_type"] = config.peftType == AdaptionPromptFactory.peftType ? "CAUSAL_LM" : NSNull()
+        }
         if json["revision"] == nil { json["revision"] = NSNull() }
         if config.peftType == "LORA" {
             let defaults: [String: Any] = [
