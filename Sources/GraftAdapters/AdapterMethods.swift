@@ -197,6 +197,7 @@ public enum AdapterRegistry {
         BottleneckParallelFactory.peftType: BottleneckParallelFactory.self,
         LoReFTFactory.peftType: LoReFTFactory.self,
         AdaptionPromptFactory.peftType: AdaptionPromptFactory.self,
+        MultitaskPromptTuningFactory.peftType: MultitaskPromptTuningFactory.self,
     ]
 }
 
