@@ -198,6 +198,7 @@ public enum AdapterRegistry {
         LoReFTFactory.peftType: LoReFTFactory.self,
         AdaptionPromptFactory.peftType: AdaptionPromptFactory.self,
         MultitaskPromptTuningFactory.peftType: MultitaskPromptTuningFactory.self,
+        CPTFactory.peftType: CPTFactory.self,
     ]
 }
 

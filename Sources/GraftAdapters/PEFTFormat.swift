@@ -160,8 +160,8 @@ extension AdaptedModel {
         json["inference_mode"] = true
         if json["base_model_name_or_path"] == nil { json["base_model_name_or_path"] = NSNull() }
         if json["task_type"] == nil || json["task_type"] is NSNull {
-            // LLaMA-Adapter adapts causal decoders only.
-            json["task_type"] = config.peftType == AdaptionPromptFactory.peftType ? "CAUSAL_LM" : NSNull()
+            // PEFT's CPTConfig accepts CAUSAL_LM only, and LLaMA-Adapter adapts causal decoders only.
+            json["task_type"] = [CPTFactory.peftType, AdaptionPromptFactory.peftType].contains(config.peftType) ? "CAUSAL_LM" : NSNull()
         }
         if json["revision"] == nil { json["revision"] = NSNull() }
         if config.peftType == "LORA" {
