@@ -199,6 +199,7 @@ public enum AdapterRegistry {
         AdaptionPromptFactory.peftType: AdaptionPromptFactory.self,
         MultitaskPromptTuningFactory.peftType: MultitaskPromptTuningFactory.self,
         CPTFactory.peftType: CPTFactory.self,
+        CartridgeFactory.peftType: CartridgeFactory.self,
     ]
 }
 
