@@ -148,7 +148,14 @@ extension AdaptedModel {
             for (n, values, shape) in layer.integerBuffers { try writer.add("base_model.model.\(path).\(n)", int32s: values, shape: shape) }
             for (n, t) in layer.savedBuffers { try writer.add("base_model.model.\(path).\(n)", t) }
         }
-        let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(config),
+        var configJSON = AdaptedModel.peftConfigJSON(config)
+        if configJSON["task_type"] is NSNull, root is LlamaModel,
+           let module = methods.modules[config.peftType], module.actsOnInput || module.requiresDecoder {
+            // Without a task type PEFT builds a bare PeftModel, whose forward never injects virtual tokens or
+            // prefixes: the adapter would load and do nothing.
+            configJSON["task_type"] = "CAUSAL_LM"
+        }
+        let json = try JSONSerialization.data(withJSONObject: configJSON,
                                               options: [.prettyPrinted, .sortedKeys])
         return [("adapter_model.safetensors", writer.serialized()), ("adapter_config.json", [UInt8](json))]
     }
@@ -160,8 +167,8 @@ extension AdaptedModel {
         json["inference_mode"] = true
         if json["base_model_name_or_path"] == nil { json["base_model_name_or_path"] = NSNull() }
         if json["task_type"] == nil || json["task_type"] is NSNull {
-            // PEFT's CPTConfig accepts CAUSAL_LM only, and LLaMA-Adapter adapts causal decoders only.
-            json["task_type"] = [CPTFactory.peftType, AdaptionPromptFactory.peftType].contains(config.peftType) ? "CAUSAL_LM" : NSNull()
+            // PEFT's CPTConfig accepts CAUSAL_LM only.
+            json["task_type"] = config.peftType == CPTFactory.peftType ? "CAUSAL_LM" : NSNull()
         }
         if json["revision"] == nil { json["revision"] = NSNull() }
         if config.peftType == "LORA" {
