@@ -125,3 +125,75 @@ class VeraConfig(PeftConfig):
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     inference_mode: bool = False
+
+
+@dataclass
+class AdaptionPromptConfig(PeftConfig):
+    """LLaMA-Adapter (gated attention over learned prompts in the top layers), as peft.AdaptionPromptConfig.
+    Llama decoders only; adapter_len and adapter_layers have no defaults, as in PEFT."""
+
+    PEFT_TYPE = "ADAPTION_PROMPT"
+    target_modules: Optional[str] = None
+    adapter_len: Optional[int] = None
+    adapter_layers: Optional[int] = None
+    task_type: Optional[str] = "CAUSAL_LM"
+    base_model_name_or_path: Optional[str] = None
+    inference_mode: bool = False
+
+
+@dataclass
+class _PromptLearningConfig(PeftConfig):
+    """Fields the prompt-learning methods share (PEFT's PromptLearningConfig); the model sizes are filled in from
+    the model when left None."""
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    modules_to_save: Optional[List[str]] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    inference_mode: bool = False
+
+
+@dataclass
+class MultitaskPromptTuningConfig(_PromptLearningConfig):
+    """Multitask prompt tuning (a shared prompt rescaled per task by a low-rank matrix), as
+    peft.MultitaskPromptTuningConfig. Through Python every example uses task 0 (the C ABI takes no task ids)."""
+
+    PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_kwargs: Optional[Dict[str, Any]] = None
+    prompt_tuning_init_state_dict_path: Optional[str] = None
+    prompt_tuning_init_task: int = 0
+    num_ranks: int = 1
+    num_tasks: int = 1
+
+
+@dataclass
+class CPTConfig(_PromptLearningConfig):
+    """Context-aware prompt tuning (context tokens plus a projected trained change), as peft.CPTConfig. Causal
+    decoders only."""
+
+    PEFT_TYPE = "CPT"
+    cpt_token_ids: Optional[List[int]] = None
+    cpt_mask: Optional[List[int]] = None
+    cpt_tokens_type_mask: Optional[List[int]] = None
+    opt_weighted_loss_type: str = "none"
+    opt_loss_decay_factor: float = 1.0
+    opt_projection_epsilon: float = 0.1
+    opt_projection_format_epsilon: float = 0.1
+    tokenizer_name_or_path: Optional[str] = None
+    task_type: Optional[str] = "CAUSAL_LM"
+
+
+@dataclass
+class CartridgeConfig(_PromptLearningConfig):
+    """Cartridges (a trained KV-cache prefix whose first num_frozen_tokens rows stay frozen), as
+    peft.CartridgeConfig."""
+
+    PEFT_TYPE = "CARTRIDGE"
+    num_frozen_tokens: int = 1
