@@ -120,6 +120,9 @@ public enum CPTFactory: ModuleAdapterFactory {
         guard !ids.isEmpty, mask.count == ids.count, types.count == ids.count else {
             throw GraftError.invalid("\(config.source): cpt_token_ids (\(ids.count)), cpt_mask (\(mask.count)) and cpt_tokens_type_mask (\(types.count)) must have the same, nonzero length")
         }
+        if let bad = types.first(where: { $0 < 0 }) {
+            throw GraftError.invalid("\(config.source): cpt_tokens_type_mask holds \(bad); token types are 0 (none) or positive")
+        }
         if let bad = ids.first(where: { $0 < 0 || $0 >= model.config.vocabSize }) {
             throw GraftError.invalid("\(config.source): cpt_token_ids holds \(bad), outside the vocabulary 0..<\(model.config.vocabSize)")
         }

@@ -79,10 +79,13 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     public var layerAdapters: [any LayerAdapter] = []
     /// Width of the residual stream.
     public var hiddenSize: Int { selfAttn.oProj.outFeatures }
-    /// The attention projections.
+    /// `self_attn.q_proj`.
     public var qProj: Linear { selfAttn.qProj }
+    /// `self_attn.k_proj`.
     public var kProj: Linear { selfAttn.kProj }
+    /// `self_attn.v_proj`.
     public var vProj: Linear { selfAttn.vProj }
+    /// `self_attn.o_proj`.
     public var oProj: Linear { selfAttn.oProj }
 
     init(inputNorm: RMSNorm, attention: LlamaAttention, postNorm: RMSNorm, gate: Linear, up: Linear, down: Linear,
