@@ -33,6 +33,24 @@ static inline int cgraft_sgesdd_thin(int m, int n, float *a, int lda, float *s, 
     return info;
 }
 
+/* LAPACK: Householder QR of a column-major m×n matrix (sgeqrf: R in the upper triangle, reflectors below), and
+   the explicit first k columns of Q from those reflectors (sorgqr). lwork = -1 queries the work size. */
+void sgeqrf_(const int *m, const int *n, float *a, const int *lda, float *tau, float *work, const int *lwork, int *info);
+void sorgqr_(const int *m, const int *n, const int *k, float *a, const int *lda, const float *tau, float *work,
+             const int *lwork, int *info);
+
+static inline int cgraft_sgeqrf(int m, int n, float *a, int lda, float *tau, float *work, int lwork) {
+    int info = 0;
+    sgeqrf_(&m, &n, a, &lda, tau, work, &lwork, &info);
+    return info;
+}
+
+static inline int cgraft_sorgqr(int m, int n, int k, float *a, int lda, const float *tau, float *work, int lwork) {
+    int info = 0;
+    sorgqr_(&m, &n, &k, a, &lda, tau, work, &lwork, &info);
+    return info;
+}
+
 /* Line-buffers stdout (a command-line tool's reports then interleave in order with progress on stderr). */
 static inline void cgraft_line_buffer_stdout(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
 

@@ -112,9 +112,11 @@ public final class AdaptedModel: @unchecked Sendable {
         let matcher = TargetMatcher(config: config)
         var matchedNonLinear: [String] = []
         var targets: [(String, Linear)] = []
+        let parameterTargets = config.peftType == LoRAFactory.peftType ? try parameterTargetPaths(config: config) : []
         for (path, module) in root.namedModules() where !path.isEmpty {
             let isLinear = module is Linear
-            guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path)) else { continue }
+            guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path))
+                    || parameterTargets.contains(path) else { continue }
             guard let lin = module as? Linear else {
                 // Containers whose name matches (e.g. "output" in BERT, "self_attn" in Llama) are skipped as PEFT
                 // skips them.
@@ -141,6 +143,9 @@ public final class AdaptedModel: @unchecked Sendable {
                 named.savedModules.append((path, lin, ModulesToSaveLinear(base: lin, state: state)))
             }
         }
+        if config.peftType == LoRAFactory.peftType {
+            for (path, rows) in try trainableTokenIndexAdapters(config: config, state: state) { named.modules.append((path, rows)) }
+        }
         if named.layers.isEmpty {
             let linears = root.namedModules().filter { $0.module is Linear }.map(\.name)
             let examples = linears.prefix(3) + (linears.count > 3 ? [linears[linears.count - 1]] : [])
@@ -149,6 +154,7 @@ public final class AdaptedModel: @unchecked Sendable {
         try config.rejectUnhonouredKeys()
         for (_, lin, adapter) in named.layers { lin.adapters.append(adapter) }
         for (_, lin, adapter) in named.savedModules { lin.adapters.append(adapter) }
+        for (_, adapter) in named.modules { adapter.attach() }
         adapters.append(named)
         try setActiveAdapter(name)
         return named
@@ -255,6 +261,9 @@ public final class AdaptedModel: @unchecked Sendable {
                 throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path)' cannot be merged")
             }
             deltas.append(d)
+        }
+        for (path, lin, layer) in a.layers where lin.bias == nil && layer.deltaBias(base: lin) != nil {
+            throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path)' has a bias update but the layer has no bias to merge it into")
         }
         var biasDeltas: [Tensor?] = []
         for ((_, lin, layer), d) in zip(a.layers, deltas) {

@@ -66,7 +66,9 @@ public struct AdapterConfig: @unchecked Sendable {
         let targets = try AdapterConfig.parseTargets(json["target_modules"], field: "target_modules", source: source)
         // Prompt-learning methods act on the input, not on named modules.
         let promptLearning = AdapterRegistry.moduleFactories[peftType].map { $0.actsOnInput || $0.selectsLayers } ?? false
-        guard let targets = targets ?? (promptLearning ? .names([]) : nil) else {
+        // LoRA may name parameters instead (target_parameters, TargetParameters.swift).
+        let parametersOnly = peftType == "LORA" && (json["target_parameters"] as? [Any]).map { !$0.isEmpty } == true
+        guard let targets = targets ?? (promptLearning || parametersOnly ? .names([]) : nil) else {
             throw GraftError.invalid("\(source): 'target_modules' is required (a list of module names, a regex string, or \"all-linear\")")
         }
         targetModules = targets

@@ -45,7 +45,7 @@ public struct AdapterMethodTable: Sendable {
             let module = modules[type]
             guard linearFactory != nil || module != nil else { return nil }
             if module?.requiresDecoder == true, !(root is LlamaModel) {
-                return MethodSummary(peftType: type, family: module?.family ?? "", peftParity: module?.hasPEFTParity ?? true,
+                return MethodSummary(peftType: type, family: module?.family ?? "", peftParity: PEFTParity.record(for: type),
                                      mergeable: false, trainableParameters: nil, note: "causal decoders only, e.g. --model smollm2")
             }
             var json = linearFactory?.exampleConfig(targets: targets) ?? module?.exampleConfig(targets: targets) ?? [:]
@@ -62,7 +62,7 @@ public struct AdapterMethodTable: Sendable {
                 note = "\(error)"
             }
             return MethodSummary(peftType: type, family: linearFactory?.family ?? module?.family ?? "",
-                                 peftParity: linearFactory?.hasPEFTParity ?? module?.hasPEFTParity ?? true,
+                                 peftParity: PEFTParity.record(for: type),
                                  mergeable: linearFactory?.mergeable ?? module?.mergeable ?? true,
                                  trainableParameters: count, note: note)
         }

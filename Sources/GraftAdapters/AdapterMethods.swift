@@ -8,8 +8,6 @@ public protocol AdapterMethodFactory: Sendable {
     static var peftType: String { get }
     /// The method's family (weight-delta, multiplicative/orthogonal, ...), for `graft methods`.
     static var family: String { get }
-    /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
-    static var hasPEFTParity: Bool { get }
     /// Whether the adapter folds into the base weights.
     static var mergeable: Bool { get }
     /// A small config for this method over `targets` (what `graft methods` counts parameters with).
@@ -50,7 +48,6 @@ extension AdapterMethodFactory {
         }
     }
 
-    public static var hasPEFTParity: Bool { true }
     public static var mergeable: Bool { true }
     public static var regeneratesSharedTensors: Bool { false }
 
@@ -101,12 +98,22 @@ public enum LoRAFactory: AdapterMethodFactory {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
             return try AsymmetricLoRAFactory.validate(config)
         }
-        // Booleans, or the SVD-based initializations of PiSSA.swift / MiLoRA.swift / CorDA.swift.
-        if let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source) {
+        // Booleans, "gaussian", or the initializations from W of PiSSA.swift / MiLoRA.swift / CorDA.swift / OLoRA.swift.
+        let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
+        if let svdInit {
             if try config.bool("use_dora", default: false) {
                 throw GraftError(.unsupported, "\(config.source): init_lora_weights \(svdInit) cannot be combined with use_dora yet")
             }
             if svdInit == .corda { _ = try CorDAOptions.method(config) }
+        }
+        // PEFT's own rules for lora_bias (LoraConfig.__post_init__).
+        if try config.bool("lora_bias", default: false) {
+            if svdInit != nil || JSONScalar.isBool(config.value("init_lora_weights") ?? true) == false {
+                throw GraftError(.unsupported, "\(config.source): 'lora_bias' = true needs init_lora_weights true or false (as in PEFT), got \(JSONScalar.describe(config.value("init_lora_weights")))")
+            }
+            if try config.bool("use_dora", default: false) {
+                throw GraftError(.unsupported, "\(config.source): 'lora_bias' = true cannot be combined with use_dora (as in PEFT)")
+            }
         }
     }
 
@@ -129,10 +136,13 @@ public enum LoRAFactory: AdapterMethodFactory {
                              dropout: Float(try config.double("lora_dropout", default: 0)),
                              useDoRA: try config.bool("use_dora", default: false),
                              initLoraWeights: JSONScalar.bool(config.value("init_lora_weights")) ?? true,
+                             gaussianA: (config.value("init_lora_weights") as? String) == "gaussian",
+                             bias: try config.bool("lora_bias", default: false),
                              state: state)
         switch svdInit {
         case .pissa?: try lora.initializeFromWeightSVD(base: layer, minor: false, path: "\(config.source): \(path)")
         case .milora?: try lora.initializeMinorComponents(base: layer, path: "\(config.source): \(path)")
+        case .olora?: try lora.initializeOLoRA(base: layer, path: "\(config.source): \(path)")
         case .corda?, nil: break  // CorDA waits for AdaptedModel.initializeCorDA and its data.
         }
         return lora
@@ -209,8 +219,8 @@ public struct MethodSummary: Sendable {
     public var peftType: String
     /// Family.
     public var family: String
-    /// Checked against Hugging Face PEFT's output.
-    public var peftParity: Bool
+    /// How the output compares with Hugging Face PEFT's, as the parity tests measure it.
+    public var peftParity: PEFTParity
     /// Folds into the base weights.
     public var mergeable: Bool
     /// Trainable parameters with the example config on the given targets (nil when it does not apply).

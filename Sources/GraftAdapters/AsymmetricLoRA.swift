@@ -66,7 +66,6 @@ public final class AsymmetricLoRALayer: LinearAdapterMethod {
 public enum AsymmetricLoRAFactory: AdapterMethodFactory {
     public static let peftType = "ASYMMETRIC_LORA"
     public static let family = "weight-delta (low rank, frozen random A)"
-    public static let hasPEFTParity = false
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 8, "lora_alpha": 16, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {

@@ -96,7 +96,6 @@ extension BottleneckFactory {
     public static var family: String { parallel ? "module (parallel bottleneck adapter)" : "module (sequential bottleneck adapter)" }
     public static var selectsLayers: Bool { true }
     public static var mergeable: Bool { false }
-    public static var hasPEFTParity: Bool { false }
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["reduction_factor": 16] }
 
     public static func make(for module: Module, path: String, config: AdapterConfig, state: AdapterState) throws -> (any ModuleAdapterMethod)? {

@@ -95,7 +95,6 @@ public final class ETHERLayer: LinearAdapterMethod {
 public enum ETHERFactory: AdapterMethodFactory {
     public static let peftType = "ETHER"
     public static let family = "multiplicative (block reflections)"
-    public static let hasPEFTParity = false
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["nb": 4, "side": "input", "target_modules": targets] }
 
     /// The sides `config` selects, validated.
@@ -133,7 +132,6 @@ public enum ETHERFactory: AdapterMethodFactory {
 public enum ETHERPlusFactory: AdapterMethodFactory {
     public static let peftType = "ETHER_PLUS"
     public static let family = "multiplicative (relaxed block reflections)"
-    public static let hasPEFTParity = false
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["nb": 4, "side": "both", "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws { try ETHERFactory.validate(config) }

@@ -19,6 +19,8 @@ public final class LilyLayer: LinearAdapterMethod {
     public let router: Tensor
     let experts: Int, rank: Int, outFeatures: Int
     let scaling: Float
+    /// The router is averaged over the batch's tokens.
+    public var couplesRows: Bool { true }
 
     init(base: Linear, rank: Int, experts: Int, scaling: Float, a: Tensor, b: Tensor, state: AdapterState) {
         self.state = state

@@ -55,7 +55,6 @@ public final class LoRAXSLayer: LinearAdapterMethod {
 public enum LoRAXSFactory: AdapterMethodFactory {
     public static let peftType = "LORAXS"
     public static let family = "weight-delta (SVD basis, r×r core)"
-    public static let hasPEFTParity = false
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 8, "lora_alpha": 32, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {

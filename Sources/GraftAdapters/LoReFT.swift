@@ -116,7 +116,6 @@ public enum LoReFTFactory: ModuleAdapterFactory {
     public static let family = "representation (low-rank subspace edit)"
     public static let selectsLayers = true
     public static let mergeable = false
-    public static let hasPEFTParity = false
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 4, "positions": "f5+l5"] }
 
     /// `(first, last, all)` from pyreft's position string.

@@ -105,7 +105,6 @@ public final class MoSLayer: LinearAdapterMethod {
 public enum MoSFactory: AdapterMethodFactory {
     public static let peftType = "MOS"
     public static let family = "weight-delta (shared shard pools)"
-    public static let hasPEFTParity = false
     public static func exampleConfig(targets: [String]) -> [String: Any] {
         ["r": 8, "lora_alpha": 16, "shard_length": 32, "shared_shards": 256, "private_fraction": 0.25, "target_modules": targets]
     }

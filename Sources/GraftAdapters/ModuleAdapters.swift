@@ -70,8 +70,6 @@ public protocol ModuleAdapterFactory: Sendable {
     static var selectsLayers: Bool { get }
     /// Whether the adapter folds into the model's parameters (for `graft methods`); default: not for input methods.
     static var mergeable: Bool { get }
-    /// Whether outputs are checked against a fixture written by Hugging Face PEFT.
-    static var hasPEFTParity: Bool { get }
     /// True for methods PEFT defines for causal decoders only (LLaMA-Adapter, CPT): they apply to Llama models,
     /// and encoder-only surfaces (the MiniLM fine-tune test) leave them out.
     static var requiresDecoder: Bool { get }
@@ -81,7 +79,6 @@ extension ModuleAdapterFactory {
     public static var actsOnInput: Bool { false }
     public static var selectsLayers: Bool { false }
     public static var mergeable: Bool { !actsOnInput }
-    public static var hasPEFTParity: Bool { true }
     public static var requiresDecoder: Bool { false }
 }
 

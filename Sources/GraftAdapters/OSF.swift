@@ -74,8 +74,6 @@ public final class OSFLayer: LinearAdapterMethod {
 public enum OSFFactory: AdapterMethodFactory {
     public static let peftType = "OSF"
     public static let family = "reparametrized (trainable minor SVD subspace)"
-    /// 1.2e-4 from PEFT on its MiniLM fixture, above the 1e-4 target (see OSFLayer), so not claimed.
-    public static var hasPEFTParity: Bool { false }
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["effective_rank": 0.75, "target_modules": targets] }
 
     /// PEFT's `_resolve_rank`: nil → half the smaller dimension; a fraction → that share of it; clamped to it.

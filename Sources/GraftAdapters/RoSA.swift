@@ -146,7 +146,6 @@ public final class RoSALayer: LinearAdapterMethod, AdapterTrainingHook {
 public enum RoSAFactory: AdapterMethodFactory {
     public static let peftType = "ROSA"
     public static let family = "weight-delta (low rank + sparse)"
-    public static let hasPEFTParity = false
     public static func exampleConfig(targets: [String]) -> [String: Any] {
         ["r": 8, "lora_alpha": 16, "density": 0.01, "warmup_steps": 2, "target_modules": targets]
     }

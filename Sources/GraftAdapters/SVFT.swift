@@ -87,7 +87,6 @@ public final class SVFTLayer: LinearAdapterMethod {
 public enum SVFTFactory: AdapterMethodFactory {
     public static let peftType = "SVFT"
     public static let family = "weight-delta (SVD basis, sparse core)"
-    public static let hasPEFTParity = false
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["pattern": "banded", "off_diag": 2, "target_modules": targets] }
 
     public static func validate(_ config: AdapterConfig) throws {

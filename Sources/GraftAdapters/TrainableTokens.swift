@@ -11,14 +11,18 @@ public final class TrainableTokensLayer: ModuleAdapterMethod, EmbeddingAdapter {
     public let tokenIndices: [Int32]
     let table: Embedding
     let slot: [Int32: Int32]
+    /// The key prefix when these rows belong to a LoRA adapter's `trainable_token_indices`
+    /// (`base_model.model.<path>.token_adapter.`); nil for a `TRAINABLE_TOKENS` adapter.
+    public let keyPrefix: String?
 
-    init(table: Embedding, tokenIndices: [Int32], state: AdapterState) throws {
+    init(table: Embedding, tokenIndices: [Int32], state: AdapterState, keyPrefix: String? = nil) throws {
         if let bad = tokenIndices.first(where: { $0 < 0 || Int($0) >= table.count }) {
             throw GraftError.invalid("token index \(bad) is outside the embedding's 0..<\(table.count)")
         }
         self.state = state
         self.table = table
         self.tokenIndices = tokenIndices
+        self.keyPrefix = keyPrefix
         rows = embedding(tokenIndices, table: table.weight).detached().copy().requiringGrad()
         slot = Dictionary(tokenIndices.enumerated().map { ($0.element, Int32($0.offset)) }, uniquingKeysWith: { a, _ in a })
     }

@@ -11,10 +11,15 @@ public protocol LinearAdapter: AnyObject {
     func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor
     /// Changes the input before the base projection (IA³ on feed-forward layers scales it); identity by default.
     func transformInput(_ x: Tensor, layer: Linear) -> Tensor
+    /// Whether one sequence's output depends on the other sequences of its batch (a router averaged over the
+    /// batch, an expert capacity counted over its tokens); mixed-adapter batches then run such an adapter one
+    /// sequence at a time, so each row gets what it gets alone. False by default.
+    var couplesRows: Bool { get }
 }
 
 extension LinearAdapter {
     public func transformInput(_ x: Tensor, layer: Linear) -> Tensor { x }
+    public var couplesRows: Bool { false }
 }
 
 /// `y = x Wᵀ + b` with Hugging Face's `[out, in]` weight layout. The weight is frozen unless made trainable.

@@ -34,6 +34,8 @@ public final class LoRAMixtureLayer: LinearAdapterMethod {
     public var rank: Int { loraA.shape[1] }
     /// Router statistics since the last reset.
     public internal(set) var statistics: RouterLayerStatistics
+    /// Top-k routing with a capacity limit drops tokens by their order in the whole batch.
+    public var couplesRows: Bool { options.mode == .topK && (options.capacityFactor ?? 0) > 0 }
     /// The last forward's routing decisions (nil before any).
     public internal(set) var lastPlan: RoutePlan?
 

@@ -13,7 +13,6 @@ import GraftTensor
 public enum LoRAMixtureFactory: AdapterMethodFactory {
     public static let peftType = "LORA_MOE"
     public static let family = "routed mixture of LoRA experts (MoLoRA / SiRA / top-p / MoLA)"
-    public static let hasPEFTParity = false
     public static let mergeable = false
 
     public static func exampleConfig(targets: [String]) -> [String: Any] {

@@ -16,6 +16,10 @@ import GraftTensor
 /// Plain LoRA runs a fused kernel (two GEMMs per segment straight into the output rows, segments in
 /// parallel); the others run their own `forward` on views of their rows.
 ///
+/// Methods whose output for one sequence depends on the rest of the batch (Lily's batch-averaged router, expert
+/// capacity in top-k mixtures: ``GraftModels/LinearAdapter/couplesRows``) run their segment one sequence at a
+/// time, so each row still gets what it gets alone.
+///
 /// Poly / MHR mix with a single task id (or none) set; per-example task ids index positions of the whole batch
 /// and throw.
 ///
@@ -60,7 +64,13 @@ public enum MixedAdapterBatch {
             var perSegment: [(rows: Range<Int>, adapters: [any LinearAdapter])] = []
             for seg in segments where seg.adapterId >= 0 {
                 let list = original.filter { owner[ObjectIdentifier($0)] == seg.adapterId }
-                if !list.isEmpty { perSegment.append((seg.rows, list)) }
+                guard !list.isEmpty else { continue }
+                // An adapter whose rows depend on each other runs one sequence at a time.
+                if list.contains(where: \.couplesRows) {
+                    for row in seg.rows { perSegment.append((row..<(row + 1), list)) }
+                } else {
+                    perSegment.append((seg.rows, list))
+                }
             }
             if let stray = original.first(where: { owner[ObjectIdentifier($0)] == nil }) {
                 throw GraftError(.unsupported, "layer '\(path)' carries an adapter (\(type(of: stray))) that no named adapter owns; mixed-adapter batches route only adapters added through the model")
@@ -207,8 +217,10 @@ final class RoutedLinear: LinearAdapter {
 }
 
 extension LoRALayer {
-    /// Plain LoRA outside training dropout: its update can be added in place by ``addUpdate(input:into:parallel:)``.
-    var isFusable: Bool { magnitude == nil && !(state.isTraining && dropoutProbability > 0) }
+    /// Plain LoRA (no DoRA magnitude, no `lora_bias`, no frozen initial factors) outside training dropout: its update can be added in place by ``addUpdate(input:into:parallel:)``.
+    var isFusable: Bool {
+        magnitude == nil && loraBias == nil && initialFactors == nil && !(state.isTraining && dropoutProbability > 0)
+    }
 
     /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory on the calling thread
     /// (no-grad inference).

@@ -97,6 +97,52 @@ public func svd(_ a: Tensor, what: String = "matrix") throws -> (u: Tensor, s: T
     return (u, s, vt)
 }
 
+/// The thin QR decomposition of a row-major `[m, n]` matrix: `a = q · r` with `q: [m, k]` (orthonormal columns)
+/// and `r: [k, n]` (upper triangular), `k = min(m, n)`. Not recorded for autograd.
+///
+/// Computed by LAPACK's Householder `sgeqrf` and `sorgqr` (OpenBLAS), the routines behind PyTorch's
+/// `torch.linalg.qr` on the CPU, so signs follow the same convention (R's diagonal may be negative). `what` names
+/// the matrix in errors. Throws for a non-2-D or empty matrix, non-finite entries, or a LAPACK failure.
+public func qr(_ a: Tensor, what: String = "matrix") throws -> (q: Tensor, r: Tensor) {
+    guard a.rank == 2, a.shape[0] > 0, a.shape[1] > 0 else {
+        throw GraftError.invalid("qr of \(what): a non-empty 2-D matrix is required, got shape \(a.shape)")
+    }
+    let m = a.shape[0], n = a.shape[1], k = min(m, n)
+    guard m <= Int(Int32.max) / max(n, 1) else { throw GraftError.invalid("qr of \(what): \(a.shape) is too large for LAPACK") }
+    // Column-major copy of a (LAPACK's layout): work[i + j·m] = a[i, j].
+    var work = [Float](repeating: 0, count: m * n)
+    let pa = a.pointer
+    for i in 0..<m {
+        for j in 0..<n {
+            let v = pa[i * n + j]
+            guard v.isFinite else { throw GraftError.invalid("qr of \(what): entry [\(i), \(j)] is \(v) (not finite)") }
+            work[i + j * m] = v
+        }
+    }
+    var tau = [Float](repeating: 0, count: k)
+    var query: Float = 0
+    var info = work.withUnsafeMutableBufferPointer { w in cgraft_sgeqrf(Int32(m), Int32(n), w.baseAddress, Int32(m), &tau, &query, -1) }
+    guard info == 0 else { throw GraftError(.internalError, "qr of \(what): LAPACK sgeqrf workspace query failed (info \(info))") }
+    var scratch = [Float](repeating: 0, count: max(1, Int(query.rounded(.up)) + n))
+    info = work.withUnsafeMutableBufferPointer { w in
+        scratch.withUnsafeMutableBufferPointer { s in
+            cgraft_sgeqrf(Int32(m), Int32(n), w.baseAddress, Int32(m), &tau, s.baseAddress, Int32(s.count))
+        }
+    }
+    guard info == 0 else { throw GraftError(.internalError, "qr of \(what) \(a.shape): LAPACK sgeqrf failed (info \(info))") }
+    let r = Tensor(zeros: [k, n])
+    for i in 0..<k { for j in i..<n { r.pointer[i * n + j] = work[i + j * m] } }
+    info = work.withUnsafeMutableBufferPointer { w in
+        scratch.withUnsafeMutableBufferPointer { s in
+            cgraft_sorgqr(Int32(m), Int32(k), Int32(k), w.baseAddress, Int32(m), tau, s.baseAddress, Int32(s.count))
+        }
+    }
+    guard info == 0 else { throw GraftError(.internalError, "qr of \(what) \(a.shape): LAPACK sorgqr failed (info \(info))") }
+    let q = Tensor(zeros: [m, k])
+    for i in 0..<m { for j in 0..<k { q.pointer[i * k + j] = work[i + j * m] } }
+    return (q, r)
+}
+
 extension Tensor {
     /// The values as a fresh array (LAPACK overwrites its input).
     fileprivate func contiguousCopyForLAPACK() -> [Float] {

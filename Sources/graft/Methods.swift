@@ -18,7 +18,7 @@ struct Methods: ParsableCommand {
             let rows = AdapterMethodTable.all.summaries(root: m.root, targets: list)
             let header = ["peft_type", "family", "PEFT parity", "mergeable", "trainable"]
             let table = rows.map { r in
-                [r.peftType, r.family, r.peftParity ? "yes" : "no", r.mergeable ? "yes" : "no",
+                [r.peftType, r.family, r.peftParity.summary, r.mergeable ? "yes" : "no",
                  r.trainableParameters.map { String($0) } ?? "n/a (\(r.note ?? ""))"]
             }
             let widths = (0..<header.count).map { c in ([header[c]] + table.map { $0[c] }).map(\.count).max() ?? 0 }
@@ -27,6 +27,11 @@ struct Methods: ParsableCommand {
             }
             print(line(header))
             for row in table { print(line(row)) }
+            print("\nPEFT parity, as the parity tests measure it (yes: PEFT's output reproduced to 1e-4 max-abs on its fixtures):")
+            for r in rows where !r.peftParity.isExact && r.peftParity != .noPEFTCounterpart {
+                print("  \(r.peftType): \(r.peftParity.summary): \(r.peftParity.detail)")
+            }
+            print("  n/a: \(PEFTParity.noPEFTCounterpart.detail)")
         }
     }
 }

@@ -38,6 +38,8 @@ import GraftTestSupport
         ("asymmetric LoRA", #"{"peft_type":"ASYMMETRIC_LORA","r":2,"lora_alpha":4,"target_modules":["proj"]}"#),
         ("PiSSA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"init_lora_weights":"pissa"}"#),
         ("MiLoRA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"init_lora_weights":"milora"}"#),
+        ("OLoRA", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"init_lora_weights":"olora"}"#),
+        ("LoRA bias", #"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["proj"],"lora_bias":true,"init_lora_weights":false}"#),
         ("SVFT banded", #"{"peft_type":"SVFT","pattern":"banded","off_diag":1,"target_modules":["proj"]}"#),
         ("SVFT random", #"{"peft_type":"SVFT","pattern":"random","off_diag":2,"target_modules":["proj"]}"#),
         ("RoSA", #"{"peft_type":"ROSA","r":2,"lora_alpha":4,"density":0.1,"target_modules":["proj"]}"#),

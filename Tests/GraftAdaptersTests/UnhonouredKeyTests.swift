@@ -25,9 +25,9 @@ import GraftTensor
     }
 
     @Test(arguments: [
-        (#""peft_type": "LORA", "lora_bias": true"#, "lora_bias"),
+        (#""peft_type": "LORA", "use_qalora": true"#, "use_qalora"),
         (#""peft_type": "LORA", "layer_replication": [[0, 1]]"#, "layer_replication"),
-        (#""peft_type": "LORA", "trainable_token_indices": [1, 2]"#, "trainable_token_indices"),
+        (#""peft_type": "LORA", "ensure_weight_tying": true"#, "ensure_weight_tying"),
         (#""peft_type": "LORA", "fan_in_fan_out": true"#, "fan_in_fan_out"),
         (#""peft_type": "LORA", "bias": "all""#, "bias"),
         (#""peft_type": "MOS", "r": 8, "rank_pattern": {"proj": 4}"#, "rank_pattern"),
@@ -51,8 +51,8 @@ import GraftTensor
     }
 
     @Test func theMessageListsWhatTheMethodHonours() {
-        let message = rejection(#"{"peft_type": "LORA", "target_modules": ["proj"], "lora_bias": true}"#) ?? ""
-        #expect(message.contains("'lora_bias' = true is not supported by Graft's LORA"))
+        let message = rejection(#"{"peft_type": "LORA", "target_modules": ["proj"], "use_qalora": true}"#) ?? ""
+        #expect(message.contains("'use_qalora' = true is not supported by Graft's LORA"))
         #expect(message.contains("honours: ") && message.contains("lora_alpha") && message.contains("rank_pattern"))
     }
 
@@ -70,7 +70,7 @@ import GraftTensor
     @Test func aRejectedConfigLeavesTheModelUntouched() throws {
         let model = Self.toyModel()
         #expect(throws: GraftError.self) {
-            try model.addAdapter("a", config: AdapterConfig(jsonText: #"{"peft_type": "LORA", "target_modules": ["proj"], "lora_bias": true}"#, source: "c"))
+            try model.addAdapter("a", config: AdapterConfig(jsonText: #"{"peft_type": "LORA", "target_modules": ["proj"], "use_qalora": true}"#, source: "c"))
         }
         #expect(model.adapters.isEmpty)
         let lin = model.root.namedModules().compactMap { $0.module as? Linear }.first

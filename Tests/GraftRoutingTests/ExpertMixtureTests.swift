@@ -253,3 +253,23 @@ import GraftTestSupport
         print("SiRA + aux losses, 8 steps on 16 tweets: loss \(before) -> \(after)")
     }
 }
+
+/// The full method table (GraftAdapters' methods plus the mixtures) has a PEFT parity record for every method.
+@Suite struct MethodTableParityRecordTests {
+    @Test func everyMethodHasARecord() {
+        let missing = AdapterMethodTable.all.knownTypes.filter { PEFTParity.records[$0] == nil }
+        #expect(missing.isEmpty, "methods without a PEFT parity record: \(missing)")
+        #expect(PEFTParity.record(for: "LORA_MOE") == .noPEFTCounterpart)
+    }
+
+    /// Python reaches every PEFT method through its own config class, generated from PEFT by
+    /// scripts/gen-python-configs: a method added to the table without regenerating fails here.
+    @Test func everyPEFTMethodHasAPythonConfigClass() throws {
+        let generated = URL(fileURLWithPath: Assets.fixture("../../bindings/python/graft/peft_configs.py")).standardized
+        let text = try String(contentsOf: generated, encoding: .utf8)
+        let missing = AdapterMethodTable.all.knownTypes.filter {
+            PEFTParity.record(for: $0) != .noPEFTCounterpart && !text.contains("PEFT_TYPE = \"\($0)\"")
+        }
+        #expect(missing.isEmpty, "no Python config class for \(missing): run scripts/gen-python-configs in the bench environment")
+    }
+}

@@ -108,6 +108,25 @@ test("adapters: add changes output, disable restores, save/load round trip", fun
   assert(same(m:forward(ids), base, 1e-4))
 end)
 
+test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from their JSON configs", function()
+  local m <close> = graft.load(MINILM)
+  local configs = {
+    '{"peft_type": "GLORA", "r": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "PSOFT", "r": 8, "target_modules": ["query", "value"]}',
+    '{"peft_type": "WAVEFT", "n_frequency": 64, "target_modules": ["query", "value"]}',
+    '{"peft_type": "ETHER", "nb": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "SEQ_BN", "reduction_factor": 16}',
+    '{"peft_type": "LORA_MOE", "r": 2, "num_experts": 2, "target_modules": ["query", "value"]}',
+  }
+  for _, config in ipairs(configs) do
+    m:add_adapter("probe", config)
+    local list = m:list_adapters()
+    local peft_type = config:match('"peft_type": "([%w_]+)"')
+    assert(list:find('"peft_type"%s*:%s*"' .. peft_type .. '"'), peft_type .. " missing from " .. list)
+    m:delete_adapter("probe")
+  end
+end)
+
 test("adapter and load errors", function()
   local m <close> = graft.load(MINILM)
   raises("unsupported %(%-4%).*NOT_A_METHOD", m.add_adapter, m, "x", '{"peft_type": "NOT_A_METHOD", "target_modules": ["q"]}')

@@ -10,13 +10,16 @@ import Darwin
 /// LoRA (Hu et al., 2021): `y = W x + (α/r)·B A dropout(x)` with `A: [r, in]`, `B: [out, r]`.
 ///
 /// ΔW is never materialized in forward or backward: the update runs as `(x Aᵀ) Bᵀ`. rsLoRA scales by
-/// `α/√r` instead of `α/r`. With `useDoRA` the layer is DoRA (see `DoRA.swift`).
+/// `α/√r` instead of `α/r`. With `useDoRA` the layer is DoRA (see `DoRA.swift`). PEFT's `lora_bias` gives `B` a
+/// bias `b`, scaled with the update: `y = W x + (α/r)·(B A x + b)`; merging adds `(α/r)·b` to the base bias.
 public final class LoRALayer: LinearAdapterMethod {
     public let state: AdapterState
     /// `[r, in]`.
     public let loraA: Tensor
     /// `[out, r]`.
     public let loraB: Tensor
+    /// `lora_B`'s bias `[out]` (PEFT's `lora_bias`); nil without.
+    public let loraBias: Tensor?
     /// DoRA's magnitude vector `[out]` (nil for plain LoRA).
     public let magnitude: Tensor?
     /// The rank.
@@ -35,21 +38,26 @@ public final class LoRALayer: LinearAdapterMethod {
     var covarianceCollector: CovarianceCollector?
 
     /// Creates the layer with PEFT's default initialization: A Kaiming-uniform (a = √5), B zero
-    /// (`initLoraWeights == false` draws B like A, so the adapter is not the identity).
+    /// (`initLoraWeights == false` draws B like A, so the adapter is not the identity); `gaussianA` draws A from
+    /// N(0, 1/r²) instead (PEFT's `init_lora_weights: "gaussian"`). `bias` adds `lora_B`'s bias, zero at
+    /// initialization (drawn like nn.Linear's when `initLoraWeights == false`).
     public init(base: Linear, rank: Int, alpha: Float, useRSLoRA: Bool, dropout: Float, useDoRA: Bool,
-                initLoraWeights: Bool, state: AdapterState) {
+                initLoraWeights: Bool, gaussianA: Bool = false, bias: Bool = false, state: AdapterState) {
         self.state = state
         self.rank = rank
         scaling = useRSLoRA ? alpha / Float(rank).squareRoot() : alpha / Float(rank)
         dropoutProbability = dropout
         // kaiming_uniform_(a=√5) on [r, in]: bound = √(6 / ((1 + a²)·fan_in)) = 1/√fan_in.
         let bound = 1 / Float(base.inFeatures).squareRoot()
-        loraA = Tensor.randomUniform([rank, base.inFeatures], low: -bound, high: bound, rng: &state.rng).requiringGrad()
+        loraA = (gaussianA ? Tensor.randomNormal([rank, base.inFeatures], std: 1 / Float(rank), rng: &state.rng)
+                           : Tensor.randomUniform([rank, base.inFeatures], low: -bound, high: bound, rng: &state.rng)).requiringGrad()
+        let bBound = 1 / Float(rank).squareRoot()
         if initLoraWeights {
             loraB = Tensor(zeros: [base.outFeatures, rank]).requiringGrad()
+            loraBias = bias ? Tensor(zeros: [base.outFeatures]).requiringGrad() : nil
         } else {
-            let bBound = 1 / Float(rank).squareRoot()
             loraB = Tensor.randomUniform([base.outFeatures, rank], low: -bBound, high: bBound, rng: &state.rng).requiringGrad()
+            loraBias = bias ? Tensor.randomUniform([base.outFeatures], low: -bBound, high: bBound, rng: &state.rng).requiringGrad() : nil
         }
         if useDoRA {
             magnitude = Tensor(zeros: [base.outFeatures]).requiringGrad()
@@ -62,6 +70,7 @@ public final class LoRALayer: LinearAdapterMethod {
 
     public var namedParameters: [(name: String, tensor: Tensor)] {
         var p: [(String, Tensor)] = [("lora_A.weight", loraA), ("lora_B.weight", loraB)]
+        if let loraBias { p.append(("lora_B.bias", loraBias)) }
         if let magnitude { p.append(("lora_magnitude_vector", magnitude)) }
         return p
     }
@@ -70,9 +79,13 @@ public final class LoRALayer: LinearAdapterMethod {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
         covarianceCollector?.add(x)
         let h = linear(dropout(x, p: dropoutProbability, state: state), loraA)
-        let out = y + linear(h, loraB) * scaling
+        let out = y + linear(h, loraB, loraBias) * scaling
         guard let (a0, b0) = initialFactors else { return out }
         return out - linear(linear(x, a0), b0) * scaling
+    }
+
+    public func deltaBias(base: Linear) -> Tensor? {
+        loraBias.map { b in withNoGrad { b * scaling } }
     }
 
     public func deltaWeight(base: Linear) -> Tensor? {
@@ -101,6 +114,9 @@ public final class LoRALayer: LinearAdapterMethod {
         switch name {
         case "lora_A.weight": try copyParameter(name, into: loraA, from: tensor)
         case "lora_B.weight": try copyParameter(name, into: loraB, from: tensor)
+        case "lora_B.bias":
+            guard let loraBias else { throw GraftError.format("'lora_B.bias' given for a LoRA layer without lora_bias") }
+            try copyParameter(name, into: loraBias, from: tensor)
         case "lora_magnitude_vector":
             guard let magnitude else { throw GraftError.format("'lora_magnitude_vector' given for a LoRA layer without use_dora") }
             try copyParameter(name, into: magnitude, from: tensor)

@@ -11,6 +11,8 @@ import GraftTensor
 /// - `"milora"` (MiLoRA, Wang et al., 2024; a Graft value, PEFT has none): the same from the bottom-r
 ///   (minor) singular triplets.
 /// - `"corda"` (CorDA; PEFT's value): from the SVD of `W·C` with `C` the input covariance, see `CorDA.swift`.
+/// - `"olora"` (OLoRA; PEFT's value): from the QR decomposition of `W`, see `OLoRA.swift` (not an SVD, but the
+///   same residual mechanics).
 ///
 /// These methods train on the residual `W − s·B₀A₀` (`B₀`, `A₀` the initial factors). Graft keeps the base
 /// weight intact and subtracts `s·B₀A₀x` in the layer instead (``LoRALayer/initialFactors``), so right after
@@ -31,8 +33,12 @@ enum SVDInitialization: Equatable {
     case milora
     /// Singular triplets of W·C (CorDA), initialized from data by `AdaptedModel.initializeCorDA`.
     case corda
+    /// The first r columns of Q and rows of R in W = QR (OLoRA).
+    case olora
 
-    /// Parses `init_lora_weights`; nil for booleans and absent values (PEFT's default init).
+    /// Parses `init_lora_weights`; nil for booleans, `"gaussian"` and absent values (initializations drawn at random).
+    static let supported = #"true, false, "gaussian", "pissa", "pissa_niter_<n>", "milora", "corda", "olora""#
+
     static func parse(_ value: Any?, source: String) throws -> SVDInitialization? {
         switch value {
         case nil, is NSNull: return nil
@@ -41,9 +47,11 @@ enum SVDInitialization: Equatable {
             if s == "pissa" || (s.hasPrefix("pissa_niter_") && Int(s.dropFirst("pissa_niter_".count)).map { $0 >= 0 } == true) { return .pissa }
             if s == "milora" { return .milora }
             if s == "corda" { return .corda }
-            throw GraftError(.unsupported, "\(source): init_lora_weights \"\(s)\" is not supported (true, false, \"pissa\", \"pissa_niter_<n>\", \"milora\", \"corda\")")
+            if s == "olora" { return .olora }
+            if s == "gaussian" { return nil }
+            throw GraftError(.unsupported, "\(source): init_lora_weights \"\(s)\" is not supported (\(supported))")
         case let other?:
-            throw GraftError(.unsupported, "\(source): init_lora_weights \(other) is not supported (true, false, \"pissa\", \"pissa_niter_<n>\", \"milora\", \"corda\")")
+            throw GraftError(.unsupported, "\(source): init_lora_weights \(other) is not supported (\(supported))")
         }
     }
 }
@@ -126,6 +134,8 @@ extension NamedAdapter {
             dict.append(("base_model.model.\(path).lora_A.weight", a))
             dict.append(("base_model.model.\(path).lora_B.weight", b))
         }
+        // trainable_token_indices rows travel unchanged.
+        for (path, m) in modules { for (n, t) in m.exportedParameters { dict.append((m.key(n, path: path), t)) } }
         var json = config.json
         let rsLoRA = try config.bool("use_rslora", default: false)
         let alphaFactor = rsLoRA ? Double(2).squareRoot() : 2

@@ -13,8 +13,9 @@ A ctypes binding of libgraft.so's C ABI (include/graft.h) with a PEFT-shaped API
 libgraft.so is found through $GRAFT_LIB, else beside this package, else in the checkout's .build/release.
 graft.remote (a client of the graftd daemon) works without it.
 """
-from .config import (AdaptionPromptConfig, CartridgeConfig, CPTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig,
-                     MultitaskPromptTuningConfig, PeftConfig, VeraConfig)
+from . import peft_configs as _peft_configs
+from .config import AdapterConfig, PeftConfig
+from .peft_configs import *  # noqa: F401,F403  (LoraConfig, GloraConfig, ...: PEFT's config classes)
 
 # What needs libgraft.so; without it these names raise an ImportError that says so.
 _NATIVE = {"GraftError", "Model", "Progress", "TrainResult", "Trainer", "load_model", "__version__",
@@ -44,6 +45,5 @@ else:
     #: Where libgraft.so was loaded from.
     library_path = str(_lib.path)
 
-__all__ = ["AdaptionPromptConfig", "CPTConfig", "CartridgeConfig", "GraftError", "IA3Config", "LoHaConfig", "LoKrConfig",
-           "LoraConfig", "Model", "MultitaskPromptTuningConfig", "PeftConfig", "Progress", "TrainResult", "Trainer",
-           "VeraConfig", "load_model", "__version__"]
+__all__ = ["AdapterConfig", "GraftError", "Model", "PeftConfig", "Progress", "TrainResult", "Trainer", "load_model",
+           "__version__"] + _peft_configs.__all__

@@ -1,0 +1,97 @@
+"""Every method reaches Python: each of PEFT's config classes (graft.peft_configs, generated from PEFT) and
+graft.AdapterConfig for Graft's own methods builds a working adapter through the C ABI's JSON door."""
+import dataclasses
+
+import pytest
+
+import graft
+from graft import peft_configs
+
+TARGETS = ["query", "value"]
+# What a config needs beyond target_modules to build on MiniLM (PEFT requires these too).
+EXTRA = {
+    "AdaLoraConfig": {"total_step": 100},
+    "C3AConfig": {"block_size": 64},
+    "PromptTuningConfig": {"num_virtual_tokens": 4},
+    "PrefixTuningConfig": {"num_virtual_tokens": 4},
+    "PromptEncoderConfig": {"num_virtual_tokens": 4, "encoder_hidden_size": 32},
+    "TrainableTokensConfig": {"token_indices": [1, 2], "target_modules": ["word_embeddings"]},
+    "LNTuningConfig": {"target_modules": ["LayerNorm"]},
+    "VBLoRAConfig": {"vector_length": 64},
+}
+# PEFT's decoder-only methods build on SmolLM2 instead (LLaMA-Adapter attends inside LlamaAttention; CPT is causal
+# LM only, as PEFT), with the arguments PEFT requires.
+DECODER_ONLY = {
+    "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 2},
+    "CPTConfig": {"cpt_token_ids": [1, 2, 3], "cpt_tokens_type_mask": [1, 2, 3], "task_type": "CAUSAL_LM"},
+}
+# Graft's own methods (not in PEFT), with small configs.
+OWN = [
+    graft.AdapterConfig("ASYMMETRIC_LORA", r=4, target_modules=TARGETS),
+    graft.AdapterConfig("ETHER", nb=4, target_modules=TARGETS),
+    graft.AdapterConfig("ETHER_PLUS", nb=4, target_modules=TARGETS),
+    graft.AdapterConfig("LORAXS", r=4, target_modules=TARGETS),
+    graft.AdapterConfig("SVFT", target_modules=TARGETS),
+    graft.AdapterConfig("ROSA", r=4, target_modules=TARGETS),
+    graft.AdapterConfig("MOS", r=4, target_modules=TARGETS),
+    graft.AdapterConfig("SEQ_BN", reduction_factor=16),
+    graft.AdapterConfig("PAR_BN", reduction_factor=16),
+    graft.AdapterConfig("LOREFT", r=2),
+    graft.AdapterConfig("LORA_MOE", r=2, num_experts=2, target_modules=TARGETS),
+]
+
+
+def peft_config(name):
+    cls = getattr(peft_configs, name)
+    if name in DECODER_ONLY:
+        return cls(**DECODER_ONLY[name])
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    if "target_modules" in fields and name not in ("PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"):
+        kwargs["target_modules"] = TARGETS
+    kwargs.update(EXTRA.get(name, {}))
+    return cls(**kwargs)
+
+
+#: The config classes that build on MiniLM (every one but the decoder-only methods).
+ENCODER_NAMES = [name for name in peft_configs.__all__ if name not in DECODER_ONLY]
+
+
+def assert_builds(model, config, peft_type):
+    """`config` adds an adapter of `peft_type` with trainable parameters; the model is left without it."""
+    model.add_adapter("probe", config)
+    try:
+        entry = model.list_adapters()["adapters"][0]
+        assert entry["peft_type"] == peft_type
+        assert entry["trainable_parameters"] > 0
+    finally:
+        model.delete_adapter("probe")
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_peft_config_class_builds_its_adapter(bert, name):
+    config = peft_config(name)
+    assert config.to_dict()["peft_type"] == config.PEFT_TYPE
+    assert_builds(bert, config, config.PEFT_TYPE)
+
+
+@pytest.mark.parametrize("name", sorted(DECODER_ONLY))
+def test_decoder_only_config_class_builds_on_a_decoder(smollm_path, minilm_path, name):
+    config = peft_config(name)
+    with graft.load_model(smollm_path) as llm:
+        assert_builds(llm, config, config.PEFT_TYPE)
+        # On an encoder the method is refused with an error, never built wrong.
+        with graft.load_model(minilm_path) as bert:
+            with pytest.raises(graft.GraftError):
+                bert.add_adapter("probe", config)
+
+
+@pytest.mark.parametrize("config", OWN, ids=lambda c: c.peft_type)
+def test_graft_method_builds_through_adapter_config(bert, config):
+    assert_builds(bert, config, config.peft_type)
+
+
+def test_config_classes_mirror_peft_names():
+    # A few of PEFT's class names, spelled as PEFT spells them.
+    for name in ["LoraConfig", "GloraConfig", "PsoftConfig", "VBLoRAConfig", "HRAConfig", "PromptEncoderConfig"]:
+        assert name in graft.__all__ and hasattr(graft, name)
