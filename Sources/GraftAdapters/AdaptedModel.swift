@@ -118,8 +118,9 @@ public final class AdaptedModel: @unchecked Sendable {
             guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path))
                     || parameterTargets.contains(path) else { continue }
             guard let lin = module as? Linear else {
-                // Containers whose name matches (e.g. "output" in BERT) are skipped as PEFT skips them.
-                if !(module is ModuleList) { matchedNonLinear.append("\(path) (\(module.typeName))") }
+                // Containers whose name matches (e.g. "output" in BERT, "self_attn" in Llama) are skipped as PEFT
+                // skips them.
+                if module.children.isEmpty { matchedNonLinear.append("\(path) (\(module.typeName))") }
                 continue
             }
             targets.append((path, lin))

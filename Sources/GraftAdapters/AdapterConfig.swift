@@ -180,7 +180,7 @@ public struct AdapterConfig: @unchecked Sendable {
         "num_experts", "nb", "boft_n_butterfly_factor", "boft_block_size", "boft_block_num", "off_diag",
         "vector_length", "num_vectors", "topk", "top_k", "shared_shards", "shard_length", "oft_block_size",
         "num_cayley_neumann_terms", "n_frequency", "group_size", "encoder_hidden_size", "decompose_factor",
-        "contrastive_tokens", "block_size",
+        "contrastive_tokens", "block_size", "adapter_len", "num_tasks", "num_ranks",
     ]
 
     /// An integer key (`3` or `3.0`, never `true`/`false`), or `defaultValue` when absent. A key in ``sizeKeys``

@@ -44,6 +44,10 @@ public struct AdapterMethodTable: Sendable {
             let linearFactory = linear[type]
             let module = modules[type]
             guard linearFactory != nil || module != nil else { return nil }
+            if module?.requiresDecoder == true, !(root is LlamaModel) {
+                return MethodSummary(peftType: type, family: module?.family ?? "", peftParity: PEFTParity.record(for: type),
+                                     mergeable: false, trainableParameters: nil, note: "causal decoders only, e.g. --model smollm2")
+            }
             var json = linearFactory?.exampleConfig(targets: targets) ?? module?.exampleConfig(targets: targets) ?? [:]
             json["peft_type"] = type
             let model = AdaptedModel(root: root, methods: self)

@@ -217,6 +217,10 @@ public enum AdapterRegistry {
         BottleneckDoubleSequentialFactory.peftType: BottleneckDoubleSequentialFactory.self,
         BottleneckParallelFactory.peftType: BottleneckParallelFactory.self,
         LoReFTFactory.peftType: LoReFTFactory.self,
+        AdaptionPromptFactory.peftType: AdaptionPromptFactory.self,
+        MultitaskPromptTuningFactory.peftType: MultitaskPromptTuningFactory.self,
+        CPTFactory.peftType: CPTFactory.self,
+        CartridgeFactory.peftType: CartridgeFactory.self,
     ]
 }
 

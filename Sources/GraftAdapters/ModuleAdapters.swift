@@ -70,12 +70,16 @@ public protocol ModuleAdapterFactory: Sendable {
     static var selectsLayers: Bool { get }
     /// Whether the adapter folds into the model's parameters (for `graft methods`); default: not for input methods.
     static var mergeable: Bool { get }
+    /// True for methods PEFT defines for causal decoders only (LLaMA-Adapter, CPT): they apply to Llama models,
+    /// and encoder-only surfaces (the MiniLM fine-tune test) leave them out.
+    static var requiresDecoder: Bool { get }
 }
 
 extension ModuleAdapterFactory {
     public static var actsOnInput: Bool { false }
     public static var selectsLayers: Bool { false }
     public static var mergeable: Bool { !actsOnInput }
+    public static var requiresDecoder: Bool { false }
 }
 
 /// The index of the transformer layer at `path` (its last component, `encoder.layer.3` → 3).

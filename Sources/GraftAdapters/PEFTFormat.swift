@@ -42,7 +42,9 @@ extension AdaptedModel {
         var integers: [String: (any LinearAdapterMethod, String)] = [:]
         var moduleParams: [String: (any ModuleAdapterMethod, String)] = [:]
         for (path, m) in adapter.modules {
-            for (n, _) in m.namedParameters { moduleParams[m.key(n, path: path)] = (m, n) }
+            // What PEFT's file holds for the module (Cartridges' whole table, CPT's E + δ), which may differ from the
+            // trainable parameters; each adapter's `load` maps it back.
+            for (n, _) in m.exportedParameters { moduleParams[m.key(n, path: path)] = (m, n) }
         }
         var buffers: [String: (any LinearAdapterMethod, String)] = [:]
         for (path, _, layer) in adapter.layers {
@@ -146,7 +148,14 @@ extension AdaptedModel {
             for (n, values, shape) in layer.integerBuffers { try writer.add("base_model.model.\(path).\(n)", int32s: values, shape: shape) }
             for (n, t) in layer.savedBuffers { try writer.add("base_model.model.\(path).\(n)", t) }
         }
-        let json = try JSONSerialization.data(withJSONObject: AdaptedModel.peftConfigJSON(config),
+        var configJSON = AdaptedModel.peftConfigJSON(config)
+        if configJSON["task_type"] is NSNull, root is LlamaModel,
+           let module = methods.modules[config.peftType], module.actsOnInput || module.requiresDecoder {
+            // Without a task type PEFT builds a bare PeftModel, whose forward never injects virtual tokens or
+            // prefixes: the adapter would load and do nothing.
+            configJSON["task_type"] = "CAUSAL_LM"
+        }
+        let json = try JSONSerialization.data(withJSONObject: configJSON,
                                               options: [.prettyPrinted, .sortedKeys])
         return [("adapter_model.safetensors", writer.serialized()), ("adapter_config.json", [UInt8](json))]
     }
@@ -157,7 +166,10 @@ extension AdaptedModel {
         json["peft_type"] = config.peftType
         json["inference_mode"] = true
         if json["base_model_name_or_path"] == nil { json["base_model_name_or_path"] = NSNull() }
-        if json["task_type"] == nil { json["task_type"] = NSNull() }
+        if json["task_type"] == nil || json["task_type"] is NSNull {
+            // PEFT's CPTConfig accepts CAUSAL_LM only.
+            json["task_type"] = config.peftType == CPTFactory.peftType ? "CAUSAL_LM" : NSNull()
+        }
         if json["revision"] == nil { json["revision"] = NSNull() }
         if config.peftType == "LORA" {
             let defaults: [String: Any] = [

@@ -138,12 +138,14 @@ extension AdaptedModel {
     /// Sets the task of each example for the next forward passes of task-routed adapters (Poly / MHR), as PEFT's
     /// `model(..., task_ids=...)`: one id per example (the leading dimension of the batch), or a single id for
     /// every example; nil routes everything to task 0. The ids stay set until changed. Throws when an id is
-    /// outside `0..<n_tasks` of an attached Poly adapter.
+    /// outside `0..<n_tasks` of an attached Poly adapter (`num_tasks` of a multitask prompt-tuning one).
     public func setTaskIDs(_ ids: [Int]?) throws {
-        for a in adapters where a.config.peftType == PolyFactory.peftType {
-            let tasks = try a.config.int("n_tasks", default: 1)
+        let taskKeys = [PolyFactory.peftType: "n_tasks", MultitaskPromptTuningFactory.peftType: "num_tasks"]
+        for a in adapters {
+            guard let key = taskKeys[a.config.peftType] else { continue }
+            let tasks = try a.config.int(key, default: 1)
             if let bad = ids?.first(where: { $0 < 0 || $0 >= tasks }) {
-                throw GraftError.invalid("task id \(bad) is outside 0..<\(tasks) (n_tasks of adapter '\(a.name)')")
+                throw GraftError.invalid("task id \(bad) is outside 0..<\(tasks) (\(key) of adapter '\(a.name)')")
             }
         }
         for a in adapters { a.state.taskIDs = ids }

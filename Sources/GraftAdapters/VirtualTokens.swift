@@ -9,10 +9,10 @@ public class VirtualTokenLayer: ModuleAdapterMethod {
     public let embeddings: Tensor
     let host: any PromptHost
 
-    init(host: any PromptHost, rows: Int, width: Int, state: AdapterState) {
+    init(host: any PromptHost, rows: Int, width: Int, state: AdapterState, std: Float = 0.02) {
         self.state = state
         self.host = host
-        embeddings = Tensor.randomNormal([rows, width], std: 0.02, rng: &state.rng).requiringGrad()
+        embeddings = Tensor.randomNormal([rows, width], std: std, rng: &state.rng).requiringGrad()
     }
 
     public var isEnabled: Bool { state.isActive && !state.isMerged }

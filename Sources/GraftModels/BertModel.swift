@@ -173,7 +173,7 @@ public final class BertModel: Module, PrefixHost {
     public func forward(_ batch: TokenBatch) throws -> Tensor {
         try batch.validate(vocabularySize: config.vocabSize)
         if let prompt = promptAdapters.first(where: { $0.isEnabled }) {
-            return try forwardWithPrompt(batch, prompt: prompt.virtualTokens())
+            return try forwardWithPrompt(batch, prompts: prompt.virtualTokens(rows: batch.batchSize))
         }
         let positions = batch.resolvedPositions
         if let bad = positions.first(where: { $0 < 0 || Int($0) >= config.maxPositions }) {
@@ -209,17 +209,16 @@ public final class BertModel: Module, PrefixHost {
         return x
     }
 
-    private func forwardWithPrompt(_ batch: TokenBatch, prompt: Tensor) throws -> Tensor {
+    private func forwardWithPrompt(_ batch: TokenBatch, prompts: Tensor) throws -> Tensor {
         guard batch.segments == nil else {
             throw GraftError(.unsupported, "prompt tuning with packed sequences is not supported; pad the batch instead")
         }
-        let virtual = prompt.shape[0], total = virtual + batch.length
+        let virtual = prompts.shape[1], total = virtual + batch.length
         guard total <= config.maxPositions else {
             throw GraftError.invalid("\(virtual) virtual + \(batch.length) tokens exceed the model's \(config.maxPositions) positions")
         }
         let rows = batch.batchSize, h = config.hiddenSize
         let words = wordEmbeddings.forward(batch.ids).reshaped([rows, batch.length, h])
-        let prompts = concat([Tensor](repeating: prompt.reshaped([1, virtual, h]), count: rows), dim: 0)
         let inputs = concat([prompts, words], dim: 1).reshaped([rows * total, h])
         let positions = (0..<rows).flatMap { _ in (0..<total).map(Int32.init) }
         let types = [Int32](repeating: 0, count: rows * total)

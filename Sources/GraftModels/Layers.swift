@@ -121,6 +121,17 @@ public protocol PromptAdapter: AnyObject {
     var isEnabled: Bool { get }
     /// The virtual token embeddings `[virtualTokens, hidden]`, recorded for autograd.
     func virtualTokens() -> Tensor
+    /// The virtual tokens of each of `rows` sequences, `[rows, virtualTokens, hidden]`, recorded: the same for
+    /// every row by default; per-row for methods that pick them by each example's task (multitask prompt tuning).
+    func virtualTokens(rows: Int) -> Tensor
+}
+
+extension PromptAdapter {
+    public func virtualTokens(rows: Int) -> Tensor {
+        let prompt = virtualTokens()
+        let n = prompt.shape[0], width = prompt.shape[prompt.rank - 1]
+        return concat([Tensor](repeating: prompt.reshaped([1, n, width]), count: rows), dim: 0)
+    }
 }
 
 /// A model that prepends enabled prompt adapters' virtual tokens to its input (BERT, Llama).

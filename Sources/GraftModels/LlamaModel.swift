@@ -14,6 +14,22 @@ public struct LlamaConfig: Sendable, Equatable {
     public var ropeBase: Float
     public var contextLength: Int
 
+    /// A config from its hyper-parameters (synthetic models in tests); `heads` must divide `hiddenSize` and be a
+    /// multiple of `kvHeads`, with `headDim` = `hiddenSize / heads`.
+    public init(vocabSize: Int, hiddenSize: Int, layers: Int, heads: Int, kvHeads: Int, headDim: Int,
+                intermediateSize: Int, rmsNormEps: Float, ropeBase: Float, contextLength: Int) {
+        self.vocabSize = vocabSize
+        self.hiddenSize = hiddenSize
+        self.layers = layers
+        self.heads = heads
+        self.kvHeads = kvHeads
+        self.headDim = headDim
+        self.intermediateSize = intermediateSize
+        self.rmsNormEps = rmsNormEps
+        self.ropeBase = ropeBase
+        self.contextLength = contextLength
+    }
+
     /// Reads the `llama.*` metadata of a GGUF file.
     public init(gguf: GGUFFile) throws {
         func int(_ key: String) throws -> Int {
@@ -54,24 +70,33 @@ public struct LlamaConfig: Sendable, Equatable {
 /// One `LlamaDecoderLayer`: RMSNorm, grouped-query self-attention with RoPE, RMSNorm, SwiGLU MLP.
 public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     public let inputNorm: RMSNorm, postAttentionNorm: RMSNorm
-    public let qProj: Linear, kProj: Linear, vProj: Linear, oProj: Linear
+    /// The attention block (`self_attn`).
+    public let selfAttn: LlamaAttention
     public let gateProj: Linear, upProj: Linear, downProj: Linear
     let config: LlamaConfig
     /// Modules inserted after the attention / MLP sublayers or on the layer output (bottleneck adapters, ReFT);
     /// none by default.
     public var layerAdapters: [any LayerAdapter] = []
     /// Width of the residual stream.
-    public var hiddenSize: Int { oProj.outFeatures }
+    public var hiddenSize: Int { selfAttn.oProj.outFeatures }
+    /// `self_attn.q_proj`.
+    public var qProj: Linear { selfAttn.qProj }
+    /// `self_attn.k_proj`.
+    public var kProj: Linear { selfAttn.kProj }
+    /// `self_attn.v_proj`.
+    public var vProj: Linear { selfAttn.vProj }
+    /// `self_attn.o_proj`.
+    public var oProj: Linear { selfAttn.oProj }
 
-    init(inputNorm: RMSNorm, q: Linear, k: Linear, v: Linear, o: Linear, postNorm: RMSNorm,
-         gate: Linear, up: Linear, down: Linear, config: LlamaConfig) {
+    init(inputNorm: RMSNorm, attention: LlamaAttention, postNorm: RMSNorm, gate: Linear, up: Linear, down: Linear,
+         config: LlamaConfig) {
         self.inputNorm = inputNorm
         self.postAttentionNorm = postNorm
-        qProj = q; kProj = k; vProj = v; oProj = o
+        selfAttn = attention
         gateProj = gate; upProj = up; downProj = down
         self.config = config
         super.init(typeName: "LlamaDecoderLayer")
-        register("self_attn", ModuleList(typeName: "LlamaAttention", [("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)]))
+        register("self_attn", attention)
         register("mlp", ModuleList(typeName: "LlamaMLP", [("gate_proj", gate), ("up_proj", up), ("down_proj", down)]))
         register("input_layernorm", inputNorm)
         register("post_attention_layernorm", postNorm)
@@ -84,47 +109,10 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     func forward(_ x: Tensor, positions: [Int32], mask: AttentionMask, cache: KVCache.Layer?,
                  rowCaches: [KVCache.Layer]? = nil, rowLengths: [Int]? = nil,
                  prefix: (keys: Tensor, values: Tensor)? = nil) -> Tensor {
-        let b = x.shape[0], t = x.shape[1]
         let h = inputNorm.forward(x)
-        let q = rope(qProj.forward(h).reshaped([b * t, config.heads, config.headDim]),
-                     positions: positions, headDim: config.headDim, base: config.ropeBase).reshaped([b, t, config.heads * config.headDim])
-        var k = rope(kProj.forward(h).reshaped([b * t, config.kvHeads, config.headDim]),
-                     positions: positions, headDim: config.headDim, base: config.ropeBase).reshaped([b, t, config.kvHeads * config.headDim])
-        var v = vProj.forward(h)
-        if let prefix {
-            let n = prefix.keys.shape[0], w = config.kvHeads * config.headDim
-            k = concat([concat([Tensor](repeating: prefix.keys.reshaped([1, n, w]), count: b), dim: 0), k], dim: 1)
-            v = concat([concat([Tensor](repeating: prefix.values.reshaped([1, n, w]), count: b), dim: 0), v], dim: 1)
-        }
-        if let cache {
-            if let pk = cache.keys, let pv = cache.values {
-                k = concat([pk, k], dim: 1)
-                v = concat([pv, v], dim: 1)
-            }
-            cache.keys = k
-            cache.values = v
-        }
-        let attn: Tensor
-        if let rowCaches, let rowLengths {
-            var rows: [Tensor] = []
-            for r in 0..<b {
-                let c = rowCaches[r], n = rowLengths[r]
-                var kr = k.rowsView(r..<(r + 1)).slice(dim: 1, 0..<n), vr = v.rowsView(r..<(r + 1)).slice(dim: 1, 0..<n)
-                let offset = c.keys?.shape[1] ?? 0
-                if let pk = c.keys, let pv = c.values {
-                    kr = concat([pk, kr], dim: 1)
-                    vr = concat([pv, vr], dim: 1)
-                }
-                c.keys = kr
-                c.values = vr
-                rows.append(scaledDotProductAttention(query: q.rowsView(r..<(r + 1)), key: kr, value: vr, heads: config.heads,
-                                                      kvHeads: config.kvHeads, mask: AttentionMask(causal: true, queryOffset: offset)))
-            }
-            attn = concat(rows, dim: 0)
-        } else {
-            attn = scaledDotProductAttention(query: q, key: k, value: v, heads: config.heads, kvHeads: config.kvHeads, mask: mask)
-        }
-        let x1 = x + applyLayerAdapters(layerAdapters, site: .attention, output: oProj.forward(attn), input: h, mask: mask)
+        let attention = selfAttn.forward(h, positions: positions, mask: mask, cache: cache, rowCaches: rowCaches,
+                                         rowLengths: rowLengths, prefix: prefix)
+        let x1 = x + applyLayerAdapters(layerAdapters, site: .attention, output: attention, input: h, mask: mask)
         let h2 = postAttentionNorm.forward(x1)
         let mlp = downProj.forward(silu(gateProj.forward(h2)) * upProj.forward(h2))
         let out = x1 + applyLayerAdapters(layerAdapters, site: .feedForward, output: mlp, input: h2, mask: mask)
@@ -188,10 +176,12 @@ public final class LlamaModel: Module, PrefixHost {
         for i in 0..<config.layers {
             let p = "model.layers.\(i)."
             func lin(_ n: String, _ shape: [Int]) throws -> Linear { Linear(weight: try expect(p + n + ".weight", shape), bias: nil) }
+            let attention = LlamaAttention(q: try lin("self_attn.q_proj", [qd, h]), k: try lin("self_attn.k_proj", [kvd, h]),
+                                           v: try lin("self_attn.v_proj", [kvd, h]), o: try lin("self_attn.o_proj", [h, qd]),
+                                           config: config, layerIndex: i)
             layers.append(LlamaDecoderLayer(
                 inputNorm: RMSNorm(weight: try expect(p + "input_layernorm.weight", [h]), eps: config.rmsNormEps),
-                q: try lin("self_attn.q_proj", [qd, h]), k: try lin("self_attn.k_proj", [kvd, h]),
-                v: try lin("self_attn.v_proj", [kvd, h]), o: try lin("self_attn.o_proj", [h, qd]),
+                attention: attention,
                 postNorm: RMSNorm(weight: try expect(p + "post_attention_layernorm.weight", [h]), eps: config.rmsNormEps),
                 gate: try lin("mlp.gate_proj", [ff, h]), up: try lin("mlp.up_proj", [ff, h]),
                 down: try lin("mlp.down_proj", [h, ff]), config: config))
@@ -267,6 +257,17 @@ public final class LlamaModel: Module, PrefixHost {
 
     /// The final hidden states `[batch, length, hidden]` (after `model.norm`).
     public func hiddenStates(_ batch: TokenBatch, cache: KVCache? = nil) throws -> Tensor {
+        try hiddenStates(batch, cache: cache, keepVirtualTokens: false)
+    }
+
+    /// The final hidden states as PEFT's model returns them under prompt tuning, P-tuning, multitask prompt tuning
+    /// or CPT: the enabled prompt adapter's virtual tokens stay in front, `[batch, virtual + length, hidden]`. The
+    /// same as ``hiddenStates(_:cache:)`` without such an adapter.
+    public func hiddenStatesWithVirtualTokens(_ batch: TokenBatch) throws -> Tensor {
+        try hiddenStates(batch, cache: nil, keepVirtualTokens: true)
+    }
+
+    private func hiddenStates(_ batch: TokenBatch, cache: KVCache?, keepVirtualTokens: Bool) throws -> Tensor {
         try batch.validate(vocabularySize: config.vocabSize)
         let offset = cache?.length ?? 0
         var positions = batch.resolvedPositions
@@ -275,7 +276,8 @@ public final class LlamaModel: Module, PrefixHost {
             throw GraftError(.unsupported, "incremental decoding with a KV cache takes one sequence at a time")
         }
         if let prompt = promptAdapters.first(where: { $0.isEnabled }), offset == 0 {
-            return try hiddenStates(batch, prompt: prompt.virtualTokens(), cache: cache)
+            return try hiddenStates(batch, prompts: prompt.virtualTokens(rows: batch.batchSize), cache: cache,
+                                    keepVirtualTokens: keepVirtualTokens)
         }
         if let prefix = prefixAdapters.first(where: { $0.isEnabled }), offset == 0 {
             return try hiddenStates(batch, prefix: prefix, cache: cache)
@@ -292,17 +294,17 @@ public final class LlamaModel: Module, PrefixHost {
 
     /// Prompt tuning as PEFT runs a decoder: `n` virtual tokens at positions `0..<n` precede each sequence (whose
     /// tokens move to `n...`), every token attends to them causally, and a cache keeps them for decoding. Returns
-    /// the real tokens' states only, `[batch, length, hidden]`, so losses and generation see the usual shape.
-    private func hiddenStates(_ batch: TokenBatch, prompt: Tensor, cache: KVCache?) throws -> Tensor {
+    /// the real tokens' states only, `[batch, length, hidden]`, so losses and generation see the usual shape, unless
+    /// `keepVirtualTokens`. `prompts`: `[batch, n, hidden]`, each row's own.
+    private func hiddenStates(_ batch: TokenBatch, prompts: Tensor, cache: KVCache?, keepVirtualTokens: Bool) throws -> Tensor {
         guard batch.segments == nil else {
             throw GraftError(.unsupported, "prompt tuning needs one sequence per row (padded), not packed rows")
         }
-        let virtual = prompt.shape[0], total = virtual + batch.length, rows = batch.batchSize, h = config.hiddenSize
+        let virtual = prompts.shape[1], total = virtual + batch.length, rows = batch.batchSize, h = config.hiddenSize
         guard total <= config.contextLength else {
             throw GraftError.invalid("\(virtual) virtual + \(batch.length) tokens exceed the context length \(config.contextLength)")
         }
         let words = embedTokens.forward(batch.ids).reshaped([rows, batch.length, h])
-        let prompts = concat([Tensor](repeating: prompt.reshaped([1, virtual, h]), count: rows), dim: 0)
         var x = concat([prompts, words], dim: 1)
         let positions = (0..<rows).flatMap { _ in (0..<total).map(Int32.init) }
         let mask = AttentionMask(causal: true, keyLengths: cache == nil ? batch.lengths.map { $0 + virtual } : nil)
@@ -310,7 +312,7 @@ public final class LlamaModel: Module, PrefixHost {
             x = layer.forward(x, positions: positions, mask: mask, cache: cache?.layers[i])
         }
         cache?.length += total
-        return norm.forward(x.slice(dim: 1, virtual..<total))
+        return norm.forward(keepVirtualTokens ? x : x.slice(dim: 1, virtual..<total))
     }
 
     /// Prefix tuning as PEFT runs a decoder: each layer's `n` prefix keys and values (used as cached keys, so not

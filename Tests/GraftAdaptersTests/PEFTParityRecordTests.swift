@@ -10,7 +10,8 @@ import GraftTestSupport
         Set(LoRAParityTests.encoderFixtures.map { "peft-minilm/\($0)" }
             + MethodParityTests.methods.map { "peft-minilm/\($0)" }
             + Wave2ParityTests.methods.map { "peft-minilm-wave2/\($0)" }
-            + LoRAOptionTests.fixtures.map { "peft-minilm-lora-options/\($0)" })
+            + LoRAOptionTests.fixtures.map { "peft-minilm-lora-options/\($0)" }
+            + DecoderMethodParityTests.methods.map { "peft-smollm2-decoder/\($0)" })
     }
 
     @Test func everyBuiltInMethodHasARecord() {

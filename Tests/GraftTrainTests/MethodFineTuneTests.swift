@@ -17,7 +17,8 @@ import Testing
         for (type, f) in AdapterRegistry.factories.sorted(by: { $0.key < $1.key }) {
             configs.append((type, f.exampleConfig(targets: ["query", "value"])))
         }
-        for (type, f) in AdapterRegistry.moduleFactories.sorted(by: { $0.key < $1.key }) {
+        // Decoder-only methods (LLaMA-Adapter, CPT) fine-tune on SmolLM2 in DecoderMethodFineTuneTests.
+        for (type, f) in AdapterRegistry.moduleFactories.sorted(by: { $0.key < $1.key }) where !f.requiresDecoder {
             configs.append((type, f.exampleConfig(targets: [])))
         }
         var report: [String] = []

@@ -21,6 +21,16 @@ class _PeftConfig(PeftConfig):
 
 
 @dataclass
+class AdaptionPromptConfig(_PeftConfig):
+    """peft.AdaptionPromptConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "ADAPTION_PROMPT"
+    target_modules: Any = None
+    adapter_len: Any = None
+    adapter_layers: Any = None
+
+
+@dataclass
 class BOFTConfig(_PeftConfig):
     """peft.BOFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
@@ -621,6 +631,41 @@ class AdaLoraConfig(LoraConfig):
 
 
 @dataclass
+class _PromptLearningConfig(_PeftConfig):
+    """Fields peft.PromptLearningConfig gives its subclasses."""
+
+    num_virtual_tokens: Any = None
+    token_dim: Any = None
+    num_transformer_submodules: Any = None
+    num_attention_heads: Any = None
+    num_layers: Any = None
+    modules_to_save: Any = None
+
+
+@dataclass
+class CPTConfig(_PromptLearningConfig):
+    """peft.CPTConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "CPT"
+    cpt_token_ids: Any = None
+    cpt_mask: Any = None
+    cpt_tokens_type_mask: Any = None
+    opt_weighted_loss_type: Any = 'none'
+    opt_loss_decay_factor: Any = 1.0
+    opt_projection_epsilon: Any = 0.1
+    opt_projection_format_epsilon: Any = 0.1
+    tokenizer_name_or_path: Any = None
+
+
+@dataclass
+class CartridgeConfig(_PromptLearningConfig):
+    """peft.CartridgeConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "CARTRIDGE"
+    num_frozen_tokens: Any = 1
+
+
+@dataclass
 class _LycorisConfig(_PeftConfig):
     """Fields peft.LycorisConfig gives its subclasses."""
 
@@ -668,18 +713,6 @@ class LoKrConfig(_LycorisConfig):
 
 
 @dataclass
-class _PromptLearningConfig(_PeftConfig):
-    """Fields peft.PromptLearningConfig gives its subclasses."""
-
-    num_virtual_tokens: Any = None
-    token_dim: Any = None
-    num_transformer_submodules: Any = None
-    num_attention_heads: Any = None
-    num_layers: Any = None
-    modules_to_save: Any = None
-
-
-@dataclass
 class PrefixTuningConfig(_PromptLearningConfig):
     """peft.PrefixTuningConfig: its fields and defaults (PEFT 0.21.2)."""
 
@@ -711,4 +744,15 @@ class PromptTuningConfig(_PromptLearningConfig):
     tokenizer_kwargs: Any = None
 
 
-__all__ = ["AdaLoraConfig", "BOFTConfig", "BeftConfig", "C3AConfig", "DeftConfig", "DeloraConfig", "FourierFTConfig", "FrodConfig", "GloraConfig", "GraloraConfig", "HRAConfig", "HiraConfig", "IA3Config", "LNTuningConfig", "LilyConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "MissConfig", "OFTConfig", "OSFConfig", "PeanutConfig", "PolyConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PsoftConfig", "PveraConfig", "RandLoraConfig", "RoadConfig", "ShiraConfig", "SupertuningConfig", "TinyLoraConfig", "TrainableTokensConfig", "UniLoraConfig", "VBLoRAConfig", "VeraConfig", "WaveFTConfig"]
+@dataclass
+class MultitaskPromptTuningConfig(PromptTuningConfig):
+    """peft.MultitaskPromptTuningConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
+    prompt_tuning_init_state_dict_path: Any = None
+    prompt_tuning_init_task: Any = 0
+    num_ranks: Any = 1
+    num_tasks: Any = 1
+
+
+__all__ = ["AdaLoraConfig", "AdaptionPromptConfig", "BOFTConfig", "BeftConfig", "C3AConfig", "CPTConfig", "CartridgeConfig", "DeftConfig", "DeloraConfig", "FourierFTConfig", "FrodConfig", "GloraConfig", "GraloraConfig", "HRAConfig", "HiraConfig", "IA3Config", "LNTuningConfig", "LilyConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "MissConfig", "MultitaskPromptTuningConfig", "OFTConfig", "OSFConfig", "PeanutConfig", "PolyConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PsoftConfig", "PveraConfig", "RandLoraConfig", "RoadConfig", "ShiraConfig", "SupertuningConfig", "TinyLoraConfig", "TrainableTokensConfig", "UniLoraConfig", "VBLoRAConfig", "VeraConfig", "WaveFTConfig"]

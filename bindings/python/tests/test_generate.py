@@ -59,3 +59,20 @@ def test_causal_lm_training(smollm_path):
             labels[0, 5:] = ids[0][5:]
             assert np.isfinite(t.step(ids, labels=labels))
         assert last < first
+
+
+def test_decoder_config_classes_attach(llm):
+    """The decoder-only tuners' config classes (PEFT's names) reach the engine through the C ABI's JSON."""
+    ids = [llm.tokenize("It is a truth universally acknowledged")]
+    base = llm(ids)
+    for name, cfg, trainable in [
+            ("ap", graft.AdaptionPromptConfig(adapter_len=4, adapter_layers=2), 2 * (4 * 576 + 1)),
+            ("mpt", graft.MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=2), 4 * 576 + 2 * 4 + 2 * 576),
+            ("cpt", graft.CPTConfig(cpt_token_ids=[1, 2, 3, 4], cpt_tokens_type_mask=[1, 2, 2, 3]), 4 * 576),
+            ("cart", graft.CartridgeConfig(num_virtual_tokens=4), 3 * 30 * 2 * 192)]:
+        llm.add_adapter(name, cfg)
+        entry = [a for a in llm.list_adapters()["adapters"] if a["name"] == name][0]
+        assert entry["peft_type"] == cfg.PEFT_TYPE and entry["trainable_parameters"] == trainable
+        out = llm(ids)
+        assert out.shape == base.shape and np.isfinite(out).all()
+        llm.delete_adapter(name)

@@ -19,6 +19,12 @@ EXTRA = {
     "LNTuningConfig": {"target_modules": ["LayerNorm"]},
     "VBLoRAConfig": {"vector_length": 64},
 }
+# PEFT's decoder-only methods build on SmolLM2 instead (LLaMA-Adapter attends inside LlamaAttention; CPT is causal
+# LM only, as PEFT), with the arguments PEFT requires.
+DECODER_ONLY = {
+    "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 2},
+    "CPTConfig": {"cpt_token_ids": [1, 2, 3], "cpt_tokens_type_mask": [1, 2, 3], "task_type": "CAUSAL_LM"},
+}
 # Graft's own methods (not in PEFT), with small configs.
 OWN = [
     graft.AdapterConfig("ASYMMETRIC_LORA", r=4, target_modules=TARGETS),
@@ -37,12 +43,18 @@ OWN = [
 
 def peft_config(name):
     cls = getattr(peft_configs, name)
+    if name in DECODER_ONLY:
+        return cls(**DECODER_ONLY[name])
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     if "target_modules" in fields and name not in ("PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"):
         kwargs["target_modules"] = TARGETS
     kwargs.update(EXTRA.get(name, {}))
     return cls(**kwargs)
+
+
+#: The config classes that build on MiniLM (every one but the decoder-only methods).
+ENCODER_NAMES = [name for name in peft_configs.__all__ if name not in DECODER_ONLY]
 
 
 def assert_builds(model, config, peft_type):
@@ -56,11 +68,22 @@ def assert_builds(model, config, peft_type):
         model.delete_adapter("probe")
 
 
-@pytest.mark.parametrize("name", peft_configs.__all__)
+@pytest.mark.parametrize("name", ENCODER_NAMES)
 def test_peft_config_class_builds_its_adapter(bert, name):
     config = peft_config(name)
     assert config.to_dict()["peft_type"] == config.PEFT_TYPE
     assert_builds(bert, config, config.PEFT_TYPE)
+
+
+@pytest.mark.parametrize("name", sorted(DECODER_ONLY))
+def test_decoder_only_config_class_builds_on_a_decoder(smollm_path, minilm_path, name):
+    config = peft_config(name)
+    with graft.load_model(smollm_path) as llm:
+        assert_builds(llm, config, config.PEFT_TYPE)
+        # On an encoder the method is refused with an error, never built wrong.
+        with graft.load_model(minilm_path) as bert:
+            with pytest.raises(graft.GraftError):
+                bert.add_adapter("probe", config)
 
 
 @pytest.mark.parametrize("config", OWN, ids=lambda c: c.peft_type)
