@@ -37,7 +37,7 @@ import Testing
         let batch = try PackedBatch(ArraySlice(examples), padded: model.needsPaddedBatches)
         for _ in 0..<Self.steps {
             _ = try trainer.accumulate(batch)
-            trainer.optimizerStep(totalSteps: 1 << 20)
+            _ = try trainer.optimizerStep(totalSteps: 1 << 20)
         }
         let after = try trainer.evaluate(examples).loss
         print("\(type): fine-tune loss \(String(format: "%.4f", before)) -> \(String(format: "%.4f", after)) in \(Self.steps) steps on 8 demo tweets (\(adapter.parameterCount) trainable)")

@@ -96,28 +96,41 @@ def rank_pid(launcher, rank):
     return None
 
 
-def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path, eval_files):
+def signal_rank_one_after_first_checkpoint(tmp_path, eval_files, sig, **extra_env):
+    """Starts a 2-rank MiniLM run that checkpoints every step, sends `sig` to rank 1 once the first checkpoint
+    exists, and returns (checkpoint dir, mpirun's return code, its stderr, seconds from the signal to the end)."""
     ckpt = str(tmp_path / "ckpt")
     args = MINILM + ["--batch-size", "8", "--max-examples", "400", "--eval-data", eval_files["cls"],
                      "--checkpoint-dir", ckpt, "--checkpoint-every", "1", "--output", str(tmp_path / "x")]
-    e = dict(os.environ, **MPI_ENV)
+    e = dict(os.environ, **MPI_ENV, **extra_env)
     p = subprocess.Popen(["mpirun", "-n", "2", GRAFT] + args, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
     try:
         deadline = time.time() + 120
         while not os.path.exists(os.path.join(ckpt, "graft_manifest.json")) and time.time() < deadline:
             time.sleep(0.2)
         victim = rank_pid(p.pid, 1)
         assert victim is not None, "rank 1's process not found"
-        os.kill(victim, signal.SIGKILL)
-        killed = time.time()
-        out, err = p.communicate(timeout=60)
-        took = time.time() - killed
+        os.kill(victim, sig)
+        signalled = time.time()
+        _, err = p.communicate(timeout=60)
+        took = time.time() - signalled
     finally:
         if p.poll() is None:
             p.kill()
+        if victim is not None and sig != signal.SIGKILL:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return ckpt, p.returncode, err, took
+
+
+def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path, eval_files):
+    ckpt, returncode, err, took = signal_rank_one_after_first_checkpoint(tmp_path, eval_files, signal.SIGKILL)
     print(f"job ended {took:.1f} s after rank 1 was killed; mpirun said: "
           + next((l for l in err.splitlines() if "noticed" in l), err.strip()[-400:]))
-    assert p.returncode != 0
+    assert returncode != 0
     assert took < 30
     assert "rank 1" in err, err
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
@@ -144,32 +157,10 @@ def test_python_binding_under_mpirun_equals_one_process(tmp_path):
 
 def test_hung_rank_times_out_with_a_clear_error(tmp_path, eval_files):
     """A rank that stops responding (SIGSTOP) makes the others fail after GRAFT_MPI_TIMEOUT and end the job."""
-    ckpt = str(tmp_path / "ckpt")
-    args = MINILM + ["--batch-size", "8", "--max-examples", "400", "--eval-data", eval_files["cls"],
-                     "--checkpoint-dir", ckpt, "--checkpoint-every", "1", "--output", str(tmp_path / "x")]
-    e = dict(os.environ, **MPI_ENV, GRAFT_MPI_TIMEOUT="3")
-    p = subprocess.Popen(["mpirun", "-n", "2", GRAFT] + args, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = None
-    try:
-        deadline = time.time() + 120
-        while not os.path.exists(os.path.join(ckpt, "graft_manifest.json")) and time.time() < deadline:
-            time.sleep(0.2)
-        victim = rank_pid(p.pid, 1)
-        assert victim is not None, "rank 1's process not found"
-        os.kill(victim, signal.SIGSTOP)
-        stopped = time.time()
-        out, err = p.communicate(timeout=60)
-        took = time.time() - stopped
-    finally:
-        if p.poll() is None:
-            p.kill()
-        if victim is not None:
-            try:
-                os.kill(victim, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _, returncode, err, took = signal_rank_one_after_first_checkpoint(tmp_path, eval_files, signal.SIGSTOP,
+                                                                      GRAFT_MPI_TIMEOUT="3")
     print(f"job ended {took:.1f} s after rank 1 stopped; rank 0 said: "
           + next((l for l in err.splitlines() if "graft: error" in l), "?"))
-    assert p.returncode != 0
+    assert returncode != 0
     assert took < 30
     assert "rank 0 of 2" in err and "did not complete within 3 s" in err, err
