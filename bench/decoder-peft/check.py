@@ -5,8 +5,8 @@ The fixture test checks that Graft reproduces adapters PEFT saved; this checks t
 Graft trained and saved load in PEFT 0.21.2 (PeftModel.from_pretrained accepts the config and the tensors) and
 PEFT's logits on the fixture sentence equal the logits Graft computed for the same adapter.
 
-  GRAFT_DECODER_EXPORT=/tmp/decoder-export swift test ... --filter DecoderMethodFineTuneTests
-  ${GRAFT_HOME:-~/.cache/graft}/bench-venv/bin/python bench/decoder-peft/check.py /tmp/decoder-export
+  GRAFT_DECODER_EXPORT=$PWD/.build/decoder-export swift test ... --filter DecoderMethodFineTuneTests
+  ${GRAFT_HOME:-~/.cache/graft}/bench-venv/bin/python bench/decoder-peft/check.py .build/decoder-export
 
 Needs the bench venv (torch, transformers, peft, gguf: bench/compare/setup-venv). Prints one line per method and
 exits 1 when any differs by more than 1e-3 (1e-4 of the logits' scale where that is larger).
@@ -29,7 +29,7 @@ def main():
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    export = sys.argv[1] if len(sys.argv) > 1 else "/tmp/decoder-export"
+    export = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, ".build", "decoder-export")
     ids = torch.tensor(load_file(FIXTURE)["input_ids"])
     worst_ok = True
     for method in sorted(os.listdir(export)):
