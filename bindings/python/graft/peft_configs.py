@@ -21,6 +21,17 @@ class _PeftConfig(PeftConfig):
 
 
 @dataclass
+class _TunerConfig(_PeftConfig):
+    """Module selection as most PEFT tuner configs declare it (all default None)."""
+
+    target_modules: Any = None
+    exclude_modules: Any = None
+    modules_to_save: Any = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+
+
+@dataclass
 class AdaptionPromptConfig(_PeftConfig):
     """peft.AdaptionPromptConfig: its fields and defaults (PEFT 0.21.2)."""
 
@@ -31,22 +42,17 @@ class AdaptionPromptConfig(_PeftConfig):
 
 
 @dataclass
-class BOFTConfig(_PeftConfig):
+class BOFTConfig(_TunerConfig):
     """peft.BOFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "BOFT"
     boft_block_size: Any = 4
     boft_block_num: Any = 0
     boft_n_butterfly_factor: Any = 1
-    target_modules: Any = None
-    exclude_modules: Any = None
     boft_dropout: Any = 0.0
     fan_in_fan_out: Any = False
     bias: Any = 'none'
-    modules_to_save: Any = None
     init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
 
 
 @dataclass
@@ -75,13 +81,11 @@ class C3AConfig(_PeftConfig):
 
 
 @dataclass
-class DeftConfig(_PeftConfig):
+class DeftConfig(_TunerConfig):
     """peft.DeftConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "DEFT"
     r: Any = 8
-    target_modules: Any = None
-    exclude_modules: Any = None
     decomposition_method: Any = 'relu'
     init_scale: Any = 1.0
     alpha: Any = None
@@ -89,33 +93,25 @@ class DeftConfig(_PeftConfig):
     fan_in_fan_out: Any = False
     deft_dropout: Any = 0.0
     init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     bias: Any = 'none'
-    modules_to_save: Any = None
 
 
 @dataclass
-class DeloraConfig(_PeftConfig):
+class DeloraConfig(_TunerConfig):
     """peft.DeloraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "DELORA"
     r: Any = 8
     delora_lambda: Any = 15
     module_dropout: Any = 0.0
-    target_modules: Any = None
-    exclude_modules: Any = None
     bias: Any = 'none'
     init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     rank_pattern: Any = field(default_factory=lambda: {})
     lambda_pattern: Any = field(default_factory=lambda: {})
-    modules_to_save: Any = None
 
 
 @dataclass
-class FourierFTConfig(_PeftConfig):
+class FourierFTConfig(_TunerConfig):
     """peft.FourierFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "FOURIERFT"
@@ -123,12 +119,7 @@ class FourierFTConfig(_PeftConfig):
     scaling: Any = 150.0
     random_loc_seed: Any = 777
     fan_in_fan_out: Any = False
-    target_modules: Any = None
-    exclude_modules: Any = None
     bias: Any = 'none'
-    modules_to_save: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     n_frequency_pattern: Any = field(default_factory=lambda: {})
     init_weights: Any = False
 
@@ -189,35 +180,25 @@ class GraloraConfig(_PeftConfig):
 
 
 @dataclass
-class HRAConfig(_PeftConfig):
+class HRAConfig(_TunerConfig):
     """peft.HRAConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "HRA"
     r: Any = 8
     apply_GS: Any = False
-    target_modules: Any = None
-    exclude_modules: Any = None
     init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     bias: Any = 'none'
-    modules_to_save: Any = None
 
 
 @dataclass
-class HiraConfig(_PeftConfig):
+class HiraConfig(_TunerConfig):
     """peft.HiraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "HIRA"
     r: Any = 32
-    target_modules: Any = None
-    exclude_modules: Any = None
     hira_dropout: Any = 0.0
     fan_in_fan_out: Any = False
-    modules_to_save: Any = None
     init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     rank_pattern: Any = field(default_factory=lambda: {})
 
 
@@ -245,7 +226,7 @@ class LNTuningConfig(_PeftConfig):
 
 
 @dataclass
-class LilyConfig(_PeftConfig):
+class LilyConfig(_TunerConfig):
     """peft.LilyConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "LILY"
@@ -253,31 +234,21 @@ class LilyConfig(_PeftConfig):
     stride_A: Any = 1
     num_B: Any = 2
     scaling: Any = 1.0
-    target_modules: Any = None
-    exclude_modules: Any = None
-    modules_to_save: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     init_weights: Any = True
 
 
 @dataclass
-class LoraConfig(_PeftConfig):
+class LoraConfig(_TunerConfig):
     """peft.LoraConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "LORA"
     r: Any = 8
-    target_modules: Any = None
-    exclude_modules: Any = None
     lora_alpha: Any = 8
     lora_dropout: Any = 0.0
     fan_in_fan_out: Any = False
     bias: Any = 'none'
     use_rslora: Any = False
-    modules_to_save: Any = None
     init_lora_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     rank_pattern: Any = field(default_factory=lambda: {})
     alpha_pattern: Any = field(default_factory=lambda: {})
     megatron_config: Any = None
@@ -303,38 +274,28 @@ class LoraConfig(_PeftConfig):
 
 
 @dataclass
-class MissConfig(_PeftConfig):
+class MissConfig(_TunerConfig):
     """peft.MissConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "MISS"
     r: Any = 64
     miss_dropout: Any = 0.0
     mini_r: Any = 1
-    target_modules: Any = None
-    exclude_modules: Any = None
     init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     bias: Any = 'none'
-    modules_to_save: Any = None
 
 
 @dataclass
-class OFTConfig(_PeftConfig):
+class OFTConfig(_TunerConfig):
     """peft.OFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "OFT"
     r: Any = 0
     oft_block_size: Any = 32
     module_dropout: Any = 0.0
-    target_modules: Any = None
     fan_in_fan_out: Any = False
     bias: Any = 'none'
-    exclude_modules: Any = None
     init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    modules_to_save: Any = None
     coft: Any = False
     eps: Any = 6e-05
     block_share: Any = False
@@ -356,7 +317,7 @@ class OSFConfig(_PeftConfig):
 
 
 @dataclass
-class PeanutConfig(_PeftConfig):
+class PeanutConfig(_TunerConfig):
     """peft.PeanutConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "PEANUT"
@@ -364,11 +325,6 @@ class PeanutConfig(_PeftConfig):
     depth: Any = 0
     act_fn: Any = 'relu'
     scaling: Any = 1.0
-    target_modules: Any = None
-    exclude_modules: Any = None
-    modules_to_save: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     init_weights: Any = True
 
 
@@ -389,13 +345,11 @@ class PolyConfig(_PeftConfig):
 
 
 @dataclass
-class PsoftConfig(_PeftConfig):
+class PsoftConfig(_TunerConfig):
     """peft.PsoftConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "PSOFT"
     r: Any = 32
-    target_modules: Any = None
-    exclude_modules: Any = None
     psoft_alpha: Any = 32
     psoft_dropout: Any = 0.0
     fan_in_fan_out: Any = False
@@ -409,10 +363,7 @@ class PsoftConfig(_PeftConfig):
     use_cayley_neumann: Any = False
     num_cayley_neumann_terms: Any = 5
     cayley_neumann_eps: Any = None
-    modules_to_save: Any = None
     init_weights: Any = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
 
 
 @dataclass
@@ -551,7 +502,7 @@ class UniLoraConfig(_PeftConfig):
 
 
 @dataclass
-class VBLoRAConfig(_PeftConfig):
+class VBLoRAConfig(_TunerConfig):
     """peft.VBLoRAConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "VBLORA"
@@ -559,17 +510,12 @@ class VBLoRAConfig(_PeftConfig):
     num_vectors: Any = 256
     vector_length: Any = 256
     topk: Any = 2
-    target_modules: Any = None
-    exclude_modules: Any = None
     save_only_topk_weights: Any = False
     vblora_dropout: Any = 0.0
     fan_in_fan_out: Any = False
     bias: Any = 'none'
-    modules_to_save: Any = None
     init_vector_bank_bound: Any = 0.02
     init_logits_std: Any = 0.1
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
 
 
 @dataclass
@@ -592,7 +538,7 @@ class VeraConfig(_PeftConfig):
 
 
 @dataclass
-class WaveFTConfig(_PeftConfig):
+class WaveFTConfig(_TunerConfig):
     """peft.WaveFTConfig: its fields and defaults (PEFT 0.21.2)."""
 
     PEFT_TYPE = "WAVEFT"
@@ -602,12 +548,7 @@ class WaveFTConfig(_PeftConfig):
     use_idwt: Any = True
     random_loc_seed: Any = 777
     fan_in_fan_out: Any = False
-    target_modules: Any = None
-    exclude_modules: Any = None
     bias: Any = 'none'
-    modules_to_save: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     n_frequency_pattern: Any = field(default_factory=lambda: {})
     proportional_parameters: Any = False
     init_weights: Any = True
