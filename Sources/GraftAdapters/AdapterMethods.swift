@@ -92,8 +92,17 @@ public enum LoRAFactory: AdapterMethodFactory {
     public static let family = "weight-delta (low rank)"
     public static func exampleConfig(targets: [String]) -> [String: Any] { ["r": 8, "lora_alpha": 16, "target_modules": targets] }
 
+    /// LoRA's options beyond r / α / dropout that Graft honours (each in `LoRA/`), as `graft methods` lists them;
+    /// PEFT's others are refused by name.
+    public static let honouredOptions = [
+        "use_rslora", "use_dora", "init_lora_weights (true, false, gaussian, olora, pissa, milora, corda)", "lora_bias",
+        "trainable_token_indices", "target_parameters", "kasa_config", "alora_invocation_tokens", "train_a",
+        "rank_pattern", "alpha_pattern",
+    ]
+
     public static func validate(_ config: AdapterConfig) throws {
         try validateCommon(config)
+        try ALoRAActivation.validate(config)
         if config.value("train_a") != nil, !(try config.bool("train_a", default: true)) {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
             return try AsymmetricLoRAFactory.validate(config)

@@ -155,6 +155,10 @@ extension AdaptedModel {
             // prefixes: the adapter would load and do nothing.
             configJSON["task_type"] = "CAUSAL_LM"
         }
+        if configJSON["task_type"] is NSNull, config.peftType == LoRAFactory.peftType, a.modules.contains(where: { $0.adapter is ALoRAActivation }) {
+            // PEFT computes aLoRA's activation only in PeftModelForCausalLM: without the task type it never activates.
+            configJSON["task_type"] = "CAUSAL_LM"
+        }
         let json = try JSONSerialization.data(withJSONObject: configJSON,
                                               options: [.prettyPrinted, .sortedKeys])
         return [("adapter_model.safetensors", writer.serialized()), ("adapter_config.json", [UInt8](json))]

@@ -105,6 +105,26 @@ public protocol EmbeddingAdapter: AnyObject {
     func forward(ids: [Int32], baseOutput y: Tensor, layer: Embedding) -> Tensor
 }
 
+/// Sees the tokens of every forward pass before the layers run, so an adapter can act on some tokens only
+/// (aLoRA activates from its invocation sequence on).
+public protocol TokenObserver: AnyObject {
+    /// Whether the observer takes part in forward passes.
+    var isEnabled: Bool { get }
+    /// `batch` is about to run through the layers, whose Linear modules see its rows as `[batch, length, ·]`.
+    /// `caches[r]` is row `r`'s KV cache when the row starts or continues a cached sequence (its
+    /// ``KVCache/length`` still the positions cached before this pass), nil when nothing is cached.
+    func willRun(_ batch: TokenBatch, caches: [KVCache?])
+}
+
+/// A model whose forward passes show their tokens to ``TokenObserver``s first (the Llama decoder).
+public protocol TokenObserverHost: AnyObject {
+    /// The observers, called in order before every pass.
+    var tokenObservers: [any TokenObserver] { get set }
+    /// The module-path prefix of the layers whose Linear modules see the observed rows one to one (a decoder's
+    /// `model.layers.`; the LM head, which sees chosen rows only, lies outside it).
+    var tokenAlignedPrefix: String { get }
+}
+
 /// Something attached to a ``LayerNorm`` that supplies its own scale and shift (PEFT's LN tuning).
 public protocol NormAdapter: AnyObject {
     /// Whether the adapter currently takes part in forward passes.

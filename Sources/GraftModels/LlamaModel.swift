@@ -130,6 +130,9 @@ public final class KVCache {
     let layers: [Layer]
     /// Number of positions cached.
     public internal(set) var length: Int = 0
+    /// Small values adapters keep with the cached sequence, keyed by the adapter object (aLoRA: whether the
+    /// prompt held its invocation sequence, which decides whether it acts on every later token).
+    public var adapterMarks: [ObjectIdentifier: Int] = [:]
 
     /// An empty cache for `layerCount` layers.
     public init(layerCount: Int) {
@@ -139,7 +142,7 @@ public final class KVCache {
 
 /// A Llama decoder with Hugging Face names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
 /// `model.norm`, `lm_head`), loaded from GGUF.
-public final class LlamaModel: Module, PrefixHost {
+public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
     public let config: LlamaConfig
     public let embedTokens: Embedding
     public let layers: [LlamaDecoderLayer]
@@ -157,6 +160,10 @@ public final class LlamaModel: Module, PrefixHost {
     public var prefixAdapters: [any PrefixAdapter] = []
     /// Decoder layers (prefix tuning).
     public var prefixLayerCount: Int { config.layers }
+    /// Observers that see each pass's tokens before the layers run (aLoRA).
+    public var tokenObservers: [any TokenObserver] = []
+    /// The decoder layers' Linear modules see the observed rows one to one; `lm_head` does not.
+    public var tokenAlignedPrefix: String { "model.layers." }
     /// Width of one layer's prefix keys: `kvHeads · headDim` (PEFT's `token_dim` under grouped-query attention).
     public var prefixWidth: Int { config.kvHeads * config.headDim }
 
@@ -275,6 +282,9 @@ public final class LlamaModel: Module, PrefixHost {
         if cache != nil && batch.batchSize != 1 {
             throw GraftError(.unsupported, "incremental decoding with a KV cache takes one sequence at a time")
         }
+        for observer in tokenObservers where observer.isEnabled {
+            observer.willRun(batch, caches: cache.map { [$0] } ?? [KVCache?](repeating: nil, count: batch.batchSize))
+        }
         if let prompt = promptAdapters.first(where: { $0.isEnabled }), offset == 0 {
             return try hiddenStates(batch, prompts: prompt.virtualTokens(rows: batch.batchSize), cache: cache,
                                     keepVirtualTokens: keepVirtualTokens)
@@ -349,6 +359,7 @@ public final class LlamaModel: Module, PrefixHost {
         if promptAdapters.contains(where: { $0.isEnabled }) || prefixAdapters.contains(where: { $0.isEnabled }) {
             throw GraftError(.unsupported, "batched generation does not support prompt or prefix tuning yet; generate one prompt at a time")
         }
+        for observer in tokenObservers where observer.isEnabled { observer.willRun(batch, caches: caches) }
         var positions = [Int32](repeating: 0, count: batch.ids.count)
         for r in 0..<batch.batchSize {
             for i in 0..<batch.length { positions[r * batch.length + i] = Int32(caches[r].length + i) }

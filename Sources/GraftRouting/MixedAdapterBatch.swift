@@ -24,7 +24,8 @@ import GraftTensor
 /// and throw.
 ///
 /// What does not mix: methods on other modules — prompt tuning, P-tuning and prefix tuning (virtual tokens
-/// change the sequence), LN tuning and trainable tokens — and merged adapters (their ΔW is in the base
+/// change the sequence), LN tuning and trainable tokens, aLoRA (its per-token activation belongs to the batch
+/// it was computed for) — and merged adapters (their ΔW is in the base
 /// weight, so it would reach every row). These throw ``GraftError`` naming the adapter.
 ///
 /// Inference only: the body runs without gradient recording.
@@ -101,6 +102,9 @@ public enum MixedAdapterBatch {
             // Poly / MHR pick each example's task by its position in the batch; a segment is a different batch.
             if named.config.peftType == PolyFactory.peftType, let tasks = named.state.taskIDs, Set(tasks).count > 1 {
                 throw GraftError(.unsupported, "adapter \(id) '\(named.name)' (\(named.config.peftType)) routes by per-example task ids (\(tasks.count) set), which index positions of the whole batch; in a mixed-adapter batch set a single task id (setTaskIDs([id])) or run its rows in a separate batch")
+            }
+            if named.modules.contains(where: { $0.adapter is ALoRAActivation }) {
+                throw GraftError(.unsupported, "adapter \(id) '\(named.name)' (\(named.config.peftType)) is aLoRA (alora_invocation_tokens): it activates per token from its invocation sequence, which mixed-adapter batches do not track — run its rows in a separate batch")
             }
             if let (path, module) = named.modules.first {
                 let what = module.mergeable ? "adapts \(path.isEmpty ? "the model" : "'\(path)'") outside Linear layers"
@@ -220,6 +224,7 @@ extension LoRALayer {
     /// Plain LoRA (no DoRA magnitude, `lora_bias`, frozen initial factors or KaSA parts) outside training dropout: its update can be added in place by ``addUpdate(input:into:parallel:)``.
     var isFusable: Bool {
         magnitude == nil && loraBias == nil && initialFactors == nil && kasaDiagonal == nil && droppedComponent == nil
+            && activation == nil
             && !(state.isTraining && dropoutProbability > 0)
     }
 

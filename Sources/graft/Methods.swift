@@ -32,6 +32,7 @@ struct Methods: ParsableCommand {
                 print("  \(r.peftType): \(r.peftParity.summary): \(r.peftParity.detail)")
             }
             print("  n/a: \(PEFTParity.noPEFTCounterpart.detail)")
+            print("\nLORA options honoured: \(LoRAFactory.honouredOptions.joined(separator: ", ")); PEFT's others are refused by name")
         }
     }
 }

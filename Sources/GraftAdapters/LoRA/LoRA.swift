@@ -38,6 +38,9 @@ public final class LoRALayer: LinearAdapterMethod {
     public internal(set) var kasaDiagonal: Tensor?
     /// KaSA's frozen dropped component `(U_d S_d [out, r], V_dᵀ [r, in])`, subtracted from the base output.
     public internal(set) var droppedComponent: (us: Tensor, vh: Tensor)?
+    /// aLoRA's per-token activation (see `ALoRA.swift`): the update applies only to the tokens it gates on; nil
+    /// for other LoRA.
+    public internal(set) var activation: ALoRAActivation?
     /// Input statistics gathered for CorDA's initialization (see `CorDA.swift`); nil unless collecting.
     var covarianceCollector: CovarianceCollector?
 
@@ -83,9 +86,16 @@ public final class LoRALayer: LinearAdapterMethod {
     public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
         covarianceCollector?.add(x)
+        if let activation, activation.isIdle { return y }  // aLoRA before its invocation: the base model.
         let projected = linear(dropout(x, p: dropoutProbability, state: state), loraA)
         let h = kasaDiagonal.map { projected * $0 } ?? projected
-        var out = y + linear(h, loraB, loraBias) * scaling
+        var out = y
+        let update = linear(h, loraB, loraBias) * scaling
+        if let activation {
+            if let gated = activation.gated(update) { out = out + gated }
+        } else {
+            out = out + update
+        }
         if let (us, vh) = droppedComponent { out = out - linear(linear(x, vh), us) }
         guard let (a0, b0) = initialFactors else { return out }
         return out - linear(linear(x, a0), b0) * scaling
@@ -96,6 +106,7 @@ public final class LoRALayer: LinearAdapterMethod {
     }
 
     public func deltaWeight(base: Linear) -> Tensor? {
+        guard activation == nil else { return nil }  // aLoRA acts on some tokens only: no weight form.
         let delta = withNoGrad {
             var d = matmul(kasaDiagonal.map { loraB * $0 } ?? loraB, loraA) * scaling
             if let (us, vh) = droppedComponent { d = d - matmul(us, vh) }

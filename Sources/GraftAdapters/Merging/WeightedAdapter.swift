@@ -61,6 +61,9 @@ extension AdaptedModel {
             guard let lora = layer as? LoRALayer else {
                 throw GraftError(.unsupported, "adapter '\(name)': layer \(path) is not a plain LoRA layer")
             }
+            guard lora.activation == nil else {
+                throw GraftError(.unsupported, "adapter '\(name)' is aLoRA (alora_invocation_tokens): its update is gated per token, so it cannot be combined as a weight")
+            }
             guard lora.magnitude == nil else {
                 throw GraftError(.unsupported, "adapter '\(name)' uses DoRA (use_dora): its magnitude vector cannot be combined")
             }
