@@ -107,6 +107,17 @@ public final class AdaptedModel: @unchecked Sendable {
         }
         let factory = try methods.factory(for: config)
         try factory.validate(config)
+        let undoReplication = try applyLayerReplication(config)
+        do {
+            return try addLinearAdapter(name, config: config, factory: factory, seed: seed)
+        } catch {
+            undoReplication?()
+            throw error
+        }
+    }
+
+    private func addLinearAdapter(_ name: String, config: AdapterConfig, factory: any AdapterMethodFactory.Type,
+                                  seed: UInt64) throws -> NamedAdapter {
         let state = AdapterState(seed: seed)
         let named = NamedAdapter(name: name, config: config, state: state)
         let matcher = TargetMatcher(config: config)
@@ -242,6 +253,7 @@ public final class AdaptedModel: @unchecked Sendable {
         adapters.removeAll { $0.name == name }
         if activeAdapter == name { activeAdapter = adapters.last?.name }
         refreshStates()
+        restoreLayerStackIfUnused()
     }
 
     /// Sets training mode (dropout on) for every adapter.
@@ -253,6 +265,7 @@ public final class AdaptedModel: @unchecked Sendable {
     public func merge(_ name: String) throws {
         let a = try adapter(name)
         guard !a.state.isMerged else { throw GraftError(.state, "adapter '\(name)' is already merged") }
+        try refuseMergingReplicated(a)
         if let (path, m) = a.modules.first(where: { !$0.adapter.mergeable }) {
             throw GraftError(.unsupported, "adapter '\(name)' (\(a.config.peftType)) at '\(path.isEmpty ? "<model>" : path)' cannot be merged into weights: \(m.notMergeableReason)")
         }

@@ -104,7 +104,11 @@ public final class BertModel: Module, PrefixHost {
     public let config: BertConfig
     public let wordEmbeddings: Embedding, positionEmbeddings: Embedding, tokenTypeEmbeddings: Embedding
     public let embeddingNorm: LayerNorm
-    public let layers: [BertLayer]
+    public internal(set) var layers: [BertLayer]
+    /// The layers as loaded (``layers`` differs after ``replicateLayers(_:)``).
+    public internal(set) var originalLayers: [BertLayer] = []
+    /// The `[start, end)` ranges ``layers`` was stacked from (PEFT's `layer_replication`); nil for the original.
+    public internal(set) var layerReplication: [[Int]]?
     /// The pooler's dense layer (`pooler.dense`), applied with tanh to the first token.
     public let pooler: Linear?
 
@@ -133,6 +137,7 @@ public final class BertModel: Module, PrefixHost {
             layers.append(layer)
         }
         self.layers = layers
+        originalLayers = layers
         pooler = hasPooler
             ? Linear(weight: try expect("pooler.dense.weight", [h, h]), bias: try expect("pooler.dense.bias", [h]))
             : nil
@@ -162,7 +167,7 @@ public final class BertModel: Module, PrefixHost {
     /// The hidden size (virtual tokens enter as input embeddings).
     public var embeddingWidth: Int { config.hiddenSize }
     /// Attention layers (prefix tuning).
-    public var prefixLayerCount: Int { config.layers }
+    public var prefixLayerCount: Int { layers.count }
     /// Width of one layer's prefix keys: the hidden size.
     public var prefixWidth: Int { config.hiddenSize }
     /// Prefix adapters; the first enabled one prepends keys and values in every layer.

@@ -145,7 +145,11 @@ public final class KVCache {
 public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
     public let config: LlamaConfig
     public let embedTokens: Embedding
-    public let layers: [LlamaDecoderLayer]
+    public internal(set) var layers: [LlamaDecoderLayer]
+    /// The layers as loaded (``layers`` differs after ``replicateLayers(_:)``).
+    public internal(set) var originalLayers: [LlamaDecoderLayer] = []
+    /// The `[start, end)` ranges ``layers`` was stacked from (PEFT's `layer_replication`); nil for the original.
+    public internal(set) var layerReplication: [[Int]]?
     public let norm: RMSNorm
     /// The output projection; tied to `embedTokens` when the file has no `output.weight`.
     public let lmHead: Linear
@@ -159,7 +163,7 @@ public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
     /// layer.
     public var prefixAdapters: [any PrefixAdapter] = []
     /// Decoder layers (prefix tuning).
-    public var prefixLayerCount: Int { config.layers }
+    public var prefixLayerCount: Int { layers.count }
     /// Observers that see each pass's tokens before the layers run (aLoRA).
     public var tokenObservers: [any TokenObserver] = []
     /// The decoder layers' Linear modules see the observed rows one to one; `lm_head` does not.
@@ -194,6 +198,7 @@ public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
                 down: try lin("mlp.down_proj", [h, ff]), config: config))
         }
         self.layers = layers
+        originalLayers = layers
         norm = RMSNorm(weight: try expect("model.norm.weight", [h]), eps: config.rmsNormEps)
         lmHead = Linear(weight: tiedHead ? embedTokens.weight : try expect("lm_head.weight", [config.vocabSize, h]), bias: nil)
         super.init(typeName: "LlamaForCausalLM")

@@ -20,6 +20,11 @@ open class Module {
         children.append((name, module))
     }
 
+    /// Replaces the child registered under `name` (a model's layer stack rebuilt by layer replication).
+    public func replaceChild(_ name: String, with module: Module) {
+        if let i = children.firstIndex(where: { $0.name == name }) { children[i].module = module }
+    }
+
     /// Adds a parameter under `name`.
     public func register(parameter name: String, _ tensor: Tensor) {
         localParameters.append((name, tensor))

@@ -12,7 +12,9 @@ import GraftTestSupport
 @Suite(.serialized) struct LoRAOptionTests {
     static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all", "lora_trainable_tokens",
                            "lora_trainable_tokens_dict", "lora_target_parameters", "lora_target_modules_and_parameters",
-                           "kasa"]
+                           "kasa", "lora_layer_replication"]
+    /// The fixtures that merge (layer_replication's copies share their base weights and refuse to: LayerReplicationTests).
+    static let mergeable = fixtures.filter { $0 != "lora_layer_replication" }
 
     func fixture(_ name: String) -> String { Assets.fixture("peft-minilm-lora-options/\(name)") }
 
@@ -38,7 +40,7 @@ import GraftTestSupport
         #expect(adapter.parameterCount == trainable, "trainable parameters differ from PEFT's")
     }
 
-    @Test(arguments: fixtures)
+    @Test(arguments: mergeable)
     func mergesUnmergesAndRoundTrips(name: String) throws {
         let bert = try Assets.loadMiniLM()
         let model = AdaptedModel(root: bert)
