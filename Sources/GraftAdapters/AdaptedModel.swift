@@ -157,6 +157,7 @@ public final class AdaptedModel: @unchecked Sendable {
         if config.peftType == LoRAFactory.peftType {
             for (path, rows) in try trainableTokenIndexAdapters(config: config, state: state) { named.modules.append((path, rows)) }
             if let activation = try aloraActivation(config: config, state: state, layers: named.layers) { named.modules.append(("", activation)) }
+            try checkWeightTying(config)
         }
         if named.layers.isEmpty {
             let linears = root.namedModules().filter { $0.module is Linear }.map(\.name)

@@ -96,7 +96,8 @@ public enum LoRAFactory: AdapterMethodFactory {
     /// PEFT's others are refused by name.
     public static let honouredOptions = [
         "use_rslora", "use_dora", "init_lora_weights (true, false, gaussian, olora, pissa, milora, corda)", "lora_bias",
-        "trainable_token_indices", "target_parameters", "kasa_config", "alora_invocation_tokens", "layer_replication", "train_a",
+        "trainable_token_indices", "target_parameters", "kasa_config", "alora_invocation_tokens", "layer_replication",
+        "ensure_weight_tying (where PEFT ties nothing; refused on a tied head with trainable_token_indices)", "train_a",
         "rank_pattern", "alpha_pattern",
     ]
 

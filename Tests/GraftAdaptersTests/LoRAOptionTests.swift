@@ -12,7 +12,7 @@ import GraftTestSupport
 @Suite(.serialized) struct LoRAOptionTests {
     static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all", "lora_trainable_tokens",
                            "lora_trainable_tokens_dict", "lora_target_parameters", "lora_target_modules_and_parameters",
-                           "kasa", "lora_layer_replication"]
+                           "kasa", "lora_layer_replication", "lora_ensure_weight_tying"]
     /// The fixtures that merge (layer_replication's copies share their base weights and refuse to: LayerReplicationTests).
     static let mergeable = fixtures.filter { $0 != "lora_layer_replication" }
 
@@ -168,6 +168,24 @@ import GraftTestSupport
             try model.addAdapter("x", config: AdapterConfig(json: ["peft_type": "LORA", "r": 4, "target_modules": ["query"],
                                                                    "kasa_config": ["beta": -1]], source: "kasa"))
         }
+    }
+
+    /// `ensure_weight_tying` changes nothing where PEFT ties nothing (the MiniLM fixture above); on SmolLM2, whose
+    /// lm_head is tied to embed_tokens, it is honoured without trained embedding rows and refused by name with them.
+    @Test func ensureWeightTyingIsRefusedWhereGraftWouldNotTie() throws {
+        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
+        #expect(llama.tiedHead)
+        let model = AdaptedModel(root: llama)
+        do {
+            try model.addAdapter("t", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                                                   "ensure_weight_tying": true, "trainable_token_indices": [5, 9]], source: "tying"))
+            Issue.record("accepted ensure_weight_tying with tied trainable tokens")
+        } catch let e as GraftError {
+            #expect(e.message.contains("ensure_weight_tying") && e.message.contains("tied"), "\(e.message)")
+        }
+        #expect(model.adapters.isEmpty)
+        try model.addAdapter("t", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                                               "ensure_weight_tying": true], source: "tying"))
     }
 
     @Test func loraBiasFollowsPEFTsRules() throws {
