@@ -96,7 +96,7 @@ public enum LoRAFactory: AdapterMethodFactory {
     /// PEFT's others are refused by name.
     public static let honouredOptions = [
         "use_rslora", "use_dora", "init_lora_weights (true, false, gaussian, olora, pissa, milora, corda)", "lora_bias",
-        "trainable_token_indices", "target_parameters", "kasa_config", "alora_invocation_tokens", "layer_replication",
+        "trainable_token_indices", "target_parameters", "kasa_config", "alora_invocation_tokens", "layer_replication", "velora_config",
         "ensure_weight_tying (where PEFT ties nothing; refused on a tied head with trainable_token_indices)", "train_a",
         "rank_pattern", "alpha_pattern",
     ]
@@ -104,6 +104,7 @@ public enum LoRAFactory: AdapterMethodFactory {
     public static func validate(_ config: AdapterConfig) throws {
         try validateCommon(config)
         try ALoRAActivation.validate(config)
+        try VeLoRAOptions.validate(config)
         if config.value("train_a") != nil, !(try config.bool("train_a", default: true)) {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
             return try AsymmetricLoRAFactory.validate(config)
@@ -160,6 +161,7 @@ public enum LoRAFactory: AdapterMethodFactory {
         case .corda?, nil: break  // CorDA waits for AdaptedModel.initializeCorDA and its data.
         }
         if try KaSAOptions.parse(config) != nil { try lora.initializeKaSA(base: layer, path: "\(config.source): \(path)") }
+        if let options = try VeLoRAOptions.parse(config) { lora.velora = VeLoRAState(inFeatures: layer.inFeatures, options: options, rng: &state.rng) }
         return lora
     }
 

@@ -55,6 +55,7 @@ public enum PEFTParity: Sendable, Equatable {
                                     "peft-minilm-lora-options/lora_target_modules_and_parameters",
                                     "peft-minilm-lora-options/kasa", "peft-minilm-lora-options/lora_layer_replication",
                                     "peft-minilm-lora-options/lora_ensure_weight_tying",
+                                    "peft-minilm-lora-options/velora_random", "peft-minilm-lora-options/velora_batch_average",
                                     "peft-smollm2-lora-options/alora", "peft-smollm2-lora-options/lora_layer_replication"]),
         "ADALORA": minilm("adalora"), "BOFT": minilm("boft"), "C3A": minilm("c3a"), "FOURIERFT": minilm("fourierft"),
         "HRA": minilm("hra"), "IA3": minilm("ia3"), "LN_TUNING": minilm("ln_tuning"), "LOHA": minilm("loha"),

@@ -65,7 +65,7 @@ extension Tensor {
     ///
     /// `backward` receives the gradient of the output and returns one gradient per input, in order
     /// (nil where the input is not tracked; ops check `inputs[i].requiresGrad` to skip work).
-    static func result(
+    public static func result(
         _ output: Tensor, inputs: [Tensor], backward: @escaping (Tensor) -> [Tensor?]
     ) -> Tensor {
         if GradMode.isEnabled, inputs.contains(where: { $0.requiresGrad }) {

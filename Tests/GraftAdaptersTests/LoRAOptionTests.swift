@@ -12,7 +12,8 @@ import GraftTestSupport
 @Suite(.serialized) struct LoRAOptionTests {
     static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all", "lora_trainable_tokens",
                            "lora_trainable_tokens_dict", "lora_target_parameters", "lora_target_modules_and_parameters",
-                           "kasa", "lora_layer_replication", "lora_ensure_weight_tying"]
+                           "kasa", "lora_layer_replication", "lora_ensure_weight_tying",
+                           "velora_random", "velora_batch_average"]
     /// The fixtures that merge (layer_replication's copies share their base weights and refuse to: LayerReplicationTests).
     static let mergeable = fixtures.filter { $0 != "lora_layer_replication" }
 
@@ -186,6 +187,69 @@ import GraftTestSupport
         #expect(model.adapters.isEmpty)
         try model.addAdapter("t", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
                                                                "ensure_weight_tying": true], source: "tying"))
+    }
+
+    /// VeLoRA's training gradients (lora_A's from the compressed input, the rest exact) against PEFT's on one
+    /// step of `Σ out ⊙ w`; then a few steps on that objective lower it.
+    @Test(arguments: ["velora_random", "velora_batch_average"])
+    func veloraGradientsMatchPEFT(name: String) throws {
+        let bert = try Assets.loadMiniLM()
+        let model = AdaptedModel(root: bert)
+        let adapter = try model.loadAdapter(directory: fixture(name))
+        let file = try SafeTensorsFile(contentsOf: fixture(name) + "/expected.safetensors")
+        let w = try file.tensor("objective_weights")
+        model.setTraining(true)
+        let objective = sum(try bert.forward(try batch()) * w)
+        #expect(objective.item.isFinite)
+        objective.backward()
+        var worst: Float = 0, scale: Float = 0
+        for (key, p) in adapter.peftStateDict {
+            let short = String(key.dropFirst("base_model.model.".count))
+            guard let g = p.grad, let want = try? file.tensor("grad." + short) else {
+                Issue.record("\(name): no gradient for \(short)")
+                continue
+            }
+            #expect(g.scalars.allSatisfy { $0.isFinite }, "\(short): non-finite gradient")
+            worst = max(worst, maxAbsDifference(g, want))
+            scale = max(scale, worstOf(want.scalars.map(abs), empty: 0))
+        }
+        print("\(name): gradient max-abs error vs PEFT \(worst) (gradients up to \(scale))")
+        #expect(worst <= max(1e-4, 1e-5 * scale), "\(name): gradients differ from PEFT's by \(worst)")
+        let before = objective.item
+        for _ in 0..<5 {
+            for p in adapter.parameters { p.grad = nil }
+            let l = sum(try bert.forward(try batch()) * w)
+            l.backward()
+            for p in adapter.parameters { if let g = p.grad { p.addInPlace(g * -1e-3) } }
+        }
+        let after = try withNoGrad { sum(try bert.forward(try batch()) * w) }.item
+        print("\(name): objective \(before) -> \(after) in 5 steps")
+        #expect(after < before)
+        model.setTraining(false)
+    }
+
+    @Test func veloraConfigIsValidatedByName() throws {
+        let model = AdaptedModel(root: try Assets.loadMiniLM())
+        for (value, fragment) in [(["num_groups": 0] as Any, "num_groups"), (["scale": -1] as Any, "scale"),
+                                  (["init_type": "svd"] as Any, "init_type"), (["groups": 4] as Any, "velora_config.groups"),
+                                  (3 as Any, "object")] {
+            let json: [String: Any] = ["peft_type": "LORA", "r": 2, "target_modules": ["query"], "velora_config": value]
+            do {
+                try model.addAdapter("v", config: AdapterConfig(json: json, source: "velora"))
+                Issue.record("accepted velora_config \(value)")
+            } catch let e as GraftError {
+                #expect(e.message.contains(fragment), "\(e.message)")
+            }
+        }
+        #expect(throws: GraftError.self) {
+            try model.addAdapter("v", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["query"], "use_dora": true,
+                                                               "velora_config": ["num_groups": 4]], source: "velora"))
+        }
+        // A fresh random projection is a unit vector of ⌈384 / 5⌉ = 77 features.
+        let adapter = try model.addAdapter("v", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["query"],
+                                                                            "velora_config": ["num_groups": 5, "init_type": "random"]], source: "velora"))
+        guard let lora = adapter.layers.first?.adapter as? LoRALayer, let e = lora.velora?.embed else { Issue.record("no VeLoRA"); return }
+        #expect(e.count == 77 && abs(e.scalars.reduce(0) { $0 + $1 * $1 } - 1) < 1e-5)
     }
 
     @Test func loraBiasFollowsPEFTsRules() throws {

@@ -41,6 +41,8 @@ public final class LoRALayer: LinearAdapterMethod {
     /// aLoRA's per-token activation (see `ALoRA.swift`): the update applies only to the tokens it gates on; nil
     /// for other LoRA.
     public internal(set) var activation: ALoRAActivation?
+    /// VeLoRA's compressed backward for `lora_A` (see `VeLoRA.swift`); nil for other LoRA.
+    var velora: VeLoRAState?
     /// Input statistics gathered for CorDA's initialization (see `CorDA.swift`); nil unless collecting.
     var covarianceCollector: CovarianceCollector?
 
@@ -87,7 +89,14 @@ public final class LoRALayer: LinearAdapterMethod {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
         covarianceCollector?.add(x)
         if let activation, activation.isIdle { return y }  // aLoRA before its invocation: the base model.
-        let projected = linear(dropout(x, p: dropoutProbability, state: state), loraA)
+        let input = dropout(x, p: dropoutProbability, state: state)
+        let projected: Tensor
+        if let velora, state.isTraining, GradMode.isEnabled {
+            velora.observe(input)
+            projected = velora.project(input, loraA)
+        } else {
+            projected = linear(input, loraA)
+        }
         let h = kasaDiagonal.map { projected * $0 } ?? projected
         var out = y
         let update = linear(h, loraB, loraBias) * scaling
@@ -99,6 +108,15 @@ public final class LoRALayer: LinearAdapterMethod {
         if let (us, vh) = droppedComponent { out = out - linear(linear(x, vh), us) }
         guard let (a0, b0) = initialFactors else { return out }
         return out - linear(linear(x, a0), b0) * scaling
+    }
+
+    public var savedBuffers: [(name: String, tensor: Tensor)] {
+        velora.map { [("lora_velora_embed", $0.embed)] } ?? []
+    }
+
+    public func loadBuffer(_ name: String, from tensor: Tensor) throws {
+        guard name == "lora_velora_embed", let velora else { throw GraftError.format("unexpected LoRA buffer '\(name)'") }
+        try copyParameter(name, into: velora.embed, from: tensor)
     }
 
     public func deltaBias(base: Linear) -> Tensor? {
