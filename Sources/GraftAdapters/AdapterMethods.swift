@@ -1,3 +1,4 @@
+import Foundation
 import GraftIO
 import GraftModels
 import GraftTensor
@@ -105,6 +106,11 @@ public enum LoRAFactory: AdapterMethodFactory {
         try validateCommon(config)
         try ALoRAActivation.validate(config)
         try VeLoRAOptions.validate(config)
+        if let arrow = config.value("arrow_config"), !(arrow is NSNull) {
+            // PEFT's arrow_router adapter routes over task adapters named inside it (create_arrow_model), with its
+            // own prototype search and GenKnowSub; it does not load into Graft's router yet.
+            throw GraftError(.unsupported, "\(config.source): 'arrow_config' (PEFT's Arrow router adapter) does not load yet; load the task adapters and route them with Graft's ArrowRouter (GraftRouting: topK = top_k, temperature = router_temperature)")
+        }
         if config.value("train_a") != nil, !(try config.bool("train_a", default: true)) {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
             return try AsymmetricLoRAFactory.validate(config)

@@ -28,6 +28,7 @@ import GraftTensor
         (#""peft_type": "LORA", "use_qalora": true"#, "use_qalora"),
         (#""peft_type": "LORA", "layer_replication": [[0, 1]]"#, "layer_replication"),
         (#""peft_type": "LORA", "velora_config": {"rank": 4}"#, "velora_config.rank"),
+        (#""peft_type": "LORA", "arrow_config": {"top_k": 2}"#, "arrow_config"),
         (#""peft_type": "LORA", "fan_in_fan_out": true"#, "fan_in_fan_out"),
         (#""peft_type": "LORA", "bias": "all""#, "bias"),
         (#""peft_type": "MOS", "r": 8, "rank_pattern": {"proj": 4}"#, "rank_pattern"),
