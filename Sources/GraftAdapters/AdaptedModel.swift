@@ -268,6 +268,8 @@ public final class AdaptedModel: @unchecked Sendable {
         var biasDeltas: [Tensor?] = []
         for ((_, lin, layer), d) in zip(a.layers, deltas) {
             let db = lin.bias == nil ? nil : layer.deltaBias(base: lin)
+            // A quantized base weight becomes float32 to take the merge exactly.
+            lin.makeWeightDense()
             lin.weight.addInPlace(d)
             if let db, let b = lin.bias { b.addInPlace(db) }
             biasDeltas.append(db)
@@ -275,6 +277,7 @@ public final class AdaptedModel: @unchecked Sendable {
         mergedBiasDeltas[name] = biasDeltas
         var originals: [(Tensor, Tensor?)] = []
         for (_, lin, saved) in a.savedModules {
+            lin.makeWeightDense()
             originals.append((lin.weight.copy(), lin.bias?.copy()))
             lin.weight.pointer.update(from: saved.weight.pointer, count: lin.weight.count)
             if let b = lin.bias, let sb = saved.bias { b.pointer.update(from: sb.pointer, count: b.count) }

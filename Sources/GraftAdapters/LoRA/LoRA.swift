@@ -104,13 +104,14 @@ public final class LoRALayer: LinearAdapterMethod {
         }
         guard let magnitude else { return delta }
         // DoRA merges to m/‖W + ΔW‖ · (W + ΔW) − W.
-        let norms = LoRALayer.rowNorms(base.weight, plus: delta, scale: 1)
-        let out = Tensor(zeros: base.weight.shape)
+        let weight = base.weight
+        let norms = LoRALayer.rowNorms(weight, plus: delta, scale: 1)
+        let out = Tensor(zeros: weight.shape)
         let cols = base.inFeatures
         for r in 0..<base.outFeatures {
             let s = magnitude.pointer[r] / norms.pointer[r]
             for c in 0..<cols {
-                let w = base.weight.pointer[r * cols + c], d = delta.pointer[r * cols + c]
+                let w = weight.pointer[r * cols + c], d = delta.pointer[r * cols + c]
                 out.pointer[r * cols + c] = s * (w + d) - w
             }
         }
