@@ -82,6 +82,28 @@ import GraftTestSupport
         #expect(maxAbsDifference(try Self.logits(llama), before) == 0)
     }
 
+    /// Decoding with a KV cache continues the scaling pass with a cache of its own: the last token's states equal
+    /// the full pass's (PEFT's X-LoRA generates without a cache, recomputing everything).
+    @Test func cachedDecodingMatchesTheFullPass() throws {
+        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
+        let model = AdaptedModel(root: llama, methods: .all)
+        try model.loadAdapter(directory: Assets.fixture("\(Self.root)/layerwise"))
+        let ids = try fixtureBatch(try SafeTensorsFile(contentsOf: Assets.fixture("smollm2/base_expected.safetensors"))).ids
+        let n = ids.count, h = llama.config.hiddenSize
+        let full = try withNoGrad { try llama.hiddenStates(try TokenBatch(ids: ids, batchSize: 1, length: n)) }
+        let cache = KVCache(layerCount: llama.config.layers)
+        _ = try withNoGrad { try llama.hiddenStates(try TokenBatch(ids: Array(ids[0..<(n - 1)]), batchSize: 1, length: n - 1), cache: cache) }
+        let step = try withNoGrad { try llama.hiddenStates(try TokenBatch(ids: [ids[n - 1]], batchSize: 1, length: 1), cache: cache) }
+        var worst: Float = 0
+        for c in 0..<h { worst = worse(worst, abs(step.pointer[c] - full.pointer[(n - 1) * h + c])) }
+        print("xlora cached decoding: last token's hidden state vs the full pass, max-abs \(worst)")
+        #expect(worst <= 1e-4)
+        // A cache the scaling pass never saw from its first token is refused, not guessed.
+        let foreign = KVCache(layerCount: llama.config.layers)
+        try model.withAdaptersDisabled { _ = try withNoGrad { try llama.hiddenStates(try TokenBatch(ids: [ids[0]], batchSize: 1, length: 1), cache: foreign) } }
+        #expect(throws: GraftError.self) { _ = try withNoGrad { try llama.hiddenStates(try TokenBatch(ids: [ids[1]], batchSize: 1, length: 1), cache: foreign) } }
+    }
+
     /// Three LoRA experts made by Graft on MiniLM (random non-zero factors), saved as PEFT directories under `dir`.
     static func miniLMExperts(_ bert: Module, dir: String) throws -> [String: String] {
         let model = AdaptedModel(root: bert)
