@@ -113,10 +113,15 @@ public final class AdaptedModel: @unchecked Sendable {
         var matchedNonLinear: [String] = []
         var targets: [(String, Linear)] = []
         let parameterTargets = config.peftType == LoRAFactory.peftType ? try parameterTargetPaths(config: config) : []
+        let chosen = try factory.targetPaths(config: config, root: root)
         for (path, module) in root.namedModules() where !path.isEmpty {
             let isLinear = module is Linear
-            guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path))
-                    || parameterTargets.contains(path) else { continue }
+            if let chosen {
+                guard chosen.contains(path) else { continue }
+            } else {
+                guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path))
+                        || parameterTargets.contains(path) else { continue }
+            }
             guard let lin = module as? Linear else {
                 // Containers whose name matches (e.g. "output" in BERT, "self_attn" in Llama) are skipped as PEFT
                 // skips them.
@@ -155,6 +160,14 @@ public final class AdaptedModel: @unchecked Sendable {
         for (_, lin, adapter) in named.layers { lin.adapters.append(adapter) }
         for (_, lin, adapter) in named.savedModules { lin.adapters.append(adapter) }
         for (_, adapter) in named.modules { adapter.attach() }
+        do {
+            try factory.didAttach(named, root: root)
+        } catch {
+            for (_, lin, adapter) in named.layers { lin.adapters.removeAll { $0 === adapter } }
+            for (_, lin, adapter) in named.savedModules { lin.adapters.removeAll { $0 === adapter } }
+            for (_, adapter) in named.modules { adapter.detach() }
+            throw error
+        }
         adapters.append(named)
         try setActiveAdapter(name)
         return named
@@ -235,6 +248,7 @@ public final class AdaptedModel: @unchecked Sendable {
     public func deleteAdapter(_ name: String) throws {
         let a = try adapter(name)
         if a.state.isMerged { try unmerge(name) }
+        (try? methods.factory(for: a.config))?.willDetach(a, root: root)
         for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
         for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
         for (_, adapter) in a.modules { adapter.detach() }
@@ -314,6 +328,7 @@ public final class AdaptedModel: @unchecked Sendable {
     public func mergeAndUnload(_ name: String) throws {
         try merge(name)
         let a = try adapter(name)
+        (try? methods.factory(for: a.config))?.willDetach(a, root: root)
         for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
         for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
         for (_, adapter) in a.modules { adapter.detach() }

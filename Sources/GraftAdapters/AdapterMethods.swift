@@ -31,6 +31,17 @@ public protocol AdapterMethodFactory: Sendable {
     /// What the method does during training beyond its forward pass (a regularizer, work after each update),
     /// built once the adapter's layers exist; none by default.
     static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)?
+    /// The module paths the adapter targets when the method chooses them itself rather than by `target_modules`
+    /// (X-LoRA: every module one of its LoRA experts adapts); nil (the default) matches `target_modules`.
+    static func targetPaths(config: AdapterConfig, root: Module) throws -> Set<String>?
+    /// Called once the adapter's layers are attached to `root`, for model-level parts (X-LoRA's scaling pass);
+    /// nothing by default.
+    static func didAttach(_ adapter: NamedAdapter, root: Module) throws
+    /// Called before the adapter is removed from `root`; undoes ``didAttach(_:root:)``. Nothing by default.
+    static func willDetach(_ adapter: NamedAdapter, root: Module)
+    /// The `adapter_config.json` object saved for `adapter`, given the config's own; unchanged by default (X-LoRA
+    /// writes its experts' resolved directories).
+    static func exportedConfigJSON(_ json: [String: Any], adapter: NamedAdapter) -> [String: Any]
 }
 
 
@@ -60,6 +71,14 @@ extension AdapterMethodFactory {
     public static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] { [] }
 
     public static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)? { nil }
+
+    public static func targetPaths(config: AdapterConfig, root: Module) throws -> Set<String>? { nil }
+
+    public static func didAttach(_ adapter: NamedAdapter, root: Module) throws {}
+
+    public static func willDetach(_ adapter: NamedAdapter, root: Module) {}
+
+    public static func exportedConfigJSON(_ json: [String: Any], adapter: NamedAdapter) -> [String: Any] { json }
 
     /// `r` and the alpha (under `alphaKey`) for `path`, after `rank_pattern` / `alpha_pattern`.
     static func rankAndAlpha(_ config: AdapterConfig, path: String, alphaKey: String) throws -> (Int, Float) {

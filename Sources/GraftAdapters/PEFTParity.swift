@@ -43,7 +43,7 @@ public enum PEFTParity: Sendable, Equatable {
         return false
     }
 
-    /// The record of every `peft_type` Graft builds (upper-case), including GraftRouting's.
+    /// The record of every `peft_type` Graft builds (upper-case), including GraftRouting's (`LORA_MOE`, `XLORA`).
     public static let records: [String: PEFTParity] = [
         "LORA": .matches(fixtures: ["peft-minilm/lora", "peft-minilm/lora_all_linear_rslora", "peft-minilm/lora_rank_pattern",
                                     "peft-minilm/lora_layers_to_transform", "peft-minilm/dora",
@@ -68,6 +68,8 @@ public enum PEFTParity: Sendable, Equatable {
         "WAVEFT": wave2("waveft"),
         "ADAPTION_PROMPT": decoder("adaption_prompt"), "CARTRIDGE": decoder("cartridge"), "CPT": decoder("cpt"),
         "MULTITASK_PROMPT_TUNING": decoder("multitask_prompt_tuning"),
+        // Measured by GraftRoutingTests' XLoRATests (X-LoRA lives in GraftRouting): logits and scalings on SmolLM2.
+        "XLORA": .matches(fixtures: ["peft-xlora/smollm2/layerwise", "peft-xlora/smollm2/deep_topk"]),
         "OSF": .notShown("1.2e-4 from PEFT on the shared MiniLM fixture, above 1e-4: the two libraries' float32 SVDs differ; fixture not vendored"),
         "ASYMMETRIC_LORA": .noPEFTCounterpart, "DOUBLE_SEQ_BN": .noPEFTCounterpart, "ETHER": .noPEFTCounterpart,
         "ETHER_PLUS": .noPEFTCounterpart, "LORAXS": .noPEFTCounterpart, "LORA_MOE": .noPEFTCounterpart,

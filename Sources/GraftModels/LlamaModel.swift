@@ -139,7 +139,9 @@ public final class KVCache {
 
 /// A Llama decoder with Hugging Face names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
 /// `model.norm`, `lm_head`), loaded from GGUF.
-public final class LlamaModel: Module, PrefixHost {
+public final class LlamaModel: Module, PrefixHost, ForwardHookHost {
+    /// Hooks run before every forward pass (X-LoRA's scaling pass).
+    public var forwardHooks: [any ForwardPassHook] = []
     public let config: LlamaConfig
     public let embedTokens: Embedding
     public let layers: [LlamaDecoderLayer]
@@ -317,8 +319,12 @@ public final class LlamaModel: Module, PrefixHost {
         try hiddenStates(batch, cache: nil, keepVirtualTokens: true)
     }
 
+    /// The final hidden states after `model.norm` (transformers' `hidden_states[-1]`).
+    public func lastHiddenStates(_ batch: TokenBatch, cache: KVCache?) throws -> Tensor { try hiddenStates(batch, cache: cache) }
+
     private func hiddenStates(_ batch: TokenBatch, cache: KVCache?, keepVirtualTokens: Bool) throws -> Tensor {
         try batch.validate(vocabularySize: config.vocabSize)
+        try runForwardHooks(batch, cache: cache)
         let offset = cache?.length ?? 0
         var positions = batch.resolvedPositions
         if offset > 0 { positions = positions.map { $0 + Int32(offset) } }
@@ -398,6 +404,9 @@ public final class LlamaModel: Module, PrefixHost {
         }
         if promptAdapters.contains(where: { $0.isEnabled }) || prefixAdapters.contains(where: { $0.isEnabled }) {
             throw GraftError(.unsupported, "batched generation does not support prompt or prefix tuning yet; generate one prompt at a time")
+        }
+        if forwardHooks.contains(where: { $0.isEnabled }) {
+            throw GraftError(.unsupported, "batched generation does not support a model-level pass hook (X-LoRA's scaling pass) yet; generate one prompt at a time")
         }
         var positions = [Int32](repeating: 0, count: batch.ids.count)
         for r in 0..<batch.batchSize {

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import GraftAdapters
 import GraftTestSupport
@@ -11,7 +12,18 @@ import GraftTestSupport
             + MethodParityTests.methods.map { "peft-minilm/\($0)" }
             + Wave2ParityTests.methods.map { "peft-minilm-wave2/\($0)" }
             + LoRAOptionTests.fixtures.map { "peft-minilm-lora-options/\($0)" }
-            + DecoderMethodParityTests.methods.map { "peft-smollm2-decoder/\($0)" })
+            + DecoderMethodParityTests.methods.map { "peft-smollm2-decoder/\($0)" }
+            + xloraFixtures)
+    }
+
+    /// X-LoRA's fixtures, measured by `XLoRATests.logitsAndScalingsMatchPEFT` in GraftRoutingTests (X-LoRA lives
+    /// in GraftRouting), at the catalog's tolerance.
+    static let xloraFixtures = ["peft-xlora/smollm2/layerwise", "peft-xlora/smollm2/deep_topk"]
+
+    @Test func xloraFixturesExist() {
+        for f in Self.xloraFixtures {
+            #expect(FileManager.default.fileExists(atPath: Assets.fixture(f + "/expected.safetensors")), "\(f)")
+        }
     }
 
     @Test func everyBuiltInMethodHasARecord() {

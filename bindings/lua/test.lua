@@ -125,6 +125,14 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     assert(list:find('"peft_type"%s*:%s*"' .. peft_type .. '"'), peft_type .. " missing from " .. list)
     m:delete_adapter("probe")
   end
+  -- X-LoRA mixes LoRA experts read from their directories: one saved here first.
+  m:add_adapter("expert", '{"peft_type": "LORA", "r": 2, "init_lora_weights": false, "target_modules": ["query", "value"]}')
+  m:save_adapter(tmp .. "/xlora-expert", "expert")
+  m:delete_adapter("expert")
+  m:add_adapter("probe", '{"peft_type": "XLORA", "hidden_size": 384, "layerwise_scalings": true, "adapters": {"0": "'
+    .. tmp .. '/xlora-expert"}}')
+  assert(m:list_adapters():find('"peft_type"%s*:%s*"XLORA"'))
+  m:delete_adapter("probe")
 end)
 
 test("adapter and load errors", function()
