@@ -204,6 +204,7 @@ public enum AdapterRegistry {
         PSOFTFactory.peftType: PSOFTFactory.self,
         FroDFactory.peftType: FroDFactory.self,
         OSFFactory.peftType: OSFFactory.self,
+        AdaMSSFactory.peftType: AdaMSSFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

@@ -62,7 +62,7 @@ public enum PEFTParity: Sendable, Equatable {
         "VBLORA": minilm("vblora"), "VERA": minilm("vera"),
         "RANDLORA": .withinConditioning(fixture: "peft-minilm/randlora",
                                         note: "3.4e-2 of a 6.2 change; the fixture is chaotic in float32, so each token is held to 4× its own rounding-noise floor"),
-        "BEFT": wave2("beft"), "DEFT": wave2("deft"), "DELORA": wave2("delora"), "FROD": wave2("frod"), "GLORA": wave2("glora"),
+        "ADAMSS": wave2("adamss"), "BEFT": wave2("beft"), "DEFT": wave2("deft"), "DELORA": wave2("delora"), "FROD": wave2("frod"), "GLORA": wave2("glora"),
         "GRALORA": wave2("gralora"), "HIRA": wave2("hira"), "LILY": wave2("lily"), "PEANUT": wave2("peanut"), "PSOFT": wave2("psoft"),
         "PVERA": wave2("pvera"), "SUPERTUNING": wave2("supertuning"), "TINYLORA": wave2("tinylora"), "UNILORA": wave2("unilora"),
         "WAVEFT": wave2("waveft"),
