@@ -98,6 +98,7 @@ public enum LoRAFactory: AdapterMethodFactory {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
             return try AsymmetricLoRAFactory.validate(config)
         }
+        if try config.bool("use_qalora", default: false) { return try QALoRALayer.validate(config) }
         // Booleans, "gaussian", or the initializations from W of PiSSA.swift / MiLoRA.swift / CorDA.swift / OLoRA.swift.
         let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
         if let svdInit {
@@ -134,6 +135,13 @@ public enum LoRAFactory: AdapterMethodFactory {
             return try AsymmetricLoRAFactory.make(for: layer, path: path, config: config, state: state, shared: shared)
         }
         let (r, alpha) = try rankAndAlpha(config, path: path, alphaKey: "lora_alpha")
+        if try config.bool("use_qalora", default: false) {
+            return try QALoRALayer(base: layer, rank: r, alpha: alpha, useRSLoRA: try config.bool("use_rslora", default: false),
+                                   dropout: Float(try config.double("lora_dropout", default: 0)),
+                                   groupSize: try config.int("qalora_group_size", default: 16),
+                                   initLoraWeights: JSONScalar.bool(config.value("init_lora_weights")) ?? true,
+                                   state: state, path: "\(config.source): \(path)")
+        }
         let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
         let lora = LoRALayer(base: layer, rank: r, alpha: alpha,
                              useRSLoRA: try config.bool("use_rslora", default: false),
