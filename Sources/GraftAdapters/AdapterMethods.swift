@@ -108,6 +108,10 @@ public enum LoRAFactory: AdapterMethodFactory {
             if svdInit == .corda { _ = try CorDAOptions.method(config) }
         }
         let usesDoRA = try config.bool("use_dora", default: false)
+        if (config.value("init_lora_weights") as? String) == "eva" {
+            _ = try EVAOptions.parse(config)
+            if usesDoRA { throw GraftError(.unsupported, "\(config.source): init_lora_weights \"eva\" cannot be combined with use_dora yet") }
+        }
         if try KaSAOptions.parse(config) != nil, svdInit != nil || usesDoRA {
             throw GraftError(.unsupported, "\(config.source): 'kasa_config' cannot be combined with use_dora or init_lora_weights \(JSONScalar.describe(config.value("init_lora_weights")))")
         }

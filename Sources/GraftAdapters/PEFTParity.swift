@@ -54,7 +54,7 @@ public enum PEFTParity: Sendable, Equatable {
                                     "peft-minilm-lora-options/lora_target_parameters",
                                     "peft-minilm-lora-options/lora_target_modules_and_parameters",
                                     "peft-minilm-lora-options/kasa", "peft-minilm-lora-options/qalora",
-                                    "peft-minilm-lora-options/qalora_all_rslora"]),
+                                    "peft-minilm-lora-options/qalora_all_rslora", "peft-minilm-lora-options/eva"]),
         "ADALORA": minilm("adalora"), "BOFT": minilm("boft"), "C3A": minilm("c3a"), "FOURIERFT": minilm("fourierft"),
         "HRA": minilm("hra"), "IA3": minilm("ia3"), "LN_TUNING": minilm("ln_tuning"), "LOHA": minilm("loha"),
         "LOKR": minilm("lokr"), "MISS": minilm("miss"), "OFT": minilm("oft"), "POLY": .matches(fixtures: ["peft-minilm/poly", "peft-minilm/mhr"]),

@@ -40,6 +40,8 @@ public final class LoRALayer: LinearAdapterMethod {
     public internal(set) var droppedComponent: (us: Tensor, vh: Tensor)?
     /// Input statistics gathered for CorDA's initialization (see `CorDA.swift`); nil unless collecting.
     var covarianceCollector: CovarianceCollector?
+    /// Input moments gathered for EVA's initialization (see `EVA.swift`); nil unless collecting.
+    var momentCollector: InputMomentCollector?
 
     /// Creates the layer with PEFT's default initialization: A Kaiming-uniform (a = √5), B zero
     /// (`initLoraWeights == false` draws B like A, so the adapter is not the identity); `gaussianA` draws A from
@@ -83,6 +85,7 @@ public final class LoRALayer: LinearAdapterMethod {
     public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
         covarianceCollector?.add(x)
+        momentCollector?.add(x)
         let projected = linear(dropout(x, p: dropoutProbability, state: state), loraA)
         let h = kasaDiagonal.map { projected * $0 } ?? projected
         var out = y + linear(h, loraB, loraBias) * scaling
