@@ -112,6 +112,13 @@ public enum LoRAFactory: AdapterMethodFactory {
             _ = try EVAOptions.parse(config)
             if usesDoRA { throw GraftError(.unsupported, "\(config.source): init_lora_weights \"eva\" cannot be combined with use_dora yet") }
         }
+        // PEFT writes lora_ga_config / eva_config beside any init (a converted LoRA-GA file keeps its lora_ga_config);
+        // only those inits read them.
+        if (config.value("init_lora_weights") as? String) != "lora_ga" { config.acknowledge("lora_ga_config") }
+        if (config.value("init_lora_weights") as? String) == "lora_ga" {
+            _ = try LoRAGAOptions.parse(config)
+            if usesDoRA { throw GraftError(.unsupported, "\(config.source): init_lora_weights \"lora_ga\" cannot be combined with use_dora yet") }
+        }
         if try KaSAOptions.parse(config) != nil, svdInit != nil || usesDoRA {
             throw GraftError(.unsupported, "\(config.source): 'kasa_config' cannot be combined with use_dora or init_lora_weights \(JSONScalar.describe(config.value("init_lora_weights")))")
         }

@@ -42,6 +42,8 @@ public final class LoRALayer: LinearAdapterMethod {
     var covarianceCollector: CovarianceCollector?
     /// Input moments gathered for EVA's initialization (see `EVA.swift`); nil unless collecting.
     var momentCollector: InputMomentCollector?
+    /// Counts forward passes while LoRA-GA estimates gradients (see `LoRAGA.swift`); nil otherwise.
+    var gradientCounter: (() -> Void)?
 
     /// Creates the layer with PEFT's default initialization: A Kaiming-uniform (a = √5), B zero
     /// (`initLoraWeights == false` draws B like A, so the adapter is not the identity); `gaussianA` draws A from
@@ -86,6 +88,7 @@ public final class LoRALayer: LinearAdapterMethod {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
         covarianceCollector?.add(x)
         momentCollector?.add(x)
+        gradientCounter?()
         let projected = linear(dropout(x, p: dropoutProbability, state: state), loraA)
         let h = kasaDiagonal.map { projected * $0 } ?? projected
         var out = y + linear(h, loraB, loraBias) * scaling
