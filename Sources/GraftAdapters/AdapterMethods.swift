@@ -115,6 +115,13 @@ public enum LoRAFactory: AdapterMethodFactory {
         // PEFT writes lora_ga_config / eva_config beside any init (a converted LoRA-GA file keeps its lora_ga_config);
         // only those inits read them.
         if (config.value("init_lora_weights") as? String) != "lora_ga" { config.acknowledge("lora_ga_config") }
+        if (config.value("init_lora_weights") as? String) == "loftq" {
+            _ = try LoftQOptions.parse(config)
+            let kasa = try KaSAOptions.parse(config)
+            if usesDoRA || kasa != nil {
+                throw GraftError(.unsupported, "\(config.source): init_lora_weights \"loftq\" cannot be combined with use_dora or kasa_config")
+            }
+        }
         if (config.value("init_lora_weights") as? String) == "lora_ga" {
             _ = try LoRAGAOptions.parse(config)
             if usesDoRA { throw GraftError(.unsupported, "\(config.source): init_lora_weights \"lora_ga\" cannot be combined with use_dora yet") }
@@ -167,6 +174,9 @@ public enum LoRAFactory: AdapterMethodFactory {
         case .milora?: try lora.initializeMinorComponents(base: layer, path: "\(config.source): \(path)")
         case .olora?: try lora.initializeOLoRA(base: layer, path: "\(config.source): \(path)")
         case .corda?, nil: break  // CorDA waits for AdaptedModel.initializeCorDA and its data.
+        }
+        if (config.value("init_lora_weights") as? String) == "loftq" {
+            try lora.initializeLoftQ(base: layer, options: try LoftQOptions.parse(config), path: "\(config.source): \(path)")
         }
         if try KaSAOptions.parse(config) != nil { try lora.initializeKaSA(base: layer, path: "\(config.source): \(path)") }
         return lora

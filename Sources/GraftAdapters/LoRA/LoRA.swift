@@ -38,6 +38,8 @@ public final class LoRALayer: LinearAdapterMethod {
     public internal(set) var kasaDiagonal: Tensor?
     /// KaSA's frozen dropped component `(U_d S_d [out, r], V_dᵀ [r, in])`, subtracted from the base output.
     public internal(set) var droppedComponent: (us: Tensor, vh: Tensor)?
+    /// LoftQ's frozen quantization error `W − Q` `[out, in]`, subtracted from the base output (see `LoftQ.swift`).
+    public internal(set) var quantizationError: Tensor?
     /// Input statistics gathered for CorDA's initialization (see `CorDA.swift`); nil unless collecting.
     var covarianceCollector: CovarianceCollector?
     /// Input moments gathered for EVA's initialization (see `EVA.swift`); nil unless collecting.
@@ -93,6 +95,7 @@ public final class LoRALayer: LinearAdapterMethod {
         let h = kasaDiagonal.map { projected * $0 } ?? projected
         var out = y + linear(h, loraB, loraBias) * scaling
         if let (us, vh) = droppedComponent { out = out - linear(linear(x, vh), us) }
+        if let quantizationError { out = out - linear(x, quantizationError) }
         guard let (a0, b0) = initialFactors else { return out }
         return out - linear(linear(x, a0), b0) * scaling
     }
@@ -105,6 +108,7 @@ public final class LoRALayer: LinearAdapterMethod {
         let delta = withNoGrad {
             var d = matmul(kasaDiagonal.map { loraB * $0 } ?? loraB, loraA) * scaling
             if let (us, vh) = droppedComponent { d = d - matmul(us, vh) }
+            if let quantizationError { d = d - quantizationError }
             guard let (a0, b0) = initialFactors else { return d }
             return d - matmul(b0, a0) * scaling
         }
