@@ -117,6 +117,7 @@ public enum LoRAFactory: AdapterMethodFactory {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
             return try AsymmetricLoRAFactory.validate(config)
         }
+        if try config.bool("use_qalora", default: false) { return try QALoRALayer.validate(config) }
         // Booleans, "gaussian", or the initializations from W of PiSSA.swift / MiLoRA.swift / CorDA.swift / OLoRA.swift.
         let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
         if let svdInit {
@@ -126,6 +127,24 @@ public enum LoRAFactory: AdapterMethodFactory {
             if svdInit == .corda { _ = try CorDAOptions.method(config) }
         }
         let usesDoRA = try config.bool("use_dora", default: false)
+        if (config.value("init_lora_weights") as? String) == "eva" {
+            _ = try EVAOptions.parse(config)
+            if usesDoRA { throw GraftError(.unsupported, "\(config.source): init_lora_weights \"eva\" cannot be combined with use_dora yet") }
+        }
+        // PEFT writes lora_ga_config / eva_config beside any init (a converted LoRA-GA file keeps its lora_ga_config);
+        // only those inits read them.
+        if (config.value("init_lora_weights") as? String) != "lora_ga" { config.acknowledge("lora_ga_config") }
+        if (config.value("init_lora_weights") as? String) == "loftq" {
+            _ = try LoftQOptions.parse(config)
+            let kasa = try KaSAOptions.parse(config)
+            if usesDoRA || kasa != nil {
+                throw GraftError(.unsupported, "\(config.source): init_lora_weights \"loftq\" cannot be combined with use_dora or kasa_config")
+            }
+        }
+        if (config.value("init_lora_weights") as? String) == "lora_ga" {
+            _ = try LoRAGAOptions.parse(config)
+            if usesDoRA { throw GraftError(.unsupported, "\(config.source): init_lora_weights \"lora_ga\" cannot be combined with use_dora yet") }
+        }
         if try KaSAOptions.parse(config) != nil, svdInit != nil || usesDoRA {
             throw GraftError(.unsupported, "\(config.source): 'kasa_config' cannot be combined with use_dora or init_lora_weights \(JSONScalar.describe(config.value("init_lora_weights")))")
         }
@@ -153,6 +172,13 @@ public enum LoRAFactory: AdapterMethodFactory {
             return try AsymmetricLoRAFactory.make(for: layer, path: path, config: config, state: state, shared: shared)
         }
         let (r, alpha) = try rankAndAlpha(config, path: path, alphaKey: "lora_alpha")
+        if try config.bool("use_qalora", default: false) {
+            return try QALoRALayer(base: layer, rank: r, alpha: alpha, useRSLoRA: try config.bool("use_rslora", default: false),
+                                   dropout: Float(try config.double("lora_dropout", default: 0)),
+                                   groupSize: try config.int("qalora_group_size", default: 16),
+                                   initLoraWeights: JSONScalar.bool(config.value("init_lora_weights")) ?? true,
+                                   state: state, path: "\(config.source): \(path)")
+        }
         let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
         let lora = LoRALayer(base: layer, rank: r, alpha: alpha,
                              useRSLoRA: try config.bool("use_rslora", default: false),
@@ -167,6 +193,9 @@ public enum LoRAFactory: AdapterMethodFactory {
         case .milora?: try lora.initializeMinorComponents(base: layer, path: "\(config.source): \(path)")
         case .olora?: try lora.initializeOLoRA(base: layer, path: "\(config.source): \(path)")
         case .corda?, nil: break  // CorDA waits for AdaptedModel.initializeCorDA and its data.
+        }
+        if (config.value("init_lora_weights") as? String) == "loftq" {
+            try lora.initializeLoftQ(base: layer, options: try LoftQOptions.parse(config), path: "\(config.source): \(path)")
         }
         if try KaSAOptions.parse(config) != nil { try lora.initializeKaSA(base: layer, path: "\(config.source): \(path)") }
         return lora
@@ -223,6 +252,7 @@ public enum AdapterRegistry {
         PSOFTFactory.peftType: PSOFTFactory.self,
         FroDFactory.peftType: FroDFactory.self,
         OSFFactory.peftType: OSFFactory.self,
+        AdaMSSFactory.peftType: AdaMSSFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

@@ -12,7 +12,7 @@ import GraftTestSupport
 @Suite(.serialized) struct LoRAOptionTests {
     static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all", "lora_trainable_tokens",
                            "lora_trainable_tokens_dict", "lora_target_parameters", "lora_target_modules_and_parameters",
-                           "kasa"]
+                           "kasa", "qalora", "qalora_all_rslora", "eva", "lora_ga"]
 
     func fixture(_ name: String) -> String { Assets.fixture("peft-minilm-lora-options/\(name)") }
 

@@ -114,6 +114,7 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     '{"peft_type": "GLORA", "r": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "PSOFT", "r": 8, "target_modules": ["query", "value"]}',
     '{"peft_type": "WAVEFT", "n_frequency": 64, "target_modules": ["query", "value"]}',
+    '{"peft_type": "ADAMSS", "r": 8, "num_subspaces": 5, "target_modules": ["query", "value"]}',
     '{"peft_type": "ETHER", "nb": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "SEQ_BN", "reduction_factor": 16}',
     '{"peft_type": "LORA_MOE", "r": 2, "num_experts": 2, "target_modules": ["query", "value"]}',

@@ -38,8 +38,14 @@ public final class LoRALayer: LinearAdapterMethod {
     public internal(set) var kasaDiagonal: Tensor?
     /// KaSA's frozen dropped component `(U_d S_d [out, r], V_dᵀ [r, in])`, subtracted from the base output.
     public internal(set) var droppedComponent: (us: Tensor, vh: Tensor)?
+    /// LoftQ's frozen quantization error `W − Q` `[out, in]`, subtracted from the base output (see `LoftQ.swift`).
+    public internal(set) var quantizationError: Tensor?
     /// Input statistics gathered for CorDA's initialization (see `CorDA.swift`); nil unless collecting.
     var covarianceCollector: CovarianceCollector?
+    /// Input moments gathered for EVA's initialization (see `EVA.swift`); nil unless collecting.
+    var momentCollector: InputMomentCollector?
+    /// Counts forward passes while LoRA-GA estimates gradients (see `LoRAGA.swift`); nil otherwise.
+    var gradientCounter: (() -> Void)?
 
     /// Creates the layer with PEFT's default initialization: A Kaiming-uniform (a = √5), B zero
     /// (`initLoraWeights == false` draws B like A, so the adapter is not the identity); `gaussianA` draws A from
@@ -83,10 +89,13 @@ public final class LoRALayer: LinearAdapterMethod {
     public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
         covarianceCollector?.add(x)
+        momentCollector?.add(x)
+        gradientCounter?()
         let projected = linear(dropout(x, p: dropoutProbability, state: state), loraA)
         let h = kasaDiagonal.map { projected * $0 } ?? projected
         var out = y + linear(h, loraB, loraBias) * scaling
         if let (us, vh) = droppedComponent { out = out - linear(linear(x, vh), us) }
+        if let quantizationError { out = out - linear(x, quantizationError) }
         guard let (a0, b0) = initialFactors else { return out }
         return out - linear(linear(x, a0), b0) * scaling
     }
@@ -99,6 +108,7 @@ public final class LoRALayer: LinearAdapterMethod {
         let delta = withNoGrad {
             var d = matmul(kasaDiagonal.map { loraB * $0 } ?? loraB, loraA) * scaling
             if let (us, vh) = droppedComponent { d = d - matmul(us, vh) }
+            if let quantizationError { d = d - quantizationError }
             guard let (a0, b0) = initialFactors else { return d }
             return d - matmul(b0, a0) * scaling
         }
