@@ -7,7 +7,7 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Time forward passes (median of several runs); used by bench/.",
         subcommands: [Forward.self, TrainStep.self, MixedAdapters.self, TrainText.self, SeedMerge.self, Continual.self,
-                      Allreduce.self])
+                      Allreduce.self, Decode.self])
 
     struct Forward: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Forward-pass time for a batch of random tokens.")
