@@ -54,12 +54,12 @@ static inline int cgraft_sorgqr(int m, int n, int k, float *a, int lda, const fl
 /* Line-buffers stdout (a command-line tool's reports then interleave in order with progress on stderr). */
 static inline void cgraft_line_buffer_stdout(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
 
-/* Keeps large freed blocks in the heap for reuse rather than returning them to the kernel (glibc only):
-   training allocates and frees the same activation sizes every step, and fresh pages cost faults + zeroing. */
-static inline void cgraft_keep_freed_memory(void) {
+/* Fixes glibc's mmap threshold at 1 MiB (glibc only). Tensors of 64 KiB and more come from Graft's own block
+   cache (BufferPool); left dynamic, glibc's threshold rises with every large free and moves the remaining large
+   blocks into per-thread heaps that fragment and grow step after step. */
+static inline void cgraft_tune_malloc(void) {
 #if defined(__GLIBC__)
-    mallopt(M_MMAP_THRESHOLD, 1 << 30);
-    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    mallopt(M_MMAP_THRESHOLD, 1 << 20);
 #endif
 }
 

@@ -10,7 +10,7 @@ public enum ModelInspector {
         var lines: [String] = []
         let root = model.root
         let total = root.parameterCount
-        let trainable = root.namedParameters().filter { $0.tensor.requiresGrad }.reduce(0) { $0 + $1.tensor.count }
+        let trainable = root.namedModules().flatMap { $0.module.localParameters }.filter { $0.tensor.requiresGrad }.reduce(0) { $0 + $1.tensor.count }
         lines.append("\(root.typeName) from \(model.path)")
         lines.append("parameters: \(formatCount(total)) (\(grouped(total))), trainable: \(grouped(trainable))")
         lines.append("")

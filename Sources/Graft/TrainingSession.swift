@@ -39,9 +39,9 @@ public final class GraftTrainingSession: @unchecked Sendable {
         trainer.processGroup = try ProcessGroups.world()
         var identity = RunFingerprint()
         identity.combine(session.model.architecture.rawValue)
-        for (pname, tensor) in session.model.root.namedParameters() {
+        for (pname, shape) in session.model.root.namedParameterShapes() {
             identity.combine(pname)
-            identity.combine(tensor.shape)
+            identity.combine(shape)
         }
         trainer.modelIdentity = identity
         self.session = session

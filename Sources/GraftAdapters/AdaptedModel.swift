@@ -124,10 +124,15 @@ public final class AdaptedModel: @unchecked Sendable {
         var matchedNonLinear: [String] = []
         var targets: [(String, Linear)] = []
         let parameterTargets = config.peftType == LoRAFactory.peftType ? try parameterTargetPaths(config: config) : []
+        let chosen = try factory.targetPaths(config: config, root: root)
         for (path, module) in root.namedModules() where !path.isEmpty {
             let isLinear = module is Linear
-            guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path))
-                    || parameterTargets.contains(path) else { continue }
+            if let chosen {
+                guard chosen.contains(path) else { continue }
+            } else {
+                guard matcher.matches(path: path, isLinear: isLinear, isOutputHead: outputHeads.contains(path))
+                        || parameterTargets.contains(path) else { continue }
+            }
             guard let lin = module as? Linear else {
                 // Containers whose name matches (e.g. "output" in BERT, "self_attn" in Llama) are skipped as PEFT
                 // skips them.
@@ -168,6 +173,14 @@ public final class AdaptedModel: @unchecked Sendable {
         for (_, lin, adapter) in named.layers { lin.adapters.append(adapter) }
         for (_, lin, adapter) in named.savedModules { lin.adapters.append(adapter) }
         for (_, adapter) in named.modules { adapter.attach() }
+        do {
+            try factory.didAttach(named, root: root)
+        } catch {
+            for (_, lin, adapter) in named.layers { lin.adapters.removeAll { $0 === adapter } }
+            for (_, lin, adapter) in named.savedModules { lin.adapters.removeAll { $0 === adapter } }
+            for (_, adapter) in named.modules { adapter.detach() }
+            throw error
+        }
         adapters.append(named)
         try setActiveAdapter(name)
         return named
@@ -248,6 +261,7 @@ public final class AdaptedModel: @unchecked Sendable {
     public func deleteAdapter(_ name: String) throws {
         let a = try adapter(name)
         if a.state.isMerged { try unmerge(name) }
+        (try? methods.factory(for: a.config))?.willDetach(a, root: root)
         for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
         for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
         for (_, adapter) in a.modules { adapter.detach() }
@@ -283,6 +297,8 @@ public final class AdaptedModel: @unchecked Sendable {
         var biasDeltas: [Tensor?] = []
         for ((_, lin, layer), d) in zip(a.layers, deltas) {
             let db = lin.bias == nil ? nil : layer.deltaBias(base: lin)
+            // A quantized base weight becomes float32 to take the merge exactly.
+            lin.makeWeightDense()
             lin.weight.addInPlace(d)
             if let db, let b = lin.bias { b.addInPlace(db) }
             biasDeltas.append(db)
@@ -290,6 +306,7 @@ public final class AdaptedModel: @unchecked Sendable {
         mergedBiasDeltas[name] = biasDeltas
         var originals: [(Tensor, Tensor?)] = []
         for (_, lin, saved) in a.savedModules {
+            lin.makeWeightDense()
             originals.append((lin.weight.copy(), lin.bias?.copy()))
             lin.weight.pointer.update(from: saved.weight.pointer, count: lin.weight.count)
             if let b = lin.bias, let sb = saved.bias { b.pointer.update(from: sb.pointer, count: b.count) }
@@ -326,6 +343,7 @@ public final class AdaptedModel: @unchecked Sendable {
     public func mergeAndUnload(_ name: String) throws {
         try merge(name)
         let a = try adapter(name)
+        (try? methods.factory(for: a.config))?.willDetach(a, root: root)
         for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
         for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
         for (_, adapter) in a.modules { adapter.detach() }

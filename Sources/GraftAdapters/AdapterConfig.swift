@@ -43,6 +43,10 @@ public struct AdapterConfig: @unchecked Sendable {
     /// The keys the method and the common parser have read (shared by copies of this config).
     private let ledger = KeyLedger()
 
+    /// Methods whose modules are the ones their member adapters target (X-LoRA), so `target_modules` is not
+    /// required.
+    public static let typesTargetingThroughExperts: Set<String> = ["XLORA"]
+
     /// Keys that describe the file, not what the adapter computes.
     public static let descriptiveKeys: Set<String> = [
         "peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
@@ -68,7 +72,9 @@ public struct AdapterConfig: @unchecked Sendable {
         let promptLearning = AdapterRegistry.moduleFactories[peftType].map { $0.actsOnInput || $0.selectsLayers } ?? false
         // LoRA may name parameters instead (target_parameters, TargetParameters.swift).
         let parametersOnly = peftType == "LORA" && (json["target_parameters"] as? [Any]).map { !$0.isEmpty } == true
-        guard let targets = targets ?? (promptLearning || parametersOnly ? .names([]) : nil) else {
+        // X-LoRA adapts the modules its LoRA experts target (XLoRA.swift in GraftRouting).
+        let expertTargets = AdapterConfig.typesTargetingThroughExperts.contains(peftType)
+        guard let targets = targets ?? (promptLearning || parametersOnly || expertTargets ? .names([]) : nil) else {
             throw GraftError.invalid("\(source): 'target_modules' is required (a list of module names, a regex string, or \"all-linear\")")
         }
         targetModules = targets

@@ -21,6 +21,9 @@ public final class AdapterState: @unchecked Sendable {
     public var integerTables: [String: [Int32]] = [:]
     /// Trainable tensors a factory shares between layers that PEFT saves under each layer's own keys (Lily's A and B).
     public var sharedParameters: [String: Tensor] = [:]
+    /// Objects a method shares between its layers and its model-level parts (X-LoRA's classifier and scalings),
+    /// by name.
+    public var methodObjects: [String: AnyObject] = [:]
 
     /// Creates the state with a seed for its RNG.
     public init(seed: UInt64) {

@@ -32,6 +32,17 @@ public protocol AdapterMethodFactory: Sendable {
     /// What the method does during training beyond its forward pass (a regularizer, work after each update),
     /// built once the adapter's layers exist; none by default.
     static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)?
+    /// The module paths the adapter targets when the method chooses them itself rather than by `target_modules`
+    /// (X-LoRA: every module one of its LoRA experts adapts); nil (the default) matches `target_modules`.
+    static func targetPaths(config: AdapterConfig, root: Module) throws -> Set<String>?
+    /// Called once the adapter's layers are attached to `root`, for model-level parts (X-LoRA's scaling pass);
+    /// nothing by default.
+    static func didAttach(_ adapter: NamedAdapter, root: Module) throws
+    /// Called before the adapter is removed from `root`; undoes ``didAttach(_:root:)``. Nothing by default.
+    static func willDetach(_ adapter: NamedAdapter, root: Module)
+    /// The `adapter_config.json` object saved for `adapter`, given the config's own; unchanged by default (X-LoRA
+    /// writes its experts' resolved directories).
+    static func exportedConfigJSON(_ json: [String: Any], adapter: NamedAdapter) -> [String: Any]
 }
 
 
@@ -61,6 +72,14 @@ extension AdapterMethodFactory {
     public static func sharedTensors(for layers: [Linear], config: AdapterConfig, state: AdapterState) throws -> [(key: String, tensor: Tensor)] { [] }
 
     public static func trainingHook(for adapter: NamedAdapter) throws -> (any AdapterTrainingHook)? { nil }
+
+    public static func targetPaths(config: AdapterConfig, root: Module) throws -> Set<String>? { nil }
+
+    public static func didAttach(_ adapter: NamedAdapter, root: Module) throws {}
+
+    public static func willDetach(_ adapter: NamedAdapter, root: Module) {}
+
+    public static func exportedConfigJSON(_ json: [String: Any], adapter: NamedAdapter) -> [String: Any] { json }
 
     /// `r` and the alpha (under `alphaKey`) for `path`, after `rank_pattern` / `alpha_pattern`.
     static func rankAndAlpha(_ config: AdapterConfig, path: String, alphaKey: String) throws -> (Int, Float) {
@@ -115,6 +134,7 @@ public enum LoRAFactory: AdapterMethodFactory {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
             return try AsymmetricLoRAFactory.validate(config)
         }
+        if try config.bool("use_qalora", default: false) { return try QALoRALayer.validate(config) }
         // Booleans, "gaussian", or the initializations from W of PiSSA.swift / MiLoRA.swift / CorDA.swift / OLoRA.swift.
         let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
         if let svdInit {
@@ -124,6 +144,24 @@ public enum LoRAFactory: AdapterMethodFactory {
             if svdInit == .corda { _ = try CorDAOptions.method(config) }
         }
         let usesDoRA = try config.bool("use_dora", default: false)
+        if (config.value("init_lora_weights") as? String) == "eva" {
+            _ = try EVAOptions.parse(config)
+            if usesDoRA { throw GraftError(.unsupported, "\(config.source): init_lora_weights \"eva\" cannot be combined with use_dora yet") }
+        }
+        // PEFT writes lora_ga_config / eva_config beside any init (a converted LoRA-GA file keeps its lora_ga_config);
+        // only those inits read them.
+        if (config.value("init_lora_weights") as? String) != "lora_ga" { config.acknowledge("lora_ga_config") }
+        if (config.value("init_lora_weights") as? String) == "loftq" {
+            _ = try LoftQOptions.parse(config)
+            let kasa = try KaSAOptions.parse(config)
+            if usesDoRA || kasa != nil {
+                throw GraftError(.unsupported, "\(config.source): init_lora_weights \"loftq\" cannot be combined with use_dora or kasa_config")
+            }
+        }
+        if (config.value("init_lora_weights") as? String) == "lora_ga" {
+            _ = try LoRAGAOptions.parse(config)
+            if usesDoRA { throw GraftError(.unsupported, "\(config.source): init_lora_weights \"lora_ga\" cannot be combined with use_dora yet") }
+        }
         if try KaSAOptions.parse(config) != nil, svdInit != nil || usesDoRA {
             throw GraftError(.unsupported, "\(config.source): 'kasa_config' cannot be combined with use_dora or init_lora_weights \(JSONScalar.describe(config.value("init_lora_weights")))")
         }
@@ -151,6 +189,13 @@ public enum LoRAFactory: AdapterMethodFactory {
             return try AsymmetricLoRAFactory.make(for: layer, path: path, config: config, state: state, shared: shared)
         }
         let (r, alpha) = try rankAndAlpha(config, path: path, alphaKey: "lora_alpha")
+        if try config.bool("use_qalora", default: false) {
+            return try QALoRALayer(base: layer, rank: r, alpha: alpha, useRSLoRA: try config.bool("use_rslora", default: false),
+                                   dropout: Float(try config.double("lora_dropout", default: 0)),
+                                   groupSize: try config.int("qalora_group_size", default: 16),
+                                   initLoraWeights: JSONScalar.bool(config.value("init_lora_weights")) ?? true,
+                                   state: state, path: "\(config.source): \(path)")
+        }
         let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
         let lora = LoRALayer(base: layer, rank: r, alpha: alpha,
                              useRSLoRA: try config.bool("use_rslora", default: false),
@@ -165,6 +210,9 @@ public enum LoRAFactory: AdapterMethodFactory {
         case .milora?: try lora.initializeMinorComponents(base: layer, path: "\(config.source): \(path)")
         case .olora?: try lora.initializeOLoRA(base: layer, path: "\(config.source): \(path)")
         case .corda?, nil: break  // CorDA waits for AdaptedModel.initializeCorDA and its data.
+        }
+        if (config.value("init_lora_weights") as? String) == "loftq" {
+            try lora.initializeLoftQ(base: layer, options: try LoftQOptions.parse(config), path: "\(config.source): \(path)")
         }
         if try KaSAOptions.parse(config) != nil { try lora.initializeKaSA(base: layer, path: "\(config.source): \(path)") }
         if let options = try VeLoRAOptions.parse(config) { lora.velora = VeLoRAState(inFeatures: layer.inFeatures, options: options, rng: &state.rng) }
@@ -222,6 +270,7 @@ public enum AdapterRegistry {
         PSOFTFactory.peftType: PSOFTFactory.self,
         FroDFactory.peftType: FroDFactory.self,
         OSFFactory.peftType: OSFFactory.self,
+        AdaMSSFactory.peftType: AdaMSSFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

@@ -29,10 +29,14 @@ public final class DeLoRALayer: LinearAdapterMethod {
         lambda = Tensor(repeating: initialLambda, shape: [1]).requiringGrad()
         let norms = Tensor(zeros: [base.inFeatures])
         let (inF, outF) = (base.inFeatures, base.outFeatures)
-        let pw = base.weight.pointer, pn = norms.pointer
-        for o in 0..<outF {
-            for j in 0..<inF { pn[j] += pw[o * inF + j] * pw[o * inF + j] }
+        let weight = base.weight
+        withExtendedLifetime(weight) {
+            let pw = weight.pointer, pn = norms.pointer
+            for o in 0..<outF {
+                for j in 0..<inF { pn[j] += pw[o * inF + j] * pw[o * inF + j] }
+            }
         }
+        let pn = norms.pointer
         for j in 0..<inF { pn[j] = pn[j].squareRoot() }
         weightNorm = norms
     }

@@ -149,6 +149,7 @@ extension AdaptedModel {
             for (n, t) in layer.savedBuffers { try writer.add("base_model.model.\(path).\(n)", t) }
         }
         var configJSON = AdaptedModel.peftConfigJSON(config)
+        if let factory { configJSON = factory.exportedConfigJSON(configJSON, adapter: a) }
         if configJSON["task_type"] is NSNull, root is LlamaModel,
            let module = methods.modules[config.peftType], module.actsOnInput || module.requiresDecoder {
             // Without a task type PEFT builds a bare PeftModel, whose forward never injects virtual tokens or

@@ -43,7 +43,7 @@ public enum PEFTParity: Sendable, Equatable {
         return false
     }
 
-    /// The record of every `peft_type` Graft builds (upper-case), including GraftRouting's.
+    /// The record of every `peft_type` Graft builds (upper-case), including GraftRouting's (`LORA_MOE`, `XLORA`).
     public static let records: [String: PEFTParity] = [
         "LORA": .matches(fixtures: ["peft-minilm/lora", "peft-minilm/lora_all_linear_rslora", "peft-minilm/lora_rank_pattern",
                                     "peft-minilm/lora_layers_to_transform", "peft-minilm/dora",
@@ -53,7 +53,9 @@ public enum PEFTParity: Sendable, Equatable {
                                     "peft-minilm-lora-options/lora_trainable_tokens_dict",
                                     "peft-minilm-lora-options/lora_target_parameters",
                                     "peft-minilm-lora-options/lora_target_modules_and_parameters",
-                                    "peft-minilm-lora-options/kasa", "peft-minilm-lora-options/lora_layer_replication",
+                                    "peft-minilm-lora-options/kasa", "peft-minilm-lora-options/qalora",
+                                    "peft-minilm-lora-options/qalora_all_rslora", "peft-minilm-lora-options/eva",
+                                    "peft-minilm-lora-options/lora_ga", "peft-minilm-lora-options/lora_layer_replication",
                                     "peft-minilm-lora-options/lora_ensure_weight_tying",
                                     "peft-minilm-lora-options/velora_random", "peft-minilm-lora-options/velora_batch_average",
                                     "peft-smollm2-lora-options/alora", "peft-smollm2-lora-options/lora_layer_replication"]),
@@ -65,12 +67,14 @@ public enum PEFTParity: Sendable, Equatable {
         "VBLORA": minilm("vblora"), "VERA": minilm("vera"),
         "RANDLORA": .withinConditioning(fixture: "peft-minilm/randlora",
                                         note: "3.4e-2 of a 6.2 change; the fixture is chaotic in float32, so each token is held to 4× its own rounding-noise floor"),
-        "BEFT": wave2("beft"), "DEFT": wave2("deft"), "DELORA": wave2("delora"), "FROD": wave2("frod"), "GLORA": wave2("glora"),
+        "ADAMSS": wave2("adamss"), "BEFT": wave2("beft"), "DEFT": wave2("deft"), "DELORA": wave2("delora"), "FROD": wave2("frod"), "GLORA": wave2("glora"),
         "GRALORA": wave2("gralora"), "HIRA": wave2("hira"), "LILY": wave2("lily"), "PEANUT": wave2("peanut"), "PSOFT": wave2("psoft"),
         "PVERA": wave2("pvera"), "SUPERTUNING": wave2("supertuning"), "TINYLORA": wave2("tinylora"), "UNILORA": wave2("unilora"),
         "WAVEFT": wave2("waveft"),
         "ADAPTION_PROMPT": decoder("adaption_prompt"), "CARTRIDGE": decoder("cartridge"), "CPT": decoder("cpt"),
         "MULTITASK_PROMPT_TUNING": decoder("multitask_prompt_tuning"),
+        // Measured by GraftRoutingTests' XLoRATests (X-LoRA lives in GraftRouting): logits and scalings on SmolLM2.
+        "XLORA": .matches(fixtures: ["peft-xlora/smollm2/layerwise", "peft-xlora/smollm2/deep_topk"]),
         "OSF": .notShown("1.2e-4 from PEFT on the shared MiniLM fixture, above 1e-4: the two libraries' float32 SVDs differ; fixture not vendored"),
         "ASYMMETRIC_LORA": .noPEFTCounterpart, "DOUBLE_SEQ_BN": .noPEFTCounterpart, "ETHER": .noPEFTCounterpart,
         "ETHER_PLUS": .noPEFTCounterpart, "LORAXS": .noPEFTCounterpart, "LORA_MOE": .noPEFTCounterpart,

@@ -42,6 +42,8 @@ public final class TrainableTokensLayer: ModuleAdapterMethod, EmbeddingAdapter {
     }
 
     public func merge() -> [Tensor] {
+        // A quantized table becomes float32 (with a tied head) so the rows can be written exactly.
+        table.makeWeightDense()
         let saved = [table.weight.copy()]
         for (k, id) in tokenIndices.enumerated() {
             (table.weight.pointer + Int(id) * table.dim).update(from: rows.pointer + k * table.dim, count: table.dim)

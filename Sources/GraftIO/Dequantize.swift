@@ -10,9 +10,11 @@ extension GGMLType {
     ///
     /// `count` must be a multiple of ``blockSize`` and `src` must hold `count / blockSize * typeSize`
     /// bytes (callers such as ``GGUFFile`` validate this against the file). Large inputs are converted in
-    /// parallel chunks of blocks. Semantics follow ggml's `dequantize_row_*` reference routines.
+    /// parallel chunks of blocks unless `parallel` is false (for callers already running on a worker).
+    /// Semantics follow ggml's `dequantize_row_*` reference routines.
     /// Throws `.unsupported` for formats without a converter and `.invalidArgument` for a bad `count`.
-    public func dequantize(_ src: UnsafeRawPointer, into dst: UnsafeMutablePointer<Float>, count: Int) throws {
+    public func dequantize(_ src: UnsafeRawPointer, into dst: UnsafeMutablePointer<Float>, count: Int,
+                           parallel: Bool = true) throws {
         guard count >= 0, count % blockSize == 0 else {
             throw GraftError.invalid("\(name): element count \(count) is not a multiple of the block size \(blockSize)")
         }
@@ -24,7 +26,7 @@ extension GGMLType {
         let stride = typeSize
         let kind = self
         // Aim for chunks of about 64K elements so small tensors stay on one thread.
-        let grain = max(1, 65_536 / blockSize)
+        let grain = parallel ? max(1, 65_536 / blockSize) : max(blocks, 1)
         parallelFor(blocks, grain: grain) { range in
             let p = bytes + range.lowerBound * stride
             let y = dst + range.lowerBound * kind.blockSize

@@ -258,8 +258,9 @@ public final class GGUFFile: @unchecked Sendable {
         return out
     }
 
-    /// Calls `body` with the tensor's raw stored bytes, straight from the memory map (no copy); the buffer is
-    /// valid only during the call. Use it to keep block formats resident and dequantize tile by tile.
+    /// Calls `body` with the tensor's raw stored bytes, straight from the memory map (no copy). The bytes stay
+    /// valid as long as this file object lives: keep a reference to it to use them after the call, as
+    /// ``QuantizedMatrix``'s `borrowingFrom:` does.
     public func withRawBytes<R>(_ info: GGUFTensorInfo, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         guard let bytes = file.range(info.offset, info.byteCount) else {
             throw GraftError.invalid("\(path): tensor '\(info.name)' byte range is not inside the file")

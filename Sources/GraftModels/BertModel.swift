@@ -100,7 +100,9 @@ public final class BertLayer: Module, LayerAdapterHost {
 }
 
 /// A BERT encoder with Hugging Face parameter names (`embeddings.*`, `encoder.layer.N.*`, `pooler.dense`).
-public final class BertModel: Module, PrefixHost {
+public final class BertModel: Module, PrefixHost, ForwardHookHost {
+    /// Hooks run before every forward pass (X-LoRA's scaling pass).
+    public var forwardHooks: [any ForwardPassHook] = []
     public let config: BertConfig
     public let wordEmbeddings: Embedding, positionEmbeddings: Embedding, tokenTypeEmbeddings: Embedding
     public let embeddingNorm: LayerNorm
@@ -177,6 +179,7 @@ public final class BertModel: Module, PrefixHost {
     /// positions `0..<virtual`, as PEFT runs BertModel on `inputs_embeds`).
     public func forward(_ batch: TokenBatch) throws -> Tensor {
         try batch.validate(vocabularySize: config.vocabSize)
+        try runForwardHooks(batch, cache: nil)
         if let prompt = promptAdapters.first(where: { $0.isEnabled }) {
             return try forwardWithPrompt(batch, prompts: prompt.virtualTokens(rows: batch.batchSize))
         }
@@ -213,6 +216,9 @@ public final class BertModel: Module, PrefixHost {
         for layer in layers { x = layer.forward(x, mask: mask) }
         return x
     }
+
+    /// The encoder's output (transformers' `hidden_states[-1]`); BERT keeps no cache.
+    public func lastHiddenStates(_ batch: TokenBatch, cache: KVCache?) throws -> Tensor { try forward(batch) }
 
     private func forwardWithPrompt(_ batch: TokenBatch, prompts: Tensor) throws -> Tensor {
         guard batch.segments == nil else {

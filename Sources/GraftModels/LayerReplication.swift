@@ -30,9 +30,10 @@ func replicationIndices(_ ranges: [[Int]], count: Int) throws -> [Int] {
 }
 
 extension Linear {
-    /// A new Linear over the same weight and bias tensors (and compute format), with no adapters.
+    /// A new Linear over the same weight (dense tensor or compact blocks) and bias (and compute format), with no
+    /// adapters.
     func sharingWeights() -> Linear {
-        let copy = Linear(weight: weight, bias: bias)
+        let copy = compactWeight.map { Linear(compact: $0, bias: bias) } ?? Linear(weight: weight, bias: bias)
         copy.computeDType = computeDType
         return copy
     }

@@ -24,8 +24,21 @@ extension LinearAdapter {
 
 /// `y = x Wᵀ + b` with Hugging Face's `[out, in]` weight layout. The weight is frozen unless made trainable.
 public final class Linear: Module {
-    /// `[outFeatures, inFeatures]`.
-    public private(set) var weight: Tensor
+    /// Where the weight lives: a float32 tensor, or a frozen compact matrix (a quantized GGUF weight).
+    private enum WeightStorage {
+        case dense(Tensor)
+        case compact(any FrozenMatrix)
+    }
+    private var storage: WeightStorage
+    /// `[outFeatures, inFeatures]`. For a layer whose weight is kept compact (``compactWeight``) every read
+    /// decodes a fresh float32 copy (changes to it are not kept): read it once where it is needed, and write
+    /// through ``setWeight(_:)`` or after ``makeWeightDense()``.
+    public var weight: Tensor {
+        switch storage {
+        case .dense(let tensor): return tensor
+        case .compact(let matrix): return matrix.dequantized()
+        }
+    }
     /// `[outFeatures]`, if the layer has a bias.
     public private(set) var bias: Tensor?
     /// Input width.
@@ -44,7 +57,7 @@ public final class Linear: Module {
 
     /// Creates a layer over existing tensors.
     public init(weight: Tensor, bias: Tensor?) {
-        self.weight = weight
+        storage = .dense(weight)
         self.bias = bias
         self.outFeatures = weight.shape[0]
         self.inFeatures = weight.shape[1]
@@ -53,17 +66,54 @@ public final class Linear: Module {
         if let bias { register(parameter: "bias", bias) }
     }
 
+    /// Creates a layer whose frozen weight stays in a compact format (`[rows, cols]` = `[out, in]`) and is decoded
+    /// tile by tile inside its products.
+    public init(compact weight: any FrozenMatrix, bias: Tensor?) {
+        storage = .compact(weight)
+        self.bias = bias
+        self.outFeatures = weight.rows
+        self.inFeatures = weight.cols
+        super.init(typeName: "Linear")
+        if let bias { register(parameter: "bias", bias) }
+    }
+
+    /// The compact frozen weight, or nil when the weight is a float32 tensor.
+    public var compactWeight: (any FrozenMatrix)? {
+        if case .compact(let matrix) = storage { return matrix }
+        return nil
+    }
+
+    /// Whether the weight is trainable (a compact weight never is).
+    public var weightRequiresGrad: Bool {
+        if case .dense(let tensor) = storage { return tensor.requiresGrad }
+        return false
+    }
+
+    /// Decodes a compact weight into a float32 tensor the layer keeps from now on (for merging adapters into
+    /// it, or training it); nothing when it already is one.
+    public func makeWeightDense() {
+        guard case .compact(let matrix) = storage else { return }
+        setWeight(matrix.dequantized())
+    }
+
     /// Replaces the weight (merge/unmerge write new values through this).
     public func setWeight(_ w: Tensor) {
-        weight = w
+        let wasCompact = compactWeight != nil
+        storage = .dense(w)
         narrowWeight = nil
-        replaceParameter("weight", with: w)
+        if wasCompact { register(parameter: "weight", w) } else { replaceParameter("weight", with: w) }
     }
 
     /// Replaces the bias.
     public func setBias(_ b: Tensor?) {
         bias = b
         if let b { replaceParameter("bias", with: b) }
+    }
+
+    /// A compact weight as a parameter decoded on demand.
+    public override var compactParameters: [(name: String, shape: [Int], source: AnyObject, decode: () -> Tensor)] {
+        guard case .compact(let matrix) = storage else { return [] }
+        return [("weight", [matrix.rows, matrix.cols], matrix, { matrix.dequantized() })]
     }
 
     /// The base projection followed by every enabled adapter.
@@ -80,7 +130,7 @@ public final class Linear: Module {
     /// The bfloat16 copy products with the weight use, or nil when they run in float32 (float32 mode, or a
     /// trainable weight).
     public var frozenNarrowWeight: BFloat16Matrix? {
-        guard computeDType == .bfloat16, !weight.requiresGrad else { return nil }
+        guard computeDType == .bfloat16, !weightRequiresGrad else { return nil }
         let narrow = narrowWeight ?? BFloat16Matrix(weight)
         narrowWeight = narrow
         return narrow
@@ -88,8 +138,17 @@ public final class Linear: Module {
 
     /// `x · Wᵀ + b` in the layer's compute format.
     public func baseForward(_ x: Tensor) -> Tensor {
-        guard let narrow = frozenNarrowWeight else { return linear(x, weight, bias) }
-        return linear(x, weight, narrow: narrow, bias)
+        if let narrow = frozenNarrowWeight {
+            // bfloat16 products need the float32 weight only for its shape and gradient bookkeeping.
+            switch storage {
+            case .dense(let tensor): return linear(x, tensor, narrow: narrow, bias)
+            case .compact: return linear(x, narrow: narrow, bias)
+            }
+        }
+        switch storage {
+        case .dense(let tensor): return linear(x, tensor, bias)
+        case .compact(let matrix): return linear(x, frozen: matrix, bias)
+        }
     }
 
     public override var summary: String {
@@ -183,27 +242,92 @@ public protocol PrefixHost: PromptHost {
 
 /// A lookup table `[count, dim]`.
 public final class Embedding: Module {
-    /// `[count, dim]`.
-    public private(set) var weight: Tensor
+    /// Where the table lives: a float32 tensor, or a frozen compact matrix (a quantized GGUF table).
+    private enum TableStorage {
+        case dense(Tensor)
+        case compact(any FrozenMatrix)
+    }
+    private var storage: TableStorage
+
+    /// `[count, dim]`. For a compact table (``compactWeight``) every read decodes a fresh float32 copy: read it
+    /// once where it is needed, and call ``makeWeightDense()`` before writing into it.
+    public var weight: Tensor {
+        switch storage {
+        case .dense(let tensor): return tensor
+        case .compact(let matrix): return matrix.dequantized()
+        }
+    }
 
     /// Creates a table over an existing tensor.
     public init(weight: Tensor) {
-        self.weight = weight
+        storage = .dense(weight)
         super.init(typeName: "Embedding")
         register(parameter: "weight", weight)
     }
 
+    /// Creates a frozen table kept in a compact format; lookups decode only the rows they need.
+    public init(compact table: any FrozenMatrix) {
+        storage = .compact(table)
+        super.init(typeName: "Embedding")
+    }
+
+    /// The compact frozen table, or nil when the table is a float32 tensor.
+    public var compactWeight: (any FrozenMatrix)? {
+        if case .compact(let matrix) = storage { return matrix }
+        return nil
+    }
+
+    /// The output projection that shares this table (a tied LM head), so both stay one tensor when the table
+    /// turns dense.
+    public weak var tiedHead: Linear?
+
+    /// Decodes a compact table into a float32 tensor the layer keeps from now on (for writing rows into it); a
+    /// tied head that shares the compact table shares the dense one too.
+    public func makeWeightDense() {
+        guard case .compact(let matrix) = storage else { return }
+        let dense = matrix.dequantized()
+        storage = .dense(dense)
+        register(parameter: "weight", dense)
+        if let head = tiedHead, head.compactWeight === matrix { head.setWeight(dense) }
+    }
+
+    /// A compact table as a parameter decoded on demand.
+    public override var compactParameters: [(name: String, shape: [Int], source: AnyObject, decode: () -> Tensor)] {
+        guard case .compact(let matrix) = storage else { return [] }
+        return [("weight", [matrix.rows, matrix.cols], matrix, { matrix.dequantized() })]
+    }
+
     /// Number of rows.
-    public var count: Int { weight.shape[0] }
+    public var count: Int {
+        switch storage {
+        case .dense(let tensor): return tensor.shape[0]
+        case .compact(let matrix): return matrix.rows
+        }
+    }
     /// Row width.
-    public var dim: Int { weight.shape[1] }
+    public var dim: Int {
+        switch storage {
+        case .dense(let tensor): return tensor.shape[1]
+        case .compact(let matrix): return matrix.cols
+        }
+    }
 
     /// Adapters attached to this table, applied in order.
     public var adapters: [any EmbeddingAdapter] = []
 
     /// Rows for `ids` (already validated against ``count``), shape `[ids.count, dim]`.
     public func forward(_ ids: [Int32]) -> Tensor {
-        var y = embedding(ids, table: weight)
+        var y: Tensor
+        switch storage {
+        case .dense(let tensor): y = embedding(ids, table: tensor)
+        case .compact(let matrix):
+            let width = matrix.cols
+            y = Tensor(zeros: [ids.count, width])
+            let out = y.pointer
+            parallelFor(ids.count, grain: 64) { range in
+                for i in range { matrix.decodeRows(Int(ids[i])..<(Int(ids[i]) + 1), into: out + i * width) }
+            }
+        }
         for adapter in adapters where adapter.isEnabled { y = adapter.forward(ids: ids, baseOutput: y, layer: self) }
         return y
     }

@@ -142,7 +142,9 @@ public final class KVCache {
 
 /// A Llama decoder with Hugging Face names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
 /// `model.norm`, `lm_head`), loaded from GGUF.
-public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
+public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserverHost {
+    /// Hooks run before every forward pass (X-LoRA's scaling pass).
+    public var forwardHooks: [any ForwardPassHook] = []
     public let config: LlamaConfig
     public let embedTokens: Embedding
     public internal(set) var layers: [LlamaDecoderLayer]
@@ -171,8 +173,11 @@ public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
     /// Width of one layer's prefix keys: `kvHeads · headDim` (PEFT's `token_dim` under grouped-query attention).
     public var prefixWidth: Int { config.kvHeads * config.headDim }
 
-    /// Builds the decoder from tensors keyed by Hugging Face names.
-    public init(config: LlamaConfig, weights: (String) throws -> Tensor, tiedHead: Bool) throws {
+    /// Builds the decoder from tensors keyed by Hugging Face names. `compactWeights` may supply a Linear weight,
+    /// the token embeddings or the LM head in a compact frozen format instead (nil: take it from `weights`); a tied
+    /// head shares the embeddings' compact table.
+    public init(config: LlamaConfig, weights: (String) throws -> Tensor, tiedHead: Bool,
+                compactWeights: (String) throws -> (any FrozenMatrix)? = { _ in nil }) throws {
         self.config = config
         self.tiedHead = tiedHead
         func expect(_ name: String, _ shape: [Int]) throws -> Tensor {
@@ -182,11 +187,24 @@ public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
         }
         let h = config.hiddenSize, qd = config.heads * config.headDim, kvd = config.kvHeads * config.headDim
         let ff = config.intermediateSize
-        embedTokens = Embedding(weight: try expect("model.embed_tokens.weight", [config.vocabSize, h]))
+        func compact(_ name: String, _ shape: [Int]) throws -> (any FrozenMatrix)? {
+            guard let matrix = try compactWeights(name) else { return nil }
+            guard [matrix.rows, matrix.cols] == shape else {
+                throw GraftError.format("tensor '\(name)' has shape [\(matrix.rows), \(matrix.cols)], config expects \(shape)")
+            }
+            return matrix
+        }
+        let embedShape = [config.vocabSize, h]
+        let compactTable = try compact("model.embed_tokens.weight", embedShape)
+        embedTokens = try compactTable.map { Embedding(compact: $0) }
+            ?? Embedding(weight: try expect("model.embed_tokens.weight", embedShape))
         var layers: [LlamaDecoderLayer] = []
         for i in 0..<config.layers {
             let p = "model.layers.\(i)."
-            func lin(_ n: String, _ shape: [Int]) throws -> Linear { Linear(weight: try expect(p + n + ".weight", shape), bias: nil) }
+            func lin(_ n: String, _ shape: [Int]) throws -> Linear {
+                if let matrix = try compact(p + n + ".weight", shape) { return Linear(compact: matrix, bias: nil) }
+                return Linear(weight: try expect(p + n + ".weight", shape), bias: nil)
+            }
             let attention = LlamaAttention(q: try lin("self_attn.q_proj", [qd, h]), k: try lin("self_attn.k_proj", [kvd, h]),
                                            v: try lin("self_attn.v_proj", [kvd, h]), o: try lin("self_attn.o_proj", [h, qd]),
                                            config: config, layerIndex: i)
@@ -200,7 +218,14 @@ public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
         self.layers = layers
         originalLayers = layers
         norm = RMSNorm(weight: try expect("model.norm.weight", [h]), eps: config.rmsNormEps)
-        lmHead = Linear(weight: tiedHead ? embedTokens.weight : try expect("lm_head.weight", [config.vocabSize, h]), bias: nil)
+        if tiedHead, let table = compactTable {
+            lmHead = Linear(compact: table, bias: nil)
+            embedTokens.tiedHead = lmHead
+        } else if !tiedHead, let matrix = try compact("lm_head.weight", embedShape) {
+            lmHead = Linear(compact: matrix, bias: nil)
+        } else {
+            lmHead = Linear(weight: tiedHead ? embedTokens.weight : try expect("lm_head.weight", embedShape), bias: nil)
+        }
         super.init(typeName: "LlamaForCausalLM")
         register("model", ModuleList(typeName: "LlamaModel", [
             ("embed_tokens", embedTokens), ("layers", ModuleList.numbered(layers)), ("norm", norm),
@@ -223,24 +248,51 @@ public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
         return "model.layers.\(layer).\(m).\(parts[3])"
     }
 
-    /// Loads a Llama GGUF file, dequantizing to Float32 and undoing the converter's Q/K row permutation so
-    /// weights are in transformers' layout (RoPE then rotates the two halves of each head).
-    public convenience init(gguf: GGUFFile) throws {
+    /// Loads a Llama GGUF file in transformers' layout, undoing the converter's Q/K row permutation (RoPE then
+    /// rotates the two halves of each head). With `keepQuantized` (the default) every Linear weight and the token
+    /// embeddings stay in their block formats, read in place from the file's memory map (``QuantizedMatrix``,
+    /// decoded tile by tile inside each product: the float32 values are the same, the memory is the file's); norms,
+    /// and everything when `keepQuantized` is false, are dequantized to float32.
+    public convenience init(gguf: GGUFFile, keepQuantized: Bool = true) throws {
         let config = try LlamaConfig(gguf: gguf)
         var byHF: [String: String] = [:]
         for info in gguf.tensors {
             if let hf = LlamaModel.huggingFaceName(forGGUF: info.name) { byHF[hf] = info.name }
         }
         let tied = byHF["lm_head.weight"] == nil
+        func heads(_ hf: String) -> Int? {
+            if hf.hasSuffix("q_proj.weight") { return config.heads }
+            if hf.hasSuffix("k_proj.weight") { return config.kvHeads }
+            return nil
+        }
         try self.init(config: config, weights: { hf in
             guard let name = byHF[hf] else {
                 throw GraftError(.notFound, "\(gguf.path): no tensor for '\(hf)' in the file")
             }
             let t = try gguf.tensor(name)
-            if hf.hasSuffix("q_proj.weight") { return LlamaModel.unpermuteRoPERows(t, heads: config.heads) }
-            if hf.hasSuffix("k_proj.weight") { return LlamaModel.unpermuteRoPERows(t, heads: config.kvHeads) }
+            if let n = heads(hf) { return LlamaModel.unpermuteRoPERows(t, heads: n) }
             return t
-        }, tiedHead: tied)
+        }, tiedHead: tied, compactWeights: { hf in
+            guard keepQuantized, let name = byHF[hf], let info = gguf.tensorInfo(name), info.type != .f32,
+                  info.type.canDequantize, info.shape.count == 2 else { return nil }
+            let rowOrder = heads(hf).map { LlamaModel.unpermutedRowOrder(rows: info.shape[0], heads: $0) }
+            return try gguf.withRawBytes(info) { bytes in
+                try QuantizedMatrix(name: "\(gguf.path): \(name)", type: info.type, rows: info.shape[0],
+                                    cols: info.shape[1], bytes: bytes, rowOrder: rowOrder, borrowingFrom: gguf)
+            }
+        })
+    }
+
+    /// The GGUF row each transformers row of a Q/K weight comes from (``unpermuteRoPERows(_:heads:)`` as an index).
+    static func unpermutedRowOrder(rows: Int, heads: Int) -> [Int] {
+        let d = rows / max(heads, 1), half = d / 2
+        var order = Array(0..<rows)
+        for h in 0..<heads {
+            for i in 0..<half {
+                for j in 0..<2 { order[h * d + j * half + i] = h * d + 2 * i + j }
+            }
+        }
+        return order
     }
 
     /// The inverse of ``unpermuteRoPERows(_:heads:)``: transformers' Q/K rows back in the GGUF converter's
@@ -279,8 +331,12 @@ public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
         try hiddenStates(batch, cache: nil, keepVirtualTokens: true)
     }
 
+    /// The final hidden states after `model.norm` (transformers' `hidden_states[-1]`).
+    public func lastHiddenStates(_ batch: TokenBatch, cache: KVCache?) throws -> Tensor { try hiddenStates(batch, cache: cache) }
+
     private func hiddenStates(_ batch: TokenBatch, cache: KVCache?, keepVirtualTokens: Bool) throws -> Tensor {
         try batch.validate(vocabularySize: config.vocabSize)
+        try runForwardHooks(batch, cache: cache)
         let offset = cache?.length ?? 0
         var positions = batch.resolvedPositions
         if offset > 0 { positions = positions.map { $0 + Int32(offset) } }
@@ -363,6 +419,9 @@ public final class LlamaModel: Module, PrefixHost, TokenObserverHost {
         }
         if promptAdapters.contains(where: { $0.isEnabled }) || prefixAdapters.contains(where: { $0.isEnabled }) {
             throw GraftError(.unsupported, "batched generation does not support prompt or prefix tuning yet; generate one prompt at a time")
+        }
+        if forwardHooks.contains(where: { $0.isEnabled }) {
+            throw GraftError(.unsupported, "batched generation does not support a model-level pass hook (X-LoRA's scaling pass) yet; generate one prompt at a time")
         }
         for observer in tokenObservers where observer.isEnabled { observer.willRun(batch, caches: caches) }
         var positions = [Int32](repeating: 0, count: batch.ids.count)

@@ -44,10 +44,25 @@ open class Module {
         return out
     }
 
-    /// Every parameter below this module with its dotted path (`...query.weight`).
+    /// Parameters this module keeps in a compact frozen format rather than as tensors (a quantized Linear
+    /// weight): their local name, shape, the object holding them (shared by tied modules) and a decoder to
+    /// float32. None by default.
+    open var compactParameters: [(name: String, shape: [Int], source: AnyObject, decode: () -> Tensor)] { [] }
+
+    /// Every parameter below this module with its dotted path (`...query.weight`). Compact frozen weights are
+    /// decoded to float32 copies here: use ``namedParameterShapes(prefix:)`` where shapes are enough.
     public func namedParameters(prefix: String = "") -> [(name: String, tensor: Tensor)] {
         namedModules(prefix: prefix).flatMap { path, module in
-            module.localParameters.map { (path.isEmpty ? $0.name : path + "." + $0.name, $0.tensor) }
+            module.compactParameters.map { (path.isEmpty ? $0.name : path + "." + $0.name, $0.decode()) }
+                + module.localParameters.map { (path.isEmpty ? $0.name : path + "." + $0.name, $0.tensor) }
+        }
+    }
+
+    /// Every parameter's dotted path and shape, without decoding compact weights.
+    public func namedParameterShapes(prefix: String = "") -> [(name: String, shape: [Int])] {
+        namedModules(prefix: prefix).flatMap { path, module in
+            module.compactParameters.map { (path.isEmpty ? $0.name : path + "." + $0.name, $0.shape) }
+                + module.localParameters.map { (path.isEmpty ? $0.name : path + "." + $0.name, $0.tensor.shape) }
         }
     }
 
@@ -67,7 +82,12 @@ open class Module {
     public var parameterCount: Int {
         var seen = Set<ObjectIdentifier>()
         var total = 0
-        for (_, t) in namedParameters() where seen.insert(ObjectIdentifier(t.storage)).inserted { total += t.count }
+        for (_, module) in namedModules() {
+            for (_, t) in module.localParameters where seen.insert(ObjectIdentifier(t.storage)).inserted { total += t.count }
+            for compact in module.compactParameters where seen.insert(ObjectIdentifier(compact.source)).inserted {
+                total += compact.shape.reduce(1, *)
+            }
+        }
         return total
     }
 

@@ -107,7 +107,7 @@ public enum LoRAMixtureFactory: AdapterMethodFactory {
 }
 
 extension AdapterMethodTable {
-    /// Every method Graft has: GraftAdapters' own plus GraftRouting's expert mixtures (`LORA_MOE`). Sessions
-    /// create their models with it.
-    public static let all = AdapterMethodTable.builtIn.adding([LoRAMixtureFactory.self])
+    /// Every method Graft has: GraftAdapters' own plus GraftRouting's expert mixtures (`LORA_MOE`, `XLORA`).
+    /// Sessions create their models with it.
+    public static let all = AdapterMethodTable.builtIn.adding([LoRAMixtureFactory.self, XLoRAFactory.self])
 }

@@ -81,10 +81,14 @@ public enum MixedAdapterBatch {
             installed.append((lin, original))
             lin.adapters = [RoutedLinear(batchRows: ids.count, segments: perSegment, path: path, failure: failure)]
         }
+        // X-LoRA adapters run their scaling pass over the batch even though every adapter's switch is off.
+        let xloras = used.compactMap { model.adapters[Int($0)].state.methodObjects[XLoRAFactory.runtimeKey] as? XLoRARuntime }
         let wasDisabled = model.adaptersDisabled
         model.setAdaptersDisabled(true)
+        for x in xloras { x.routedInMixedBatch = true }
         defer {
             for (lin, original) in installed { lin.adapters = original }
+            for x in xloras { x.routedInMixedBatch = false; x.segmentRowOffset = 0 }
             model.setAdaptersDisabled(wasDisabled)
         }
         let result = try withNoGrad { try body() }
@@ -207,7 +211,13 @@ final class RoutedLinear: LinearAdapter {
         for g in general {
             guard let xv = view(x, g.rows), let yv = view(y, g.rows) else { return y }
             var out = yv
-            for a in g.adapters { out = a.forward(input: xv, baseOutput: out, layer: layer) }
+            for a in g.adapters {
+                // X-LoRA reads its segment's rows of the scalings the batch's scaling pass computed.
+                let xlora = (a as? XLoRALayer)?.runtime
+                xlora?.segmentRowOffset = g.rows.lowerBound * per
+                out = a.forward(input: xv, baseOutput: out, layer: layer)
+                xlora?.segmentRowOffset = 0
+            }
             if out.pointer != yv.pointer {
                 guard out.count == yv.count else {
                     failure.message = "mixed-adapter batch: layer '\(path)': an adapter changed the shape of its output rows"

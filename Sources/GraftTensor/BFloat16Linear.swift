@@ -93,9 +93,16 @@ func bf16Product(m: Int, n: Int, k: Int, a: UnsafePointer<Float>, b: BFloat16Mat
 /// ``linear(_:_:_:)`` with the frozen `weight`'s products in bfloat16 (`narrow` is its copy): `x · Wᵀ (+ bias)`
 /// forward, `dx = dy · W` backward. `weight` must not be trainable (its gradient would need float32).
 public func linear(_ x: Tensor, _ weight: Tensor, narrow: BFloat16Matrix, _ bias: Tensor? = nil) -> Tensor {
-    let inF = weight.shape[1], outF = weight.shape[0]
-    precondition(x.lastDim == inF && narrow.cols == inF && narrow.rows == outF, "linear: input \(x.shape) vs weight \(weight.shape)")
+    precondition(narrow.cols == weight.shape[1] && narrow.rows == weight.shape[0], "linear: bfloat16 copy \(narrow.rows)×\(narrow.cols) vs weight \(weight.shape)")
     precondition(!weight.requiresGrad, "linear(narrow:): the weight is trainable; use the float32 linear")
+    return linear(x, narrow: narrow, bias)
+}
+
+/// `x · Wᵀ (+ bias)` for a frozen weight known only by its bfloat16 copy `narrow` (`[out, in]`); backward gives
+/// the input and bias gradients.
+public func linear(_ x: Tensor, narrow: BFloat16Matrix, _ bias: Tensor? = nil) -> Tensor {
+    let inF = narrow.cols, outF = narrow.rows
+    precondition(x.lastDim == inF, "linear: input \(x.shape) does not end in \(inF)")
     let rowsN = x.rows
     let out = linearOutput(x, inFeatures: inF, outFeatures: outF, bias: bias)
     if inF > 0 {
@@ -103,10 +110,10 @@ public func linear(_ x: Tensor, _ weight: Tensor, narrow: BFloat16Matrix, _ bias
         bf16Product(m: rowsN, n: outF, k: inF, a: xb, b: narrow.storage, transB: true, c: out.pointer, accumulate: bias != nil)
         xb.deallocate()
     }
-    var inputs = [x, weight]
+    var inputs = [x]
     if let bias { inputs.append(bias) }
     return Tensor.result(out, inputs: inputs) { g in
-        var dx: Tensor? = nil, db: Tensor? = nil
+        var dx: Tensor? = nil
         if x.requiresGrad {
             let t = Tensor(zeros: x.shape)
             if outF > 0 {
@@ -116,7 +123,8 @@ public func linear(_ x: Tensor, _ weight: Tensor, narrow: BFloat16Matrix, _ bias
             }
             dx = t
         }
-        if let bias, bias.requiresGrad { db = g.sumToShape(bias.shape) }
-        return [dx, nil, db]
+        var grads: [Tensor?] = [dx]
+        if let bias { grads.append(bias.requiresGrad ? g.sumToShape(bias.shape) : nil) }
+        return grads
     }
 }

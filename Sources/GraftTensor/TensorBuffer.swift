@@ -17,26 +17,38 @@ public final class TensorBuffer: @unchecked Sendable {
     /// The buffer a view borrows its memory from (kept alive by the view); nil when this buffer owns its memory.
     private let owner: TensorBuffer?
 
-    /// Keeps large freed blocks in the allocator for reuse instead of returning them to the kernel: a training
-    /// step allocates and frees the same activation sizes every time, and fresh pages cost faults and zeroing.
+    /// Sets malloc up once for the small blocks it still serves (``BufferPool`` serves the large ones).
     static let allocatorTuned: Bool = {
-        cgraft_keep_freed_memory()
+        cgraft_tune_malloc()
         return true
     }()
+
+    /// Whether the memory came from ``BufferPool`` (and goes back to it).
+    private let pooled: Bool
 
     /// Allocates `count` elements, zero-filled unless `zeroed` is false.
     public init(count: Int, zeroed: Bool = true) {
         _ = TensorBuffer.allocatorTuned
         self.count = count
         let bytes = max(count, 1) * MemoryLayout<Float>.stride
+        if bytes >= BufferPool.minimumBytes, let block = BufferPool.shared.take(bytes) {
+            let p = block.pointer.bindMemory(to: Float.self, capacity: count)
+            // A fresh mapping is already zero-filled.
+            if zeroed && !block.fresh { p.update(repeating: 0, count: count) }
+            pointer = p
+            pooled = true
+            owner = nil
+            return
+        }
         var raw: UnsafeMutableRawPointer?
-        if posix_memalign(&raw, 64, (bytes + 63) & ~63) != 0 || raw == nil {
+        guard posix_memalign(&raw, 64, (bytes + 63) & ~63) == 0, let raw else {
             // Allocation failure of a size the caller already validated is not recoverable here.
             fatalError("Graft: out of memory allocating \(bytes) bytes")
         }
-        let p = raw!.bindMemory(to: Float.self, capacity: max(count, 1))
+        let p = raw.bindMemory(to: Float.self, capacity: max(count, 1))
         if zeroed { p.initialize(repeating: 0, count: max(count, 1)) }
         pointer = p
+        pooled = false
         owner = nil
     }
 
@@ -47,6 +59,7 @@ public final class TensorBuffer: @unchecked Sendable {
                      "view \(offset)..<\(offset + count) of a buffer of \(owner.count)")
         self.count = count
         pointer = owner.pointer + offset
+        pooled = false
         self.owner = owner
     }
 
@@ -56,7 +69,14 @@ public final class TensorBuffer: @unchecked Sendable {
         if let base = values.baseAddress { pointer.update(from: base, count: values.count) }
     }
 
-    deinit { if owner == nil { free(pointer) } }
+    deinit {
+        guard owner == nil else { return }
+        if pooled {
+            BufferPool.shared.give(UnsafeMutableRawPointer(pointer), bytes: count * MemoryLayout<Float>.stride)
+        } else {
+            free(pointer)
+        }
+    }
 
     /// The elements as a mutable buffer pointer.
     @inlinable public var buffer: UnsafeMutableBufferPointer<Float> {

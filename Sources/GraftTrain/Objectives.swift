@@ -94,7 +94,7 @@ public final class CausalLMObjective: TrainingObjective {
             let rows = (0..<batch.tokenCount).filter { batch.targets[$0] != -100 }
             if !rows.isEmpty {
                 let picked = embedding(rows.map(Int32.init), table: hidden)
-                let logits = linear(picked, model.lmHead.weight)
+                let logits = model.lmHead.baseForward(picked)
                 let v = model.config.vocabSize
                 for (i, r) in rows.enumerated() {
                     var best = 0

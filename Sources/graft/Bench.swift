@@ -7,7 +7,7 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Time forward passes (median of several runs); used by bench/.",
         subcommands: [Forward.self, TrainStep.self, MixedAdapters.self, TrainText.self, SeedMerge.self, Continual.self,
-                      Allreduce.self])
+                      Allreduce.self, Decode.self])
 
     struct Forward: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Forward-pass time for a batch of random tokens.")
@@ -73,8 +73,12 @@ struct Bench: ParsableCommand {
             try graft.run {
                 Threading.setThreads(threads)
                 let path = resolveModelPath(model)
-                let probe = try GraftModel(path: path)
-                let isBert = probe.architecture == .bert
+                // Architecture and vocabulary from a model that is gone before the measured one loads.
+                let (architecture, vocab) = try { () throws -> (GraftModel.Architecture, Int) in
+                    let probe = try GraftModel(path: path)
+                    return (probe.architecture, probe.tokenizer.vocabularySize)
+                }()
+                let isBert = architecture == .bert
                 var options = Graft.TrainingOptions()
                 options.batchSize = batch
                 options.maxGradNorm = 0
@@ -92,7 +96,6 @@ struct Bench: ParsableCommand {
                 try model.addAdapter(name: "default", config: AdapterConfig(json: adapter, source: "bench adapter"), seed: options.seed)
                 let session = try GraftTrainingSession(session: model, adapterName: "default", options: options)
                 var rng = GraftRNG(seed: 3)
-                let vocab = probe.tokenizer.vocabularySize
                 let examples = (0..<batch).map { i -> TokenizedExample in
                     let ids = (0..<length).map { _ in Int32(1000 + Int(rng.next() % UInt64(vocab - 2000))) }
                     return isBert ? TokenizedExample(ids: ids, label: Int32(i % 3))
@@ -112,7 +115,7 @@ struct Bench: ParsableCommand {
                 var usage = rusage()
                 getrusage(RUSAGE_SELF.rawValue, &usage)
                 print(String(format: "graft train-step %@ B%d×T%d LoRA r%d on %@, %d trainable, threads=%d: median %.4f s/step (min %.4f, max %.4f, %d steps after %d warm-up), peak RSS %.2f GB",
-                             probe.architecture.rawValue, batch, length, r,
+                             architecture.rawValue, batch, length, r,
                              (adapter["target_modules"] as? [String] ?? []).joined(separator: ","), session.trainableParameters,
                              threads, times[times.count / 2], times.first ?? 0, times.last ?? 0, runs, warmup,
                              Double(usage.ru_maxrss) / 1_048_576))

@@ -56,7 +56,7 @@ struct GraftDaemonCommand: ParsableCommand {
 
     func run() throws {
         cgraft_line_buffer_stdout()
-        cgraft_keep_freed_memory()
+        cgraft_tune_malloc()
         if let threads { Threading.setThreads(threads) }
         var config = DaemonConfiguration()
         config.socketPath = noSocket ? nil : (socket ?? DaemonConfiguration.defaultSocketPath)

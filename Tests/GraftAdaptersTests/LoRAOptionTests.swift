@@ -12,8 +12,8 @@ import GraftTestSupport
 @Suite(.serialized) struct LoRAOptionTests {
     static let fixtures = ["lora_bias", "lora_bias_rslora_all", "olora", "olora_rslora_all", "lora_trainable_tokens",
                            "lora_trainable_tokens_dict", "lora_target_parameters", "lora_target_modules_and_parameters",
-                           "kasa", "lora_layer_replication", "lora_ensure_weight_tying",
-                           "velora_random", "velora_batch_average"]
+                           "kasa", "qalora", "qalora_all_rslora", "eva", "lora_ga", "lora_layer_replication",
+                           "lora_ensure_weight_tying", "velora_random", "velora_batch_average"]
     /// The fixtures that merge (layer_replication's copies share their base weights and refuse to: LayerReplicationTests).
     static let mergeable = fixtures.filter { $0 != "lora_layer_replication" }
 

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import GraftAdapters
 import GraftTestSupport
@@ -13,7 +14,18 @@ import GraftTestSupport
             + LoRAOptionTests.fixtures.map { "peft-minilm-lora-options/\($0)" }
             + DecoderMethodParityTests.methods.map { "peft-smollm2-decoder/\($0)" }
             // ALoRATests and LayerReplicationTests, at the catalog's 1e-4 max-abs (1e-5 relative past a change of 10)
-            + ["peft-smollm2-lora-options/alora", "peft-smollm2-lora-options/lora_layer_replication"])
+            + ["peft-smollm2-lora-options/alora", "peft-smollm2-lora-options/lora_layer_replication"]
+            + xloraFixtures)
+    }
+
+    /// X-LoRA's fixtures, measured by `XLoRATests.logitsAndScalingsMatchPEFT` in GraftRoutingTests (X-LoRA lives
+    /// in GraftRouting), at the catalog's tolerance.
+    static let xloraFixtures = ["peft-xlora/smollm2/layerwise", "peft-xlora/smollm2/deep_topk"]
+
+    @Test func xloraFixturesExist() {
+        for f in Self.xloraFixtures {
+            #expect(FileManager.default.fileExists(atPath: Assets.fixture(f + "/expected.safetensors")), "\(f)")
+        }
     }
 
     @Test func everyBuiltInMethodHasARecord() {

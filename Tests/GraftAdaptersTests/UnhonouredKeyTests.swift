@@ -25,7 +25,7 @@ import GraftTensor
     }
 
     @Test(arguments: [
-        (#""peft_type": "LORA", "use_qalora": true"#, "use_qalora"),
+        (#""peft_type": "LORA", "use_bdlora": true"#, "use_bdlora"),
         (#""peft_type": "LORA", "layer_replication": [[0, 1]]"#, "layer_replication"),
         (#""peft_type": "LORA", "velora_config": {"rank": 4}"#, "velora_config.rank"),
         (#""peft_type": "LORA", "arrow_config": {"top_k": 2}"#, "arrow_config"),
@@ -52,8 +52,8 @@ import GraftTensor
     }
 
     @Test func theMessageListsWhatTheMethodHonours() {
-        let message = rejection(#"{"peft_type": "LORA", "target_modules": ["proj"], "use_qalora": true}"#) ?? ""
-        #expect(message.contains("'use_qalora' = true is not supported by Graft's LORA"))
+        let message = rejection(#"{"peft_type": "LORA", "target_modules": ["proj"], "use_bdlora": true}"#) ?? ""
+        #expect(message.contains("'use_bdlora' = true is not supported by Graft's LORA"))
         #expect(message.contains("honours: ") && message.contains("lora_alpha") && message.contains("rank_pattern"))
     }
 
@@ -71,7 +71,7 @@ import GraftTensor
     @Test func aRejectedConfigLeavesTheModelUntouched() throws {
         let model = Self.toyModel()
         #expect(throws: GraftError.self) {
-            try model.addAdapter("a", config: AdapterConfig(jsonText: #"{"peft_type": "LORA", "target_modules": ["proj"], "use_qalora": true}"#, source: "c"))
+            try model.addAdapter("a", config: AdapterConfig(jsonText: #"{"peft_type": "LORA", "target_modules": ["proj"], "use_bdlora": true}"#, source: "c"))
         }
         #expect(model.adapters.isEmpty)
         let lin = model.root.namedModules().compactMap { $0.module as? Linear }.first

@@ -9,7 +9,7 @@ import GraftTestSupport
 /// The second wave of PEFT 0.21.2 tuners (issue 14): PEFT's files reproduce PEFT's MiniLM outputs, merge where
 /// PEFT can, and save back under the same keys and shapes.
 @Suite(.serialized) struct Wave2ParityTests {
-    static let methods = ["glora", "delora", "hira", "tinylora", "pvera", "unilora", "gralora", "beft", "peanut", "deft", "supertuning", "waveft", "lily", "psoft", "frod"]
+    static let methods = ["glora", "delora", "hira", "tinylora", "pvera", "unilora", "gralora", "beft", "peanut", "deft", "supertuning", "waveft", "lily", "psoft", "frod", "adamss"]
     /// Methods PEFT cannot merge.
     static let unmergeable: Set<String> = ["lily"]
 
@@ -116,6 +116,8 @@ import GraftTestSupport
         ("WaveFT sparse", #"{"peft_type":"WAVEFT","n_frequency":10,"scaling":3,"use_idwt":false,"target_modules":["proj"]}"#),
         ("UniLoRA", #"{"peft_type":"UNILORA","r":2,"theta_d_length":7,"proj_seed":3,"target_modules":["proj"]}"#),
         ("GraLoRA", #"{"peft_type":"GRALORA","r":4,"alpha":8,"gralora_k":2,"init_weights":false,"target_modules":["proj"]}"#),
+        ("AdaMSS", #"{"peft_type":"ADAMSS","r":4,"num_subspaces":3,"subspace_rank":2,"init_weights":null,"target_modules":["proj"]}"#),
+        ("AdaMSS dynamic rank", #"{"peft_type":"ADAMSS","r":5,"num_subspaces":2,"subspace_rank":3,"use_dynamic_rank":true,"svd_threshold":0.05,"init_weights":null,"target_modules":["proj"]}"#),
         ("GraLoRA hybrid", #"{"peft_type":"GRALORA","r":2,"hybrid_r":2,"alpha":8,"gralora_k":2,"init_weights":false,"target_modules":["proj"]}"#),
     ]
 
@@ -204,6 +206,10 @@ import GraftTestSupport
         (#""peft_type": "FROD", "made_up_option": 3"#, "made_up_option"),
         (#""peft_type": "OSF", "effective_rank": -2"#, "effective_rank"),
         (#""peft_type": "OSF", "made_up_option": 3"#, "made_up_option"),
+        (#""peft_type": "ADAMSS", "use_asa": true"#, "use_asa"),
+        (#""peft_type": "ADAMSS", "init_weights": "gaussian""#, "init_weights"),
+        (#""peft_type": "ADAMSS", "num_subspaces": 0"#, "num_subspaces"),
+        (#""peft_type": "ADAMSS", "made_up_option": 3"#, "made_up_option"),
     ])
     func unsupportedSettingsAreRejectedByName(keys: String, key: String) {
         let message = rejection("{\(keys), \"target_modules\": [\"proj\"]}")

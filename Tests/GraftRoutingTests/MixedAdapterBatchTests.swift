@@ -194,12 +194,14 @@ import GraftTestSupport
     static func productMagnitudes(_ lin: Linear, delta: Tensor?, x: Tensor) -> [Double] {
         let (n, k) = (lin.outFeatures, lin.inFeatures)
         let tokens = x.count / k
+        // A quantized layer's weight is decoded on every read: once here.
+        let weight = lin.weight
         var out = [Double](repeating: 0, count: tokens * n)
         for tok in 0..<tokens {
             for i in 0..<n {
                 var sum = Double(abs(lin.bias?.pointer[i] ?? 0))
                 for j in 0..<k {
-                    let w = Double(abs(lin.weight.pointer[i * k + j])) + Double(abs(delta?.pointer[i * k + j] ?? 0))
+                    let w = Double(abs(weight.pointer[i * k + j])) + Double(abs(delta?.pointer[i * k + j] ?? 0))
                     sum += w * Double(abs(x.pointer[tok * k + j]))
                 }
                 out[tok * n + i] = sum

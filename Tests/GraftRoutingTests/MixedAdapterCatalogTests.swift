@@ -15,6 +15,12 @@ import GraftTestSupport
         guard let factory = AdapterMethodTable.all.linear[peftType] else { return }
         var config = factory.exampleConfig(targets: ["query", "value"])
         config["peft_type"] = peftType
+        let experts = FileManager.default.temporaryDirectory.appendingPathComponent("graft-mixed-xlora-\(getpid())").path
+        defer { try? FileManager.default.removeItem(atPath: experts) }
+        if peftType == XLoRAFactory.peftType {
+            // X-LoRA mixes LoRA experts read from their directories: three made on this model.
+            config["adapters"] = try XLoRATests.miniLMExperts(s.adapted.root, dir: experts)
+        }
         let json = String(decoding: try JSONSerialization.data(withJSONObject: config, options: [.sortedKeys]), as: UTF8.self)
         try s.addAdapter(name: "method", configJSON: json, seed: 10)
         try s.addAdapter(name: "lora", configJSON: #"{"peft_type": "LORA", "r": 4, "target_modules": ["query", "value"], "init_lora_weights": false}"#, seed: 11)

@@ -215,7 +215,7 @@ def main():
                 peer + ["train-step", "--model", "smollm2", "--batch", "4", "--length", "128", "--r", "8",
                         "--runs", runs, "--warmup", "2"], log)
             rows.append(Row("b. SmolLM2 LoRA step B4×T128", median_of(g), median_of(p), gr, pr,
-                            "s/step; " + cpu_note(g, p) + "; both dequantize the GGUF weights to float32 (bfloat16 mode adds a bfloat16 copy of each frozen weight)"))
+                            "s/step; " + cpu_note(g, p) + "; Graft keeps the GGUF weights in their Q4_1/Q8_0 blocks, PyTorch dequantized them to float32 (Graft's bfloat16 mode adds a bfloat16 copy of each frozen weight)"))
         if "c" in only:
             (g, gr, _), (p, pr, _) = pair(
                 "c: SmolLM2 prefill 8×64, last-position logits, LoRA r16 all-linear",

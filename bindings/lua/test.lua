@@ -114,6 +114,7 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     '{"peft_type": "GLORA", "r": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "PSOFT", "r": 8, "target_modules": ["query", "value"]}',
     '{"peft_type": "WAVEFT", "n_frequency": 64, "target_modules": ["query", "value"]}',
+    '{"peft_type": "ADAMSS", "r": 8, "num_subspaces": 5, "target_modules": ["query", "value"]}',
     '{"peft_type": "ETHER", "nb": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "SEQ_BN", "reduction_factor": 16}',
     '{"peft_type": "LORA_MOE", "r": 2, "num_experts": 2, "target_modules": ["query", "value"]}',
@@ -125,6 +126,14 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     assert(list:find('"peft_type"%s*:%s*"' .. peft_type .. '"'), peft_type .. " missing from " .. list)
     m:delete_adapter("probe")
   end
+  -- X-LoRA mixes LoRA experts read from their directories: one saved here first.
+  m:add_adapter("expert", '{"peft_type": "LORA", "r": 2, "init_lora_weights": false, "target_modules": ["query", "value"]}')
+  m:save_adapter(tmp .. "/xlora-expert", "expert")
+  m:delete_adapter("expert")
+  m:add_adapter("probe", '{"peft_type": "XLORA", "hidden_size": 384, "layerwise_scalings": true, "adapters": {"0": "'
+    .. tmp .. '/xlora-expert"}}')
+  assert(m:list_adapters():find('"peft_type"%s*:%s*"XLORA"'))
+  m:delete_adapter("probe")
 end)
 
 test("adapter and load errors", function()

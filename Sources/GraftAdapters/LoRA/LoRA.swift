@@ -43,8 +43,14 @@ public final class LoRALayer: LinearAdapterMethod {
     public internal(set) var activation: ALoRAActivation?
     /// VeLoRA's compressed backward for `lora_A` (see `VeLoRA.swift`); nil for other LoRA.
     var velora: VeLoRAState?
+    /// LoftQ's frozen quantization error `W − Q` `[out, in]`, subtracted from the base output (see `LoftQ.swift`).
+    public internal(set) var quantizationError: Tensor?
     /// Input statistics gathered for CorDA's initialization (see `CorDA.swift`); nil unless collecting.
     var covarianceCollector: CovarianceCollector?
+    /// Input moments gathered for EVA's initialization (see `EVA.swift`); nil unless collecting.
+    var momentCollector: InputMomentCollector?
+    /// Counts forward passes while LoRA-GA estimates gradients (see `LoRAGA.swift`); nil otherwise.
+    var gradientCounter: (() -> Void)?
 
     /// Creates the layer with PEFT's default initialization: A Kaiming-uniform (a = √5), B zero
     /// (`initLoraWeights == false` draws B like A, so the adapter is not the identity); `gaussianA` draws A from
@@ -88,6 +94,8 @@ public final class LoRALayer: LinearAdapterMethod {
     public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
         if magnitude != nil { return doraForward(input: x, baseOutput: y, layer: layer) }
         covarianceCollector?.add(x)
+        momentCollector?.add(x)
+        gradientCounter?()
         if let activation, activation.isIdle { return y }  // aLoRA before its invocation: the base model.
         let input = dropout(x, p: dropoutProbability, state: state)
         let projected: Tensor
@@ -106,6 +114,7 @@ public final class LoRALayer: LinearAdapterMethod {
             out = out + update
         }
         if let (us, vh) = droppedComponent { out = out - linear(linear(x, vh), us) }
+        if let quantizationError { out = out - linear(x, quantizationError) }
         guard let (a0, b0) = initialFactors else { return out }
         return out - linear(linear(x, a0), b0) * scaling
     }
@@ -128,18 +137,20 @@ public final class LoRALayer: LinearAdapterMethod {
         let delta = withNoGrad {
             var d = matmul(kasaDiagonal.map { loraB * $0 } ?? loraB, loraA) * scaling
             if let (us, vh) = droppedComponent { d = d - matmul(us, vh) }
+            if let quantizationError { d = d - quantizationError }
             guard let (a0, b0) = initialFactors else { return d }
             return d - matmul(b0, a0) * scaling
         }
         guard let magnitude else { return delta }
         // DoRA merges to m/‖W + ΔW‖ · (W + ΔW) − W.
-        let norms = LoRALayer.rowNorms(base.weight, plus: delta, scale: 1)
-        let out = Tensor(zeros: base.weight.shape)
+        let weight = base.weight
+        let norms = LoRALayer.rowNorms(weight, plus: delta, scale: 1)
+        let out = Tensor(zeros: weight.shape)
         let cols = base.inFeatures
         for r in 0..<base.outFeatures {
             let s = magnitude.pointer[r] / norms.pointer[r]
             for c in 0..<cols {
-                let w = base.weight.pointer[r * cols + c], d = delta.pointer[r * cols + c]
+                let w = weight.pointer[r * cols + c], d = delta.pointer[r * cols + c]
                 out.pointer[r * cols + c] = s * (w + d) - w
             }
         }

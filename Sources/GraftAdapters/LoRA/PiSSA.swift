@@ -37,7 +37,7 @@ enum SVDInitialization: Equatable {
     case olora
 
     /// Parses `init_lora_weights`; nil for booleans, `"gaussian"` and absent values (initializations drawn at random).
-    static let supported = #"true, false, "gaussian", "pissa", "pissa_niter_<n>", "milora", "corda", "olora""#
+    static let supported = #"true, false, "gaussian", "pissa", "pissa_niter_<n>", "milora", "corda", "olora", "eva", "lora_ga", "loftq""#
 
     static func parse(_ value: Any?, source: String) throws -> SVDInitialization? {
         switch value {
@@ -48,7 +48,8 @@ enum SVDInitialization: Equatable {
             if s == "milora" { return .milora }
             if s == "corda" { return .corda }
             if s == "olora" { return .olora }
-            if s == "gaussian" { return nil }
+            // EVA / LoRA-GA: default LoRA until AdaptedModel.initializeEVA / initializeLoRAGA (EVA.swift, LoRAGA.swift).
+            if s == "gaussian" || s == "eva" || s == "lora_ga" || s == "loftq" { return nil }  // LoftQ: LoftQ.swift.
             throw GraftError(.unsupported, "\(source): init_lora_weights \"\(s)\" is not supported (\(supported))")
         case let other?:
             throw GraftError(.unsupported, "\(source): init_lora_weights \(other) is not supported (\(supported))")

@@ -17,7 +17,7 @@ extension AdaptedModel {
             throw GraftError.invalid("\(config.source): 'target_parameters' must be a list of parameter names, got \(JSONScalar.describe(value))")
         }
         let modules = Dictionary(root.namedModules().map { ($0.name, $0.module) }, uniquingKeysWith: { a, _ in a })
-        let parameters = root.namedParameters().map(\.name)
+        let parameters = root.namedParameterShapes().map(\.name)
         var paths = Set<String>()
         for entry in entries {
             let hits = parameters.filter { $0 == entry || $0.hasSuffix("." + entry) }

@@ -85,7 +85,10 @@ public struct TaskVector {
     /// Adds `λτ` to the base weights in place (`W ← W + λτ`); apply `−λ` to take it out again.
     public func apply(scale lambda: Float = 1) {
         withNoGrad {
-            for (_, linear, d) in deltas { linear.weight.addInPlace(lambda == 1 ? d : d * lambda) }
+            for (_, linear, d) in deltas {
+                linear.makeWeightDense()
+                linear.weight.addInPlace(lambda == 1 ? d : d * lambda)
+            }
         }
     }
 }

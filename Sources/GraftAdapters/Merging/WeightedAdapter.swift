@@ -70,6 +70,9 @@ extension AdaptedModel {
             guard lora.initialFactors == nil else {
                 throw GraftError(.unsupported, "adapter '\(name)' has an SVD initialization (PiSSA/MiLoRA/CorDA) still applied; save and reload it as plain LoRA first")
             }
+            guard lora.quantizationError == nil else {
+                throw GraftError(.unsupported, "adapter '\(name)' is a LoftQ adapter over Graft's quantized base (init_lora_weights \"loftq\"); its update is not a plain LoRA delta on W")
+            }
         }
         return a
     }

@@ -32,6 +32,32 @@ class _TunerConfig(_PeftConfig):
 
 
 @dataclass
+class AdamssConfig(_PeftConfig):
+    """peft.AdamssConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "ADAMSS"
+    r: Any = 100
+    num_subspaces: Any = 5
+    subspace_rank: Any = 1
+    target_modules: Any = None
+    init_weights: Any = 'orthogonal'
+    modules_to_save: Any = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    use_asa: Any = False
+    asa_target_subspaces: Any = 50
+    init_warmup: Any = 50
+    final_warmup: Any = 1000
+    mask_interval: Any = 100
+    asa_importance_beta: Any = 0.85
+    asa_uncertainty_beta: Any = 0.85
+    asa_schedule_exponent: Any = 3.0
+    use_dynamic_rank: Any = False
+    svd_threshold: Any = 0.1
+    random_seed: Any = 0
+
+
+@dataclass
 class AdaptionPromptConfig(_PeftConfig):
     """peft.AdaptionPromptConfig: its fields and defaults (PEFT 0.21.2)."""
 
@@ -555,6 +581,26 @@ class WaveFTConfig(_TunerConfig):
 
 
 @dataclass
+class XLoraConfig(_PeftConfig):
+    """peft.XLoraConfig: its fields and defaults (PEFT 0.21.2)."""
+
+    PEFT_TYPE = "XLORA"
+    hidden_size: Any = None
+    adapters: Any = None
+    enable_softmax: Any = True
+    enable_softmax_topk: Any = False
+    layerwise_scalings: Any = False
+    xlora_depth: Any = 1
+    xlora_size: Any = 2048
+    xlora_dropout_p: Any = 0.2
+    use_trainable_adapters: Any = False
+    softmax_temperature: Any = 1.0
+    top_k_lora: Any = None
+    scaling_pass_value: Any = 0.0
+    global_scaling_weight: Any = 1.0
+
+
+@dataclass
 class AdaLoraConfig(LoraConfig):
     """peft.AdaLoraConfig: its fields and defaults (PEFT 0.21.2)."""
 
@@ -696,4 +742,4 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
     num_tasks: Any = 1
 
 
-__all__ = ["AdaLoraConfig", "AdaptionPromptConfig", "BOFTConfig", "BeftConfig", "C3AConfig", "CPTConfig", "CartridgeConfig", "DeftConfig", "DeloraConfig", "FourierFTConfig", "FrodConfig", "GloraConfig", "GraloraConfig", "HRAConfig", "HiraConfig", "IA3Config", "LNTuningConfig", "LilyConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "MissConfig", "MultitaskPromptTuningConfig", "OFTConfig", "OSFConfig", "PeanutConfig", "PolyConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PsoftConfig", "PveraConfig", "RandLoraConfig", "RoadConfig", "ShiraConfig", "SupertuningConfig", "TinyLoraConfig", "TrainableTokensConfig", "UniLoraConfig", "VBLoRAConfig", "VeraConfig", "WaveFTConfig"]
+__all__ = ["AdaLoraConfig", "AdamssConfig", "AdaptionPromptConfig", "BOFTConfig", "BeftConfig", "C3AConfig", "CPTConfig", "CartridgeConfig", "DeftConfig", "DeloraConfig", "FourierFTConfig", "FrodConfig", "GloraConfig", "GraloraConfig", "HRAConfig", "HiraConfig", "IA3Config", "LNTuningConfig", "LilyConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "MissConfig", "MultitaskPromptTuningConfig", "OFTConfig", "OSFConfig", "PeanutConfig", "PolyConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PsoftConfig", "PveraConfig", "RandLoraConfig", "RoadConfig", "ShiraConfig", "SupertuningConfig", "TinyLoraConfig", "TrainableTokensConfig", "UniLoraConfig", "VBLoRAConfig", "VeraConfig", "WaveFTConfig", "XLoraConfig"]

@@ -1,6 +1,7 @@
 """Every method reaches Python: each of PEFT's config classes (graft.peft_configs, generated from PEFT) and
 graft.AdapterConfig for Graft's own methods builds a working adapter through the C ABI's JSON door."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -21,9 +22,14 @@ EXTRA = {
 }
 # PEFT's decoder-only methods build on SmolLM2 instead (LLaMA-Adapter attends inside LlamaAttention; CPT is causal
 # LM only, as PEFT), with the arguments PEFT requires.
+# X-LoRA mixes LoRA experts read from their directories: PEFT's own SmolLM2 experts from the X-LoRA fixture (PEFT's
+# X-LoRA loads decoder checkpoints only).
+XLORA_EXPERTS = Path(__file__).resolve().parents[3] / "Tests" / "Fixtures" / "peft-xlora" / "smollm2" / "experts"
 DECODER_ONLY = {
     "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 2},
     "CPTConfig": {"cpt_token_ids": [1, 2, 3], "cpt_tokens_type_mask": [1, 2, 3], "task_type": "CAUSAL_LM"},
+    "XLoraConfig": {"adapters": {str(i): str(XLORA_EXPERTS / str(i)) for i in range(3)}, "hidden_size": 576,
+                    "layerwise_scalings": True, "task_type": "CAUSAL_LM"},
 }
 # Graft's own methods (not in PEFT), with small configs.
 OWN = [

@@ -1,0 +1,110 @@
+import CGraftKernels
+import GraftTensor
+
+/// A `[rows, cols]` matrix held in a ggml block format (Q4_1, Q8_0, Q4_K, F16, …): a frozen Linear weight kept
+/// as its GGUF bytes and decoded tile by tile inside the products (``linear(_:frozen:_:)``).
+///
+/// ggml stores a matrix row-major with every row a whole number of blocks, so any range of rows is one
+/// contiguous byte range. The matrix either copies its bytes or, like llama.cpp, reads them straight from the
+/// file's memory map, which it then keeps alive (only the pages touched count as resident, and they are shared
+/// with the page cache). A row order (the Q/K rows llama.cpp's converter interleaves) is applied row by row as
+/// the rows are decoded.
+public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
+    /// The storage format.
+    public let type: GGMLType
+    /// Rows.
+    public let rows: Int
+    /// Columns.
+    public let cols: Int
+    /// Bytes per row.
+    public let rowBytes: Int
+    private let storage: UnsafeRawPointer
+    /// Whether ``storage`` was allocated here (else it belongs to ``owner``'s mapping).
+    private let ownsStorage: Bool
+    /// What keeps borrowed bytes valid (the ``GGUFFile`` whose map they are in).
+    private let owner: AnyObject?
+    /// Row `i` of the matrix is row `rowOrder[i]` of the bytes; nil for the identity.
+    private let rowOrder: [Int]?
+    /// ``rowOrder`` for the C kernel.
+    private let rowOrder64: [Int64]?
+
+    /// A matrix over a GGUF tensor's bytes. `bytes` holds `rows` rows of `cols` elements of `type`; when
+    /// `rowOrder` is given, row `i` of the matrix is row `rowOrder[i]` of `bytes`. With `borrowingFrom` the bytes
+    /// are read in place for as long as the matrix lives and that object (which must keep them valid) is kept
+    /// alive; without it they are copied. Throws naming `name` when the format cannot be decoded or the sizes do
+    /// not add up.
+    public init(name: String, type: GGMLType, rows: Int, cols: Int, bytes: UnsafeRawBufferPointer,
+                rowOrder: [Int]? = nil, borrowingFrom owner: AnyObject? = nil) throws {
+        guard type.canDequantize else {
+            throw GraftError(.unsupported, "tensor '\(name)': Graft cannot decode \(type.name) yet")
+        }
+        guard rows > 0, cols > 0, cols % type.blockSize == 0 else {
+            throw GraftError.format("tensor '\(name)': [\(rows), \(cols)] rows are not whole \(type.name) blocks of \(type.blockSize)")
+        }
+        let rowBytes = cols / type.blockSize * type.typeSize
+        guard bytes.count == rows * rowBytes, let source = bytes.baseAddress else {
+            throw GraftError.format("tensor '\(name)': \(bytes.count) bytes, expected \(rows * rowBytes) for [\(rows), \(cols)] \(type.name)")
+        }
+        if let rowOrder {
+            guard rowOrder.count == rows, Set(rowOrder).count == rows, rowOrder.allSatisfy({ (0..<rows).contains($0) }) else {
+                throw GraftError.invalid("tensor '\(name)': the row order is not a permutation of its \(rows) rows")
+            }
+        }
+        self.type = type
+        self.rows = rows
+        self.cols = cols
+        self.rowBytes = rowBytes
+        self.rowOrder = rowOrder
+        rowOrder64 = rowOrder?.map(Int64.init)
+        self.owner = owner
+        if owner != nil {
+            storage = source
+            ownsStorage = false
+        } else {
+            let copy = UnsafeMutableRawPointer.allocate(byteCount: rows * rowBytes, alignment: 64)
+            copy.copyMemory(from: source, byteCount: rows * rowBytes)
+            storage = UnsafeRawPointer(copy)
+            ownsStorage = true
+        }
+    }
+
+    deinit { if ownsStorage { UnsafeMutableRawPointer(mutating: storage).deallocate() } }
+
+    /// Bytes held.
+    public var residentBytes: Int { rows * rowBytes }
+
+    /// The format's name (`Q4_1`).
+    public var formatName: String { type.name }
+
+    /// Q4_1 and Q8_0 multiply straight from their blocks (`cgraft_ggml_rows_product`).
+    public var hasDirectProduct: Bool { type == .q4_1 || type == .q8_0 }
+
+    /// Adds `x · Wᵀ` for `outputRows` from the blocks, on the calling thread.
+    public func accumulateProduct(_ x: UnsafePointer<Float>, rows m: Int, outputRows: Range<Int>,
+                                  into y: UnsafeMutablePointer<Float>, ldy: Int) {
+        guard hasDirectProduct, !outputRows.isEmpty else { return }
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(1, m * cols / 32))
+        defer { scratch.deallocate() }
+        let bytes = storage.assumingMemoryBound(to: UInt8.self)
+        let run = { (order: UnsafePointer<Int64>?) in
+            _ = cgraft_ggml_rows_product(Int32(self.type.rawValue), bytes, Int64(self.rowBytes), order,
+                                         Int64(outputRows.lowerBound), Int64(outputRows.upperBound), Int64(self.cols), x,
+                                         Int64(self.cols), Int64(m), y, Int64(ldy), scratch)
+        }
+        if let rowOrder64 { rowOrder64.withUnsafeBufferPointer { run($0.baseAddress) } } else { run(nil) }
+    }
+
+    /// Decodes rows `range` on the calling thread.
+    public func decodeRows(_ range: Range<Int>, into destination: UnsafeMutablePointer<Float>) {
+        guard !range.isEmpty else { return }
+        // The format and sizes were validated at init, so decoding cannot fail here.
+        guard let rowOrder else {
+            try? type.dequantize(storage + range.lowerBound * rowBytes, into: destination, count: range.count * cols,
+                                 parallel: false)
+            return
+        }
+        for (i, row) in range.enumerated() {
+            try? type.dequantize(storage + rowOrder[row] * rowBytes, into: destination + i * cols, count: cols, parallel: false)
+        }
+    }
+}

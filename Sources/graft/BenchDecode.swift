@@ -1,0 +1,75 @@
+import ArgumentParser
+import Foundation
+import Graft
+import GraftAssets
+import GraftModels
+import GraftTensor
+
+extension Bench {
+    /// `graft bench decode`: prefill and greedy decoding speed of a decoder on fixed token ids, the Graft side of
+    /// `bench/decode` (llama.cpp runs the same ids on the same GGUF file there).
+    struct Decode: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Prefill and greedy decode speed (tokens/s) on fixed prompt token ids; used by bench/decode.")
+
+        @Option(help: "Model path or asset name (a Llama decoder).") var model: String = "smollm2"
+        @Option(name: .customLong("prompt-tokens"), help: "Prompt length in tokens (fixed ids, the same as bench/decode's llama.cpp side).")
+        var promptTokens: Int = 32
+        @Option(name: .customLong("new-tokens"), help: "Tokens generated greedily after the prompt (no stop token).")
+        var newTokens: Int = 128
+        @Option(help: "A LoRA r16 on every linear layer, unmerged (0: the base model).") var r: Int = 0
+        @Option(help: "Timed runs (the median of each rate is reported).") var runs: Int = 3
+        @Option(help: "Untimed warm-up runs.") var warmup: Int = 1
+        @Option(help: "Threads.") var threads: Int = 2
+
+        /// The prompt's token ids: a fixed, vocabulary-spread sequence both engines use.
+        static func promptIDs(count: Int, vocabulary: Int) -> [Int32] {
+            (0..<count).map { Int32(1000 + ($0 * 7919) % max(1, vocabulary - 2000)) }
+        }
+
+        func run() throws {
+            try graft.run {
+                guard promptTokens >= 1, newTokens >= 1, runs >= 1, warmup >= 0, r >= 0 else {
+                    throw GraftError.invalid("--prompt-tokens, --new-tokens and --runs must be ≥ 1, --warmup and --r ≥ 0")
+                }
+                Threading.setThreads(threads)
+                var options = ModelOptions()
+                options.task = .causalLM
+                let session = try AssetCache.openSession(model, options: options)
+                let llama = try session.taskModel.decoder()
+                if r > 0 {
+                    let config: [String: Any] = ["peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": "all-linear",
+                                                 "init_lora_weights": false]
+                    try session.addAdapter(name: "bench", configJSON: try GraftSession.jsonString(config), seed: 7)
+                }
+                let prompt = Self.promptIDs(count: promptTokens, vocabulary: llama.config.vocabSize)
+                let parameters = GenerationParameters(maxNewTokens: newTokens, temperature: 0, stopTokens: [])
+                var prefillRates: [Double] = [], decodeRates: [Double] = [], tokens: [Int32] = []
+                for i in 0..<(warmup + runs) {
+                    let start = DispatchTime.now().uptimeNanoseconds
+                    var firstToken: UInt64 = 0
+                    let generated = try llama.generate(prompt: prompt, parameters: parameters) { _ in
+                        if firstToken == 0 { firstToken = DispatchTime.now().uptimeNanoseconds }
+                        return true
+                    }
+                    let end = DispatchTime.now().uptimeNanoseconds
+                    guard i >= warmup else { continue }
+                    tokens = generated
+                    // The first token comes out of the prefill; the rest are one decoding step each.
+                    prefillRates.append(Double(promptTokens) / (Double(firstToken - start) / 1e9))
+                    if generated.count > 1 { decodeRates.append(Double(generated.count - 1) / (Double(end - firstToken) / 1e9)) }
+                }
+                prefillRates.sort()
+                decodeRates.sort()
+                let prefill = prefillRates[prefillRates.count / 2], decode = decodeRates.isEmpty ? 0 : decodeRates[decodeRates.count / 2]
+                var usage = rusage()
+                getrusage(RUSAGE_SELF.rawValue, &usage)
+                print(String(format: "graft bench decode: prompt %d tokens, %d new (greedy), %@, threads=%d: prefill %.1f tokens/s, decode %.1f tokens/s (median of %d), peak RSS %.0f MB",
+                             promptTokens, newTokens, r > 0 ? "LoRA r\(r) all-linear unmerged" : "base", threads, prefill, decode,
+                             runs, Double(usage.ru_maxrss) / 1024))
+                printBenchJSON(["workload": "decode", "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+                                "tokens": tokens.map(Int.init)])
+            }
+        }
+    }
+}

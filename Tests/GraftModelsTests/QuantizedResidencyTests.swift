@@ -1,0 +1,54 @@
+import Testing
+@testable import GraftModels
+import GraftIO
+import GraftTensor
+import GraftTestSupport
+
+/// SmolLM2 loaded with its GGUF weights left in their block formats (the default) computes what the model
+/// dequantized to float32 at load computes: the same embedding rows bit for bit, the same logits and input
+/// gradients up to summation order; turning the tied table dense keeps the head tied.
+@Suite(.serialized) struct QuantizedResidencyTests {
+    @Test func blockFormatWeightsMatchTheDequantizedModel() throws {
+        let path = try Assets.require(Assets.smollm2)
+        let compact = try LlamaModel(gguf: GGUFFile(contentsOf: path))
+        let dense = try LlamaModel(gguf: GGUFFile(contentsOf: path), keepQuantized: false)
+        let layers = compact.namedModules().compactMap { $0.module as? Linear }
+        #expect(layers.count == 30 * 7 + 1 && layers.allSatisfy { $0.compactWeight != nil })
+        #expect(compact.embedTokens.compactWeight != nil && compact.lmHead.compactWeight === compact.embedTokens.compactWeight)
+        #expect(dense.namedModules().allSatisfy { ($0.module as? Linear)?.compactWeight == nil })
+        #expect(compact.parameterCount == dense.parameterCount)
+        #expect(compact.namedParameterShapes().map(\.name).sorted() == dense.namedParameterShapes().map(\.name).sorted())
+        let resident = layers.compactMap { $0.compactWeight?.residentBytes }.reduce(0, +)
+        print("SmolLM2 compact weights: \(resident) bytes resident for \(compact.parameterCount) parameters")
+
+        let ids: [Int32] = [1, 504, 3458, 282, 4649, 314, 30, 9, 42, 17]
+        #expect(maxAbsDifference(compact.embedTokens.forward(ids), dense.embedTokens.forward(ids)) == 0)
+        let batch = try TokenBatch(ids: ids + ids.reversed(), batchSize: 2, length: ids.count)
+        let a = try withNoGrad { try compact.logits(batch) }, b = try withNoGrad { try dense.logits(batch) }
+        let err = maxAbsDifference(a, b)
+        print("SmolLM2 logits, block-format vs float32 weights: max-abs \(err)")
+        #expect(err <= 1e-3)
+
+        // The input gradient through every frozen quantized layer (what LoRA training below them needs).
+        func inputGradient(_ model: LlamaModel) throws -> Tensor {
+            let layer = model.layers[0]
+            var rng = GraftRNG(seed: 4)
+            let x = Tensor.randomNormal([1, 6, model.config.hiddenSize], rng: &rng).requiringGrad()
+            let positions = (0..<6).map(Int32.init)
+            let y = layer.forward(x, positions: positions, mask: AttentionMask(causal: true, keyLengths: nil, segments: nil, queryOffset: 0), cache: nil)
+            sum(mul(y, y)).backward()
+            return try #require(x.grad)
+        }
+        let reference = try inputGradient(dense)
+        let gradError = maxAbsDifference(try inputGradient(compact), reference)
+        let scale = worstOf((0..<reference.count).map { abs(reference.pointer[$0]) }, empty: 0)
+        print("SmolLM2 layer 0 input gradient, block-format vs float32 weights: max-abs \(gradError) (gradients up to \(scale))")
+        #expect(scale > 0 && gradError <= 1e-5 * scale)
+
+        compact.embedTokens.makeWeightDense()
+        #expect(compact.embedTokens.compactWeight == nil && compact.lmHead.compactWeight == nil)
+        #expect(compact.lmHead.weight === compact.embedTokens.weight)
+        let c = try withNoGrad { try compact.logits(batch) }
+        #expect(maxAbsDifference(c, b) <= 1e-3)
+    }
+}
