@@ -52,8 +52,8 @@ import GraftTestSupport
         }
     }
 
-    /// Decoding steps (up to 8 rows) multiply straight from Q4_1/Q8_0 blocks, with the AVX2 kernel and the portable
-    /// loop alike, row order included.
+    /// Decoding steps (up to 8 rows) multiply straight from Q4_1/Q8_0 blocks, with the AVX-512 and AVX2 kernels
+    /// and the portable loop alike (each level the CPU has), row order included.
     @Test(arguments: [GGMLType.q4_1, .q8_0])
     func directBlockProductsMatchTheDequantizedWeight(type: GGMLType) throws {
         var rng = GraftRNG(seed: 9)
@@ -65,12 +65,12 @@ import GraftTestSupport
         for m in [1, 3, 8] {
             let x = Tensor.randomNormal([m, cols], rng: &rng)
             let reference = linear(x, w)
-            for portable in [false, true] {
-                cgraft_ggml_use_portable_kernels(portable ? 1 : 0)
+            for level: Int32 in [2, 1, 0] {
+                cgraft_ggml_limit_kernels(level)
                 let y = linear(x, frozen: q)
-                cgraft_ggml_use_portable_kernels(0)
+                cgraft_ggml_limit_kernels(2)
                 let err = maxAbsDifference(y, reference)
-                #expect(err <= 1e-4, "\(type.name) m=\(m) portable=\(portable): \(err)")
+                #expect(err <= 1e-4, "\(type.name) m=\(m) kernel level \(level): \(err)")
             }
         }
     }

@@ -38,15 +38,15 @@ enum { CGRAFT_GGML_Q4_1 = 3, CGRAFT_GGML_Q8_0 = 8 };
 /// `y[i·ldy + r] += Σ_k W[r, k] · x[i·ldx + k]` for output rows `r0 <= r < r1` and input rows `i < m`, where `W`
 /// is a `[rows, cols]` matrix of `type` blocks whose row `r` starts at `w + row_order[r] · row_bytes` (at
 /// `w + r · row_bytes` when `row_order` is NULL), multiplied straight from its blocks (AVX2 + FMA where the CPU has
-/// them). `scratch` holds `m · cols / 32` floats. Runs on the calling thread. Returns 0, or -1 (and touches
+/// them, AVX-512F on CPUs that have it). `scratch` holds `m · cols / 32` floats. Runs on the calling thread. Returns 0, or -1 (and touches
 /// nothing) for another type, `cols` not a multiple of 32 or `m < 1`.
 int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, const int64_t *row_order, int64_t r0,
                              int64_t r1, int64_t cols, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy,
                              float *scratch);
 
-/// With nonzero `portable`, cgraft_ggml_rows_product uses its portable loop even where AVX2 is available (tests
-/// check both paths); 0 restores the default.
-void cgraft_ggml_use_portable_kernels(int portable);
+/// Caps the kernels cgraft_ggml_rows_product picks: 0 the portable loop, 1 AVX2 + FMA + F16C, 2 (the default)
+/// AVX-512F where the CPU has each; tests run every level the CPU supports.
+void cgraft_ggml_limit_kernels(int level);
 
 #ifdef __cplusplus
 }
