@@ -2,9 +2,10 @@ import Testing
 @testable import GraftTensor
 
 /// The block cache behind large tensors: blocks are reused by size, reused blocks come back zeroed when asked,
-/// and memory mapped (live plus cached) never exceeds the most that was live at once, whatever sizes follow.
+/// and memory mapped (live plus cached) stays within 1/8 above the most that was live at once, whatever sizes
+/// follow.
 @Suite struct BufferPoolTests {
-    @Test func reusesBlocksBySizeAndNeverMapsMoreThanThePeakLive() throws {
+    @Test func reusesBlocksBySizeAndMapsAtMostAnEighthAboveThePeakLive() throws {
         let pool = BufferPool()
         let kib = 1 << 10
         let first = try #require(pool.take(256 * kib))
@@ -14,16 +15,18 @@ import Testing
         #expect(!again.fresh && again.pointer == first.pointer)
         pool.give(again.pointer, bytes: 256 * kib)
 
-        // Shapes that change every "step" (packed batches): each step holds three blocks of new sizes at once.
+        // Shapes that change every "step" (packed batches): each step holds three blocks of new sizes at once,
+        // large enough that the cache has to give blocks back to stay within its margin.
         var peakLive = 256 * kib
         for step in 0..<40 {
-            let sizes = [300 + step, 700 + 3 * step, 90 + step].map { $0 * kib }
+            let sizes = [30_000 + step, 70_000 + 3 * step, 9_000 + step].map { $0 * kib }
             let blocks = sizes.compactMap { pool.take($0) }
             #expect(blocks.count == 3)
             peakLive = max(peakLive, sizes.map(BufferPool.mappedSize).reduce(0, +))
             for (block, size) in zip(blocks, sizes) { pool.give(block.pointer, bytes: size) }
             let stats = pool.statistics
-            #expect(stats.peakMapped <= peakLive, "step \(step): mapped \(stats.peakMapped) > peak live \(peakLive)")
+            let budget = peakLive + max(peakLive / BufferPool.slackDivisor, BufferPool.minimumSlack)
+            #expect(stats.peakMapped <= budget, "step \(step): mapped \(stats.peakMapped) > peak live \(peakLive) + 1/8")
             #expect(stats.mapped == stats.cached)
         }
         pool.releaseCached()
