@@ -128,18 +128,10 @@ extension GraftSession {
         if let bad = prompt.firstIndex(where: { $0 < 0 || Int($0) >= llama.config.vocabSize }) {
             throw GraftError.invalid("prompt[\(bad)] = \(prompt[bad]) is outside the vocabulary 0..<\(llama.config.vocabSize)")
         }
-        var emitted: [Int32] = []
-        var printed = ""
+        var text = TextStream(tokenizer: model.tokenizer)
         let ids = try llama.generate(prompt: prompt, parameters: params) { id in
             if params.stopTokens.contains(id) { return false }
-            emitted.append(id)
-            let text = model.tokenizer.decode(emitted, skipSpecialTokens: false)
-            var piece = ""
-            if text.hasPrefix(printed), !text.hasSuffix("\u{FFFD}") {
-                piece = String(text.dropFirst(printed.count))
-                printed = text
-            }
-            return onToken(id, piece)
+            return onToken(id, text.piece(after: id))
         }
         return ids.filter { !params.stopTokens.contains($0) }
     }

@@ -142,38 +142,21 @@ extension LlamaModel {
                 throw GraftError.invalid("generate: prompt \(i) (\(p.count)) + maxNewTokens (\(parameters.maxNewTokens)) exceeds the context length \(config.contextLength)")
             }
         }
-        return try withNoGrad {
-            let caches = prompts.map { _ in KVCache(layerCount: layers.count) }
-            var samplers = prompts.map { _ in TokenSampler(parameters: parameters) }
-            var generated = [[Int32]](repeating: [], count: prompts.count)
-            var inputs = prompts
-            var active = parameters.maxNewTokens > 0 ? Array(prompts.indices) : []
-            while !active.isEmpty {
-                let rows = active
-                let batch = try TokenBatch(sequences: rows.map { inputs[$0] })
-                let logits = try around(rows) {
-                    let hidden = try hiddenStates(batch, rowCaches: rows.map { caches[$0] })
-                    let last = Tensor(zeros: [rows.count, config.hiddenSize])
-                    for (i, r) in rows.enumerated() {
-                        (last.pointer + i * config.hiddenSize).update(
-                            from: hidden.pointer + (i * batch.length + inputs[r].count - 1) * config.hiddenSize, count: config.hiddenSize)
-                    }
-                    return lmHead.forward(last)
-                }
-                guard logits.count == rows.count * config.vocabSize else {
-                    throw GraftError(.internalError, "generate: step returned \(logits.shape) logits for \(rows.count) rows")
-                }
-                active = []
-                for (i, r) in rows.enumerated() {
-                    let next = samplers[r].sample(UnsafeBufferPointer(start: logits.pointer + i * config.vocabSize, count: config.vocabSize))
-                    generated[r].append(next)
-                    inputs[r] = [next]
-                    if onToken(r, next) && !parameters.stopTokens.contains(next) && generated[r].count < parameters.maxNewTokens {
-                        active.append(r)
-                    }
-                }
-            }
-            return generated
+        let sequences = try prompts.map {
+            try GenerationSequence(pending: $0, cache: KVCache(layerCount: layers.count), parameters: parameters)
         }
+        var active = sequences.indices.filter { !sequences[$0].isFinished }
+        while !active.isEmpty {
+            let rows = active
+            let tokens = try decodeStep(rows.map { sequences[$0] }) { step in
+                try withoutActuallyEscaping(step) { try around(rows, $0) }
+            }
+            active = []
+            for (r, token) in zip(rows, tokens) {
+                if !onToken(r, token) { sequences[r].finish() }
+                if !sequences[r].isFinished { active.append(r) }
+            }
+        }
+        return sequences.map(\.generated)
     }
 }

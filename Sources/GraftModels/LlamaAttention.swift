@@ -52,26 +52,20 @@ public final class LlamaAttention: Module {
             v = concat([concat([Tensor](repeating: prefix.values.reshaped([1, n, w]), count: b), dim: 0), v], dim: 1)
         }
         if let cache {
-            if let pk = cache.keys, let pv = cache.values {
-                k = concat([pk, k], dim: 1)
-                v = concat([pv, v], dim: 1)
-            }
-            cache.keys = k
-            cache.values = v
+            cache.append(keys: k, values: v)
+            if let keys = cache.keys, let values = cache.values { k = keys; v = values }
         }
         var attn: Tensor
         if let rowCaches, let rowLengths {
             var rows: [Tensor] = []
             for r in 0..<b {
                 let c = rowCaches[r], n = rowLengths[r]
-                var kr = k.rowsView(r..<(r + 1)).slice(dim: 1, 0..<n), vr = v.rowsView(r..<(r + 1)).slice(dim: 1, 0..<n)
-                let offset = c.keys?.shape[1] ?? 0
-                if let pk = c.keys, let pv = c.values {
-                    kr = concat([pk, kr], dim: 1)
-                    vr = concat([pv, vr], dim: 1)
+                let offset = c.length, width = config.kvHeads * config.headDim
+                c.append(keys: k.pointer + r * t * width, values: v.pointer + r * t * width, count: n, width: width)
+                guard let kr = c.keys, let vr = c.values else {
+                    rows.append(Tensor(zeros: [1, t, config.heads * config.headDim]))
+                    continue
                 }
-                c.keys = kr
-                c.values = vr
                 rows.append(scaledDotProductAttention(query: q.rowsView(r..<(r + 1)), key: kr, value: vr, heads: config.heads,
                                                       kvHeads: config.kvHeads, mask: AttentionMask(causal: true, queryOffset: offset)))
             }

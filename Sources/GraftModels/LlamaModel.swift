@@ -120,26 +120,6 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     }
 }
 
-/// Keys and values of earlier positions, per layer, for incremental decoding.
-public final class KVCache {
-    /// One layer's cache: `[batch, cachedLength, kvHeads * headDim]`.
-    public final class Layer {
-        var keys: Tensor?
-        var values: Tensor?
-    }
-    let layers: [Layer]
-    /// Number of positions cached.
-    public internal(set) var length: Int = 0
-    /// Small values adapters keep with the cached sequence, keyed by the adapter object (aLoRA: whether the
-    /// prompt held its invocation sequence, which decides whether it acts on every later token).
-    public var adapterMarks: [ObjectIdentifier: Int] = [:]
-
-    /// An empty cache for `layerCount` layers.
-    public init(layerCount: Int) {
-        layers = (0..<layerCount).map { _ in Layer() }
-    }
-}
-
 /// A Llama decoder with Hugging Face names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
 /// `model.norm`, `lm_head`), loaded from GGUF.
 public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserverHost {
@@ -258,6 +238,7 @@ public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserve
         if cache != nil && batch.batchSize != 1 {
             throw GraftError(.unsupported, "incremental decoding with a KV cache takes one sequence at a time")
         }
+        try cache?.reserve(batch.length)
         for observer in tokenObservers where observer.isEnabled {
             observer.willRun(batch, caches: cache.map { [$0] } ?? [KVCache?](repeating: nil, count: batch.batchSize))
         }
@@ -287,6 +268,7 @@ public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserve
             throw GraftError(.unsupported, "prompt tuning needs one sequence per row (padded), not packed rows")
         }
         let virtual = prompts.shape[1], total = virtual + batch.length, rows = batch.batchSize, h = config.hiddenSize
+        try cache?.reserve(total)
         guard total <= config.contextLength else {
             throw GraftError.invalid("\(virtual) virtual + \(batch.length) tokens exceed the context length \(config.contextLength)")
         }
@@ -308,6 +290,7 @@ public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserve
             throw GraftError(.unsupported, "prefix tuning needs one sequence per row (padded), not packed rows")
         }
         let n = prefix.prefix(layer: 0).keys.shape[0]
+        try cache?.reserve(n + batch.length)
         guard n + batch.length <= config.contextLength else {
             throw GraftError.invalid("\(n) prefix + \(batch.length) tokens exceed the context length \(config.contextLength)")
         }
@@ -338,6 +321,7 @@ public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserve
         if forwardHooks.contains(where: { $0.isEnabled }) {
             throw GraftError(.unsupported, "batched generation does not support a model-level pass hook (X-LoRA's scaling pass) yet; generate one prompt at a time")
         }
+        for r in 0..<batch.batchSize { try caches[r].reserve(batch.lengths[r]) }
         for observer in tokenObservers where observer.isEnabled { observer.willRun(batch, caches: caches) }
         var positions = [Int32](repeating: 0, count: batch.ids.count)
         for r in 0..<batch.batchSize {
