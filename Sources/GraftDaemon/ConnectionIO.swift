@@ -133,6 +133,7 @@ extension Daemon {
         uv_timer_stop(connection.timer)
         uv_close(cgraft_uv_handle(connection.timer)) { h in h.map { UnsafeMutableRawPointer($0).deallocate() } }
         for (job, sub) in subscribers where sub.connection == connection.id { subscribers[job] = nil }
+        engine.connectionClosed(connection.id)
         let stream = cgraft_uv_stream(connection.handle)
         uv_read_stop(stream)
         let closeHandle: (UnsafeMutableRawPointer) -> Void = { handle in

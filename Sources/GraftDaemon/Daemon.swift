@@ -69,7 +69,7 @@ public final class Daemon: @unchecked Sendable {
             async.deallocate()
             throw GraftError(.internalError, "uv_loop_init: \(Self.uvError(rc))")
         }
-        engine = Engine { [unowned self] output in self.post(output) }
+        engine = Engine(settings: configuration.generationSettings) { [unowned self] output in self.post(output) }
     }
 
     deinit {

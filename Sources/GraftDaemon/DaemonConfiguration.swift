@@ -28,6 +28,13 @@ public struct DaemonConfiguration: Sendable {
     /// Open connections at most (those that have not said hello included). A connection beyond it gets a STATE
     /// error frame saying so and is closed.
     public var maxConnections = 256
+    /// The most positions (prompt + `max_new_tokens`) one generate request may use; nil = each model's context
+    /// length. Each running request's KV cache is allocated for exactly what it can use.
+    public var contextLimit: Int?
+    /// The most sequences one batched decode step runs; further generate requests wait for a slot.
+    public var maxBatchSequences = 32
+    /// Bytes of finished generations' KV caches kept per model for prompt caching (0 = none).
+    public var promptCacheBytes = 256 << 20
     /// Where log lines go (one per request); nil = nowhere.
     public var log: (@Sendable (String) -> Void)? = { line in
         FileHandle.standardError.write(Data((line + "\n").utf8))
@@ -87,8 +94,26 @@ public struct DaemonConfiguration: Sendable {
                 throw GraftError.invalid("\(name) \(seconds) s is outside 0...\(Int(Self.maximumTimeout)) (0 = no limit)")
             }
         }
+        if let contextLimit, !(1...(1 << 24)).contains(contextLimit) {
+            throw GraftError.invalid("context limit (--context-limit) \(contextLimit) is outside 1...\(1 << 24)")
+        }
+        guard (1...4096).contains(maxBatchSequences) else {
+            throw GraftError.invalid("max batch sequences (--max-batch-sequences) \(maxBatchSequences) is outside 1...4096")
+        }
+        guard promptCacheBytes >= 0 else {
+            throw GraftError.invalid("prompt cache size (--prompt-cache-mb) must be ≥ 0, got \(promptCacheBytes) bytes")
+        }
         guard (1...Self.maximumConnections).contains(maxConnections) else {
             throw GraftError.invalid("max connections (--max-connections) \(maxConnections) is outside 1...\(Self.maximumConnections)")
         }
+    }
+
+    /// The engine's generation batching settings.
+    var generationSettings: GenerationSettings {
+        var g = GenerationSettings()
+        g.contextLimit = contextLimit
+        g.maxBatchSequences = maxBatchSequences
+        g.prefixCacheBytes = promptCacheBytes
+        return g
     }
 }

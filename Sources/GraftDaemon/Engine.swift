@@ -26,6 +26,18 @@ final class Engine: @unchecked Sendable {
     var queued: [UInt64: Int] = [:]
     /// Forward requests answered, and the engine passes that answered them.
     var forwardCounts = (requests: UInt64(0), passes: UInt64(0))
+    /// Generate requests per connection not yet answered (guarded by ``pendingLock``).
+    var openGenerations: [UInt64: Int] = [:]
+    /// Requests held behind a connection's running generations, in arrival order (guarded by ``pendingLock``).
+    var held: [UInt64: [(Graft_V1_Request, RequestContext)]] = [:]
+    /// Connections that closed while generating (guarded by ``pendingLock``).
+    var closed: Set<UInt64> = []
+    /// Batched generation's counters (guarded by ``pendingLock``).
+    var generationCounts = GenerationStatistics()
+    /// The generations in flight (worker thread only).
+    let generation = GenerationState()
+    /// How generate requests are batched and bounded.
+    let settings: GenerationSettings
 
     /// Forward requests answered and the passes that answered them (thread-safe).
     var forwardStatistics: (requests: UInt64, passes: UInt64) {
@@ -34,8 +46,9 @@ final class Engine: @unchecked Sendable {
         return forwardCounts
     }
 
-    /// An engine whose outputs go to `emit` (called on the worker thread).
-    init(emit: @escaping @Sendable (EngineOutput) -> Void) {
+    /// An engine batching generation as `settings` say, whose outputs go to `emit` (called on the worker thread).
+    init(settings: GenerationSettings = GenerationSettings(), emit: @escaping @Sendable (EngineOutput) -> Void) {
+        self.settings = settings
         self.emit = emit
     }
 
@@ -57,6 +70,8 @@ final class Engine: @unchecked Sendable {
 
     /// Queues `request` for the worker; false when the worker no longer takes work.
     func submit(_ request: Graft_V1_Request, context: RequestContext) -> Bool {
+        if holdIfGenerating(request, context: context) { return true }
+        if case .generate(let r) = request.kind { return submitGenerate(r, context: context) }
         if case .forward(let r) = request.kind, r.adapterIds.isEmpty {
             return submitForward(r, context: context)
         }
@@ -91,6 +106,12 @@ final class Engine: @unchecked Sendable {
     /// Runs one request on the worker thread, answering through `emit`; throws what the client got wrong.
     func handle(_ request: Graft_V1_Request, context: RequestContext) throws {
         switch request.kind {
+        case .addAdapter, .loadAdapter, .deleteAdapter, .combineAdapters, .compressAdapter, .startTraining, .unloadModel:
+            invalidatePromptCaches()
+        default:
+            break
+        }
+        switch request.kind {
         case .loadModel(let r): try loadModel(r, context)
         case .unloadModel(let r): try unloadModel(r, context)
         case .modelInfo(let r): try modelInfo(r, context)
@@ -103,7 +124,7 @@ final class Engine: @unchecked Sendable {
         case .combineAdapters(let r): try combineAdapters(r, context)
         case .compressAdapter(let r): try compressAdapter(r, context)
         case .forward(let r): runForwards(modelID: r.modelID, [(r, context)])
-        case .generate(let r): try generate(r, context)
+        case .generate: throw GraftError(.internalError, "generate requests are queued by submitGenerate")
         case .startTraining(let r): try startTraining(r, context)
         case .saveCheckpoint(let r): try saveCheckpoint(r, context)
         case .hello, .jobStatus, .cancelJob, .attachJob, .serverStats, .shutdown, .none:

@@ -92,6 +92,16 @@ extension Daemon {
         let forwards = engine.forwardStatistics
         s.forwardRequests = forwards.requests
         s.forwardPasses = forwards.passes
+        let generation = engine.generationStatistics
+        s.generateRequests = generation.requests
+        s.generateSteps = generation.steps
+        s.generatedTokens = generation.tokens
+        s.generating = UInt32(clamping: generation.generating)
+        s.kvCacheBytes = UInt64(generation.kvCacheBytes)
+        s.prefixCacheBytes = UInt64(generation.prefixCacheBytes)
+        s.prefixCacheHits = generation.prefixCacheHits
+        s.prefixCacheTokens = generation.prefixCacheTokens
+        s.contextLimit = UInt32(clamping: configuration.contextLimit ?? 0)
         return s
     }
 

@@ -48,6 +48,15 @@ struct GraftDaemonCommand: ParsableCommand {
     @Option(help: "Open connections at most; one beyond gets a STATE error frame and is closed.")
     var maxConnections = 256
 
+    @Option(help: ArgumentHelp("The most positions (prompt + max_new_tokens) one generate request may use (default: each model's context length).", valueName: "tokens"))
+    var contextLimit: Int?
+
+    @Option(help: "The most sequences one batched decode step runs; further generate requests wait for a slot.")
+    var maxBatchSequences = 32
+
+    @Option(help: ArgumentHelp("MB of finished generations' KV caches kept per model, so prompts sharing a prefix under the same adapter skip recomputing it (0 = off).", valueName: "MB"))
+    var promptCacheMb = 256
+
     @Option(help: "Worker threads for the engine's parallel kernels (default: $GRAFT_NUM_THREADS, else all cores).")
     var threads: Int?
 
@@ -68,6 +77,9 @@ struct GraftDaemonCommand: ParsableCommand {
         config.frameTimeout = frameTimeout
         config.helloTimeout = helloTimeout
         config.maxConnections = maxConnections
+        config.contextLimit = contextLimit
+        config.maxBatchSequences = maxBatchSequences
+        config.promptCacheBytes = promptCacheMb < 0 || promptCacheMb > (1 << 20) ? -1 : promptCacheMb << 20
         if quiet { config.log = nil }
         do {
             if let tokenFile { config.token = try DaemonConfiguration.readToken(path: tokenFile) }

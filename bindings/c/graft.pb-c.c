@@ -3750,7 +3750,7 @@ const ProtobufCMessageDescriptor graft__v1__forward_result__descriptor =
   (ProtobufCMessageInit) graft__v1__forward_result__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__generate__field_descriptors[10] =
+static const ProtobufCFieldDescriptor graft__v1__generate__field_descriptors[11] =
 {
   {
     "model_id",
@@ -3872,8 +3872,21 @@ static const ProtobufCFieldDescriptor graft__v1__generate__field_descriptors[10]
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "adapter",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Graft__V1__Generate, adapter_set_case),
+    offsetof(Graft__V1__Generate, adapter),
+    NULL,
+    &protobuf_c_empty_string,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__generate__field_indices_by_name[] = {
+  10,   /* field[10] = adapter */
   9,   /* field[9] = chat */
   7,   /* field[7] = ignore_eos */
   3,   /* field[3] = max_new_tokens */
@@ -3888,7 +3901,7 @@ static const unsigned graft__v1__generate__field_indices_by_name[] = {
 static const ProtobufCIntRange graft__v1__generate__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 10 }
+  { 0, 11 }
 };
 const ProtobufCMessageDescriptor graft__v1__generate__descriptor =
 {
@@ -3898,7 +3911,7 @@ const ProtobufCMessageDescriptor graft__v1__generate__descriptor =
   "Graft__V1__Generate",
   "graft.v1",
   sizeof(Graft__V1__Generate),
-  10,
+  11,
   graft__v1__generate__field_descriptors,
   graft__v1__generate__field_indices_by_name,
   1,  graft__v1__generate__number_ranges,
@@ -4938,7 +4951,7 @@ const ProtobufCMessageDescriptor graft__v1__server_stats_request__descriptor =
   (ProtobufCMessageInit) graft__v1__server_stats_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__server_stats__field_descriptors[13] =
+static const ProtobufCFieldDescriptor graft__v1__server_stats__field_descriptors[22] =
 {
   {
     "uptime_seconds",
@@ -5096,18 +5109,135 @@ static const ProtobufCFieldDescriptor graft__v1__server_stats__field_descriptors
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "generate_requests",
+    14,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, generate_requests),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "generate_steps",
+    15,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, generate_steps),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "generated_tokens",
+    16,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, generated_tokens),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "generating",
+    17,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, generating),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "kv_cache_bytes",
+    18,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, kv_cache_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "prefix_cache_bytes",
+    19,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, prefix_cache_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "prefix_cache_hits",
+    20,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, prefix_cache_hits),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "prefix_cache_tokens",
+    21,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, prefix_cache_tokens),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "context_limit",
+    22,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__ServerStats, context_limit),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__server_stats__field_indices_by_name[] = {
   5,   /* field[5] = bytes_in */
   6,   /* field[6] = bytes_out */
   1,   /* field[1] = connections */
   2,   /* field[2] = connections_total */
+  21,   /* field[21] = context_limit */
   4,   /* field[4] = errors_total */
   12,   /* field[12] = forward_passes */
   11,   /* field[11] = forward_requests */
+  13,   /* field[13] = generate_requests */
+  14,   /* field[14] = generate_steps */
+  15,   /* field[15] = generated_tokens */
+  16,   /* field[16] = generating */
   8,   /* field[8] = jobs_running */
   9,   /* field[9] = jobs_total */
+  17,   /* field[17] = kv_cache_bytes */
   7,   /* field[7] = models */
+  18,   /* field[18] = prefix_cache_bytes */
+  19,   /* field[19] = prefix_cache_hits */
+  20,   /* field[20] = prefix_cache_tokens */
   10,   /* field[10] = queue_depth */
   3,   /* field[3] = requests_total */
   0,   /* field[0] = uptime_seconds */
@@ -5115,7 +5245,7 @@ static const unsigned graft__v1__server_stats__field_indices_by_name[] = {
 static const ProtobufCIntRange graft__v1__server_stats__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 13 }
+  { 0, 22 }
 };
 const ProtobufCMessageDescriptor graft__v1__server_stats__descriptor =
 {
@@ -5125,7 +5255,7 @@ const ProtobufCMessageDescriptor graft__v1__server_stats__descriptor =
   "Graft__V1__ServerStats",
   "graft.v1",
   sizeof(Graft__V1__ServerStats),
-  13,
+  22,
   graft__v1__server_stats__field_descriptors,
   graft__v1__server_stats__field_indices_by_name,
   1,  graft__v1__server_stats__number_ranges,

@@ -694,6 +694,12 @@ typedef enum {
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__GENERATE__TOP_P_SET__CASE)
 } Graft__V1__Generate__TopPSetCase;
 
+typedef enum {
+  GRAFT__V1__GENERATE__ADAPTER_SET__NOT_SET = 0,
+  GRAFT__V1__GENERATE__ADAPTER_SET_ADAPTER = 11
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(GRAFT__V1__GENERATE__ADAPTER_SET__CASE)
+} Graft__V1__Generate__AdapterSetCase;
+
 struct  Graft__V1__Generate
 {
   ProtobufCMessage base;
@@ -726,10 +732,14 @@ struct  Graft__V1__Generate
   union {
     float top_p;
   };
+  Graft__V1__Generate__AdapterSetCase adapter_set_case;
+  union {
+    char *adapter;
+  };
 };
 #define GRAFT__V1__GENERATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__generate__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, GRAFT__V1__GENERATE__MAX_NEW_TOKENS_SET__NOT_SET, {0}, GRAFT__V1__GENERATE__TOP_P_SET__NOT_SET, {0} }
+    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, GRAFT__V1__GENERATE__MAX_NEW_TOKENS_SET__NOT_SET, {0}, GRAFT__V1__GENERATE__TOP_P_SET__NOT_SET, {0}, GRAFT__V1__GENERATE__ADAPTER_SET__NOT_SET, {0} }
 
 
 struct  Graft__V1__GeneratedToken
@@ -1065,10 +1075,33 @@ struct  Graft__V1__ServerStats
    */
   uint64_t forward_requests;
   uint64_t forward_passes;
+  /*
+   * Generate requests answered, decode steps run for them (concurrent requests share steps), and tokens
+   * generated.
+   */
+  uint64_t generate_requests;
+  uint64_t generate_steps;
+  uint64_t generated_tokens;
+  /*
+   * Sequences generating now, and the bytes their KV caches hold (each allocated for prompt + max_new_tokens).
+   */
+  uint32_t generating;
+  uint64_t kv_cache_bytes;
+  /*
+   * Prompt caching: bytes of the finished sequences' caches kept, prompts that reused a cached prefix, and the
+   * prompt tokens whose keys and values were copied instead of computed.
+   */
+  uint64_t prefix_cache_bytes;
+  uint64_t prefix_cache_hits;
+  uint64_t prefix_cache_tokens;
+  /*
+   * The context limit generate requests are held to (prompt + max_new_tokens); 0 = each model's own.
+   */
+  uint32_t context_limit;
 };
 #define GRAFT__V1__SERVER_STATS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__server_stats__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 
 struct  Graft__V1__Shutdown

@@ -1200,6 +1200,20 @@ public nonisolated struct Graft_V1_Generate: Sendable {
   /// Wrap the prompt in the model's chat template as one user turn.
   public var chat: Bool = false
 
+  /// The adapter to generate with: a loaded adapter's name, or "" for the base model. Unset: the model's active
+  /// adapter. Concurrent generate requests for one model run as one batch (continuous batching), each row under
+  /// its own adapter; a request whose adapter cannot be routed per row (merged, not a Linear-layer method, X-LoRA,
+  /// prompt or prefix tuning) runs alone when unset and is refused when named.
+  public var adapterSet: Graft_V1_Generate.OneOf_AdapterSet? = nil
+
+  public var adapter: String {
+    get {
+      if case .adapter(let v)? = adapterSet {return v}
+      return String()
+    }
+    set {adapterSet = .adapter(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   /// Sampling as graft_sampling_params (the README's options): a field left unset takes its default. Fields whose
@@ -1211,6 +1225,15 @@ public nonisolated struct Graft_V1_Generate: Sendable {
 
   public nonisolated enum OneOf_TopPSet: Equatable, Sendable {
     case topP(Float)
+
+  }
+
+  /// The adapter to generate with: a loaded adapter's name, or "" for the base model. Unset: the model's active
+  /// adapter. Concurrent generate requests for one model run as one batch (continuous batching), each row under
+  /// its own adapter; a request whose adapter cannot be routed per row (merged, not a Linear-layer method, X-LoRA,
+  /// prompt or prefix tuning) runs alone when unset and is refused when named.
+  public nonisolated enum OneOf_AdapterSet: Equatable, Sendable {
+    case adapter(String)
 
   }
 
@@ -1675,43 +1698,135 @@ public nonisolated struct Graft_V1_ServerStatsRequest: Sendable {
   public init() {}
 }
 
-public nonisolated struct Graft_V1_ServerStats: Sendable {
+public nonisolated struct Graft_V1_ServerStats: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var uptimeSeconds: Double = 0
+  public var uptimeSeconds: Double {
+    get {_storage._uptimeSeconds}
+    set {_uniqueStorage()._uptimeSeconds = newValue}
+  }
 
-  public var connections: UInt32 = 0
+  public var connections: UInt32 {
+    get {_storage._connections}
+    set {_uniqueStorage()._connections = newValue}
+  }
 
-  public var connectionsTotal: UInt64 = 0
+  public var connectionsTotal: UInt64 {
+    get {_storage._connectionsTotal}
+    set {_uniqueStorage()._connectionsTotal = newValue}
+  }
 
-  public var requestsTotal: UInt64 = 0
+  public var requestsTotal: UInt64 {
+    get {_storage._requestsTotal}
+    set {_uniqueStorage()._requestsTotal = newValue}
+  }
 
-  public var errorsTotal: UInt64 = 0
+  public var errorsTotal: UInt64 {
+    get {_storage._errorsTotal}
+    set {_uniqueStorage()._errorsTotal = newValue}
+  }
 
-  public var bytesIn: UInt64 = 0
+  public var bytesIn: UInt64 {
+    get {_storage._bytesIn}
+    set {_uniqueStorage()._bytesIn = newValue}
+  }
 
-  public var bytesOut: UInt64 = 0
+  public var bytesOut: UInt64 {
+    get {_storage._bytesOut}
+    set {_uniqueStorage()._bytesOut = newValue}
+  }
 
-  public var models: [String] = []
+  public var models: [String] {
+    get {_storage._models}
+    set {_uniqueStorage()._models = newValue}
+  }
 
-  public var jobsRunning: UInt32 = 0
+  public var jobsRunning: UInt32 {
+    get {_storage._jobsRunning}
+    set {_uniqueStorage()._jobsRunning = newValue}
+  }
 
-  public var jobsTotal: UInt32 = 0
+  public var jobsTotal: UInt32 {
+    get {_storage._jobsTotal}
+    set {_uniqueStorage()._jobsTotal = newValue}
+  }
 
   /// Requests waiting for the engine worker.
-  public var queueDepth: UInt32 = 0
+  public var queueDepth: UInt32 {
+    get {_storage._queueDepth}
+    set {_uniqueStorage()._queueDepth = newValue}
+  }
 
   /// Forward requests answered, and the engine passes that answered them (concurrent forward requests for one
   /// model are batched into one pass).
-  public var forwardRequests: UInt64 = 0
+  public var forwardRequests: UInt64 {
+    get {_storage._forwardRequests}
+    set {_uniqueStorage()._forwardRequests = newValue}
+  }
 
-  public var forwardPasses: UInt64 = 0
+  public var forwardPasses: UInt64 {
+    get {_storage._forwardPasses}
+    set {_uniqueStorage()._forwardPasses = newValue}
+  }
+
+  /// Generate requests answered, decode steps run for them (concurrent requests share steps), and tokens
+  /// generated.
+  public var generateRequests: UInt64 {
+    get {_storage._generateRequests}
+    set {_uniqueStorage()._generateRequests = newValue}
+  }
+
+  public var generateSteps: UInt64 {
+    get {_storage._generateSteps}
+    set {_uniqueStorage()._generateSteps = newValue}
+  }
+
+  public var generatedTokens: UInt64 {
+    get {_storage._generatedTokens}
+    set {_uniqueStorage()._generatedTokens = newValue}
+  }
+
+  /// Sequences generating now, and the bytes their KV caches hold (each allocated for prompt + max_new_tokens).
+  public var generating: UInt32 {
+    get {_storage._generating}
+    set {_uniqueStorage()._generating = newValue}
+  }
+
+  public var kvCacheBytes: UInt64 {
+    get {_storage._kvCacheBytes}
+    set {_uniqueStorage()._kvCacheBytes = newValue}
+  }
+
+  /// Prompt caching: bytes of the finished sequences' caches kept, prompts that reused a cached prefix, and the
+  /// prompt tokens whose keys and values were copied instead of computed.
+  public var prefixCacheBytes: UInt64 {
+    get {_storage._prefixCacheBytes}
+    set {_uniqueStorage()._prefixCacheBytes = newValue}
+  }
+
+  public var prefixCacheHits: UInt64 {
+    get {_storage._prefixCacheHits}
+    set {_uniqueStorage()._prefixCacheHits = newValue}
+  }
+
+  public var prefixCacheTokens: UInt64 {
+    get {_storage._prefixCacheTokens}
+    set {_uniqueStorage()._prefixCacheTokens = newValue}
+  }
+
+  /// The context limit generate requests are held to (prompt + max_new_tokens); 0 = each model's own.
+  public var contextLimit: UInt32 {
+    get {_storage._contextLimit}
+    set {_uniqueStorage()._contextLimit = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Graft_V1_Shutdown: Sendable {
@@ -3306,7 +3421,7 @@ nonisolated extension Graft_V1_ForwardResult: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Generate"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}model_id\0\u{3}prompt_ids\0\u{1}prompt\0\u{3}max_new_tokens\0\u{1}temperature\0\u{3}top_p\0\u{3}top_k\0\u{3}ignore_eos\0\u{1}seed\0\u{1}chat\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}model_id\0\u{3}prompt_ids\0\u{1}prompt\0\u{3}max_new_tokens\0\u{1}temperature\0\u{3}top_p\0\u{3}top_k\0\u{3}ignore_eos\0\u{1}seed\0\u{1}chat\0\u{1}adapter\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3338,6 +3453,14 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
       case 8: try { try decoder.decodeSingularBoolField(value: &self.ignoreEos) }()
       case 9: try { try decoder.decodeSingularUInt64Field(value: &self.seed) }()
       case 10: try { try decoder.decodeSingularBoolField(value: &self.chat) }()
+      case 11: try {
+        var v: String?
+        try decoder.decodeSingularStringField(value: &v)
+        if let v = v {
+          if self.adapterSet != nil {try decoder.handleConflictingOneOf()}
+          self.adapterSet = .adapter(v)
+        }
+      }()
       default: break
       }
     }
@@ -3378,6 +3501,9 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
     if self.chat != false {
       try visitor.visitSingularBoolField(value: self.chat, fieldNumber: 10)
     }
+    try { if case .adapter(let v)? = self.adapterSet {
+      try visitor.visitSingularStringField(value: v, fieldNumber: 11)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3392,6 +3518,7 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
     if lhs.ignoreEos != rhs.ignoreEos {return false}
     if lhs.seed != rhs.seed {return false}
     if lhs.chat != rhs.chat {return false}
+    if lhs.adapterSet != rhs.adapterSet {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -4175,89 +4302,212 @@ nonisolated extension Graft_V1_ServerStatsRequest: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Graft_V1_ServerStats: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ServerStats"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}uptime_seconds\0\u{1}connections\0\u{3}connections_total\0\u{3}requests_total\0\u{3}errors_total\0\u{3}bytes_in\0\u{3}bytes_out\0\u{1}models\0\u{3}jobs_running\0\u{3}jobs_total\0\u{3}queue_depth\0\u{3}forward_requests\0\u{3}forward_passes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}uptime_seconds\0\u{1}connections\0\u{3}connections_total\0\u{3}requests_total\0\u{3}errors_total\0\u{3}bytes_in\0\u{3}bytes_out\0\u{1}models\0\u{3}jobs_running\0\u{3}jobs_total\0\u{3}queue_depth\0\u{3}forward_requests\0\u{3}forward_passes\0\u{3}generate_requests\0\u{3}generate_steps\0\u{3}generated_tokens\0\u{1}generating\0\u{3}kv_cache_bytes\0\u{3}prefix_cache_bytes\0\u{3}prefix_cache_hits\0\u{3}prefix_cache_tokens\0\u{3}context_limit\0")
+
+  fileprivate class _StorageClass {
+    var _uptimeSeconds: Double = 0
+    var _connections: UInt32 = 0
+    var _connectionsTotal: UInt64 = 0
+    var _requestsTotal: UInt64 = 0
+    var _errorsTotal: UInt64 = 0
+    var _bytesIn: UInt64 = 0
+    var _bytesOut: UInt64 = 0
+    var _models: [String] = []
+    var _jobsRunning: UInt32 = 0
+    var _jobsTotal: UInt32 = 0
+    var _queueDepth: UInt32 = 0
+    var _forwardRequests: UInt64 = 0
+    var _forwardPasses: UInt64 = 0
+    var _generateRequests: UInt64 = 0
+    var _generateSteps: UInt64 = 0
+    var _generatedTokens: UInt64 = 0
+    var _generating: UInt32 = 0
+    var _kvCacheBytes: UInt64 = 0
+    var _prefixCacheBytes: UInt64 = 0
+    var _prefixCacheHits: UInt64 = 0
+    var _prefixCacheTokens: UInt64 = 0
+    var _contextLimit: UInt32 = 0
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _uptimeSeconds = source._uptimeSeconds
+      _connections = source._connections
+      _connectionsTotal = source._connectionsTotal
+      _requestsTotal = source._requestsTotal
+      _errorsTotal = source._errorsTotal
+      _bytesIn = source._bytesIn
+      _bytesOut = source._bytesOut
+      _models = source._models
+      _jobsRunning = source._jobsRunning
+      _jobsTotal = source._jobsTotal
+      _queueDepth = source._queueDepth
+      _forwardRequests = source._forwardRequests
+      _forwardPasses = source._forwardPasses
+      _generateRequests = source._generateRequests
+      _generateSteps = source._generateSteps
+      _generatedTokens = source._generatedTokens
+      _generating = source._generating
+      _kvCacheBytes = source._kvCacheBytes
+      _prefixCacheBytes = source._prefixCacheBytes
+      _prefixCacheHits = source._prefixCacheHits
+      _prefixCacheTokens = source._prefixCacheTokens
+      _contextLimit = source._contextLimit
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularDoubleField(value: &self.uptimeSeconds) }()
-      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.connections) }()
-      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.connectionsTotal) }()
-      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.requestsTotal) }()
-      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.errorsTotal) }()
-      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.bytesIn) }()
-      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.bytesOut) }()
-      case 8: try { try decoder.decodeRepeatedStringField(value: &self.models) }()
-      case 9: try { try decoder.decodeSingularUInt32Field(value: &self.jobsRunning) }()
-      case 10: try { try decoder.decodeSingularUInt32Field(value: &self.jobsTotal) }()
-      case 11: try { try decoder.decodeSingularUInt32Field(value: &self.queueDepth) }()
-      case 12: try { try decoder.decodeSingularUInt64Field(value: &self.forwardRequests) }()
-      case 13: try { try decoder.decodeSingularUInt64Field(value: &self.forwardPasses) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularDoubleField(value: &_storage._uptimeSeconds) }()
+        case 2: try { try decoder.decodeSingularUInt32Field(value: &_storage._connections) }()
+        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._connectionsTotal) }()
+        case 4: try { try decoder.decodeSingularUInt64Field(value: &_storage._requestsTotal) }()
+        case 5: try { try decoder.decodeSingularUInt64Field(value: &_storage._errorsTotal) }()
+        case 6: try { try decoder.decodeSingularUInt64Field(value: &_storage._bytesIn) }()
+        case 7: try { try decoder.decodeSingularUInt64Field(value: &_storage._bytesOut) }()
+        case 8: try { try decoder.decodeRepeatedStringField(value: &_storage._models) }()
+        case 9: try { try decoder.decodeSingularUInt32Field(value: &_storage._jobsRunning) }()
+        case 10: try { try decoder.decodeSingularUInt32Field(value: &_storage._jobsTotal) }()
+        case 11: try { try decoder.decodeSingularUInt32Field(value: &_storage._queueDepth) }()
+        case 12: try { try decoder.decodeSingularUInt64Field(value: &_storage._forwardRequests) }()
+        case 13: try { try decoder.decodeSingularUInt64Field(value: &_storage._forwardPasses) }()
+        case 14: try { try decoder.decodeSingularUInt64Field(value: &_storage._generateRequests) }()
+        case 15: try { try decoder.decodeSingularUInt64Field(value: &_storage._generateSteps) }()
+        case 16: try { try decoder.decodeSingularUInt64Field(value: &_storage._generatedTokens) }()
+        case 17: try { try decoder.decodeSingularUInt32Field(value: &_storage._generating) }()
+        case 18: try { try decoder.decodeSingularUInt64Field(value: &_storage._kvCacheBytes) }()
+        case 19: try { try decoder.decodeSingularUInt64Field(value: &_storage._prefixCacheBytes) }()
+        case 20: try { try decoder.decodeSingularUInt64Field(value: &_storage._prefixCacheHits) }()
+        case 21: try { try decoder.decodeSingularUInt64Field(value: &_storage._prefixCacheTokens) }()
+        case 22: try { try decoder.decodeSingularUInt32Field(value: &_storage._contextLimit) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if self.uptimeSeconds.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.uptimeSeconds, fieldNumber: 1)
-    }
-    if self.connections != 0 {
-      try visitor.visitSingularUInt32Field(value: self.connections, fieldNumber: 2)
-    }
-    if self.connectionsTotal != 0 {
-      try visitor.visitSingularUInt64Field(value: self.connectionsTotal, fieldNumber: 3)
-    }
-    if self.requestsTotal != 0 {
-      try visitor.visitSingularUInt64Field(value: self.requestsTotal, fieldNumber: 4)
-    }
-    if self.errorsTotal != 0 {
-      try visitor.visitSingularUInt64Field(value: self.errorsTotal, fieldNumber: 5)
-    }
-    if self.bytesIn != 0 {
-      try visitor.visitSingularUInt64Field(value: self.bytesIn, fieldNumber: 6)
-    }
-    if self.bytesOut != 0 {
-      try visitor.visitSingularUInt64Field(value: self.bytesOut, fieldNumber: 7)
-    }
-    if !self.models.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.models, fieldNumber: 8)
-    }
-    if self.jobsRunning != 0 {
-      try visitor.visitSingularUInt32Field(value: self.jobsRunning, fieldNumber: 9)
-    }
-    if self.jobsTotal != 0 {
-      try visitor.visitSingularUInt32Field(value: self.jobsTotal, fieldNumber: 10)
-    }
-    if self.queueDepth != 0 {
-      try visitor.visitSingularUInt32Field(value: self.queueDepth, fieldNumber: 11)
-    }
-    if self.forwardRequests != 0 {
-      try visitor.visitSingularUInt64Field(value: self.forwardRequests, fieldNumber: 12)
-    }
-    if self.forwardPasses != 0 {
-      try visitor.visitSingularUInt64Field(value: self.forwardPasses, fieldNumber: 13)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      if _storage._uptimeSeconds.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._uptimeSeconds, fieldNumber: 1)
+      }
+      if _storage._connections != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._connections, fieldNumber: 2)
+      }
+      if _storage._connectionsTotal != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._connectionsTotal, fieldNumber: 3)
+      }
+      if _storage._requestsTotal != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._requestsTotal, fieldNumber: 4)
+      }
+      if _storage._errorsTotal != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._errorsTotal, fieldNumber: 5)
+      }
+      if _storage._bytesIn != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._bytesIn, fieldNumber: 6)
+      }
+      if _storage._bytesOut != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._bytesOut, fieldNumber: 7)
+      }
+      if !_storage._models.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._models, fieldNumber: 8)
+      }
+      if _storage._jobsRunning != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._jobsRunning, fieldNumber: 9)
+      }
+      if _storage._jobsTotal != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._jobsTotal, fieldNumber: 10)
+      }
+      if _storage._queueDepth != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._queueDepth, fieldNumber: 11)
+      }
+      if _storage._forwardRequests != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._forwardRequests, fieldNumber: 12)
+      }
+      if _storage._forwardPasses != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._forwardPasses, fieldNumber: 13)
+      }
+      if _storage._generateRequests != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._generateRequests, fieldNumber: 14)
+      }
+      if _storage._generateSteps != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._generateSteps, fieldNumber: 15)
+      }
+      if _storage._generatedTokens != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._generatedTokens, fieldNumber: 16)
+      }
+      if _storage._generating != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._generating, fieldNumber: 17)
+      }
+      if _storage._kvCacheBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._kvCacheBytes, fieldNumber: 18)
+      }
+      if _storage._prefixCacheBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._prefixCacheBytes, fieldNumber: 19)
+      }
+      if _storage._prefixCacheHits != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._prefixCacheHits, fieldNumber: 20)
+      }
+      if _storage._prefixCacheTokens != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._prefixCacheTokens, fieldNumber: 21)
+      }
+      if _storage._contextLimit != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._contextLimit, fieldNumber: 22)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Graft_V1_ServerStats, rhs: Graft_V1_ServerStats) -> Bool {
-    if lhs.uptimeSeconds != rhs.uptimeSeconds {return false}
-    if lhs.connections != rhs.connections {return false}
-    if lhs.connectionsTotal != rhs.connectionsTotal {return false}
-    if lhs.requestsTotal != rhs.requestsTotal {return false}
-    if lhs.errorsTotal != rhs.errorsTotal {return false}
-    if lhs.bytesIn != rhs.bytesIn {return false}
-    if lhs.bytesOut != rhs.bytesOut {return false}
-    if lhs.models != rhs.models {return false}
-    if lhs.jobsRunning != rhs.jobsRunning {return false}
-    if lhs.jobsTotal != rhs.jobsTotal {return false}
-    if lhs.queueDepth != rhs.queueDepth {return false}
-    if lhs.forwardRequests != rhs.forwardRequests {return false}
-    if lhs.forwardPasses != rhs.forwardPasses {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._uptimeSeconds != rhs_storage._uptimeSeconds {return false}
+        if _storage._connections != rhs_storage._connections {return false}
+        if _storage._connectionsTotal != rhs_storage._connectionsTotal {return false}
+        if _storage._requestsTotal != rhs_storage._requestsTotal {return false}
+        if _storage._errorsTotal != rhs_storage._errorsTotal {return false}
+        if _storage._bytesIn != rhs_storage._bytesIn {return false}
+        if _storage._bytesOut != rhs_storage._bytesOut {return false}
+        if _storage._models != rhs_storage._models {return false}
+        if _storage._jobsRunning != rhs_storage._jobsRunning {return false}
+        if _storage._jobsTotal != rhs_storage._jobsTotal {return false}
+        if _storage._queueDepth != rhs_storage._queueDepth {return false}
+        if _storage._forwardRequests != rhs_storage._forwardRequests {return false}
+        if _storage._forwardPasses != rhs_storage._forwardPasses {return false}
+        if _storage._generateRequests != rhs_storage._generateRequests {return false}
+        if _storage._generateSteps != rhs_storage._generateSteps {return false}
+        if _storage._generatedTokens != rhs_storage._generatedTokens {return false}
+        if _storage._generating != rhs_storage._generating {return false}
+        if _storage._kvCacheBytes != rhs_storage._kvCacheBytes {return false}
+        if _storage._prefixCacheBytes != rhs_storage._prefixCacheBytes {return false}
+        if _storage._prefixCacheHits != rhs_storage._prefixCacheHits {return false}
+        if _storage._prefixCacheTokens != rhs_storage._prefixCacheTokens {return false}
+        if _storage._contextLimit != rhs_storage._contextLimit {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -149,6 +149,11 @@ class Client:
                                                   **({} if num_labels is None else {"num_labels": num_labels})))
         return RemoteModel(self, r.model_loaded.model_id, json.loads(r.model_loaded.info_json))
 
+    def model(self, model_id):
+        """A RemoteModel for a model already loaded on the daemon (by this or any other client)."""
+        r = self._call("model_info", pb.ModelInfoRequest(model_id=model_id))
+        return RemoteModel(self, model_id, json.loads(r.model_info.info_json))
+
     # -- training --------------------------------------------------------------------------------------------
 
     def train(self, model, data, adapter="", callback=None, eval_data="", eval_every=0, progress_every=1,
@@ -205,7 +210,9 @@ class Client:
     # -- daemon ----------------------------------------------------------------------------------------------
 
     def server_stats(self):
-        """Uptime, connections, request and byte counters, models, jobs and queue depth, as a dict."""
+        """Uptime, connections, request and byte counters, models, jobs, queue depth, forward batching, and
+        generation (requests, decode steps, tokens, sequences generating, KV cache bytes, prompt cache bytes, hits
+        and reused tokens, the context limit), as a dict."""
         s = self._call("server_stats", pb.ServerStatsRequest()).server_stats
         return {f.name: (list(getattr(s, f.name)) if f.name == "models" else getattr(s, f.name))
                 for f in s.DESCRIPTOR.fields}
@@ -322,15 +329,16 @@ class RemoteModel(RemoteCombinationMixin):
         """Architecture, sizes, parameter count and module tree (as graft.Model.info())."""
         return json.loads(self.client._call("model_info", pb.ModelInfoRequest(model_id=self.model_id)).model_info.info_json)
 
-    def add_adapter(self, name, config):
-        """Attaches a new adapter and makes it active; `config` is a graft config object, dict or JSON string."""
+    def add_adapter(self, name, config, seed=0):
+        """Attaches a new adapter and makes it active; `config` is a graft config object, dict or JSON string;
+        `seed` draws its initial weights."""
         if isinstance(config, PeftConfig):
             text = json.dumps(config.to_dict())
         elif isinstance(config, dict):
             text = json.dumps(config)
         else:
             text = str(config)
-        self.client._call("add_adapter", pb.AddAdapter(model_id=self.model_id, name=name, config_json=text))
+        self.client._call("add_adapter", pb.AddAdapter(model_id=self.model_id, name=name, config_json=text, seed=seed))
 
     def load_adapter(self, peft_dir, name="default"):
         """Loads a PEFT adapter directory on the daemon's machine as `name`, active."""
@@ -370,11 +378,15 @@ class RemoteModel(RemoteCombinationMixin):
         return np.asarray(r.values, dtype=np.float32).reshape(tuple(r.shape))
 
     def generate(self, prompt, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop_at_eos=True,
-                 chat=False, on_token=None):
+                 chat=False, on_token=None, adapter=None):
         """Generates after `prompt` (text, or a list of token ids) and returns the new token ids; `on_token(id,
-        text)` sees each token as it streams in."""
+        text)` sees each token as it streams in. `adapter`: a loaded adapter's name, "" for the base model, None
+        for the model's active adapter. Concurrent requests (from any clients) run as one batch on the daemon,
+        each under its own adapter."""
         request = pb.Generate(model_id=self.model_id, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k, seed=seed, ignore_eos=not stop_at_eos, chat=chat)
+        if adapter is not None:
+            request.adapter = adapter
         if isinstance(prompt, str):
             request.prompt = prompt
         else:
