@@ -75,39 +75,6 @@ __attribute__((target("f16c"))) static inline float half_f16c(const uint8_t *p) 
     return _cvtsh_ss(h);
 }
 
-__attribute__((target("avx512f,f16c,fma"))) static float dot_q4_1_avx512(const uint8_t *row, const float *x,
-                                                                          const float *sums, int64_t blocks) {
-    __m512 acc = _mm512_setzero_ps();
-    float offsets = 0;
-    const __m128i low4 = _mm_set1_epi8(15);
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *blk = row + b * 20;
-        const float *xb = x + b * 32;
-        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-        __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-        __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_loadu_ps(xb));
-        s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), _mm512_loadu_ps(xb + 16), s);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(half_f16c(blk)), s, acc);
-        offsets += half_f16c(blk + 2) * sums[b];
-    }
-    return _mm512_reduce_add_ps(acc) + offsets;
-}
-
-__attribute__((target("avx512f,f16c,fma"))) static float dot_q8_0_avx512(const uint8_t *row, const float *x,
-                                                                          int64_t blocks) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *blk = row + b * 34;
-        const float *xb = x + b * 32;
-        __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)))),
-                                 _mm512_loadu_ps(xb));
-        s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)))),
-                            _mm512_loadu_ps(xb + 16), s);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(half_f16c(blk)), s, acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
 __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -115,39 +82,127 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma,f16c"))) static float dot_q4_1_avx2(const uint8_t *row, const float *x, const float *sums,
-                                                                int64_t blocks) {
-    __m256 acc = _mm256_setzero_ps();
-    float offsets = 0;
+// Activation rows against one weight row: each block is decoded once and multiplied into every row (a decode step
+// of a batch of sequences multiplies every weight by one row per sequence). A row's arithmetic does not depend on
+// how many rows share the pass, so a sequence gets the same result alone or batched. `N` is a compile-time
+// constant after inlining; `out[i]` receives row i's dot product.
+
+__attribute__((target("avx512f,f16c,fma"), always_inline)) static inline void
+rows_q4_1_avx512(const uint8_t *row, const float *x, int64_t ldx, const float *sums, int64_t blocks, int N, float *out) {
+    __m512 acc[8];
+    float offsets[8];
+    for (int i = 0; i < N; i++) { acc[i] = _mm512_setzero_ps(); offsets[i] = 0; }
     const __m128i low4 = _mm_set1_epi8(15);
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *blk = row + b * 20;
-        const float *xb = x + b * 32;
         __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-        __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xb));
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xb + 8), s);
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xb + 16), s);
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xb + 24), s);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_f16c(blk)), s, acc);
-        offsets += half_f16c(blk + 2) * sums[b];
+        __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)));
+        __m512 wh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)));
+        __m512 d = _mm512_set1_ps(half_f16c(blk));
+        float mn = half_f16c(blk + 2);
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * 32;
+            __m512 t = _mm512_mul_ps(wl, _mm512_loadu_ps(xb));
+            t = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xb + 16), t);
+            acc[i] = _mm512_fmadd_ps(d, t, acc[i]);
+            offsets[i] += mn * sums[i * blocks + b];
+        }
     }
-    return hsum256(acc) + offsets;
+    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + offsets[i];
 }
 
-__attribute__((target("avx2,fma,f16c"))) static float dot_q8_0_avx2(const uint8_t *row, const float *x, int64_t blocks) {
-    __m256 acc = _mm256_setzero_ps();
+__attribute__((target("avx512f,f16c,fma"), always_inline)) static inline void
+rows_q8_0_avx512(const uint8_t *row, const float *x, int64_t ldx, int64_t blocks, int N, float *out) {
+    __m512 acc[8];
+    for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *blk = row + b * 34;
-        const float *xb = x + b * 32;
-        __m256 s = _mm256_setzero_ps();
-        for (int part = 0; part < 4; part++) {
-            __m128i q = _mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * part));
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(xb + 8 * part), s);
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+        __m512 d = _mm512_set1_ps(half_f16c(blk));
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * 32;
+            __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(xb));
+            t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), t);
+            acc[i] = _mm512_fmadd_ps(d, t, acc[i]);
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_f16c(blk)), s, acc);
     }
-    return hsum256(acc);
+    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+rows_q4_1_avx2(const uint8_t *row, const float *x, int64_t ldx, const float *sums, int64_t blocks, int N, float *out) {
+    __m256 acc[4];
+    float offsets[4];
+    for (int i = 0; i < N; i++) { acc[i] = _mm256_setzero_ps(); offsets[i] = 0; }
+    const __m128i low4 = _mm_set1_epi8(15);
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *blk = row + b * 20;
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+        __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        __m256 d = _mm256_set1_ps(half_f16c(blk));
+        float mn = half_f16c(blk + 2);
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * 32;
+            __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+            t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), t);
+            t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), t);
+            t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), t);
+            acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
+            offsets[i] += mn * sums[i * blocks + b];
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + offsets[i];
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+rows_q8_0_avx2(const uint8_t *row, const float *x, int64_t ldx, int64_t blocks, int N, float *out) {
+    __m256 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *blk = row + b * 34;
+        __m256 w[4];
+        for (int part = 0; part < 4; part++) {
+            w[part] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * part))));
+        }
+        __m256 d = _mm256_set1_ps(half_f16c(blk));
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * 32;
+            __m256 t = _mm256_setzero_ps();
+            for (int part = 0; part < 4; part++) t = _mm256_fmadd_ps(w[part], _mm256_loadu_ps(xb + 8 * part), t);
+            acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]);
+}
+
+/// Rows `x[0..<n]` (n ≤ 8) against one weight row, into `out`, with the AVX-512 kernels.
+__attribute__((target("avx512f,fma,f16c"))) static void rows_avx512(int type, const uint8_t *row, const float *x,
+                                                                    int64_t ldx, const float *sums, int64_t blocks, int n,
+                                                                    float *out) {
+#define CGRAFT_ROWS(N)                                                                                               \
+    case N:                                                                                                          \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_avx512(row, x, ldx, sums, blocks, N, out);                            \
+        else rows_q8_0_avx512(row, x, ldx, blocks, N, out);                                                           \
+        break;
+    switch (n) { CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4) CGRAFT_ROWS(5) CGRAFT_ROWS(6) CGRAFT_ROWS(7) CGRAFT_ROWS(8) default: break; }
+#undef CGRAFT_ROWS
+}
+
+/// Rows `x[0..<n]` (n ≤ 4) against one weight row, into `out`, with the AVX2 kernels.
+__attribute__((target("avx2,fma,f16c"))) static void rows_avx2(int type, const uint8_t *row, const float *x, int64_t ldx,
+                                                               const float *sums, int64_t blocks, int n, float *out) {
+#define CGRAFT_ROWS(N)                                                                                               \
+    case N:                                                                                                          \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_avx2(row, x, ldx, sums, blocks, N, out);                              \
+        else rows_q8_0_avx2(row, x, ldx, blocks, N, out);                                                             \
+        break;
+    switch (n) { CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4) default: break; }
+#undef CGRAFT_ROWS
 }
 
 /// Which kernels to use: 0 portable, 1 AVX2 + FMA + F16C, 2 AVX-512F (+ F16C, FMA); at most `kernel_limit`.
@@ -187,22 +242,23 @@ int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, cons
     }
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w + (row_order ? row_order[r] : r) * row_bytes;
+#ifdef CGRAFT_X86
+        if (level >= 1) {
+            int group = level == 2 ? 8 : 4;
+            float out[8];
+            for (int64_t i = 0; i < m; i += group) {
+                int n = (int)(m - i < group ? m - i : group);
+                if (level == 2) rows_avx512(type, row, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
+                else rows_avx2(type, row, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
+                for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
+            }
+            continue;
+        }
+#endif
         for (int64_t i = 0; i < m; i++) {
             const float *xi = x + i * ldx;
-            float v;
-#ifdef CGRAFT_X86
-            if (level == 2) {
-                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_avx512(row, xi, scratch + i * blocks, blocks)
-                                             : dot_q8_0_avx512(row, xi, blocks);
-            } else if (level == 1) {
-                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_avx2(row, xi, scratch + i * blocks, blocks)
-                                             : dot_q8_0_avx2(row, xi, blocks);
-            } else
-#endif
-            {
-                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_portable(row, xi, scratch + i * blocks, blocks)
-                                             : dot_q8_0_portable(row, xi, blocks);
-            }
+            float v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_portable(row, xi, scratch + i * blocks, blocks)
+                                               : dot_q8_0_portable(row, xi, blocks);
             y[i * ldy + r] += v;
         }
     }

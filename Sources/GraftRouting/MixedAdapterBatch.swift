@@ -239,16 +239,25 @@ extension LoRALayer {
     }
 
     /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory on the calling thread
-    /// (no-grad inference).
+    /// (no-grad inference). A row or two (a decode step's segment) takes two matrix-vector products per row, which
+    /// cost less than setting up GEMMs.
     func addUpdate(input x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, rows n: Int,
                    inFeatures inF: Int, outFeatures outF: Int) {
         let r = rank
-        guard n > 0 else { return }
-        let h = UnsafeMutablePointer<Float>.allocate(capacity: n * r)
-        defer { h.deallocate() }
-        sgemm(transA: false, transB: true, m: n, n: r, k: inF, a: x, b: loraA.pointer, c: h, parallel: false)
-        sgemm(transA: false, transB: true, m: n, n: outF, k: r, alpha: scaling, a: h, b: loraB.pointer, beta: 1,
-              c: y, parallel: false)
+        guard n > 0, r > 0 else { return }
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: n * r) { buffer in
+            guard let h = buffer.baseAddress else { return }
+            if n <= 2 {
+                for i in 0..<n {
+                    sgemv(m: r, n: inF, a: loraA.pointer, x: x + i * inF, y: h + i * r)
+                    sgemv(m: outF, n: r, alpha: scaling, a: loraB.pointer, x: h + i * r, beta: 1, y: y + i * outF)
+                }
+                return
+            }
+            sgemm(transA: false, transB: true, m: n, n: r, k: inF, a: x, b: loraA.pointer, c: h, parallel: false)
+            sgemm(transA: false, transB: true, m: n, n: outF, k: r, alpha: scaling, a: h, b: loraB.pointer, beta: 1,
+                  c: y, parallel: false)
+        }
     }
 }
 

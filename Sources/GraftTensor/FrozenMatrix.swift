@@ -46,7 +46,7 @@ extension FrozenMatrix {
 
 /// Up to this many input rows, ``linear(_:frozen:_:)`` multiplies straight from the blocks when the format can; more
 /// rows amortise decoding a tile to float32 over a GEMM.
-let directProductRows = 8
+let directProductRows = 16
 
 /// `x · Wᵀ (+ bias)` for a frozen compact `weight` (`[out, in]`): the Linear layer on a quantized base.
 ///

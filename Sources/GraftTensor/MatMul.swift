@@ -69,6 +69,19 @@ func sgemmSerial(
         Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
 }
 
+/// `y[m] = alpha · A · x + beta · y` for a row-major `[m, n]` matrix `A` (leading dimension `lda`, default `n`):
+/// one BLAS matrix-vector product on the current thread, for products too small for a GEMM call to pay off.
+@inline(__always)
+public func sgemv(m: Int, n: Int, alpha: Float = 1, a: UnsafePointer<Float>, lda: Int? = nil, x: UnsafePointer<Float>,
+                  beta: Float = 0, y: UnsafeMutablePointer<Float>) {
+    guard m > 0 else { return }
+    guard n > 0 else {
+        for i in 0..<m { y[i] = beta == 0 ? 0 : beta * y[i] }
+        return
+    }
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(m), Int32(n), alpha, a, Int32(lda ?? n), x, 1, beta, y, 1)
+}
+
 /// The output of a Linear layer over `x` before its product: `[..., outFeatures]`, each row holding `bias` (to be
 /// accumulated into), or zeros when there is no input width, else uninitialized (the product overwrites it).
 func linearOutput(_ x: Tensor, inFeatures: Int, outFeatures: Int, bias: Tensor?) -> Tensor {
