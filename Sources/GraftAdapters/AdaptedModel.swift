@@ -119,6 +119,7 @@ public final class AdaptedModel: @unchecked Sendable {
     private func addLinearAdapter(_ name: String, config: AdapterConfig, factory: any AdapterMethodFactory.Type,
                                   seed: UInt64) throws -> NamedAdapter {
         let state = AdapterState(seed: seed)
+        state.adapterName = name
         let named = NamedAdapter(name: name, config: config, state: state)
         let matcher = TargetMatcher(config: config)
         var matchedNonLinear: [String] = []
@@ -189,6 +190,7 @@ public final class AdaptedModel: @unchecked Sendable {
     private func addModuleAdapter(_ name: String, config: AdapterConfig, factory: any ModuleAdapterFactory.Type,
                                   seed: UInt64) throws -> NamedAdapter {
         let state = AdapterState(seed: seed)
+        state.adapterName = name
         let named = NamedAdapter(name: name, config: config, state: state)
         let matcher = TargetMatcher(config: config)
         let inputLevel = factory.actsOnInput

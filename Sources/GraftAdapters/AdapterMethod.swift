@@ -5,6 +5,8 @@ import GraftTensor
 public final class AdapterState: @unchecked Sendable {
     /// The adapter takes part in forward passes.
     public var isActive: Bool = true
+    /// The name of the adapter this state belongs to (set when the adapter is added to a model).
+    public internal(set) var adapterName = ""
     /// Dropout and other training-only behaviour is on.
     public var isTraining: Bool = false
     /// The adapter's weights are currently merged into the base weights (its forward is then skipped).

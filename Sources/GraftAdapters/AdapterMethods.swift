@@ -118,17 +118,17 @@ public enum LoRAFactory: AdapterMethodFactory {
         "use_rslora", "use_dora", "init_lora_weights (true, false, gaussian, olora, pissa, milora, corda)", "lora_bias",
         "trainable_token_indices", "target_parameters", "kasa_config", "alora_invocation_tokens", "layer_replication", "velora_config",
         "ensure_weight_tying (where PEFT ties nothing; refused on a tied head with trainable_token_indices)", "train_a",
-        "rank_pattern", "alpha_pattern",
+        "rank_pattern", "alpha_pattern", "arrow_config (PEFT's Arrow router over loaded LoRA adapters, with GenKnowSub)",
     ]
 
     public static func validate(_ config: AdapterConfig) throws {
         try validateCommon(config)
         try ALoRAActivation.validate(config)
         try VeLoRAOptions.validate(config)
-        if let arrow = config.value("arrow_config"), !(arrow is NSNull) {
-            // PEFT's arrow_router adapter routes over task adapters named inside it (create_arrow_model), with its
-            // own prototype search and GenKnowSub; it does not load into Graft's router yet.
-            throw GraftError(.unsupported, "\(config.source): 'arrow_config' (PEFT's Arrow router adapter) does not load yet; load the task adapters and route them with Graft's ArrowRouter (GraftRouting: topK = top_k, temperature = router_temperature)")
+        if try ArrowOptions.parse(config) != nil {
+            if try config.bool("use_dora", default: false) || config.value("train_a") != nil && !(try config.bool("train_a", default: true)) {
+                throw GraftError(.unsupported, "\(config.source): an Arrow router (arrow_config) is plain LoRA; use_dora and train_a false do not apply")
+            }
         }
         if config.value("train_a") != nil, !(try config.bool("train_a", default: true)) {
             // A frozen: asymmetric LoRA (AsymmetricLoRA.swift), which is how that method is saved.
@@ -197,6 +197,11 @@ public enum LoRAFactory: AdapterMethodFactory {
                                    state: state, path: "\(config.source): \(path)")
         }
         let svdInit = try SVDInitialization.parse(config.value("init_lora_weights"), source: config.source)
+        if let arrow = try ArrowOptions.parse(config) {
+            let own = LoRALayer(base: layer, rank: r, alpha: alpha, useRSLoRA: try config.bool("use_rslora", default: false),
+                                dropout: 0, useDoRA: false, initLoraWeights: true, state: state)
+            return try ArrowLoRALayer.make(for: layer, path: path, own: own, options: arrow, state: state, source: config.source)
+        }
         let lora = LoRALayer(base: layer, rank: r, alpha: alpha,
                              useRSLoRA: try config.bool("use_rslora", default: false),
                              dropout: Float(try config.double("lora_dropout", default: 0)),

@@ -40,43 +40,9 @@ public final class ArrowRouter {
         var isEnabled: Bool { true }
 
         func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
-            let t = x.rows, inF = x.lastDim, outF = y.lastDim, n = members.count
-            guard t > 0, n > 0 else { return y }
-            let scores = UnsafeMutablePointer<Float>.allocate(capacity: t * n)
-            defer { scores.deallocate() }
-            sgemm(transA: false, transB: true, m: t, n: n, k: inF, a: x.pointer, b: prototypes.pointer, c: scores)
-            let k = min(max(owner.topK, 1), n), temp = owner.temperature
-            var rows = [[Int32]](repeating: [], count: n)
-            var weights = [[Float]](repeating: [], count: n)
-            for i in 0..<t {
-                let row = scores + i * n
-                for j in 0..<n { row[j] = abs(row[j]) }
-                let top = (0..<n).sorted { row[$0] > row[$1] || (row[$0] == row[$1] && $0 < $1) }.prefix(k)
-                let m = row[top[top.startIndex]]
-                var z: Float = 0
-                for j in top { z += Foundation.exp((row[j] - m) / temp) }
-                for j in top {
-                    let w = Foundation.exp((row[j] - m) / temp) / z
-                    rows[j].append(Int32(i))
-                    weights[j].append(w)
-                    mass[members[j].0] += Double(w)
-                }
-            }
-            let py = y.pointer
-            for (j, member) in members.enumerated() where !rows[j].isEmpty {
-                let lora = member.1, r = lora.rank, cnt = rows[j].count
-                let xe = UnsafeMutablePointer<Float>.allocate(capacity: cnt * inF)
-                let h = UnsafeMutablePointer<Float>.allocate(capacity: cnt * r)
-                let o = UnsafeMutablePointer<Float>.allocate(capacity: cnt * outF)
-                defer { xe.deallocate(); h.deallocate(); o.deallocate() }
-                gatherRows(x.pointer, rows[j], width: inF, into: xe)
-                sgemm(transA: false, transB: true, m: cnt, n: r, k: inF, a: xe, b: lora.loraA.pointer, c: h)
-                for i in 0..<cnt {
-                    let g = weights[j][i] * lora.scaling
-                    for c in 0..<r { h[i * r + c] *= g }
-                }
-                sgemm(transA: false, transB: true, m: cnt, n: outF, k: r, a: h, b: lora.loraB.pointer, c: o)
-                scatterAddRows(o, rows[j], width: outF, into: py)
+            arrowRoutedUpdate(input: x, into: y.pointer, members: members.map(\.1), prototypes: prototypes,
+                              topK: owner.topK, temperature: owner.temperature) { j, w in
+                self.mass[self.members[j].0] += Double(w)
             }
             return y
         }
