@@ -103,6 +103,7 @@ extension Engine {
         let closed = closedConnections(list.map(\.context.connection))
         list = list.filter { r in
             if closed.contains(r.context.connection) { end(r, .abandoned); return false }
+            if r.generation.isFinished { end(r, .finished(modelID)); return false }  // max_new_tokens 0
             if let problem = s.batchingProblem(for: r.generation) {
                 end(r, .failed(GraftError(.state, "generate: \(problem) while generating")))
                 return false

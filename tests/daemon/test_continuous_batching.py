@@ -90,6 +90,7 @@ def test_the_context_limit_and_kv_memory_are_reported(server):
         with Client(server.socket_path) as c2:
             ids = model.generate("The quick brown fox", max_new_tokens=8, stop_at_eos=False, on_token=on_token)
         assert len(ids) == 8
+        assert model.generate("The quick brown fox", max_new_tokens=0) == []
         during = seen[0]
         info = model.info()
         n_prompt = 4
