@@ -82,9 +82,10 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Activation rows against one weight row: each block is decoded once and multiplied into every row (a decode step
-// of a batch of sequences multiplies every weight by one row per sequence). A row's arithmetic does not depend on
-// how many rows share the pass, so a sequence gets the same result alone or batched. `N` is a compile-time
+// Activation rows against one weight row: each block is decoded (and scaled) once and multiplied into every row (a
+// decode step of a batch of sequences multiplies every weight by one row per sequence): two fused multiply-adds per
+// row and 32 weights. A row's arithmetic does not depend on how many rows share the pass, so a sequence gets the
+// same result alone or batched. `N` is a compile-time
 // constant after inlining; `out[i]` receives row i's dot product.
 
 __attribute__((target("avx512f,f16c,fma"), always_inline)) static inline void
@@ -96,15 +97,14 @@ rows_q4_1_avx512(const uint8_t *row, const float *x, int64_t ldx, const float *s
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *blk = row + b * 20;
         __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-        __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)));
-        __m512 wh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)));
         __m512 d = _mm512_set1_ps(half_f16c(blk));
+        __m512 wl = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4))));
+        __m512 wh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4))));
         float mn = half_f16c(blk + 2);
         for (int i = 0; i < N; i++) {
             const float *xb = x + i * ldx + b * 32;
-            __m512 t = _mm512_mul_ps(wl, _mm512_loadu_ps(xb));
-            t = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xb + 16), t);
-            acc[i] = _mm512_fmadd_ps(d, t, acc[i]);
+            acc[i] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xb), acc[i]);
+            acc[i] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xb + 16), acc[i]);
             offsets[i] += mn * sums[i * blocks + b];
         }
     }
@@ -117,14 +117,13 @@ rows_q8_0_avx512(const uint8_t *row, const float *x, int64_t ldx, int64_t blocks
     for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *blk = row + b * 34;
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
         __m512 d = _mm512_set1_ps(half_f16c(blk));
+        __m512 w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)))));
+        __m512 w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)))));
         for (int i = 0; i < N; i++) {
             const float *xb = x + i * ldx + b * 32;
-            __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(xb));
-            t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), t);
-            acc[i] = _mm512_fmadd_ps(d, t, acc[i]);
+            acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[i]);
+            acc[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[i]);
         }
     }
     for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
@@ -140,19 +139,18 @@ rows_q4_1_avx2(const uint8_t *row, const float *x, int64_t ldx, const float *sum
         const uint8_t *blk = row + b * 20;
         __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
         __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
         __m256 d = _mm256_set1_ps(half_f16c(blk));
+        __m256 w0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)));
+        __m256 w1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))));
+        __m256 w2 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)));
+        __m256 w3 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))));
         float mn = half_f16c(blk + 2);
         for (int i = 0; i < N; i++) {
             const float *xb = x + i * ldx + b * 32;
-            __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-            t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), t);
-            t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), t);
-            t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), t);
-            acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
+            acc[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[i]);
+            acc[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[i]);
+            acc[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[i]);
+            acc[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[i]);
             offsets[i] += mn * sums[i * blocks + b];
         }
     }
@@ -165,16 +163,13 @@ rows_q8_0_avx2(const uint8_t *row, const float *x, int64_t ldx, int64_t blocks, 
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *blk = row + b * 34;
-        __m256 w[4];
+        __m256 d = _mm256_set1_ps(half_f16c(blk)), w[4];
         for (int part = 0; part < 4; part++) {
-            w[part] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * part))));
+            w[part] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * part)))));
         }
-        __m256 d = _mm256_set1_ps(half_f16c(blk));
         for (int i = 0; i < N; i++) {
             const float *xb = x + i * ldx + b * 32;
-            __m256 t = _mm256_setzero_ps();
-            for (int part = 0; part < 4; part++) t = _mm256_fmadd_ps(w[part], _mm256_loadu_ps(xb + 8 * part), t);
-            acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
+            for (int part = 0; part < 4; part++) acc[i] = _mm256_fmadd_ps(w[part], _mm256_loadu_ps(xb + 8 * part), acc[i]);
         }
     }
     for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]);
