@@ -51,7 +51,9 @@ public final class LlamaAttention: Module {
             k = concat([concat([Tensor](repeating: prefix.keys.reshaped([1, n, w]), count: b), dim: 0), k], dim: 1)
             v = concat([concat([Tensor](repeating: prefix.values.reshaped([1, n, w]), count: b), dim: 0), v], dim: 1)
         }
-        if let cache {
+        if let cache, b == 1, !k.requiresGrad, !v.requiresGrad {
+            (k, v) = cache.append(keys: k, values: v)
+        } else if let cache {
             if let pk = cache.keys, let pv = cache.values {
                 k = concat([pk, k], dim: 1)
                 v = concat([pv, v], dim: 1)

@@ -126,6 +126,35 @@ public final class KVCache {
     public final class Layer {
         var keys: Tensor?
         var values: Tensor?
+        /// Room for later positions of a one-row cache: ``keys`` / ``values`` are views of the first rows, so a
+        /// decoding step appends in place instead of copying the whole cache into a new tensor.
+        private var keyStore: TensorBuffer?, valueStore: TensorBuffer?
+
+        /// Appends the untracked keys and values `[1, t, width]` of one sequence and returns the whole cache
+        /// (views, valid until the next append). Storage doubles as it fills.
+        func append(keys k: Tensor, values v: Tensor) -> (keys: Tensor, values: Tensor) {
+            let width = k.shape[2], added = k.shape[1], old = keys?.shape[1] ?? 0, total = old + added
+            let adopted = keyStore.map { keys?.storage.pointer == $0.pointer } ?? (keys == nil)
+            if !adopted || (keyStore?.count ?? 0) < total * width {
+                // First use, outgrown, or set elsewhere: fresh storage holding what is cached so far.
+                let capacity = max(total, 2 * old, 64) * width
+                let ks = TensorBuffer(count: capacity, zeroed: false), vs = TensorBuffer(count: capacity, zeroed: false)
+                if let keys, let values {
+                    ks.pointer.update(from: keys.pointer, count: old * width)
+                    vs.pointer.update(from: values.pointer, count: old * width)
+                }
+                keyStore = ks
+                valueStore = vs
+            }
+            guard let ks = keyStore, let vs = valueStore else { return (k, v) }
+            (ks.pointer + old * width).update(from: k.pointer, count: added * width)
+            (vs.pointer + old * width).update(from: v.pointer, count: added * width)
+            let fullKeys = Tensor(shape: [1, total, width], storage: TensorBuffer(viewing: ks, offset: 0, count: total * width))
+            let fullValues = Tensor(shape: [1, total, width], storage: TensorBuffer(viewing: vs, offset: 0, count: total * width))
+            keys = fullKeys
+            values = fullValues
+            return (fullKeys, fullValues)
+        }
     }
     let layers: [Layer]
     /// Number of positions cached.
