@@ -1200,6 +1200,10 @@ public nonisolated struct Graft_V1_Generate: Sendable {
   /// Wrap the prompt in the model's chat template as one user turn.
   public var chat: Bool = false
 
+  /// The fast mode (graft_sampling_params.fast_decode, added in 0.5.0): int8 activations against the GGUF base's
+  /// Q4_1 / Q8_0 weights while decoding.
+  public var fastDecode: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   /// Sampling as graft_sampling_params (the README's options): a field left unset takes its default. Fields whose
@@ -3306,7 +3310,7 @@ nonisolated extension Graft_V1_ForwardResult: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Generate"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}model_id\0\u{3}prompt_ids\0\u{1}prompt\0\u{3}max_new_tokens\0\u{1}temperature\0\u{3}top_p\0\u{3}top_k\0\u{3}ignore_eos\0\u{1}seed\0\u{1}chat\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}model_id\0\u{3}prompt_ids\0\u{1}prompt\0\u{3}max_new_tokens\0\u{1}temperature\0\u{3}top_p\0\u{3}top_k\0\u{3}ignore_eos\0\u{1}seed\0\u{1}chat\0\u{3}fast_decode\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3338,6 +3342,7 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
       case 8: try { try decoder.decodeSingularBoolField(value: &self.ignoreEos) }()
       case 9: try { try decoder.decodeSingularUInt64Field(value: &self.seed) }()
       case 10: try { try decoder.decodeSingularBoolField(value: &self.chat) }()
+      case 11: try { try decoder.decodeSingularBoolField(value: &self.fastDecode) }()
       default: break
       }
     }
@@ -3378,6 +3383,9 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
     if self.chat != false {
       try visitor.visitSingularBoolField(value: self.chat, fieldNumber: 10)
     }
+    if self.fastDecode != false {
+      try visitor.visitSingularBoolField(value: self.fastDecode, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3392,6 +3400,7 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
     if lhs.ignoreEos != rhs.ignoreEos {return false}
     if lhs.seed != rhs.seed {return false}
     if lhs.chat != rhs.chat {return false}
+    if lhs.fastDecode != rhs.fastDecode {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
