@@ -64,7 +64,7 @@ extern "C" {
 /** Major version: the ABI is stable while it stays the same. */
 #define GRAFT_VERSION_MAJOR 0
 /** Minor version: grows when functions, enum values or struct fields are added. */
-#define GRAFT_VERSION_MINOR 4
+#define GRAFT_VERSION_MINOR 5
 /** Patch version: fixes only. */
 #define GRAFT_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH, the value graft_version() returns for this header's library. */
@@ -509,6 +509,10 @@ typedef struct graft_sampling_params {
     int32_t stop_at_eos;
     /** Seed of the sampling random number generator. Default 0. */
     uint64_t seed;
+    /** Nonzero selects the fast mode (added in 0.5.0): decoding steps multiply activations quantized to int8 per
+     *  block of 32 with a GGUF base's Q4_1 / Q8_0 weights (integer dot products, as llama.cpp does). Logits
+     *  deviate slightly from the exact mode, which 0 (the default) keeps. */
+    int32_t fast_decode;
 } graft_sampling_params;
 
 /**

@@ -3,6 +3,7 @@
 // the weights to float32 first would cost more than the product itself. AVX-512 or AVX2 + FMA (with F16C for the
 // block scales) where the CPU has them, a portable loop otherwise.
 #include "CGraftKernels.h"
+#include "ggml_internal.h"
 
 #include <string.h>
 
@@ -10,28 +11,6 @@
 #include <immintrin.h>
 #define CGRAFT_X86 1
 #endif
-
-/// IEEE half to float (exact), from the two little-endian bytes at `p`.
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
-    if (exponent == 0) {
-        if (mantissa == 0) {
-            bits = sign;
-        } else {  // subnormal: normalise
-            exponent = 127 - 15 + 1;
-            while (!(mantissa & 0x400)) { mantissa <<= 1; exponent--; }
-            bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
-        }
-    } else if (exponent == 31) {
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    } else {
-        bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 /// Σ x over each block of 32 of `cols` values: the Q4_1 offset term m·Σx needs it once per block and row.
 static void block_sums(const float *x, int64_t cols, float *sums) {
@@ -49,7 +28,7 @@ static float dot_q4_1_portable(const uint8_t *row, const float *x, const float *
         const float *xb = x + b * 32;
         float s = 0;
         for (int j = 0; j < 16; j++) s += (float)(qs[j] & 15) * xb[j] + (float)(qs[j] >> 4) * xb[j + 16];
-        total += half_to_float(blk) * s + half_to_float(blk + 2) * sums[b];
+        total += cgraft_half_to_float(blk) * s + cgraft_half_to_float(blk + 2) * sums[b];
     }
     return total;
 }
@@ -62,7 +41,7 @@ static float dot_q8_0_portable(const uint8_t *row, const float *x, int64_t block
         const float *xb = x + b * 32;
         float s = 0;
         for (int j = 0; j < 32; j++) s += (float)qs[j] * xb[j];
-        total += half_to_float(blk) * s;
+        total += cgraft_half_to_float(blk) * s;
     }
     return total;
 }
@@ -219,6 +198,14 @@ void cgraft_ggml_limit_kernels(int level) {
     kernel_limit = level < 0 ? 0 : level;
 #else
     (void)level;
+#endif
+}
+
+int cgraft_ggml_kernel_limit(void) {
+#ifdef CGRAFT_X86
+    return kernel_limit;
+#else
+    return 0;
 #endif
 }
 

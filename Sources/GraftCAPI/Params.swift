@@ -108,6 +108,7 @@ extension graft_sampling_params {
         top_k = Int32(clamping: o.topK)
         stop_at_eos = o.stopAtEOS ? 1 : 0
         seed = o.seed
+        fast_decode = o.fastDecode ? 1 : 0
     }
 
     /// The typed options, validated.
@@ -119,6 +120,7 @@ extension graft_sampling_params {
         o.topK = Int(top_k)
         o.stopAtEOS = stop_at_eos != 0
         o.seed = seed
+        o.fastDecode = fast_decode != 0
         try prefixed("graft_sampling_params") { try o.validate() }
         return o
     }

@@ -115,7 +115,10 @@ extension Engine {
         let prefill = !prefilling.isEmpty && (decoding.isEmpty || generation.lastStepPrefilled[modelID] != true)
         var rows: [Int] = []
         var longest = 0
-        for i in prefill ? prefilling : decoding {
+        // Fast decoding is a mode of the whole pass: a step runs the rows of its first row's mode.
+        let candidates = prefill ? prefilling : decoding
+        let fast = candidates.first.map { list[$0].generation.sequence.parameters.fastDecode } ?? false
+        for i in candidates where list[i].generation.sequence.parameters.fastDecode == fast {
             let n = list[i].generation.sequence.pending.count
             if !rows.isEmpty && (rows.count >= settings.maxBatchSequences
                                  || (rows.count + 1) * max(longest, n) > settings.maxPrefillTokens) { break }

@@ -80,6 +80,7 @@ extension Engine {
         o.topK = Int(r.topK)
         o.stopAtEOS = !r.ignoreEos
         o.seed = r.seed
+        o.fastDecode = r.fastDecode
         do {
             try o.validate()
         } catch let e as GraftError {

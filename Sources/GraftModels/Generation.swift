@@ -20,16 +20,21 @@ public struct GenerationParameters: Sendable {
     public var seed: UInt64 = 0
     /// Generation stops after emitting any of these (the model's end-of-turn / EOS tokens).
     public var stopTokens: Set<Int32> = []
+    /// The fast mode: decoding steps multiply activations quantized to int8 per block of 32 with the Q4_1 / Q8_0
+    /// weights of a GGUF base (integer dot products, as llama.cpp does), instead of float32 activations. Logits
+    /// then deviate slightly from the exact mode (the default, false); other weights are unaffected.
+    public var fastDecode: Bool = false
 
-    /// Defaults: greedy, 128 tokens, no stop tokens.
+    /// Defaults: greedy, 128 tokens, no stop tokens, exact mode.
     public init(maxNewTokens: Int = 128, temperature: Float = 0, topP: Float = 1, topK: Int = 0, seed: UInt64 = 0,
-                stopTokens: Set<Int32> = []) {
+                stopTokens: Set<Int32> = [], fastDecode: Bool = false) {
         self.maxNewTokens = maxNewTokens
         self.temperature = temperature
         self.topP = topP
         self.topK = topK
         self.seed = seed
         self.stopTokens = stopTokens
+        self.fastDecode = fastDecode
     }
 
     /// Throws on values outside their ranges, naming the field.
@@ -103,7 +108,7 @@ extension LlamaModel {
         guard prompt.count + parameters.maxNewTokens <= config.contextLength else {
             throw GraftError.invalid("generate: prompt (\(prompt.count)) + maxNewTokens (\(parameters.maxNewTokens)) exceeds the context length \(config.contextLength)")
         }
-        return try withNoGrad {
+        return try withNoGrad { try withInt8Activations(parameters.fastDecode) {
             let cache = KVCache(layerCount: layers.count)
             var sampler = TokenSampler(parameters: parameters)
             var generated: [Int32] = []
@@ -119,7 +124,7 @@ extension LlamaModel {
                 input = [next]
             }
             return generated
-        }
+        } }
     }
 
     /// Generates after each of `prompts` as one batch: every step runs the still-active sequences together

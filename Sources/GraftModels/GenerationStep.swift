@@ -44,7 +44,8 @@ public final class GenerationSequence {
 extension LlamaModel {
     /// Runs one step of the unfinished `sequences` as one batch (each row its own pending tokens, right-padded,
     /// attending to its own cache), samples each sequence's next token and records it. Returns the tokens, one per
-    /// sequence, in order.
+    /// sequence, in order. The step runs in fast mode (``GenerationParameters/fastDecode``) only when every sequence
+    /// asks for it; callers batch sequences of one mode together.
     ///
     /// `around(step)` wraps the forward pass: `step()` returns the next-token logits `[sequences.count, vocab]`
     /// (mixed-adapter routing installs itself here). Inference only.
@@ -56,7 +57,9 @@ extension LlamaModel {
         }
         let batch = try TokenBatch(sequences: sequences.map(\.pending))
         let h = config.hiddenSize, vocab = config.vocabSize
-        let logits = try withNoGrad {
+        // Fast mode (int8 activations against block-format weights) is a setting of the whole pass.
+        let fast = sequences.allSatisfy(\.parameters.fastDecode)
+        let logits = try withNoGrad { try withInt8Activations(fast) {
             try around {
                 let hidden = try hiddenStates(batch, rowCaches: sequences.map(\.cache))
                 let last = Tensor(zeros: [sequences.count, h])
@@ -65,7 +68,7 @@ extension LlamaModel {
                 }
                 return lmHead.forward(last)
             }
-        }
+        } }
         guard logits.count == sequences.count * vocab else {
             throw GraftError(.internalError, "generate: step returned \(logits.shape) logits for \(sequences.count) rows")
         }

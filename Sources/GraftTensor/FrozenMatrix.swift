@@ -18,6 +18,11 @@ public protocol FrozenMatrix: AnyObject, Sendable {
     /// `x`) straight from the compact format, on the calling thread. Only called when ``hasDirectProduct``.
     func accumulateProduct(_ x: UnsafePointer<Float>, rows m: Int, outputRows: Range<Int>, into y: UnsafeMutablePointer<Float>,
                            ldy: Int)
+    /// Whether ``accumulateInt8Product(_:outputRows:into:ldy:)`` multiplies int8 activations with the blocks.
+    var hasInt8Product: Bool { get }
+    /// The fast mode's ``accumulateProduct(_:rows:outputRows:into:ldy:)``: adds `x · Wᵀ` for `outputRows` with
+    /// `x` quantized to int8 per block, on the calling thread. Only called when ``hasInt8Product``.
+    func accumulateInt8Product(_ x: Int8Rows, outputRows: Range<Int>, into y: UnsafeMutablePointer<Float>, ldy: Int)
 }
 
 extension FrozenMatrix {
@@ -26,6 +31,10 @@ extension FrozenMatrix {
     /// Unused without ``hasDirectProduct``.
     public func accumulateProduct(_ x: UnsafePointer<Float>, rows m: Int, outputRows: Range<Int>,
                                   into y: UnsafeMutablePointer<Float>, ldy: Int) {}
+    /// No int8 product unless the format provides one.
+    public var hasInt8Product: Bool { false }
+    /// Unused without ``hasInt8Product``.
+    public func accumulateInt8Product(_ x: Int8Rows, outputRows: Range<Int>, into y: UnsafeMutablePointer<Float>, ldy: Int) {}
 
     /// The whole matrix decoded to a new float32 tensor `[rows, cols]`.
     public func dequantized() -> Tensor {
@@ -61,7 +70,19 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
     let rowsN = x.rows, tile = weight.tileRows
     let tiles = outF == 0 ? 0 : (outF + tile - 1) / tile
     let out = linearOutput(x, inFeatures: inF, outFeatures: outF, bias: bias)
-    if inF > 0 && rowsN > 0 && rowsN <= directProductRows && weight.hasDirectProduct {
+    if inF > 0 && rowsN > 0 && rowsN <= directProductRows && weight.hasInt8Product && Int8ActivationMode.isEnabled {
+        // The fast mode: activations quantized to int8 once, integer products shared out over the threads.
+        let op = out.pointer
+        if bias == nil { op.update(repeating: 0, count: rowsN * outF) }
+        // hasInt8Product formats hold whole blocks of 32 per row, so quantizing cannot fail.
+        if let q = try? Int8Rows(x.pointer, rows: rowsN, cols: inF) {
+            // Waking a second thread costs microseconds: a share below ~128 K weights (the k/v projections of a
+            // small model) runs faster on the calling thread alone.
+            parallelFor(outF, grain: max(64, (1 << 17) / max(inF * rowsN, 1))) { range in
+                weight.accumulateInt8Product(q, outputRows: range, into: op, ldy: outF)
+            }
+        }
+    } else if inF > 0 && rowsN > 0 && rowsN <= directProductRows && weight.hasDirectProduct {
         // A decoding step: multiply straight from the blocks, output rows shared out over the threads.
         let xp = UnsafePointer(x.pointer), op = out.pointer
         if bias == nil { op.update(repeating: 0, count: rowsN * outF) }

@@ -64,6 +64,17 @@ func sgemmSerial(
         }
         return
     }
+    if m == 1 {
+        // One row (a decoding step, an adapter's small projections): a GEMV, which skips sgemm's packing.
+        if beta == 0 { c.update(repeating: 0, count: n) }
+        let incx = Int32(transA ? lda : 1)
+        if transB {
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(n), Int32(k), alpha, b, Int32(ldb), a, incx, beta == 0 ? 1 : beta, c, 1)
+        } else {
+            cblas_sgemv(CblasRowMajor, CblasTrans, Int32(k), Int32(n), alpha, b, Int32(ldb), a, incx, beta == 0 ? 1 : beta, c, 1)
+        }
+        return
+    }
     cblas_sgemm(
         CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
         Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))

@@ -21,6 +21,8 @@ extension Bench {
         @Option(help: "Timed runs (the median of each rate is reported).") var runs: Int = 3
         @Option(help: "Untimed warm-up runs.") var warmup: Int = 1
         @Option(help: "Threads.") var threads: Int = 2
+        @Flag(name: .customLong("fast-decode"), help: "Fast mode: int8 activations against the Q4_1/Q8_0 weights.")
+        var fastDecode = false
 
         /// The prompt's token ids: a fixed, vocabulary-spread sequence both engines use.
         static func promptIDs(count: Int, vocabulary: Int) -> [Int32] {
@@ -43,7 +45,8 @@ extension Bench {
                     try session.addAdapter(name: "bench", configJSON: try GraftSession.jsonString(config), seed: 7)
                 }
                 let prompt = Self.promptIDs(count: promptTokens, vocabulary: llama.config.vocabSize)
-                let parameters = GenerationParameters(maxNewTokens: newTokens, temperature: 0, stopTokens: [])
+                let parameters = GenerationParameters(maxNewTokens: newTokens, temperature: 0, stopTokens: [],
+                                                      fastDecode: fastDecode)
                 var prefillRates: [Double] = [], decodeRates: [Double] = [], tokens: [Int32] = []
                 for i in 0..<(warmup + runs) {
                     let start = DispatchTime.now().uptimeNanoseconds
@@ -64,10 +67,10 @@ extension Bench {
                 let prefill = prefillRates[prefillRates.count / 2], decode = decodeRates.isEmpty ? 0 : decodeRates[decodeRates.count / 2]
                 var usage = rusage()
                 getrusage(RUSAGE_SELF.rawValue, &usage)
-                print(String(format: "graft bench decode: prompt %d tokens, %d new (greedy), %@, threads=%d: prefill %.1f tokens/s, decode %.1f tokens/s (median of %d), peak RSS %.0f MB",
-                             promptTokens, newTokens, r > 0 ? "LoRA r\(r) all-linear unmerged" : "base", threads, prefill, decode,
+                print(String(format: "graft bench decode: prompt %d tokens, %d new (greedy), %@%@, threads=%d: prefill %.1f tokens/s, decode %.1f tokens/s (median of %d), peak RSS %.0f MB",
+                             promptTokens, newTokens, r > 0 ? "LoRA r\(r) all-linear unmerged" : "base", fastDecode ? ", fast (int8)" : "", threads, prefill, decode,
                              runs, Double(usage.ru_maxrss) / 1024))
-                printBenchJSON(["workload": "decode", "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+                printBenchJSON(["workload": "decode", "fast_decode": fastDecode, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
                                 "tokens": tokens.map(Int.init)])
             }
         }

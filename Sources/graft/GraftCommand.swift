@@ -86,6 +86,9 @@ struct Generate: ParsableCommand {
     var seed: UInt64 = 0
     @Option(help: "A PEFT adapter directory to apply (e.g. from graft train --task causal-lm).")
     var adapter: String?
+    @Flag(name: .customLong("fast-decode"),
+          help: "Fast mode: int8 activations against the GGUF base's Q4_1/Q8_0 weights (logits deviate slightly).")
+    var fastDecode = false
 
     func run() throws {
         try graft.run {
@@ -98,6 +101,7 @@ struct Generate: ParsableCommand {
             sampling.temperature = temperature
             sampling.topP = topP
             sampling.seed = seed
+            sampling.fastDecode = fastDecode
             try sampling.validate()
             let text = raw ? prompt : try session.chatPrompt(prompt)
             _ = try session.generate(prompt: session.model.tokenizer.encode(text, addSpecialTokens: false),

@@ -63,3 +63,22 @@ import Testing
         }
     }
 }
+
+/// `Generate.fast_decode` (field 11, graft.h 0.5.0) survives the wire and selects the fast mode; left unset it
+/// keeps the exact mode, and an older client's message (no field 11) decodes as before.
+@Suite struct GenerateFastDecodeTests {
+    @Test func fastDecodeCrossesTheWire() throws {
+        var request = Graft_V1_Generate()
+        request.promptIds = [1, 2, 3]
+        request.fastDecode = true
+        let bytes: [UInt8] = try request.serializedBytes()
+        let decoded = try Graft_V1_Generate(serializedBytes: bytes)
+        let options = try Engine.samplingOptions(decoded)
+        #expect(decoded.fastDecode && options.fastDecode)
+        request.fastDecode = false
+        let plain: [UInt8] = try request.serializedBytes()
+        #expect(!plain.contains(11 << 3))
+        let exact = try Engine.samplingOptions(Graft_V1_Generate(serializedBytes: plain))
+        #expect(!exact.fastDecode)
+    }
+}

@@ -1,4 +1,5 @@
 import Testing
+import Foundation
 import CGraftKernels
 import GraftIO
 import GraftTensor
@@ -73,6 +74,98 @@ import GraftTestSupport
                 #expect(err <= 1e-4, "\(type.name) m=\(m) kernel level \(level): \(err)")
             }
         }
+    }
+
+    /// The fast mode: activations quantized per block of 32 to int8 (each within half a step of its value), then
+    /// integer products at every kernel level the CPU has (AVX-512 VNNI, AVX2, portable) equal to float32
+    /// products of the dequantized weight with the dequantized activations `d·q`, row order included.
+    @Test(arguments: [GGMLType.q4_1, .q8_0])
+    func int8ProductsMatchTheDequantizedOperands(type: GGMLType) throws {
+        var rng = GraftRNG(seed: 11)
+        let rows = 200, cols = 576, blocks = cols / 32
+        let order = (0..<rows).map { ($0 * 37) % rows }
+        let (q, _) = try matrix(type, rows: rows, cols: cols, seed: 23, rowOrder: order)
+        #expect(q.hasInt8Product)
+        let w = q.dequantized()
+        print("int8 kernel level on this CPU: \(cgraft_ggml_int8_kernel_level()) (2 = AVX-512 VNNI, 1 = AVX2, 0 = portable)")
+        for m in [1, 3, 8] {
+            let x = Tensor.randomNormal([m, cols], rng: &rng)
+            let q8 = try Int8Rows(x.pointer, rows: m, cols: cols)
+            let xhat = Tensor(zeros: [m, cols])
+            for i in 0..<m {
+                for b in 0..<blocks {
+                    let d = q8.scales[i * blocks + b]
+                    var amax: Float = 0, sum: Float = 0
+                    for j in 0..<32 {
+                        let k = i * cols + b * 32 + j
+                        amax = max(amax, abs(x.pointer[k]))
+                        xhat.pointer[k] = d * Float(q8.values[k])
+                        sum += xhat.pointer[k]
+                        #expect(abs(xhat.pointer[k] - x.pointer[k]) <= d * 0.5001, "element \(k) quantized off by more than half a step")
+                    }
+                    #expect(abs(d - amax / 127) <= 1e-6 * amax && abs(q8.sums[i * blocks + b] - sum) <= 1e-4)
+                }
+            }
+            let reference = linear(xhat, w), unquantized = linear(x, w)
+            // |Σ_k W[r, k] (x̂ − x)_k| ≤ Σ_k |W[r, k]| · d_k / 2: the most quantizing the activations can move a product.
+            var bound = [Float](repeating: 0, count: m * rows)
+            for i in 0..<m {
+                for r in 0..<rows {
+                    for k in 0..<cols { bound[i * rows + r] += abs(w.pointer[r * cols + k]) * q8.scales[i * blocks + k / 32] / 2 }
+                }
+            }
+            for level: Int32 in [2, 1, 0] {
+                cgraft_ggml_limit_kernels(level)
+                let y = withInt8Activations { linear(x, frozen: q) }
+                cgraft_ggml_limit_kernels(2)
+                let err = maxAbsDifference(y, reference)
+                #expect(err <= 1e-4, "\(type.name) m=\(m) int8 level \(level): \(err)")
+                let outside = (0..<(m * rows)).filter { abs(y.pointer[$0] - unquantized.pointer[$0]) > bound[$0] + 1e-4 }
+                #expect(outside.isEmpty, "\(type.name) m=\(m) int8 level \(level): \(outside.count) products beyond the quantization bound")
+                #expect((0..<y.count).allSatisfy { y.pointer[$0].isFinite })
+            }
+            #expect(maxAbsDifference(linear(x, frozen: q), linear(x, w)) <= 1e-4, "the exact mode stays the default")
+        }
+        let odd = Tensor(zeros: [1, 30])
+        #expect(throws: GraftError.self) { try Int8Rows(odd.pointer, rows: 1, cols: 30) }
+    }
+
+    /// A micro-measurement of the decoding products, reported per kernel level: ns per output row of a
+    /// `[1536, 576]` matrix times one activation row (thread CPU time, so other processes on the machine matter
+    /// little), float32 activations and int8 activations.
+    @Test(arguments: [GGMLType.q4_1, .q8_0])
+    func decodeProductTimings(type: GGMLType) throws {
+        var rng = GraftRNG(seed: 12)
+        let rows = 1536, cols = 576, repeats = 200
+        let (q, _) = try matrix(type, rows: rows, cols: cols, seed: 24)
+        let x = Tensor.randomNormal([1, cols], rng: &rng)
+        let q8 = try Int8Rows(x.pointer, rows: 1, cols: cols)
+        let y = Tensor(zeros: [1, rows])
+        func cpuSeconds() -> Double {
+            var t = timespec()
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
+            return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
+        }
+        var report: [String] = []
+        for level: Int32 in [2, 1, 0] {
+            cgraft_ggml_limit_kernels(level)
+            for int8 in [false, true] {
+                let n = level == 0 ? repeats / 10 : repeats
+                let start = cpuSeconds()
+                for _ in 0..<n {
+                    if int8 {
+                        q.accumulateInt8Product(q8, outputRows: 0..<rows, into: y.pointer, ldy: rows)
+                    } else {
+                        q.accumulateProduct(x.pointer, rows: 1, outputRows: 0..<rows, into: y.pointer, ldy: rows)
+                    }
+                }
+                let ns = (cpuSeconds() - start) / Double(n * rows) * 1e9
+                report.append("level \(level) \(int8 ? "int8" : "f32 "): \(String(format: "%.1f", ns)) ns/row")
+            }
+        }
+        cgraft_ggml_limit_kernels(2)
+        print("\(type.name) [\(rows), \(cols)] × 1 row, one thread: " + report.joined(separator: ", "))
+        #expect((0..<rows).allSatisfy { y.pointer[$0].isFinite })
     }
 
     @Test func rowOrderPicksSourceRowsAndBadInputIsRefusedByName() throws {

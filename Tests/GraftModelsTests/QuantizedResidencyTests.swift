@@ -3,6 +3,7 @@ import Testing
 import GraftIO
 import GraftTensor
 import GraftTestSupport
+import GraftText
 
 /// SmolLM2 loaded with its GGUF weights left in their block formats (the default) computes what the model
 /// dequantized to float32 at load computes: the same embedding rows bit for bit, the same logits and input
@@ -50,5 +51,46 @@ import GraftTestSupport
         #expect(compact.lmHead.weight === compact.embedTokens.weight)
         let c = try withNoGrad { try compact.logits(batch) }
         #expect(maxAbsDifference(c, b) <= 1e-3)
+    }
+
+    /// The fast mode (int8 activations against the Q4_1 / Q8_0 blocks while decoding) against the exact mode on a
+    /// real prompt: the logits of every decoding step stay close (the bound is reported), and greedy tokens are
+    /// compared (agreement reported; a single late flip is how quantized decoding diverges, not a failure).
+    @Test func fastDecodeStaysCloseToTheExactMode() throws {
+        let path = try Assets.require(Assets.smollm2)
+        let model = try LlamaModel(gguf: GGUFFile(contentsOf: path))
+        let tokenizer = try BPETokenizer(ggufFile: path)
+        let prompt = tokenizer.encode("The capital of France is Paris. The capital of Germany is", addSpecialTokens: false)
+        #expect(prompt.count > 5)
+
+        // Teacher-forced: both modes decode the same tokens one at a time with their own KV caches.
+        let steps = 24
+        let exact = try model.generate(prompt: prompt, parameters: GenerationParameters(maxNewTokens: steps))
+        var worst: Float = 0, scale: Float = 0
+        func lastLogits(_ batch: TokenBatch, cache: KVCache) throws -> Tensor {
+            let hidden = try model.hiddenStates(batch, cache: cache)
+            let last = hidden.slice(dim: 1, (batch.length - 1)..<batch.length).reshaped([1, model.config.hiddenSize])
+            return model.lmHead.forward(last)
+        }
+        try withNoGrad {
+            let caches = (KVCache(layerCount: model.layers.count), KVCache(layerCount: model.layers.count))
+            var input = prompt
+            for step in 0..<steps {
+                let batch = try TokenBatch(ids: input, batchSize: 1, length: input.count)
+                let a = try lastLogits(batch, cache: caches.0)
+                let b = try withInt8Activations { try lastLogits(batch, cache: caches.1) }
+                #expect((0..<b.count).allSatisfy { b.pointer[$0].isFinite }, "step \(step): non-finite fast logits")
+                worst = max(worst, maxAbsDifference(a, b))
+                scale = max(scale, worstOf((0..<a.count).map { abs(a.pointer[$0]) }, empty: 0))
+                input = [exact[step]]
+            }
+        }
+        print("SmolLM2 fast decode (int8 activations) vs exact: max-abs logit deviation \(worst) over \(steps) steps (logits up to \(scale))")
+        #expect(worst > 0 && worst <= 0.05 * scale)
+
+        let fast = try model.generate(prompt: prompt, parameters: GenerationParameters(maxNewTokens: steps, fastDecode: true))
+        let agree = zip(exact, fast).prefix { $0 == $1 }.count
+        print("SmolLM2 greedy tokens, fast vs exact: first \(agree) of \(steps) agree; exact \(exact), fast \(fast)")
+        #expect(fast.count == steps && agree >= 4)
     }
 }

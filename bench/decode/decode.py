@@ -10,6 +10,8 @@ Rows:
   decode   prompt 32 tokens, 128 new tokens greedy: decode tokens/s (and prefill tokens/s of the 32)
   prefill  prompt 512 tokens, 1 new token: prefill tokens/s
   lora     Graft only: the decode row with an unmerged LoRA r16 on every linear layer, against Graft's own base
+  fast     Graft's fast mode (--fast-decode: int8 activations against the Q4_1/Q8_0 blocks, as llama.cpp does),
+           the decode row and the LoRA row again; the exact rows above stay Graft's default
 
 Run through bench/decode/run, or directly:
   <llama venv>/bin/python bench/decode/decode.py --graft .build/release/graft [--runs 3]
@@ -141,6 +143,8 @@ def main():
         (gd, gd_rss), (ld, ld_rss) = both("decode", 32, 128)
         (gp, gp_rss), (lp, lp_rss) = both("prefill", 512, 1)
         (gl, gl_rss), _ = both("decode with LoRA r16 on every linear layer (Graft only)", 32, 128, ("--r", "16"))
+        (gf, gf_rss), _ = both("decode, fast mode (Graft only)", 32, 128, ("--fast-decode",))
+        (gfl, gfl_rss), _ = both("decode with LoRA r16, fast mode (Graft only)", 32, 128, ("--fast-decode", "--r", "16"))
 
     def rate(r, key):
         return r[key] if r else float("nan")
@@ -161,6 +165,16 @@ def main():
     print(f"| prefill tokens/s, 512-token prompt | {gpr:.1f} | {lpr:.1f} | {ratio(gpr, lpr)} | {gp_rss / 1024:.0f} | {lp_rss / 1024:.0f} | {ratio(gp_rss, lp_rss)} |")
     glr = rate(gl, "decode_tokens_per_s")
     print(f"| decode tokens/s with LoRA r16 all-linear, unmerged (Graft; ratio to its base) | {glr:.1f} | | {ratio(glr, gdr)} | {gl_rss / 1024:.0f} | | |")
+    gfr = rate(gf, "decode_tokens_per_s")
+    print(f"| decode tokens/s, fast mode (int8 activations) | {gfr:.1f} | {ldr:.1f} | {ratio(gfr, ldr)} | {gf_rss / 1024:.0f} | {ld_rss / 1024:.0f} | {ratio(gf_rss, ld_rss)} |")
+    gflr = rate(gfl, "decode_tokens_per_s")
+    print(f"| decode tokens/s with LoRA r16, fast mode (Graft; ratio to its fast base) | {gflr:.1f} | | {ratio(gflr, gfr)} | {gfl_rss / 1024:.0f} | | |")
+    if gf and gd:
+        n = same_prefix(gf["tokens"], gd["tokens"])
+        print(f"Fast-mode greedy tokens identical to the exact mode's for the first {n} of {len(gd['tokens'])}.")
+    if gf and ld:
+        n = same_prefix(gf["tokens"], ld["tokens"])
+        print(f"Fast-mode greedy tokens identical to llama.cpp's for the first {n} of {len(ld['tokens'])}.")
     if gd and ld:
         n = same_prefix(gd["tokens"], ld["tokens"])
         print(f"Greedy tokens identical for the first {n} of {len(gd['tokens'])} (llama.cpp multiplies Q4_1 weights by "

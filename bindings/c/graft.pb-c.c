@@ -3750,7 +3750,7 @@ const ProtobufCMessageDescriptor graft__v1__forward_result__descriptor =
   (ProtobufCMessageInit) graft__v1__forward_result__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__generate__field_descriptors[11] =
+static const ProtobufCFieldDescriptor graft__v1__generate__field_descriptors[12] =
 {
   {
     "model_id",
@@ -3884,10 +3884,23 @@ static const ProtobufCFieldDescriptor graft__v1__generate__field_descriptors[11]
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "fast_decode",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__Generate, fast_decode),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__generate__field_indices_by_name[] = {
   10,   /* field[10] = adapter */
   9,   /* field[9] = chat */
+  11,   /* field[11] = fast_decode */
   7,   /* field[7] = ignore_eos */
   3,   /* field[3] = max_new_tokens */
   0,   /* field[0] = model_id */
@@ -3901,7 +3914,7 @@ static const unsigned graft__v1__generate__field_indices_by_name[] = {
 static const ProtobufCIntRange graft__v1__generate__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 11 }
+  { 0, 12 }
 };
 const ProtobufCMessageDescriptor graft__v1__generate__descriptor =
 {
@@ -3911,7 +3924,7 @@ const ProtobufCMessageDescriptor graft__v1__generate__descriptor =
   "Graft__V1__Generate",
   "graft.v1",
   sizeof(Graft__V1__Generate),
-  11,
+  12,
   graft__v1__generate__field_descriptors,
   graft__v1__generate__field_indices_by_name,
   1,  graft__v1__generate__number_ranges,

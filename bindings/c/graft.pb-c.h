@@ -724,6 +724,11 @@ struct  Graft__V1__Generate
    * Wrap the prompt in the model's chat template as one user turn.
    */
   protobuf_c_boolean chat;
+  /*
+   * The fast mode (graft_sampling_params.fast_decode, added in 0.5.0): int8 activations against the GGUF base's
+   * Q4_1 / Q8_0 weights while decoding.
+   */
+  protobuf_c_boolean fast_decode;
   Graft__V1__Generate__MaxNewTokensSetCase max_new_tokens_set_case;
   union {
     uint32_t max_new_tokens;
@@ -739,7 +744,7 @@ struct  Graft__V1__Generate
 };
 #define GRAFT__V1__GENERATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__generate__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, GRAFT__V1__GENERATE__MAX_NEW_TOKENS_SET__NOT_SET, {0}, GRAFT__V1__GENERATE__TOP_P_SET__NOT_SET, {0}, GRAFT__V1__GENERATE__ADAPTER_SET__NOT_SET, {0} }
+    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, GRAFT__V1__GENERATE__MAX_NEW_TOKENS_SET__NOT_SET, {0}, GRAFT__V1__GENERATE__TOP_P_SET__NOT_SET, {0}, GRAFT__V1__GENERATE__ADAPTER_SET__NOT_SET, {0} }
 
 
 struct  Graft__V1__GeneratedToken

@@ -227,11 +227,12 @@ static int on_token(int32_t token, const char *piece, void *user_data) {
     return stop;
 }
 
-/* model:generate({prompt ids} [, {max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, callback}])
- * -> {new ids}. callback(token, text_piece) may return true to stop. */
+/* model:generate({prompt ids} [, {max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, fast_decode,
+ * callback}]) -> {new ids}. callback(token, text_piece) may return true to stop; fast_decode = true selects the
+ * int8 fast mode (graft.h 0.5.0). */
 static int m_generate(lua_State *L) {
     static const char *const known[] = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_at_eos",
-                                        "callback", NULL};
+                                        "fast_decode", "callback", NULL};
     lua_settop(L, 3); /* fixed argument slots: scratch buffers go above them */
     graft_model *m = to_model(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
@@ -251,6 +252,8 @@ static int m_generate(lua_State *L) {
         opt_int(L, 3, "top_k", &sp.top_k);
         opt_u64(L, 3, "seed", &sp.seed);
         if (lua_getfield(L, 3, "stop_at_eos") != LUA_TNIL) sp.stop_at_eos = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (lua_getfield(L, 3, "fast_decode") != LUA_TNIL) sp.fast_decode = lua_toboolean(L, -1);
         lua_pop(L, 1);
         if (lua_getfield(L, 3, "callback") != LUA_TNIL) {
             luaL_checktype(L, -1, LUA_TFUNCTION);

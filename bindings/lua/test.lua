@@ -211,6 +211,9 @@ test("SmolLM2 greedy generation", function()
   assert(table.concat(pieces) == m:decode(out))
   assert(#m:generate(prompt, {max_new_tokens = 10, callback = function() return true end}) == 1)
   raises("prompt is empty", m.generate, m, {})
+  -- The int8 fast mode (graft.h 0.5.0) answers the same question.
+  local fast = m:generate(prompt, {max_new_tokens = 24, fast_decode = true})
+  assert(m:decode(fast, true):find("Paris"), m:decode(fast, true))
 end)
 
 test("one task vocabulary with the CLI; asset names; an unknown task lists the names", function()

@@ -24,13 +24,14 @@ _Static_assert(offsetof(graft_model_params, task) == 8, "task");
 _Static_assert(offsetof(graft_model_params, num_labels) == 12, "num_labels");
 _Static_assert(offsetof(graft_model_params, seed) == 16, "seed");
 _Static_assert(offsetof(graft_model_params, compute_dtype) == 24, "compute_dtype");
-_Static_assert(sizeof(graft_sampling_params) == 32, "graft_sampling_params layout");
+_Static_assert(sizeof(graft_sampling_params) == 40, "graft_sampling_params layout");
 _Static_assert(offsetof(graft_sampling_params, max_new_tokens) == 4, "max_new_tokens");
 _Static_assert(offsetof(graft_sampling_params, temperature) == 8, "temperature");
 _Static_assert(offsetof(graft_sampling_params, top_p) == 12, "top_p");
 _Static_assert(offsetof(graft_sampling_params, top_k) == 16, "top_k");
 _Static_assert(offsetof(graft_sampling_params, stop_at_eos) == 20, "stop_at_eos");
 _Static_assert(offsetof(graft_sampling_params, seed) == 24, "sampling seed");
+_Static_assert(offsetof(graft_sampling_params, fast_decode) == 32, "fast_decode (0.5.0)");
 _Static_assert(sizeof(graft_trainer_params) == 56, "graft_trainer_params layout");
 _Static_assert(offsetof(graft_trainer_params, learning_rate) == 4, "learning_rate");
 _Static_assert(offsetof(graft_trainer_params, weight_decay) == 8, "weight_decay");
@@ -140,7 +141,7 @@ static void test_params_init(void) {
     graft_sampling_params sp;
     graft_sampling_params_init(&sp);
     CHECK(sp.struct_size == sizeof sp && sp.max_new_tokens == 128 && sp.temperature == 0.0f && sp.top_p == 1.0f &&
-          sp.top_k == 0 && sp.stop_at_eos == 1 && sp.seed == 0);
+          sp.top_k == 0 && sp.stop_at_eos == 1 && sp.seed == 0 && sp.fast_decode == 0);
     graft_trainer_params tp;
     graft_trainer_params_init(&tp);
     CHECK(tp.struct_size == sizeof tp && fabsf(tp.learning_rate - 1e-3f) < 1e-9f && fabsf(tp.weight_decay - 0.01f) < 1e-9f &&

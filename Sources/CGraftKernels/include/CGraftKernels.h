@@ -45,8 +45,37 @@ int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, cons
                              float *scratch);
 
 /// Caps the kernels cgraft_ggml_rows_product picks: 0 the portable loop, 1 AVX2 + FMA + F16C, 2 (the default)
-/// AVX-512F where the CPU has each; tests run every level the CPU supports.
+/// AVX-512F where the CPU has each (for the int8 products: 1 AVX2, 2 AVX-512 VNNI); tests run every level the
+/// CPU supports.
 void cgraft_ggml_limit_kernels(int level);
+
+/// The fast mode's activations: each of `m` rows of `cols` floats (`cols` a multiple of 32; row `i` at
+/// `x + i·ldx`) quantized per block of 32 to int8 with one scale: `q[i·cols + k] = round(x / d)`,
+/// `scales[i·cols/32 + b] = d = max|x| / 127` over the block, and `sums[…] = d·Σq` (the Q4_1 offset term's).
+void cgraft_q8_quantize_rows(const float *x, int64_t ldx, int64_t m, int64_t cols, int8_t *q, float *scales,
+                             float *sums);
+
+/// cgraft_ggml_rows_product on activations quantized by cgraft_q8_quantize_rows: integer dot products of each
+/// int8 block with the weight's Q4_1 / Q8_0 block, scaled per block (AVX-512 VNNI, AVX2 or portable, see
+/// cgraft_ggml_int8_kernel_level). Same rows, layout and return value as cgraft_ggml_rows_product.
+/// `block_scales` is NULL or the matrix's table from cgraft_ggml_block_scales (by storage row), which the VNNI
+/// kernels read instead of the scales inside the blocks.
+int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, const int64_t *row_order,
+                                const uint16_t *block_scales, int64_t r0, int64_t r1, int64_t cols, const int8_t *q,
+                                const float *scales, const float *sums, int64_t m, float *y, int64_t ldy);
+
+/// The number of halves cgraft_ggml_block_scales writes for a `[rows, cols]` matrix of `type` (per row: the
+/// blocks' scales, then for Q4_1 their minimums), or -1 for another type or `cols` not a multiple of 32.
+int64_t cgraft_ggml_block_scales_count(int type, int64_t rows, int64_t cols);
+
+/// Copies the half-precision scales (and Q4_1 minimums) of every block of `rows` storage rows into `table`
+/// (cgraft_ggml_block_scales_count halves), contiguous per row so the int8 kernels load 16 at a time. Returns
+/// 0, or -1 as cgraft_ggml_block_scales_count.
+int cgraft_ggml_block_scales(int type, const uint8_t *w, int64_t rows, int64_t row_bytes, int64_t cols, uint16_t *table);
+
+/// The int8 kernels cgraft_ggml_rows_product_q8 runs now: 0 portable, 1 AVX2, 2 AVX-512 VNNI (the CPU's best,
+/// capped by cgraft_ggml_limit_kernels).
+int cgraft_ggml_int8_kernel_level(void);
 
 #ifdef __cplusplus
 }

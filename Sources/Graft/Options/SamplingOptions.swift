@@ -13,6 +13,9 @@ public struct SamplingOptions: Sendable, Equatable {
     public var stopAtEOS: Bool = true
     /// Seed of the sampling random number generator. Default 0.
     public var seed: UInt64 = 0
+    /// The fast mode: int8 activations against a GGUF base's Q4_1 / Q8_0 weights while decoding (see
+    /// ``GenerationParameters/fastDecode``). Default false (exact).
+    public var fastDecode: Bool = false
 
     /// The largest `maxNewTokens` accepted.
     public static let maxNewTokensLimit = 1 << 20
@@ -35,6 +38,6 @@ public struct SamplingOptions: Sendable, Equatable {
     /// The engine's parameters, with the stop tokens the model defines when ``stopAtEOS`` holds.
     public func generationParameters(stopTokens: Set<Int32>) -> GenerationParameters {
         GenerationParameters(maxNewTokens: maxNewTokens, temperature: temperature, topP: topP, topK: topK, seed: seed,
-                             stopTokens: stopAtEOS ? stopTokens : [])
+                             stopTokens: stopAtEOS ? stopTokens : [], fastDecode: fastDecode)
     }
 }

@@ -1214,6 +1214,10 @@ public nonisolated struct Graft_V1_Generate: Sendable {
     set {adapterSet = .adapter(newValue)}
   }
 
+  /// The fast mode (graft_sampling_params.fast_decode, added in 0.5.0): int8 activations against the GGUF base's
+  /// Q4_1 / Q8_0 weights while decoding.
+  public var fastDecode: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   /// Sampling as graft_sampling_params (the README's options): a field left unset takes its default. Fields whose
@@ -3421,7 +3425,7 @@ nonisolated extension Graft_V1_ForwardResult: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Generate"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}model_id\0\u{3}prompt_ids\0\u{1}prompt\0\u{3}max_new_tokens\0\u{1}temperature\0\u{3}top_p\0\u{3}top_k\0\u{3}ignore_eos\0\u{1}seed\0\u{1}chat\0\u{1}adapter\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}model_id\0\u{3}prompt_ids\0\u{1}prompt\0\u{3}max_new_tokens\0\u{1}temperature\0\u{3}top_p\0\u{3}top_k\0\u{3}ignore_eos\0\u{1}seed\0\u{1}chat\0\u{1}adapter\0\u{3}fast_decode\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3461,6 +3465,7 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
           self.adapterSet = .adapter(v)
         }
       }()
+      case 12: try { try decoder.decodeSingularBoolField(value: &self.fastDecode) }()
       default: break
       }
     }
@@ -3504,6 +3509,9 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
     try { if case .adapter(let v)? = self.adapterSet {
       try visitor.visitSingularStringField(value: v, fieldNumber: 11)
     } }()
+    if self.fastDecode != false {
+      try visitor.visitSingularBoolField(value: self.fastDecode, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3519,6 +3527,7 @@ nonisolated extension Graft_V1_Generate: SwiftProtobuf.Message, SwiftProtobuf._M
     if lhs.seed != rhs.seed {return false}
     if lhs.chat != rhs.chat {return false}
     if lhs.adapterSet != rhs.adapterSet {return false}
+    if lhs.fastDecode != rhs.fastDecode {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -43,6 +43,7 @@ class SamplingParams(ctypes.Structure):
         ("top_k", ctypes.c_int32),
         ("stop_at_eos", ctypes.c_int32),
         ("seed", ctypes.c_uint64),
+        ("fast_decode", ctypes.c_int32),  # added in 0.5.0
     ]
 
 

@@ -326,7 +326,7 @@ class Model(NativeHandle, AdapterCombinationMixin):
 
     @locked
     def generate(self, prompt, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                 stop_at_eos=True, callback=None, chat=False):
+                 stop_at_eos=True, callback=None, chat=False, fast_decode=False):
         """Generates a continuation (Llama models) with the active adapter; returns the new token ids.
 
         Args:
@@ -336,6 +336,9 @@ class Model(NativeHandle, AdapterCombinationMixin):
                 instruct model a question; leave it off for raw completion prompts.
             temperature: 0 = greedy. top_p, top_k, seed: sampling controls.
             stop_at_eos: stop at end-of-sequence / end-of-turn tokens (not returned).
+            fast_decode: the fast mode: decoding steps multiply int8-quantized activations with a GGUF base's
+                Q4_1 / Q8_0 weights (integer dot products, as llama.cpp); logits deviate slightly from the
+                default exact mode.
             callback: None, or called as callback(token_id, text_piece) for each new token; returning True stops.
                 An exception raised in it stops generation and propagates.
         """
@@ -363,6 +366,7 @@ class Model(NativeHandle, AdapterCombinationMixin):
         sp.top_k = int(top_k)
         sp.stop_at_eos = int(bool(stop_at_eos))
         sp.seed = int(seed)
+        sp.fast_decode = int(bool(fast_decode))
         raised = []
 
         def on_token(token, piece, _user):

@@ -378,13 +378,14 @@ class RemoteModel(RemoteCombinationMixin):
         return np.asarray(r.values, dtype=np.float32).reshape(tuple(r.shape))
 
     def generate(self, prompt, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop_at_eos=True,
-                 chat=False, on_token=None, adapter=None):
+                 chat=False, on_token=None, adapter=None, fast_decode=False):
         """Generates after `prompt` (text, or a list of token ids) and returns the new token ids; `on_token(id,
         text)` sees each token as it streams in. `adapter`: a loaded adapter's name, "" for the base model, None
         for the model's active adapter. Concurrent requests (from any clients) run as one batch on the daemon,
-        each under its own adapter."""
+        each under its own adapter. `fast_decode` selects the int8 fast mode (see Model.generate)."""
         request = pb.Generate(model_id=self.model_id, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, top_k=top_k, seed=seed, ignore_eos=not stop_at_eos, chat=chat)
+                              top_p=top_p, top_k=top_k, seed=seed, ignore_eos=not stop_at_eos, chat=chat,
+                              fast_decode=bool(fast_decode))
         if adapter is not None:
             request.adapter = adapter
         if isinstance(prompt, str):

@@ -23,6 +23,15 @@ def test_greedy_paris(llm):
     assert llm.generate_text(CHAT.format("What is the capital of France?"), max_new_tokens=24) == text
 
 
+def test_fast_decode_answers_like_the_exact_mode(llm):
+    # The int8 fast mode (graft.h 0.5.0) reaches the engine through graft_sampling_params.fast_decode.
+    prompt = llm.tokenize(CHAT.format("What is the capital of France?"))
+    exact = llm.generate(prompt, max_new_tokens=24)
+    fast = llm.generate(prompt, max_new_tokens=24, fast_decode=True)
+    assert "Paris" in llm.decode(fast, skip_special_tokens=True)
+    assert fast[:4] == exact[:4]
+
+
 def test_callback_stops_and_errors(llm):
     prompt = llm.tokenize("The capital of France is")
     assert len(llm.generate(prompt, max_new_tokens=10, callback=lambda t, s: True)) == 1

@@ -1,0 +1,276 @@
+// The fast mode of the block products: activation rows quantized to int8 per block of 32 (one float scale per
+// block, as ggml's Q8_0/Q8_1 activations), then integer dot products against the weight's Q4_1 / Q8_0 blocks,
+// scaled once per block. AVX-512 VNNI (vpdpbusd on 256-bit lanes, one block each), AVX2 (vpmaddubsw) or a
+// portable loop, picked at run time and capped by cgraft_ggml_limit_kernels like the float32 kernels.
+//
+// Both dot instructions multiply unsigned by signed bytes: Q4_1 nibbles are unsigned already; for Q8_0 the
+// weight's sign moves onto the activation (|w| · sign(x, w)), which never overflows since x stays in ±127.
+#include "CGraftKernels.h"
+#include "ggml_internal.h"
+
+#include <math.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CGRAFT_X86 1
+#endif
+
+void cgraft_q8_quantize_rows(const float *x, int64_t ldx, int64_t m, int64_t cols, int8_t *q, float *scales,
+                             float *sums) {
+    int64_t blocks = cols / 32;
+    for (int64_t i = 0; i < m; i++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + i * ldx + b * 32;
+            int8_t *qb = q + i * cols + b * 32;
+            float amax = 0;
+            for (int j = 0; j < 32; j++) {
+                float a = fabsf(xb[j]);
+                amax = a > amax ? a : amax;
+            }
+            float d = amax / 127, inverse = d > 0 ? 1 / d : 0;
+            // Round to nearest even by adding and removing 1.5·2²³ (|x / d| ≤ 127): vectorises, unlike lrintf.
+            int sum = 0;
+            for (int j = 0; j < 32; j++) {
+                qb[j] = (int8_t)(int)((xb[j] * inverse + 12582912.0f) - 12582912.0f);
+                sum += qb[j];
+            }
+            scales[i * blocks + b] = d;
+            // The sum of the quantized values, not of x: the Q4_1 offset term m·Σx̂ then cancels the nibbles'
+            // shared error (the nibbles are w − m, larger than w); the float sum measured 1.5× the deviation.
+            sums[i * blocks + b] = d * (float)sum;
+        }
+    }
+}
+
+static float dot_q4_1_q8_portable(const uint8_t *row, const int8_t *q, const float *d, const float *s, int64_t blocks) {
+    float total = 0;
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *blk = row + b * 20, *qs = blk + 4;
+        const int8_t *qb = q + b * 32;
+        int32_t dot = 0;
+        for (int j = 0; j < 16; j++) dot += (int32_t)(qs[j] & 15) * qb[j] + (int32_t)(qs[j] >> 4) * qb[j + 16];
+        total += cgraft_half_to_float(blk) * d[b] * (float)dot + cgraft_half_to_float(blk + 2) * s[b];
+    }
+    return total;
+}
+
+static float dot_q8_0_q8_portable(const uint8_t *row, const int8_t *q, const float *d, int64_t blocks) {
+    float total = 0;
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *blk = row + b * 34;
+        const int8_t *ws = (const int8_t *)(blk + 2), *qb = q + b * 32;
+        int32_t dot = 0;
+        for (int j = 0; j < 32; j++) dot += (int32_t)ws[j] * qb[j];
+        total += cgraft_half_to_float(blk) * d[b] * (float)dot;
+    }
+    return total;
+}
+
+#ifdef CGRAFT_X86
+__attribute__((target("f16c"))) static inline float half_f16c(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    return _cvtsh_ss(h);
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/// A Q4_1 block's 32 nibbles as bytes in element order (low nibbles are elements 0–15, high ones 16–31).
+__attribute__((target("avx2"))) static inline __m256i q4_1_bytes(const uint8_t *blk) {
+    __m128i p = _mm_loadu_si128((const __m128i *)(blk + 4));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), _mm256_set1_epi8(15));
+}
+
+/// Eight int32 partial sums of 32 unsigned × signed byte products.
+__attribute__((target("avx2"))) static inline __m256i dot_u8s8_avx2(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static float dot_q4_1_q8_avx2(const uint8_t *row, const int8_t *q, const float *d,
+                                                                    const float *s, int64_t blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0;
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *blk = row + b * 20;
+        __m256i dot = dot_u8s8_avx2(q4_1_bytes(blk), _mm256_loadu_si256((const __m256i *)(q + b * 32)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(half_f16c(blk) * d[b]), acc);
+        offsets += half_f16c(blk + 2) * s[b];
+    }
+    return hsum8(acc) + offsets;
+}
+
+__attribute__((target("avx2,fma,f16c"))) static float dot_q8_0_q8_avx2(const uint8_t *row, const int8_t *q, const float *d,
+                                                                    int64_t blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *blk = row + b * 34;
+        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2)), x = _mm256_loadu_si256((const __m256i *)(q + b * 32));
+        __m256i dot = dot_u8s8_avx2(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(half_f16c(blk) * d[b]), acc);
+    }
+    return hsum8(acc);
+}
+
+#define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
+
+/// The weight scale of each of up to 16 blocks times the activations' block scale, into `out`, and (`offsets`
+/// given, Q4_1) the blocks' minimum times the activations' block sum added to `offsets`; lanes from `n` on are
+/// zero. The halves come from the row's contiguous scale table when there is one (`table`: the scales, then the
+/// minimums, see cgraft_ggml_block_scales), else from the blocks themselves (`first`, `size`-byte blocks) with one
+/// gather. Either way this per-block scalar work no longer costs as much as the integer product itself.
+__attribute__((target(VNNI_TARGET))) static inline void vnni_scales(const uint8_t *first, int size, const uint16_t *table,
+                                                                   const uint16_t *minimums, int n, const float *d,
+                                                                   const float *s, float *out, __m512 *offsets) {
+    __mmask16 k = (__mmask16)((1u << n) - 1);
+    __m512 scale, minimum = _mm512_setzero_ps();
+    if (table) {
+        scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, table));
+        if (offsets) minimum = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, minimums));
+    } else {
+        const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(size));
+        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, index, first, 1);
+        scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+        if (offsets) minimum = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+    }
+    _mm512_storeu_ps(out, _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(k, d)));
+    if (offsets) *offsets = _mm512_fmadd_ps(minimum, _mm512_maskz_loadu_ps(k, s), *offsets);
+}
+
+/// The two halves of `v` added.
+__attribute__((target(VNNI_TARGET))) static inline __m256 fold16(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1)));
+}
+
+__attribute__((target(VNNI_TARGET))) static float dot_q4_1_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q,
+                                                                const float *d, const float *s, int64_t blocks) {
+    // Two accumulators so consecutive blocks do not wait on each other's FMA.
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m512 offsets = _mm512_setzero_ps();
+    float scales[16];
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16, j = 0;
+        const uint8_t *blk = row + b0 * 20;
+        const int8_t *x = q + b0 * 32;
+        vnni_scales(blk, 20, table ? table + b0 : NULL, table ? table + blocks + b0 : NULL, n, d + b0, s + b0, scales,
+                    &offsets);
+        for (; j + 1 < n; j += 2) {
+            __m256i dot0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_1_bytes(blk + j * 20),
+                                               _mm256_loadu_si256((const __m256i *)(x + j * 32)));
+            __m256i dot1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_1_bytes(blk + j * 20 + 20),
+                                               _mm256_loadu_si256((const __m256i *)(x + j * 32 + 32)));
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_broadcast_ss(scales + j), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_broadcast_ss(scales + j + 1), acc1);
+        }
+        if (j < n) {
+            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_1_bytes(blk + j * 20),
+                                              _mm256_loadu_si256((const __m256i *)(x + j * 32)));
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales + j), acc0);
+        }
+    }
+    return hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), fold16(offsets)));
+}
+
+__attribute__((target(VNNI_TARGET))) static float dot_q8_0_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q,
+                                                                const float *d, int64_t blocks) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float scales[16];
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
+        const uint8_t *blk = row + b0 * 34;
+        const int8_t *x = q + b0 * 32;
+        vnni_scales(blk, 34, table ? table + b0 : NULL, NULL, n, d + b0, NULL, scales, NULL);
+        for (int j = 0; j < n; j++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(blk + j * 34 + 2));
+            __m256i xs = _mm256_loadu_si256((const __m256i *)(x + j * 32));
+            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xs, w));
+            if (j & 1) {
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales + j), acc1);
+            } else {
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales + j), acc0);
+            }
+        }
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+/// 0 portable, 1 AVX2 (+ FMA, F16C), 2 AVX-512 VNNI (+ VL); at most cgraft_ggml_kernel_limit().
+static int int8_level(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        int vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+        cached = avx2 ? (vnni ? 2 : 1) : 0;
+    }
+    int limit = cgraft_ggml_kernel_limit();
+    return cached < limit ? cached : limit;
+}
+#endif
+
+int cgraft_ggml_int8_kernel_level(void) {
+#ifdef CGRAFT_X86
+    return int8_level();
+#else
+    return 0;
+#endif
+}
+
+int64_t cgraft_ggml_block_scales_count(int type, int64_t rows, int64_t cols) {
+    if ((type != CGRAFT_GGML_Q4_1 && type != CGRAFT_GGML_Q8_0) || cols % 32 != 0 || rows < 0) return -1;
+    return rows * (cols / 32) * (type == CGRAFT_GGML_Q4_1 ? 2 : 1);
+}
+
+int cgraft_ggml_block_scales(int type, const uint8_t *w, int64_t rows, int64_t row_bytes, int64_t cols, uint16_t *table) {
+    int64_t count = cgraft_ggml_block_scales_count(type, rows, cols);
+    if (count < 0) return -1;
+    int64_t blocks = cols / 32, size = type == CGRAFT_GGML_Q4_1 ? 20 : 34, per = count / (rows > 0 ? rows : 1);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *blk = w + r * row_bytes + b * size;
+            table[r * per + b] = (uint16_t)(blk[0] | (blk[1] << 8));
+            if (type == CGRAFT_GGML_Q4_1) table[r * per + blocks + b] = (uint16_t)(blk[2] | (blk[3] << 8));
+        }
+    }
+    return 0;
+}
+
+int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, const int64_t *row_order,
+                                const uint16_t *block_scales, int64_t r0, int64_t r1, int64_t cols, const int8_t *q,
+                                const float *scales, const float *sums, int64_t m, float *y, int64_t ldy) {
+    if ((type != CGRAFT_GGML_Q4_1 && type != CGRAFT_GGML_Q8_0) || cols % 32 != 0 || m < 1) return -1;
+    int64_t blocks = cols / 32;
+    int level = cgraft_ggml_int8_kernel_level();
+    int64_t per = type == CGRAFT_GGML_Q4_1 ? 2 * blocks : blocks;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t source = row_order ? row_order[r] : r;
+        const uint8_t *row = w + source * row_bytes;
+        const uint16_t *table = block_scales ? block_scales + source * per : NULL;
+        for (int64_t i = 0; i < m; i++) {
+            const int8_t *qi = q + i * cols;
+            const float *di = scales + i * blocks, *si = sums + i * blocks;
+            float v;
+#ifdef CGRAFT_X86
+            if (level == 2) {
+                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_q8_vnni(row, table, qi, di, si, blocks)
+                                             : dot_q8_0_q8_vnni(row, table, qi, di, blocks);
+            } else if (level == 1) {
+                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_q8_avx2(row, qi, di, si, blocks) : dot_q8_0_q8_avx2(row, qi, di, blocks);
+            } else
+#endif
+            {
+                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_q8_portable(row, qi, di, si, blocks)
+                                             : dot_q8_0_q8_portable(row, qi, di, blocks);
+            }
+            y[i * ldy + r] += v;
+        }
+    }
+    (void)level;
+    return 0;
+}

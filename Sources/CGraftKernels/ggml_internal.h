@@ -1,0 +1,34 @@
+// Shared between the float32 (ggml_dot.c) and int8 (ggml_dot_q8.c) block products; not part of the module's API.
+#ifndef CGRAFT_GGML_INTERNAL_H
+#define CGRAFT_GGML_INTERNAL_H
+
+#include <stdint.h>
+#include <string.h>
+
+/// IEEE half to float (exact), from the two little-endian bytes at `p`.
+static inline float cgraft_half_to_float(const uint8_t *p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0) {
+        if (mantissa == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            exponent = 127 - 15 + 1;
+            while (!(mantissa & 0x400)) { mantissa <<= 1; exponent--; }
+            bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+        }
+    } else if (exponent == 31) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else {
+        bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+
+/// The highest kernel level cgraft_ggml_limit_kernels currently allows (2 by default).
+int cgraft_ggml_kernel_limit(void);
+
+#endif
