@@ -58,9 +58,10 @@ public func sparseLinear(_ x: Tensor, values: Tensor, rowIndex: [Int32], colInde
 }
 
 /// Adds `scale · values[k]` to `matrix[rowIndex[k], colIndex[k]]` (`matrix` `[rows, cols]`, row-major) in place,
-/// untracked: writes a sparse delta into a dense weight entry by entry, touching nothing else.
+/// untracked: writes a sparse delta into a dense weight entry by entry, touching nothing else. As in
+/// ``sparseLinear(_:values:rowIndex:colIndex:outFeatures:)``, values past the index pairs are inactive.
 public func scatterAdd(into matrix: Tensor, values: Tensor, rowIndex: [Int32], colIndex: [Int32], scale: Float = 1) {
-    precondition(values.count == rowIndex.count && values.count == colIndex.count, "scatterAdd: index counts")
+    precondition(values.count >= rowIndex.count && rowIndex.count == colIndex.count, "scatterAdd: index counts")
     let cols = matrix.lastDim, pm = matrix.pointer, pv = values.pointer
-    for k in 0..<values.count { pm[Int(rowIndex[k]) * cols + Int(colIndex[k])] += scale * pv[k] }
+    for k in 0..<rowIndex.count { pm[Int(rowIndex[k]) * cols + Int(colIndex[k])] += scale * pv[k] }
 }

@@ -188,4 +188,40 @@ import GraftTestSupport
             }
         }
     }
+
+    /// ID³: after step t exactly min(n, ⌈n·t/T⌉) entries are unmasked (n = 30, T = 4: 8, 15, 23, 30, 30), each
+    /// step's new ones are the masked positions of highest |∂L/∂W| / (|W| + ε) on that step's dense gradient (which
+    /// the test forms itself), and the masked values never move.
+    @Test func id3UnmasksOnScheduleByImportance() throws {
+        let (root, proj) = Self.toy(10, 12, bias: true, seed: 12)
+        let model = AdaptedModel(root: root)
+        let adapter = try model.addAdapter("i", config: AdapterConfig(jsonText: #"{"peft_type":"ID3","density":0.25,"unmask_steps":4,"target_modules":["proj"]}"#, source: "id3"))
+        guard let layer = adapter.layers.first?.adapter as? ID3Layer else { Issue.record("not ID3"); return }
+        #expect(layer.budget == 30 && layer.unmaskedCount == 0)
+        var rng = GraftRNG(seed: 13)
+        let expectedCounts = [8, 15, 23, 30, 30]
+        for step in 1...5 {
+            let x = Tensor.randomNormal([4, 12], rng: &rng), g = Tensor.randomNormal([4, 10], rng: &rng)
+            model.setTraining(true)
+            sum(proj.forward(x) * g).backward()
+            model.setTraining(false)
+            adapter.afterBackward(step: step - 1)
+            let dense = matmul(g, x, transposeA: true)
+            let before = Set((0..<layer.unmaskedCount).map { Int(layer.rowIndex[$0]) * 12 + Int(layer.colIndex[$0]) })
+            if let grad = layer.values.grad {
+                #expect(grad.scalars.dropFirst(layer.unmaskedCount).allSatisfy { $0 == 0 }, "a masked entry got a gradient")
+                for i in 0..<layer.budget { layer.values.pointer[i] -= 0.1 * grad.pointer[i] }
+            }
+            layer.values.grad = nil
+            for hook in adapter.trainingHooks { hook.didUpdate(step: step, totalSteps: 5) }
+            #expect(layer.unmaskedCount == expectedCounts[step - 1], "step \(step): \(layer.unmaskedCount) unmasked")
+            let all = (0..<layer.unmaskedCount).map { Int(layer.rowIndex[$0]) * 12 + Int(layer.colIndex[$0]) }
+            #expect(Set(all).count == all.count, "step \(step): a position unmasked twice")
+            let new = Set(all).subtracting(before)
+            func importance(_ p: Int) -> Float { abs(dense.pointer[p]) / (abs(proj.weight.pointer[p]) + 1e-8) }
+            let stillMasked = Set(0..<120).subtracting(all)
+            for p in new { for q in stillMasked { #expect(importance(p) >= importance(q) * (1 - 1e-5), "step \(step): unmasked \(p) before \(q)") } }
+            #expect(layer.values.scalars.dropFirst(layer.unmaskedCount).allSatisfy { $0 == 0 })
+        }
+    }
 }

@@ -6,7 +6,7 @@ import GraftIO
 import GraftTensor
 import GraftTestSupport
 
-/// The selective and sparse methods (BitFit, SpIEL, NeuroAda, DSEE): each one's defining invariant, finite-difference
+/// The selective and sparse methods (BitFit, SpIEL, NeuroAda, DSEE, ID³; SparseAdapter in SparseAdapterTests): each one's defining invariant, finite-difference
 /// gradients, merge / unmerge, and a save → load round trip in PEFT's file layout on MiniLM.
 @Suite struct SparseMethodTests {
     static let configs: [(String, String)] = [
@@ -14,6 +14,7 @@ import GraftTestSupport
         ("SpIEL", #"{"peft_type":"SPIEL","density":0.01,"target_modules":["query","value"]}"#),
         ("NeuroAda", #"{"peft_type":"NEUROADA","k":2,"target_modules":["query","value"]}"#),
         ("DSEE", #"{"peft_type":"DSEE","r":4,"lora_alpha":8,"num_sparse":32,"prune_ratio":0.05,"target_modules":["query","value"]}"#),
+        ("ID3", #"{"peft_type":"ID3","density":0.01,"unmask_steps":4,"target_modules":["query","value"]}"#),
     ]
 
     static func batch() throws -> TokenBatch { try TokenBatch(sequences: [[101, 7592, 2088, 2003, 102], [101, 2023, 2001, 102]]) }
@@ -31,7 +32,8 @@ import GraftTestSupport
     @Test(arguments: [#"{"peft_type":"BITFIT","target_modules":["proj"]}"#,
                       #"{"peft_type":"SPIEL","density":0.25,"target_modules":["proj"]}"#,
                       #"{"peft_type":"NEUROADA","k":3,"target_modules":["proj"]}"#,
-                      #"{"peft_type":"DSEE","r":2,"lora_alpha":4,"num_sparse":5,"prune_ratio":0.25,"target_modules":["proj"]}"#])
+                      #"{"peft_type":"DSEE","r":2,"lora_alpha":4,"num_sparse":5,"prune_ratio":0.25,"target_modules":["proj"]}"#,
+                      #"{"peft_type":"ID3","density":0.25,"unmask_steps":2,"target_modules":["proj"]}"#])
     func gradientsMatchFiniteDifferences(json: String) throws {
         for bias in [true, false] {
             let (root, proj) = Self.toy(bias: bias)
@@ -40,6 +42,8 @@ import GraftTestSupport
             for (_, p) in adapter.peftStateDict { for i in 0..<p.count { p.pointer[i] += 0.3 * rng.nextNormal() } }
             // DSEE pruned: the gradients then flow through the gathered (W + ΔW) entries it subtracts too.
             for l in adapter.layers { (l.adapter as? DSEELayer)?.prune() }
+            // ID³ half unmasked: the live entries get gradients, the masked ones none.
+            for l in adapter.layers { (l.adapter as? ID3Layer)?.unmask(upTo: 6) }
             let x = Tensor.randomNormal([3, 8], rng: &rng).requiringGrad()
             let w = Tensor.randomNormal([3, 6], rng: &rng)
             func objective() -> Double {
@@ -68,6 +72,12 @@ import GraftTestSupport
         var rng = GraftRNG(seed: 5)
         for (_, p) in adapter.peftStateDict { for i in 0..<p.count { p.pointer[i] += 0.02 * rng.nextNormal() } }
         for l in adapter.layers { (l.adapter as? DSEELayer)?.prune() }
+        for l in adapter.layers {
+            guard let id3 = l.adapter as? ID3Layer else { continue }
+            id3.unmask(upTo: id3.budget / 2)
+            // Masked entries are outside the product: keep them at 0 as training would.
+            for i in id3.unmaskedCount..<id3.budget { id3.values.pointer[i] = 0 }
+        }
         let unmerged = try withNoGrad { try bert.forward(try Self.batch()) }
         #expect(Self.relative(unmerged, base) > 1e-4, "\(method): the perturbed adapter changes nothing")
         try model.merge("default")
