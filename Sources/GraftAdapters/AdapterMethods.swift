@@ -276,6 +276,7 @@ public enum AdapterRegistry {
         NeuroAdaFactory.peftType: NeuroAdaFactory.self,
         DSEEFactory.peftType: DSEEFactory.self,
         ID3Factory.peftType: ID3Factory.self,
+        SPTFactory.peftType: SPTFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

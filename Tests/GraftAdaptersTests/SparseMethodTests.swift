@@ -6,7 +6,7 @@ import GraftIO
 import GraftTensor
 import GraftTestSupport
 
-/// The selective and sparse methods (BitFit, SpIEL, NeuroAda, DSEE, ID³; SparseAdapter in SparseAdapterTests): each one's defining invariant, finite-difference
+/// The selective and sparse methods (BitFit, SpIEL, NeuroAda, DSEE, ID³, SPT; SparseAdapter in SparseAdapterTests): each one's defining invariant, finite-difference
 /// gradients, merge / unmerge, and a save → load round trip in PEFT's file layout on MiniLM.
 @Suite struct SparseMethodTests {
     static let configs: [(String, String)] = [
@@ -15,6 +15,7 @@ import GraftTestSupport
         ("NeuroAda", #"{"peft_type":"NEUROADA","k":2,"target_modules":["query","value"]}"#),
         ("DSEE", #"{"peft_type":"DSEE","r":4,"lora_alpha":8,"num_sparse":32,"prune_ratio":0.05,"target_modules":["query","value"]}"#),
         ("ID3", #"{"peft_type":"ID3","density":0.01,"unmask_steps":4,"target_modules":["query","value"]}"#),
+        ("SPT", #"{"peft_type":"SPT","budget_density":0.01,"lora_threshold":0.012,"r":4,"warmup_steps":1,"target_modules":["query","value"]}"#),
     ]
 
     static func batch() throws -> TokenBatch { try TokenBatch(sequences: [[101, 7592, 2088, 2003, 102], [101, 2023, 2001, 102]]) }
@@ -69,6 +70,16 @@ import GraftTestSupport
         let model = AdaptedModel(root: bert)
         let adapter = try model.addAdapter("default", config: AdapterConfig(jsonText: json, source: method), seed: 7)
         #expect(Self.relative(try withNoGrad { try bert.forward(try Self.batch()) }, base) <= 1e-6, "\(method) fresh")
+        if method == "SPT" {
+            // Settle SPT from one warm-up gradient, as its training hook would.
+            model.setTraining(true)
+            sum(try bert.forward(try Self.batch())).backward()
+            model.setTraining(false)
+            adapter.afterBackward(step: 0)
+            for hook in adapter.trainingHooks { hook.didUpdate(step: 1, totalSteps: 2) }
+            print("SPT modes on MiniLM: \(adapter.layers.compactMap { ($0.adapter as? SPTLayer)?.mode })")
+            for (_, p) in adapter.peftStateDict { p.grad = nil }
+        }
         var rng = GraftRNG(seed: 5)
         for (_, p) in adapter.peftStateDict { for i in 0..<p.count { p.pointer[i] += 0.02 * rng.nextNormal() } }
         for l in adapter.layers { (l.adapter as? DSEELayer)?.prune() }
@@ -98,6 +109,7 @@ import GraftTestSupport
         if method != "BitFit" {
             let indexKeys = file.names.filter { $0.hasSuffix("_indices") }
             #expect(indexKeys.count == adapter.layers.count * (method == "DSEE" ? 2 : 1), "\(method): \(indexKeys)")
+            for key in file.names where key.hasSuffix("_mode") { #expect(file.info(key)?.dtype == .i32, "\(key) is not int32") }
             for key in indexKeys { #expect(file.info(key)?.dtype == .i32, "\(method) \(key) is not int32") }
         }
         let other = try Assets.loadMiniLM()

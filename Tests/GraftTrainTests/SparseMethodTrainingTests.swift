@@ -9,7 +9,8 @@ import GraftText
 /// The selective and sparse methods fine-tuned through ``Trainer`` on the demo tweets (classifier head frozen, so
 /// the adapter alone lowers the loss). The periodic schedules run inside the run through the trainer's hooks:
 /// SpIEL's drop/regrow rounds keep every layer at its budget, DSEE prunes at its step, ID³ unmasks its whole
-/// budget by `unmask_steps`, SparseAdapter's SNIP pruning keeps its share and pruned weights stay zero.
+/// budget by `unmask_steps`, SparseAdapter's SNIP pruning keeps its share and pruned weights stay zero, SPT
+/// settles every layer after its warm-up.
 @Suite(.serialized) struct SparseMethodTrainingTests {
     static var configs: [[String: Any]] { [
         ["peft_type": "BITFIT", "target_modules": ["query", "value", "dense"]],
@@ -18,9 +19,10 @@ import GraftText
         ["peft_type": "DSEE", "r": 8, "lora_alpha": 16, "num_sparse": 64, "prune_ratio": 0.1, "prune_step": 6, "target_modules": ["query", "value"]],
         ["peft_type": "ID3", "density": 0.02, "unmask_steps": 8, "target_modules": ["query", "value"]],
         ["peft_type": "SPARSE_ADAPTER", "reduction_factor": 16, "sparsity": 0.5, "large_sparse": true],
+        ["peft_type": "SPT", "budget_density": 0.02, "lora_threshold": 0.03, "r": 4, "lora_alpha": 8, "warmup_steps": 3, "target_modules": ["query", "value"]],
     ] }
 
-    @Test(arguments: 0..<6)
+    @Test(arguments: 0..<7)
     func twelveStepsLowerTheTrainingLoss(index: Int) throws {
         let json = Self.configs[index]
         let name = json["peft_type"] as? String ?? "?"
@@ -62,6 +64,9 @@ import GraftText
             let live = layer.values.scalars.prefix(layer.unmaskedCount), masked = layer.values.scalars.dropFirst(layer.unmaskedCount)
             #expect(live.contains { $0 != 0 } && masked.allSatisfy { $0 == 0 })
         }
+        let spt = adapter.layers.compactMap { $0.adapter as? SPTLayer }
+        #expect(spt.allSatisfy { $0.mode != .warmingUp }, "SPT still warming up after step 3")
+        if !spt.isEmpty { print("SPT modes: \(spt.map { $0.mode == .lora ? "LoRA" : "sparse \($0.rowIndex.count)" }.joined(separator: ", "))") }
         for (_, module) in adapter.modules {
             guard let sparse = module as? SparseAdapterLayer else { continue }
             let masks = try #require(sparse.masks, "SparseAdapter never pruned")
