@@ -129,6 +129,9 @@ public enum SparseAdapterFactory: ModuleAdapterFactory {
         if try config.bool("large_sparse", default: false) {
             // Wider by 1/(1 − sparsity): the kept weights match a dense adapter at reduction_factor.
             let reduction = try config.double("reduction_factor", default: Double(factory.defaults.reduction))
+            guard reduction * (1 - sparsity) >= 1.0 / 16 else {
+                throw GraftError.invalid("\(config.source): large_sparse with reduction_factor \(reduction) and sparsity \(sparsity) widens the bottleneck past 16× the hidden size")
+            }
             adjusted.json["reduction_factor"] = reduction * (1 - sparsity)
         }
         let inner = try factory.make(for: module, path: path, config: adjusted, state: state)
