@@ -11,11 +11,11 @@ import GraftTensor
 /// takes the `τ = ⌈budget_density · Σ out·in⌉` most sensitive entries over all layers (ties to the lower layer and
 /// index); a layer holding more than `⌊lora_threshold · out · in⌋` of them switches to LoRA (`ΔW = s·B A`,
 /// `A` Kaiming-uniform, `B` zero, `s = α/r`), the others train exactly their chosen entries as a sparse delta.
-/// Until then the layer adds nothing. Every layer holds both parts from the start, the sparse values sized to
-/// the threshold (the optimizer sees fixed tensors, so the trainable count shown counts both); the unused part
-/// never gets a gradient and stays at its start. Keys `spt_A.weight`, `spt_B.weight`, `spt_values`,
-/// `spt_indices` `[2, cap]` (row, column; int32; −1 past the chosen entries) and `spt_mode` `[1]` int32
-/// (0 warming up, 1 sparse, 2 LoRA). Graft's own method: PEFT has no SPT.
+/// Until then the layer adds nothing (both parts are gated to zero, so their gradients are zeros). Every layer
+/// holds both parts from the start, the sparse values sized to the threshold (the optimizer sees fixed tensors,
+/// so the trainable count shown counts both); the unused part never gets a gradient and stays at its start. Keys
+/// `spt_A.weight`, `spt_B.weight`, `spt_values`, `spt_indices` `[2, cap]` (row, column; int32; −1 past the chosen
+/// entries) and `spt_mode` `[1]` int32 (0 warming up, 1 sparse, 2 LoRA). Graft's own method: PEFT has no SPT.
 public final class SPTLayer: LinearAdapterMethod, AdapterTrainingHook {
     /// Where the layer is in its schedule.
     public enum Mode: Int32, Sendable { case warmingUp = 0, sparse = 1, lora = 2 }
@@ -86,10 +86,16 @@ public final class SPTLayer: LinearAdapterMethod, AdapterTrainingHook {
     public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
         switch mode {
         case .warmingUp:
-            guard state.isTraining else { return y }
-            let p = probe ?? Tensor(zeros: [outFeatures, inFeatures]).requiringGrad()
-            probe = p
-            return y + linear(x, p)
+            guard GradMode.isEnabled else { return y }
+            // Both parts gated to zero while recording, so their gradients exist (as zeros) like RoSA's.
+            var out = y + sparseLinear(x, values: values, rowIndex: [], colIndex: [], outFeatures: outFeatures)
+                + linear(linear(x, loraA), loraB) * 0
+            if state.isTraining {
+                let p = probe ?? Tensor(zeros: [outFeatures, inFeatures]).requiringGrad()
+                probe = p
+                out = out + linear(x, p)
+            }
+            return out
         case .sparse:
             return y + sparseLinear(x, values: values, rowIndex: rowIndex, colIndex: colIndex, outFeatures: outFeatures)
         case .lora:
