@@ -276,6 +276,12 @@ public enum AdapterRegistry {
         FroDFactory.peftType: FroDFactory.self,
         OSFFactory.peftType: OSFFactory.self,
         AdaMSSFactory.peftType: AdaMSSFactory.self,
+        BitFitFactory.peftType: BitFitFactory.self,
+        SpIELFactory.peftType: SpIELFactory.self,
+        NeuroAdaFactory.peftType: NeuroAdaFactory.self,
+        DSEEFactory.peftType: DSEEFactory.self,
+        ID3Factory.peftType: ID3Factory.self,
+        SPTFactory.peftType: SPTFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.
@@ -293,6 +299,7 @@ public enum AdapterRegistry {
         MultitaskPromptTuningFactory.peftType: MultitaskPromptTuningFactory.self,
         CPTFactory.peftType: CPTFactory.self,
         CartridgeFactory.peftType: CartridgeFactory.self,
+        SparseAdapterFactory.peftType: SparseAdapterFactory.self,
     ]
 }
 

@@ -80,6 +80,8 @@ public enum PEFTParity: Sendable, Equatable {
         "ETHER_PLUS": .noPEFTCounterpart, "LORAXS": .noPEFTCounterpart, "LORA_MOE": .noPEFTCounterpart,
         "LOREFT": .noPEFTCounterpart, "MOS": .noPEFTCounterpart, "PAR_BN": .noPEFTCounterpart, "ROSA": .noPEFTCounterpart,
         "SEQ_BN": .noPEFTCounterpart, "SVFT": .noPEFTCounterpart,
+        "BITFIT": .noPEFTCounterpart, "DSEE": .noPEFTCounterpart, "ID3": .noPEFTCounterpart, "NEUROADA": .noPEFTCounterpart,
+        "SPARSE_ADAPTER": .noPEFTCounterpart, "SPIEL": .noPEFTCounterpart, "SPT": .noPEFTCounterpart,
     ]
 
     /// The record for `peftType`, or ``notShown(_:)`` when the method has none.

@@ -81,14 +81,8 @@ public final class RoSALayer: LinearAdapterMethod, AdapterTrainingHook {
             maskReady = false
             return
         }
-        if let bad = loaded.prefix(n).first(where: { $0 < 0 || $0 >= Int64(outFeatures) }) {
-            throw GraftError.format("'rosa_spa_indices' row \(bad) is outside 0..<\(outFeatures)")
-        }
-        if let bad = loaded.suffix(n).first(where: { $0 < 0 || $0 >= Int64(inFeatures) }) {
-            throw GraftError.format("'rosa_spa_indices' column \(bad) is outside 0..<\(inFeatures)")
-        }
-        rowIndex = loaded.prefix(n).map { Int32($0) }
-        colIndex = loaded.suffix(n).map { Int32($0) }
+        (rowIndex, colIndex) = try SparseDelta.validatedIndices("rosa_spa_indices", loaded, shape: shape, count: n,
+                                                                rows: outFeatures, cols: inFeatures)
         maskReady = true
         probe = nil
         scores = nil

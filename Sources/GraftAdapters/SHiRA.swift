@@ -41,18 +41,13 @@ public final class SHiRALayer: DenseDeltaMethod {
 
     public func loadIntegers(_ name: String, values loaded: [Int64], shape: [Int]) throws {
         guard name == "shira_indices" else { throw GraftError.format("unknown SHiRA integer tensor '\(name)'") }
-        let n = values.count
-        guard shape == [2, n], loaded.count == 2 * n else {
-            throw GraftError.format("'shira_indices' has shape \(shape), expected [2, \(n)]")
-        }
-        if let bad = loaded.prefix(n).first(where: { $0 < 0 || $0 >= Int64(outFeatures) }) {
-            throw GraftError.format("'shira_indices' row \(bad) is outside 0..<\(outFeatures)")
-        }
-        if let bad = loaded.suffix(n).first(where: { $0 < 0 || $0 >= Int64(inFeatures) }) {
-            throw GraftError.format("'shira_indices' column \(bad) is outside 0..<\(inFeatures)")
-        }
-        rowIndex = loaded.prefix(n).map { Int32($0) }
-        colIndex = loaded.suffix(n).map { Int32($0) }
+        (rowIndex, colIndex) = try SparseDelta.validatedIndices("shira_indices", loaded, shape: shape, count: values.count,
+                                                                rows: outFeatures, cols: inFeatures)
+    }
+
+    /// `y + ΔW x` through the sparse product: only the `n` entries are touched, forward and backward.
+    public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
+        y + sparseLinear(x, values: values, rowIndex: rowIndex, colIndex: colIndex, outFeatures: outFeatures)
     }
 
     /// ΔW, recorded for autograd.

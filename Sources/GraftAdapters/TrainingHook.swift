@@ -26,9 +26,10 @@ extension AdapterTrainingHook {
 
 extension NamedAdapter {
     /// Every hook of the adapter: adapter-wide ones built by its factory (AdaLoRA's allocator), then its layers
-    /// that conform (RoSA).
+    /// that conform (RoSA), then its module adapters that conform (SparseAdapter's pruning).
     public var trainingHooks: [any AdapterTrainingHook] {
         adapterHooks + layers.compactMap { $0.adapter as? any AdapterTrainingHook }
+            + modules.compactMap { $0.adapter as? any AdapterTrainingHook }
     }
 
     /// Calls ``AdapterTrainingHook/afterBackward(step:)`` on every hook.

@@ -118,6 +118,13 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     '{"peft_type": "ETHER", "nb": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "SEQ_BN", "reduction_factor": 16}',
     '{"peft_type": "LORA_MOE", "r": 2, "num_experts": 2, "target_modules": ["query", "value"]}',
+    '{"peft_type": "BITFIT", "target_modules": ["query", "value"]}',
+    '{"peft_type": "SPIEL", "density": 0.01, "update_interval": 5, "target_modules": ["query", "value"]}',
+    '{"peft_type": "NEUROADA", "k": 2, "target_modules": ["query", "value"]}',
+    '{"peft_type": "DSEE", "r": 4, "num_sparse": 16, "prune_ratio": 0.1, "target_modules": ["query", "value"]}',
+    '{"peft_type": "ID3", "density": 0.01, "unmask_steps": 10, "target_modules": ["query", "value"]}',
+    '{"peft_type": "SPT", "budget_density": 0.01, "r": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "SPARSE_ADAPTER", "reduction_factor": 16, "sparsity": 0.5, "large_sparse": true}',
   }
   for _, config in ipairs(configs) do
     m:add_adapter("probe", config)

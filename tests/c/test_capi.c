@@ -341,6 +341,24 @@ static void test_model_basics(graft_model *bert) {
     EXPECT(graft_trainer_create(bert, NULL, NULL, NULL, &t), GRAFT_ERR_UNSUPPORTED);
     CHECK(t == NULL);
     EXPECT(graft_adapter_delete(bert, "a"), GRAFT_OK);
+
+    /* The selective and sparse methods build from their JSON configs; a bad value is named. */
+    static const char *sparse[] = {
+        "{\"peft_type\": \"BITFIT\", \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"SPIEL\", \"density\": 0.01, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"NEUROADA\", \"k\": 2, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"DSEE\", \"r\": 2, \"num_sparse\": 8, \"prune_ratio\": 0.1, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"ID3\", \"density\": 0.01, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"SPT\", \"budget_density\": 0.01, \"r\": 2, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"SPARSE_ADAPTER\", \"sparsity\": 0.5, \"large_sparse\": true}",
+    };
+    for (size_t i = 0; i < sizeof sparse / sizeof sparse[0]; i++) {
+        EXPECT(graft_adapter_add(bert, "s", sparse[i]), GRAFT_OK);
+        EXPECT(graft_adapter_delete(bert, "s"), GRAFT_OK);
+    }
+    EXPECT(graft_adapter_add(bert, "s", "{\"peft_type\": \"SPIEL\", \"density\": 2, \"target_modules\": [\"query\"]}"),
+           GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "density") != NULL);
 }
 
 static const char *lora = "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, \"target_modules\": [\"query\", \"value\"],"

@@ -44,6 +44,13 @@ OWN = [
     graft.AdapterConfig("PAR_BN", reduction_factor=16),
     graft.AdapterConfig("LOREFT", r=2),
     graft.AdapterConfig("LORA_MOE", r=2, num_experts=2, target_modules=TARGETS),
+    graft.AdapterConfig("BITFIT", target_modules=TARGETS),
+    graft.AdapterConfig("SPIEL", density=0.01, update_interval=5, target_modules=TARGETS),
+    graft.AdapterConfig("NEUROADA", k=2, target_modules=TARGETS),
+    graft.AdapterConfig("DSEE", r=4, num_sparse=16, prune_ratio=0.1, target_modules=TARGETS),
+    graft.AdapterConfig("ID3", density=0.01, unmask_steps=10, target_modules=TARGETS),
+    graft.AdapterConfig("SPT", budget_density=0.01, lora_threshold=0.02, r=4, warmup_steps=2, target_modules=TARGETS),
+    graft.AdapterConfig("SPARSE_ADAPTER", reduction_factor=16, sparsity=0.5, large_sparse=True),
 ]
 
 
