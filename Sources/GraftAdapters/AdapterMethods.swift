@@ -271,6 +271,10 @@ public enum AdapterRegistry {
         FroDFactory.peftType: FroDFactory.self,
         OSFFactory.peftType: OSFFactory.self,
         AdaMSSFactory.peftType: AdaMSSFactory.self,
+        IncreLoRAFactory.peftType: IncreLoRAFactory.self,
+        TriAdaptLoRAFactory.peftType: TriAdaptLoRAFactory.self,
+        TAPSFactory.peftType: TAPSFactory.self,
+        SelectiveLoRAFactory.peftType: SelectiveLoRAFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

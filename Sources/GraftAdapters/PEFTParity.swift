@@ -80,6 +80,9 @@ public enum PEFTParity: Sendable, Equatable {
         "ETHER_PLUS": .noPEFTCounterpart, "LORAXS": .noPEFTCounterpart, "LORA_MOE": .noPEFTCounterpart,
         "LOREFT": .noPEFTCounterpart, "MOS": .noPEFTCounterpart, "PAR_BN": .noPEFTCounterpart, "ROSA": .noPEFTCounterpart,
         "SEQ_BN": .noPEFTCounterpart, "SVFT": .noPEFTCounterpart,
+        // Saved as PEFT LoRA with a rank_pattern; checked by round trip through Graft's LoRA path (AdaptiveRankTests).
+        "INCRELORA": .noPEFTCounterpart, "TRIADAPTLORA": .noPEFTCounterpart, "TAPS": .noPEFTCounterpart,
+        "SELECTIVE_LORA": .noPEFTCounterpart,
     ]
 
     /// The record for `peftType`, or ``notShown(_:)`` when the method has none.

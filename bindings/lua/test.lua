@@ -118,6 +118,10 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     '{"peft_type": "ETHER", "nb": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "SEQ_BN", "reduction_factor": 16}',
     '{"peft_type": "LORA_MOE", "r": 2, "num_experts": 2, "target_modules": ["query", "value"]}',
+    '{"peft_type": "INCRELORA", "init_r": 2, "target_r": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "TRIADAPTLORA", "init_r": 1, "target_r": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "TAPS", "target_modules": ["query", "value"]}',
+    '{"peft_type": "SELECTIVE_LORA", "r": 4, "target_modules": ["query", "value"]}',
   }
   for _, config in ipairs(configs) do
     m:add_adapter("probe", config)

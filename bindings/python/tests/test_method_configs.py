@@ -44,6 +44,10 @@ OWN = [
     graft.AdapterConfig("PAR_BN", reduction_factor=16),
     graft.AdapterConfig("LOREFT", r=2),
     graft.AdapterConfig("LORA_MOE", r=2, num_experts=2, target_modules=TARGETS),
+    graft.AdapterConfig("INCRELORA", init_r=2, target_r=4, max_r=8, target_modules=TARGETS),
+    graft.AdapterConfig("TRIADAPTLORA", init_r=1, target_r=4, incre_rank_num=2, target_modules=TARGETS),
+    graft.AdapterConfig("TAPS", l1_weight=1e-3, target_modules=TARGETS),
+    graft.AdapterConfig("SELECTIVE_LORA", r=4, l1_weight=1e-3, target_modules=TARGETS),
 ]
 
 
