@@ -275,6 +275,7 @@ public enum AdapterRegistry {
         TriAdaptLoRAFactory.peftType: TriAdaptLoRAFactory.self,
         TAPSFactory.peftType: TAPSFactory.self,
         SelectiveLoRAFactory.peftType: SelectiveLoRAFactory.self,
+        LoSiAFactory.peftType: LoSiAFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

@@ -82,7 +82,7 @@ public enum PEFTParity: Sendable, Equatable {
         "SEQ_BN": .noPEFTCounterpart, "SVFT": .noPEFTCounterpart,
         // Saved as PEFT LoRA with a rank_pattern; checked by round trip through Graft's LoRA path (AdaptiveRankTests).
         "INCRELORA": .noPEFTCounterpart, "TRIADAPTLORA": .noPEFTCounterpart, "TAPS": .noPEFTCounterpart,
-        "SELECTIVE_LORA": .noPEFTCounterpart,
+        "SELECTIVE_LORA": .noPEFTCounterpart, "LOSIA": .noPEFTCounterpart,
     ]
 
     /// The record for `peftType`, or ``notShown(_:)`` when the method has none.

@@ -22,6 +22,9 @@ public protocol AdapterTrainingHook: AnyObject {
     /// A summary for `graft train --report` after training (per-module ranks over time, layers still adapting);
     /// none by default.
     func reportLines() -> [String]
+    /// Parameters whose optimizer state must be forgotten after ``didUpdate(step:totalSteps:)`` because the hook
+    /// re-purposed them (LoSiA's sub-matrix after a re-localization), emptied by the call; none by default.
+    func takeParametersToReset() -> [Tensor]
 }
 
 extension AdapterTrainingHook {
@@ -30,6 +33,7 @@ extension AdapterTrainingHook {
     public func didUpdate(step: Int, totalSteps: Int) {}
     public func takeLogLines() -> [String] { [] }
     public func reportLines() -> [String] { [] }
+    public func takeParametersToReset() -> [Tensor] { [] }
 }
 
 extension NamedAdapter {
