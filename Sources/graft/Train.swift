@@ -103,8 +103,13 @@ struct Train: ParsableCommand {
                 adapter["target_modules"] = task == .sequenceClassification ? ["query", "value"] : ["q_proj", "v_proj"]
             }
             if task == .sequenceClassification && adapter["modules_to_save"] == nil { adapter["modules_to_save"] = ["classifier"] }
-            if adapter["r"] == nil { adapter["r"] = 8 }
-            if adapter["lora_alpha"] == nil { adapter["lora_alpha"] = 16 }
+            // LoRA's r 8 and alpha 16 for methods that take them (their example config has the key); a method that
+            // has no such key (TAPS, LoSiA, IncreLoRA's r) would refuse it as unhonoured.
+            let example = (adapter["peft_type"] as? String).map { type in
+                AdapterMethodTable.all.linear[type.uppercased()]?.exampleConfig(targets: []) ?? [:]
+            } ?? [:]
+            if adapter["r"] == nil, example["r"] != nil { adapter["r"] = 8 }
+            if adapter["lora_alpha"] == nil, example["lora_alpha"] != nil { adapter["lora_alpha"] = 16 }
 
             var options = Graft.TrainingOptions()
             if var training = file["training"] as? [String: Any] {
