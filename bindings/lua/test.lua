@@ -122,6 +122,7 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     '{"peft_type": "TRIADAPTLORA", "init_r": 1, "target_r": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "TAPS", "target_modules": ["query", "value"]}',
     '{"peft_type": "SELECTIVE_LORA", "r": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "LOSIA", "rank_factor": 0.125, "target_modules": ["query", "value"]}',
   }
   for _, config in ipairs(configs) do
     m:add_adapter("probe", config)

@@ -48,6 +48,7 @@ OWN = [
     graft.AdapterConfig("TRIADAPTLORA", init_r=1, target_r=4, incre_rank_num=2, target_modules=TARGETS),
     graft.AdapterConfig("TAPS", l1_weight=1e-3, target_modules=TARGETS),
     graft.AdapterConfig("SELECTIVE_LORA", r=4, l1_weight=1e-3, target_modules=TARGETS),
+    graft.AdapterConfig("LOSIA", rank_factor=0.125, relocalize_every=50, target_modules=TARGETS),
 ]
 
 
