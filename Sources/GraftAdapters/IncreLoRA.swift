@@ -16,7 +16,9 @@ public final class IncreLoRALayer: GrowingRankLayer {
     public let loraA: Tensor, loraB: Tensor, loraE: Tensor
     /// The fixed multiplier `s`.
     public let scaling: Float
+    /// Triplets in use.
     public private(set) var activeRank: Int
+    /// Triplets the tensors hold (`max_r`).
     public var capacity: Int { loraE.shape[0] }
     private var mask: Tensor
     let dropoutProbability: Float

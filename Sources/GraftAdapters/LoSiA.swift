@@ -5,16 +5,18 @@ import GraftTensor
 /// `k_r` of its rows crossed with `k_c` of its columns (`k = ⌈rank_factor · size⌉`) — chosen from the gradient, and
 /// re-localizes it periodically:
 ///
-/// - for `score_steps` optimizer steps before each (re-)localization the layer adds a dense zero probe `P` to its
-///   weight and accumulates `|∂L/∂P|` (the gradient of W) after every backward, through ``AdapterTrainingHook``;
+/// - for the first `score_steps` optimizer steps, and for `score_steps` steps before each re-localization, the layer
+///   adds a dense zero probe `P` to its weight and accumulates `|∂L/∂P|` (the gradient of W) after every backward,
+///   through ``AdapterTrainingHook``;
 /// - localization keeps the `k_r` rows with the largest summed gradient magnitude, then the `k_c` columns with the
 ///   largest sum over those rows (a greedy reading of the paper's gradient-sparsity analysis; our choice);
-/// - at a re-localization (every `relocalize_every` steps) the trained sub-matrix is folded into a frozen
-///   accumulated delta, the new sub-matrix starts at zero and its optimizer state is reset (through
+/// - at the localization after step `score_steps` and at every re-localization (every `relocalize_every` steps),
+///   after the optimizer update, the trained sub-matrix is folded into a frozen accumulated delta, the new
+///   sub-matrix starts at zero and its optimizer state is reset (through
 ///   ``AdapterTrainingHook/takeParametersToReset()``), so the function is unchanged by the move.
 ///
 /// `y = W x + b + (D + S) x`, `D` the accumulated delta `[out, in]` (frozen), `S` the sub-matrix scattered to its
-/// rows and columns. Before the first localization `S` is gated to zero (no gradient, like RoSA's warm-up).
+/// rows and columns. Before the first localization `S` sits on the first `k_r` rows and `k_c` columns.
 /// Graft keeps the base weights frozen, so the update lives in `D + S` rather than in W as in the paper.
 public final class LoSiALayer: LinearAdapterMethod, AdapterTrainingHook {
     public let state: AdapterState
@@ -53,7 +55,8 @@ public final class LoSiALayer: LinearAdapterMethod, AdapterTrainingHook {
     public var namedParameters: [(name: String, tensor: Tensor)] { [("losia_sub", sub)] }
     public var savedBuffers: [(name: String, tensor: Tensor)] { [("losia_delta", accumulated)] }
 
-    /// Rows then columns; −1 before the first localization (a checkpoint taken then resumes the scoring).
+    /// Rows then columns; −1 before the first localization (the placeholder first rows and columns; a checkpoint
+    /// taken then resumes the scoring).
     public var integerBuffers: [(name: String, values: [Int32], shape: [Int])] {
         [("losia_rows", located ? rows : rows.map { _ in -1 }, [rows.count]),
          ("losia_columns", located ? columns : columns.map { _ in -1 }, [columns.count])]
@@ -76,13 +79,13 @@ public final class LoSiALayer: LinearAdapterMethod, AdapterTrainingHook {
         try copyParameter(name, into: accumulated, from: tensor)
     }
 
-    /// `S` scattered to `[out, in]`, recorded (gated to zero before the first localization).
+    /// `S` scattered to `[out, in]`, recorded.
     func scattered() -> Tensor {
         var r: [Int32] = [], c: [Int32] = []
         r.reserveCapacity(sub.count)
         c.reserveCapacity(sub.count)
         for i in rows { for j in columns { r.append(i); c.append(j) } }
-        return denseFromSparse(located ? sub : sub * 0, rowIndex: r, colIndex: c, rows: outFeatures, cols: inFeatures)
+        return denseFromSparse(sub, rowIndex: r, colIndex: c, rows: outFeatures, cols: inFeatures)
     }
 
     /// Whether the optimizer step after `step` gathers gradients for a (re-)localization.
@@ -111,12 +114,11 @@ public final class LoSiALayer: LinearAdapterMethod, AdapterTrainingHook {
         acc.withUnsafeMutableBufferPointer { a in for i in 0..<a.count { a[i] += abs(pg[i]) } }
         scores = acc
         p.grad = nil
-        if !located, step + 1 >= scoreSteps { localize() }
     }
 
     public func didUpdate(step: Int, totalSteps: Int) {
         self.step = step
-        guard located, step % period == 0, scores != nil else { return }
+        guard scores != nil, located ? step % period == 0 : step >= scoreSteps else { return }
         // Fold the trained sub-matrix into the frozen delta, then move.
         let folded = withNoGrad { scattered() }
         for i in 0..<accumulated.count { accumulated.pointer[i] += folded.pointer[i] }

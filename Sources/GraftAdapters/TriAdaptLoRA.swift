@@ -18,8 +18,11 @@ public final class TriAdaptLoRALayer: GrowingRankLayer {
     public let loraA: Tensor, loraB: Tensor
     /// The core's triangles `[R, R]`: entries outside their triangle are masked out of the forward pass.
     public let lower: Tensor, upper: Tensor
+    /// `lora_alpha` (the scaling is `α / (r + 1e-5)`).
     public let alpha: Float
+    /// Ranks in use.
     public private(set) var activeRank: Int
+    /// Ranks the tensors hold (`max_r`).
     public let capacity: Int
     private var lowerMask: Tensor, upperMask: Tensor
     let dropoutProbability: Float
