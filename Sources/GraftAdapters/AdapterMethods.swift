@@ -282,6 +282,11 @@ public enum AdapterRegistry {
         DSEEFactory.peftType: DSEEFactory.self,
         ID3Factory.peftType: ID3Factory.self,
         SPTFactory.peftType: SPTFactory.self,
+        IncreLoRAFactory.peftType: IncreLoRAFactory.self,
+        TriAdaptLoRAFactory.peftType: TriAdaptLoRAFactory.self,
+        TAPSFactory.peftType: TAPSFactory.self,
+        SelectiveLoRAFactory.peftType: SelectiveLoRAFactory.self,
+        LoSiAFactory.peftType: LoSiAFactory.self,
     ]
 
     /// Methods that target modules other than Linear, keyed by `peft_type`.

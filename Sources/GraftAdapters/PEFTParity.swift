@@ -82,6 +82,9 @@ public enum PEFTParity: Sendable, Equatable {
         "SEQ_BN": .noPEFTCounterpart, "SVFT": .noPEFTCounterpart,
         "BITFIT": .noPEFTCounterpart, "DSEE": .noPEFTCounterpart, "ID3": .noPEFTCounterpart, "NEUROADA": .noPEFTCounterpart,
         "SPARSE_ADAPTER": .noPEFTCounterpart, "SPIEL": .noPEFTCounterpart, "SPT": .noPEFTCounterpart,
+        // Saved as PEFT LoRA with a rank_pattern; checked by round trip through Graft's LoRA path (AdaptiveRankTests).
+        "INCRELORA": .noPEFTCounterpart, "TRIADAPTLORA": .noPEFTCounterpart, "TAPS": .noPEFTCounterpart,
+        "SELECTIVE_LORA": .noPEFTCounterpart, "LOSIA": .noPEFTCounterpart,
     ]
 
     /// The record for `peftType`, or ``notShown(_:)`` when the method has none.

@@ -16,12 +16,24 @@ public protocol AdapterTrainingHook: AnyObject {
     /// After the optimizer update that completes global step `step` (1-based) of a run of `totalSteps`, before the
     /// gradients are cleared (they are still readable).
     func didUpdate(step: Int, totalSteps: Int)
+    /// Lines for the training log about what the hook changed since the last call (IncreLoRA's rank growth,
+    /// TAPS' gates switching off), emptied by the call; none by default.
+    func takeLogLines() -> [String]
+    /// A summary for `graft train --report` after training (per-module ranks over time, layers still adapting);
+    /// none by default.
+    func reportLines() -> [String]
+    /// Parameters whose optimizer state must be forgotten after ``didUpdate(step:totalSteps:)`` because the hook
+    /// re-purposed them (LoSiA's sub-matrix after a re-localization), emptied by the call; none by default.
+    func takeParametersToReset() -> [Tensor]
 }
 
 extension AdapterTrainingHook {
     public func regularization() -> Tensor? { nil }
     public func afterBackward(step: Int) {}
     public func didUpdate(step: Int, totalSteps: Int) {}
+    public func takeLogLines() -> [String] { [] }
+    public func reportLines() -> [String] { [] }
+    public func takeParametersToReset() -> [Tensor] { [] }
 }
 
 extension NamedAdapter {

@@ -12,6 +12,9 @@ public protocol Optimizer: AnyObject {
     func stateDict() -> [String: [Float]]
     /// Restores state written by ``stateDict()``; throws naming the entry that does not fit.
     func loadStateDict(_ state: [String: [Float]]) throws
+    /// Forgets the state (moments, momentum) of `parameters`, as if they had never been updated: for a
+    /// parameter a training hook re-purposes (LoSiA's sub-network after it moves).
+    func resetState(of parameters: [Tensor])
 }
 
 extension Optimizer {
@@ -95,6 +98,14 @@ public final class AdamW: Optimizer {
         }
         stepCount = Int(s)
     }
+
+    public func resetState(of reset: [Tensor]) {
+        let ids = Set(reset.map(ObjectIdentifier.init))
+        for (i, p) in parameters.enumerated() where ids.contains(ObjectIdentifier(p)) {
+            m[i].pointer.update(repeating: 0, count: m[i].count)
+            v[i].pointer.update(repeating: 0, count: v[i].count)
+        }
+    }
 }
 
 /// SGD with optional momentum (PyTorch's formulation: `b ← μ·b + g`, `p ← p − lr·b`) and L2 weight decay.
@@ -150,6 +161,11 @@ public final class SGD: Optimizer {
             }
             buffers[i] = Tensor(shape: parameters[i].shape, values: values)
         }
+    }
+
+    public func resetState(of reset: [Tensor]) {
+        let ids = Set(reset.map(ObjectIdentifier.init))
+        for (i, p) in parameters.enumerated() where ids.contains(ObjectIdentifier(p)) { buffers[i] = nil }
     }
 }
 

@@ -245,7 +245,11 @@ public final class Trainer {
         let norm = clipGradientNorm(optimizer.parameters, maxNorm: config.maxGradNorm)
         optimizer.step()
         globalStep += 1
-        for hook in adapter.trainingHooks { hook.didUpdate(step: globalStep, totalSteps: totalSteps) }
+        for hook in adapter.trainingHooks {
+            hook.didUpdate(step: globalStep, totalSteps: totalSteps)
+            let reset = hook.takeParametersToReset()
+            if !reset.isEmpty { optimizer.resetState(of: reset) }
+        }
         optimizer.zeroGrad()
         return (lr, norm)
     }

@@ -23,7 +23,7 @@ struct Demo: ParsableCommand {
                 "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
             ], options: options, computeDType: try flags.computeFormat())
             let (train, test) = try AssetCache.tweets(for: .sequenceClassification)
-            try run.run(train: train, test: test, evalName: "test", output: output, checkpoint: try flags.checkpointPlan())
+            try run.run(train: train, test: test, evalName: "test", output: output, checkpoint: try flags.checkpointPlan(), report: flags.report)
         }
     }
 }
@@ -103,8 +103,13 @@ struct Train: ParsableCommand {
                 adapter["target_modules"] = task == .sequenceClassification ? ["query", "value"] : ["q_proj", "v_proj"]
             }
             if task == .sequenceClassification && adapter["modules_to_save"] == nil { adapter["modules_to_save"] = ["classifier"] }
-            if adapter["r"] == nil { adapter["r"] = 8 }
-            if adapter["lora_alpha"] == nil { adapter["lora_alpha"] = 16 }
+            // LoRA's r 8 and alpha 16 for methods that take them (their example config has the key); a method that
+            // has no such key (TAPS, LoSiA, IncreLoRA's r) would refuse it as unhonoured.
+            let example = (adapter["peft_type"] as? String).map { type in
+                AdapterMethodTable.all.linear[type.uppercased()]?.exampleConfig(targets: []) ?? [:]
+            } ?? [:]
+            if adapter["r"] == nil, example["r"] != nil { adapter["r"] = 8 }
+            if adapter["lora_alpha"] == nil, example["lora_alpha"] != nil { adapter["lora_alpha"] = 16 }
 
             var options = Graft.TrainingOptions()
             if var training = file["training"] as? [String: Any] {
@@ -154,7 +159,7 @@ struct Train: ParsableCommand {
             let run = try TrainingRun(model: modelName, task: task, numLabels: numLabels, classNames: classNames,
                                       adapter: adapter, options: options, computeDType: try flags.computeFormat())
             try run.run(train: train, test: test ?? train, evalName: heldOut ? "held-out" : (task == .causalLM ? "eval" : "test"),
-                        output: output, checkpoint: try flags.checkpointPlan())
+                        output: output, checkpoint: try flags.checkpointPlan(), report: flags.report)
         }
     }
 

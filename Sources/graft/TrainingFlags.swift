@@ -21,6 +21,8 @@ struct TrainingFlags: ParsableArguments {
     @Option(help: "Steps between checkpoints (with --checkpoint-dir; default: only at the end).") var checkpointEvery: Int?
     @Flag(help: "Continue from the checkpoint in --checkpoint-dir when there is one (any rank count with the same ranks × batch size).")
     var resume = false
+    @Flag(help: "After training, print what the adapter's training hooks decided (per-module ranks over time for IncreLoRA / TriAdaptLoRA).")
+    var report = false
 
     /// The checkpointing the flags ask for (nil: none).
     func checkpointPlan() throws -> TrainingRun.CheckpointPlan? {

@@ -42,7 +42,9 @@ struct TrainingRun {
     /// Trains on `train`, evaluates on `test` (called `evalName` in the report) before and after, prints the
     /// report (accuracy for classification, perplexity for a causal LM) and saves the adapter to `output`.
     /// Data-parallel (under mpirun) every rank trains, rank 0 alone evaluates, reports and saves.
-    func run(train: TextData, test: TextData, evalName: String, output: String?, checkpoint: CheckpointPlan? = nil) throws {
+    /// With `report`, prints what the adapter's training hooks decided after training (rank allocation).
+    func run(train: TextData, test: TextData, evalName: String, output: String?, checkpoint: CheckpointPlan? = nil,
+             report showReport: Bool = false) throws {
         let start = Date()
         let session = training.session
         let rank0 = training.rank == 0
@@ -68,6 +70,8 @@ struct TrainingRun {
         do {
             try training.train(trainSet) { p in
                 printer?.update(p)
+                // What the hooks changed (rank growth) goes into the training log as it happens.
+                for hook in adapter.trainingHooks { for line in hook.takeLogLines() where rank0 { print("hook       \(line)") } }
                 guard rank0, let checkpoint, p.step == p.totalSteps || (checkpoint.every > 0 && p.step % checkpoint.every == 0) else { return true }
                 do { try trainer.saveCheckpoint(directory: checkpoint.directory) } catch { saveError = error; return false }
                 return true
@@ -81,6 +85,9 @@ struct TrainingRun {
         guard rank0 else { return }
         session.adapted.resetRouterStatistics()
         report("after", try training.evaluate(testSet), evalName)
+        if showReport {
+            for hook in adapter.trainingHooks { for line in hook.reportLines() { print("report     \(line)") } }
+        }
         // Expert mixtures: how the routers spread the test tokens (load per expert, entropy, capacity overflow).
         for (_, st) in session.adapted.routerStatistics() {
             print("router     \(st.path): load [\(st.load.map { String(format: "%.2f", $0) }.joined(separator: " "))], "

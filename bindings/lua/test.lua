@@ -125,6 +125,11 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     '{"peft_type": "ID3", "density": 0.01, "unmask_steps": 10, "target_modules": ["query", "value"]}',
     '{"peft_type": "SPT", "budget_density": 0.01, "r": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "SPARSE_ADAPTER", "reduction_factor": 16, "sparsity": 0.5, "large_sparse": true}',
+    '{"peft_type": "INCRELORA", "init_r": 2, "target_r": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "TRIADAPTLORA", "init_r": 1, "target_r": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "TAPS", "target_modules": ["query", "value"]}',
+    '{"peft_type": "SELECTIVE_LORA", "r": 4, "target_modules": ["query", "value"]}',
+    '{"peft_type": "LOSIA", "rank_factor": 0.125, "target_modules": ["query", "value"]}',
   }
   for _, config in ipairs(configs) do
     m:add_adapter("probe", config)

@@ -41,3 +41,17 @@ def test_max_steps_must_be_positive(data, tmp_path):
     r = subprocess.run([GRAFT, "train", "--data", str(data), "--max-steps", "0"], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode != 0 and "--max-steps must be ≥ 1, got 0" in r.stderr
+
+
+def test_report_shows_rank_growth_and_the_adapter_saves_as_lora_with_rank_pattern(data, tmp_path):
+    config = tmp_path / "increlora.json"
+    config.write_text(json.dumps({"adapter": {"peft_type": "INCRELORA", "init_r": 1, "target_r": 2, "max_r": 3,
+                                              "deltaT": 2, "target_modules": ["query", "value"]}}))
+    out, _ = train("--config", str(config), "--data", str(data), "--batch-size", "4", "--max-steps", "6", "--report",
+                   "--output", str(tmp_path / "adapter"), cwd=tmp_path)
+    growth = [line for line in out.splitlines() if line.startswith("hook") and "IncreLoRA step" in line]
+    assert [line.split("step ")[1].split(":")[0] for line in growth] == ["2", "4", "6"], out
+    assert "report     IncreLoRA rank allocation (budget 24, total 24); ranks at steps 0 2 4 6" in out
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA"
+    assert sum(saved["rank_pattern"].values()) == 24 and saved["rank_pattern"] == saved["alpha_pattern"]

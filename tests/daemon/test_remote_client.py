@@ -165,3 +165,26 @@ def test_relative_paths_resolve_against_the_daemons_working_directory(daemon):
             model.load_adapter(os.path.join(cwd, "elsewhere"))
         assert os.path.join(cwd, "elsewhere") in e.value.message and "working directory" not in e.value.message
         model.unload()
+
+
+@pytest.mark.parametrize("config", [
+    {"peft_type": "INCRELORA", "init_r": 1, "target_r": 2, "max_r": 3, "deltaT": 2, "target_modules": ["query", "value"]},
+    {"peft_type": "TRIADAPTLORA", "init_r": 1, "target_r": 2, "max_r": 3, "incre_rank_num": 1, "target_modules": ["query", "value"]},
+    {"peft_type": "TAPS", "l1_weight": 0.01, "target_modules": ["query"]},
+    {"peft_type": "SELECTIVE_LORA", "r": 4, "target_modules": ["query", "value"]},
+    {"peft_type": "LOSIA", "rank_factor": 0.05, "relocalize_every": 3, "target_modules": ["query", "value"]},
+], ids=lambda c: c["peft_type"])
+def test_adaptive_and_gated_methods_train_and_reload_over_the_daemon(daemon, tmp_path, config):
+    with Client(daemon.socket_path) as c:
+        model = c.load_model(MINILM, task="seq_cls", num_labels=3, seed=1)
+        model.add_adapter("default", config)
+        job = c.train(model, "tweets", total_steps=6, batch_size=8, learning_rate=5e-3)
+        assert job.result.finished == "completed"
+        model.save_adapter(tmp_path / "a")
+        after = model(TEXTS)
+        fresh = c.load_model(MINILM, task="seq_cls", num_labels=3, seed=1)
+        fresh.load_adapter(tmp_path / "a")
+        # IncreLoRA / TriAdaptLoRA come back as PEFT LoRA with their grown ranks.
+        assert np.abs(fresh(TEXTS) - after).max() <= 1e-5
+        fresh.unload()
+        model.unload()

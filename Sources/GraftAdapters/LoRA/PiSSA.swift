@@ -115,6 +115,8 @@ extension NamedAdapter {
     /// Asymmetric LoRA is written as a `LORA` config with `train_a: false` (see `AsymmetricLoRA.swift`).
     func exportedLoRA() throws -> (stateDict: [(key: String, tensor: Tensor)], config: AdapterConfig)? {
         if config.peftType == AsymmetricLoRAFactory.peftType { return (peftStateDict, try AsymmetricLoRAFactory.savedConfig(config)) }
+        // IncreLoRA / TriAdaptLoRA: plain LoRA with a rank_pattern (see `RankGrowth.swift`).
+        if let grown = try exportedGrowingRankLoRA() { return grown }
         guard config.peftType == LoRAFactory.peftType,
               layers.contains(where: { ($0.adapter as? LoRALayer)?.initialFactors != nil }) else { return nil }
         var dict: [(key: String, tensor: Tensor)] = []

@@ -51,6 +51,11 @@ OWN = [
     graft.AdapterConfig("ID3", density=0.01, unmask_steps=10, target_modules=TARGETS),
     graft.AdapterConfig("SPT", budget_density=0.01, lora_threshold=0.02, r=4, warmup_steps=2, target_modules=TARGETS),
     graft.AdapterConfig("SPARSE_ADAPTER", reduction_factor=16, sparsity=0.5, large_sparse=True),
+    graft.AdapterConfig("INCRELORA", init_r=2, target_r=4, max_r=8, target_modules=TARGETS),
+    graft.AdapterConfig("TRIADAPTLORA", init_r=1, target_r=4, incre_rank_num=2, target_modules=TARGETS),
+    graft.AdapterConfig("TAPS", l1_weight=1e-3, target_modules=TARGETS),
+    graft.AdapterConfig("SELECTIVE_LORA", r=4, l1_weight=1e-3, target_modules=TARGETS),
+    graft.AdapterConfig("LOSIA", rank_factor=0.125, relocalize_every=50, target_modules=TARGETS),
 ]
 
 
