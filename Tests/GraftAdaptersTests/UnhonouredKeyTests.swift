@@ -28,7 +28,7 @@ import GraftTensor
         (#""peft_type": "LORA", "use_bdlora": true"#, "use_bdlora"),
         (#""peft_type": "LORA", "layer_replication": [[0, 1]]"#, "layer_replication"),
         (#""peft_type": "LORA", "velora_config": {"rank": 4}"#, "velora_config.rank"),
-        (#""peft_type": "LORA", "arrow_config": {"top_k": 2}"#, "arrow_config"),
+        (#""peft_type": "LORA", "arrow_config": {"task_adapter_names": ["a"], "colour": 1}"#, "arrow_config.colour"),
         (#""peft_type": "LORA", "fan_in_fan_out": true"#, "fan_in_fan_out"),
         (#""peft_type": "LORA", "bias": "all""#, "bias"),
         (#""peft_type": "MOS", "r": 8, "rank_pattern": {"proj": 4}"#, "rank_pattern"),

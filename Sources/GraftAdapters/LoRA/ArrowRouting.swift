@@ -27,7 +27,7 @@ public struct ArrowOptions: Sendable {
         }
         let known = ["top_k", "router_temperature", "task_adapter_names", "gks_adapter_names", "use_gks", "rng_seed"]
         if let unknown = o.keys.sorted().first(where: { !known.contains($0) }) {
-            throw GraftError(.unsupported, "\(config.source): arrow_config.\(unknown) is not an Arrow option Graft knows (known: \(known.joined(separator: ", ")))")
+            throw GraftError(.unsupported, "\(config.source): 'arrow_config.\(unknown)' is not an Arrow option Graft knows (known: \(known.joined(separator: ", ")))")
         }
         func names(_ key: String) throws -> [String] {
             guard let v = o[key], !(v is NSNull) else { return [] }
