@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fast-decode", action="store_true", help="both the single and the concurrent runs in fast mode (int8)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="graft-serve-bench-"))
@@ -54,11 +55,12 @@ def main():
                 model.add_adapter(f"user{i}", lora, seed=i + 1)
             jobs = [(prompt(i, args.prompt_words), f"user{i}") for i in range(args.clients)]
             # Warm-up, then each client alone (one request at a time): its tokens and its tokens/s.
-            model.generate(jobs[0][0], max_new_tokens=8, stop_at_eos=False, adapter=jobs[0][1])
+            fast = args.fast_decode
+            model.generate(jobs[0][0], max_new_tokens=8, stop_at_eos=False, adapter=jobs[0][1], fast_decode=fast)
             alone, rates = [], []
             for p, a in jobs:
                 t = time.perf_counter()
-                ids = model.generate(p, max_new_tokens=args.tokens, stop_at_eos=False, adapter=a)
+                ids = model.generate(p, max_new_tokens=args.tokens, stop_at_eos=False, adapter=a, fast_decode=fast)
                 rates.append(len(ids) / (time.perf_counter() - t))
                 alone.append(ids)
             single = statistics.median(rates)
@@ -73,7 +75,7 @@ def main():
                         m = ci.model(model.model_id)
                         barrier.wait()
                         results[i] = m.generate(jobs[i][0], max_new_tokens=args.tokens, stop_at_eos=False,
-                                                adapter=jobs[i][1])
+                                                adapter=jobs[i][1], fast_decode=fast)
 
                 threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
                 for t in threads:
@@ -91,7 +93,8 @@ def main():
     wall = statistics.median(walls)
     aggregate = args.clients * args.tokens / wall
     print(f"graftd, SmolLM2 Q4_1, {args.clients} clients x {args.tokens} tokens, {args.clients} LoRA r{args.rank} "
-          f"all-linear adapters (one per client), {args.threads} threads, prompt ~{args.prompt_words} words")
+          f"all-linear adapters (one per client), {args.threads} threads, prompt ~{args.prompt_words} words, "
+          f"{'fast (int8)' if args.fast_decode else 'exact'} mode")
     print(f"single client alone (median of {args.clients}): {single:7.1f} tokens/s")
     print(f"{args.clients} clients at once (median of {args.runs}): {aggregate:7.1f} tokens/s aggregate "
           f"({wall:.2f} s wall) = {aggregate / single:.2f}x a single client")
