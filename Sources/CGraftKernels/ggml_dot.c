@@ -47,20 +47,6 @@ static float dot_q8_0_portable(const uint8_t *row, const float *x, int64_t block
 }
 
 #ifdef CGRAFT_X86
-/// The half at `p` (unaligned) through F16C.
-__attribute__((target("f16c"))) static inline float half_f16c(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, sizeof h);
-    return _cvtsh_ss(h);
-}
-
-__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 // Activation rows against one weight row: each block is decoded (and scaled) once and multiplied into every row (a
 // decode step of a batch of sequences multiplies every weight by one row per sequence): two fused multiply-adds per
 // row and 32 weights. A row's arithmetic does not depend on how many rows share the pass, so a sequence gets the

@@ -67,19 +67,6 @@ static float dot_q8_0_q8_portable(const uint8_t *row, const int8_t *q, const flo
 }
 
 #ifdef CGRAFT_X86
-__attribute__((target("f16c"))) static inline float half_f16c(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, sizeof h);
-    return _cvtsh_ss(h);
-}
-
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /// A Q4_1 block's 32 nibbles as bytes in element order (low nibbles are elements 0–15, high ones 16–31).
 __attribute__((target("avx2"))) static inline __m256i q4_1_bytes(const uint8_t *blk) {
     __m128i p = _mm_loadu_si128((const __m128i *)(blk + 4));
@@ -101,7 +88,7 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_q4_1_q8_avx2(const uin
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(half_f16c(blk) * d[b]), acc);
         offsets += half_f16c(blk + 2) * s[b];
     }
-    return hsum8(acc) + offsets;
+    return hsum256(acc) + offsets;
 }
 
 __attribute__((target("avx2,fma,f16c"))) static float dot_q8_0_q8_avx2(const uint8_t *row, const int8_t *q, const float *d,
@@ -113,7 +100,7 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_q8_0_q8_avx2(const uin
         __m256i dot = dot_u8s8_avx2(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(half_f16c(blk) * d[b]), acc);
     }
-    return hsum8(acc);
+    return hsum256(acc);
 }
 
 #define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
@@ -173,7 +160,7 @@ __attribute__((target(VNNI_TARGET))) static float dot_q4_1_q8_vnni(const uint8_t
             acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales + j), acc0);
         }
     }
-    return hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), fold16(offsets)));
+    return hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), fold16(offsets)));
 }
 
 __attribute__((target(VNNI_TARGET))) static float dot_q8_0_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q,
@@ -196,7 +183,7 @@ __attribute__((target(VNNI_TARGET))) static float dot_q8_0_q8_vnni(const uint8_t
             }
         }
     }
-    return hsum8(_mm256_add_ps(acc0, acc1));
+    return hsum256(_mm256_add_ps(acc0, acc1));
 }
 
 /// 0 portable, 1 AVX2 (+ FMA, F16C), 2 AVX-512 VNNI (+ VL); at most cgraft_ggml_kernel_limit().

@@ -27,6 +27,24 @@ static inline float cgraft_half_to_float(const uint8_t *p) {
     return f;
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+/// The half at `p` (unaligned) through F16C.
+__attribute__((target("f16c"))) static inline float half_f16c(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    return _cvtsh_ss(h);
+}
+
+/// The sum of the eight lanes of `v`.
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 
 /// The highest kernel level cgraft_ggml_limit_kernels currently allows (2 by default).
 int cgraft_ggml_kernel_limit(void);

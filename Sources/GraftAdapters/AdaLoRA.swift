@@ -75,8 +75,7 @@ public final class AdaLoRARankAllocator: AdapterTrainingHook {
     let targetRank: Int, tinit: Int, tfinal: Int, deltaT: Int
     let beta1: Float, beta2: Float, orthogonalityWeight: Float
     let configuredTotalStep: Int?
-    private var averageImportance: [ObjectIdentifier: [Float]] = [:]
-    private var averageUncertainty: [ObjectIdentifier: [Float]] = [:]
+    private var sensitivity = SmoothedSensitivity(beta1: 0.85, beta2: 0.85)
     /// Per layer, which triplets the last allocation kept (nil before the first).
     public private(set) var rankPattern: [[Bool]]?
     /// The rank budget of the last update.
@@ -91,6 +90,7 @@ public final class AdaLoRARankAllocator: AdapterTrainingHook {
         deltaT = try config.int("deltaT", default: 1)
         beta1 = Float(try config.double("beta1", default: 0.85))
         beta2 = Float(try config.double("beta2", default: 0.85))
+        sensitivity = SmoothedSensitivity(beta1: beta1, beta2: beta2)
         orthogonalityWeight = Float(try config.double("orth_reg_weight", default: 0.5))
         let total = try config.int("total_step", default: 0)
         configuredTotalStep = total > 0 ? total : nil
@@ -146,8 +146,7 @@ public final class AdaLoRARankAllocator: AdapterTrainingHook {
         } else if step == finalStep {
             budget = targetBudget
             maskToBudget(targetBudget)
-            averageImportance.removeAll()
-            averageUncertainty.removeAll()
+            sensitivity.reset()
         } else if let pattern = rankPattern {
             budget = targetBudget
             for (layer, keep) in zip(layers, pattern) {
@@ -157,32 +156,10 @@ public final class AdaLoRARankAllocator: AdapterTrainingHook {
     }
 
     private func updateImportance() {
-        for layer in layers {
-            for p in [layer.loraA, layer.loraB, layer.loraE] {
-                guard let g = p.grad else { continue }
-                let id = ObjectIdentifier(p)
-                var avg = averageImportance[id] ?? [Float](repeating: 0, count: p.count)
-                var unc = averageUncertainty[id] ?? [Float](repeating: 0, count: p.count)
-                avg.withUnsafeMutableBufferPointer { a in
-                    unc.withUnsafeMutableBufferPointer { u in
-                        for i in 0..<p.count {
-                            let importance = abs(p.pointer[i] * g.pointer[i])
-                            a[i] = beta1 * a[i] + (1 - beta1) * importance
-                            u[i] = beta2 * u[i] + (1 - beta2) * abs(importance - a[i])
-                        }
-                    }
-                }
-                averageImportance[id] = avg
-                averageUncertainty[id] = unc
-            }
-        }
+        sensitivity.update(layers.flatMap { [$0.loraA, $0.loraB, $0.loraE] })
     }
 
-    private func score(_ p: Tensor) -> [Float] {
-        let id = ObjectIdentifier(p)
-        guard let a = averageImportance[id], let u = averageUncertainty[id] else { return [Float](repeating: 0, count: p.count) }
-        return zip(a, u).map { $0 * $1 }
-    }
+    private func score(_ p: Tensor) -> [Float] { sensitivity.score(p) }
 
     /// Triplet scores per layer.
     func tripletScores() -> [[Float]] {

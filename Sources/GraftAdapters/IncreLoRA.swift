@@ -123,8 +123,7 @@ public final class IncreLoRAAllocator: AdapterTrainingHook {
     public let budget: Int
     /// The module scores of the last growth step, in layer order.
     public private(set) var lastScores: [Float] = []
-    private var averageImportance: [ObjectIdentifier: [Float]] = [:]
-    private var averageUncertainty: [ObjectIdentifier: [Float]] = [:]
+    private var sensitivity = SmoothedSensitivity(beta1: 0.85, beta2: 0.85)
     private var record: RankGrowthRecord
 
     /// The allocator for `layers` (module path, layer) with the schedule of `config`.
@@ -135,6 +134,7 @@ public final class IncreLoRAAllocator: AdapterTrainingHook {
         deltaT = try config.int("deltaT", default: 10)
         beta1 = Float(try config.double("beta1", default: 0.85))
         beta2 = Float(try config.double("beta2", default: 0.85))
+        sensitivity = SmoothedSensitivity(beta1: beta1, beta2: beta2)
         let total = try config.int("total_step", default: 0)
         configuredTotalStep = total > 0 ? total : nil
         for (key, value) in [("beta1", beta1), ("beta2", beta2)] where !(value > 0 && value < 1) {
@@ -184,31 +184,8 @@ public final class IncreLoRAAllocator: AdapterTrainingHook {
     public func reportLines() -> [String] { record.report(method: "IncreLoRA", budget: budget) }
 
     private func updateImportance() {
-        for layer in layers {
-            for p in [layer.loraA, layer.loraB, layer.loraE] {
-                guard let g = p.grad else { continue }
-                let id = ObjectIdentifier(p)
-                var avg = averageImportance[id] ?? [Float](repeating: 0, count: p.count)
-                var unc = averageUncertainty[id] ?? [Float](repeating: 0, count: p.count)
-                let pp = p.pointer, gp = g.pointer
-                avg.withUnsafeMutableBufferPointer { a in
-                    unc.withUnsafeMutableBufferPointer { u in
-                        for i in 0..<a.count {
-                            let importance = abs(pp[i] * gp[i])
-                            a[i] = beta1 * a[i] + (1 - beta1) * importance
-                            u[i] = beta2 * u[i] + (1 - beta2) * abs(importance - a[i])
-                        }
-                    }
-                }
-                averageImportance[id] = avg
-                averageUncertainty[id] = unc
-            }
-        }
+        sensitivity.update(layers.flatMap { [$0.loraA, $0.loraB, $0.loraE] })
     }
 
-    private func score(_ p: Tensor) -> [Float] {
-        let id = ObjectIdentifier(p)
-        guard let a = averageImportance[id], let u = averageUncertainty[id] else { return [Float](repeating: 0, count: p.count) }
-        return zip(a, u).map { $0 * $1 }
-    }
+    private func score(_ p: Tensor) -> [Float] { sensitivity.score(p) }
 }
