@@ -64,7 +64,7 @@ let package = Package(
         .executableTarget(name: "graft", dependencies: [
             "Graft", "GraftAssets", "CGraftSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .target(name: "GraftTestSupport", dependencies: ["GraftTensor", "GraftIO", "GraftModels"], path: "Tests/GraftTestSupport"),
+        .target(name: "GraftTestSupport", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftTrain"], path: "Tests/GraftTestSupport"),
         .testTarget(name: "GraftTensorTests", dependencies: ["GraftTensor", "GraftTestSupport"]),
         .testTarget(name: "GraftIOTests", dependencies: ["GraftIO", "GraftTestSupport"]),
         .testTarget(name: "GraftTextTests", dependencies: ["GraftText", "GraftIO"]),

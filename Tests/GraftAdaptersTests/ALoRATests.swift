@@ -191,24 +191,13 @@ import GraftTestSupport
     }
 
     @Test func fineTuneLowersTheLossFromTheInvocationOn() throws {
-        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
-        let tokenizer = try BPETokenizer(ggufFile: Assets.smollm2)
-        let (train, _) = try TweetCorpus.demoSubsets(path: try Assets.require(Assets.tweets))
-        let completions = train.prefix(8).map {
-            TextCompletion(prompt: "Tweet: \($0.text)\nSentiment:", completion: " " + TweetCorpus.labels[$0.label])
-        }
-        let examples = try ExampleTokenizer.causalLM(completions, tokenizer: tokenizer, maxLength: 48)
+        let (llama, tokenizer, examples) = try smolLM2TweetCompletions()
         let invocation = tokenizer.encode("Sentiment:", addSpecialTokens: false)
         let model = AdaptedModel(root: llama)
         let adapter = try model.addAdapter("default", config: AdapterConfig(json: [
             "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM",
             "alora_invocation_tokens": invocation.map(Int.init)], source: "alora"), seed: 1)
-        var config = TrainerConfig()
-        config.batchSize = examples.count
-        config.learningRate = 1e-2
-        config.schedule = .constant
-        config.weightDecay = 0
-        config.shuffle = false
+        let config = TrainerConfig.fullBatch(examples: examples.count, learningRate: 1e-2)
         let trainer = try Trainer(model: model, adapterName: "default", objective: CausalLMObjective(model: llama), config: config)
         let before = try trainer.evaluate(examples).loss
         let batch = try PackedBatch(ArraySlice(examples), padded: model.needsPaddedBatches)

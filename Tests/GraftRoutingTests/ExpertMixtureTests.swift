@@ -220,11 +220,7 @@ import GraftTestSupport
         #expect(counts == [2, 2, 3, 3, 4, 4, 2, 2, 3, 3, 4, 5])
         // Config errors name the key and value.
         #expect(throws: GraftError.self) { try model.addAdapter("bad", config: AdapterConfig(json: ["peft_type": "LORA_MOE", "routing": "sparse", "target_modules": ["query"]], source: "t")) }
-        var config = TrainerConfig()
-        config.batchSize = examples.count
-        config.learningRate = 5e-3
-        config.schedule = .constant
-        config.weightDecay = 0
+        let config = TrainerConfig.fullBatch(examples: examples.count, learningRate: 5e-3)
         let trainer = try Trainer(model: model, adapterName: "moe", objective: SequenceClassificationObjective(model: classifier), config: config)
         let before = try trainer.evaluate(examples).loss
         let batch = try PackedBatch(ArraySlice(examples), padded: false)

@@ -29,12 +29,7 @@ import GraftTestSupport
                                    "target_modules": ["query", "value"]]
         let adapter = try model.addAdapter("poly", config: AdapterConfig(json: json, source: "poly"), seed: 1)
         #expect(model.needsPaddedBatches)
-        var config = TrainerConfig()
-        config.batchSize = examples.count
-        config.learningRate = 5e-3
-        config.schedule = .constant
-        config.weightDecay = 0
-        config.shuffle = false
+        var config = TrainerConfig.fullBatch(examples: examples.count, learningRate: 5e-3)
         config.epochs = 8
         let trainer = try Trainer(model: model, adapterName: "poly", objective: SequenceClassificationObjective(model: classifier), config: config)
         guard let poly = adapter.layers.first?.adapter as? PolyLayer else {

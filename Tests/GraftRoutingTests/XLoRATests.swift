@@ -169,12 +169,7 @@ import GraftTestSupport
         let model = AdaptedModel(root: classifier, methods: .all)
         let adapter = try model.addAdapter("x", config: try Self.xloraConfig(experts, ["layerwise_scalings": true]), seed: 1)
         let frozen = adapter.layers.compactMap { $0.adapter as? XLoRALayer }.flatMap(\.members).map { $0.lora.loraA.scalars }
-        var config = TrainerConfig()
-        config.batchSize = examples.count
-        config.learningRate = 1e-2
-        config.schedule = .constant
-        config.weightDecay = 0
-        config.shuffle = false
+        let config = TrainerConfig.fullBatch(examples: examples.count, learningRate: 1e-2)
         let trainer = try Trainer(model: model, adapterName: "x", objective: SequenceClassificationObjective(model: classifier), config: config)
         let before = try trainer.evaluate(examples).loss
         try trainer.train(examples, maxSteps: 8)
@@ -189,22 +184,11 @@ import GraftTestSupport
     /// On SmolLM2 over PEFT's own experts (the fixture's layer-wise X-LoRA): training the classifier alone lowers the
     /// causal-LM loss of `"Tweet: …\nSentiment:"` → label completions; the experts do not move.
     @Test func fineTuningOnSmolLM2LowersTheLoss() throws {
-        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
-        let tokenizer = try BPETokenizer(ggufFile: Assets.smollm2)
-        let (train, _) = try TweetCorpus.demoSubsets(path: try Assets.require(Assets.tweets))
-        let completions = train.prefix(8).map {
-            TextCompletion(prompt: "Tweet: \($0.text)\nSentiment:", completion: " " + TweetCorpus.labels[$0.label])
-        }
-        let examples = try ExampleTokenizer.causalLM(completions, tokenizer: tokenizer, maxLength: 48)
+        let (llama, _, examples) = try smolLM2TweetCompletions()
         let model = AdaptedModel(root: llama, methods: .all)
         let adapter = try model.loadAdapter(directory: Assets.fixture("\(Self.root)/layerwise"))
         let frozen = adapter.layers.compactMap { $0.adapter as? XLoRALayer }.flatMap(\.members).map { $0.lora.loraB.scalars }
-        var config = TrainerConfig()
-        config.batchSize = examples.count
-        config.learningRate = 1e-2
-        config.schedule = .constant
-        config.weightDecay = 0
-        config.shuffle = false
+        let config = TrainerConfig.fullBatch(examples: examples.count, learningRate: 1e-2)
         let trainer = try Trainer(model: model, adapterName: "default", objective: CausalLMObjective(model: llama), config: config)
         let before = try trainer.evaluate(examples).loss
         try trainer.train(examples, maxSteps: 6)

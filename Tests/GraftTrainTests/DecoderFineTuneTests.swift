@@ -11,13 +11,7 @@ import Testing
 
     @Test(arguments: ["ADAPTION_PROMPT", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE"])
     func lowersTheLossOnTheDemoTweets(type: String) throws {
-        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
-        let tokenizer = try BPETokenizer(ggufFile: Assets.smollm2)
-        let (train, _) = try TweetCorpus.demoSubsets(path: try Assets.require(Assets.tweets))
-        let completions = train.prefix(8).map {
-            TextCompletion(prompt: "Tweet: \($0.text)\nSentiment:", completion: " " + TweetCorpus.labels[$0.label])
-        }
-        let examples = try ExampleTokenizer.causalLM(completions, tokenizer: tokenizer, maxLength: 48)
+        let (llama, _, examples) = try smolLM2TweetCompletions()
         guard let factory = AdapterRegistry.moduleFactories[type] else {
             Issue.record("\(type) is not registered")
             return
@@ -26,12 +20,7 @@ import Testing
         json["peft_type"] = type
         let model = AdaptedModel(root: llama)
         let adapter = try model.addAdapter("default", config: AdapterConfig(json: json, source: type), seed: 1)
-        var config = TrainerConfig()
-        config.batchSize = examples.count
-        config.learningRate = 1e-2
-        config.schedule = .constant
-        config.weightDecay = 0
-        config.shuffle = false
+        let config = TrainerConfig.fullBatch(examples: examples.count, learningRate: 1e-2)
         let trainer = try Trainer(model: model, adapterName: "default", objective: CausalLMObjective(model: llama), config: config)
         let before = try trainer.evaluate(examples).loss
         let batch = try PackedBatch(ArraySlice(examples), padded: model.needsPaddedBatches)

@@ -33,12 +33,7 @@ import Testing
             let classifier = try BertForSequenceClassification(bert: bert, numLabels: 3, seed: 3)
             let model = AdaptedModel(root: classifier)
             try model.addAdapter("default", config: AdapterConfig(json: json, source: type), seed: 1)
-            var config = TrainerConfig()
-            config.batchSize = examples.count
-            config.learningRate = 5e-3
-            config.schedule = .constant
-            config.weightDecay = 0
-            config.shuffle = false
+            let config = TrainerConfig.fullBatch(examples: examples.count, learningRate: 5e-3)
             let trainer = try Trainer(model: model, adapterName: "default",
                                       objective: SequenceClassificationObjective(model: classifier), config: config)
             let before = try trainer.evaluate(examples).loss
