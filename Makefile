@@ -3,7 +3,7 @@ SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
 .PHONY: demo test test-c test-python test-lua test-daemon test-cli test-crash test-mpi bench-scale-out test-sanitize install-lua lib graftd client \
-	install build release setup assets bench bench-compare clean fuzz fuzz-smoke fuzz-build
+	install build release setup assets bench bench-compare bench-methods clean fuzz fuzz-smoke fuzz-build
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -201,6 +201,11 @@ bench: assets release
 # workload on both engines, each in its own process, and prints one table (48 min under heavy load). Asserts nothing.
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--only a,b --runs 7".
 BENCH_ARGS ?=
+# Every method in the catalog at a common trainable budget (issue 15): MiniLM demo recipe over 3 seeds, SmolLM2
+# perplexity; resumable (runs already in bench/results/methods/runs.jsonl are skipped), hours for the whole catalog.
+bench-methods: assets release lib
+	bench/methods/run $(BENCH_ARGS)
+
 bench-compare: assets release
 	@py="$$(bench/compare/setup-venv)" && "$$py" bench/compare/run.py --graft $(RELEASE_BIN) $(BENCH_ARGS)
 

@@ -1,3 +1,4 @@
+import Foundation
 import GraftModels
 import GraftTensor
 
@@ -45,8 +46,11 @@ public struct AdapterMethodTable: Sendable {
             let module = modules[type]
             guard linearFactory != nil || module != nil else { return nil }
             if module?.requiresDecoder == true, !(root is LlamaModel) {
+                var json = module?.exampleConfig(targets: targets) ?? [:]
+                json["peft_type"] = type
                 return MethodSummary(peftType: type, family: module?.family ?? "", peftParity: PEFTParity.record(for: type),
-                                     mergeable: false, trainableParameters: nil, note: "causal decoders only, e.g. --model smollm2")
+                                     mergeable: false, trainableParameters: nil, note: "causal decoders only, e.g. --model smollm2",
+                                     exampleConfigJSON: Self.jsonText(json))
             }
             var json = linearFactory?.exampleConfig(targets: targets) ?? module?.exampleConfig(targets: targets) ?? [:]
             json["peft_type"] = type
@@ -64,7 +68,13 @@ public struct AdapterMethodTable: Sendable {
             return MethodSummary(peftType: type, family: linearFactory?.family ?? module?.family ?? "",
                                  peftParity: PEFTParity.record(for: type),
                                  mergeable: linearFactory?.mergeable ?? module?.mergeable ?? true,
-                                 trainableParameters: count, note: note)
+                                 trainableParameters: count, note: note, exampleConfigJSON: Self.jsonText(json))
         }
+    }
+
+    /// `json` as sorted-key JSON text ("{}" if it does not serialize).
+    static func jsonText(_ json: [String: Any]) -> String {
+        guard let data = try? JSONSerialization.data(withJSONObject: json, options: [.sortedKeys]) else { return "{}" }
+        return String(decoding: data, as: UTF8.self)
     }
 }

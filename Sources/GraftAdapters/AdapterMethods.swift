@@ -322,4 +322,7 @@ public struct MethodSummary: Sendable {
     public var trainableParameters: Int?
     /// Why the example config did not apply, if it did not.
     public var note: String?
+    /// The example config the count was taken with (`peft_type` included), as adapter_config.json would hold it:
+    /// JSON text with sorted keys.
+    public var exampleConfigJSON: String = "{}"
 }

@@ -8,14 +8,17 @@ struct Methods: ParsableCommand {
 
     @Option(help: "Model to count parameters on (path or asset name).") var model: String = "minilm"
     @Option(help: "Comma-separated target modules.") var targets: String?
+    @Flag(help: "Print one JSON array (peft_type, family, peft_parity, mergeable, trainable_parameters, note, example_config) instead of the table.")
+    var json = false
 
     func run() throws {
         try graft.run {
             let m = try GraftModel(path: resolveModelPath(model))
             let list = targets.map { $0.split(separator: ",").map(String.init) }
                 ?? (m.architecture == .bert ? ["query", "value"] : ["q_proj", "v_proj"])
-            print("methods on \(m.path), target_modules \(list.joined(separator: ","))  (example configs: graft methods --help)")
             let rows = AdapterMethodTable.all.summaries(root: m.root, targets: list)
+            if json { return try printJSON(rows) }
+            print("methods on \(m.path), target_modules \(list.joined(separator: ","))  (example configs: graft methods --json)")
             let header = ["peft_type", "family", "PEFT parity", "mergeable", "trainable"]
             let table = rows.map { r in
                 [r.peftType, r.family, r.peftParity.summary, r.mergeable ? "yes" : "no",
@@ -34,5 +37,17 @@ struct Methods: ParsableCommand {
             print("  n/a: \(PEFTParity.noPEFTCounterpart.detail)")
             print("\nLORA options honoured: \(LoRAFactory.honouredOptions.joined(separator: ", ")); PEFT's others are refused by name")
         }
+    }
+
+    /// The rows as one JSON array, for scripts (bench/methods reads it to enumerate the catalog).
+    private func printJSON(_ rows: [MethodSummary]) throws {
+        let objects: [[String: Any]] = rows.map { r in
+            let example = (try? JSONSerialization.jsonObject(with: Data(r.exampleConfigJSON.utf8))) ?? [String: Any]()
+            return ["peft_type": r.peftType, "family": r.family, "peft_parity": r.peftParity.summary,
+                    "mergeable": r.mergeable, "trainable_parameters": r.trainableParameters.map { $0 as Any } ?? NSNull(),
+                    "note": r.note.map { $0 as Any } ?? NSNull(), "example_config": example]
+        }
+        let data = try JSONSerialization.data(withJSONObject: objects, options: [.sortedKeys, .prettyPrinted])
+        print(String(decoding: data, as: UTF8.self))
     }
 }

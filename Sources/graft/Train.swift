@@ -23,7 +23,7 @@ struct Demo: ParsableCommand {
                 "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
             ], options: options, computeDType: try flags.computeFormat())
             let (train, test) = try AssetCache.tweets(for: .sequenceClassification)
-            try run.run(train: train, test: test, evalName: "test", output: output, checkpoint: try flags.checkpointPlan(), report: flags.report)
+            try run.run(train: train, test: test, evalName: "test", output: output, checkpoint: try flags.checkpointPlan(), report: flags.report, initialEval: !flags.skipInitialEval)
         }
     }
 }
@@ -159,7 +159,7 @@ struct Train: ParsableCommand {
             let run = try TrainingRun(model: modelName, task: task, numLabels: numLabels, classNames: classNames,
                                       adapter: adapter, options: options, computeDType: try flags.computeFormat())
             try run.run(train: train, test: test ?? train, evalName: heldOut ? "held-out" : (task == .causalLM ? "eval" : "test"),
-                        output: output, checkpoint: try flags.checkpointPlan(), report: flags.report)
+                        output: output, checkpoint: try flags.checkpointPlan(), report: flags.report, initialEval: !flags.skipInitialEval)
         }
     }
 

@@ -23,6 +23,8 @@ struct TrainingFlags: ParsableArguments {
     var resume = false
     @Flag(help: "After training, print what the adapter's training hooks decided (per-module ranks over time for IncreLoRA / TriAdaptLoRA).")
     var report = false
+    @Flag(help: "Skip the evaluation before training (the 'before' line); the one after training still runs.")
+    var skipInitialEval = false
 
     /// The checkpointing the flags ask for (nil: none).
     func checkpointPlan() throws -> TrainingRun.CheckpointPlan? {

@@ -42,9 +42,10 @@ struct TrainingRun {
     /// Trains on `train`, evaluates on `test` (called `evalName` in the report) before and after, prints the
     /// report (accuracy for classification, perplexity for a causal LM) and saves the adapter to `output`.
     /// Data-parallel (under mpirun) every rank trains, rank 0 alone evaluates, reports and saves.
-    /// With `report`, prints what the adapter's training hooks decided after training (rank allocation).
+    /// With `report`, prints what the adapter's training hooks decided after training (rank allocation); without
+    /// `initialEval`, skips the evaluation before training.
     func run(train: TextData, test: TextData, evalName: String, output: String?, checkpoint: CheckpointPlan? = nil,
-             report showReport: Bool = false) throws {
+             report showReport: Bool = false, initialEval: Bool = true) throws {
         let start = Date()
         let session = training.session
         let rank0 = training.rank == 0
@@ -62,7 +63,7 @@ struct TrainingRun {
         print("adapter    \(adapter.config.peftType) on \(adapter.layers.count) layers, \(training.trainableParameters) trainable parameters")
         print(String(format: "data       %d train / %d %@ examples, %.1f tokens per example (packed, no padding)",
                      trainSet.count, testSet.count, evalName, Double(tokens) / Double(max(trainSet.count, 1))))
-        if rank0 { report("before", try training.evaluate(testSet), evalName) }
+        if rank0, initialEval { report("before", try training.evaluate(testSet), evalName) }
         let printer = rank0 ? ProgressPrinter() : nil
         let trainStart = Date()
         let startStep = trainer.globalStep

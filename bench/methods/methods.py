@@ -1,0 +1,152 @@
+"""bench/methods: every method in Graft's catalog, fine-tuned at a common trainable budget.
+
+Task 1 (minilm): MiniLM on the demo recipe (tweet sentiment, 3 classes, 2 epochs, batch 32, 20 warm-up steps,
+AdamW, weight decay 0.01, classifier head trained), test accuracy over `--seeds` seeds.
+Task 2 (smollm2): SmolLM2-135M causal-LM tuning on the tweets as text (`--smollm2-steps` steps of 8 sequences),
+held-out perplexity, one seed.
+
+Each finished run is one line of <results>/runs.jsonl, so an interrupted or partial invocation resumes where it
+stopped (`--rerun` runs again); the table (methods.md) and the plot (methods.png) are rendered from every line.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import plan
+import render
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_output(text):
+    """The figures graft train prints: trainable parameters, accuracy or perplexity, training seconds."""
+    out = {}
+    if m := re.search(r"^adapter\s+\S+ on \d+ layers, (\d+) trainable parameters", text, re.M):
+        out["trainable"] = int(m.group(1))
+    if m := re.search(r"^before\s+\S+ loss ([0-9.]+), perplexity ([0-9.]+)", text, re.M):
+        out["perplexity_before"] = float(m.group(2))
+    if m := re.search(r"^after\s+\S+ accuracy ([0-9.]+), loss ([0-9.naif]+)", text, re.M):
+        out["accuracy"], out["loss"] = float(m.group(1)), float(m.group(2))
+    if m := re.search(r"^after\s+\S+ loss ([0-9.naif]+), perplexity ([0-9.naif]+)", text, re.M):
+        out["loss"], out["perplexity"] = float(m.group(1)), float(m.group(2))
+    if m := re.search(r"^time\s+([0-9.]+) s training", text, re.M):
+        out["train_seconds"] = float(m.group(1))
+    return out
+
+
+def _portable(config):
+    """The config as recorded: X-LoRA's expert directories named by the run they come from, not by a local path."""
+    if "adapters" not in config:
+        return config
+    return dict(config, adapters={name: f"bench LORA run, {Path(p).name}" for name, p in config["adapters"].items()})
+
+
+def run_one(graft_bin, task, entry, seed, args, output_dir):
+    """Trains one method once; returns its record (with 'error' when graft failed)."""
+    asset, task_name, _ = plan.TASKS[task]
+    config = {"model": asset, "task": task_name, "data": "tweets", "adapter": dict(entry["config"])}
+    if task == "minilm":
+        config["num_labels"] = 3
+        config["adapter"].setdefault("modules_to_save", ["classifier"])
+        flags = ["--epochs", "2", "--warmup", "20", "--batch-size", "32"]
+    else:
+        flags = ["--max-steps", str(args.smollm2_steps), "--batch-size", "8", "--max-length", "64", "--warmup", "4"]
+    if entry["peft_type"] == "ADALORA":
+        steps = 2 * 94 if task == "minilm" else args.smollm2_steps
+        config["adapter"].update(total_step=steps, tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 20))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config, f)
+        config_path = f.name
+    command = [graft_bin, "train", "--config", config_path, "--seed", str(seed), "--lr", repr(entry["lr"]),
+               "--threads", str(args.threads), "--output", str(output_dir)] + flags
+    if not (task == "smollm2" and entry["peft_type"] == "LORA"):
+        command.append("--skip-initial-eval")
+    load = os.getloadavg()[0]
+    start = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text = proc.stdout.read()
+    # Reaped here rather than by Popen, so the child's peak RSS and CPU time come with it.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - start
+    os.unlink(config_path)
+    record = {"task": task, "peft_type": entry["peft_type"], "family": entry["family"], "seed": seed,
+              "lr": entry["lr"], "config": _portable(entry["config"]), "wall_seconds": round(wall, 1), "load_average": load,
+              "graft_commit": args.commit}
+    record.update(parse_output(text))
+    record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    record["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
+    if proc.returncode != 0 or ("accuracy" not in record and "perplexity" not in record):
+        tail = [line for line in text.splitlines() if line.strip()][-3:]
+        record["error"] = " | ".join(tail)[-400:]
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--graft", default=str(ROOT / ".build" / "release" / "graft"))
+    parser.add_argument("--tasks", default="minilm,smollm2", help="minilm, smollm2 or both (comma-separated)")
+    parser.add_argument("--only", help="comma-separated peft_types")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method on MiniLM (default 3)")
+    parser.add_argument("--smollm2-steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "methods"))
+    parser.add_argument("--work", default=os.path.join(os.environ.get("GRAFT_HOME", os.path.expanduser("~/.cache/graft")), "bench-methods"))
+    parser.add_argument("--rerun", action="store_true", help="run again even where runs.jsonl has the run")
+    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--max-minutes", type=float, default=0, help="stop starting runs after this long (0: no limit)")
+    args = parser.parse_args()
+    args.commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    runs_path = results / "runs.jsonl"
+    if not args.render_only:
+        deadline = time.monotonic() + args.max_minutes * 60 if args.max_minutes else None
+        done = set()
+        if runs_path.exists() and not args.rerun:
+            for line in runs_path.read_text().splitlines():
+                r = json.loads(line)
+                if "error" not in r:
+                    done.add((r["task"], r["peft_type"], r["seed"]))
+        only = set(args.only.split(",")) if args.only else None
+        todo = []
+        for task in args.tasks.split(","):
+            print(f"== {task}: sizing every method to the budget", flush=True)
+            plans = plan.plan_task(args.graft, task)
+            (results / f"plan-{task}.json").write_text(json.dumps(plans, indent=1, sort_keys=True) + "\n")
+            seeds = list(range(args.seeds)) if task == "minilm" else [0]
+            todo += [(task, e, s, seeds) for e in plans for s in seeds
+                     if not e["skipped"] and (only is None or e["peft_type"] in only) and (task, e["peft_type"], s) not in done]
+        # Breadth first: LoRA's seeds (the reference row and X-LoRA's experts), then every method's first seed on
+        # each task, then the other seeds.
+        todo.sort(key=lambda t: (t[1]["peft_type"] != "LORA", t[2], t[0] != "minilm"))
+        for index, (task, entry, seed, seeds) in enumerate(todo):
+            if deadline and time.monotonic() > deadline:
+                print("stopping: --max-minutes reached", flush=True)
+                break
+            out_dir = Path(args.work) / task / f"{entry['peft_type']}-seed{seed}"
+            if entry.get("needs_experts"):
+                experts = {f"lora{s}": str(Path(args.work) / task / f"LORA-seed{s}") for s in seeds}
+                if not all(Path(p, "adapter_config.json").exists() for p in experts.values()):
+                    print(f"{task} {entry['peft_type']}: skipped until the LoRA runs of every seed exist", flush=True)
+                    continue
+                entry["config"]["adapters"] = experts
+            record = run_one(args.graft, task, entry, seed, args, out_dir)
+            with open(runs_path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+            figure = record.get("accuracy", record.get("perplexity"))
+            print(f"[{index + 1}/{len(todo)}] {task} {entry['peft_type']} seed {seed}: "
+                  f"{'ERROR ' + record['error'] if 'error' in record else figure} "
+                  f"({record['wall_seconds']} s, {record.get('peak_rss_mb')} MB)", flush=True)
+    render.render(results)
+
+
+if __name__ == "__main__":
+    main()

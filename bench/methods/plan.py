@@ -1,0 +1,117 @@
+"""Sizes every method of Graft's catalog to bench/methods' common trainable budget.
+
+The catalog comes from `graft methods --json` (so a new method is benchmarked without touching this file); each
+method's example config is resized along the knob budget.json names for it, counting trainable parameters through the
+Python binding on the real model (the classifier head excluded: every classification run trains it too).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bindings" / "python"))
+
+TASKS = {
+    # name: (model asset, task, target modules, budget key)
+    "minilm": ("minilm", "seq-cls", ["query", "value"]),
+    "smollm2": ("smollm2", "causal-lm", ["q_proj", "v_proj"]),
+}
+
+
+def load_budget():
+    with open(Path(__file__).with_name("budget.json")) as f:
+        return json.load(f)
+
+
+def catalog(graft_bin, model):
+    """`graft methods --json` on `model`: a list of {peft_type, family, peft_parity, example_config, ...}."""
+    out = subprocess.run([graft_bin, "methods", "--json", "--model", model], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def _count(model, config):
+    import graft
+    try:
+        model.add_adapter("probe", config)
+    except graft.GraftError as e:
+        return None, str(e)
+    try:
+        listed = model.list_adapters()["adapters"]
+        return next(a["trainable_parameters"] for a in listed if a["name"] == "probe"), None
+    finally:
+        model.delete_adapter("probe")
+
+
+def _closest(candidates, budget):
+    """The (value, count) whose count is nearest `budget` on a log scale; ties go to the smaller adapter."""
+    ok = [(v, c) for v, c in candidates if c]
+    if not ok:
+        return None
+    return min(ok, key=lambda vc: (abs(math.log(vc[1] / budget)), vc[1]))
+
+
+def plan_task(graft_bin, task, log=print):
+    """One entry per method: {peft_type, family, peft_parity, config, trainable, lr, why, skipped}."""
+    import graft
+    asset, task_name, targets = TASKS[task]
+    spec = load_budget()
+    budget = spec["budget"][task]
+    rows = catalog(graft_bin, asset)
+    model = graft.load_model(asset, task=task_name, num_labels=3 if task_name == "seq-cls" else None)
+    plans = []
+    try:
+        for row in rows:
+            kind = row["peft_type"]
+            rule = spec["methods"].get(kind, {})
+            entry = {"peft_type": kind, "family": row["family"], "peft_parity": row["peft_parity"],
+                     "lr": rule.get("lr", spec["default_lr"]), "why": rule.get("why", ""), "skipped": None}
+            if row["trainable_parameters"] is None and not row["example_config"].get("adapters") == {}:
+                entry["skipped"] = row["note"] or "does not apply to this model"
+                plans.append(entry)
+                continue
+            base = dict(row["example_config"])
+            if "target_modules" in base and isinstance(base["target_modules"], list) and base["target_modules"] in (
+                    ["query", "value"], ["q_proj", "v_proj"]):
+                base["target_modules"] = targets
+            base.update(rule.get("set", {}))
+            if kind == "XLORA":
+                # Mixes this bench's own LoRA adapters (the MiniLM LoRA seeds); the runner fills 'adapters'.
+                entry["needs_experts"] = True
+                entry["why"] = "X-LoRA's classifier over the three LoRA adapters of this bench's LoRA runs (frozen)"
+                if task != "minilm":
+                    entry["skipped"] = "X-LoRA mixes the MiniLM LoRA runs' adapters; the SmolLM2 task trains one seed"
+                entry["config"] = base
+                plans.append(entry)
+                continue
+            key = rule.get("scale")
+            candidates = []
+            for value in (rule.get("values") or [None]) if key else [None]:
+                config = dict(base)
+                if key:
+                    config[key] = value
+                    if "target_r_ratio" in rule:
+                        config["target_r"] = max(1, int(value * rule["target_r_ratio"]))
+                count, error = _count(model, config)
+                if error:
+                    log(f"  {kind} {key}={value}: {error}")
+                candidates.append((value, count))
+            best = _closest(candidates, budget)
+            if best is None:
+                entry["skipped"] = "no config in budget.json builds on this model"
+                plans.append(entry)
+                continue
+            value, count = best
+            config = dict(base)
+            if key:
+                config[key] = value
+                if "target_r_ratio" in rule:
+                    config["target_r"] = max(1, int(value * rule["target_r_ratio"]))
+            entry.update(config=config, trainable=count, scale=(key, value) if key else None)
+            plans.append(entry)
+            log(f"  {kind:24s} {key or '-'}={value if key else '-'}  {count} trainable (budget {budget})")
+    finally:
+        model.close()
+    return plans
