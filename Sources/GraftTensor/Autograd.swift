@@ -4,16 +4,31 @@ import Glibc
 import Darwin
 #endif
 
-/// One recorded operation: the tracked inputs and the closure that maps the output's gradient to theirs.
+/// Where an input's gradient goes: the node that computed it, or a trainable leaf (a parameter) whose
+/// ``Tensor/grad`` receives it.
+///
+/// An edge names the producing node, not the intermediate tensor, so the graph alone keeps no activation alive:
+/// only what the backward closures capture stays in memory until backward.
+enum GradEdge {
+    case node(GradNode)
+    case leaf(Tensor)
+}
+
+/// One recorded operation: where its tracked inputs' gradients go and the closure that maps the output's
+/// gradient to theirs.
 ///
 /// The closure captures the activations it needs; ``Tensor/backward(_:)`` drops it as soon as it has run,
 /// so saved activations are freed while backward proceeds.
 final class GradNode {
-    var inputs: [Tensor]
+    /// One entry per input, in order; nil for an input that is not tracked.
+    var edges: [GradEdge?]
     var backward: ((Tensor) -> [Tensor?])?
 
     init(inputs: [Tensor], backward: @escaping (Tensor) -> [Tensor?]) {
-        self.inputs = inputs
+        edges = inputs.map { input in
+            guard input.requiresGrad else { return nil }
+            return input.node.map { .node($0) } ?? .leaf(input)
+        }
         self.backward = backward
     }
 }
@@ -84,51 +99,65 @@ extension Tensor {
     public func backward(_ seed: Tensor? = nil) {
         guard requiresGrad else { return }
         let start = seed ?? Tensor(repeating: 1, shape: shape)
+        guard let root = node else {
+            accumulateLeafGradient(start)
+            return
+        }
         // Iterative post-order DFS for a topological order (deep graphs must not overflow the stack).
-        var order: [Tensor] = []
+        var order: [GradNode] = []
         var visited = Set<ObjectIdentifier>()
-        var stack: [(Tensor, Bool)] = [(self, false)]
-        while let (t, expanded) = stack.popLast() {
-            if expanded { order.append(t); continue }
-            if visited.contains(ObjectIdentifier(t)) { continue }
-            visited.insert(ObjectIdentifier(t))
-            stack.append((t, true))
-            if let node = t.node {
-                for input in node.inputs where input.requiresGrad && !visited.contains(ObjectIdentifier(input)) {
-                    stack.append((input, false))
-                }
+        var stack: [(GradNode, Bool)] = [(root, false)]
+        while let (n, expanded) = stack.popLast() {
+            if expanded { order.append(n); continue }
+            if visited.contains(ObjectIdentifier(n)) { continue }
+            visited.insert(ObjectIdentifier(n))
+            stack.append((n, true))
+            for case .node(let input)? in n.edges where !visited.contains(ObjectIdentifier(input)) {
+                stack.append((input, false))
             }
         }
-        var grads: [ObjectIdentifier: Tensor] = [ObjectIdentifier(self): start]
+        var grads: [ObjectIdentifier: Tensor] = [ObjectIdentifier(root): start]
+        // Leaves in the order their first gradient arrived, with the sum of what arrived.
+        var leaves: [(tensor: Tensor, grad: Tensor)] = []
+        var leafIndex: [ObjectIdentifier: Int] = [:]
         withNoGrad {
-            for t in order.reversed() {
-                guard let g = grads.removeValue(forKey: ObjectIdentifier(t)) else { continue }
-                guard let node = t.node else {
-                    if let existing = t.grad {
-                        existing.addInPlace(g)
-                    } else {
-                        // Own the buffer: ops may hand the same gradient tensor to several inputs.
-                        t.grad = g.copy()
-                    }
-                    continue
-                }
-                if let fn = node.backward {
+            for n in order.reversed() {
+                guard let g = grads.removeValue(forKey: ObjectIdentifier(n)) else { continue }
+                if let fn = n.backward {
                     let inputGrads = fn(g)
-                    for (input, ig) in zip(node.inputs, inputGrads) {
-                        guard input.requiresGrad, let ig else { continue }
-                        let key = ObjectIdentifier(input)
-                        if let existing = grads[key] {
+                    for (edge, ig) in zip(n.edges, inputGrads) {
+                        guard let edge, let ig else { continue }
+                        switch edge {
+                        case .node(let input):
+                            let key = ObjectIdentifier(input)
                             // A fresh buffer is needed if `existing` may alias another tensor.
-                            grads[key] = existing.adding(ig)
-                        } else {
-                            grads[key] = ig
+                            grads[key] = grads[key].map { $0.adding(ig) } ?? ig
+                        case .leaf(let leaf):
+                            let key = ObjectIdentifier(leaf)
+                            if let i = leafIndex[key] {
+                                leaves[i].grad = leaves[i].grad.adding(ig)
+                            } else {
+                                leafIndex[key] = leaves.count
+                                leaves.append((leaf, ig))
+                            }
                         }
                     }
                 }
-                node.backward = nil
-                node.inputs = []
-                t.node = nil
+                n.backward = nil
+                n.edges = []
             }
+            for (leaf, g) in leaves { leaf.accumulateLeafGradient(g) }
+        }
+        node = nil
+    }
+
+    /// Adds `g` to this leaf's ``grad`` (a copy of it when there is none: ops may hand the same gradient
+    /// tensor to several inputs).
+    private func accumulateLeafGradient(_ g: Tensor) {
+        if let existing = grad {
+            existing.addInPlace(g)
+        } else {
+            grad = g.copy()
         }
     }
 

@@ -112,10 +112,12 @@ public func linear(_ x: Tensor, narrow: BFloat16Matrix, _ bias: Tensor? = nil) -
     }
     var inputs = [x]
     if let bias { inputs.append(bias) }
+    // The input gradient needs the input's shape only, not its values.
+    let xShape: [Int]? = x.requiresGrad ? x.shape : nil, biasShape: [Int]? = (bias?.requiresGrad ?? false) ? bias?.shape : nil
     return Tensor.result(out, inputs: inputs) { g in
         var dx: Tensor? = nil
-        if x.requiresGrad {
-            let t = Tensor(zeros: x.shape)
+        if let xShape {
+            let t = Tensor(zeros: xShape)
             if outF > 0 {
                 let gb = narrowed(g.pointer, count: g.count)
                 bf16Product(m: rowsN, n: inF, k: outF, a: gb, b: narrow.storage, transB: false, c: t.pointer, accumulate: false)
@@ -123,8 +125,6 @@ public func linear(_ x: Tensor, narrow: BFloat16Matrix, _ bias: Tensor? = nil) -
             }
             dx = t
         }
-        var grads: [Tensor?] = [dx]
-        if let bias { grads.append(bias.requiresGrad ? g.sumToShape(bias.shape) : nil) }
-        return grads
+        return [dx, biasShape.map { g.sumToShape($0) }]
     }
 }

@@ -181,8 +181,10 @@ private func binaryKernel(_ a: Tensor, _ b: Tensor, _ f: @escaping (Float16x, Fl
 public func add(_ a: Tensor, _ b: Tensor) -> Tensor {
     if b.count > a.count { return add(b, a) }
     let out = binaryKernel(a, b, { $0 + $1 }, { $0 + $1 })
+    // Shapes only: the backward of a sum needs neither operand.
+    let aShape: [Int]? = a.requiresGrad ? a.shape : nil, bShape: [Int]? = b.requiresGrad ? b.shape : nil
     return Tensor.result(out, inputs: [a, b]) { g in
-        [a.requiresGrad ? g.sumToShape(a.shape) : nil, b.requiresGrad ? g.sumToShape(b.shape) : nil]
+        [aShape.map { g.sumToShape($0) }, bShape.map { g.sumToShape($0) }]
     }
 }
 
@@ -195,9 +197,12 @@ public func sub(_ a: Tensor, _ b: Tensor) -> Tensor {
 public func mul(_ a: Tensor, _ b: Tensor) -> Tensor {
     if b.count > a.count { return mul(b, a) }
     let out = binaryKernel(a, b, { $0 * $1 }, { $0 * $1 })
+    // Each operand is kept only when the other one needs it for its gradient.
+    let keepB: Tensor? = a.requiresGrad ? b : nil, keepA: Tensor? = b.requiresGrad ? a : nil
+    let bShape = b.shape
     return Tensor.result(out, inputs: [a, b]) { g in
-        [a.requiresGrad ? binaryKernel(g, b, { $0 * $1 }, { $0 * $1 }) : nil,
-         b.requiresGrad ? binaryKernel(g, a, { $0 * $1 }, { $0 * $1 }).sumToShape(b.shape) : nil]
+        [keepB.map { binaryKernel(g, $0, { $0 * $1 }, { $0 * $1 }) },
+         keepA.map { binaryKernel(g, $0, { $0 * $1 }, { $0 * $1 }).sumToShape(bShape) }]
     }
 }
 

@@ -103,10 +103,12 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
     }
     var inputs = [x]
     if let bias { inputs.append(bias) }
+    // The input gradient needs the input's shape only, not its values.
+    let xShape: [Int]? = x.requiresGrad ? x.shape : nil, biasShape: [Int]? = (bias?.requiresGrad ?? false) ? bias?.shape : nil
     return Tensor.result(out, inputs: inputs) { g in
         var dx: Tensor? = nil
-        if x.requiresGrad {
-            let t = Tensor(zeros: x.shape)
+        if let xShape {
+            let t = Tensor(zeros: xShape)
             if inF > 0 && outF > 0 && rowsN > 0 {
                 let scratch = TensorBuffer(count: tile * inF, zeroed: false)
                 for index in 0..<tiles {
@@ -123,8 +125,6 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
             }
             dx = t
         }
-        var grads: [Tensor?] = [dx]
-        if let bias { grads.append(bias.requiresGrad ? g.sumToShape(bias.shape) : nil) }
-        return grads
+        return [dx, biasShape.map { g.sumToShape($0) }]
     }
 }

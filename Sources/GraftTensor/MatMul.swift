@@ -119,22 +119,24 @@ public func linear(_ x: Tensor, _ weight: Tensor, _ bias: Tensor? = nil) -> Tens
           a: x.pointer, b: weight.pointer, beta: bias == nil ? 0 : 1, c: out.pointer)
     var inputs = [x, weight]
     if let bias { inputs.append(bias) }
+    // The input is kept only for a trainable weight's gradient, the weight only for the input's.
+    let keepX: Tensor? = weight.requiresGrad ? x : nil, keepW: Tensor? = x.requiresGrad ? weight : nil
+    let xShape = x.shape, wShape = weight.shape, biasShape: [Int]? = (bias?.requiresGrad ?? false) ? bias?.shape : nil
     return Tensor.result(out, inputs: inputs) { g in
-        var dx: Tensor? = nil, dw: Tensor? = nil, db: Tensor? = nil
-        if x.requiresGrad {
-            let t = outF == 0 ? Tensor(zeros: x.shape) : Tensor(uninitialized: x.shape)
+        var dx: Tensor? = nil, dw: Tensor? = nil
+        if let weight = keepW {
+            let t = outF == 0 ? Tensor(zeros: xShape) : Tensor(uninitialized: xShape)
             sgemm(transA: false, transB: false, m: rowsN, n: inF, k: outF,
                   a: g.pointer, b: weight.pointer, c: t.pointer)
             dx = t
         }
-        if weight.requiresGrad {
-            let t = Tensor(zeros: weight.shape)
+        if let x = keepX {
+            let t = Tensor(zeros: wShape)
             sgemm(transA: true, transB: false, m: outF, n: inF, k: rowsN,
                   a: g.pointer, b: x.pointer, c: t.pointer)
             dw = t
         }
-        if let bias, bias.requiresGrad { db = g.sumToShape(bias.shape) }
-        return [dx, dw, db]
+        return [dx, dw, biasShape.map { g.sumToShape($0) }]
     }
 }
 

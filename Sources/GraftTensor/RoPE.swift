@@ -37,8 +37,9 @@ public func rope(_ x: Tensor, positions: [Int32], headDim: Int, base: Float, sty
     let out = Tensor(zeros: x.shape)
     applyRotation(x.pointer, out.pointer, cosT.pointer, sinT.pointer, tokens: tokens, heads: heads,
                   headDim: headDim, style: style, sign: 1)
+    let xShape = x.shape
     return Tensor.result(out, inputs: [x]) { g in
-        let d = Tensor(zeros: x.shape)
+        let d = Tensor(zeros: xShape)
         applyRotation(g.pointer, d.pointer, cosT.pointer, sinT.pointer, tokens: tokens, heads: heads,
                       headDim: headDim, style: style, sign: -1)
         return [d]

@@ -115,12 +115,14 @@ public func concat(_ tensors: [Tensor], dim: Int) -> Tensor {
         }
         offset += len
     }
+    // Shapes only: the gradient of a concatenation is a split.
+    let parts = tensors.map { (shape: $0.shape, tracked: $0.requiresGrad) }
     return Tensor.result(out, inputs: tensors) { g in
         var grads: [Tensor?] = []
         var off = 0
-        for t in tensors {
+        for t in parts {
             let len = t.shape[dim]
-            if t.requiresGrad {
+            if t.tracked {
                 let d = Tensor(zeros: t.shape)
                 for o in 0..<outer {
                     (d.pointer + o * len * inner).update(from: g.pointer + (o * total + off) * inner, count: len * inner)

@@ -70,8 +70,17 @@ public final class CausalLMObjective: TrainingObjective {
     public func loss(_ batch: PackedBatch) throws -> Tensor {
         try checkTargets(batch)
         let hidden = try model.hiddenStates(batch.tokens)
-        return linearCrossEntropy(hidden.reshaped([batch.tokenCount, model.config.hiddenSize]),
-                                  weight: model.lmHead.weight, narrow: model.lmHead.frozenNarrowWeight, targets: batch.targets)
+        return headLoss(hidden.reshaped([batch.tokenCount, model.config.hiddenSize]), targets: batch.targets)
+    }
+
+    /// The chunked loss through `lm_head`: a compact frozen head (a GGUF table) is decoded tile by tile inside the
+    /// loss, never as a whole float32 copy; a float32 or bfloat16 head is multiplied as it is.
+    func headLoss(_ hidden: Tensor, targets: [Int32]) -> Tensor {
+        let head = model.lmHead
+        if let compact = head.compactWeight, head.computeDType != .bfloat16 {
+            return linearCrossEntropy(hidden, frozen: compact, targets: targets)
+        }
+        return linearCrossEntropy(hidden, weight: head.weight, narrow: head.frozenNarrowWeight, targets: targets)
     }
 
     func checkTargets(_ batch: PackedBatch) throws {
@@ -88,15 +97,15 @@ public final class CausalLMObjective: TrainingObjective {
         return try withNoGrad {
             let counted = batch.targets.filter { $0 != -100 }.count
             let hidden = try model.hiddenStates(batch.tokens).reshaped([batch.tokenCount, model.config.hiddenSize])
-            let loss = linearCrossEntropy(hidden, weight: model.lmHead.weight, narrow: model.lmHead.frozenNarrowWeight, targets: batch.targets)
-            // Next-token accuracy on targeted positions.
+            let loss = headLoss(hidden, targets: batch.targets)
+            // Next-token accuracy on targeted positions, a chunk of rows at a time (never [rows, vocab] at once).
             var correct = 0
             let rows = (0..<batch.tokenCount).filter { batch.targets[$0] != -100 }
-            if !rows.isEmpty {
-                let picked = embedding(rows.map(Int32.init), table: hidden)
-                let logits = model.lmHead.baseForward(picked)
-                let v = model.config.vocabSize
-                for (i, r) in rows.enumerated() {
+            let v = model.config.vocabSize
+            for start in stride(from: 0, to: rows.count, by: 128) {
+                let chunk = rows[start..<min(rows.count, start + 128)]
+                let logits = model.lmHead.baseForward(embedding(chunk.map(Int32.init), table: hidden))
+                for (i, r) in chunk.enumerated() {
                     var best = 0
                     for j in 1..<v where logits.pointer[i * v + j] > logits.pointer[i * v + best] { best = j }
                     if best == Int(batch.targets[r]) { correct += 1 }

@@ -93,4 +93,32 @@ import GraftText
         print("SmolLM2 greedy tokens, fast vs exact: first \(agree) of \(steps) agree; exact \(exact), fast \(fast)")
         #expect(fast.count == steps && agree >= 4)
     }
+
+    /// The causal-LM loss through SmolLM2's tied Q8_0 head decoded tile by tile (what training uses) against the
+    /// same loss through the head dequantized at load: equal loss and input gradient up to summation order, with
+    /// the batch's real hidden states and next-token targets.
+    @Test func compactHeadLossMatchesTheDequantizedHead() throws {
+        let path = try Assets.require(Assets.smollm2)
+        let compact = try LlamaModel(gguf: GGUFFile(contentsOf: path))
+        let dense = try LlamaModel(gguf: GGUFFile(contentsOf: path), keepQuantized: false)
+        let head = try #require(compact.lmHead.compactWeight)
+        let ids: [Int32] = [1, 504, 3458, 282, 4649, 314, 30, 9, 42, 17, 2016, 7, 288, 1450]
+        let batch = try TokenBatch(ids: ids, batchSize: 1, length: ids.count)
+        let states = try withNoGrad { try compact.hiddenStates(batch) }.reshaped([ids.count, compact.config.hiddenSize])
+        let targets = Array(ids.dropFirst()) + [-100]
+        func lossAndGradient(_ loss: (Tensor) -> Tensor) throws -> (Float, Tensor) {
+            let x = states.copy().requiringGrad()
+            let l = loss(x)
+            l.backward()
+            return (l.item, try #require(x.grad))
+        }
+        let (compactLoss, compactGrad) = try lossAndGradient { linearCrossEntropy($0, frozen: head, targets: targets, chunkRows: 5) }
+        let (denseLoss, denseGrad) = try lossAndGradient { linearCrossEntropy($0, weight: dense.lmHead.weight, targets: targets, chunkRows: 5) }
+        let scale = worstOf((0..<denseGrad.count).map { abs(denseGrad.pointer[$0]) }, empty: 0)
+        let gradError = maxAbsDifference(compactGrad, denseGrad)
+        print("SmolLM2 LM-head loss, tiles of the Q8_0 head vs the dequantized head: \(compactLoss) vs \(denseLoss), " +
+              "input gradient max-abs \(gradError) (gradients up to \(scale))")
+        #expect(compactLoss.isFinite && abs(compactLoss - denseLoss) <= 1e-5 * abs(denseLoss))
+        #expect(scale > 0 && gradError <= 1e-5 * scale)
+    }
 }

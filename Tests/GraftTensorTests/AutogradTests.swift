@@ -1,3 +1,4 @@
+import GraftTestSupport
 import Testing
 @testable import GraftTensor
 
@@ -39,6 +40,28 @@ import Testing
         #expect(w.grad?.scalars == [2, 2])
         sum(w).backward()
         #expect(w.grad?.scalars == [3, 3])
+    }
+
+    /// The graph names the nodes that produced its inputs, not the tensors: an intermediate that no backward
+    /// closure needs is freed as soon as forward drops it, while the gradients stay what they were.
+    @Test func intermediatesBackwardDoesNotNeedAreFreedDuringForward() throws {
+        let w = Tensor(shape: [2, 3], values: [0.5, -1, 2, 1, 0.25, -0.5]).requiringGrad()
+        let x = Tensor(shape: [4, 3], values: (0..<12).map { Float($0) / 6 })
+        weak var weakSum: Tensor?
+        weak var weakProjection: Tensor?
+        let loss: Tensor = {
+            let projection = linear(x, w)  // linear keeps x (for dW), not its result
+            let shifted = projection + Tensor(repeating: 1, shape: [2])  // a sum keeps neither operand
+            weakProjection = projection
+            weakSum = shifted
+            return sum(shifted * 3)
+        }()
+        #expect(weakProjection == nil && weakSum == nil, "activations no backward reads must not outlive forward")
+        loss.backward()
+        // d/dW Σ 3(xWᵀ + 1) = 3 · Σ_rows x.
+        let columnSums = (0..<3).map { c in (0..<4).map { Double($0 * 3 + c) / 6 }.reduce(0, +) }
+        let grad = try #require(w.grad).scalars.map(Double.init)
+        #expect(maxRelativeError(grad, (columnSums + columnSums).map { 3 * $0 }) <= 1e-6)
     }
 
     @Test func savedActivationsAreReleasedAfterBackward() {

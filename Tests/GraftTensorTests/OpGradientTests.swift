@@ -102,6 +102,30 @@ import Testing
                   reference: { $0[0].map { Foundation.tanh($0) } })
         check.run("sigmoid", inputs: [x], shapes: [[30]], trainable: [true], op: { sigmoid($0[0]) },
                   reference: { $0[0].map { 1 / (1 + Foundation.exp(-$0)) } })
+        // 37 elements: two full 16-lane vectors and a tail.
+        let g = randomValues(37, seed: 48, scale: 4), u = randomValues(37, seed: 49, scale: 2)
+        for trainable in [[true, true], [true, false], [false, true]] {
+            check.run("swiglu \(trainable)", inputs: [g, u], shapes: [[37], [37]], trainable: trainable, op: { swiglu($0[0], $0[1]) },
+                      reference: { v in zip(Ref.silu(v[0]), v[1]).map { $0 * $1 } })
+        }
+    }
+
+    /// The fused SwiGLU computes exactly what `silu(gate) * up` computes, forward and both gradients.
+    @Test func swigluEqualsSiluTimesUp() throws {
+        var rng = GraftRNG(seed: 50)
+        let g = Tensor.randomNormal([3, 45], rng: &rng).requiringGrad(), u = Tensor.randomNormal([3, 45], rng: &rng).requiringGrad()
+        let w = Tensor.randomNormal([3, 45], rng: &rng)
+        let fused = swiglu(g, u)
+        sum(mul(fused, w)).backward()
+        let (fusedDG, fusedDU) = (try #require(g.grad).scalars, try #require(u.grad).scalars)
+        g.zeroGrad()
+        u.zeroGrad()
+        let unfused = silu(g) * u
+        sum(mul(unfused, w)).backward()
+        #expect(fused.scalars == unfused.scalars)
+        let (unfusedDG, unfusedDU) = (try #require(g.grad).scalars, try #require(u.grad).scalars)
+        #expect(fusedDG == unfusedDG && fusedDU == unfusedDU)
+        #expect(fused.scalars.allSatisfy(\.isFinite) && fusedDG.allSatisfy(\.isFinite))
     }
 
     @Test func embeddingGather() {
