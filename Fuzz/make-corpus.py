@@ -185,6 +185,7 @@ for name, cfg in {
     "neuroada": {"peft_type": "NEUROADA", "k": 2, "target_modules": ["value"]},
     "dsee": {"peft_type": "DSEE", "r": 2, "num_sparse": 8, "prune_ratio": 0.5, "prune_step": 1, "target_modules": ["query"]},
     "id3": {"peft_type": "ID3", "density": 0.05, "unmask_steps": 2, "exponent": 0.5, "target_modules": ["query"]},
+    "tr_pts": {"peft_type": "TR_PTS", "density": 0.05, "fisher_steps": 1, "token_keep_ratio": 0.5, "token_reduction_layers": [0], "target_modules": ["query"]},
     "spt": {"peft_type": "SPT", "budget_density": 0.05, "lora_threshold": 0.02, "r": 2, "warmup_steps": 1, "target_modules": ["query", "value"]},
     "sparse_adapter": {"peft_type": "SPARSE_ADAPTER", "reduction_factor": 4, "sparsity": 0.5, "large_sparse": True, "variant": "par_bn"},
     "asymmetric_lora": {"peft_type": "ASYMMETRIC_LORA", "r": 2, "target_modules": "all-linear"},

@@ -278,6 +278,7 @@ public enum AdapterRegistry {
         AdaMSSFactory.peftType: AdaMSSFactory.self,
         BitFitFactory.peftType: BitFitFactory.self,
         SpIELFactory.peftType: SpIELFactory.self,
+        TRPTSFactory.peftType: TRPTSFactory.self,
         NeuroAdaFactory.peftType: NeuroAdaFactory.self,
         DSEEFactory.peftType: DSEEFactory.self,
         ID3Factory.peftType: ID3Factory.self,

@@ -81,7 +81,7 @@ public enum PEFTParity: Sendable, Equatable {
         "LOREFT": .noPEFTCounterpart, "MOS": .noPEFTCounterpart, "PAR_BN": .noPEFTCounterpart, "ROSA": .noPEFTCounterpart,
         "SEQ_BN": .noPEFTCounterpart, "SVFT": .noPEFTCounterpart,
         "BITFIT": .noPEFTCounterpart, "DSEE": .noPEFTCounterpart, "ID3": .noPEFTCounterpart, "NEUROADA": .noPEFTCounterpart,
-        "SPARSE_ADAPTER": .noPEFTCounterpart, "SPIEL": .noPEFTCounterpart, "SPT": .noPEFTCounterpart,
+        "SPARSE_ADAPTER": .noPEFTCounterpart, "SPIEL": .noPEFTCounterpart, "TR_PTS": .noPEFTCounterpart, "SPT": .noPEFTCounterpart,
         // Saved as PEFT LoRA with a rank_pattern; checked by round trip through Graft's LoRA path (AdaptiveRankTests).
         "INCRELORA": .noPEFTCounterpart, "TRIADAPTLORA": .noPEFTCounterpart, "TAPS": .noPEFTCounterpart,
         "SELECTIVE_LORA": .noPEFTCounterpart, "LOSIA": .noPEFTCounterpart,

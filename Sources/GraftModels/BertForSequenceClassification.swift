@@ -30,7 +30,12 @@ public final class BertForSequenceClassification: Module {
 
     /// Logits `[sequences, numLabels]`: one row per batch row, or per packed sequence when `firstTokens`
     /// (flat indices of each sequence's first token) is given.
+    /// With ``BertModel/tokenReduction`` enabled, the encoder reduces each sequence's tokens on the way (TR-PTS).
     public func forward(_ batch: TokenBatch, firstTokens: [Int32]? = nil) throws -> Tensor {
+        if let reduction = bert.tokenReduction, reduction.isEnabled() {
+            let (hidden, picks) = try bert.forwardReducingTokens(batch, firstTokens: firstTokens, reduction: reduction)
+            return classifier.forward(try bert.pool(hidden, tokens: picks))
+        }
         let hidden = try bert.forward(batch)
         return classifier.forward(try bert.pool(hidden, tokens: firstTokens))
     }

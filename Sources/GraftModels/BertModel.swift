@@ -103,6 +103,8 @@ public final class BertLayer: Module, LayerAdapterHost {
 public final class BertModel: Module, PrefixHost, ForwardHookHost {
     /// Hooks run before every forward pass (X-LoRA's scaling pass).
     public var forwardHooks: [any ForwardPassHook] = []
+    /// TR-PTS's token reduction, applied by ``BertForSequenceClassification`` when enabled; nil by default.
+    public var tokenReduction: TokenReduction?
     public let config: BertConfig
     public let wordEmbeddings: Embedding, positionEmbeddings: Embedding, tokenTypeEmbeddings: Embedding
     public let embeddingNorm: LayerNorm
@@ -183,24 +185,9 @@ public final class BertModel: Module, PrefixHost, ForwardHookHost {
         if let prompt = promptAdapters.first(where: { $0.isEnabled }) {
             return try forwardWithPrompt(batch, prompts: prompt.virtualTokens(rows: batch.batchSize))
         }
-        let positions = batch.resolvedPositions
-        if let bad = positions.first(where: { $0 < 0 || Int($0) >= config.maxPositions }) {
-            throw GraftError.invalid("position \(bad) is outside 0..<\(config.maxPositions) (sequence too long for this model)")
-        }
-        let types = batch.tokenTypes ?? [Int32](repeating: 0, count: batch.ids.count)
-        if let bad = types.first(where: { $0 < 0 || Int($0) >= config.typeVocabSize }) {
-            throw GraftError.invalid("token type \(bad) is outside 0..<\(config.typeVocabSize)")
-        }
-        let shape = [batch.batchSize, batch.length, config.hiddenSize]
         let prefix = prefixAdapters.first(where: { $0.isEnabled })
         // With a prefix, transformers counts positions after the cached (virtual) tokens.
-        let offset = Int32(prefix?.prefix(layer: 0).keys.shape[0] ?? 0)
-        let shifted = offset == 0 ? positions : positions.map { $0 + offset }
-        if let bad = shifted.first(where: { Int($0) >= config.maxPositions }) {
-            throw GraftError.invalid("position \(bad) (after \(offset) prefix tokens) is outside 0..<\(config.maxPositions)")
-        }
-        let summed = wordEmbeddings.forward(batch.ids) + positionEmbeddings.forward(shifted) + tokenTypeEmbeddings.forward(types)
-        var x = embeddingNorm.forward(summed).reshaped(shape)
+        var x = try embed(batch, offset: Int32(prefix?.prefix(layer: 0).keys.shape[0] ?? 0))
         if let prefix {
             guard batch.segments == nil else {
                 throw GraftError(.unsupported, "prefix tuning with packed sequences is not supported; pad the batch instead")
@@ -215,6 +202,25 @@ public final class BertModel: Module, PrefixHost, ForwardHookHost {
         let mask = AttentionMask(keyLengths: batch.lengths, segments: batch.segments)
         for layer in layers { x = layer.forward(x, mask: mask) }
         return x
+    }
+
+    /// The embedded tokens `[batch, length, hidden]`, positions shifted past `offset` prefix tokens.
+    func embed(_ batch: TokenBatch, offset: Int32 = 0) throws -> Tensor {
+        let positions = batch.resolvedPositions
+        if let bad = positions.first(where: { $0 < 0 || Int($0) >= config.maxPositions }) {
+            throw GraftError.invalid("position \(bad) is outside 0..<\(config.maxPositions) (sequence too long for this model)")
+        }
+        let types = batch.tokenTypes ?? [Int32](repeating: 0, count: batch.ids.count)
+        if let bad = types.first(where: { $0 < 0 || Int($0) >= config.typeVocabSize }) {
+            throw GraftError.invalid("token type \(bad) is outside 0..<\(config.typeVocabSize)")
+        }
+        let shape = [batch.batchSize, batch.length, config.hiddenSize]
+        let shifted = offset == 0 ? positions : positions.map { $0 + offset }
+        if let bad = shifted.first(where: { Int($0) >= config.maxPositions }) {
+            throw GraftError.invalid("position \(bad) (after \(offset) prefix tokens) is outside 0..<\(config.maxPositions)")
+        }
+        let summed = wordEmbeddings.forward(batch.ids) + positionEmbeddings.forward(shifted) + tokenTypeEmbeddings.forward(types)
+        return embeddingNorm.forward(summed).reshaped(shape)
     }
 
     /// The encoder's output (transformers' `hidden_states[-1]`); BERT keeps no cache.

@@ -130,6 +130,7 @@ test("methods beyond LoRA: wave-2 tuners and Graft's own methods build from thei
     '{"peft_type": "TAPS", "target_modules": ["query", "value"]}',
     '{"peft_type": "SELECTIVE_LORA", "r": 4, "target_modules": ["query", "value"]}',
     '{"peft_type": "LOSIA", "rank_factor": 0.125, "target_modules": ["query", "value"]}',
+    '{"peft_type": "TR_PTS", "density": 0.005, "fisher_steps": 2, "token_keep_ratio": 0.5, "target_modules": ["query", "value"]}',
   }
   for _, config in ipairs(configs) do
     m:add_adapter("probe", config)

@@ -351,6 +351,7 @@ static void test_model_basics(graft_model *bert) {
         "{\"peft_type\": \"ID3\", \"density\": 0.01, \"target_modules\": [\"query\"]}",
         "{\"peft_type\": \"SPT\", \"budget_density\": 0.01, \"r\": 2, \"target_modules\": [\"query\"]}",
         "{\"peft_type\": \"SPARSE_ADAPTER\", \"sparsity\": 0.5, \"large_sparse\": true}",
+        "{\"peft_type\": \"TR_PTS\", \"density\": 0.005, \"token_keep_ratio\": 0.5, \"target_modules\": [\"query\"]}",
     };
     for (size_t i = 0; i < sizeof sparse / sizeof sparse[0]; i++) {
         EXPECT(graft_adapter_add(bert, "s", sparse[i]), GRAFT_OK);

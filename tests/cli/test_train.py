@@ -79,3 +79,23 @@ def test_methods_json_lists_every_method_with_an_example_config_that_trains(data
     out, _ = train("--config", str(config), "--data", str(data), "--batch-size", "4", "--max-steps", "1", cwd=tmp_path)
     # The classification run trains the fresh 3-class head too: 384 × 3 + 3 parameters.
     assert f"{rows['IA3']['trainable_parameters'] + 1155} trainable parameters" in out
+
+
+def test_trpts_selects_by_fisher_reduces_tokens_and_refuses_token_reduction_on_a_decoder(data, tmp_path):
+    config = tmp_path / "trpts.json"
+    config.write_text(json.dumps({"adapter": {"peft_type": "TR_PTS", "budget": 2000, "fisher_steps": 2,
+                                              "token_keep_ratio": 0.5, "target_modules": ["query", "value"]}}))
+    out, _ = train("--config", str(config), "--data", str(data), "--batch-size", "4", "--max-steps", "5", "--report",
+                   "--output", str(tmp_path / "adapter"), cwd=tmp_path)
+    assert any(line.startswith("hook") and "TR-PTS: 2000 entries chosen by Fisher information after step 2" in line
+               for line in out.splitlines()), out
+    report = [line for line in out.splitlines() if line.startswith("report") and "TR-PTS tokens" in line]
+    assert report and "keep 0.5 at layers [2, 4] (merge)" in report[0] and "encoder FLOPs −" in report[0], out
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "TR_PTS" and saved["token_keep_ratio"] == 0.5
+    decoder = tmp_path / "trpts-decoder.json"
+    decoder.write_text(json.dumps({"adapter": {"peft_type": "TR_PTS", "token_keep_ratio": 0.5,
+                                               "target_modules": ["q_proj"]}}))
+    r = subprocess.run([GRAFT, "train", "--config", str(decoder), "--task", "causal-lm", "--model", "smollm2",
+                        "--data", str(data), "--max-steps", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0 and "token_keep_ratio" in r.stderr and "causal decoder" in r.stderr, r.stderr

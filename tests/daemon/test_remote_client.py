@@ -173,6 +173,7 @@ def test_relative_paths_resolve_against_the_daemons_working_directory(daemon):
     {"peft_type": "TAPS", "l1_weight": 0.01, "target_modules": ["query"]},
     {"peft_type": "SELECTIVE_LORA", "r": 4, "target_modules": ["query", "value"]},
     {"peft_type": "LOSIA", "rank_factor": 0.05, "relocalize_every": 3, "target_modules": ["query", "value"]},
+    {"peft_type": "TR_PTS", "budget": 3000, "fisher_steps": 2, "token_keep_ratio": 0.5, "target_modules": ["query", "value"]},
 ], ids=lambda c: c["peft_type"])
 def test_adaptive_and_gated_methods_train_and_reload_over_the_daemon(daemon, tmp_path, config):
     with Client(daemon.socket_path) as c:

@@ -24,7 +24,7 @@ class PeftConfig:
 
 class AdapterConfig(PeftConfig):
     """Any method by its peft_type and keys, as adapter_config.json holds them; for Graft's own methods
-    (ETHER, MOS, SEQ_BN, LOREFT, LORA_MOE, INCRELORA, TRIADAPTLORA, TAPS, SELECTIVE_LORA, LOSIA, ...), e.g. AdapterConfig("ETHER", nb=4, target_modules=["query"])."""
+    (ETHER, MOS, SEQ_BN, LOREFT, LORA_MOE, INCRELORA, TRIADAPTLORA, TAPS, SELECTIVE_LORA, LOSIA, TR_PTS, ...), e.g. AdapterConfig("ETHER", nb=4, target_modules=["query"])."""
 
     def __init__(self, peft_type: str, **options: Any):
         self.peft_type = peft_type

@@ -56,6 +56,7 @@ OWN = [
     graft.AdapterConfig("TAPS", l1_weight=1e-3, target_modules=TARGETS),
     graft.AdapterConfig("SELECTIVE_LORA", r=4, l1_weight=1e-3, target_modules=TARGETS),
     graft.AdapterConfig("LOSIA", rank_factor=0.125, relocalize_every=50, target_modules=TARGETS),
+    graft.AdapterConfig("TR_PTS", density=0.005, fisher_steps=2, token_keep_ratio=0.5, target_modules=TARGETS),
 ]
 
 
@@ -113,3 +114,12 @@ def test_config_classes_mirror_peft_names():
     # A few of PEFT's class names, spelled as PEFT spells them.
     for name in ["LoraConfig", "GloraConfig", "PsoftConfig", "VBLoRAConfig", "HRAConfig", "PromptEncoderConfig"]:
         assert name in graft.__all__ and hasattr(graft, name)
+
+
+def test_trpts_token_reduction_is_refused_on_a_decoder_by_name(smollm_path):
+    with graft.load_model(smollm_path) as llm:
+        with pytest.raises(graft.GraftError) as e:
+            llm.add_adapter("probe", graft.AdapterConfig("TR_PTS", token_keep_ratio=0.5, target_modules=["q_proj"]))
+        assert "token_keep_ratio" in str(e.value) and "causal decoder" in str(e.value)
+        # Its parameter selection alone works there.
+        assert_builds(llm, graft.AdapterConfig("TR_PTS", density=0.001, target_modules=["q_proj"]), "TR_PTS")
