@@ -102,7 +102,7 @@ def test_data_driven_init_runs_before_step_one_and_training_lowers_the_loss(tmp_
             a, b = tensors[k].astype(np.float64), tensors[k.replace("lora_A", "lora_B")].astype(np.float64)
             assert a.shape[0] == 8 and orthonormality_gap(a[:4]) < 1e-4
             assert np.abs(a[:4] - a[4:]).max() < 1e-6 and np.abs(b[:, :4] + b[:, 4:]).max() < 1e-6
-            assert np.abs(b).max() > 1e-3
+            assert np.abs(b).max() > 1e-6  # a data-free init has B = 0
     # A data-free init of the same seed has no orthonormal A.
     _, _, gaussian = data_driven_run(tmp_path, f"{init}-gaussian", "gaussian", 1, 1e-9, 0)
     assert min(orthonormality_gap(gaussian[k].astype(np.float64)) for k in a_keys) > 0.1
