@@ -649,7 +649,10 @@ static inline void graft_trainer_params_init(graft_trainer_params *params) {
  * @param params        NULL for the defaults.
  * @param extras_json   NULL, or a JSON object of further settings: "beta1", "beta2", "eps" (AdamW),
  *                      "momentum" (SGD), "shuffle" (bool, default true), "eval_batch_size" (default 64),
- *                      "max_examples" (train_file: use this many examples spread over the data).
+ *                      "max_examples" (train_file: use this many examples spread over the data),
+ *                      "init_batches" (default 8: the training batches an adapter added with init_lora_weights
+ *                      "eva", "lora_ga" or "corda" is initialized from before its first step; step() uses its
+ *                      own batch; a loaded adapter is never initialized again).
  *                      Unknown keys are rejected.
  * @param out           receives the trainer; release it with graft_trainer_free. The trainer keeps the model
  *                      alive.
@@ -671,7 +674,7 @@ GRAFT_API void graft_trainer_free(graft_trainer *trainer);
  * The options the trainer runs with — its graft_trainer_params and extras_json after defaults — as a JSON object
  * with one key per option ("learning_rate", "weight_decay", "warmup_steps", "total_steps", "schedule",
  * "optimizer", "max_grad_norm", "gradient_accumulation_steps", "batch_size", "seed", "epochs", "max_length",
- * "beta1", "beta2", "eps", "momentum", "shuffle", "eval_batch_size", "max_examples"); the same object graftd's
+ * "beta1", "beta2", "eps", "momentum", "shuffle", "eval_batch_size", "max_examples", "init_batches"); the same object graftd's
  * JobStarted and `graft train` report. Since 0.2.0.
  * @param json  receives the text; release it with graft_string_free.
  * @return GRAFT_OK or GRAFT_ERR_INVALID_ARGUMENT (NULL trainer or json).

@@ -48,6 +48,7 @@ extension GraftSession {
         try addAdapter(name: name, config: config)
         do {
             let adapter = try adapted.adapter(name)
+            adapter.markWeightsLoaded()
             var byPath: [String: LoRALayer] = [:]
             for (p, _, m) in adapter.layers { if let l = m as? LoRALayer { byPath[p] = l } }
             for pair in pairs {

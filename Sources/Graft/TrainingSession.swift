@@ -110,6 +110,13 @@ public final class GraftTrainingSession: @unchecked Sendable {
     /// One micro-batch: forward, backward, and an optimizer update on every `gradientAccumulationSteps`-th call.
     public func step(_ examples: [TokenizedExample]) throws -> Float {
         try prepare()
+        if trainer.adapter.pendingDataInitialization != nil {
+            // Each rank holds only its share of the batch here; an initialization from shares would differ per rank.
+            guard worldSize == 1 else {
+                throw GraftError(.unsupported, "adapter '\(trainer.adapter.name)' waits for its data-driven initialization (init_lora_weights \"\(trainer.adapter.pendingDataInitialization?.rawValue ?? "")\"), which step() cannot run data-parallel; train it with train() or initialize it in one process first")
+            }
+            try initializeFromData([examples])
+        }
         let batch = try PackedBatch(ArraySlice(examples), padded: session.adapted.needsPaddedBatches)
         let loss = try trainer.accumulate(batch)
         if trainer.microStep % trainer.config.gradientAccumulationSteps == 0 {
@@ -137,6 +144,15 @@ public final class GraftTrainingSession: @unchecked Sendable {
         if finished {
             throw GraftError(.state, "this trainer has finished its run (step \(trainer.globalStep)); create a new trainer to train again")
         }
+        if trainer.adapter.pendingDataInitialization != nil {
+            // The first init_batches global batches of the first epoch, in the order training takes them: the
+            // same examples on every rank, so data-parallel ranks initialize identically.
+            let order = trainer.order(epoch: 0, count: examples.count), size = trainer.globalBatchSize
+            let batches = stride(from: 0, to: min(examples.count, options.initBatches * size), by: size).map { start in
+                order[start..<min(start + size, examples.count)].map { examples[$0] }
+            }
+            try initializeFromData(batches)
+        }
         var cancelled = false
         try trainer.train(examples, maxSteps: totalSteps > 0 ? totalSteps : nil) { p in
             if progress(p) { return true }
@@ -144,6 +160,30 @@ public final class GraftTrainingSession: @unchecked Sendable {
             return false
         }
         if cancelled { throw GraftError(.cancelled, "training was cancelled by the progress callback at step \(trainer.globalStep)") }
+    }
+
+    /// Runs the data-driven initialization the trained adapter was added with (`init_lora_weights` `"eva"`,
+    /// `"lora_ga"` or `"corda"`, see ``DataDrivenInitialization``) over `batches`, without dropout, as PEFT's
+    /// `initialize_lora_eva_weights`, `preprocess_loraga` and `preprocess_corda` do before training; then
+    /// rebinds the trainer to the initialized adapter. ``train(_:progress:)`` and ``step(_:)`` call it before the
+    /// first step; an adapter loaded from a file, or a run resumed from a checkpoint, never waits for it.
+    public func initializeFromData(_ batches: [[TokenizedExample]]) throws {
+        guard trainer.adapter.pendingDataInitialization != nil, trainer.microStep == 0 else { return }
+        let adapted = session.adapted
+        let packed = try batches.filter { !$0.isEmpty }.map { try PackedBatch(ArraySlice($0), padded: adapted.needsPaddedBatches) }
+        guard !packed.isEmpty else { throw GraftError.invalid("no examples to initialize adapter '\(trainer.adapter.name)' from") }
+        let objective = trainer.objective
+        adapted.setTraining(false)
+        try adapted.initializePendingAdapter(trainer.adapter.name) { needsGradients in
+            for batch in packed {
+                let loss = try objective.loss(batch)
+                guard loss.item.isFinite else {
+                    throw GraftError.invalid("the loss of a batch used to initialize adapter '\(trainer.adapter.name)' is \(loss.item)")
+                }
+                if needsGradients { loss.backward() }
+            }
+        }
+        try trainer.rebindAdapter()
     }
 
     /// ``train(_:progress:)`` over the JSONL file at `path` (see ``loadExamples(_:)``).

@@ -19,6 +19,10 @@ public final class NamedAdapter {
     public internal(set) var modules: [(path: String, adapter: any ModuleAdapterMethod)] = []
     /// Adapter-wide training behaviour built by the factory (AdaLoRA's rank allocation); see ``trainingHooks``.
     public internal(set) var adapterHooks: [any AdapterTrainingHook] = []
+    /// The data-driven initialization (EVA, LoRA-GA, CorDA) this adapter still waits for: set when it is added
+    /// with such an `init_lora_weights`, nil once it ran or when weights were loaded into it (a loaded adapter
+    /// already holds trained weights and is never initialized again).
+    public internal(set) var pendingDataInitialization: DataDrivenInitialization?
 
     init(name: String, config: AdapterConfig, state: AdapterState) {
         self.name = name
@@ -109,7 +113,9 @@ public final class AdaptedModel: @unchecked Sendable {
         try factory.validate(config)
         let undoReplication = try applyLayerReplication(config)
         do {
-            return try addLinearAdapter(name, config: config, factory: factory, seed: seed)
+            let added = try addLinearAdapter(name, config: config, factory: factory, seed: seed)
+            added.pendingDataInitialization = DataDrivenInitialization(config)
+            return added
         } catch {
             undoReplication?()
             throw error

@@ -38,6 +38,8 @@ extension AdaptedModel {
 
     /// Copies a PEFT state dict into `adapter`; every expected key must be present and every key used.
     public func loadWeights(_ file: SafeTensorsFile, into adapter: NamedAdapter) throws {
+        // Loaded weights are trained weights: no data-driven initialization may replace them.
+        adapter.pendingDataInitialization = nil
         var expected: [String: (any LinearAdapterMethod, String)] = [:]
         var integers: [String: (any LinearAdapterMethod, String)] = [:]
         var moduleParams: [String: (any ModuleAdapterMethod, String)] = [:]

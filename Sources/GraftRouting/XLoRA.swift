@@ -31,6 +31,8 @@ public struct XLoRAOptions: Sendable {
     public var scalingPassValue: Float = 0
     /// `global_scaling_weight` (1): multiplies every expert's output when scalings are applied.
     public var globalScalingWeight: Float = 1
+    /// `use_trainable_adapters` (false): the LoRA experts train with the classifier (else they stay frozen).
+    public var trainableAdapters = false
 
     /// Parses `config`; every X-LoRA key is read here, so ``AdapterConfig/rejectUnhonouredKeys()`` names any other.
     public init(_ config: AdapterConfig) throws {
@@ -77,9 +79,7 @@ public struct XLoRAOptions: Sendable {
         let g = try config.double("global_scaling_weight", default: 1)
         guard g.isFinite else { throw GraftError.invalid("\(src): 'global_scaling_weight' must be finite, got \(g)") }
         globalScalingWeight = Float(g)
-        if try config.bool("use_trainable_adapters", default: false) {
-            throw GraftError(.unsupported, "\(src): 'use_trainable_adapters' = true is not supported by Graft's XLORA (the LoRA experts stay frozen; train them as LoRA adapters first)")
-        }
+        trainableAdapters = try config.bool("use_trainable_adapters", default: false)
     }
 
     /// The directory of expert `path`: absolute as given; a relative path is taken from the X-LoRA directory
@@ -156,8 +156,11 @@ struct XLoRAExpert {
 /// token, for every adapted layer (`layerwise_scalings`) or one set for all, softmaxed over the experts at
 /// `softmax_temperature`. Each adapted Linear then adds `g · Σₑ sₑ · (αₑ/rₑ) Bₑ Aₑ x` (g = `global_scaling_weight`),
 /// after an optional per-layer top-k (`top_k_lora`) and softmax over the kept experts (`enable_softmax_topk`).
-/// Only the classifier trains; the experts are read from their PEFT directories (`adapters`: name → path) and
-/// saved there, the X-LoRA directory holding the config and the classifier, as PEFT's `from_pretrained` loads it.
+/// The experts are read from their PEFT directories (`adapters`: name → path), the X-LoRA directory holding the
+/// config and the classifier, as PEFT's `from_pretrained` loads it. Only the classifier trains, unless
+/// `use_trainable_adapters` is true: then the experts' factors train with it, as in PEFT, and are saved in the
+/// X-LoRA file as `base_model.model.<module>.lora_A.<expert number>.weight` (PEFT names the experts `"0"`,
+/// `"1"`, … in classifier order); loading such a file takes the trained factors from it.
 public enum XLoRAFactory: AdapterMethodFactory {
     public static let peftType = "XLORA"
     public static let family = "routed mixture of LoRA experts (X-LoRA: hidden-state classifier)"
@@ -227,8 +230,9 @@ public enum XLoRAFactory: AdapterMethodFactory {
             } catch let e as GraftError {
                 throw GraftError(e.code, "\(expert.directory)/adapter_model.safetensors: '\(path)': \(e.message)")
             }
-            lora.loraA.requiringGrad(false)
-            lora.loraB.requiringGrad(false)
+            // PEFT freezes the experts unless use_trainable_adapters.
+            lora.loraA.requiringGrad(runtime.options.trainableAdapters)
+            lora.loraB.requiringGrad(runtime.options.trainableAdapters)
             members.append((i, lora))
         }
         return XLoRALayer(runtime: runtime, layerNumber: number, path: path, members: members)

@@ -155,8 +155,12 @@ final class XLoRALayer: LinearAdapterMethod {
     }
 
     var state: AdapterState { runtime.state }
-    /// The experts are frozen and saved in their own directories; the classifier is the adapter's shared tensor.
-    var namedParameters: [(name: String, tensor: Tensor)] { [] }
+    /// The experts' factors when they train (`use_trainable_adapters`), by expert number; none when frozen (they
+    /// stay in their own directories). The classifier is the adapter's shared tensor.
+    var namedParameters: [(name: String, tensor: Tensor)] {
+        guard runtime.options.trainableAdapters else { return [] }
+        return members.flatMap { [("lora_A.\($0.index).weight", $0.lora.loraA), ("lora_B.\($0.index).weight", $0.lora.loraB)] }
+    }
     func deltaWeight(base: Linear) -> Tensor? { nil }
 
     /// This layer's scalings `[rows, experts]` for `rows` token rows, after top-k and its softmax; nil when no

@@ -102,12 +102,12 @@ public final class Trainer {
     public let config: TrainerConfig
     /// The model with the adapter being trained.
     public let model: AdaptedModel
-    /// The adapter being trained.
-    public let adapter: NamedAdapter
+    /// The adapter being trained (replaced by ``rebindAdapter()``).
+    public private(set) var adapter: NamedAdapter
     /// The loss.
     public let objective: TrainingObjective
     /// The optimizer over the adapter's parameters.
-    public let optimizer: Optimizer
+    public private(set) var optimizer: Optimizer
     /// Optimizer steps taken so far (restored by ``loadCheckpoint(directory:)``).
     public internal(set) var globalStep = 0
     /// Micro-batches consumed so far (global micro-batches when data-parallel).
@@ -133,15 +133,31 @@ public final class Trainer {
         adapter = try model.adapter(adapterName)
         try model.setActiveAdapter(adapterName)
         self.objective = objective
-        let params = adapter.parameters
+        optimizer = Self.makeOptimizer(config, parameters: adapter.parameters)
+        adapter.state.rng = GraftRNG(seed: config.seed &+ 0x5EED)
+    }
+
+    private static func makeOptimizer(_ config: TrainerConfig, parameters params: [Tensor]) -> Optimizer {
         switch config.optimizer {
         case .adamw:
-            optimizer = AdamW(parameters: params, learningRate: config.learningRate, beta1: config.beta1, beta2: config.beta2,
-                              eps: config.eps, weightDecay: config.weightDecay)
+            AdamW(parameters: params, learningRate: config.learningRate, beta1: config.beta1, beta2: config.beta2,
+                  eps: config.eps, weightDecay: config.weightDecay)
         case .sgd:
-            optimizer = SGD(parameters: params, learningRate: config.learningRate, momentum: config.momentum,
-                            weightDecay: config.weightDecay)
+            SGD(parameters: params, learningRate: config.learningRate, momentum: config.momentum, weightDecay: config.weightDecay)
         }
+    }
+
+    /// Takes the model's adapter of the same name again, with a fresh optimizer over its parameters and its
+    /// gradients cleared: for an initialization that rebuilt it (EVA's ranks) or set it from data (LoRA-GA), before
+    /// the first micro-batch. Throws once training has started.
+    public func rebindAdapter() throws {
+        guard microStep == 0 else {
+            throw GraftError(.state, "adapter '\(adapter.name)' cannot be rebound after \(microStep) micro-batches of training")
+        }
+        adapter = try model.adapter(adapter.name)
+        try model.setActiveAdapter(adapter.name)
+        for p in adapter.parameters { p.grad = nil }
+        optimizer = Self.makeOptimizer(config, parameters: adapter.parameters)
         adapter.state.rng = GraftRNG(seed: config.seed &+ 0x5EED)
     }
 

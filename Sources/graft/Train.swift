@@ -36,7 +36,7 @@ struct Train: ParsableCommand {
         num_labels, adapter (a PEFT adapter_config.json object), training (any training option by name: \
         learning_rate, weight_decay, warmup_steps, total_steps or max_steps, schedule, optimizer, max_grad_norm, \
         gradient_accumulation_steps, batch_size, seed, epochs, beta1, beta2, eps, momentum, shuffle, \
-        eval_batch_size, max_examples; the README's options table). The options in effect are printed first. \
+        eval_batch_size, max_examples, init_batches; the README's options table). The options in effect are printed first. \
         Flags override the file. --data takes a JSONL file ({"text","label"} for seq-cls; {"prompt","completion"} \
         or {"text"} for causal-lm) or "tweets" for the sentiment corpus (demo split).
 

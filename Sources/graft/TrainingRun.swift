@@ -59,6 +59,9 @@ struct TrainingRun {
         let testSet = try training.tokenize(test)
         let tokens = trainSet.reduce(0) { $0 + $1.ids.count }
         let adapter = training.trainer.adapter
+        if let pending = adapter.pendingDataInitialization {
+            print("init       init_lora_weights \"\(pending.rawValue)\" from the first \(training.options.initBatches) training batches before step 1")
+        }
         print("model      \(session.model.path) (\(session.model.architecture.rawValue), \(ModelInspector.formatCount(session.model.root.parameterCount)) parameters, frozen)")
         print("adapter    \(adapter.config.peftType) on \(adapter.layers.count) layers, \(training.trainableParameters) trainable parameters")
         print(String(format: "data       %d train / %d %@ examples, %.1f tokens per example (packed, no padding)",
@@ -72,7 +75,7 @@ struct TrainingRun {
             try training.train(trainSet) { p in
                 printer?.update(p)
                 // What the hooks changed (rank growth) goes into the training log as it happens.
-                for hook in adapter.trainingHooks { for line in hook.takeLogLines() where rank0 { print("hook       \(line)") } }
+                for hook in training.trainer.adapter.trainingHooks { for line in hook.takeLogLines() where rank0 { print("hook       \(line)") } }
                 guard rank0, let checkpoint, p.step == p.totalSteps || (checkpoint.every > 0 && p.step % checkpoint.every == 0) else { return true }
                 do { try trainer.saveCheckpoint(directory: checkpoint.directory) } catch { saveError = error; return false }
                 return true
@@ -87,7 +90,7 @@ struct TrainingRun {
         session.adapted.resetRouterStatistics()
         report("after", try training.evaluate(testSet), evalName)
         if showReport {
-            for hook in adapter.trainingHooks { for line in hook.reportLines() { print("report     \(line)") } }
+            for hook in training.trainer.adapter.trainingHooks { for line in hook.reportLines() { print("report     \(line)") } }
         }
         // Expert mixtures: how the routers spread the test tokens (load per expert, entropy, capacity overflow).
         for (_, st) in session.adapted.routerStatistics() {

@@ -15,6 +15,7 @@ import GraftTestSupport
             + DecoderMethodParityTests.methods.map { "peft-smollm2-decoder/\($0)" }
             // ALoRATests and LayerReplicationTests, at the catalog's 1e-4 max-abs (1e-5 relative past a change of 10)
             + ["peft-smollm2-lora-options/alora", "peft-smollm2-lora-options/lora_layer_replication"]
+            + OSFParityTests.fixtures.map { "peft-minilm-osf/\($0)" }
             + xloraFixtures)
     }
 

@@ -152,8 +152,8 @@ import GraftTestSupport
 }
 
 /// OSF: a fresh adapter is the base layer (its two SVD parts sum to W), the gradients of `U_low` and `V_low` are the
-/// true ones projected off the frozen subspace (PEFT's hooks), and `S_low`'s and the input's are exact. PEFT's
-/// MiniLM fixture (20 MB) is not vendored; its parity was measured once against the shared fixtures.
+/// true ones projected off the frozen subspace (PEFT's hooks), and `S_low`'s and the input's are exact. Parity with
+/// PEFT: OSFParityTests.
 @Suite struct OSFTests {
     @Test func freshAdapterIsTheBaseAndGradientsAreProjected() throws {
         var rng = GraftRNG(seed: 11)

@@ -239,7 +239,7 @@ import GraftTestSupport
         let experts = try Self.miniLMExperts(bert, dir: dir)
         let bad: [([String: Any], String)] = [
             (["top_k_lora": 4], "top_k_lora"), (["softmax_temperature": 0], "softmax_temperature"),
-            (["xlora_depth": 0], "xlora_depth"), (["use_trainable_adapters": true], "use_trainable_adapters"),
+            (["xlora_depth": 0], "xlora_depth"), (["use_trainable_adapters": "yes"], "use_trainable_adapters"),
             (["hidden_size": 576], "hidden_size"), (["no_such_key": 3], "no_such_key"),
         ]
         for (extra, key) in bad {

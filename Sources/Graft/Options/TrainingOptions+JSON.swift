@@ -6,7 +6,7 @@ extension TrainingOptions {
     /// The JSON keys of every option (snake_case, as graft.h, graft.proto and PEFT/transformers spell them).
     public static let jsonKeys: [String] = Patch.CodingKeys.allCases.map(\.rawValue)
     /// The keys `graft_trainer_create`'s `extras_json` and graftd's `extras_json` take (the rest are fields).
-    public static let extrasKeys: Set<String> = ["beta1", "beta2", "eps", "momentum", "shuffle", "eval_batch_size", "max_examples"]
+    public static let extrasKeys: Set<String> = ["beta1", "beta2", "eps", "momentum", "shuffle", "eval_batch_size", "max_examples", "init_batches"]
 
     /// Sets the options a JSON object names, leaving the others as they are. `allowed` limits the keys
     /// (nil = every key of ``jsonKeys``); an unknown key, a value of the wrong type (a number where a bool is
@@ -49,6 +49,7 @@ extension TrainingOptions {
             "batch_size": batchSize, "seed": seed, "epochs": epochs, "max_length": maxLength,
             "beta1": Double(beta1), "beta2": Double(beta2), "eps": Double(eps), "momentum": Double(momentum),
             "shuffle": shuffle, "eval_batch_size": evalBatchSize, "max_examples": maxExamples.map { $0 as Any } ?? NSNull(),
+            "init_batches": initBatches,
         ]
         guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return "{}" }
         return String(decoding: data, as: UTF8.self)
@@ -56,7 +57,7 @@ extension TrainingOptions {
 
     private static let integerKeys: Set<String> = [
         "warmup_steps", "total_steps", "gradient_accumulation_steps", "batch_size", "seed", "epochs", "max_length",
-        "eval_batch_size", "max_examples",
+        "eval_batch_size", "max_examples", "init_batches",
     ]
 
     private static func describe(_ type: Any.Type) -> String {
@@ -75,10 +76,10 @@ extension TrainingOptions {
             case totalSteps = "total_steps", schedule, optimizer, maxGradNorm = "max_grad_norm"
             case gradientAccumulationSteps = "gradient_accumulation_steps", batchSize = "batch_size", seed, epochs
             case maxLength = "max_length", beta1, beta2, eps, momentum, shuffle, evalBatchSize = "eval_batch_size"
-            case maxExamples = "max_examples"
+            case maxExamples = "max_examples", initBatches = "init_batches"
         }
         var learningRate, weightDecay, maxGradNorm, beta1, beta2, eps, momentum: Float?
-        var warmupSteps, totalSteps, gradientAccumulationSteps, batchSize, epochs, maxLength, evalBatchSize, maxExamples: Int?
+        var warmupSteps, totalSteps, gradientAccumulationSteps, batchSize, epochs, maxLength, evalBatchSize, maxExamples, initBatches: Int?
         var schedule: Schedule?
         var optimizer: TrainerConfig.OptimizerKind?
         var seed: UInt64?
@@ -110,6 +111,7 @@ extension TrainingOptions {
             shuffle = try c.decodeIfPresent(Bool.self, forKey: .shuffle)
             evalBatchSize = try c.decodeIfPresent(Int.self, forKey: .evalBatchSize)
             maxExamples = try c.decodeIfPresent(Int.self, forKey: .maxExamples)
+            initBatches = try c.decodeIfPresent(Int.self, forKey: .initBatches)
         }
 
         func apply(to o: inout TrainingOptions) {
@@ -132,6 +134,7 @@ extension TrainingOptions {
             if let shuffle { o.shuffle = shuffle }
             if let evalBatchSize { o.evalBatchSize = evalBatchSize }
             if let maxExamples { o.maxExamples = maxExamples }
+            if let initBatches { o.initBatches = initBatches }
         }
     }
 }

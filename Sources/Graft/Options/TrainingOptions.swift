@@ -55,6 +55,10 @@ public struct TrainingOptions: Sendable, Equatable {
     public var evalBatchSize: Int = 64
     /// Use at most this many training examples, spread evenly over the data (nil = all, else ≥ 1).
     public var maxExamples: Int? = nil
+    /// Training batches an adapter added with a data-driven initialization (`init_lora_weights` `"eva"`,
+    /// `"lora_ga"`, `"corda"`) reads before the first step: the first ones of the first epoch (≥ 1). Default 8.
+    /// PEFT's `EvaConfig` and `LoraGAConfig` have no such field (the caller's dataloader or train step decides).
+    public var initBatches: Int = 8
 
     /// The defaults.
     public init() {}
@@ -77,6 +81,7 @@ public struct TrainingOptions: Sendable, Equatable {
         try check(momentum >= 0 && momentum < 1, "momentum must be in [0, 1), got \(momentum)")
         try check(evalBatchSize >= 1, "eval_batch_size must be ≥ 1, got \(evalBatchSize)")
         if let maxExamples { try check(maxExamples >= 1, "max_examples must be ≥ 1, got \(maxExamples)") }
+        try check(initBatches >= 1, "init_batches must be ≥ 1, got \(initBatches)")
     }
 
     /// The trainer's configuration (validated first).

@@ -69,6 +69,7 @@ extension AdaptedModel {
             }
             try lora.initializeCorDA(base: lin, covariance: collector, kpm: kpm, path: path)
         }
+        a.pendingDataInitialization = nil
     }
 }
 

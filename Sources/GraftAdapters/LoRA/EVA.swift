@@ -170,6 +170,7 @@ extension AdaptedModel {
             }
             for p in 0..<lora.loraB.count { lora.loraB.pointer[p] = 0 }
         }
+        rebuilt.pendingDataInitialization = nil
         return result
     }
 }

@@ -81,6 +81,7 @@ extension AdaptedModel {
             let mean = withNoGrad { grad * (1 / Float(counts[i])) }
             try l.lora.initializeLoRAGA(base: l.linear, gradient: mean, options: options, path: l.path)
         }
+        a.pendingDataInitialization = nil
     }
 }
 

@@ -146,6 +146,7 @@ enum CompressedAdapterFile {
     static func load(into model: AdaptedModel, name: String, config: AdapterConfig, shapes: [String: [Int]],
                      decode: (String, Tensor) throws -> Void) throws -> NamedAdapter {
         let adapter = try model.addAdapter(name, config: config)
+        adapter.markWeightsLoaded()
         do {
             let state = adapter.peftStateDict
             for (key, tensor) in state {

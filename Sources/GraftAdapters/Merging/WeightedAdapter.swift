@@ -40,6 +40,7 @@ extension AdaptedModel {
         let config = try Self.combinedConfig(sources, rank: newRank)
         let previouslyActive = activeAdapter
         let created = try addAdapter(name, config: config)
+        created.markWeightsLoaded()
         do {
             let keptFraction = try fillCombination(created, sources: sources, request: request, type: type, rank: newRank)
             if let previouslyActive { try setActiveAdapter(previouslyActive) }

@@ -47,7 +47,8 @@ class Trainer(NativeHandle):
     data in train(); no decay after warm-up in step()), schedule ("linear" | "constant" | "cosine"),
     optimizer ("adamw" | "sgd"), max_grad_norm (1.0, 0 = no clipping), gradient_accumulation_steps (1),
     batch_size (32), epochs (1), max_length (64), seed (42). `extras` is a dict of further settings: beta1,
-    beta2, eps, momentum, shuffle, eval_batch_size, max_examples.
+    beta2, eps, momentum, shuffle, eval_batch_size, max_examples, init_batches (the batches an adapter added with
+    init_lora_weights "eva", "lora_ga" or "corda" is initialized from before its first step; default 8).
     """
 
     _kind = "trainer"
