@@ -25,10 +25,13 @@ import GraftTestSupport
         let json = String(decoding: try JSONSerialization.data(withJSONObject: config, options: [.sortedKeys]), as: UTF8.self)
         try s.addAdapter(name: "method", configJSON: json, seed: 10)
         try s.addAdapter(name: "lora", configJSON: #"{"peft_type": "LORA", "r": 4, "target_modules": ["query", "value"], "init_lora_weights": false}"#, seed: 11)
-        // Methods that choose their trainable entries while training (ID³'s unmasking, SPT's allocation) choose
-        // them now, from no gradient (the lowest positions), so their entries take part.
+        // Methods that choose their trainable entries while training (ID³'s unmasking, SPT's and TR-PTS's
+        // allocations) choose them now, from no gradient (the lowest positions), so their entries take part.
         for layer in try s.adapted.adapter("method").layers { (layer.adapter as? ID3Layer)?.unmask(upTo: Int.max) }
-        for hook in try s.adapted.adapter("method").trainingHooks { (hook as? SPTAllocator)?.allocate() }
+        for hook in try s.adapted.adapter("method").trainingHooks {
+            (hook as? SPTAllocator)?.allocate()
+            (hook as? TRPTSAllocator)?.allocate()
+        }
         // Every trainable tensor, shared ones included, moves off its (often identity) initial value.
         var rng = GraftRNG(seed: 100)
         for name in ["method", "lora"] {
