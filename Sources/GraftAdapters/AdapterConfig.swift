@@ -219,6 +219,13 @@ public struct AdapterConfig: @unchecked Sendable {
         }
     }
 
+    /// A fraction key in (0, 1] (a density, a keep ratio), or `defaultValue` when absent.
+    public func fraction(_ key: String, default defaultValue: Double) throws -> Double {
+        let d = try double(key, default: defaultValue)
+        guard d > 0, d <= 1 else { throw GraftError.invalid("\(source): '\(key)' must be in (0, 1], got \(d)") }
+        return d
+    }
+
     /// A boolean key (`true`/`false`, never the numbers 0 and 1), or `defaultValue` when absent.
     public func bool(_ key: String, default defaultValue: Bool) throws -> Bool {
         switch value(key) {

@@ -142,8 +142,7 @@ public enum ID3Factory: AdapterMethodFactory {
     }
 
     public static func validate(_ config: AdapterConfig) throws {
-        let density = try config.double("density", default: 0.01)
-        guard density > 0, density <= 1 else { throw GraftError.invalid("\(config.source): 'density' must be in (0, 1], got \(density)") }
+        _ = try config.fraction("density", default: 0.01)
         let steps = try config.int("unmask_steps", default: 100)
         guard steps >= 1 else { throw GraftError.invalid("\(config.source): 'unmask_steps' must be ≥ 1, got \(steps)") }
         let xi = try config.double("exponent", default: 1)

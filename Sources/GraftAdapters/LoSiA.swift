@@ -164,8 +164,7 @@ public enum LoSiAFactory: AdapterMethodFactory {
     }
 
     public static func validate(_ config: AdapterConfig) throws {
-        let p = try config.double("rank_factor", default: 0.125)
-        guard p > 0, p <= 1 else { throw GraftError.invalid("\(config.source): 'rank_factor' must be in (0, 1], got \(p)") }
+        _ = try config.fraction("rank_factor", default: 0.125)
         let s = try config.int("score_steps", default: 1), t = try config.int("relocalize_every", default: 50)
         guard s >= 1 else { throw GraftError.invalid("\(config.source): 'score_steps' must be ≥ 1, got \(s)") }
         guard t > s else { throw GraftError.invalid("\(config.source): 'relocalize_every' must exceed score_steps (\(s)), got \(t)") }

@@ -147,8 +147,7 @@ public enum RoSAFactory: AdapterMethodFactory {
     public static func validate(_ config: AdapterConfig) throws {
         let r = try config.int("r", default: 8)
         guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
-        let density = try config.double("density", default: 0.01)
-        guard density > 0, density <= 1 else { throw GraftError.invalid("\(config.source): 'density' must be in (0, 1], got \(density)") }
+        _ = try config.fraction("density", default: 0.01)
         let warmup = try config.int("warmup_steps", default: 10)
         guard warmup >= 1 else { throw GraftError.invalid("\(config.source): 'warmup_steps' must be ≥ 1 (the mask comes from warm-up gradients), got \(warmup)") }
         let p = try config.double("lora_dropout", default: 0)

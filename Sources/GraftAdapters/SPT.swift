@@ -198,10 +198,8 @@ public enum SPTFactory: AdapterMethodFactory {
     }
 
     public static func validate(_ config: AdapterConfig) throws {
-        let density = try config.double("budget_density", default: 0.01)
-        guard density > 0, density <= 1 else { throw GraftError.invalid("\(config.source): 'budget_density' must be in (0, 1], got \(density)") }
-        let threshold = try config.double("lora_threshold", default: 0.02)
-        guard threshold > 0, threshold <= 1 else { throw GraftError.invalid("\(config.source): 'lora_threshold' must be in (0, 1], got \(threshold)") }
+        _ = try config.fraction("budget_density", default: 0.01)
+        _ = try config.fraction("lora_threshold", default: 0.02)
         let r = try config.int("r", default: 8)
         guard r > 0 else { throw GraftError.invalid("\(config.source): 'r' must be positive, got \(r)") }
         let warmup = try config.int("warmup_steps", default: 10)

@@ -130,8 +130,7 @@ public enum SpIELFactory: AdapterMethodFactory {
     }
 
     public static func validate(_ config: AdapterConfig) throws {
-        let density = try config.double("density", default: 0.01)
-        guard density > 0, density <= 1 else { throw GraftError.invalid("\(config.source): 'density' must be in (0, 1], got \(density)") }
+        _ = try config.fraction("density", default: 0.01)
         let interval = try config.int("update_interval", default: 10)
         guard interval >= 1 else { throw GraftError.invalid("\(config.source): 'update_interval' must be ≥ 1, got \(interval)") }
         let drop = try config.double("drop_fraction", default: 0.1)

@@ -268,8 +268,7 @@ public enum TRPTSFactory: AdapterMethodFactory {
     }
 
     public static func validate(_ config: AdapterConfig) throws {
-        let density = try config.double("density", default: 0.005)
-        guard density > 0, density <= 1 else { throw GraftError.invalid("\(config.source): 'density' must be in (0, 1], got \(density)") }
+        _ = try config.fraction("density", default: 0.005)
         let budget = try config.int("budget", default: 0)
         guard budget >= 0 else { throw GraftError.invalid("\(config.source): 'budget' must be a positive entry count, got \(budget)") }
         let steps = try config.int("fisher_steps", default: 5)
@@ -280,8 +279,7 @@ public enum TRPTSFactory: AdapterMethodFactory {
 
     /// `token_keep_ratio`, `token_reduction_layers` (nil: the default) and `token_merge`, checked.
     static func tokenSettings(_ config: AdapterConfig) throws -> (keep: Double, layers: [Int]?, mode: TokenMergeMode) {
-        let keep = try config.double("token_keep_ratio", default: 1)
-        guard keep > 0, keep <= 1 else { throw GraftError.invalid("\(config.source): 'token_keep_ratio' must be in (0, 1], got \(keep)") }
+        let keep = try config.fraction("token_keep_ratio", default: 1)
         var layers: [Int]? = nil
         switch config.value("token_reduction_layers") {
         case nil, is NSNull: break
