@@ -321,7 +321,7 @@ extension BertModel {
         var layout = TokenLayout(batch)
         var pass = TokenReductionStatistics(passes: 1, sequences: layout.sequences.count)
         let d = config.hiddenSize, f = config.intermediateSize
-        var full = layout.sequences.map(\.count)
+        let full = layout.sequences.map(\.count)
         for (i, layer) in layers.enumerated() {
             let reducing = reduction.layers.contains(i)
             let before = layout.sequences.map(\.count)

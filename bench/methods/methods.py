@@ -143,8 +143,11 @@ def main():
         for task in args.tasks.split(","):
             plan_path = results / f"plan-{task}.json"
             budget_path = Path(plan.__file__).with_name("budget.json")
-            if not args.replan and plan_path.exists() and plan_path.stat().st_mtime > budget_path.stat().st_mtime:
-                print(f"== {task}: budget plan from {plan_path} (--replan sizes the methods again)", flush=True)
+            known = {row["peft_type"] for row in plan.catalog(args.graft, "minilm")}
+            stale = not plan_path.exists() or plan_path.stat().st_mtime <= budget_path.stat().st_mtime \
+                or not known <= {e["peft_type"] for e in json.loads(plan_path.read_text())}
+            if not args.replan and not stale:
+                print(f"== {task}: budget plan from {plan_path} (--replan sizes the methods again; a new method or a changed budget.json does too)", flush=True)
                 plans = json.loads(plan_path.read_text())
             else:
                 print(f"== {task}: sizing every method to the budget", flush=True)
