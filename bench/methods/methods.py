@@ -127,6 +127,10 @@ def main():
     parser.add_argument("--max-minutes", type=float, default=0, help="stop starting runs after this long (0: no limit)")
     args = parser.parse_args()
     args.commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", "Sources"],
+                             capture_output=True, text=True).stdout.strip()
+    if changed:
+        args.commit += "+changes"  # the sources differ from the commit: say so in every record
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     runs_path = results / "runs.jsonl"
