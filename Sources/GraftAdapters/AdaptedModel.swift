@@ -167,7 +167,10 @@ public final class AdaptedModel: @unchecked Sendable {
             }
         }
         if config.peftType == LoRAFactory.peftType {
-            for (path, rows) in try trainableTokenIndexAdapters(config: config, state: state) { named.modules.append((path, rows)) }
+            for (path, rows) in try trainableTokenIndexAdapters(config: config, state: state) {
+                named.modules.append((path, rows))
+                if let tied = tiedHeadTokens(for: rows) { named.modules.append(("lm_head", tied)) }
+            }
             if let activation = try aloraActivation(config: config, state: state, layers: named.layers) { named.modules.append(("", activation)) }
             try checkWeightTying(config)
         }

@@ -118,7 +118,7 @@ public enum LoRAFactory: AdapterMethodFactory {
         "use_rslora", "use_dora", "init_lora_weights (true, false, gaussian, olora, pissa, milora, loftq; corda, eva, lora_ga from the first init_batches training batches of an added adapter)",
         "eva_config", "lora_ga_config", "corda_config", "lora_bias",
         "trainable_token_indices", "target_parameters", "kasa_config", "alora_invocation_tokens", "layer_replication", "velora_config",
-        "ensure_weight_tying (where PEFT ties nothing; refused on a tied head with trainable_token_indices)", "train_a",
+        "ensure_weight_tying", "train_a",
         "rank_pattern", "alpha_pattern", "arrow_config (PEFT's Arrow router over loaded LoRA adapters, with GenKnowSub)",
     ]
 

@@ -23,7 +23,7 @@ public final class TrainableTokensLayer: ModuleAdapterMethod, EmbeddingAdapter {
         self.table = table
         self.tokenIndices = tokenIndices
         self.keyPrefix = keyPrefix
-        rows = embedding(tokenIndices, table: table.weight).detached().copy().requiringGrad()
+        rows = table.baseRows(tokenIndices).detached().copy().requiringGrad()
         slot = Dictionary(tokenIndices.enumerated().map { ($0.element, Int32($0.offset)) }, uniquingKeysWith: { a, _ in a })
     }
 

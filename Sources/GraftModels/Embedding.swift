@@ -85,19 +85,25 @@ public final class Embedding: Module {
 
     /// Rows for `ids` (already validated against ``count``), shape `[ids.count, dim]`.
     public func forward(_ ids: [Int32]) -> Tensor {
-        var y: Tensor
+        var y = baseRows(ids)
+        for adapter in adapters where adapter.isEnabled { y = adapter.forward(ids: ids, baseOutput: y, layer: self) }
+        return y
+    }
+
+    /// The table's own rows for `ids` (already validated against ``count``), without adapters, `[ids.count, dim]`;
+    /// a compact table decodes only these rows.
+    public func baseRows(_ ids: [Int32]) -> Tensor {
         switch storage {
-        case .dense(let tensor): y = embedding(ids, table: tensor)
+        case .dense(let tensor): return embedding(ids, table: tensor)
         case .compact(let matrix):
             let width = matrix.cols
-            y = Tensor(zeros: [ids.count, width])
+            let y = Tensor(zeros: [ids.count, width])
             let out = y.pointer
             parallelFor(ids.count, grain: 64) { range in
                 for i in range { matrix.decodeRows(Int(ids[i])..<(Int(ids[i]) + 1), into: out + i * width) }
             }
+            return y
         }
-        for adapter in adapters where adapter.isEnabled { y = adapter.forward(ids: ids, baseOutput: y, layer: self) }
-        return y
     }
 
     public override var summary: String { "\(count), \(dim)" }

@@ -74,9 +74,13 @@ public final class CausalLMObjective: TrainingObjective {
     }
 
     /// The chunked loss through `lm_head`: a compact frozen head (a GGUF table) is decoded tile by tile inside the
-    /// loss, never as a whole float32 copy; a float32 or bfloat16 head is multiplied as it is.
+    /// loss, never as a whole float32 copy; a float32 or bfloat16 head is multiplied as it is. A head with enabled
+    /// adapters (trainable token rows tied into it) computes its logits through them.
     func headLoss(_ hidden: Tensor, targets: [Int32]) -> Tensor {
         let head = model.lmHead
+        if head.adapters.contains(where: { $0.isEnabled }) {
+            return crossEntropy(head.forward(hidden), targets: targets)
+        }
         if let compact = head.compactWeight, head.computeDType != .bfloat16 {
             return linearCrossEntropy(hidden, frozen: compact, targets: targets)
         }
@@ -104,7 +108,7 @@ public final class CausalLMObjective: TrainingObjective {
             let v = model.config.vocabSize
             for start in stride(from: 0, to: rows.count, by: 128) {
                 let chunk = rows[start..<min(rows.count, start + 128)]
-                let logits = model.lmHead.baseForward(embedding(chunk.map(Int32.init), table: hidden))
+                let logits = model.lmHead.forward(embedding(chunk.map(Int32.init), table: hidden))
                 for (i, r) in chunk.enumerated() {
                     var best = 0
                     for j in 1..<v where logits.pointer[i * v + j] > logits.pointer[i * v + best] { best = j }

@@ -172,21 +172,18 @@ import GraftTestSupport
     }
 
     /// `ensure_weight_tying` changes nothing where PEFT ties nothing (the MiniLM fixture above); on SmolLM2, whose
-    /// lm_head is tied to embed_tokens, it is honoured without trained embedding rows and refused by name with them.
-    @Test func ensureWeightTyingIsRefusedWhereGraftWouldNotTie() throws {
+    /// lm_head is tied to embed_tokens, it is accepted without trained embedding rows, and with them it ties the
+    /// rows into the head as PEFT does by default (TiedTrainableTokensTests).
+    @Test func ensureWeightTyingIsAcceptedWithoutEmbeddingRows() throws {
         let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))
         #expect(llama.tiedHead)
         let model = AdaptedModel(root: llama)
-        do {
-            try model.addAdapter("t", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
-                                                                   "ensure_weight_tying": true, "trainable_token_indices": [5, 9]], source: "tying"))
-            Issue.record("accepted ensure_weight_tying with tied trainable tokens")
-        } catch let e as GraftError {
-            #expect(e.message.contains("ensure_weight_tying") && e.message.contains("tied"), "\(e.message)")
-        }
-        #expect(model.adapters.isEmpty)
         try model.addAdapter("t", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
                                                                "ensure_weight_tying": true], source: "tying"))
+        #expect(throws: GraftError.self) {
+            try model.addAdapter("u", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                                                   "ensure_weight_tying": "yes"], source: "tying"))
+        }
     }
 
     /// VeLoRA's training gradients (lora_A's from the compressed input, the rest exact) against PEFT's on one
