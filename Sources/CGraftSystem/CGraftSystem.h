@@ -33,6 +33,18 @@ static inline int cgraft_sgesdd_thin(int m, int n, float *a, int lda, float *s, 
     return info;
 }
 
+/* The same in Float64 (dgesdd). */
+void dgesdd_(const char *jobz, const int *m, const int *n, double *a, const int *lda, double *s, double *u,
+             const int *ldu, double *vt, const int *ldvt, double *work, const int *lwork, int *iwork, int *info,
+             size_t jobz_len);
+
+static inline int cgraft_dgesdd_thin(int m, int n, double *a, int lda, double *s, double *u, int ldu, double *vt,
+                                     int ldvt, double *work, int lwork, int *iwork) {
+    int info = 0;
+    dgesdd_("S", &m, &n, a, &lda, s, u, &ldu, vt, &ldvt, work, &lwork, iwork, &info, 1);
+    return info;
+}
+
 /* LAPACK: Householder QR of a column-major m×n matrix (sgeqrf: R in the upper triangle, reflectors below), and
    the explicit first k columns of Q from those reflectors (sorgqr). lwork = -1 queries the work size. */
 void sgeqrf_(const int *m, const int *n, float *a, const int *lda, float *tau, float *work, const int *lwork, int *info);

@@ -21,19 +21,26 @@ public final class OSFLayer: LinearAdapterMethod {
 
     init(base: Linear, effectiveRank: Int, state: AdapterState, path: String) throws {
         self.state = state
-        // LAPACK factors the [out, in] matrix as PyTorch has it (the row-major Wᵀ buffer is W in column-major
-        // order): W = vtᵀ diag(s) uᵀ. This orientation keeps the frozen part closest to PEFT's (1.2e-4 on the MiniLM
-        // fixture against 3.1e-4 for the SVD of Wᵀ; a one-ulp change of the frozen part moves that output by 2e-5).
-        let (u, s, vt) = try svd(base.weight.transposed(0, 1), what: path)
-        let m = s.count, k = min(max(effectiveRank, 0), m)
-        let left = vt.transposed(0, 1), right = u.transposed(0, 1)
+        // The SVD runs in Float64 and the frozen part `U_h S_h V_h` is summed there, rounding once: PEFT's layer
+        // computes `W + U_l S_l V_l − U_l0 S_l0 V_l0` with its own float32 SVD, whose exact value is that part, and
+        // a float32 split here differed from PEFT's by 1.2e-4 on the shared MiniLM fixture, this one by 7.4e-5.
+        // LAPACK factors Wᵀ (the row-major [in, out] buffer): Wᵀ = u s vt, so W = vtᵀ s uᵀ.
+        let weight = base.weight
+        let outFeatures = weight.shape[0], inFeatures = weight.shape[1]
+        let f = try svdFloat64(weight.transposed(0, 1), what: path)
+        let m = f.s.count, k = min(max(effectiveRank, 0), m)
+        // left[i, r] = vt[r, i] ([out, m]); right[r, j] = u[j, r] ([m, in]).
+        let left = Tensor(shape: [outFeatures, m], values: (0..<(outFeatures * m)).map { Float(f.vt[($0 % m) * outFeatures + $0 / m]) })
+        let right = Tensor(shape: [m, inFeatures], values: (0..<(m * inFeatures)).map { Float(f.u[($0 % inFeatures) * m + $0 / inFeatures]) })
         uHigh = left.slice(dim: 1, 0..<k)
-        sHigh = s.slice(dim: 0, 0..<k)
+        sHigh = Tensor(shape: [k], values: f.s.prefix(k).map(Float.init))
         vHigh = right.slice(dim: 0, 0..<k)
         uLow = left.slice(dim: 1, k..<m).requiringGrad()
-        sLow = s.slice(dim: 0, k..<m).requiringGrad()
+        sLow = Tensor(shape: [m - k], values: f.s.dropFirst(k).map(Float.init)).requiringGrad()
         vLow = right.slice(dim: 0, k..<m).requiringGrad()
-        highPart = k > 0 ? matmul(uHigh * sHigh.reshaped([1, k]), vHigh) : nil
+        // U_h S_h V_h = (s ⊙ vt[:k])ᵀ · u[:, :k]ᵀ.
+        let scaledRows = (0..<(k * outFeatures)).map { f.s[$0 / outFeatures] * f.vt[$0] }
+        highPart = k > 0 ? transposedProductFloat64(scaledRows, f.u, m: outFeatures, n: inFeatures, k: k, ldb: m) : nil
     }
 
     public var namedParameters: [(name: String, tensor: Tensor)] {

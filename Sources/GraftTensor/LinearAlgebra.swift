@@ -60,39 +60,84 @@ public func inverse(_ a: Tensor) -> Tensor {
 /// `vt` and `u`: no transposes are needed. `what` names the matrix in errors (a layer path). Throws for a
 /// non-2-D or empty matrix, non-finite entries, or when LAPACK does not converge.
 public func svd(_ a: Tensor, what: String = "matrix") throws -> (u: Tensor, s: Tensor, vt: Tensor) {
+    let (m, n, k) = try svdShape(a, what: what)
+    let f = try thinSVD(Array(UnsafeBufferPointer(start: a.pointer, count: a.count)), m: m, n: n, what: what)
+    return (Tensor(shape: [m, k], values: f.u), Tensor(shape: [k], values: f.s), Tensor(shape: [k, n], values: f.vt))
+}
+
+/// ``svd(_:what:)`` computed in Float64 (LAPACK `dgesdd`), the factors row-major as Float64 arrays (`u` `[m, k]`,
+/// `s` `[k]`, `vt` `[k, n]`): for products of many factors that must round only once (OSF's frozen part).
+public func svdFloat64(_ a: Tensor, what: String = "matrix") throws -> (u: [Double], s: [Double], vt: [Double]) {
+    let (m, n, _) = try svdShape(a, what: what)
+    return try thinSVD(UnsafeBufferPointer(start: a.pointer, count: a.count).map(Double.init), m: m, n: n, what: what)
+}
+
+private func svdShape(_ a: Tensor, what: String) throws -> (m: Int, n: Int, k: Int) {
     guard a.rank == 2, a.shape[0] > 0, a.shape[1] > 0 else {
         throw GraftError.invalid("svd of \(what): a non-empty 2-D matrix is required, got shape \(a.shape)")
     }
-    let m = a.shape[0], n = a.shape[1], k = min(m, n)
+    let m = a.shape[0], n = a.shape[1]
     guard m <= Int(Int32.max) / max(n, 1) else { throw GraftError.invalid("svd of \(what): \(a.shape) is too large for LAPACK") }
-    var work = a.contiguousCopyForLAPACK()
-    for i in 0..<work.count where !work[i].isFinite {
-        throw GraftError.invalid("svd of \(what): entry \(i) is \(work[i]) (not finite)")
+    if let i = (0..<a.count).first(where: { !a.pointer[$0].isFinite }) {
+        throw GraftError.invalid("svd of \(what): entry \(i) is \(a.pointer[i]) (not finite)")
     }
-    let u = Tensor(zeros: [m, k]), s = Tensor(zeros: [k]), vt = Tensor(zeros: [k, n])
+    return (m, n, min(m, n))
+}
+
+/// A floating-point type LAPACK's thin `?gesdd` handles.
+private protocol LAPACKReal: BinaryFloatingPoint {
+    static func gesddThin(_ m: Int32, _ n: Int32, _ a: UnsafeMutablePointer<Self>?, _ lda: Int32, _ s: UnsafeMutablePointer<Self>?,
+                          _ u: UnsafeMutablePointer<Self>?, _ ldu: Int32, _ vt: UnsafeMutablePointer<Self>?, _ ldvt: Int32,
+                          _ work: UnsafeMutablePointer<Self>?, _ lwork: Int32, _ iwork: UnsafeMutablePointer<Int32>?) -> Int32
+}
+
+extension Float: LAPACKReal {
+    fileprivate static func gesddThin(_ m: Int32, _ n: Int32, _ a: UnsafeMutablePointer<Float>?, _ lda: Int32, _ s: UnsafeMutablePointer<Float>?,
+                                      _ u: UnsafeMutablePointer<Float>?, _ ldu: Int32, _ vt: UnsafeMutablePointer<Float>?, _ ldvt: Int32,
+                                      _ work: UnsafeMutablePointer<Float>?, _ lwork: Int32, _ iwork: UnsafeMutablePointer<Int32>?) -> Int32 {
+        cgraft_sgesdd_thin(m, n, a, lda, s, u, ldu, vt, ldvt, work, lwork, iwork)
+    }
+}
+
+extension Double: LAPACKReal {
+    fileprivate static func gesddThin(_ m: Int32, _ n: Int32, _ a: UnsafeMutablePointer<Double>?, _ lda: Int32, _ s: UnsafeMutablePointer<Double>?,
+                                      _ u: UnsafeMutablePointer<Double>?, _ ldu: Int32, _ vt: UnsafeMutablePointer<Double>?, _ ldvt: Int32,
+                                      _ work: UnsafeMutablePointer<Double>?, _ lwork: Int32, _ iwork: UnsafeMutablePointer<Int32>?) -> Int32 {
+        cgraft_dgesdd_thin(m, n, a, lda, s, u, ldu, vt, ldvt, work, lwork, iwork)
+    }
+}
+
+/// The thin SVD of the row-major `[m, n]` matrix in `work` (overwritten), factors row-major.
+private func thinSVD<T: LAPACKReal>(_ input: [T], m: Int, n: Int, what: String) throws -> (u: [T], s: [T], vt: [T]) {
+    var work = input
+    let k = min(m, n)
+    var u = [T](repeating: 0, count: m * k), s = [T](repeating: 0, count: k), vt = [T](repeating: 0, count: k * n)
     var iwork = [Int32](repeating: 0, count: 8 * k)
     // LAPACK's view: the column-major n×m matrix aᵀ (lda = n); its U (n×k, ldu = n) is our vt, its Vᵀ
     // (k×m, ldvt = k) is our u.
-    var query: Float = 0
-    var info = work.withUnsafeMutableBufferPointer { pa in
-        iwork.withUnsafeMutableBufferPointer { pi in
-            cgraft_sgesdd_thin(Int32(n), Int32(m), pa.baseAddress, Int32(n), s.pointer, vt.pointer, Int32(n),
-                               u.pointer, Int32(k), &query, -1, pi.baseAddress)
-        }
-    }
-    guard info == 0 else { throw GraftError(.internalError, "svd of \(what): LAPACK sgesdd workspace query failed (info \(info))") }
-    let lwork = max(1, Int(query.rounded(.up)) + 1)
-    var scratch = [Float](repeating: 0, count: lwork)
-    info = work.withUnsafeMutableBufferPointer { pa in
-        iwork.withUnsafeMutableBufferPointer { pi in
-            scratch.withUnsafeMutableBufferPointer { pw in
-                cgraft_sgesdd_thin(Int32(n), Int32(m), pa.baseAddress, Int32(n), s.pointer, vt.pointer, Int32(n),
-                                   u.pointer, Int32(k), pw.baseAddress, Int32(lwork), pi.baseAddress)
+    func call(_ scratch: inout [T], _ lwork: Int32) -> Int32 {
+        work.withUnsafeMutableBufferPointer { pa in
+            iwork.withUnsafeMutableBufferPointer { pi in
+                scratch.withUnsafeMutableBufferPointer { pw in
+                    s.withUnsafeMutableBufferPointer { ps in
+                        vt.withUnsafeMutableBufferPointer { pv in
+                            u.withUnsafeMutableBufferPointer { pu in
+                                T.gesddThin(Int32(n), Int32(m), pa.baseAddress, Int32(n), ps.baseAddress, pv.baseAddress, Int32(n),
+                                            pu.baseAddress, Int32(k), pw.baseAddress, lwork, pi.baseAddress)
+                            }
+                        }
+                    }
+                }
             }
         }
     }
+    var query = [T](repeating: 0, count: 1)
+    var info = call(&query, -1)
+    guard info == 0 else { throw GraftError(.internalError, "svd of \(what): LAPACK ?gesdd workspace query failed (info \(info))") }
+    var scratch = [T](repeating: 0, count: max(1, Int(Double(query[0]).rounded(.up)) + 1))
+    info = call(&scratch, Int32(scratch.count))
     guard info == 0 else {
-        throw GraftError(.internalError, "svd of \(what) \(a.shape): LAPACK sgesdd did not converge (info \(info))")
+        throw GraftError(.internalError, "svd of \(what) [\(m), \(n)]: LAPACK ?gesdd did not converge (info \(info))")
     }
     return (u, s, vt)
 }
@@ -143,9 +188,14 @@ public func qr(_ a: Tensor, what: String = "matrix") throws -> (q: Tensor, r: Te
     return (q, r)
 }
 
-extension Tensor {
-    /// The values as a fresh array (LAPACK overwrites its input).
-    fileprivate func contiguousCopyForLAPACK() -> [Float] {
-        Array(UnsafeBufferPointer(start: pointer, count: count))
+/// `aᵀ · bᵀ` for row-major Float64 matrices `a` `[k, m]` and `b` `[n, ldb]` (its first `k` columns), multiplied
+/// in Float64 (`dgemm`) and rounded once into a float32 tensor `[m, n]`: a product of SVD factors from
+/// ``svdFloat64(_:what:)`` without float32 rounding in its sum.
+public func transposedProductFloat64(_ a: [Double], _ b: [Double], m: Int, n: Int, k: Int, ldb: Int) -> Tensor {
+    precondition(a.count >= k * m && b.count >= n * ldb && ldb >= k, "transposedProductFloat64: factor sizes")
+    var c = [Double](repeating: 0, count: m * n)
+    if k > 0 {
+        cblas_dgemm(CblasRowMajor, CblasTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1, a, Int32(m), b, Int32(ldb), 0, &c, Int32(n))
     }
+    return Tensor(shape: [m, n], values: c.map(Float.init))
 }
