@@ -84,10 +84,41 @@ extension Trainer {
         let opt = try saved.safeTensors("optimizer.safetensors")
         var state: [String: [Float]] = [:]
         for name in opt.names { state[name] = try opt.tensor(name).scalars }
+        if adapter.pendingDataInitialization != nil, microStep == 0 {
+            try reshapeToCheckpoint(saved, directory: directory)
+        }
         try model.loadWeights(weights, into: adapter)
         try optimizer.loadStateDict(state)
         globalStep = step
         microStep = micro
         adapter.state.rng = GraftRNG(state: words)
+    }
+
+    /// A fresh run's adapter added with a data-driven `init_lora_weights` still has the shape its config asks for,
+    /// but the checkpoint holds the initialized adapter, whose shape the data decided (EVA's `rank_pattern`):
+    /// rebuilds the adapter from the checkpoint's config so its weights fit. Nothing changes when the configs'
+    /// shapes agree (LoRA-GA, CorDA, or EVA without redistribution).
+    func reshapeToCheckpoint(_ saved: SavedDirectory, directory: String) throws {
+        let path = directory + "/adapter_config.json"
+        guard let json = (try? JSONSerialization.jsonObject(with: Data(try saved.contents("adapter_config.json")))) as? [String: Any] else {
+            throw GraftError.format("\(path): not a JSON object")
+        }
+        let shapeKeys = ["target_modules", "rank_pattern", "alpha_pattern", "r", "lora_alpha"]
+        let current = adapter.config.json
+        let same = shapeKeys.allSatisfy { key in
+            NSDictionary(dictionary: [key: current[key] ?? NSNull()]).isEqual(to: [key: json[key] ?? NSNull()])
+        }
+        guard !same else { return }
+        let name = adapter.name, previous = adapter.config
+        let config = try AdapterConfig(json: json, source: path)
+        try model.deleteAdapter(name)
+        do {
+            _ = try model.addAdapter(name, config: config)
+        } catch {
+            _ = try? model.addAdapter(name, config: previous)
+            try? rebindAdapter()
+            throw error
+        }
+        try rebindAdapter()
     }
 }
