@@ -81,12 +81,27 @@ struct Train: ParsableCommand {
                     throw GraftError.invalid("\(config): cannot read a JSON object")
                 }
                 file = object
+                if let unknown = object.keys.sorted().first(where: { !Self.configKeys.contains($0) }) {
+                    let hint = object["peft_type"] != nil ? " (a PEFT adapter_config.json goes under \"adapter\")" : ""
+                    throw GraftError.invalid("\(config): unknown key '\(unknown)'\(hint); a train config holds \(Self.configKeys.sorted().joined(separator: ", "))")
+                }
             }
-            func value<T>(_ flag: T?, _ key: String) -> T? { flag ?? file[key] as? T }
-            let taskName = value(task, "task") ?? "seq-cls"
+            func value<T>(_ flag: T?, _ key: String) throws -> T? {
+                if let flag { return flag }
+                guard let raw = file[key], !(raw is NSNull) else { return nil }
+                guard let typed = raw as? T else {
+                    throw GraftError.invalid("\(config ?? "config"): '\(key)' must be \(T.self == String.self ? "a string" : "a whole number"), got \(raw)")
+                }
+                return typed
+            }
+            let taskName = try value(task, "task") ?? "seq-cls"
             let task = try SessionTask(trainingTaskName: taskName)
-            let modelName = value(model, "model") ?? (task == .sequenceClassification ? "minilm" : "smollm2")
-            var adapter = file["adapter"] as? [String: Any] ?? [:]
+            let modelName = try value(model, "model") ?? (task == .sequenceClassification ? "minilm" : "smollm2")
+            var adapter: [String: Any] = [:]
+            if let raw = file["adapter"], !(raw is NSNull) {
+                guard let object = raw as? [String: Any] else { throw GraftError.invalid("\(config ?? "config"): 'adapter' must be a JSON object (a PEFT adapter_config.json), got \(raw)") }
+                adapter = object
+            }
             if let method { adapter["peft_type"] = method.uppercased() }
             if adapter["peft_type"] == nil { adapter["peft_type"] = "LORA" }
             if let r { adapter["r"] = r }
@@ -112,25 +127,28 @@ struct Train: ParsableCommand {
             if adapter["lora_alpha"] == nil, example["lora_alpha"] != nil { adapter["lora_alpha"] = 16 }
 
             var options = Graft.TrainingOptions()
+            if let raw = file["training"], !(raw is NSNull), !(raw is [String: Any]) {
+                throw GraftError.invalid("\(config ?? "config"): 'training' must be a JSON object of training options, got \(raw)")
+            }
             if var training = file["training"] as? [String: Any] {
                 // transformers' name for the step budget.
                 if let steps = training.removeValue(forKey: "max_steps") { training["total_steps"] = steps }
                 let text = String(decoding: try JSONSerialization.data(withJSONObject: training), as: UTF8.self)
                 try options.update(json: text, source: "\(config ?? "config"): training")
             }
-            if let optName = value(optimizer, "optimizer") {
+            if let optName = try value(optimizer, "optimizer") {
                 guard let k = TrainerConfig.OptimizerKind(rawValue: optName.lowercased()) else {
                     throw GraftError.invalid("optimizer '\(optName)' is not one of adamw, sgd")
                 }
                 options.optimizer = k
             }
             try flags.apply(to: &options)
-            options.maxLength = value(maxLength, "max_length") ?? (task == .sequenceClassification ? 64 : 128)
+            options.maxLength = try value(maxLength, "max_length") ?? (task == .sequenceClassification ? 64 : 128)
             if let maxExamples { options.maxExamples = maxExamples }
 
-            let output = value(output, "output") ?? "out/adapter"
-            let dataName = value(data, "data") ?? AssetCache.tweetsDataName
-            let evalName = value(evalData, "eval_data")
+            let output = try value(output, "output") ?? "out/adapter"
+            let dataName = try value(data, "data") ?? AssetCache.tweetsDataName
+            let evalName = try value(evalData, "eval_data")
             var train: TextData, test: TextData?, classNames: [String]?
             if dataName == AssetCache.tweetsDataName {
                 let tweets = try AssetCache.tweets(for: task)
@@ -142,8 +160,8 @@ struct Train: ParsableCommand {
                 test = nil
             }
             if let evalName { test = try Self.read(evalName, task: task, labels: classNames).data }
-            var numLabels = value(self.numLabels, "num_labels") ?? 2
-            if task == .sequenceClassification, value(self.numLabels, "num_labels") == nil {
+            var numLabels = try value(self.numLabels, "num_labels") ?? 2
+            if task == .sequenceClassification, try value(self.numLabels, "num_labels") == nil {
                 let largest = [train, test].compactMap { data -> Int? in
                     guard case .labeled(let texts)? = data else { return nil }
                     return texts.map(\.label).max()
@@ -162,6 +180,10 @@ struct Train: ParsableCommand {
                         output: output, checkpoint: try flags.checkpointPlan(), report: flags.report, initialEval: !flags.skipInitialEval)
         }
     }
+
+    /// The keys a `--config` file may hold.
+    static let configKeys: Set<String> = ["model", "task", "data", "eval_data", "output", "max_length", "num_labels",
+                                          "adapter", "training", "optimizer"]
 
     /// The JSONL file at `path` as data for `task`; for classification, string labels are numbered by `labels`
     /// when given (an unknown one is an error naming the line), else by first appearance, and the names returned.

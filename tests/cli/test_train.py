@@ -122,6 +122,20 @@ def losses(out):
     return loss("before"), loss("after")
 
 
+def test_config_keys_and_types_are_checked(data, tmp_path):
+    # A PEFT adapter_config.json passed as the train config itself: refused with where it belongs, not ignored.
+    peft = tmp_path / "peft.json"
+    peft.write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["query"]}))
+    r = subprocess.run([GRAFT, "train", "--config", str(peft), "--data", str(data), "--max-steps", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "unknown key 'peft_type'" in r.stderr and 'goes under "adapter"' in r.stderr, r.stderr
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"max_length": "64", "adapter": {"peft_type": "LORA"}}))
+    r = subprocess.run([GRAFT, "train", "--config", str(typed), "--data", str(data), "--max-steps", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "'max_length' must be a whole number, got 64" in r.stderr, r.stderr
+
+
 def orthonormality_gap(a):
     return float(np.abs(a @ a.T - np.eye(a.shape[0])).max())
 
