@@ -6,7 +6,8 @@ import GraftTensor
 /// learned coefficients `c` at fixed random frequencies `(u, v)`,
 /// `ΔW[p, q] = scaling/(out·in) · Σₖ cₖ cos(2π(p uₖ/out + q vₖ/in))`. Splitting the cosine,
 /// `ΔW = α (C_out diag(c) C_inᵀ − S_out diag(c) S_inᵀ)`, so the update runs as two rank-`n` products without
-/// forming ΔW. The frequencies are the first `n` entries of PyTorch's CPU `randperm(out·in)` seeded with
+/// forming ΔW; where `n` is large against the widths (the bench's 6,000 of 384 × 384) ΔW is formed instead as the
+/// 2-D transform of the sparse spectrum, four dense products with the full DFT bases, whichever costs less. The frequencies are the first `n` entries of PyTorch's CPU `randperm(out·in)` seeded with
 /// `random_loc_seed`, reproduced by ``TorchRandperm``; PEFT does not save them. PEFT key `fourierft_spectrum` `[n]`.
 public final class FourierFTLayer: LinearAdapterMethod {
     public let state: AdapterState
@@ -53,16 +54,46 @@ public final class FourierFTLayer: LinearAdapterMethod {
         return out
     }
 
+    /// `[size, size]` with entry `(p, u)` = `f(2π · (p·u mod size) / size)`: the full DFT basis.
+    private func fullBasis(_ size: Int, _ lookup: [Float]) -> Tensor {
+        let out = Tensor(zeros: [size, size])
+        let po = out.pointer
+        for p in 0..<size {
+            for u in 0..<size { po[p * size + u] = lookup[(p * u) % size] }
+        }
+        return out
+    }
+
+    /// Whether ΔW is cheaper formed as the 2-D transform of the sparse spectrum (`C_out S C_inᵀ − S_out S S_inᵀ`,
+    /// `S` the `[out, in]` spectrum, four dense products of `out²·in` or `out·in²` multiply-adds) than as the
+    /// rank-`n` products with `rows` input rows (or, for `rows` nil, the rank-`n` ΔW itself).
+    func transformIsCheaper(rows: Int?) -> Bool {
+        let o = Double(outFeatures), i = Double(inFeatures), n = Double(spectrum.count)
+        let transform = 2 * (o * o * i + o * i * i) + (rows.map { Double($0) * o * i } ?? 0)
+        let rankN = rows.map { 2 * Double($0) * n * (i + o) } ?? 2 * o * i * n
+        return transform < rankN
+    }
+
     public func forward(input x: Tensor, baseOutput y: Tensor, layer: Linear) -> Tensor {
         let x2 = x.reshaped([-1, inFeatures])
+        if transformIsCheaper(rows: x2.rows) {
+            return y + matmul(x2, delta(), transposeB: true).reshaped(y.shape)
+        }
         let c = spectrum.reshaped([1, spectrum.count]) * alpha
         let realPart = matmul(matmul(x2, basis(inFeatures, columnFrequency, cosIn)) * c, basis(outFeatures, rowFrequency, cosOut), transposeB: true)
         let imagPart = matmul(matmul(x2, basis(inFeatures, columnFrequency, sinIn)) * c, basis(outFeatures, rowFrequency, sinOut), transposeB: true)
         return y + (realPart - imagPart).reshaped(y.shape)
     }
 
-    /// ΔW `[out, in]`.
+    /// ΔW `[out, in]`, by whichever form costs less (both recorded for autograd through the spectrum).
     func delta() -> Tensor {
+        if transformIsCheaper(rows: nil) {
+            let sparse = denseFromSparse(spectrum * alpha, rowIndex: rowFrequency.map(Int32.init),
+                                         colIndex: columnFrequency.map(Int32.init), rows: outFeatures, cols: inFeatures)
+            let realPart = matmul(matmul(fullBasis(outFeatures, cosOut), sparse), fullBasis(inFeatures, cosIn), transposeB: true)
+            let imagPart = matmul(matmul(fullBasis(outFeatures, sinOut), sparse), fullBasis(inFeatures, sinIn), transposeB: true)
+            return realPart - imagPart
+        }
         let c = spectrum.reshaped([1, spectrum.count]) * alpha
         let realPart = matmul(basis(outFeatures, rowFrequency, cosOut) * c, basis(inFeatures, columnFrequency, cosIn), transposeB: true)
         let imagPart = matmul(basis(outFeatures, rowFrequency, sinOut) * c, basis(inFeatures, columnFrequency, sinIn), transposeB: true)

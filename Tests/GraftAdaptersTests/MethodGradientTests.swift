@@ -30,6 +30,8 @@ import GraftTestSupport
         ("BOFT", #"{"peft_type":"BOFT","boft_block_size":4,"boft_block_num":0,"boft_n_butterfly_factor":1,"target_modules":["proj"]}"#),
         ("BOFT butterfly", #"{"peft_type":"BOFT","boft_block_size":0,"boft_block_num":2,"boft_n_butterfly_factor":2,"target_modules":["proj"]}"#),
         ("FourierFT", #"{"peft_type":"FOURIERFT","n_frequency":12,"scaling":20,"random_loc_seed":5,"target_modules":["proj"]}"#),
+        // 48 of the 8 × 8 spectrum: ΔW formed as the 2-D transform of the spectrum (FourierFTDefinitionTests).
+        ("FourierFT dense spectrum", #"{"peft_type":"FOURIERFT","n_frequency":48,"scaling":20,"random_loc_seed":5,"target_modules":["proj"]}"#),
         ("Poly", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":1,"init_weights":false,"target_modules":["proj"]}"#),
         ("MHR", #"{"peft_type":"POLY","r":2,"n_tasks":2,"n_skills":3,"n_splits":2,"init_weights":false,"target_modules":["proj"]}"#),
         ("ETHER", #"{"peft_type":"ETHER","nb":2,"side":"both","target_modules":["proj"]}"#),
@@ -302,3 +304,39 @@ import GraftTestSupport
         try model.deleteAdapter("p")
     }
 }
+
+/// FourierFT's ΔW against its definition, `ΔW[p, q] = scaling/(out·in) · Σₖ cₖ cos(2π(p uₖ/out + q vₖ/in))` summed in
+/// Float64, in both of the layer's forms: rank-`n` products (few frequencies) and the 2-D transform of the sparse
+/// spectrum (many), and the forward pass equal to `x (W + ΔW)ᵀ + b`.
+@Suite struct FourierFTDefinitionTests {
+    @Test(arguments: [(12, false), (48, true)])
+    func deltaFollowsTheDefinition(frequencies: Int, transform: Bool) throws {
+        var rng = GraftRNG(seed: 7)
+        let (inF, outF, scaling) = (8, 8, 20.0)
+        let weight = Tensor.randomNormal([outF, inF], rng: &rng), bias = Tensor.randomNormal([outF], rng: &rng)
+        let proj = Linear(weight: weight, bias: bias)
+        let model = AdaptedModel(root: ModuleList(typeName: "Toy", [("proj", proj)]))
+        let adapter = try model.addAdapter("a", config: AdapterConfig(jsonText: #"{"peft_type":"FOURIERFT","n_frequency":\#(frequencies),"scaling":20,"random_loc_seed":5,"target_modules":["proj"]}"#, source: "fourierft"))
+        let layer = try #require(adapter.layers.first?.2 as? FourierFTLayer)
+        #expect(layer.transformIsCheaper(rows: nil) == transform && layer.transformIsCheaper(rows: 3) == transform)
+        for i in 0..<layer.spectrum.count { layer.spectrum.pointer[i] = rng.nextNormal() }
+        let delta = withNoGrad { layer.delta() }
+        var worst: Float = 0
+        for p in 0..<outF {
+            for q in 0..<inF {
+                var sum = 0.0
+                for k in 0..<frequencies {
+                    let phase = Double(p * layer.rowFrequency[k]) / Double(outF) + Double(q * layer.columnFrequency[k]) / Double(inF)
+                    sum += Double(layer.spectrum.pointer[k]) * cos(2 * Double.pi * phase)
+                }
+                worst = max(worst, abs(Float(sum * scaling / Double(outF * inF)) - delta.pointer[p * inF + q]))
+            }
+        }
+        let x = Tensor.randomNormal([3, inF], rng: &rng)
+        let out = withNoGrad { proj.forward(x) }
+        let want = withNoGrad { linear(x, weight + delta, bias) }
+        print("FourierFT n=\(frequencies) (\(transform ? "2-D transform" : "rank-n products")): ΔW vs the definition \(worst), forward vs x(W+ΔW)ᵀ+b \(maxAbsDifference(out, want))")
+        #expect(worst <= 1e-5 && maxAbsDifference(out, want) <= 1e-5)
+    }
+}
+
