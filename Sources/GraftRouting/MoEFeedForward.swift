@@ -44,6 +44,9 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
     public let routerWeight: Tensor
     /// `[E]`: the router's bias.
     public let routerBias: Tensor
+    /// `[E·m]`: the L2 norm of each expert neuron's `down_proj` column (expert order), the weight of its
+    /// activation in the expert importance.
+    public let neuronNorms: Tensor
     /// What the router did since the statistics were last reset (the statistics every router in Graft keeps).
     public var statistics: RouterLayerStatistics
     /// When set, every forward pass also computes every expert's importance to compare the router's selection
@@ -78,6 +81,7 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         self.routerWeight = routerWeight
         self.routerBias = routerBias
         statistics = RouterLayerStatistics(path: path, experts: e)
+        neuronNorms = Self.columnNorms(down)
         super.init(typeName: "MoEFeedForward")
         register(parameter: "router.weight", routerWeight)
         register(parameter: "router.bias", routerBias)
@@ -109,8 +113,23 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         return y.reshaped(shape)
     }
 
-    /// Each token's importance of each expert, `[T, E]`: the sum of `|silu(gate x) · up x|` over the expert's
-    /// neurons (what its `down_proj` columns receive). Not recorded for autograd.
+    /// The L2 norm of every column of each expert's `down` slice (`[E, hidden, m]`), in expert order `[E·m]`.
+    public static func columnNorms(_ down: Tensor) -> Tensor {
+        let e = down.shape[0], h = down.shape[1], m = down.shape[2]
+        var norms = [Float](repeating: 0, count: e * m)
+        let p = down.pointer
+        for ex in 0..<e {
+            for r in 0..<h {
+                let row = p + (ex * h + r) * m
+                for i in 0..<m { norms[ex * m + i] += row[i] * row[i] }
+            }
+        }
+        return Tensor(shape: [e * m], values: norms.map { $0.squareRoot() })
+    }
+
+    /// Each token's importance of each expert, `[T, E]`: the sum over the expert's neurons of the activation's
+    /// magnitude `|silu(gate x) · up x|` times the norm of the neuron's `down_proj` column, a bound on what the
+    /// neuron adds to the output. Not recorded for autograd.
     public func expertImportance(_ x: Tensor) -> Tensor {
         withNoGrad {
             let tokens = x.rows, m = expertSize
@@ -122,7 +141,8 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
                 sgemm(transA: false, transB: true, m: tokens, n: m, k: hiddenSize, a: x.pointer,
                       b: upWeight.pointer + e * m * hiddenSize, c: u.pointer)
                 swigluForward(gate: g.pointer, up: u.pointer, out: a.pointer, count: tokens * m)
-                for t in 0..<tokens { out.pointer[t * experts + e] = absSum(a.pointer + t * m, count: m) }
+                let w = neuronNorms.pointer + e * m
+                for t in 0..<tokens { out.pointer[t * experts + e] = weightedAbsSum(a.pointer + t * m, w, count: m) }
             }
             return out
         }
@@ -145,18 +165,18 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
     }
 }
 
-/// `Σ |p[j]|` over `count` floats.
+/// `Σ |p[j]| · w[j]` over `count` floats.
 @inline(__always)
-func absSum(_ p: UnsafePointer<Float>, count: Int) -> Float {
+func weightedAbsSum(_ p: UnsafePointer<Float>, _ w: UnsafePointer<Float>, count: Int) -> Float {
     var acc = Float16x(repeating: 0)
     var j = 0
     while j + 16 <= count {
         let v = UnsafeRawPointer(p + j).loadUnaligned(as: Float16x.self)
-        acc += v.replacing(with: -v, where: v .< 0)
+        acc += v.replacing(with: -v, where: v .< 0) * UnsafeRawPointer(w + j).loadUnaligned(as: Float16x.self)
         j += 16
     }
     var s = acc.sum()
-    while j < count { s += abs(p[j]); j += 1 }
+    while j < count { s += abs(p[j]) * w[j]; j += 1 }
     return s
 }
 

@@ -110,7 +110,8 @@ public enum MoEfication {
         let partition = try MoEPartition.balancedKMeans(profiles: profiles, clusters: e, iterations: options.iterations,
                                                         seed: options.seed &+ UInt64(index))
         let (gate, up, down) = expertWeights(layer: layer, partition: partition, experts: e)
-        let importance = expertImportance(activations: a, partition: partition, experts: e)
+        let importance = expertImportance(activations: a, partition: partition, experts: e,
+                                          neuronNorms: MoEFeedForward.columnNorms(down))
         let (w, b) = try fitRouter(inputs: x, importance: importance, rows: fit, ridge: options.ridge,
                                    what: "model.layers.\(index).mlp router")
         let block = try MoEFeedForward(path: "model.layers.\(index).mlp", partition: partition, gate: gate, up: up,
@@ -155,17 +156,19 @@ public enum MoEfication {
         return (gate, up, down)
     }
 
-    /// `[T, E]`: per token, the sum of `|a|` over each expert's neurons (`a`: `[T, intermediate]`).
-    public static func expertImportance(activations a: Tensor, partition: [Int32], experts e: Int) -> Tensor {
+    /// `[T, E]`: per token, the sum over each expert's neurons of `|a|` times the neuron's `down_proj` column
+    /// norm (`a`: `[T, intermediate]` in dense order; `neuronNorms` `[intermediate]` in expert order), as
+    /// ``MoEFeedForward/expertImportance(_:)`` measures it.
+    public static func expertImportance(activations a: Tensor, partition: [Int32], experts e: Int, neuronNorms: Tensor) -> Tensor {
         let tokens = a.rows, ff = a.lastDim, m = ff / e
         let out = Tensor(zeros: [tokens, e])
-        let pa = a.pointer, po = out.pointer
+        let pa = a.pointer, po = out.pointer, pn = neuronNorms.pointer
         parallelFor(tokens, grain: 64) { range in
             for t in range {
                 let row = pa + t * ff
                 for ex in 0..<e {
                     var s: Float = 0
-                    for i in 0..<m { s += abs(row[Int(partition[ex * m + i])]) }
+                    for i in 0..<m { s += abs(row[Int(partition[ex * m + i])]) * pn[ex * m + i] }
                     po[t * e + ex] = s
                 }
             }
@@ -173,16 +176,23 @@ public enum MoEfication {
         return out
     }
 
-    /// Fits the linear router by ridge regression of each token's importance shares (importance divided by its
-    /// sum over experts) on the feed-forward input, over `rows` of `inputs`: returns `W` `[E, hidden]`, `b` `[E]`.
+    /// Fits the linear router by ridge regression of each token's centred log importance (`log sₑ` minus its mean
+    /// over experts) on the feed-forward input, over `rows` of `inputs`, so `softmax(W x + b)` approximates the
+    /// importance shares `sₑ / Σ s`: returns `W` `[E, hidden]`, `b` `[E]`.
     static func fitRouter(inputs x: Tensor, importance: Tensor, rows: [Int32], ridge: Float, what: String) throws -> (Tensor, Tensor) {
         let n = rows.count, h = x.lastDim, e = importance.lastDim
         let xs = gatherTensorRows(x, rows), ys = gatherTensorRows(importance, rows)
         for t in 0..<n {
             let row = ys.pointer + t * e
-            var s: Float = 0
-            for j in 0..<e { s += row[j] }
-            if s > 0 { scaleRow(row, by: 1 / s, count: e) }
+            var total: Float = 0
+            for j in 0..<e { total += row[j] }
+            let floor = max(total, .leastNormalMagnitude) * 1e-6
+            var mean: Float = 0
+            for j in 0..<e {
+                row[j] = Foundation.log(row[j] + floor)
+                mean += row[j] / Float(e)
+            }
+            for j in 0..<e { row[j] -= mean }
         }
         let meanX = columnMeans(xs), meanY = columnMeans(ys)
         subtractRowVector(xs, meanX)
