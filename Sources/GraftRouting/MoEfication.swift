@@ -77,6 +77,9 @@ public enum MoEfication {
         guard (1...options.experts).contains(options.topK) else {
             throw GraftError.invalid("top_k \(options.topK) must be in 1...\(options.experts)")
         }
+        guard options.ridge.isFinite, options.ridge >= 0, options.iterations >= 1 else {
+            throw GraftError.invalid("ridge \(options.ridge) must be a finite number ≥ 0 and iterations \(options.iterations) ≥ 1")
+        }
         model.removeMoEBlocks()
         let inputs = try collectFeedForwardInputs(model: model, sequences: sequences, maxTokens: options.maxTokens) {
             progress("calibration: \($0) tokens")

@@ -19,6 +19,8 @@ struct Moefy: ParsableCommand {
     @Option(name: .customLong("eval-texts"), help: "Held-out texts the perplexity is measured on.") var evalTexts: Int = 200
     @Option(name: .customLong("max-length"), help: "Tokens per text at most.") var maxLength: Int = 64
     @Option(help: "Seed of the clustering.") var seed: UInt64 = 0
+    @Option(help: "The routers' ridge penalty, relative to the largest squared singular value of their inputs.")
+    var ridge: Float = 1e-3
     @Option(help: "Save the partition and routers here (moe_config.json + moe_routers.safetensors).") var output: String?
     @Option(help: "Load a saved MoE base instead of clustering.") var load: String?
     @Option(help: "Threads.") var threads: Int = 2
@@ -59,16 +61,18 @@ struct Moefy: ParsableCommand {
                 options.topK = ks[0]
                 options.seed = seed
                 options.maxTokens = calibrationTokens
+                options.ridge = ridge
                 let sequences = calibration.lazy.map(encode).filter { !$0.isEmpty }
                 let reports = try MoEfication.apply(to: llama, sequences: Array(sequences.prefix(calibrationTokens)), options: options) {
                     print("moefy      \($0)")
                 }
                 let mean = reports.map(\.heldOutAgreement).reduce(0, +) / Double(max(reports.count, 1))
-                print(String(format: "routers    mean held-out top-%d agreement %.3f over %d layers (random %.3f); built in %.1f s",
-                             ks[0], mean, reports.count, Double(ks[0]) / Double(experts), Date().timeIntervalSince(start)))
+                let mass = reports.map(\.oracleMass).reduce(0, +) / Double(max(reports.count, 1))
+                print(String(format: "routers    mean held-out top-%d agreement %.3f over %d layers (random %.3f); the true top-%d experts hold %.1f%% of the importance; built in %.1f s",
+                             ks[0], mean, reports.count, Double(ks[0]) / Double(experts), ks[0], 100 * mass, Date().timeIntervalSince(start)))
                 if let output {
-                    try MoEBaseFormat.save(model: llama, to: output,
-                                           extra: ["seed": seed, "calibration_tokens": calibrationTokens, "base_model": model])
+                    try MoEBaseFormat.save(model: llama, to: output, extra: ["seed": seed, "calibration_tokens": calibrationTokens,
+                                                                             "ridge": ridge, "base_model": model])
                     print("saved      \(output)")
                 }
             }
