@@ -28,6 +28,7 @@ struct Moefy: ParsableCommand {
     func run() throws {
         try graft.run {
             Threading.setThreads(threads)
+            guard experts >= 1 else { throw GraftError.invalid("--experts must be ≥ 1, got \(experts)") }
             let ks = try topK.split(separator: ",").map { s -> Int in
                 guard let k = Int(s.trimmingCharacters(in: .whitespaces)), (1...experts).contains(k) else {
                     throw GraftError.invalid("--top-k: '\(s)' is not a k in 1...\(experts)")
@@ -39,6 +40,9 @@ struct Moefy: ParsableCommand {
             }
             let path = resolveModelPath(model)
             let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
+            guard load != nil || llama.config.intermediateSize % experts == 0 else {
+                throw GraftError.invalid("--experts \(experts) must divide the intermediate size \(llama.config.intermediateSize)")
+            }
             let tokenizer = try BPETokenizer(ggufFile: path)
             let texts = try loadTexts()
             let calibration = texts.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
