@@ -66,7 +66,8 @@ public enum MoEfication {
     }
 
     /// Replaces every layer's dense feed-forward block of `model` by an MoE block made from it, fitted on the
-    /// activations of `sequences`; returns what each layer measured. `progress` receives one line per step.
+    /// activations of `sequences` through the dense blocks (existing MoE blocks are removed first); returns what
+    /// each layer measured. `progress` receives one line per step. On an error the model is left dense.
     @discardableResult
     public static func apply(to model: LlamaModel, sequences: [[Int32]], options: MoEficationOptions,
                              progress: (String) -> Void = { _ in }) throws -> [MoEficationLayerReport] {
@@ -84,15 +85,17 @@ public enum MoEfication {
         let inputs = try collectFeedForwardInputs(model: model, sequences: sequences, maxTokens: options.maxTokens) {
             progress("calibration: \($0) tokens")
         }
-        var reports: [MoEficationLayerReport] = []
+        var reports: [MoEficationLayerReport] = [], blocks: [MoEFeedForward] = []
         for (i, layer) in model.layers.enumerated() {
             let (block, report) = try makeBlock(layer: layer, index: i, inputs: inputs[i], options: options)
-            layer.feedForwardOverride = block
+            blocks.append(block)
             reports.append(report)
             progress(String(format: "layer %d: %d experts of %d neurons, held-out top-%d agreement %.3f (random %.3f)",
                             i, options.experts, ff / options.experts, options.topK, report.heldOutAgreement,
                             Double(options.topK) / Double(options.experts)))
         }
+        // Attached only once every layer succeeded: a failure leaves the model dense.
+        for (layer, block) in zip(model.layers, blocks) { layer.feedForwardOverride = block }
         return reports
     }
 
