@@ -77,6 +77,8 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
     /// Modules inserted after the attention / MLP sublayers or on the layer output (bottleneck adapters, ReFT);
     /// none by default.
     public var layerAdapters: [any LayerAdapter] = []
+    /// Runs instead of the dense `mlp` block when set (an MoE feed-forward block made from it); nil by default.
+    public var feedForwardOverride: (any FeedForwardBlock)?
     /// Width of the residual stream.
     public var hiddenSize: Int { selfAttn.oProj.outFeatures }
     /// `self_attn.q_proj`.
@@ -114,7 +116,7 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
                                          rowLengths: rowLengths, prefix: prefix)
         let x1 = x + applyLayerAdapters(layerAdapters, site: .attention, output: attention, input: h, mask: mask)
         let h2 = postAttentionNorm.forward(x1)
-        let mlp = downProj.forward(swiglu(gateProj.forward(h2), upProj.forward(h2)))
+        let mlp = feedForwardOverride?.forward(h2) ?? downProj.forward(swiglu(gateProj.forward(h2), upProj.forward(h2)))
         let out = x1 + applyLayerAdapters(layerAdapters, site: .feedForward, output: mlp, input: h2, mask: mask)
         return applyLayerAdapters(layerAdapters, site: .output, output: out, input: x, mask: mask)
     }

@@ -21,6 +21,12 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
     public var overflow: [Int]
     /// Sum over tokens of the router's entropy (nats).
     public var entropySum: Double = 0
+    /// Tokens whose selection was compared with the experts that actually matter most (MoE bases, when checked).
+    public var agreementTokens: Int = 0
+    /// Over those tokens, selected experts that are among the token's true top-k experts.
+    public var agreementHits: Int = 0
+    /// The `k` of those comparisons (experts selected per token).
+    public var agreementK: Int = 0
 
     /// Empty statistics for a layer of `experts` experts.
     public init(path: String, experts: Int) {
@@ -42,6 +48,12 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
 
     /// Mean router entropy per token in nats (`log E` is a uniform router, 0 a one-hot one).
     public var meanEntropy: Double { tokens > 0 ? entropySum / Double(tokens) : 0 }
+
+    /// Top-k agreement: the mean fraction of a token's true top-k experts the router selected (`k / E` for a
+    /// random router; 0 when nothing was compared).
+    public var topKAgreement: Double {
+        agreementTokens > 0 && agreementK > 0 ? Double(agreementHits) / Double(agreementTokens * agreementK) : 0
+    }
 
     /// Selections dropped at capacity, all experts together.
     public var overflowCount: Int { overflow.reduce(0, +) }
@@ -72,7 +84,8 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
     /// A JSON object with the derived figures (load, token fraction, mean entropy, overflow).
     public var summary: [String: Any] {
         ["path": path, "experts": experts, "forward_passes": forwardPasses, "tokens": tokens, "load": load,
-         "token_fraction": tokenFraction, "mean_entropy": meanEntropy, "overflow": overflow, "overflow_count": overflowCount]
+         "token_fraction": tokenFraction, "mean_entropy": meanEntropy, "overflow": overflow, "overflow_count": overflowCount,
+         "top_k_agreement": topKAgreement, "agreement_tokens": agreementTokens]
     }
 }
 

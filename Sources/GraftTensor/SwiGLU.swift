@@ -60,3 +60,20 @@ private func swigluBackward(gate: UnsafePointer<Float>, up: UnsafePointer<Float>
     }
     if i < range.upperBound { lanes(i, range.upperBound - i) }
 }
+
+/// `out[i] = silu(gate[i]) · up[i]` for `count` elements at raw pointers (the kernel of ``swiglu(_:_:)`` for
+/// fused ops that keep their own buffers, e.g. routed MoE experts). Parallel over Graft's threads.
+public func swigluForward(gate: UnsafePointer<Float>, up: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, count: Int) {
+    parallelFor(count, grain: 1 << 15) { range in
+        simdMap2(gate, up, out, range) { v, w in (v / (splat(1) + vexp(-v))) * w }
+    }
+}
+
+/// The gradients of ``swigluForward(gate:up:out:count:)`` for `count` elements: `dGate`, `dUp` (either may be nil)
+/// from the output gradient `grad`, with the same arithmetic as ``swiglu(_:_:)``'s backward.
+public func swigluBackward(gate: UnsafePointer<Float>, up: UnsafePointer<Float>, grad: UnsafePointer<Float>,
+                           dGate: UnsafeMutablePointer<Float>?, dUp: UnsafeMutablePointer<Float>?, count: Int) {
+    parallelFor(count, grain: 1 << 15) { range in
+        swigluBackward(gate: gate, up: up, grad: grad, dGate: dGate, dUp: dUp, range: range)
+    }
+}

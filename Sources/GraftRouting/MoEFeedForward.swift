@@ -1,0 +1,205 @@
+import Foundation
+import GraftModels
+import GraftTensor
+
+/// How an MoE feed-forward block weighs the outputs of the experts a token is routed to.
+public enum MoECombine: String, Sendable, CaseIterable {
+    /// Each routed expert counts once (MoEfication: the sum over all experts is the dense block, so `k = E` is
+    /// the dense model exactly, up to float rounding). The router only selects; it gets no gradient.
+    case sum
+    /// Each routed expert is scaled by the router's softmax probability for it, so the router trains through the
+    /// output (the usual sparse-MoE gate).
+    case probability
+}
+
+/// A SwiGLU feed-forward block split into `E` equal experts over disjoint sets of its intermediate neurons, with a
+/// linear router that sends each token to its top-k experts (an MoE base made from a dense model, MoEfication).
+///
+/// Expert `e` owns neurons `partition[e·m ..< (e+1)·m]` of the dense block (`m = intermediate / E`); its weights
+/// are those neurons' rows of `gate_proj`/`up_proj` and columns of `down_proj`, held in float32 (`[E, m, hidden]`,
+/// `[E, m, hidden]`, `[E, hidden, m]`), frozen unless made trainable. Tokens are grouped per expert and each
+/// expert's three products run as one GEMM over its tokens (``routedSwiGLUExperts(_:gate:up:down:weights:rows:)``).
+public final class MoEFeedForward: Module, FeedForwardBlock {
+    /// The module path of the dense block it replaces (`model.layers.N.mlp`).
+    public let path: String
+    /// Experts `E`.
+    public let experts: Int
+    /// Neurons per expert `m`.
+    public let expertSize: Int
+    /// Width of the residual stream.
+    public let hiddenSize: Int
+    /// Experts each token runs (1...E).
+    public var topK: Int
+    /// How the routed experts' outputs are combined.
+    public var combine: MoECombine = .sum
+    /// The dense block's neuron indices in expert order: expert `e` owns entries `e·m ..< (e+1)·m`.
+    public let partition: [Int32]
+    /// `[E, m, hidden]`: each expert's rows of `gate_proj`.
+    public let gateWeight: Tensor
+    /// `[E, m, hidden]`: each expert's rows of `up_proj`.
+    public let upWeight: Tensor
+    /// `[E, hidden, m]`: each expert's columns of `down_proj`.
+    public let downWeight: Tensor
+    /// `[E, hidden]`: the router's weight (expert scores are `x Wᵀ + b`).
+    public let routerWeight: Tensor
+    /// `[E]`: the router's bias.
+    public let routerBias: Tensor
+    /// `[E·m]`: the L2 norm of each expert neuron's `down_proj` column (expert order), the weight of its
+    /// activation in the expert importance.
+    public let neuronNorms: Tensor
+    /// What the router did since the statistics were last reset (the statistics every router in Graft keeps).
+    public var statistics: RouterLayerStatistics
+    /// When set, every forward pass also computes every expert's importance to compare the router's selection
+    /// with each token's true top-k experts (costs a dense pass; for evaluation).
+    public var checksAgreement = false
+
+    /// A block from its experts' weights (shapes above), `partition` (a permutation of `0..<E·m`) and router.
+    /// Throws when a shape or the partition does not fit.
+    public init(path: String, partition: [Int32], gate: Tensor, up: Tensor, down: Tensor, routerWeight: Tensor,
+                routerBias: Tensor, topK: Int) throws {
+        guard gate.rank == 3, up.shape == gate.shape, down.rank == 3 else {
+            throw GraftError.invalid("\(path): expert weights must be [E, m, hidden] (gate, up) and [E, hidden, m] (down), got \(gate.shape), \(up.shape), \(down.shape)")
+        }
+        let e = gate.shape[0], m = gate.shape[1], h = gate.shape[2]
+        guard e >= 1, m >= 1, down.shape == [e, h, m] else {
+            throw GraftError.invalid("\(path): down weight has shape \(down.shape), expected [\(e), \(h), \(m)]")
+        }
+        guard routerWeight.shape == [e, h], routerBias.shape == [e] else {
+            throw GraftError.invalid("\(path): router shapes \(routerWeight.shape), \(routerBias.shape), expected [\(e), \(h)] and [\(e)]")
+        }
+        guard (1...e).contains(topK) else { throw GraftError.invalid("\(path): top_k \(topK) must be in 1...\(e)") }
+        try MoEPartition.validate(partition, neurons: e * m, what: path)
+        self.path = path
+        experts = e
+        expertSize = m
+        hiddenSize = h
+        self.topK = topK
+        self.partition = partition
+        gateWeight = gate
+        upWeight = up
+        downWeight = down
+        self.routerWeight = routerWeight
+        self.routerBias = routerBias
+        statistics = RouterLayerStatistics(path: path, experts: e)
+        neuronNorms = Self.columnNorms(down)
+        super.init(typeName: "MoEFeedForward")
+        register(parameter: "router.weight", routerWeight)
+        register(parameter: "router.bias", routerBias)
+        register(parameter: "experts.gate_proj", gate)
+        register(parameter: "experts.up_proj", up)
+        register(parameter: "experts.down_proj", down)
+    }
+
+    /// Router scores `[T, E]` for `x` `[T, hidden]`.
+    public func routerLogits(_ x: Tensor) -> Tensor { linear(x, routerWeight, routerBias) }
+
+    /// Routes `x` (`[..., hidden]`) to each token's top-k experts and sums their outputs; same shape as `x`.
+    public func forward(_ x: Tensor) -> Tensor {
+        let shape = x.shape
+        let flat = x.reshaped([x.count / hiddenSize, hiddenSize])
+        let tokens = flat.rows
+        let logits = routerLogits(flat)
+        let probs = softmax(logits)
+        let plan = RoutePlan.make(probs: UnsafeBufferPointer(start: probs.pointer, count: probs.count), tokens: tokens,
+                                  experts: experts, mode: .topK, topK: topK, topP: 1, capacityFactor: nil)
+        // k = E runs every expert on every token without gathering (the dense block, split in E products).
+        let rows: [[Int32]?] = topK >= experts ? [[Int32]?](repeating: nil, count: experts) : plan.rows
+        let weights: Tensor? = combine == .probability ? probs : nil
+        let y = routedSwiGLUExperts(flat, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: rows)
+        let gates = Tensor(shape: [tokens, experts], values: plan.dispatched)
+        if combine == .probability { gates.pointer.update(from: withNoGrad { mul(gates, probs) }.pointer, count: gates.count) }
+        statistics.record(probs: probs, gates: gates, plan: plan)
+        if checksAgreement { recordAgreement(flat, selected: plan.selected) }
+        return y.reshaped(shape)
+    }
+
+    /// The L2 norm of every column of each expert's `down` slice (`[E, hidden, m]`), in expert order `[E·m]`.
+    public static func columnNorms(_ down: Tensor) -> Tensor {
+        let e = down.shape[0], h = down.shape[1], m = down.shape[2]
+        var norms = [Float](repeating: 0, count: e * m)
+        let p = down.pointer
+        for ex in 0..<e {
+            for r in 0..<h {
+                let row = p + (ex * h + r) * m
+                for i in 0..<m { norms[ex * m + i] += row[i] * row[i] }
+            }
+        }
+        return Tensor(shape: [e * m], values: norms.map { $0.squareRoot() })
+    }
+
+    /// Each token's importance of each expert, `[T, E]`: the sum over the expert's neurons of the activation's
+    /// magnitude `|silu(gate x) · up x|` times the norm of the neuron's `down_proj` column, a bound on what the
+    /// neuron adds to the output. Not recorded for autograd.
+    public func expertImportance(_ x: Tensor) -> Tensor {
+        withNoGrad {
+            let tokens = x.rows, m = expertSize
+            let out = Tensor(zeros: [tokens, experts])
+            let g = Tensor(zeros: [tokens, m]), u = Tensor(zeros: [tokens, m]), a = Tensor(zeros: [tokens, m])
+            for e in 0..<experts {
+                sgemm(transA: false, transB: true, m: tokens, n: m, k: hiddenSize, a: x.pointer,
+                      b: gateWeight.pointer + e * m * hiddenSize, c: g.pointer)
+                sgemm(transA: false, transB: true, m: tokens, n: m, k: hiddenSize, a: x.pointer,
+                      b: upWeight.pointer + e * m * hiddenSize, c: u.pointer)
+                swigluForward(gate: g.pointer, up: u.pointer, out: a.pointer, count: tokens * m)
+                let w = neuronNorms.pointer + e * m
+                for t in 0..<tokens { out.pointer[t * experts + e] = weightedAbsSum(a.pointer + t * m, w, count: m) }
+            }
+            return out
+        }
+    }
+
+    /// Adds the comparison of `selected` (`[T·E]`, 1 where routed) with each token's true top-k experts.
+    func recordAgreement(_ x: Tensor, selected: [Float]) {
+        let importance = expertImportance(x)
+        let tokens = x.rows
+        let hits = MoEPartition.topKHits(importance: importance, selected: selected, tokens: tokens, experts: experts, k: topK)
+        statistics.agreementTokens += tokens
+        statistics.agreementHits += hits
+        statistics.agreementK = topK
+    }
+
+    /// Multiply-adds per token of the routed block (router plus `k` experts) and of the dense block.
+    public var flopsPerToken: (routed: Int, dense: Int) {
+        let dense = 2 * 3 * hiddenSize * expertSize * experts
+        return (2 * hiddenSize * experts + 2 * 3 * hiddenSize * expertSize * topK, dense)
+    }
+}
+
+/// `Σ |p[j]| · w[j]` over `count` floats.
+@inline(__always)
+func weightedAbsSum(_ p: UnsafePointer<Float>, _ w: UnsafePointer<Float>, count: Int) -> Float {
+    var acc = Float16x(repeating: 0)
+    var j = 0
+    while j + 16 <= count {
+        let v = UnsafeRawPointer(p + j).loadUnaligned(as: Float16x.self)
+        acc += v.replacing(with: -v, where: v .< 0) * UnsafeRawPointer(w + j).loadUnaligned(as: Float16x.self)
+        j += 16
+    }
+    var s = acc.sum()
+    while j < count { s += abs(p[j]) * w[j]; j += 1 }
+    return s
+}
+
+extension LlamaModel {
+    /// The MoE feed-forward blocks of the decoder layers, in layer order (empty for a dense model).
+    public var moeBlocks: [MoEFeedForward] { layers.compactMap { $0.feedForwardOverride as? MoEFeedForward } }
+
+    /// Router statistics of every MoE block, in layer order.
+    public var moeRouterStatistics: [RouterLayerStatistics] { moeBlocks.map(\.statistics) }
+
+    /// Clears the router statistics of every MoE block.
+    public func resetMoERouterStatistics() {
+        for b in moeBlocks { b.statistics = RouterLayerStatistics(path: b.path, experts: b.experts) }
+    }
+
+    /// Sets every MoE block's `k`; throws when `k` is outside `1...E` of some block.
+    public func setMoETopK(_ k: Int) throws {
+        for b in moeBlocks {
+            guard (1...b.experts).contains(k) else { throw GraftError.invalid("top_k \(k) must be in 1...\(b.experts) (\(b.path))") }
+            b.topK = k
+        }
+    }
+
+    /// Removes the MoE blocks: every layer runs its dense feed-forward block again.
+    public func removeMoEBlocks() { for l in layers { l.feedForwardOverride = nil } }
+}
