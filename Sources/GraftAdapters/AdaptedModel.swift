@@ -148,6 +148,7 @@ public final class AdaptedModel: @unchecked Sendable {
             }
             targets.append((path, lin))
         }
+        try checkNotReplacedByMoE(targets.map { ($0.0, $0.1) }, source: config.source)
         named.shared = try factory.sharedTensors(forTargets: targets.map { (path: $0.0, layer: $0.1) }, config: config, state: state)
         let sharedByKey = Dictionary(named.shared.map { ($0.key, $0.tensor) }, uniquingKeysWith: { a, _ in a })
         for (path, lin) in targets {

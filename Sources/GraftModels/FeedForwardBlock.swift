@@ -10,3 +10,9 @@ public protocol FeedForwardBlock: AnyObject {
     /// the same shape.
     func forward(_ x: Tensor) -> Tensor
 }
+
+extension LlamaDecoderLayer {
+    /// The dense MLP's projections, which an ``feedForwardOverride`` replaces (adapters on them would not apply).
+    public var denseFeedForwardProjections: [Linear] { [gateProj, upProj, downProj] }
+}
+

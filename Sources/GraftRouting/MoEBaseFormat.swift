@@ -100,6 +100,7 @@ public enum MoEBaseFormat {
             block.combine = combine
             blocks.append(block)
         }
+        try model.checkNoFeedForwardAdapters()
         for (layer, block) in zip(model.layers, blocks) { layer.feedForwardOverride = block }
     }
 }

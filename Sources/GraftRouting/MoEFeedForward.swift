@@ -202,4 +202,13 @@ extension LlamaModel {
 
     /// Removes the MoE blocks: every layer runs its dense feed-forward block again.
     public func removeMoEBlocks() { for l in layers { l.feedForwardOverride = nil } }
+
+    /// Throws when a dense MLP projection an MoE block would replace carries adapters (they would stop applying).
+    func checkNoFeedForwardAdapters() throws {
+        for (i, layer) in layers.enumerated() {
+            if layer.denseFeedForwardProjections.contains(where: { !$0.adapters.isEmpty }) {
+                throw GraftError(.state, "layer \(i)'s mlp projections carry adapters, which an MoE block would bypass; delete those adapters before making an MoE base")
+            }
+        }
+    }
 }

@@ -95,6 +95,7 @@ public enum MoEfication {
                             Double(options.topK) / Double(options.experts)))
         }
         // Attached only once every layer succeeded: a failure leaves the model dense.
+        try model.checkNoFeedForwardAdapters()
         for (layer, block) in zip(model.layers, blocks) { layer.feedForwardOverride = block }
         return reports
     }

@@ -202,6 +202,26 @@ import GraftTestSupport
         #expect(error.message.contains("intermediate_size"))
     }
 
+    /// Adapters on the dense MLP projections an MoE block replaces would silently stop applying: refused both ways.
+    @Test func adaptersOnReplacedProjectionsAreRefused() throws {
+        let model = try Self.tinyLlama()
+        let adapted = AdaptedModel(root: model)
+        try adapted.addAdapter("mlp", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["gate_proj"]], source: "mlp"))
+        #expect(throws: GraftError.self) {
+            try MoEfication.apply(to: model, sequences: Self.sequences(8, length: 20, seed: 1), options: Self.options(experts: 4, topK: 2))
+        }
+        #expect(model.moeBlocks.isEmpty, "a refused MoE-fication leaves the model dense")
+        try adapted.deleteAdapter("mlp")
+        try MoEfication.apply(to: model, sequences: Self.sequences(8, length: 20, seed: 1), options: Self.options(experts: 4, topK: 2))
+        do {
+            try adapted.addAdapter("mlp", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["down_proj"]], source: "mlp"))
+            Issue.record("an adapter on a replaced down_proj was accepted")
+        } catch let e as GraftError {
+            #expect(e.message.contains("MoE block") && e.message.contains("down_proj"), "\(e.message)")
+        }
+        try adapted.addAdapter("attn", config: AdapterConfig(json: ["peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]], source: "attn"))
+    }
+
     @Test func greedyGenerationAtKEqualsEMatchesTheDenseModel() throws {
         let model = try Self.tinyLlama()
         let parameters = GenerationParameters(maxNewTokens: 12, temperature: 0, stopTokens: [])
