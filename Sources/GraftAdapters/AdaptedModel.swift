@@ -158,15 +158,7 @@ public final class AdaptedModel: @unchecked Sendable {
         if !matchedNonLinear.isEmpty {
             throw GraftError(.unsupported, "\(config.source): \(config.peftType) adapts Linear layers, but target_modules also selects \(matchedNonLinear.prefix(4).joined(separator: ", "))")
         }
-        for m in config.modulesToSave {
-            let hits = root.namedModules().filter { $0.name == m || $0.name.hasSuffix("." + m) }
-            for (path, module) in hits {
-                guard let lin = module as? Linear else {
-                    throw GraftError(.unsupported, "\(config.source): modules_to_save '\(m)' is a \(module.typeName) at '\(path)'; only Linear modules can be saved")
-                }
-                named.savedModules.append((path, lin, ModulesToSaveLinear(base: lin, state: state)))
-            }
-        }
+        named.savedModules = try savedModules(config: config, state: state)
         if config.peftType == LoRAFactory.peftType {
             for (path, rows) in try trainableTokenIndexAdapters(config: config, state: state) {
                 named.modules.append((path, rows))
@@ -197,6 +189,21 @@ public final class AdaptedModel: @unchecked Sendable {
         return named
     }
 
+    /// The trainable copies `modules_to_save` asks for (a classification head), one per matching Linear.
+    private func savedModules(config: AdapterConfig, state: AdapterState) throws -> [(String, Linear, ModulesToSaveLinear)] {
+        var saved: [(String, Linear, ModulesToSaveLinear)] = []
+        for m in config.modulesToSave {
+            let hits = root.namedModules().filter { $0.name == m || $0.name.hasSuffix("." + m) }
+            for (path, module) in hits {
+                guard let lin = module as? Linear else {
+                    throw GraftError(.unsupported, "\(config.source): modules_to_save '\(m)' is a \(module.typeName) at '\(path)'; only Linear modules can be saved")
+                }
+                saved.append((path, lin, ModulesToSaveLinear(base: lin, state: state)))
+            }
+        }
+        return saved
+    }
+
     private func addModuleAdapter(_ name: String, config: AdapterConfig, factory: any ModuleAdapterFactory.Type,
                                   seed: UInt64) throws -> NamedAdapter {
         let state = AdapterState(seed: seed)
@@ -218,7 +225,9 @@ public final class AdaptedModel: @unchecked Sendable {
         guard !named.modules.isEmpty else {
             throw GraftError.invalid("\(config.source): target_modules \(describe(config.targetModules)) matches no module \(config.peftType) applies to")
         }
+        named.savedModules = try savedModules(config: config, state: state)
         try config.rejectUnhonouredKeys()
+        for (_, lin, adapter) in named.savedModules { lin.adapters.append(adapter) }
         for (_, adapter) in named.modules { adapter.attach() }
         adapters.append(named)
         try setActiveAdapter(name)
