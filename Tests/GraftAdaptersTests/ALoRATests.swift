@@ -21,15 +21,7 @@ import GraftTestSupport
         return ((json?["methods"] as? [String: Any])?["alora"] as? [String: Any]) ?? [:]
     }
 
-    /// The first 512 vocabulary columns of the logits of every row, `[rows, T, 512]`.
-    func logits(_ llama: LlamaModel, _ batch: TokenBatch) throws -> Tensor {
-        let hidden = try withNoGrad { try llama.hiddenStates(batch) }
-        let rows = batch.batchSize * batch.length, h = llama.config.hiddenSize, v = llama.config.vocabSize
-        let full = withNoGrad { llama.lmHead.forward(hidden.reshaped([rows, h])) }
-        let out = Tensor(zeros: [batch.batchSize, batch.length, Self.columns])
-        for i in 0..<rows { (out.pointer + i * Self.columns).update(from: full.pointer + i * v, count: Self.columns) }
-        return out
-    }
+    func logits(_ llama: LlamaModel, _ batch: TokenBatch) throws -> Tensor { try firstLogitColumns(llama, batch) }
 
     func rowMaxAbs(_ a: Tensor, _ b: Tensor, row: Int) -> Float {
         let n = a.count / a.shape[0]

@@ -104,27 +104,7 @@ import GraftTestSupport
 /// heads (4 query heads, 2 key/value heads) and two padded rows of different lengths.
 @Suite struct DecoderMethodGradientTests {
     /// A 3-layer Llama, hidden 16, heads 4/2 of width 4, vocabulary 32, random weights.
-    static func tinyLlama() throws -> LlamaModel {
-        let config = LlamaConfig(vocabSize: 32, hiddenSize: 16, layers: 3, heads: 4, kvHeads: 2, headDim: 4,
-                                 intermediateSize: 24, rmsNormEps: 1e-5, ropeBase: 10000, contextLength: 64)
-        var rng = GraftRNG(seed: 21)
-        let h = 16, kv = 8, ff = 24
-        return try LlamaModel(config: config, weights: { name in
-            let shape: [Int]
-            switch name.split(separator: ".").dropLast().last.map(String.init) ?? "" {
-            case "embed_tokens": shape = [32, h]
-            case "input_layernorm", "post_attention_layernorm", "norm":
-                return Tensor(shape: [h], values: (0..<h).map { _ in 1 + 0.1 * rng.nextNormal() })
-            case "q_proj": shape = [h, h]
-            case "k_proj", "v_proj": shape = [kv, h]
-            case "o_proj": shape = [h, h]
-            case "gate_proj", "up_proj": shape = [ff, h]
-            case "down_proj": shape = [h, ff]
-            default: throw GraftError(.notFound, name)
-            }
-            return Tensor.randomNormal(shape, std: 0.3, rng: &rng)
-        }, tiedHead: true)
-    }
+    static func tinyLlama() throws -> LlamaModel { try tinyRandomLlama(layers: 3, std: 0.3) }
 
     static let configs: [(String, String)] = [
         ("ADAPTION_PROMPT", #"{"peft_type":"ADAPTION_PROMPT","adapter_len":3,"adapter_layers":2}"#),

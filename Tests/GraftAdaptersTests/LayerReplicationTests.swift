@@ -11,14 +11,7 @@ import GraftTestSupport
 @Suite(.serialized) struct LayerReplicationTests {
     static let root = "peft-smollm2-lora-options/lora_layer_replication"
 
-    func logits(_ llama: LlamaModel, _ batch: TokenBatch, columns: Int = 512) throws -> Tensor {
-        let hidden = try withNoGrad { try llama.hiddenStates(batch) }
-        let rows = batch.batchSize * batch.length, v = llama.config.vocabSize
-        let full = withNoGrad { llama.lmHead.forward(hidden.reshaped([rows, llama.config.hiddenSize])) }
-        let out = Tensor(zeros: [batch.batchSize, batch.length, columns])
-        for i in 0..<rows { (out.pointer + i * columns).update(from: full.pointer + i * v, count: columns) }
-        return out
-    }
+    func logits(_ llama: LlamaModel, _ batch: TokenBatch) throws -> Tensor { try firstLogitColumns(llama, batch) }
 
     @Test func smolLM2LogitsMatchPEFTAndSaveBack() throws {
         let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))

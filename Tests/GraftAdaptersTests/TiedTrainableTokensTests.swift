@@ -18,15 +18,7 @@ import GraftTrain
 
     func expected() throws -> SafeTensorsFile { try SafeTensorsFile(contentsOf: Assets.fixture("\(Self.root)/expected.safetensors")) }
 
-    /// The first 512 vocabulary columns of every position's logits, `[rows, T, 512]`.
-    func logits(_ llama: LlamaModel, _ batch: TokenBatch) throws -> Tensor {
-        let hidden = try withNoGrad { try llama.hiddenStates(batch) }
-        let rows = batch.batchSize * batch.length, h = llama.config.hiddenSize, v = llama.config.vocabSize
-        let full = withNoGrad { llama.lmHead.forward(hidden.reshaped([rows, h])) }
-        let out = Tensor(zeros: [batch.batchSize, batch.length, Self.columns])
-        for i in 0..<rows { (out.pointer + i * Self.columns).update(from: full.pointer + i * v, count: Self.columns) }
-        return out
-    }
+    func logits(_ llama: LlamaModel, _ batch: TokenBatch) throws -> Tensor { try firstLogitColumns(llama, batch) }
 
     @Test func logitsAndGenerationMatchPEFT() throws {
         let llama = try LlamaModel(gguf: GGUFFile(contentsOf: try Assets.require(Assets.smollm2)))

@@ -7,26 +7,7 @@ import GraftTestSupport
 /// router statistics, save/load and generation.
 @Suite struct MoEficationTests {
     /// A 2-layer Llama, hidden 16, intermediate 24, vocabulary 32, random weights.
-    static func tinyLlama(seed: UInt64 = 21) throws -> LlamaModel {
-        let config = LlamaConfig(vocabSize: 32, hiddenSize: 16, layers: 2, heads: 4, kvHeads: 2, headDim: 4,
-                                 intermediateSize: 24, rmsNormEps: 1e-5, ropeBase: 10000, contextLength: 64)
-        var rng = GraftRNG(seed: seed)
-        let h = 16, kv = 8, ff = 24
-        return try LlamaModel(config: config, weights: { name in
-            let shape: [Int]
-            switch name.split(separator: ".").dropLast().last.map(String.init) ?? "" {
-            case "embed_tokens": shape = [32, h]
-            case "input_layernorm", "post_attention_layernorm", "norm":
-                return Tensor(shape: [h], values: (0..<h).map { _ in 1 + 0.1 * rng.nextNormal() })
-            case "q_proj", "o_proj": shape = [h, h]
-            case "k_proj", "v_proj": shape = [kv, h]
-            case "gate_proj", "up_proj": shape = [ff, h]
-            case "down_proj": shape = [h, ff]
-            default: throw GraftError(.notFound, name)
-            }
-            return Tensor.randomNormal(shape, std: 0.5, rng: &rng)
-        }, tiedHead: true)
-    }
+    static func tinyLlama(seed: UInt64 = 21) throws -> LlamaModel { try tinyRandomLlama(layers: 2, seed: seed, std: 0.5) }
 
     /// Random calibration sequences over the tiny vocabulary.
     static func sequences(_ count: Int, length: Int, seed: UInt64) -> [[Int32]] {

@@ -82,3 +82,37 @@ public let float32UnitRoundoff: Double = 0x1p-24
 public func reorderingTolerance(terms: Int, absoluteSum: Double) -> Double {
     2 * Double(max(terms, 1)).squareRoot() * float32UnitRoundoff * absoluteSum
 }
+
+/// The first `columns` vocabulary columns of a decoder's logits at every position, `[rows, T, columns]` (the
+/// decoder fixtures store that slice of PEFT's logits).
+public func firstLogitColumns(_ llama: LlamaModel, _ batch: TokenBatch, columns: Int = 512) throws -> Tensor {
+    let hidden = try withNoGrad { try llama.hiddenStates(batch) }
+    let rows = batch.batchSize * batch.length, v = llama.config.vocabSize
+    let full = withNoGrad { llama.lmHead.forward(hidden.reshaped([rows, llama.config.hiddenSize])) }
+    let out = Tensor(zeros: [batch.batchSize, batch.length, columns])
+    for i in 0..<rows { (out.pointer + i * columns).update(from: full.pointer + i * v, count: columns) }
+    return out
+}
+
+/// A tiny Llama with random weights for exact and gradient checks: hidden 16, 4 query heads and 2 key/value heads
+/// of width 4, intermediate 24, vocabulary 32, tied head; weights N(0, std²), norms near 1, drawn from `seed`.
+public func tinyRandomLlama(layers: Int, seed: UInt64 = 21, std: Float) throws -> LlamaModel {
+    let config = LlamaConfig(vocabSize: 32, hiddenSize: 16, layers: layers, heads: 4, kvHeads: 2, headDim: 4,
+                             intermediateSize: 24, rmsNormEps: 1e-5, ropeBase: 10000, contextLength: 64)
+    var rng = GraftRNG(seed: seed)
+    let h = 16, kv = 8, ff = 24
+    return try LlamaModel(config: config, weights: { name in
+        let shape: [Int]
+        switch name.split(separator: ".").dropLast().last.map(String.init) ?? "" {
+        case "embed_tokens": shape = [32, h]
+        case "input_layernorm", "post_attention_layernorm", "norm":
+            return Tensor(shape: [h], values: (0..<h).map { _ in 1 + 0.1 * rng.nextNormal() })
+        case "q_proj", "o_proj": shape = [h, h]
+        case "k_proj", "v_proj": shape = [kv, h]
+        case "gate_proj", "up_proj": shape = [ff, h]
+        case "down_proj": shape = [h, ff]
+        default: throw GraftError(.notFound, name)
+        }
+        return Tensor.randomNormal(shape, std: std, rng: &rng)
+    }, tiedHead: true)
+}
