@@ -9,6 +9,7 @@ from pathlib import Path
 import plan
 
 HEAD = 384 * 3 + 3  # MiniLM's 3-class classifier head, trained by every MiniLM run
+TRAILS = 0.03  # accuracy below LoRA's by more than this gets a note on why (trails.json)
 
 
 def _latest(runs):
@@ -41,6 +42,7 @@ def summarize(results):
         if path.exists():
             plans[task] = {e["peft_type"]: e for e in json.loads(path.read_text())}
     kinds = sorted(set(plans.get("minilm", {})) | set(plans.get("smollm2", {})))
+    trails = json.loads(Path(__file__).with_name("trails.json").read_text())
     rows = []
     for kind in kinds:
         mini = [r for (t, k, _), r in ok.items() if t == "minilm" and k == kind]
@@ -49,6 +51,7 @@ def summarize(results):
         acc_mean, acc_std = _mean_std([r["accuracy"] for r in mini if math.isfinite(r["accuracy"])])
         rows.append({
             "peft_type": kind, "family": entry["family"], "lr": entry["lr"], "why": entry.get("why", ""),
+            "trails": trails.get(kind, ""),
             # A run prints adapter + head; a method not run yet shows its planned adapter size + the 3-class head.
             "trainable": mini[0]["trainable"] if mini and "trainable" in mini[0]
             else (entry["trainable"] + HEAD if entry.get("trainable") and kind in plans.get("minilm", {}) else None),
@@ -115,6 +118,8 @@ def render(results):
                      f"| {ppl} | {_fmt(r['train_seconds'], '{:.1f}')} | {_fmt(r['cpu_seconds'], '{:.0f}')} "
                      f"| {_fmt(r['peak_rss_mb'], '{:.0f}')} | {_fmt(r['load'], '{:.1f}')} |")
         why = [r["why"]] if r["why"] else []
+        if delta and float(delta) < -TRAILS:
+            why.append(f"trails LoRA by {-float(delta):.3f}: " + (r["trails"] or "cause not established yet"))
         for label, text in (("MiniLM", r["skipped"]), ("SmolLM2", r["smollm2_skipped"]),
                             ("MiniLM failed", r["error"]), ("SmolLM2 failed", r["smollm2_error"])):
             if text:
