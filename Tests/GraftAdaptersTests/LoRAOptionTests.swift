@@ -207,7 +207,7 @@ import GraftTestSupport
                 continue
             }
             #expect(g.scalars.allSatisfy { $0.isFinite }, "\(short): non-finite gradient")
-            worst = max(worst, maxAbsDifference(g, want))
+            worst = worse(worst, maxAbsDifference(g, want))
             scale = max(scale, worstOf(want.scalars.map(abs), empty: 0))
         }
         print("\(name): gradient max-abs error vs PEFT \(worst) (gradients up to \(scale))")

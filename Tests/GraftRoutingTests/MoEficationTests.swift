@@ -61,7 +61,7 @@ import GraftTestSupport
             let routed = withNoGrad { block.forward(x) }
             #expect(routed.shape == dense.shape)
             #expect(Self.allFinite(routed))
-            let err = zip(routed.scalars, dense.scalars).map { abs($0 - $1) }.max() ?? .nan
+            let err = worstOf(zip(routed.scalars, dense.scalars).map { abs($0 - $1) }, empty: .nan)
             #expect(err <= 1e-5, "layer \(i): k = E differs from dense by \(err)")
             // With k < E the block drops experts, so it must differ.
             block.topK = 1
@@ -76,7 +76,7 @@ import GraftTestSupport
         model.removeMoEBlocks()
         let denseLogits = try withNoGrad { try model.logits(batch) }
         for (l, b) in zip(model.layers, saved) { l.feedForwardOverride = b }
-        let err = zip(moeLogits.scalars, denseLogits.scalars).map { abs($0 - $1) }.max() ?? .nan
+        let err = worstOf(zip(moeLogits.scalars, denseLogits.scalars).map { abs($0 - $1) }, empty: .nan)
         #expect(err <= 1e-5, "logits at k = E differ from dense by \(err)")
     }
 
@@ -152,7 +152,7 @@ import GraftTestSupport
         let a = withNoGrad { swiglu(layer.gateProj.forward(x), layer.upProj.forward(x)) }
         let reference = MoEfication.expertImportance(activations: a, partition: block.partition, experts: 4,
                                                      neuronNorms: block.neuronNorms)
-        let err = zip(block.expertImportance(x).scalars, reference.scalars).map { abs($0 - $1) / max(1, abs($1)) }.max() ?? .nan
+        let err = worstOf(zip(block.expertImportance(x).scalars, reference.scalars).map { abs($0 - $1) / max(1, abs($1)) }, empty: .nan)
         #expect(err <= 1e-5, "importance differs by \(err)")
         model.resetMoERouterStatistics()
         #expect(model.moeRouterStatistics.allSatisfy { $0.tokens == 0 })
