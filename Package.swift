@@ -26,7 +26,10 @@ let package = Package(
         .systemLibrary(name: "CGraftABI", path: "Sources/CGraftABI"),
         // Kernels that need CPU intrinsics or oneDNN (bfloat16), selected at run time.
         .target(name: "CGraftKernels", linkerSettings: [.linkedLibrary("dnnl"), .linkedLibrary("gomp")]),
-        .target(name: "GraftTensor", dependencies: ["CGraftSystem", "CGraftABI", "CGraftKernels"]),
+        // The worker pool behind parallelFor: workers that poll briefly between jobs instead of sleeping.
+        .target(name: "CGraftThreads", cSettings: [.unsafeFlags(["-Wall", "-Wextra", "-Werror"])],
+                linkerSettings: [.linkedLibrary("pthread")]),
+        .target(name: "GraftTensor", dependencies: ["CGraftSystem", "CGraftABI", "CGraftKernels", "CGraftThreads"]),
         // Open MPI loaded with dlopen only under mpirun: nothing links libmpi, no MPI headers at build time.
         .target(name: "CGraftMPI", cSettings: [.unsafeFlags(["-Wall", "-Wextra", "-Werror"])],
                 linkerSettings: [.linkedLibrary("dl")]),

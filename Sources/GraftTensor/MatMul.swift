@@ -15,6 +15,20 @@ public func sgemm(
 ) {
     let lda = lda ?? (transA ? m : k), ldb = ldb ?? (transB ? k : n), ldc = ldc ?? n
     let threads = Threading.threads
+    if parallel && threads > 1 && m == 1 && n >= 8 * threads && n * k >= 1 << 13 {
+        // One row (decoding through an unmerged adapter): the product streams all of B once, so its columns are
+        // split over the threads (each a GEMV on its share of B).
+        let per = ((n + threads - 1) / threads + 7) / 8 * 8
+        parallelFor((n + per - 1) / per, grain: 1) { range in
+            for blk in range {
+                let j0 = blk * per, cols = min(per, n - j0)
+                if cols <= 0 { continue }
+                sgemmSerial(transA: transA, transB: transB, m: 1, n: cols, k: k, alpha: alpha, a: a, lda: lda,
+                            b: transB ? b + j0 * ldb : b + j0, ldb: ldb, beta: beta, c: c + j0, ldc: ldc)
+            }
+        }
+        return
+    }
     if parallel && threads > 1 && m * n * k >= 1 << 20 {
         // Column blocks of C scale almost linearly with OpenBLAS 0.3.21's single-threaded kernels; row blocks
         // measured at half speed when run concurrently, so rows are split only when C is too narrow.

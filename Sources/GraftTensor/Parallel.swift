@@ -1,8 +1,14 @@
-import Dispatch
 import CGraftSystem
+import CGraftThreads
+import Dispatch
 
 /// Graft's one parallel-for: splits `0..<count` into chunks of at least `grain` and runs them on the
 /// available cores. Runs inline when the work is small or only one thread is configured.
+///
+/// The chunks run on Graft's worker pool (`CGraftThreads`), whose workers poll for the next job for a short while
+/// (`GRAFT_SPIN_US`, default 200 µs) before sleeping: a decoding step issues about sixty short products per token,
+/// and waking a sleeping thread for each costs as much as the product. A call made while the pool is busy (from
+/// inside a chunk, or from another thread) runs on libdispatch instead.
 ///
 /// OpenBLAS owns its own threads for large GEMMs; callers never run a `parallelFor` around calls that
 /// may themselves go multi-threaded in BLAS (see ``Threading``).
@@ -16,12 +22,29 @@ public func parallelFor(_ count: Int, grain: Int = 1, _ body: (Range<Int>) -> Vo
     }
     let per = (count + chunks - 1) / chunks
     withoutActuallyEscaping(body) { body in
-        let box = UncheckedSendable(body)
-        DispatchQueue.concurrentPerform(iterations: chunks) { c in
-            let lo = c * per
-            let hi = min(count, lo + per)
-            if lo < hi { box.value(lo..<hi) }
+        var job = ParallelJob(count: count, per: per, body: body)
+        let ran = withUnsafeMutablePointer(to: &job) { pointer in
+            cgraft_pool_run(Int32(clamping: threads), Int64(chunks), { context, chunk in
+                guard let job = context?.assumingMemoryBound(to: ParallelJob.self) else { return }
+                job.pointee.run(Int(chunk))
+            }, pointer)
         }
+        if ran == 0 { return }
+        let box = UncheckedSendable(job)
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in box.value.run(c) }
+    }
+}
+
+/// One parallelFor call as the worker pool sees it: chunk `c` covers `c·per ..< min(count, (c+1)·per)`.
+private struct ParallelJob {
+    let count: Int
+    let per: Int
+    let body: (Range<Int>) -> Void
+
+    func run(_ chunk: Int) {
+        let lo = chunk * per
+        let hi = min(count, lo + per)
+        if lo < hi { body(lo..<hi) }
     }
 }
 

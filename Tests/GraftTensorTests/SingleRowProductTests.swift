@@ -4,12 +4,16 @@ import GraftTestSupport
 
 /// One-row products (a decoding step, an adapter's rank-r projections) go to GEMV instead of GEMM: every
 /// transpose combination, a garbage-filled output with beta 0, and accumulation with beta 1, against a plain
-/// triple loop.
+/// triple loop. 300 × 64 is large enough to be split over two threads by output columns (one block of 152, one
+/// of 148); 37 × 53 runs as one GEMV.
 @Suite struct SingleRowProductTests {
-    @Test(arguments: [(false, false), (false, true), (true, false), (true, true)])
-    func oneRowProductsMatchTheTripleLoop(transA: Bool, transB: Bool) {
+    @Test(arguments: [(false, false), (false, true), (true, false), (true, true)], [(37, 53), (300, 64)])
+    func oneRowProductsMatchTheTripleLoop(transposes: (Bool, Bool), size: (Int, Int)) {
+        Threading.setThreads(2)
+        let (transA, transB) = transposes
         var rng = GraftRNG(seed: 5)
-        let n = 37, k = 53, alpha: Float = 0.75
+        let (n, k) = size
+        let alpha: Float = 0.75
         let a = (0..<k).map { _ in rng.nextNormal() }, b = (0..<(n * k)).map { _ in rng.nextNormal() }
         let start = (0..<n).map { _ in rng.nextNormal() }
         for beta: Float in [0, 1] {
