@@ -172,10 +172,8 @@ public enum ESFTFactory: ModuleAdapterFactory {
 
     /// The selection in `config`: layer index → ascending expert indices; throws naming the entry at fault.
     public static func selection(_ config: AdapterConfig) throws -> [Int: [Int]] {
-        _ = try config.string("score_function").map { name in
-            guard ESFTScore(rawValue: name) != nil else {
-                throw GraftError.invalid("\(config.source): 'score_function' must be \"token\" or \"gate\", got \"\(name)\"")
-            }
+        if let name = try config.string("score_function"), ESFTScore(rawValue: name) == nil {
+            throw GraftError.invalid("\(config.source): 'score_function' must be \"token\" or \"gate\", got \"\(name)\"")
         }
         let p = try config.double("top_p", default: 0.2)
         guard p > 0, p <= 1 else { throw GraftError.invalid("\(config.source): 'top_p' must be in (0, 1], got \(p)") }
@@ -187,8 +185,9 @@ public enum ESFTFactory: ModuleAdapterFactory {
             guard let layer = Int(key), layer >= 0 else {
                 throw GraftError.invalid("\(config.source): 'experts' key '\(key)' is not a layer number")
             }
-            guard let list = value as? [Any], let ids = Optional(list.compactMap { JSONScalar.integer($0) }), ids.count == list.count,
-                  Set(ids).count == ids.count, ids.allSatisfy({ $0 >= 0 }) else {
+            let list = value as? [Any] ?? []
+            let ids = list.compactMap { JSONScalar.integer($0) }
+            guard value is [Any], ids.count == list.count, Set(ids).count == ids.count, ids.allSatisfy({ $0 >= 0 }) else {
                 throw GraftError.invalid("\(config.source): 'experts' entry '\(key)' must be a list of distinct expert indices, got \(value)")
             }
             out[layer] = ids.sorted()

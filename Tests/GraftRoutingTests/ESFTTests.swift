@@ -173,5 +173,11 @@ import GraftTestSupport
             try AdaptedModel(root: try Self.moeBase(), methods: .all).addAdapter("x", config: Self.config(["5": [0]]))
         }
         #expect(e3.message.contains("layer 5"), "\(e3.message)")
+        for bad in [["0": [1, 1]], ["x": [0]], ["0": [-1]]] as [[String: [Int]]] {
+            let e = try #require(throws: GraftError.self) {
+                try AdaptedModel(root: try Self.moeBase(), methods: .all).addAdapter("x", config: Self.config(bad))
+            }
+            #expect(e.message.contains("'experts'"), "\(e.message)")
+        }
     }
 }
