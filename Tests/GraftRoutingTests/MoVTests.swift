@@ -67,6 +67,15 @@ import GraftTestSupport
         print("MoV gradients (router and vectors, key and FFN sites): worst relative error \(result.worst)")
         #expect(result.missing.isEmpty)
         #expect(result.worst <= 2e-2, "worst relative gradient error \(result.worst)")
+        // Generation with the KV cache routes each new token as a full pass over the sequence would.
+        var sequence: [Int32] = [4, 8, 15, 16]
+        let generated = try model.generate(prompt: sequence, parameters: GenerationParameters(maxNewTokens: 5, temperature: 0, stopTokens: []))
+        for _ in 0..<5 {
+            let logits = try withNoGrad { try model.logits(try TokenBatch(sequences: [sequence])) }.scalars
+            let last = Array(logits[((sequence.count - 1) * 32)...])
+            sequence.append(Int32(last.indices.max { last[$0] < last[$1] || (last[$0] == last[$1] && $0 > $1) } ?? 0))
+        }
+        #expect(generated == Array(sequence.suffix(5)), "cached generation \(generated) vs full passes \(sequence.suffix(5))")
         #expect(throws: GraftError.self) { try adapted.merge("mov") }
         #expect(throws: GraftError.self) {
             try adapted.addAdapter("bad", config: AdapterConfig(json: ["peft_type": "MOV", "num_experts": 0, "target_modules": ["k_proj"]], source: "bad"))
