@@ -47,6 +47,10 @@ public struct AdapterConfig: @unchecked Sendable {
     /// required.
     public static let typesTargetingThroughExperts: Set<String> = ["XLORA"]
 
+    /// Methods that adapt every MoE feed-forward block of an MoE base (ESFT, PERFT in GraftRouting), so
+    /// `target_modules` is not required.
+    public static let typesOnMoEBlocks: Set<String> = ["ESFT", "PERFT"]
+
     /// Keys that describe the file, not what the adapter computes.
     public static let descriptiveKeys: Set<String> = [
         "peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
@@ -74,6 +78,7 @@ public struct AdapterConfig: @unchecked Sendable {
         let parametersOnly = peftType == "LORA" && (json["target_parameters"] as? [Any]).map { !$0.isEmpty } == true
         // X-LoRA adapts the modules its LoRA experts target (XLoRA.swift in GraftRouting).
         let expertTargets = AdapterConfig.typesTargetingThroughExperts.contains(peftType)
+            || AdapterConfig.typesOnMoEBlocks.contains(peftType)
         guard let targets = targets ?? (promptLearning || parametersOnly || expertTargets ? .names([]) : nil) else {
             throw GraftError.invalid("\(source): 'target_modules' is required (a list of module names, a regex string, or \"all-linear\")")
         }

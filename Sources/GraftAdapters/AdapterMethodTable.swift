@@ -28,6 +28,13 @@ public struct AdapterMethodTable: Sendable {
         return AdapterMethodTable(linear: linear, modules: modules)
     }
 
+    /// This table with module-adapter `factories` added (a factory never replaces one already in the table).
+    public func adding(modules factories: [any ModuleAdapterFactory.Type]) -> AdapterMethodTable {
+        var modules = self.modules
+        for f in factories where modules[f.peftType.uppercased()] == nil { modules[f.peftType.uppercased()] = f }
+        return AdapterMethodTable(linear: linear, modules: modules)
+    }
+
     /// Every known `peft_type`, sorted.
     public var knownTypes: [String] { (Array(linear.keys) + Array(modules.keys)).sorted() }
 

@@ -41,7 +41,7 @@ extension ModuleAdapterMethod {
 
     /// Copies `tensor` into the parameter called `name` after checking its shape; `hint` names the config key
     /// that sets the shape.
-    func loadNamedParameter(_ name: String, from tensor: Tensor, hint: String? = nil) throws {
+    public func loadNamedParameter(_ name: String, from tensor: Tensor, hint: String? = nil) throws {
         guard let target = namedParameters.first(where: { $0.name == name })?.tensor else {
             throw GraftError.format("unknown \(Self.self) tensor '\(name)' (expected \(namedParameters.map(\.name).joined(separator: ", ")))")
         }

@@ -42,7 +42,7 @@ public struct TargetMatcher {
     }
 
     /// Whether `pattern` matches the whole of `string`.
-    static func regexMatches(_ pattern: String, _ string: String) -> Bool {
+    public static func regexMatches(_ pattern: String, _ string: String) -> Bool {
         guard let re = try? NSRegularExpression(pattern: "^(?:\(pattern))$") else { return false }
         return re.firstMatch(in: string, range: NSRange(string.startIndex..., in: string)) != nil
     }

@@ -52,6 +52,9 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
     /// When set, every forward pass also computes every expert's importance to compare the router's selection
     /// with each token's true top-k experts (costs a dense pass; for evaluation).
     public var checksAgreement = false
+    /// Adapters tuning this block (ESFT's tuned experts, PERFT's routed LoRA experts), in attach order; the
+    /// enabled ones take part in every forward pass.
+    public var adapters: [any MoEBlockAdapter] = []
 
     /// A block from its experts' weights (shapes above), `partition` (a permutation of `0..<E·m`) and router.
     /// Throws when a shape or the partition does not fit.
@@ -105,12 +108,37 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         // k = E runs every expert on every token without gathering (the dense block, split in E products).
         let rows: [[Int32]?] = topK >= experts ? [[Int32]?](repeating: nil, count: experts) : plan.rows
         let weights: Tensor? = combine == .probability ? probs : nil
-        let y = routedSwiGLUExperts(flat, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: rows)
+        let enabled = adapters.filter(\.isEnabled)
+        var y: Tensor
+        if let tuned = enabled.lazy.compactMap(\.replacedExperts).first {
+            y = routedWithReplacedExperts(flat, tuned, weights: weights, rows: rows)
+        } else {
+            y = routedSwiGLUExperts(flat, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: rows)
+        }
+        for a in enabled { if let d = a.addedOutput(flat) { y = y + d } }
         let gates = Tensor(shape: [tokens, experts], values: plan.dispatched)
         if combine == .probability { gates.pointer.update(from: withNoGrad { mul(gates, probs) }.pointer, count: gates.count) }
         statistics.record(probs: probs, gates: gates, plan: plan)
         if checksAgreement { recordAgreement(flat, selected: plan.selected) }
         return y.reshaped(shape)
+    }
+
+    /// The routed experts with experts `tuned.indices` running on `tuned`'s weights instead of the block's own:
+    /// the block's experts run on their tokens except the replaced ones, the tuned weights on the replaced ones'
+    /// tokens, and the two sums add up (routing weights reach both).
+    func routedWithReplacedExperts(_ x: Tensor, _ tuned: ReplacedExperts, weights: Tensor?, rows: [[Int32]?]) -> Tensor {
+        var baseRows = rows
+        for e in tuned.indices { baseRows[e] = [] }
+        let base = routedSwiGLUExperts(x, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: baseRows)
+        // The tuned experts' columns of the weights, [T, S], through a one-hot [E, S] product (recorded for autograd).
+        let columns = weights.map { w -> Tensor in
+            var onehot = [Float](repeating: 0, count: experts * tuned.indices.count)
+            for (s, e) in tuned.indices.enumerated() { onehot[e * tuned.indices.count + s] = 1 }
+            return matmul(w, Tensor(shape: [experts, tuned.indices.count], values: onehot))
+        }
+        let routed = routedSwiGLUExperts(x, gate: tuned.gate, up: tuned.up, down: tuned.down, weights: columns,
+                                         rows: tuned.indices.map { rows[$0] })
+        return base + routed
     }
 
     /// The L2 norm of every column of each expert's `down` slice (`[E, hidden, m]`), in expert order `[E·m]`.
@@ -163,6 +191,38 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         let dense = 2 * 3 * hiddenSize * expertSize * experts
         return (2 * hiddenSize * experts + 2 * 3 * hiddenSize * expertSize * topK, dense)
     }
+}
+
+/// Weights that replace some experts of an MoE block: expert `indices[s]` runs on slice `s` of `gate`, `up`
+/// (`[S, m, hidden]`) and `down` (`[S, hidden, m]`).
+public struct ReplacedExperts {
+    /// The replaced experts, ascending.
+    public let indices: [Int]
+    /// `[S, m, hidden]`.
+    public let gate: Tensor
+    /// `[S, m, hidden]`.
+    public let up: Tensor
+    /// `[S, hidden, m]`.
+    public let down: Tensor
+
+    /// Experts `indices` with weights `gate`, `up`, `down` (shapes above).
+    public init(indices: [Int], gate: Tensor, up: Tensor, down: Tensor) {
+        self.indices = indices
+        self.gate = gate
+        self.up = up
+        self.down = down
+    }
+}
+
+/// An adapter on an MoE feed-forward block (``MoEFeedForward/adapters``): it may replace some experts' weights
+/// (ESFT) and add a term to the block's output (PERFT).
+public protocol MoEBlockAdapter: AnyObject {
+    /// Whether the adapter takes part in forward passes now (active, not merged).
+    var isEnabled: Bool { get }
+    /// The experts whose weights this adapter replaces; nil for none.
+    var replacedExperts: ReplacedExperts? { get }
+    /// A term added to the block's output for its flat input `x` (`[T, hidden]`), `[T, hidden]`; nil for none.
+    func addedOutput(_ x: Tensor) -> Tensor?
 }
 
 /// `Σ |p[j]| · w[j]` over `count` floats.

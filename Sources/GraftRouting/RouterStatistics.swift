@@ -19,6 +19,9 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
     public var gateMass: [Double]
     /// Per expert, selections dropped because the expert was at capacity.
     public var overflow: [Int]
+    /// Per expert, the sum over the tokens sent to it of the router's softmax probability for it (ESFT's average
+    /// gate score is this over the tokens, whatever weight the layer applies).
+    public var probabilityMass: [Double]
     /// Sum over tokens of the router's entropy (nats).
     public var entropySum: Double = 0
     /// Tokens whose selection was compared with the experts that actually matter most (MoE bases, when checked).
@@ -35,6 +38,7 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
         dispatchedTokens = [Int](repeating: 0, count: experts)
         gateMass = [Double](repeating: 0, count: experts)
         overflow = [Int](repeating: 0, count: experts)
+        probabilityMass = [Double](repeating: 0, count: experts)
     }
 
     /// Expert load: the fraction of the applied gate weight each expert received (sums to 1 without overflow).
@@ -65,17 +69,19 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
         tokens += t
         let pp = probs.pointer, pg = gates.pointer
         var h: Double = 0
-        var mass = [Double](repeating: 0, count: e)
+        var mass = [Double](repeating: 0, count: e), routedProbability = [Double](repeating: 0, count: e)
         for i in 0..<t {
             for j in 0..<e {
                 let p = pp[i * e + j]
                 if p > 0 { h -= Double(p) * Double(Foundation.log(p)) }
                 mass[j] += Double(pg[i * e + j])
+                routedProbability[j] += Double(p * plan.dispatched[i * e + j])
             }
         }
         entropySum += h
         for j in 0..<e {
             gateMass[j] += mass[j]
+            probabilityMass[j] += routedProbability[j]
             dispatchedTokens[j] += plan.rows[j]?.count ?? t
             overflow[j] += plan.overflow[j]
         }
@@ -85,22 +91,33 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
     public var summary: [String: Any] {
         ["path": path, "experts": experts, "forward_passes": forwardPasses, "tokens": tokens, "load": load,
          "token_fraction": tokenFraction, "mean_entropy": meanEntropy, "overflow": overflow, "overflow_count": overflowCount,
-         "top_k_agreement": topKAgreement, "agreement_tokens": agreementTokens]
+         "top_k_agreement": topKAgreement, "agreement_tokens": agreementTokens,
+         "mean_routed_probability": probabilityMass.map { tokens > 0 ? $0 / Double(tokens) : 0 }]
     }
 }
 
 extension AdaptedModel {
-    /// Router statistics of every mixture layer of adapter `name` (all adapters when nil), in layer order.
+    /// Router statistics of every mixture layer of adapter `name` (all adapters when nil), in layer order: the
+    /// Linear mixtures (`LORA_MOE`, `MOV`) and the PEFT experts' routers in MoE blocks (`PERFT`).
     public func routerStatistics(adapter name: String? = nil) -> [(adapter: String, stats: RouterLayerStatistics)] {
         adapters.filter { name == nil || $0.name == name }.flatMap { a in
-            a.layers.compactMap { ($0.adapter as? LoRAMixtureLayer).map { (a.name, $0.statistics) } }
+            a.layers.compactMap { l -> (String, RouterLayerStatistics)? in
+                if let m = l.adapter as? LoRAMixtureLayer { return (a.name, m.statistics) }
+                return (l.adapter as? MoVLayer).map { (a.name, $0.statistics) }
+            } + a.modules.compactMap { ($0.adapter as? PERFTLayer).map { (a.name, $0.statistics) } }
         }
     }
 
     /// Clears the router statistics of every mixture layer (of adapter `name`, or all).
     public func resetRouterStatistics(adapter name: String? = nil) {
         for a in adapters where name == nil || a.name == name {
-            for l in a.layers { if let m = l.adapter as? LoRAMixtureLayer { m.statistics = RouterLayerStatistics(path: m.path, experts: m.experts) } }
+            for l in a.layers {
+                if let m = l.adapter as? LoRAMixtureLayer { m.statistics = RouterLayerStatistics(path: m.path, experts: m.experts) }
+                if let m = l.adapter as? MoVLayer { m.statistics = RouterLayerStatistics(path: m.path, experts: m.experts) }
+            }
+            for m in a.modules {
+                if let p = m.adapter as? PERFTLayer { p.statistics = RouterLayerStatistics(path: p.statistics.path, experts: p.experts) }
+            }
         }
     }
 

@@ -33,7 +33,8 @@ struct Train: ParsableCommand {
         abstract: "Fine-tune an adapter from flags and/or a JSON config.",
         discussion: """
         A JSON config may hold any of: model, task ("seq-cls" | "causal-lm"), data, eval_data, output, max_length, \
-        num_labels, adapter (a PEFT adapter_config.json object), training (any training option by name: \
+        num_labels, moe_base (a directory graft moefy --output wrote: the decoder becomes that MoE base, for ESFT and \
+        PERFT; ESFT without "experts" selects them from the training data), adapter (a PEFT adapter_config.json object), training (any training option by name: \
         learning_rate, weight_decay, warmup_steps, total_steps or max_steps, schedule, optimizer, max_grad_norm, \
         gradient_accumulation_steps, batch_size, seed, epochs, beta1, beta2, eps, momentum, shuffle, \
         eval_batch_size, max_examples, init_batches; the README's options table). The options in effect are printed first. \
@@ -69,6 +70,7 @@ struct Train: ParsableCommand {
     @Option(help: "Maximum tokens per example.") var maxLength: Int?
     @Option(help: "Optimizer: adamw or sgd.") var optimizer: String?
     @Option(help: "Use only N training examples, spread over the data.") var maxExamples: Int?
+    @Option(help: "An MoE base saved by graft moefy --output (ESFT and PERFT tune its experts).") var moeBase: String?
     @OptionGroup var flags: TrainingFlags
 
     func run() throws {
@@ -114,7 +116,7 @@ struct Train: ParsableCommand {
                     ? t.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } : t
             }
             if let m = modulesToSave { adapter["modules_to_save"] = m.split(separator: ",").map(String.init) }
-            if adapter["target_modules"] == nil {
+            if adapter["target_modules"] == nil, !AdapterConfig.typesOnMoEBlocks.contains((adapter["peft_type"] as? String ?? "").uppercased()) {
                 adapter["target_modules"] = task == .sequenceClassification ? ["query", "value"] : ["q_proj", "v_proj"]
             }
             if task == .sequenceClassification && adapter["modules_to_save"] == nil { adapter["modules_to_save"] = ["classifier"] }
@@ -175,7 +177,8 @@ struct Train: ParsableCommand {
             let heldOut = test == nil
             if test == nil { (train, test) = try holdOut(train) }
             let run = try TrainingRun(model: modelName, task: task, numLabels: numLabels, classNames: classNames,
-                                      adapter: adapter, options: options, computeDType: try flags.computeFormat())
+                                      adapter: adapter, options: options, computeDType: try flags.computeFormat(),
+                                      moeBase: try value(moeBase, "moe_base"), selectionData: train)
             try run.run(train: train, test: test ?? train, evalName: heldOut ? "held-out" : (task == .causalLM ? "eval" : "test"),
                         output: output, checkpoint: try flags.checkpointPlan(), report: flags.report, initialEval: !flags.skipInitialEval)
         }
@@ -183,7 +186,7 @@ struct Train: ParsableCommand {
 
     /// The keys a `--config` file may hold.
     static let configKeys: Set<String> = ["model", "task", "data", "eval_data", "output", "max_length", "num_labels",
-                                          "adapter", "training", "optimizer"]
+                                          "adapter", "training", "optimizer", "moe_base"]
 
     /// The JSONL file at `path` as data for `task`; for classification, string labels are numbered by `labels`
     /// when given (an unknown one is an error naming the line), else by first appearance, and the names returned.

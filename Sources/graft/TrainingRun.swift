@@ -11,9 +11,12 @@ struct TrainingRun {
     let modelName: String
 
     /// Opens `model` (a path or asset name) for `task`, adds `adapter` and creates the trainer. The head and the
-    /// adapter are drawn from `options.seed`; `classNames` name the classifier's classes.
+    /// adapter are drawn from `options.seed`; `classNames` name the classifier's classes. `moeBase` (a directory
+    /// `graft moefy --output` wrote) makes the decoder that MoE base first; an ESFT adapter without `experts` gets
+    /// them selected from `selectionData` (the training data).
     init(model: String, task: SessionTask, numLabels: Int, classNames: [String]?, adapter: [String: Any],
-         options: Graft.TrainingOptions, computeDType: ComputeDType = .float32) throws {
+         options: Graft.TrainingOptions, computeDType: ComputeDType = .float32, moeBase: String? = nil,
+         selectionData: TextData? = nil) throws {
         var modelOptions = ModelOptions()
         modelOptions.computeDType = computeDType
         modelOptions.task = task
@@ -22,6 +25,32 @@ struct TrainingRun {
         try modelOptions.validate()
         let session = try AssetCache.openSession(model, options: modelOptions)
         if let classNames { try session.setClassNames(classNames) }
+        var adapter = adapter
+        if let moeBase {
+            guard case .decoder(let llama) = session.model.backbone else {
+                throw GraftError.invalid("moe_base '\(moeBase)': an MoE base is made from a Llama decoder, but \(model) is not one")
+            }
+            try MoEBaseFormat.load(into: llama, from: moeBase)
+            print("moe base   \(moeBase) (\(llama.moeBlocks.first?.experts ?? 0) experts per layer, top-\(llama.moeBlocks.first?.topK ?? 0))")
+        }
+        if (adapter["peft_type"] as? String)?.uppercased() == ESFTFactory.peftType, adapter["experts"] == nil {
+            guard case .decoder(let llama) = session.model.backbone, !llama.moeBlocks.isEmpty, let data = selectionData else {
+                throw GraftError.invalid("ESFT tunes the experts of an MoE base: give moe_base (a graft moefy --output directory)")
+            }
+            let scoreName = adapter["score_function"] as? String ?? ESFTScore.token.rawValue
+            guard let score = ESFTScore(rawValue: scoreName) else {
+                throw GraftError.invalid("adapter config: 'score_function' must be \"token\" or \"gate\", got \"\(scoreName)\"")
+            }
+            guard let topP = adapter["top_p"].map({ $0 as? Double }) ?? 0.2 else {
+                throw GraftError.invalid("adapter config: 'top_p' must be a number, got \(adapter["top_p"] ?? "")")
+            }
+            let examples = try session.taskModel.examples(data, tokenizer: session.model.tokenizer, maxLength: options.maxLength)
+            let selected = try ESFT.configuration(model: llama, sequences: examples.map(\.ids), score: score, topP: topP)
+            adapter.merge(selected) { _, new in new }
+            let counts = (selected["experts"] as? [String: [Int]] ?? [:]).values.map(\.count)
+            print(String(format: "esft       %@ score, top_p %.2f: %d experts selected over %d layers (%.2f per layer) from the training data",
+                         score.rawValue, topP, counts.reduce(0, +), counts.count, Double(counts.reduce(0, +)) / Double(max(counts.count, 1))))
+        }
         try session.addAdapter(name: "default", config: AdapterConfig(json: adapter, source: "adapter config"), seed: options.seed)
         training = try GraftTrainingSession(session: session, adapterName: "default", options: options)
         modelName = model
@@ -63,7 +92,9 @@ struct TrainingRun {
             print("init       init_lora_weights \"\(pending.rawValue)\" from the first \(training.options.initBatches) training batches before step 1")
         }
         print("model      \(session.model.path) (\(session.model.architecture.rawValue), \(ModelInspector.formatCount(session.model.root.parameterCount)) parameters, frozen)")
-        print("adapter    \(adapter.config.peftType) on \(adapter.layers.count) layers, \(training.trainableParameters) trainable parameters")
+        // Module adapters (ESFT, PERFT, LN tuning) count their modules; the wording stays for the bench's parser.
+        let sites = adapter.layers.isEmpty ? adapter.modules.count : adapter.layers.count
+        print("adapter    \(adapter.config.peftType) on \(sites) layers, \(training.trainableParameters) trainable parameters")
         print(String(format: "data       %d train / %d %@ examples, %.1f tokens per example (packed, no padding)",
                      trainSet.count, testSet.count, evalName, Double(tokens) / Double(max(trainSet.count, 1))))
         if rank0, initialEval { report("before", try training.evaluate(testSet), evalName) }
@@ -103,7 +134,9 @@ struct TrainingRun {
         if let output {
             try session.saveAdapter("default", directory: output)
             let labels = session.classNames.map { " + \(ClassLabelFile.fileName) (\($0.joined(separator: ", ")))" } ?? ""
-            print("saved      \(output) (adapter_config.json + adapter_model.safetensors\(labels), loadable by PEFT)")
+            let peft = PEFTParity.record(for: adapter.config.peftType) == .noPEFTCounterpart
+                ? "Graft's own type, PEFT's file layout" : "loadable by PEFT"
+            print("saved      \(output) (adapter_config.json + adapter_model.safetensors\(labels), \(peft))")
         }
     }
 

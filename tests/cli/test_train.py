@@ -169,3 +169,38 @@ def test_data_driven_init_runs_before_step_one_and_training_lowers_the_loss(tmp_
     before, after = losses(out)
     print(f"{init}: held-out loss {before:.4f} -> {after:.4f}")
     assert after < before - 0.01, out
+
+
+def test_esft_and_perft_train_on_a_moefied_base(tmp_path):
+    """`graft moefy --output` then `graft train` with moe_base: ESFT selects its experts from the training data and
+    saves only them; PERFT's routers report one statistics line per MoE layer."""
+    texts = [f"the {w} was {v} today" for w in ("service", "flight", "food", "crew") for v in ("great", "awful", "late")]
+    data = tmp_path / "lm.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    base = tmp_path / "moe"
+    r = subprocess.run([GRAFT, "moefy", "--experts", "8", "--top-k", "4", "--calibration-tokens", "256", "--eval-texts", "2",
+                        "--output", str(base)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    esft = tmp_path / "esft.json"
+    esft.write_text(json.dumps({"model": "smollm2", "task": "causal-lm", "moe_base": str(base),
+                                "adapter": {"peft_type": "ESFT", "score_function": "gate", "top_p": 0.3}}))
+    out, _ = train("--config", str(esft), "--data", str(data), "--batch-size", "4", "--max-steps", "1", "--skip-initial-eval",
+                   "--output", str(tmp_path / "esft"), cwd=tmp_path)
+    assert "moe base   " in out and "esft       gate score, top_p 0.30:" in out, out
+    saved = json.loads((tmp_path / "esft" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ESFT" and saved["num_experts"] == 8 and len(saved["experts"]) == 30
+    tensors = read_safetensors(tmp_path / "esft" / "adapter_model.safetensors")
+    gate = [k for k in tensors if k.endswith("mlp.tuned_experts.gate_proj")]
+    assert len(gate) == sum(1 for v in saved["experts"].values() if v)
+    assert all(tensors[k].shape == (len(saved["experts"][k.split(".")[4]]), 192, 576) for k in gate)
+    perft = tmp_path / "perft.json"
+    perft.write_text(json.dumps({"model": "smollm2", "task": "causal-lm", "moe_base": str(base),
+                                 "adapter": {"peft_type": "PERFT", "num_experts": 2, "top_k": 1, "r": 2}}))
+    out, _ = train("--config", str(perft), "--data", str(data), "--batch-size", "4", "--max-steps", "1", "--skip-initial-eval",
+                   "--output", str(tmp_path / "perft"), cwd=tmp_path)
+    assert "adapter    PERFT on 30 layers" in out, out
+    assert sum(1 for line in out.splitlines() if line.startswith("router") and "mlp.peft_experts" in line) == 30
+    # Without an MoE base both are refused by name.
+    r = subprocess.run([GRAFT, "train", "--config", str(perft), "--moe-base", str(tmp_path / "missing"), "--data", str(data)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "moe_config.json" in r.stderr
