@@ -29,12 +29,12 @@ import GraftTestSupport
         }
         let dense = try perplexity()
 
-        let routing = try DrLLMRouting(model: llama, bottleneck: 32, windows: 8, executeBias: 1, seed: 1)
+        let routing = try DrLLMRouting(model: llama, bottleneck: 32, windows: 8, executeBias: 2, seed: 1)
         llama.depthPolicy = routing
         routing.mode = .straightThrough
         let params = routing.namedParameters().map { $0.tensor.requiringGrad() }
-        let optimizer = AdamW(parameters: params, learningRate: 1e-2, weightDecay: 0)
-        let steps = 30, rows = 4, penalty: Float = 3
+        let optimizer = AdamW(parameters: params, learningRate: 3e-3, weightDecay: 0)
+        let steps = 40, rows = 4, penalty: Float = 1.5
         var trace: [String] = []
         for step in 0..<steps {
             let sequences = (0..<rows).map { training[(step * rows + $0) % training.count] }
