@@ -113,9 +113,10 @@ public final class DrLLMRouter: Module {
 /// decoded token (``KVCache/layerRoutes``), under the KV policy of ``LayerDepthPolicy``: a skipped layer holds no
 /// keys or values for the sequence, and the second run of a repeated layer keeps its own.
 ///
-/// The paper trains the routers with supervision from routes found by Monte Carlo tree search; Graft trains them
-/// with the base frozen by straight-through estimation instead (``DrLLMMode/straightThrough``): the language
-/// model loss of the hard route plus a compute penalty on the expected layer runs (``trainingLoss(model:batch:targets:computePenalty:)``).
+/// The routers train with the base frozen, in one of two ways: supervised from searched routes, as the paper
+/// (``DrLLMRouteSearch``; the paper's search is a Monte Carlo tree search, Graft's a greedy one), or by
+/// straight-through estimation (``DrLLMMode/straightThrough``, a departure): the language model loss of the hard
+/// route plus a compute penalty on the expected layer runs (``trainingLoss(model:batch:targets:computePenalty:)``).
 public final class DrLLMRouting: Module, LayerDepthPolicy {
     /// One router per decoder layer.
     public let routers: [DrLLMRouter]
@@ -134,6 +135,10 @@ public final class DrLLMRouting: Module, LayerDepthPolicy {
     public private(set) var expectedRuns: Tensor?
     /// Per sequence, the route of the last pass.
     public private(set) var lastRoutes: [[DrLLMAction]] = []
+    /// When set, each pass keeps every layer's input (``capturedInputs``; the supervised training reads them).
+    public var capturesInputs = false
+    /// Per layer, the input `[batch, length, hidden]` of the last pass while ``capturesInputs`` was set.
+    public private(set) var capturedInputs: [Tensor] = []
     private var rng: GraftRNG
 
     /// Routers for `model`'s layers (see ``DrLLMRouter/init(path:hidden:bottleneck:executeBias:rng:)``).
@@ -201,7 +206,9 @@ public final class DrLLMRouting: Module, LayerDepthPolicy {
         var h = x
         var routes = [[DrLLMAction]](repeating: [], count: b)
         var expected: Tensor?
+        if capturesInputs { capturedInputs = [] }
         for (i, layer) in layers.enumerated() {
+            if capturesInputs { capturedInputs.append(h.detached()) }
             var chosen: [DrLLMAction]
             var weights: Tensor?
             if let stored {

@@ -191,4 +191,48 @@ import GraftTestSupport
         #expect(last.0.isFinite && last.0 < (first?.0 ?? .nan))
         #expect(last.1 < (first?.1 ?? .nan), "runs did not fall: \(first?.1 ?? .nan) → \(last.1)")
     }
+    @Test func searchedRoutesScoreNoWorseThanDenseAndSupervisedRoutersLearnThem() throws {
+        let model = try Self.tinyLlama()
+        let routing = try DrLLMRouting(model: model, bottleneck: 8, windows: 2, executeBias: 0, seed: 6)
+        model.depthPolicy = routing
+        let sequences: [[Int32]] = [Self.ids, [4, 8, 15, 16, 23, 12], [1, 2, 3, 4, 5, 6, 7], [9, 9, 30, 2, 11], [20, 3, 3, 14, 6]]
+        var examples: [(inputs: [Tensor], route: [DrLLMAction])] = []
+        var worstGap = 0.0
+        for ids in sequences {
+            let found = try DrLLMRouteSearch.search(model: model, ids: ids, layerCost: 0.05)
+            #expect(found.loss + 0.05 * Double(found.runs) <= found.denseLoss + 0.05 * 3 + 1e-12,
+                    "searched route \(found.route) scores above dense: \(found.loss) vs \(found.denseLoss)")
+            routing.forcedRoute = found.route
+            let logits = try Self.logits(model, ids)
+            routing.forcedRoute = nil
+            routing.resetStatistics()
+            let full = Double(crossEntropy(logits.reshaped([ids.count, 32]), targets: Array(ids.dropFirst()) + [-100]).item)
+            worstGap = worse(worstGap, abs(full - found.loss))
+            examples.append((try DrLLMRouteSearch.layerInputs(model: model, routing: routing, ids: ids, route: found.route), found.route))
+        }
+        #expect(worstGap < 1e-5, "search losses differ from the routed model's by \(worstGap)")
+        #expect(routing.statistics.allSatisfy { $0.tokens == 0 }, "capturing inputs changed the statistics")
+        let weights = DrLLMRouteSearch.classWeights(examples.map(\.route))
+        let params = routing.namedParameters().map { (key: $0.name, tensor: $0.tensor.requiringGrad()) }
+        let objective = { try DrLLMRouteSearch.supervisedLoss(routing: routing, examples: examples, classWeights: weights) }
+        try objective().backward()
+        let check = try finiteDifferenceCheck(params, step: 1e-2, samples: 6) { Double(try withNoGrad { try objective() }.item) }
+        #expect(check.missing.isEmpty && !check.worst.isNaN && check.worst < 1e-2, "supervised loss gradient: \(check.worst)")
+        let optimizer = AdamW(parameters: params.map(\.tensor), learningRate: 3e-2, weightDecay: 0)
+        let before = try objective().item
+        for _ in 0..<80 {
+            optimizer.zeroGrad()
+            try objective().backward()
+            optimizer.step()
+        }
+        let after = try objective().item
+        var hits = 0
+        for (ids, example) in zip(sequences, examples) {
+            _ = try Self.logits(model, ids)
+            hits += zip(routing.lastRoutes[0], example.route).filter { $0 == $1 }.count
+        }
+        let accuracy = Double(hits) / Double(3 * sequences.count)
+        print("Dr.LLM tiny search + supervised routers: routes \(examples.map { $0.route.map(\.rawValue) }), class weights \(weights), loss \(before) → \(after), training-route accuracy \(accuracy), FD error \(check.worst)")
+        #expect(after < before && accuracy >= 0.8)
+    }
 }
