@@ -64,7 +64,7 @@ import GraftTestSupport
         #expect(routing.statistics.allSatisfy { $0.tokens == heldOut.reduce(0) { $0 + $1.count } })
         #expect(depth > 0 && depth <= 60)
     }
-    /// The paper's training: routes searched per training tweet (greedy, 0.01 nats per layer run), routers taught
+    /// The paper's training: routes searched per training tweet (greedy, 0.03 nats per layer run), routers taught
     /// them by class-weighted cross-entropy.
     @Test func routersTaughtSearchedRoutesRunFewerLayersAtAStatedPerplexity() throws {
         let path = try Assets.require(Assets.smollm2)
@@ -72,7 +72,7 @@ import GraftTestSupport
         let tokenizer = try BPETokenizer(ggufFile: path)
         let tweets = try TweetCorpus.load(path: try Assets.require(Assets.tweets)).train.map(\.text)
         let all = tweets.prefix(400).map { Array(tokenizer.encode($0).prefix(32)) }.filter { $0.count >= 4 }
-        let training = Array(all.enumerated().filter { $0.offset % 10 != 9 }.map(\.element).prefix(16))
+        let training = Array(all.enumerated().filter { $0.offset % 10 != 9 }.map(\.element).prefix(48))
         let heldOut = Array(all.enumerated().filter { $0.offset % 10 == 9 }.map(\.element).prefix(24))
         func perplexity() throws -> Double {
             var sum = 0.0, count = 0
@@ -90,7 +90,7 @@ import GraftTestSupport
         var examples: [(inputs: [Tensor], route: [DrLLMAction])] = []
         var searchedRuns = 0.0, searchedLoss = 0.0, denseLoss = 0.0
         for ids in training {
-            let found = try DrLLMRouteSearch.search(model: llama, ids: ids, layerCost: 0.01, maxTrials: 12)
+            let found = try DrLLMRouteSearch.search(model: llama, ids: ids, layerCost: 0.03, maxTrials: 12)
             searchedRuns += Double(found.runs) / Double(training.count)
             searchedLoss += found.loss / Double(training.count)
             denseLoss += found.denseLoss / Double(training.count)
@@ -99,7 +99,7 @@ import GraftTestSupport
         let weights = DrLLMRouteSearch.classWeights(examples.map(\.route))
         print(String(format: "SmolLM2 Dr.LLM route search on %d tweets: %.2f layer runs per tweet, mean loss %.3f vs dense %.3f",
                      training.count, searchedRuns, searchedLoss, denseLoss) + "; class weights \(weights)")
-        #expect(searchedLoss + 0.01 * searchedRuns <= denseLoss + 0.01 * 30 + 1e-9)
+        #expect(searchedLoss + 0.03 * searchedRuns <= denseLoss + 0.03 * 30 + 1e-9)
         let optimizer = AdamW(parameters: routing.namedParameters().map { $0.tensor.requiringGrad() }, learningRate: 1e-2, weightDecay: 0)
         var first = Float.nan, last = Float.nan
         for step in 0..<60 {

@@ -3,11 +3,20 @@ import Testing
 import Graft
 import GraftTestSupport
 
-/// Mixture-of-Recursions made from SmolLM2 (frozen): layers 12–14 become a shared block recursed once or twice in
-/// place of layers 12–17 (layers 15–17 dropped), and a router trained on tweets picks each token's depth. Reports
-/// the average recursion depth and held-out perplexity against the dense model and both fixed depths.
+/// Mixture-of-Recursions made from SmolLM2 (frozen): a shared block recursed once or twice per token, a router
+/// trained on tweets picking each token's depth. Reports the average recursion depth and held-out perplexity
+/// against the dense model and both fixed depths.
 @Suite struct MixtureOfRecursionsSmolLM2Tests {
     @Test func aRoutedSharedBlockLandsBetweenItsFixedDepthsAtAStatedPerplexity() throws {
+        try run(block: 12..<15, suffixStart: 18, penalty: 0.3, label: "block 12-14 shared for 12-17")
+    }
+
+    /// Layer 5 recursed once more for the tokens the router picks (depth 1 is the dense model).
+    @Test func anExtraRecursionOfOneLayerForRoutedTokens() throws {
+        try run(block: 5..<6, suffixStart: 6, penalty: 0, label: "layer 5 recursed")
+    }
+
+    func run(block: Range<Int>, suffixStart: Int, penalty: Float, label: String) throws {
         let path = try Assets.require(Assets.smollm2)
         let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
         let tokenizer = try BPETokenizer(ggufFile: path)
@@ -27,7 +36,8 @@ import GraftTestSupport
             return exp(sum / Double(count))
         }
         let dense = try perplexity()
-        let routing = try MixtureOfRecursions(model: llama, blockStart: 12, blockEnd: 15, suffixStart: 18, maxRecursions: 2,
+        let routing = try MixtureOfRecursions(model: llama, blockStart: block.lowerBound, blockEnd: block.upperBound,
+                                              suffixStart: suffixStart, maxRecursions: 2,
                                               firstDepthBias: 0, seed: 1)
         llama.depthPolicy = routing
         routing.forcedDepth = 1
@@ -38,7 +48,7 @@ import GraftTestSupport
 
         routing.trainsRouter = true
         let optimizer = AdamW(parameters: routing.namedParameters().map { $0.tensor.requiringGrad() }, learningRate: 1e-2, weightDecay: 0)
-        let steps = 40, rows = 4, penalty: Float = 0.3
+        let steps = 40, rows = 4
         var trace: [String] = []
         for step in 0..<steps {
             let batch = try TokenBatch(sequences: (0..<rows).map { training[(step * rows + $0) % training.count] })
@@ -58,9 +68,10 @@ import GraftTestSupport
         routing.resetStatistics()
         let routed = try perplexity()
         let depth = routing.statistics.meanDepth
-        let layers = Double(routing.layersRun(depth: 0, layerCount: 30)) + depth * 3
-        print(String(format: "SmolLM2 MoR (block 12-14 shared for 12-17, N=2, penalty %.1f): mean recursion depth %.2f (%.1f layers per token), held-out perplexity %.2f; depth 1 everywhere (27 layers) %.2f, depth 2 everywhere (30 layers, shared) %.2f, dense %.2f on %d tweets",
-                     penalty, depth, layers, routed, shallow, deep, dense, heldOut.count) + ", depth histogram \(routing.statistics.dispatchedTokens)")
+        let layers = Double(routing.layersRun(depth: 0, layerCount: 30)) + depth * Double(block.count)
+        print(String(format: "SmolLM2 MoR (%@, N=2, penalty %.1f): mean recursion depth %.3f (%.2f layers per token), held-out perplexity %.2f; depth 1 everywhere (%d layers) %.2f, depth 2 everywhere (%d layers) %.2f, dense %.2f on %d tweets",
+                     label as NSString, penalty, depth, layers, routed, routing.layersRun(depth: 1, layerCount: 30), shallow,
+                     routing.layersRun(depth: 2, layerCount: 30), deep, dense, heldOut.count) + ", depth histogram \(routing.statistics.dispatchedTokens)")
         #expect([dense, shallow, deep, routed].allSatisfy { $0.isFinite })
         #expect(routing.statistics.tokens == heldOut.reduce(0) { $0 + $1.count })
         #expect(depth >= 1 && depth <= 2)
