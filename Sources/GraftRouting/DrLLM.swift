@@ -188,6 +188,9 @@ public final class DrLLMRouting: Module, LayerDepthPolicy {
         if let forcedRoute, forcedRoute.count != layers.count {
             throw GraftError.invalid("Dr.LLM: the forced route has \(forcedRoute.count) actions for \(layers.count) layers")
         }
+        guard x.rank == 3, pass.lengths.count == x.shape[0], pass.positions.count == x.shape[0] * x.shape[1] else {
+            throw GraftError.invalid("Dr.LLM: a pass over \(x.shape) needs one length per row and one position per token, got \(pass.lengths.count) and \(pass.positions.count)")
+        }
         let b = x.shape[0]
         let cache = pass.cache
         var stored: [DrLLMAction]?

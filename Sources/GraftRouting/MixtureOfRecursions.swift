@@ -108,6 +108,9 @@ public final class MixtureOfRecursions: Module, LayerDepthPolicy {
 
     /// Runs `layers` over `x` with the block recursed per token (see the type's description).
     public func runLayers(_ x: Tensor, layers: [LlamaDecoderLayer], pass: LayerPass) throws -> Tensor {
+        guard x.rank == 3, pass.lengths.count == x.shape[0], pass.positions.count == x.shape[0] * x.shape[1] else {
+            throw GraftError.invalid("Mixture-of-Recursions: a pass over \(x.shape) needs one length per row and one position per token, got \(pass.lengths.count) and \(pass.positions.count)")
+        }
         guard suffixStart <= layers.count, routerWeight.shape[1] == x.shape[2] else {
             throw GraftError.invalid("Mixture-of-Recursions: the routing (suffix start \(suffixStart), width \(routerWeight.shape[1])) does not fit a stack of \(layers.count) layers of width \(x.shape[2])")
         }
