@@ -235,4 +235,29 @@ import GraftTestSupport
         print("Dr.LLM tiny search + supervised routers: routes \(examples.map { $0.route.map(\.rawValue) }), class weights \(weights), loss \(before) → \(after), training-route accuracy \(accuracy), FD error \(check.worst)")
         #expect(after < before && accuracy >= 0.8)
     }
+    @Test func aCopiedPrefixOfAFixedCapacityCacheContinuesWithItsRouteAndRepeatedKeys() throws {
+        let model = try Self.tinyLlama()
+        let routing = try Self.routing(model, route: [.execute, .twice, .skip])
+        model.depthPolicy = routing
+        let prompt: [Int32] = [3, 17, 9, 28, 1]
+        let width = model.config.kvHeads * model.config.headDim
+        let original = KVCache(layerCount: 3, width: width, capacity: 16)
+        _ = try withNoGrad { try model.hiddenStates(TokenBatch(ids: prompt, batchSize: 1, length: prompt.count), cache: original) }
+        let copy = KVCache(layerCount: 3, width: width, capacity: 16)
+        try copy.copyPrefix(of: original, positions: prompt.count)
+        #expect(copy.layerRoutes == [1, 2, 0] && copy.layer(1, execution: 1).length == prompt.count && copy.layers[2].length == 0)
+        // A router that would now choose otherwise does not change a continued sequence's route.
+        for r in routing.routers { for j in 0..<3 { r.fc2Bias.pointer[j] = j == 1 ? 40 : 0 } }
+        let step = try TokenBatch(ids: [12], batchSize: 1, length: 1)
+        let a = try withNoGrad { try model.hiddenStates(step, cache: original) }
+        let b = try withNoGrad { try model.hiddenStates(step, cache: copy) }
+        #expect(maxAbsDifference(a, b) == 0 && original.layerRoutes == [1, 2, 0])
+        routing.forcedRoute = [.execute, .twice, .skip]
+        let full = try withNoGrad { try model.hiddenStates(TokenBatch(ids: prompt + [12], batchSize: 1, length: 6)) }
+        let h = model.config.hiddenSize
+        var worst: Float = 0
+        for j in 0..<h { worst = worse(worst, abs(a.pointer[j] - full.pointer[5 * h + j])) }
+        #expect(worst < 1e-4, "cached step vs uncached last position: \(worst)")
+        #expect(throws: GraftError.self) { try withNoGrad { try model.hiddenStates(TokenBatch(ids: Array(repeating: 1, count: 12), batchSize: 1, length: 12), cache: copy) } }
+    }
 }
