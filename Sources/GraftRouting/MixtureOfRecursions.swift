@@ -54,6 +54,12 @@ public final class MixtureOfRecursions: Module, LayerDepthPolicy {
     public private(set) var expectedDepth: Tensor?
     /// Per token, the depth of the last pass (padding positions 0).
     public private(set) var lastDepths: [Int] = []
+    /// The LoRAs per recursion depth on the block's projections (``addRecursionLoRA(model:rank:alpha:targets:seed:)``);
+    /// none by default.
+    public internal(set) var recursionAdapters: [RecursionLoRA] = []
+    /// The projections the recursion LoRAs target (`o_proj`, `down_proj`, ...).
+    public internal(set) var recursionLoRATargets: [String] = []
+    let recursionState = RecursionState()
     private let ones: Tensor
 
     /// A router for `model`'s block `[blockStart, blockEnd)` recursed up to `maxRecursions` times, then the layers
@@ -197,6 +203,8 @@ public final class MixtureOfRecursions: Module, LayerDepthPolicy {
         let cacheLength = pass.cache.map { $0.layer(blockStart, execution: step).length } ?? 0
         let mask = AttentionMask(causal: true, queryOffset: cacheLength)
         var y = gathered.reshaped([1, m, hd])
+        recursionState.current = step
+        defer { recursionState.current = 0 }
         for i in blockStart..<blockEnd {
             y = layers[i].run(y, positions: positions, mask: mask, cache: pass.cache?.layer(i, execution: step))
         }

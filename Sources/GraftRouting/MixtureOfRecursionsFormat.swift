@@ -8,10 +8,12 @@ import GraftTensor
 /// A saved directory holds:
 /// - `recursion_config.json`: `{"format": "graft-mixture-of-recursions", "version": 1, "layers": L,
 ///   "hidden_size": h, "block_start": s, "block_end": e, "suffix_start": u, "max_recursions": N,
-///   "routing": "token-choice", "gate": "straightThrough" | "probability", "kv_policy": "recursion-wise"}` plus
+///   "routing": "token-choice", "gate": "straightThrough" | "probability", "kv_policy": "recursion-wise"}`, with
+///   recursion LoRAs also `"lora_rank": r, "lora_scale": alpha / r, "lora_targets": ["o_proj", ...]`, plus
 ///   informational fields;
 /// - `recursion_router.safetensors`: `model.recursion.router.weight` F32 `[N, h]` and
-///   `model.recursion.router.bias` F32 `[N]` (logit `j` is depth `j + 1`);
+///   `model.recursion.router.bias` F32 `[N]` (logit `j` is depth `j + 1`), and per adapted projection and
+///   recursion `r` in `1..<N` `<projection path>.recursion_lora.r.lora_A` F32 `[rank, in]` and `.lora_B` `[out, rank]`;
 /// - the `graft_manifest.json` every Graft save writes (kind `mixture-of-recursions`).
 public enum MixtureOfRecursionsFormat {
     /// The config file's name.
@@ -27,7 +29,18 @@ public enum MixtureOfRecursionsFormat {
         var writer = SafeTensorsWriter()
         try writer.add("model.recursion.router.weight", routing.routerWeight)
         try writer.add("model.recursion.router.bias", routing.routerBias)
+        for adapter in routing.recursionAdapters {
+            for (r, (a, b)) in zip(adapter.loraA, adapter.loraB).enumerated() {
+                try writer.add("\(adapter.path).recursion_lora.\(r + 1).lora_A", a)
+                try writer.add("\(adapter.path).recursion_lora.\(r + 1).lora_B", b)
+            }
+        }
         var config = extra
+        if let first = routing.recursionAdapters.first {
+            config["lora_rank"] = first.loraA.first?.shape[0] ?? 0
+            config["lora_scale"] = Double(first.scale)
+            config["lora_targets"] = routing.recursionLoRATargets
+        }
         config.merge(["format": formatName, "version": 1, "layers": model.layers.count,
                       "hidden_size": model.config.hiddenSize, "block_start": routing.blockStart,
                       "block_end": routing.blockEnd, "suffix_start": routing.suffixStart,
@@ -75,6 +88,24 @@ public enum MixtureOfRecursionsFormat {
                                               routerWeight: tensor("model.recursion.router.weight", [n, h]),
                                               routerBias: tensor("model.recursion.router.bias", [n]))
         routing.gate = gate
+        let rank = try config.int("lora_rank", default: 0)
+        if rank > 0, n > 1 {
+            guard let targets = config.object["lora_targets"] as? [String], !targets.isEmpty else {
+                throw GraftError.format("\(configPath): field 'lora_targets' must list the projections the recursion LoRAs adapt")
+            }
+            let scale = try config.double("lora_scale")
+            guard scale.isFinite else { throw GraftError.format("\(configPath): field 'lora_scale' must be finite") }
+            try routing.addRecursionLoRA(model: model, rank: rank, alpha: Float(scale) * Float(rank), targets: targets)
+            for adapter in routing.recursionAdapters {
+                for r in 0..<adapter.loraA.count {
+                    let p = "\(adapter.path).recursion_lora.\(r + 1)."
+                    for (target, name) in [(adapter.loraA[r], "lora_A"), (adapter.loraB[r], "lora_B")] {
+                        let saved = try tensor(p + name, target.shape)
+                        withExtendedLifetime(saved) { target.pointer.update(from: saved.pointer, count: target.count) }
+                    }
+                }
+            }
+        }
         return routing
     }
 }

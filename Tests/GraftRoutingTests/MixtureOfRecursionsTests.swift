@@ -76,6 +76,9 @@ import GraftTestSupport
     @Test func theGradientThroughTheRouterMatchesFiniteDifferences() throws {
         let model = try Self.tinyLlama()
         let routing = try Self.mixedRouting(model)
+        try routing.addRecursionLoRA(model: model, rank: 2, alpha: 4, targets: ["o_proj", "down_proj", "q_proj"], seed: 3)
+        var rng = GraftRNG(seed: 8)
+        for a in routing.recursionAdapters { for b in a.loraB { for j in 0..<b.count { b.pointer[j] = 0.3 * rng.nextNormal() } } }
         model.depthPolicy = routing
         routing.gate = .probability
         routing.trainsRouter = true
@@ -88,7 +91,8 @@ import GraftTestSupport
         let result = try finiteDifferenceCheck(params, step: 1e-3, samples: 16, skipKinks: true) {
             Double(try withNoGrad { try loss() }.item)
         }
-        print("MoR probability-gate gradient check: worst relative error \(result.worst), kinks \(result.kinks), missing \(result.missing), depths \(routing.lastDepths)")
+        print("MoR probability-gate gradient check (router and recursion LoRAs, \(params.count) tensors): worst relative error \(result.worst), kinks \(result.kinks), missing \(result.missing), depths \(routing.lastDepths)")
+        #expect(params.count == 2 + 3 * 2 * 2)
         #expect(result.missing.isEmpty)
         #expect(!result.worst.isNaN && result.worst < 2e-2, "worst relative error \(result.worst)")
         #expect(result.kinks < 8)
@@ -114,15 +118,20 @@ import GraftTestSupport
         let model = try Self.tinyLlama()
         let routing = try Self.mixedRouting(model)
         routing.gate = .probability
+        try routing.addRecursionLoRA(model: model, rank: 3, alpha: 6, seed: 1)
+        var rng = GraftRNG(seed: 2)
+        for a in routing.recursionAdapters { for b in a.loraB { for j in 0..<b.count { b.pointer[j] = 0.2 * rng.nextNormal() } } }
         model.depthPolicy = routing
         let before = try Self.logits(model, Self.ids)
         let depths = routing.lastDepths
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-mor-\(getpid())").path
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try MixtureOfRecursionsFormat.save(routing, model: model, to: dir)
-        let loaded = try MixtureOfRecursionsFormat.load(for: model, from: dir)
-        model.depthPolicy = loaded
-        let after = try Self.logits(model, Self.ids)
+        let fresh = try Self.tinyLlama()
+        let loaded = try MixtureOfRecursionsFormat.load(for: fresh, from: dir)
+        fresh.depthPolicy = loaded
+        let after = try Self.logits(fresh, Self.ids)
+        #expect(loaded.recursionAdapters.count == 2 && loaded.recursionLoRATargets == ["o_proj", "down_proj"])
         #expect(loaded.lastDepths == depths && loaded.gate == .probability && loaded.maxRecursions == 3)
         #expect(maxAbsDifference(before, after) == 0)
         do {
@@ -156,5 +165,29 @@ import GraftTestSupport
         print("MoR tiny training (penalty 2): objective \(first?.0 ?? .nan) → \(last.0), mean depth \(first?.1 ?? .nan) → \(last.1)")
         #expect(last.0.isFinite && last.0 < (first?.0 ?? .nan))
         #expect(last.1 < (first?.1 ?? .nan))
+    }
+    @Test func recursionLoRAsChangeOnlyTheLaterRecursions() throws {
+        let model = try Self.tinyLlama()
+        let routing = try MixtureOfRecursions(model: model, blockStart: 1, blockEnd: 2, maxRecursions: 3)
+        model.depthPolicy = routing
+        routing.forcedDepth = 1
+        let once = try Self.logits(model, Self.ids)
+        routing.forcedDepth = 3
+        let thrice = try Self.logits(model, Self.ids)
+        try routing.addRecursionLoRA(model: model, rank: 2, alpha: 4, seed: 5)
+        let zeroB = try Self.logits(model, Self.ids)
+        var rng = GraftRNG(seed: 9)
+        for a in routing.recursionAdapters { for b in a.loraB { for j in 0..<b.count { b.pointer[j] = 0.3 * rng.nextNormal() } } }
+        let adapted = try Self.logits(model, Self.ids)
+        routing.forcedDepth = 1
+        let onceAdapted = try Self.logits(model, Self.ids)
+        model.depthPolicy = nil
+        let plain = try Self.logits(model, Self.ids)
+        #expect(maxAbsDifference(zeroB, thrice) == 0, "zero-initialised LoRAs changed depth 3 by \(maxAbsDifference(zeroB, thrice))")
+        #expect(maxAbsDifference(onceAdapted, once) == 0 && maxAbsDifference(plain, once) == 0, "the LoRAs acted outside recursions 2 and 3")
+        #expect(maxAbsDifference(adapted, thrice) > 1e-3, "trained LoRAs left depth 3 unchanged")
+        #expect(throws: GraftError.self) { try routing.addRecursionLoRA(model: model, rank: 2, alpha: 4) }
+        let other = try MixtureOfRecursions(model: model, blockStart: 1, blockEnd: 2, maxRecursions: 2)
+        #expect(throws: GraftError.self) { try other.addRecursionLoRA(model: model, rank: 2, alpha: 4, targets: ["wq"]) }
     }
 }
