@@ -92,6 +92,13 @@ public final class KVCache {
     /// Small values adapters keep with the cached sequence, keyed by the adapter object (aLoRA: whether the
     /// prompt held its invocation sequence, which decides whether it acts on every later token).
     public var adapterMarks: [ObjectIdentifier: Int] = [:]
+    /// The route a dynamic-depth policy chose for the cached sequence (per layer, how many times it ran: Dr.LLM's
+    /// 0 skip, 1 execute, 2 repeat), fixed by its first pass and kept by every later one; nil without a policy.
+    /// Copied with a prefix (``copyPrefix(of:positions:)``), since the copied keys and values were made under it.
+    public var layerRoutes: [Int]?
+    /// Keys and values of a layer's second and later executions in one pass (a repeated layer), keyed by
+    /// `execution · layers.count + layer`; made on first use (``layer(_:execution:)``).
+    private var executionLayers: [Int: Layer] = [:]
 
     /// An empty cache for `layerCount` layers that grows as positions are added.
     public init(layerCount: Int) {
@@ -114,16 +121,36 @@ public final class KVCache {
     }
 
     /// Bytes the cache's blocks hold.
-    public var allocatedBytes: Int { layers.reduce(0) { $0 + $1.allocatedBytes } }
+    public var allocatedBytes: Int {
+        layers.reduce(0) { $0 + $1.allocatedBytes } + executionLayers.values.reduce(0) { $0 + $1.allocatedBytes }
+    }
+
+    /// The cache of layer `index`'s `execution`-th run in one pass (0: the layer's own, ``layers``; 1: the second
+    /// run of a repeated layer, and so on), made on first use with this cache's capacity. A repeated layer's runs
+    /// attend to their own keys and values: run `e` at a position reads run `e` at earlier positions.
+    public func layer(_ index: Int, execution: Int) -> Layer {
+        if execution == 0 { return layers[index] }
+        let key = execution * layers.count + index
+        if let existing = executionLayers[key] { return existing }
+        let made = capacity.map { Layer(width: layers[index].width, capacity: $0, growable: false) }
+            ?? Layer(width: 0, capacity: 0, growable: true)
+        executionLayers[key] = made
+        return made
+    }
 
     /// Makes this empty cache continue `other`'s first `positions` positions (a shared prompt prefix): copies
-    /// those keys and values in every layer. Adapter marks are not copied.
+    /// those keys and values in every layer, and in every repeated layer's later runs with the dynamic-depth route
+    /// they were made under (``layerRoutes``). Adapter marks are not copied.
     public func copyPrefix(of other: KVCache, positions: Int) throws {
         guard length == 0, other.layers.count == layers.count else {
             throw GraftError.invalid("KV cache: a prefix is copied into an empty cache of the same layer count")
         }
         let n = min(positions, other.length)
         for (mine, theirs) in zip(layers, other.layers) { mine.copyPrefix(of: theirs, positions: n) }
+        for (key, theirs) in other.executionLayers.sorted(by: { $0.key < $1.key }) {
+            layer(key % layers.count, execution: key / layers.count).copyPrefix(of: theirs, positions: n)
+        }
+        layerRoutes = other.layerRoutes
         length = n
     }
 }

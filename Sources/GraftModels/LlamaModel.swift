@@ -150,6 +150,9 @@ public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserve
     public var prefixLayerCount: Int { layers.count }
     /// Observers that see each pass's tokens before the layers run (aLoRA).
     public var tokenObservers: [any TokenObserver] = []
+    /// Runs the layer stack instead of the plain loop when set and enabled (dynamic depth: Dr.LLM's routers skip,
+    /// run or repeat layers); nil by default. Not combined with prompt or prefix tuning.
+    public var depthPolicy: (any LayerDepthPolicy)?
     /// The decoder layers' Linear modules see the observed rows one to one; `lm_head` does not.
     public var tokenAlignedPrefix: String { "model.layers." }
     /// Width of one layer's prefix keys: `kvHeads · headDim` (PEFT's `token_dim` under grouped-query attention).
@@ -244,6 +247,10 @@ public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserve
         for observer in tokenObservers where observer.isEnabled {
             observer.willRun(batch, caches: cache.map { [$0] } ?? [KVCache?](repeating: nil, count: batch.batchSize))
         }
+        if depthPolicy?.isEnabled == true,
+           promptAdapters.contains(where: { $0.isEnabled }) || prefixAdapters.contains(where: { $0.isEnabled }) {
+            throw GraftError(.unsupported, "a dynamic-depth policy does not run with prompt or prefix tuning; disable one of them")
+        }
         if let prompt = promptAdapters.first(where: { $0.isEnabled }), offset == 0 {
             return try hiddenStates(batch, prompts: prompt.virtualTokens(rows: batch.batchSize), cache: cache,
                                     keepVirtualTokens: keepVirtualTokens)
@@ -254,8 +261,12 @@ public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserve
         var x = embedTokens.forward(batch.ids).reshaped([batch.batchSize, batch.length, config.hiddenSize])
         let lengths = cache == nil ? batch.lengths : nil
         let mask = AttentionMask(causal: true, keyLengths: lengths, segments: batch.segments, queryOffset: offset)
-        for (i, layer) in layers.enumerated() {
-            x = layer.forward(x, positions: positions, mask: mask, cache: cache?.layers[i])
+        if let routed = try runDepthPolicy(x, batch: batch, positions: positions, mask: mask, cache: cache) {
+            x = routed
+        } else {
+            for (i, layer) in layers.enumerated() {
+                x = layer.forward(x, positions: positions, mask: mask, cache: cache?.layers[i])
+            }
         }
         cache?.length += batch.length
         return norm.forward(x)
@@ -330,9 +341,13 @@ public final class LlamaModel: Module, PrefixHost, ForwardHookHost, TokenObserve
             for i in 0..<batch.length { positions[r * batch.length + i] = Int32(caches[r].length + i) }
         }
         var x = embedTokens.forward(batch.ids).reshaped([batch.batchSize, batch.length, config.hiddenSize])
-        for (i, layer) in layers.enumerated() {
-            x = layer.forward(x, positions: positions, mask: AttentionMask(), cache: nil,
-                              rowCaches: caches.map { $0.layers[i] }, rowLengths: batch.lengths)
+        if let routed = try runDepthPolicy(x, batch: batch, positions: positions, rowCaches: caches) {
+            x = routed
+        } else {
+            for (i, layer) in layers.enumerated() {
+                x = layer.forward(x, positions: positions, mask: AttentionMask(), cache: nil,
+                                  rowCaches: caches.map { $0.layers[i] }, rowLengths: batch.lengths)
+            }
         }
         for r in 0..<batch.batchSize { caches[r].length += batch.lengths[r] }
         return norm.forward(x)

@@ -30,6 +30,10 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
     public var agreementHits: Int = 0
     /// The `k` of those comparisons (experts selected per token).
     public var agreementK: Int = 0
+    /// A depth router's choices as layer runs: choice `j` runs the layer (or shared block) `executionsPerChoice[j]`
+    /// times (Dr.LLM: `[0, 1, 2]` for skip, execute, repeat), so ``dispatchedTokens`` is the depth histogram;
+    /// nil for an expert router.
+    public var executionsPerChoice: [Int]?
 
     /// Empty statistics for a layer of `experts` experts.
     public init(path: String, experts: Int) {
@@ -62,6 +66,37 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
     /// Selections dropped at capacity, all experts together.
     public var overflowCount: Int { overflow.reduce(0, +) }
 
+    /// Empty statistics for a depth router whose choice `j` runs its layer `executionsPerChoice[j]` times.
+    public init(path: String, executionsPerChoice: [Int]) {
+        self.init(path: path, experts: executionsPerChoice.count)
+        self.executionsPerChoice = executionsPerChoice
+    }
+
+    /// A depth router's mean layer runs per routed token (0 for an expert router or before any token).
+    public var meanDepth: Double {
+        guard let runs = executionsPerChoice, tokens > 0 else { return 0 }
+        return Double(zip(dispatchedTokens, runs).reduce(0) { $0 + $1.0 * $1.1 }) / Double(tokens)
+    }
+
+    /// Adds one pass of a depth router that routes whole sequences: per sequence, its router probabilities
+    /// (`choices` entries each), the choice taken and its token count. Entropy and gate mass count per token.
+    mutating func recordRoutes(probabilities: [Float], chosen: [Int], tokens rowTokens: [Int]) {
+        forwardPasses += 1
+        let c = experts
+        for (r, choice) in chosen.enumerated() where r < rowTokens.count && choice >= 0 && choice < c {
+            let n = rowTokens[r]
+            tokens += n
+            dispatchedTokens[choice] += n
+            var h: Double = 0
+            for j in 0..<c where r * c + j < probabilities.count {
+                let p = Double(probabilities[r * c + j])
+                if p > 0 { h -= p * Foundation.log(p) }
+                gateMass[j] += p * Double(n)
+            }
+            entropySum += h * Double(n)
+        }
+    }
+
     /// Adds one forward pass: the router's probabilities and the gates applied, both `[T, E]`.
     mutating func record(probs: Tensor, gates: Tensor, plan: RoutePlan) {
         let t = plan.tokens, e = plan.experts
@@ -93,6 +128,8 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
          "token_fraction": tokenFraction, "mean_entropy": meanEntropy, "overflow": overflow, "overflow_count": overflowCount,
          "top_k_agreement": topKAgreement, "agreement_tokens": agreementTokens,
          "mean_routed_probability": probabilityMass.map { tokens > 0 ? $0 / Double(tokens) : 0 }]
+            .merging(executionsPerChoice.map { ["executions_per_choice": $0, "depth_histogram": dispatchedTokens,
+                                               "mean_depth": meanDepth] } ?? [:]) { _, new in new }
     }
 }
 

@@ -1,0 +1,79 @@
+import Foundation
+import Testing
+import Graft
+import GraftTestSupport
+
+/// Mixture-of-Recursions made from SmolLM2 (frozen): a shared block recursed once or twice per token, a router
+/// trained on tweets picking each token's depth. Reports the average recursion depth and held-out perplexity
+/// against the dense model and both fixed depths.
+@Suite struct MixtureOfRecursionsSmolLM2Tests {
+    @Test func aRoutedSharedBlockLandsBetweenItsFixedDepthsAtAStatedPerplexity() throws {
+        try run(block: 12..<15, suffixStart: 18, penalty: 0.3, label: "block 12-14 shared for 12-17")
+    }
+
+    /// Layer 5 recursed once more for the tokens the router picks (depth 1 is the dense model).
+    @Test func anExtraRecursionOfOneLayerForRoutedTokens() throws {
+        try run(block: 5..<6, suffixStart: 6, penalty: 0, label: "layer 5 recursed")
+    }
+
+    func run(block: Range<Int>, suffixStart: Int, penalty: Float, label: String) throws {
+        let path = try Assets.require(Assets.smollm2)
+        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
+        let tokenizer = try BPETokenizer(ggufFile: path)
+        let tweets = try TweetCorpus.load(path: try Assets.require(Assets.tweets)).train.map(\.text)
+        let all = tweets.prefix(400).map { Array(tokenizer.encode($0).prefix(32)) }.filter { $0.count >= 4 }
+        let training = all.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
+        let heldOut = Array(all.enumerated().filter { $0.offset % 10 == 9 }.map(\.element).prefix(24))
+
+        func perplexity() throws -> Double {
+            var sum = 0.0, count = 0
+            for ids in heldOut {
+                let logits = try withNoGrad { try llama.logits(TokenBatch(ids: ids, batchSize: 1, length: ids.count)) }
+                let loss = crossEntropy(logits.reshaped([ids.count, llama.config.vocabSize]), targets: Array(ids.dropFirst()) + [-100])
+                sum += Double(loss.item) * Double(ids.count - 1)
+                count += ids.count - 1
+            }
+            return exp(sum / Double(count))
+        }
+        let dense = try perplexity()
+        let routing = try MixtureOfRecursions(model: llama, blockStart: block.lowerBound, blockEnd: block.upperBound,
+                                              suffixStart: suffixStart, maxRecursions: 2,
+                                              firstDepthBias: 0, seed: 1)
+        llama.depthPolicy = routing
+        routing.forcedDepth = 1
+        let shallow = try perplexity()
+        routing.forcedDepth = 2
+        let deep = try perplexity()
+        routing.forcedDepth = nil
+
+        routing.trainsRouter = true
+        let optimizer = AdamW(parameters: routing.namedParameters().map { $0.tensor.requiringGrad() }, learningRate: 1e-2, weightDecay: 0)
+        let steps = 40, rows = 4
+        var trace: [String] = []
+        for step in 0..<steps {
+            let batch = try TokenBatch(sequences: (0..<rows).map { training[(step * rows + $0) % training.count] })
+            var targets = [Int32](repeating: -100, count: batch.batchSize * batch.length)
+            for r in 0..<rows {
+                for i in 0..<(batch.lengths[r] - 1) { targets[r * batch.length + i] = batch.ids[r * batch.length + i + 1] }
+            }
+            optimizer.zeroGrad()
+            let (loss, depth) = try routing.trainingLoss(model: llama, batch: batch, targets: targets, computePenalty: penalty)
+            loss.backward()
+            optimizer.step()
+            #expect(loss.item.isFinite, "step \(step): objective \(loss.item)")
+            if step % 8 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f/%.2f", step, loss.item, depth)) }
+        }
+        print("MoR SmolLM2 training (objective / mean recursion depth): \(trace.joined(separator: ", "))")
+        routing.trainsRouter = false
+        routing.resetStatistics()
+        let routed = try perplexity()
+        let depth = routing.statistics.meanDepth
+        let layers = Double(routing.layersRun(depth: 0, layerCount: 30)) + depth * Double(block.count)
+        print(String(format: "SmolLM2 MoR (%@, N=2, penalty %.1f): mean recursion depth %.3f (%.2f layers per token), held-out perplexity %.2f; depth 1 everywhere (%d layers) %.2f, depth 2 everywhere (%d layers) %.2f, dense %.2f on %d tweets",
+                     label as NSString, penalty, depth, layers, routed, routing.layersRun(depth: 1, layerCount: 30), shallow,
+                     routing.layersRun(depth: 2, layerCount: 30), deep, dense, heldOut.count) + ", depth histogram \(routing.statistics.dispatchedTokens)")
+        #expect([dense, shallow, deep, routed].allSatisfy { $0.isFinite })
+        #expect(routing.statistics.tokens == heldOut.reduce(0) { $0 + $1.count })
+        #expect(depth >= 1 && depth <= 2)
+    }
+}
