@@ -18,7 +18,8 @@ public enum RecursionGate: String, Sendable, CaseIterable {
 /// (``suffixStart``: the block's end for the dense model with extra recursions, later to replace layers by the
 /// shared block). Recursion `r` (0-based) runs only the tokens whose depth exceeds `r`: their hidden states are
 /// gathered, run through the block, and the update is scattered back, `h ← h + g·(block(h) − h)` for active
-/// tokens (`g` the router's gate), others unchanged.
+/// tokens (`g` the router's gate, on the recursions after the first: the first is the block's own run, and depths
+/// `d` and `d − 1` differ by exactly the later updates), others unchanged.
 ///
 /// KV policy (the paper's recursion-wise caching): at recursion `r` the block's layers attend among the tokens
 /// active at `r` only, and a cached sequence keeps, per layer and recursion, the keys and values of exactly those
@@ -211,7 +212,8 @@ public final class MixtureOfRecursions: Module, LayerDepthPolicy {
         // Active rows become `gathered + g·(block − gathered)` (exactly the block's output without a gate); the
         // others keep `h` exactly (`h·1 + 0`), so forcing depths reproduces plain stacks bit for bit.
         var updated = y.reshaped([m, hd])
-        if let gate { updated = gathered + (updated - gathered) * (selection.map { matmul($0, gate) } ?? gate) }
+        // The gate scales the recursions after the first: depth d and d − 1 differ by exactly those updates.
+        if let gate, step >= 1 { updated = gathered + (updated - gathered) * (selection.map { matmul($0, gate) } ?? gate) }
         guard let selection else { return updated }
         var keep = [Float](repeating: 1, count: t)
         for i in active { keep[i] = 0 }

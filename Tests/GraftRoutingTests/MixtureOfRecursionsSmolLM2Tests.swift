@@ -16,7 +16,16 @@ import GraftTestSupport
         try run(block: 5..<6, suffixStart: 6, penalty: 0, label: "layer 5 recursed")
     }
 
-    func run(block: Range<Int>, suffixStart: Int, penalty: Float, label: String) throws {
+    /// The shared block of the first test with a LoRA per recursion (rank 8 on o_proj and down_proj): the LoRAs
+    /// are first trained with every token at depth 2 (the block's second run standing in for layers 15–17), then
+    /// the router, starting from depth 2 for every token, with a compute penalty.
+    @Test func recursionLoRAsMakeTheSecondRecursionPay() throws {
+        try run(block: 12..<15, suffixStart: 18, penalty: 0.5, label: "block 12-14 shared for 12-17, recursion LoRA r=8",
+                loraSteps: 40, firstDepthBias: -2)
+    }
+
+    func run(block: Range<Int>, suffixStart: Int, penalty: Float, label: String, loraSteps: Int = 0,
+             firstDepthBias: Float = 0) throws {
         let path = try Assets.require(Assets.smollm2)
         let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
         let tokenizer = try BPETokenizer(ggufFile: path)
@@ -38,7 +47,7 @@ import GraftTestSupport
         let dense = try perplexity()
         let routing = try MixtureOfRecursions(model: llama, blockStart: block.lowerBound, blockEnd: block.upperBound,
                                               suffixStart: suffixStart, maxRecursions: 2,
-                                              firstDepthBias: 0, seed: 1)
+                                              firstDepthBias: firstDepthBias, seed: 1)
         llama.depthPolicy = routing
         routing.forcedDepth = 1
         let shallow = try perplexity()
@@ -46,16 +55,43 @@ import GraftTestSupport
         let deep = try perplexity()
         routing.forcedDepth = nil
 
-        routing.trainsRouter = true
-        let optimizer = AdamW(parameters: routing.namedParameters().map { $0.tensor.requiringGrad() }, learningRate: 1e-2, weightDecay: 0)
-        let steps = 40, rows = 4
-        var trace: [String] = []
-        for step in 0..<steps {
+        func batch(_ step: Int, rows: Int) throws -> (TokenBatch, [Int32]) {
             let batch = try TokenBatch(sequences: (0..<rows).map { training[(step * rows + $0) % training.count] })
             var targets = [Int32](repeating: -100, count: batch.batchSize * batch.length)
             for r in 0..<rows {
                 for i in 0..<(batch.lengths[r] - 1) { targets[r * batch.length + i] = batch.ids[r * batch.length + i + 1] }
             }
+            return (batch, targets)
+        }
+        var adaptedDeep = Double.nan
+        if loraSteps > 0 {
+            try routing.addRecursionLoRA(model: llama, rank: 8, alpha: 16, seed: 2)
+            let loras = routing.recursionAdapters.flatMap { $0.loraA + $0.loraB }.map { $0.requiringGrad() }
+            let loraOptimizer = AdamW(parameters: loras, learningRate: 2e-3, weightDecay: 0)
+            routing.forcedDepth = 2
+            var trace: [String] = []
+            for step in 0..<loraSteps {
+                let (b, targets) = try batch(1000 + step, rows: 4)
+                loraOptimizer.zeroGrad()
+                let (loss, _) = try routing.trainingLoss(model: llama, batch: b, targets: targets, computePenalty: 0)
+                loss.backward()
+                loraOptimizer.step()
+                #expect(loss.item.isFinite)
+                if step % 10 == 0 || step == loraSteps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
+            }
+            print("MoR SmolLM2 recursion-LoRA training at depth 2 (loss): \(trace.joined(separator: ", "))")
+            adaptedDeep = try perplexity()
+            routing.forcedDepth = nil
+            for t in loras { t.requiringGrad(false) }
+        }
+
+        routing.trainsRouter = true
+        let optimizer = AdamW(parameters: [routing.routerWeight.requiringGrad(), routing.routerBias.requiringGrad()],
+                              learningRate: 1e-3, weightDecay: 0)
+        let steps = 40, rows = 4
+        var trace: [String] = []
+        for step in 0..<steps {
+            let (batch, targets) = try batch(step, rows: rows)
             optimizer.zeroGrad()
             let (loss, depth) = try routing.trainingLoss(model: llama, batch: batch, targets: targets, computePenalty: penalty)
             loss.backward()
@@ -71,7 +107,8 @@ import GraftTestSupport
         let layers = Double(routing.layersRun(depth: 0, layerCount: 30)) + depth * Double(block.count)
         print(String(format: "SmolLM2 MoR (%@, N=2, penalty %.1f): mean recursion depth %.3f (%.2f layers per token), held-out perplexity %.2f; depth 1 everywhere (%d layers) %.2f, depth 2 everywhere (%d layers) %.2f, dense %.2f on %d tweets",
                      label as NSString, penalty, depth, layers, routed, routing.layersRun(depth: 1, layerCount: 30), shallow,
-                     routing.layersRun(depth: 2, layerCount: 30), deep, dense, heldOut.count) + ", depth histogram \(routing.statistics.dispatchedTokens)")
+                     routing.layersRun(depth: 2, layerCount: 30), deep, dense, heldOut.count) + ", depth histogram \(routing.statistics.dispatchedTokens)"
+              + (loraSteps > 0 ? String(format: "; depth 2 everywhere with the recursion LoRAs %.2f", adaptedDeep) : ""))
         #expect([dense, shallow, deep, routed].allSatisfy { $0.isFinite })
         #expect(routing.statistics.tokens == heldOut.reduce(0) { $0 + $1.count })
         #expect(depth >= 1 && depth <= 2)
