@@ -47,26 +47,13 @@ public enum DrLLMFormat {
     public static func load(for model: LlamaModel, from directory: String) throws -> DrLLMRouting {
         let configPath = directory + "/" + configName, tensorsPath = directory + "/" + tensorsName
         let config = try JSONConfig(contentsOf: configPath)
-        guard try config.string("format") == formatName else {
-            throw GraftError.format("\(configPath): field 'format' must be '\(formatName)'")
-        }
-        guard try config.int("version") == 1 else { throw GraftError.format("\(configPath): field 'version' must be 1") }
-        for (key, expected) in [("layers", model.layers.count), ("hidden_size", model.config.hiddenSize)] {
-            let v = try config.int(key)
-            guard v == expected else { throw GraftError.format("\(configPath): field '\(key)' is \(v), the model has \(expected)") }
-        }
+        try RoutingFiles.checkHeader(config, path: configPath, format: formatName, model: model)
         let b = try config.int("bottleneck"), windows = try config.int("windows"), h = model.config.hiddenSize
         guard (1...(1 << 16)).contains(b) else { throw GraftError.format("\(configPath): field 'bottleneck' is \(b), expected 1...65536") }
         guard (1...(1 << 16)).contains(windows) else { throw GraftError.format("\(configPath): field 'windows' is \(windows), expected 1...65536") }
         let file = try SafeTensorsFile(contentsOf: tensorsPath)
         func tensor(_ name: String, _ shape: [Int]) throws -> Tensor {
-            guard file.contains(name) else { throw GraftError.format("\(tensorsPath): tensor '\(name)' is missing") }
-            let t = try file.tensor(name)
-            guard t.shape == shape else { throw GraftError.format("\(tensorsPath): tensor '\(name)' has shape \(t.shape), expected \(shape)") }
-            for j in 0..<t.count where !t.pointer[j].isFinite {
-                throw GraftError.format("\(tensorsPath): tensor '\(name)' entry \(j) is not finite")
-            }
-            return t
+            try RoutingFiles.tensor(file, path: tensorsPath, name, shape)
         }
         let routers = try (0..<model.layers.count).map { i in
             let p = "model.layers.\(i).router."

@@ -56,14 +56,7 @@ public enum MixtureOfRecursionsFormat {
     public static func load(for model: LlamaModel, from directory: String) throws -> MixtureOfRecursions {
         let configPath = directory + "/" + configName, tensorsPath = directory + "/" + tensorsName
         let config = try JSONConfig(contentsOf: configPath)
-        guard try config.string("format") == formatName else {
-            throw GraftError.format("\(configPath): field 'format' must be '\(formatName)'")
-        }
-        guard try config.int("version") == 1 else { throw GraftError.format("\(configPath): field 'version' must be 1") }
-        for (key, expected) in [("layers", model.layers.count), ("hidden_size", model.config.hiddenSize)] {
-            let v = try config.int(key)
-            guard v == expected else { throw GraftError.format("\(configPath): field '\(key)' is \(v), the model has \(expected)") }
-        }
+        try RoutingFiles.checkHeader(config, path: configPath, format: formatName, model: model)
         let start = try config.int("block_start"), end = try config.int("block_end"), suffix = try config.int("suffix_start")
         guard 0 <= start, start < end, end <= suffix, suffix <= model.layers.count else {
             throw GraftError.format("\(configPath): fields 'block_start' \(start), 'block_end' \(end), 'suffix_start' \(suffix) must satisfy 0 ≤ start < end ≤ suffix ≤ \(model.layers.count)")
@@ -76,13 +69,7 @@ public enum MixtureOfRecursionsFormat {
         }
         let file = try SafeTensorsFile(contentsOf: tensorsPath)
         func tensor(_ name: String, _ shape: [Int]) throws -> Tensor {
-            guard file.contains(name) else { throw GraftError.format("\(tensorsPath): tensor '\(name)' is missing") }
-            let t = try file.tensor(name)
-            guard t.shape == shape else { throw GraftError.format("\(tensorsPath): tensor '\(name)' has shape \(t.shape), expected \(shape)") }
-            for j in 0..<t.count where !t.pointer[j].isFinite {
-                throw GraftError.format("\(tensorsPath): tensor '\(name)' entry \(j) is not finite")
-            }
-            return t
+            try RoutingFiles.tensor(file, path: tensorsPath, name, shape)
         }
         let routing = try MixtureOfRecursions(blockStart: start, blockEnd: end, suffixStart: suffix,
                                               routerWeight: tensor("model.recursion.router.weight", [n, h]),

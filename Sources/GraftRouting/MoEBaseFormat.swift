@@ -75,13 +75,7 @@ public enum MoEBaseFormat {
         }
         let file = try SafeTensorsFile(contentsOf: tensorsPath)
         func tensor(_ name: String, _ shape: [Int]) throws -> Tensor {
-            guard file.contains(name) else { throw GraftError.format("\(tensorsPath): tensor '\(name)' is missing") }
-            let t = try file.tensor(name)
-            guard t.shape == shape else { throw GraftError.format("\(tensorsPath): tensor '\(name)' has shape \(t.shape), expected \(shape)") }
-            for j in 0..<t.count where !t.pointer[j].isFinite {
-                throw GraftError.format("\(tensorsPath): tensor '\(name)' entry \(j) is not finite")
-            }
-            return t
+            try RoutingFiles.tensor(file, path: tensorsPath, name, shape)
         }
         var blocks: [MoEFeedForward] = []
         for i in 0..<layers {

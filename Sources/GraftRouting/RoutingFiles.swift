@@ -1,0 +1,31 @@
+import GraftIO
+import GraftModels
+import GraftTensor
+
+/// Reading the directories Graft saves routing in (an MoE base, Dr.LLM routers, Mixture-of-Recursions): the
+/// config's header and the tensors, each error naming the file and the field or tensor at fault.
+enum RoutingFiles {
+    /// Checks that the config at `path` is `format` version 1, saved for a decoder with `model`'s layer count and
+    /// hidden size.
+    static func checkHeader(_ config: JSONConfig, path: String, format: String, model: LlamaModel) throws {
+        guard try config.string("format") == format else {
+            throw GraftError.format("\(path): field 'format' must be '\(format)'")
+        }
+        guard try config.int("version") == 1 else { throw GraftError.format("\(path): field 'version' must be 1") }
+        for (key, expected) in [("layers", model.layers.count), ("hidden_size", model.config.hiddenSize)] {
+            let v = try config.int(key)
+            guard v == expected else { throw GraftError.format("\(path): field '\(key)' is \(v), the model has \(expected)") }
+        }
+    }
+
+    /// Tensor `name` of `file` (read from `path`): present, of `shape`, and finite.
+    static func tensor(_ file: SafeTensorsFile, path: String, _ name: String, _ shape: [Int]) throws -> Tensor {
+        guard file.contains(name) else { throw GraftError.format("\(path): tensor '\(name)' is missing") }
+        let t = try file.tensor(name)
+        guard t.shape == shape else { throw GraftError.format("\(path): tensor '\(name)' has shape \(t.shape), expected \(shape)") }
+        for j in 0..<t.count where !t.pointer[j].isFinite {
+            throw GraftError.format("\(path): tensor '\(name)' entry \(j) is not finite")
+        }
+        return t
+    }
+}
