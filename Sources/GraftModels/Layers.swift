@@ -15,11 +15,17 @@ public protocol LinearAdapter: AnyObject {
     /// batch, an expert capacity counted over its tokens); mixed-adapter batches then run such an adapter one
     /// sequence at a time, so each row gets what it gets alone. False by default.
     var couplesRows: Bool { get }
+    /// Adds the adapter's update for input `x` to `y` in place and returns true, or returns false (the default)
+    /// to have the layer call ``forward(input:baseOutput:layer:)`` instead. Called only while gradients are not
+    /// recorded, with `y` the layer's own fresh output `[x.rows, outFeatures]`: inference skips the tensors
+    /// and threads a recorded forward needs (a decode step runs a few hundred adapted products per token).
+    func addInPlace(input x: Tensor, into y: Tensor, layer: Linear) -> Bool
 }
 
 extension LinearAdapter {
     public func transformInput(_ x: Tensor, layer: Linear) -> Tensor { x }
     public var couplesRows: Bool { false }
+    public func addInPlace(input x: Tensor, into y: Tensor, layer: Linear) -> Bool { false }
 }
 
 /// `y = x Wᵀ + b` with Hugging Face's `[out, in]` weight layout. The weight is frozen unless made trainable.
@@ -121,8 +127,13 @@ public final class Linear: Module {
         var input = x
         for adapter in adapters where adapter.isEnabled { input = adapter.transformInput(input, layer: self) }
         var y = baseForward(input)
+        // The base output is this layer's own until it returns, so inference may add updates into it (not into
+        // an output another adapter returned, which that adapter may keep).
+        var ownsOutput = !GradMode.isEnabled
         for adapter in adapters where adapter.isEnabled {
+            if ownsOutput && adapter.addInPlace(input: x, into: y, layer: self) { continue }
             y = adapter.forward(input: x, baseOutput: y, layer: self)
+            ownsOutput = false
         }
         return y
     }

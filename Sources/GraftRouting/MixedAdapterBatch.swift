@@ -230,37 +230,6 @@ final class RoutedLinear: LinearAdapter {
     }
 }
 
-extension LoRALayer {
-    /// Plain LoRA (no DoRA magnitude, `lora_bias`, frozen initial factors or KaSA parts) outside training dropout: its update can be added in place by ``addUpdate(input:into:parallel:)``.
-    var isFusable: Bool {
-        magnitude == nil && loraBias == nil && initialFactors == nil && kasaDiagonal == nil && droppedComponent == nil
-            && activation == nil
-            && !(state.isTraining && dropoutProbability > 0)
-    }
-
-    /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory on the calling thread
-    /// (no-grad inference). A row or two (a decode step's segment) takes two matrix-vector products per row, which
-    /// cost less than setting up GEMMs.
-    func addUpdate(input x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, rows n: Int,
-                   inFeatures inF: Int, outFeatures outF: Int) {
-        let r = rank
-        guard n > 0, r > 0 else { return }
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: n * r) { buffer in
-            guard let h = buffer.baseAddress else { return }
-            if n <= 2 {
-                for i in 0..<n {
-                    sgemv(m: r, n: inF, a: loraA.pointer, x: x + i * inF, y: h + i * r)
-                    sgemv(m: outF, n: r, alpha: scaling, a: loraB.pointer, x: h + i * r, beta: 1, y: y + i * outF)
-                }
-                return
-            }
-            sgemm(transA: false, transB: true, m: n, n: r, k: inF, a: x, b: loraA.pointer, c: h, parallel: false)
-            sgemm(transA: false, transB: true, m: n, n: outF, k: r, alpha: scaling, a: h, b: loraB.pointer, beta: 1,
-                  c: y, parallel: false)
-        }
-    }
-}
-
 extension MixedAdapterBatch {
     /// Generates after each of `prompts` with its own adapter (`adapterIds[i]`, -1 = base) in one batch: the
     /// prompts are grouped by adapter, every prefill and decode step runs the active sequences together with

@@ -1,0 +1,58 @@
+import GraftModels
+import GraftTensor
+
+extension LoRALayer {
+    /// Plain LoRA (no DoRA magnitude, `lora_bias`, frozen initial factors, KaSA parts, LoftQ error or aLoRA
+    /// activation) outside training dropout, with no initialization statistics being gathered: its update can be
+    /// added in place by ``addUpdate(input:into:rows:inFeatures:outFeatures:)``.
+    public var isFusable: Bool {
+        magnitude == nil && loraBias == nil && initialFactors == nil && kasaDiagonal == nil && droppedComponent == nil
+            && activation == nil && quantizationError == nil
+            && covarianceCollector == nil && momentCollector == nil && gradientCounter == nil
+            && !(state.isTraining && dropoutProbability > 0)
+    }
+
+    /// Floats of A or B below which a decode step's product stays on the calling thread.
+    static let parallelFloats = 8192
+
+    /// Inference: `y += scaling · (x Aᵀ) Bᵀ` straight into the layer's output, no tensors recorded.
+    public func addInPlace(input x: Tensor, into y: Tensor, layer: Linear) -> Bool {
+        guard isFusable, x.lastDim == layer.inFeatures, y.lastDim == layer.outFeatures, x.rows == y.rows else { return false }
+        addUpdate(input: x.pointer, into: y.pointer, rows: x.rows, inFeatures: layer.inFeatures,
+                  outFeatures: layer.outFeatures, parallel: true)
+        return true
+    }
+
+    /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory (no-grad inference). A row
+    /// or two (a decode step) takes two matrix-vector products per row on the calling thread, which cost less
+    /// than setting up GEMMs; more rows run two GEMMs, shared out over Graft's threads when `parallel`.
+    public func addUpdate(input x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, rows n: Int,
+                          inFeatures inF: Int, outFeatures outF: Int, parallel: Bool = false) {
+        let r = rank
+        guard n > 0, r > 0 else { return }
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: n * r) { buffer in
+            guard let h = buffer.baseAddress else { return }
+            if n <= 2 {
+                // Decoding streams A and B once per token: rows of each are shared out over the threads when they
+                // hold more than ~32 KB (smaller ones cost less than waking a thread).
+                let a = loraA.pointer, b = loraB.pointer, s = scaling
+                let grainA = parallel ? max(1, Self.parallelFloats / max(inF, 1)) : r
+                let grainB = parallel ? max(8, Self.parallelFloats / r) : outF
+                for i in 0..<n {
+                    let xi = x + i * inF, hi = h + i * r, yi = y + i * outF
+                    parallelFor(r, grain: grainA) { k in
+                        sgemv(m: k.count, n: inF, a: a + k.lowerBound * inF, x: xi, y: hi + k.lowerBound)
+                    }
+                    parallelFor(outF, grain: grainB) { o in
+                        sgemv(m: o.count, n: r, alpha: s, a: b + o.lowerBound * r, x: UnsafePointer(hi), beta: 1,
+                              y: yi + o.lowerBound)
+                    }
+                }
+                return
+            }
+            sgemm(transA: false, transB: true, m: n, n: r, k: inF, a: x, b: loraA.pointer, c: h, parallel: parallel)
+            sgemm(transA: false, transB: true, m: n, n: outF, k: r, alpha: scaling, a: h, b: loraB.pointer, beta: 1,
+                  c: y, parallel: parallel)
+        }
+    }
+}
