@@ -5,6 +5,7 @@
 #include "CGraftKernels.h"
 #include "ggml_internal.h"
 
+#include <math.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -94,50 +95,63 @@ rows_q8_0_avx512(const uint8_t *row, const float *x, int64_t ldx, int64_t blocks
     for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
+// The AVX2 kernels take `W` weight rows at once as well: with one activation row, a single accumulator chain keeps
+// one FMA in flight where the unit could run ten. Each (weight row, activation row) pair still has its own
+// accumulator fed in the same order whatever `W` and `N` are, so results do not change with the grouping.
+// `out[w * N + i]` receives weight row w against activation row i (W·N ≤ 8).
+
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-rows_q4_1_avx2(const uint8_t *row, const float *x, int64_t ldx, const float *sums, int64_t blocks, int N, float *out) {
-    __m256 acc[4];
-    float offsets[4];
-    for (int i = 0; i < N; i++) { acc[i] = _mm256_setzero_ps(); offsets[i] = 0; }
+rows_q4_1_avx2(const uint8_t *const *rows, int W, const float *x, int64_t ldx, const float *sums, int64_t blocks, int N,
+               float *out) {
+    __m256 acc[8];
+    float offsets[8];
+    for (int k = 0; k < W * N; k++) { acc[k] = _mm256_setzero_ps(); offsets[k] = 0; }
     const __m128i low4 = _mm_set1_epi8(15);
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *blk = row + b * 20;
-        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-        __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-        __m256 d = _mm256_set1_ps(half_f16c(blk));
-        __m256 w0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)));
-        __m256 w1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))));
-        __m256 w2 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)));
-        __m256 w3 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))));
-        float mn = half_f16c(blk + 2);
-        for (int i = 0; i < N; i++) {
-            const float *xb = x + i * ldx + b * 32;
-            acc[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[i]);
-            acc[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[i]);
-            acc[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[i]);
-            acc[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[i]);
-            offsets[i] += mn * sums[i * blocks + b];
+        __m128i lo[4], hi[4];
+        __m256 d[4];
+        for (int w = 0; w < W; w++) {
+            const uint8_t *blk = rows[w] + b * 20;
+            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+            lo[w] = _mm_and_si128(q, low4);
+            hi[w] = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+            d[w] = _mm256_set1_ps(half_f16c(blk));
+        }
+        for (int part = 0; part < 4; part++) {
+            for (int w = 0; w < W; w++) {
+                __m128i bytes = part == 0 ? lo[w] : part == 1 ? _mm_srli_si128(lo[w], 8) : part == 2 ? hi[w] : _mm_srli_si128(hi[w], 8);
+                __m256 wv = _mm256_mul_ps(d[w], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
+                for (int i = 0; i < N; i++) {
+                    acc[w * N + i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * ldx + b * 32 + 8 * part), acc[w * N + i]);
+                }
+            }
+        }
+        for (int w = 0; w < W; w++) {
+            float mn = half_f16c(rows[w] + b * 20 + 2);
+            for (int i = 0; i < N; i++) offsets[w * N + i] = fmaf(mn, sums[i * blocks + b], offsets[w * N + i]);
         }
     }
-    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + offsets[i];
+    for (int k = 0; k < W * N; k++) out[k] = hsum256(acc[k]) + offsets[k];
 }
 
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-rows_q8_0_avx2(const uint8_t *row, const float *x, int64_t ldx, int64_t blocks, int N, float *out) {
-    __m256 acc[4];
-    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+rows_q8_0_avx2(const uint8_t *const *rows, int W, const float *x, int64_t ldx, int64_t blocks, int N, float *out) {
+    __m256 acc[8];
+    for (int k = 0; k < W * N; k++) acc[k] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *blk = row + b * 34;
-        __m256 d = _mm256_set1_ps(half_f16c(blk)), w[4];
+        __m256 d[4];
+        for (int w = 0; w < W; w++) d[w] = _mm256_set1_ps(half_f16c(rows[w] + b * 34));
         for (int part = 0; part < 4; part++) {
-            w[part] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * part)))));
-        }
-        for (int i = 0; i < N; i++) {
-            const float *xb = x + i * ldx + b * 32;
-            for (int part = 0; part < 4; part++) acc[i] = _mm256_fmadd_ps(w[part], _mm256_loadu_ps(xb + 8 * part), acc[i]);
+            for (int w = 0; w < W; w++) {
+                const uint8_t *blk = rows[w] + b * 34;
+                __m256 wv = _mm256_mul_ps(d[w], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * part)))));
+                for (int i = 0; i < N; i++) {
+                    acc[w * N + i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * ldx + b * 32 + 8 * part), acc[w * N + i]);
+                }
+            }
         }
     }
-    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]);
+    for (int k = 0; k < W * N; k++) out[k] = hsum256(acc[k]);
 }
 
 /// Rows `x[0..<n]` (n ≤ 8) against one weight row, into `out`, with the AVX-512 kernels.
@@ -153,15 +167,22 @@ __attribute__((target("avx512f,fma,f16c"))) static void rows_avx512(int type, co
 #undef CGRAFT_ROWS
 }
 
-/// Rows `x[0..<n]` (n ≤ 4) against one weight row, into `out`, with the AVX2 kernels.
-__attribute__((target("avx2,fma,f16c"))) static void rows_avx2(int type, const uint8_t *row, const float *x, int64_t ldx,
-                                                               const float *sums, int64_t blocks, int n, float *out) {
-#define CGRAFT_ROWS(N)                                                                                               \
-    case N:                                                                                                          \
-        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_avx2(row, x, ldx, sums, blocks, N, out);                              \
-        else rows_q8_0_avx2(row, x, ldx, blocks, N, out);                                                             \
+/// Weight rows `rows[0..<w]` against rows `x[0..<n]` (w ∈ {1, 2, 4}, n ≤ 4, w·n ≤ 8), into `out`, with the AVX2
+/// kernels.
+__attribute__((target("avx2,fma,f16c"))) static void rows_avx2(int type, const uint8_t *const *rows, int w, const float *x,
+                                                               int64_t ldx, const float *sums, int64_t blocks, int n,
+                                                               float *out) {
+#define CGRAFT_ROWS(W, N)                                                                                            \
+    case W * 8 + N:                                                                                                  \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_avx2(rows, W, x, ldx, sums, blocks, N, out);                          \
+        else rows_q8_0_avx2(rows, W, x, ldx, blocks, N, out);                                                         \
         break;
-    switch (n) { CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4) default: break; }
+    switch (w * 8 + n) {
+        CGRAFT_ROWS(1, 1) CGRAFT_ROWS(1, 2) CGRAFT_ROWS(1, 3) CGRAFT_ROWS(1, 4)
+        CGRAFT_ROWS(2, 1) CGRAFT_ROWS(2, 2) CGRAFT_ROWS(2, 3) CGRAFT_ROWS(2, 4)
+        CGRAFT_ROWS(4, 1) CGRAFT_ROWS(4, 2)
+        default: break;
+    }
 #undef CGRAFT_ROWS
 }
 
@@ -208,16 +229,35 @@ int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, cons
     if (type == CGRAFT_GGML_Q4_1) {
         for (int64_t i = 0; i < m; i++) block_sums(x + i * ldx, cols, scratch + i * blocks);
     }
+#ifdef CGRAFT_X86
+    if (level == 1) {
+        // Weight rows in fours (one or two activation rows) or pairs, the last few one at a time.
+        int wide = m <= 2 ? 4 : 2;
+        for (int64_t r = r0; r < r1;) {
+            int count = r1 - r >= wide ? wide : 1;
+            const uint8_t *rows[4];
+            for (int k = 0; k < count; k++) rows[k] = w + (row_order ? row_order[r + k] : r + k) * row_bytes;
+            float out[8];
+            for (int64_t i = 0; i < m; i += 4) {
+                int n = (int)(m - i < 4 ? m - i : 4);
+                rows_avx2(type, rows, count, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
+                for (int k = 0; k < count; k++) {
+                    for (int j = 0; j < n; j++) y[(i + j) * ldy + r + k] += out[k * n + j];
+                }
+            }
+            r += count;
+        }
+        return 0;
+    }
+#endif
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w + (row_order ? row_order[r] : r) * row_bytes;
 #ifdef CGRAFT_X86
-        if (level >= 1) {
-            int group = level == 2 ? 8 : 4;
+        if (level == 2) {
             float out[8];
-            for (int64_t i = 0; i < m; i += group) {
-                int n = (int)(m - i < group ? m - i : group);
-                if (level == 2) rows_avx512(type, row, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
-                else rows_avx2(type, row, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
+            for (int64_t i = 0; i < m; i += 8) {
+                int n = (int)(m - i < 8 ? m - i : 8);
+                rows_avx512(type, row, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
                 for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
             }
             continue;

@@ -78,29 +78,56 @@ __attribute__((target("avx2"))) static inline __m256i dot_u8s8_avx2(__m256i u, _
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-__attribute__((target("avx2,fma,f16c"))) static float dot_q4_1_q8_avx2(const uint8_t *row, const int8_t *q, const float *d,
-                                                                    const float *s, int64_t blocks) {
-    __m256 acc = _mm256_setzero_ps();
-    float offsets = 0;
+// The AVX2 kernels run one weight row against up to four activation rows, decoding each block once. A row's
+// arithmetic is the same whatever `N` is, so a sequence gets the same result alone or batched. `out[i]` receives
+// activation row i (`q`, `d`, `s` hold row i at `i * cols`, `i * blocks`).
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+rows_q4_1_q8_avx2(const uint8_t *row, const int8_t *q, const float *d, const float *s, int64_t blocks, int N, float *out) {
+    __m256 acc[4];
+    float offsets[4];
+    for (int i = 0; i < N; i++) { acc[i] = _mm256_setzero_ps(); offsets[i] = 0; }
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *blk = row + b * 20;
-        __m256i dot = dot_u8s8_avx2(q4_1_bytes(blk), _mm256_loadu_si256((const __m256i *)(q + b * 32)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(half_f16c(blk) * d[b]), acc);
-        offsets += half_f16c(blk + 2) * s[b];
+        __m256i w = q4_1_bytes(blk);
+        float scale = half_f16c(blk), minimum = half_f16c(blk + 2);
+        for (int i = 0; i < N; i++) {
+            __m256i dot = dot_u8s8_avx2(w, _mm256_loadu_si256((const __m256i *)(q + i * blocks * 32 + b * 32)));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * d[i * blocks + b]), acc[i]);
+            offsets[i] = fmaf(minimum, s[i * blocks + b], offsets[i]);
+        }
     }
-    return hsum256(acc) + offsets;
+    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + offsets[i];
 }
 
-__attribute__((target("avx2,fma,f16c"))) static float dot_q8_0_q8_avx2(const uint8_t *row, const int8_t *q, const float *d,
-                                                                    int64_t blocks) {
-    __m256 acc = _mm256_setzero_ps();
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+rows_q8_0_q8_avx2(const uint8_t *row, const int8_t *q, const float *d, int64_t blocks, int N, float *out) {
+    __m256 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *blk = row + b * 34;
-        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2)), x = _mm256_loadu_si256((const __m256i *)(q + b * 32));
-        __m256i dot = dot_u8s8_avx2(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(half_f16c(blk) * d[b]), acc);
+        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2)), magnitude = _mm256_sign_epi8(w, w);
+        float scale = half_f16c(blk);
+        for (int i = 0; i < N; i++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(q + i * blocks * 32 + b * 32));
+            __m256i dot = dot_u8s8_avx2(magnitude, _mm256_sign_epi8(x, w));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * d[i * blocks + b]), acc[i]);
+        }
     }
-    return hsum256(acc);
+    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]);
+}
+
+/// One weight row against activation rows `0..<n` (n ≤ 4) with the AVX2 kernels.
+__attribute__((target("avx2,fma,f16c"))) static void rows_q8_avx2(int type, const uint8_t *row, const int8_t *q,
+                                                                  const float *d, const float *s, int64_t blocks, int n,
+                                                                  float *out) {
+#define CGRAFT_ROWS(N)                                                                                               \
+    case N:                                                                                                          \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_avx2(row, q, d, s, blocks, N, out);                                \
+        else rows_q8_0_q8_avx2(row, q, d, blocks, N, out);                                                            \
+        break;
+    switch (n) { CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4) default: break; }
+#undef CGRAFT_ROWS
 }
 
 #define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
@@ -239,6 +266,17 @@ int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, c
         int64_t source = row_order ? row_order[r] : r;
         const uint8_t *row = w + source * row_bytes;
         const uint16_t *table = block_scales ? block_scales + source * per : NULL;
+#ifdef CGRAFT_X86
+        if (level == 1) {
+            float out[4];
+            for (int64_t i = 0; i < m; i += 4) {
+                int n = (int)(m - i < 4 ? m - i : 4);
+                rows_q8_avx2(type, row, q + i * cols, scales + i * blocks, sums + i * blocks, blocks, n, out);
+                for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
+            }
+            continue;
+        }
+#endif
         for (int64_t i = 0; i < m; i++) {
             const int8_t *qi = q + i * cols;
             const float *di = scales + i * blocks, *si = sums + i * blocks;
@@ -247,8 +285,6 @@ int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, c
             if (level == 2) {
                 v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_q8_vnni(row, table, qi, di, si, blocks)
                                              : dot_q8_0_q8_vnni(row, table, qi, di, blocks);
-            } else if (level == 1) {
-                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_q8_avx2(row, qi, di, si, blocks) : dot_q8_0_q8_avx2(row, qi, di, blocks);
             } else
 #endif
             {

@@ -20,9 +20,11 @@ public struct GenerationParameters: Sendable {
     public var seed: UInt64 = 0
     /// Generation stops after emitting any of these (the model's end-of-turn / EOS tokens).
     public var stopTokens: Set<Int32> = []
-    /// The fast mode: decoding steps multiply activations quantized to int8 per block of 32 with the Q4_1 / Q8_0
-    /// weights of a GGUF base (integer dot products, as llama.cpp does), instead of float32 activations. Logits
-    /// then deviate slightly from the exact mode (the default, false); other weights are unaffected.
+    /// The fast mode: every product with a Q4_1 / Q8_0 weight of a GGUF base (the prompt's and each decoding
+    /// step's) multiplies activations quantized to int8 per block of 32 (integer dot products, as llama.cpp does)
+    /// instead of float32 activations. Logits then deviate slightly from the exact mode (the default, false); other
+    /// weights are unaffected. A row's products do not depend on the rows beside it, so a sequence gets the same
+    /// tokens alone, batched, or after a cached prompt prefix.
     public var fastDecode: Bool = false
 
     /// Defaults: greedy, 128 tokens, no stop tokens, exact mode.

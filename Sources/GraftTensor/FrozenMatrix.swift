@@ -70,8 +70,10 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
     let rowsN = x.rows, tile = weight.tileRows
     let tiles = outF == 0 ? 0 : (outF + tile - 1) / tile
     let out = linearOutput(x, inFeatures: inF, outFeatures: outF, bias: bias)
-    if inF > 0 && rowsN > 0 && rowsN <= directProductRows && weight.hasInt8Product && Int8ActivationMode.isEnabled {
-        // The fast mode: activations quantized to int8 once, integer products shared out over the threads.
+    if inF > 0 && rowsN > 0 && weight.hasInt8Product && Int8ActivationMode.isEnabled {
+        // The fast mode: activations quantized to int8 once, integer products shared out over the threads. Every
+        // row count takes it (a prompt too), so a sequence's rows get the same products whether its prompt ran
+        // whole, after a cached prefix, or batched with others.
         let op = out.pointer
         if bias == nil { op.update(repeating: 0, count: rowsN * outF) }
         // hasInt8Product formats hold whole blocks of 32 per row, so quantizing cannot fail.

@@ -63,7 +63,7 @@ import GraftTestSupport
         let (q, _) = try matrix(type, rows: rows, cols: cols, seed: 21, rowOrder: order)
         #expect(q.hasDirectProduct)
         let w = q.dequantized()
-        for m in [1, 3, 8] {
+        for m in [1, 3, 5, 8] {
             let x = Tensor.randomNormal([m, cols], rng: &rng)
             let reference = linear(x, w)
             for level: Int32 in [2, 1, 0] {
@@ -88,7 +88,8 @@ import GraftTestSupport
         #expect(q.hasInt8Product)
         let w = q.dequantized()
         print("int8 kernel level on this CPU: \(cgraft_ggml_int8_kernel_level()) (2 = AVX-512 VNNI, 1 = AVX2, 0 = portable)")
-        for m in [1, 3, 8] {
+        // 21 rows: a prompt's worth, beyond the float32 path's direct-product limit; the fast mode takes it too.
+        for m in [1, 3, 8, 21] {
             let x = Tensor.randomNormal([m, cols], rng: &rng)
             let q8 = try Int8Rows(x.pointer, rows: m, cols: cols)
             let xhat = Tensor(zeros: [m, cols])
@@ -128,6 +129,30 @@ import GraftTestSupport
         }
         let odd = Tensor(zeros: [1, 30])
         #expect(throws: GraftError.self) { try Int8Rows(odd.pointer, rows: 1, cols: 30) }
+    }
+
+    /// A row's products are the same bits alone or among other rows, at every kernel level, in both modes: what
+    /// lets a sequence get its own tokens when batched with others (graftd's continuous batching).
+    @Test(arguments: [GGMLType.q4_1, .q8_0])
+    func aRowsProductsDoNotDependOnTheRowsBesideIt(type: GGMLType) throws {
+        var rng = GraftRNG(seed: 13)
+        let rows = 103, cols = 576
+        let (q, _) = try matrix(type, rows: rows, cols: cols, seed: 25, rowOrder: (0..<rows).map { ($0 * 41) % rows })
+        for m in [2, 5, 16] {
+            let x = Tensor.randomNormal([m, cols], rng: &rng)
+            for level: Int32 in [2, 1, 0] {
+                cgraft_ggml_limit_kernels(level)
+                for int8 in [false, true] {
+                    let batched = withInt8Activations(int8) { linear(x, frozen: q) }
+                    for i in 0..<m {
+                        let alone = withInt8Activations(int8) { linear(x.rowsView(i..<(i + 1)), frozen: q) }
+                        let same = (0..<rows).allSatisfy { alone.pointer[$0].bitPattern == batched.pointer[i * rows + $0].bitPattern }
+                        #expect(same, "\(type.name) level \(level) \(int8 ? "int8" : "float32") m=\(m): row \(i) differs from its product alone")
+                    }
+                }
+                cgraft_ggml_limit_kernels(2)
+            }
+        }
     }
 
     /// A micro-measurement of the decoding products, reported per kernel level: ns per output row of a
