@@ -290,13 +290,7 @@ public final class DrLLMRouting: Module, LayerDepthPolicy {
     /// the mean layer runs the hard route took.
     public func trainingLoss(model: LlamaModel, batch: TokenBatch, targets: [Int32],
                              computePenalty: Float) throws -> (loss: Tensor, meanRuns: Double) {
-        guard model.depthPolicy === self else { throw GraftError(.state, "Dr.LLM: the routing is not the model's depth policy") }
-        guard targets.count == batch.batchSize * batch.length else {
-            throw GraftError.invalid("Dr.LLM: \(targets.count) targets for a batch of \(batch.batchSize)×\(batch.length) tokens")
-        }
-        let hidden = try model.hiddenStates(batch)
-        let logits = model.lmHead.forward(hidden.reshaped([batch.batchSize * batch.length, model.config.hiddenSize]))
-        var loss = crossEntropy(logits, targets: targets)
+        var loss = try model.dynamicDepthLanguageLoss(policy: self, method: "Dr.LLM", batch: batch, targets: targets)
         if computePenalty != 0, let expectedRuns {
             loss = loss + mean(expectedRuns) * (computePenalty / Float(routers.count))
         }

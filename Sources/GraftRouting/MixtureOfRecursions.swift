@@ -226,13 +226,7 @@ public final class MixtureOfRecursions: Module, LayerDepthPolicy {
     /// the hard routes took.
     public func trainingLoss(model: LlamaModel, batch: TokenBatch, targets: [Int32],
                              computePenalty: Float) throws -> (loss: Tensor, meanDepth: Double) {
-        guard model.depthPolicy === self else { throw GraftError(.state, "Mixture-of-Recursions: the routing is not the model's depth policy") }
-        guard targets.count == batch.batchSize * batch.length else {
-            throw GraftError.invalid("Mixture-of-Recursions: \(targets.count) targets for a batch of \(batch.batchSize)×\(batch.length) tokens")
-        }
-        let hidden = try model.hiddenStates(batch)
-        let logits = model.lmHead.forward(hidden.reshaped([batch.batchSize * batch.length, model.config.hiddenSize]))
-        var loss = crossEntropy(logits, targets: targets)
+        var loss = try model.dynamicDepthLanguageLoss(policy: self, method: "Mixture-of-Recursions", batch: batch, targets: targets)
         let real = lastDepths.filter { $0 > 0 }
         if computePenalty != 0, let expectedDepth {
             let mask = Tensor(shape: [lastDepths.count], values: lastDepths.map { $0 > 0 ? 1 / Float(max(real.count, 1)) : 0 })

@@ -7,26 +7,10 @@ import GraftTestSupport
 /// token) and the held-out perplexity at that depth against the dense model's.
 @Suite struct DrLLMSmolLM2Tests {
     @Test func routersTrainedWithAComputePenaltyRunFewerLayersAtAStatedPerplexity() throws {
-        let path = try Assets.require(Assets.smollm2)
-        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
-        let tokenizer = try BPETokenizer(ggufFile: path)
-        let tweets = try TweetCorpus.load(path: try Assets.require(Assets.tweets)).train.map(\.text)
-        let encode = { (t: String) in Array(tokenizer.encode(t).prefix(32)) }
-        let all = tweets.prefix(400).map(encode).filter { $0.count >= 4 }
-        let training = all.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
-        let heldOut = Array(all.enumerated().filter { $0.offset % 10 == 9 }.map(\.element).prefix(24))
-
+        let text = try SmolLM2TweetText()
+        let llama = text.model, heldOut = text.heldOut
         /// Held-out perplexity, one tweet per pass (each takes its own route).
-        func perplexity() throws -> Double {
-            var sum = 0.0, count = 0
-            for ids in heldOut {
-                let logits = try withNoGrad { try llama.logits(TokenBatch(ids: ids, batchSize: 1, length: ids.count)) }
-                let loss = crossEntropy(logits.reshaped([ids.count, llama.config.vocabSize]), targets: Array(ids.dropFirst()) + [-100])
-                sum += Double(loss.item) * Double(ids.count - 1)
-                count += ids.count - 1
-            }
-            return exp(sum / Double(count))
-        }
+        func perplexity() throws -> Double { try text.heldOutPerplexity() }
         let dense = try perplexity()
 
         let routing = try DrLLMRouting(model: llama, bottleneck: 32, windows: 8, executeBias: 2, seed: 1)
@@ -37,12 +21,7 @@ import GraftTestSupport
         let steps = 40, rows = 4, penalty: Float = 1.5
         var trace: [String] = []
         for step in 0..<steps {
-            let sequences = (0..<rows).map { training[(step * rows + $0) % training.count] }
-            let batch = try TokenBatch(sequences: sequences)
-            var targets = [Int32](repeating: -100, count: batch.batchSize * batch.length)
-            for r in 0..<rows {
-                for i in 0..<(batch.lengths[r] - 1) { targets[r * batch.length + i] = batch.ids[r * batch.length + i + 1] }
-            }
+            let (batch, targets) = try text.batch(step: step, rows: rows)
             optimizer.zeroGrad()
             let (loss, runs) = try routing.trainingLoss(model: llama, batch: batch, targets: targets, computePenalty: penalty)
             loss.backward()
@@ -67,23 +46,9 @@ import GraftTestSupport
     /// The paper's training: routes searched per training tweet (greedy, 0.03 nats per layer run), routers taught
     /// them by class-weighted cross-entropy.
     @Test func routersTaughtSearchedRoutesRunFewerLayersAtAStatedPerplexity() throws {
-        let path = try Assets.require(Assets.smollm2)
-        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
-        let tokenizer = try BPETokenizer(ggufFile: path)
-        let tweets = try TweetCorpus.load(path: try Assets.require(Assets.tweets)).train.map(\.text)
-        let all = tweets.prefix(400).map { Array(tokenizer.encode($0).prefix(32)) }.filter { $0.count >= 4 }
-        let training = Array(all.enumerated().filter { $0.offset % 10 != 9 }.map(\.element).prefix(48))
-        let heldOut = Array(all.enumerated().filter { $0.offset % 10 == 9 }.map(\.element).prefix(24))
-        func perplexity() throws -> Double {
-            var sum = 0.0, count = 0
-            for ids in heldOut {
-                let logits = try withNoGrad { try llama.logits(TokenBatch(ids: ids, batchSize: 1, length: ids.count)) }
-                let loss = crossEntropy(logits.reshaped([ids.count, llama.config.vocabSize]), targets: Array(ids.dropFirst()) + [-100])
-                sum += Double(loss.item) * Double(ids.count - 1)
-                count += ids.count - 1
-            }
-            return exp(sum / Double(count))
-        }
+        let text = try SmolLM2TweetText()
+        let llama = text.model, heldOut = text.heldOut, training = Array(text.training.prefix(48))
+        func perplexity() throws -> Double { try text.heldOutPerplexity() }
         let dense = try perplexity()
         let routing = try DrLLMRouting(model: llama, bottleneck: 32, windows: 8, executeBias: 0, seed: 1)
         llama.depthPolicy = routing

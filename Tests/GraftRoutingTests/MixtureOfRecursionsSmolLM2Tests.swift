@@ -26,24 +26,9 @@ import GraftTestSupport
 
     func run(block: Range<Int>, suffixStart: Int, penalty: Float, label: String, loraSteps: Int = 0,
              firstDepthBias: Float = 0) throws {
-        let path = try Assets.require(Assets.smollm2)
-        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
-        let tokenizer = try BPETokenizer(ggufFile: path)
-        let tweets = try TweetCorpus.load(path: try Assets.require(Assets.tweets)).train.map(\.text)
-        let all = tweets.prefix(400).map { Array(tokenizer.encode($0).prefix(32)) }.filter { $0.count >= 4 }
-        let training = all.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
-        let heldOut = Array(all.enumerated().filter { $0.offset % 10 == 9 }.map(\.element).prefix(24))
-
-        func perplexity() throws -> Double {
-            var sum = 0.0, count = 0
-            for ids in heldOut {
-                let logits = try withNoGrad { try llama.logits(TokenBatch(ids: ids, batchSize: 1, length: ids.count)) }
-                let loss = crossEntropy(logits.reshaped([ids.count, llama.config.vocabSize]), targets: Array(ids.dropFirst()) + [-100])
-                sum += Double(loss.item) * Double(ids.count - 1)
-                count += ids.count - 1
-            }
-            return exp(sum / Double(count))
-        }
+        let text = try SmolLM2TweetText()
+        let llama = text.model, heldOut = text.heldOut
+        func perplexity() throws -> Double { try text.heldOutPerplexity() }
         let dense = try perplexity()
         let routing = try MixtureOfRecursions(model: llama, blockStart: block.lowerBound, blockEnd: block.upperBound,
                                               suffixStart: suffixStart, maxRecursions: 2,
@@ -55,14 +40,7 @@ import GraftTestSupport
         let deep = try perplexity()
         routing.forcedDepth = nil
 
-        func batch(_ step: Int, rows: Int) throws -> (TokenBatch, [Int32]) {
-            let batch = try TokenBatch(sequences: (0..<rows).map { training[(step * rows + $0) % training.count] })
-            var targets = [Int32](repeating: -100, count: batch.batchSize * batch.length)
-            for r in 0..<rows {
-                for i in 0..<(batch.lengths[r] - 1) { targets[r * batch.length + i] = batch.ids[r * batch.length + i + 1] }
-            }
-            return (batch, targets)
-        }
+        func batch(_ step: Int, rows: Int) throws -> (TokenBatch, [Int32]) { try text.batch(step: step, rows: rows) }
         var adaptedDeep = Double.nan
         if loraSteps > 0 {
             try routing.addRecursionLoRA(model: llama, rank: 8, alpha: 16, seed: 2)
