@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -25,6 +26,27 @@ import plan
 import render
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cpu_name():
+    """The CPU's model name and widest vector extension: training times are only comparable on one CPU."""
+    name, flags = platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == platform.machine():
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    vector = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return f"{name} ({vector})"
+
+
+CPU = _cpu_name()
 
 
 def parse_output(text):
@@ -101,7 +123,7 @@ def run_one(graft_bin, task, entry, seed, args, output_dir):
     os.unlink(config_path)
     record = {"task": task, "peft_type": entry["peft_type"], "family": entry["family"], "seed": seed,
               "lr": entry["lr"], "config": _portable(entry["config"]), "wall_seconds": round(wall, 1), "load_average": load,
-              "graft_commit": args.commit}
+              "graft_commit": args.commit, "cpu": CPU}
     record.update(parse_output(text))
     record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
     record["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)

@@ -83,6 +83,7 @@ def render(results):
     rows.sort(key=lambda r: (r["accuracy"] is None, -(r["accuracy"] or 0)))
     lora = next((r for r in rows if r["peft_type"] == "LORA"), None)
     commits = sorted({r.get("graft_commit", "?") for r in runs})
+    cpus = sorted({r.get("cpu", "not recorded (runs before 2026-12-01)") for r in runs})
     lines = [
         "# Every method at a common budget (`make bench-methods`)",
         "",
@@ -99,6 +100,7 @@ def render(results):
         "- Time is the median training time (and CPU-seconds of the whole process) on MiniLM; RSS the process peak. The",
         "  load column is the 1-minute load average when the run started: above 2, other work shared the 2 cores.",
         f"- Graft commits: {', '.join(commits)}.",
+        f"- CPUs (times compare only on one CPU): {'; '.join(cpus)}.",
         "",
         "| method | family | trainable | lr | accuracy (seeds) | vs LoRA | SmolLM2 perplexity | train s | CPU s | peak RSS MB | load |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
