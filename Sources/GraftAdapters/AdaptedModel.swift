@@ -248,8 +248,9 @@ public final class AdaptedModel: @unchecked Sendable {
         guard !adaptersDisabled, let active = activeAdapter, let a = adapters.first(where: { $0.name == active }) else {
             return false
         }
-        // Poly / MHR route each example (row) by its task: packed rows would mix examples of different tasks.
-        if a.config.peftType == PolyFactory.peftType, (try? a.config.int("n_tasks", default: 1)) ?? 1 > 1 { return true }
+        // Task-routed methods (Poly / MHR, MTLoRA) route each example (row) by its task: packed rows would mix
+        // examples of different tasks.
+        if let key = methods.linear[a.config.peftType]?.taskCountKey, (try? a.config.int(key, default: 1)) ?? 1 > 1 { return true }
         return methods.modules[a.config.peftType]?.actsOnInput ?? false
     }
 

@@ -43,6 +43,10 @@ public protocol AdapterMethodFactory: Sendable {
     /// The `adapter_config.json` object saved for `adapter`, given the config's own; unchanged by default (X-LoRA
     /// writes its experts' resolved directories).
     static func exportedConfigJSON(_ json: [String: Any], adapter: NamedAdapter) -> [String: Any]
+    /// The config key holding the number of tasks when the method routes each example by its task id
+    /// (``AdaptedModel/setTaskIDs(_:)``: Poly's and MTLoRA's `n_tasks`); nil (the default) for methods that ignore
+    /// task ids.
+    static var taskCountKey: String? { get }
 }
 
 
@@ -80,6 +84,8 @@ extension AdapterMethodFactory {
     public static func willDetach(_ adapter: NamedAdapter, root: Module) {}
 
     public static func exportedConfigJSON(_ json: [String: Any], adapter: NamedAdapter) -> [String: Any] { json }
+
+    public static var taskCountKey: String? { nil }
 
     /// `r` and the alpha (under `alphaKey`) for `path`, after `rank_pattern` / `alpha_pattern`.
     static func rankAndAlpha(_ config: AdapterConfig, path: String, alphaKey: String) throws -> (Int, Float) {

@@ -59,12 +59,7 @@ public enum IA3Factory: AdapterMethodFactory {
 
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
-        var feedForward = false
-        switch config.value("feedforward_modules") {
-        case let names as [String]: feedForward = names.contains(path) || names.contains { path.hasSuffix("." + $0) }
-        case let regex as String: feedForward = TargetMatcher.regexMatches(regex, path)
-        default: break
-        }
+        let feedForward = TargetMatcher.subsetSelects(config.value("feedforward_modules"), path: path) ?? false
         return IA3Layer(base: layer, feedForward: feedForward, state: state,
                         initOnes: try config.bool("init_ia3_weights", default: true))
     }

@@ -80,6 +80,7 @@ public enum PEFTParity: Sendable, Equatable {
         "OSF": .matches(fixtures: ["peft-minilm-osf/osf_top8_one_layer", "peft-minilm-osf/osf_minor8"]),
         "ASYMMETRIC_LORA": .noPEFTCounterpart, "DOUBLE_SEQ_BN": .noPEFTCounterpart, "ETHER": .noPEFTCounterpart,
         "ETHER_PLUS": .noPEFTCounterpart, "LORAXS": .noPEFTCounterpart, "LORA_MOE": .noPEFTCounterpart, "ESFT": .noPEFTCounterpart, "PERFT": .noPEFTCounterpart, "MOV": .noPEFTCounterpart,
+        "MTLORA": .noPEFTCounterpart, "SMORE": .noPEFTCounterpart,
         "LOREFT": .noPEFTCounterpart, "MOS": .noPEFTCounterpart, "PAR_BN": .noPEFTCounterpart, "ROSA": .noPEFTCounterpart,
         "SEQ_BN": .noPEFTCounterpart, "SVFT": .noPEFTCounterpart,
         "BITFIT": .noPEFTCounterpart, "DSEE": .noPEFTCounterpart, "ID3": .noPEFTCounterpart, "NEUROADA": .noPEFTCounterpart,

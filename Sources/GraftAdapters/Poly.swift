@@ -100,6 +100,7 @@ public enum PolyFactory: AdapterMethodFactory {
     public static let peftType = "POLY"
     public static let family = "routed mixture of LoRA skills (Poly / MHR)"
     public static let mergeable = false
+    public static var taskCountKey: String? { "n_tasks" }
     public static func exampleConfig(targets: [String]) -> [String: Any] {
         ["r": 8, "n_tasks": 1, "n_skills": 4, "n_splits": 1, "poly_type": "poly", "target_modules": targets]
     }
@@ -135,14 +136,20 @@ public enum PolyFactory: AdapterMethodFactory {
 }
 
 extension AdaptedModel {
+    /// The config key of adapter `a`'s task count when its method routes examples by task id (Poly's `n_tasks`,
+    /// multitask prompt tuning's `num_tasks`, any method's ``AdapterMethodFactory/taskCountKey``); nil otherwise.
+    public func taskCountKey(of a: NamedAdapter) -> String? {
+        if a.config.peftType == MultitaskPromptTuningFactory.peftType { return "num_tasks" }
+        return methods.linear[a.config.peftType]?.taskCountKey
+    }
+
     /// Sets the task of each example for the next forward passes of task-routed adapters (Poly / MHR), as PEFT's
     /// `model(..., task_ids=...)`: one id per example (the leading dimension of the batch), or a single id for
     /// every example; nil routes everything to task 0. The ids stay set until changed. Throws when an id is
     /// outside `0..<n_tasks` of an attached Poly adapter (`num_tasks` of a multitask prompt-tuning one).
     public func setTaskIDs(_ ids: [Int]?) throws {
-        let taskKeys = [PolyFactory.peftType: "n_tasks", MultitaskPromptTuningFactory.peftType: "num_tasks"]
         for a in adapters {
-            guard let key = taskKeys[a.config.peftType] else { continue }
+            guard let key = taskCountKey(of: a) else { continue }
             let tasks = try a.config.int(key, default: 1)
             if let bad = ids?.first(where: { $0 < 0 || $0 >= tasks }) {
                 throw GraftError.invalid("task id \(bad) is outside 0..<\(tasks) (\(key) of adapter '\(a.name)')")

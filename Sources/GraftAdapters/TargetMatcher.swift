@@ -41,6 +41,17 @@ public struct TargetMatcher {
         }
     }
 
+    /// Whether a config value naming a subset of the targets (IA³'s `feedforward_modules`: a list of names, each
+    /// matching the path or its last dotted segments, or a regex over the whole path) selects `path`; nil when the
+    /// value is neither (absent).
+    public static func subsetSelects(_ value: Any?, path: String) -> Bool? {
+        switch value {
+        case let names as [String]: return nameMatches(.names(names), path)
+        case let regex as String: return regexMatches(regex, path)
+        default: return nil
+        }
+    }
+
     /// Whether `pattern` matches the whole of `string`.
     public static func regexMatches(_ pattern: String, _ string: String) -> Bool {
         guard let re = try? NSRegularExpression(pattern: "^(?:\(pattern))$") else { return false }

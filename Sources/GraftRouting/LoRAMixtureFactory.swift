@@ -107,9 +107,10 @@ public enum LoRAMixtureFactory: AdapterMethodFactory {
 }
 
 extension AdapterMethodTable {
-    /// Every method Graft has: GraftAdapters' own plus GraftRouting's expert mixtures (`LORA_MOE`, `XLORA`, `MOV`) and
-    /// MoE-base tuners (`ESFT`, `PERFT`).
+    /// Every method Graft has: GraftAdapters' own plus GraftRouting's expert mixtures (`LORA_MOE`, `XLORA`, `MOV`,
+    /// `MTLORA`, `SMORE`) and MoE-base tuners (`ESFT`, `PERFT`).
     /// Sessions create their models with it.
-    public static let all = AdapterMethodTable.builtIn.adding([LoRAMixtureFactory.self, XLoRAFactory.self, MoVFactory.self])
+    public static let all = AdapterMethodTable.builtIn.adding([LoRAMixtureFactory.self, XLoRAFactory.self, MoVFactory.self,
+                                                               MTLoRAFactory.self, SMoREFactory.self])
         .adding(modules: [ESFTFactory.self, PERFTFactory.self])
 }

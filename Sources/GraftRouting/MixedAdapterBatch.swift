@@ -103,8 +103,9 @@ public enum MixedAdapterBatch {
         }
         for id in Set(ids).sorted() where id >= 0 {
             let named = model.adapters[Int(id)]
-            // Poly / MHR pick each example's task by its position in the batch; a segment is a different batch.
-            if named.config.peftType == PolyFactory.peftType, let tasks = named.state.taskIDs, Set(tasks).count > 1 {
+            // Task-routed methods (Poly / MHR, MTLoRA) pick each example's task by its position in the batch; a
+            // segment is a different batch.
+            if model.methods.linear[named.config.peftType]?.taskCountKey != nil, let tasks = named.state.taskIDs, Set(tasks).count > 1 {
                 throw GraftError(.unsupported, "adapter \(id) '\(named.name)' (\(named.config.peftType)) routes by per-example task ids (\(tasks.count) set), which index positions of the whole batch; in a mixed-adapter batch set a single task id (setTaskIDs([id])) or run its rows in a separate batch")
             }
             if named.modules.contains(where: { $0.adapter is ALoRAActivation }) {

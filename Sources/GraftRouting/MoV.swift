@@ -88,12 +88,7 @@ public enum MoVFactory: AdapterMethodFactory {
 
     public static func make(for layer: Linear, path: String, config: AdapterConfig, state: AdapterState,
                             shared: [String: Tensor]) throws -> any LinearAdapterMethod {
-        var feedForward = false
-        switch config.value("feedforward_modules") {
-        case let names as [String]: feedForward = names.contains(path) || names.contains { path.hasSuffix("." + $0) }
-        case let regex as String: feedForward = TargetMatcher.regexMatches(regex, path)
-        default: break
-        }
+        let feedForward = TargetMatcher.subsetSelects(config.value("feedforward_modules"), path: path) ?? false
         return MoVLayer(base: layer, path: path, experts: try config.int("num_experts", default: 10), feedForward: feedForward,
                         initOnes: try config.bool("init_ia3_weights", default: true), state: state)
     }

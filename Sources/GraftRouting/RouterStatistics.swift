@@ -133,14 +133,24 @@ public struct RouterLayerStatistics: Sendable, Codable, Equatable {
     }
 }
 
+/// A Linear adapter with one or more routers that report statistics (MTLoRA's task modules, S'MoRE's levels).
+public protocol RouterStatisticsReporting: AnyObject {
+    /// The statistics of the layer's routers since the last reset, one entry per router.
+    var routerStatistics: [RouterLayerStatistics] { get }
+    /// Clears them.
+    func resetRouterStatistics()
+}
+
 extension AdaptedModel {
     /// Router statistics of every mixture layer of adapter `name` (all adapters when nil), in layer order: the
-    /// Linear mixtures (`LORA_MOE`, `MOV`) and the PEFT experts' routers in MoE blocks (`PERFT`).
+    /// Linear mixtures (`LORA_MOE`, `MOV`, and every router of `MTLORA`, `SMORE` layers) and the PEFT experts'
+    /// routers in MoE blocks (`PERFT`).
     public func routerStatistics(adapter name: String? = nil) -> [(adapter: String, stats: RouterLayerStatistics)] {
         adapters.filter { name == nil || $0.name == name }.flatMap { a in
-            a.layers.compactMap { l -> (String, RouterLayerStatistics)? in
-                if let m = l.adapter as? LoRAMixtureLayer { return (a.name, m.statistics) }
-                return (l.adapter as? MoVLayer).map { (a.name, $0.statistics) }
+            a.layers.flatMap { l -> [(String, RouterLayerStatistics)] in
+                if let m = l.adapter as? LoRAMixtureLayer { return [(a.name, m.statistics)] }
+                if let m = l.adapter as? RouterStatisticsReporting { return m.routerStatistics.map { (a.name, $0) } }
+                return (l.adapter as? MoVLayer).map { [(a.name, $0.statistics)] } ?? []
             } + a.modules.compactMap { ($0.adapter as? PERFTLayer).map { (a.name, $0.statistics) } }
         }
     }
@@ -151,6 +161,7 @@ extension AdaptedModel {
             for l in a.layers {
                 if let m = l.adapter as? LoRAMixtureLayer { m.statistics = RouterLayerStatistics(path: m.path, experts: m.experts) }
                 if let m = l.adapter as? MoVLayer { m.statistics = RouterLayerStatistics(path: m.path, experts: m.experts) }
+                (l.adapter as? RouterStatisticsReporting)?.resetRouterStatistics()
             }
             for m in a.modules {
                 if let p = m.adapter as? PERFTLayer { p.statistics = RouterLayerStatistics(path: p.statistics.path, experts: p.experts) }

@@ -204,11 +204,7 @@ import GraftTestSupport
     /// MoLA: expert counts per layer; then a few SiRA training steps on MiniLM with every auxiliary loss lower
     /// the loss, and the model-level statistics API reports every layer.
     @Test func perLayerExpertsAndTrainingWithAuxiliaryLosses() throws {
-        let bert = try Assets.loadMiniLM()
-        let tokenizer = try WordPieceTokenizer(vocabFile: Assets.minilm + "/vocab.txt")
-        let (train, _) = try TweetCorpus.demoSubsets(path: try Assets.require(Assets.tweets))
-        let examples = try ExampleTokenizer.classification(Array(train.prefix(16)), tokenizer: tokenizer, maxLength: 32)
-        let classifier = try BertForSequenceClassification(bert: bert, numLabels: 3, seed: 3)
+        let (classifier, examples) = try RoutingFixtures.tweetClassification(16)
         let model = AdaptedModel(root: classifier, methods: .all)
         let json: [String: Any] = [
             "peft_type": "LORA_MOE", "r": 2, "lora_alpha": 4, "routing": "top_k", "top_k": 2, "capacity_factor": 1.0,

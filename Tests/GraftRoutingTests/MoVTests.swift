@@ -60,22 +60,14 @@ import GraftTestSupport
         let params = a.layers.filter { $0.path.hasPrefix("model.layers.0.") && !$0.path.contains("v_proj") }
             .flatMap { l in (l.adapter as? MoVLayer).map { [("\(l.path).router", $0.router), ("\(l.path).mov_l", $0.vectors)] } ?? [] }
         #expect(params.count == 4)
-        let result = try finiteDifferenceCheck(params, step: 1e-2) {
-            let y = try withNoGrad { try model.logits(batch) }
-            return zip(y.scalars, probe.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
-        }
+        let result = try finiteDifferenceCheck(params, step: 1e-2) { try RoutingFixtures.probed(model, batch, probe) }
         print("MoV gradients (router and vectors, key and FFN sites): worst relative error \(result.worst)")
         #expect(result.missing.isEmpty)
         #expect(result.worst <= 2e-2, "worst relative gradient error \(result.worst)")
         // Generation with the KV cache routes each new token as a full pass over the sequence would.
-        var sequence: [Int32] = [4, 8, 15, 16]
-        let generated = try model.generate(prompt: sequence, parameters: GenerationParameters(maxNewTokens: 5, temperature: 0, stopTokens: []))
-        for _ in 0..<5 {
-            let logits = try withNoGrad { try model.logits(try TokenBatch(sequences: [sequence])) }.scalars
-            let last = Array(logits[((sequence.count - 1) * 32)...])
-            sequence.append(Int32(last.indices.max { last[$0] < last[$1] || (last[$0] == last[$1] && $0 > $1) } ?? 0))
-        }
-        #expect(generated == Array(sequence.suffix(5)), "cached generation \(generated) vs full passes \(sequence.suffix(5))")
+        let generated = try model.generate(prompt: [4, 8, 15, 16], parameters: GenerationParameters(maxNewTokens: 5, temperature: 0, stopTokens: []))
+        let full = try RoutingFixtures.greedyByFullPasses(model, prompt: [4, 8, 15, 16], steps: 5)
+        #expect(generated == full, "cached generation \(generated) vs full passes \(full)")
         #expect(throws: GraftError.self) { try adapted.merge("mov") }
         #expect(throws: GraftError.self) {
             try adapted.addAdapter("bad", config: AdapterConfig(json: ["peft_type": "MOV", "num_experts": 0, "target_modules": ["k_proj"]], source: "bad"))
@@ -83,11 +75,7 @@ import GraftTestSupport
     }
 
     @Test func fineTunesMiniLMAndLoadsBackExactly() throws {
-        let bert = try Assets.loadMiniLM()
-        let tokenizer = try WordPieceTokenizer(vocabFile: Assets.minilm + "/vocab.txt")
-        let (train, _) = try TweetCorpus.demoSubsets(path: try Assets.require(Assets.tweets))
-        let examples = try ExampleTokenizer.classification(Array(train.prefix(16)), tokenizer: tokenizer, maxLength: 32)
-        let classifier = try BertForSequenceClassification(bert: bert, numLabels: 3, seed: 3)
+        let (classifier, examples) = try RoutingFixtures.tweetClassification(16)
         let model = AdaptedModel(root: classifier, methods: .all)
         // The paper's sites: keys, values and the FFN's intermediate activation (the input of layer.N.output.dense).
         let ffn = #".*layer\.[0-9]+\.output\.dense"#

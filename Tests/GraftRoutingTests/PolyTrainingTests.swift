@@ -7,23 +7,8 @@ import GraftTestSupport
 /// Poly / MHR trained with the trainer, each example routed by its own task id.
 @Suite(.serialized) struct PolyTrainingTests {
     @Test(arguments: [1, 2]) func polyAndMHRTrainWithPerExampleTaskIDs(splits: Int) throws {
-        let bert = try Assets.loadMiniLM()
-        let tokenizer = try WordPieceTokenizer(vocabFile: Assets.minilm + "/vocab.txt")
-        let (train, _) = try TweetCorpus.demoSubsets(path: try Assets.require(Assets.tweets))
-        let texts = Array(train.prefix(12))
-        // Task 0: the sentiment labels; task 1: "mentions a car" (keyword label) on the same tweets.
-        let sentiment = try ExampleTokenizer.classification(texts, tokenizer: tokenizer, maxLength: 32)
-        let cars = try ExampleTokenizer.classification(
-            texts.map { LabeledText(text: $0.text, label: $0.text.lowercased().contains("car") ? 1 : 0) },
-            tokenizer: tokenizer, maxLength: 32)
-        var examples: [TokenizedExample] = []
-        for (a, b) in zip(sentiment, cars) {
-            var x = a, y = b
-            x.taskID = 0
-            y.taskID = 1
-            examples += [x, y]
-        }
-        let classifier = try BertForSequenceClassification(bert: bert, numLabels: 3, seed: 3)
+        // Task 0: the sentiment labels; task 1: "mentions a car" (keyword label) on the same 12 tweets.
+        let (classifier, examples) = try RoutingFixtures.twoTaskTweets(12)
         let model = AdaptedModel(root: classifier)
         let json: [String: Any] = ["peft_type": "POLY", "r": 4, "n_tasks": 2, "n_skills": 3, "n_splits": splits,
                                    "target_modules": ["query", "value"]]
