@@ -217,12 +217,10 @@ public enum RMoEFormat {
                 try writer.add(p + "experts.down_proj", b.downWeight)
             }
         }
-        var config = extra
-        config.merge(["format": formatName, "version": 1, "layers": model.layers.count, "hidden_size": model.config.hiddenSize,
-                      "experts": rmoe.blocks.first?.experts ?? 0, "gru_size": rmoe.gruSize, "tune_experts": rmoe.tunesExperts,
-                      "base_logits": rmoe.addsBaseLogits]) { _, new in new }
-        let json = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
-        try AtomicDirectory.write(directory: directory, kind: "rmoe-router", files: [(configName, [UInt8](json)), (tensorsName, writer.serialized())])
+        try RoutingFiles.write(directory: directory, kind: "rmoe-router", format: formatName, model: model, configName: configName,
+                               fields: ["experts": rmoe.blocks.first?.experts ?? 0, "gru_size": rmoe.gruSize,
+                                        "tune_experts": rmoe.tunesExperts, "base_logits": rmoe.addsBaseLogits],
+                               extra: extra, tensorsName: tensorsName, writer: writer)
     }
 
     /// The RMoE saved in `directory` for `model` (already the MoE base it was trained on), validated against it

@@ -136,11 +136,9 @@ public enum RouterRewiringFormat {
     public static func save(_ rewiring: RouterRewiring, model: LlamaModel, to directory: String, extra: [String: Any] = [:]) throws {
         var writer = SafeTensorsWriter()
         for (l, o) in zip(rewiring.layers, rewiring.offsets) { try writer.add("model.layers.\(l).mlp.router.logit_offset", o) }
-        var config = extra
-        config.merge(["format": formatName, "version": 1, "layers": model.layers.count, "hidden_size": model.config.hiddenSize,
-                      "experts": rewiring.offsets.first?.count ?? 0, "rewired_layers": rewiring.layers]) { _, new in new }
-        let json = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
-        try AtomicDirectory.write(directory: directory, kind: "router-rewiring", files: [(configName, [UInt8](json)), (tensorsName, writer.serialized())])
+        try RoutingFiles.write(directory: directory, kind: "router-rewiring", format: formatName, model: model, configName: configName,
+                               fields: ["experts": rewiring.offsets.first?.count ?? 0, "rewired_layers": rewiring.layers],
+                               extra: extra, tensorsName: tensorsName, writer: writer)
     }
 
     /// The offsets saved in `directory` for `model` (the MoE base they were adapted on), validated against it;
