@@ -55,6 +55,10 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
     /// Adapters tuning this block (ESFT's tuned experts, PERFT's routed LoRA experts), in attach order; the
     /// enabled ones take part in every forward pass.
     public var adapters: [any MoEBlockAdapter] = []
+    /// A router that replaces the linear one (RMoE's recurrent router); nil: `x Wᵀ + b`.
+    public var router: (any MoERouter)?
+    /// `[E]`, added to every token's router logits before routing (test-time router rewiring); nil: none.
+    public var logitOffset: Tensor?
 
     /// A block from its experts' weights (shapes above), `partition` (a permutation of `0..<E·m`) and router.
     /// Throws when a shape or the partition does not fit.
@@ -101,7 +105,8 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         let shape = x.shape
         let flat = x.reshaped([x.count / hiddenSize, hiddenSize])
         let tokens = flat.rows
-        let logits = routerLogits(flat)
+        var logits = router?.logits(flat, block: self) ?? routerLogits(flat)
+        if let logitOffset { logits = logits + logitOffset }
         let probs = softmax(logits)
         let plan = RoutePlan.make(probs: UnsafeBufferPointer(start: probs.pointer, count: probs.count), tokens: tokens,
                                   experts: experts, mode: .topK, topK: topK, topP: 1, capacityFactor: nil)
@@ -117,7 +122,11 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         }
         for a in enabled { if let d = a.addedOutput(flat) { y = y + d } }
         let gates = Tensor(shape: [tokens, experts], values: plan.dispatched)
-        if combine == .probability { gates.pointer.update(from: withNoGrad { mul(gates, probs) }.pointer, count: gates.count) }
+        if combine == .probability {
+            // In place: a temporary product's storage could be freed before it is read.
+            let pg = gates.pointer, pp = probs.pointer
+            for j in 0..<gates.count { pg[j] *= pp[j] }
+        }
         statistics.record(probs: probs, gates: gates, plan: plan)
         if checksAgreement { recordAgreement(flat, selected: plan.selected) }
         return y.reshaped(shape)
@@ -191,6 +200,12 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         let dense = 2 * 3 * hiddenSize * expertSize * experts
         return (2 * hiddenSize * experts + 2 * 3 * hiddenSize * expertSize * topK, dense)
     }
+}
+
+/// A router that replaces an MoE block's linear one (``MoEFeedForward/router``).
+public protocol MoERouter: AnyObject {
+    /// Router scores `[T, E]` for the block's flat input `x` (`[T, hidden]`), recorded for autograd.
+    func logits(_ x: Tensor, block: MoEFeedForward) -> Tensor
 }
 
 /// Weights that replace some experts of an MoE block: expert `indices[s]` runs on slice `s` of `gate`, `up`

@@ -1,3 +1,4 @@
+import Foundation
 import GraftIO
 import GraftModels
 import GraftTensor
@@ -16,6 +17,19 @@ enum RoutingFiles {
             let v = try config.int(key)
             guard v == expected else { throw GraftError.format("\(path): field '\(key)' is \(v), the model has \(expected)") }
         }
+    }
+
+    /// Writes a routing directory of kind `kind`: the config `configName` (`fields` over `extra`, under the header
+    /// ``checkHeader(_:path:format:model:)`` reads: `format`, `version` 1, `model`'s `layers` and `hidden_size`)
+    /// and `writer`'s tensors as `tensorsName`, atomically with the manifest.
+    static func write(directory: String, kind: String, format: String, model: LlamaModel, configName: String,
+                      fields: [String: Any], extra: [String: Any], tensorsName: String, writer: SafeTensorsWriter) throws {
+        var config = extra
+        config.merge(fields) { _, new in new }
+        config.merge(["format": format, "version": 1, "layers": model.layers.count,
+                      "hidden_size": model.config.hiddenSize]) { _, new in new }
+        let json = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
+        try AtomicDirectory.write(directory: directory, kind: kind, files: [(configName, [UInt8](json)), (tensorsName, writer.serialized())])
     }
 
     /// Tensor `name` of `file` (read from `path`): present, of `shape`, and finite.

@@ -1,0 +1,94 @@
+import Foundation
+import Testing
+import Graft
+import GraftTestSupport
+
+/// The router designs on SmolLM2 MoE-fied over tweets (E = 8, top-4, 512 calibration tokens; every 10th tweet held
+/// out): RMoE's recurrent routers trained on training tweets, and test-time rewiring on a held-out context.
+@Suite(.serialized) struct RouterDesignsSmolLM2Tests {
+    /// SmolLM2 made an MoE base, its training tweets and held-out tweets (at most 32 tokens each).
+    static func moeSmolLM2() throws -> (llama: LlamaModel, training: [[Int32]], heldOut: [[Int32]]) {
+        let path = try Assets.require(Assets.smollm2)
+        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
+        let tokenizer = try BPETokenizer(ggufFile: path)
+        let tweets = try TweetCorpus.load(path: try Assets.require(Assets.tweets)).train.map(\.text)
+        let all = tweets.prefix(400).map { Array(tokenizer.encode($0).prefix(32)) }.filter { $0.count >= 4 }
+        let training = all.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
+        let heldOut = all.enumerated().filter { $0.offset % 10 == 9 }.map(\.element)
+        var options = MoEficationOptions()
+        options.experts = 8
+        options.topK = 4
+        options.maxTokens = 512
+        try MoEfication.apply(to: llama, sequences: Array(training.prefix(200)), options: options)
+        return (llama, training, heldOut)
+    }
+
+    /// The mean next-token loss of `sequences` in one padded batch (recorded for autograd), and its token count.
+    static func loss(_ llama: LlamaModel, _ sequences: [[Int32]]) throws -> Tensor {
+        let batch = try TokenBatch(sequences: sequences)
+        var targets = [Int32](repeating: -100, count: batch.batchSize * batch.length)
+        for r in 0..<batch.batchSize {
+            for i in 0..<(batch.lengths[r] - 1) { targets[r * batch.length + i] = batch.ids[r * batch.length + i + 1] }
+        }
+        return crossEntropy(try llama.logits(batch).reshaped([targets.count, llama.config.vocabSize]), targets: targets)
+    }
+
+    @Test func rmoeRoutersTrainedOnTweetsLowerTheLossAndHeldOutPerplexity() throws {
+        let (llama, training, heldOut) = try Self.moeSmolLM2()
+        let eval = Array(heldOut.prefix(24)), fixed = Array(training.suffix(16))
+        let rmoe = try RMoE(model: llama, gruSize: 64, tuneExperts: false, addsBaseLogits: true, seed: 1)
+        rmoe.install()
+        let heldBefore = exp(Double(try withNoGrad { try Self.loss(llama, eval) }.item))
+        let trainBefore = try withNoGrad { try Self.loss(llama, fixed) }.item
+        let params = rmoe.trainableParameters
+        let optimizer = AdamW(parameters: params, learningRate: 3e-3, weightDecay: 0)
+        let steps = 30, rows = 4
+        var trace: [String] = []
+        for step in 0..<steps {
+            optimizer.zeroGrad()
+            let loss = try Self.loss(llama, (0..<rows).map { training[(step * rows + $0) % training.count] })
+            loss.backward()
+            optimizer.step()
+            #expect(loss.item.isFinite, "step \(step): loss \(loss.item)")
+            if step % 5 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
+        }
+        print("RMoE SmolLM2 training loss by step: \(trace.joined(separator: ", "))")
+        llama.resetMoERouterStatistics()
+        let heldAfter = exp(Double(try withNoGrad { try Self.loss(llama, eval) }.item))
+        let trainAfter = try withNoGrad { try Self.loss(llama, fixed) }.item
+        let stats = rmoe.statistics
+        let entropy = stats.map(\.meanEntropy).reduce(0, +) / Double(stats.count)
+        let busiest = stats.map { $0.load.max() ?? 0 }.reduce(0, +) / Double(stats.count)
+        print(String(format: "RMoE on SmolLM2 E=8 k=4 (GRU 64, %d trainable, experts frozen; %d steps of %d tweets, lr 3e-3): training-tweet loss %.3f -> %.3f, held-out perplexity %.1f -> %.1f on %d tweets; mean router entropy %.3f nats (log 8 = 2.079), busiest expert's load %.3f",
+                     params.reduce(0) { $0 + $1.count }, steps, rows, trainBefore, trainAfter, heldBefore, heldAfter, eval.count, entropy, busiest))
+        #expect(trainAfter < trainBefore - 0.05, "training loss \(trainBefore) -> \(trainAfter)")
+        #expect(heldAfter < heldBefore, "held-out perplexity \(heldBefore) -> \(heldAfter)")
+        #expect(stats.count == 30 && stats.allSatisfy { $0.tokens > 0 && $0.overflowCount == 0 })
+        let generated = try llama.generate(prompt: eval[0], parameters: GenerationParameters(maxNewTokens: 6, temperature: 0, stopTokens: []))
+        #expect(generated.count == 6)
+    }
+
+    @Test func rewiringOnAHeldOutContextLowersThePerplexityOfItsContinuation() throws {
+        let (llama, _, heldOut) = try Self.moeSmolLM2()
+        for b in llama.moeBlocks { b.combine = .probability }
+        // A context of six held-out tweets; the next six are its continuation, scored given the context.
+        let context = heldOut[0..<6].flatMap { $0 }, continuation = heldOut[6..<12].flatMap { $0 }
+        let all = context + continuation
+        func continuationPerplexity() throws -> Double {
+            let logits = try withNoGrad { try llama.logits(TokenBatch(ids: all, batchSize: 1, length: all.count)) }
+            let targets = all.indices.map { $0 >= context.count - 1 && $0 + 1 < all.count ? all[$0 + 1] : -100 }
+            return exp(Double(crossEntropy(logits.reshaped([all.count, llama.config.vocabSize]), targets: targets).item))
+        }
+        let before = try continuationPerplexity()
+        let rewiring = try RouterRewiring(model: llama)
+        let losses = try rewiring.adapt(model: llama, context: context, steps: 10, learningRate: 0.1)
+        let after = try continuationPerplexity()
+        let moved = rewiring.offsets.map { $0.scalars.map { abs($0) }.reduce(0, +) / Float($0.count) }.reduce(0, +) / 30
+        print(String(format: "Router rewiring on SmolLM2 E=8 k=4 (probability combine, 30 layers × 8 offsets, 10 Adam steps, lr 0.1) on a %d-token held-out context: context loss %.3f -> %.3f, perplexity of the %d-token continuation %.1f -> %.1f; mean |offset| %.3f",
+                     context.count, losses.first ?? .nan, losses.last ?? .nan, continuation.count, before, after, moved))
+        #expect((losses.last ?? .nan) < (losses.first ?? .nan) - 0.05)
+        #expect(after < before, "continuation perplexity \(before) -> \(after)")
+        let generated = try llama.generate(prompt: context, parameters: GenerationParameters(maxNewTokens: 6, temperature: 0, stopTokens: []))
+        #expect(generated.count == 6)
+    }
+}
