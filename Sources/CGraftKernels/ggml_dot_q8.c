@@ -78,16 +78,46 @@ __attribute__((target("avx2"))) static inline __m256i dot_u8s8_avx2(__m256i u, _
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-// The AVX2 kernels run one weight row against up to four activation rows, decoding each block once. A row's
-// arithmetic is the same whatever `N` is, so a sequence gets the same result alone or batched. `out[i]` receives
-// activation row i (`q`, `d`, `s` hold row i at `i * cols`, `i * blocks`).
+// The AVX2 kernels run one weight row against up to four activation rows, decoding each block once. The block
+// scales (and Q4_1's minimums) come eight at a time from the row's scale table (cgraft_ggml_block_scales), so the
+// per-block work is the integer product, one lane broadcast and one FMA; a row without a table, or the last few
+// blocks, reads them from the blocks. A row's arithmetic is the same whatever `N` is, so a sequence gets the same
+// result alone or batched. `out[i]` receives activation row i (`q`, `d`, `s` hold row i at `i * cols`,
+// `i * blocks`).
+
+/// Lane `j` of `v` in every lane.
+#define CGRAFT_LANE(v, j) _mm256_permutevar8x32_ps((v), _mm256_set1_epi32(j))
 
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-rows_q4_1_q8_avx2(const uint8_t *row, const int8_t *q, const float *d, const float *s, int64_t blocks, int N, float *out) {
-    __m256 acc[4];
+rows_q4_1_q8_avx2(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, const float *s,
+                  int64_t blocks, int N, float *out) {
+    __m256 acc[4], off[4];
     float offsets[4];
-    for (int i = 0; i < N; i++) { acc[i] = _mm256_setzero_ps(); offsets[i] = 0; }
-    for (int64_t b = 0; b < blocks; b++) {
+    for (int i = 0; i < N; i++) { acc[i] = _mm256_setzero_ps(); off[i] = _mm256_setzero_ps(); offsets[i] = 0; }
+    int64_t b = 0;
+    if (table) {
+        for (; b + 8 <= blocks; b += 8) {
+            __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(table + b)));
+            __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(table + blocks + b)));
+            __m256 sc[4];
+            for (int i = 0; i < N; i++) {
+                sc[i] = _mm256_mul_ps(scale, _mm256_loadu_ps(d + i * blocks + b));
+                off[i] = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(s + i * blocks + b), off[i]);
+            }
+#define CGRAFT_BLOCK(j)                                                                                              \
+    {                                                                                                                \
+        __m256i w = q4_1_bytes(row + (b + j) * 20);                                                                  \
+        for (int i = 0; i < N; i++) {                                                                                \
+            __m256i dot = dot_u8s8_avx2(w, _mm256_loadu_si256((const __m256i *)(q + i * blocks * 32 + (b + j) * 32))); \
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), CGRAFT_LANE(sc[i], j), acc[i]);                          \
+        }                                                                                                            \
+    }
+            CGRAFT_BLOCK(0) CGRAFT_BLOCK(1) CGRAFT_BLOCK(2) CGRAFT_BLOCK(3)
+            CGRAFT_BLOCK(4) CGRAFT_BLOCK(5) CGRAFT_BLOCK(6) CGRAFT_BLOCK(7)
+#undef CGRAFT_BLOCK
+        }
+    }
+    for (; b < blocks; b++) {
         const uint8_t *blk = row + b * 20;
         __m256i w = q4_1_bytes(blk);
         float scale = half_f16c(blk), minimum = half_f16c(blk + 2);
@@ -97,14 +127,35 @@ rows_q4_1_q8_avx2(const uint8_t *row, const int8_t *q, const float *d, const flo
             offsets[i] = fmaf(minimum, s[i * blocks + b], offsets[i]);
         }
     }
-    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + offsets[i];
+    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + (hsum256(off[i]) + offsets[i]);
 }
 
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-rows_q8_0_q8_avx2(const uint8_t *row, const int8_t *q, const float *d, int64_t blocks, int N, float *out) {
+rows_q8_0_q8_avx2(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, int64_t blocks, int N,
+                  float *out) {
     __m256 acc[4];
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
+    int64_t b = 0;
+    if (table) {
+        for (; b + 8 <= blocks; b += 8) {
+            __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(table + b)));
+            __m256 sc[4];
+            for (int i = 0; i < N; i++) sc[i] = _mm256_mul_ps(scale, _mm256_loadu_ps(d + i * blocks + b));
+#define CGRAFT_BLOCK(j)                                                                                              \
+    {                                                                                                                \
+        __m256i w = _mm256_loadu_si256((const __m256i *)(row + (b + j) * 34 + 2)), magnitude = _mm256_sign_epi8(w, w); \
+        for (int i = 0; i < N; i++) {                                                                                \
+            __m256i x = _mm256_loadu_si256((const __m256i *)(q + i * blocks * 32 + (b + j) * 32));                    \
+            __m256i dot = dot_u8s8_avx2(magnitude, _mm256_sign_epi8(x, w));                                          \
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), CGRAFT_LANE(sc[i], j), acc[i]);                          \
+        }                                                                                                            \
+    }
+            CGRAFT_BLOCK(0) CGRAFT_BLOCK(1) CGRAFT_BLOCK(2) CGRAFT_BLOCK(3)
+            CGRAFT_BLOCK(4) CGRAFT_BLOCK(5) CGRAFT_BLOCK(6) CGRAFT_BLOCK(7)
+#undef CGRAFT_BLOCK
+        }
+    }
+    for (; b < blocks; b++) {
         const uint8_t *blk = row + b * 34;
         __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2)), magnitude = _mm256_sign_epi8(w, w);
         float scale = half_f16c(blk);
@@ -116,15 +167,16 @@ rows_q8_0_q8_avx2(const uint8_t *row, const int8_t *q, const float *d, int64_t b
     }
     for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]);
 }
+#undef CGRAFT_LANE
 
 /// One weight row against activation rows `0..<n` (n ≤ 4) with the AVX2 kernels.
-__attribute__((target("avx2,fma,f16c"))) static void rows_q8_avx2(int type, const uint8_t *row, const int8_t *q,
-                                                                  const float *d, const float *s, int64_t blocks, int n,
-                                                                  float *out) {
+__attribute__((target("avx2,fma,f16c"))) static void rows_q8_avx2(int type, const uint8_t *row, const uint16_t *table,
+                                                                  const int8_t *q, const float *d, const float *s,
+                                                                  int64_t blocks, int n, float *out) {
 #define CGRAFT_ROWS(N)                                                                                               \
     case N:                                                                                                          \
-        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_avx2(row, q, d, s, blocks, N, out);                                \
-        else rows_q8_0_q8_avx2(row, q, d, blocks, N, out);                                                            \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_avx2(row, table, q, d, s, blocks, N, out);                         \
+        else rows_q8_0_q8_avx2(row, table, q, d, blocks, N, out);                                                     \
         break;
     switch (n) { CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4) default: break; }
 #undef CGRAFT_ROWS
@@ -271,7 +323,7 @@ int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, c
             float out[4];
             for (int64_t i = 0; i < m; i += 4) {
                 int n = (int)(m - i < 4 ? m - i : 4);
-                rows_q8_avx2(type, row, q + i * cols, scales + i * blocks, sums + i * blocks, blocks, n, out);
+                rows_q8_avx2(type, row, table, q + i * cols, scales + i * blocks, sums + i * blocks, blocks, n, out);
                 for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
             }
             continue;

@@ -86,7 +86,9 @@ extension GraftSession {
         let width = llama.config.kvHeads * llama.config.headDim
         let cache = KVCache(layerCount: llama.layers.count, width: width, capacity: needed)
         var reused = 0
-        if let prefixCache, let hit = prefixCache.lookup(adapter: name ?? "", prompt: prompt) {
+        // The fast mode skips prompt caching: int8 rounding turns the last digits in which a cached prefix's keys
+        // and values differ from a whole prompt's into other tokens.
+        if let prefixCache, !params.fastDecode, let hit = prefixCache.lookup(adapter: name ?? "", prompt: prompt) {
             try cache.copyPrefix(of: hit.cache, positions: hit.length)
             reused = hit.length
         }

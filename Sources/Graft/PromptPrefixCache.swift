@@ -60,7 +60,10 @@ public final class PromptPrefixCache {
 
     /// Keeps the cache of a finished generation under `adapter` ("" = base) whose positions hold `tokens`' keys
     /// and values; evicts the least recently used caches past the budget (this one too, if it alone is larger).
+    /// A fast-mode generation's cache is not kept: its keys and values came from int8 products, which an exact
+    /// request must not reuse.
     public func store(_ generation: BatchedGeneration) {
+        guard !generation.sequence.parameters.fastDecode else { return }
         let cache = generation.sequence.cache
         let tokens = Array((generation.prompt + generation.sequence.generated).prefix(cache.length))
         guard tokens.count >= minimumPrefix, cache.allocatedBytes <= budgetBytes else { return }

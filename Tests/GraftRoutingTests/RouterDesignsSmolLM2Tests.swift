@@ -8,13 +8,8 @@ import GraftTestSupport
 @Suite(.serialized) struct RouterDesignsSmolLM2Tests {
     /// SmolLM2 made an MoE base, its training tweets and held-out tweets (at most 32 tokens each).
     static func moeSmolLM2() throws -> (llama: LlamaModel, training: [[Int32]], heldOut: [[Int32]]) {
-        let path = try Assets.require(Assets.smollm2)
-        let llama = try LlamaModel(gguf: GGUFFile(contentsOf: path))
-        let tokenizer = try BPETokenizer(ggufFile: path)
-        let tweets = try TweetCorpus.load(path: try Assets.require(Assets.tweets)).train.map(\.text)
-        let all = tweets.prefix(400).map { Array(tokenizer.encode($0).prefix(32)) }.filter { $0.count >= 4 }
-        let training = all.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
-        let heldOut = all.enumerated().filter { $0.offset % 10 == 9 }.map(\.element)
+        let text = try SmolLM2TweetText(heldOutCount: .max)
+        let llama = text.model, training = text.training, heldOut = text.heldOut
         var options = MoEficationOptions()
         options.experts = 8
         options.topK = 4
@@ -25,11 +20,7 @@ import GraftTestSupport
 
     /// The mean next-token loss of `sequences` in one padded batch (recorded for autograd), and its token count.
     static func loss(_ llama: LlamaModel, _ sequences: [[Int32]]) throws -> Tensor {
-        let batch = try TokenBatch(sequences: sequences)
-        var targets = [Int32](repeating: -100, count: batch.batchSize * batch.length)
-        for r in 0..<batch.batchSize {
-            for i in 0..<(batch.lengths[r] - 1) { targets[r * batch.length + i] = batch.ids[r * batch.length + i + 1] }
-        }
+        let (batch, targets) = try SmolLM2TweetText.nextTokenBatch(sequences)
         return crossEntropy(try llama.logits(batch).reshaped([targets.count, llama.config.vocabSize]), targets: targets)
     }
 

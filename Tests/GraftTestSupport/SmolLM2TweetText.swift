@@ -43,9 +43,14 @@ public struct SmolLM2TweetText {
     /// Training batch `step` of `rows` sequences (cycling through the training set) with its next-token targets
     /// (-100 past each sequence's end).
     public func batch(step: Int, rows: Int) throws -> (TokenBatch, [Int32]) {
-        let batch = try TokenBatch(sequences: (0..<rows).map { training[(step * rows + $0) % training.count] })
+        try Self.nextTokenBatch((0..<rows).map { training[(step * rows + $0) % training.count] })
+    }
+
+    /// `sequences` as one padded batch with its next-token targets (-100 past each sequence's end).
+    public static func nextTokenBatch(_ sequences: [[Int32]]) throws -> (TokenBatch, [Int32]) {
+        let batch = try TokenBatch(sequences: sequences)
         var targets = [Int32](repeating: -100, count: batch.batchSize * batch.length)
-        for r in 0..<rows {
+        for r in 0..<batch.batchSize {
             for i in 0..<(batch.lengths[r] - 1) { targets[r * batch.length + i] = batch.ids[r * batch.length + i + 1] }
         }
         return (batch, targets)
