@@ -1,3 +1,4 @@
+import CGraftKernels
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -22,30 +23,39 @@ func mapGradient(_ x: Tensor, _ g: Tensor, _ df: (Float16x, Float16x) -> Float16
     return out
 }
 
-private let invSqrt2: Float = 0.70710678118654752
-private let invSqrt2Pi: Float = 0.3989422804014327
+/// `kernel(x, out, n)` over `x` in parallel chunks: a CGraftKernels activation.
+@inline(__always)
+func mapElements(_ x: Tensor, kernel: (UnsafePointer<Float>?, UnsafeMutablePointer<Float>?, Int64) -> Void) -> Tensor {
+    let out = Tensor(uninitialized: x.shape)
+    let px = x.pointer, po = out.pointer
+    parallelFor(x.count, grain: 1 << 15) { range in kernel(px + range.lowerBound, po + range.lowerBound, Int64(range.count)) }
+    return out
+}
 
-/// GELU in its exact erf form, `x/2 · (1 + erf(x/√2))` (BERT's "gelu").
-public func gelu(_ x: Tensor) -> Tensor {
-    let out = mapElements(x) { v in splat(0.5) * v * (splat(1) + verf(v * splat(invSqrt2))) }
-    return Tensor.result(out, inputs: [x]) { g in
-        [mapGradient(x, g) { v, gv in
-            let cdf = splat(0.5) * (splat(1) + verf(v * splat(invSqrt2)))
-            let pdf = vexp(splat(-0.5) * v * v) * splat(invSqrt2Pi)
-            return gv * (cdf + v * pdf)
-        }]
+/// `kernel(x, g, dx, n)` over `x` and its output gradient `g` in parallel chunks: a CGraftKernels gradient.
+@inline(__always)
+func mapGradient(_ x: Tensor, _ g: Tensor,
+                 kernel: (UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafeMutablePointer<Float>?, Int64) -> Void) -> Tensor {
+    let out = Tensor(uninitialized: x.shape)
+    let px = x.pointer, pg = g.pointer, po = out.pointer
+    parallelFor(x.count, grain: 1 << 15) { range in
+        let lo = range.lowerBound
+        kernel(px + lo, pg + lo, po + lo, Int64(range.count))
     }
+    return out
+}
+
+/// GELU in its exact erf form, `x/2 · (1 + erf(x/√2))` (BERT's "gelu"); `cgraft_gelu` runs it on the CPU's widest
+/// vectors with the arithmetic of ``verf(_:)`` and ``vexp(_:)``.
+public func gelu(_ x: Tensor) -> Tensor {
+    let out = mapElements(x, kernel: cgraft_gelu)
+    return Tensor.result(out, inputs: [x]) { g in [mapGradient(x, g, kernel: cgraft_gelu_backward)] }
 }
 
 /// SiLU (swish), `x · σ(x)`.
 public func silu(_ x: Tensor) -> Tensor {
-    let out = mapElements(x) { v in v / (splat(1) + vexp(-v)) }
-    return Tensor.result(out, inputs: [x]) { g in
-        [mapGradient(x, g) { v, gv in
-            let s = splat(1) / (splat(1) + vexp(-v))
-            return gv * s * (splat(1) + v * (splat(1) - s))
-        }]
-    }
+    let out = mapElements(x, kernel: cgraft_silu)
+    return Tensor.result(out, inputs: [x]) { g in [mapGradient(x, g, kernel: cgraft_silu_backward)] }
 }
 
 /// ReLU, `max(x, 0)`.

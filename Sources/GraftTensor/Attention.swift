@@ -70,7 +70,8 @@ public func scaledDotProductAttention(
         }
     }
 
-    let probs = Tensor(zeros: [probCount])
+    // Every block's probabilities are written by its first product; rows of empty blocks stay zero in `out`.
+    let probs = Tensor(uninitialized: [probCount])
     let out = Tensor(zeros: query.shape)
     let pq = query.pointer, pk = key.pointer, pv = value.pointer, pp = probs.pointer, po = out.pointer
     let causal = mask.causal, offset = mask.queryOffset
@@ -132,8 +133,7 @@ public func scaledDotProductAttention(
                           a: gbh, lda: qStride, b: pv + kOff, ldb: kStride, c: pdP, ldc: block.kn, parallel: false)
                     for i in 0..<block.qn {
                         let prow = pbh + i * block.kn, drow = pdP + i * block.kn
-                        var dot: Float = 0
-                        for j in 0..<block.kn { dot += prow[j] * drow[j] }
+                        let dot = dotProduct(prow, drow, block.kn)
                         for j in 0..<block.kn { drow[j] = prow[j] * (drow[j] - dot) * scale }
                     }
                     if let dq {

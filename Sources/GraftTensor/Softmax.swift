@@ -16,11 +16,25 @@ func softmaxRow(_ p: UnsafeMutablePointer<Float>, _ n: Int) {
     for j in 0..<n { p[j] *= inv }
 }
 
-/// The largest of `n` values.
+/// The largest of `n` values, 16 lanes at a time.
 @inline(__always)
 func rowMax(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
     var m = -Float.infinity
-    for j in 0..<n { m = max(m, p[j]) }
+    var i = 0
+    if n >= 16 {
+        // A masked replace vectorizes; the generic pointwiseMax and max() do not.
+        var lanes = Float16x(repeating: -.infinity)
+        while i + 16 <= n {
+            let v = UnsafeRawPointer(p + i).loadUnaligned(as: Float16x.self)
+            lanes.replace(with: v, where: v .> lanes)
+            i += 16
+        }
+        for lane in 0..<16 { m = max(m, lanes[lane]) }
+    }
+    while i < n {
+        m = max(m, p[i])
+        i += 1
+    }
     return m
 }
 

@@ -57,6 +57,23 @@ public func verf(_ xIn: Float16x) -> Float16x {
     return x * p / q
 }
 
+/// `Σ a[j]·b[j]` for `j < n`, 16 lanes at a time.
+@inline(__always)
+func dotProduct(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+    var lanes = splat(0)
+    var i = 0
+    while i + 16 <= n {
+        lanes += UnsafeRawPointer(a + i).loadUnaligned(as: Float16x.self) * UnsafeRawPointer(b + i).loadUnaligned(as: Float16x.self)
+        i += 16
+    }
+    var total = lanes.sum()
+    while i < n {
+        total += a[i] * b[i]
+        i += 1
+    }
+    return total
+}
+
 /// Applies a 16-lane kernel over `range`, padding the tail lanes with zeros.
 @inline(__always)
 func simdMap(_ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>, _ range: Range<Int>,

@@ -92,6 +92,14 @@ import Testing
         check.run("rmsNorm", inputs: [x, w], shapes: [[3, 8], [8]], trainable: [true, true],
                   op: { rmsNorm($0[0], weight: $0[1], eps: 1e-5) },
                   reference: { Ref.rmsNorm($0[0], $0[1], n: 8, eps: 1e-5) })
+        // Rows of 37: two full 16-lane vectors and a tail.
+        let x37 = randomValues(74, seed: 50, scale: 2), w37 = randomValues(37, seed: 51), b37 = randomValues(37, seed: 52)
+        check.run("layerNorm 37", inputs: [x37, w37, b37], shapes: [[2, 37], [37], [37]], trainable: [true, true, true],
+                  op: { layerNorm($0[0], weight: $0[1], bias: $0[2], eps: 1e-5) },
+                  reference: { Ref.layerNorm($0[0], $0[1], $0[2], n: 37, eps: 1e-5) })
+        check.run("rmsNorm 37", inputs: [x37, w37], shapes: [[2, 37], [37]], trainable: [true, true],
+                  op: { rmsNorm($0[0], weight: $0[1], eps: 1e-5) },
+                  reference: { Ref.rmsNorm($0[0], $0[1], n: 37, eps: 1e-5) })
     }
 
     @Test func activations() {

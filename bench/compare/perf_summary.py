@@ -5,11 +5,12 @@ Reads ``perf report --stdio --no-children --sort dso,sym -g none --field-separat
 on PATH, and sorts every sample into one of:
 
 * GEMM            — OpenBLAS / MKL / oneDNN matrix kernels and their packing (``*gemm*``, ``*_kernel*``,
-                     ``*copy*`` in the BLAS library, JIT code with no symbol)
+                     ``*copy*`` in the BLAS library, JIT code with no symbol: perf names oneDNN's kernels ``[JIT] tid N``)
 * attention       — softmax and attention-named functions
 * elementwise     — the rest of the engines' own math (norms, activations, adds, reductions, optimizer)
 * allocation      — malloc/free, zeroing new memory (memset) and the kernel's page-fault and page-clearing work
-* threading idle  — threads waiting for work: OpenBLAS's thread server, all of libgomp (OpenMP's barriers and
+* threading idle  — threads waiting for work: OpenBLAS's thread server, Graft's worker pool (its own time is
+                     polling for chunks), all of libgomp (OpenMP's barriers and
                      spin-waits, whose symbols perf often cannot resolve), sched_yield, futex
 * runtime         — Swift ARC and runtime, the Python interpreter
 * other
@@ -42,7 +43,7 @@ def category(dso, sym):
     if d.startswith("libgomp"):
         # OpenMP's runtime: its CPU time is threads spinning or sleeping at barriers, waiting for work.
         return "threading idle"
-    if re.search(r"blas_thread_server|sched_yield|gomp_(team_)?barrier|gomp_.*wait|do_spin|futex|pthread_cond|"
+    if re.search(r"blas_thread_server|cgraft_pool_run|worker_main|sched_yield|gomp_(team_)?barrier|gomp_.*wait|do_spin|futex|pthread_cond|"
                  r"exec_blas_async_wait|syscall|sched_yield|(^|\s)(__)?schedule(\s|$)|finish_task_switch|do_sched_yield", s):
         return "threading idle"
     if re.search(r"malloc|free|calloc|realloc|memset|clear_page|page_fault|do_anonymous_page|"
@@ -51,7 +52,7 @@ def category(dso, sym):
                  r"tensor\(zeros|uninitialized", s):
         return "allocation"
     if "openblas" in d or re.search(r"gemm|mkl_blas|dnnl|brgemm|jit_|sgemv|_kernel_|oncopy|incopy|otcopy|itcopy", s) \
-            or d in ("[unknown]", "[anon]", "[jit]"):
+            or d in ("[unknown]", "[anon]") or d.startswith("[jit]"):
         return "GEMM"
     if re.search(r"softmax|attention|sdpa|scaled_dot|flash", s):
         return "attention"

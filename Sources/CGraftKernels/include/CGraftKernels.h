@@ -77,6 +77,26 @@ int cgraft_ggml_block_scales(int type, const uint8_t *w, int64_t rows, int64_t r
 /// capped by cgraft_ggml_limit_kernels).
 int cgraft_ggml_int8_kernel_level(void);
 
+/// GELU (erf form) of `n` floats: `y = x/2 · (1 + erf(x/√2))`. The activations below run the widest vector unit
+/// the CPU has and give the same floats as GraftTensor's Swift kernels.
+void cgraft_gelu(const float *x, float *y, int64_t n);
+
+/// GELU's input gradient: `dx = g · (Φ(x) + x · φ(x))`.
+void cgraft_gelu_backward(const float *x, const float *g, float *dx, int64_t n);
+
+/// SiLU of `n` floats: `y = x · σ(x)`.
+void cgraft_silu(const float *x, float *y, int64_t n);
+
+/// SiLU's input gradient: `dx = g · σ(x) · (1 + x · (1 − σ(x)))`.
+void cgraft_silu_backward(const float *x, const float *g, float *dx, int64_t n);
+
+/// SwiGLU of `n` pairs: `y = silu(gate) · up`.
+void cgraft_swiglu(const float *gate, const float *up, float *y, int64_t n);
+
+/// SwiGLU's gradients from the output gradient `g`: `dup = g · silu(gate)`, `dgate = g · up · silu'(gate)`;
+/// either output may be NULL.
+void cgraft_swiglu_backward(const float *gate, const float *up, const float *g, float *dgate, float *dup, int64_t n);
+
 #ifdef __cplusplus
 }
 #endif
