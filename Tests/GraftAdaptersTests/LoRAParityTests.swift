@@ -53,10 +53,13 @@ import GraftTestSupport
         let unmerged = try withNoGrad(forward)
         try model.merge("default")
         let merged = try withNoGrad(forward)
-        #expect(maxAbsDifference(merged, unmerged) <= 1e-5)
+        // Relative to the output's scale, as MethodParityTests bounds every method's merge: merging reorders float32
+        // sums (DoRA's merged output moved by 1.29e-5 of outputs up to 5.8 on an AVX-512 CPU).
+        let scale = max(1, unmerged.scalars.map(abs).max() ?? 1)
+        #expect(maxAbsDifference(merged, unmerged) <= 2e-5 * scale)
         try model.unmerge("default")
         let again = try withNoGrad(forward)
-        #expect(maxAbsDifference(again, unmerged) <= 1e-5)
+        #expect(maxAbsDifference(again, unmerged) <= 2e-5 * scale)
         #expect(maxAbsDifference(bert.layers[0].query.weight, originalQuery) <= 1e-6)
         try model.mergeAndUnload("default")
         #expect(model.adapters.isEmpty)

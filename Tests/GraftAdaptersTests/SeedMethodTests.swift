@@ -104,7 +104,9 @@ import GraftTestSupport
         sum(try bert.forward(batch) * w).backward()
         let check = try finiteDifferenceCheck(adapter.peftStateDict, step: 1e-2, samples: 12, report: 5e-3, value: value)
         #expect(check.missing.isEmpty, "\(type): no gradient for \(check.missing)")
-        #expect(check.worst < 5e-3, "\(type): worst gradient error \(check.worst)")
+        // Central differences of a float32 forward through six layers carry ~5e-3 of rounding and truncation
+        // (DOUBLE_SEQ_BN measured 5.05e-3 on an AVX-512 CPU); a wrong gradient is off by order one.
+        #expect(check.worst < 1e-2, "\(type): worst gradient error \(check.worst)")
     }
 
     /// LoReFT's R has orthonormal rows whatever its free parameters, and edits only the chosen positions.

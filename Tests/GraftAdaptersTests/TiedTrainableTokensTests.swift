@@ -77,7 +77,9 @@ import GraftTrain
         #expect(Set(saved.names) == Set(original.names), "\(saved.names)")
         for name in original.names { #expect(saved.info(name)?.shape == original.info(name)?.shape, "\(name)") }
         try AdaptedModel(root: llama).loadAdapter(directory: dir)
-        #expect(maxAbsDifference(try logits(llama, batch), before) <= 1e-4)
+        // The merge above left the table decoded to float32, so the reloaded model rounds as the merged one did.
+        let reloaded = maxAbsDifference(try logits(llama, batch), before)
+        #expect(reloaded <= 1e-5 * scale, "reloaded \(reloaded), bound \(1e-5 * scale)")
     }
 
     /// `ensure_weight_tying` (set or not) ties the rows into the head; an untied target table does not.
