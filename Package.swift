@@ -38,7 +38,7 @@ let package = Package(
         .target(name: "GraftText", dependencies: ["GraftIO"]),
         .target(name: "GraftModels", dependencies: ["GraftTensor", "GraftIO", "GraftText"]),
         .target(name: "GraftAdapters", dependencies: ["GraftTensor", "GraftIO", "GraftModels"]),
-        .target(name: "GraftRouting", dependencies: ["GraftTensor", "GraftModels", "GraftAdapters"]),
+        .target(name: "GraftRouting", dependencies: ["GraftTensor", "GraftModels", "GraftAdapters", "GraftTrain"]),
         .target(name: "GraftTrain", dependencies: ["GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftDistributed"]),
         .target(name: "Graft", dependencies: ["CGraftABI", "GraftDistributed", "GraftTensor", "GraftIO", "GraftText", "GraftModels", "GraftAdapters", "GraftRouting", "GraftTrain"]),
         // The asset cache's names (minilm, smollm2, tweets): a front-door convenience kept out of the core.

@@ -61,6 +61,20 @@ public struct JSONConfig {
         object[key] == nil || object[key] is NSNull ? value : try double(key)
     }
 
+    /// An optional array of integers; nil when absent or null.
+    public func ints(_ key: String) throws -> [Int]? {
+        guard let v = object[key], !(v is NSNull) else { return nil }
+        guard let array = v as? [Any] else {
+            throw GraftError.format("\(source): field '\(key)' must be an array of integers, got \(JSONScalar.describe(v))")
+        }
+        return try array.enumerated().map { i, item in
+            guard let n = JSONScalar.integer(item) else {
+                throw GraftError.format("\(source): field '\(key)' entry \(i) must be an integer, got \(JSONScalar.describe(item))")
+            }
+            return n
+        }
+    }
+
     /// An optional string field.
     public func string(_ key: String) throws -> String? {
         guard let v = object[key], !(v is NSNull) else { return nil }

@@ -188,8 +188,9 @@ public struct MixtureOptions: Sendable, Equatable {
 public enum MixtureLosses {
     /// Switch-style load balancing `E · Σₑ fₑ · Pₑ`: `fₑ` is the fraction of the (token, expert) selections
     /// (before capacity; the argmax in soft mode) that chose `e`, `Pₑ` the mean router probability of `e`.
-    /// Equals 1 when both are uniform. Gradient flows through `P` only.
-    public static func loadBalancing(probs: Tensor, plan: RoutePlan) -> Tensor {
+    /// Equals 1 when both are uniform. Gradient flows through `P` only. `scale` multiplies expert `e`'s term by
+    /// `scale[e]` (HMoE's size penalty); nil: 1.
+    public static func loadBalancing(probs: Tensor, plan: RoutePlan, scale: [Float]? = nil) -> Tensor {
         let t = plan.tokens, e = plan.experts
         var f = [Float](repeating: 0, count: e)
         if plan.rows.allSatisfy({ $0 == nil }) {
@@ -202,7 +203,7 @@ public enum MixtureLosses {
             for i in 0..<(t * e) { f[i % e] += plan.selected[i] }
         }
         let n = max(f.reduce(0, +), 1)
-        let coef = f.map { Float(e) * $0 / n / Float(max(t, 1)) }
+        let coef = f.enumerated().map { j, fj in Float(e) * fj / n / Float(max(t, 1)) * (scale?[j] ?? 1) }
         // L = Σ_t Σ_e coef_e · p[t, e].
         var value: Float = 0
         for i in 0..<t { for j in 0..<e { value += coef[j] * probs.pointer[i * e + j] } }

@@ -10,29 +10,49 @@ public enum MoECombine: String, Sendable, CaseIterable {
     /// Each routed expert is scaled by the router's softmax probability for it, so the router trains through the
     /// output (the usual sparse-MoE gate).
     case probability
+    /// Each routed expert is scaled by its probability renormalized over the token's routed experts (the softmax
+    /// of the routed experts' logits, as Mixtral): with identical experts (upcycling) the block is the dense FFN.
+    case normalizedProbability = "normalized_probability"
 }
 
-/// A SwiGLU feed-forward block split into `E` equal experts over disjoint sets of its intermediate neurons, with a
-/// linear router that sends each token to its top-k experts (an MoE base made from a dense model, MoEfication).
+/// A SwiGLU feed-forward block split into `E` experts over sets of its intermediate neurons, with a router that
+/// sends each token to its top-k (or top-p) experts: an MoE base made from a dense model (MoEfication, HMoE's
+/// heterogeneous sizes, upcycling).
 ///
-/// Expert `e` owns neurons `partition[e·m ..< (e+1)·m]` of the dense block (`m = intermediate / E`); its weights
-/// are those neurons' rows of `gate_proj`/`up_proj` and columns of `down_proj`, held in float32 (`[E, m, hidden]`,
-/// `[E, m, hidden]`, `[E, hidden, m]`), frozen unless made trainable. Tokens are grouped per expert and each
-/// expert's three products run as one GEMM over its tokens (``routedSwiGLUExperts(_:gate:up:down:weights:rows:)``).
+/// Expert `e` owns the `expertSizes[e]` dense neurons listed in its span of `partition` (spans in expert order);
+/// its weights are those neurons' rows of `gate_proj`/`up_proj` and columns of `down_proj`, held in float32
+/// (`[E, m, hidden]`, `[E, m, hidden]`, `[E, hidden, m]`, `m` the largest size; a smaller expert's slice is padded
+/// with zeros it never reads), frozen unless made trainable. Tokens are grouped per expert and each expert's three
+/// products run as one GEMM over its tokens (``routedSwiGLUExperts(_:gate:up:down:weights:rows:sizes:)``).
 public final class MoEFeedForward: Module, FeedForwardBlock {
     /// The module path of the dense block it replaces (`model.layers.N.mlp`).
     public let path: String
     /// Experts `E`.
     public let experts: Int
-    /// Neurons per expert `m`.
+    /// Neurons per expert slice `m` (the largest expert's size).
     public let expertSize: Int
+    /// Neurons each expert uses (all `m` unless the experts are heterogeneous).
+    public let expertSizes: [Int]
+    /// Distinct dense neurons the experts cover (the dense block's intermediate size).
+    public let denseNeurons: Int
     /// Width of the residual stream.
     public let hiddenSize: Int
     /// Experts each token runs (1...E).
     public var topK: Int
+    /// When set, each token runs its smallest set of most probable experts whose probability reaches it (top-p
+    /// routing, HMoE's dynamic alternative) instead of `topK`.
+    public var topP: Float?
+    /// Weight of the Switch load-balancing loss added to ``lastAuxiliaryLoss`` in training passes (0: none).
+    public var balanceLossWeight: Float = 0
+    /// Weight of HMoE's size penalty added to ``lastAuxiliaryLoss`` in training passes (0: none).
+    public var sizePenaltyWeight: Float = 0
+    /// The weighted auxiliary router losses of the last pass with gradients on, recorded for autograd; nil when
+    /// both weights are 0 or the pass ran without gradients.
+    public private(set) var lastAuxiliaryLoss: Tensor?
     /// How the routed experts' outputs are combined.
     public var combine: MoECombine = .sum
-    /// The dense block's neuron indices in expert order: expert `e` owns entries `e·m ..< (e+1)·m`.
+    /// The dense block's neuron indices in expert order: expert `e` owns the `expertSizes[e]` entries after
+    /// those of experts `0..<e` (with equal sizes, `e·m ..< (e+1)·m`).
     public let partition: [Int32]
     /// `[E, m, hidden]`: each expert's rows of `gate_proj`.
     public let gateWeight: Tensor
@@ -60,10 +80,11 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
     /// `[E]`, added to every token's router logits before routing (test-time router rewiring); nil: none.
     public var logitOffset: Tensor?
 
-    /// A block from its experts' weights (shapes above), `partition` (a permutation of `0..<E·m`) and router.
-    /// Throws when a shape or the partition does not fit.
+    /// A block from its experts' weights (shapes above), `partition` (`Σ expertSizes` dense neuron indices, none
+    /// repeated within an expert) and router; `expertSizes` nil: every expert uses all `m` neurons. Throws when a
+    /// shape, a size or the partition does not fit.
     public init(path: String, partition: [Int32], gate: Tensor, up: Tensor, down: Tensor, routerWeight: Tensor,
-                routerBias: Tensor, topK: Int) throws {
+                routerBias: Tensor, topK: Int, expertSizes: [Int]? = nil) throws {
         guard gate.rank == 3, up.shape == gate.shape, down.rank == 3 else {
             throw GraftError.invalid("\(path): expert weights must be [E, m, hidden] (gate, up) and [E, hidden, m] (down), got \(gate.shape), \(up.shape), \(down.shape)")
         }
@@ -75,10 +96,15 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
             throw GraftError.invalid("\(path): router shapes \(routerWeight.shape), \(routerBias.shape), expected [\(e), \(h)] and [\(e)]")
         }
         guard (1...e).contains(topK) else { throw GraftError.invalid("\(path): top_k \(topK) must be in 1...\(e)") }
-        try MoEPartition.validate(partition, neurons: e * m, what: path)
+        let sizes = expertSizes ?? [Int](repeating: m, count: e)
+        guard sizes.count == e, sizes.allSatisfy({ (1...m).contains($0) }) else {
+            throw GraftError.invalid("\(path): expert sizes \(sizes) must be \(e) values in 1...\(m)")
+        }
+        denseNeurons = try MoEPartition.validateSpans(partition, sizes: sizes, what: path)
         self.path = path
         experts = e
         expertSize = m
+        self.expertSizes = sizes
         hiddenSize = h
         self.topK = topK
         self.partition = partition
@@ -109,22 +135,43 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         if let logitOffset { logits = logits + logitOffset }
         let probs = softmax(logits)
         let plan = RoutePlan.make(probs: UnsafeBufferPointer(start: probs.pointer, count: probs.count), tokens: tokens,
-                                  experts: experts, mode: .topK, topK: topK, topP: 1, capacityFactor: nil)
+                                  experts: experts, mode: topP == nil ? .topK : .topP, topK: topK, topP: topP ?? 1,
+                                  capacityFactor: nil)
         // k = E runs every expert on every token without gathering (the dense block, split in E products).
-        let rows: [[Int32]?] = topK >= experts ? [[Int32]?](repeating: nil, count: experts) : plan.rows
-        let weights: Tensor? = combine == .probability ? probs : nil
+        let rows: [[Int32]?] = topP == nil && topK >= experts ? [[Int32]?](repeating: nil, count: experts) : plan.rows
+        let weights: Tensor?
+        switch combine {
+        case .sum: weights = nil
+        case .probability: weights = probs
+        case .normalizedProbability:
+            // The softmax over each token's routed experts: the others' logits pushed to -1e30 (exp gives 0).
+            let mask = plan.selected.map { $0 != 0 ? Float(0) : -1e30 }
+            weights = softmax(logits + Tensor(shape: [tokens, experts], values: mask))
+        }
+        lastAuxiliaryLoss = nil
+        if GradMode.isEnabled, balanceLossWeight != 0 || sizePenaltyWeight != 0 {
+            var aux: Tensor?
+            if balanceLossWeight != 0 { aux = MixtureLosses.loadBalancing(probs: probs, plan: plan) * balanceLossWeight }
+            if sizePenaltyWeight != 0 {
+                let penalty = HMoE.sizePenalty(probs: probs, plan: plan, sizes: expertSizes) * sizePenaltyWeight
+                aux = aux.map { $0 + penalty } ?? penalty
+            }
+            lastAuxiliaryLoss = aux
+        }
+        let sizes: [Int]? = isHeterogeneous ? expertSizes : nil
         let enabled = adapters.filter(\.isEnabled)
         var y: Tensor
         if let tuned = enabled.lazy.compactMap(\.replacedExperts).first {
-            y = routedWithReplacedExperts(flat, tuned, weights: weights, rows: rows)
+            y = routedWithReplacedExperts(flat, tuned, weights: weights, rows: rows, sizes: sizes)
         } else {
-            y = routedSwiGLUExperts(flat, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: rows)
+            y = routedSwiGLUExperts(flat, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: rows,
+                                    sizes: sizes)
         }
         for a in enabled { if let d = a.addedOutput(flat) { y = y + d } }
         let gates = Tensor(shape: [tokens, experts], values: plan.dispatched)
-        if combine == .probability {
+        if let weights {
             // In place: a temporary product's storage could be freed before it is read.
-            let pg = gates.pointer, pp = probs.pointer
+            let pg = gates.pointer, pp = weights.pointer
             for j in 0..<gates.count { pg[j] *= pp[j] }
         }
         statistics.record(probs: probs, gates: gates, plan: plan)
@@ -135,10 +182,12 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
     /// The routed experts with experts `tuned.indices` running on `tuned`'s weights instead of the block's own:
     /// the block's experts run on their tokens except the replaced ones, the tuned weights on the replaced ones'
     /// tokens, and the two sums add up (routing weights reach both).
-    func routedWithReplacedExperts(_ x: Tensor, _ tuned: ReplacedExperts, weights: Tensor?, rows: [[Int32]?]) -> Tensor {
+    func routedWithReplacedExperts(_ x: Tensor, _ tuned: ReplacedExperts, weights: Tensor?, rows: [[Int32]?],
+                                   sizes: [Int]?) -> Tensor {
         var baseRows = rows
         for e in tuned.indices { baseRows[e] = [] }
-        let base = routedSwiGLUExperts(x, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: baseRows)
+        let base = routedSwiGLUExperts(x, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: baseRows,
+                                       sizes: sizes)
         // The tuned experts' columns of the weights, [T, S], through a one-hot [E, S] product (recorded for autograd).
         let columns = weights.map { w -> Tensor in
             var onehot = [Float](repeating: 0, count: experts * tuned.indices.count)
@@ -146,7 +195,7 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
             return matmul(w, Tensor(shape: [experts, tuned.indices.count], values: onehot))
         }
         let routed = routedSwiGLUExperts(x, gate: tuned.gate, up: tuned.up, down: tuned.down, weights: columns,
-                                         rows: tuned.indices.map { rows[$0] })
+                                         rows: tuned.indices.map { rows[$0] }, sizes: sizes.map { s in tuned.indices.map { s[$0] } })
         return base + routed
     }
 
@@ -195,10 +244,23 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         statistics.agreementK = topK
     }
 
-    /// Multiply-adds per token of the routed block (router plus `k` experts) and of the dense block.
+    /// Whether the experts differ in size (HMoE).
+    public var isHeterogeneous: Bool { expertSizes.contains { $0 != expertSize } }
+
+    /// Floating-point operations per token of the routed block (router plus `k` experts of the mean size) and of
+    /// the dense block it was made from.
     public var flopsPerToken: (routed: Int, dense: Int) {
-        let dense = 2 * 3 * hiddenSize * expertSize * experts
-        return (2 * hiddenSize * experts + 2 * 3 * hiddenSize * expertSize * topK, dense)
+        let dense = 2 * 3 * hiddenSize * denseNeurons
+        let meanSize = Double(expertSizes.reduce(0, +)) / Double(experts)
+        return (2 * hiddenSize * experts + Int(2 * 3 * Double(hiddenSize) * meanSize * Double(topK)), dense)
+    }
+
+    /// Floating-point operations per token the routed block spent over the passes its ``statistics`` recorded
+    /// (the router plus each dispatched expert at its own size); nil before any token.
+    public var measuredFlopsPerToken: Double? {
+        guard statistics.tokens > 0 else { return nil }
+        let neurons = zip(statistics.dispatchedTokens, expertSizes).reduce(0.0) { $0 + Double($1.0 * $1.1) }
+        return Double(2 * hiddenSize * experts) + 6 * Double(hiddenSize) * neurons / Double(statistics.tokens)
     }
 }
 

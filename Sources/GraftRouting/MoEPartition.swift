@@ -18,6 +18,32 @@ public enum MoEPartition {
         }
     }
 
+    /// Checks the expert spans of an MoE block's `partition` (expert `e` owns the `sizes[e]` entries after those
+    /// of the experts before it): `Σ sizes` entries, each ≥ 0, none repeated within an expert. Returns the number
+    /// of distinct neurons the experts cover; throws naming `what` and the entry at fault.
+    public static func validateSpans(_ partition: [Int32], sizes: [Int], what: String) throws -> Int {
+        let total = sizes.reduce(0, +)
+        guard partition.count == total else {
+            throw GraftError.invalid("\(what): partition has \(partition.count) entries, expected \(total) (the sum of the expert sizes)")
+        }
+        if let low = partition.min(), low < 0 {
+            throw GraftError.invalid("\(what): partition holds the negative neuron index \(low)")
+        }
+        var covered = Set<Int32>()
+        var start = 0
+        for (e, size) in sizes.enumerated() {
+            var seen = Set<Int32>()
+            for i in start..<(start + size) {
+                guard seen.insert(partition[i]).inserted else {
+                    throw GraftError.invalid("\(what): expert \(e) lists neuron \(partition[i]) twice (partition entry \(i))")
+                }
+                covered.insert(partition[i])
+            }
+            start += size
+        }
+        return covered.count
+    }
+
     /// Balanced spherical k-means: splits `items` row vectors of `profiles` (`[items, dims]`, row-major) into
     /// `clusters` groups of exactly `items / clusters` each, and returns the items grouped by cluster (cluster `c`
     /// owns entries `c·m ..< (c+1)·m`, each group ascending).
@@ -26,13 +52,25 @@ public enum MoEPartition {
     /// item–centroid similarity, skipping full clusters, then moves every centroid to its members' normalized
     /// mean; it stops when the assignment no longer changes. The initial centroids are `clusters` distinct items
     /// drawn with `seed`, so the result is deterministic given the seed. `items` must be a multiple of `clusters`.
-    public static func balancedKMeans(profiles: Tensor, clusters: Int, iterations: Int, seed: UInt64) throws -> [Int32] {
+    ///
+    /// `capacities` gives each cluster its own size instead (HMoE's heterogeneous experts; they must sum to
+    /// `items`), cluster `c` then owning the `capacities[c]` entries after those of the clusters before it.
+    public static func balancedKMeans(profiles: Tensor, clusters: Int, iterations: Int, seed: UInt64,
+                                      capacities: [Int]? = nil) throws -> [Int32] {
         guard profiles.rank == 2 else { throw GraftError.invalid("profiles must be [items, dims], got \(profiles.shape)") }
         let items = profiles.shape[0], dims = profiles.shape[1]
-        guard clusters >= 1, items >= clusters, items % clusters == 0 else {
-            throw GraftError.invalid("cannot split \(items) neurons into \(clusters) equal experts")
+        let capacity: [Int]
+        if let capacities {
+            guard capacities.count == clusters, capacities.allSatisfy({ $0 >= 1 }), capacities.reduce(0, +) == items else {
+                throw GraftError.invalid("expert sizes \(capacities) must be \(clusters) positive values summing to \(items)")
+            }
+            capacity = capacities
+        } else {
+            guard clusters >= 1, items >= clusters, items % clusters == 0 else {
+                throw GraftError.invalid("cannot split \(items) neurons into \(clusters) equal experts")
+            }
+            capacity = [Int](repeating: items / clusters, count: clusters)
         }
-        let capacity = items / clusters
         let p = Tensor(zeros: [items, dims])
         p.pointer.update(from: profiles.pointer, count: items * dims)
         for i in 0..<items { normalize(p.pointer + i * dims, count: dims) }
@@ -63,9 +101,9 @@ public enum MoEPartition {
         return groups.flatMap { $0 }
     }
 
-    /// Assigns each item to a cluster in order of decreasing similarity (`[items, clusters]`), at most `capacity`
-    /// items per cluster; ties are broken by item, then cluster index.
-    static func greedyBalancedAssignment(_ s: UnsafePointer<Float>, items: Int, clusters: Int, capacity: Int) -> [Int] {
+    /// Assigns each item to a cluster in order of decreasing similarity (`[items, clusters]`), at most
+    /// `capacity[c]` items to cluster `c`; ties are broken by item, then cluster index.
+    static func greedyBalancedAssignment(_ s: UnsafePointer<Float>, items: Int, clusters: Int, capacity: [Int]) -> [Int] {
         var pairs = Array(0..<(items * clusters))
         pairs.sort { a, b in s[a] > s[b] || (s[a] == s[b] && a < b) }
         var assignment = [Int](repeating: -1, count: items)
@@ -73,7 +111,7 @@ public enum MoEPartition {
         var left = items
         for pair in pairs where left > 0 {
             let i = pair / clusters, c = pair % clusters
-            guard assignment[i] < 0, load[c] < capacity else { continue }
+            guard assignment[i] < 0, load[c] < capacity[c] else { continue }
             assignment[i] = c
             load[c] += 1
             left -= 1

@@ -8,6 +8,9 @@ public struct MoEficationOptions: Sendable {
     public var experts = 8
     /// Experts each token runs.
     public var topK = 2
+    /// Each expert's neuron count, for heterogeneous experts (HMoE); they must sum to the intermediate size.
+    /// nil: `E` equal experts.
+    public var expertSizes: [Int]?
     /// Seeds the clustering's initial centroids (layer `i` uses `seed + i`).
     public var seed: UInt64 = 0
     /// Balanced k-means iterations at most.
@@ -72,8 +75,14 @@ public enum MoEfication {
     public static func apply(to model: LlamaModel, sequences: [[Int32]], options: MoEficationOptions,
                              progress: (String) -> Void = { _ in }) throws -> [MoEficationLayerReport] {
         let ff = model.config.intermediateSize
-        guard options.experts >= 1, ff % options.experts == 0 else {
-            throw GraftError.invalid("experts \(options.experts) must divide the intermediate size \(ff)")
+        if let sizes = options.expertSizes {
+            guard sizes.count == options.experts, sizes.allSatisfy({ $0 >= 1 }), sizes.reduce(0, +) == ff else {
+                throw GraftError.invalid("expert sizes \(sizes) must be \(options.experts) positive values summing to the intermediate size \(ff)")
+            }
+        } else {
+            guard options.experts >= 1, ff % options.experts == 0 else {
+                throw GraftError.invalid("experts \(options.experts) must divide the intermediate size \(ff)")
+            }
         }
         guard (1...options.experts).contains(options.topK) else {
             throw GraftError.invalid("top_k \(options.topK) must be in 1...\(options.experts)")
@@ -90,8 +99,9 @@ public enum MoEfication {
             let (block, report) = try makeBlock(layer: layer, index: i, inputs: inputs[i], options: options)
             blocks.append(block)
             reports.append(report)
-            progress(String(format: "layer %d: %d experts of %d neurons, held-out top-%d agreement %.3f (random %.3f)",
-                            i, options.experts, ff / options.experts, options.topK, report.heldOutAgreement,
+            let sizes = options.expertSizes.map { $0.map(String.init).joined(separator: "/") } ?? String(ff / options.experts)
+            progress(String(format: "layer %d: %d experts of %@ neurons, held-out top-%d agreement %.3f (random %.3f)",
+                            i, options.experts, sizes, options.topK, report.heldOutAgreement,
                             Double(options.topK) / Double(options.experts)))
         }
         // Attached only once every layer succeeded: a failure leaves the model dense.
@@ -115,14 +125,16 @@ public enum MoEfication {
             for n in 0..<ff { profiles.pointer[n * fit.count + j] = abs(row[n]) }
         }
         let partition = try MoEPartition.balancedKMeans(profiles: profiles, clusters: e, iterations: options.iterations,
-                                                        seed: options.seed &+ UInt64(index))
-        let (gate, up, down) = expertWeights(layer: layer, partition: partition, experts: e)
-        let importance = expertImportance(activations: a, partition: partition, experts: e,
+                                                        seed: options.seed &+ UInt64(index), capacities: options.expertSizes)
+        let sizes = options.expertSizes ?? [Int](repeating: ff / e, count: e)
+        let (gate, up, down) = expertWeights(layer: layer, partition: partition, sizes: sizes)
+        let importance = expertImportance(activations: a, partition: partition, sizes: sizes,
                                           neuronNorms: MoEFeedForward.columnNorms(down))
         let (w, b) = try fitRouter(inputs: x, importance: importance, rows: fit, ridge: options.ridge,
                                    what: "model.layers.\(index).mlp router")
         let block = try MoEFeedForward(path: "model.layers.\(index).mlp", partition: partition, gate: gate, up: up,
-                                       down: down, routerWeight: w, routerBias: b, topK: options.topK)
+                                       down: down, routerWeight: w, routerBias: b, topK: options.topK,
+                                       expertSizes: options.expertSizes)
         // Held-out check: the router's top-k against the true top-k.
         let xh = gatherTensorRows(x, heldOut), ih = gatherTensorRows(importance, heldOut)
         let logits = withNoGrad { block.routerLogits(xh) }
@@ -143,31 +155,49 @@ public enum MoEfication {
         return (block, report)
     }
 
-    /// The experts' float32 weights of `layer`'s dense block under `partition`: rows of `gate_proj` and `up_proj`
-    /// (`[E, m, hidden]`) and columns of `down_proj` (`[E, hidden, m]`). Compact weights are decoded once here.
-    public static func expertWeights(layer: LlamaDecoderLayer, partition: [Int32], experts e: Int) -> (Tensor, Tensor, Tensor) {
+    /// The experts' float32 weights of `layer`'s dense block under `partition` (expert `e` owning the `sizes[e]`
+    /// entries after those of the experts before it): rows of `gate_proj` and `up_proj` (`[E, m, hidden]`) and
+    /// columns of `down_proj` (`[E, hidden, m]`), `m` the largest size, smaller experts padded with zeros. Compact
+    /// weights are decoded once here.
+    public static func expertWeights(layer: LlamaDecoderLayer, partition: [Int32], sizes: [Int]) -> (Tensor, Tensor, Tensor) {
         let gateDense = layer.gateProj.weight, upDense = layer.upProj.weight, downDense = layer.downProj.weight
-        let ff = gateDense.shape[0], h = gateDense.shape[1], m = ff / e
-        let gate = gatherTensorRows(gateDense, partition).reshaped([e, m, h])
-        let up = gatherTensorRows(upDense, partition).reshaped([e, m, h])
-        let down = Tensor(zeros: [e, h, m])
-        let pd = downDense.pointer, po = down.pointer
+        let ff = gateDense.shape[0], h = gateDense.shape[1], e = sizes.count, m = sizes.max() ?? 0
+        let offsets = spanOffsets(sizes)
+        // Each expert's slot list: its neurons, then -1 for padding.
+        var slots = [Int32](repeating: -1, count: e * m)
+        for ex in 0..<e { for i in 0..<sizes[ex] { slots[ex * m + i] = partition[offsets[ex] + i] } }
+        let gate = Tensor(zeros: [e, m, h]), up = Tensor(zeros: [e, m, h]), down = Tensor(zeros: [e, h, m])
+        let pg = gateDense.pointer, pu = upDense.pointer, pd = downDense.pointer
+        let og = gate.pointer, ou = up.pointer, od = down.pointer
         parallelFor(e) { range in
             for ex in range {
+                for i in 0..<m where slots[ex * m + i] >= 0 {
+                    let n = Int(slots[ex * m + i])
+                    (og + (ex * m + i) * h).update(from: pg + n * h, count: h)
+                    (ou + (ex * m + i) * h).update(from: pu + n * h, count: h)
+                }
                 for r in 0..<h {
-                    let src = pd + r * ff, dst = po + (ex * h + r) * m
-                    for i in 0..<m { dst[i] = src[Int(partition[ex * m + i])] }
+                    let src = pd + r * ff, dst = od + (ex * h + r) * m
+                    for i in 0..<m where slots[ex * m + i] >= 0 { dst[i] = src[Int(slots[ex * m + i])] }
                 }
             }
         }
         return (gate, up, down)
     }
 
+    /// Where each expert's span starts in a partition of experts of `sizes`.
+    static func spanOffsets(_ sizes: [Int]) -> [Int] {
+        var offsets = [Int](), total = 0
+        for s in sizes { offsets.append(total); total += s }
+        return offsets
+    }
+
     /// `[T, E]`: per token, the sum over each expert's neurons of `|a|` times the neuron's `down_proj` column
-    /// norm (`a`: `[T, intermediate]` in dense order; `neuronNorms` `[intermediate]` in expert order), as
-    /// ``MoEFeedForward/expertImportance(_:)`` measures it.
-    public static func expertImportance(activations a: Tensor, partition: [Int32], experts e: Int, neuronNorms: Tensor) -> Tensor {
-        let tokens = a.rows, ff = a.lastDim, m = ff / e
+    /// norm (`a`: `[T, intermediate]` in dense order; `neuronNorms` `[E · m]` in expert slot order, `m` the largest
+    /// size), as ``MoEFeedForward/expertImportance(_:)`` measures it.
+    public static func expertImportance(activations a: Tensor, partition: [Int32], sizes: [Int], neuronNorms: Tensor) -> Tensor {
+        let tokens = a.rows, ff = a.lastDim, e = sizes.count, m = sizes.max() ?? 0
+        let offsets = spanOffsets(sizes)
         let out = Tensor(zeros: [tokens, e])
         let pa = a.pointer, po = out.pointer, pn = neuronNorms.pointer
         parallelFor(tokens, grain: 64) { range in
@@ -175,7 +205,7 @@ public enum MoEfication {
                 let row = pa + t * ff
                 for ex in 0..<e {
                     var s: Float = 0
-                    for i in 0..<m { s += abs(row[Int(partition[ex * m + i])]) * pn[ex * m + i] }
+                    for i in 0..<sizes[ex] { s += abs(row[Int(partition[offsets[ex] + i])]) * pn[ex * m + i] }
                     po[t * e + ex] = s
                 }
             }

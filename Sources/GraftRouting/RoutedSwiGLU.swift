@@ -8,8 +8,12 @@ import GraftTensor
 /// (every dispatched expert counts once, as in MoEfication, where the experts' sum is the dense FFN). Each expert
 /// gathers its tokens and runs its three GEMMs on them only (`rows[e] == nil`: all tokens, no gather), the
 /// DynaMoE-style dispatch; backward does the same per expert on the saved gate and up activations.
+///
+/// `sizes` makes the experts heterogeneous (HMoE): expert `e` uses only its first `sizes[e]` neurons (rows of its
+/// `gate`/`up` slices, columns of its `down` slice), so a small expert costs what its size says; the rest of its
+/// slice is padding that neither reads nor receives gradient. nil: every expert uses all `m`.
 public func routedSwiGLUExperts(_ x: Tensor, gate: Tensor, up: Tensor, down: Tensor, weights: Tensor?,
-                                rows: [[Int32]?]) -> Tensor {
+                                rows: [[Int32]?], sizes: [Int]? = nil) -> Tensor {
     let tokens = x.rows, hidden = x.lastDim
     let experts = gate.shape[0], m = gate.shape[1]
     let out = Tensor(zeros: [tokens, hidden])
@@ -23,9 +27,9 @@ public func routedSwiGLUExperts(_ x: Tensor, gate: Tensor, up: Tensor, down: Ten
     let ye = UnsafeMutablePointer<Float>.allocate(capacity: max(tokens * hidden, 1))
     defer { act.deallocate(); xe.deallocate(); ye.deallocate() }
     for e in 0..<experts {
-        let n = rows[e]?.count ?? tokens
-        let g = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(n * m, 1))
-        let u = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(n * m, 1))
+        let n = rows[e]?.count ?? tokens, me = sizes?[e] ?? m
+        let g = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(n * me, 1))
+        let u = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(n * me, 1))
         saved += [g, u]
         guard n > 0, let gp = g.baseAddress, let ub = u.baseAddress else { continue }
         let idx = rows[e]
@@ -35,21 +39,21 @@ public func routedSwiGLUExperts(_ x: Tensor, gate: Tensor, up: Tensor, down: Ten
             input = UnsafePointer(xe)
         }
         let ge = pgw + e * m * hidden, ue = puw + e * m * hidden, de = pdw + e * hidden * m
-        sgemm(transA: false, transB: true, m: n, n: m, k: hidden, a: input, b: ge, c: gp)
-        sgemm(transA: false, transB: true, m: n, n: m, k: hidden, a: input, b: ue, c: ub)
-        swigluForward(gate: gp, up: ub, out: act, count: n * m)
+        sgemm(transA: false, transB: true, m: n, n: me, k: hidden, a: input, b: ge, c: gp)
+        sgemm(transA: false, transB: true, m: n, n: me, k: hidden, a: input, b: ue, c: ub)
+        swigluForward(gate: gp, up: ub, out: act, count: n * me)
         if let pw {
             // Scale each token's activations by its weight: down is linear, so this scales its output.
             for i in 0..<n {
                 let t = idx.map { Int($0[i]) } ?? i
-                scaleRow(act + i * m, by: pw[t * experts + e], count: m)
+                scaleRow(act + i * me, by: pw[t * experts + e], count: me)
             }
         }
         if let idx {
-            sgemm(transA: false, transB: true, m: n, n: hidden, k: m, a: act, b: de, c: ye)
+            sgemm(transA: false, transB: true, m: n, n: hidden, k: me, a: act, b: de, ldb: m, c: ye)
             scatterAddRows(ye, idx, width: hidden, into: po)
         } else {
-            sgemm(transA: false, transB: true, m: n, n: hidden, k: m, a: act, b: de, beta: 1, c: po)
+            sgemm(transA: false, transB: true, m: n, n: hidden, k: me, a: act, b: de, ldb: m, beta: 1, c: po)
         }
     }
     let tracked = x.requiresGrad || gate.requiresGrad || up.requiresGrad || down.requiresGrad || (weights?.requiresGrad ?? false)
@@ -74,7 +78,7 @@ public func routedSwiGLUExperts(_ x: Tensor, gate: Tensor, up: Tensor, down: Ten
         let tmp = UnsafeMutablePointer<Float>.allocate(capacity: cap)
         defer { for p in [gx, gy, dA, a, dG, dU, tmp] { p.deallocate() } }
         for e in 0..<experts {
-            let n = rows[e]?.count ?? tokens
+            let n = rows[e]?.count ?? tokens, me = sizes?[e] ?? m
             guard n > 0, let gp = keep.buffers[2 * e].baseAddress, let upp = keep.buffers[2 * e + 1].baseAddress else { continue }
             let idx = rows[e]
             var xin = UnsafePointer(px), dy = UnsafePointer(pd)
@@ -85,32 +89,35 @@ public func routedSwiGLUExperts(_ x: Tensor, gate: Tensor, up: Tensor, down: Ten
                 dy = UnsafePointer(gy)
             }
             let ge = pgw + e * m * hidden, ue = puw + e * m * hidden, de = pdw + e * hidden * m
-            // dA = dY down_e [n, m] (before the token weight); A = silu(G) ⊙ U.
-            sgemm(transA: false, transB: false, m: n, n: m, k: hidden, a: dy, b: de, c: dA)
-            swigluForward(gate: gp, up: upp, out: a, count: n * m)
+            // dA = dY down_e [n, me] (before the token weight); A = silu(G) ⊙ U.
+            sgemm(transA: false, transB: false, m: n, n: me, k: hidden, a: dy, b: de, ldb: m, c: dA)
+            swigluForward(gate: gp, up: upp, out: a, count: n * me)
             if let pw {
                 for i in 0..<n {
                     let t = idx.map { Int($0[i]) } ?? i
                     let w = pw[t * experts + e]
-                    if let dWeights { dWeights.pointer[t * experts + e] = rowDot(dA + i * m, a + i * m, count: m) }
-                    scaleRow(dA + i * m, by: w, count: m)
-                    scaleRow(a + i * m, by: w, count: m)
+                    if let dWeights { dWeights.pointer[t * experts + e] = rowDot(dA + i * me, a + i * me, count: me) }
+                    scaleRow(dA + i * me, by: w, count: me)
+                    scaleRow(a + i * me, by: w, count: me)
                 }
             }
-            // ∂down_e = dYᵀ (w A) [hidden, m].
-            if let dDownW { sgemm(transA: true, transB: false, m: hidden, n: m, k: n, a: dy, b: a, beta: 1, c: dDownW.pointer + e * hidden * m) }
-            swigluBackward(gate: gp, up: upp, grad: dA, dGate: dG, dUp: dU, count: n * m)
-            // ∂gate_e = dGᵀ X, ∂up_e = dUᵀ X [m, hidden]; ∂X = dG gate_e + dU up_e.
-            if let dGateW { sgemm(transA: true, transB: false, m: m, n: hidden, k: n, a: dG, b: xin, beta: 1, c: dGateW.pointer + e * m * hidden) }
-            if let dUpW { sgemm(transA: true, transB: false, m: m, n: hidden, k: n, a: dU, b: xin, beta: 1, c: dUpW.pointer + e * m * hidden) }
+            // ∂down_e = dYᵀ (w A) [hidden, me], the first me columns of the [hidden, m] slice.
+            if let dDownW {
+                sgemm(transA: true, transB: false, m: hidden, n: me, k: n, a: dy, b: a, beta: 1,
+                      c: dDownW.pointer + e * hidden * m, ldc: m)
+            }
+            swigluBackward(gate: gp, up: upp, grad: dA, dGate: dG, dUp: dU, count: n * me)
+            // ∂gate_e = dGᵀ X, ∂up_e = dUᵀ X [me, hidden]; ∂X = dG gate_e + dU up_e.
+            if let dGateW { sgemm(transA: true, transB: false, m: me, n: hidden, k: n, a: dG, b: xin, beta: 1, c: dGateW.pointer + e * m * hidden) }
+            if let dUpW { sgemm(transA: true, transB: false, m: me, n: hidden, k: n, a: dU, b: xin, beta: 1, c: dUpW.pointer + e * m * hidden) }
             if let dx {
                 if let idx {
-                    sgemm(transA: false, transB: false, m: n, n: hidden, k: m, a: dG, b: ge, c: tmp)
-                    sgemm(transA: false, transB: false, m: n, n: hidden, k: m, a: dU, b: ue, beta: 1, c: tmp)
+                    sgemm(transA: false, transB: false, m: n, n: hidden, k: me, a: dG, b: ge, c: tmp)
+                    sgemm(transA: false, transB: false, m: n, n: hidden, k: me, a: dU, b: ue, beta: 1, c: tmp)
                     scatterAddRows(tmp, idx, width: hidden, into: dx.pointer)
                 } else {
-                    sgemm(transA: false, transB: false, m: n, n: hidden, k: m, a: dG, b: ge, beta: 1, c: dx.pointer)
-                    sgemm(transA: false, transB: false, m: n, n: hidden, k: m, a: dU, b: ue, beta: 1, c: dx.pointer)
+                    sgemm(transA: false, transB: false, m: n, n: hidden, k: me, a: dG, b: ge, beta: 1, c: dx.pointer)
+                    sgemm(transA: false, transB: false, m: n, n: hidden, k: me, a: dU, b: ue, beta: 1, c: dx.pointer)
                 }
             }
         }

@@ -150,7 +150,7 @@ import GraftTestSupport
         var rng = GraftRNG(seed: 8)
         let x = Tensor.randomNormal([6, 16], std: 1, rng: &rng)
         let a = withNoGrad { swiglu(layer.gateProj.forward(x), layer.upProj.forward(x)) }
-        let reference = MoEfication.expertImportance(activations: a, partition: block.partition, experts: 4,
+        let reference = MoEfication.expertImportance(activations: a, partition: block.partition, sizes: [Int](repeating: 6, count: 4),
                                                      neuronNorms: block.neuronNorms)
         let err = worstOf(zip(block.expertImportance(x).scalars, reference.scalars).map { abs($0 - $1) / max(1, abs($1)) }, empty: .nan)
         #expect(err <= 1e-5, "importance differs by \(err)")

@@ -204,3 +204,45 @@ def test_esft_and_perft_train_on_a_moefied_base(tmp_path):
     r = subprocess.run([GRAFT, "train", "--config", str(perft), "--moe-base", str(tmp_path / "missing"), "--data", str(data)],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode != 0 and "moe_config.json" in r.stderr
+
+
+def moefy(*args, cwd):
+    r = subprocess.run([GRAFT, "moefy", "--calibration-tokens", "256", "--eval-texts", "2", *args],
+                       capture_output=True, text=True, timeout=600, cwd=cwd)
+    return r
+
+
+def test_moefy_makes_hmoe_and_upcycled_bases_that_reload(tmp_path):
+    """`graft moefy --method hmoe|upcycling`: HMoE's heterogeneous sizes and tuned routers, upcycled layers trained and
+    saved with their experts; each reloads with the same perplexity, and a wrong option is refused by name."""
+    hmoe = tmp_path / "hmoe"
+    r = moefy("--method", "hmoe", "--experts", "4", "--top-k", "2", "--expert-sizes", "256,320,384,576",
+              "--router-steps", "5", "--output", str(hmoe), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "hmoe       expert sizes 256/320/384/576" in r.stdout and "activated FFN neurons" in r.stdout, r.stdout
+    config = json.loads((hmoe / "moe_config.json").read_text())
+    assert config["method"] == "hmoe" and config["expert_sizes"] == [256, 320, 384, 576] and config["version"] == 2
+    ppl = lambda out: [l for l in out.splitlines() if l.startswith("E=4 k=2")][0].split()[2]
+    again = moefy("--load", str(hmoe), "--experts", "4", "--top-k", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert ppl(again.stdout) == ppl(r.stdout), (r.stdout, again.stdout)
+
+    up = tmp_path / "up"
+    r = moefy("--method", "upcycling", "--experts", "2", "--top-k", "1", "--upcycle-layers", "28,29", "--train-steps", "2",
+              "--batch-size", "2", "--output", str(up), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "upcycle    2 layers, 2 experts each" in r.stdout and "train      step 2/2 loss" in r.stdout, r.stdout
+    config = json.loads((up / "moe_config.json").read_text())
+    assert config["method"] == "upcycling" and config["moe_layers"] == [28, 29] and config["combine"] == "normalized_probability"
+    tensors = read_safetensors(up / "moe_routers.safetensors")
+    assert tensors["model.layers.29.mlp.experts.gate_proj"].shape == (2, 1536, 576)
+    ppl = lambda out: [l for l in out.splitlines() if l.startswith("E=2 k=1")][0].split()[2]
+    again = moefy("--load", str(up), "--experts", "2", "--top-k", "1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert ppl(again.stdout) == ppl(r.stdout), (r.stdout, again.stdout)
+
+    for args, named in ((["--method", "switch"], "--method 'switch'"),
+                        (["--method", "hmoe", "--experts", "4", "--expert-sizes", "1,2,3,4"], "--expert-sizes"),
+                        (["--method", "upcycling", "--upcycle-layers", "30"], "--upcycle-layers")):
+        bad = moefy(*args, cwd=tmp_path)
+        assert bad.returncode != 0 and named in bad.stderr, bad.stderr
