@@ -7,11 +7,6 @@ extension LlamaModel {
     /// Mixture-of-Recursions), before each adds its compute penalty. `method` names the method in errors.
     func dynamicDepthLanguageLoss(policy: AnyObject, method: String, batch: TokenBatch, targets: [Int32]) throws -> Tensor {
         guard depthPolicy === policy else { throw GraftError(.state, "\(method): the routing is not the model's depth policy") }
-        guard targets.count == batch.batchSize * batch.length else {
-            throw GraftError.invalid("\(method): \(targets.count) targets for a batch of \(batch.batchSize)×\(batch.length) tokens")
-        }
-        let hidden = try hiddenStates(batch)
-        let logits = lmHead.forward(hidden.reshaped([batch.batchSize * batch.length, config.hiddenSize]))
-        return crossEntropy(logits, targets: targets)
+        return try nextTokenLoss(batch: batch, targets: targets, method: method)
     }
 }

@@ -80,12 +80,7 @@ public enum MoEUpcycling {
     /// The training objective of one batch on the upcycled `model`: the mean next-token cross-entropy over
     /// `targets` (`[batch · length]`, -100 ignored) plus every block's auxiliary router loss. Recorded for autograd.
     public static func trainingLoss(model: LlamaModel, batch: TokenBatch, targets: [Int32]) throws -> Tensor {
-        guard targets.count == batch.batchSize * batch.length else {
-            throw GraftError.invalid("upcycling: \(targets.count) targets for a batch of \(batch.batchSize)×\(batch.length) tokens")
-        }
-        let hidden = try model.hiddenStates(batch)
-        var loss = crossEntropy(model.lmHead.forward(hidden.reshaped([batch.batchSize * batch.length, model.config.hiddenSize])),
-                                targets: targets)
+        var loss = try model.nextTokenLoss(batch: batch, targets: targets, method: "upcycling")
         for b in model.moeBlocks { if let aux = b.lastAuxiliaryLoss { loss = loss + aux } }
         return loss
     }

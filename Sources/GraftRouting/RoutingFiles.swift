@@ -42,4 +42,18 @@ enum RoutingFiles {
         }
         return t
     }
+
+    /// Overwrites every parameter of `module` with the tensor `prefix + "." + name` of `file` (read from `path`),
+    /// each checked as ``tensor(_:path:_:_:)`` checks it.
+    static func fill(_ module: Module, prefix: String, from file: SafeTensorsFile, path: String) throws {
+        for (name, t) in module.namedParameters() {
+            let saved = try tensor(file, path: path, prefix + "." + name, t.shape)
+            t.pointer.update(from: saved.pointer, count: t.count)
+        }
+    }
+
+    /// Adds every parameter of `module` to `writer` as `prefix + "." + name`.
+    static func add(_ module: Module, prefix: String, to writer: inout SafeTensorsWriter) throws {
+        for (name, t) in module.namedParameters() { try writer.add(prefix + "." + name, t) }
+    }
 }
