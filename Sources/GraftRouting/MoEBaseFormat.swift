@@ -45,6 +45,9 @@ public enum MoEBaseFormat {
         guard let first = placed.first?.1 else { throw GraftError.invalid("the model has no MoE block to save") }
         var writer = SafeTensorsWriter()
         for (i, b) in placed {
+            guard b.expertLayers == nil else {
+                throw GraftError(.state, "layer \(i) reuses other layers' experts; save the MoE base before ExpertReuse.apply and the reuse with ExpertReuseFormat")
+            }
             guard b.experts == first.experts, b.expertSizes == first.expertSizes else {
                 throw GraftError.invalid("layer \(i) has experts of sizes \(b.expertSizes), layer \(placed[0].0) has \(first.expertSizes); a saved MoE base has one expert layout")
             }

@@ -79,6 +79,12 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
     public var router: (any MoERouter)?
     /// `[E]`, added to every token's router logits before routing (test-time router rewiring); nil: none.
     public var logitOffset: Tensor?
+    /// `[E]`: 0 for the experts a token may be routed to and -1e30 for the others (ReXMoE's growing pool of
+    /// reused experts); nil: every expert.
+    public var candidateMask: Tensor?
+    /// For a block whose experts come from several layers (``ExpertReuse``), the layer each expert was made for
+    /// (its own layer's first); nil: every expert is this layer's own.
+    public internal(set) var expertLayers: [Int]?
 
     /// A block from its experts' weights (shapes above), `partition` (`Σ expertSizes` dense neuron indices, none
     /// repeated within an expert) and router; `expertSizes` nil: every expert uses all `m` neurons. Throws when a
@@ -133,6 +139,7 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         let tokens = flat.rows
         var logits = router?.logits(flat, block: self) ?? routerLogits(flat)
         if let logitOffset { logits = logits + logitOffset }
+        if let candidateMask { logits = logits + candidateMask }
         let probs = softmax(logits)
         let plan = RoutePlan.make(probs: UnsafeBufferPointer(start: probs.pointer, count: probs.count), tokens: tokens,
                                   experts: experts, mode: topP == nil ? .topK : .topP, topK: topK, topP: topP ?? 1,
@@ -335,6 +342,14 @@ extension LlamaModel {
             guard (1...b.experts).contains(k) else { throw GraftError.invalid("top_k \(k) must be in 1...\(b.experts) (\(b.path))") }
             b.topK = k
         }
+    }
+
+    /// The training objective of one batch on an MoE model: the mean next-token cross-entropy over `targets`
+    /// (`[batch · length]`, -100 ignored) plus every block's auxiliary router loss. Recorded for autograd.
+    public func moeTrainingLoss(batch: TokenBatch, targets: [Int32]) throws -> Tensor {
+        var loss = try nextTokenLoss(batch: batch, targets: targets, method: "MoE training")
+        for b in moeBlocks { if let aux = b.lastAuxiliaryLoss { loss = loss + aux } }
+        return loss
     }
 
     /// Removes the MoE blocks: every layer runs its dense feed-forward block again.

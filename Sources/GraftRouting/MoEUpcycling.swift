@@ -77,11 +77,8 @@ public enum MoEUpcycling {
         }.map { $0.requiringGrad() }
     }
 
-    /// The training objective of one batch on the upcycled `model`: the mean next-token cross-entropy over
-    /// `targets` (`[batch · length]`, -100 ignored) plus every block's auxiliary router loss. Recorded for autograd.
+    /// The training objective of one batch on the upcycled `model`: ``GraftModels/LlamaModel/moeTrainingLoss(batch:targets:)``.
     public static func trainingLoss(model: LlamaModel, batch: TokenBatch, targets: [Int32]) throws -> Tensor {
-        var loss = try model.nextTokenLoss(batch: batch, targets: targets, method: "upcycling")
-        for b in model.moeBlocks { if let aux = b.lastAuxiliaryLoss { loss = loss + aux } }
-        return loss
+        try model.moeTrainingLoss(batch: batch, targets: targets)
     }
 }

@@ -82,4 +82,45 @@ import GraftTestSupport
         let generated = try llama.generate(prompt: context, parameters: GenerationParameters(maxNewTokens: 6, temperature: 0, stopTokens: []))
         #expect(generated.count == 6)
     }
+
+    /// ReXMoE on the MoE base: each layer's router also picks the experts of the adjacent layers (window 1), the
+    /// pool opened after a third of the steps (progressive scaling routing), against the same router training on
+    /// each layer's own experts only. Experts frozen, probability combining.
+    @Test func rexmoeRoutersReuseAdjacentExpertsAtAStatedPerplexity() throws {
+        let (llama, training, heldOut) = try Self.moeSmolLM2()
+        let eval = Array(heldOut.prefix(24))
+        try ExpertReuse.apply(to: llama, options: ExpertReuseOptions())
+        let initial = llama.moeBlocks.map { ($0.routerWeight.scalars, $0.routerBias.scalars) }
+        ExpertReuse.setReach(0, of: llama)
+        let base = exp(Double(try withNoGrad { try Self.loss(llama, eval) }.item))
+        let steps = 24, rows = 4
+        func train(reach: (Int) -> Int?) throws -> (Double, Double) {
+            for (b, (w, bias)) in zip(llama.moeBlocks, initial) {
+                b.routerWeight.pointer.update(from: w, count: w.count)
+                b.routerBias.pointer.update(from: bias, count: bias.count)
+            }
+            let optimizer = AdamW(parameters: ExpertReuse.trainableParameters(of: llama), learningRate: 3e-3, weightDecay: 0)
+            for step in 0..<steps {
+                ExpertReuse.setReach(reach(step), of: llama)
+                optimizer.zeroGrad()
+                let loss = try Self.loss(llama, (0..<rows).map { training[(step * rows + $0) % training.count] })
+                loss.backward()
+                optimizer.step()
+                #expect(loss.item.isFinite, "step \(step): loss \(loss.item)")
+            }
+            llama.resetMoERouterStatistics()
+            let perplexity = exp(Double(try withNoGrad { try Self.loss(llama, eval) }.item))
+            return (perplexity, ExpertReuse.borrowedShare(of: llama))
+        }
+        let (own, ownBorrowed) = try train { _ in 0 }
+        let (rex, borrowed) = try train { $0 < steps / 3 ? 0 : 1 }
+        print(String(format: "ReXMoE on SmolLM2 E=8 k=4 (window 1: 16-24 candidate experts per layer, routers only, %d steps of %d tweets, lr 3e-3, pool opened at step %d): held-out perplexity %.1f (own experts only, same training: %.1f; untrained base: %.1f) on %d tweets; %.1f%% of dispatches to adjacent layers' experts",
+                     steps, rows, steps / 3, rex, own, base, eval.count, 100 * borrowed))
+        #expect(ownBorrowed == 0, "reach 0 routes only to the layer's own experts")
+        #expect(borrowed > 0.01, "the opened pool is used: \(borrowed)")
+        #expect(rex.isFinite && own.isFinite && rex < base && own < base, "router training lowers held-out perplexity: \(base) -> \(own) (own), \(rex) (reuse)")
+        ExpertReuse.setReach(nil, of: llama)
+        let generated = try llama.generate(prompt: eval[0], parameters: GenerationParameters(maxNewTokens: 6, temperature: 0, stopTokens: []))
+        #expect(generated.count == 6)
+    }
 }
