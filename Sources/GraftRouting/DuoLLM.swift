@@ -27,10 +27,7 @@ public struct DuoLLMOptions: Sendable {
 
     /// Throws naming the first setting out of range for a decoder of `layerCount` layers and FFN width `ff`.
     func validate(layerCount: Int, intermediate ff: Int) throws {
-        let layers = self.layers ?? Array(0..<layerCount)
-        guard !layers.isEmpty, layers.allSatisfy({ (0..<layerCount).contains($0) }), Set(layers).count == layers.count else {
-            throw GraftError.invalid("Duo-LLM: layers \(layers) must be distinct indices in 0..<\(layerCount)")
-        }
+        try TokenDispatch.checkLayers(layers, count: layerCount, method: "Duo-LLM")
         guard (1..<ff).contains(smallSize) else {
             throw GraftError.invalid("Duo-LLM: small_size \(smallSize) must be in 1..<\(ff) (the intermediate size)")
         }
@@ -49,7 +46,7 @@ public struct DuoLLMOptions: Sendable {
 /// tokens that chose it. Attention always runs, so the KV cache is untouched. Departure: the paper trains the
 /// small modules from scratch and studies oracle routes; here they are slices of the dense FFN, and the routers
 /// learn from the LM loss.
-public final class DuoLLMFeedForward: Module, FeedForwardBlock {
+public final class DuoLLMFeedForward: Module, TokenDispatchBlock {
     /// `model.layers.N.mlp`.
     public let path: String
     /// The decoder layer whose dense FFN is the big module.
@@ -93,6 +90,11 @@ public final class DuoLLMFeedForward: Module, FeedForwardBlock {
         register(parameter: "small.gate_proj", smallGate)
         register(parameter: "small.up_proj", smallUp)
         register(parameter: "small.down_proj", smallDown)
+    }
+
+    /// Empty statistics for the router: choices skip, small, big.
+    public func emptyStatistics() -> RouterLayerStatistics {
+        RouterLayerStatistics(path: path + ".router", executionsPerChoice: [0, 1, 1])
     }
 
     /// Every trainable tensor: the router and the small FFN.
@@ -196,17 +198,13 @@ public enum DuoLLM {
     }
 
     /// The Duo-LLM blocks of `model`, in layer order.
-    public static func blocks(of model: LlamaModel) -> [DuoLLMFeedForward] {
-        model.layers.compactMap { $0.feedForwardOverride as? DuoLLMFeedForward }
-    }
+    public static func blocks(of model: LlamaModel) -> [DuoLLMFeedForward] { model.tokenDispatchBlocks(DuoLLMFeedForward.self) }
 
     /// Sets every block's mode.
-    public static func setMode(_ mode: TokenDispatchMode, of model: LlamaModel) { for b in blocks(of: model) { b.mode = mode } }
+    public static func setMode(_ mode: TokenDispatchMode, of model: LlamaModel) { blocks(of: model).setMode(mode) }
 
     /// The trainable tensors of every block, marked as requiring gradients.
-    public static func trainableParameters(of model: LlamaModel) -> [Tensor] {
-        blocks(of: model).flatMap(\.trainableTensors).map { $0.requiringGrad() }
-    }
+    public static func trainableParameters(of model: LlamaModel) -> [Tensor] { blocks(of: model).markedTrainable }
 
     /// The training objective of one batch: the mean next-token cross-entropy over `targets` plus
     /// `computeWeight · (compute − targetCompute)²`, the compute the mean over blocks and tokens of each choice's
@@ -216,19 +214,12 @@ public enum DuoLLM {
         let blocks = blocks(of: model)
         guard !blocks.isEmpty else { throw GraftError(.state, "Duo-LLM: the model has no Duo-LLM block") }
         var loss = try model.nextTokenLoss(batch: batch, targets: targets, method: "Duo-LLM")
-        let choices = blocks.compactMap { b in b.lastChoice.map { ($0, b.costs) } }
-        guard choices.count == blocks.count, !choices.isEmpty else { return (loss, .nan) }
-        var total: Tensor?
-        for (w, costs) in choices {
-            let c = mean(matmul(w, Tensor(shape: [3, 1], values: costs)))
-            total = total.map { $0 + c } ?? c
+        let computes = blocks.compactMap { b in b.lastChoice.map { mean(matmul($0, Tensor(shape: [3, 1], values: b.costs))) } }
+        guard computes.count == blocks.count,
+              let (compute, penalty) = TokenDispatch.targetPenalty(computes, target: targetCompute, weight: computeWeight) else {
+            return (loss, .nan)
         }
-        guard let total else { return (loss, .nan) }
-        let compute = total * (1 / Float(choices.count))
-        if computeWeight != 0 {
-            let gap = compute - Tensor(scalar: targetCompute)
-            loss = loss + gap * gap * computeWeight
-        }
+        if let penalty { loss = loss + penalty }
         return (loss, Double(compute.item))
     }
 
@@ -239,7 +230,5 @@ public enum DuoLLM {
     }
 
     /// Clears every block's statistics.
-    public static func resetStatistics(of model: LlamaModel) {
-        for b in blocks(of: model) { b.statistics = RouterLayerStatistics(path: b.path + ".router", executionsPerChoice: [0, 1, 1]) }
-    }
+    public static func resetStatistics(of model: LlamaModel) { blocks(of: model).resetStatistics() }
 }

@@ -26,10 +26,7 @@ public struct DyTOptions: Sendable {
 
     /// Throws naming the first setting out of range for a decoder of `layerCount` layers.
     func validate(layerCount: Int) throws {
-        let layers = self.layers ?? Array(0..<layerCount)
-        guard !layers.isEmpty, layers.allSatisfy({ (0..<layerCount).contains($0) }), Set(layers).count == layers.count else {
-            throw GraftError.invalid("DyT: layers \(layers) must be distinct indices in 0..<\(layerCount)")
-        }
+        try TokenDispatch.checkLayers(layers, count: layerCount, method: "DyT")
         guard adapterDim >= 1, adapterExperts >= 1 else {
             throw GraftError.invalid("DyT: adapter_dim \(adapterDim) and adapter_experts \(adapterExperts) must be ≥ 1")
         }
@@ -47,7 +44,7 @@ public struct DyTOptions: Sendable {
 /// cache, is untouched. Training uses the straight-through Gumbel-sigmoid gate and the rate loss
 /// `(mean m − target)²`; inference runs the FFN only on the dispatched tokens. Departure: the paper dispatches
 /// ViT tokens and distils from the full model; here the tokens are a decoder's and the loss is the LM loss.
-public final class DyTFeedForward: Module, FeedForwardBlock {
+public final class DyTFeedForward: Module, TokenDispatchBlock {
     /// `model.layers.N.mlp`.
     public let path: String
     /// The decoder layer whose dense FFN the dispatched tokens run.
@@ -94,6 +91,11 @@ public final class DyTFeedForward: Module, FeedForwardBlock {
             register(parameter: "adapter.\(e).up.weight", adapterUp[e])
         }
         if let adapterRouter { register(parameter: "adapter.router.weight", adapterRouter) }
+    }
+
+    /// Empty statistics for the dispatcher: choice 0 skips the FFN, 1 runs it.
+    public func emptyStatistics() -> RouterLayerStatistics {
+        RouterLayerStatistics(path: path + ".dispatcher", executionsPerChoice: [0, 1])
     }
 
     /// Every trainable tensor: the dispatcher, the adapter experts and their router.
@@ -180,17 +182,13 @@ public enum DyT {
     }
 
     /// The DyT blocks of `model`, in layer order.
-    public static func blocks(of model: LlamaModel) -> [DyTFeedForward] {
-        model.layers.compactMap { $0.feedForwardOverride as? DyTFeedForward }
-    }
+    public static func blocks(of model: LlamaModel) -> [DyTFeedForward] { model.tokenDispatchBlocks(DyTFeedForward.self) }
 
     /// Sets every block's mode.
-    public static func setMode(_ mode: TokenDispatchMode, of model: LlamaModel) { for b in blocks(of: model) { b.mode = mode } }
+    public static func setMode(_ mode: TokenDispatchMode, of model: LlamaModel) { blocks(of: model).setMode(mode) }
 
     /// The trainable tensors of every block, marked as requiring gradients.
-    public static func trainableParameters(of model: LlamaModel) -> [Tensor] {
-        blocks(of: model).flatMap(\.trainableTensors).map { $0.requiringGrad() }
-    }
+    public static func trainableParameters(of model: LlamaModel) -> [Tensor] { blocks(of: model).markedTrainable }
 
     /// The training objective of one batch: the mean next-token cross-entropy over `targets` (`[batch · length]`,
     /// -100 ignored) plus `rateWeight · (rate − targetRate)²`, the rate the mean over blocks and tokens of the
@@ -201,14 +199,11 @@ public enum DyT {
         guard !blocks.isEmpty else { throw GraftError(.state, "DyT: the model has no DyT block") }
         var loss = try model.nextTokenLoss(batch: batch, targets: targets, method: "DyT")
         let masks = blocks.compactMap(\.lastMask)
-        guard masks.count == blocks.count, let first = masks.first else { return (loss, .nan) }
-        var total = mean(first)
-        for m in masks.dropFirst() { total = total + mean(m) }
-        let rate = total * (1 / Float(masks.count))
-        if rateWeight != 0 {
-            let gap = rate - Tensor(scalar: targetRate)
-            loss = loss + gap * gap * rateWeight
+        guard masks.count == blocks.count,
+              let (rate, penalty) = TokenDispatch.targetPenalty(masks.map(mean), target: targetRate, weight: rateWeight) else {
+            return (loss, .nan)
         }
+        if let penalty { loss = loss + penalty }
         return (loss, Double(rate.item))
     }
 
@@ -220,7 +215,5 @@ public enum DyT {
     }
 
     /// Clears every block's statistics.
-    public static func resetStatistics(of model: LlamaModel) {
-        for b in blocks(of: model) { b.statistics = RouterLayerStatistics(path: b.path + ".dispatcher", executionsPerChoice: [0, 1]) }
-    }
+    public static func resetStatistics(of model: LlamaModel) { blocks(of: model).resetStatistics() }
 }

@@ -36,9 +36,7 @@ public enum MoEUpcycling {
         guard options.experts >= 1, (1...options.experts).contains(options.topK) else {
             throw GraftError.invalid("upcycling: top_k \(options.topK) must be in 1...experts (\(options.experts))")
         }
-        guard !layers.isEmpty, layers.allSatisfy({ (0..<count).contains($0) }), Set(layers).count == layers.count else {
-            throw GraftError.invalid("upcycling: layers \(layers) must be distinct indices in 0..<\(count)")
-        }
+        try TokenDispatch.checkLayers(layers, count: count, method: "upcycling")
         guard options.routerStd.isFinite, options.routerStd >= 0, options.balanceLossWeight.isFinite, options.balanceLossWeight >= 0 else {
             throw GraftError.invalid("upcycling: router_std \(options.routerStd) and balance loss weight \(options.balanceLossWeight) must be finite and ≥ 0")
         }

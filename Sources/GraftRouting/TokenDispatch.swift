@@ -36,12 +36,60 @@ enum TokenDispatch {
 
     /// `hard` in the forward pass with the gradient of `soft` (same shape): `hard + soft − stop_gradient(soft)`.
     static func straightThrough(hard: Tensor, soft: Tensor) -> Tensor { soft + (hard - soft.detached()) }
+
+    /// Throws unless `layers` (nil: every layer) are distinct indices of a decoder of `count` layers; `method`
+    /// names the method in the message.
+    static func checkLayers(_ layers: [Int]?, count: Int, method: String) throws {
+        let layers = layers ?? Array(0..<count)
+        guard !layers.isEmpty, layers.allSatisfy({ (0..<count).contains($0) }), Set(layers).count == layers.count else {
+            throw GraftError.invalid("\(method): layers \(layers) must be distinct indices in 0..<\(count)")
+        }
+    }
+
+    /// The mean of the scalar tensors `values` and, when `weight` is not 0, the penalty `weight · (mean − target)²`
+    /// (both recorded for autograd); nil when `values` is empty.
+    static func targetPenalty(_ values: [Tensor], target: Float, weight: Float) -> (mean: Tensor, penalty: Tensor?)? {
+        guard let first = values.first else { return nil }
+        let total = values.dropFirst().reduce(first) { $0 + $1 }
+        let mean = total * (1 / Float(values.count))
+        guard weight != 0 else { return (mean, nil) }
+        let gap = mean - Tensor(scalar: target)
+        return (mean, gap * gap * weight)
+    }
+}
+
+/// A feed-forward block that routes each token among modules (DyT, Duo-LLM).
+public protocol TokenDispatchBlock: FeedForwardBlock {
+    /// `model.layers.N.mlp`.
+    var path: String { get }
+    /// How the router's scores become choices.
+    var mode: TokenDispatchMode { get set }
+    /// Every tensor that trains.
+    var trainableTensors: [Tensor] { get }
+    /// What the router chose since the last reset.
+    var statistics: RouterLayerStatistics { get set }
+    /// Empty statistics for this block's router.
+    func emptyStatistics() -> RouterLayerStatistics
+}
+
+extension LlamaModel {
+    /// The feed-forward blocks of type `B`, in layer order.
+    func tokenDispatchBlocks<B: TokenDispatchBlock>(_: B.Type) -> [B] { layers.compactMap { $0.feedForwardOverride as? B } }
+}
+
+extension Array where Element: TokenDispatchBlock {
+    /// Sets every block's mode.
+    func setMode(_ mode: TokenDispatchMode) { for b in self { b.mode = mode } }
+    /// Every block's trainable tensors, marked as requiring gradients.
+    var markedTrainable: [Tensor] { flatMap(\.trainableTensors).map { $0.requiringGrad() } }
+    /// Clears every block's statistics.
+    func resetStatistics() { for b in self { b.statistics = b.emptyStatistics() } }
 }
 
 extension LlamaModel {
     /// The mean next-token cross-entropy of `batch` over `targets` (`[batch · length]`, -100 ignored), recorded for
-    /// autograd: the part the training losses of the feed-forward routers share (DyT, Duo-LLM, upcycled MoE)
-    /// before each adds its own terms. `method` names the method in errors.
+    /// autograd: the part the training losses of the feed-forward routers share (DyT, Duo-LLM, MoE bases, Dr.LLM,
+    /// Mixture-of-Recursions) before each adds its own terms. `method` names the method in errors.
     func nextTokenLoss(batch: TokenBatch, targets: [Int32], method: String) throws -> Tensor {
         guard targets.count == batch.batchSize * batch.length else {
             throw GraftError.invalid("\(method): \(targets.count) targets for a batch of \(batch.batchSize)×\(batch.length) tokens")

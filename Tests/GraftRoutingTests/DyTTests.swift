@@ -127,14 +127,7 @@ import GraftTestSupport
         let prompt: [Int32] = [4, 8, 15, 16, 23]
         let generated = try model.generate(prompt: prompt, parameters: GenerationParameters(maxNewTokens: 8, temperature: 0, stopTokens: []))
         #expect(generated.count == 8)
-        // Uncached: the whole sequence each step, argmax of the last position.
-        var ids = prompt
-        for _ in 0..<8 {
-            let logits = try withNoGrad { try model.logits(TokenBatch(ids: ids, batchSize: 1, length: ids.count)) }
-            let last = logits.scalars.suffix(32)
-            ids.append(Int32(try #require(last.indices.max { last[$0] < last[$1] }) - last.startIndex))
-        }
-        #expect(Array(ids.dropFirst(prompt.count)) == generated)
+        #expect(try uncachedGreedy(model, prompt: prompt, steps: 8) == generated)
         let rate = DyT.activationRate(of: model)
         #expect(rate > 0 && rate < 1, "some tokens skipped and some ran: rate \(rate)")
     }
@@ -151,16 +144,11 @@ import GraftTestSupport
         #expect(reloaded.layers[0].feedForwardOverride == nil && DyT.blocks(of: reloaded).count == 1)
         let batch = try TokenBatch(sequences: [[3, 1, 4, 1, 5, 9, 2, 6]])
         #expect(try withNoGrad { try model.logits(batch).scalars } == withNoGrad { try reloaded.logits(batch).scalars })
-        let path = dir + "/" + DyTFormat.configName
-        let original = try Data(contentsOf: URL(fileURLWithPath: path))
-        for (key, value, named) in [("adapter_dim", 8 as Any, "adapter.0.down.weight"), ("dyt_layers", [2] as Any, "layers [2]"),
-                                    ("hidden_size", 32 as Any, "hidden_size"), ("adapter_experts", 0 as Any, "adapter_experts")] {
-            var config = try #require(try JSONSerialization.jsonObject(with: original) as? [String: Any])
-            config[key] = value
-            try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: path))
-            let fresh = try MoEficationTests.tinyLlama()
-            let error = try #require(throws: GraftError.self) { try DyTFormat.load(into: fresh, from: dir) }
-            #expect(error.message.contains(named), "\(key): \(error.message)")
+        let changes: [(field: String, value: Any)] = [("adapter_dim", 8), ("dyt_layers", [2]), ("hidden_size", 32), ("adapter_experts", 0)]
+        let refused = try loadsWithChangedConfig(path: dir + "/" + DyTFormat.configName, changes: changes,
+                                                 fresh: { try MoEficationTests.tinyLlama() }) { try DyTFormat.load(into: $0, from: dir) }
+        for ((message, fresh), named) in zip(refused, ["adapter.0.down.weight", "layers [2]", "hidden_size", "adapter_experts"]) {
+            #expect(message?.contains(named) == true, "\(named): \(message ?? "accepted")")
             #expect(DyT.blocks(of: fresh).isEmpty, "a refused load leaves the model unchanged")
         }
     }

@@ -167,15 +167,12 @@ import GraftTestSupport
         }
         let batch = try TokenBatch(sequences: [[3, 1, 4, 1, 5, 9, 2, 6]])
         #expect(try withNoGrad { try model.logits(batch).scalars } == withNoGrad { try reloaded.logits(batch).scalars })
-        let path = dir + "/" + MoEBaseFormat.configName
-        let original = try Data(contentsOf: URL(fileURLWithPath: path))
-        for (key, value, named) in [("expert_sizes", [3, 5, 7, 10] as Any, "expert_sizes"), ("moe_layers", [0, 2] as Any, "moe_layers"),
-                                    ("method", "switch" as Any, "method"), ("top_p", 1.5 as Any, "top_p")] {
-            var config = try #require(try JSONSerialization.jsonObject(with: original) as? [String: Any])
-            config[key] = value
-            try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: path))
-            let error = try #require(throws: GraftError.self) { try MoEBaseFormat.load(into: try MoEficationTests.tinyLlama(), from: dir) }
-            #expect(error.message.contains(named), "\(key): \(error.message)")
+        let changes: [(field: String, value: Any)] = [("expert_sizes", [3, 5, 7, 10]), ("moe_layers", [0, 2]), ("method", "switch"), ("top_p", 1.5)]
+        let refused = try loadsWithChangedConfig(path: dir + "/" + MoEBaseFormat.configName, changes: changes,
+                                                 fresh: { try MoEficationTests.tinyLlama() }) { try MoEBaseFormat.load(into: $0, from: dir) }
+        for ((message, fresh), change) in zip(refused, changes) {
+            #expect(message?.contains(change.field) == true, "\(change.field): \(message ?? "accepted")")
+            #expect(fresh.moeBlocks.isEmpty, "a refused load leaves the model dense")
         }
     }
 
