@@ -303,6 +303,9 @@ extension LlamaModel {
     /// The Dr.LLM routing installed as the depth policy, if any.
     public var drLLMRouting: DrLLMRouting? { depthPolicy as? DrLLMRouting }
 
-    /// Router statistics of the depth policy's routers (Dr.LLM), in layer order; empty without one.
-    public var depthRouterStatistics: [RouterLayerStatistics] { drLLMRouting?.statistics ?? [] }
+    /// Router statistics of the depth policy's routers (Dr.LLM), then of the per-token feed-forward dispatchers
+    /// (DyT, Duo-LLM), each in layer order; empty without any.
+    public var depthRouterStatistics: [RouterLayerStatistics] {
+        (drLLMRouting?.statistics ?? []) + layers.compactMap { ($0.feedForwardOverride as? any TokenDispatchBlock)?.statistics }
+    }
 }

@@ -39,7 +39,9 @@ import GraftTestSupport
         let plain = try model.withAdaptersDisabled { try logits(llama, batch) }
         let error = maxAbsDifference(out, want)
         print("aLoRA: max-abs error vs PEFT \(error) over 3 rows; per-row change vs base \((0..<3).map { rowMaxAbs(want, plain, row: $0) }); \(adapter.parameterCount) trainable")
-        #expect(error <= 1e-4, "aLoRA logits differ from PEFT's by \(error)")
+        // Relative to the logits' scale (up to ~30): float32 rounding through 30 layers differs across BLAS kernels.
+        let scale = max(1, worstOf(want.scalars.map(abs), empty: 0))
+        #expect(error <= 1e-5 * scale, "aLoRA logits differ from PEFT's by \(error) (largest logit \(scale))")
         #expect(adapter.parameterCount == (try manifest()["trainable"] as? Int))
         // Rows 0 and 1 hold the invocation (the adapter acts from it on), row 2 does not (the base model).
         #expect(rowMaxAbs(want, plain, row: 0) > 0.1 && rowMaxAbs(want, plain, row: 1) > 0.1)

@@ -72,6 +72,7 @@ import GraftTestSupport
         #expect(worst <= 1e-5, "routed rows differ from their choice's module by \(worst)")
         #expect(seen.count >= 2, "the spread router used choices \(seen)")
         let stats = block.statistics
+        #expect(model.depthRouterStatistics.count == 2 && model.depthRouterStatistics[0] == stats, "the model's depth statistics list the dispatchers")
         #expect(stats.tokens == 10 && stats.dispatchedTokens.reduce(0, +) == 10)
         #expect(abs(stats.meanDepth - Double(stats.dispatchedTokens[1] + stats.dispatchedTokens[2]) / 10) < 1e-9)
         #expect(block.measuredCompute <= 1 && block.measuredCompute >= 0)

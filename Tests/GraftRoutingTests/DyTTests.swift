@@ -51,6 +51,7 @@ import GraftTestSupport
             }
         }
         let stats = block.statistics
+        #expect(model.depthRouterStatistics.count == 2 && model.depthRouterStatistics[0] == stats, "the model's depth statistics list the dispatchers")
         #expect(stats.tokens == 10 && stats.dispatchedTokens[1] == scores.filter { $0 > 0 }.count)
         #expect(abs(stats.meanDepth - Double(scores.filter { $0 > 0 }.count) / 10) < 1e-9)
         #expect(stats.summary["mean_depth"] != nil)
