@@ -222,6 +222,9 @@ public final class AdaptedModel: @unchecked Sendable {
                   let adapter = try factory.make(for: module, path: path, config: config, state: state) else { continue }
             named.modules.append((path, adapter))
         }
+        if named.modules.isEmpty, AdapterConfig.typesOnMoEBlocks.contains(config.peftType) {
+            throw GraftError(.state, "\(config.source): \(config.peftType) adapts the MoE blocks of an MoE base, and this model has none (make one with graft moefy and load it first: MoEBaseFormat.load, or moe_base in a graft train config)")
+        }
         guard !named.modules.isEmpty else {
             throw GraftError.invalid("\(config.source): target_modules \(describe(config.targetModules)) matches no module \(config.peftType) applies to")
         }
@@ -229,9 +232,23 @@ public final class AdaptedModel: @unchecked Sendable {
         try config.rejectUnhonouredKeys()
         for (_, lin, adapter) in named.savedModules { lin.adapters.append(adapter) }
         for (_, adapter) in named.modules { adapter.attach() }
+        do {
+            try factory.didAttach(named, root: root)
+        } catch {
+            for (_, lin, adapter) in named.savedModules { lin.adapters.removeAll { $0 === adapter } }
+            for (_, adapter) in named.modules { adapter.detach() }
+            throw error
+        }
         adapters.append(named)
         try setActiveAdapter(name)
         return named
+    }
+
+    /// Undoes the model-level parts of `a`'s method (``AdapterMethodFactory/didAttach(_:root:)`` or
+    /// ``ModuleAdapterFactory/didAttach(_:root:)``) before it is removed.
+    private func runWillDetach(_ a: NamedAdapter) {
+        if let linear = methods.linear[a.config.peftType] { linear.willDetach(a, root: root) }
+        if let module = methods.modules[a.config.peftType] { module.willDetach(a, root: root) }
     }
 
     private func describe(_ t: TargetModules) -> String {
@@ -283,7 +300,7 @@ public final class AdaptedModel: @unchecked Sendable {
     public func deleteAdapter(_ name: String) throws {
         let a = try adapter(name)
         if a.state.isMerged { try unmerge(name) }
-        (try? methods.factory(for: a.config))?.willDetach(a, root: root)
+        runWillDetach(a)
         for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
         for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
         for (_, adapter) in a.modules { adapter.detach() }
@@ -365,7 +382,7 @@ public final class AdaptedModel: @unchecked Sendable {
     public func mergeAndUnload(_ name: String) throws {
         try merge(name)
         let a = try adapter(name)
-        (try? methods.factory(for: a.config))?.willDetach(a, root: root)
+        runWillDetach(a)
         for (_, lin, adapter) in a.layers { lin.adapters.removeAll { $0 === adapter } }
         for (_, lin, adapter) in a.savedModules { lin.adapters.removeAll { $0 === adapter } }
         for (_, adapter) in a.modules { adapter.detach() }

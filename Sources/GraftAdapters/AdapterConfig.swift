@@ -49,7 +49,7 @@ public struct AdapterConfig: @unchecked Sendable {
 
     /// Methods that adapt every MoE feed-forward block of an MoE base (ESFT, PERFT in GraftRouting), so
     /// `target_modules` is not required.
-    public static let typesOnMoEBlocks: Set<String> = ["ESFT", "PERFT"]
+    public static let typesOnMoEBlocks: Set<String> = ["ESFT", "PERFT", "MOE_PLORA"]
 
     /// Keys that describe the file, not what the adapter computes.
     public static let descriptiveKeys: Set<String> = [

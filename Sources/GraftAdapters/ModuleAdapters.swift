@@ -73,6 +73,11 @@ public protocol ModuleAdapterFactory: Sendable {
     /// True for methods PEFT defines for causal decoders only (LLaMA-Adapter, CPT): they apply to Llama models,
     /// and encoder-only surfaces (the MiniLM fine-tune test) leave them out.
     static var requiresDecoder: Bool { get }
+    /// Called once the adapter's modules are attached to `root`, for model-level parts (a token observer);
+    /// nothing by default. A throw detaches the adapter again.
+    static func didAttach(_ adapter: NamedAdapter, root: Module) throws
+    /// Called before the adapter is removed from `root`; undoes ``didAttach(_:root:)``. Nothing by default.
+    static func willDetach(_ adapter: NamedAdapter, root: Module)
 }
 
 extension ModuleAdapterFactory {
@@ -80,6 +85,8 @@ extension ModuleAdapterFactory {
     public static var selectsLayers: Bool { false }
     public static var mergeable: Bool { !actsOnInput }
     public static var requiresDecoder: Bool { false }
+    public static func didAttach(_ adapter: NamedAdapter, root: Module) throws {}
+    public static func willDetach(_ adapter: NamedAdapter, root: Module) {}
 }
 
 /// The index of the transformer layer at `path` (its last component, `encoder.layer.3` → 3).

@@ -79,7 +79,7 @@ public enum PEFTParity: Sendable, Equatable {
         // query, key and value, not vendored) is 7.4e-5 away: README, "OSF".
         "OSF": .matches(fixtures: ["peft-minilm-osf/osf_top8_one_layer", "peft-minilm-osf/osf_minor8"]),
         "ASYMMETRIC_LORA": .noPEFTCounterpart, "DOUBLE_SEQ_BN": .noPEFTCounterpart, "ETHER": .noPEFTCounterpart,
-        "ETHER_PLUS": .noPEFTCounterpart, "LORAXS": .noPEFTCounterpart, "LORA_MOE": .noPEFTCounterpart, "ESFT": .noPEFTCounterpart, "PERFT": .noPEFTCounterpart, "MOV": .noPEFTCounterpart,
+        "ETHER_PLUS": .noPEFTCounterpart, "LORAXS": .noPEFTCounterpart, "LORA_MOE": .noPEFTCounterpart, "ESFT": .noPEFTCounterpart, "PERFT": .noPEFTCounterpart, "MOE_PLORA": .noPEFTCounterpart, "MOV": .noPEFTCounterpart,
         "MTLORA": .noPEFTCounterpart, "SMORE": .noPEFTCounterpart,
         "LOREFT": .noPEFTCounterpart, "MOS": .noPEFTCounterpart, "PAR_BN": .noPEFTCounterpart, "ROSA": .noPEFTCounterpart,
         "SEQ_BN": .noPEFTCounterpart, "SVFT": .noPEFTCounterpart,

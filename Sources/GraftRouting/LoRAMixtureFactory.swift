@@ -112,5 +112,5 @@ extension AdapterMethodTable {
     /// Sessions create their models with it.
     public static let all = AdapterMethodTable.builtIn.adding([LoRAMixtureFactory.self, XLoRAFactory.self, MoVFactory.self,
                                                                MTLoRAFactory.self, SMoREFactory.self])
-        .adding(modules: [ESFTFactory.self, PERFTFactory.self])
+        .adding(modules: [ESFTFactory.self, PERFTFactory.self, MoEPartialLoRAFactory.self])
 }

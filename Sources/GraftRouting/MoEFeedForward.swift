@@ -85,6 +85,8 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
     /// For a block whose experts come from several layers (``ExpertReuse``), the layer each expert was made for
     /// (its own layer's first); nil: every expert is this layer's own.
     public internal(set) var expertLayers: [Int]?
+    /// For a block whose router and experts are shared by a group of layers (``WideNet``), the group's layers.
+    public internal(set) var sharedByLayers: [Int]?
 
     /// A block from its experts' weights (shapes above), `partition` (`Σ expertSizes` dense neuron indices, none
     /// repeated within an expert) and router; `expertSizes` nil: every expert uses all `m` neurons. Throws when a
@@ -168,7 +170,9 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         let sizes: [Int]? = isHeterogeneous ? expertSizes : nil
         let enabled = adapters.filter(\.isEnabled)
         var y: Tensor
-        if let tuned = enabled.lazy.compactMap(\.replacedExperts).first {
+        if let split = enabled.lazy.compactMap({ $0.tokenExperts(rows: tokens) }).first {
+            y = routedWithTokenExperts(flat, split, weights: weights, rows: rows, sizes: sizes)
+        } else if let tuned = enabled.lazy.compactMap(\.replacedExperts).first {
             y = routedWithReplacedExperts(flat, tuned, weights: weights, rows: rows, sizes: sizes)
         } else {
             y = routedSwiGLUExperts(flat, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: rows,
@@ -307,6 +311,13 @@ public protocol MoEBlockAdapter: AnyObject {
     var replacedExperts: ReplacedExperts? { get }
     /// A term added to the block's output for its flat input `x` (`[T, hidden]`), `[T, hidden]`; nil for none.
     func addedOutput(_ x: Tensor) -> Tensor?
+    /// Weights every expert runs on instead of its own for some of the pass's `rows` tokens only (partial LoRA
+    /// on new-domain tokens, ``MoEPartialLoRALayer``); nil for none (the default).
+    func tokenExperts(rows: Int) -> TokenExperts?
+}
+
+extension MoEBlockAdapter {
+    public func tokenExperts(rows: Int) -> TokenExperts? { nil }
 }
 
 /// `Σ |p[j]| · w[j]` over `count` floats.

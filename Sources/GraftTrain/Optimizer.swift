@@ -37,6 +37,9 @@ public final class AdamW: Optimizer {
     public let weightDecay: Float
     /// Number of updates taken.
     public private(set) var stepCount: Int = 0
+    /// A factor on the learning rate per parameter (parameter groups, as μP's per-group rates); nil: 1 for all.
+    /// Weight decay follows each parameter's own rate, as in a PyTorch parameter group.
+    public var learningRateScales: [Float]?
     private var m: [Tensor]
     private var v: [Tensor]
 
@@ -58,11 +61,12 @@ public final class AdamW: Optimizer {
         // Bias corrections in Double, as PyTorch computes them in Python floats.
         let bc1 = 1 - pow(Double(beta1), Double(stepCount))
         let bc2 = 1 - pow(Double(beta2), Double(stepCount))
-        let stepSize = Float(Double(learningRate) / bc1)
         let bc2Sqrt = Float(bc2.squareRoot())
-        let decay = 1 - learningRate * weightDecay
         for (i, p) in parameters.enumerated() {
             guard let g = p.grad else { continue }
+            let rate = learningRate * (learningRateScales.map { i < $0.count ? $0[i] : 1 } ?? 1)
+            let stepSize = Float(Double(rate) / bc1)
+            let decay = 1 - rate * weightDecay
             let pp = p.pointer, pg = g.pointer, pm = m[i].pointer, pv = v[i].pointer
             let b1 = beta1, b2 = beta2, e = eps
             for j in 0..<p.count {

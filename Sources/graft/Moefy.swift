@@ -40,6 +40,8 @@ struct Moefy: ParsableCommand {
     var trainSteps: Int = 50
     @Option(name: .customLong("batch-size"), help: "upcycling: texts per training step.") var batchSize: Int = 8
     @Option(help: "upcycling: AdamW learning rate.") var lr: Float = 1e-4
+    @Option(name: .customLong("mup-base-width"), help: "upcycling: train under μP for MoE, --lr being tuned on a proxy of this width (router init and per-group rates scaled by it).")
+    var mupBaseWidth: Int?
     @Option(help: "Save the MoE base here (moe_config.json + moe_routers.safetensors).") var output: String?
     @Option(help: "Load a saved MoE base instead of building one.") var load: String?
     @Option(help: "Threads.") var threads: Int = 2
@@ -146,10 +148,20 @@ struct Moefy: ParsableCommand {
         guard trainSteps >= 0, batchSize >= 1, lr > 0, lr.isFinite else {
             throw GraftError.invalid("--train-steps \(trainSteps) must be ≥ 0, --batch-size \(batchSize) ≥ 1 and --lr \(lr) > 0")
         }
+        let h = llama.config.hiddenSize, ff = llama.config.intermediateSize
+        let mup = try mupBaseWidth.map { try MoEMuP(baseWidth: $0, baseExpertWidth: max(1, $0 * ff / h)) }
+        if let mup { options.routerStd *= Float(mup.baseWidth) / Float(h) }
         let blocks = try MoEUpcycling.apply(to: llama, options: options)
         print("upcycle    \(blocks.count) layers, \(experts) experts each (copies of the FFN), top-\(k), renormalized gate")
+        if let mup {
+            print(String(format: "mup        base width %d (experts %d): router std %.4g, learning-rate factors router %.4g, gate/up %.4g, down %.4g",
+                         mup.baseWidth, mup.baseExpertWidth, options.routerStd,
+                         mup.learningRateScale(.router, width: h, expertWidth: ff), mup.learningRateScale(.expertInput, width: h, expertWidth: ff),
+                         mup.learningRateScale(.expertOutput, width: h, expertWidth: ff)))
+        }
         guard trainSteps > 0, !sequences.isEmpty else { return }
-        let optimizer = AdamW(parameters: MoEUpcycling.trainableParameters(of: llama), learningRate: lr, weightDecay: 0)
+        let optimizer = mup?.optimizer(for: blocks, learningRate: lr)
+            ?? AdamW(parameters: MoEUpcycling.trainableParameters(of: llama), learningRate: lr, weightDecay: 0)
         let started = Date()
         for step in 0..<trainSteps {
             let batch = (0..<batchSize).map { sequences[(step * batchSize + $0) % sequences.count] }

@@ -56,3 +56,50 @@ import GraftTestSupport
         #expect(perftBefore.isFinite && perftAfter < perftBefore - 1e-3, "PERFT: the loss went \(perftBefore) -> \(perftAfter)")
     }
 }
+
+/// New-domain partial LoRA (seed #96) on SmolLM2 upcycled in its last four layers (E = 2 copies of the FFN,
+/// top-1): the domain is the upper part of the vocabulary (ids ≥ 10,000). Training on the demo tweets lowers their
+/// loss, while a text whose tokens all lie below 10,000, and every position before a text's first domain token,
+/// keep the base model's logits bit for bit.
+@Suite(.serialized) struct MoEPartialLoRASmolLM2Tests {
+    @Test func partialLoRATrainsTheDomainAndLeavesOtherTokensExact() throws {
+        let (llama, tokenizer, examples) = try smolLM2TweetCompletions()
+        var options = MoEUpcyclingOptions()
+        options.experts = 2
+        options.topK = 1
+        options.layers = [26, 27, 28, 29]
+        try MoEUpcycling.apply(to: llama, options: options)
+        let plain = tokenizer.encode("the cat sat on the mat and the dog")
+        #expect(plain.allSatisfy { $0 < 10_000 } && plain.count >= 8, "\(plain)")
+        let mixed = try #require(examples.first?.ids)
+        let firstDomain = try #require(mixed.firstIndex { $0 >= 10_000 })
+        let vocab = llama.config.vocabSize
+        let basePlain = try withNoGrad { try llama.logits(TokenBatch(sequences: [plain])) }.scalars
+        let baseMixed = try withNoGrad { try llama.logits(TokenBatch(sequences: [mixed])) }.scalars
+        let adapted = AdaptedModel(root: llama, methods: .all)
+        let adapter = try adapted.addAdapter("plora", config: AdapterConfig(json: ["peft_type": "MOE_PLORA", "r": 4, "lora_alpha": 8,
+                                                                                "domain_token_ranges": [[10_000, vocab - 1]]], source: "plora"), seed: 1)
+        let trainer = try Trainer(model: adapted, adapterName: "plora", objective: CausalLMObjective(model: llama),
+                                  config: .fullBatch(examples: examples.count, learningRate: 2e-3))
+        let before = try trainer.evaluate(examples).loss
+        let batch = try PackedBatch(ArraySlice(examples), padded: false)
+        for _ in 0..<4 {
+            _ = try trainer.accumulate(batch)
+            _ = try trainer.optimizerStep(totalSteps: 1 << 20)
+        }
+        let after = try trainer.evaluate(examples).loss
+        let layers = adapter.modules.compactMap { $0.adapter as? MoEPartialLoRALayer }
+        let domainCount: Int = layers.reduce(0) { $0 + $1.domainTokens.reduce(0, +) }
+        let otherCount: Int = layers.reduce(0) { $0 + $1.otherTokens.reduce(0, +) }
+        let domainShare = Double(domainCount) / Double(max(1, domainCount + otherCount))
+        print(String(format: "MOE_PLORA on SmolLM2 upcycled layers 26-29 (E=2, top-1, r4, %d trainable): loss %.4f -> %.4f in 4 steps on 8 demo tweets; %.1f%% of dispatched tokens were domain tokens",
+                     adapter.parameterCount, before, after, 100 * domainShare))
+        #expect(before.isFinite && after < before - 1e-2, "MOE_PLORA: the loss went \(before) -> \(after)")
+        let plainAfter = try withNoGrad { try llama.logits(TokenBatch(sequences: [plain])) }.scalars
+        let mixedAfter = try withNoGrad { try llama.logits(TokenBatch(sequences: [mixed])) }.scalars
+        #expect(plainAfter == basePlain, "a text without domain tokens keeps the base model's logits")
+        #expect(Array(mixedAfter[..<(firstDomain * vocab)]) == Array(baseMixed[..<(firstDomain * vocab)]),
+                "positions before the first domain token keep the base model's logits")
+        #expect(zip(mixedAfter[(firstDomain * vocab)...], baseMixed[(firstDomain * vocab)...]).contains { $0 != $1 })
+    }
+}

@@ -200,6 +200,15 @@ def test_esft_and_perft_train_on_a_moefied_base(tmp_path):
                    "--output", str(tmp_path / "perft"), cwd=tmp_path)
     assert "adapter    PERFT on 30 layers" in out, out
     assert sum(1 for line in out.splitlines() if line.startswith("router") and "mlp.peft_experts" in line) == 30
+    # MOE_PLORA: partial LoRA on the experts for the new domain's tokens only (here the whole vocabulary, so the one step trains).
+    plora = tmp_path / "plora.json"
+    plora.write_text(json.dumps({"model": "smollm2", "task": "causal-lm", "moe_base": str(base),
+                                 "adapter": {"peft_type": "MOE_PLORA", "r": 2, "domain_token_ranges": [[0, 49151]]}}))
+    out, _ = train("--config", str(plora), "--data", str(data), "--batch-size", "4", "--max-steps", "1", "--skip-initial-eval",
+                   "--output", str(tmp_path / "plora"), cwd=tmp_path)
+    assert "adapter    MOE_PLORA on 30 layers" in out, out
+    tensors = read_safetensors(tmp_path / "plora" / "adapter_model.safetensors")
+    assert sum(1 for k in tensors if k.endswith("mlp.experts.plora_gate_A")) == 30
     # Without an MoE base both are refused by name.
     r = subprocess.run([GRAFT, "train", "--config", str(perft), "--moe-base", str(tmp_path / "missing"), "--data", str(data)],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -229,9 +238,11 @@ def test_moefy_makes_hmoe_and_upcycled_bases_that_reload(tmp_path):
 
     up = tmp_path / "up"
     r = moefy("--method", "upcycling", "--experts", "2", "--top-k", "1", "--upcycle-layers", "28,29", "--train-steps", "2",
-              "--batch-size", "2", "--output", str(up), cwd=tmp_path)
+              "--batch-size", "2", "--mup-base-width", "144", "--output", str(up), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "upcycle    2 layers, 2 experts each" in r.stdout and "train      step 2/2 loss" in r.stdout, r.stdout
+    # μP from a proxy a quarter as wide: the router and gate/up rates at 1/4, down's at 1/4 too (expert width ∝ width).
+    assert "mup        base width 144 (experts 384): router std 0.005, learning-rate factors router 0.25, gate/up 0.25, down 0.25" in r.stdout, r.stdout
     config = json.loads((up / "moe_config.json").read_text())
     assert config["method"] == "upcycling" and config["moe_layers"] == [28, 29] and config["combine"] == "normalized_probability"
     tensors = read_safetensors(up / "moe_routers.safetensors")
@@ -243,6 +254,7 @@ def test_moefy_makes_hmoe_and_upcycled_bases_that_reload(tmp_path):
 
     for args, named in ((["--method", "switch"], "--method 'switch'"),
                         (["--method", "hmoe", "--experts", "4", "--expert-sizes", "1,2,3,4"], "--expert-sizes"),
-                        (["--method", "upcycling", "--upcycle-layers", "30"], "--upcycle-layers")):
+                        (["--method", "upcycling", "--upcycle-layers", "30"], "--upcycle-layers"),
+                        (["--method", "upcycling", "--upcycle-layers", "29", "--mup-base-width", "0"], "base width 0")):
         bad = moefy(*args, cwd=tmp_path)
         assert bad.returncode != 0 and named in bad.stderr, bad.stderr
