@@ -339,12 +339,18 @@ extension LlamaModel {
     /// The MoE feed-forward blocks of the decoder layers, in layer order (empty for a dense model).
     public var moeBlocks: [MoEFeedForward] { layers.compactMap { $0.feedForwardOverride as? MoEFeedForward } }
 
-    /// Router statistics of every MoE block, in layer order.
-    public var moeRouterStatistics: [RouterLayerStatistics] { moeBlocks.map(\.statistics) }
+    /// Router statistics of every MoE block (a stratified block's per stratum), in layer order.
+    public var moeRouterStatistics: [RouterLayerStatistics] {
+        layers.flatMap { layer -> [RouterLayerStatistics] in
+            if let b = layer.feedForwardOverride as? MoEFeedForward { return [b.statistics] }
+            return (layer.feedForwardOverride as? StratifiedMoE)?.statistics ?? []
+        }
+    }
 
-    /// Clears the router statistics of every MoE block.
+    /// Clears the router statistics of every MoE block (and a stratified block's pass counts).
     public func resetMoERouterStatistics() {
         for b in moeBlocks { b.statistics = RouterLayerStatistics(path: b.path, experts: b.experts) }
+        for b in StratifiedMoE.blocks(of: self) { b.resetStatistics() }
     }
 
     /// Sets every MoE block's `k`; throws when `k` is outside `1...E` of some block.
