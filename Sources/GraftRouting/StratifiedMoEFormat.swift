@@ -54,7 +54,8 @@ public enum StratifiedMoEFormat {
         guard layers.allSatisfy({ (0..<model.layers.count).contains($0) }), Set(layers).count == layers.count else {
             throw GraftError.format("\(configPath): field 'moe_layers' \(layers) must be distinct layers of the model's \(model.layers.count)")
         }
-        guard strata.allSatisfy({ $0 >= 1 }), sizes.count == e, (1...4096 * 16).contains(slice) else {
+        guard strata.allSatisfy({ $0 >= 1 }), sizes.count == e, slice == sizes.max(), sizes.allSatisfy({ $0 >= 1 }),
+              slice <= 4 * model.config.intermediateSize else {
             throw GraftError.format("\(configPath): fields 'strata' \(strata), 'expert_sizes' (\(sizes.count) values) and 'expert_slice' \(slice) do not fit together")
         }
         guard eps.isFinite, eps > 0 else { throw GraftError.format("\(configPath): field 'norm_eps' is \(eps), expected a positive number") }

@@ -13,7 +13,7 @@ struct Moefy: ParsableCommand {
     @Option(help: "Model path or asset name (a Llama decoder).") var model: String = "smollm2"
     @Option(help: "Text: 'tweets' (the tweet corpus; every 10th tweet held out) or a file with one text per line.")
     var data: String = "tweets"
-    @Option(help: "How experts are made: moefication (equal neuron clusters), hmoe (clusters of different sizes, routers tuned toward small ones), upcycling (copies of the FFN, trained).")
+    @Option(help: "How experts are made: moefication (equal neuron clusters), hmoe (clusters of different sizes, routers tuned toward small ones), upcycling (copies of the FFN, trained), widenet (layer groups sharing one router over their FFNs), stratified (SMoE strata over FFN copies and new experts).")
     var method: String = "moefication"
     @Option(help: "Experts per layer (MoEfication: must divide the intermediate size).") var experts: Int = 8
     @Option(name: .customLong("top-k"), help: "Comma-separated k values to evaluate.") var topK: String = "2,4"
@@ -34,14 +34,18 @@ struct Moefy: ParsableCommand {
     var sizePenalty: Float = 0.1
     @Option(name: .customLong("router-steps"), help: "hmoe: Adam steps of router tuning per layer (0: the ridge fit only).")
     var routerSteps: Int = 200
-    @Option(name: .customLong("upcycle-layers"), help: "upcycling: comma-separated decoder layers to upcycle (default: every layer).")
+    @Option(name: .customLong("upcycle-layers"), help: "upcycling, widenet, stratified: comma-separated decoder layers to convert (default: every layer).")
     var upcycleLayers: String?
-    @Option(name: .customLong("train-steps"), help: "upcycling: training steps on the calibration texts (experts and routers).")
+    @Option(name: .customLong("train-steps"), help: "upcycling, widenet, stratified: training steps on the calibration texts.")
     var trainSteps: Int = 50
     @Option(name: .customLong("batch-size"), help: "upcycling: texts per training step.") var batchSize: Int = 8
     @Option(help: "upcycling: AdamW learning rate.") var lr: Float = 1e-4
     @Option(name: .customLong("mup-base-width"), help: "upcycling: train under μP for MoE, --lr being tuned on a proxy of this width (router init and per-group rates scaled by it).")
     var mupBaseWidth: Int?
+    @Option(name: .customLong("group-size"), help: "widenet: consecutive layers sharing one MoE block.") var groupSize: Int = 2
+    @Option(help: "stratified: comma-separated experts per stratum (stratum 0: copies of the FFN).") var strata: String = "1,2"
+    @Option(name: .customLong("new-expert-size"), help: "stratified: neurons of each new expert (default: a quarter of the FFN).")
+    var newExpertSize: Int?
     @Option(help: "Save the MoE base here (moe_config.json + moe_routers.safetensors).") var output: String?
     @Option(help: "Load a saved MoE base instead of building one.") var load: String?
     @Option(help: "Threads.") var threads: Int = 2
@@ -49,8 +53,10 @@ struct Moefy: ParsableCommand {
     func run() throws {
         try graft.run {
             Threading.setThreads(threads)
-            guard let method = MoEBaseMethod(rawValue: method) else {
-                throw GraftError.invalid("--method '\(self.method)' is not one of \(MoEBaseMethod.allCases.map(\.rawValue).joined(separator: ", "))")
+            let design = MoefyDesign(rawValue: method)
+            guard let method = design == nil ? MoEBaseMethod(rawValue: method) : .upcycling else {
+                let names = MoEBaseMethod.allCases.map(\.rawValue) + MoefyDesign.allCases.map(\.rawValue)
+                throw GraftError.invalid("--method '\(self.method)' is not one of \(names.joined(separator: ", "))")
             }
             guard experts >= 1 else { throw GraftError.invalid("--experts must be ≥ 1, got \(experts)") }
             let ks = try parseInts(topK, option: "--top-k", range: 1...experts)
@@ -78,8 +84,16 @@ struct Moefy: ParsableCommand {
             print(String(format: "dense      held-out perplexity %.3f", dense))
             let start = Date()
             if let load {
-                try MoEBaseFormat.load(into: llama, from: load, topK: ks[0])
-                print("loaded     \(load) (\(llama.moeBlocks.first?.experts ?? 0) experts per layer)")
+                if try loadDesign(llama, from: load) {
+                    print("loaded     \(load)")
+                } else {
+                    try MoEBaseFormat.load(into: llama, from: load, topK: ks[0])
+                    print("loaded     \(load) (\(llama.moeBlocks.first?.experts ?? 0) experts per layer)")
+                }
+            } else if let design {
+                let sequences = Array(calibration.lazy.map(encode).filter { $0.count >= 2 }.prefix(calibrationTokens))
+                try build(design, llama, k: ks[0], sequences: sequences)
+                print(String(format: "built      in %.1f s", Date().timeIntervalSince(start)))
             } else {
                 let sequences = calibration.lazy.map(encode).filter { $0.count >= 2 }
                 let calibrationSequences = Array(sequences.prefix(calibrationTokens))
@@ -96,7 +110,11 @@ struct Moefy: ParsableCommand {
                     print("saved      \(output)")
                 }
             }
-            try report(llama, ks: ks, dense: dense, evalExamples: evalExamples)
+            if StratifiedMoE.blocks(of: llama).isEmpty {
+                try report(llama, ks: ks, dense: dense, evalExamples: evalExamples)
+            } else {
+                try reportStratified(llama, dense: dense, evalExamples: evalExamples)
+            }
         }
     }
 
@@ -145,9 +163,7 @@ struct Moefy: ParsableCommand {
         options.topK = k
         options.seed = seed
         options.layers = try upcycleLayers.map { try parseInts($0, option: "--upcycle-layers", range: 0...max(0, llama.layers.count - 1)) }
-        guard trainSteps >= 0, batchSize >= 1, lr > 0, lr.isFinite else {
-            throw GraftError.invalid("--train-steps \(trainSteps) must be ≥ 0, --batch-size \(batchSize) ≥ 1 and --lr \(lr) > 0")
-        }
+        try checkTraining()
         let h = llama.config.hiddenSize, ff = llama.config.intermediateSize
         let mup = try mupBaseWidth.map { try MoEMuP(baseWidth: $0, baseExpertWidth: max(1, $0 * ff / h)) }
         if let mup { options.routerStd *= Float(mup.baseWidth) / Float(h) }
@@ -162,19 +178,8 @@ struct Moefy: ParsableCommand {
         guard trainSteps > 0, !sequences.isEmpty else { return }
         let optimizer = mup?.optimizer(for: blocks, learningRate: lr)
             ?? AdamW(parameters: MoEUpcycling.trainableParameters(of: llama), learningRate: lr, weightDecay: 0)
-        let started = Date()
-        for step in 0..<trainSteps {
-            let batch = (0..<batchSize).map { sequences[(step * batchSize + $0) % sequences.count] }
-            let length = batch.map(\.count).max() ?? 0
-            let targets = batch.flatMap { s in Array(s.dropFirst()) + [Int32](repeating: -100, count: length - s.count + 1) }
-            let loss = try MoEUpcycling.trainingLoss(model: llama, batch: TokenBatch(sequences: batch), targets: targets)
-            guard loss.item.isFinite else { throw GraftError(.state, "upcycling: the loss is \(loss.item) at step \(step); lower --lr") }
-            loss.backward()
-            optimizer.step()
-            optimizer.zeroGrad()
-            if step % 10 == 0 || step == trainSteps - 1 {
-                print(String(format: "train      step %d/%d loss %.4f (%.1f s)", step + 1, trainSteps, loss.item, Date().timeIntervalSince(started)))
-            }
+        try train(llama, optimizer: optimizer, sequences: sequences, method: "upcycling") {
+            try MoEUpcycling.trainingLoss(model: llama, batch: $0, targets: $1)
         }
         for b in llama.moeBlocks { for t in [b.routerWeight, b.routerBias, b.gateWeight, b.upWeight, b.downWeight] { t.requiringGrad(false) } }
     }

@@ -221,6 +221,39 @@ def moefy(*args, cwd):
     return r
 
 
+def test_moefy_makes_widenet_and_stratified_models_that_reload(tmp_path):
+    """`graft moefy --method widenet|stratified`: each trains, saves in its own format and reloads with the same
+    perplexity; the stratified report counts expert passes per token; bad options are refused by name."""
+    wide = tmp_path / "wide"
+    r = moefy("--method", "widenet", "--top-k", "1,2", "--upcycle-layers", "26,27,28,29", "--train-steps", "2",
+              "--batch-size", "2", "--output", str(wide), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "widenet    2 groups of 2 layers sharing one router over their FFNs, top-1" in r.stdout, r.stdout
+    config = json.loads((wide / "widenet_config.json").read_text())
+    assert config["format"] == "graft-widenet" and config["groups"] == [[26, 27], [28, 29]] and config["top_k"] == 1
+    ppl = lambda out, label: [l for l in out.splitlines() if l.startswith(label)][0].split()[1]
+    again = moefy("--load", str(wide), "--top-k", "1,2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert ppl(again.stdout, "E=2 k=1") == ppl(r.stdout, "E=2 k=1"), (r.stdout, again.stdout)
+
+    strat = tmp_path / "strat"
+    r = moefy("--method", "stratified", "--strata", "1,2", "--new-expert-size", "64", "--top-k", "1", "--upcycle-layers", "28,29",
+              "--train-steps", "2", "--batch-size", "2", "--output", str(strat), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "stratified 2 layers, strata 1+2 (stratum 0: FFN copies), top-1" in r.stdout, r.stdout
+    row = [l for l in r.stdout.splitlines() if l.startswith("strata")][0].split()
+    assert 1 <= float(row[4]) <= 2, r.stdout
+    tensors = read_safetensors(strat / "stratified.safetensors")
+    assert tensors["model.layers.29.mlp.strata.1.norm.weight"].shape == (576,)
+    again = moefy("--load", str(strat), "--top-k", "1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert ppl(again.stdout, "strata") == ppl(r.stdout, "strata"), (r.stdout, again.stdout)
+    for args, named in ((["--method", "stratified", "--strata", "1,0"], "--strata"),
+                        (["--method", "widenet", "--group-size", "3", "--upcycle-layers", "28,29"], "group size 3")):
+        bad = moefy(*args, cwd=tmp_path)
+        assert bad.returncode != 0 and named in bad.stderr, bad.stderr
+
+
 def test_moefy_makes_hmoe_and_upcycled_bases_that_reload(tmp_path):
     """`graft moefy --method hmoe|upcycling`: HMoE's heterogeneous sizes and tuned routers, upcycled layers trained and
     saved with their experts; each reloads with the same perplexity, and a wrong option is refused by name."""
