@@ -281,45 +281,6 @@ public protocol MoERouter: AnyObject {
     func logits(_ x: Tensor, block: MoEFeedForward) -> Tensor
 }
 
-/// Weights that replace some experts of an MoE block: expert `indices[s]` runs on slice `s` of `gate`, `up`
-/// (`[S, m, hidden]`) and `down` (`[S, hidden, m]`).
-public struct ReplacedExperts {
-    /// The replaced experts, ascending.
-    public let indices: [Int]
-    /// `[S, m, hidden]`.
-    public let gate: Tensor
-    /// `[S, m, hidden]`.
-    public let up: Tensor
-    /// `[S, hidden, m]`.
-    public let down: Tensor
-
-    /// Experts `indices` with weights `gate`, `up`, `down` (shapes above).
-    public init(indices: [Int], gate: Tensor, up: Tensor, down: Tensor) {
-        self.indices = indices
-        self.gate = gate
-        self.up = up
-        self.down = down
-    }
-}
-
-/// An adapter on an MoE feed-forward block (``MoEFeedForward/adapters``): it may replace some experts' weights
-/// (ESFT) and add a term to the block's output (PERFT).
-public protocol MoEBlockAdapter: AnyObject {
-    /// Whether the adapter takes part in forward passes now (active, not merged).
-    var isEnabled: Bool { get }
-    /// The experts whose weights this adapter replaces; nil for none.
-    var replacedExperts: ReplacedExperts? { get }
-    /// A term added to the block's output for its flat input `x` (`[T, hidden]`), `[T, hidden]`; nil for none.
-    func addedOutput(_ x: Tensor) -> Tensor?
-    /// Weights every expert runs on instead of its own for some of the pass's `rows` tokens only (partial LoRA
-    /// on new-domain tokens, ``MoEPartialLoRALayer``); nil for none (the default).
-    func tokenExperts(rows: Int) -> TokenExperts?
-}
-
-extension MoEBlockAdapter {
-    public func tokenExperts(rows: Int) -> TokenExperts? { nil }
-}
-
 /// `Σ |p[j]| · w[j]` over `count` floats.
 @inline(__always)
 func weightedAbsSum(_ p: UnsafePointer<Float>, _ w: UnsafePointer<Float>, count: Int) -> Float {

@@ -4,21 +4,6 @@ import GraftIO
 import GraftModels
 import GraftTensor
 
-/// Weights every expert of an MoE block runs on, instead of its own, for the tokens `selected` marks
-/// (``MoEBlockAdapter/tokenExperts(rows:)``): `gate`, `up` `[E, m, hidden]`, `down` `[E, hidden, m]`.
-public struct TokenExperts {
-    /// One flag per token row of the pass: true where the replacement weights apply.
-    public let selected: [Bool]
-    /// `[E, m, hidden]`.
-    public let gate: Tensor
-    /// `[E, m, hidden]`.
-    public let up: Tensor
-    /// `[E, hidden, m]`.
-    public let down: Tensor
-    /// Told, per expert, how many selected and other tokens the pass dispatched to it.
-    let record: (_ expert: Int, _ selected: Int, _ other: Int) -> Void
-}
-
 /// Which tokens of each forward pass belong to the new domain: those whose id is in ``domain`` (new-vocabulary
 /// tokens, as the paper's image tokens). A ``GraftModels/TokenObserver`` on the decoder; stateless across passes,
 /// so generation with a KV cache marks each new token by its own id.
@@ -61,7 +46,7 @@ public final class DomainTokenGate: TokenObserver {
 /// `mlp.experts.plora_down_B` `[E, hidden, r]`; A Kaiming-uniform, B zero. Departure: the paper's
 /// Gromov-Wasserstein initialisation aligns a new modality's *embeddings*; a text domain reuses the vocabulary's
 /// trained embeddings, so there is nothing to initialise.
-public final class MoEPartialLoRALayer: ModuleAdapterMethod, MoEBlockAdapter {
+public final class MoEPartialLoRALayer: MoEBlockModuleAdapter {
     public let state: AdapterState
     /// The MoE block whose experts are adapted.
     public let block: MoEFeedForward
@@ -126,17 +111,6 @@ public final class MoEPartialLoRALayer: ModuleAdapterMethod, MoEBlockAdapter {
         otherTokens = domainTokens
     }
 
-    public func attach() { block.adapters.append(self) }
-    public func detach() { block.adapters.removeAll { $0 === self } }
-    public func merge() -> [Tensor] { [] }
-    public func unmerge(_ saved: [Tensor]) {}
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        try loadNamedParameter(name, from: tensor, hint: "num_experts, r")
-        for j in 0..<tensor.count where !tensor.pointer[j].isFinite {
-            throw GraftError.format("'\(name)' entry \(j) is not finite")
-        }
-    }
 }
 
 extension MoEFeedForward {

@@ -12,7 +12,7 @@ import GraftTensor
 /// Parameters (Graft keys, no PEFT equivalent): `mlp.peft_experts.router.weight` `[N, hidden]`,
 /// `mlp.peft_experts.lora_A` `[N, r, hidden]`, `mlp.peft_experts.lora_B` `[N, hidden, r]`. B starts at zero, so a
 /// new adapter leaves the block's output exactly as it was. Every forward updates ``statistics`` (load, entropy, …).
-public final class PERFTLayer: ModuleAdapterMethod, MoEBlockAdapter {
+public final class PERFTLayer: MoEBlockModuleAdapter {
     public let state: AdapterState
     /// The MoE block the PEFT experts sit in.
     public let block: MoEFeedForward
@@ -81,17 +81,6 @@ public final class PERFTLayer: ModuleAdapterMethod, MoEBlockAdapter {
         return routedLoRAExperts(x, a: loraA, b: loraB, gates: gates, rows: plan.rows, scaling: scaling)
     }
 
-    public func attach() { block.adapters.append(self) }
-    public func detach() { block.adapters.removeAll { $0 === self } }
-    public func merge() -> [Tensor] { [] }
-    public func unmerge(_ saved: [Tensor]) {}
-
-    public func load(_ name: String, from tensor: Tensor) throws {
-        try loadNamedParameter(name, from: tensor, hint: "num_experts, r")
-        for j in 0..<tensor.count where !tensor.pointer[j].isFinite {
-            throw GraftError.format("'\(name)' entry \(j) is not finite")
-        }
-    }
 }
 
 /// PERFT-R (`peft_type: "PERFT"`, Graft's own type) on every MoE block of an MoE base. Keys: `num_experts` (4

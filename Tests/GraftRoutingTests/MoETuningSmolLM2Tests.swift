@@ -22,15 +22,7 @@ import GraftTestSupport
         #expect(counts.count == 30 && counts.allSatisfy { (1...8).contains($0) })
         let adapted = AdaptedModel(root: llama, methods: .all)
         let adapter = try adapted.addAdapter("esft", config: AdapterConfig(json: config, source: "esft"), seed: 1)
-        let trainer = try Trainer(model: adapted, adapterName: "esft", objective: CausalLMObjective(model: llama),
-                                  config: .fullBatch(examples: examples.count, learningRate: 2e-4))
-        let before = try trainer.evaluate(examples).loss
-        let batch = try PackedBatch(ArraySlice(examples), padded: false)
-        for _ in 0..<4 {
-            _ = try trainer.accumulate(batch)
-            _ = try trainer.optimizerStep(totalSteps: 1 << 20)
-        }
-        let after = try trainer.evaluate(examples).loss
+        let (before, after) = try fullBatchLosses(adapted, adapter: "esft", model: llama, examples: examples, learningRate: 2e-4, steps: 4)
         print(String(format: "ESFT on SmolLM2 E=8 k=4 (token score, top_p 0.2: %.2f experts per layer, %d trainable): loss %.4f -> %.4f in 4 steps on 8 demo tweets",
                      Double(counts.reduce(0, +)) / 30, adapter.parameterCount, before, after))
         #expect(before.isFinite && after < before - 1e-3, "ESFT: the loss went \(before) -> \(after)")
@@ -42,6 +34,7 @@ import GraftTestSupport
                                        config: .fullBatch(examples: examples.count, learningRate: 1e-3))
         let perftBefore = try perftTrainer.evaluate(examples).loss
         #expect(abs(perftBefore - before) < 1e-4, "a new PERFT adapter (B = 0) is the MoE base: \(perftBefore) vs \(before)")
+        let batch = try PackedBatch(ArraySlice(examples), padded: false)
         for _ in 0..<4 {
             _ = try perftTrainer.accumulate(batch)
             _ = try perftTrainer.optimizerStep(totalSteps: 1 << 20)
@@ -79,15 +72,7 @@ import GraftTestSupport
         let adapted = AdaptedModel(root: llama, methods: .all)
         let adapter = try adapted.addAdapter("plora", config: AdapterConfig(json: ["peft_type": "MOE_PLORA", "r": 4, "lora_alpha": 8,
                                                                                 "domain_token_ranges": [[10_000, vocab - 1]]], source: "plora"), seed: 1)
-        let trainer = try Trainer(model: adapted, adapterName: "plora", objective: CausalLMObjective(model: llama),
-                                  config: .fullBatch(examples: examples.count, learningRate: 2e-3))
-        let before = try trainer.evaluate(examples).loss
-        let batch = try PackedBatch(ArraySlice(examples), padded: false)
-        for _ in 0..<4 {
-            _ = try trainer.accumulate(batch)
-            _ = try trainer.optimizerStep(totalSteps: 1 << 20)
-        }
-        let after = try trainer.evaluate(examples).loss
+        let (before, after) = try fullBatchLosses(adapted, adapter: "plora", model: llama, examples: examples, learningRate: 2e-3, steps: 4)
         let layers = adapter.modules.compactMap { $0.adapter as? MoEPartialLoRALayer }
         let domainCount: Int = layers.reduce(0) { $0 + $1.domainTokens.reduce(0, +) }
         let otherCount: Int = layers.reduce(0) { $0 + $1.otherTokens.reduce(0, +) }
@@ -102,4 +87,19 @@ import GraftTestSupport
                 "positions before the first domain token keep the base model's logits")
         #expect(zip(mixedAfter[(firstDomain * vocab)...], baseMixed[(firstDomain * vocab)...]).contains { $0 != $1 })
     }
+}
+
+/// The loss of `examples` before and after `steps` full-batch steps of adapter `name` of `adapted` at
+/// `learningRate` under the causal-LM objective of `model`.
+func fullBatchLosses(_ adapted: AdaptedModel, adapter name: String, model: LlamaModel, examples: [TokenizedExample],
+                            learningRate: Float, steps: Int) throws -> (before: Double, after: Double) {
+    let trainer = try Trainer(model: adapted, adapterName: name, objective: CausalLMObjective(model: model),
+                              config: .fullBatch(examples: examples.count, learningRate: learningRate))
+    let before = try trainer.evaluate(examples).loss
+    let batch = try PackedBatch(ArraySlice(examples), padded: false)
+    for _ in 0..<steps {
+        _ = try trainer.accumulate(batch)
+        _ = try trainer.optimizerStep(totalSteps: 1 << 20)
+    }
+    return (before, try trainer.evaluate(examples).loss)
 }
