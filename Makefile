@@ -3,7 +3,7 @@ SWIFT ?= swift
 RELEASE_BIN = .build/release/graft
 
 .PHONY: demo test test-c test-python test-lua test-daemon test-cli test-crash test-mpi bench-scale-out test-sanitize install-lua lib graftd client \
-	install build release setup assets bench bench-compare bench-methods clean fuzz fuzz-smoke fuzz-build
+	install build release setup assets bench bench-compare bench-methods bench-moe clean fuzz fuzz-smoke fuzz-build
 
 demo: setup assets release
 	$(RELEASE_BIN) demo
@@ -205,6 +205,9 @@ BENCH_ARGS ?=
 # perplexity; resumable (runs already in bench/results/methods/runs.jsonl are skipped), hours for the whole catalog.
 bench-methods: assets release lib
 	bench/methods/run $(BENCH_ARGS)
+
+bench-moe: assets release
+	bench/moe/run $(BENCH_ARGS)
 
 bench-compare: assets release
 	@py="$$(bench/compare/setup-venv)" && "$$py" bench/compare/run.py --graft $(RELEASE_BIN) $(BENCH_ARGS)
