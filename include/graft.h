@@ -64,7 +64,7 @@ extern "C" {
 /** Major version: the ABI is stable while it stays the same. */
 #define GRAFT_VERSION_MAJOR 0
 /** Minor version: grows when functions, enum values or struct fields are added. */
-#define GRAFT_VERSION_MINOR 5
+#define GRAFT_VERSION_MINOR 6
 /** Patch version: fixes only. */
 #define GRAFT_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH, the value graft_version() returns for this header's library. */
@@ -221,6 +221,11 @@ typedef struct graft_model_params {
     uint64_t seed;
     /** A graft_compute_dtype value. Default GRAFT_COMPUTE_FLOAT32. (Since 0.3.0.) */
     int32_t compute_dtype;
+    /** An MoE base (added in 0.6.0): a directory `graft moefy --output` wrote (moe_config.json +
+     *  moe_routers.safetensors), UTF-8, borrowed for the call. The Llama decoder is made that MoE base at load,
+     *  for the adapters that tune an MoE base's experts (peft_type "ESFT", "PERFT", "MOE_PLORA"); graft_model_info
+     *  then reports it under "moe_base". NULL = the dense model. Default NULL. */
+    const char *moe_base;
 } graft_model_params;
 
 /**
@@ -250,8 +255,10 @@ static inline void graft_model_params_init(graft_model_params *params) {
  * @param out     receives the new model on success; the caller owns it and releases it with graft_model_free.
  * @return GRAFT_OK; GRAFT_ERR_NOT_FOUND (no such path, no config.json), GRAFT_ERR_FORMAT / GRAFT_ERR_IO (bad
  *         files), GRAFT_ERR_UNSUPPORTED (unknown model_type, or a task the architecture cannot do: sequence
- *         classification needs BERT, causal LM needs Llama), GRAFT_ERR_INVALID_ARGUMENT (NULL path/out, bad
- *         struct_size, task, num_labels or num_threads).
+ *         classification needs BERT, causal LM needs Llama; a moe_base for a model that is not a Llama decoder),
+ *         GRAFT_ERR_INVALID_ARGUMENT (NULL path/out, bad struct_size, task, num_labels, num_threads or an empty
+ *         moe_base). A moe_base directory without moe_config.json is GRAFT_ERR_NOT_FOUND; one that does not fit
+ *         the model (layers, sizes, tensor shapes) is GRAFT_ERR_FORMAT, naming the file and field.
  * Thread safety: may run concurrently with any call on other handles.
  */
 GRAFT_API graft_status graft_model_load(const char *path, const graft_model_params *params, graft_model **out);

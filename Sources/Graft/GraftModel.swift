@@ -1,6 +1,7 @@
 import Foundation
 import GraftIO
 import GraftModels
+import GraftRouting
 import GraftTensor
 import GraftText
 
@@ -88,5 +89,20 @@ public final class GraftModel: @unchecked Sendable {
         case .encoder(let bert): return try bert.forward(batch)
         case .decoder(let llama): return try llama.logits(batch)
         }
+    }
+}
+
+extension GraftModel {
+    /// Makes the Llama decoder the MoE base `directory` holds (a `graft moefy --output` directory); `option` names
+    /// the setting in errors ("moe_base", "--moe-base"). UNSUPPORTED for a model that is not a Llama decoder,
+    /// NOT_FOUND when `directory` has no `moe_config.json`, FORMAT (naming file and field) when it does not fit.
+    public func loadMoEBase(_ directory: String, option: String = "moe_base") throws {
+        guard case .decoder(let llama) = backbone else {
+            throw GraftError(.unsupported, "\(option) '\(directory)': an MoE base is made from a Llama decoder, but \(path) is a \(architecture.rawValue) model")
+        }
+        guard FileManager.default.fileExists(atPath: directory + "/" + MoEBaseFormat.configName) else {
+            throw GraftError(.notFound, "\(option) '\(directory)': no \(MoEBaseFormat.configName) there (make one with graft moefy --output)")
+        }
+        try MoEBaseFormat.load(into: llama, from: directory)
     }
 }

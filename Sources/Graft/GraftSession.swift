@@ -2,6 +2,7 @@ import Foundation
 import GraftAdapters
 import GraftIO
 import GraftModels
+import GraftRouting
 import GraftTensor
 import GraftText
 import GraftTrain
@@ -23,13 +24,19 @@ public final class GraftSession: @unchecked Sendable {
     /// Adapter names that live trainers train (a trained adapter cannot be deleted).
     public internal(set) var adaptersInTraining: [String: Int] = [:]
 
+    /// The MoE base directory the decoder was made at load (``ModelOptions/moeBase``), or nil.
+    public let moeBase: String?
+
     /// Loads the model at `path` for `task`; `numLabels` and `seed` shape and draw a classification head.
-    /// `modelReference` is what saved adapters name as their base (default: the absolute path).
+    /// `modelReference` is what saved adapters name as their base (default: the absolute path). `moeBase` (a
+    /// directory `graft moefy --output` wrote) makes the Llama decoder that MoE base.
     public init(path: String, task: SessionTask, numLabels: Int = 2, seed: UInt64 = 0, modelReference: String? = nil,
-                computeDType: ComputeDType = .float32) throws {
+                computeDType: ComputeDType = .float32, moeBase: String? = nil) throws {
         model = try GraftModel(path: path)
         taskModel = try TaskModels.make(model: model, task: task, numLabels: numLabels, seed: seed)
         self.computeDType = taskModel.root.setComputeDType(computeDType)
+        if let moeBase { try model.loadMoEBase(moeBase) }
+        self.moeBase = moeBase
         adapted = AdaptedModel(root: taskModel.root, methods: .all)
         self.modelReference = modelReference ?? URL(fileURLWithPath: path).standardizedFileURL.path
     }
@@ -121,6 +128,10 @@ public final class GraftSession: @unchecked Sendable {
             "parameters": adapted.root.parameterCount, "compute_dtype": computeDType.rawValue,
         ]
         info.merge(taskModel.configDescription) { _, new in new }
+        if let moeBase, case .decoder(let llama) = model.backbone, let first = llama.moeBlocks.first {
+            info["moe_base"] = ["path": moeBase, "experts": first.experts, "top_k": first.topK,
+                                "moe_layers": llama.moeLayerIndices]
+        }
         info["modules"] = Self.describe(adapted.root, name: "", path: "")
         return try Self.jsonString(info)
     }

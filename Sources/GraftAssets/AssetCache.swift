@@ -56,7 +56,8 @@ public enum AssetCache {
     public static func openSession(_ nameOrPath: String, options: ModelOptions) throws -> GraftSession {
         let path = resolveModelPath(nameOrPath)
         return try GraftSession(path: path, task: options.task, numLabels: options.numLabels, seed: options.seed,
-                                modelReference: modelReference(path), computeDType: options.computeDType)
+                                modelReference: modelReference(path), computeDType: options.computeDType,
+                                moeBase: options.moeBase)
     }
 
     /// The tweet corpus's demo training split as data for `task`: labelled texts for classification, or

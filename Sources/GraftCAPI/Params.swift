@@ -92,6 +92,10 @@ extension graft_model_params {
         o.seed = seed
         o.computeDType = try swiftValue(compute_dtype, in: computeTable, field: "graft_model_params.compute_dtype",
                                         names: "GRAFT_COMPUTE_FLOAT32 (0), GRAFT_COMPUTE_BFLOAT16 (1) or GRAFT_COMPUTE_AUTO (2)")
+        if let moe_base {
+            guard let text = String(validatingCString: moe_base) else { throw invalid("graft_model_params.moe_base is not valid UTF-8") }
+            o.moeBase = text
+        }
         try prefixed("graft_model_params") { try o.validate() }
         return o
     }

@@ -39,6 +39,11 @@ extension Engine {
         if r.numLabelsSet != nil { options.numLabels = Int(r.numLabels) }
         options.seed = r.seed
         options.computeDType = try Self.computeDType(r.computeDtype)
+        if !r.moeBase.isEmpty {
+            let moeBase = ClientPath(r.moeBase, field: "load_model.moe_base")
+            try moeBase.mustExist("MoE base directory (graft moefy --output)")
+            options.moeBase = moeBase.resolved
+        }
         try options.validate()
         let s = try path.use { try AssetCache.openSession($0, options: options) }
         models[id] = s

@@ -80,7 +80,8 @@ public enum ESFT {
         guard topP > 0, topP <= 1 else { throw GraftError.invalid("ESFT: top_p must be in (0, 1], got \(topP)") }
         let perLayer = try scores(model: model, sequences: sequences, score: score, maxTokens: maxTokens)
         var experts: [String: [Int]] = [:]
-        for (i, s) in perLayer.enumerated() { experts[String(i)] = select(scores: s, topP: topP) }
+        // Keyed by decoder layer, not block: an MoE base may convert some layers only.
+        for (layer, s) in zip(model.moeLayerIndices, perLayer) { experts[String(layer)] = select(scores: s, topP: topP) }
         return ["peft_type": ESFTFactory.peftType, "score_function": score.rawValue, "top_p": topP, "experts": experts,
                 "num_experts": model.moeBlocks.first?.experts ?? 0]
     }
@@ -205,6 +206,8 @@ public enum ESFTFactory: ModuleAdapterFactory {
             return nil
         }
         guard let layer = module as? LlamaDecoderLayer, let index = path.split(separator: ".").last.flatMap({ Int($0) }) else { return nil }
+        // A layer the selection does not name is left alone (an MoE base may convert some layers only).
+        guard selected[index] != nil else { return nil }
         guard let block = layer.feedForwardOverride as? MoEFeedForward else {
             throw GraftError(.state, "\(config.source): ESFT tunes the experts of an MoE base, but '\(path)' has no MoE block (make one with graft moefy and load it first: MoEBaseFormat.load, or moe_base in a graft train config)")
         }

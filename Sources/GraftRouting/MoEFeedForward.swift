@@ -300,6 +300,9 @@ extension LlamaModel {
     /// The MoE feed-forward blocks of the decoder layers, in layer order (empty for a dense model).
     public var moeBlocks: [MoEFeedForward] { layers.compactMap { $0.feedForwardOverride as? MoEFeedForward } }
 
+    /// The indices of the layers ``moeBlocks`` sit in, in the same order.
+    public var moeLayerIndices: [Int] { layers.indices.filter { layers[$0].feedForwardOverride is MoEFeedForward } }
+
     /// Router statistics of every MoE block (a stratified block's per stratum), in layer order.
     public var moeRouterStatistics: [RouterLayerStatistics] {
         layers.flatMap { layer -> [RouterLayerStatistics] in

@@ -108,9 +108,9 @@ public enum PERFTFactory: ModuleAdapterFactory {
         guard alpha.isFinite else { throw GraftError.invalid("\(config.source): 'lora_alpha' must be finite, got \(alpha)") }
         let normalize = try config.bool("normalize_gates", default: false)
         guard let layer = module as? LlamaDecoderLayer else { return nil }
-        guard let block = layer.feedForwardOverride as? MoEFeedForward else {
-            throw GraftError(.state, "\(config.source): PERFT adds experts to the MoE blocks of an MoE base, but '\(path)' has no MoE block (make one with graft moefy and load it first: MoEBaseFormat.load, or moe_base in a graft train config)")
-        }
+        // Layers without an MoE block (an MoE base made of some layers only) are skipped; a model with none is
+        // refused by AdaptedModel.
+        guard let block = layer.feedForwardOverride as? MoEFeedForward else { return nil }
         return PERFTLayer(block: block, path: path, experts: n, rank: r, alpha: Float(alpha), topK: min(k, n),
                           normalizeGates: normalize, state: state)
     }

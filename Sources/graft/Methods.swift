@@ -8,12 +8,15 @@ struct Methods: ParsableCommand {
 
     @Option(help: "Model to count parameters on (path or asset name).") var model: String = "minilm"
     @Option(help: "Comma-separated target modules.") var targets: String?
-    @Flag(help: "Print one JSON array (peft_type, family, peft_parity, mergeable, trainable_parameters, note, example_config) instead of the table.")
+    @Option(name: .customLong("moe-base"), help: "Make the decoder this MoE base first (a graft moefy --output directory), so the methods that tune an MoE base's experts (ESFT, PERFT, MOE_PLORA) are counted too.")
+    var moeBase: String?
+    @Flag(help: "Print one JSON array (peft_type, family, peft_parity, mergeable, trainable_parameters, note, needs_moe_base, example_config) instead of the table.")
     var json = false
 
     func run() throws {
         try graft.run {
             let m = try GraftModel(path: resolveModelPath(model))
+            if let moeBase { try m.loadMoEBase(moeBase, option: "--moe-base") }
             let list = targets.map { $0.split(separator: ",").map(String.init) }
                 ?? (m.architecture == .bert ? ["query", "value"] : ["q_proj", "v_proj"])
             let rows = AdapterMethodTable.all.summaries(root: m.root, targets: list)
@@ -45,7 +48,8 @@ struct Methods: ParsableCommand {
             let example = (try? JSONSerialization.jsonObject(with: Data(r.exampleConfigJSON.utf8))) ?? [String: Any]()
             return ["peft_type": r.peftType, "family": r.family, "peft_parity": r.peftParity.summary,
                     "mergeable": r.mergeable, "trainable_parameters": r.trainableParameters.map { $0 as Any } ?? NSNull(),
-                    "note": r.note.map { $0 as Any } ?? NSNull(), "example_config": example]
+                    "note": r.note.map { $0 as Any } ?? NSNull(), "example_config": example,
+                    "needs_moe_base": AdapterConfig.typesOnMoEBlocks.contains(r.peftType)]
         }
         let data = try JSONSerialization.data(withJSONObject: objects, options: [.sortedKeys, .prettyPrinted])
         print(String(decoding: data, as: UTF8.self))

@@ -22,15 +22,12 @@ struct TrainingRun {
         modelOptions.task = task
         modelOptions.numLabels = numLabels
         modelOptions.seed = options.seed
+        modelOptions.moeBase = moeBase
         try modelOptions.validate()
         let session = try AssetCache.openSession(model, options: modelOptions)
         if let classNames { try session.setClassNames(classNames) }
         var adapter = adapter
-        if let moeBase {
-            guard case .decoder(let llama) = session.model.backbone else {
-                throw GraftError.invalid("moe_base '\(moeBase)': an MoE base is made from a Llama decoder, but \(model) is not one")
-            }
-            try MoEBaseFormat.load(into: llama, from: moeBase)
+        if let moeBase, case .decoder(let llama) = session.model.backbone {
             print("moe base   \(moeBase) (\(llama.moeBlocks.first?.experts ?? 0) experts per layer, top-\(llama.moeBlocks.first?.topK ?? 0))")
         }
         if (adapter["peft_type"] as? String)?.uppercased() == ESFTFactory.peftType, adapter["experts"] == nil {

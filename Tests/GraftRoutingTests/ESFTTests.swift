@@ -68,6 +68,25 @@ import GraftTestSupport
         #expect(throws: GraftError.self) { try ESFT.scores(model: dense, sequences: sequences, score: .token) }
     }
 
+    /// An MoE base of layer 1 only (upcycled): the selection is keyed by decoder layer, the adapter tunes that
+    /// layer and leaves the dense layer 0 alone, and a selection naming the dense layer is refused by name.
+    @Test func aBaseOfSomeLayersIsSelectedAndTunedByLayerIndex() throws {
+        let model = try MoEficationTests.tinyLlama()
+        var options = MoEUpcyclingOptions()
+        options.experts = 2
+        options.topK = 1
+        options.layers = [1]
+        _ = try MoEUpcycling.apply(to: model, options: options)
+        let sequences = MoEficationTests.sequences(4, length: 9, seed: 5)
+        let selected = try ESFT.configuration(model: model, sequences: sequences, score: .token, topP: 0.5)
+        let experts = selected["experts"] as? [String: [Int]] ?? [:]
+        #expect(Array(experts.keys) == ["1"] && experts["1"]?.isEmpty == false, "keyed by decoder layer: \(experts)")
+        let adapted = AdaptedModel(root: model, methods: .all)
+        let adapter = try adapted.addAdapter("esft", config: try Self.config(experts))
+        #expect(adapter.modules.map(\.path) == ["model.layers.1"], "only the MoE layer: \(adapter.modules.map(\.path))")
+        #expect(throws: GraftError.self) { try adapted.addAdapter("bad", config: try Self.config(["0": [0]])) }
+    }
+
     @Test func aNewAdapterIsTheBaseAndGradientsMatchFiniteDifferences() throws {
         let model = try Self.moeBase()
         let adapted = AdaptedModel(root: model, methods: .all)

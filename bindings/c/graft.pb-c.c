@@ -2651,7 +2651,7 @@ const ProtobufCMessageDescriptor graft__v1__hello_reply__descriptor =
   (ProtobufCMessageInit) graft__v1__hello_reply__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor graft__v1__load_model__field_descriptors[6] =
+static const ProtobufCFieldDescriptor graft__v1__load_model__field_descriptors[7] =
 {
   {
     "path",
@@ -2725,10 +2725,23 @@ static const ProtobufCFieldDescriptor graft__v1__load_model__field_descriptors[6
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "moe_base",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Graft__V1__LoadModel, moe_base),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned graft__v1__load_model__field_indices_by_name[] = {
   5,   /* field[5] = compute_dtype */
   4,   /* field[4] = model_id */
+  6,   /* field[6] = moe_base */
   2,   /* field[2] = num_labels */
   0,   /* field[0] = path */
   3,   /* field[3] = seed */
@@ -2737,7 +2750,7 @@ static const unsigned graft__v1__load_model__field_indices_by_name[] = {
 static const ProtobufCIntRange graft__v1__load_model__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor graft__v1__load_model__descriptor =
 {
@@ -2747,7 +2760,7 @@ const ProtobufCMessageDescriptor graft__v1__load_model__descriptor =
   "Graft__V1__LoadModel",
   "graft.v1",
   sizeof(Graft__V1__LoadModel),
-  6,
+  7,
   graft__v1__load_model__field_descriptors,
   graft__v1__load_model__field_indices_by_name,
   1,  graft__v1__load_model__number_ranges,

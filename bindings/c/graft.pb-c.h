@@ -394,6 +394,11 @@ struct  Graft__V1__LoadModel
    * How frozen weights are multiplied (default float32). ModelInfo's compute_dtype says what is in effect.
    */
   Graft__V1__ComputeDType compute_dtype;
+  /*
+   * An MoE base on the daemon's machine (graft.h 0.6.0 graft_model_params.moe_base): a directory `graft moefy
+   * --output` wrote; the Llama decoder is made that MoE base, for ESFT, PERFT and MOE_PLORA adapters. Empty = dense.
+   */
+  char *moe_base;
   Graft__V1__LoadModel__NumLabelsSetCase num_labels_set_case;
   union {
     uint32_t num_labels;
@@ -401,7 +406,7 @@ struct  Graft__V1__LoadModel
 };
 #define GRAFT__V1__LOAD_MODEL__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&graft__v1__load_model__descriptor) \
-    , (char *)protobuf_c_empty_string, GRAFT__V1__TASK__TASK_BASE, 0, (char *)protobuf_c_empty_string, GRAFT__V1__COMPUTE_DTYPE__COMPUTE_FLOAT32, GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET__NOT_SET, {0} }
+    , (char *)protobuf_c_empty_string, GRAFT__V1__TASK__TASK_BASE, 0, (char *)protobuf_c_empty_string, GRAFT__V1__COMPUTE_DTYPE__COMPUTE_FLOAT32, (char *)protobuf_c_empty_string, GRAFT__V1__LOAD_MODEL__NUM_LABELS_SET__NOT_SET, {0} }
 
 
 struct  Graft__V1__ModelLoaded

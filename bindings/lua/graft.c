@@ -27,10 +27,13 @@ static int l_version(lua_State *L) {
 }
 
 /* graft.load(path [, {task = "base"|"seq-cls"|"causal-lm" (or seq_cls, sequence_classification, causal_lm),
- *                      num_labels = n, threads = n, seed = n}]) -> model.
- * path: a model directory or .gguf file, or an asset name ("minilm", "smollm2"; see graft_model_load). */
+ *                      num_labels = n, threads = n, seed = n, compute_dtype = "float32"|"bfloat16"|"auto",
+ *                      moe_base = directory}]) -> model.
+ * path: a model directory or .gguf file, or an asset name ("minilm", "smollm2"; see graft_model_load).
+ * moe_base: a directory `graft moefy --output` wrote (graft_model_params.moe_base, graft.h 0.6.0). */
 static int l_load(lua_State *L) {
-    static const char *const known[] = {"task", "num_labels", "threads", "seed", NULL};
+    static const char *const known[] = {"task", "num_labels", "threads", "seed", "compute_dtype", "moe_base", NULL};
+    static const char *const dtypes[] = {"float32", "bfloat16", "auto", NULL};
     const char *path = luaL_checkstring(L, 1);
     check_options(L, 2, known);
     graft_model_params mp;
@@ -40,6 +43,12 @@ static int l_load(lua_State *L) {
         opt_int(L, 2, "num_labels", &mp.num_labels);
         opt_int(L, 2, "threads", &mp.num_threads);
         opt_u64(L, 2, "seed", &mp.seed);
+        opt_enum(L, 2, "compute_dtype", dtypes, &mp.compute_dtype);
+        /* Stays on the stack (index 3) until the load returns, so the string outlives the call. */
+        if (lua_getfield(L, 2, "moe_base") != LUA_TNIL) {
+            if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "graft: option 'moe_base' must be a string (a directory)");
+            mp.moe_base = lua_tostring(L, -1);
+        }
     }
     lmodel *m = lua_newuserdatauv(L, sizeof *m, 0);
     m->handle = NULL;

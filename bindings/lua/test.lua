@@ -160,6 +160,15 @@ test("adapter and load errors", function()
   raises("unknown option", graft.load, MINILM, {tsak = "base"})
 end)
 
+test("load options: compute_dtype and moe_base (graft.h 0.6.0) reach graft_model_params", function()
+  local m <close> = graft.load(MINILM, {compute_dtype = "float32"})
+  assert(m:info():find('"compute_dtype":"float32"'))
+  raises("unknown value 'float16'", graft.load, MINILM, {compute_dtype = "float16"})
+  raises("'moe_base' must be a string", graft.load, SMOLLM, {moe_base = 3})
+  raises("moe_base '/nonexistent/moe'", graft.load, SMOLLM, {task = "causal-lm", moe_base = "/nonexistent/moe"})
+  raises("Llama decoder", graft.load, MINILM, {moe_base = home})
+end)
+
 test("close, __close and __gc", function()
   local outer
   do

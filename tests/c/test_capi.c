@@ -17,13 +17,14 @@
 #include <string.h>
 #include <unistd.h>
 
-/* The ABI layout, frozen: fields are only ever appended (0.3.0 appended compute_dtype). */
-_Static_assert(sizeof(graft_model_params) == 32, "graft_model_params layout");
+/* The ABI layout, frozen: fields are only ever appended (0.3.0 appended compute_dtype, 0.6.0 moe_base). */
+_Static_assert(sizeof(graft_model_params) == 40, "graft_model_params layout");
 _Static_assert(offsetof(graft_model_params, num_threads) == 4, "num_threads");
 _Static_assert(offsetof(graft_model_params, task) == 8, "task");
 _Static_assert(offsetof(graft_model_params, num_labels) == 12, "num_labels");
 _Static_assert(offsetof(graft_model_params, seed) == 16, "seed");
 _Static_assert(offsetof(graft_model_params, compute_dtype) == 24, "compute_dtype");
+_Static_assert(offsetof(graft_model_params, moe_base) == 32, "moe_base (0.6.0)");
 _Static_assert(sizeof(graft_sampling_params) == 40, "graft_sampling_params layout");
 _Static_assert(offsetof(graft_sampling_params, max_new_tokens) == 4, "max_new_tokens");
 _Static_assert(offsetof(graft_sampling_params, temperature) == 8, "temperature");
@@ -137,7 +138,7 @@ static void test_params_init(void) {
     memset(&mp, 0xAB, sizeof mp);
     graft_model_params_init(&mp);
     CHECK(mp.struct_size == sizeof mp && mp.num_threads == 0 && mp.task == GRAFT_TASK_BASE && mp.num_labels == 2 &&
-          mp.seed == 0);
+          mp.seed == 0 && mp.compute_dtype == GRAFT_COMPUTE_FLOAT32 && mp.moe_base == NULL);
     graft_sampling_params sp;
     graft_sampling_params_init(&sp);
     CHECK(sp.struct_size == sizeof sp && sp.max_new_tokens == 128 && sp.temperature == 0.0f && sp.top_p == 1.0f &&
@@ -230,6 +231,26 @@ static void test_model_load_errors(void) {
     EXPECT(graft_model_info(m, &json), GRAFT_OK);
     CHECK(json && strstr(json, "\"num_labels\":4"));
     graft_string_free(json);
+    graft_model_free(m);
+    m = NULL;
+
+    /* moe_base (0.6.0): a missing directory, an empty string and a model that is not a Llama decoder are refused by
+     * name; a 0.5.0 caller's struct (ending before moe_base) never reads the field. */
+    graft_model_params_init(&p);
+    p.task = GRAFT_TASK_CAUSAL_LM;
+    p.moe_base = "/nonexistent/graft-moe-base";
+    EXPECT(graft_model_load(smollm, &p, &m), GRAFT_ERR_NOT_FOUND);
+    CHECK(strstr(graft_last_error(), "/nonexistent/graft-moe-base") != NULL && strstr(graft_last_error(), "moe_base") != NULL);
+    p.moe_base = "";
+    EXPECT(graft_model_load(smollm, &p, &m), GRAFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(graft_last_error(), "moe_base") != NULL);
+    p.task = GRAFT_TASK_BASE;
+    p.moe_base = tmpdir;
+    EXPECT(graft_model_load(minilm, &p, &m), GRAFT_ERR_UNSUPPORTED);
+    CHECK(strstr(graft_last_error(), "Llama") != NULL && m == NULL);
+    p.moe_base = "/nonexistent/graft-moe-base";
+    p.struct_size = offsetof(graft_model_params, moe_base);
+    EXPECT(graft_model_load(minilm, &p, &m), GRAFT_OK);
     graft_model_free(m);
     m = NULL;
 

@@ -11,6 +11,10 @@ public struct ModelOptions: Sendable, Equatable {
     public var numThreads: Int = 0
     /// The number format frozen weights are multiplied in. Default float32 (exact).
     public var computeDType: ComputeDType = .float32
+    /// A directory `graft moefy --output` wrote (`moe_config.json` + `moe_routers.safetensors`): the decoder is made
+    /// that MoE base at load, for the adapters that tune an MoE base's experts (ESFT, PERFT, MOE_PLORA). Needs a
+    /// Llama decoder. Default nil (the dense model).
+    public var moeBase: String?
 
     /// The defaults.
     public init() {}
@@ -21,5 +25,6 @@ public struct ModelOptions: Sendable, Equatable {
         if task == .sequenceClassification, numLabels < 1 {
             throw GraftError.invalid("num_labels must be ≥ 1 for sequence classification, got \(numLabels)")
         }
+        if let moeBase, moeBase.isEmpty { throw GraftError.invalid("moe_base is empty; give a directory graft moefy --output wrote, or leave it unset") }
     }
 }

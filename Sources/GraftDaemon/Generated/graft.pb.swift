@@ -853,6 +853,10 @@ public nonisolated struct Graft_V1_LoadModel: Sendable {
   /// How frozen weights are multiplied (default float32). ModelInfo's compute_dtype says what is in effect.
   public var computeDtype: Graft_V1_ComputeDType = .computeFloat32
 
+  /// An MoE base on the daemon's machine (graft.h 0.6.0 graft_model_params.moe_base): a directory `graft moefy
+  /// --output` wrote; the Llama decoder is made that MoE base, for ESFT, PERFT and MOE_PLORA adapters. Empty = dense.
+  public var moeBase: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   /// Classes of a sequence classification head (default 2).
@@ -2699,7 +2703,7 @@ nonisolated extension Graft_V1_HelloReply: SwiftProtobuf.Message, SwiftProtobuf.
 
 nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".LoadModel"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{1}task\0\u{3}num_labels\0\u{1}seed\0\u{3}model_id\0\u{3}compute_dtype\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{1}task\0\u{3}num_labels\0\u{1}seed\0\u{3}model_id\0\u{3}compute_dtype\0\u{3}moe_base\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2720,6 +2724,7 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.seed) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.modelID) }()
       case 6: try { try decoder.decodeSingularEnumField(value: &self.computeDtype) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.moeBase) }()
       default: break
       }
     }
@@ -2748,6 +2753,9 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
     if self.computeDtype != .computeFloat32 {
       try visitor.visitSingularEnumField(value: self.computeDtype, fieldNumber: 6)
     }
+    if !self.moeBase.isEmpty {
+      try visitor.visitSingularStringField(value: self.moeBase, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2758,6 +2766,7 @@ nonisolated extension Graft_V1_LoadModel: SwiftProtobuf.Message, SwiftProtobuf._
     if lhs.seed != rhs.seed {return false}
     if lhs.modelID != rhs.modelID {return false}
     if lhs.computeDtype != rhs.computeDtype {return false}
+    if lhs.moeBase != rhs.moeBase {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -27,6 +27,7 @@ class ModelParams(ctypes.Structure):
         ("num_labels", ctypes.c_int32),
         ("seed", ctypes.c_uint64),
         ("compute_dtype", ctypes.c_int32),  # graft.h 0.3.0
+        ("moe_base", ctypes.c_char_p),  # added in 0.6.0
     ]
 
 

@@ -23,7 +23,7 @@ def _enc(s, what, where):
     return os.fsencode(s) if isinstance(s, os.PathLike) else s.encode("utf-8")
 
 
-def load_model(path, task=None, num_labels=None, threads=None, seed=0, compute_dtype="float32"):
+def load_model(path, task=None, num_labels=None, threads=None, seed=0, compute_dtype="float32", moe_base=None):
     """Loads a model: a transformers BERT directory or a Llama GGUF file, or an asset name.
 
     Args:
@@ -40,6 +40,9 @@ def load_model(path, task=None, num_labels=None, threads=None, seed=0, compute_d
         compute_dtype: "float32" (exact, the default), "bfloat16" (frozen weights multiplied in bfloat16 with
             float32 accumulation: about twice as fast on CPUs with AVX-512 BF16) or "auto" (bfloat16 where the CPU
             has it). Adapters and trainable weights always stay float32.
+        moe_base: a directory `graft moefy --output` wrote: the Llama decoder is made that MoE base, for the
+            adapters that tune an MoE base's experts ("ESFT", "PERFT", "MOE_PLORA"); `info()["moe_base"]` then
+            describes it. None (the default) keeps the dense model.
     Returns:
         a Model; close it (or use `with`) to free it now, else it is freed when garbage-collected.
     Raises:
@@ -59,6 +62,8 @@ def load_model(path, task=None, num_labels=None, threads=None, seed=0, compute_d
     if compute_dtype not in _lib.COMPUTE_DTYPES:
         raise invalid(f"compute_dtype must be one of {sorted(_lib.COMPUTE_DTYPES)}, got {compute_dtype!r}", "load_model")
     params.compute_dtype = _lib.COMPUTE_DTYPES[compute_dtype]
+    if moe_base is not None:
+        params.moe_base = _enc(moe_base, "moe_base", "load_model")
     handle = ctypes.c_void_p()
     check(lib.graft_model_load(_enc(path, "path", "load_model"), ctypes.byref(params), ctypes.byref(handle)),
           f"load_model({os.fspath(path)!r})")

@@ -133,11 +133,12 @@ class Client:
 
     # -- models ----------------------------------------------------------------------------------------------
 
-    def load_model(self, path, task=None, num_labels=None, seed=0, model_id="", compute_dtype="float32"):
+    def load_model(self, path, task=None, num_labels=None, seed=0, model_id="", compute_dtype="float32", moe_base=None):
         """Loads a model on the daemon (a path on its machine, or "minilm" / "smollm2" from its cache); `task` is
         "base" (default), "seq-cls" or "causal-lm" (or any spelling graft.load_model takes: seq_cls,
         sequence_classification, causal_lm); `compute_dtype` as for graft.load_model ("float32", "bfloat16",
-        "auto"). Returns a RemoteModel."""
+        "auto"); `moe_base` as for graft.load_model (a `graft moefy --output` directory on the daemon's machine).
+        Returns a RemoteModel."""
         dtypes = {"float32": pb.COMPUTE_FLOAT32, "bfloat16": pb.COMPUTE_BFLOAT16, "auto": pb.COMPUTE_AUTO}
         if compute_dtype not in dtypes:
             raise ValueError(f"compute_dtype must be one of {sorted(dtypes)}, got {compute_dtype!r}")
@@ -146,6 +147,7 @@ class Client:
             raise ValueError(f"task must be one of {_tasks.known()}, got {task!r}")
         r = self._call("load_model", pb.LoadModel(path=os.fspath(path), task=_TASKS[number],
                                                   seed=seed, model_id=model_id, compute_dtype=dtypes[compute_dtype],
+                                                  moe_base="" if moe_base is None else os.fspath(moe_base),
                                                   **({} if num_labels is None else {"num_labels": num_labels})))
         return RemoteModel(self, r.model_loaded.model_id, json.loads(r.model_loaded.info_json))
 
