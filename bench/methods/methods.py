@@ -96,6 +96,8 @@ def run_one(graft_bin, task, entry, seed, args, output_dir):
     if task == "smollm2":
         train, heldout = lm_data(args.work)
         config.update(data=str(train), eval_data=str(heldout))
+        if entry.get("moe_base"):
+            config["moe_base"] = str(plan.ensure_moe_base(graft_bin, args.work))
     if task == "minilm":
         config["num_labels"] = 3
         config["adapter"].setdefault("modules_to_save", ["classifier"])
@@ -124,6 +126,9 @@ def run_one(graft_bin, task, entry, seed, args, output_dir):
     record = {"task": task, "peft_type": entry["peft_type"], "family": entry["family"], "seed": seed,
               "lr": entry["lr"], "config": _portable(entry["config"]), "wall_seconds": round(wall, 1), "load_average": load,
               "graft_commit": args.commit, "cpu": CPU}
+    if entry.get("moe_base"):
+        record["moe_base"] = (f"SmolLM2 layers {plan.MOE_LAYERS[0]}-{plan.MOE_LAYERS[-1]} upcycled into {plan.MOE_EXPERTS} "
+                              "FFN copies, top-1, untrained")
     record.update(parse_output(text))
     record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
     record["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
@@ -177,7 +182,7 @@ def main():
                 plans = json.loads(plan_path.read_text())
             else:
                 print(f"== {task}: sizing every method to the budget", flush=True)
-                plans = plan.plan_task(args.graft, task)
+                plans = plan.plan_task(args.graft, task, work=args.work)
                 plan_path.write_text(json.dumps(plans, indent=1, sort_keys=True) + "\n")
             seeds = list(range(args.seeds)) if task == "minilm" else [0]
             todo += [(task, e, s, seeds) for e in plans for s in seeds

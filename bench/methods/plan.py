@@ -32,6 +32,25 @@ def catalog(graft_bin, model):
     return json.loads(out.stdout)
 
 
+# The MoE base the methods that tune an MoE base's experts (ESFT, PERFT, MOE_PLORA) train on in the SmolLM2 task:
+# SmolLM2's last four layers upcycled into 4 copies of their FFN with top-1 routers and no training, so it computes
+# the dense model exactly and every row starts from the same held-out perplexity.
+MOE_LAYERS = [26, 27, 28, 29]
+MOE_EXPERTS = 4
+
+
+def ensure_moe_base(graft_bin, work, log=print):
+    """Builds the SmolLM2 task's MoE base under `work` with `graft moefy` unless it is there; returns its path."""
+    path = Path(work) / "moe-base"
+    if (path / "moe_config.json").exists():
+        return path
+    log(f"== building the MoE base for ESFT, PERFT and MOE_PLORA: {path}")
+    subprocess.run([graft_bin, "moefy", "--model", "smollm2", "--method", "upcycling", "--experts", str(MOE_EXPERTS),
+                    "--top-k", "1", "--upcycle-layers", ",".join(map(str, MOE_LAYERS)), "--train-steps", "0",
+                    "--eval-texts", "20", "--output", str(path)], check=True, capture_output=True, text=True)
+    return path
+
+
 def _count(model, config):
     import graft
     try:
@@ -53,14 +72,16 @@ def _closest(candidates, budget):
     return min(ok, key=lambda vc: (abs(math.log(vc[1] / budget)), vc[1]))
 
 
-def plan_task(graft_bin, task, log=print):
-    """One entry per method: {peft_type, family, peft_parity, config, trainable, lr, why, skipped}."""
+def plan_task(graft_bin, task, log=print, work=None):
+    """One entry per method: {peft_type, family, peft_parity, config, trainable, lr, why, skipped}; the methods
+    that tune an MoE base's experts are sized on the MoE base built under `work` (SmolLM2 only)."""
     import graft
     asset, task_name, targets = TASKS[task]
     spec = load_budget()
     budget = spec["budget"][task]
     rows = catalog(graft_bin, asset)
     model = graft.load_model(asset, task=task_name, num_labels=3 if task_name == "seq-cls" else None)
+    moe_model = None
     plans = []
     try:
         for row in rows:
@@ -68,7 +89,23 @@ def plan_task(graft_bin, task, log=print):
             rule = spec["methods"].get(kind, {})
             entry = {"peft_type": kind, "family": row["family"], "peft_parity": row["peft_parity"],
                      "lr": rule.get("lr", spec["default_lr"]), "why": rule.get("why", ""), "skipped": None}
-            if row["trainable_parameters"] is None and not row["example_config"].get("adapters") == {}:
+            counting = model
+            if row.get("needs_moe_base"):
+                if task != "smollm2" or work is None:
+                    entry["skipped"] = "tunes the experts of an MoE base, which Graft makes from a Llama decoder (SmolLM2 task)"
+                    plans.append(entry)
+                    continue
+                if moe_model is None:
+                    moe_model = graft.load_model(asset, task=task_name, moe_base=ensure_moe_base(graft_bin, work, log))
+                counting, entry["moe_base"] = moe_model, True
+                if rule.get("select_experts"):
+                    # ESFT: graft train selects the experts from the training data; nothing to size beforehand.
+                    entry.update(config={k: v for k, v in {**row["example_config"], **rule.get("set", {})}.items()
+                                         if k != "experts"}, trainable=None, scale=None)
+                    plans.append(entry)
+                    log(f"  {kind:24s} experts chosen by graft train from the data")
+                    continue
+            elif row["trainable_parameters"] is None and not row["example_config"].get("adapters") == {}:
                 entry["skipped"] = row["note"] or "does not apply to this model"
                 plans.append(entry)
                 continue
@@ -94,7 +131,7 @@ def plan_task(graft_bin, task, log=print):
                     config[key] = value
                     if "target_r_ratio" in rule:
                         config["target_r"] = max(1, int(value * rule["target_r_ratio"]))
-                count, error = _count(model, config)
+                count, error = _count(counting, config)
                 if error:
                     log(f"  {kind} {key}={value}: {error}")
                 candidates.append((value, count))
@@ -114,4 +151,6 @@ def plan_task(graft_bin, task, log=print):
             log(f"  {kind:24s} {key or '-'}={value if key else '-'}  {count} trainable (budget {budget})")
     finally:
         model.close()
+        if moe_model is not None:
+            moe_model.close()
     return plans

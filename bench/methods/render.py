@@ -50,7 +50,9 @@ def summarize(results):
         entry = plans.get("minilm", {}).get(kind) or plans.get("smollm2", {}).get(kind)
         acc_mean, acc_std = _mean_std([r["accuracy"] for r in mini if math.isfinite(r["accuracy"])])
         rows.append({
-            "peft_type": kind, "family": entry["family"], "lr": entry["lr"], "why": entry.get("why", ""),
+            "peft_type": kind, "family": entry["family"], "why": entry.get("why", ""),
+            # The rate the runs used: MiniLM's, or SmolLM2's for a method only that task runs (the MoE tuners).
+            "lr": mini[0]["lr"] if mini else smol[0]["lr"] if smol else entry["lr"],
             "trails": trails.get(kind, ""),
             # A run prints adapter + head; a method not run yet shows its planned adapter size + the 3-class head.
             "trainable": mini[0]["trainable"] if mini and "trainable" in mini[0]
@@ -102,8 +104,8 @@ def render(results):
         f"- Graft commits: {', '.join(commits)}.",
         f"- CPUs (times compare only on one CPU): {'; '.join(cpus)}.",
         "",
-        "| method | family | trainable | lr | accuracy (seeds) | vs LoRA | SmolLM2 perplexity | train s | CPU s | peak RSS MB | load |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| method | family | trainable | lr | accuracy (seeds) | vs LoRA | SmolLM2 perplexity | SmolLM2 trainable | train s | CPU s | peak RSS MB | load |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for r in rows:
@@ -117,7 +119,7 @@ def render(results):
         delta = "" if r["accuracy"] is None or not lora or lora["accuracy"] is None else f"{r['accuracy'] - lora['accuracy']:+.3f}"
         ppl = _fmt(r["perplexity"], "{:.2f}", "n/a" if r["smollm2_skipped"] else ("failed" if r["smollm2_error"] else "—"))
         lines.append(f"| {r['peft_type']} | {r['family']} | {_fmt(r['trainable'], '{:,}')} | {r['lr']:g} | {acc} | {delta} "
-                     f"| {ppl} | {_fmt(r['train_seconds'], '{:.1f}')} | {_fmt(r['cpu_seconds'], '{:.0f}')} "
+                     f"| {ppl} | {_fmt(r['smollm2_trainable'], '{:,}')} | {_fmt(r['train_seconds'], '{:.1f}')} | {_fmt(r['cpu_seconds'], '{:.0f}')} "
                      f"| {_fmt(r['peak_rss_mb'], '{:.0f}')} | {_fmt(r['load'], '{:.1f}')} |")
         why = [r["why"]] if r["why"] else []
         if delta and float(delta) < -TRAILS:
