@@ -16,7 +16,7 @@ struct GraftCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "graft",
         abstract: "Parameter-efficient fine-tuning on the CPU.",
-        subcommands: [Demo.self, Train.self, Merge.self, Compress.self, ExportGGUFLoRA.self, Inspect.self, Methods.self, Generate.self, Encode.self, Bench.self, Moefy.self])
+        subcommands: [Demo.self, Train.self, Merge.self, Compress.self, ExportGGUFLoRA.self, Inspect.self, Methods.self, Generate.self, Encode.self, Bench.self, Moefy.self, Depth.self])
 }
 
 /// Resolves a model argument: a path, or one of the asset names fetched by scripts/fetch-assets.

@@ -230,36 +230,14 @@ struct Moefy: ParsableCommand {
         }
     }
 
-    /// One table row: the first column left-aligned in 10 characters, the others right-aligned in 14.
-    func row(_ cells: [String]) -> String {
-        cells.enumerated().map { i, c in
-            let width = i == 0 ? 10 : 14
-            let pad = String(repeating: " ", count: max(0, width - c.count))
-            return i == 0 ? c + pad : pad + c
-        }.joined(separator: " ")
-    }
+    /// One table row (``HeldOutText/row(_:)``).
+    func row(_ cells: [String]) -> String { HeldOutText.row(cells) }
 
-    /// The texts: the tweet corpus's training split (plain text), or a file's non-empty lines.
-    func loadTexts() throws -> [String] {
-        if data == AssetCache.tweetsDataName {
-            return try TweetCorpus.load(path: AssetCache.path(AssetCache.tweetsCSV)).train.map(\.text)
-        }
-        guard let text = try? String(contentsOfFile: data, encoding: .utf8) else {
-            throw GraftError.io("--data: cannot read '\(data)' as UTF-8 text")
-        }
-        return text.split(separator: "\n").map(String.init).filter { !$0.isEmpty }
-    }
+    /// The texts of `--data` (``HeldOutText/load(_:)``).
+    func loadTexts() throws -> [String] { try HeldOutText.load(data) }
 
-    /// Perplexity of next-token prediction over `examples`, in packed batches of 32 texts.
+    /// Held-out perplexity over `examples` (``HeldOutText/perplexity(_:_:)``).
     func perplexity(_ llama: LlamaModel, _ examples: [TokenizedExample]) throws -> Double {
-        let objective = CausalLMObjective(model: llama)
-        var loss = 0.0, count = 0
-        for start in stride(from: 0, to: examples.count, by: 32) {
-            let batch = try PackedBatch(examples[start..<min(examples.count, start + 32)], padded: false)
-            let r = try objective.evaluate(batch)
-            loss += r.lossSum
-            count += r.count
-        }
-        return count > 0 ? exp(loss / Double(count)) : .nan
+        try HeldOutText.perplexity(llama, examples)
     }
 }

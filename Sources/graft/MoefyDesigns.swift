@@ -24,10 +24,8 @@ extension Moefy {
         guard trainSteps > 0, !sequences.isEmpty else { return }
         let started = Date()
         for step in 0..<trainSteps {
-            let batch = (0..<batchSize).map { sequences[(step * batchSize + $0) % sequences.count] }
-            let length = batch.map(\.count).max() ?? 0
-            let targets = batch.flatMap { s in Array(s.dropFirst()) + [Int32](repeating: -100, count: length - s.count + 1) }
-            let loss = try lossOf(TokenBatch(sequences: batch), targets)
+            let (batch, targets) = try HeldOutText.trainingBatch(sequences, step: step, size: batchSize)
+            let loss = try lossOf(batch, targets)
             guard loss.item.isFinite else { throw GraftError(.state, "\(method): the loss is \(loss.item) at step \(step); lower --lr") }
             loss.backward()
             optimizer.step()
