@@ -303,9 +303,11 @@ extension LlamaModel {
     /// The Dr.LLM routing installed as the depth policy, if any.
     public var drLLMRouting: DrLLMRouting? { depthPolicy as? DrLLMRouting }
 
-    /// Router statistics of the depth policy's routers (Dr.LLM), then of the per-token feed-forward dispatchers
-    /// (DyT, Duo-LLM), each in layer order; empty without any.
+    /// Router statistics of the depth policy's routers (Dr.LLM's per layer, or Mixture-of-Recursions' one router
+    /// with its depth histogram), then of the per-token feed-forward dispatchers (DyT, Duo-LLM), each in layer
+    /// order; empty without any.
     public var depthRouterStatistics: [RouterLayerStatistics] {
-        (drLLMRouting?.statistics ?? []) + layers.compactMap { ($0.feedForwardOverride as? any TokenDispatchBlock)?.statistics }
+        let policy = drLLMRouting?.statistics ?? recursionRouting.map { [$0.statistics] } ?? []
+        return policy + layers.compactMap { ($0.feedForwardOverride as? any TokenDispatchBlock)?.statistics }
     }
 }

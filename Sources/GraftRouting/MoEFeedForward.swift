@@ -170,9 +170,14 @@ public final class MoEFeedForward: Module, FeedForwardBlock {
         let sizes: [Int]? = isHeterogeneous ? expertSizes : nil
         let enabled = adapters.filter(\.isEnabled)
         var y: Tensor
-        if let split = enabled.lazy.compactMap({ $0.tokenExperts(rows: tokens) }).first {
+        // A plain loop: a lazy compactMap's `first` runs the closure twice on the element it returns, and these
+        // build expert-sized weights (and count tokens).
+        var split: TokenExperts?, tuned: ReplacedExperts?
+        for a in enabled where split == nil { split = a.tokenExperts(rows: tokens) }
+        if split == nil { for a in enabled where tuned == nil { tuned = a.replacedExperts } }
+        if let split {
             y = routedWithTokenExperts(flat, split, weights: weights, rows: rows, sizes: sizes)
-        } else if let tuned = enabled.lazy.compactMap(\.replacedExperts).first {
+        } else if let tuned {
             y = routedWithReplacedExperts(flat, tuned, weights: weights, rows: rows, sizes: sizes)
         } else {
             y = routedSwiGLUExperts(flat, gate: gateWeight, up: upWeight, down: downWeight, weights: weights, rows: rows,

@@ -64,6 +64,8 @@ public final class MoEPartialLoRALayer: MoEBlockModuleAdapter {
     public private(set) var domainTokens: [Int]
     /// Per expert, the other tokens dispatched to it.
     public private(set) var otherTokens: [Int]
+    /// The domain tokens the block ran since the counts were last reset, and the passes that had any.
+    public private(set) var domainTokenCount = 0, domainPasses = 0
 
     init(block: MoEFeedForward, rank: Int, alpha: Float, gate: DomainTokenGate, state: AdapterState) {
         self.state = state
@@ -97,6 +99,8 @@ public final class MoEPartialLoRALayer: MoEBlockModuleAdapter {
     /// observed tokens), so the block runs exactly as the base.
     public func tokenExperts(rows: Int) -> TokenExperts? {
         guard domainGate.rows == rows, let selected = domainGate.selected else { return nil }
+        domainTokenCount += selected.reduce(0) { $0 + ($1 ? 1 : 0) }
+        domainPasses += 1
         return TokenExperts(selected: selected, gate: block.gateWeight + matmul(gateB, gateA) * scaling,
                             up: block.upWeight + matmul(upB, upA) * scaling,
                             down: block.downWeight + matmul(downB, downA) * scaling) { [weak self] e, d, o in
@@ -105,12 +109,31 @@ public final class MoEPartialLoRALayer: MoEBlockModuleAdapter {
         }
     }
 
-    /// Zeroes ``domainTokens`` and ``otherTokens``.
+    /// Zeroes ``domainTokens``, ``otherTokens`` and the domain token and pass counts.
     public func resetCounts() {
         domainTokens = [Int](repeating: 0, count: block.experts)
         otherTokens = domainTokens
+        domainTokenCount = 0
+        domainPasses = 0
+    }
+}
+
+extension MoEPartialLoRALayer: RouterStatisticsReporting {
+    /// One entry, the new domain's pathway through the frozen router (the paper's modality-specific experts), at
+    /// `<block>.experts.plora_domain`: per expert the domain tokens dispatched to it (`dispatchedTokens`; `load`
+    /// is their share), `tokens` the domain tokens run. The router is the base's, so its entropy and the load of
+    /// all tokens are the block's own statistics (``MoEFeedForward/statistics``); here the entropy is 0.
+    public var routerStatistics: [RouterLayerStatistics] {
+        var stats = RouterLayerStatistics(path: block.path + ".experts.plora_domain", experts: block.experts)
+        stats.forwardPasses = domainPasses
+        stats.tokens = domainTokenCount
+        stats.dispatchedTokens = domainTokens
+        stats.gateMass = domainTokens.map(Double.init)
+        return [stats]
     }
 
+    /// Clears the counts (``resetCounts()``).
+    public func resetRouterStatistics() { resetCounts() }
 }
 
 extension MoEFeedForward {

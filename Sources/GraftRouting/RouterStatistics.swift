@@ -143,15 +143,18 @@ public protocol RouterStatisticsReporting: AnyObject {
 
 extension AdaptedModel {
     /// Router statistics of every mixture layer of adapter `name` (all adapters when nil), in layer order: the
-    /// Linear mixtures (`LORA_MOE`, `MOV`, and every router of `MTLORA`, `SMORE` layers) and the PEFT experts'
-    /// routers in MoE blocks (`PERFT`).
+    /// Linear mixtures (`LORA_MOE`, `MOV`, and every router of `MTLORA`, `SMORE` layers), the PEFT experts'
+    /// routers in MoE blocks (`PERFT`) and the new domain's pathways through them (`MOE_PLORA`).
     public func routerStatistics(adapter name: String? = nil) -> [(adapter: String, stats: RouterLayerStatistics)] {
         adapters.filter { name == nil || $0.name == name }.flatMap { a in
             a.layers.flatMap { l -> [(String, RouterLayerStatistics)] in
                 if let m = l.adapter as? LoRAMixtureLayer { return [(a.name, m.statistics)] }
                 if let m = l.adapter as? RouterStatisticsReporting { return m.routerStatistics.map { (a.name, $0) } }
                 return (l.adapter as? MoVLayer).map { [(a.name, $0.statistics)] } ?? []
-            } + a.modules.compactMap { ($0.adapter as? PERFTLayer).map { (a.name, $0.statistics) } }
+            } + a.modules.flatMap { m -> [(String, RouterLayerStatistics)] in
+                if let p = m.adapter as? PERFTLayer { return [(a.name, p.statistics)] }
+                return ((m.adapter as? RouterStatisticsReporting)?.routerStatistics ?? []).map { (a.name, $0) }
+            }
         }
     }
 
@@ -165,6 +168,7 @@ extension AdaptedModel {
             }
             for m in a.modules {
                 if let p = m.adapter as? PERFTLayer { p.statistics = RouterLayerStatistics(path: p.statistics.path, experts: p.experts) }
+                (m.adapter as? RouterStatisticsReporting)?.resetRouterStatistics()
             }
         }
     }

@@ -51,10 +51,25 @@ import GraftTestSupport
         #expect(blocks[0].routerWeight !== blocks[1].routerWeight, "each layer keeps its own router")
     }
 
-    @Test func routerGradientsThroughReusedExpertsMatchFiniteDifferences() throws {
+    /// The two reuse layouts: ReXMoE's window of one layer on each side, and the cross-layer shared pool (#57).
+    static let windows: [Int?] = [1, nil]
+
+    static func options(window: Int?) -> ExpertReuseOptions {
+        var options = ExpertReuseOptions()
+        options.window = window
+        return options
+    }
+
+    @Test(arguments: windows)
+    func routerGradientsThroughReusedExpertsMatchFiniteDifferences(window: Int?) throws {
         let model = try Self.moeLlama()
-        try ExpertReuse.apply(to: model, options: ExpertReuseOptions())
-        let block = model.moeBlocks[1]
+        try ExpertReuse.apply(to: model, options: Self.options(window: window))
+        // Window 1: the middle layer, whose pool is every layer's experts. Shared pool: layer 0, which also reads
+        // layer 2's experts (beyond any window of 1) from the one copy every layer shares. Before training both are
+        // the same function (the same three routers stacked over the same experts), so the block checks agree; the
+        // whole-model check below is where the layouts differ.
+        let block = model.moeBlocks[window == nil ? 0 : 1]
+        #expect(block.experts == 12)
         let params = ExpertReuse.trainableParameters(of: model)
         #expect(params.count == 6)
         var rng = GraftRNG(seed: 4)
@@ -66,15 +81,37 @@ import GraftTestSupport
             let y = withNoGrad { block.forward(x) }
             return zip(y.scalars, probe.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
         }
+        print("Expert reuse (window \(window.map(String.init) ?? "nil"), layer \(window == nil ? 0 : 1)) finite differences: worst relative error \(result.worst), \(result.kinks) kinks skipped")
         #expect(result.missing.isEmpty)
         #expect(result.worst <= 2e-2, "worst relative gradient error \(result.worst) (\(result.kinks) kinks skipped)")
         #expect(result.kinks < 40, "\(result.kinks) entries skipped as kinks")
         #expect(block.routerWeight.grad?.scalars.contains { $0 != 0 } == true)
+
+        // Through the whole model, every layer's router: here the layouts differ (pools of 8, 12 and 8 experts with
+        // window 1; 12 in every layer, read from one shared copy, with the shared pool).
+        let whole = try Self.moeLlama()
+        try ExpertReuse.apply(to: whole, options: Self.options(window: window))
+        _ = ExpertReuse.trainableParameters(of: whole)
+        let batch = try Self.batch
+        let logitProbe = Tensor.randomNormal([2, 7, 32], std: 1, rng: &rng)
+        sum(mul(try whole.logits(batch), logitProbe)).backward()
+        let routers: [(key: String, tensor: Tensor)] = whole.moeBlocks.enumerated().flatMap { i, b in
+            [(key: "\(i).router.weight", tensor: b.routerWeight), (key: "\(i).router.bias", tensor: b.routerBias)]
+        }
+        let wholeResult = try finiteDifferenceCheck(routers, step: 1e-2, samples: 24, skipKinks: true) {
+            try RoutingFixtures.probed(whole, batch, logitProbe)
+        }
+        print("Expert reuse (window \(window.map(String.init) ?? "nil")) whole-model router finite differences: worst relative error \(wholeResult.worst), \(wholeResult.kinks) kinks skipped")
+        #expect(wholeResult.missing.isEmpty)
+        #expect(wholeResult.worst <= 2e-2, "whole model: worst relative gradient error \(wholeResult.worst) (\(wholeResult.kinks) kinks skipped)")
+        #expect(wholeResult.kinks < 40, "whole model: \(wholeResult.kinks) entries skipped as kinks")
+        #expect(whole.moeBlocks.allSatisfy { $0.routerWeight.grad?.scalars.contains { $0 != 0 } == true })
     }
 
-    @Test func progressiveReachTrainingLowersTheLoss() throws {
+    @Test(arguments: windows)
+    func progressiveReachTrainingLowersTheLoss(window: Int?) throws {
         let model = try Self.moeLlama()
-        try ExpertReuse.apply(to: model, options: ExpertReuseOptions())
+        try ExpertReuse.apply(to: model, options: Self.options(window: window))
         let sequences = MoEficationTests.sequences(4, length: 12, seed: 7)
         let batch = try TokenBatch(sequences: sequences)
         let targets: [Int32] = sequences.flatMap { s in Array(s.dropFirst()) + [-100] }
@@ -88,17 +125,19 @@ import GraftTestSupport
             optimizer.step()
             optimizer.zeroGrad()
         }
+        print("Expert reuse (window \(window.map(String.init) ?? "nil")) progressive-reach training: loss \(losses[0]) → \(losses.suffix(3))")
         #expect(losses.allSatisfy { $0.isFinite })
         #expect(losses.suffix(3).reduce(0, +) / 3 < losses[0] - 0.05, "loss \(losses[0]) → \(losses.suffix(3))")
     }
 
-    @Test func savedReuseRoutersLoadOntoTheBaseAndBadFilesAreNamed() throws {
+    @Test(arguments: windows)
+    func savedReuseRoutersLoadOntoTheBaseAndBadFilesAreNamed(window: Int?) throws {
         let model = try Self.moeLlama()
         let baseDir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-reuse-moe-\(UUID().uuidString)").path
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-reuse-\(UUID().uuidString)").path
         defer { for d in [baseDir, dir] { try? FileManager.default.removeItem(atPath: d) } }
         try MoEBaseFormat.save(model: model, to: baseDir)
-        var options = ExpertReuseOptions()
+        var options = Self.options(window: window)
         options.borrowedBias = -1
         try ExpertReuse.apply(to: model, options: options)
         var rng = GraftRNG(seed: 2)
@@ -111,9 +150,18 @@ import GraftTestSupport
         }
         let reloaded = try reloadedModel()
         try ExpertReuseFormat.load(into: reloaded, from: dir)
-        #expect(reloaded.moeBlocks.map(\.experts) == [8, 12, 8] && reloaded.moeBlocks.allSatisfy { $0.combine == .probability })
+        let config = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/" + ExpertReuseFormat.configName))) as? [String: Any]
+        #expect((config?["window"] as? Int) == (window ?? -1), "the shared pool is stored as window -1")
+        #expect(reloaded.moeBlocks.map(\.experts) == (window == nil ? [12, 12, 12] : [8, 12, 8]))
+        #expect(reloaded.moeBlocks.allSatisfy { $0.combine == .probability })
+        if window == nil {
+            let blocks = reloaded.moeBlocks
+            #expect(blocks[0].gateWeight === blocks[2].gateWeight, "the loaded shared pool is one copy")
+        }
         #expect(try withNoGrad { try model.logits(try Self.batch).scalars } == withNoGrad { try reloaded.logits(try Self.batch).scalars })
-        let changes: [(field: String, value: Any)] = [("window", 2), ("experts_per_layer", 8), ("combine", "max"), ("window", -3)]
+        // Another window whose pools differ in size from the saved ones (on 3 layers, window 2 is the shared pool).
+        let otherWindow = window == nil ? 1 : 2
+        let changes: [(field: String, value: Any)] = [("window", otherWindow), ("experts_per_layer", 8), ("combine", "max"), ("window", -3)]
         let refused = try loadsWithChangedConfig(path: dir + "/" + ExpertReuseFormat.configName, changes: changes,
                                                  fresh: reloadedModel) { try ExpertReuseFormat.load(into: $0, from: dir) }
         for ((message, fresh), named) in zip(refused, ["router.weight", "experts_per_layer", "combine", "window"]) {

@@ -112,6 +112,9 @@ import GraftTestSupport
         #expect(stats.meanEntropy >= 0 && stats.meanEntropy <= log(3.0) + 1e-9)
         #expect(abs(stats.load.reduce(0, +) - 1) < 1e-6)
         #expect(stats.summary["depth_histogram"] as? [Int] == stats.dispatchedTokens)
+        // The model's depth statistics (Dr.LLM's, DyT's and Duo-LLM's too) carry the recursion router's.
+        #expect(model.depthRouterStatistics.map(\.path) == ["model.recursion.router"])
+        #expect(model.depthRouterStatistics.first?.dispatchedTokens == stats.dispatchedTokens)
     }
 
     @Test func aSavedRoutingLoadsToTheSameDepthsAndLogits() throws {

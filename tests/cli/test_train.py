@@ -207,6 +207,8 @@ def test_esft_and_perft_train_on_a_moefied_base(tmp_path):
     out, _ = train("--config", str(plora), "--data", str(data), "--batch-size", "4", "--max-steps", "1", "--skip-initial-eval",
                    "--output", str(tmp_path / "plora"), cwd=tmp_path)
     assert "adapter    MOE_PLORA on 30 layers" in out, out
+    # Its domain pathways are router statistics: one line per MoE block, the evaluation's tokens all domain tokens.
+    assert sum(1 for line in out.splitlines() if line.startswith("router") and "mlp.experts.plora_domain: load [" in line) == 30, out
     tensors = read_safetensors(tmp_path / "plora" / "adapter_model.safetensors")
     assert sum(1 for k in tensors if k.endswith("mlp.experts.plora_gate_A")) == 30
     # Without an MoE base both are refused by name.
