@@ -133,12 +133,8 @@ struct Depth: ParsableCommand {
             try checkOptions(for: llama)
             let tokenizer = try BPETokenizer(ggufFile: path)
             let texts = try loadTexts()
-            let calibration = texts.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
-            let heldOut = texts.enumerated().filter { $0.offset % 10 == 9 }.map(\.element).prefix(evalTexts)
+            let (calibration, evalExamples) = HeldOutText.split(texts, evalTexts: evalTexts, maxLength: maxLength, tokenizer: tokenizer)
             func encode(_ t: String) -> [Int32] { Array(tokenizer.encode(t).prefix(maxLength)) }
-            let evalExamples = heldOut.map(encode).filter { $0.count >= 2 }.map { ids in
-                TokenizedExample(ids: ids, targets: Array(ids.dropFirst()) + [-100])
-            }
             guard !evalExamples.isEmpty else { throw GraftError.invalid("--data '\(data)': no held-out text (every 10th) has 2 tokens or more") }
             print("model      \(path) (\(llama.config.layers) layers, hidden \(llama.config.hiddenSize), FFN \(llama.config.intermediateSize))")
             print("data       \(data): \(texts.count) texts, \(evalExamples.count) held-out texts (every 10th) evaluated")

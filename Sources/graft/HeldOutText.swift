@@ -16,6 +16,18 @@ enum HeldOutText {
         return text.split(separator: "\n").map(String.init).filter { !$0.isEmpty }
     }
 
+    /// `texts` split as both commands split them: every 10th text held out (the first `evalTexts` of those scored,
+    /// as next-token examples of at most `maxLength` tokens with 2 or more), the others calibration text.
+    static func split(_ texts: [String], evalTexts: Int, maxLength: Int, tokenizer: BPETokenizer)
+        -> (calibration: [String], heldOut: [TokenizedExample]) {
+        let calibration = texts.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
+        let heldOut = texts.enumerated().filter { $0.offset % 10 == 9 }.map(\.element).prefix(evalTexts)
+        let examples = heldOut.map { Array(tokenizer.encode($0).prefix(maxLength)) }.filter { $0.count >= 2 }.map { ids in
+            TokenizedExample(ids: ids, targets: Array(ids.dropFirst()) + [-100])
+        }
+        return (calibration, examples)
+    }
+
     /// Perplexity of next-token prediction over `examples` in batches of 32 texts: packed rows, or one padded row
     /// per text under a depth policy (which routes whole sequences).
     static func perplexity(_ llama: LlamaModel, _ examples: [TokenizedExample]) throws -> Double {

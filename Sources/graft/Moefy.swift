@@ -49,6 +49,23 @@ struct Moefy: ParsableCommand {
     @Option(help: "Save the MoE base here (moe_config.json + moe_routers.safetensors).") var output: String?
     @Option(help: "Load a saved MoE base instead of building one.") var load: String?
     @Option(help: "Threads.") var threads: Int = 2
+    @Option(help: "Router design to put on the MoE base after it is built or loaded, trained on the calibration texts (probability combining; the design runs at the first --top-k): rmoe (GRU router across layers), rexmoe (routers also pick the experts of the layers within --window), shared (one pool of every layer's experts, a router per layer), rewire (test-time router-logit offsets adapted on each held-out text's first half, its second half scored).")
+    var router: String?
+    @Option(name: .customLong("design-steps"), help: "--router rmoe|rexmoe|shared: AdamW steps on the routers (default: 30 for rmoe, 24 for rexmoe and shared).")
+    var designSteps: Int?
+    @Option(name: .customLong("design-batch-size"), help: "--router rmoe|rexmoe|shared: calibration texts per step.") var designBatchSize: Int = 4
+    @Option(name: .customLong("router-lr"), help: "--router rmoe|rexmoe|shared: AdamW learning rate.") var routerLr: Float = 3e-3
+    @Option(name: .customLong("gru-size"), help: "--router rmoe: width of the GRU's input and state (initial weights drawn from --seed).")
+    var gruSize: Int = 64
+    @Option(help: "--router rexmoe: layers on each side whose experts a layer's router may also pick.") var window: Int = 1
+    @Option(name: .customLong("open-at"), help: "--router rexmoe|shared: the step at which the reuse pool opens (progressive reach; before it each layer routes to its own experts; default: a third of the steps).")
+    var openAt: Int?
+    @Option(name: .customLong("rewire-steps"), help: "--router rewire: Adam steps on each context.") var rewireSteps: Int = 10
+    @Option(name: .customLong("rewire-lr"), help: "--router rewire: Adam learning rate of the offsets.") var rewireLr: Float = 0.1
+    @Option(name: .customLong("rewire-texts"), help: "--router rewire: the first held-out texts of 8 tokens or more rewired and scored.")
+    var rewireTexts: Int = 40
+    @Option(name: .customLong("router-output"), help: "Save the --router design here in its own format (rmoe_config.json, reuse_config.json, or rewiring_config.json with the last text's offsets); the MoE base goes to --output, apart.")
+    var routerOutput: String?
 
     func run() throws {
         try graft.run {
@@ -72,12 +89,8 @@ struct Moefy: ParsableCommand {
             }
             let tokenizer = try BPETokenizer(ggufFile: path)
             let texts = try loadTexts()
-            let calibration = texts.enumerated().filter { $0.offset % 10 != 9 }.map(\.element)
-            let heldOut = texts.enumerated().filter { $0.offset % 10 == 9 }.map(\.element).prefix(evalTexts)
+            let (calibration, evalExamples) = HeldOutText.split(texts, evalTexts: evalTexts, maxLength: maxLength, tokenizer: tokenizer)
             func encode(_ t: String) -> [Int32] { Array(tokenizer.encode(t).prefix(maxLength)) }
-            let evalExamples = heldOut.map(encode).filter { $0.count >= 2 }.map { ids in
-                TokenizedExample(ids: ids, targets: Array(ids.dropFirst()) + [-100])
-            }
             print("model      \(path) (\(llama.config.layers) layers, hidden \(llama.config.hiddenSize), FFN \(ff))")
             print("data       \(data): \(texts.count) texts, \(evalExamples.count) held-out texts (every 10th) evaluated")
             let dense = try perplexity(llama, evalExamples)
@@ -105,11 +118,17 @@ struct Moefy: ParsableCommand {
                 }
                 print(String(format: "built      in %.1f s", Date().timeIntervalSince(start)))
                 if let output {
-                    try MoEBaseFormat.save(model: llama, to: output, method: method,
-                                           extra: ["seed": seed, "calibration_tokens": calibrationTokens, "ridge": ridge, "base_model": model])
+                    var extra: [String: Any] = ["seed": seed, "calibration_tokens": calibrationTokens, "ridge": ridge, "base_model": model]
+                    if method == .upcycling {
+                        extra["train_steps"] = trainSteps
+                        extra["lr"] = Double("\(lr)") ?? Double(lr)
+                        if let mupBaseWidth { extra["mup_base_width"] = mupBaseWidth }
+                    }
+                    try MoEBaseFormat.save(model: llama, to: output, method: method, extra: extra)
                     print("saved      \(output)")
                 }
             }
+            if router != nil { return try reportRouter(llama, k: ks[0], dense: dense, calibration: calibration, encode: encode, evalExamples: evalExamples) }
             if StratifiedMoE.blocks(of: llama).isEmpty {
                 try report(llama, ks: ks, dense: dense, evalExamples: evalExamples)
             } else {
