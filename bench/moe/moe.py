@@ -90,6 +90,16 @@ def rows(record):
                record.get("mean_passes"))
 
 
+def section(title, intro, columns):
+    """A Markdown section: its heading, intro lines and a table header with `columns`."""
+    return ["", f"## {title}", "", *intro, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
+def failed(record, columns):
+    """The table row of a design whose run failed."""
+    return f"| {record['design']} | failed: {record['error']} |" + " |" * (columns - 2)
+
+
 def render(records, out):
     lines = ["# MoE bases and router designs on SmolLM2", "",
              "`make bench-moe` (bench/moe/moe.py): every design made by `graft moefy` from SmolLM2-135M-Instruct (Q4_1) and",
@@ -104,39 +114,37 @@ def render(records, out):
         if r in depth or r in routers:
             continue
         if "error" in r:
-            lines.append(f"| {r['design']} | failed: {r['error']} | | | | | | | | |")
+            lines.append(failed(r, 10))
             continue
         for setting, ppl, flops, saved, passes in rows(r):
             lines.append(f"| {r['design']} | {setting} | {ppl:.2f} | {r['dense_perplexity']:.2f} | {flops:.2f} | "
                          f"{r['dense_ffn_flops_per_token'] / 1e6:.2f} | {100 * saved:.1f} % | "
                          f"{'' if passes is None else f'{passes:.3f}'} | {r.get('peak_rss_kb', 0) / 1024:.0f} | {r['wall_seconds']:.0f} |")
-    lines += ["", "## Dynamic depth", "",
-              "`graft depth` on the same model, texts and held-out tweets: each method trained with its SmolLM2 test's",
-              "recipe on the frozen model, then measured under hard routing. The measure is the method's own compute per",
-              "token: decoder layers run (Dr.LLM, Mixture-of-Recursions), FFN MFLOP (DyT, adapters included) or the FFN's",
-              "share of the dense compute (Duo-LLM).", "",
-              "| method | held-out perplexity | dense perplexity | measure | value | dense value | of dense | peak RSS MB | wall s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += section("Dynamic depth", [
+        "`graft depth` on the same model, texts and held-out tweets: each method trained with its SmolLM2 test's",
+        "recipe on the frozen model, then measured under hard routing. The measure is the method's own compute per",
+        "token: decoder layers run (Dr.LLM, Mixture-of-Recursions), FFN MFLOP (DyT, adapters included) or the FFN's",
+        "share of the dense compute (Duo-LLM)."],
+        ["method", "held-out perplexity", "dense perplexity", "measure", "value", "dense value", "of dense", "peak RSS MB", "wall s"])
     for r in depth:
         if "error" in r:
-            lines.append(f"| {r['design']} | failed: {r['error']} | | | | | | | |")
+            lines.append(failed(r, 9))
             continue
         scale = 1e6 if "FLOP" in r["measure_name"] and r["dense_measure"] > 1e4 else 1
         lines.append(f"| {r['design']} | {r['perplexity']:.2f} | {r['dense_perplexity']:.2f} | {r['measure_name']} | "
                      f"{r['measure'] / scale:.3f} | {r['dense_measure'] / scale:.3f} | {100 * r['measure'] / r['dense_measure']:.1f} % | "
                      f"{r.get('peak_rss_kb', 0) / 1024:.0f} | {r['wall_seconds']:.0f} |")
-    lines += ["", "## Router designs", "",
-              "`graft moefy --router` on the MoEfication E=8 base at top-4 (experts frozen, the routers trained on the",
-              "calibration tweets). These designs weigh the chosen experts by the router's probabilities, which a",
-              "MoEfication base (whose experts sum back to the dense FFN with weight 1) was not made for, so the",
-              "design starts far from the dense model (the base column) and its training is measured as the recovery.",
-              "Rewiring adapts per-layer router-logit offsets on each held-out tweet's first half and scores its",
-              "second half, so its two perplexities are over those suffixes only.", "",
-              "| design | base perplexity | perplexity after | dense perplexity | statistic | trainable | peak RSS MB | wall s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += section("Router designs", [
+        "`graft moefy --router` on the MoEfication E=8 base at top-4 (experts frozen, the routers trained on the",
+        "calibration tweets). These designs weigh the chosen experts by the router's probabilities, which a",
+        "MoEfication base (whose experts sum back to the dense FFN with weight 1) was not made for, so the",
+        "design starts far from the dense model (the base column) and its training is measured as the recovery.",
+        "Rewiring adapts per-layer router-logit offsets on each held-out tweet's first half and scores its",
+        "second half, so its two perplexities are over those suffixes only."],
+        ["design", "base perplexity", "perplexity after", "dense perplexity", "statistic", "trainable", "peak RSS MB", "wall s"])
     for r in routers:
         if "error" in r:
-            lines.append(f"| {r['design']} | failed: {r['error']} | | | | | | |")
+            lines.append(failed(r, 8))
             continue
         if "mean_entropy" in r:
             statistic = f"router entropy {r['mean_entropy']:.3f} nats"
