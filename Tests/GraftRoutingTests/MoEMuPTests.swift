@@ -69,6 +69,48 @@ import GraftTestSupport
         #expect(mu[2].initialLogits < 0.5 * mu[0].initialLogits && sp[2].initialLogits > 0.5 * sp[0].initialLogits)
     }
 
+    /// μP changes initialisation and step sizes, not the block's function: a block initialised under μP has its
+    /// definition's gradients through the routing (finite differences; NaN fails), its router statistics count the
+    /// tokens, and steps of μP's per-group AdamW lower a loss through the routed experts.
+    @Test func aBlockUnderMuPTrainsThroughItsRouting() throws {
+        let mup = try MoEMuP(baseWidth: 8, baseExpertWidth: 16)
+        let block = try Self.block(width: 16, mup: mup, seed: 3)
+        for (_, t) in MoEMuP.roles(of: block) { t.requiringGrad() }
+        let optimizer = mup.optimizer(for: [block], learningRate: 1e-2)
+        var rng = GraftRNG(seed: 4)
+        let x = Tensor.randomNormal([7, 16], std: 1, rng: &rng).requiringGrad()
+        let probe = Tensor.randomNormal([7, 16], std: 1, rng: &rng)
+        sum(mul(block.forward(x), probe)).backward()
+        let named = [("x", x)] + MoEMuP.roles(of: block).enumerated().map { ("\($0.element.0) \($0.offset)", $0.element.1) }
+        let result = finiteDifferenceCheck(named, step: 1e-2, samples: 120, skipKinks: true) {
+            let y = withNoGrad { block.forward(x) }
+            return zip(y.scalars, probe.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        print("μP MoE block gradients: worst relative error \(result.worst), \(result.kinks) kinks skipped")
+        #expect(result.missing.isEmpty)
+        #expect(result.worst <= 2e-2, "worst relative gradient error \(result.worst) (\(result.kinks) kinks skipped)")
+        #expect(block.routerWeight.grad?.scalars.contains { $0 != 0 } == true, "the router learns through the probabilities")
+        optimizer.zeroGrad()
+
+        let inputs = Tensor(shape: [7, 16], values: x.scalars)
+        block.statistics = RouterLayerStatistics(path: block.path, experts: block.experts)
+        _ = withNoGrad { block.forward(inputs) }
+        #expect(block.statistics.tokens == 7 && block.statistics.dispatchedTokens.reduce(0, +) == 7 * 2)
+        #expect(block.statistics.meanEntropy > 0 && block.statistics.meanEntropy <= log(4.0) + 1e-9)
+        var losses: [Float] = []
+        for _ in 0..<20 {
+            let y = block.forward(inputs)
+            let loss = sum(mul(y, y)) * (1 / Float(7))
+            losses.append(loss.item)
+            loss.backward()
+            optimizer.step()
+            optimizer.zeroGrad()
+        }
+        print("μP MoE block training: loss \(losses[0]) → \(losses[losses.count - 1])")
+        #expect(losses.allSatisfy { $0.isFinite })
+        #expect(losses[losses.count - 1] < 0.9 * losses[0], "losses \(losses)")
+    }
+
     @Test func perGroupRatesScaleAdamsStepAndInvalidBasesAreRefused() throws {
         // A learning-rate factor of 0.5 halves the first Adam step of that parameter only; 1 leaves it bit-identical.
         let a = Tensor(shape: [3], values: [1, 2, 3]).requiringGrad(), b = Tensor(shape: [3], values: [1, 2, 3]).requiringGrad()

@@ -280,6 +280,8 @@ def test_moefy_makes_hmoe_and_upcycled_bases_that_reload(tmp_path):
     assert "mup        base width 144 (experts 384): router std 0.005, learning-rate factors router 0.25, gate/up 0.25, down 0.25" in r.stdout, r.stdout
     config = json.loads((up / "moe_config.json").read_text())
     assert config["method"] == "upcycling" and config["moe_layers"] == [28, 29] and config["combine"] == "normalized_probability"
+    # The parametrization the experts were trained under is recorded with them.
+    assert (config["mup_base_width"], config["train_steps"], config["lr"]) == (144, 2, 0.0001), config
     tensors = read_safetensors(up / "moe_routers.safetensors")
     assert tensors["model.layers.29.mlp.experts.gate_proj"].shape == (2, 1536, 576)
     ppl = lambda out: [l for l in out.splitlines() if l.startswith("E=2 k=1")][0].split()[2]
@@ -290,6 +292,7 @@ def test_moefy_makes_hmoe_and_upcycled_bases_that_reload(tmp_path):
     for args, named in ((["--method", "switch"], "--method 'switch'"),
                         (["--method", "hmoe", "--experts", "4", "--expert-sizes", "1,2,3,4"], "--expert-sizes"),
                         (["--method", "upcycling", "--upcycle-layers", "30"], "--upcycle-layers"),
-                        (["--method", "upcycling", "--upcycle-layers", "29", "--mup-base-width", "0"], "base width 0")):
+                        (["--method", "upcycling", "--upcycle-layers", "29", "--mup-base-width", "0"], "--mup-base-width 0 must be ≥ 1"),
+                        (["--method", "hmoe", "--mup-base-width", "144"], "not --method hmoe")):
         bad = moefy(*args, cwd=tmp_path)
         assert bad.returncode != 0 and named in bad.stderr, bad.stderr
