@@ -217,11 +217,15 @@ import GraftTestSupport
             return zip(out.scalars, w.scalars).reduce(0) { $0 + Double($1.0) * Double($1.1) }
         }
         sum(try bert.forward(batch) * w).backward()
-        // A small step: the MLP's ReLUs make the objective only piecewise smooth. Float32 forward passes over 5k
-        // outputs then carry ~1e-2 of noise in the differences.
-        let check = try finiteDifferenceCheck(adapter.peftStateDict, step: 2e-3, samples: 5, report: 2e-2, value: value)
+        // The MLP's ReLUs make the objective only piecewise smooth, and float32 forward passes over 5k outputs carry
+        // ~4e-5 of noise in each value: a step of 2e-3 left ~1e-2 of noise in the differences (0.0202 seen against
+        // 2e-2 on an Intel Xeon). A step of 1e-2 divides that noise by 5; entries whose one-sided slopes disagree (a
+        // ReLU switching inside the step) are skipped as kinks, and only a few may be.
+        let check = try finiteDifferenceCheck(adapter.peftStateDict, step: 1e-2, samples: 5, skipKinks: true, report: 2e-2, value: value)
+        print("P-tuning encoder gradients: worst relative error \(check.worst), \(check.kinks) kinks skipped")
         #expect(check.missing.isEmpty, "P-tuning encoder: no gradient for \(check.missing)")
         #expect(check.worst < 2e-2, "P-tuning encoder: worst gradient error \(check.worst)")
+        #expect(check.kinks <= 10, "P-tuning encoder: \(check.kinks) entries skipped as kinks")
 
         let expected = try withNoGrad { try bert.forward(batch) }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-ptuning-\(UUID().uuidString)").path
