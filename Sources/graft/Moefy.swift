@@ -121,7 +121,7 @@ struct Moefy: ParsableCommand {
                     var extra: [String: Any] = ["seed": seed, "calibration_tokens": calibrationTokens, "ridge": ridge, "base_model": model]
                     if method == .upcycling {
                         extra["train_steps"] = trainSteps
-                        extra["lr"] = Double("\(lr)") ?? Double(lr)
+                        extra["lr"] = jsonNumber(lr)
                         if let mupBaseWidth { extra["mup_base_width"] = mupBaseWidth }
                     }
                     try MoEBaseFormat.save(model: llama, to: output, method: method, extra: extra)
