@@ -30,7 +30,8 @@ import GraftTestSupport
         return change > 10 ? max(1e-4, 1e-5 * scale) : 1e-4
     }
 
-    @Test(arguments: methods)
+    /// DeLoRA's fixture is compared within its measured conditioning instead (IllConditionedFixtureTests).
+    @Test(arguments: methods.filter { $0 != "delora" })
     func outputMatchesPEFT(method: String) throws {
         let bert = try Assets.loadMiniLM()
         let model = AdaptedModel(root: bert)
