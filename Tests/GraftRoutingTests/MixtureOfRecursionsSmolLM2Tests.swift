@@ -21,7 +21,7 @@ import GraftTestSupport
     /// the router, starting from depth 2 for every token, with a compute penalty.
     @Test func recursionLoRAsMakeTheSecondRecursionPay() throws {
         try run(block: 12..<15, suffixStart: 18, penalty: 0.5, label: "block 12-14 shared for 12-17, recursion LoRA r=8",
-                loraSteps: 40, firstDepthBias: -2)
+                loraSteps: 10, firstDepthBias: -2)
     }
 
     func run(block: Range<Int>, suffixStart: Int, penalty: Float, label: String, loraSteps: Int = 0,
@@ -55,7 +55,7 @@ import GraftTestSupport
                 loss.backward()
                 loraOptimizer.step()
                 #expect(loss.item.isFinite)
-                if step % 10 == 0 || step == loraSteps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
+                if step % 3 == 0 || step == loraSteps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
             }
             print("MoR SmolLM2 recursion-LoRA training at depth 2 (loss): \(trace.joined(separator: ", "))")
             adaptedDeep = try perplexity()
@@ -66,7 +66,7 @@ import GraftTestSupport
         routing.trainsRouter = true
         let optimizer = AdamW(parameters: [routing.routerWeight.requiringGrad(), routing.routerBias.requiringGrad()],
                               learningRate: 1e-3, weightDecay: 0)
-        let steps = 40, rows = 4
+        let steps = 10, rows = 4
         var trace: [String] = []
         for step in 0..<steps {
             let (batch, targets) = try batch(step, rows: rows)
@@ -75,7 +75,7 @@ import GraftTestSupport
             loss.backward()
             optimizer.step()
             #expect(loss.item.isFinite, "step \(step): objective \(loss.item)")
-            if step % 8 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f/%.2f", step, loss.item, depth)) }
+            if step % 3 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f/%.2f", step, loss.item, depth)) }
         }
         print("MoR SmolLM2 training (objective / mean recursion depth): \(trace.joined(separator: ", "))")
         routing.trainsRouter = false

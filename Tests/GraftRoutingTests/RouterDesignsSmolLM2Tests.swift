@@ -33,7 +33,7 @@ import GraftTestSupport
         let trainBefore = try withNoGrad { try Self.loss(llama, fixed) }.item
         let params = rmoe.trainableParameters
         let optimizer = AdamW(parameters: params, learningRate: 3e-3, weightDecay: 0)
-        let steps = 30, rows = 4
+        let steps = 10, rows = 4
         var trace: [String] = []
         for step in 0..<steps {
             optimizer.zeroGrad()
@@ -41,7 +41,7 @@ import GraftTestSupport
             loss.backward()
             optimizer.step()
             #expect(loss.item.isFinite, "step \(step): loss \(loss.item)")
-            if step % 5 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
+            if step % 3 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
         }
         print("RMoE SmolLM2 training loss by step: \(trace.joined(separator: ", "))")
         llama.resetMoERouterStatistics()
@@ -93,7 +93,7 @@ import GraftTestSupport
         let initial = llama.moeBlocks.map { ($0.routerWeight.scalars, $0.routerBias.scalars) }
         ExpertReuse.setReach(0, of: llama)
         let base = exp(Double(try withNoGrad { try Self.loss(llama, eval) }.item))
-        let steps = 24, rows = 4
+        let steps = 9, rows = 4
         func train(reach: (Int) -> Int?) throws -> (Double, Double) {
             for (b, (w, bias)) in zip(llama.moeBlocks, initial) {
                 b.routerWeight.pointer.update(from: w, count: w.count)

@@ -13,7 +13,7 @@ import GraftTestSupport
         let start: Double, trained: Double, passes: Double, flops: Double
     }
 
-    static func run(_ text: SmolLM2TweetText, bias: Float, balance: Float, routerScale: Float, dense: Double) throws -> Run {
+    static func run(_ text: SmolLM2TweetText, bias: Float, balance: Float, routerScale: Float, steps: Int, dense: Double) throws -> Run {
         let llama = text.model
         var options = StratifiedMoEOptions()
         options.strata = [1, 2]
@@ -32,7 +32,6 @@ import GraftTestSupport
         let routerTensors = Set(blocks.flatMap { $0.routers.flatMap { [ObjectIdentifier($0.weight), ObjectIdentifier($0.bias)] } })
         optimizer.learningRateScales = parameters.map { routerTensors.contains(ObjectIdentifier($0)) ? routerScale : 1 }
         var trace: [String] = []
-        let steps = 24
         for step in 0..<steps {
             let (batch, targets) = try text.batch(step: step, rows: 4)
             let loss = try StratifiedMoE.trainingLoss(model: llama, batch: batch, targets: targets)
@@ -40,7 +39,7 @@ import GraftTestSupport
             loss.backward()
             optimizer.step()
             optimizer.zeroGrad()
-            if step % 10 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
+            if step % 5 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
         }
         for p in parameters { p.requiringGrad(false) }
         llama.resetMoERouterStatistics()
@@ -57,10 +56,11 @@ import GraftTestSupport
     @Test func tokensTakeDynamicPassesAtAStatedPerplexity() throws {
         let text = try SmolLM2TweetText()
         let dense = try text.heldOutPerplexity()
-        let held = try Self.run(text, bias: 4, balance: 0.01, routerScale: 1, dense: dense)
+        let held = try Self.run(text, bias: 4, balance: 0.01, routerScale: 1, steps: 10, dense: dense)
         #expect(abs(held.start - dense) < 0.1 * dense, "the upcycled strata start near the dense model: \(held.start) vs \(dense)")
         #expect(held.trained < held.start, "training lowers the held-out perplexity: \(held.start) -> \(held.trained)")
-        let dynamic = try Self.run(text, bias: 1, balance: 0.1, routerScale: 100, dense: dense)
+        // Routers 100× faster first unsettle the upcycled model: 24 steps bring the perplexity back below its start.
+        let dynamic = try Self.run(text, bias: 1, balance: 0.1, routerScale: 100, steps: 24, dense: dense)
         #expect(dynamic.passes < 1.95, "with a weak start bias some tokens learn to take one pass: \(dynamic.passes)")
         #expect(dynamic.flops < held.flops && dynamic.trained.isFinite && dynamic.trained < dynamic.start,
                 "skipping tokens save FLOPs while training still lowers the perplexity: \(dynamic.start) -> \(dynamic.trained)")

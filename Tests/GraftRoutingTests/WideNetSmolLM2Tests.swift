@@ -23,7 +23,7 @@ import GraftTestSupport
         let fittedShare = WideNet.ownLayerShare(of: llama)
         let optimizer = AdamW(parameters: WideNet.trainableParameters(of: llama), learningRate: 1e-3, weightDecay: 0)
         var trace: [String] = []
-        let steps = 40
+        let steps = 12
         for step in 0..<steps {
             let (batch, targets) = try text.batch(step: step, rows: 4)
             let loss = try llama.moeTrainingLoss(batch: batch, targets: targets)
@@ -31,7 +31,7 @@ import GraftTestSupport
             loss.backward()
             optimizer.step()
             optimizer.zeroGrad()
-            if step % 10 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
+            if step % 4 == 0 || step == steps - 1 { trace.append(String(format: "%d: %.3f", step, loss.item)) }
         }
         for p in WideNet.trainableParameters(of: llama) { p.requiringGrad(false) }
         llama.resetMoERouterStatistics()
