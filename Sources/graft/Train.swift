@@ -70,6 +70,8 @@ struct Train: ParsableCommand {
     @Option(help: "Maximum tokens per example.") var maxLength: Int?
     @Option(help: "Optimizer: adamw or sgd.") var optimizer: String?
     @Option(help: "Use only N training examples, spread over the data.") var maxExamples: Int?
+    @Option(help: "Evaluate on only N examples, spread over the evaluation data (the test split, --eval-data or the held-out tenth).")
+    var maxEvalExamples: Int?
     @Option(help: "An MoE base saved by graft moefy --output (ESFT and PERFT tune its experts).") var moeBase: String?
     @OptionGroup var flags: TrainingFlags
 
@@ -147,6 +149,9 @@ struct Train: ParsableCommand {
             try flags.apply(to: &options)
             options.maxLength = try value(maxLength, "max_length") ?? (task == .sequenceClassification ? 64 : 128)
             if let maxExamples { options.maxExamples = maxExamples }
+            if let maxEvalExamples, maxEvalExamples < 1 {
+                throw GraftError.invalid("--max-eval-examples must be ≥ 1, got \(maxEvalExamples)")
+            }
 
             let output = try value(output, "output") ?? "out/adapter"
             let dataName = try value(data, "data") ?? AssetCache.tweetsDataName
@@ -176,6 +181,7 @@ struct Train: ParsableCommand {
             if let maxExamples { train = train.spaced(maxExamples) }
             let heldOut = test == nil
             if test == nil { (train, test) = try holdOut(train) }
+            if let maxEvalExamples { test = test?.spaced(maxEvalExamples) }
             let run = try TrainingRun(model: modelName, task: task, numLabels: numLabels, classNames: classNames,
                                       adapter: adapter, options: options, computeDType: try flags.computeFormat(),
                                       moeBase: try value(moeBase, "moe_base"), selectionData: train)

@@ -45,6 +45,12 @@ def test_max_steps_must_be_positive(data, tmp_path):
     assert r.returncode != 0 and "--max-steps must be ≥ 1, got 0" in r.stderr
 
 
+def test_max_eval_examples_must_be_positive(data, tmp_path):
+    r = subprocess.run([GRAFT, "train", "--data", str(data), "--max-eval-examples", "0"], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "--max-eval-examples must be ≥ 1, got 0" in r.stderr, r.stderr
+
+
 def test_report_shows_rank_growth_and_the_adapter_saves_as_lora_with_rank_pattern(data, tmp_path):
     config = tmp_path / "increlora.json"
     config.write_text(json.dumps({"adapter": {"peft_type": "INCRELORA", "init_r": 1, "target_r": 2, "max_r": 3,
@@ -108,7 +114,8 @@ def data_driven_run(tmp_path, name, init, steps, lr, weight_decay):
     adapter = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
                "init_lora_weights": init}
     config.write_text(json.dumps({"adapter": adapter, "training": {"init_batches": 4}}))
-    out, _ = train("--config", str(config), "--data", "tweets", "--max-examples", "320", "--batch-size", "16",
+    out, _ = train("--config", str(config), "--data", "tweets", "--max-examples", "320", "--max-eval-examples", "300",
+                   "--batch-size", "16",
                    "--max-steps", str(steps), "--lr", str(lr), "--weight-decay", str(weight_decay), "--seed", "3",
                    "--output", str(tmp_path / name), cwd=tmp_path)
     saved = json.loads((tmp_path / name / "adapter_config.json").read_text())
@@ -145,6 +152,7 @@ def test_data_driven_init_runs_before_step_one_and_training_lowers_the_loss(tmp_
     # One step at a negligible rate: the saved adapter is the initialization itself.
     out, saved, tensors = data_driven_run(tmp_path, f"{init}-init", init, 1, 1e-9, 0)
     assert f'init       init_lora_weights "{init}" from the first 4 training batches before step 1' in out
+    assert "data       320 train / 300 test examples" in out, out  # --max-eval-examples 300 of the 1,490
     a_keys = sorted(k for k in tensors if k.endswith("lora_A.weight"))
     assert len(a_keys) == 12
     if init == "eva":
