@@ -185,7 +185,7 @@ import GraftTestSupport
     }
 
     @Test func fineTuneLowersTheLossFromTheInvocationOn() throws {
-        let (llama, tokenizer, examples) = try smolLM2TweetCompletions()
+        let (llama, tokenizer, examples) = try smolLM2TweetCompletions(count: 4)
         let invocation = tokenizer.encode("Sentiment:", addSpecialTokens: false)
         let model = AdaptedModel(root: llama)
         let adapter = try model.addAdapter("default", config: AdapterConfig(json: [
@@ -200,7 +200,7 @@ import GraftTestSupport
             _ = try trainer.optimizerStep(totalSteps: 1 << 20)
         }
         let after = try trainer.evaluate(examples).loss
-        print("aLoRA: fine-tune loss \(String(format: "%.4f", before)) -> \(String(format: "%.4f", after)) in 4 steps on 8 demo tweets (\(adapter.parameterCount) trainable)")
+        print("aLoRA: fine-tune loss \(String(format: "%.4f", before)) -> \(String(format: "%.4f", after)) in 4 steps on \(examples.count) demo tweets (\(adapter.parameterCount) trainable)")
         #expect(before.isFinite && after < before - 1e-3, "the training loss went \(before) -> \(after)")
         // The prompt before the invocation is still the base model's.
         let probe = try TokenBatch(sequences: [tokenizer.encode("Tweet: what a day", addSpecialTokens: false)])

@@ -114,7 +114,7 @@ import GraftTrain
         let loss = try objective.loss(batch)
         #expect(loss.item > 0.1, "the batch has completion targets (\(loss.item))")
         loss.backward()
-        let check = try finiteDifferenceCheck(params, step: 1e-2, samples: 12, report: 2e-2) {
+        let check = try finiteDifferenceCheck(params, step: 1e-2, samples: 6, report: 2e-2) {
             Double(try withNoGrad { try objective.loss(batch) }.item)
         }
         print("tied trainable tokens: worst gradient error \(check.worst), missing \(check.missing)")

@@ -21,7 +21,7 @@ import GraftTestSupport
     /// the router, starting from depth 2 for every token, with a compute penalty.
     @Test func recursionLoRAsMakeTheSecondRecursionPay() throws {
         try run(block: 12..<15, suffixStart: 18, penalty: 0.5, label: "block 12-14 shared for 12-17, recursion LoRA r=8",
-                loraSteps: 10, firstDepthBias: -2)
+                loraSteps: 6, firstDepthBias: -2)
     }
 
     func run(block: Range<Int>, suffixStart: Int, penalty: Float, label: String, loraSteps: Int = 0,
@@ -66,7 +66,7 @@ import GraftTestSupport
         routing.trainsRouter = true
         let optimizer = AdamW(parameters: [routing.routerWeight.requiringGrad(), routing.routerBias.requiringGrad()],
                               learningRate: 1e-3, weightDecay: 0)
-        let steps = 10, rows = 4
+        let steps = 6, rows = 4
         var trace: [String] = []
         for step in 0..<steps {
             let (batch, targets) = try batch(step, rows: rows)

@@ -184,7 +184,7 @@ import GraftTestSupport
     /// On SmolLM2 over PEFT's own experts (the fixture's layer-wise X-LoRA): training the classifier alone lowers the
     /// causal-LM loss of `"Tweet: …\nSentiment:"` → label completions; the experts do not move.
     @Test func fineTuningOnSmolLM2LowersTheLoss() throws {
-        let (llama, _, examples) = try smolLM2TweetCompletions()
+        let (llama, _, examples) = try smolLM2TweetCompletions(count: 4)
         let model = AdaptedModel(root: llama, methods: .all)
         let adapter = try model.loadAdapter(directory: Assets.fixture("\(Self.root)/layerwise"))
         let frozen = adapter.layers.compactMap { $0.adapter as? XLoRALayer }.flatMap(\.members).map { $0.lora.loraB.scalars }
@@ -193,7 +193,7 @@ import GraftTestSupport
         let before = try trainer.evaluate(examples).loss
         try trainer.train(examples, maxSteps: 6)
         let after = try trainer.evaluate(examples).loss
-        print("xlora SmolLM2, 6 steps on 8 demo tweets, classifier only (\(adapter.parameterCount) parameters): loss \(before) -> \(after)")
+        print("xlora SmolLM2, 6 steps on \(examples.count) demo tweets, classifier only (\(adapter.parameterCount) parameters): loss \(before) -> \(after)")
         #expect(before.isFinite && after.isFinite && after < before - 1e-3, "loss \(before) -> \(after)")
         let now = adapter.layers.compactMap { $0.adapter as? XLoRALayer }.flatMap(\.members).map { $0.lora.loraB.scalars }
         #expect(now == frozen, "the LoRA experts moved")

@@ -33,7 +33,7 @@ import GraftText
         try model.addAdapter("default", config: AdapterConfig(json: json, source: name), seed: 1)
         let tokenizer = try WordPieceTokenizer(vocabFile: Assets.minilm + "/vocab.txt")
         let (tr, _) = try TweetCorpus.demoSubsets(path: try Assets.require(Assets.tweets))
-        let train = try ExampleTokenizer.classification(Array(tr.prefix(80)), tokenizer: tokenizer, maxLength: 48)
+        let train = try ExampleTokenizer.classification(Array(tr.prefix(40)), tokenizer: tokenizer, maxLength: 48)
         let objective = SequenceClassificationObjective(model: classifier)
         if json["init_lora_weights"] as? String == "corda" {
             try model.initializeCorDA("default") { _ = try objective.loss(try PackedBatch(train[0..<16])) }
