@@ -25,7 +25,7 @@ let package = Package(
         // include/graft.h as a module: struct layouts, versions and the status table come from the header itself.
         .systemLibrary(name: "CGraftABI", path: "Sources/CGraftABI"),
         // Kernels that need CPU intrinsics or oneDNN (bfloat16), selected at run time.
-        .target(name: "CGraftKernels", linkerSettings: [.linkedLibrary("dnnl"), .linkedLibrary("gomp")]),
+        .target(name: "CGraftKernels", linkerSettings: [.linkedLibrary("dnnl"), .linkedLibrary("gomp"), .linkedLibrary("dl")]),
         // The worker pool behind parallelFor: workers that poll briefly between jobs instead of sleeping.
         .target(name: "CGraftThreads", cSettings: [.unsafeFlags(["-Wall", "-Wextra", "-Werror"])],
                 linkerSettings: [.linkedLibrary("pthread")]),

@@ -17,6 +17,7 @@
 /* OpenBLAS extensions (declared in OpenBLAS's cblas.h; repeated so the shim builds against any cblas.h). */
 void openblas_set_num_threads(int num_threads);
 int openblas_get_num_threads(void);
+char *openblas_get_corename(void);
 
 /* LAPACK (shipped in OpenBLAS): divide-and-conquer SVD of a column-major m×n matrix, Fortran calling convention
    (every argument by pointer; the trailing length is gfortran's hidden length of the `jobz` string). */

@@ -137,7 +137,7 @@ private func chunkedCrossEntropy(
             for i in range {
                 let row = logits.pointer + i * vocab
                 _ = expShiftInPlace(row, vocab, shift: lse[start + i])
-                for j in 0..<vocab { row[j] *= scale }
+                scaleProbabilities(row, vocab, by: scale)
                 row[Int(targets[active[start + i]])] -= scale
             }
         }

@@ -21,8 +21,7 @@ public func crossEntropy(_ logits: Tensor, targets: [Int32], ignoreIndex: Int32 
         let m = rowMax(row, c)
         prow.update(from: row, count: c)
         let s = Double(expShiftInPlace(prow, c, shift: m))
-        let inv = Float(1 / s)
-        for j in 0..<c { prow[j] *= inv }
+        scaleProbabilities(prow, c, by: Float(1 / s))
         total += Double(m) + log(s) - Double(row[Int(t)])
         counted += 1
     }

@@ -1,4 +1,5 @@
 import CGraftSystem
+import CGraftKernels
 import CGraftThreads
 import Dispatch
 
@@ -73,6 +74,11 @@ public enum Threading {
     /// OpenBLAS runs every call on its caller's thread; Graft splits large GEMMs across its own threads
     /// instead, so two thread pools never compete (OpenBLAS's idle workers spin and steal the cores).
     static let blasSingleThreaded: Void = { openblas_set_num_threads(1) }()
+
+    /// The OpenBLAS kernels Graft chose by the CPU's features when it loaded ("SkylakeX", "Haswell", ...): OpenBLAS
+    /// picks by CPU model and falls back to its SSE3 kernels on a model newer than its build. Nil when OpenBLAS's
+    /// own choice stood (or `OPENBLAS_CORETYPE` was set).
+    public static var blasCoreOverride: String? { cgraft_blas_core().map { String(cString: $0) } }
 
     private static let defaultThreads: Int = {
         blasSingleThreaded

@@ -35,7 +35,9 @@ public func vexp(_ xIn: Float16x) -> Float16x {
     p = p * r2 + r + splat(1)
     let bits = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- SIMD16<Int32>(repeating: 0x4B40_0000)
     let scale = unsafeBitCast((bits &+ SIMD16<Int32>(repeating: 127)) &<< SIMD16<Int32>(repeating: 23), to: Float16x.self)
-    return p * scale
+    // Below -87.33 the true value is subnormal: zero, not the clamp's 1.2e-38, so a masked score (-inf) gets exactly
+    // no weight and nothing downstream is pushed into the subnormal range.
+    return (p * scale).replacing(with: 0, where: xIn .< splat(-87.33))
 }
 
 @inline(__always)

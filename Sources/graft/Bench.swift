@@ -114,10 +114,10 @@ struct Bench: ParsableCommand {
                 times.sort()
                 var usage = rusage()
                 getrusage(RUSAGE_SELF.rawValue, &usage)
-                print(String(format: "graft train-step %@ B%d×T%d LoRA r%d on %@, %d trainable, threads=%d: median %.4f s/step (min %.4f, max %.4f, %d steps after %d warm-up), peak RSS %.2f GB",
+                print(String(format: "graft train-step %@ B%d×T%d LoRA r%d on %@, %d trainable, threads=%d%@: median %.4f s/step (min %.4f, max %.4f, %d steps after %d warm-up), peak RSS %.2f GB",
                              architecture.rawValue, batch, length, r,
                              (adapter["target_modules"] as? [String] ?? []).joined(separator: ","), session.trainableParameters,
-                             threads, times[times.count / 2], times.first ?? 0, times.last ?? 0, runs, warmup,
+                             threads, blasNote, times[times.count / 2], times.first ?? 0, times.last ?? 0, runs, warmup,
                              Double(usage.ru_maxrss) / 1_048_576))
                 printBenchJSON(["workload": "train-step", "median_s": times[times.count / 2], "times_s": times,
                                 "cpu_s_per_step": cpu / Double(runs)])
@@ -215,3 +215,9 @@ struct Bench: ParsableCommand {
 }
 
 extension ComputeDType: ExpressibleByArgument {}
+
+/// ", OpenBLAS <core> kernels (by CPU features)" when Graft overrode OpenBLAS's choice at load, else empty: a bench
+/// figure from the SSE3 fallback is four times slower and should say which kernels ran.
+var blasNote: String {
+    Threading.blasCoreOverride.map { ", OpenBLAS \($0) kernels (by CPU features)" } ?? ""
+}

@@ -67,8 +67,8 @@ extension Bench {
                 let prefill = prefillRates[prefillRates.count / 2], decode = decodeRates.isEmpty ? 0 : decodeRates[decodeRates.count / 2]
                 var usage = rusage()
                 getrusage(RUSAGE_SELF.rawValue, &usage)
-                print(String(format: "graft bench decode: prompt %d tokens, %d new (greedy), %@%@, threads=%d: prefill %.1f tokens/s, decode %.1f tokens/s (median of %d), peak RSS %.0f MB",
-                             promptTokens, newTokens, r > 0 ? "LoRA r\(r) all-linear unmerged" : "base", fastDecode ? ", fast (int8)" : "", threads, prefill, decode,
+                print(String(format: "graft bench decode: prompt %d tokens, %d new (greedy), %@%@, threads=%d%@: prefill %.1f tokens/s, decode %.1f tokens/s (median of %d), peak RSS %.0f MB",
+                             promptTokens, newTokens, r > 0 ? "LoRA r\(r) all-linear unmerged" : "base", fastDecode ? ", fast (int8)" : "", threads, blasNote, prefill, decode,
                              runs, Double(usage.ru_maxrss) / 1024))
                 printBenchJSON(["workload": "decode", "fast_decode": fastDecode, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
                                 "tokens": tokens.map(Int.init)])

@@ -11,6 +11,11 @@
 extern "C" {
 #endif
 
+/// The OpenBLAS core Graft switched OpenBLAS to when loading ("SkylakeX", "Haswell", "Sandybridge"), or NULL when
+/// it left OpenBLAS's own choice alone. OpenBLAS picks kernels by CPU model; a model newer than the OpenBLAS build
+/// gets its SSE3 fallback, 4x slower, so Graft then picks by the CPU's features (unless OPENBLAS_CORETYPE is set).
+const char *cgraft_blas_core(void);
+
 /// Nonzero when the CPU executes AVX-512 BF16 dot products (vdpbf16ps), the instructions that make bfloat16
 /// products about twice as fast as float32 ones; bfloat16 mode is still correct without them, only not faster.
 int cgraft_cpu_has_avx512_bf16(void);
