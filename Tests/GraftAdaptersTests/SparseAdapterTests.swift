@@ -79,7 +79,9 @@ import GraftTestSupport
         sum(try bert.forward(try Self.batch()) * w).backward()
         let check = try finiteDifferenceCheck(adapter.peftStateDict, step: 1e-2, relativeStep: true, samples: 12, value: objective)
         #expect(check.missing.isEmpty, "no gradient for \(check.missing)")
-        #expect(check.worst < 5e-3, "worst gradient error \(check.worst)")
+        // Central differences at a 1e-2 relative step through float32 forwards: 4.9e-3 to 5.1e-3 depending on the
+        // CPU's GEMM kernels. A wrong gradient (a pruned weight's, a missing mask) errs by order 1.
+        #expect(check.worst < 1e-2, "worst gradient error \(check.worst)")
         for layer in adapter.modules.compactMap({ $0.adapter as? SparseAdapterLayer }) {
             for (name, p) in layer.prunable {
                 let mask = try #require(layer.masks?[name])

@@ -58,12 +58,14 @@ import GraftTestSupport
         } else {
             try model.merge("default")
             let scale = max(1, unmerged.scalars.map(abs).max() ?? 1)
+            // W + ΔW rounds to ΔW's scale, and DeLoRA's ΔW is ~20× W: float32's 6e-8 × √384 terms × 20 is 2.3e-5 of
+            // the output (measured 2.05e-5 with OpenBLAS's AVX-512 kernels), so the bound is twice that.
             let mergedError = maxAbsDifference(try forward(), unmerged)
-            #expect(mergedError / scale <= 2e-5, "\(method): merged output differs by \(mergedError)")
+            #expect(mergedError / scale <= 5e-5, "\(method): merged output differs by \(mergedError)")
             try model.unmerge("default")
-            // W + ΔW − ΔW rounds W to ΔW's scale (DeLoRA's ΔW is ~20× W): relative to the output, as above.
+            // W + ΔW − ΔW likewise rounds W to ΔW's scale: relative to the output, as above.
             let unmergedError = maxAbsDifference(try forward(), unmerged)
-            #expect(unmergedError / scale <= 2e-5, "\(method): unmerged output differs by \(unmergedError)")
+            #expect(unmergedError / scale <= 5e-5, "\(method): unmerged output differs by \(unmergedError)")
         }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-\(method)-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: dir) }
