@@ -48,51 +48,57 @@ static float dot_q8_0_portable(const uint8_t *row, const float *x, int64_t block
 }
 
 #ifdef CGRAFT_X86
-// Activation rows against one weight row: each block is decoded (and scaled) once and multiplied into every row (a
-// decode step of a batch of sequences multiplies every weight by one row per sequence): two fused multiply-adds per
-// row and 32 weights. A row's arithmetic does not depend on how many rows share the pass, so a sequence gets the
-// same result alone or batched. `N` is a compile-time
-// constant after inlining; `out[i]` receives row i's dot product.
+// `W` weight rows against `N` activation rows in one pass (W·N ≤ 8 accumulators): each block is decoded (and scaled)
+// once and multiplied into every activation row (a decode step of a batch of sequences multiplies every weight by one
+// row per sequence), and with one or two activation rows four weight rows keep four independent FMA chains in flight
+// where a single chain would leave the units waiting. Each (weight row, activation row) pair has its own
+// accumulator, fed in the same order whatever `W` and `N` are, so a sequence gets the same result alone or batched.
+// `W` and `N` are compile-time constants after inlining; `out[w * N + i]` receives weight row w against row i.
 
 __attribute__((target("avx512f,f16c,fma"), always_inline)) static inline void
-rows_q4_1_avx512(const uint8_t *row, const float *x, int64_t ldx, const float *sums, int64_t blocks, int N, float *out) {
+rows_q4_1_avx512(const uint8_t *const *rows, int W, const float *x, int64_t ldx, const float *sums, int64_t blocks,
+                 int N, float *out) {
     __m512 acc[8];
     float offsets[8];
-    for (int i = 0; i < N; i++) { acc[i] = _mm512_setzero_ps(); offsets[i] = 0; }
+    for (int k = 0; k < W * N; k++) { acc[k] = _mm512_setzero_ps(); offsets[k] = 0; }
     const __m128i low4 = _mm_set1_epi8(15);
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *blk = row + b * 20;
-        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-        __m512 d = _mm512_set1_ps(half_f16c(blk));
-        __m512 wl = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4))));
-        __m512 wh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4))));
-        float mn = half_f16c(blk + 2);
-        for (int i = 0; i < N; i++) {
-            const float *xb = x + i * ldx + b * 32;
-            acc[i] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xb), acc[i]);
-            acc[i] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xb + 16), acc[i]);
-            offsets[i] += mn * sums[i * blocks + b];
+        for (int w = 0; w < W; w++) {
+            const uint8_t *blk = rows[w] + b * 20;
+            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+            __m512 d = _mm512_set1_ps(half_f16c(blk));
+            __m512 wl = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4))));
+            __m512 wh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4))));
+            float mn = half_f16c(blk + 2);
+            for (int i = 0; i < N; i++) {
+                const float *xb = x + i * ldx + b * 32;
+                acc[w * N + i] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xb), acc[w * N + i]);
+                acc[w * N + i] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xb + 16), acc[w * N + i]);
+                offsets[w * N + i] = fmaf(mn, sums[i * blocks + b], offsets[w * N + i]);
+            }
         }
     }
-    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + offsets[i];
+    for (int k = 0; k < W * N; k++) out[k] = _mm512_reduce_add_ps(acc[k]) + offsets[k];
 }
 
 __attribute__((target("avx512f,f16c,fma"), always_inline)) static inline void
-rows_q8_0_avx512(const uint8_t *row, const float *x, int64_t ldx, int64_t blocks, int N, float *out) {
+rows_q8_0_avx512(const uint8_t *const *rows, int W, const float *x, int64_t ldx, int64_t blocks, int N, float *out) {
     __m512 acc[8];
-    for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
+    for (int k = 0; k < W * N; k++) acc[k] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *blk = row + b * 34;
-        __m512 d = _mm512_set1_ps(half_f16c(blk));
-        __m512 w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)))));
-        __m512 w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)))));
-        for (int i = 0; i < N; i++) {
-            const float *xb = x + i * ldx + b * 32;
-            acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[i]);
-            acc[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[i]);
+        for (int w = 0; w < W; w++) {
+            const uint8_t *blk = rows[w] + b * 34;
+            __m512 d = _mm512_set1_ps(half_f16c(blk));
+            __m512 w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)))));
+            __m512 w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)))));
+            for (int i = 0; i < N; i++) {
+                const float *xb = x + i * ldx + b * 32;
+                acc[w * N + i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[w * N + i]);
+                acc[w * N + i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[w * N + i]);
+            }
         }
     }
-    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int k = 0; k < W * N; k++) out[k] = _mm512_reduce_add_ps(acc[k]);
 }
 
 // The AVX2 kernels take `W` weight rows at once as well: with one activation row, a single accumulator chain keeps
@@ -154,16 +160,21 @@ rows_q8_0_avx2(const uint8_t *const *rows, int W, const float *x, int64_t ldx, i
     for (int k = 0; k < W * N; k++) out[k] = hsum256(acc[k]);
 }
 
-/// Rows `x[0..<n]` (n ≤ 8) against one weight row, into `out`, with the AVX-512 kernels.
-__attribute__((target("avx512f,fma,f16c"))) static void rows_avx512(int type, const uint8_t *row, const float *x,
-                                                                    int64_t ldx, const float *sums, int64_t blocks, int n,
-                                                                    float *out) {
-#define CGRAFT_ROWS(N)                                                                                               \
-    case N:                                                                                                          \
-        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_avx512(row, x, ldx, sums, blocks, N, out);                            \
-        else rows_q8_0_avx512(row, x, ldx, blocks, N, out);                                                           \
+/// Weight rows `rows[0..<w]` against rows `x[0..<n]` (w ∈ {1, 4}, w·n ≤ 8), into `out`, with the AVX-512 kernels.
+__attribute__((target("avx512f,fma,f16c"))) static void rows_avx512(int type, const uint8_t *const *rows, int w,
+                                                                    const float *x, int64_t ldx, const float *sums,
+                                                                    int64_t blocks, int n, float *out) {
+#define CGRAFT_ROWS(W, N)                                                                                            \
+    case W * 16 + N:                                                                                                 \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_avx512(rows, W, x, ldx, sums, blocks, N, out);                        \
+        else rows_q8_0_avx512(rows, W, x, ldx, blocks, N, out);                                                       \
         break;
-    switch (n) { CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4) CGRAFT_ROWS(5) CGRAFT_ROWS(6) CGRAFT_ROWS(7) CGRAFT_ROWS(8) default: break; }
+    switch (w * 16 + n) {
+        CGRAFT_ROWS(1, 1) CGRAFT_ROWS(1, 2) CGRAFT_ROWS(1, 3) CGRAFT_ROWS(1, 4)
+        CGRAFT_ROWS(1, 5) CGRAFT_ROWS(1, 6) CGRAFT_ROWS(1, 7) CGRAFT_ROWS(1, 8)
+        CGRAFT_ROWS(4, 1) CGRAFT_ROWS(4, 2)
+        default: break;
+    }
 #undef CGRAFT_ROWS
 }
 
@@ -249,20 +260,29 @@ int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, cons
         }
         return 0;
     }
+    if (level == 2) {
+        // Weight rows in fours for one or two activation rows (a decoding step), else one at a time against up to
+        // eight activation rows.
+        int wide = m <= 2 ? 4 : 1;
+        for (int64_t r = r0; r < r1;) {
+            int count = r1 - r >= wide ? wide : 1, per = 8 / count;
+            const uint8_t *rows[4];
+            for (int k = 0; k < count; k++) rows[k] = w + (row_order ? row_order[r + k] : r + k) * row_bytes;
+            float out[8];
+            for (int64_t i = 0; i < m; i += per) {
+                int n = (int)(m - i < per ? m - i : per);
+                rows_avx512(type, rows, count, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
+                for (int k = 0; k < count; k++) {
+                    for (int j = 0; j < n; j++) y[(i + j) * ldy + r + k] += out[k * n + j];
+                }
+            }
+            r += count;
+        }
+        return 0;
+    }
 #endif
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w + (row_order ? row_order[r] : r) * row_bytes;
-#ifdef CGRAFT_X86
-        if (level == 2) {
-            float out[8];
-            for (int64_t i = 0; i < m; i += 8) {
-                int n = (int)(m - i < 8 ? m - i : 8);
-                rows_avx512(type, row, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
-                for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
-            }
-            continue;
-        }
-#endif
         for (int64_t i = 0; i < m; i++) {
             const float *xi = x + i * ldx;
             float v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_portable(row, xi, scratch + i * blocks, blocks)
