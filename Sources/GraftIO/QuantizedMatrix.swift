@@ -28,8 +28,9 @@ public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
     private let rowOrder: [Int]?
     /// ``rowOrder`` for the C kernel.
     private let rowOrder64: [Int64]?
-    /// The blocks' scales (and Q4_1 minimums) copied out contiguously per row, which the fast mode's VNNI kernels
-    /// load 16 at a time; built on the first int8 product (4 bytes per Q4_1 block of 20, 2 per Q8_0 block of 34).
+    /// The blocks' scales (and Q4_1 minimums) copied out contiguously per row, which the AVX-512 kernels (float32
+    /// and int8) load 16 at a time; built on the first direct product (4 bytes per Q4_1 block of 20, 2 per Q8_0
+    /// block of 34).
     private var blockScales: [UInt16]?
     private let blockScalesLock = NSLock()
 
@@ -94,13 +95,16 @@ public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
         guard hasDirectProduct, !outputRows.isEmpty else { return }
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(1, m * cols / 32))
         defer { scratch.deallocate() }
-        let bytes = storage.assumingMemoryBound(to: UInt8.self)
-        let run = { (order: UnsafePointer<Int64>?) in
-            _ = cgraft_ggml_rows_product(Int32(self.type.rawValue), bytes, Int64(self.rowBytes), order,
+        let bytes = storage.assumingMemoryBound(to: UInt8.self), table = scaleTable()
+        let run = { (order: UnsafePointer<Int64>?, scales: UnsafePointer<UInt16>?) in
+            _ = cgraft_ggml_rows_product(Int32(self.type.rawValue), bytes, Int64(self.rowBytes), order, scales,
                                          Int64(outputRows.lowerBound), Int64(outputRows.upperBound), Int64(self.cols), x,
                                          Int64(self.cols), Int64(m), y, Int64(ldy), scratch)
         }
-        if let rowOrder64 { rowOrder64.withUnsafeBufferPointer { run($0.baseAddress) } } else { run(nil) }
+        table.withUnsafeBufferPointer { buffer in
+            let scales = buffer.isEmpty ? nil : buffer.baseAddress
+            if let rowOrder64 { rowOrder64.withUnsafeBufferPointer { run($0.baseAddress, scales) } } else { run(nil, scales) }
+        }
     }
 
     /// Q4_1 and Q8_0 also multiply int8 activations (`cgraft_ggml_rows_product_q8`, the fast mode).

@@ -43,11 +43,13 @@ enum { CGRAFT_GGML_Q4_1 = 3, CGRAFT_GGML_Q8_0 = 8 };
 /// `y[i·ldy + r] += Σ_k W[r, k] · x[i·ldx + k]` for output rows `r0 <= r < r1` and input rows `i < m`, where `W`
 /// is a `[rows, cols]` matrix of `type` blocks whose row `r` starts at `w + row_order[r] · row_bytes` (at
 /// `w + r · row_bytes` when `row_order` is NULL), multiplied straight from its blocks (AVX2 + FMA where the CPU has
-/// them, AVX-512F on CPUs that have it). `scratch` holds `m · cols / 32` floats. Runs on the calling thread. Returns 0, or -1 (and touches
-/// nothing) for another type, `cols` not a multiple of 32 or `m < 1`.
-int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, const int64_t *row_order, int64_t r0,
-                             int64_t r1, int64_t cols, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy,
-                             float *scratch);
+/// them, AVX-512F on CPUs that have it). `block_scales` is NULL or the matrix's table from cgraft_ggml_block_scales
+/// (by storage row), which the AVX-512 kernels read instead of the scales inside the blocks. `scratch` holds
+/// `m · cols / 32` floats. Runs on the calling thread. Returns 0, or -1 (and touches nothing) for another type,
+/// `cols` not a multiple of 32 or `m < 1`.
+int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, const int64_t *row_order,
+                             const uint16_t *block_scales, int64_t r0, int64_t r1, int64_t cols, const float *x,
+                             int64_t ldx, int64_t m, float *y, int64_t ldy, float *scratch);
 
 /// Caps the kernels cgraft_ggml_rows_product picks: 0 the portable loop, 1 AVX2 + FMA + F16C, 2 (the default)
 /// AVX-512F where the CPU has each (for the int8 products: 1 AVX2, 2 AVX-512 VNNI); tests run every level the
