@@ -57,6 +57,10 @@ extension FrozenMatrix {
 /// rows amortise decoding a tile to float32 over a GEMM.
 let directProductRows = 16
 
+/// Adds something to output columns `rows` of a product's output `y` (row `i` of `y` at `y + i · ldy`): an
+/// adapter's decoding-step update, run inside the product's parallel loop on the thread that owns those outputs.
+public typealias OutputRowsUpdate = (_ rows: Range<Int>, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) -> Void
+
 /// `x · Wᵀ (+ bias)` for a frozen compact `weight` (`[out, in]`): the Linear layer on a quantized base.
 ///
 /// Forward decodes `weight` a tile of output rows at a time, the tiles shared out over Graft's threads, each
@@ -64,7 +68,11 @@ let directProductRows = 16
 /// `dy · W` (tile by tile, accumulated) and the bias gradient; the weight itself gets none. The float32 values
 /// multiplied are exactly those ``FrozenMatrix/dequantized()`` returns, so results match the float32 layer on
 /// the dequantized weight up to summation order.
-public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor? = nil) -> Tensor {
+///
+/// `epilogue`, when given, adds to output rows after their product, on the thread that computed them (a decoding
+/// step's adapter updates, see ``OutputRowsUpdate``); it is not differentiated.
+public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor? = nil,
+                   epilogue: OutputRowsUpdate? = nil) -> Tensor {
     let inF = weight.cols, outF = weight.rows
     precondition(x.lastDim == inF, "linear: input \(x.shape) does not end in \(inF)")
     let rowsN = x.rows, tile = weight.tileRows
@@ -82,6 +90,7 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
             // small model) runs faster on the calling thread alone.
             parallelFor(outF, grain: max(64, (1 << 17) / max(inF * rowsN, 1))) { range in
                 weight.accumulateInt8Product(q, outputRows: range, into: op, ldy: outF)
+                epilogue?(range, op, outF)
             }
         }
     } else if inF > 0 && rowsN > 0 && rowsN <= directProductRows && weight.hasDirectProduct {
@@ -90,6 +99,7 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
         if bias == nil { op.update(repeating: 0, count: rowsN * outF) }
         parallelFor(outF, grain: 64) { range in
             weight.accumulateProduct(xp, rows: rowsN, outputRows: range, into: op, ldy: outF)
+            epilogue?(range, op, outF)
         }
     } else if inF > 0 && rowsN > 0 {
         let xp = UnsafePointer(x.pointer), op = out.pointer, beta: Float = bias == nil ? 0 : 1
@@ -102,6 +112,7 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
                             b: scratch.pointer, ldb: inF, beta: beta, c: op + rows.lowerBound, ldc: outF)
             }
         }
+        epilogue?(0..<outF, op, outF)
     }
     var inputs = [x]
     if let bias { inputs.append(bias) }

@@ -37,6 +37,14 @@ void cgraft_bf16_to_f32(const uint16_t *src, float *dst, size_t n);
 int cgraft_bf16_matmul(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
                        int trans_b, float *c, int64_t ldc, int accumulate);
 
+/// A low-rank update's down projection for one activation row: `h[k] = Σ_j a[k·in + j] · x[j]` for `k < rank`
+/// (`a` is `[rank, in]`, row-major). Runs on the calling thread.
+void cgraft_lora_down(const float *x, int64_t in, const float *a, int64_t rank, float *h);
+
+/// A low-rank update's up projection into output rows `begin <= o < end`: `y[o] += scale · Σ_k b[o·rank + k] · h[k]`
+/// (`b` is `[out, rank]`, row-major). Runs on the calling thread.
+void cgraft_lora_up(const float *h, int64_t rank, const float *b, int64_t begin, int64_t end, float scale, float *y);
+
 /// The ggml block formats cgraft_ggml_rows_product multiplies directly (ggml's type ids).
 enum { CGRAFT_GGML_Q4_1 = 3, CGRAFT_GGML_Q8_0 = 8 };
 

@@ -1,3 +1,4 @@
+import CGraftKernels
 import GraftModels
 import GraftTensor
 
@@ -23,6 +24,26 @@ extension LoRALayer {
         return true
     }
 
+    /// A decoding step: `h = x Aᵀ` now, on the calling thread (`[rank, in]`, a few tens of KB), and `scaling · h Bᵀ`
+    /// into whichever output rows the base product's threads hand over.
+    public func decodeUpdate(input x: Tensor, layer: Linear) -> OutputRowsUpdate? {
+        let n = x.rows, inF = layer.inFeatures, r = rank
+        guard isFusable, n <= 2, r > 0, x.lastDim == inF, loraA.count == r * inF, loraB.count == layer.outFeatures * r
+        else { return nil }
+        let h = Tensor(zeros: [n, r])
+        let a = loraA.pointer, xp = x.pointer, hp = h.pointer
+        for i in 0..<n { cgraft_lora_down(xp + i * inF, Int64(inF), a, Int64(r), hp + i * r) }
+        let b = loraB, s = scaling
+        return { rows, y, ldy in
+            withExtendedLifetime(h) {
+                for i in 0..<n {
+                    cgraft_lora_up(hp + i * r, Int64(r), b.pointer, Int64(rows.lowerBound), Int64(rows.upperBound), s,
+                                   y + i * ldy)
+                }
+            }
+        }
+    }
+
     /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory (no-grad inference). A row
     /// or two (a decode step) takes two matrix-vector products per row on the calling thread, which cost less
     /// than setting up GEMMs; more rows run two GEMMs, shared out over Graft's threads when `parallel`.
@@ -32,6 +53,15 @@ extension LoRALayer {
         guard n > 0, r > 0 else { return }
         withUnsafeTemporaryAllocation(of: Float.self, capacity: n * r) { buffer in
             guard let h = buffer.baseAddress else { return }
+            if n <= 2 && !parallel {
+                // One thread (a row of a mixed-adapter batch): the decode kernels, no BLAS call overhead.
+                let a = loraA.pointer, b = loraB.pointer
+                for i in 0..<n {
+                    cgraft_lora_down(x + i * inF, Int64(inF), a, Int64(r), h + i * r)
+                    cgraft_lora_up(h + i * r, Int64(r), b, 0, Int64(outF), scaling, y + i * outF)
+                }
+                return
+            }
             if n <= 2 {
                 // Decoding streams A and B once per token: rows of each are shared out over the threads when they
                 // hold more than ~32 KB (smaller ones cost less than waking a thread).
