@@ -213,56 +213,91 @@ __attribute__((target(VNNI_TARGET))) static inline __m256 fold16(__m512 v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1)));
 }
 
-__attribute__((target(VNNI_TARGET))) static float dot_q4_1_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q,
-                                                                const float *d, const float *s, int64_t blocks) {
-    // Two accumulators so consecutive blocks do not wait on each other's FMA.
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    __m512 offsets = _mm512_setzero_ps();
-    float scales[16];
+// The VNNI kernels run one weight row against up to four activation rows, unpacking each block once. Each
+// activation row keeps its own two accumulators (consecutive blocks do not wait on each other's FMA) and offsets,
+// fed in the same order whatever `N` is, so a sequence gets the same result alone or batched. `out[i]` receives
+// activation row i (`q`, `d`, `s` hold row i at `i * cols`, `i * blocks`).
+
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void
+rows_q4_1_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, const float *s,
+                  int64_t blocks, int N, float *out) {
+    __m256 acc0[4], acc1[4];
+    __m512 offsets[4];
+    for (int i = 0; i < N; i++) { acc0[i] = acc1[i] = _mm256_setzero_ps(); offsets[i] = _mm512_setzero_ps(); }
+    float scales[4][16];
+    const int64_t cols = blocks * 32;
     for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
         int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16, j = 0;
         const uint8_t *blk = row + b0 * 20;
-        const int8_t *x = q + b0 * 32;
-        vnni_scales(blk, 20, table ? table + b0 : NULL, table ? table + blocks + b0 : NULL, n, d + b0, s + b0, scales,
-                    &offsets);
+        for (int i = 0; i < N; i++) {
+            vnni_scales(blk, 20, table ? table + b0 : NULL, table ? table + blocks + b0 : NULL, n, d + i * blocks + b0,
+                        s + i * blocks + b0, scales[i], &offsets[i]);
+        }
         for (; j + 1 < n; j += 2) {
-            __m256i dot0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_1_bytes(blk + j * 20),
-                                               _mm256_loadu_si256((const __m256i *)(x + j * 32)));
-            __m256i dot1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_1_bytes(blk + j * 20 + 20),
-                                               _mm256_loadu_si256((const __m256i *)(x + j * 32 + 32)));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_broadcast_ss(scales + j), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_broadcast_ss(scales + j + 1), acc1);
+            __m256i w0 = q4_1_bytes(blk + j * 20), w1 = q4_1_bytes(blk + j * 20 + 20);
+            for (int i = 0; i < N; i++) {
+                const int8_t *x = q + i * cols + (b0 + j) * 32;
+                __m256i dot0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256((const __m256i *)x));
+                __m256i dot1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w1, _mm256_loadu_si256((const __m256i *)(x + 32)));
+                acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_broadcast_ss(scales[i] + j), acc0[i]);
+                acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_broadcast_ss(scales[i] + j + 1), acc1[i]);
+            }
         }
         if (j < n) {
-            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_1_bytes(blk + j * 20),
-                                              _mm256_loadu_si256((const __m256i *)(x + j * 32)));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales + j), acc0);
-        }
-    }
-    return hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), fold16(offsets)));
-}
-
-__attribute__((target(VNNI_TARGET))) static float dot_q8_0_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q,
-                                                                const float *d, int64_t blocks) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float scales[16];
-    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
-        const uint8_t *blk = row + b0 * 34;
-        const int8_t *x = q + b0 * 32;
-        vnni_scales(blk, 34, table ? table + b0 : NULL, NULL, n, d + b0, NULL, scales, NULL);
-        for (int j = 0; j < n; j++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(blk + j * 34 + 2));
-            __m256i xs = _mm256_loadu_si256((const __m256i *)(x + j * 32));
-            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xs, w));
-            if (j & 1) {
-                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales + j), acc1);
-            } else {
-                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales + j), acc0);
+            __m256i w0 = q4_1_bytes(blk + j * 20);
+            for (int i = 0; i < N; i++) {
+                const int8_t *x = q + i * cols + (b0 + j) * 32;
+                __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256((const __m256i *)x));
+                acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales[i] + j), acc0[i]);
             }
         }
     }
-    return hsum256(_mm256_add_ps(acc0, acc1));
+    for (int i = 0; i < N; i++) out[i] = hsum256(_mm256_add_ps(_mm256_add_ps(acc0[i], acc1[i]), fold16(offsets[i])));
+}
+
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void
+rows_q8_0_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, int64_t blocks, int N,
+                  float *out) {
+    __m256 acc0[4], acc1[4];
+    for (int i = 0; i < N; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    float scales[4][16];
+    const int64_t cols = blocks * 32;
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
+        const uint8_t *blk = row + b0 * 34;
+        for (int i = 0; i < N; i++) {
+            vnni_scales(blk, 34, table ? table + b0 : NULL, NULL, n, d + i * blocks + b0, NULL, scales[i], NULL);
+        }
+        for (int j = 0; j < n; j++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(blk + j * 34 + 2)), magnitude = _mm256_abs_epi8(w);
+            for (int i = 0; i < N; i++) {
+                __m256i xs = _mm256_loadu_si256((const __m256i *)(q + i * cols + (b0 + j) * 32));
+                __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(xs, w));
+                if (j & 1) {
+                    acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales[i] + j), acc1[i]);
+                } else {
+                    acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales[i] + j), acc0[i]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = hsum256(_mm256_add_ps(acc0[i], acc1[i]));
+}
+
+/// One weight row against activation rows `0 ..< n` (n ≤ 4) with the VNNI kernels, into `out`.
+__attribute__((target(VNNI_TARGET))) static void rows_q8_vnni(int type, const uint8_t *row, const uint16_t *table,
+                                                              const int8_t *q, const float *d, const float *s,
+                                                              int64_t blocks, int n, float *out) {
+#define CGRAFT_ROWS(N)                                                                                               \
+    case N:                                                                                                          \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_vnni(row, table, q, d, s, blocks, N, out);                         \
+        else rows_q8_0_q8_vnni(row, table, q, d, blocks, N, out);                                                     \
+        break;
+    switch (n) {
+        CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4)
+        default: break;
+    }
+#undef CGRAFT_ROWS
 }
 
 /// 0 portable, 1 AVX2 (+ FMA, F16C), 2 AVX-512 VNNI (+ VL); at most cgraft_ggml_kernel_limit().
@@ -329,21 +364,22 @@ int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, c
             continue;
         }
 #endif
+#ifdef CGRAFT_X86
+        if (level == 2) {
+            float out[4];
+            for (int64_t i = 0; i < m; i += 4) {
+                int n = (int)(m - i < 4 ? m - i : 4);
+                rows_q8_vnni(type, row, table, q + i * cols, scales + i * blocks, sums + i * blocks, blocks, n, out);
+                for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
+            }
+            continue;
+        }
+#endif
         for (int64_t i = 0; i < m; i++) {
             const int8_t *qi = q + i * cols;
             const float *di = scales + i * blocks, *si = sums + i * blocks;
-            float v;
-#ifdef CGRAFT_X86
-            if (level == 2) {
-                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_q8_vnni(row, table, qi, di, si, blocks)
-                                             : dot_q8_0_q8_vnni(row, table, qi, di, blocks);
-            } else
-#endif
-            {
-                v = type == CGRAFT_GGML_Q4_1 ? dot_q4_1_q8_portable(row, qi, di, si, blocks)
-                                             : dot_q8_0_q8_portable(row, qi, di, blocks);
-            }
-            y[i * ldy + r] += v;
+            y[i * ldy + r] += type == CGRAFT_GGML_Q4_1 ? dot_q4_1_q8_portable(row, qi, di, si, blocks)
+                                                       : dot_q8_0_q8_portable(row, qi, di, blocks);
         }
     }
     (void)level;
