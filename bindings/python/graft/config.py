@@ -1,8 +1,8 @@
 """Adapter configurations: `to_dict()` gives adapter_config.json's shape.
 
 PEFT's own config classes (LoraConfig, GloraConfig, ...: one for every PEFT method Graft builds) are generated
-into peft_configs.py with PEFT's fields and defaults. Graft's own methods from the seed papers, which PEFT does
-not have, take an AdapterConfig with their keys (README, "Methods").
+into the peft_configs package (one module per method family) with PEFT's fields and defaults. Graft's own
+methods from the seed papers, which PEFT does not have, take an AdapterConfig with their keys (README, "Methods").
 """
 import dataclasses
 from dataclasses import dataclass
