@@ -118,7 +118,11 @@ struct Train: ParsableCommand {
                     ? t.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } : t
             }
             if let m = modulesToSave { adapter["modules_to_save"] = m.split(separator: ",").map(String.init) }
-            if adapter["target_modules"] == nil, !AdapterConfig.typesOnMoEBlocks.contains((adapter["peft_type"] as? String ?? "").uppercased()) {
+            // A method that picks its layers itself (ADAPTION_PROMPT's top attention blocks, the bottleneck
+            // adapters) gets no default: it ignores one, or refuses one that is not its own (ADAPTION_PROMPT).
+            let type = (adapter["peft_type"] as? String ?? "").uppercased()
+            let picksLayers = AdapterMethodTable.all.modules[type]?.selectsLayers ?? false
+            if adapter["target_modules"] == nil, !picksLayers, !AdapterConfig.typesOnMoEBlocks.contains(type) {
                 adapter["target_modules"] = task == .sequenceClassification ? ["query", "value"] : ["q_proj", "v_proj"]
             }
             if task == .sequenceClassification && adapter["modules_to_save"] == nil { adapter["modules_to_save"] = ["classifier"] }
