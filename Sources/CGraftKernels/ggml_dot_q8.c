@@ -349,27 +349,21 @@ int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, c
     int64_t blocks = cols / 32;
     int level = cgraft_ggml_int8_kernel_level();
     int64_t per = type == CGRAFT_GGML_Q4_1 ? 2 * blocks : blocks;
+#ifdef CGRAFT_X86
+    // One weight row against up to four activation rows at a time: AVX2, or AVX-512 VNNI.
+    void (*rows_kernel)(int, const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *, int64_t,
+                        int, float *) = level == 2 ? rows_q8_vnni : level == 1 ? rows_q8_avx2 : NULL;
+#endif
     for (int64_t r = r0; r < r1; r++) {
         int64_t source = row_order ? row_order[r] : r;
         const uint8_t *row = w + source * row_bytes;
         const uint16_t *table = block_scales ? block_scales + source * per : NULL;
 #ifdef CGRAFT_X86
-        if (level == 1) {
+        if (rows_kernel) {
             float out[4];
             for (int64_t i = 0; i < m; i += 4) {
                 int n = (int)(m - i < 4 ? m - i : 4);
-                rows_q8_avx2(type, row, table, q + i * cols, scales + i * blocks, sums + i * blocks, blocks, n, out);
-                for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
-            }
-            continue;
-        }
-#endif
-#ifdef CGRAFT_X86
-        if (level == 2) {
-            float out[4];
-            for (int64_t i = 0; i < m; i += 4) {
-                int n = (int)(m - i < 4 ? m - i : 4);
-                rows_q8_vnni(type, row, table, q + i * cols, scales + i * blocks, sums + i * blocks, blocks, n, out);
+                rows_kernel(type, row, table, q + i * cols, scales + i * blocks, sums + i * blocks, blocks, n, out);
                 for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
             }
             continue;
