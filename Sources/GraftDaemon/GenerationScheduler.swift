@@ -45,11 +45,15 @@ final class GenerationState {
     var prefixCaches: [String: PromptPrefixCache] = [:]
     /// Bumped whenever a model's adapters may have changed; caches from an older epoch are not kept.
     var cacheEpoch: [String: UInt64] = [:]
+    /// Float16 copies of adapter factors that fast-mode steps read, by model id: kept while the model's batch runs,
+    /// dropped when it empties or a request may change an adapter.
+    var halfCopies: [String: HalfPrecisionCopies] = [:]
 }
 
 extension Engine {
     /// Forgets the kept prompt caches of every model (after a request that may change adapters' weights).
     func invalidatePromptCaches() {
+        generation.halfCopies.removeAll()
         for (id, cache) in generation.prefixCaches {
             cache.removeAll()
             generation.cacheEpoch[id, default: 0] += 1
@@ -64,6 +68,19 @@ extension Engine {
         let cache = PromptPrefixCache(budgetBytes: settings.prefixCacheBytes)
         generation.prefixCaches[modelID] = cache
         return cache
+    }
+
+    /// The float16 copies fast-mode steps of `modelID` read, unless it is being trained (its weights change every
+    /// step: its steps then read the float32 factors).
+    func halfCopies(_ modelID: String) -> HalfPrecisionCopies? {
+        guard !jobs.all.contains(where: { $0.modelID == modelID && !$0.isFinished }) else {
+            generation.halfCopies[modelID] = nil
+            return nil
+        }
+        if let copies = generation.halfCopies[modelID] { return copies }
+        let copies = HalfPrecisionCopies()
+        generation.halfCopies[modelID] = copies
+        return copies
     }
 
     /// Adds a prepared generation to its model's batch and makes sure a step is queued.
@@ -127,7 +144,8 @@ extension Engine {
         }
         generation.lastStepPrefilled[modelID] = prefill
         do {
-            let pieces = try s.step(rows.map { list[$0].generation })
+            let copies = fast ? halfCopies(modelID) : nil
+            let pieces = try withHalfPrecisionCopies(copies) { try s.step(rows.map { list[$0].generation }) }
             pendingLock.lock()
             generationCounts.steps += 1
             generationCounts.tokens += UInt64(rows.count)
@@ -144,7 +162,10 @@ extension Engine {
         for r in list {
             if r.generation.isFinished { end(r, .finished(modelID)) } else { remaining.append(r) }
         }
-        guard !remaining.isEmpty else { return }
+        guard !remaining.isEmpty else {
+            generation.halfCopies[modelID] = nil
+            return
+        }
         generation.running[modelID] = remaining + (generation.running[modelID] ?? [])
         queueStep(modelID)
     }

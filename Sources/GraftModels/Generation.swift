@@ -22,9 +22,12 @@ public struct GenerationParameters: Sendable {
     public var stopTokens: Set<Int32> = []
     /// The fast mode: every product with a Q4_1 / Q8_0 weight of a GGUF base (the prompt's and each decoding
     /// step's) multiplies activations quantized to int8 per block of 32 (integer dot products, as llama.cpp does)
-    /// instead of float32 activations. Logits then deviate slightly from the exact mode (the default, false); other
-    /// weights are unaffected. A row's products do not depend on the rows beside it, so a sequence gets the same
-    /// tokens alone, batched, or after a cached prompt prefix.
+    /// instead of float32 activations, and plain LoRA updates of decoding rows read float16 copies of their
+    /// factors. Logits then deviate slightly from the exact mode (the default, false); other weights are
+    /// unaffected. A row's products do not depend on the rows beside it, so a sequence gets the same tokens alone
+    /// or batched with other prompts or decoding rows. A decoding row padded beside a prompt in one
+    /// step is the exception: its attention differs in the last digits, which int8 rounding can turn into other
+    /// tokens, so graftd steps prompts and decoding rows apart. Prompt caching is off in this mode.
     public var fastDecode: Bool = false
 
     /// Defaults: greedy, 128 tokens, no stop tokens, exact mode.
@@ -110,7 +113,7 @@ extension LlamaModel {
         guard prompt.count + parameters.maxNewTokens <= config.contextLength else {
             throw GraftError.invalid("generate: prompt (\(prompt.count)) + maxNewTokens (\(parameters.maxNewTokens)) exceeds the context length \(config.contextLength)")
         }
-        return try withNoGrad { try withInt8Activations(parameters.fastDecode) {
+        return try withNoGrad { try withInt8Activations(parameters.fastDecode) { try withHalfPrecisionCopies(parameters.fastDecode) {
             let cache = KVCache(layerCount: layers.count)
             var sampler = TokenSampler(parameters: parameters)
             var generated: [Int32] = []
@@ -126,7 +129,7 @@ extension LlamaModel {
                 input = [next]
             }
             return generated
-        } }
+        } } }
     }
 
     /// Generates after each of `prompts` as one batch: every step runs the still-active sequences together
@@ -153,15 +156,17 @@ extension LlamaModel {
             try GenerationSequence(pending: $0, cache: KVCache(layerCount: layers.count), parameters: parameters)
         }
         var active = sequences.indices.filter { !sequences[$0].isFinished }
-        while !active.isEmpty {
-            let rows = active
-            let tokens = try decodeStep(rows.map { sequences[$0] }) { step in
-                try withoutActuallyEscaping(step) { try around(rows, $0) }
-            }
-            active = []
-            for (r, token) in zip(rows, tokens) {
-                if !onToken(r, token) { sequences[r].finish() }
-                if !sequences[r].isFinished { active.append(r) }
+        try withHalfPrecisionCopies(parameters.fastDecode) {
+            while !active.isEmpty {
+                let rows = active
+                let tokens = try decodeStep(rows.map { sequences[$0] }) { step in
+                    try withoutActuallyEscaping(step) { try around(rows, $0) }
+                }
+                active = []
+                for (r, token) in zip(rows, tokens) {
+                    if !onToken(r, token) { sequences[r].finish() }
+                    if !sequences[r].isFinished { active.append(r) }
+                }
             }
         }
         return sequences.map(\.generated)

@@ -187,7 +187,9 @@ final class RoutedLinear: LinearAdapter {
         // Plain LoRA segments: split into blocks of rows run in parallel, each block's two GEMMs on one thread.
         var tasks: [(rows: Range<Int>, loras: [LoRALayer])] = []
         var general: [(rows: Range<Int>, adapters: [any LinearAdapter])] = []
-        let block = max(16, (flat + 2 * Threading.threads - 1) / (2 * Threading.threads))
+        // A decode step (one row per sequence) runs its rows two at a time through the per-row kernels, as each
+        // sequence's step alone does, so a row's update does not depend on how many rows share its adapter.
+        let block = per == 1 ? 2 : max(16, (flat + 2 * Threading.threads - 1) / (2 * Threading.threads))
         for seg in segments {
             let loras = seg.adapters.compactMap { $0 as? LoRALayer }.filter(\.isFusable)
             guard loras.count == seg.adapters.count else { general.append((seg.rows, seg.adapters)); continue }
@@ -200,12 +202,14 @@ final class RoutedLinear: LinearAdapter {
         }
         let inF = x.lastDim, outF = y.lastDim
         let px = x.pointer, py = y.pointer
+        // Fast-mode float16 factors are looked up here: the scope that holds them belongs to this thread.
+        let halves = tasks.map { task in task.rows.count <= 2 ? task.loras.map(\.decodeHalfFactors) : [] }
         parallelFor(tasks.count, grain: 1) { range in
             for i in range {
                 let rows = tasks[i].rows
-                for l in tasks[i].loras {
+                for (k, l) in tasks[i].loras.enumerated() {
                     l.addUpdate(input: px + rows.lowerBound * inF, into: py + rows.lowerBound * outF, rows: rows.count,
-                                inFeatures: inF, outFeatures: outF)
+                                inFeatures: inF, outFeatures: outF, half: halves[i].isEmpty ? nil : halves[i][k])
                 }
             }
         }

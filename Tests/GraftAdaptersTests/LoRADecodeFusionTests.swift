@@ -62,4 +62,58 @@ import GraftTestSupport
             #expect(worst <= 1e-5 * scale, "\(type) \(fast ? "fast" : "exact") \(rows) rows: max |error| \(worst)")
         }
     }
+
+    /// Fast-mode decoding inside a ``HalfPrecisionCopies`` scope reads A and B rounded to float16: the fused update
+    /// must match the definition computed from the rounded factors (and differ from the float32 one by no more
+    /// than that rounding allows), for one and two rows; outside a scope the float32 factors are read.
+    @Test(arguments: [GGMLType.q4_1, .q8_0])
+    func fastModeReadsFloat16FactorsInsideAScope(type: GGMLType) throws {
+        Threading.setThreads(2)
+        let matrix = try quantized(type, seed: 91)
+        let layer = Linear(compact: matrix, bias: nil)
+        let lora = LoRALayer(base: layer, rank: rank, alpha: 32, useRSLoRA: false, dropout: 0, useDoRA: false,
+                             initLoraWeights: false, bias: false, state: AdapterState(seed: 5))
+        layer.adapters = [lora]
+        let s = Double(lora.scaling)
+        let exactA = lora.loraA.scalars.map(Double.init), exactB = lora.loraB.scalars.map(Double.init)
+        let halfA = lora.loraA.scalars.map { Double(Float(Float16($0))) }
+        let halfB = lora.loraB.scalars.map { Double(Float(Float16($0))) }
+        #expect(zip(exactA, halfA).contains { $0 != $1 }, "rounding to float16 changed nothing: the test would not tell")
+        for rows in [1, 2] {
+            let xv = randomValues(rows * inF, seed: UInt64(90 + rows))
+            let x = Tensor(shape: [rows, inF], values: xv.map(Float.init))
+            let (scoped, plain, baseOut, bytes) = withNoGrad {
+                withInt8Activations {
+                    let copies = HalfPrecisionCopies()
+                    let scoped = withHalfPrecisionCopies(copies) { layer.forward(x) }
+                    return (scoped, layer.forward(x), linear(x, frozen: matrix, nil), copies.bytes)
+                }
+            }
+            #expect(bytes == 2 * (lora.loraA.count + lora.loraB.count))  // A as is, B transposed
+            func worstError(_ out: Tensor, a: [Double], b: [Double]) -> (Double, Double) {
+                var worst = 0.0, scale = 0.0
+                for i in 0..<rows {
+                    var h = [Double](repeating: 0, count: rank)
+                    for k in 0..<rank { for j in 0..<inF { h[k] += a[k * inF + j] * xv[i * inF + j] } }
+                    for o in 0..<outF {
+                        var update = 0.0
+                        for k in 0..<rank { update += s * b[o * rank + k] * h[k] }
+                        let got = Double(out.scalars[i * outF + o]) - Double(baseOut.scalars[i * outF + o])
+                        worst = got.isFinite ? max(worst, abs(got - update)) : .infinity
+                        scale = max(scale, abs(update))
+                    }
+                }
+                return (worst, scale)
+            }
+            let (halfError, scale) = worstError(scoped, a: halfA, b: halfB)
+            let (halfVsExact, _) = worstError(scoped, a: exactA, b: exactB)
+            let (plainError, _) = worstError(plain, a: exactA, b: exactB)
+            print("LoRA fast decode \(type), \(rows) row(s): float16 factors max |error| \(halfError) vs their definition, \(halfVsExact) vs float32's; outside a scope \(plainError); largest update \(scale)")
+            #expect(scale > 0.1, "the update is too small to test")
+            #expect(halfError <= 1e-5 * scale)
+            #expect(plainError <= 1e-5 * scale)
+            // Rounding to float16 moves each factor by at most 2^-11 of itself: the update by about 1e-3 of its size.
+            #expect(halfVsExact > 1e-5 * scale && halfVsExact <= 4e-3 * scale)
+        }
+    }
 }

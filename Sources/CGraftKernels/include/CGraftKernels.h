@@ -45,6 +45,26 @@ void cgraft_lora_down(const float *x, int64_t in, const float *a, int64_t rank, 
 /// (`b` is `[out, rank]`, row-major). Runs on the calling thread.
 void cgraft_lora_up(const float *h, int64_t rank, const float *b, int64_t begin, int64_t end, float scale, float *y);
 
+/// cgraft_lora_down with `a` in IEEE float16 (binary16 bit patterns), for fast-mode decoding.
+void cgraft_lora_down_half(const float *x, int64_t in, const uint16_t *a, int64_t rank, float *h);
+
+/// cgraft_lora_up with B transposed and in IEEE float16: `bt` is `[rank, out]` (binary16 bit patterns), so the
+/// outputs of a range are summed lane by lane. Each `y[o]` gets the same value whichever range computes it.
+void cgraft_lora_up_half(const float *h, int64_t rank, const uint16_t *bt, int64_t out, int64_t begin, int64_t end,
+                         float scale, float *y);
+
+/// Rounds `n` floats to the nearest IEEE float16 (binary16 bit patterns; overflow gives ±infinity).
+void cgraft_f32_to_half(const float *src, uint16_t *dst, int64_t n);
+
+/// The transpose of the row-major `[rows, cols]` matrix `src` rounded to IEEE float16: `dst` is `[cols, rows]`.
+void cgraft_f32_to_half_transposed(const float *src, int64_t rows, int64_t cols, uint16_t *dst);
+
+/// The float16-copies scope open on the calling thread (an opaque object of the Swift layer), or NULL.
+void *cgraft_half_copies_scope(void);
+
+/// Opens `scope` (NULL: none) on the calling thread; see cgraft_half_copies_scope.
+void cgraft_set_half_copies_scope(void *scope);
+
 /// The ggml block formats cgraft_ggml_rows_product multiplies directly (ggml's type ids).
 enum { CGRAFT_GGML_Q4_1 = 3, CGRAFT_GGML_Q8_0 = 8 };
 
