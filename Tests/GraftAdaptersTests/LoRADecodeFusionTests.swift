@@ -25,6 +25,25 @@ import GraftTestSupport
         return try bytes.withUnsafeBytes { try QuantizedMatrix(name: "blk.0.attn_q.weight", type: type, rows: outF, cols: inF, bytes: $0) }
     }
 
+    /// The largest |(out − base) − update| over `rows` rows, the update `s · B (A x)` computed in float64 from `a`
+    /// and `b`, and the largest |update|. A NaN or infinity in `out` gives an infinite error.
+    func worstUpdateError(_ out: Tensor, base: Tensor, x xv: [Double], rows: Int, a: [Double], b: [Double],
+                          scale s: Double) -> (error: Double, largest: Double) {
+        var worst = 0.0, largest = 0.0
+        for i in 0..<rows {
+            var h = [Double](repeating: 0, count: rank)
+            for k in 0..<rank { for j in 0..<inF { h[k] += a[k * inF + j] * xv[i * inF + j] } }
+            for o in 0..<outF {
+                var update = 0.0
+                for k in 0..<rank { update += s * b[o * rank + k] * h[k] }
+                let got = Double(out.scalars[i * outF + o]) - Double(base.scalars[i * outF + o])
+                worst = got.isFinite ? max(worst, abs(got - update)) : .infinity
+                largest = max(largest, abs(update))
+            }
+        }
+        return (worst, largest)
+    }
+
     @Test(arguments: [GGMLType.q4_1, .q8_0, .f16], [false, true])
     func fusedUpdateMatchesTheDefinition(type: GGMLType, fast: Bool) throws {
         Threading.setThreads(2)
@@ -43,20 +62,7 @@ import GraftTestSupport
             }
             // One or two rows take the fused path; more run the base product and then the update.
             #expect(fused == (rows <= 2), "\(rows) rows: fused \(fused)")
-            var worst = 0.0, scale = 0.0
-            for i in 0..<rows {
-                var h = [Double](repeating: 0, count: rank)
-                for k in 0..<rank { for j in 0..<inF { h[k] += a[k * inF + j] * xv[i * inF + j] } }
-                for o in 0..<outF {
-                    var update = 0.0
-                    for k in 0..<rank { update += s * b[o * rank + k] * h[k] }
-                    let expected = Double(baseOut.scalars[i * outF + o]) + update
-                    let got = Double(out.scalars[i * outF + o])
-                    // A NaN or infinity in the output fails through the comparison below.
-                    worst = got.isFinite ? max(worst, abs(got - expected)) : .infinity
-                    scale = max(scale, abs(update))
-                }
-            }
+            let (worst, scale) = worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b, scale: s)
             print("LoRA decode fusion \(type) \(fast ? "fast" : "exact"), \(rows) row(s): max |error| \(worst), largest update \(scale)")
             #expect(scale > 0.1, "the update is too small to test")
             #expect(worst <= 1e-5 * scale, "\(type) \(fast ? "fast" : "exact") \(rows) rows: max |error| \(worst)")
@@ -91,19 +97,7 @@ import GraftTestSupport
             }
             #expect(bytes == 2 * (lora.loraA.count + lora.loraB.count))  // A as is, B transposed
             func worstError(_ out: Tensor, a: [Double], b: [Double]) -> (Double, Double) {
-                var worst = 0.0, scale = 0.0
-                for i in 0..<rows {
-                    var h = [Double](repeating: 0, count: rank)
-                    for k in 0..<rank { for j in 0..<inF { h[k] += a[k * inF + j] * xv[i * inF + j] } }
-                    for o in 0..<outF {
-                        var update = 0.0
-                        for k in 0..<rank { update += s * b[o * rank + k] * h[k] }
-                        let got = Double(out.scalars[i * outF + o]) - Double(baseOut.scalars[i * outF + o])
-                        worst = got.isFinite ? max(worst, abs(got - update)) : .infinity
-                        scale = max(scale, abs(update))
-                    }
-                }
-                return (worst, scale)
+                worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b, scale: s)
             }
             let (halfError, scale) = worstError(scoped, a: halfA, b: halfB)
             let (halfVsExact, _) = worstError(scoped, a: exactA, b: exactB)
