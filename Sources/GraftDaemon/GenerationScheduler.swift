@@ -51,7 +51,8 @@ final class GenerationState {
 }
 
 extension Engine {
-    /// Forgets the kept prompt caches of every model (after a request that may change adapters' weights).
+    /// Forgets the kept prompt caches and float16 adapter copies of every model (after a request that may change
+    /// adapters' weights).
     func invalidatePromptCaches() {
         generation.halfCopies.removeAll()
         for (id, cache) in generation.prefixCaches {

@@ -7,12 +7,17 @@ import CGraftKernels
 /// tensors it copies. Generation holds one for a single `generate` call, during which no weight changes; a server
 /// that keeps one across decoding steps drops it whenever a request may change an adapter.
 public final class HalfPrecisionCopies {
+    /// Which copy: the tensor, as laid out or transposed.
+    private struct Key: Hashable {
+        let tensor: ObjectIdentifier
+        let transposed: Bool
+    }
     /// A float16 copy and the tensor it was made from, kept alive so its identifier is not reused.
     private struct Copy {
         let source: Tensor
         let half: UnsafeMutablePointer<UInt16>
     }
-    private var copies: [ObjectIdentifier: Copy] = [:]
+    private var copies: [Key: Copy] = [:]
 
     /// The scope open on the current thread, if any.
     public static var current: HalfPrecisionCopies? {
@@ -22,38 +27,36 @@ public final class HalfPrecisionCopies {
     /// An empty scope; open it on a thread with ``withHalfPrecisionCopies(_:_:)``.
     public init() {}
 
-    /// Bytes the copies hold.
-    public var bytes: Int {
-        (copies.values.reduce(0) { $0 + 2 * $1.source.count }) + transposedCopies.values.reduce(0) { $0 + 2 * $1.source.count }
-    }
-
     deinit {
         for copy in copies.values { copy.half.deallocate() }
-        for copy in transposedCopies.values { copy.half.deallocate() }
     }
 
-    private var transposedCopies: [ObjectIdentifier: Copy] = [:]
+    /// Bytes the copies hold.
+    public var bytes: Int { copies.values.reduce(0) { $0 + 2 * $1.source.count } }
 
     /// `tensor`'s values rounded to float16 (made now if this scope has no copy of it yet). The pointer stays valid
     /// until the scope ends.
     public func half(of tensor: Tensor) -> UnsafePointer<UInt16> {
-        let key = ObjectIdentifier(tensor)
-        if let copy = copies[key] { return UnsafePointer(copy.half) }
-        let half = UnsafeMutablePointer<UInt16>.allocate(capacity: max(tensor.count, 1))
-        cgraft_f32_to_half(tensor.pointer, half, Int64(tensor.count))
-        copies[key] = Copy(source: tensor, half: half)
-        return UnsafePointer(half)
+        copy(of: tensor, transposed: false) { cgraft_f32_to_half(tensor.pointer, $0, Int64(tensor.count)) }
     }
 
     /// The transpose of `tensor`, a row-major `[rows, count / rows]` matrix, rounded to float16 (`[count / rows,
     /// rows]`; made now if this scope has none yet). Nil unless `rows` divides the tensor's count.
     public func halfTransposed(of tensor: Tensor, rows: Int) -> UnsafePointer<UInt16>? {
         guard rows > 0, tensor.count % rows == 0 else { return nil }
-        let key = ObjectIdentifier(tensor)
-        if let copy = transposedCopies[key] { return UnsafePointer(copy.half) }
+        return copy(of: tensor, transposed: true) {
+            cgraft_f32_to_half_transposed(tensor.pointer, Int64(rows), Int64(tensor.count / rows), $0)
+        }
+    }
+
+    /// The kept copy, or a new buffer of `tensor.count` halves filled by `fill` and kept.
+    private func copy(of tensor: Tensor, transposed: Bool,
+                      fill: (UnsafeMutablePointer<UInt16>) -> Void) -> UnsafePointer<UInt16> {
+        let key = Key(tensor: ObjectIdentifier(tensor), transposed: transposed)
+        if let copy = copies[key] { return UnsafePointer(copy.half) }
         let half = UnsafeMutablePointer<UInt16>.allocate(capacity: max(tensor.count, 1))
-        cgraft_f32_to_half_transposed(tensor.pointer, Int64(rows), Int64(tensor.count / rows), half)
-        transposedCopies[key] = Copy(source: tensor, half: half)
+        fill(half)
+        copies[key] = Copy(source: tensor, half: half)
         return UnsafePointer(half)
     }
 }

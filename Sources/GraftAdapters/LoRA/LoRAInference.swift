@@ -52,7 +52,6 @@ extension LoRALayer {
         let h = Tensor(zeros: [n, r])
         let xp = x.pointer, hp = h.pointer, s = scaling
         if let half = decodeHalfFactors {
-            guard half.out == layer.outFeatures else { return nil }
             for i in 0..<n { cgraft_lora_down_half(xp + i * inF, Int64(inF), half.a, Int64(r), hp + i * r) }
             return { rows, y, ldy in
                 withExtendedLifetime(h) {
