@@ -45,16 +45,16 @@ final class GenerationState {
     var prefixCaches: [String: PromptPrefixCache] = [:]
     /// Bumped whenever a model's adapters may have changed; caches from an older epoch are not kept.
     var cacheEpoch: [String: UInt64] = [:]
-    /// Float16 copies of adapter factors that fast-mode steps read, by model id: kept while the model's batch runs,
+    /// Int8 copies of adapter factors that fast-mode steps read, by model id: kept while the model's batch runs,
     /// dropped when it empties or a request may change an adapter.
-    var halfCopies: [String: HalfPrecisionCopies] = [:]
+    var factorCopies: [String: Int8FactorCopies] = [:]
 }
 
 extension Engine {
-    /// Forgets the kept prompt caches and float16 adapter copies of every model (after a request that may change
+    /// Forgets the kept prompt caches and int8 adapter copies of every model (after a request that may change
     /// adapters' weights).
     func invalidatePromptCaches() {
-        generation.halfCopies.removeAll()
+        generation.factorCopies.removeAll()
         for (id, cache) in generation.prefixCaches {
             cache.removeAll()
             generation.cacheEpoch[id, default: 0] += 1
@@ -71,16 +71,16 @@ extension Engine {
         return cache
     }
 
-    /// The float16 copies fast-mode steps of `modelID` read, unless it is being trained (its weights change every
+    /// The int8 copies fast-mode steps of `modelID` read, unless it is being trained (its weights change every
     /// step: its steps then read the float32 factors).
-    func halfCopies(_ modelID: String) -> HalfPrecisionCopies? {
+    func factorCopies(_ modelID: String) -> Int8FactorCopies? {
         guard !jobs.all.contains(where: { $0.modelID == modelID && !$0.isFinished }) else {
-            generation.halfCopies[modelID] = nil
+            generation.factorCopies[modelID] = nil
             return nil
         }
-        if let copies = generation.halfCopies[modelID] { return copies }
-        let copies = HalfPrecisionCopies()
-        generation.halfCopies[modelID] = copies
+        if let copies = generation.factorCopies[modelID] { return copies }
+        let copies = Int8FactorCopies()
+        generation.factorCopies[modelID] = copies
         return copies
     }
 
@@ -145,8 +145,8 @@ extension Engine {
         }
         generation.lastStepPrefilled[modelID] = prefill
         do {
-            let copies = fast ? halfCopies(modelID) : nil
-            let pieces = try withHalfPrecisionCopies(copies) { try s.step(rows.map { list[$0].generation }) }
+            let copies = fast ? factorCopies(modelID) : nil
+            let pieces = try withInt8FactorCopies(copies) { try s.step(rows.map { list[$0].generation }) }
             pendingLock.lock()
             generationCounts.steps += 1
             generationCounts.tokens += UInt64(rows.count)
@@ -164,7 +164,7 @@ extension Engine {
             if r.generation.isFinished { end(r, .finished(modelID)) } else { remaining.append(r) }
         }
         guard !remaining.isEmpty else {
-            generation.halfCopies[modelID] = nil
+            generation.factorCopies[modelID] = nil
             return
         }
         generation.running[modelID] = remaining + (generation.running[modelID] ?? [])

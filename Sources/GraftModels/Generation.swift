@@ -22,8 +22,8 @@ public struct GenerationParameters: Sendable {
     public var stopTokens: Set<Int32> = []
     /// The fast mode: every product with a Q4_1 / Q8_0 weight of a GGUF base (the prompt's and each decoding
     /// step's) multiplies activations quantized to int8 per block of 32 (integer dot products, as llama.cpp does)
-    /// instead of float32 activations, and plain LoRA updates of decoding rows read float16 copies of their
-    /// factors. Logits then deviate slightly from the exact mode (the default, false); other weights are
+    /// instead of float32 activations, and plain LoRA updates of decoding rows read int8 copies of their factors
+    /// (a scale per rank component). Logits then deviate slightly from the exact mode (the default, false); other weights are
     /// unaffected. A row's products do not depend on the rows beside it, so a sequence gets the same tokens alone
     /// or batched with other prompts or decoding rows. A decoding row padded beside a prompt in one
     /// step is the exception: its attention differs in the last digits, which int8 rounding can turn into other
@@ -113,7 +113,7 @@ extension LlamaModel {
         guard prompt.count + parameters.maxNewTokens <= config.contextLength else {
             throw GraftError.invalid("generate: prompt (\(prompt.count)) + maxNewTokens (\(parameters.maxNewTokens)) exceeds the context length \(config.contextLength)")
         }
-        return try withNoGrad { try withInt8Activations(parameters.fastDecode) { try withHalfPrecisionCopies(parameters.fastDecode) {
+        return try withNoGrad { try withInt8Activations(parameters.fastDecode) { try withInt8FactorCopies(parameters.fastDecode) {
             let cache = KVCache(layerCount: layers.count)
             var sampler = TokenSampler(parameters: parameters)
             var generated: [Int32] = []
@@ -156,7 +156,7 @@ extension LlamaModel {
             try GenerationSequence(pending: $0, cache: KVCache(layerCount: layers.count), parameters: parameters)
         }
         var active = sequences.indices.filter { !sequences[$0].isFinished }
-        try withHalfPrecisionCopies(parameters.fastDecode) {
+        try withInt8FactorCopies(parameters.fastDecode) {
             while !active.isEmpty {
                 let rows = active
                 let tokens = try decodeStep(rows.map { sequences[$0] }) { step in

@@ -202,14 +202,14 @@ final class RoutedLinear: LinearAdapter {
         }
         let inF = x.lastDim, outF = y.lastDim
         let px = x.pointer, py = y.pointer
-        // Fast-mode float16 factors are looked up here: the scope that holds them belongs to this thread.
-        let halves = tasks.map { task in task.rows.count <= 2 ? task.loras.map(\.decodeHalfFactors) : [] }
+        // Fast-mode int8 factors are looked up here: the scope that holds them belongs to this thread.
+        let int8s = tasks.map { task in task.rows.count <= 2 ? task.loras.map(\.decodeInt8Factors) : [] }
         parallelFor(tasks.count, grain: 1) { range in
             for i in range {
                 let rows = tasks[i].rows
                 for (k, l) in tasks[i].loras.enumerated() {
                     l.addUpdate(input: px + rows.lowerBound * inF, into: py + rows.lowerBound * outF, rows: rows.count,
-                                inFeatures: inF, outFeatures: outF, half: halves[i].isEmpty ? nil : halves[i][k])
+                                inFeatures: inF, outFeatures: outF, int8: int8s[i].isEmpty ? nil : int8s[i][k])
                 }
             }
         }

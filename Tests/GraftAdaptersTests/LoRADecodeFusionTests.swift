@@ -69,11 +69,33 @@ import GraftTestSupport
         }
     }
 
-    /// Fast-mode decoding inside a ``HalfPrecisionCopies`` scope reads A and B rounded to float16: the fused update
-    /// must match the definition computed from the rounded factors (and differ from the float32 one by no more
-    /// than that rounding allows), for one and two rows; outside a scope the float32 factors are read.
+    /// `values` (a row-major float32 matrix of `rows` rows) rounded to symmetric int8 row by row as the copies
+    /// round them: the nearest integer to `v · 127 / max |row|` (float32 arithmetic) times `max |row| / 127`.
+    func int8Rounded(_ values: [Double], rows: Int) -> [Double] {
+        let cols = values.count / rows
+        var out = values
+        for r in 0..<rows {
+            let row = values[(r * cols)..<((r + 1) * cols)].map(Float.init)
+            let largest = row.map(abs).max() ?? 0
+            guard largest > 0 else { continue }
+            let inverse = 127 / largest, scale = Double(largest / 127)
+            for c in 0..<cols { out[r * cols + c] = Double((row[c] * inverse).rounded()) * scale }
+        }
+        return out
+    }
+
+    /// The transpose of a row-major `[rows, count / rows]` matrix.
+    func transposed(_ values: [Double], rows: Int) -> [Double] {
+        let cols = values.count / rows
+        return (0..<values.count).map { i in values[(i % rows) * cols + i / rows] }
+    }
+
+    /// Fast-mode decoding inside an ``Int8FactorCopies`` scope reads A (row by row) and B (column by column)
+    /// rounded to int8: the fused update must match the definition computed from the rounded factors, and differ
+    /// from the float32 one by no more than that rounding allows, for one and two rows; outside a scope the float32
+    /// factors are read.
     @Test(arguments: [GGMLType.q4_1, .q8_0])
-    func fastModeReadsFloat16FactorsInsideAScope(type: GGMLType) throws {
+    func fastModeReadsInt8FactorsInsideAScope(type: GGMLType) throws {
         Threading.setThreads(2)
         let matrix = try quantized(type, seed: 91)
         let layer = Linear(compact: matrix, bias: nil)
@@ -82,32 +104,49 @@ import GraftTestSupport
         layer.adapters = [lora]
         let s = Double(lora.scaling)
         let exactA = lora.loraA.scalars.map(Double.init), exactB = lora.loraB.scalars.map(Double.init)
-        let halfA = lora.loraA.scalars.map { Double(Float(Float16($0))) }
-        let halfB = lora.loraB.scalars.map { Double(Float(Float16($0))) }
-        #expect(zip(exactA, halfA).contains { $0 != $1 }, "rounding to float16 changed nothing: the test would not tell")
+        let roundedA = int8Rounded(exactA, rows: rank)
+        let roundedB = transposed(int8Rounded(transposed(exactB, rows: outF), rows: rank), rows: rank)
+        #expect(zip(exactA, roundedA).contains { $0 != $1 }, "rounding to int8 changed nothing: the test would not tell")
         for rows in [1, 2] {
             let xv = randomValues(rows * inF, seed: UInt64(90 + rows))
             let x = Tensor(shape: [rows, inF], values: xv.map(Float.init))
             let (scoped, plain, baseOut, bytes) = withNoGrad {
                 withInt8Activations {
-                    let copies = HalfPrecisionCopies()
-                    let scoped = withHalfPrecisionCopies(copies) { layer.forward(x) }
+                    let copies = Int8FactorCopies()
+                    let scoped = withInt8FactorCopies(copies) { layer.forward(x) }
                     return (scoped, layer.forward(x), linear(x, frozen: matrix, nil), copies.bytes)
                 }
             }
-            #expect(bytes == 2 * (lora.loraA.count + lora.loraB.count))  // A as is, B transposed
+            #expect(bytes == lora.loraA.count + lora.loraB.count + 4 * 2 * rank)  // values, and a scale per component
             func worstError(_ out: Tensor, a: [Double], b: [Double]) -> (Double, Double) {
                 worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b, scale: s)
             }
-            let (halfError, scale) = worstError(scoped, a: halfA, b: halfB)
-            let (halfVsExact, _) = worstError(scoped, a: exactA, b: exactB)
+            let (int8Error, scale) = worstError(scoped, a: roundedA, b: roundedB)
+            let (int8VsExact, _) = worstError(scoped, a: exactA, b: exactB)
             let (plainError, _) = worstError(plain, a: exactA, b: exactB)
-            print("LoRA fast decode \(type), \(rows) row(s): float16 factors max |error| \(halfError) vs their definition, \(halfVsExact) vs float32's; outside a scope \(plainError); largest update \(scale)")
+            print("LoRA fast decode \(type), \(rows) row(s): int8 factors max |error| \(int8Error) vs their definition, \(int8VsExact) vs float32's; outside a scope \(plainError); largest update \(scale)")
             #expect(scale > 0.1, "the update is too small to test")
-            #expect(halfError <= 1e-5 * scale)
+            #expect(int8Error <= 1e-5 * scale)
             #expect(plainError <= 1e-5 * scale)
-            // Rounding to float16 moves each factor by at most 2^-11 of itself: the update by about 1e-3 of its size.
-            #expect(halfVsExact > 1e-5 * scale && halfVsExact <= 4e-3 * scale)
+            // Rounding to int8 moves each factor by at most half a step, 1/254 of its row's largest magnitude: the
+            // update by a few thousandths of its size.
+            #expect(int8VsExact > 1e-4 * scale && int8VsExact <= 2e-2 * scale)
         }
+    }
+
+    /// A NaN in a factor reaches the fused fast-mode update as it reaches the float32 one: every output it enters is
+    /// NaN, not a silently finite number.
+    @Test func fastModeInt8FactorsPropagateNaN() throws {
+        Threading.setThreads(2)
+        let matrix = try quantized(.q8_0, seed: 93)
+        let layer = Linear(compact: matrix, bias: nil)
+        let lora = LoRALayer(base: layer, rank: rank, alpha: 32, useRSLoRA: false, dropout: 0, useDoRA: false,
+                             initLoraWeights: false, bias: false, state: AdapterState(seed: 6))
+        layer.adapters = [lora]
+        lora.loraA.pointer[3 * inF + 7] = .nan
+        let x = Tensor(shape: [1, inF], values: randomValues(inF, seed: 94).map(Float.init))
+        let out = withNoGrad { withInt8Activations { withInt8FactorCopies(Int8FactorCopies()) { layer.forward(x) } } }
+        let nans = out.scalars.filter(\.isNaN).count
+        #expect(nans == outF, "\(nans) of \(outF) outputs are NaN")
     }
 }

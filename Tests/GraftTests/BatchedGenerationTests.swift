@@ -35,14 +35,14 @@ import GraftTestSupport
         return try s.generate(prompt: prompt, parameters: params, stopAtEOS: false) { _, _ in true }
     }
 
-    /// In the fast mode the steps run inside one float16-copies scope held across steps, as graftd holds it.
+    /// In the fast mode the steps run inside one int8-copies scope held across steps, as graftd holds it.
     @Test(arguments: [false, true])
     func sequencesJoiningMidwayGetTheirAloneTokens(fast: Bool) throws {
         let s = try Self.session()
         let prompts = Self.prompts.map { s.model.tokenizer.encode($0) }
         let adapters: [String?] = ["a", nil, "b", "a"]
         let params = GenerationParameters(maxNewTokens: 12, fastDecode: fast)
-        let copies = fast ? HalfPrecisionCopies() : nil
+        let copies = fast ? Int8FactorCopies() : nil
         var running: [(index: Int, generation: BatchedGeneration)] = []
         var streamed = [[Int32]](repeating: [], count: prompts.count)
         var joined = 0
@@ -63,11 +63,11 @@ import GraftTestSupport
             let prefilling = running.filter { $0.generation.sequence.isPrefilling }
             let rows = fast && !prefilling.isEmpty && prefilling.count < running.count
                 ? (step % 2 == 0 ? prefilling : running.filter { !$0.generation.sequence.isPrefilling }) : running
-            let pieces = try withHalfPrecisionCopies(copies) { try s.step(rows.map(\.generation)) }
+            let pieces = try withInt8FactorCopies(copies) { try s.step(rows.map(\.generation)) }
             for ((i, _), piece) in zip(rows, pieces) where piece.reported { streamed[i].append(piece.token) }
             running.removeAll { $0.generation.isFinished }
         }
-        if let copies { #expect(copies.bytes > 0, "the fast steps made no float16 copies") }
+        if let copies { #expect(copies.bytes > 0, "the fast steps made no int8 copies") }
         for (i, prompt) in prompts.enumerated() {
             let expected = try Self.alone(s, prompt, adapter: adapters[i], params)
             #expect(streamed[i] == expected, "prompt \(i) under \(adapters[i] ?? "base"), fast \(fast)")

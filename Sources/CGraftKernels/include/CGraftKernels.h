@@ -45,25 +45,29 @@ void cgraft_lora_down(const float *x, int64_t in, const float *a, int64_t rank, 
 /// (`b` is `[out, rank]`, row-major). Runs on the calling thread.
 void cgraft_lora_up(const float *h, int64_t rank, const float *b, int64_t begin, int64_t end, float scale, float *y);
 
-/// cgraft_lora_down with `a` in IEEE float16 (binary16 bit patterns), for fast-mode decoding.
-void cgraft_lora_down_half(const float *x, int64_t in, const uint16_t *a, int64_t rank, float *h);
+/// Rounds each row of the row-major `[rows, cols]` matrix `src` to symmetric int8: `dst[r·cols + c] ·
+/// scales[r]` ≈ `src[r·cols + c]`, with `scales[r] = max_c |src[r·cols + c]| / 127` (NaN for a row holding a
+/// non-finite value, so the products it enters come out NaN as they would from the float32 row).
+void cgraft_int8_rows(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales);
 
-/// cgraft_lora_up with B transposed and in IEEE float16: `bt` is `[rank, out]` (binary16 bit patterns), so the
-/// outputs of a range are summed lane by lane. Each `y[o]` gets the same value whichever range computes it.
-void cgraft_lora_up_half(const float *h, int64_t rank, const uint16_t *bt, int64_t out, int64_t begin, int64_t end,
-                         float scale, float *y);
+/// cgraft_int8_rows of the transpose: `dst` is `[cols, rows]`, one scale per column of `src`.
+void cgraft_int8_columns_transposed(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales);
 
-/// Rounds `n` floats to the nearest IEEE float16 (binary16 bit patterns; overflow gives ±infinity).
-void cgraft_f32_to_half(const float *src, uint16_t *dst, int64_t n);
+/// cgraft_lora_down with `a` in int8 (cgraft_int8_rows): `h[k] = scales[k] · Σ_j a[k·in + j] · x[j]`, for
+/// fast-mode decoding.
+void cgraft_lora_down_int8(const float *x, int64_t in, const int8_t *a, const float *scales, int64_t rank, float *h);
 
-/// The transpose of the row-major `[rows, cols]` matrix `src` rounded to IEEE float16: `dst` is `[cols, rows]`.
-void cgraft_f32_to_half_transposed(const float *src, int64_t rows, int64_t cols, uint16_t *dst);
+/// cgraft_lora_up with B transposed and in int8: `bt` is `[rank, out]` with a scale per rank component
+/// (cgraft_int8_columns_transposed of B), so the outputs of a range are summed lane by lane. Each `y[o]` gets the
+/// same value whichever range computes it.
+void cgraft_lora_up_int8(const float *h, int64_t rank, const int8_t *bt, const float *scales, int64_t out,
+                         int64_t begin, int64_t end, float scale, float *y);
 
-/// The float16-copies scope open on the calling thread (an opaque object of the Swift layer), or NULL.
-void *cgraft_half_copies_scope(void);
+/// The decode-factor-copies scope open on the calling thread (an opaque object of the Swift layer), or NULL.
+void *cgraft_factor_copies_scope(void);
 
-/// Opens `scope` (NULL: none) on the calling thread; see cgraft_half_copies_scope.
-void cgraft_set_half_copies_scope(void *scope);
+/// Opens `scope` (NULL: none) on the calling thread; see cgraft_factor_copies_scope.
+void cgraft_set_factor_copies_scope(void *scope);
 
 /// The ggml block formats cgraft_ggml_rows_product multiplies directly (ggml's type ids).
 enum { CGRAFT_GGML_Q4_1 = 3, CGRAFT_GGML_Q8_0 = 8 };

@@ -16,49 +16,58 @@ extension LoRALayer {
     /// Floats of A or B below which a decode step's product stays on the calling thread.
     static let parallelFloats = 8192
 
-    /// Float16 copies of A and B, read instead of the float32 factors by decoding rows (one or two) in fast mode.
-    public struct HalfFactors: @unchecked Sendable {
-        /// A, `[rank, in]`.
-        public let a: UnsafePointer<UInt16>
-        /// B transposed, `[rank, out]`.
-        public let bt: UnsafePointer<UInt16>
+    /// Int8 copies of A and B, read instead of the float32 factors by decoding rows (one or two) in fast mode.
+    public struct Int8Factors: @unchecked Sendable {
+        /// A, `[rank, in]`, a scale per rank component.
+        public let a: Int8FactorCopies.Copy
+        /// B transposed, `[rank, out]`, a scale per rank component.
+        public let bt: Int8FactorCopies.Copy
         /// Output width.
         public let out: Int
+
+        /// `h = A x` for one input row of `inF` floats into `h` (`rank` floats).
+        func down(_ x: UnsafePointer<Float>, inF: Int, rank: Int, into h: UnsafeMutablePointer<Float>) {
+            cgraft_lora_down_int8(x, Int64(inF), a.values, a.scales, Int64(rank), h)
+        }
+
+        /// `y[o] += scale · (B h)[o]` for `o` in `rows`.
+        func up(_ h: UnsafePointer<Float>, rank: Int, rows: Range<Int>, scale: Float, into y: UnsafeMutablePointer<Float>) {
+            cgraft_lora_up_int8(h, Int64(rank), bt.values, bt.scales, Int64(out), Int64(rows.lowerBound),
+                                Int64(rows.upperBound), scale, y)
+        }
     }
 
-    /// The factors' float16 copies when this thread decodes in fast mode inside a ``HalfPrecisionCopies`` scope
-    /// (made on first use), else nil. Look them up on the thread that runs the step, not on a worker.
-    public var decodeHalfFactors: HalfFactors? {
-        guard Int8ActivationMode.isEnabled, let copies = HalfPrecisionCopies.current, rank > 0,
-              let bt = copies.halfTransposed(of: loraB, rows: loraB.count / rank) else { return nil }
-        return HalfFactors(a: copies.half(of: loraA), bt: bt, out: loraB.count / rank)
+    /// The factors' int8 copies when this thread decodes in fast mode inside an ``Int8FactorCopies`` scope (made
+    /// on first use), else nil. Look them up on the thread that runs the step, not on a worker.
+    public var decodeInt8Factors: Int8Factors? {
+        guard Int8ActivationMode.isEnabled, let copies = Int8FactorCopies.current, rank > 0,
+              let a = copies.rows(of: loraA, rows: rank),
+              let bt = copies.transposed(of: loraB, rows: loraB.count / rank) else { return nil }
+        return Int8Factors(a: a, bt: bt, out: loraB.count / rank)
     }
 
     /// Inference: `y += scaling · (x Aᵀ) Bᵀ` straight into the layer's output, no tensors recorded.
     public func addInPlace(input x: Tensor, into y: Tensor, layer: Linear) -> Bool {
         guard isFusable, x.lastDim == layer.inFeatures, y.lastDim == layer.outFeatures, x.rows == y.rows else { return false }
         addUpdate(input: x.pointer, into: y.pointer, rows: x.rows, inFeatures: layer.inFeatures,
-                  outFeatures: layer.outFeatures, parallel: true, half: x.rows <= 2 ? decodeHalfFactors : nil)
+                  outFeatures: layer.outFeatures, parallel: true, int8: x.rows <= 2 ? decodeInt8Factors : nil)
         return true
     }
 
     /// A decoding step: `h = x Aᵀ` now, on the calling thread (`[rank, in]`, a few tens of KB), and `scaling · h Bᵀ`
-    /// into whichever output rows the base product's threads hand over. In fast mode, inside a
-    /// ``HalfPrecisionCopies`` scope, A and B are read from float16 copies: half the bytes per token.
+    /// into whichever output rows the base product's threads hand over. In fast mode, inside an
+    /// ``Int8FactorCopies`` scope, A and B are read from int8 copies: a quarter of the bytes per token.
     public func decodeUpdate(input x: Tensor, layer: Linear) -> OutputRowsUpdate? {
         let n = x.rows, inF = layer.inFeatures, r = rank
         guard isFusable, n <= 2, r > 0, x.lastDim == inF, loraA.count == r * inF, loraB.count == layer.outFeatures * r
         else { return nil }
         let h = Tensor(zeros: [n, r])
         let xp = x.pointer, hp = h.pointer, s = scaling
-        if let half = decodeHalfFactors {
-            for i in 0..<n { cgraft_lora_down_half(xp + i * inF, Int64(inF), half.a, Int64(r), hp + i * r) }
+        if let int8 = decodeInt8Factors {
+            for i in 0..<n { int8.down(xp + i * inF, inF: inF, rank: r, into: hp + i * r) }
             return { rows, y, ldy in
                 withExtendedLifetime(h) {
-                    for i in 0..<n {
-                        cgraft_lora_up_half(hp + i * r, Int64(r), half.bt, Int64(half.out), Int64(rows.lowerBound),
-                                            Int64(rows.upperBound), s, y + i * ldy)
-                    }
+                    for i in 0..<n { int8.up(hp + i * r, rank: r, rows: rows, scale: s, into: y + i * ldy) }
                 }
             }
         }
@@ -77,24 +86,21 @@ extension LoRALayer {
 
     /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory (no-grad inference). A row
     /// or two (a decode step) takes two matrix-vector products per row on the calling thread, which cost less
-    /// than setting up GEMMs; more rows run two GEMMs, shared out over Graft's threads when `parallel`. `half`
-    /// (``decodeHalfFactors``) has a row or two read float16 factors instead.
+    /// than setting up GEMMs; more rows run two GEMMs, shared out over Graft's threads when `parallel`. `int8`
+    /// (``decodeInt8Factors``) has a row or two read int8 factors instead.
     public func addUpdate(input x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, rows n: Int,
                           inFeatures inF: Int, outFeatures outF: Int, parallel: Bool = false,
-                          half: HalfFactors? = nil) {
+                          int8: Int8Factors? = nil) {
         let r = rank
         guard n > 0, r > 0 else { return }
         withUnsafeTemporaryAllocation(of: Float.self, capacity: n * r) { buffer in
             guard let h = buffer.baseAddress else { return }
-            if n <= 2, let half, half.out == outF {
+            if n <= 2, let int8, int8.out == outF {
                 let s = scaling, grain = parallel ? max(32, Self.parallelFloats / r) : outF
                 for i in 0..<n {
                     let hi = h + i * r, yi = y + i * outF
-                    cgraft_lora_down_half(x + i * inF, Int64(inF), half.a, Int64(r), hi)
-                    parallelFor(outF, grain: grain) { o in
-                        cgraft_lora_up_half(hi, Int64(r), half.bt, Int64(outF), Int64(o.lowerBound), Int64(o.upperBound),
-                                            s, yi)
-                    }
+                    int8.down(x + i * inF, inF: inF, rank: r, into: hi)
+                    parallelFor(outF, grain: grain) { o in int8.up(hi, rank: r, rows: o, scale: s, into: yi) }
                 }
                 return
             }

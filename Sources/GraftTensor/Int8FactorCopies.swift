@@ -1,0 +1,94 @@
+import CGraftKernels
+
+/// Symmetric int8 copies of small matrices that a fast-mode generation streams once per token (a LoRA adapter's A
+/// and B), made on first use inside ``withInt8FactorCopies(_:_:)`` and dropped when it returns.
+///
+/// A copy is only as current as the tensor was when it was made: the scope must not outlive any change to the
+/// tensors it copies. Generation holds one for a single `generate` call, during which no weight changes; a server
+/// that keeps one across decoding steps drops it whenever a request may change an adapter.
+public final class Int8FactorCopies {
+    /// An int8 matrix and one scale per row: row `r`'s values times `scales[r]` approximate the source's.
+    public struct Copy: @unchecked Sendable {
+        /// Row-major int8 values.
+        public let values: UnsafePointer<Int8>
+        /// One scale per row (NaN for a row whose source held a non-finite value).
+        public let scales: UnsafePointer<Float>
+    }
+    /// Which copy: the tensor's rows, or its columns as rows (the transpose).
+    private struct Key: Hashable {
+        let tensor: ObjectIdentifier
+        let transposed: Bool
+    }
+    /// A copy's buffers and the tensor it was made from, kept alive so its identifier is not reused.
+    private struct Kept {
+        let source: Tensor
+        let values: UnsafeMutablePointer<Int8>
+        let scales: UnsafeMutablePointer<Float>
+        let scaleCount: Int
+    }
+    private var copies: [Key: Kept] = [:]
+
+    /// The scope open on the current thread, if any.
+    public static var current: Int8FactorCopies? {
+        cgraft_factor_copies_scope().map { Unmanaged<Int8FactorCopies>.fromOpaque($0).takeUnretainedValue() }
+    }
+
+    /// An empty scope; open it on a thread with ``withInt8FactorCopies(_:_:)``.
+    public init() {}
+
+    deinit {
+        for kept in copies.values {
+            kept.values.deallocate()
+            kept.scales.deallocate()
+        }
+    }
+
+    /// Bytes the copies hold (values and scales).
+    public var bytes: Int { copies.values.reduce(0) { $0 + $1.source.count + 4 * $1.scaleCount } }
+
+    /// `tensor` as a row-major `[rows, count / rows]` matrix rounded to int8 row by row (made now if this scope has
+    /// no copy of it yet). Nil unless `rows` divides the tensor's count. The pointers stay valid until the scope ends.
+    public func rows(of tensor: Tensor, rows: Int) -> Copy? {
+        guard rows > 0, tensor.count % rows == 0 else { return nil }
+        return copy(of: tensor, transposed: false, scaleCount: rows) {
+            cgraft_int8_rows(tensor.pointer, Int64(rows), Int64(tensor.count / rows), $0, $1)
+        }
+    }
+
+    /// The transpose of `tensor`, a row-major `[rows, count / rows]` matrix, rounded to int8 row by row: `[count /
+    /// rows, rows]` with a scale per column of `tensor` (made now if this scope has none yet). Nil unless `rows`
+    /// divides the tensor's count.
+    public func transposed(of tensor: Tensor, rows: Int) -> Copy? {
+        guard rows > 0, tensor.count % rows == 0 else { return nil }
+        return copy(of: tensor, transposed: true, scaleCount: tensor.count / rows) {
+            cgraft_int8_columns_transposed(tensor.pointer, Int64(rows), Int64(tensor.count / rows), $0, $1)
+        }
+    }
+
+    /// The kept copy, or new buffers (`tensor.count` values, `scaleCount` scales) filled by `fill` and kept.
+    private func copy(of tensor: Tensor, transposed: Bool, scaleCount: Int,
+                      fill: (UnsafeMutablePointer<Int8>, UnsafeMutablePointer<Float>) -> Void) -> Copy {
+        let key = Key(tensor: ObjectIdentifier(tensor), transposed: transposed)
+        if let kept = copies[key] { return Copy(values: kept.values, scales: kept.scales) }
+        let values = UnsafeMutablePointer<Int8>.allocate(capacity: max(tensor.count, 1))
+        let scales = UnsafeMutablePointer<Float>.allocate(capacity: max(scaleCount, 1))
+        fill(values, scales)
+        copies[key] = Kept(source: tensor, values: values, scales: scales, scaleCount: scaleCount)
+        return Copy(values: values, scales: scales)
+    }
+}
+
+/// Runs `body` with `scope` open on this thread (nil: none), restoring the previous scope after.
+public func withInt8FactorCopies<R>(_ scope: Int8FactorCopies?, _ body: () throws -> R) rethrows -> R {
+    let previous = cgraft_factor_copies_scope()
+    cgraft_set_factor_copies_scope(scope.map { Unmanaged.passUnretained($0).toOpaque() })
+    defer { cgraft_set_factor_copies_scope(previous) }
+    return try withExtendedLifetime(scope) { try body() }
+}
+
+/// Runs `body` with a fresh ``Int8FactorCopies`` scope open on this thread when `enabled` (fast-mode generation),
+/// and frees its copies after. A scope already open stays in effect for a nested call.
+public func withInt8FactorCopies<R>(_ enabled: Bool, _ body: () throws -> R) rethrows -> R {
+    guard enabled, Int8FactorCopies.current == nil else { return try body() }
+    return try withInt8FactorCopies(Int8FactorCopies(), body)
+}
