@@ -1,7 +1,7 @@
 // The fast mode of the block products: activation rows quantized to int8 per block of 32 (one float scale per
 // block, as ggml's Q8_0/Q8_1 activations), then integer dot products against the weight's Q4_1 / Q8_0 blocks,
-// scaled once per block. AVX-512 VNNI (vpdpbusd on 256-bit lanes, one block each), AVX2 (vpmaddubsw) or a
-// portable loop, picked at run time and capped by cgraft_ggml_limit_kernels like the float32 kernels.
+// scaled once per block. AVX-512 VNNI (vpdpbusd on 512-bit vectors, two to four blocks each), AVX2 (vpmaddubsw)
+// or a portable loop, picked at run time and capped by cgraft_ggml_limit_kernels like the float32 kernels.
 //
 // Both dot instructions multiply unsigned by signed bytes: Q4_1 nibbles are unsigned already; for Q8_0 the
 // weight's sign moves onto the activation (|w| · sign(x, w)), which never overflows since x stays in ±127.
@@ -182,124 +182,6 @@ __attribute__((target("avx2,fma,f16c"))) static void rows_q8_avx2(int type, cons
 #undef CGRAFT_ROWS
 }
 
-#define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
-
-/// The weight scale of each of up to 16 blocks times the activations' block scale, into `out`, and (`offsets`
-/// given, Q4_1) the blocks' minimum times the activations' block sum added to `offsets`; lanes from `n` on are
-/// zero. The halves come from the row's contiguous scale table when there is one (`table`: the scales, then the
-/// minimums, see cgraft_ggml_block_scales), else from the blocks themselves (`first`, `size`-byte blocks) with one
-/// gather. Either way this per-block scalar work no longer costs as much as the integer product itself.
-__attribute__((target(VNNI_TARGET))) static inline void vnni_scales(const uint8_t *first, int size, const uint16_t *table,
-                                                                   const uint16_t *minimums, int n, const float *d,
-                                                                   const float *s, float *out, __m512 *offsets) {
-    __mmask16 k = (__mmask16)((1u << n) - 1);
-    __m512 scale, minimum = _mm512_setzero_ps();
-    if (table) {
-        scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, table));
-        if (offsets) minimum = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, minimums));
-    } else {
-        const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                 _mm512_set1_epi32(size));
-        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, index, first, 1);
-        scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
-        if (offsets) minimum = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
-    }
-    _mm512_storeu_ps(out, _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(k, d)));
-    if (offsets) *offsets = _mm512_fmadd_ps(minimum, _mm512_maskz_loadu_ps(k, s), *offsets);
-}
-
-/// The two halves of `v` added.
-__attribute__((target(VNNI_TARGET))) static inline __m256 fold16(__m512 v) {
-    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1)));
-}
-
-// The VNNI kernels run one weight row against up to four activation rows, unpacking each block once. Each
-// activation row keeps its own two accumulators (consecutive blocks do not wait on each other's FMA) and offsets,
-// fed in the same order whatever `N` is, so a sequence gets the same result alone or batched. `out[i]` receives
-// activation row i (`q`, `d`, `s` hold row i at `i * cols`, `i * blocks`).
-
-__attribute__((target(VNNI_TARGET), always_inline)) static inline void
-rows_q4_1_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, const float *s,
-                  int64_t blocks, int N, float *out) {
-    __m256 acc0[4], acc1[4];
-    __m512 offsets[4];
-    for (int i = 0; i < N; i++) { acc0[i] = acc1[i] = _mm256_setzero_ps(); offsets[i] = _mm512_setzero_ps(); }
-    float scales[4][16];
-    const int64_t cols = blocks * 32;
-    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16, j = 0;
-        const uint8_t *blk = row + b0 * 20;
-        for (int i = 0; i < N; i++) {
-            vnni_scales(blk, 20, table ? table + b0 : NULL, table ? table + blocks + b0 : NULL, n, d + i * blocks + b0,
-                        s + i * blocks + b0, scales[i], &offsets[i]);
-        }
-        for (; j + 1 < n; j += 2) {
-            __m256i w0 = q4_1_bytes(blk + j * 20), w1 = q4_1_bytes(blk + j * 20 + 20);
-            for (int i = 0; i < N; i++) {
-                const int8_t *x = q + i * cols + (b0 + j) * 32;
-                __m256i dot0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256((const __m256i *)x));
-                __m256i dot1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w1, _mm256_loadu_si256((const __m256i *)(x + 32)));
-                acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_broadcast_ss(scales[i] + j), acc0[i]);
-                acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_broadcast_ss(scales[i] + j + 1), acc1[i]);
-            }
-        }
-        if (j < n) {
-            __m256i w0 = q4_1_bytes(blk + j * 20);
-            for (int i = 0; i < N; i++) {
-                const int8_t *x = q + i * cols + (b0 + j) * 32;
-                __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256((const __m256i *)x));
-                acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales[i] + j), acc0[i]);
-            }
-        }
-    }
-    for (int i = 0; i < N; i++) out[i] = hsum256(_mm256_add_ps(_mm256_add_ps(acc0[i], acc1[i]), fold16(offsets[i])));
-}
-
-__attribute__((target(VNNI_TARGET), always_inline)) static inline void
-rows_q8_0_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, int64_t blocks, int N,
-                  float *out) {
-    __m256 acc0[4], acc1[4];
-    for (int i = 0; i < N; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-    float scales[4][16];
-    const int64_t cols = blocks * 32;
-    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
-        const uint8_t *blk = row + b0 * 34;
-        for (int i = 0; i < N; i++) {
-            vnni_scales(blk, 34, table ? table + b0 : NULL, NULL, n, d + i * blocks + b0, NULL, scales[i], NULL);
-        }
-        for (int j = 0; j < n; j++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(blk + j * 34 + 2)), magnitude = _mm256_abs_epi8(w);
-            for (int i = 0; i < N; i++) {
-                __m256i xs = _mm256_loadu_si256((const __m256i *)(q + i * cols + (b0 + j) * 32));
-                __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(xs, w));
-                if (j & 1) {
-                    acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales[i] + j), acc1[i]);
-                } else {
-                    acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(scales[i] + j), acc0[i]);
-                }
-            }
-        }
-    }
-    for (int i = 0; i < N; i++) out[i] = hsum256(_mm256_add_ps(acc0[i], acc1[i]));
-}
-
-/// One weight row against activation rows `0 ..< n` (n ≤ 4) with the VNNI kernels, into `out`.
-__attribute__((target(VNNI_TARGET))) static void rows_q8_vnni(int type, const uint8_t *row, const uint16_t *table,
-                                                              const int8_t *q, const float *d, const float *s,
-                                                              int64_t blocks, int n, float *out) {
-#define CGRAFT_ROWS(N)                                                                                               \
-    case N:                                                                                                          \
-        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_vnni(row, table, q, d, s, blocks, N, out);                         \
-        else rows_q8_0_q8_vnni(row, table, q, d, blocks, N, out);                                                     \
-        break;
-    switch (n) {
-        CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4)
-        default: break;
-    }
-#undef CGRAFT_ROWS
-}
-
 /// 0 portable, 1 AVX2 (+ FMA, F16C), 2 AVX-512 VNNI (+ VL); at most cgraft_ggml_kernel_limit().
 static int int8_level(void) {
     static int cached = -1;
@@ -352,7 +234,13 @@ int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, c
 #ifdef CGRAFT_X86
     // One weight row against up to four activation rows at a time: AVX2, or AVX-512 VNNI.
     void (*rows_kernel)(int, const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *, int64_t,
-                        int, float *) = level == 2 ? rows_q8_vnni : level == 1 ? rows_q8_avx2 : NULL;
+                        int, float *) = level == 2 ? cgraft_q8_rows_vnni : level == 1 ? rows_q8_avx2 : NULL;
+#endif
+#ifdef CGRAFT_X86
+    if (level == 2 && m == 1 && type == CGRAFT_GGML_Q4_1) {
+        cgraft_q8_decode_q4_1_vnni(w, row_bytes, row_order, block_scales, per, r0, r1, q, scales, sums, blocks, y);
+        return 0;
+    }
 #endif
     for (int64_t r = r0; r < r1; r++) {
         int64_t source = row_order ? row_order[r] : r;

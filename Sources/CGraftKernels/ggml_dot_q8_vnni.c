@@ -1,0 +1,227 @@
+// The AVX-512 VNNI kernels of the fast mode's block products (see ggml_dot_q8.c, which picks them at run time):
+// one Q4_1 or Q8_0 weight row against up to four int8 activation rows, and a decoding step's Q4_1 rows four at a
+// time against one activation row.
+#include "CGraftKernels.h"
+#include "ggml_internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+/// The weight scale of each of up to 16 blocks times the activations' block scale, and (`offsets` given, Q4_1)
+/// the blocks' minimum times the activations' block sum added to `offsets`; lanes from `n` on are zero. The halves
+/// come from the row's contiguous scale table when there is one (`table`: the scales, then the minimums, see
+/// cgraft_ggml_block_scales), else from the blocks themselves (`first`, `size`-byte blocks) with one gather. The
+/// result stays in a register: kernels pick a block's scale with a lane permute, not a reload.
+__attribute__((target(VNNI_TARGET))) static inline __m512 vnni_scales(const uint8_t *first, int size,
+                                                                     const uint16_t *table, const uint16_t *minimums,
+                                                                     int n, const float *d, const float *s,
+                                                                     __m512 *offsets) {
+    __mmask16 k = (__mmask16)((1u << n) - 1);
+    __m512 scale, minimum = _mm512_setzero_ps();
+    if (table) {
+        scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, table));
+        if (offsets) minimum = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, minimums));
+    } else {
+        const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(size));
+        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, index, first, 1);
+        scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+        if (offsets) minimum = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+    }
+    if (offsets) *offsets = _mm512_fmadd_ps(minimum, _mm512_maskz_loadu_ps(k, s), *offsets);
+    return _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(k, d));
+}
+
+/// The sum of the sixteen lanes of `v`, folded to eight first.
+__attribute__((target(VNNI_TARGET))) static inline float hsum512(__m512 v) {
+    return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1))));
+}
+
+// The VNNI kernels run one weight row against up to four activation rows, unpacking each block once, on 512-bit
+// vectors: Q4_1 four blocks per vpdpbusd pair (their low nibbles against the activations' first halves, then the
+// high ones against the second halves, both summed into the same block lanes), Q8_0 two blocks per vpdpbusd. A
+// block's int32 lanes are converted once and scaled by its lane of the window's scale register. Each activation row
+// keeps its own two accumulators and offsets, fed in the same order whatever `N` is, so a sequence gets the same
+// result alone or batched. `out[i]` receives activation row i (`q`, `d`, `s` hold row i at `i * cols`,
+// `i * blocks`).
+
+/// Up to four Q4_1 blocks' nibbles (`present` of them, the rest zero): low nibbles in `lo`, high ones in `hi`,
+/// block g in 128-bit lane g.
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void q4_1_group(const uint8_t *blk, int present,
+                                                                                 __m512i *lo, __m512i *hi) {
+    __m512i p;
+    if (present == 4) {
+        p = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(blk + 4)));
+        p = _mm512_inserti32x4(p, _mm_loadu_si128((const __m128i *)(blk + 24)), 1);
+        p = _mm512_inserti32x4(p, _mm_loadu_si128((const __m128i *)(blk + 44)), 2);
+        p = _mm512_inserti32x4(p, _mm_loadu_si128((const __m128i *)(blk + 64)), 3);
+    } else {
+        p = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(blk + 4)));
+        if (present > 1) p = _mm512_inserti32x4(p, _mm_loadu_si128((const __m128i *)(blk + 24)), 1);
+        if (present > 2) p = _mm512_inserti32x4(p, _mm_loadu_si128((const __m128i *)(blk + 44)), 2);
+        p = _mm512_maskz_mov_epi32((__mmask16)((1u << (4 * present)) - 1), p);
+    }
+    const __m512i nibble = _mm512_set1_epi8(15);
+    *lo = _mm512_and_si512(p, nibble);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), nibble);
+}
+
+/// The activations of up to four blocks (`present`, the rest zero) regrouped like q4_1_group's nibbles: each
+/// block's first 16 values in `lo`'s lane g, its last 16 in `hi`'s.
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void q8_group(const int8_t *x, int present,
+                                                                               __m512i *lo, __m512i *hi) {
+    __m512i z0, z1;
+    if (present == 4) {
+        z0 = _mm512_loadu_si512(x);
+        z1 = _mm512_loadu_si512(x + 64);
+    } else {
+        uint64_t bytes = (uint64_t)present * 32;
+        z0 = _mm512_maskz_loadu_epi8(bytes >= 64 ? ~0ull : (1ull << bytes) - 1, x);
+        z1 = bytes > 64 ? _mm512_maskz_loadu_epi8((1ull << (bytes - 64)) - 1, x + 64) : _mm512_setzero_si512();
+    }
+    *lo = _mm512_permutex2var_epi64(z0, _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13), z1);
+    *hi = _mm512_permutex2var_epi64(z0, _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15), z1);
+}
+
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void
+rows_q4_1_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, const float *s,
+                  int64_t blocks, int N, float *out) {
+    __m512 acc0[4], acc1[4], offsets[4], sc[4];
+    for (int i = 0; i < N; i++) acc0[i] = acc1[i] = offsets[i] = _mm512_setzero_ps();
+    const int64_t cols = blocks * 32;
+    // Block g of a group in lanes 4g..4g+3.
+    const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
+        const uint8_t *blk = row + b0 * 20;
+        for (int i = 0; i < N; i++) {
+            sc[i] = vnni_scales(blk, 20, table ? table + b0 : NULL, table ? table + blocks + b0 : NULL, n,
+                                d + i * blocks + b0, s + i * blocks + b0, &offsets[i]);
+        }
+        for (int j = 0; j < n; j += 4) {
+            int present = n - j < 4 ? n - j : 4;
+            __m512i wlo, whi;
+            q4_1_group(blk + j * 20, present, &wlo, &whi);
+            __m512i lanes = _mm512_add_epi32(quads, _mm512_set1_epi32(j));
+            for (int i = 0; i < N; i++) {
+                __m512i xlo, xhi;
+                q8_group(q + i * cols + (b0 + j) * 32, present, &xlo, &xhi);
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo, xlo), whi, xhi);
+                __m512 scaled = _mm512_permutexvar_ps(lanes, sc[i]);
+                if (j & 4) acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc1[i]);
+                else acc0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc0[i]);
+            }
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = hsum512(_mm512_add_ps(_mm512_add_ps(acc0[i], acc1[i]), offsets[i]));
+}
+
+/// Q4_1 for one activation row against `R` (≤ 4) weight rows, `rows[r]` with scale table `tables[r]` (or NULL)
+/// into `out[r]`: each weight row's arithmetic is rows_q4_1_q8_vnni's with N = 1, the activations regrouped once for
+/// all of them (a decoding step's product).
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void
+weight_rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, const int8_t *q, const float *d,
+                         const float *s, int64_t blocks, int R, float *out) {
+    __m512 acc0[4], acc1[4], offsets[4], sc[4];
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = offsets[r] = _mm512_setzero_ps();
+    const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
+        for (int r = 0; r < R; r++) {
+            const uint16_t *table = tables[r];
+            sc[r] = vnni_scales(rows[r] + b0 * 20, 20, table ? table + b0 : NULL, table ? table + blocks + b0 : NULL,
+                                n, d + b0, s + b0, &offsets[r]);
+        }
+        for (int j = 0; j < n; j += 4) {
+            int present = n - j < 4 ? n - j : 4;
+            __m512i xlo, xhi;
+            q8_group(q + (b0 + j) * 32, present, &xlo, &xhi);
+            __m512i lanes = _mm512_add_epi32(quads, _mm512_set1_epi32(j));
+            for (int r = 0; r < R; r++) {
+                __m512i wlo, whi;
+                q4_1_group(rows[r] + (b0 + j) * 20, present, &wlo, &whi);
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo, xlo), whi, xhi);
+                __m512 scaled = _mm512_permutexvar_ps(lanes, sc[r]);
+                if (j & 4) acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc1[r]);
+                else acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc0[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum512(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), offsets[r]));
+}
+
+/// Q4_1 weight rows `r0 ..< r1` against one activation row, four at a time, added into `y[r]`.
+__attribute__((target(VNNI_TARGET))) void cgraft_q8_decode_q4_1_vnni(const uint8_t *w, int64_t row_bytes,
+                                                                  const int64_t *row_order, const uint16_t *block_scales,
+                                                                  int64_t per, int64_t r0, int64_t r1, const int8_t *q,
+                                                                  const float *d, const float *s, int64_t blocks,
+                                                                  float *y) {
+    for (int64_t r = r0; r < r1; r += 4) {
+        int R = (int)(r1 - r < 4 ? r1 - r : 4);
+        const uint8_t *rows[4];
+        const uint16_t *tables[4];
+        for (int k = 0; k < R; k++) {
+            int64_t source = row_order ? row_order[r + k] : r + k;
+            rows[k] = w + source * row_bytes;
+            tables[k] = block_scales ? block_scales + source * per : NULL;
+        }
+        float out[4];
+        if (R == 4) weight_rows_q4_1_q8_vnni(rows, tables, q, d, s, blocks, 4, out);
+        else weight_rows_q4_1_q8_vnni(rows, tables, q, d, s, blocks, R, out);
+        for (int k = 0; k < R; k++) y[r + k] += out[k];
+    }
+}
+
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void
+rows_q8_0_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, int64_t blocks, int N,
+                  float *out) {
+    __m512 acc0[4], acc1[4], sc[4];
+    for (int i = 0; i < N; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    const int64_t cols = blocks * 32;
+    // Block g of a pair in lanes 8g..8g+7.
+    const __m512i octets = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
+        const uint8_t *blk = row + b0 * 34;
+        for (int i = 0; i < N; i++) {
+            sc[i] = vnni_scales(blk, 34, table ? table + b0 : NULL, NULL, n, d + i * blocks + b0, NULL, NULL);
+        }
+        for (int j = 0; j < n; j += 2) {
+            int pair = n - j >= 2;
+            __m512i w = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blk + j * 34 + 2)));
+            if (pair) w = _mm512_inserti64x4(w, _mm256_loadu_si256((const __m256i *)(blk + j * 34 + 36)), 1);
+            else w = _mm512_zextsi256_si512(_mm512_castsi512_si256(w));
+            // The weight's sign moves onto the activation (|w| · ±x), vpdpbusd taking the unsigned operand first.
+            __mmask64 negative = _mm512_movepi8_mask(w);
+            __m512i magnitude = _mm512_abs_epi8(w), lanes = _mm512_add_epi32(octets, _mm512_set1_epi32(j));
+            for (int i = 0; i < N; i++) {
+                const int8_t *xp = q + i * cols + (b0 + j) * 32;
+                __m512i x = pair ? _mm512_loadu_si512(xp) : _mm512_maskz_loadu_epi8(0xffffffffull, xp);
+                x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, x);
+                __m512 scaled = _mm512_permutexvar_ps(lanes, sc[i]);
+                if (j & 2) acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc1[i]);
+                else acc0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc0[i]);
+            }
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = hsum512(_mm512_add_ps(acc0[i], acc1[i]));
+}
+
+/// One weight row against activation rows `0 ..< n` (n ≤ 4) with the VNNI kernels, into `out`.
+__attribute__((target(VNNI_TARGET))) void cgraft_q8_rows_vnni(int type, const uint8_t *row, const uint16_t *table,
+                                                              const int8_t *q, const float *d, const float *s,
+                                                              int64_t blocks, int n, float *out) {
+#define CGRAFT_ROWS(N)                                                                                               \
+    case N:                                                                                                          \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_vnni(row, table, q, d, s, blocks, N, out);                         \
+        else rows_q8_0_q8_vnni(row, table, q, d, blocks, N, out);                                                     \
+        break;
+    switch (n) {
+        CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4)
+        default: break;
+    }
+#undef CGRAFT_ROWS
+}
+#endif
