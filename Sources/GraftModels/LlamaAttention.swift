@@ -41,11 +41,12 @@ public final class LlamaAttention: Module {
     func forward(_ h: Tensor, positions: [Int32], mask: AttentionMask, cache: KVCache.Layer?,
                  rowCaches: [KVCache.Layer]?, rowLengths: [Int]?, prefix: (keys: Tensor, values: Tensor)?) -> Tensor {
         let b = h.shape[0], t = h.shape[1]
-        let q = rope(qProj.forward(h).reshaped([b * t, config.heads, config.headDim]),
+        let projected = Linear.forward(h, sharedBy: [qProj, kProj, vProj])
+        let q = rope(projected[0].reshaped([b * t, config.heads, config.headDim]),
                      positions: positions, headDim: config.headDim, base: config.ropeBase).reshaped([b, t, config.heads * config.headDim])
-        var k = rope(kProj.forward(h).reshaped([b * t, config.kvHeads, config.headDim]),
+        var k = rope(projected[1].reshaped([b * t, config.kvHeads, config.headDim]),
                      positions: positions, headDim: config.headDim, base: config.ropeBase).reshaped([b, t, config.kvHeads * config.headDim])
-        var v = vProj.forward(h)
+        var v = projected[2]
         if let prefix {
             let n = prefix.keys.shape[0], w = config.kvHeads * config.headDim
             k = concat([concat([Tensor](repeating: prefix.keys.reshaped([1, n, w]), count: b), dim: 0), k], dim: 1)

@@ -116,7 +116,10 @@ public final class LlamaDecoderLayer: Module, LayerAdapterHost {
                                          rowLengths: rowLengths, prefix: prefix)
         let x1 = x + applyLayerAdapters(layerAdapters, site: .attention, output: attention, input: h, mask: mask)
         let h2 = postAttentionNorm.forward(x1)
-        let mlp = feedForwardOverride?.forward(h2) ?? downProj.forward(swiglu(gateProj.forward(h2), upProj.forward(h2)))
+        let mlp = feedForwardOverride?.forward(h2) ?? {
+            let gateAndUp = Linear.forward(h2, sharedBy: [gateProj, upProj])
+            return downProj.forward(swiglu(gateAndUp[0], gateAndUp[1]))
+        }()
         let out = x1 + applyLayerAdapters(layerAdapters, site: .feedForward, output: mlp, input: h2, mask: mask)
         return applyLayerAdapters(layerAdapters, site: .output, output: out, input: x, mask: mask)
     }

@@ -1,0 +1,74 @@
+/// One product of a group that shares its input: a frozen compact weight, its bias and its decoding-step
+/// epilogue (see ``linear(_:frozen:_:epilogue:)``).
+public struct FrozenProduct {
+    /// `[out, in]`.
+    public let weight: any FrozenMatrix
+    /// `[out]`, if any.
+    public let bias: Tensor?
+    /// Adds to output rows after their product, on the thread that computed them.
+    public let epilogue: OutputRowsUpdate?
+
+    /// A product of `weight` (plus `bias`), followed by `epilogue` on each range of output rows.
+    public init(weight: any FrozenMatrix, bias: Tensor? = nil, epilogue: OutputRowsUpdate? = nil) {
+        self.weight = weight
+        self.bias = bias
+        self.epilogue = epilogue
+    }
+}
+
+/// `x · Wᵢᵀ (+ bᵢ)` for every product of `products`, which all read the same input `x` (an attention block's q, k
+/// and v projections; a gated feed-forward's gate and up), as one job: the output rows of all the products shared
+/// out over the threads together, so a small product (k and v of a small model) does not run alone on the calling
+/// thread while the others wait, and one dispatch replaces several. Two cases qualify, those where
+/// ``linear(_:frozen:_:epilogue:)`` multiplies straight from the blocks: the fast mode (``Int8ActivationMode``,
+/// `x` quantized to int8 once for the group) and, otherwise, a decoding step of up to 16 rows. Each output value
+/// is the one ``linear(_:frozen:_:epilogue:)`` gives for its product alone: the block kernels compute a row the
+/// same way whichever range holds it.
+///
+/// Returns nil, computing nothing, when gradients are on, when a weight's width differs from `x`'s or a bias from
+/// its weight's rows, or when not every weight has the product the case needs; callers then run the products one
+/// by one.
+public func linearGroup(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
+    let inF = x.lastDim, rowsN = x.rows
+    guard !GradMode.isEnabled, inF > 0, rowsN > 0, !products.isEmpty,
+          products.allSatisfy({ $0.weight.cols == inF }),
+          products.allSatisfy({ product in product.bias.map { $0.count == product.weight.rows } ?? true })
+    else { return nil }
+    var int8: Int8Rows? = nil
+    if Int8ActivationMode.isEnabled {
+        guard products.allSatisfy(\.weight.hasInt8Product), let q = try? Int8Rows(x.pointer, rows: rowsN, cols: inF)
+        else { return nil }
+        int8 = q
+    } else {
+        guard rowsN <= directProductRows, products.allSatisfy(\.weight.hasDirectProduct) else { return nil }
+    }
+    let outputs = products.map { product -> Tensor in
+        let out = linearOutput(x, inFeatures: inF, outFeatures: product.weight.rows, bias: product.bias)
+        if product.bias == nil { out.pointer.update(repeating: 0, count: rowsN * product.weight.rows) }
+        return out
+    }
+    // Where each product's rows start in the concatenated range the threads share out.
+    var starts: [Int] = [], total = 0
+    for product in products {
+        starts.append(total)
+        total += product.weight.rows
+    }
+    let pointers = outputs.map(\.pointer), xp = UnsafePointer(x.pointer)
+    // The grains linear(_:frozen:) uses for the same products.
+    let grain = int8 == nil ? 64 : max(64, (1 << 17) / max(inF * rowsN, 1))
+    parallelFor(total, grain: grain) { range in
+        for (index, product) in products.enumerated() {
+            let start = starts[index], rows = product.weight.rows
+            let lower = max(range.lowerBound, start) - start, upper = min(range.upperBound, start + rows) - start
+            guard lower < upper else { continue }
+            if let int8 {
+                product.weight.accumulateInt8Product(int8, outputRows: lower..<upper, into: pointers[index], ldy: rows)
+            } else {
+                product.weight.accumulateProduct(xp, rows: rowsN, outputRows: lower..<upper, into: pointers[index],
+                                                 ldy: rows)
+            }
+            product.epilogue?(lower..<upper, pointers[index], rows)
+        }
+    }
+    return outputs
+}

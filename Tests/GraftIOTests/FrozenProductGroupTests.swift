@@ -1,0 +1,79 @@
+import Testing
+import Foundation
+import CGraftKernels
+import GraftIO
+import GraftTensor
+import GraftTestSupport
+
+/// ``linearGroup(_:_:)``: products sharing an input run as one job and give, value for value, what each gives alone
+/// through ``linear(_:frozen:_:epilogue:)``; where it cannot, it computes nothing and says so.
+@Suite struct FrozenProductGroupTests {
+    /// A `[rows, cols]` matrix of N(0, 0.05²) values encoded in `type`.
+    func matrix(_ type: GGMLType, rows: Int, cols: Int, seed: UInt64) throws -> QuantizedMatrix {
+        var rng = GraftRNG(seed: seed)
+        let values = (0..<(rows * cols)).map { _ in rng.nextNormal() * 0.05 }
+        var bytes = [UInt8](repeating: 0, count: rows * cols / type.blockSize * type.typeSize)
+        try values.withUnsafeBufferPointer { src in
+            try bytes.withUnsafeMutableBytes { dst in
+                guard let s = src.baseAddress, let d = dst.baseAddress else { return }
+                try type.quantize(s, into: d, count: values.count)
+            }
+        }
+        return try bytes.withUnsafeBytes {
+            try QuantizedMatrix(name: "test", type: type, rows: rows, cols: cols, bytes: $0, rowOrder: nil)
+        }
+    }
+
+    /// Adds `0.25 · (output row + 1)` to each value of rows `range` (a stand-in for an adapter's update).
+    let epilogue: OutputRowsUpdate = { range, y, ldy in
+        for o in range { y[o] += 0.25 * Float(o + 1) }
+    }
+
+    @Test(arguments: [GGMLType.q4_1, .q8_0])
+    func aGroupGivesEachProductsOwnValues(type: GGMLType) throws {
+        var rng = GraftRNG(seed: 31)
+        let cols = 576
+        // A wide product and two narrow ones (q, k, v of a small model), one with a bias, one with an epilogue.
+        let weights = try [(320, 1), (64, 2), (64, 3)].map { try matrix(type, rows: $0.0, cols: cols, seed: UInt64($0.1)) }
+        let bias = Tensor.randomNormal([64], rng: &rng)
+        let products = [FrozenProduct(weight: weights[0], epilogue: epilogue), FrozenProduct(weight: weights[1], bias: bias),
+                        FrozenProduct(weight: weights[2])]
+        for rowsN in [1, 2, 7] {
+            let x = Tensor.randomNormal([rowsN, cols], rng: &rng)
+            for int8 in [false, true] {
+                let grouped = withNoGrad { withInt8Activations(int8) { linearGroup(x, products) } }
+                guard let grouped else {
+                    Issue.record("\(type.name) rows \(rowsN) int8 \(int8): the group did not run")
+                    continue
+                }
+                for (index, product) in products.enumerated() {
+                    let alone = withNoGrad {
+                        withInt8Activations(int8) { linear(x, frozen: product.weight, product.bias, epilogue: product.epilogue) }
+                    }
+                    #expect(grouped[index].shape == alone.shape)
+                    let count = alone.count
+                    let same = (0..<count).allSatisfy { grouped[index].pointer[$0].bitPattern == alone.pointer[$0].bitPattern }
+                    #expect(same, "\(type.name) rows \(rowsN) int8 \(int8): product \(index) differs from its product alone")
+                    #expect((0..<count).allSatisfy { grouped[index].pointer[$0].isFinite })
+                }
+            }
+        }
+    }
+
+    @Test func aGroupThatCannotRunComputesNothing() throws {
+        var rng = GraftRNG(seed: 5)
+        let a = try matrix(.q4_1, rows: 32, cols: 64, seed: 1), b = try matrix(.q4_1, rows: 32, cols: 128, seed: 2)
+        let x = Tensor.randomNormal([1, 64], rng: &rng)
+        // Gradients recorded: the layers' own products keep the graph.
+        #expect(linearGroup(x, [FrozenProduct(weight: a)]) == nil)
+        withNoGrad {
+            // A weight as wide as something else than the input, a bias of the wrong length.
+            #expect(linearGroup(x, [FrozenProduct(weight: a), FrozenProduct(weight: b)]) == nil)
+            #expect(linearGroup(x, [FrozenProduct(weight: a, bias: Tensor(zeros: [31]))]) == nil)
+            // More rows than a decoding step outside the fast mode: the tiled GEMM path, not a group.
+            let prompt = Tensor.randomNormal([17, 64], rng: &rng)
+            #expect(withInt8Activations(false) { linearGroup(prompt, [FrozenProduct(weight: a)]) } == nil)
+            #expect(withInt8Activations(true) { linearGroup(prompt, [FrozenProduct(weight: a)]) } != nil)
+        }
+    }
+}
