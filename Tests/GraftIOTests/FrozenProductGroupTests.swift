@@ -8,20 +8,9 @@ import GraftTestSupport
 /// ``linearGroup(_:_:)``: products sharing an input run as one job and give, value for value, what each gives alone
 /// through ``linear(_:frozen:_:epilogue:)``; where it cannot, it computes nothing and says so.
 @Suite struct FrozenProductGroupTests {
-    /// A `[rows, cols]` matrix of N(0, 0.05²) values encoded in `type`.
+    /// A `[rows, cols]` matrix of N(0, 0.05²) values encoded in `type` (QuantizedMatrixTests' encoder).
     func matrix(_ type: GGMLType, rows: Int, cols: Int, seed: UInt64) throws -> QuantizedMatrix {
-        var rng = GraftRNG(seed: seed)
-        let values = (0..<(rows * cols)).map { _ in rng.nextNormal() * 0.05 }
-        var bytes = [UInt8](repeating: 0, count: rows * cols / type.blockSize * type.typeSize)
-        try values.withUnsafeBufferPointer { src in
-            try bytes.withUnsafeMutableBytes { dst in
-                guard let s = src.baseAddress, let d = dst.baseAddress else { return }
-                try type.quantize(s, into: d, count: values.count)
-            }
-        }
-        return try bytes.withUnsafeBytes {
-            try QuantizedMatrix(name: "test", type: type, rows: rows, cols: cols, bytes: $0, rowOrder: nil)
-        }
+        try QuantizedMatrixTests().matrix(type, rows: rows, cols: cols, seed: seed).0
     }
 
     /// Adds `0.25 · (output row + 1)` to each value of rows `range` (a stand-in for an adapter's update).
