@@ -317,11 +317,7 @@ int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, cons
             int count = r1 - r >= wide ? wide : 1, per = 8 / count;
             const uint8_t *rows[4];
             const uint16_t *tables[4];
-            for (int k = 0; k < count; k++) {
-                int64_t source = row_order ? row_order[r + k] : r + k;
-                rows[k] = w + source * row_bytes;
-                tables[k] = block_scales ? block_scales + source * table_stride : NULL;
-            }
+            cgraft_ggml_gather_rows(w, row_bytes, row_order, block_scales, table_stride, r, count, rows, tables);
             float out[8];
             for (int64_t i = 0; i < m; i += per) {
                 int n = (int)(m - i < per ? m - i : per);

@@ -84,71 +84,47 @@ __attribute__((target(VNNI_TARGET), always_inline)) static inline void q8_group(
     *hi = _mm512_permutex2var_epi64(z0, _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15), z1);
 }
 
+/// `W` Q4_1 weight rows (`rows[w]`, scale table `tables[w]` or NULL) against `N` activation rows, W · N ≤ 4, into
+/// `out[w * N + i]`: a batch's step takes one weight row against up to four activation rows, a decoding step four
+/// weight rows against its one. Each pair's arithmetic is the same whatever `W` and `N` are.
 __attribute__((target(VNNI_TARGET), always_inline)) static inline void
-rows_q4_1_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q, const float *d, const float *s,
-                  int64_t blocks, int N, float *out) {
+rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, int W, const int8_t *q, const float *d,
+                  const float *s, int64_t blocks, int N, float *out) {
     __m512 acc0[4], acc1[4], offsets[4], sc[4];
-    for (int i = 0; i < N; i++) acc0[i] = acc1[i] = offsets[i] = _mm512_setzero_ps();
+    for (int k = 0; k < W * N; k++) acc0[k] = acc1[k] = offsets[k] = _mm512_setzero_ps();
     const int64_t cols = blocks * 32;
     // Block g of a group in lanes 4g..4g+3.
     const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
         int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
-        const uint8_t *blk = row + b0 * 20;
-        for (int i = 0; i < N; i++) {
-            sc[i] = vnni_scales(blk, 20, table ? table + b0 : NULL, table ? table + blocks + b0 : NULL, n,
-                                d + i * blocks + b0, s + i * blocks + b0, &offsets[i]);
-        }
-        for (int j = 0; j < n; j += 4) {
-            int present = n - j < 4 ? n - j : 4;
-            __m512i wlo, whi;
-            q4_1_group(blk + j * 20, present, &wlo, &whi);
-            __m512i lanes = _mm512_add_epi32(quads, _mm512_set1_epi32(j));
+        for (int w = 0; w < W; w++) {
+            const uint16_t *table = tables[w];
             for (int i = 0; i < N; i++) {
-                __m512i xlo, xhi;
-                q8_group(q + i * cols + (b0 + j) * 32, present, &xlo, &xhi);
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo, xlo), whi, xhi);
-                __m512 scaled = _mm512_permutexvar_ps(lanes, sc[i]);
-                if (j & 4) acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc1[i]);
-                else acc0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc0[i]);
+                sc[w * N + i] = vnni_scales(rows[w] + b0 * 20, 20, table ? table + b0 : NULL,
+                                            table ? table + blocks + b0 : NULL, n, d + i * blocks + b0,
+                                            s + i * blocks + b0, &offsets[w * N + i]);
             }
-        }
-    }
-    for (int i = 0; i < N; i++) out[i] = hsum512(_mm512_add_ps(_mm512_add_ps(acc0[i], acc1[i]), offsets[i]));
-}
-
-/// Q4_1 for one activation row against `R` (≤ 4) weight rows, `rows[r]` with scale table `tables[r]` (or NULL)
-/// into `out[r]`: each weight row's arithmetic is rows_q4_1_q8_vnni's with N = 1, the activations regrouped once for
-/// all of them (a decoding step's product).
-__attribute__((target(VNNI_TARGET), always_inline)) static inline void
-weight_rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, const int8_t *q, const float *d,
-                         const float *s, int64_t blocks, int R, float *out) {
-    __m512 acc0[4], acc1[4], offsets[4], sc[4];
-    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = offsets[r] = _mm512_setzero_ps();
-    const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-        int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
-        for (int r = 0; r < R; r++) {
-            const uint16_t *table = tables[r];
-            sc[r] = vnni_scales(rows[r] + b0 * 20, 20, table ? table + b0 : NULL, table ? table + blocks + b0 : NULL,
-                                n, d + b0, s + b0, &offsets[r]);
         }
         for (int j = 0; j < n; j += 4) {
             int present = n - j < 4 ? n - j : 4;
-            __m512i xlo, xhi;
-            q8_group(q + (b0 + j) * 32, present, &xlo, &xhi);
+            __m512i xlo[4], xhi[4];
+            for (int i = 0; i < N; i++) q8_group(q + i * cols + (b0 + j) * 32, present, &xlo[i], &xhi[i]);
             __m512i lanes = _mm512_add_epi32(quads, _mm512_set1_epi32(j));
-            for (int r = 0; r < R; r++) {
+            for (int w = 0; w < W; w++) {
                 __m512i wlo, whi;
-                q4_1_group(rows[r] + (b0 + j) * 20, present, &wlo, &whi);
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo, xlo), whi, xhi);
-                __m512 scaled = _mm512_permutexvar_ps(lanes, sc[r]);
-                if (j & 4) acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc1[r]);
-                else acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc0[r]);
+                q4_1_group(rows[w] + (b0 + j) * 20, present, &wlo, &whi);
+                for (int i = 0; i < N; i++) {
+                    int k = w * N + i;
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo, xlo[i]), whi,
+                                                      xhi[i]);
+                    __m512 scaled = _mm512_permutexvar_ps(lanes, sc[k]);
+                    if (j & 4) acc1[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc1[k]);
+                    else acc0[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc0[k]);
+                }
             }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum512(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), offsets[r]));
+    for (int k = 0; k < W * N; k++) out[k] = hsum512(_mm512_add_ps(_mm512_add_ps(acc0[k], acc1[k]), offsets[k]));
 }
 
 /// Q4_1 weight rows `r0 ..< r1` against one activation row, four at a time, added into `y[r]`.
@@ -158,18 +134,14 @@ __attribute__((target(VNNI_TARGET))) void cgraft_q8_decode_q4_1_vnni(const uint8
                                                                   const float *d, const float *s, int64_t blocks,
                                                                   float *y) {
     for (int64_t r = r0; r < r1; r += 4) {
-        int R = (int)(r1 - r < 4 ? r1 - r : 4);
+        int count = (int)(r1 - r < 4 ? r1 - r : 4);
         const uint8_t *rows[4];
         const uint16_t *tables[4];
-        for (int k = 0; k < R; k++) {
-            int64_t source = row_order ? row_order[r + k] : r + k;
-            rows[k] = w + source * row_bytes;
-            tables[k] = block_scales ? block_scales + source * per : NULL;
-        }
+        cgraft_ggml_gather_rows(w, row_bytes, row_order, block_scales, per, r, count, rows, tables);
         float out[4];
-        if (R == 4) weight_rows_q4_1_q8_vnni(rows, tables, q, d, s, blocks, 4, out);
-        else weight_rows_q4_1_q8_vnni(rows, tables, q, d, s, blocks, R, out);
-        for (int k = 0; k < R; k++) y[r + k] += out[k];
+        if (count == 4) rows_q4_1_q8_vnni(rows, tables, 4, q, d, s, blocks, 1, out);
+        else rows_q4_1_q8_vnni(rows, tables, count, q, d, s, blocks, 1, out);
+        for (int k = 0; k < count; k++) y[r + k] += out[k];
     }
 }
 
@@ -215,7 +187,7 @@ __attribute__((target(VNNI_TARGET))) void cgraft_q8_rows_vnni(int type, const ui
                                                               int64_t blocks, int n, float *out) {
 #define CGRAFT_ROWS(N)                                                                                               \
     case N:                                                                                                          \
-        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_vnni(row, table, q, d, s, blocks, N, out);                         \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_vnni(&row, &table, 1, q, d, s, blocks, N, out);                  \
         else rows_q8_0_q8_vnni(row, table, q, d, blocks, N, out);                                                     \
         break;
     switch (n) {

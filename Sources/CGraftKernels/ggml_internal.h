@@ -27,6 +27,18 @@ static inline float cgraft_half_to_float(const uint8_t *p) {
     return f;
 }
 
+/// The addresses of weight rows `r ..< r + count` of `w` (row `k` stored at `row_order[k]` when given, else at `k`)
+/// into `rows`, and of their scale tables (`per` entries a row) into `tables` (NULL entries without `block_scales`).
+static inline void cgraft_ggml_gather_rows(const uint8_t *w, int64_t row_bytes, const int64_t *row_order,
+                                           const uint16_t *block_scales, int64_t per, int64_t r, int count,
+                                           const uint8_t **rows, const uint16_t **tables) {
+    for (int k = 0; k < count; k++) {
+        int64_t source = row_order ? row_order[r + k] : r + k;
+        rows[k] = w + source * row_bytes;
+        tables[k] = block_scales ? block_scales + source * per : NULL;
+    }
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 

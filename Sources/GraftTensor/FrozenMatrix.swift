@@ -77,42 +77,26 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
     precondition(x.lastDim == inF, "linear: input \(x.shape) does not end in \(inF)")
     let rowsN = x.rows, tile = weight.tileRows
     let tiles = outF == 0 ? 0 : (outF + tile - 1) / tile
-    let out = linearOutput(x, inFeatures: inF, outFeatures: outF, bias: bias)
-    if inF > 0 && rowsN > 0 && weight.hasInt8Product && Int8ActivationMode.isEnabled {
-        // The fast mode: activations quantized to int8 once, integer products shared out over the threads. Every
-        // row count takes it (a prompt too), so a sequence's rows get the same products whether its prompt ran
-        // whole, after a cached prefix, or batched with others.
-        let op = out.pointer
-        if bias == nil { op.update(repeating: 0, count: rowsN * outF) }
-        // hasInt8Product formats hold whole blocks of 32 per row, so quantizing cannot fail.
-        if let q = try? Int8Rows(x.pointer, rows: rowsN, cols: inF) {
-            // Waking a second thread costs microseconds: a share below ~128 K weights (the k/v projections of a
-            // small model) runs faster on the calling thread alone.
-            parallelFor(outF, grain: max(64, (1 << 17) / max(inF * rowsN, 1))) { range in
-                weight.accumulateInt8Product(q, outputRows: range, into: op, ldy: outF)
-                epilogue?(range, op, outF)
+    let out: Tensor
+    if let direct = blockProducts(x, [FrozenProduct(weight: weight, bias: bias, epilogue: epilogue)]) {
+        // The fast mode (every row count, so a sequence's rows get the same products whether its prompt ran whole,
+        // after a cached prefix, or batched with others), or a decoding step: straight from the blocks.
+        out = direct[0]
+    } else {
+        out = linearOutput(x, inFeatures: inF, outFeatures: outF, bias: bias)
+        if inF > 0 && rowsN > 0 {
+            let xp = UnsafePointer(x.pointer), op = out.pointer, beta: Float = bias == nil ? 0 : 1
+            parallelFor(tiles, grain: 1) { range in
+                let scratch = TensorBuffer(count: tile * inF, zeroed: false)
+                for t in range {
+                    let rows = (t * tile)..<min(outF, (t + 1) * tile)
+                    weight.decodeRows(rows, into: scratch.pointer)
+                    sgemmSerial(transA: false, transB: true, m: rowsN, n: rows.count, k: inF, alpha: 1, a: xp,
+                                lda: inF, b: scratch.pointer, ldb: inF, beta: beta, c: op + rows.lowerBound, ldc: outF)
+                }
             }
+            epilogue?(0..<outF, op, outF)
         }
-    } else if inF > 0 && rowsN > 0 && rowsN <= directProductRows && weight.hasDirectProduct {
-        // A decoding step: multiply straight from the blocks, output rows shared out over the threads.
-        let xp = UnsafePointer(x.pointer), op = out.pointer
-        if bias == nil { op.update(repeating: 0, count: rowsN * outF) }
-        parallelFor(outF, grain: 64) { range in
-            weight.accumulateProduct(xp, rows: rowsN, outputRows: range, into: op, ldy: outF)
-            epilogue?(range, op, outF)
-        }
-    } else if inF > 0 && rowsN > 0 {
-        let xp = UnsafePointer(x.pointer), op = out.pointer, beta: Float = bias == nil ? 0 : 1
-        parallelFor(tiles, grain: 1) { range in
-            let scratch = TensorBuffer(count: tile * inF, zeroed: false)
-            for t in range {
-                let rows = (t * tile)..<min(outF, (t + 1) * tile)
-                weight.decodeRows(rows, into: scratch.pointer)
-                sgemmSerial(transA: false, transB: true, m: rowsN, n: rows.count, k: inF, alpha: 1, a: xp, lda: inF,
-                            b: scratch.pointer, ldb: inF, beta: beta, c: op + rows.lowerBound, ldc: outF)
-            }
-        }
-        epilogue?(0..<outF, op, outF)
     }
     var inputs = [x]
     if let bias { inputs.append(bias) }

@@ -19,25 +19,30 @@ public struct FrozenProduct {
 /// `x · Wᵢᵀ (+ bᵢ)` for every product of `products`, which all read the same input `x` (an attention block's q, k
 /// and v projections; a gated feed-forward's gate and up), as one job: the output rows of all the products shared
 /// out over the threads together, so a small product (k and v of a small model) does not run alone on the calling
-/// thread while the others wait, and one dispatch replaces several. Two cases qualify, those where
-/// ``linear(_:frozen:_:epilogue:)`` multiplies straight from the blocks: the fast mode (``Int8ActivationMode``,
-/// `x` quantized to int8 once for the group) and, otherwise, a decoding step of up to 16 rows. Each output value
-/// is the one ``linear(_:frozen:_:epilogue:)`` gives for its product alone: the block kernels compute a row the
-/// same way whichever range holds it.
+/// thread while the others wait, and one dispatch replaces several. Each output value is the one
+/// ``linear(_:frozen:_:epilogue:)`` gives for its product alone: both run ``blockProducts(_:_:)``, whose block
+/// kernels compute a row the same way whichever range holds it.
 ///
-/// Returns nil, computing nothing, when gradients are on, when a weight's width differs from `x`'s or a bias from
-/// its weight's rows, or when not every weight has the product the case needs; callers then run the products one
-/// by one.
+/// Returns nil, computing nothing, when gradients are on or ``blockProducts(_:_:)`` does not apply; callers then run
+/// the products one by one.
 public func linearGroup(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
+    guard !GradMode.isEnabled else { return nil }
+    return blockProducts(x, products)
+}
+
+/// The products straight from the blocks, no gradient recorded: in the fast mode (``Int8ActivationMode``) with
+/// `x` quantized to int8 once, or otherwise for a decoding step of up to ``directProductRows`` rows, the output rows
+/// of all `products` shared out over the threads, each range's epilogue run on the thread that computed it. Nil when
+/// neither applies to every weight, or when a weight's width differs from `x`'s or a bias from its weight's rows.
+func blockProducts(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
     let inF = x.lastDim, rowsN = x.rows
-    guard !GradMode.isEnabled, inF > 0, rowsN > 0, !products.isEmpty,
-          products.allSatisfy({ $0.weight.cols == inF }),
+    guard inF > 0, rowsN > 0, !products.isEmpty, products.allSatisfy({ $0.weight.cols == inF }),
           products.allSatisfy({ product in product.bias.map { $0.count == product.weight.rows } ?? true })
     else { return nil }
     var int8: Int8Rows? = nil
-    if Int8ActivationMode.isEnabled {
-        guard products.allSatisfy(\.weight.hasInt8Product), let q = try? Int8Rows(x.pointer, rows: rowsN, cols: inF)
-        else { return nil }
+    if Int8ActivationMode.isEnabled && products.allSatisfy(\.weight.hasInt8Product) {
+        // hasInt8Product formats hold whole blocks of 32 per row, so quantizing cannot fail.
+        guard let q = try? Int8Rows(x.pointer, rows: rowsN, cols: inF) else { return nil }
         int8 = q
     } else {
         guard rowsN <= directProductRows, products.allSatisfy(\.weight.hasDirectProduct) else { return nil }
@@ -54,7 +59,8 @@ public func linearGroup(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
         total += product.weight.rows
     }
     let pointers = outputs.map(\.pointer), xp = UnsafePointer(x.pointer)
-    // The grains linear(_:frozen:) uses for the same products.
+    // Waking a second thread costs microseconds: in the fast mode a share below ~128 K weights runs faster on the
+    // calling thread alone.
     let grain = int8 == nil ? 64 : max(64, (1 << 17) / max(inF * rowsN, 1))
     parallelFor(total, grain: grain) { range in
         for (index, product) in products.enumerated() {
