@@ -232,15 +232,14 @@ int cgraft_ggml_rows_product_q8(int type, const uint8_t *w, int64_t row_bytes, c
     int level = cgraft_ggml_int8_kernel_level();
     int64_t per = type == CGRAFT_GGML_Q4_1 ? 2 * blocks : blocks;
 #ifdef CGRAFT_X86
-    // One weight row against up to four activation rows at a time: AVX2, or AVX-512 VNNI.
-    void (*rows_kernel)(int, const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *, int64_t,
-                        int, float *) = level == 2 ? cgraft_q8_rows_vnni : level == 1 ? rows_q8_avx2 : NULL;
-#endif
-#ifdef CGRAFT_X86
-    if (level == 2 && m == 1 && type == CGRAFT_GGML_Q4_1) {
-        cgraft_q8_decode_q4_1_vnni(w, row_bytes, row_order, block_scales, per, r0, r1, q, scales, sums, blocks, y);
+    if (level == 2) {
+        cgraft_q8_product_vnni(type, w, row_bytes, row_order, block_scales, per, r0, r1, blocks, q, scales, sums, m, y,
+                               ldy);
         return 0;
     }
+    // One weight row against up to four activation rows at a time.
+    void (*rows_kernel)(int, const uint8_t *, const uint16_t *, const int8_t *, const float *, const float *, int64_t,
+                        int, float *) = level == 1 ? rows_q8_avx2 : NULL;
 #endif
     for (int64_t r = r0; r < r1; r++) {
         int64_t source = row_order ? row_order[r] : r;

@@ -1,8 +1,11 @@
 // The AVX-512 VNNI kernels of the fast mode's block products (see ggml_dot_q8.c, which picks them at run time):
 // one Q4_1 or Q8_0 weight row against up to four int8 activation rows, and a decoding step's Q4_1 rows four at a
-// time against one activation row.
+// time against one activation row. Q4_1 products regroup the activations once per call into the nibble order the
+// weights unpack to, instead of once per weight row.
 #include "CGraftKernels.h"
 #include "ggml_internal.h"
+
+#include <stdlib.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -84,15 +87,44 @@ __attribute__((target(VNNI_TARGET), always_inline)) static inline void q8_group(
     *hi = _mm512_permutex2var_epi64(z0, _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15), z1);
 }
 
+/// The activations of the group of blocks `4g ..< 4g + 4` (`present` of them) of one row, as q8_group gives them:
+/// read from the row regrouped once (`grouped`, 128 bytes per group, see regroup) or, without it, from the row.
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void
+activation_group(const int8_t *grouped, const int8_t *q, int64_t g, int present, __m512i *lo, __m512i *hi) {
+    if (grouped) {
+        *lo = _mm512_loadu_si512(grouped + g * 128);
+        *hi = _mm512_loadu_si512(grouped + g * 128 + 64);
+    } else {
+        q8_group(q + g * 128, present, lo, hi);
+    }
+}
+
+/// `m` int8 activation rows of `blocks` blocks regrouped into `grouped` (`⌈blocks / 4⌉ · 128` bytes per row) as
+/// q8_group regroups them, so that the Q4_1 kernel does it once per call rather than once per weight row.
+__attribute__((target(VNNI_TARGET))) static void regroup(const int8_t *q, int64_t m, int64_t blocks, int8_t *grouped) {
+    int64_t groups = (blocks + 3) / 4;
+    for (int64_t i = 0; i < m; i++) {
+        for (int64_t g = 0; g < groups; g++) {
+            int present = blocks - 4 * g < 4 ? (int)(blocks - 4 * g) : 4;
+            __m512i lo, hi;
+            q8_group(q + i * blocks * 32 + g * 128, present, &lo, &hi);
+            _mm512_storeu_si512(grouped + (i * groups + g) * 128, lo);
+            _mm512_storeu_si512(grouped + (i * groups + g) * 128 + 64, hi);
+        }
+    }
+}
+
 /// `W` Q4_1 weight rows (`rows[w]`, scale table `tables[w]` or NULL) against `N` activation rows, W · N ≤ 4, into
 /// `out[w * N + i]`: a batch's step takes one weight row against up to four activation rows, a decoding step four
-/// weight rows against its one. Each pair's arithmetic is the same whatever `W` and `N` are.
+/// weight rows against its one. Activation row i is read from `grouped + i · ⌈blocks / 4⌉ · 128` when `grouped` is
+/// given, else regrouped from `q + i · cols` as the kernel goes. Each pair's arithmetic is the same whatever `W`,
+/// `N` and the activations' source are.
 __attribute__((target(VNNI_TARGET), always_inline)) static inline void
-rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, int W, const int8_t *q, const float *d,
-                  const float *s, int64_t blocks, int N, float *out) {
+rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, int W, const int8_t *q,
+                  const int8_t *grouped, const float *d, const float *s, int64_t blocks, int N, float *out) {
     __m512 acc0[4], acc1[4], offsets[4], sc[4];
     for (int k = 0; k < W * N; k++) acc0[k] = acc1[k] = offsets[k] = _mm512_setzero_ps();
-    const int64_t cols = blocks * 32;
+    const int64_t cols = blocks * 32, stride = (blocks + 3) / 4 * 128;
     // Block g of a group in lanes 4g..4g+3.
     const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
@@ -108,7 +140,10 @@ rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, int
         for (int j = 0; j < n; j += 4) {
             int present = n - j < 4 ? n - j : 4;
             __m512i xlo[4], xhi[4];
-            for (int i = 0; i < N; i++) q8_group(q + i * cols + (b0 + j) * 32, present, &xlo[i], &xhi[i]);
+            for (int i = 0; i < N; i++) {
+                activation_group(grouped ? grouped + i * stride : NULL, q + i * cols, (b0 + j) / 4, present, &xlo[i],
+                                 &xhi[i]);
+            }
             __m512i lanes = _mm512_add_epi32(quads, _mm512_set1_epi32(j));
             for (int w = 0; w < W; w++) {
                 __m512i wlo, whi;
@@ -125,24 +160,6 @@ rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, int
         }
     }
     for (int k = 0; k < W * N; k++) out[k] = hsum512(_mm512_add_ps(_mm512_add_ps(acc0[k], acc1[k]), offsets[k]));
-}
-
-/// Q4_1 weight rows `r0 ..< r1` against one activation row, four at a time, added into `y[r]`.
-__attribute__((target(VNNI_TARGET))) void cgraft_q8_decode_q4_1_vnni(const uint8_t *w, int64_t row_bytes,
-                                                                  const int64_t *row_order, const uint16_t *block_scales,
-                                                                  int64_t per, int64_t r0, int64_t r1, const int8_t *q,
-                                                                  const float *d, const float *s, int64_t blocks,
-                                                                  float *y) {
-    for (int64_t r = r0; r < r1; r += 4) {
-        int count = (int)(r1 - r < 4 ? r1 - r : 4);
-        const uint8_t *rows[4];
-        const uint16_t *tables[4];
-        cgraft_ggml_gather_rows(w, row_bytes, row_order, block_scales, per, r, count, rows, tables);
-        float out[4];
-        if (count == 4) rows_q4_1_q8_vnni(rows, tables, 4, q, d, s, blocks, 1, out);
-        else rows_q4_1_q8_vnni(rows, tables, count, q, d, s, blocks, 1, out);
-        for (int k = 0; k < count; k++) y[r + k] += out[k];
-    }
 }
 
 __attribute__((target(VNNI_TARGET), always_inline)) static inline void
@@ -181,19 +198,72 @@ rows_q8_0_q8_vnni(const uint8_t *row, const uint16_t *table, const int8_t *q, co
     for (int i = 0; i < N; i++) out[i] = hsum512(_mm512_add_ps(acc0[i], acc1[i]));
 }
 
-/// One weight row against activation rows `0 ..< n` (n ≤ 4) with the VNNI kernels, into `out`.
-__attribute__((target(VNNI_TARGET))) void cgraft_q8_rows_vnni(int type, const uint8_t *row, const uint16_t *table,
-                                                              const int8_t *q, const float *d, const float *s,
-                                                              int64_t blocks, int n, float *out) {
-#define CGRAFT_ROWS(N)                                                                                               \
-    case N:                                                                                                          \
-        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_q8_vnni(&row, &table, 1, q, d, s, blocks, N, out);                  \
-        else rows_q8_0_q8_vnni(row, table, q, d, blocks, N, out);                                                     \
-        break;
+/// One Q4_1 weight row against activation rows `0 ..< n` (n ≤ 4), with `n` a constant in each call.
+__attribute__((target(VNNI_TARGET))) static void q4_1_rows(const uint8_t *row, const uint16_t *table, const int8_t *q,
+                                                           const int8_t *grouped, const float *d, const float *s,
+                                                           int64_t blocks, int n, float *out) {
     switch (n) {
-        CGRAFT_ROWS(1) CGRAFT_ROWS(2) CGRAFT_ROWS(3) CGRAFT_ROWS(4)
-        default: break;
+    case 1: rows_q4_1_q8_vnni(&row, &table, 1, q, grouped, d, s, blocks, 1, out); break;
+    case 2: rows_q4_1_q8_vnni(&row, &table, 1, q, grouped, d, s, blocks, 2, out); break;
+    case 3: rows_q4_1_q8_vnni(&row, &table, 1, q, grouped, d, s, blocks, 3, out); break;
+    default: rows_q4_1_q8_vnni(&row, &table, 1, q, grouped, d, s, blocks, 4, out); break;
     }
-#undef CGRAFT_ROWS
+}
+
+/// One Q8_0 weight row against activation rows `0 ..< n` (n ≤ 4), with `n` a constant in each call.
+__attribute__((target(VNNI_TARGET))) static void q8_0_rows(const uint8_t *row, const uint16_t *table, const int8_t *q,
+                                                           const float *d, int64_t blocks, int n, float *out) {
+    switch (n) {
+    case 1: rows_q8_0_q8_vnni(row, table, q, d, blocks, 1, out); break;
+    case 2: rows_q8_0_q8_vnni(row, table, q, d, blocks, 2, out); break;
+    case 3: rows_q8_0_q8_vnni(row, table, q, d, blocks, 3, out); break;
+    default: rows_q8_0_q8_vnni(row, table, q, d, blocks, 4, out); break;
+    }
+}
+
+__attribute__((target(VNNI_TARGET))) void cgraft_q8_product_vnni(int type, const uint8_t *w, int64_t row_bytes,
+                                                                  const int64_t *row_order,
+                                                                  const uint16_t *block_scales, int64_t per, int64_t r0,
+                                                                  int64_t r1, int64_t blocks, const int8_t *q,
+                                                                  const float *d, const float *s, int64_t m, float *y,
+                                                                  int64_t ldy) {
+    const int64_t cols = blocks * 32, stride = (blocks + 3) / 4 * 128;
+    int8_t stack[16384], *heap = NULL, *grouped = NULL;
+    if (type == CGRAFT_GGML_Q4_1) {
+        size_t bytes = (size_t)(m * stride);
+        grouped = bytes <= sizeof stack ? stack : (heap = malloc(bytes));
+        // Without memory for the copy, the kernel regroups as it goes: same result, more work.
+        if (grouped) regroup(q, m, blocks, grouped);
+    }
+    if (type == CGRAFT_GGML_Q4_1 && m == 1) {
+        for (int64_t r = r0; r < r1; r += 4) {
+            int count = (int)(r1 - r < 4 ? r1 - r : 4);
+            const uint8_t *rows[4];
+            const uint16_t *tables[4];
+            cgraft_ggml_gather_rows(w, row_bytes, row_order, block_scales, per, r, count, rows, tables);
+            float out[4];
+            if (count == 4) rows_q4_1_q8_vnni(rows, tables, 4, q, grouped, d, s, blocks, 1, out);
+            else rows_q4_1_q8_vnni(rows, tables, count, q, grouped, d, s, blocks, 1, out);
+            for (int k = 0; k < count; k++) y[r + k] += out[k];
+        }
+    } else {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *row;
+            const uint16_t *table;
+            cgraft_ggml_gather_rows(w, row_bytes, row_order, block_scales, per, r, 1, &row, &table);
+            for (int64_t i = 0; i < m; i += 4) {
+                int n = (int)(m - i < 4 ? m - i : 4);
+                float out[4];
+                if (type == CGRAFT_GGML_Q4_1) {
+                    q4_1_rows(row, table, q + i * cols, grouped ? grouped + i * stride : NULL, d + i * blocks,
+                              s + i * blocks, blocks, n, out);
+                } else {
+                    q8_0_rows(row, table, q + i * cols, d + i * blocks, blocks, n, out);
+                }
+                for (int j = 0; j < n; j++) y[(i + j) * ldy + r] += out[j];
+            }
+        }
+    }
+    free(heap);
 }
 #endif

@@ -60,21 +60,15 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
 /// The target the AVX-512 VNNI kernels are compiled for.
 #define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
 
-/// One Q4_1 or Q8_0 (`type`) weight row with scale table `table` (or NULL) against int8 activation rows `0 ..< n`
-/// (n ≤ 4; `q`, `d`, `s` hold row i at `i * blocks * 32`, `i * blocks`) into `out[i]` (ggml_dot_q8_vnni.c).
-__attribute__((target(VNNI_TARGET))) void cgraft_q8_rows_vnni(int type, const uint8_t *row, const uint16_t *table,
-                                                             const int8_t *q, const float *d, const float *s,
-                                                             int64_t blocks, int n, float *out);
-
-/// Q4_1 weight rows `r0 ..< r1` (stored at `row_order[r]` when given, `per` table entries per row) against one
-/// activation row, added into `y[r]`: a decoding step's product, four weight rows at a time, each computed as
-/// cgraft_q8_rows_vnni computes it (ggml_dot_q8_vnni.c).
-__attribute__((target(VNNI_TARGET))) void cgraft_q8_decode_q4_1_vnni(const uint8_t *w, int64_t row_bytes,
-                                                                    const int64_t *row_order,
-                                                                    const uint16_t *block_scales, int64_t per,
-                                                                    int64_t r0, int64_t r1, const int8_t *q,
-                                                                    const float *d, const float *s, int64_t blocks,
-                                                                    float *y);
+/// cgraft_ggml_rows_product_q8 with the AVX-512 VNNI kernels (`per` scale-table entries per weight row): Q4_1
+/// regroups the activations once per call, and a decoding step (`m` = 1) takes four weight rows at a time; each
+/// product is the same whichever way it runs (ggml_dot_q8_vnni.c).
+__attribute__((target(VNNI_TARGET))) void cgraft_q8_product_vnni(int type, const uint8_t *w, int64_t row_bytes,
+                                                                 const int64_t *row_order,
+                                                                 const uint16_t *block_scales, int64_t per, int64_t r0,
+                                                                 int64_t r1, int64_t blocks, const int8_t *q,
+                                                                 const float *d, const float *s, int64_t m, float *y,
+                                                                 int64_t ldy);
 #endif
 
 /// The highest kernel level cgraft_ggml_limit_kernels currently allows (2 by default).
