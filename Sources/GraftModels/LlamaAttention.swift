@@ -58,19 +58,23 @@ public final class LlamaAttention: Module {
         }
         var attn: Tensor
         if let rowCaches, let rowLengths {
-            var rows: [Tensor] = []
+            // Each row appends its real positions to its own cache, then all rows' heads attend in one parallel loop.
+            let width = config.kvHeads * config.headDim
+            var rows: [CachedAttentionRow] = []
+            rows.reserveCapacity(b)
             for r in 0..<b {
-                let c = rowCaches[r], n = rowLengths[r]
-                let offset = c.length, width = config.kvHeads * config.headDim
-                c.append(keys: k.pointer + r * t * width, values: v.pointer + r * t * width, count: n, width: width)
-                guard let kr = c.keys, let vr = c.values else {
-                    rows.append(Tensor(zeros: [1, t, config.heads * config.headDim]))
-                    continue
+                let c = rowCaches[r], offset = c.length
+                c.append(keys: k.pointer + r * t * width, values: v.pointer + r * t * width, count: rowLengths[r], width: width)
+                if let kr = c.keys, let vr = c.values {
+                    rows.append(CachedAttentionRow(keys: kr.pointer, values: vr.pointer, length: c.length, queryOffset: offset))
+                } else {
+                    rows.append(CachedAttentionRow(keys: k.pointer, values: v.pointer, length: 0, queryOffset: offset))
                 }
-                rows.append(scaledDotProductAttention(query: q.rowsView(r..<(r + 1)), key: kr, value: vr, heads: config.heads,
-                                                      kvHeads: config.kvHeads, mask: AttentionMask(causal: true, queryOffset: offset)))
             }
-            attn = concat(rows, dim: 0)
+            // The caches' blocks outlive the pass (the rows' pointers stay valid: nothing appends until it returns).
+            attn = withExtendedLifetime(rowCaches) {
+                rowCachedAttention(query: q, rows: rows, heads: config.heads, kvHeads: config.kvHeads)
+            }
         } else {
             attn = scaledDotProductAttention(query: q, key: k, value: v, heads: config.heads, kvHeads: config.kvHeads, mask: mask)
         }

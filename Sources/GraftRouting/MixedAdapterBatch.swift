@@ -62,10 +62,14 @@ public enum MixedAdapterBatch {
         for key in linearOrder {
             guard let (path, lin) = linears[key] else { continue }
             let original = lin.adapters
+            // The layer's adapters by owner, in attach order: one lookup per adapter, not one per adapter and segment.
+            var byOwner: [Int32: [any LinearAdapter]] = [:]
+            for adapter in original {
+                if let id = owner[ObjectIdentifier(adapter)] { byOwner[id, default: []].append(adapter) }
+            }
             var perSegment: [(rows: Range<Int>, adapters: [any LinearAdapter])] = []
             for seg in segments where seg.adapterId >= 0 {
-                let list = original.filter { owner[ObjectIdentifier($0)] == seg.adapterId }
-                guard !list.isEmpty else { continue }
+                guard let list = byOwner[seg.adapterId], !list.isEmpty else { continue }
                 // An adapter whose rows depend on each other runs one sequence at a time.
                 if list.contains(where: \.couplesRows) {
                     for row in seg.rows { perSegment.append((row..<(row + 1), list)) }
@@ -77,7 +81,7 @@ public enum MixedAdapterBatch {
                 throw GraftError(.unsupported, "layer '\(path)' carries an adapter (\(type(of: stray))) that no named adapter owns; mixed-adapter batches route only adapters added through the model")
             }
             // Layers no routed adapter touches keep their list: every adapter is switched off below.
-            guard !perSegment.isEmpty, original.contains(where: { used.contains(owner[ObjectIdentifier($0)] ?? -1) }) else { continue }
+            guard !perSegment.isEmpty, byOwner.keys.contains(where: used.contains) else { continue }
             installed.append((lin, original))
             lin.adapters = [RoutedLinear(batchRows: ids.count, segments: perSegment, path: path, failure: failure)]
         }
