@@ -45,7 +45,7 @@ __attribute__((target(VNNI_TARGET))) static inline float hsum512(__m512 v) {
 // vectors: Q4_1 four blocks per vpdpbusd pair (their low nibbles against the activations' first halves, then the
 // high ones against the second halves, both summed into the same block lanes), Q8_0 two blocks per vpdpbusd. A
 // block's int32 lanes are converted once and scaled by its lane of the window's scale register. Each activation row
-// keeps its own accumulators (Q4_1: one, which takes each window's minimum offsets before its blocks; Q8_0: two), fed
+// keeps its own accumulators (Q4_1: one, and the minimum offsets apart until the end; Q8_0: two), fed
 // in the same order whatever `N` is, so a sequence gets the same result alone or batched. `out[i]` receives activation row i (`q`, `d`, `s` hold row i at `i * cols`,
 // `i * blocks`).
 
@@ -122,8 +122,8 @@ __attribute__((target(VNNI_TARGET))) static void regroup(const int8_t *q, int64_
 __attribute__((target(VNNI_TARGET), always_inline)) static inline void
 rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, int W, const int8_t *q,
                   const int8_t *grouped, const float *d, const float *s, int64_t blocks, int N, float *out) {
-    __m512 acc[4], sc[4];
-    for (int k = 0; k < W * N; k++) acc[k] = _mm512_setzero_ps();
+    __m512 acc[4], offsets[4], sc[4];
+    for (int k = 0; k < W * N; k++) acc[k] = offsets[k] = _mm512_setzero_ps();
     const int64_t cols = blocks * 32, stride = (blocks + 3) / 4 * 128;
     // Block g of a group in lanes 4g..4g+3.
     const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -134,7 +134,7 @@ rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, int
             for (int i = 0; i < N; i++) {
                 sc[w * N + i] = vnni_scales(rows[w] + b0 * 20, 20, table ? table + b0 : NULL,
                                             table ? table + blocks + b0 : NULL, n, d + i * blocks + b0,
-                                            s + i * blocks + b0, &acc[w * N + i]);
+                                            s + i * blocks + b0, &offsets[w * N + i]);
             }
         }
         for (int j = 0; j < n; j += 4) {
@@ -158,7 +158,7 @@ rows_q4_1_q8_vnni(const uint8_t *const *rows, const uint16_t *const *tables, int
             }
         }
     }
-    for (int k = 0; k < W * N; k++) out[k] = hsum512(acc[k]);
+    for (int k = 0; k < W * N; k++) out[k] = hsum512(_mm512_add_ps(acc[k], offsets[k]));
 }
 
 __attribute__((target(VNNI_TARGET), always_inline)) static inline void
