@@ -132,39 +132,32 @@ CLONES void cgraft_lora_down_int8(const float *x, int64_t in, const int8_t *a, c
 // Each output's sum runs over k in order, as separate multiplies and adds (no fused multiply-add), so the value of
 // y[o] is the same whichever range [begin, end) holds it: in a block of 128 or 32 lanes or in the scalar tail.
 #pragma clang fp contract(off)
+
+/// Outputs `o ..< o + width` of the up projection (`width` ≤ 128, a constant where it is inlined), from `hs` = h
+/// times B's scales when given, else from h and the scales per use.
+__attribute__((always_inline)) static inline void up_int8_lanes(const float *hs, const float *h, const float *scales,
+                                                                int64_t rank, const int8_t *bt, int64_t out, int64_t o,
+                                                                int width, float scale, float *y) {
+    float acc[128] = {0};
+    for (int64_t k = 0; k < rank; k++) {
+        const int8_t *row = bt + k * out + o;
+        float hk = hs ? hs[k] : h[k] * scales[k];
+        for (int l = 0; l < width; l++) acc[l] += hk * (float)row[l];
+    }
+    for (int l = 0; l < width; l++) y[o + l] += scale * acc[l];
+}
+
 CLONES void cgraft_lora_up_int8(const float *h, int64_t rank, const int8_t *bt, const float *scales, int64_t out,
                                 int64_t begin, int64_t end, float scale, float *y) {
     // h times B's scales, kept on the stack for ranks up to 1024 (the usual), else multiplied per use.
     float stack[1024];
-    const int kept = rank <= 1024;
-    if (kept)
+    const float *hs = rank <= 1024 ? stack : NULL;
+    if (hs)
         for (int64_t k = 0; k < rank; k++) stack[k] = h[k] * scales[k];
-#define HS(k) (kept ? stack[k] : h[k] * scales[k])
     int64_t o = begin;
     // 128 outputs at a time (eight vectors of sums in flight), then 32, then one by one: the same sums each way.
-    for (; o + 128 <= end; o += 128) {
-        float acc[128] = {0};
-        for (int64_t k = 0; k < rank; k++) {
-            const int8_t *row = bt + k * out + o;
-            float hk = HS(k);
-            for (int l = 0; l < 128; l++) acc[l] += hk * (float)row[l];
-        }
-        for (int l = 0; l < 128; l++) y[o + l] += scale * acc[l];
-    }
-    for (; o + 32 <= end; o += 32) {
-        float acc[32] = {0};
-        for (int64_t k = 0; k < rank; k++) {
-            const int8_t *row = bt + k * out + o;
-            float hk = HS(k);
-            for (int l = 0; l < 32; l++) acc[l] += hk * (float)row[l];
-        }
-        for (int l = 0; l < 32; l++) y[o + l] += scale * acc[l];
-    }
-    for (; o < end; o++) {
-        float acc = 0;
-        for (int64_t k = 0; k < rank; k++) acc += HS(k) * (float)bt[k * out + o];
-        y[o] += scale * acc;
-    }
-#undef HS
+    for (; o + 128 <= end; o += 128) up_int8_lanes(hs, h, scales, rank, bt, out, o, 128, scale, y);
+    for (; o + 32 <= end; o += 32) up_int8_lanes(hs, h, scales, rank, bt, out, o, 32, scale, y);
+    for (; o < end; o++) up_int8_lanes(hs, h, scales, rank, bt, out, o, 1, scale, y);
 }
 #pragma clang fp contract(on)
