@@ -45,9 +45,9 @@ __attribute__((target(VNNI_TARGET))) static inline float hsum512(__m512 v) {
 // vectors: Q4_1 four blocks per vpdpbusd pair (their low nibbles against the activations' first halves, then the
 // high ones against the second halves, both summed into the same block lanes), Q8_0 two blocks per vpdpbusd. A
 // block's int32 lanes are converted once and scaled by its lane of the window's scale register. Each activation row
-// keeps its own accumulators (Q4_1: one, and the minimum offsets apart until the end; Q8_0: two), fed
-// in the same order whatever `N` is, so a sequence gets the same result alone or batched. `out[i]` receives activation row i (`q`, `d`, `s` hold row i at `i * cols`,
-// `i * blocks`).
+// keeps its own accumulators (Q4_1: one, and the minimum offsets apart until the end; Q8_0: two), fed in the same
+// order whatever `N` is, so a sequence gets the same result alone or batched. `out[i]` receives activation row i
+// (`q`, `d`, `s` hold row i at `i * cols`, `i * blocks`).
 
 /// Up to four Q4_1 blocks' nibbles (`present` of them, the rest zero): low nibbles in `lo`, high ones in `hi`,
 /// block g in 128-bit lane g.
