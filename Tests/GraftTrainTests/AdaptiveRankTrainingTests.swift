@@ -41,10 +41,25 @@ import Testing
     }
 
     /// Saves `model`'s adapter and loads it through Graft's LoRA path into a fresh classifier with the same head:
-    /// the logits agree.
-    static func expectLoRARoundTrip(_ model: AdaptedModel, _ classifier: BertForSequenceClassification, ranks: [Int]) throws {
-        let batch = try TokenBatch(sequences: [[101, 7592, 2088, 2003, 102], [101, 2023, 2001, 102]])
+    /// the logits agree. With `GRAFT_ADAPTIVE_RANK_EXPORT` set, also writes the adapter, the token ids and Graft's
+    /// logits and head to `$GRAFT_ADAPTIVE_RANK_EXPORT/<method>/` for bench/adaptive-rank-peft/check.py (real PEFT's side).
+    static func expectLoRARoundTrip(_ model: AdaptedModel, _ classifier: BertForSequenceClassification, ranks: [Int],
+                                    method: String) throws {
+        let sequences: [[Int32]] = [[101, 7592, 2088, 2003, 102], [101, 2023, 2001, 1037, 2204, 2154, 102]]
+        let batch = try TokenBatch(sequences: sequences)
         let logits = try withNoGrad { try classifier.forward(batch) }
+        if let root = ProcessInfo.processInfo.environment["GRAFT_ADAPTIVE_RANK_EXPORT"] {
+            let out = root + "/" + method.lowercased()
+            try model.saveAdapter("default", directory: out + "/adapter")
+            var writer = SafeTensorsWriter()
+            try writer.add("logits", logits)
+            try writer.add("input_ids", Tensor(shape: [batch.batchSize, batch.length], values: batch.ids.map(Float.init)))
+            try writer.add("lengths", Tensor(shape: [batch.batchSize], values: batch.lengths.map(Float.init)))
+            // The head is not part of this adapter (fixed by its seed on both sides of Graft's round trip).
+            try writer.add("classifier.weight", classifier.classifier.weight)
+            if let bias = classifier.classifier.bias { try writer.add("classifier.bias", bias) }
+            try Data(writer.serialized()).write(to: URL(fileURLWithPath: out + "/graft_logits.safetensors"))
+        }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("graft-grown-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try model.saveAdapter("default", directory: dir)
@@ -87,7 +102,8 @@ import Testing
         #expect(logged == [2, 4, 6, 8, 10])
         #expect(after[0] < before[0], "IncreLoRA training loss \(before[0]) -> \(after[0])")
         let adapter = try model.adapter("default")
-        try Self.expectLoRARoundTrip(model, classifier, ranks: adapter.layers.compactMap { ($0.adapter as? any GrowingRankLayer)?.activeRank })
+        try Self.expectLoRARoundTrip(model, classifier, ranks: adapter.layers.compactMap { ($0.adapter as? any GrowingRankLayer)?.activeRank },
+                                      method: "INCRELORA")
     }
 
     @Test func triAdaptLoRAGrowsModulesPastTheDynamicThreshold() throws {
@@ -117,6 +133,6 @@ import Testing
         let ranks = adapter.layers.compactMap { ($0.adapter as? any GrowingRankLayer)?.activeRank }
         #expect(ranks.reduce(0, +) > ranks.count, "some module grew: \(ranks)")
         print("TriAdaptLoRA ranks after 10 steps: \(ranks)")
-        try Self.expectLoRARoundTrip(model, classifier, ranks: ranks)
+        try Self.expectLoRARoundTrip(model, classifier, ranks: ranks, method: "TRIADAPTLORA")
     }
 }
