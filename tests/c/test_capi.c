@@ -363,7 +363,7 @@ static void test_model_basics(graft_model *bert) {
     CHECK(t == NULL);
     EXPECT(graft_adapter_delete(bert, "a"), GRAFT_OK);
 
-    /* The selective and sparse methods build from their JSON configs; a bad value is named. */
+    /* The selective, sparse, gated and adaptive-rank methods build from their JSON configs; a bad value is named. */
     static const char *sparse[] = {
         "{\"peft_type\": \"BITFIT\", \"target_modules\": [\"query\"]}",
         "{\"peft_type\": \"SPIEL\", \"density\": 0.01, \"target_modules\": [\"query\"]}",
@@ -373,6 +373,11 @@ static void test_model_basics(graft_model *bert) {
         "{\"peft_type\": \"SPT\", \"budget_density\": 0.01, \"r\": 2, \"target_modules\": [\"query\"]}",
         "{\"peft_type\": \"SPARSE_ADAPTER\", \"sparsity\": 0.5, \"large_sparse\": true}",
         "{\"peft_type\": \"TR_PTS\", \"density\": 0.005, \"token_keep_ratio\": 0.5, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"LOSIA\", \"rank_factor\": 0.125, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"TAPS\", \"l1_weight\": 0.001, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"SELECTIVE_LORA\", \"r\": 4, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"INCRELORA\", \"init_r\": 2, \"target_r\": 4, \"target_modules\": [\"query\"]}",
+        "{\"peft_type\": \"TRIADAPTLORA\", \"init_r\": 1, \"target_r\": 4, \"target_modules\": [\"query\"]}",
     };
     for (size_t i = 0; i < sizeof sparse / sizeof sparse[0]; i++) {
         EXPECT(graft_adapter_add(bert, "s", sparse[i]), GRAFT_OK);
