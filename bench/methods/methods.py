@@ -170,7 +170,7 @@ def main():
                 if "error" not in r:
                     done.add((r["task"], r["peft_type"], r["seed"]))
         only = set(args.only.split(",")) if args.only else None
-        todo = []
+        todo, lora_entries = [], {}
         for task in args.tasks.split(","):
             plan_path = results / f"plan-{task}.json"
             budget_path = Path(plan.__file__).with_name("budget.json")
@@ -185,6 +185,7 @@ def main():
                 plans = plan.plan_task(args.graft, task, work=args.work)
                 plan_path.write_text(json.dumps(plans, indent=1, sort_keys=True) + "\n")
             seeds = list(range(args.seeds)) if task == "minilm" else [0]
+            lora_entries[task] = next((e for e in plans if e["peft_type"] == "LORA"), None)
             todo += [(task, e, s, seeds) for e in plans for s in seeds
                      if not e["skipped"] and (only is None or e["peft_type"] in only) and (task, e["peft_type"], s) not in done]
         # Breadth first: LoRA's seeds (the reference row and X-LoRA's experts), then every method's first seed on
@@ -197,6 +198,14 @@ def main():
             out_dir = Path(args.work) / task / f"{entry['peft_type']}-seed{seed}"
             if entry.get("needs_experts"):
                 experts = {f"lora{s}": str(Path(args.work) / task / f"LORA-seed{s}") for s in seeds}
+                for s, path in zip(seeds, experts.values()):
+                    # The LoRA run is on record but its adapter is not in this work directory (another machine, a
+                    # cleared cache): train it again as the experts, without a second record.
+                    lora = lora_entries.get(task)
+                    if not Path(path, "adapter_config.json").exists() and lora and (task, "LORA", s) in done:
+                        again = run_one(args.graft, task, lora, s, args, Path(path))
+                        print(f"{task} LORA seed {s} trained again as an X-LoRA expert: "
+                              f"{again.get('error') or again.get('accuracy')} (not recorded again)", flush=True)
                 if not all(Path(p, "adapter_config.json").exists() for p in experts.values()):
                     print(f"{task} {entry['peft_type']}: skipped until the LoRA runs of every seed exist", flush=True)
                     continue
