@@ -138,6 +138,20 @@ def run_one(graft_bin, task, entry, seed, args, output_dir):
     return record
 
 
+def lora_factors_only(source, target):
+    """A copy of the LoRA adapter at `source` without its modules_to_save tensors (the classifier head the MiniLM
+    runs train): X-LoRA mixes its experts' LoRA factors and trains a head of its own."""
+    from safetensors.numpy import load_file, save_file
+    target.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "adapter_config.json").read_text())
+    config["modules_to_save"] = None
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k},
+              str(target / "adapter_model.safetensors"))
+    return target
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--graft", default=str(ROOT / ".build" / "release" / "graft"))
@@ -209,6 +223,8 @@ def main():
                 if not all(Path(p, "adapter_config.json").exists() for p in experts.values()):
                     print(f"{task} {entry['peft_type']}: skipped until the LoRA runs of every seed exist", flush=True)
                     continue
+                experts = {name: str(lora_factors_only(Path(path), Path(args.work) / task / "XLORA-experts" / name))
+                           for name, path in experts.items()}
                 entry["config"]["adapters"] = experts
             record = run_one(args.graft, task, entry, seed, args, out_dir)
             with open(runs_path, "a") as f:

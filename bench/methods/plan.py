@@ -117,7 +117,7 @@ def plan_task(graft_bin, task, log=print, work=None):
             if kind == "XLORA":
                 # Mixes this bench's own LoRA adapters (the MiniLM LoRA seeds); the runner fills 'adapters'.
                 entry["needs_experts"] = True
-                entry["why"] = "X-LoRA's classifier over the three LoRA adapters of this bench's LoRA runs (frozen)"
+                entry["why"] = "X-LoRA's classifier over the LoRA factors of this bench's three LoRA runs (frozen; their heads are left out and X-LoRA trains its own)"
                 if task != "minilm":
                     entry["skipped"] = "X-LoRA mixes the MiniLM LoRA runs' adapters; the SmolLM2 task trains one seed"
                 entry["config"] = base
