@@ -211,15 +211,17 @@ def main():
                 break
             out_dir = Path(args.work) / task / f"{entry['peft_type']}-seed{seed}"
             if entry.get("needs_experts"):
-                experts = {f"lora{s}": str(Path(args.work) / task / f"LORA-seed{s}") for s in seeds}
-                for s, path in zip(seeds, experts.values()):
-                    # The LoRA run is on record but its adapter is not in this work directory (another machine, a
-                    # cleared cache): train it again as the experts, without a second record.
+                # Three experts on either task: the LoRA runs of seeds 0-2 (SmolLM2 records seed 0 only).
+                expert_seeds = range(3)
+                experts = {f"lora{s}": str(Path(args.work) / task / f"LORA-seed{s}") for s in expert_seeds}
+                for s, path in zip(expert_seeds, experts.values()):
+                    # An adapter missing from this work directory (another machine, a cleared cache, a seed the
+                    # task does not record) is trained here as an expert, and not recorded as a LoRA run.
                     lora = lora_entries.get(task)
-                    if not Path(path, "adapter_config.json").exists() and lora and (task, "LORA", s) in done:
+                    if not Path(path, "adapter_config.json").exists() and lora:
                         again = run_one(args.graft, task, lora, s, args, Path(path))
-                        print(f"{task} LORA seed {s} trained again as an X-LoRA expert: "
-                              f"{again.get('error') or again.get('accuracy')} (not recorded again)", flush=True)
+                        figure = again.get("error") or again.get("accuracy", again.get("perplexity"))
+                        print(f"{task} LORA seed {s} trained as an X-LoRA expert: {figure} (not recorded)", flush=True)
                 if not all(Path(p, "adapter_config.json").exists() for p in experts.values()):
                     print(f"{task} {entry['peft_type']}: skipped until the LoRA runs of every seed exist", flush=True)
                     continue

@@ -117,9 +117,12 @@ def plan_task(graft_bin, task, log=print, work=None):
             if kind == "XLORA":
                 # Mixes this bench's own LoRA adapters (the MiniLM LoRA seeds); the runner fills 'adapters'.
                 entry["needs_experts"] = True
-                entry["why"] = "X-LoRA's classifier over the LoRA factors of this bench's three LoRA runs (frozen; their heads are left out and X-LoRA trains its own)"
-                if task != "minilm":
-                    entry["skipped"] = "X-LoRA mixes the MiniLM LoRA runs' adapters; the SmolLM2 task trains one seed"
+                entry["why"] = ("X-LoRA's classifier over the LoRA factors of this bench's three LoRA runs (frozen; their "
+                                "heads are left out and X-LoRA trains its own). Not sized to the budget: the trainable part "
+                                "is the scaling classifier plus the head (15,015); the three experts add 221,184 frozen "
+                                "LoRA parameters" if task == "minilm" else
+                                "X-LoRA's classifier over LoRA runs of seeds 0-2 (frozen experts; seeds 1 and 2 are "
+                                "trained for this only). Not sized to the budget: the trainable part is the scaling classifier")
                 entry["config"] = base
                 plans.append(entry)
                 continue
