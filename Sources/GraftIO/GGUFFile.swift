@@ -268,6 +268,10 @@ public final class GGUFFile: @unchecked Sendable {
         return try body(bytes)
     }
 
+    /// Drops the resident pages of `bytes` (from ``withRawBytes(_:_:)``), as a matrix does once it holds its own
+    /// repacked copy: the file's map keeps them readable, reloaded from disk on the next access.
+    public func releaseResidentPages(_ bytes: UnsafeRawBufferPointer) { file.releaseResidentPages(bytes) }
+
     /// The string value of metadata `key`, or nil if absent or not a string.
     public func string(_ key: String) -> String? { metadata[key]?.string }
     /// The integer value of metadata `key`, or nil if absent or not an integer.

@@ -67,6 +67,20 @@ final class MappedFile: @unchecked Sendable {
         owned?.deallocate()
     }
 
+    /// Drops the resident pages wholly inside `bytes` (which must lie in this map) from the process's memory: they
+    /// stay readable and come back from the file on the next access. Does nothing for in-memory bytes, which have no
+    /// file behind them. The map is read-only, so no page was ever modified.
+    func releaseResidentPages(_ bytes: UnsafeRawBufferPointer) {
+        guard let mapped, let start = bytes.baseAddress, bytes.count > 0,
+              start >= UnsafeRawPointer(mapped), start + bytes.count <= UnsafeRawPointer(mapped) + size else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        guard page > 0 else { return }
+        let first = (Int(bitPattern: start) + page - 1) / page * page
+        let end = (Int(bitPattern: start) + bytes.count) / page * page
+        guard end > first, let pointer = UnsafeMutableRawPointer(bitPattern: first) else { return }
+        _ = madvise(pointer, end - first, Int32(MADV_DONTNEED))
+    }
+
     /// The bytes `[offset, offset + count)` if they lie inside the file, else nil.
     func range(_ offset: Int, _ count: Int) -> UnsafeRawBufferPointer? {
         guard offset >= 0, count >= 0, offset <= size, count <= size - offset else { return nil }

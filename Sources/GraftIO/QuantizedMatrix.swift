@@ -32,7 +32,16 @@ public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
     /// and int8) load 16 at a time; built on the first direct product (4 bytes per Q4_1 block of 20, 2 per Q8_0
     /// block of 34).
     private var blockScales: [UInt16]?
-    private let blockScalesLock = NSLock()
+    /// The fast mode's copy of a Q4_1 / Q8_0 matrix as tiles of 16 rows interleaved block by block
+    /// (`cgraft_ggml_tiles`, rows already in ``rowOrder``), built on the first int8 product where the CPU has
+    /// AVX-512 VNNI. The file's pages of the original blocks are released then: the copy takes their place.
+    private var tiles: UnsafeMutableRawPointer?
+    /// ``tiles``' size in bytes.
+    private var tileBytes = 0
+    /// Whether ``tiles`` was decided (built, or not to be built).
+    private var tilesDecided = false
+    /// Guards the tables built on first use (``blockScales``, ``tiles``).
+    private let lazyLock = NSLock()
 
     /// A matrix over a GGUF tensor's bytes. `bytes` holds `rows` rows of `cols` elements of `type`; when
     /// `rowOrder` is given, row `i` of the matrix is row `rowOrder[i]` of `bytes`. With `borrowingFrom` the bytes
@@ -74,13 +83,17 @@ public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
         }
     }
 
-    deinit { if ownsStorage { UnsafeMutableRawPointer(mutating: storage).deallocate() } }
+    deinit {
+        if ownsStorage { UnsafeMutableRawPointer(mutating: storage).deallocate() }
+        tiles?.deallocate()
+    }
 
-    /// Bytes held (the blocks, and the fast mode's scale table once built).
+    /// Bytes held: the blocks (not once tiles replace a file's blocks), the tiles and the scale table once built.
     public var residentBytes: Int {
-        blockScalesLock.lock()
-        defer { blockScalesLock.unlock() }
-        return rows * rowBytes + (blockScales?.count ?? 0) * 2
+        lazyLock.lock()
+        defer { lazyLock.unlock() }
+        let blocks = tiles != nil && !ownsStorage ? 0 : rows * rowBytes
+        return blocks + tileBytes + (blockScales?.count ?? 0) * 2
     }
 
     /// The format's name (`Q4_1`).
@@ -113,6 +126,12 @@ public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
     /// Adds `x · Wᵀ` for `outputRows` from the blocks and the int8 activations `x`, on the calling thread.
     public func accumulateInt8Product(_ x: Int8Rows, outputRows: Range<Int>, into y: UnsafeMutablePointer<Float>, ldy: Int) {
         guard hasInt8Product, !outputRows.isEmpty, x.cols == cols else { return }
+        if let tiles = tiledBlocks() {
+            _ = cgraft_ggml_tiles_product_q8(Int32(type.rawValue), tiles, Int64(rows), Int64(outputRows.lowerBound),
+                                             Int64(outputRows.upperBound), Int64(cols), x.values, x.scales, x.sums,
+                                             Int64(x.rows), y, Int64(ldy))
+            return
+        }
         let bytes = storage.assumingMemoryBound(to: UInt8.self), table = scaleTable()
         let run = { (order: UnsafePointer<Int64>?, scales: UnsafePointer<UInt16>?) in
             _ = cgraft_ggml_rows_product_q8(Int32(self.type.rawValue), bytes, Int64(self.rowBytes), order, scales,
@@ -125,10 +144,36 @@ public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
         }
     }
 
+    /// ``tiles``, built on first use; nil without AVX-512 VNNI (whose tile kernel this layout is for) or memory.
+    private func tiledBlocks() -> UnsafePointer<UInt8>? {
+        lazyLock.lock()
+        defer { lazyLock.unlock() }
+        if !tilesDecided {
+            tilesDecided = true
+            let kind = Int32(type.rawValue), size = Int(cgraft_ggml_tiles_size(kind, Int64(rows), Int64(cols)))
+            guard cgraft_ggml_int8_kernel_level() >= 2, size > 0 else { return nil }
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+            let source = storage.assumingMemoryBound(to: UInt8.self), out = buffer.assumingMemoryBound(to: UInt8.self)
+            let status = rowOrder64.map { order in
+                order.withUnsafeBufferPointer {
+                    cgraft_ggml_tiles(kind, source, Int64(rowBytes), $0.baseAddress, Int64(rows), Int64(cols), out)
+                }
+            } ?? cgraft_ggml_tiles(kind, source, Int64(rowBytes), nil, Int64(rows), Int64(cols), out)
+            guard status == 0 else {
+                buffer.deallocate()
+                return nil
+            }
+            tiles = buffer
+            tileBytes = size
+            (owner as? GGUFFile)?.releaseResidentPages(UnsafeRawBufferPointer(start: storage, count: rows * rowBytes))
+        }
+        return tiles.map { UnsafePointer($0.assumingMemoryBound(to: UInt8.self)) }
+    }
+
     /// ``blockScales``, built on first use (empty when the format has none).
     private func scaleTable() -> [UInt16] {
-        blockScalesLock.lock()
-        defer { blockScalesLock.unlock() }
+        lazyLock.lock()
+        defer { lazyLock.unlock() }
         if let blockScales { return blockScales }
         let kind = Int32(type.rawValue)
         let count = Int(cgraft_ggml_block_scales_count(kind, Int64(rows), Int64(cols)))

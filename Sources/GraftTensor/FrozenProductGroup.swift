@@ -62,7 +62,10 @@ func blockProducts(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
     // Waking a second thread costs microseconds: in the fast mode a share below ~128 K weights runs faster on the
     // calling thread alone.
     let grain = int8 == nil ? 64 : max(64, (1 << 17) / max(inF * rowsN, 1))
-    parallelFor(total, grain: grain) { range in
+    // Ranges start at multiples of 16 rows where every product's rows allow it: the int8 kernels' tiles hold 16.
+    let unit = products.allSatisfy({ $0.weight.rows % 16 == 0 }) ? 16 : 1
+    parallelFor(total / unit, grain: max(1, grain / unit)) { units in
+        let range = units.lowerBound * unit..<units.upperBound * unit
         for (index, product) in products.enumerated() {
             let start = starts[index], rows = product.weight.rows
             let lower = max(range.lowerBound, start) - start, upper = min(range.upperBound, start + rows) - start

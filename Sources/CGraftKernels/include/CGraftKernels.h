@@ -112,6 +112,24 @@ int64_t cgraft_ggml_block_scales_count(int type, int64_t rows, int64_t cols);
 /// 0, or -1 as cgraft_ggml_block_scales_count.
 int cgraft_ggml_block_scales(int type, const uint8_t *w, int64_t rows, int64_t row_bytes, int64_t cols, uint16_t *table);
 
+/// The bytes cgraft_ggml_tiles writes for a `[rows, cols]` Q4_1 or Q8_0 matrix (as many as its blocks, rows
+/// rounded up to 16), or -1 for another type, `rows < 1` or `cols` not a positive multiple of 32.
+int64_t cgraft_ggml_tiles_size(int type, int64_t rows, int64_t cols);
+
+/// Repacks a Q4_1 or Q8_0 matrix (`rows` rows of `row_bytes`; row `k` stored at `row_order[k]` when given) into
+/// tiles of 16 rows interleaved block by block (cgraft_ggml_tiles_size bytes at `tiles`), the layout of
+/// cgraft_ggml_tiles_product_q8. Returns 0, or -1 (writing nothing) as cgraft_ggml_tiles_size.
+int cgraft_ggml_tiles(int type, const uint8_t *w, int64_t row_bytes, const int64_t *row_order, int64_t rows,
+                      int64_t cols, uint8_t *tiles);
+
+/// cgraft_ggml_rows_product_q8 from a tiled matrix: adds `x · Wᵀ` for output rows `r0 ..< r1` into `y` (row `i`
+/// at `y + i·ldy`), `x` quantized by cgraft_q8_quantize_rows. One vpdpbusd serves sixteen weight rows (AVX-512
+/// VNNI; a portable loop gives the same floats without it). A row's value is the same in any range and for any
+/// `m`. Returns 0, or -1 (touching nothing) for bad sizes or rows.
+int cgraft_ggml_tiles_product_q8(int type, const uint8_t *tiles, int64_t rows, int64_t r0, int64_t r1, int64_t cols,
+                                 const int8_t *q, const float *scales, const float *sums, int64_t m, float *y,
+                                 int64_t ldy);
+
 /// The int8 kernels cgraft_ggml_rows_product_q8 runs now: 0 portable, 1 AVX2, 2 AVX-512 VNNI (the CPU's best,
 /// capped by cgraft_ggml_limit_kernels).
 int cgraft_ggml_int8_kernel_level(void);
