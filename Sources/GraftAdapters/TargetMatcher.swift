@@ -54,7 +54,7 @@ public struct TargetMatcher {
 
     /// Whether `pattern` matches the whole of `string`.
     public static func regexMatches(_ pattern: String, _ string: String) -> Bool {
-        guard let re = try? NSRegularExpression(pattern: "^(?:\(pattern))$") else { return false }
+        guard let re = CompiledPatterns.shared.regex("^(?:\(pattern))$") else { return false }
         return re.firstMatch(in: string, range: NSRange(string.startIndex..., in: string)) != nil
     }
 
@@ -64,7 +64,7 @@ public struct TargetMatcher {
         let candidates = patterns ?? [nil as String?].compactMap { $0 }
         let regexes = candidates.isEmpty ? [#"^.*?\.[^.]*\.(\d+)\."#] : candidates.map { #"^.*?\."# + NSRegularExpression.escapedPattern(for: $0) + #"\.(\d+)\."# }
         for pattern in regexes {
-            guard let re = try? NSRegularExpression(pattern: pattern),
+            guard let re = CompiledPatterns.shared.regex(pattern),
                   let m = re.firstMatch(in: path, range: NSRange(path.startIndex..., in: path)),
                   let r = Range(m.range(at: 1), in: path) else { continue }
             return Int(path[r])
@@ -79,5 +79,25 @@ public struct TargetMatcher {
             return value
         }
         return nil
+    }
+}
+
+/// Regexes compiled once per process and pattern: a config's patterns are matched against every module path of a
+/// model, for every adapter a long-running graftd adds. (swift-corelibs-foundation also leaks a buffer on each
+/// compile of a pattern longer than ~256 characters.) Bounded: emptied when it passes 512 patterns.
+private final class CompiledPatterns: @unchecked Sendable {
+    static let shared = CompiledPatterns()
+    private var compiled: [String: NSRegularExpression?] = [:]
+    private let lock = NSLock()
+
+    /// The compiled `pattern`, or nil when it is not a valid regex.
+    func regex(_ pattern: String) -> NSRegularExpression? {
+        lock.lock()
+        defer { lock.unlock() }
+        if let known = compiled[pattern] { return known }
+        if compiled.count >= 512 { compiled.removeAll(keepingCapacity: true) }
+        let re = try? NSRegularExpression(pattern: pattern)
+        compiled[pattern] = re
+        return re
     }
 }
