@@ -254,7 +254,8 @@ public enum XLoRAFactory: AdapterMethodFactory {
                     .replacingOccurrences(of: ".default.weight", with: ".weight")
                 let path = module.replacingOccurrences(of: ".lora_A.weight", with: "").replacingOccurrences(of: ".lora_B.weight", with: "")
                 guard path != module, adapted.contains(path) else {
-                    throw GraftError.format("\(expert.directory)/adapter_model.safetensors: tensor '\(key)' is not a LoRA factor of a module this model has")
+                    throw GraftError.format("\(expert.directory)/adapter_model.safetensors: tensor '\(key)' is not a LoRA factor of a module this model has"
+                        + " (X-LoRA mixes its experts' LoRA factors only: an expert saved with modules_to_save, such as a classifier head, must be saved without it)")
                 }
             }
             try expert.config.rejectUnhonouredKeys()
