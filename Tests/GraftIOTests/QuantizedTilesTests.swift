@@ -11,16 +11,7 @@ import GraftTestSupport
 @Suite(.serialized) struct QuantizedTilesTests {
     /// `rows × cols` N(0, 0.05²) weights in `type`'s blocks.
     func blocks(_ type: GGMLType, rows: Int, cols: Int, seed: UInt64) throws -> [UInt8] {
-        var rng = GraftRNG(seed: seed)
-        let values = (0..<(rows * cols)).map { _ in rng.nextNormal() * 0.05 }
-        var bytes = [UInt8](repeating: 0, count: rows * cols / type.blockSize * type.typeSize)
-        try values.withUnsafeBufferPointer { src in
-            try bytes.withUnsafeMutableBytes { dst in
-                guard let s = src.baseAddress, let d = dst.baseAddress else { return }
-                try type.quantize(s, into: d, count: values.count)
-            }
-        }
-        return bytes
+        try QuantizedMatrixTests().matrix(type, rows: rows, cols: cols, seed: seed).1
     }
 
     /// `x · Wᵀ` for output rows `range` from tiles (zeros elsewhere), at kernel `level`.
