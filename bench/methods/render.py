@@ -111,7 +111,8 @@ def render(results):
         "- Time is the median training time (and CPU-seconds of the whole process) on MiniLM; RSS the process peak. The",
         "  load column is the 1-minute load average when the run started: above 2, other work shared the 2 cores.",
         "- A note on a method that trails LoRA by more than 0.03 comes from `bench/methods/trails.json`, or quotes",
-        "  `lr-probes.jsonl` (`bench/methods/probe_lr.py`: seed 0 again at 3× the table's learning rate).",
+        "  `lr-probes.jsonl` (`bench/methods/probe_lr.py`: seed 0 again at 3× the table's learning rate, then 10× or ÷3",
+        "  where 3× did not close the gap).",
         f"- Graft commits: {', '.join(commits)}.",
         f"- CPUs (times compare only on one CPU): {'; '.join(cpus)}.",
         "",
@@ -134,24 +135,24 @@ def render(results):
                      f"| {_fmt(r['peak_rss_mb'], '{:.0f}')} | {_fmt(r['load'], '{:.1f}')} |")
         why = [r["why"]] if r["why"] else []
         if delta and float(delta) < -TRAILS:
-            if r["trails"]:
-                cause = r["trails"]
-            elif r["probes"] and r["seed0"] is not None:
+            cause = r["trails"]
+            if r["probes"] and r["seed0"] is not None:
                 # A measured learning-rate probe (probe_lr.py): seed 0 at another rate, against seed 0 here.
                 tried = ", ".join(f"{acc:.3f} at lr {lr:g}" for lr, acc in r["probes"])
-                best = max(acc for _, acc in r["probes"])
+                best_lr, best = max(r["probes"], key=lambda probe: probe[1])
                 gap = lora["accuracy"] - best
                 if best <= r["seed0"] + 0.01:
-                    verdict = "a higher learning rate does not close the gap; cause not established yet"
+                    verdict = "no rate tried closes the gap; cause not established yet"
                 elif gap <= TRAILS_CLOSED:
-                    verdict = ("the table's learning rate is too low for this recipe: at the probe's rate it comes "
+                    verdict = (f"the table's learning rate is too {'low' if best_lr > r['lr'] else 'high'} for this "
+                               f"recipe: at lr {best_lr:g} it comes "
                                + (f"within {gap:.3f} of LoRA's mean" if gap > 0 else f"{-gap:.3f} above LoRA's mean"))
                 else:
-                    verdict = (f"a higher learning rate closes part of the gap (to {gap:.3f} below LoRA's mean); "
-                               "the rest is not established")
-                cause = f"seed 0 reaches {tried} (at the table's rate {r['seed0']:.3f}): {verdict}"
-            else:
-                cause = "cause not established yet"
+                    verdict = (f"a higher learning rate closes part of the gap (to {gap:.3f} below LoRA's mean)"
+                               + ("" if cause else "; the rest is not established"))
+                probe = f"seed 0 reaches {tried} (at the table's rate {r['seed0']:.3f}): {verdict}"
+                cause = f"{cause}; {probe}" if cause else probe
+            cause = cause or "cause not established yet"
             why.append(f"trails LoRA by {-float(delta):.3f}: " + cause)
         for label, text in (("MiniLM", r["skipped"]), ("SmolLM2", r["smollm2_skipped"]),
                             ("MiniLM failed", r["error"]), ("SmolLM2 failed", r["smollm2_error"])):
