@@ -2,7 +2,8 @@
 // Q4_1 and Q8_0 matrices (as llama.cpp's CPU "repack" buffers interleave rows). In a tile, one vpdpbusd multiplies
 // four columns of a block in all sixteen rows by the same four activation bytes (a broadcast), so a block's sum
 // builds up in one int32 lane per row: no horizontal sums and no shuffles, and each weight vector serves every
-// activation row of the batch. A tile holds exactly the bytes of its sixteen rows, moved.
+// activation row of the batch. AVX2 does the same eight rows at a time with vpmaddubsw. A tile holds exactly the
+// bytes of its sixteen rows, moved.
 //
 // Layout, per block of a tile:
 // - Q4_1, 320 bytes: 4 × 16 dwords of packed nibbles (dword g·16 + r holds bytes 4g ..< 4g + 4 of row r's sixteen
@@ -149,6 +150,111 @@ tile_rows_vnni(int q4, const uint8_t *tile, int64_t blocks, const int8_t *q, con
     }
 }
 
+/// One half of a tile's block (`half` 0: rows 0–7, 1: rows 8–15) as AVX2 operands: `w[g]` holds columns
+/// 4g ..< 4g + 4 of eight rows. Q4_1's are its nibbles; Q8_0's are the magnitudes |w| (its bytes signed again by
+/// xor 128), with the signed bytes in `sign[g]` to move onto the activations.
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+half_operands_avx2(int q4, const uint8_t *t, int half, __m256i w[8], __m256i sign[8]) {
+    if (q4) {
+        const __m256i nibble = _mm256_set1_epi8(15);
+        for (int g = 0; g < 4; g++) {
+            __m256i p = _mm256_loadu_si256((const __m256i *)(t + 64 * g + 32 * half));
+            w[g] = _mm256_and_si256(p, nibble);
+            w[4 + g] = _mm256_and_si256(_mm256_srli_epi16(p, 4), nibble);
+        }
+        return;
+    }
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int g = 0; g < 8; g++) {
+        sign[g] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(t + 64 * g + 32 * half)), flip);
+        w[g] = _mm256_abs_epi8(sign[g]);
+    }
+}
+
+/// Eight rows' exact int32 block dots against activation block `x` with vpmaddubsw (unsigned × signed byte pairs
+/// summed into int16). Q4_1's nibbles (≤ 15) against |x| ≤ 127 keep all eight groups' pair sums within int16
+/// (≤ 30480); Q8_0's |w| ≤ 128 against x carrying w's sign give pair sums ≤ 32512, widened group by group.
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256i
+half_dot_avx2(int q4, const __m256i w[8], const __m256i sign[8], const int8_t *x) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (q4) {
+        __m256i sum16 = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            int32_t a;
+            memcpy(&a, x + (g < 4 ? 4 * g : 16 + 4 * (g - 4)), 4);
+            sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(w[g], _mm256_set1_epi32(a)));
+        }
+        return _mm256_madd_epi16(sum16, ones);
+    }
+    __m256i sum = _mm256_setzero_si256();
+    for (int g = 0; g < 8; g++) {
+        int32_t a;
+        memcpy(&a, x + 4 * g, 4);
+        __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(a), sign[g]);
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w[g], signed_x), ones));
+    }
+    return sum;
+}
+
+/// One half of a tile (eight rows) against activation rows `0 ..< N` (N ≤ 4, a constant in each instance), lanes
+/// `keep` (a bit per row of the half) stored. The same arithmetic as the other kernels, eight rows per vector.
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+tile_half_avx2(int q4, const uint8_t *tile, int half, int64_t blocks, const int8_t *q, const float *d,
+               const float *s, int N, float *y, int64_t ldy, unsigned keep) {
+    const int64_t size = q4 ? 320 : 544, cols = blocks * 32;
+    __m256 f[4];
+    for (int i = 0; i < N; i++) f[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *t = tile + b * size;
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + (q4 ? 256 : 512) + 16 * half)));
+        __m256i w[8], sign[8];
+        half_operands_avx2(q4, t, half, w, sign);
+        for (int i = 0; i < N; i++) {
+            __m256i dot = half_dot_avx2(q4, w, sign, q + i * cols + b * 32);
+            f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(d[i * blocks + b])), f[i]);
+        }
+    }
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i mask = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)keep), lane), lane);
+    for (int i = 0; i < N; i++) {
+        if (q4) {
+            __m256 o = _mm256_setzero_ps();
+            for (int64_t b = 0; b < blocks; b++) {
+                __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile + b * size + 288 + 16 * half)));
+                o = _mm256_fmadd_ps(minimum, _mm256_set1_ps(s[i * blocks + b]), o);
+            }
+            f[i] = _mm256_add_ps(f[i], o);
+        }
+        float *out = y + i * ldy + 8 * half;
+        _mm256_maskstore_ps(out, mask, _mm256_add_ps(_mm256_maskload_ps(out, mask), f[i]));
+    }
+}
+
+/// One tile against activation rows `0 ..< n`, four at a time, each count a compiled constant; rows `lo ..< hi`
+/// of the tile stored.
+__attribute__((target("avx2,fma,f16c"))) static void tile_avx2(int q4, const uint8_t *tile, int64_t blocks,
+                                                               const int8_t *q, const float *d, const float *s,
+                                                               int64_t n, float *y, int64_t ldy, int lo, int hi) {
+    const int64_t cols = blocks * 32;
+    const unsigned keep = ((1u << hi) - 1) & ~((1u << lo) - 1);
+    for (int half = 0; half < 2; half++) {
+        const unsigned half_keep = (keep >> (8 * half)) & 0xff;
+        if (!half_keep) continue;
+        for (int64_t i = 0; i < n; i += 4) {
+            const int8_t *qi = q + i * cols;
+            const float *di = d + i * blocks, *si = s ? s + i * blocks : NULL;
+            float *yi = y + i * ldy;
+#define CGRAFT_TILE_CASE(N)                                                                                            \
+    case N:                                                                                                            \
+        if (q4) tile_half_avx2(1, tile, half, blocks, qi, di, si, N, yi, ldy, half_keep);                              \
+        else tile_half_avx2(0, tile, half, blocks, qi, di, si, N, yi, ldy, half_keep);                                 \
+        break;
+            switch (n - i < 4 ? n - i : 4) { CGRAFT_TILE_CASE(1) CGRAFT_TILE_CASE(2) CGRAFT_TILE_CASE(3) default: CGRAFT_TILE_CASE(4) }
+#undef CGRAFT_TILE_CASE
+        }
+    }
+}
+
 /// One tile against activation rows `0 ..< n`, eight at a time, each count a compiled constant.
 __attribute__((target(VNNI_TARGET))) static void tile_vnni(int q4, const uint8_t *tile, int64_t blocks,
                                                            const int8_t *q, const float *d, const float *s,
@@ -180,7 +286,7 @@ int cgraft_ggml_tiles_product_q8(int type, const uint8_t *tiles, int64_t rows, i
     if (cgraft_ggml_tiles_size(type, rows, cols) < 0 || m < 1 || r0 < 0 || r1 > rows || r0 >= r1) return -1;
     const int64_t blocks = cols / 32, tile_bytes = blocks * tile_block_bytes(type);
     const int q4 = type == CGRAFT_GGML_Q4_1;
-    const int vnni = cgraft_ggml_int8_kernel_level() >= 2;
+    const int level = cgraft_ggml_int8_kernel_level();
     // Q8_0's 128 · Σx per block, for as many activation rows at a time as the buffer holds.
     int32_t bias[4096];
     const int64_t chunk = q4 ? m : (blocks <= 4096 ? 4096 / blocks : 0);
@@ -188,7 +294,7 @@ int cgraft_ggml_tiles_product_q8(int type, const uint8_t *tiles, int64_t rows, i
     for (int64_t i0 = 0; i0 < m; i0 += chunk) {
         const int64_t n = m - i0 < chunk ? m - i0 : chunk;
         const int8_t *qi = q + i0 * cols;
-        if (!q4) {
+        if (!q4 && level >= 2) {
             for (int64_t k = 0; k < n * blocks; k++) {
                 int32_t sum = 0;
                 for (int j = 0; j < 32; j++) sum += qi[k * 32 + j];
@@ -200,14 +306,18 @@ int cgraft_ggml_tiles_product_q8(int type, const uint8_t *tiles, int64_t rows, i
             const uint8_t *tile = tiles + t * tile_bytes;
             float *out = y + i0 * ldy + t * 16;
 #if defined(__x86_64__) || defined(__i386__)
-            if (vnni) {
+            if (level >= 2) {
                 __mmask16 keep = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
                 tile_vnni(q4, tile, blocks, qi, scales + i0 * blocks, q4 ? sums + i0 * blocks : NULL, q4 ? NULL : bias,
                           n, out, ldy, keep);
                 continue;
             }
+            if (level == 1) {
+                tile_avx2(q4, tile, blocks, qi, scales + i0 * blocks, q4 ? sums + i0 * blocks : NULL, n, out, ldy, lo, hi);
+                continue;
+            }
 #endif
-            (void)vnni;
+            (void)level;
             tile_rows_portable(q4, tile, blocks, qi, scales + i0 * blocks, q4 ? sums + i0 * blocks : NULL, n, out,
                                ldy, lo, hi);
         }

@@ -34,7 +34,7 @@ public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
     private var blockScales: [UInt16]?
     /// The fast mode's copy of a Q4_1 / Q8_0 matrix as tiles of 16 rows interleaved block by block
     /// (`cgraft_ggml_tiles`, rows already in ``rowOrder``), built on the first int8 product where the CPU has
-    /// AVX-512 VNNI. The file's pages of the original blocks are released then: the copy takes their place.
+    /// AVX2 or AVX-512 VNNI. The file's pages of the original blocks are released then: the copy takes their place.
     private var tiles: UnsafeMutableRawPointer?
     /// ``tiles``' size in bytes.
     private var tileBytes = 0
@@ -144,14 +144,14 @@ public final class QuantizedMatrix: FrozenMatrix, @unchecked Sendable {
         }
     }
 
-    /// ``tiles``, built on first use; nil without AVX-512 VNNI (whose tile kernel this layout is for) or memory.
+    /// ``tiles``, built on first use; nil without AVX2 or AVX-512 VNNI (the tile kernels' instructions) or memory.
     private func tiledBlocks() -> UnsafePointer<UInt8>? {
         lazyLock.lock()
         defer { lazyLock.unlock() }
         if !tilesDecided {
             tilesDecided = true
             let kind = Int32(type.rawValue), size = Int(cgraft_ggml_tiles_size(kind, Int64(rows), Int64(cols)))
-            guard cgraft_ggml_int8_kernel_level() >= 2, size > 0 else { return nil }
+            guard cgraft_ggml_int8_kernel_level() >= 1, size > 0 else { return nil }
             let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
             let source = storage.assumingMemoryBound(to: UInt8.self), out = buffer.assumingMemoryBound(to: UInt8.self)
             let status = rowOrder64.map { order in
