@@ -7,8 +7,6 @@ struct GenerationSettings: Sendable {
     var contextLimit: Int?
     /// The most sequences one decode step runs; later requests wait for a slot.
     var maxBatchSequences = 32
-    /// The most padded prompt tokens one prefill step runs.
-    var maxPrefillTokens = 8192
     /// Bytes of finished sequences' KV caches kept for prompt caching, per model (0 = none).
     var prefixCacheBytes = 256 << 20
 }
@@ -106,7 +104,7 @@ extension Engine {
         }
     }
 
-    /// Runs one step of `modelID`'s batch: a prefill of newly joined prompts or a decode step of the others
+    /// Runs one step of `modelID`'s batch: the prefill of a newly joined prompt or a decode step of the others
     /// (alternating when both wait), streams each row's token, answers the rows that finished, and queues the next
     /// step while any row remains.
     func runStep(_ modelID: String) {
@@ -132,16 +130,17 @@ extension Engine {
         let decoding = list.indices.filter { !list[$0].generation.sequence.isPrefilling }
         let prefill = !prefilling.isEmpty && (decoding.isEmpty || generation.lastStepPrefilled[modelID] != true)
         var rows: [Int] = []
-        var longest = 0
         // Fast decoding is a mode of the whole pass: a step runs the rows of its first row's mode.
         let candidates = prefill ? prefilling : decoding
         let fast = candidates.first.map { list[$0].generation.sequence.parameters.fastDecode } ?? false
+        // A prompt is prefilled in a step of its own, as it is alone: a GEMM's value for a row can depend on how
+        // many rows it multiplies (OpenBLAS picks kernels by size), so prompts batched together would differ from
+        // their runs alone in the last digits, which greedy decoding (and the fast mode's int8 rounding) can turn
+        // into other tokens. Decode steps, one row per sequence, run every sequence together.
+        let limit = prefill ? 1 : settings.maxBatchSequences
         for i in candidates where list[i].generation.sequence.parameters.fastDecode == fast {
-            let n = list[i].generation.sequence.pending.count
-            if !rows.isEmpty && (rows.count >= settings.maxBatchSequences
-                                 || (rows.count + 1) * max(longest, n) > settings.maxPrefillTokens) { break }
+            if rows.count >= limit { break }
             rows.append(i)
-            longest = max(longest, n)
         }
         generation.lastStepPrefilled[modelID] = prefill
         do {

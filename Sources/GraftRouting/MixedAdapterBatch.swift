@@ -191,15 +191,21 @@ final class RoutedLinear: LinearAdapter {
         // Plain LoRA segments: split into blocks of rows run in parallel, each block's two GEMMs on one thread.
         var tasks: [(rows: Range<Int>, loras: [LoRALayer])] = []
         var general: [(rows: Range<Int>, adapters: [any LinearAdapter])] = []
-        // A decode step (one row per sequence) runs its rows two at a time through the per-row kernels, as each
-        // sequence's step alone does, so a row's update does not depend on how many rows share its adapter.
-        let block = per == 1 ? 2 : max(16, (flat + 2 * Threading.threads - 1) / (2 * Threading.threads))
+        // A step of one or two rows per sequence (a decode step) runs its rows two at a time through the per-row
+        // kernels (in fast mode, the int8 factors), as each sequence's step alone does. Longer steps (prefills) run
+        // GEMMs on blocks of at least three rows, as a prompt alone does: a short last block joins the one before,
+        // so no row of a prompt goes through the per-row kernels. Either way a row's update does not depend on how
+        // many rows share its adapter.
+        let perRow = per <= 2
+        let block = perRow ? 2 : max(16, (flat + 2 * Threading.threads - 1) / (2 * Threading.threads))
         for seg in segments {
             let loras = seg.adapters.compactMap { $0 as? LoRALayer }.filter(\.isFusable)
             guard loras.count == seg.adapters.count else { general.append((seg.rows, seg.adapters)); continue }
             var r = seg.rows.lowerBound * per
-            while r < seg.rows.upperBound * per {
-                let end = min(r + block, seg.rows.upperBound * per)
+            let last = seg.rows.upperBound * per
+            while r < last {
+                var end = min(r + block, last)
+                if !perRow && last - end <= 2 { end = last }
                 tasks.append((r..<end, loras))
                 r = end
             }
@@ -207,7 +213,7 @@ final class RoutedLinear: LinearAdapter {
         let inF = x.lastDim, outF = y.lastDim
         let px = x.pointer, py = y.pointer
         // Fast-mode int8 factors are looked up here: the scope that holds them belongs to this thread.
-        let int8s = tasks.map { task in task.rows.count <= 2 ? task.loras.map(\.decodeInt8Factors) : [] }
+        let int8s = tasks.map { task in perRow ? task.loras.map(\.decodeInt8Factors) : [] }
         parallelFor(tasks.count, grain: 1) { range in
             for i in range {
                 let rows = tasks[i].rows

@@ -73,6 +73,43 @@ def test_concurrent_clients_share_steps_and_get_their_alone_tokens(server):
         model.unload()
 
 
+def test_fast_mode_clients_under_all_linear_adapters_get_their_alone_tokens(server):
+    """Eight clients at once in the fast mode, each under its own LoRA r16 on every linear layer (the serving
+    bench's setup). The fast mode rounds activations to int8, so a last-digit difference in a prompt's prefill
+    becomes a different token: each prompt is prefilled in a step of its own, as it is alone."""
+    words = "the river ran past old stone houses while children played near the bridge and a dog slept".split()
+    lora = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear", "init_lora_weights": False}
+    with Client(server.socket_path) as c:
+        model = c.load_model(SMOLLM, task="causal-lm")
+        jobs = []
+        for i in range(8):
+            model.add_adapter(f"fast{i}", lora, seed=i + 1)
+            jobs.append((" ".join(words[(i + k) % len(words)] for k in range(12 + i)), f"fast{i}"))
+        alone = [model.generate(p, max_new_tokens=24, stop_at_eos=False, adapter=a, fast_decode=True) for p, a in jobs]
+        results, errors = [None] * len(jobs), []
+        start = threading.Barrier(len(jobs))
+
+        def run(i):
+            try:
+                with Client(server.socket_path) as ci:
+                    m = ci.model(model.model_id)
+                    start.wait()
+                    results[i] = m.generate(jobs[i][0], max_new_tokens=24, stop_at_eos=False, adapter=jobs[i][1],
+                                            fast_decode=True)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        for i, (got, expected) in enumerate(zip(results, alone)):
+            assert got == expected, f"client {i} under {jobs[i][1]}: batched {got} vs alone {expected}"
+        model.unload()
+
+
 def test_the_context_limit_and_kv_memory_are_reported(server):
     with Client(server.socket_path) as c:
         model = c.load_model(SMOLLM, task="causal-lm")
