@@ -138,7 +138,7 @@ import GraftTestSupport
         var rng = GraftRNG(seed: 13)
         let rows = 103, cols = 576
         let (q, _) = try matrix(type, rows: rows, cols: cols, seed: 25, rowOrder: (0..<rows).map { ($0 * 41) % rows })
-        for m in [2, 5, 16] {
+        for m in [2, 3, 5, 9, 12, 16] {
             let x = Tensor.randomNormal([m, cols], rng: &rng)
             for level: Int32 in [2, 1, 0] {
                 cgraft_ggml_limit_kernels(level)
