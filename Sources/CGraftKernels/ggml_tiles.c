@@ -94,6 +94,14 @@ static void tile_rows_portable(int q4, const uint8_t *tile, int64_t blocks, cons
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
+/// `case N:` of a switch over activation-row counts: `CALL(1, N)` for Q4_1, `CALL(0, N)` for Q8_0, so that each
+/// kernel instance sees both as compiled constants.
+#define CGRAFT_TILE_CASE(N, CALL)                                                                                      \
+    case N:                                                                                                            \
+        if (q4) CALL(1, N);                                                                                            \
+        else CALL(0, N);                                                                                               \
+        break;
+
 /// Four activation bytes (`x`, unaligned) in every int32 lane.
 __attribute__((target(VNNI_TARGET), always_inline)) static inline __m512i broadcast4(const int8_t *x) {
     int32_t v;
@@ -244,13 +252,12 @@ __attribute__((target("avx2,fma,f16c"))) static void tile_avx2(int q4, const uin
             const int8_t *qi = q + i * cols;
             const float *di = d + i * blocks, *si = s ? s + i * blocks : NULL;
             float *yi = y + i * ldy;
-#define CGRAFT_TILE_CASE(N)                                                                                            \
-    case N:                                                                                                            \
-        if (q4) tile_half_avx2(1, tile, half, blocks, qi, di, si, N, yi, ldy, half_keep);                              \
-        else tile_half_avx2(0, tile, half, blocks, qi, di, si, N, yi, ldy, half_keep);                                 \
-        break;
-            switch (n - i < 4 ? n - i : 4) { CGRAFT_TILE_CASE(1) CGRAFT_TILE_CASE(2) CGRAFT_TILE_CASE(3) default: CGRAFT_TILE_CASE(4) }
-#undef CGRAFT_TILE_CASE
+#define CGRAFT_HALF(Q4, N) tile_half_avx2(Q4, tile, half, blocks, qi, di, si, N, yi, ldy, half_keep)
+            switch (n - i < 4 ? n - i : 4) {
+                CGRAFT_TILE_CASE(1, CGRAFT_HALF) CGRAFT_TILE_CASE(2, CGRAFT_HALF) CGRAFT_TILE_CASE(3, CGRAFT_HALF)
+                default: CGRAFT_TILE_CASE(4, CGRAFT_HALF)
+            }
+#undef CGRAFT_HALF
         }
     }
 }
@@ -266,16 +273,13 @@ __attribute__((target(VNNI_TARGET))) static void tile_vnni(int q4, const uint8_t
         const float *di = d + i * blocks, *si = s ? s + i * blocks : NULL;
         const int32_t *bi = bias ? bias + i * blocks : NULL;
         float *yi = y + i * ldy;
-#define CGRAFT_TILE_CASE(N)                                                                                            \
-    case N:                                                                                                            \
-        if (q4) tile_rows_vnni(1, tile, blocks, qi, di, si, bi, N, yi, ldy, keep);                                     \
-        else tile_rows_vnni(0, tile, blocks, qi, di, si, bi, N, yi, ldy, keep);                                        \
-        break;
+#define CGRAFT_ROWS(Q4, N) tile_rows_vnni(Q4, tile, blocks, qi, di, si, bi, N, yi, ldy, keep)
         switch (n - i < 8 ? n - i : 8) {
-            CGRAFT_TILE_CASE(1) CGRAFT_TILE_CASE(2) CGRAFT_TILE_CASE(3) CGRAFT_TILE_CASE(4)
-            CGRAFT_TILE_CASE(5) CGRAFT_TILE_CASE(6) CGRAFT_TILE_CASE(7) default: CGRAFT_TILE_CASE(8)
+            CGRAFT_TILE_CASE(1, CGRAFT_ROWS) CGRAFT_TILE_CASE(2, CGRAFT_ROWS) CGRAFT_TILE_CASE(3, CGRAFT_ROWS)
+            CGRAFT_TILE_CASE(4, CGRAFT_ROWS) CGRAFT_TILE_CASE(5, CGRAFT_ROWS) CGRAFT_TILE_CASE(6, CGRAFT_ROWS)
+            CGRAFT_TILE_CASE(7, CGRAFT_ROWS) default: CGRAFT_TILE_CASE(8, CGRAFT_ROWS)
         }
-#undef CGRAFT_TILE_CASE
+#undef CGRAFT_ROWS
     }
 }
 #endif

@@ -31,6 +31,31 @@ LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj
         "init_lora_weights": False}
 
 
+def generate_concurrently(server, model_id, jobs, **options):
+    """Each (prompt, adapter) of `jobs` generated at once, each on its own connection; returns the results and the
+    tokens each client saw streamed."""
+    results, streamed, errors = [None] * len(jobs), [[] for _ in jobs], []
+    start = threading.Barrier(len(jobs))
+
+    def run(i):
+        try:
+            with Client(server.socket_path) as ci:
+                m = ci.model(model_id)
+                start.wait()
+                results[i] = m.generate(jobs[i][0], adapter=jobs[i][1], stop_at_eos=False,
+                                        on_token=lambda t, _text: streamed[i].append(t), **options)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return results, streamed
+
+
 def test_concurrent_clients_share_steps_and_get_their_alone_tokens(server):
     with Client(server.socket_path) as c:
         model = c.load_model(SMOLLM, task="causal-lm")
@@ -41,25 +66,7 @@ def test_concurrent_clients_share_steps_and_get_their_alone_tokens(server):
         assert len({tuple(t) for t in alone}) == len(alone), "the adapters should change what is generated"
         before = c.server_stats()
 
-        results, streamed, errors = [None] * len(jobs), [[] for _ in jobs], []
-        start = threading.Barrier(len(jobs))
-
-        def run(i):
-            try:
-                with Client(server.socket_path) as ci:
-                    m = ci.model(model.model_id)
-                    start.wait()
-                    results[i] = m.generate(jobs[i][0], max_new_tokens=16, stop_at_eos=False, adapter=jobs[i][1],
-                                            on_token=lambda t, _text: streamed[i].append(t))
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not errors, errors
+        results, streamed = generate_concurrently(server, model.model_id, jobs, max_new_tokens=16)
         assert results == alone
         assert streamed == alone
         after = c.server_stats()
@@ -86,25 +93,7 @@ def test_fast_mode_clients_under_all_linear_adapters_get_their_alone_tokens(serv
             model.add_adapter(f"fast{i}", lora, seed=i + 1)
             jobs.append((" ".join(words[(i + k) % len(words)] for k in range(12 + i)), f"fast{i}"))
         alone = [model.generate(p, max_new_tokens=24, stop_at_eos=False, adapter=a, fast_decode=True) for p, a in jobs]
-        results, errors = [None] * len(jobs), []
-        start = threading.Barrier(len(jobs))
-
-        def run(i):
-            try:
-                with Client(server.socket_path) as ci:
-                    m = ci.model(model.model_id)
-                    start.wait()
-                    results[i] = m.generate(jobs[i][0], max_new_tokens=24, stop_at_eos=False, adapter=jobs[i][1],
-                                            fast_decode=True)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not errors, errors
+        results, _ = generate_concurrently(server, model.model_id, jobs, max_new_tokens=24, fast_decode=True)
         for i, (got, expected) in enumerate(zip(results, alone)):
             assert got == expected, f"client {i} under {jobs[i][1]}: batched {got} vs alone {expected}"
         model.unload()
