@@ -180,8 +180,8 @@ rows_q4_1_avx2(const uint8_t *const *rows, int W, const float *x, int64_t ldx, c
         }
         if (lanes) {
             // Activation row i's offset in lane i (W = 1): the fused multiply-adds of fmaf below, in the same order.
-            lane_offsets = _mm256_fmadd_ps(_mm256_set1_ps(half_f16c(rows[0] + b * 20 + 2)), _mm256_loadu_ps(lanes + b * 8),
-                                           lane_offsets);
+            const __m256 minimum = _mm256_set1_ps(half_f16c(rows[0] + b * 20 + 2));
+            lane_offsets = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(lanes + b * 8), lane_offsets);
             continue;
         }
         for (int w = 0; w < W; w++) {
@@ -226,16 +226,15 @@ __attribute__((target("avx512f,fma,f16c"))) static void rows_avx512(int type, co
     switch (w * 16 + n) {
         CGRAFT_ROWS(1, 1) CGRAFT_ROWS(1, 2) CGRAFT_ROWS(1, 3) CGRAFT_ROWS(1, 4)
         CGRAFT_ROWS(1, 5) CGRAFT_ROWS(1, 6) CGRAFT_ROWS(1, 7) CGRAFT_ROWS(1, 8)
-        CGRAFT_ROWS(2, 1) CGRAFT_ROWS(2, 2) CGRAFT_ROWS(2, 3) CGRAFT_ROWS(2, 4)
         CGRAFT_ROWS(4, 1) CGRAFT_ROWS(4, 2)
         default: break;
     }
 #undef CGRAFT_ROWS
 }
 
-/// Weight rows `rows[0..<w]` against rows `x[0..<n]` (w = 1 with n ≤ 8, w = 2 with n ≤ 4, or w = 4 with n ≤ 2), into
-/// `out`, with the AVX2 kernels. `lanes` (one weight row only, or NULL): the Q4_1 block sums of the n rows transposed, block b's in
-/// `lanes[b·8 ..< b·8 + 8]`, so their offset terms build up in one vector.
+/// Weight rows `rows[0..<w]` against rows `x[0..<n]` (w = 1 with n ≤ 8, w = 2 with n ≤ 4, or w = 4 with n ≤ 2),
+/// into `out`, with the AVX2 kernels. `lanes` (one weight row only, or NULL): the Q4_1 block sums of the n rows
+/// transposed, block b's in `lanes[b·8 ..< b·8 + 8]`, so their offset terms build up in one vector.
 __attribute__((target("avx2,fma,f16c"))) static void rows_avx2(int type, const uint8_t *const *rows, int w, const float *x,
                                                                int64_t ldx, const float *sums, const float *lanes,
                                                                int64_t blocks, int n, float *out) {

@@ -219,7 +219,8 @@ tile_half_avx2(int q4, const uint8_t *tile, int half, int64_t blocks, const int8
         half_operands_avx2(q4, t, half, w, sign);
         for (int i = 0; i < N; i++) {
             __m256i dot = half_dot_avx2(q4, w, sign, q + i * cols + b * 32);
-            f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(d[i * blocks + b])), f[i]);
+            const __m256 both = _mm256_mul_ps(scale, _mm256_set1_ps(d[i * blocks + b]));
+            f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), both, f[i]);
         }
     }
     const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -317,7 +318,8 @@ int cgraft_ggml_tiles_product_q8(int type, const uint8_t *tiles, int64_t rows, i
                 continue;
             }
             if (level == 1) {
-                tile_avx2(q4, tile, blocks, qi, scales + i0 * blocks, q4 ? sums + i0 * blocks : NULL, n, out, ldy, lo, hi);
+                tile_avx2(q4, tile, blocks, qi, scales + i0 * blocks, q4 ? sums + i0 * blocks : NULL, n, out, ldy, lo,
+                          hi);
                 continue;
             }
 #endif

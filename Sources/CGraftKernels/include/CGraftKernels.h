@@ -124,8 +124,8 @@ int cgraft_ggml_tiles(int type, const uint8_t *w, int64_t row_bytes, const int64
 
 /// cgraft_ggml_rows_product_q8 from a tiled matrix: adds `x · Wᵀ` for output rows `r0 ..< r1` into `y` (row `i`
 /// at `y + i·ldy`), `x` quantized by cgraft_q8_quantize_rows. One vpdpbusd serves sixteen weight rows (AVX-512
-/// VNNI; AVX2's vpmaddubsw eight, and a portable loop gives the same floats without either). A row's value is the same in any range and for any
-/// `m`. Returns 0, or -1 (touching nothing) for bad sizes or rows.
+/// VNNI; AVX2's vpmaddubsw serves eight, and a portable loop gives the same floats without either). A row's value
+/// is the same in any range and for any `m`. Returns 0, or -1 (touching nothing) for bad sizes or rows.
 int cgraft_ggml_tiles_product_q8(int type, const uint8_t *tiles, int64_t rows, int64_t r0, int64_t r1, int64_t cols,
                                  const int8_t *q, const float *scales, const float *sums, int64_t m, float *y,
                                  int64_t ldy);
