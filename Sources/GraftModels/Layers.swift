@@ -20,18 +20,18 @@ public protocol LinearAdapter: AnyObject {
     /// recorded, with `y` the layer's own fresh output `[x.rows, outFeatures]`: inference skips the tensors
     /// and threads a recorded forward needs (a decode step runs a few hundred adapted products per token).
     func addInPlace(input x: Tensor, into y: Tensor, layer: Linear) -> Bool
-    /// A decoding step's update (gradients off, `x` a row or two): does the part that needs the whole input now and
-    /// returns what adds the rest into a range of output rows, which the layer runs inside its base product's
-    /// threads (one dispatch per layer instead of one per product); or returns nil (the default) to be called
-    /// through ``addInPlace(input:into:layer:)``. An adapter that returns one must leave the input untransformed.
-    func decodeUpdate(input x: Tensor, layer: Linear) -> OutputRowsUpdate?
+    /// A decoding step's update (gradients off, `x` a row or two): the pieces of work that need the whole input and
+    /// what adds the rest into a range of output rows, both of which the layer runs inside its base product's
+    /// threads (one dispatch per layer instead of one per product); or nil (the default) to be called through
+    /// ``addInPlace(input:into:layer:)``. An adapter that returns one must leave the input untransformed.
+    func decodeUpdate(input x: Tensor, layer: Linear) -> DecodingUpdate?
 }
 
 extension LinearAdapter {
     public func transformInput(_ x: Tensor, layer: Linear) -> Tensor { x }
     public var couplesRows: Bool { false }
     public func addInPlace(input x: Tensor, into y: Tensor, layer: Linear) -> Bool { false }
-    public func decodeUpdate(input x: Tensor, layer: Linear) -> OutputRowsUpdate? { nil }
+    public func decodeUpdate(input x: Tensor, layer: Linear) -> DecodingUpdate? { nil }
 }
 
 /// `y = x Wᵀ + b` with Hugging Face's `[out, in]` weight layout. The weight is frozen unless made trainable.
@@ -150,14 +150,12 @@ public final class Linear: Module {
     private func fusedDecodeForward(_ x: Tensor) -> Tensor? {
         guard !GradMode.isEnabled, x.rows <= 2, computeDType != .bfloat16, case .compact(let matrix) = storage,
               adapters.contains(where: \.isEnabled) else { return nil }
-        var updates: [OutputRowsUpdate] = []
+        var updates: [DecodingUpdate] = []
         for adapter in adapters where adapter.isEnabled {
             guard let update = adapter.decodeUpdate(input: x, layer: self) else { return nil }
             updates.append(update)
         }
-        return linear(x, frozen: matrix, bias) { rows, y, ldy in
-            for update in updates { update(rows, y, ldy) }
-        }
+        return linear(x, frozen: matrix, bias, update: DecodingUpdate.combined(updates))
     }
 
     /// The bfloat16 copy products with the weight use, or nil when they run in float32 (float32 mode, or a

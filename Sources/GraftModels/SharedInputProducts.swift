@@ -23,14 +23,11 @@ extension Linear {
     /// bfloat16 weight, or an adapter that does not add its update that way).
     private func sharedInputProduct(_ x: Tensor) -> FrozenProduct? {
         guard computeDType != .bfloat16, let matrix = compactWeight, x.lastDim == inFeatures else { return nil }
-        var updates: [OutputRowsUpdate] = []
+        var updates: [DecodingUpdate] = []
         for adapter in adapters where adapter.isEnabled {
             guard x.rows <= 2, let update = adapter.decodeUpdate(input: x, layer: self) else { return nil }
             updates.append(update)
         }
-        guard !updates.isEmpty else { return FrozenProduct(weight: matrix, bias: bias) }
-        return FrozenProduct(weight: matrix, bias: bias) { rows, y, ldy in
-            for update in updates { update(rows, y, ldy) }
-        }
+        return FrozenProduct(weight: matrix, bias: bias, update: DecodingUpdate.combined(updates))
     }
 }

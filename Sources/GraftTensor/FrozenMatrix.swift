@@ -61,6 +61,46 @@ let directProductRows = 16
 /// adapter's decoding-step update, run inside the product's parallel loop on the thread that owns those outputs.
 public typealias OutputRowsUpdate = (_ rows: Range<Int>, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) -> Void
 
+/// An adapter's decoding-step update: `parts` independent pieces of work on the whole input (a few rank
+/// components of a down projection each), `prepare(part)` for each, which must all have run before `apply` first
+/// adds into output rows. The product that carries it shares the parts out over its threads beside its own rows.
+public struct DecodingUpdate {
+    /// How many parts `prepare` has.
+    public let parts: Int
+    /// Runs part `0 ..< parts`: once each, on any thread, before `apply`.
+    public let prepare: (Int) -> Void
+    /// Adds the update into a range of output rows.
+    public let apply: OutputRowsUpdate
+
+    /// An update whose `apply` reads what the parts of `prepare` compute.
+    public init(parts: Int, prepare: @escaping (Int) -> Void, apply: @escaping OutputRowsUpdate) {
+        self.parts = parts
+        self.prepare = prepare
+        self.apply = apply
+    }
+
+    /// An update with nothing to prepare.
+    public init(apply: @escaping OutputRowsUpdate) {
+        self.init(parts: 0, prepare: { _ in }, apply: apply)
+    }
+
+    /// `updates` one after another as one update (itself when there is one), or nil when there are none.
+    public static func combined(_ updates: [DecodingUpdate]) -> DecodingUpdate? {
+        guard updates.count > 1 else { return updates.first }
+        var starts: [Int] = [], total = 0
+        for update in updates {
+            starts.append(total)
+            total += update.parts
+        }
+        return DecodingUpdate(parts: total, prepare: { part in
+            guard let index = starts.lastIndex(where: { $0 <= part }) else { return }
+            updates[index].prepare(part - starts[index])
+        }, apply: { rows, y, ldy in
+            for update in updates { update.apply(rows, y, ldy) }
+        })
+    }
+}
+
 /// `x · Wᵀ (+ bias)` for a frozen compact `weight` (`[out, in]`): the Linear layer on a quantized base.
 ///
 /// Forward decodes `weight` a tile of output rows at a time, the tiles shared out over Graft's threads, each
@@ -69,16 +109,17 @@ public typealias OutputRowsUpdate = (_ rows: Range<Int>, _ y: UnsafeMutablePoint
 /// multiplied are exactly those ``FrozenMatrix/dequantized()`` returns, so results match the float32 layer on
 /// the dequantized weight up to summation order.
 ///
-/// `epilogue`, when given, adds to output rows after their product, on the thread that computed them (a decoding
-/// step's adapter updates, see ``OutputRowsUpdate``); it is not differentiated.
+/// `update`, when given, adds to output rows after their product, on the thread that computed them, once every
+/// part of it has been prepared (a decoding step's adapter updates, see ``DecodingUpdate``); it is not
+/// differentiated.
 public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor? = nil,
-                   epilogue: OutputRowsUpdate? = nil) -> Tensor {
+                   update: DecodingUpdate? = nil) -> Tensor {
     let inF = weight.cols, outF = weight.rows
     precondition(x.lastDim == inF, "linear: input \(x.shape) does not end in \(inF)")
     let rowsN = x.rows, tile = weight.tileRows
     let tiles = outF == 0 ? 0 : (outF + tile - 1) / tile
     let out: Tensor
-    if let direct = blockProducts(x, [FrozenProduct(weight: weight, bias: bias, epilogue: epilogue)]) {
+    if let direct = blockProducts(x, [FrozenProduct(weight: weight, bias: bias, update: update)]) {
         // The fast mode (every row count, so a sequence's rows get the same products whether its prompt ran whole,
         // after a cached prefix, or batched with others), or a decoding step: straight from the blocks.
         out = direct[0]
@@ -95,7 +136,10 @@ public func linear(_ x: Tensor, frozen weight: any FrozenMatrix, _ bias: Tensor?
                                 lda: inF, b: scratch.pointer, ldb: inF, beta: beta, c: op + rows.lowerBound, ldc: outF)
                 }
             }
-            epilogue?(0..<outF, op, outF)
+            if let update {
+                for part in 0..<update.parts { update.prepare(part) }
+                update.apply(0..<outF, op, outF)
+            }
         }
     }
     var inputs = [x]

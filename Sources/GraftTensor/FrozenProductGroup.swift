@@ -1,18 +1,24 @@
-/// One product of a group that shares its input: a frozen compact weight, its bias and its decoding-step
-/// epilogue (see ``linear(_:frozen:_:epilogue:)``).
+/// One product of a group that shares its input: a frozen compact weight, its bias and its decoding-step update
+/// (see ``linear(_:frozen:_:update:)``).
 public struct FrozenProduct {
     /// `[out, in]`.
     public let weight: any FrozenMatrix
     /// `[out]`, if any.
     public let bias: Tensor?
-    /// Adds to output rows after their product, on the thread that computed them.
-    public let epilogue: OutputRowsUpdate?
+    /// Prepared on any thread of the job, then applied to each range of output rows after their product on the
+    /// thread that computed them.
+    public let update: DecodingUpdate?
 
-    /// A product of `weight` (plus `bias`), followed by `epilogue` on each range of output rows.
-    public init(weight: any FrozenMatrix, bias: Tensor? = nil, epilogue: OutputRowsUpdate? = nil) {
+    /// A product of `weight` (plus `bias`), followed by `update` on each range of output rows.
+    public init(weight: any FrozenMatrix, bias: Tensor? = nil, update: DecodingUpdate? = nil) {
         self.weight = weight
         self.bias = bias
-        self.epilogue = epilogue
+        self.update = update
+    }
+
+    /// A product of `weight` (plus `bias`), followed by `epilogue` on each range of output rows.
+    public init(weight: any FrozenMatrix, bias: Tensor? = nil, epilogue: @escaping OutputRowsUpdate) {
+        self.init(weight: weight, bias: bias, update: DecodingUpdate(apply: epilogue))
     }
 }
 
@@ -20,7 +26,7 @@ public struct FrozenProduct {
 /// and v projections; a gated feed-forward's gate and up), as one job: the output rows of all the products shared
 /// out over the threads together, so a small product (k and v of a small model) does not run alone on the calling
 /// thread while the others wait, and one dispatch replaces several. Each output value is the one
-/// ``linear(_:frozen:_:epilogue:)`` gives for its product alone: both run ``blockProducts(_:_:)``, whose block
+/// ``linear(_:frozen:_:update:)`` gives for its product alone: both run ``blockProducts(_:_:)``, whose block
 /// kernels compute a row the same way whichever range holds it.
 ///
 /// Returns nil, computing nothing, when gradients are on or ``blockProducts(_:_:)`` does not apply; callers then run
@@ -64,7 +70,9 @@ func blockProducts(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
     let grain = int8 == nil ? 64 : max(64, (1 << 17) / max(inF * rowsN, 1))
     // Ranges start at multiples of 16 rows where every product's rows allow it: the int8 kernels' tiles hold 16.
     let unit = products.allSatisfy({ $0.weight.rows % 16 == 0 }) ? 16 : 1
+    let prologue = SharedPrologue(products.map(\.update))
     parallelFor(total / unit, grain: max(1, grain / unit)) { units in
+        prologue?.runUnclaimed()
         let range = units.lowerBound * unit..<units.upperBound * unit
         for (index, product) in products.enumerated() {
             let start = starts[index], rows = product.weight.rows
@@ -76,8 +84,12 @@ func blockProducts(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
                 product.weight.accumulateProduct(xp, rows: rowsN, outputRows: lower..<upper, into: pointers[index],
                                                  ldy: rows)
             }
-            product.epilogue?(lower..<upper, pointers[index], rows)
+            if let update = product.update {
+                prologue?.finish(product: index)
+                update.apply(lower..<upper, pointers[index], rows)
+            }
         }
     }
     return outputs
 }
+

@@ -28,7 +28,7 @@ import GraftTestSupport
     /// The largest |(out − base) − update| over `rows` rows, the update `s · B (A x)` computed in float64 from `a`
     /// and `b`, and the largest |update|. A NaN or infinity in `out` gives an infinite error.
     func worstUpdateError(_ out: Tensor, base: Tensor, x xv: [Double], rows: Int, a: [Double], b: [Double],
-                          scale s: Double) -> (error: Double, largest: Double) {
+                          scale s: Double, rank: Int = 16) -> (error: Double, largest: Double) {
         var worst = 0.0, largest = 0.0
         for i in 0..<rows {
             var h = [Double](repeating: 0, count: rank)
@@ -44,8 +44,14 @@ import GraftTestSupport
         return (worst, largest)
     }
 
+    /// Ranks 16 and 6: the down projection's parts (four components each, shared out over the threads) then end on
+    /// a whole group of four and on a part of two.
     @Test(arguments: [GGMLType.q4_1, .q8_0, .f16], [false, true])
     func fusedUpdateMatchesTheDefinition(type: GGMLType, fast: Bool) throws {
+        for rank in [16, 6] { try fusedUpdateMatchesTheDefinition(type: type, fast: fast, rank: rank) }
+    }
+
+    func fusedUpdateMatchesTheDefinition(type: GGMLType, fast: Bool, rank: Int) throws {
         Threading.setThreads(2)
         let matrix = try quantized(type, seed: 71)
         let bias = Tensor(shape: [outF], values: randomValues(outF, seed: 72).map(Float.init))
@@ -62,8 +68,8 @@ import GraftTestSupport
             }
             // One or two rows take the fused path; more run the base product and then the update.
             #expect(fused == (rows <= 2), "\(rows) rows: fused \(fused)")
-            let (worst, scale) = worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b, scale: s)
-            print("LoRA decode fusion \(type) \(fast ? "fast" : "exact"), \(rows) row(s): max |error| \(worst), largest update \(scale)")
+            let (worst, scale) = worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b, scale: s, rank: rank)
+            print("LoRA decode fusion \(type) \(fast ? "fast" : "exact") rank \(rank), \(rows) row(s): max |error| \(worst), largest update \(scale)")
             #expect(scale > 0.1, "the update is too small to test")
             #expect(worst <= 1e-5 * scale, "\(type) \(fast ? "fast" : "exact") \(rows) rows: max |error| \(worst)")
         }

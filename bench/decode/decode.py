@@ -9,7 +9,9 @@ peer figure is ever a constant.
 Rows:
   decode   prompt 32 tokens, 128 new tokens greedy: decode tokens/s (and prefill tokens/s of the 32)
   prefill  prompt 512 tokens, 1 new token: prefill tokens/s
-  lora     Graft only: the decode row with an unmerged LoRA r16 on every linear layer, against Graft's own base
+  lora     Graft only: the decode row with an unmerged LoRA r16 on every linear layer, against Graft's own base;
+           each timed LoRA run is paired with a base run (the adapter disabled) just before it in the same
+           process, and the ratio is the median of the pairs' ratios (this VM's speed drifts between invocations)
   fast     Graft's fast mode (--fast-decode: int8 activations against the Q4_1/Q8_0 blocks, as llama.cpp does),
            the decode row and the LoRA row again; the exact rows above stay Graft's default
 
@@ -163,12 +165,17 @@ def main():
     print(f"| prefill tokens/s, 32-token prompt | {gpr:.1f} | {lpr:.1f} | {ratio(gpr, lpr)} | | | |")
     gpr, lpr = rate(gp, "prefill_tokens_per_s"), rate(lp, "prefill_tokens_per_s")
     print(f"| prefill tokens/s, 512-token prompt | {gpr:.1f} | {lpr:.1f} | {ratio(gpr, lpr)} | {gp_rss / 1024:.0f} | {lp_rss / 1024:.0f} | {ratio(gp_rss, lp_rss)} |")
+    def paired(r):
+        return f"{r['paired_decode_ratio']:.2f}" if r and "paired_decode_ratio" in r else "?"
+
     glr = rate(gl, "decode_tokens_per_s")
-    print(f"| decode tokens/s with LoRA r16 all-linear, unmerged (Graft; ratio to its base) | {glr:.1f} | | {ratio(glr, gdr)} | {gl_rss / 1024:.0f} | | |")
+    print(f"| decode tokens/s with LoRA r16 all-linear, unmerged (Graft; ratio to its base, paired) | {glr:.1f} | | {paired(gl)} | {gl_rss / 1024:.0f} | | |")
     gfr = rate(gf, "decode_tokens_per_s")
     print(f"| decode tokens/s, fast mode (int8 activations) | {gfr:.1f} | {ldr:.1f} | {ratio(gfr, ldr)} | {gf_rss / 1024:.0f} | {ld_rss / 1024:.0f} | {ratio(gf_rss, ld_rss)} |")
     gflr = rate(gfl, "decode_tokens_per_s")
-    print(f"| decode tokens/s with LoRA r16, fast mode (Graft; ratio to its fast base) | {gflr:.1f} | | {ratio(gflr, gfr)} | {gfl_rss / 1024:.0f} | | |")
+    print(f"| decode tokens/s with LoRA r16, fast mode (Graft; ratio to its fast base, paired) | {gflr:.1f} | | {paired(gfl)} | {gfl_rss / 1024:.0f} | | |")
+    print("Paired: the LoRA rows' ratio is the median over timed runs of the LoRA run's rate over the rate of a base run "
+          "(the adapter disabled) just before it in the same process, so both sides of each pair see the same machine load.")
     if gf and gd:
         n = same_prefix(gf["tokens"], gd["tokens"])
         print(f"Fast-mode greedy tokens identical to the exact mode's for the first {n} of {len(gd['tokens'])}.")

@@ -29,6 +29,19 @@ void cgraft_pool_set_spin_microseconds(int64_t microseconds);
 /// Workers started so far (for tests and diagnostics).
 int cgraft_pool_workers(void);
 
+/// Claims the next of a list of shared work items, which threads claim in index order through the counter `*next`
+/// (zero before the first claim): returns the claimed index, or -1 when every index below `below` is claimed. Two
+/// threads racing for the last index below `below` may get one at or past it; it is still theirs to run (or to
+/// drop, past the end of the list).
+int64_t cgraft_claim_next(int64_t *next, int64_t below);
+
+/// Marks an item finished: `*flag` becomes 1, and writes the item made before it are visible to a thread that then
+/// sees the flag in cgraft_wait_finished.
+void cgraft_mark_finished(int32_t *flag);
+
+/// Waits (polling) until `*flag` is 1. Only for an item another running thread has claimed: that thread finishes it.
+void cgraft_wait_finished(const int32_t *flag);
+
 #ifdef __cplusplus
 }
 #endif

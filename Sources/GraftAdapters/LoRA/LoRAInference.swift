@@ -30,6 +30,12 @@ extension LoRALayer {
             cgraft_lora_down_int8(x, Int64(inF), a.values, a.scales, Int64(rank), h)
         }
 
+        /// Components `components` of `h = A x` for one input row of `inF` floats, into `h + components.lowerBound`.
+        func down(_ x: UnsafePointer<Float>, inF: Int, components: Range<Int>, into h: UnsafeMutablePointer<Float>) {
+            let k = components.lowerBound
+            cgraft_lora_down_int8(x, Int64(inF), a.values + k * inF, a.scales + k, Int64(components.count), h + k)
+        }
+
         /// `y[o] += scale · (B h)[o]` for `o` in `rows`.
         func up(_ h: UnsafePointer<Float>, rank: Int, rows: Range<Int>, scale: Float, into y: UnsafeMutablePointer<Float>) {
             cgraft_lora_up_int8(h, Int64(rank), bt.values, bt.scales, Int64(out), Int64(rows.lowerBound),
@@ -54,34 +60,40 @@ extension LoRALayer {
         return true
     }
 
-    /// A decoding step: `h = x Aᵀ` now, on the calling thread (`[rank, in]`, a few tens of KB), and `scaling · h Bᵀ`
-    /// into whichever output rows the base product's threads hand over. In fast mode, inside an
-    /// ``Int8FactorCopies`` scope, A and B are read from int8 copies: a quarter of the bytes per token.
-    public func decodeUpdate(input x: Tensor, layer: Linear) -> OutputRowsUpdate? {
+    /// A decoding step: `h = x Aᵀ` in parts of a few rank components each (`[rank, in]`, a few tens of KB), which
+    /// the base product's threads share out, and `scaling · h Bᵀ` into whichever output rows they hand over. In
+    /// fast mode, inside an ``Int8FactorCopies`` scope, A and B are read from int8 copies: a quarter of the bytes per
+    /// token. Each component of `h` is the same sum however the parts fall.
+    public func decodeUpdate(input x: Tensor, layer: Linear) -> DecodingUpdate? {
         let n = x.rows, inF = layer.inFeatures, r = rank
         guard isFusable, n <= 2, r > 0, x.lastDim == inF, loraA.count == r * inF, loraB.count == layer.outFeatures * r
         else { return nil }
         let h = Tensor(zeros: [n, r])
-        let xp = x.pointer, hp = h.pointer, s = scaling
+        let xp = UnsafePointer(x.pointer), hp = h.pointer, s = scaling
+        // Multiples of four components (the down kernels' row groups), about four parts per row.
+        let width = max(4, (r / 4 + 3) / 4 * 4), perRow = (r + width - 1) / width
         if let int8 = decodeInt8Factors {
-            for i in 0..<n { int8.down(xp + i * inF, inF: inF, rank: r, into: hp + i * r) }
-            return { rows, y, ldy in
+            return DecodingUpdate(parts: n * perRow, prepare: { part in
+                let i = part / perRow, k = part % perRow * width
+                int8.down(xp + i * inF, inF: inF, components: k..<min(r, k + width), into: hp + i * r)
+            }, apply: { rows, y, ldy in
                 withExtendedLifetime(h) {
                     for i in 0..<n { int8.up(hp + i * r, rank: r, rows: rows, scale: s, into: y + i * ldy) }
                 }
-            }
+            })
         }
-        let a = loraA.pointer
-        for i in 0..<n { cgraft_lora_down(xp + i * inF, Int64(inF), a, Int64(r), hp + i * r) }
-        let b = loraB
-        return { rows, y, ldy in
+        let a = UnsafePointer(loraA.pointer), b = loraB
+        return DecodingUpdate(parts: n * perRow, prepare: { part in
+            let i = part / perRow, k = part % perRow * width
+            cgraft_lora_down(xp + i * inF, Int64(inF), a + k * inF, Int64(min(r, k + width) - k), hp + i * r + k)
+        }, apply: { rows, y, ldy in
             withExtendedLifetime(h) {
                 for i in 0..<n {
                     cgraft_lora_up(hp + i * r, Int64(r), b.pointer, Int64(rows.lowerBound), Int64(rows.upperBound), s,
                                    y + i * ldy)
                 }
             }
-        }
+        })
     }
 
     /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory (no-grad inference). A row
@@ -137,3 +149,4 @@ extension LoRALayer {
         }
     }
 }
+
