@@ -1,6 +1,7 @@
 // A decoding step's low-rank update, y += scale · B (A x), for one activation row: the down projection h = A x
 // (A is [rank, in]) and the up projection into a range of output rows (B is [out, rank]). Both stream a small
-// row-major matrix once, float32 or (fast mode) int8 with a scale per rank component; compiled three times by
+// matrix once, float32 row-major or (fast mode) int8 with a scale per rank component, B's int8 copy in blocks of
+// output rows so a range reads one contiguous stream; compiled three times by
 // target_clones (AVX-512, AVX2, baseline x86-64) and picked at load time, with independent partial sums so every
 // width vectorizes without reassociating a single sum.
 #include "CGraftKernels.h"
@@ -61,14 +62,20 @@ CLONES void cgraft_int8_rows(const float *src, int64_t rows, int64_t cols, int8_
     }
 }
 
-// Row by row over the source for a block of up to 256 columns at a time (contiguous reads; the column maxima and
-// inverses are vectors across columns), writing each source row into a column of `dst`.
-CLONES void cgraft_int8_columns_transposed(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales) {
-    enum { BLOCK = 256 };
-    float max_abs[BLOCK], inverse[BLOCK];
-    int finite[BLOCK];
-    for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
-        int64_t width = cols - c0 < BLOCK ? cols - c0 : BLOCK;
+int64_t cgraft_int8_blocked_count(int64_t rows, int64_t cols) {
+    return (rows + CGRAFT_LORA_UP_BLOCK - 1) / CGRAFT_LORA_UP_BLOCK * CGRAFT_LORA_UP_BLOCK * cols;
+}
+
+// Row by row over the source for a group of up to 256 columns at a time (contiguous reads; the column maxima and
+// inverses are vectors across columns), writing each value into its row's block.
+CLONES void cgraft_int8_columns_blocked(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales) {
+    enum { GROUP = 256, BLOCK = CGRAFT_LORA_UP_BLOCK };
+    float max_abs[GROUP], inverse[GROUP];
+    int finite[GROUP];
+    int64_t count = cgraft_int8_blocked_count(rows, cols);
+    for (int64_t i = 0; i < count; i++) dst[i] = 0;
+    for (int64_t c0 = 0; c0 < cols; c0 += GROUP) {
+        int64_t width = cols - c0 < GROUP ? cols - c0 : GROUP;
         for (int64_t c = 0; c < width; c++) max_abs[c] = 0, finite[c] = 1;
         for (int64_t r = 0; r < rows; r++) {
             const float *row = src + r * cols + c0;
@@ -83,7 +90,8 @@ CLONES void cgraft_int8_columns_transposed(const float *src, int64_t rows, int64
         }
         for (int64_t r = 0; r < rows; r++) {
             const float *row = src + r * cols + c0;
-            for (int64_t c = 0; c < width; c++) dst[(c0 + c) * rows + r] = to_int8(row[c], inverse[c]);
+            int8_t *block = dst + r / BLOCK * BLOCK * cols + r % BLOCK;
+            for (int64_t c = 0; c < width; c++) block[(c0 + c) * BLOCK] = to_int8(row[c], inverse[c]);
         }
     }
 }
@@ -133,31 +141,39 @@ CLONES void cgraft_lora_down_int8(const float *x, int64_t in, const int8_t *a, c
 // y[o] is the same whichever range [begin, end) holds it: in a block of 128 or 32 lanes or in the scalar tail.
 #pragma clang fp contract(off)
 
-/// Outputs `o ..< o + width` of the up projection (`width` ≤ 128, a constant where it is inlined), from `hs` = h
-/// times B's scales when given, else from h and the scales per use.
-__attribute__((always_inline)) static inline void up_int8_lanes(const float *hs, const float *h, const float *scales,
-                                                                int64_t rank, const int8_t *bt, int64_t out, int64_t o,
-                                                                int width, float scale, float *y) {
-    float acc[128] = {0};
+/// Outputs `o ..< o + blocks · BLOCK` of the up projection (`o` a block's first output, `blocks` ≤ 4 and a constant
+/// where it is inlined): up to four blocks, eight vectors of sums in flight on AVX2.
+__attribute__((always_inline)) static inline void up_int8_blocks(const float *h, const float *scales, int64_t rank,
+                                                                 const int8_t *bt, int64_t o, int blocks, float scale,
+                                                                 float *y) {
+    enum { BLOCK = CGRAFT_LORA_UP_BLOCK };
+    float acc[4 * BLOCK] = {0};
+    const int8_t *first = bt + o * rank;
     for (int64_t k = 0; k < rank; k++) {
-        const int8_t *row = bt + k * out + o;
-        float hk = hs ? hs[k] : h[k] * scales[k];
-        for (int l = 0; l < width; l++) acc[l] += hk * (float)row[l];
+        float hk = h[k] * scales[k];
+        for (int b = 0; b < blocks; b++)
+            for (int l = 0; l < BLOCK; l++) acc[b * BLOCK + l] += hk * (float)first[(b * rank + k) * BLOCK + l];
     }
-    for (int l = 0; l < width; l++) y[o + l] += scale * acc[l];
+    for (int l = 0; l < blocks * BLOCK; l++) y[o + l] += scale * acc[l];
 }
 
-CLONES void cgraft_lora_up_int8(const float *h, int64_t rank, const int8_t *bt, const float *scales, int64_t out,
-                                int64_t begin, int64_t end, float scale, float *y) {
-    // h times B's scales, kept on the stack for ranks up to 1024 (the usual), else multiplied per use.
-    float stack[1024];
-    const float *hs = rank <= 1024 ? stack : NULL;
-    if (hs)
-        for (int64_t k = 0; k < rank; k++) stack[k] = h[k] * scales[k];
+/// Output `o` alone (a range that starts or ends inside a block), summed as up_int8_blocks sums it.
+static void up_int8_one(const float *h, const float *scales, int64_t rank, const int8_t *bt, int64_t o, float scale,
+                        float *y) {
+    enum { BLOCK = CGRAFT_LORA_UP_BLOCK };
+    const int8_t *column = bt + o / BLOCK * BLOCK * rank + o % BLOCK;
+    float acc = 0;
+    for (int64_t k = 0; k < rank; k++) acc += h[k] * scales[k] * (float)column[k * BLOCK];
+    y[o] += scale * acc;
+}
+
+CLONES void cgraft_lora_up_int8(const float *h, int64_t rank, const int8_t *bt, const float *scales, int64_t begin,
+                                int64_t end, float scale, float *y) {
+    enum { BLOCK = CGRAFT_LORA_UP_BLOCK };
     int64_t o = begin;
-    // 128 outputs at a time (eight vectors of sums in flight), then 32, then one by one: the same sums each way.
-    for (; o + 128 <= end; o += 128) up_int8_lanes(hs, h, scales, rank, bt, out, o, 128, scale, y);
-    for (; o + 32 <= end; o += 32) up_int8_lanes(hs, h, scales, rank, bt, out, o, 32, scale, y);
-    for (; o < end; o++) up_int8_lanes(hs, h, scales, rank, bt, out, o, 1, scale, y);
+    for (; o < end && o % BLOCK != 0; o++) up_int8_one(h, scales, rank, bt, o, scale, y);
+    for (; o + 4 * BLOCK <= end; o += 4 * BLOCK) up_int8_blocks(h, scales, rank, bt, o, 4, scale, y);
+    for (; o + BLOCK <= end; o += BLOCK) up_int8_blocks(h, scales, rank, bt, o, 1, scale, y);
+    for (; o < end; o++) up_int8_one(h, scales, rank, bt, o, scale, y);
 }
 #pragma clang fp contract(on)

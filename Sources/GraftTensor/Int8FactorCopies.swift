@@ -14,7 +14,7 @@ public final class Int8FactorCopies {
         /// One scale per row (NaN for a row whose source held a non-finite value).
         public let scales: UnsafePointer<Float>
     }
-    /// Which copy: the tensor's rows, or its columns as rows (the transpose).
+    /// Which copy: the tensor's rows, or its columns (blocked).
     private struct Key: Hashable {
         let tensor: ObjectIdentifier
         let transposed: Bool
@@ -23,6 +23,7 @@ public final class Int8FactorCopies {
     private struct Kept {
         let source: Tensor
         let values: UnsafeMutablePointer<Int8>
+        let valueCount: Int
         let scales: UnsafeMutablePointer<Float>
         let scaleCount: Int
     }
@@ -44,36 +45,39 @@ public final class Int8FactorCopies {
     }
 
     /// Bytes the copies hold (values and scales).
-    public var bytes: Int { copies.values.reduce(0) { $0 + $1.source.count + 4 * $1.scaleCount } }
+    public var bytes: Int { copies.values.reduce(0) { $0 + $1.valueCount + 4 * $1.scaleCount } }
 
     /// `tensor` as a row-major `[rows, count / rows]` matrix rounded to int8 row by row (made now if this scope has
     /// no copy of it yet). Nil unless `rows` divides the tensor's count. The pointers stay valid until the scope ends.
     public func rows(of tensor: Tensor, rows: Int) -> Copy? {
         guard rows > 0, tensor.count % rows == 0 else { return nil }
-        return copy(of: tensor, transposed: false, scaleCount: rows) {
+        return copy(of: tensor, transposed: false, valueCount: tensor.count, scaleCount: rows) {
             cgraft_int8_rows(tensor.pointer, Int64(rows), Int64(tensor.count / rows), $0, $1)
         }
     }
 
-    /// The transpose of `tensor`, a row-major `[rows, count / rows]` matrix, rounded to int8 row by row: `[count /
-    /// rows, rows]` with a scale per column of `tensor` (made now if this scope has none yet). Nil unless `rows`
-    /// divides the tensor's count.
-    public func transposed(of tensor: Tensor, rows: Int) -> Copy? {
+    /// The columns of `tensor`, a row-major `[rows, count / rows]` matrix, rounded to int8 with a scale per column,
+    /// in blocks of ``CGRAFT_LORA_UP_BLOCK`` rows (`cgraft_int8_columns_blocked`, what `cgraft_lora_up_int8`
+    /// reads), made now if this scope has none yet. Nil unless `rows` divides the tensor's count.
+    public func blockedColumns(of tensor: Tensor, rows: Int) -> Copy? {
         guard rows > 0, tensor.count % rows == 0 else { return nil }
-        return copy(of: tensor, transposed: true, scaleCount: tensor.count / rows) {
-            cgraft_int8_columns_transposed(tensor.pointer, Int64(rows), Int64(tensor.count / rows), $0, $1)
+        let cols = tensor.count / rows
+        let count = Int(cgraft_int8_blocked_count(Int64(rows), Int64(cols)))
+        return copy(of: tensor, transposed: true, valueCount: count, scaleCount: cols) {
+            cgraft_int8_columns_blocked(tensor.pointer, Int64(rows), Int64(cols), $0, $1)
         }
     }
 
-    /// The kept copy, or new buffers (`tensor.count` values, `scaleCount` scales) filled by `fill` and kept.
-    private func copy(of tensor: Tensor, transposed: Bool, scaleCount: Int,
+    /// The kept copy, or new buffers (`valueCount` values, `scaleCount` scales) filled by `fill` and kept.
+    private func copy(of tensor: Tensor, transposed: Bool, valueCount: Int, scaleCount: Int,
                       fill: (UnsafeMutablePointer<Int8>, UnsafeMutablePointer<Float>) -> Void) -> Copy {
         let key = Key(tensor: ObjectIdentifier(tensor), transposed: transposed)
         if let kept = copies[key] { return Copy(values: kept.values, scales: kept.scales) }
-        let values = UnsafeMutablePointer<Int8>.allocate(capacity: max(tensor.count, 1))
+        let values = UnsafeMutablePointer<Int8>.allocate(capacity: max(valueCount, 1))
         let scales = UnsafeMutablePointer<Float>.allocate(capacity: max(scaleCount, 1))
         fill(values, scales)
-        copies[key] = Kept(source: tensor, values: values, scales: scales, scaleCount: scaleCount)
+        copies[key] = Kept(source: tensor, values: values, valueCount: valueCount, scales: scales,
+                           scaleCount: scaleCount)
         return Copy(values: values, scales: scales)
     }
 }

@@ -50,18 +50,26 @@ void cgraft_lora_up(const float *h, int64_t rank, const float *b, int64_t begin,
 /// non-finite value, so the products it enters come out NaN as they would from the float32 row).
 void cgraft_int8_rows(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales);
 
-/// cgraft_int8_rows of the transpose: `dst` is `[cols, rows]`, one scale per column of `src`.
-void cgraft_int8_columns_transposed(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales);
+/// Rows of int8 columns in a block, in cgraft_int8_columns_blocked's layout.
+#define CGRAFT_LORA_UP_BLOCK 16
+
+/// The columns of the row-major `[rows, cols]` matrix `src` (B of a LoRA, `[out, rank]`) rounded to symmetric int8,
+/// one scale per column (as cgraft_int8_rows rounds rows), laid out for cgraft_lora_up_int8: blocks of
+/// CGRAFT_LORA_UP_BLOCK rows, each `[cols][CGRAFT_LORA_UP_BLOCK]`, so a range of rows is one contiguous stream.
+/// `dst` holds cgraft_int8_blocked_count(rows, cols) values; the last block's rows past `rows` are zeros.
+void cgraft_int8_columns_blocked(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales);
+
+/// Values cgraft_int8_columns_blocked writes for a `[rows, cols]` matrix.
+int64_t cgraft_int8_blocked_count(int64_t rows, int64_t cols);
 
 /// cgraft_lora_down with `a` in int8 (cgraft_int8_rows): `h[k] = scales[k] · Σ_j a[k·in + j] · x[j]`, for
 /// fast-mode decoding.
 void cgraft_lora_down_int8(const float *x, int64_t in, const int8_t *a, const float *scales, int64_t rank, float *h);
 
-/// cgraft_lora_up with B transposed and in int8: `bt` is `[rank, out]` with a scale per rank component
-/// (cgraft_int8_columns_transposed of B), so the outputs of a range are summed lane by lane. Each `y[o]` gets the
-/// same value whichever range computes it.
-void cgraft_lora_up_int8(const float *h, int64_t rank, const int8_t *bt, const float *scales, int64_t out,
-                         int64_t begin, int64_t end, float scale, float *y);
+/// cgraft_lora_up with B in int8 (cgraft_int8_columns_blocked of B, a scale per rank component), so the outputs
+/// of a block are summed lane by lane. Each `y[o]` gets the same value whichever range computes it.
+void cgraft_lora_up_int8(const float *h, int64_t rank, const int8_t *bt, const float *scales, int64_t begin,
+                         int64_t end, float scale, float *y);
 
 /// The decode-factor-copies scope open on the calling thread (an opaque object of the Swift layer), or NULL.
 void *cgraft_factor_copies_scope(void);

@@ -38,8 +38,8 @@ extension LoRALayer {
 
         /// `y[o] += scale · (B h)[o]` for `o` in `rows`.
         func up(_ h: UnsafePointer<Float>, rank: Int, rows: Range<Int>, scale: Float, into y: UnsafeMutablePointer<Float>) {
-            cgraft_lora_up_int8(h, Int64(rank), bt.values, bt.scales, Int64(out), Int64(rows.lowerBound),
-                                Int64(rows.upperBound), scale, y)
+            cgraft_lora_up_int8(h, Int64(rank), bt.values, bt.scales, Int64(rows.lowerBound), Int64(rows.upperBound),
+                                scale, y)
         }
     }
 
@@ -48,7 +48,7 @@ extension LoRALayer {
     public var decodeInt8Factors: Int8Factors? {
         guard Int8ActivationMode.isEnabled, let copies = Int8FactorCopies.current, rank > 0,
               let a = copies.rows(of: loraA, rows: rank),
-              let bt = copies.transposed(of: loraB, rows: loraB.count / rank) else { return nil }
+              let bt = copies.blockedColumns(of: loraB, rows: loraB.count / rank) else { return nil }
         return Int8Factors(a: a, bt: bt, out: loraB.count / rank)
     }
 

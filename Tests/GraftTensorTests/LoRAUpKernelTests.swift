@@ -1,0 +1,56 @@
+import Testing
+import CGraftKernels
+import GraftTestSupport
+
+/// The fast-mode up projection reads B's int8 columns in blocks of 16 output rows (`cgraft_int8_columns_blocked`):
+/// the copy holds each value where the kernel looks for it, and `cgraft_lora_up_int8` gives every output the same
+/// value whichever range computes it (blocks of four, single blocks, ranges that start or end inside a block), equal
+/// to the definition from the rounded values.
+@Suite struct LoRAUpKernelTests {
+    /// B `[out, rank]`: 149 outputs end inside a block (9 blocks and 5 rows); rank 6 is no multiple of four.
+    let out = 149, rank = 6
+
+    /// B's int8 copy and scales, and h.
+    func inputs() -> (b: [Float], values: [Int8], scales: [Float], h: [Float]) {
+        let b = randomValues(out * rank, seed: 3, scale: 0.1).map(Float.init)
+        var values = [Int8](repeating: 99, count: Int(cgraft_int8_blocked_count(Int64(out), Int64(rank))))
+        var scales = [Float](repeating: 0, count: rank)
+        cgraft_int8_columns_blocked(b, Int64(out), Int64(rank), &values, &scales)
+        return (b, values, scales, randomValues(rank, seed: 4).map(Float.init))
+    }
+
+    @Test func theBlockedCopyHoldsEachRoundedValueWhereTheKernelReadsIt() {
+        let (b, values, scales, _) = inputs()
+        #expect(values.count == 160 * rank)
+        for k in 0..<rank {
+            let largest = (0..<out).map { abs(b[$0 * rank + k]) }.max() ?? 0
+            #expect(scales[k] == largest / 127)
+            for o in 0..<160 {
+                let stored = values[o / 16 * 16 * rank + k * 16 + o % 16]
+                // Rows past the end are zeros; the others the nearest integer to b · 127 / largest.
+                let expected = o < out ? Int8((b[o * rank + k] * (127 / largest)).rounded()) : 0
+                #expect(stored == expected, "output \(o), component \(k)")
+            }
+        }
+    }
+
+    @Test func everyRangeGivesEachOutputTheSameValue() {
+        let (_, values, scales, h) = inputs()
+        let scale: Float = 0.75
+        var whole = [Float](repeating: 0.5, count: out)
+        cgraft_lora_up_int8(h, Int64(rank), values, scales, 0, Int64(out), scale, &whole)
+        for o in 0..<out {
+            var sum = 0.0
+            for k in 0..<rank { sum += Double(h[k] * scales[k]) * Double(values[o / 16 * 16 * rank + k * 16 + o % 16]) }
+            let expected = 0.5 + Double(scale) * sum
+            #expect(whole[o].isFinite && abs(Double(whole[o]) - expected) <= 1e-5 * max(1, abs(expected)), "output \(o)")
+        }
+        for cuts in [[0, 5, 21, 64, 70, 149], [0, 16, 32, 96, 148, 149], [0, 1, 2, 130, 149]] {
+            var split = [Float](repeating: 0.5, count: out)
+            for (lower, upper) in zip(cuts, cuts.dropFirst()) {
+                cgraft_lora_up_int8(h, Int64(rank), values, scales, Int64(lower), Int64(upper), scale, &split)
+            }
+            #expect(zip(split, whole).allSatisfy { $0.bitPattern == $1.bitPattern }, "cuts \(cuts)")
+        }
+    }
+}
