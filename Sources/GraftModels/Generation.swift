@@ -132,9 +132,10 @@ extension LlamaModel {
         } } }
     }
 
-    /// Generates after each of `prompts` as one batch: every step runs the still-active sequences together
-    /// (prompts right-padded in the first step), each with its own KV cache and its own sampler seeded from
-    /// `parameters.seed`, so each sequence gets exactly the tokens it would get alone.
+    /// Generates after each of `prompts` as one batch: each prompt is prefilled in a step of its own, as it is alone
+    /// (a GEMM may round a row differently depending on how many rows it multiplies), then every decoding step runs
+    /// the still-active sequences together, each with its own KV cache and its own sampler seeded from
+    /// `parameters.seed`.
     ///
     /// `around(rows, step)` wraps every forward step: `rows` are the indices (into `prompts`, ascending) of the
     /// sequences in that step's batch, and `step()` returns their next-token logits `[rows.count, vocab]`
@@ -158,15 +159,13 @@ extension LlamaModel {
         var active = sequences.indices.filter { !sequences[$0].isFinished }
         try withInt8FactorCopies(parameters.fastDecode) {
             while !active.isEmpty {
-                let rows = active
+                let prefilling = active.filter { sequences[$0].isPrefilling }
+                let rows = prefilling.isEmpty ? active : [prefilling[0]]
                 let tokens = try decodeStep(rows.map { sequences[$0] }) { step in
                     try withoutActuallyEscaping(step) { try around(rows, $0) }
                 }
-                active = []
-                for (r, token) in zip(rows, tokens) {
-                    if !onToken(r, token) { sequences[r].finish() }
-                    if !sequences[r].isFinished { active.append(r) }
-                }
+                for (r, token) in zip(rows, tokens) where !onToken(r, token) { sequences[r].finish() }
+                active = active.filter { !sequences[$0].isFinished }
             }
         }
         return sequences.map(\.generated)

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Graft
+import GraftModels
 import GraftTestSupport
 
 @Suite(.serialized) struct GenerationTests {
@@ -14,6 +15,28 @@ import GraftTestSupport
         let answer = session.model.decode(ids)
         print("SmolLM2 greedy answer: \(answer)")
         #expect(answer.contains("Paris"))
+    }
+
+    /// A batch of prompts: each prompt is prefilled in a step of its own, as it is alone (a GEMM may round a row
+    /// differently beside other rows), then every decoding step runs all the sequences together; each sequence gets
+    /// the tokens its prompt gets alone.
+    @Test func batchedGenerationPrefillsEachPromptInAStepOfItsOwn() throws {
+        let session = try GraftSession(path: try Assets.require(Assets.smollm2), task: .causalLM)
+        let llama = try session.taskModel.decoder()
+        let prompts = ["The quick brown fox", "1, 2, 3,", "Once upon a time, in a land far away,"].map {
+            session.model.tokenizer.encode($0)
+        }
+        let parameters = GenerationParameters(maxNewTokens: 6, stopTokens: [])
+        var steps: [[Int]] = []
+        let batched = try llama.generate(prompts: prompts, parameters: parameters, around: { rows, step in
+            steps.append(rows)
+            return try step()
+        })
+        #expect(steps == [[0], [1], [2]] + Array(repeating: [0, 1, 2], count: 5), "steps \(steps)")
+        for (i, prompt) in prompts.enumerated() {
+            let alone = try llama.generate(prompts: [prompt], parameters: parameters)
+            #expect(alone == [batched[i]], "prompt \(i)")
+        }
     }
 
     /// An encoder has no chat template and cannot generate; both say so.
