@@ -20,7 +20,8 @@ public protocol LinearAdapter: AnyObject {
     /// recorded, with `y` the layer's own fresh output `[x.rows, outFeatures]`: inference skips the tensors
     /// and threads a recorded forward needs (a decode step runs a few hundred adapted products per token).
     func addInPlace(input x: Tensor, into y: Tensor, layer: Linear) -> Bool
-    /// A decoding step's update (gradients off, `x` a row or two): the pieces of work that need the whole input and
+    /// A decoding step's update (gradients off; `x` a row or two, or a row or two per sequence of a mixed-adapter
+    /// batch): the pieces of work that need the whole input and
     /// what adds the rest into a range of output rows, both of which the layer runs inside its base product's
     /// threads (one dispatch per layer instead of one per product); or nil (the default) to be called through
     /// ``addInPlace(input:into:layer:)``. An adapter that returns one must leave the input untransformed.
@@ -148,7 +149,7 @@ public final class Linear: Module {
     /// A decoding step on a compact weight whose enabled adapters all add their updates inside the base product's
     /// threads (``LinearAdapter/decodeUpdate(input:layer:)``), or nil when any of that does not hold.
     private func fusedDecodeForward(_ x: Tensor) -> Tensor? {
-        guard !GradMode.isEnabled, x.rows <= 2, computeDType != .bfloat16, case .compact(let matrix) = storage,
+        guard !GradMode.isEnabled, computeDType != .bfloat16, case .compact(let matrix) = storage,
               adapters.contains(where: \.isEnabled) else { return nil }
         var updates: [DecodingUpdate] = []
         for adapter in adapters where adapter.isEnabled {

@@ -25,7 +25,7 @@ extension Linear {
         guard computeDType != .bfloat16, let matrix = compactWeight, x.lastDim == inFeatures else { return nil }
         var updates: [DecodingUpdate] = []
         for adapter in adapters where adapter.isEnabled {
-            guard x.rows <= 2, let update = adapter.decodeUpdate(input: x, layer: self) else { return nil }
+            guard let update = adapter.decodeUpdate(input: x, layer: self) else { return nil }
             updates.append(update)
         }
         return FrozenProduct(weight: matrix, bias: bias, update: DecodingUpdate.combined(updates))

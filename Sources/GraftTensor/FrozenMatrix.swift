@@ -55,7 +55,7 @@ extension FrozenMatrix {
 
 /// Up to this many input rows, ``linear(_:frozen:_:)`` multiplies straight from the blocks when the format can; more
 /// rows amortise decoding a tile to float32 over a GEMM.
-let directProductRows = 16
+public let directProductRows = 16
 
 /// Adds something to output columns `rows` of a product's output `y` (row `i` of `y` at `y + i · ldy`): an
 /// adapter's decoding-step update, run inside the product's parallel loop on the thread that owns those outputs.

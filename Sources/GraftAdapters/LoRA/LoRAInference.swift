@@ -26,18 +26,20 @@ extension LoRALayer {
         public let out: Int
 
         /// `h = A x` for one input row of `inF` floats into `h` (`rank` floats).
-        func down(_ x: UnsafePointer<Float>, inF: Int, rank: Int, into h: UnsafeMutablePointer<Float>) {
+        public func down(_ x: UnsafePointer<Float>, inF: Int, rank: Int, into h: UnsafeMutablePointer<Float>) {
             cgraft_lora_down_int8(x, Int64(inF), a.values, a.scales, Int64(rank), h)
         }
 
         /// Components `components` of `h = A x` for one input row of `inF` floats, into `h + components.lowerBound`.
-        func down(_ x: UnsafePointer<Float>, inF: Int, components: Range<Int>, into h: UnsafeMutablePointer<Float>) {
+        public func down(_ x: UnsafePointer<Float>, inF: Int, components: Range<Int>,
+                         into h: UnsafeMutablePointer<Float>) {
             let k = components.lowerBound
             cgraft_lora_down_int8(x, Int64(inF), a.values + k * inF, a.scales + k, Int64(components.count), h + k)
         }
 
         /// `y[o] += scale · (B h)[o]` for `o` in `rows`.
-        func up(_ h: UnsafePointer<Float>, rank: Int, rows: Range<Int>, scale: Float, into y: UnsafeMutablePointer<Float>) {
+        public func up(_ h: UnsafePointer<Float>, rank: Int, rows: Range<Int>, scale: Float,
+                       into y: UnsafeMutablePointer<Float>) {
             cgraft_lora_up_int8(h, Int64(rank), bt.values, bt.scales, Int64(rows.lowerBound), Int64(rows.upperBound),
                                 scale, y)
         }

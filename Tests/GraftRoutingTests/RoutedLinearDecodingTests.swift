@@ -1,0 +1,79 @@
+import Testing
+import GraftAdapters
+import GraftIO
+import GraftModels
+@testable import GraftRouting
+import GraftTensor
+import GraftTestSupport
+
+/// A mixed-adapter decoding step adds each row's LoRA update inside the base product's job
+/// (``RoutedLinear/decodeUpdate(input:layer:)``). Every row must get, bit for bit, what the base product plus
+/// ``LoRALayer/addUpdate(input:into:rows:inFeatures:outFeatures:parallel:int8:)`` give that row alone (the path a
+/// prefill or a step of too many rows takes), in the exact and the fast mode, for rows under different adapters,
+/// two adapters, or none.
+@Suite(.serialized) struct RoutedLinearDecodingTests {
+    let inF = 256, outF = 200
+
+    func quantized(seed: UInt64) throws -> QuantizedMatrix {
+        let type = GGMLType.q4_1
+        let values = randomValues(outF * inF, seed: seed, scale: 0.05).map(Float.init)
+        var bytes = [UInt8](repeating: 0, count: outF * inF / type.blockSize * type.typeSize)
+        try values.withUnsafeBufferPointer { src in
+            try bytes.withUnsafeMutableBytes { dst in
+                guard let s = src.baseAddress, let d = dst.baseAddress else { return }
+                try type.quantize(s, into: d, count: values.count)
+            }
+        }
+        return try bytes.withUnsafeBytes { try QuantizedMatrix(name: "blk.0.attn_q.weight", type: type, rows: outF, cols: inF, bytes: $0) }
+    }
+
+    @Test(arguments: [false, true], [1, 2])
+    func eachRowGetsItsUpdateAlone(fast: Bool, perSequence: Int) throws {
+        Threading.setThreads(2)
+        let matrix = try quantized(seed: 5)
+        let layer = Linear(compact: matrix, bias: nil)
+        func lora(_ rank: Int, _ seed: UInt64) -> LoRALayer {
+            LoRALayer(base: layer, rank: rank, alpha: 16, useRSLoRA: false, dropout: 0, useDoRA: false,
+                      initLoraWeights: false, bias: false, state: AdapterState(seed: seed))
+        }
+        let first = lora(8, 1), second = lora(6, 2), third = lora(4, 3)
+        // Sequence 0 under one adapter, 1 under none, 2 under two, 3 under the first again.
+        let segments: [(rows: Range<Int>, adapters: [any LinearAdapter])] = [
+            (0..<1, [first]), (1..<2, []), (2..<3, [second, third]), (3..<4, [first]),
+        ]
+        let sequences = 4, rows = sequences * perSequence
+        layer.adapters = [RoutedLinear(batchRows: sequences, segments: segments, path: "q", failure: RoutingFailure())]
+        let x = Tensor(shape: [sequences, perSequence, inF], values: randomValues(rows * inF, seed: 9).map(Float.init))
+        let (fused, expected) = withNoGrad {
+            withInt8Activations(fast) {
+                withInt8FactorCopies(fast ? Int8FactorCopies() : nil) { () -> (Tensor, Tensor) in
+                    let routed = layer.adapters[0]
+                    #expect(routed.decodeUpdate(input: x, layer: layer) != nil, "the step did not fuse")
+                    let fused = layer.forward(x)
+                    // Each row alone: the base product of the whole step, then its adapters' updates in order.
+                    let expected = linear(x, frozen: matrix)
+                    for segment in segments {
+                        for row in (segment.rows.lowerBound * perSequence)..<(segment.rows.upperBound * perSequence) {
+                            for case let adapter as LoRALayer in segment.adapters {
+                                adapter.addUpdate(input: x.pointer + row * inF, into: expected.pointer + row * outF, rows: 1,
+                                                  inFeatures: inF, outFeatures: outF,
+                                                  int8: fast ? adapter.decodeInt8Factors : nil)
+                            }
+                        }
+                    }
+                    return (fused, expected)
+                }
+            }
+        }
+        #expect(fused.count == expected.count)
+        let same = (0..<expected.count).allSatisfy { fused.pointer[$0].bitPattern == expected.pointer[$0].bitPattern }
+        #expect(same, "fast \(fast), \(perSequence) row(s) per sequence: a row differs from its update alone")
+        #expect((0..<fused.count).allSatisfy { fused.pointer[$0].isFinite })
+        // The updates are there: the adapted rows differ from the base product, the unadapted row does not.
+        let base = withNoGrad { withInt8Activations(fast) { linear(x, frozen: matrix) } }
+        for row in 0..<rows {
+            let differs = (0..<outF).contains { fused.pointer[row * outF + $0] != base.pointer[row * outF + $0] }
+            #expect(differs == (row / perSequence != 1), "row \(row)")
+        }
+    }
+}
