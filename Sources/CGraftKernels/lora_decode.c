@@ -1,7 +1,7 @@
 // A decoding step's low-rank update, y += scale · B (A x), for one activation row: the down projection h = A x
-// (A is [rank, in]) and the up projection into a range of output rows (B is [out, rank]). Both stream a small
-// matrix once, float32 row-major or (fast mode) int8 with a scale per rank component, B's int8 copy in blocks of
-// output rows so a range reads one contiguous stream; compiled three times by
+// (A is [rank, in]) and the up projection into a range of output rows (B is [out, rank]; its float32 form is in
+// lora_up.c). Both stream a small matrix once, float32 row-major or (fast mode) int8 with a scale per rank
+// component, B's int8 copy in blocks of output rows so a range reads one contiguous stream; compiled three times by
 // target_clones (AVX-512, AVX2, baseline x86-64) and picked at load time, with independent partial sums so every
 // width vectorizes without reassociating a single sum.
 #include "CGraftKernels.h"
@@ -31,10 +31,6 @@ CLONES void cgraft_lora_down(const float *x, int64_t in, const float *a, int64_t
     for (int64_t k = 0; k < rank; k++) h[k] = dot(a + k * in, x, in);
 }
 
-CLONES void cgraft_lora_up(const float *h, int64_t rank, const float *b, int64_t begin, int64_t end, float scale,
-                           float *y) {
-    for (int64_t o = begin; o < end; o++) y[o] += scale * dot(b + o * rank, h, rank);
-}
 
 /// The int8 scale of values whose largest magnitude is `max_abs`, or NaN when one of them is not finite (the row
 /// then decodes to NaN, as the float32 factors would propagate it).

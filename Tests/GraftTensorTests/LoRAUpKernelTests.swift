@@ -2,10 +2,10 @@ import Testing
 import CGraftKernels
 import GraftTestSupport
 
-/// The fast-mode up projection reads B's int8 columns in blocks of 16 output rows (`cgraft_int8_columns_blocked`):
-/// the copy holds each value where the kernel looks for it, and `cgraft_lora_up_int8` gives every output the same
-/// value whichever range computes it (blocks of four, single blocks, ranges that start or end inside a block), equal
-/// to the definition from the rounded values.
+/// The up projections of a decoding step's LoRA update. The fast mode's reads B's int8 columns in blocks of 16
+/// output rows (`cgraft_int8_columns_blocked`): the copy holds each value where the kernel looks for it. Both it
+/// and the float32 `cgraft_lora_up` (eight outputs reduced together) give every output the same value whichever
+/// range computes it (whole groups, ranges that start or end inside one), equal to the definition.
 @Suite struct LoRAUpKernelTests {
     /// B `[out, rank]`: 149 outputs end inside a block (9 blocks and 5 rows); rank 6 is no multiple of four.
     let out = 149, rank = 6
@@ -51,6 +51,27 @@ import GraftTestSupport
                 cgraft_lora_up_int8(h, Int64(rank), values, scales, Int64(lower), Int64(upper), scale, &split)
             }
             #expect(zip(split, whole).allSatisfy { $0.bitPattern == $1.bitPattern }, "cuts \(cuts)")
+        }
+    }
+
+    @Test(arguments: [6, 16, 19])
+    func theFloatKernelGivesEachOutputTheSameValueInEveryRange(rank: Int) {
+        let b = randomValues(out * rank, seed: 7, scale: 0.1).map(Float.init)
+        let h = randomValues(rank, seed: 8).map(Float.init)
+        let scale: Float = 0.75
+        var whole = [Float](repeating: 0.5, count: out)
+        cgraft_lora_up(h, Int64(rank), b, 0, Int64(out), scale, &whole)
+        for o in 0..<out {
+            let sum = (0..<rank).reduce(0.0) { $0 + Double(b[o * rank + $1]) * Double(h[$1]) }
+            let expected = 0.5 + Double(scale) * sum
+            #expect(whole[o].isFinite && abs(Double(whole[o]) - expected) <= 1e-5 * max(1, abs(expected)), "output \(o)")
+        }
+        for cuts in [[0, 5, 21, 64, 70, 149], [0, 8, 16, 96, 148, 149], [0, 1, 2, 130, 149]] {
+            var split = [Float](repeating: 0.5, count: out)
+            for (lower, upper) in zip(cuts, cuts.dropFirst()) {
+                cgraft_lora_up(h, Int64(rank), b, Int64(lower), Int64(upper), scale, &split)
+            }
+            #expect(zip(split, whole).allSatisfy { $0.bitPattern == $1.bitPattern }, "rank \(rank), cuts \(cuts)")
         }
     }
 }
