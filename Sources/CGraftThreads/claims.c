@@ -2,14 +2,7 @@
 // adapter inputs, which the threads share out before the products that read them.
 #include "CGraftThreads.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define CPU_RELAX() _mm_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define CPU_RELAX() ((void)0)
-#endif
+#include "cpu_relax.h"
 
 int64_t cgraft_claim_next(int64_t *next, int64_t below) {
     if (__atomic_load_n(next, __ATOMIC_RELAXED) >= below) return -1;

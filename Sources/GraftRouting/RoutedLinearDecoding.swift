@@ -7,9 +7,10 @@ extension RoutedLinear {
     /// A decoding step of a mixed-adapter batch (a row or two per sequence) whose segments all carry plain LoRA
     /// (``LoRALayer/isFusable``): each row's down projection `h = A x` under its own adapter is a part the base
     /// product's threads share out, and each row's `scaling · h Bᵀ` is added to the output rows each thread
-    /// computed, inside the base product's job. Each row is summed by the kernels ``LoRALayer/addUpdate(input:into:rows:inFeatures:outFeatures:parallel:int8:)``
-    /// runs for it (float32 factors, or in fast mode their int8 copies), so a row's values do not depend on the
-    /// rows beside it or on how the outputs are split. Nil for prefill steps, other methods, and exact-mode steps of
+    /// computed, inside the base product's job. Each row is summed by the kernels
+    /// ``LoRALayer/addUpdate(input:into:rows:inFeatures:outFeatures:parallel:int8:)`` runs for it (float32 factors,
+    /// or in fast mode their int8 copies), so a row's values do not depend on the rows beside it or on how the
+    /// outputs are split. Nil for prefill steps, other methods, and exact-mode steps of
     /// more rows than the block products take (the base product then runs as GEMMs, and the rows' updates as
     /// ``forward(input:baseOutput:layer:)`` shares them out).
     func decodeUpdate(input x: Tensor, layer: Linear) -> DecodingUpdate? {

@@ -17,7 +17,10 @@ extension Bench {
         var promptTokens: Int = 32
         @Option(name: .customLong("new-tokens"), help: "Tokens generated greedily after the prompt (no stop token).")
         var newTokens: Int = 128
-        @Option(help: "Rank of a LoRA on every linear layer, unmerged, each timed run paired with a base run (0: the base model only).")
+        @Option(help: """
+            Rank of a LoRA on every linear layer, unmerged, each timed run paired with a base run (0: the base model \
+            only).
+            """)
         var r: Int = 0
         @Option(help: "Timed runs (the median of each rate is reported).") var runs: Int = 3
         @Option(help: "Untimed warm-up runs.") var warmup: Int = 1
@@ -31,7 +34,8 @@ extension Bench {
         }
 
         /// One greedy generation, timed: the prefill up to the first token, then the decoding steps.
-        private func timedRun(_ llama: LlamaModel, _ prompt: [Int32], _ parameters: GenerationParameters) throws -> TimedRun {
+        private func timedRun(_ llama: LlamaModel, _ prompt: [Int32],
+                              _ parameters: GenerationParameters) throws -> TimedRun {
             let start = DispatchTime.now().uptimeNanoseconds
             var firstToken: UInt64 = 0
             let generated = try llama.generate(prompt: prompt, parameters: parameters) { _ in
@@ -82,12 +86,14 @@ extension Bench {
                 print(String(format: "graft bench decode: prompt %d tokens, %d new (greedy), %@%@, threads=%d%@: prefill %.1f tokens/s, decode %.1f tokens/s (median of %d), peak RSS %.0f MB",
                              promptTokens, newTokens, r > 0 ? "LoRA r\(r) all-linear unmerged" : "base", fastDecode ? ", fast (int8)" : "", threads, blasNote, prefill, decode,
                              runs, Double(usage.ru_maxrss) / 1024))
-                var json: [String: Any] = ["workload": "decode", "fast_decode": fastDecode, "prefill_tokens_per_s": prefill,
-                                           "decode_tokens_per_s": decode, "tokens": tokens.map(Int.init)]
+                var json: [String: Any] = ["workload": "decode", "fast_decode": fastDecode,
+                                           "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+                                           "tokens": tokens.map(Int.init)]
                 if r > 0 {
                     let ratios = zip(rates.decode, baseRates.decode).map { $0 / $1 }.sorted()
                     let ratio = ratios.isEmpty ? 0 : ratios[ratios.count / 2]
-                    print(String(format: "paired with the base model (adapter disabled) run before each timed run: base decode %.1f tokens/s, LoRA / base %.3f (median of %d pairs)",
+                    print(String(format: "paired with the base model (adapter disabled) run before each timed run: "
+                                 + "base decode %.1f tokens/s, LoRA / base %.3f (median of %d pairs)",
                                  baseRates.medianDecode, ratio, ratios.count))
                     json["base_decode_tokens_per_s"] = baseRates.medianDecode
                     json["paired_decode_ratio"] = ratio

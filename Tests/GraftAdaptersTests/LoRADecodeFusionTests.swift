@@ -14,15 +14,7 @@ import GraftTestSupport
     let inF = 1024, outF = 600, rank = 16
 
     func quantized(_ type: GGMLType, seed: UInt64) throws -> QuantizedMatrix {
-        let values = randomValues(outF * inF, seed: seed, scale: 0.05).map(Float.init)
-        var bytes = [UInt8](repeating: 0, count: outF * inF / type.blockSize * type.typeSize)
-        try values.withUnsafeBufferPointer { src in
-            try bytes.withUnsafeMutableBytes { dst in
-                guard let s = src.baseAddress, let d = dst.baseAddress else { return }
-                try type.quantize(s, into: d, count: values.count)
-            }
-        }
-        return try bytes.withUnsafeBytes { try QuantizedMatrix(name: "blk.0.attn_q.weight", type: type, rows: outF, cols: inF, bytes: $0) }
+        try randomQuantizedMatrix(type, rows: outF, cols: inF, seed: seed)
     }
 
     /// The largest |(out − base) − update| over `rows` rows, the update `s · B (A x)` computed in float64 from `a`
@@ -68,8 +60,10 @@ import GraftTestSupport
             }
             // One or two rows take the fused path; more run the base product and then the update.
             #expect(fused == (rows <= 2), "\(rows) rows: fused \(fused)")
-            let (worst, scale) = worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b, scale: s, rank: rank)
-            print("LoRA decode fusion \(type) \(fast ? "fast" : "exact") rank \(rank), \(rows) row(s): max |error| \(worst), largest update \(scale)")
+            let (worst, scale) = worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b, scale: s,
+                                                  rank: rank)
+            print("LoRA decode fusion \(type) \(fast ? "fast" : "exact") rank \(rank), \(rows) row(s): "
+                  + "max |error| \(worst), largest update \(scale)")
             #expect(scale > 0.1, "the update is too small to test")
             #expect(worst <= 1e-5 * scale, "\(type) \(fast ? "fast" : "exact") \(rows) rows: max |error| \(worst)")
         }

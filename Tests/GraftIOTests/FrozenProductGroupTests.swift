@@ -37,7 +37,9 @@ import GraftTestSupport
                 }
                 for (index, product) in products.enumerated() {
                     let alone = withNoGrad {
-                        withInt8Activations(int8) { linear(x, frozen: product.weight, product.bias, update: product.update) }
+                        withInt8Activations(int8) {
+                            linear(x, frozen: product.weight, product.bias, update: product.update)
+                        }
                     }
                     #expect(grouped[index].shape == alone.shape)
                     let count = alone.count
@@ -55,7 +57,9 @@ import GraftTestSupport
         Threading.setThreads(2)
         var rng = GraftRNG(seed: 43)
         let cols = 256, parts = [5, 0, 3]
-        let weights = try [(320, 11), (64, 12), (96, 13)].map { try matrix(.q8_0, rows: $0.0, cols: cols, seed: UInt64($0.1)) }
+        let weights = try [(320, 11), (64, 12), (96, 13)].map {
+            try matrix(.q8_0, rows: $0.0, cols: cols, seed: UInt64($0.1))
+        }
         let x = Tensor.randomNormal([1, cols], rng: &rng)
         let expected = withNoGrad { withInt8Activations { weights.map { linear(x, frozen: $0) } } }
         for round in 0..<200 {
@@ -86,9 +90,12 @@ import GraftTestSupport
             }
             for p in parts.indices {
                 let count = parts[p]
-                #expect((0..<count).allSatisfy { runs[p][$0] == 1 }, "round \(round), product \(p): a part ran \(Array(runs[p].prefix(count))) times")
+                let counts = Array(runs[p].prefix(count))
+                #expect(counts.allSatisfy { $0 == 1 }, "round \(round), product \(p): parts ran \(counts) times")
                 let added = Float(count * (count + 1) / 2)
-                let right = (0..<outputs[p].count).allSatisfy { outputs[p].pointer[$0] == expected[p].pointer[$0] + added }
+                let right = (0..<outputs[p].count).allSatisfy {
+                    outputs[p].pointer[$0] == expected[p].pointer[$0] + added
+                }
                 #expect(right, "round \(round), product \(p): an update applied before all its parts were prepared")
                 if !right { return }
             }

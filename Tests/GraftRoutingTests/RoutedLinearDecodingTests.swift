@@ -14,23 +14,10 @@ import GraftTestSupport
 @Suite(.serialized) struct RoutedLinearDecodingTests {
     let inF = 256, outF = 200
 
-    func quantized(seed: UInt64) throws -> QuantizedMatrix {
-        let type = GGMLType.q4_1
-        let values = randomValues(outF * inF, seed: seed, scale: 0.05).map(Float.init)
-        var bytes = [UInt8](repeating: 0, count: outF * inF / type.blockSize * type.typeSize)
-        try values.withUnsafeBufferPointer { src in
-            try bytes.withUnsafeMutableBytes { dst in
-                guard let s = src.baseAddress, let d = dst.baseAddress else { return }
-                try type.quantize(s, into: d, count: values.count)
-            }
-        }
-        return try bytes.withUnsafeBytes { try QuantizedMatrix(name: "blk.0.attn_q.weight", type: type, rows: outF, cols: inF, bytes: $0) }
-    }
-
     @Test(arguments: [false, true], [1, 2])
     func eachRowGetsItsUpdateAlone(fast: Bool, perSequence: Int) throws {
         Threading.setThreads(2)
-        let matrix = try quantized(seed: 5)
+        let matrix = try randomQuantizedMatrix(.q4_1, rows: outF, cols: inF, seed: 5)
         let layer = Linear(compact: matrix, bias: nil)
         func lora(_ rank: Int, _ seed: UInt64) -> LoRALayer {
             LoRALayer(base: layer, rank: rank, alpha: 16, useRSLoRA: false, dropout: 0, useDoRA: false,
@@ -55,8 +42,8 @@ import GraftTestSupport
                     for segment in segments {
                         for row in (segment.rows.lowerBound * perSequence)..<(segment.rows.upperBound * perSequence) {
                             for case let adapter as LoRALayer in segment.adapters {
-                                adapter.addUpdate(input: x.pointer + row * inF, into: expected.pointer + row * outF, rows: 1,
-                                                  inFeatures: inF, outFeatures: outF,
+                                adapter.addUpdate(input: x.pointer + row * inF, into: expected.pointer + row * outF,
+                                                  rows: 1, inFeatures: inF, outFeatures: outF,
                                                   int8: fast ? adapter.decodeInt8Factors : nil)
                             }
                         }

@@ -174,8 +174,9 @@ def main():
     print(f"| decode tokens/s, fast mode (int8 activations) | {gfr:.1f} | {ldr:.1f} | {ratio(gfr, ldr)} | {gf_rss / 1024:.0f} | {ld_rss / 1024:.0f} | {ratio(gf_rss, ld_rss)} |")
     gflr = rate(gfl, "decode_tokens_per_s")
     print(f"| decode tokens/s with LoRA r16, fast mode (Graft; ratio to its fast base, paired) | {gflr:.1f} | | {paired(gfl)} | {gfl_rss / 1024:.0f} | | |")
-    print("Paired: the LoRA rows' ratio is the median over timed runs of the LoRA run's rate over the rate of a base run "
-          "(the adapter disabled) just before it in the same process, so both sides of each pair see the same machine load.")
+    print("Paired: the LoRA rows' ratio is the median over timed runs of the LoRA run's rate over the rate of a base "
+          "run (the adapter disabled) just before it in the same process, so both sides of each pair see the same "
+          "machine load.")
     if gf and gd:
         n = same_prefix(gf["tokens"], gd["tokens"])
         print(f"Fast-mode greedy tokens identical to the exact mode's for the first {n} of {len(gd['tokens'])}.")
