@@ -34,46 +34,47 @@ import GraftTestSupport
         }
     }
 
+    /// `up(lower, upper, y)` (adding `0.75 ·` an update to outputs `lower ..< upper` of `y`) over all the outputs
+    /// against `definition(o)` (the update's sum for output `o`), then over each split in `cuts` against that.
+    func checkEveryRange(_ label: String, cuts: [[Int]], definition: (Int) -> Double,
+                         up: (Int, Int, UnsafeMutablePointer<Float>) -> Void) {
+        var whole = [Float](repeating: 0.5, count: out)
+        whole.withUnsafeMutableBufferPointer { if let y = $0.baseAddress { up(0, out, y) } }
+        for o in 0..<out {
+            let expected = 0.5 + 0.75 * definition(o)
+            let close = abs(Double(whole[o]) - expected) <= 1e-5 * max(1, abs(expected))
+            #expect(whole[o].isFinite && close, "\(label): output \(o)")
+        }
+        for cut in cuts {
+            var split = [Float](repeating: 0.5, count: out)
+            split.withUnsafeMutableBufferPointer { buffer in
+                guard let y = buffer.baseAddress else { return }
+                for (lower, upper) in zip(cut, cut.dropFirst()) { up(lower, upper, y) }
+            }
+            #expect(zip(split, whole).allSatisfy { $0.bitPattern == $1.bitPattern }, "\(label): cuts \(cut)")
+        }
+    }
+
     @Test func everyRangeGivesEachOutputTheSameValue() {
         let (_, values, scales, h) = inputs()
-        let scale: Float = 0.75
-        var whole = [Float](repeating: 0.5, count: out)
-        cgraft_lora_up_int8(h, Int64(rank), values, scales, 0, Int64(out), scale, &whole)
-        for o in 0..<out {
-            var sum = 0.0
-            for k in 0..<rank { sum += Double(h[k] * scales[k]) * Double(values[o / 16 * 16 * rank + k * 16 + o % 16]) }
-            let expected = 0.5 + Double(scale) * sum
-            let close = abs(Double(whole[o]) - expected) <= 1e-5 * max(1, abs(expected))
-            #expect(whole[o].isFinite && close, "output \(o)")
-        }
-        for cuts in [[0, 5, 21, 64, 70, 149], [0, 16, 32, 96, 148, 149], [0, 1, 2, 130, 149]] {
-            var split = [Float](repeating: 0.5, count: out)
-            for (lower, upper) in zip(cuts, cuts.dropFirst()) {
-                cgraft_lora_up_int8(h, Int64(rank), values, scales, Int64(lower), Int64(upper), scale, &split)
+        checkEveryRange("int8", cuts: [[0, 5, 21, 64, 70, 149], [0, 16, 32, 96, 148, 149], [0, 1, 2, 130, 149]],
+                        definition: { o in
+            (0..<rank).reduce(0.0) { sum, k in
+                sum + Double(h[k] * scales[k]) * Double(values[o / 16 * 16 * rank + k * 16 + o % 16])
             }
-            #expect(zip(split, whole).allSatisfy { $0.bitPattern == $1.bitPattern }, "cuts \(cuts)")
-        }
+        }, up: { lower, upper, y in
+            cgraft_lora_up_int8(h, Int64(rank), values, scales, Int64(lower), Int64(upper), 0.75, y)
+        })
     }
 
     @Test(arguments: [6, 16, 19])
     func theFloatKernelGivesEachOutputTheSameValueInEveryRange(rank: Int) {
         let b = randomValues(out * rank, seed: 7, scale: 0.1).map(Float.init)
         let h = randomValues(rank, seed: 8).map(Float.init)
-        let scale: Float = 0.75
-        var whole = [Float](repeating: 0.5, count: out)
-        cgraft_lora_up(h, Int64(rank), b, 0, Int64(out), scale, &whole)
-        for o in 0..<out {
-            let sum = (0..<rank).reduce(0.0) { $0 + Double(b[o * rank + $1]) * Double(h[$1]) }
-            let expected = 0.5 + Double(scale) * sum
-            let close = abs(Double(whole[o]) - expected) <= 1e-5 * max(1, abs(expected))
-            #expect(whole[o].isFinite && close, "output \(o)")
-        }
-        for cuts in [[0, 5, 21, 64, 70, 149], [0, 8, 16, 96, 148, 149], [0, 1, 2, 130, 149]] {
-            var split = [Float](repeating: 0.5, count: out)
-            for (lower, upper) in zip(cuts, cuts.dropFirst()) {
-                cgraft_lora_up(h, Int64(rank), b, Int64(lower), Int64(upper), scale, &split)
-            }
-            #expect(zip(split, whole).allSatisfy { $0.bitPattern == $1.bitPattern }, "rank \(rank), cuts \(cuts)")
-        }
+        checkEveryRange("rank \(rank)", cuts: [[0, 5, 21, 64, 70, 149], [0, 8, 16, 96, 148, 149], [0, 1, 2, 130, 149]],
+                        definition: { o in (0..<rank).reduce(0.0) { $0 + Double(b[o * rank + $1]) * Double(h[$1]) } },
+                        up: { lower, upper, y in
+                            cgraft_lora_up(h, Int64(rank), b, Int64(lower), Int64(upper), 0.75, y)
+                        })
     }
 }
