@@ -21,10 +21,10 @@ public protocol LinearAdapter: AnyObject {
     /// and threads a recorded forward needs (a decode step runs a few hundred adapted products per token).
     func addInPlace(input x: Tensor, into y: Tensor, layer: Linear) -> Bool
     /// A decoding step's update (gradients off; `x` a row or two, or a row or two per sequence of a mixed-adapter
-    /// batch): the pieces of work that need the whole input and
-    /// what adds the rest into a range of output rows, both of which the layer runs inside its base product's
-    /// threads (one dispatch per layer instead of one per product); or nil (the default) to be called through
-    /// ``addInPlace(input:into:layer:)``. An adapter that returns one must leave the input untransformed.
+    /// batch): the pieces of work that need the whole input and what adds the rest into a range of output rows,
+    /// both of which the layer runs inside its base product's threads (one dispatch per layer instead of one per
+    /// product); or nil (the default) to be called through ``addInPlace(input:into:layer:)``. An adapter that
+    /// returns one must leave the input untransformed.
     func decodeUpdate(input x: Tensor, layer: Linear) -> DecodingUpdate?
 }
 

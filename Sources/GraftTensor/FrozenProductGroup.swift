@@ -92,4 +92,3 @@ func blockProducts(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
     }
     return outputs
 }
-
