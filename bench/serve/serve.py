@@ -1,7 +1,8 @@
 """Many adapters, one server: N clients, each with its own LoRA adapter, generate concurrently through graftd
-(continuous batching: one decode step per token for every running sequence). Prints each client's tokens/s alone,
-the aggregate tokens/s of all clients together, their ratio, and whether every client got exactly the tokens its
-request gets alone. Median of --runs for the concurrent figure. Asserts nothing (a bench, not a test)."""
+(continuous batching: one decode step per token for every running sequence). Each of --runs runs is a pass of every
+client alone (one request at a time), then all of them at once: prints each pass's single-client tokens/s (median of
+its requests), the aggregate tokens/s, the ratio run by run and its median, and whether every client got exactly the
+tokens its request gets alone in every pass. Asserts nothing (a bench, not a test)."""
 import argparse
 import os
 import statistics
@@ -54,19 +55,22 @@ def main():
             for i in range(args.clients):
                 model.add_adapter(f"user{i}", lora, seed=i + 1)
             jobs = [(prompt(i, args.prompt_words), f"user{i}") for i in range(args.clients)]
-            # Warm-up, then each client alone (one request at a time): its tokens and its tokens/s.
+            # Warm-up. Then, for each run, each client alone (one request at a time: its tokens and its tokens/s)
+            # followed by all clients at once, so each ratio compares passes a minute apart rather than the VM's
+            # speed at the start with its speed at the end.
             fast = args.fast_decode
             model.generate(jobs[0][0], max_new_tokens=8, stop_at_eos=False, adapter=jobs[0][1], fast_decode=fast)
-            alone, rates = [], []
-            for p, a in jobs:
-                t = time.perf_counter()
-                ids = model.generate(p, max_new_tokens=args.tokens, stop_at_eos=False, adapter=a, fast_decode=fast)
-                rates.append(len(ids) / (time.perf_counter() - t))
-                alone.append(ids)
-            single = statistics.median(rates)
 
-            walls, identical = [], True
-            for _ in range(args.runs):
+            def single_pass():
+                rates, tokens = [], []
+                for p, a in jobs:
+                    t = time.perf_counter()
+                    ids = model.generate(p, max_new_tokens=args.tokens, stop_at_eos=False, adapter=a, fast_decode=fast)
+                    rates.append(len(ids) / (time.perf_counter() - t))
+                    tokens.append(ids)
+                return statistics.median(rates), tokens
+
+            def concurrent_pass():
                 results = [None] * len(jobs)
                 barrier = threading.Barrier(len(jobs) + 1)
 
@@ -84,20 +88,31 @@ def main():
                 t0 = time.perf_counter()
                 for t in threads:
                     t.join()
-                walls.append(time.perf_counter() - t0)
-                identical = identical and results == alone
+                return args.clients * args.tokens / (time.perf_counter() - t0), results
+
+            alone, singles, aggregates, identical = None, [], [], True
+            for _ in range(args.runs):
+                single, tokens = single_pass()
+                alone = alone or tokens
+                aggregate, results = concurrent_pass()
+                identical = identical and results == alone and tokens == alone
+                singles.append(single)
+                aggregates.append(aggregate)
             stats = c.server_stats()
     finally:
         daemon.terminate()
         daemon.wait()
-    wall = statistics.median(walls)
-    aggregate = args.clients * args.tokens / wall
+    ratios = [x / y for x, y in zip(aggregates, singles)]
     print(f"graftd, SmolLM2 Q4_1, {args.clients} clients x {args.tokens} tokens, {args.clients} LoRA r{args.rank} "
           f"all-linear adapters (one per client), {args.threads} threads, prompt ~{args.prompt_words} words, "
-          f"{'fast (int8)' if args.fast_decode else 'exact'} mode")
-    print(f"single client alone (median of {args.clients}): {single:7.1f} tokens/s")
-    print(f"{args.clients} clients at once (median of {args.runs}): {aggregate:7.1f} tokens/s aggregate "
-          f"({wall:.2f} s wall) = {aggregate / single:.2f}x a single client")
+          f"{'fast (int8)' if args.fast_decode else 'exact'} mode; {args.runs} runs of a single-client pass, then "
+          f"all clients at once")
+    print("single client alone (median of the pass's requests):  "
+          + " / ".join(f"{x:.1f}" for x in singles) + " tokens/s")
+    print(f"{args.clients} clients at once (aggregate):                "
+          + " / ".join(f"{x:.1f}" for x in aggregates) + " tokens/s")
+    print("ratio, run by run: " + " / ".join(f"{x:.2f}x" for x in ratios)
+          + f"; median {statistics.median(ratios):.2f}x a single client")
     print(f"each client's tokens identical to its request alone: {'yes' if identical else 'NO'}")
     print(f"server_stats: {stats['generate_steps']} decode steps for {stats['generated_tokens']} tokens; "
           f"prompt cache {stats['prefix_cache_bytes'] / 2**20:.1f} MB kept, {stats['prefix_cache_hits']} hits")
