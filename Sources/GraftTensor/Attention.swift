@@ -76,9 +76,11 @@ public func scaledDotProductAttention(
     let pq = query.pointer, pk = key.pointer, pv = value.pointer, pp = probs.pointer, po = out.pointer
     let causal = mask.causal, offset = mask.queryOffset
 
-    // One task per (block, head); each writes its own probabilities and output columns.
+    // One task per (block, head); each writes its own probabilities and output columns. A chunk gets about 64K
+    // multiply-adds at least, so one decoding query over a cache of a hundred keys already splits its heads.
     let work = blocks.filter { $0.kn > 0 }
-    parallelFor(work.count * heads, grain: max(1, 4096 / max(1, (tq * tk) / max(blocks.count, 1)))) { range in
+    let taskMultiplyAdds = 2 * headDim * max(1, (tq * tk) / max(blocks.count, 1))
+    parallelFor(work.count * heads, grain: max(1, 65536 / taskMultiplyAdds)) { range in
         for task in range {
             let block = work[task / heads], h = task % heads
             let kvh = h / group
