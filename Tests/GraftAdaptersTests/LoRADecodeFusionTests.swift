@@ -127,7 +127,9 @@ import GraftTestSupport
             let (plainError, _) = worstError(plain, a: exactA, b: exactB)
             print("LoRA fast decode \(type), \(rows) row(s): int8 factors max |error| \(int8Error) vs their definition, \(int8VsExact) vs float32's; outside a scope \(plainError); largest update \(scale)")
             #expect(scale > 0.1, "the update is too small to test")
-            #expect(int8Error <= 1e-5 * scale)
+            // The up projection rounds h (times B's scales) to int16, half a step of 1/32767 of its largest
+            // component each: a few 1e-5 of the update at rank 16.
+            #expect(int8Error <= 1e-4 * scale)
             #expect(plainError <= 1e-5 * scale)
             // Rounding to int8 moves each factor by at most half a step, 1/254 of its row's largest magnitude: the
             // update by a few thousandths of its size.

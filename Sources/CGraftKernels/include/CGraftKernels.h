@@ -55,19 +55,25 @@ void cgraft_int8_rows(const float *src, int64_t rows, int64_t cols, int8_t *dst,
 
 /// The columns of the row-major `[rows, cols]` matrix `src` (B of a LoRA, `[out, rank]`) rounded to symmetric int8,
 /// one scale per column (as cgraft_int8_rows rounds rows), laid out for cgraft_lora_up_int8: blocks of
-/// CGRAFT_LORA_UP_BLOCK rows, each `[cols][CGRAFT_LORA_UP_BLOCK]`, so a range of rows is one contiguous stream.
-/// `dst` holds cgraft_int8_blocked_count(rows, cols) values; the last block's rows past `rows` are zeros.
+/// CGRAFT_LORA_UP_BLOCK rows, each `[cols / 2][CGRAFT_LORA_UP_BLOCK][2]` (columns in pairs, an odd count padded with
+/// a zero column), so a range of rows is one contiguous stream. `dst` holds cgraft_int8_blocked_count(rows, cols)
+/// values (cgraft_int8_blocked_index gives each one's place); rows past `rows` are zeros.
 void cgraft_int8_columns_blocked(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales);
 
 /// Values cgraft_int8_columns_blocked writes for a `[rows, cols]` matrix.
 int64_t cgraft_int8_blocked_count(int64_t rows, int64_t cols);
 
+/// Where cgraft_int8_columns_blocked puts the value of row `row`, column `col` of a matrix with `cols` columns.
+int64_t cgraft_int8_blocked_index(int64_t row, int64_t col, int64_t cols);
+
 /// cgraft_lora_down with `a` in int8 (cgraft_int8_rows): `h[k] = scales[k] · Σ_j a[k·in + j] · x[j]`, for
-/// fast-mode decoding.
+/// fast-mode decoding. Runs on the calling thread.
 void cgraft_lora_down_int8(const float *x, int64_t in, const int8_t *a, const float *scales, int64_t rank, float *h);
 
-/// cgraft_lora_up with B in int8 (cgraft_int8_columns_blocked of B, a scale per rank component), so the outputs
-/// of a block are summed lane by lane. Each `y[o]` gets the same value whichever range computes it.
+/// The fast mode's up projection into output rows `begin <= o < end`, from B in int8 (cgraft_int8_columns_blocked of
+/// B, a scale per rank component): `g = h ⊙ scales` is rounded to int16 with one scale, `q[k] = rint(g[k] / d)` for
+/// `d = max_k |g[k]| / 32767`, then `y[o] += (scale · d) · Σ_k b[o][k] · q[k]`, the sum exact in integers, so each
+/// `y[o]` gets the same bits whichever range computes it. A non-finite g makes every output in the range NaN.
 void cgraft_lora_up_int8(const float *h, int64_t rank, const int8_t *bt, const float *scales, int64_t begin,
                          int64_t end, float scale, float *y);
 
