@@ -1,4 +1,8 @@
 import CGraftKernels
+import Synchronization
+
+/// The last ``Int8FactorCopies/generation`` handed out.
+private let lastFactorCopiesGeneration = Atomic<UInt64>(0)
 
 /// Symmetric int8 copies of small matrices that a fast-mode generation streams once per token (a LoRA adapter's A
 /// and B), made on first use inside ``withInt8FactorCopies(_:_:)`` and dropped when it returns.
@@ -28,6 +32,10 @@ public final class Int8FactorCopies {
         let scaleCount: Int
     }
     private var copies: [Key: Kept] = [:]
+
+    /// A number no other scope of this process has had: a cache of copies tagged with it is current exactly while
+    /// this scope is open.
+    public let generation = lastFactorCopiesGeneration.add(1, ordering: .relaxed).newValue
 
     /// The scope open on the current thread, if any.
     public static var current: Int8FactorCopies? {

@@ -137,6 +137,30 @@ import GraftTestSupport
         }
     }
 
+    /// A layer finds its int8 copies once per scope (by the scope's generation): the same buffers for every step
+    /// inside one scope, fresh ones, made from the factors as they are then, in the next.
+    @Test func int8CopiesAreFoundOncePerScope() throws {
+        let layer = Linear(compact: try quantized(.q8_0, seed: 95), bias: nil)
+        let lora = LoRALayer(base: layer, rank: rank, alpha: 32, useRSLoRA: false, dropout: 0, useDoRA: false,
+                             initLoraWeights: false, bias: false, state: AdapterState(seed: 7))
+        func found(_ scope: Int8FactorCopies) -> (values: UnsafePointer<Int8>, scale: Float)? {
+            withInt8Activations {
+                withInt8FactorCopies(scope) { lora.decodeInt8Factors.map { ($0.a.values, $0.a.scales[0]) } }
+            }
+        }
+        let first = Int8FactorCopies(), second = Int8FactorCopies()
+        withExtendedLifetime((first, second)) {
+            let made = found(first), again = found(first)
+            #expect(made != nil && made?.values == again?.values)
+            // Component 0 of A doubled: its int8 scale doubles in a new scope; the open one keeps its copy.
+            for j in 0..<inF { lora.loraA.pointer[j] *= 2 }
+            let fresh = found(second), kept = found(first)
+            #expect(fresh != nil && fresh?.values != made?.values)
+            #expect(fresh?.scale == 2 * (made?.scale ?? 0) && kept?.scale == made?.scale)
+            #expect(first.generation != second.generation)
+        }
+    }
+
     /// A NaN in a factor reaches the fused fast-mode update as it reaches the float32 one: every output it enters is
     /// NaN, not a silently finite number.
     @Test func fastModeInt8FactorsPropagateNaN() throws {

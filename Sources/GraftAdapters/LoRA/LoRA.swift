@@ -1,3 +1,4 @@
+import Foundation
 import GraftModels
 import GraftTensor
 
@@ -36,6 +37,10 @@ public final class LoRALayer: LinearAdapterMethod {
     public internal(set) var initialFactors: (a: Tensor, b: Tensor)?
     /// KaSA's trainable singular values `ΔΣ` `[r]` (`lora_diag`; see `KaSA.swift`); nil for other LoRA.
     public internal(set) var kasaDiagonal: Tensor?
+    /// The int8 copies ``decodeInt8Factors`` last found, with the ``Int8FactorCopies/generation`` of the scope that
+    /// holds them (under `int8FactorsLock`): a generation's decoding steps look the copies up once, not per token.
+    var int8FactorsFound: (generation: UInt64, factors: Int8Factors)?
+    let int8FactorsLock = NSLock()
     /// KaSA's frozen dropped component `(U_d S_d [out, r], V_dᵀ [r, in])`, subtracted from the base output.
     public internal(set) var droppedComponent: (us: Tensor, vh: Tensor)?
     /// aLoRA's per-token activation (see `ALoRA.swift`): the update applies only to the tokens it gates on; nil

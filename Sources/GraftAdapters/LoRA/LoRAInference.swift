@@ -48,10 +48,16 @@ extension LoRALayer {
     /// The factors' int8 copies when this thread decodes in fast mode inside an ``Int8FactorCopies`` scope (made
     /// on first use), else nil. Look them up on the thread that runs the step, not on a worker.
     public var decodeInt8Factors: Int8Factors? {
-        guard Int8ActivationMode.isEnabled, let copies = Int8FactorCopies.current, rank > 0,
-              let a = copies.rows(of: loraA, rows: rank),
+        guard Int8ActivationMode.isEnabled, let copies = Int8FactorCopies.current, rank > 0 else { return nil }
+        // A match means the scope is the one open now, so the copies' buffers are alive.
+        let generation = copies.generation
+        let found = int8FactorsLock.withLock { int8FactorsFound }
+        if let found, found.generation == generation { return found.factors }
+        guard let a = copies.rows(of: loraA, rows: rank),
               let bt = copies.blockedColumns(of: loraB, rows: loraB.count / rank) else { return nil }
-        return Int8Factors(a: a, bt: bt, out: loraB.count / rank)
+        let factors = Int8Factors(a: a, bt: bt, out: loraB.count / rank)
+        int8FactorsLock.withLock { int8FactorsFound = (generation, factors) }
+        return factors
     }
 
     /// Inference: `y += scaling · (x Aᵀ) Bᵀ` straight into the layer's output, no tensors recorded.
