@@ -113,7 +113,7 @@ extension LlamaModel {
         guard prompt.count + parameters.maxNewTokens <= config.contextLength else {
             throw GraftError.invalid("generate: prompt (\(prompt.count)) + maxNewTokens (\(parameters.maxNewTokens)) exceeds the context length \(config.contextLength)")
         }
-        return try withNoGrad { try withInt8Activations(parameters.fastDecode) { try withInt8FactorCopies(parameters.fastDecode) {
+        return try withNoGrad { try withInt8Activations(parameters.fastDecode) { try withInt8FactorCopies(true) {
             let cache = KVCache(layerCount: layers.count)
             var sampler = TokenSampler(parameters: parameters)
             var generated: [Int32] = []
@@ -157,7 +157,7 @@ extension LlamaModel {
             try GenerationSequence(pending: $0, cache: KVCache(layerCount: layers.count), parameters: parameters)
         }
         var active = sequences.indices.filter { !sequences[$0].isFinished }
-        try withInt8FactorCopies(parameters.fastDecode) {
+        try withInt8FactorCopies(true) {
             while !active.isEmpty {
                 let prefilling = active.filter { sequences[$0].isPrefilling }
                 let rows = prefilling.isEmpty ? active : [prefilling[0]]

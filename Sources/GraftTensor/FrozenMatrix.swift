@@ -57,50 +57,6 @@ extension FrozenMatrix {
 /// rows amortise decoding a tile to float32 over a GEMM.
 public let directProductRows = 16
 
-/// Adds something to output columns `rows` of a product's output `y` (row `i` of `y` at `y + i · ldy`): an
-/// adapter's decoding-step update, run inside the product's parallel loop on the thread that owns those outputs.
-public typealias OutputRowsUpdate = (_ rows: Range<Int>, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) -> Void
-
-/// An adapter's decoding-step update: `parts` independent pieces of work on the whole input (a few rank
-/// components of a down projection each), `prepare(part)` for each, which must all have run before `apply` first
-/// adds into output rows. The product that carries it shares the parts out over its threads beside its own rows.
-public struct DecodingUpdate {
-    /// How many parts `prepare` has.
-    public let parts: Int
-    /// Runs part `0 ..< parts`: once each, on any thread, before `apply`.
-    public let prepare: (Int) -> Void
-    /// Adds the update into a range of output rows.
-    public let apply: OutputRowsUpdate
-
-    /// An update whose `apply` reads what the parts of `prepare` compute.
-    public init(parts: Int, prepare: @escaping (Int) -> Void, apply: @escaping OutputRowsUpdate) {
-        self.parts = parts
-        self.prepare = prepare
-        self.apply = apply
-    }
-
-    /// An update with nothing to prepare.
-    public init(apply: @escaping OutputRowsUpdate) {
-        self.init(parts: 0, prepare: { _ in }, apply: apply)
-    }
-
-    /// `updates` one after another as one update (itself when there is one), or nil when there are none.
-    public static func combined(_ updates: [DecodingUpdate]) -> DecodingUpdate? {
-        guard updates.count > 1 else { return updates.first }
-        var starts: [Int] = [], total = 0
-        for update in updates {
-            starts.append(total)
-            total += update.parts
-        }
-        return DecodingUpdate(parts: total, prepare: { part in
-            guard let index = starts.lastIndex(where: { $0 <= part }) else { return }
-            updates[index].prepare(part - starts[index])
-        }, apply: { rows, y, ldy in
-            for update in updates { update.apply(rows, y, ldy) }
-        })
-    }
-}
-
 /// `x · Wᵀ (+ bias)` for a frozen compact `weight` (`[out, in]`): the Linear layer on a quantized base.
 ///
 /// Forward decodes `weight` a tile of output rows at a time, the tiles shared out over Graft's threads, each

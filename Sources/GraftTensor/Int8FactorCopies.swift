@@ -4,12 +4,14 @@ import Synchronization
 /// The last ``Int8FactorCopies/generation`` handed out.
 private let lastFactorCopiesGeneration = Atomic<UInt64>(0)
 
-/// Symmetric int8 copies of small matrices that a fast-mode generation streams once per token (a LoRA adapter's A
-/// and B), made on first use inside ``withInt8FactorCopies(_:_:)`` and dropped when it returns.
+/// The scope of a generation's decoding steps: symmetric int8 copies of small matrices that fast mode streams once
+/// per token (a LoRA adapter's A and B), made on first use inside ``withInt8FactorCopies(_:_:)`` and dropped when
+/// it returns, and the ``generation`` that adapters tag what they work out once per scope with (in either mode).
 ///
 /// A copy is only as current as the tensor was when it was made: the scope must not outlive any change to the
-/// tensors it copies. Generation holds one for a single `generate` call, during which no weight changes; a server
-/// that keeps one across decoding steps drops it whenever a request may change an adapter.
+/// adapters it serves (their tensors or their configuration). Generation holds one for a single `generate` call,
+/// during which nothing changes; a server that keeps one across decoding steps drops it whenever a request may
+/// change an adapter.
 public final class Int8FactorCopies {
     /// An int8 matrix and one scale per row: row `r`'s values times `scales[r]` approximate the source's.
     public struct Copy: @unchecked Sendable {
@@ -98,8 +100,8 @@ public func withInt8FactorCopies<R>(_ scope: Int8FactorCopies?, _ body: () throw
     return try withExtendedLifetime(scope) { try body() }
 }
 
-/// Runs `body` with a fresh ``Int8FactorCopies`` scope open on this thread when `enabled` (fast-mode generation),
-/// and frees its copies after. A scope already open stays in effect for a nested call.
+/// Runs `body` with a fresh ``Int8FactorCopies`` scope open on this thread when `enabled` (a generation), and
+/// frees its copies after. A scope already open stays in effect for a nested call.
 public func withInt8FactorCopies<R>(_ enabled: Bool, _ body: () throws -> R) rethrows -> R {
     guard enabled, Int8FactorCopies.current == nil else { return try body() }
     return try withInt8FactorCopies(Int8FactorCopies(), body)

@@ -6,51 +6,53 @@ import CGraftThreads
 /// the calling thread before them. A thread about to apply an update whose parts are still unclaimed prepares them
 /// itself, so no schedule of the chunks can wait forever.
 final class SharedPrologue {
-    private let updates: [DecodingUpdate?]
-    /// Product `j`'s parts are items `starts[j] ..< starts[j] + updates[j].parts`.
-    private let starts: [Int]
+    private let products: [FrozenProduct]
     private let count: Int
+    /// One allocation holds the claim counter, where each product's items start (product `j`'s parts are items
+    /// `starts[j] ..< starts[j] + parts`), and a finished flag per item: a decoding step makes one of these per
+    /// product group, a few hundred per token.
+    private let memory: UnsafeMutableRawPointer
     private let next: UnsafeMutablePointer<Int64>
+    private let starts: UnsafeMutablePointer<Int>
     private let finished: UnsafeMutablePointer<Int32>
 
     /// The parts of every product's update in order, or nil when there are none.
-    init?(_ updates: [DecodingUpdate?]) {
-        var starts: [Int] = [], count = 0
-        for update in updates {
-            starts.append(count)
-            count += update?.parts ?? 0
-        }
+    init?(_ products: [FrozenProduct]) {
+        var count = 0
+        for product in products { count += product.update?.parts ?? 0 }
         guard count > 0 else { return nil }
-        self.updates = updates
-        self.starts = starts
+        self.products = products
         self.count = count
-        next = .allocate(capacity: 1)
-        next.initialize(to: 0)
-        finished = .allocate(capacity: count)
-        finished.initialize(repeating: 0, count: count)
+        let p = products.count
+        memory = .allocate(byteCount: 8 + 8 * p + 4 * count, alignment: 8)
+        next = memory.initializeMemory(as: Int64.self, repeating: 0, count: 1)
+        starts = (memory + 8).initializeMemory(as: Int.self, repeating: 0, count: p)
+        finished = (memory + 8 + 8 * p).initializeMemory(as: Int32.self, repeating: 0, count: count)
+        var start = 0
+        for (j, product) in products.enumerated() {
+            starts[j] = start
+            start += product.update?.parts ?? 0
+        }
     }
 
-    deinit {
-        next.deallocate()
-        finished.deallocate()
-    }
+    deinit { memory.deallocate() }
 
     /// Claims and prepares parts until every item below `end` is claimed.
     func runUnclaimed(below end: Int? = nil) {
-        let limit = Int64(end ?? count)
+        let limit = Int64(end ?? count), last = products.count - 1
         while true {
             let item = Int(cgraft_claim_next(next, limit))
             guard item >= 0, item < count else { return }
             var product = 0
-            while product + 1 < starts.count && starts[product + 1] <= item { product += 1 }
-            updates[product]?.prepare(item - starts[product])
+            while product < last && starts[product + 1] <= item { product += 1 }
+            products[product].update?.prepare(item - starts[product])
             cgraft_mark_finished(finished + item)
         }
     }
 
     /// Returns once every part of product `index`'s update has been prepared (preparing those nobody has claimed).
     func finish(product index: Int) {
-        let parts = updates[index]?.parts ?? 0
+        let parts = products[index].update?.parts ?? 0
         guard parts > 0 else { return }
         let start = starts[index]
         runUnclaimed(below: start + parts)

@@ -161,6 +161,36 @@ import GraftTestSupport
         }
     }
 
+    /// Inside one scope a layer keeps its decoding plan from token to token (``Int8FactorCopies/generation``):
+    /// steps of one and two rows in any order must each add exactly their own update, in the exact mode against the
+    /// float32 factors and in the fast mode against the int8-rounded ones.
+    @Test(arguments: [false, true])
+    func aScopeKeepsItsPlanAcrossSteps(fast: Bool) throws {
+        Threading.setThreads(2)
+        let matrix = try quantized(.q8_0, seed: 97)
+        let layer = Linear(compact: matrix, bias: nil)
+        let lora = LoRALayer(base: layer, rank: rank, alpha: 32, useRSLoRA: false, dropout: 0, useDoRA: false,
+                             initLoraWeights: false, bias: false, state: AdapterState(seed: 8))
+        layer.adapters = [lora]
+        let exactA = lora.loraA.scalars.map(Double.init), exactB = lora.loraB.scalars.map(Double.init)
+        let a = fast ? int8Rounded(exactA, rows: rank) : exactA
+        let b = fast ? transposed(int8Rounded(transposed(exactB, rows: outF), rows: rank), rows: rank) : exactB
+        let copies = Int8FactorCopies()
+        for (step, rows) in [1, 2, 1, 2, 2, 1].enumerated() {
+            let xv = randomValues(rows * inF, seed: UInt64(100 + step))
+            let x = Tensor(shape: [rows, inF], values: xv.map(Float.init))
+            let (out, baseOut) = withNoGrad {
+                withInt8Activations(fast) {
+                    (withInt8FactorCopies(copies) { layer.forward(x) }, linear(x, frozen: matrix, nil))
+                }
+            }
+            let (worst, scale) = worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b,
+                                                  scale: Double(lora.scaling))
+            #expect(scale > 0.1, "the update is too small to test")
+            #expect(worst <= (fast ? 1e-4 : 1e-5) * scale, "step \(step), \(rows) row(s): max |error| \(worst)")
+        }
+    }
+
     /// A NaN in a factor reaches the fused fast-mode update as it reaches the float32 one: every output it enters is
     /// NaN, not a silently finite number.
     @Test func fastModeInt8FactorsPropagateNaN() throws {

@@ -1,6 +1,7 @@
 import Foundation
 import GraftModels
 import GraftTensor
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -15,6 +16,9 @@ import Darwin
 /// bias `b`, scaled with the update: `y = W x + (α/r)·(B A x + b)`; merging adds `(α/r)·b` to the base bias.
 public final class LoRALayer: LinearAdapterMethod {
     public let state: AdapterState
+    /// The decoding plan of the last ``Int8FactorCopies`` scope that decoded through the layer (declared first, so
+    /// a decoding step finds it on the object's first cache line).
+    let keptDecodePlan = Mutex<LoRADecodePlan?>(nil)
     /// `[r, in]`.
     public let loraA: Tensor
     /// `[out, r]`.

@@ -74,22 +74,15 @@ extension LoRALayer {
     /// token. Each component of `h` is the same sum however the parts fall.
     public func decodeUpdate(input x: Tensor, layer: Linear) -> DecodingUpdate? {
         let n = x.rows, inF = layer.inFeatures, r = rank
-        guard isFusable, n <= 2, r > 0, x.lastDim == inF, loraA.count == r * inF, loraB.count == layer.outFeatures * r
-        else { return nil }
+        guard n <= 2, r > 0, x.lastDim == inF else { return nil }
+        if let plan = decodePlan(inFeatures: inF, outFeatures: layer.outFeatures) {
+            return plan.update(input: x.pointer, rows: n)
+        }
+        guard isFusable, loraA.count == r * inF, loraB.count == layer.outFeatures * r else { return nil }
         let h = Tensor(zeros: [n, r])
         let xp = UnsafePointer(x.pointer), hp = h.pointer, s = scaling
         // Multiples of four components (the down kernels' row groups), about four parts per row.
         let width = max(4, (r / 4 + 3) / 4 * 4), perRow = (r + width - 1) / width
-        if let int8 = decodeInt8Factors {
-            return DecodingUpdate(parts: n * perRow, prepare: { part in
-                let i = part / perRow, k = part % perRow * width
-                int8.down(xp + i * inF, inF: inF, components: k..<min(r, k + width), into: hp + i * r)
-            }, apply: { rows, y, ldy in
-                withExtendedLifetime(h) {
-                    for i in 0..<n { int8.up(hp + i * r, rank: r, rows: rows, scale: s, into: y + i * ldy) }
-                }
-            })
-        }
         let a = UnsafePointer(loraA.pointer), b = loraB
         return DecodingUpdate(parts: n * perRow, prepare: { part in
             let i = part / perRow, k = part % perRow * width
