@@ -43,15 +43,27 @@ static int8_t to_int8(float v, float inverse) {
 
 static int is_finite(float v) { return fabsf(v) <= 3.4028235e38f; }
 
+/// max |x[j]| and whether every x[j] is finite (in eight independent lanes, so that it vectorizes).
+static float max_magnitude(const float *x, int64_t n, int *finite) {
+    float lane[8] = {0};
+    int all = 1;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) lane[l] = fmaxf(lane[l], fabsf(x[j + l]));
+    for (; j < n; j++) lane[0] = fmaxf(lane[0], fabsf(x[j]));
+    float max_abs = 0;
+    for (int l = 0; l < 8; l++) max_abs = fmaxf(max_abs, lane[l]);
+    // fmaxf drops NaN, so test the values themselves: NaN or ±inf anywhere fails.
+    for (j = 0; j < n; j++) all &= is_finite(x[j]);
+    *finite = all;
+    return max_abs;
+}
+
 CLONES void cgraft_int8_rows(const float *src, int64_t rows, int64_t cols, int8_t *dst, float *scales) {
     for (int64_t r = 0; r < rows; r++) {
         const float *row = src + r * cols;
-        float max_abs = 0;
-        int finite = 1;
-        for (int64_t c = 0; c < cols; c++) {
-            finite &= is_finite(row[c]);
-            max_abs = fmaxf(max_abs, fabsf(row[c]));
-        }
+        int finite;
+        float max_abs = max_magnitude(row, cols, &finite);
         float inverse = finite && max_abs > 0 ? 127.0f / max_abs : 0.0f;
         scales[r] = int8_scale(max_abs, finite);
         for (int64_t c = 0; c < cols; c++) dst[r * cols + c] = to_int8(row[c], inverse);
@@ -91,31 +103,18 @@ CLONES void cgraft_int8_columns_blocked(const float *src, int64_t rows, int64_t 
             inverse[c] = finite[c] && max_abs[c] > 0 ? 127.0f / max_abs[c] : 0.0f;
             scales[c0 + c] = int8_scale(max_abs[c], finite[c]);
         }
+        int8_t rounded[GROUP];
         for (int64_t r = 0; r < rows; r++) {
             const float *row = src + r * cols + c0;
             int8_t *block = dst + cgraft_int8_blocked_index(r, 0, cols);
+            // Rounded contiguously (so it vectorizes), then placed: components pair up 2 * BLOCK bytes apart.
+            for (int64_t c = 0; c < width; c++) rounded[c] = to_int8(row[c], inverse[c]);
             for (int64_t c = 0; c < width; c++) {
                 int64_t col = c0 + c;
-                block[col / 2 * stride + col % 2] = to_int8(row[c], inverse[c]);
+                block[col / 2 * stride + col % 2] = rounded[c];
             }
         }
     }
-}
-
-/// max |x[j]| and whether every x[j] is finite (in eight independent lanes, so that it vectorizes).
-static float max_magnitude(const float *x, int64_t n, int *finite) {
-    float lane[8] = {0};
-    int all = 1;
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; l++) lane[l] = fmaxf(lane[l], fabsf(x[j + l]));
-    for (; j < n; j++) lane[0] = fmaxf(lane[0], fabsf(x[j]));
-    float max_abs = 0;
-    for (int l = 0; l < 8; l++) max_abs = fmaxf(max_abs, lane[l]);
-    // fmaxf drops NaN, so test the values themselves: NaN or ±inf anywhere fails.
-    for (j = 0; j < n; j++) all &= is_finite(x[j]);
-    *finite = all;
-    return max_abs;
 }
 
 #ifdef LORA_INT8_X86

@@ -7,8 +7,15 @@ public typealias OutputRowsUpdate = (_ rows: Range<Int>, _ y: UnsafeMutablePoint
 public protocol DecodingWork: AnyObject {
     /// Runs one part of the work on the whole input: once each, on any thread, before ``apply(_:_:_:)``.
     func prepare(_ part: Int)
+    /// ``prepare(_:)`` in the fast mode, given the input as the product quantized it (which the work may read
+    /// instead of the float32 rows); the default ignores it.
+    func prepare(_ part: Int, quantized input: Int8Rows)
     /// Adds the update into output rows `rows` of `y` (row `i` at `y + i · ldy`).
     func apply(_ rows: Range<Int>, _ y: UnsafeMutablePointer<Float>, _ ldy: Int)
+}
+
+extension DecodingWork {
+    public func prepare(_ part: Int, quantized input: Int8Rows) { prepare(part) }
 }
 
 /// An adapter's decoding-step update: `parts` independent pieces of work on the whole input (a few rank
@@ -39,6 +46,11 @@ public struct DecodingUpdate {
     /// Runs part `part` (`0 ..< parts`): once each, on any thread, before ``apply(_:_:_:)``.
     public func prepare(_ part: Int) { work.prepare(part) }
 
+    /// Runs part `part` given the input as the fast mode's product quantized it (`nil`: the product did not).
+    public func prepare(_ part: Int, quantized input: Int8Rows?) {
+        if let input { work.prepare(part, quantized: input) } else { work.prepare(part) }
+    }
+
     /// Adds the update into a range of output rows.
     public func apply(_ rows: Range<Int>, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) { work.apply(rows, y, ldy) }
 
@@ -50,12 +62,32 @@ public struct DecodingUpdate {
             starts.append(total)
             total += update.parts
         }
-        return DecodingUpdate(parts: total, prepare: { part in
-            guard let index = starts.lastIndex(where: { $0 <= part }) else { return }
-            updates[index].prepare(part - starts[index])
-        }, apply: { rows, y, ldy in
-            for update in updates { update.apply(rows, y, ldy) }
-        })
+        return DecodingUpdate(parts: total, work: CombinedWork(updates: updates, starts: starts))
+    }
+}
+
+/// Several updates' work one after another: their parts numbered in order.
+private final class CombinedWork: DecodingWork {
+    private let updates: [DecodingUpdate]
+    /// Update `j`'s parts are `starts[j] ..< starts[j] + updates[j].parts`.
+    private let starts: [Int]
+
+    init(updates: [DecodingUpdate], starts: [Int]) {
+        self.updates = updates
+        self.starts = starts
+    }
+
+    func prepare(_ part: Int) { prepare(part, quantized: nil) }
+
+    func prepare(_ part: Int, quantized input: Int8Rows) { prepare(part, quantized: Optional(input)) }
+
+    private func prepare(_ part: Int, quantized input: Int8Rows?) {
+        guard let index = starts.lastIndex(where: { $0 <= part }) else { return }
+        updates[index].prepare(part - starts[index], quantized: input)
+    }
+
+    func apply(_ rows: Range<Int>, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        for update in updates { update.apply(rows, y, ldy) }
     }
 }
 

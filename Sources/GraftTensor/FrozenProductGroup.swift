@@ -70,7 +70,7 @@ func blockProducts(_ x: Tensor, _ products: [FrozenProduct]) -> [Tensor]? {
     let grain = int8 == nil ? 64 : max(64, (1 << 17) / max(inF * rowsN, 1))
     // Ranges start at multiples of 16 rows where every product's rows allow it: the int8 kernels' tiles hold 16.
     let unit = products.allSatisfy({ $0.weight.rows % 16 == 0 }) ? 16 : 1
-    let prologue = SharedPrologue(products)
+    let prologue = SharedPrologue(products, quantized: int8)
     parallelFor(total / unit, grain: max(1, grain / unit)) { units in
         prologue?.runUnclaimed()
         let range = units.lowerBound * unit..<units.upperBound * unit

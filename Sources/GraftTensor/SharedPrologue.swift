@@ -7,6 +7,8 @@ import CGraftThreads
 /// itself, so no schedule of the chunks can wait forever.
 final class SharedPrologue {
     private let products: [FrozenProduct]
+    /// The input as the fast mode's products quantized it, which the parts may read.
+    private let quantized: Int8Rows?
     private let count: Int
     /// One allocation holds the claim counter, where each product's items start (product `j`'s parts are items
     /// `starts[j] ..< starts[j] + parts`), and a finished flag per item: a decoding step makes one of these per
@@ -16,12 +18,14 @@ final class SharedPrologue {
     private let starts: UnsafeMutablePointer<Int>
     private let finished: UnsafeMutablePointer<Int32>
 
-    /// The parts of every product's update in order, or nil when there are none.
-    init?(_ products: [FrozenProduct]) {
+    /// The parts of every product's update in order, or nil when there are none; `quantized` is the input as the
+    /// fast mode's products quantized it.
+    init?(_ products: [FrozenProduct], quantized: Int8Rows?) {
         var count = 0
         for product in products { count += product.update?.parts ?? 0 }
         guard count > 0 else { return nil }
         self.products = products
+        self.quantized = quantized
         self.count = count
         let p = products.count
         memory = .allocate(byteCount: 8 + 8 * p + 4 * count, alignment: 8)
@@ -45,7 +49,7 @@ final class SharedPrologue {
             guard item >= 0, item < count else { return }
             var product = 0
             while product < last && starts[product + 1] <= item { product += 1 }
-            products[product].update?.prepare(item - starts[product])
+            products[product].update?.prepare(item - starts[product], quantized: quantized)
             cgraft_mark_finished(finished + item)
         }
     }

@@ -84,6 +84,18 @@ import GraftTestSupport
         return out
     }
 
+    /// `values` (rows of activations) as the fast mode's products quantize them (cgraft_q8_quantize_rows): per block
+    /// of 32, `d = max |block| / 127` and each value the nearest integer (ties to even) to `v / d`, times `d`.
+    func q8Rounded(_ values: [Double]) -> [Double] {
+        var out = values
+        for start in stride(from: 0, to: values.count, by: 32) {
+            let block = values[start..<(start + 32)].map(Float.init)
+            let d = (block.map(abs).max() ?? 0) / 127, inverse: Float = d > 0 ? 1 / d : 0
+            for j in 0..<32 { out[start + j] = Double((block[j] * inverse).rounded(.toNearestOrEven)) * Double(d) }
+        }
+        return out
+    }
+
     /// The transpose of a row-major `[rows, count / rows]` matrix.
     func transposed(_ values: [Double], rows: Int) -> [Double] {
         let cols = values.count / rows
@@ -91,9 +103,10 @@ import GraftTestSupport
     }
 
     /// Fast-mode decoding inside an ``Int8FactorCopies`` scope reads A (row by row) and B (column by column)
-    /// rounded to int8: the fused update must match the definition computed from the rounded factors, and differ
-    /// from the float32 one by no more than that rounding allows, for one and two rows; outside a scope the float32
-    /// factors are read.
+    /// rounded to int8, and A multiplies the input as the base product quantized it (int8 per block of 32): the
+    /// fused update must match the definition computed from the rounded factors and input, and differ from the
+    /// float32 one by no more than that rounding allows, for one and two rows; outside a scope the float32 factors
+    /// and input are read.
     @Test(arguments: [GGMLType.q4_1, .q8_0])
     func fastModeReadsInt8FactorsInsideAScope(type: GGMLType) throws {
         Threading.setThreads(2)
@@ -119,10 +132,10 @@ import GraftTestSupport
             }
             // Values (B's in blocks of 16 output rows, the last one padded), and a scale per component.
             #expect(bytes == lora.loraA.count + (outF + 15) / 16 * 16 * rank + 4 * 2 * rank)
-            func worstError(_ out: Tensor, a: [Double], b: [Double]) -> (Double, Double) {
-                worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b, scale: s)
+            func worstError(_ out: Tensor, a: [Double], b: [Double], x: [Double]? = nil) -> (Double, Double) {
+                worstUpdateError(out, base: baseOut, x: x ?? xv, rows: rows, a: a, b: b, scale: s)
             }
-            let (int8Error, scale) = worstError(scoped, a: roundedA, b: roundedB)
+            let (int8Error, scale) = worstError(scoped, a: roundedA, b: roundedB, x: q8Rounded(xv))
             let (int8VsExact, _) = worstError(scoped, a: exactA, b: exactB)
             let (plainError, _) = worstError(plain, a: exactA, b: exactB)
             print("LoRA fast decode \(type), \(rows) row(s): int8 factors max |error| \(int8Error) vs their definition, \(int8VsExact) vs float32's; outside a scope \(plainError); largest update \(scale)")
@@ -131,8 +144,8 @@ import GraftTestSupport
             // component each: a few 1e-5 of the update at rank 16.
             #expect(int8Error <= 1e-4 * scale)
             #expect(plainError <= 1e-5 * scale)
-            // Rounding to int8 moves each factor by at most half a step, 1/254 of its row's largest magnitude: the
-            // update by a few thousandths of its size.
+            // Rounding to int8 moves each factor and input by at most half a step, 1/254 of its row's (its block's)
+            // largest magnitude: the update by a few thousandths of its size.
             #expect(int8VsExact > 1e-4 * scale && int8VsExact <= 2e-2 * scale)
         }
     }
@@ -163,7 +176,7 @@ import GraftTestSupport
 
     /// Inside one scope a layer keeps its decoding plan from token to token (``Int8FactorCopies/generation``):
     /// steps of one and two rows in any order must each add exactly their own update, in the exact mode against the
-    /// float32 factors and in the fast mode against the int8-rounded ones.
+    /// float32 factors and in the fast mode against the int8-rounded ones and input.
     @Test(arguments: [false, true])
     func aScopeKeepsItsPlanAcrossSteps(fast: Bool) throws {
         Threading.setThreads(2)
@@ -184,8 +197,8 @@ import GraftTestSupport
                     (withInt8FactorCopies(copies) { layer.forward(x) }, linear(x, frozen: matrix, nil))
                 }
             }
-            let (worst, scale) = worstUpdateError(out, base: baseOut, x: xv, rows: rows, a: a, b: b,
-                                                  scale: Double(lora.scaling))
+            let (worst, scale) = worstUpdateError(out, base: baseOut, x: fast ? q8Rounded(xv) : xv, rows: rows, a: a,
+                                                  b: b, scale: Double(lora.scaling))
             #expect(scale > 0.1, "the update is too small to test")
             #expect(worst <= (fast ? 1e-4 : 1e-5) * scale, "step \(step), \(rows) row(s): max |error| \(worst)")
         }

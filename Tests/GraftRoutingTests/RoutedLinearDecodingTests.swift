@@ -1,4 +1,5 @@
 import Testing
+import CGraftKernels
 import GraftAdapters
 import GraftIO
 import GraftModels
@@ -7,12 +8,24 @@ import GraftTensor
 import GraftTestSupport
 
 /// A mixed-adapter decoding step adds each row's LoRA update inside the base product's job
-/// (``RoutedLinear/decodeUpdate(input:layer:)``). Every row must get, bit for bit, what the base product plus
-/// ``LoRALayer/addUpdate(input:into:rows:inFeatures:outFeatures:parallel:int8:)`` give that row alone (the path a
-/// prefill or a step of too many rows takes), in the exact and the fast mode, for rows under different adapters,
-/// two adapters, or none.
+/// (``RoutedLinear/decodeUpdate(input:layer:)``). Every row must get, bit for bit, what the base product plus that
+/// row's update alone give: ``LoRALayer/addUpdate(input:into:rows:inFeatures:outFeatures:parallel:int8:)`` in the
+/// exact mode, the int8 kernels a layer's own decoding step runs in the fast mode; for rows under different
+/// adapters, two adapters, or none.
 @Suite(.serialized) struct RoutedLinearDecodingTests {
     let inF = 256, outF = 200
+
+    /// Row `row`'s fast-mode update alone, as a layer's own decoding step computes it: the row quantized per block
+    /// of 32 as the base product quantizes it, A's int8 copy against those blocks, then B's int8 copy.
+    func addFastUpdate(_ lora: LoRALayer, row: Int, x: Tensor, into y: Tensor) {
+        guard let int8 = lora.decodeInt8Factors, let q = try? Int8Rows(x.pointer + row * inF, rows: 1, cols: inF) else {
+            Issue.record("no int8 copies or quantized row")
+            return
+        }
+        var h = [Float](repeating: 0, count: lora.rank)
+        cgraft_lora_down_q8(q.values, q.scales, Int64(inF), int8.a.values, int8.a.scales, Int64(lora.rank), &h)
+        int8.up(h, rank: lora.rank, rows: 0..<outF, scale: lora.scaling, into: y.pointer + row * outF)
+    }
 
     @Test(arguments: [false, true], [1, 2])
     func eachRowGetsItsUpdateAlone(fast: Bool, perSequence: Int) throws {
@@ -42,9 +55,10 @@ import GraftTestSupport
                     for segment in segments {
                         for row in (segment.rows.lowerBound * perSequence)..<(segment.rows.upperBound * perSequence) {
                             for case let adapter as LoRALayer in segment.adapters {
-                                adapter.addUpdate(input: x.pointer + row * inF, into: expected.pointer + row * outF,
-                                                  rows: 1, inFeatures: inF, outFeatures: outF,
-                                                  int8: fast ? adapter.decodeInt8Factors : nil)
+                                if fast { addFastUpdate(adapter, row: row, x: x, into: expected) } else {
+                                    adapter.addUpdate(input: x.pointer + row * inF, into: expected.pointer + row * outF,
+                                                      rows: 1, inFeatures: inF, outFeatures: outF)
+                                }
                             }
                         }
                     }

@@ -70,6 +70,17 @@ int64_t cgraft_int8_blocked_index(int64_t row, int64_t col, int64_t cols);
 /// fast-mode decoding. Runs on the calling thread.
 void cgraft_lora_down_int8(const float *x, int64_t in, const int8_t *a, const float *scales, int64_t rank, float *h);
 
+/// The fast mode's down projection against activations quantized by cgraft_q8_quantize_rows (`q`: `in` int8
+/// values, `d`: one scale per block of 32) and `a` in int8 (cgraft_int8_rows): `h[k] = scales[k] · Σ_b d[b] ·
+/// Σ_{j in b} a[k·in + j] · q[j]`, integer sums per block (AVX2 or a portable loop, the same bits either way). Writes
+/// nothing unless `in` is a multiple of 32. Runs on the calling thread.
+void cgraft_lora_down_q8(const int8_t *q, const float *d, int64_t in, const int8_t *a, const float *scales,
+                         int64_t rank, float *h);
+
+/// The portable loop of cgraft_lora_down_q8 for one component (unscaled), whatever the CPU: for tests that the
+/// vector path gives the same bits. NaN unless `in` is a multiple of 32.
+float cgraft_lora_down_q8_portable_dot(const int8_t *q, const float *d, int64_t in, const int8_t *a);
+
 /// The fast mode's up projection into output rows `begin <= o < end`, from B in int8 (cgraft_int8_columns_blocked of
 /// B, a scale per rank component): `g = h ⊙ scales` is rounded to int16 with one scale, `q[k] = rint(g[k] / d)` for
 /// `d = max_k |g[k]| / 32767`, then `y[o] += (scale · d) · Σ_k b[o][k] · q[k]`, the sum exact in integers, so each

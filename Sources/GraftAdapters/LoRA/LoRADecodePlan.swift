@@ -76,6 +76,15 @@ final class LoRADecodePlan: DecodingWork, @unchecked Sendable {
         }
     }
 
+    /// Part `part` in the fast mode from the input as the base product quantized it (int8 per block of 32): A's
+    /// int8 rows against those blocks in integer sums, as the base weights are multiplied.
+    func prepare(_ part: Int, quantized q: Int8Rows) {
+        guard let int8, q.cols == inFeatures, q.rows == rows else { return prepare(part) }
+        let i = part / partsPerRow, k = part % partsPerRow * width, end = min(rank, k + width)
+        cgraft_lora_down_q8(q.values + i * inFeatures, q.scales + i * inFeatures / 32, Int64(inFeatures),
+                            int8.a.values + k * inFeatures, int8.a.scales + k, Int64(end - k), h + i * rank + k)
+    }
+
     /// `y += scaling · B h` over output columns `range` of every row.
     func apply(_ range: Range<Int>, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
         for i in 0..<rows {
