@@ -17,6 +17,19 @@ import GraftTestSupport
         try randomQuantizedMatrix(type, rows: outF, cols: inF, seed: seed)
     }
 
+    /// A layer of random `type` weights (`seed`) on two threads with one LoRA attached (alpha 32, drawn from
+    /// `loraSeed` with B not zero).
+    func adaptedLayer(_ type: GGMLType = .q8_0, seed: UInt64, loraSeed: UInt64) throws
+        -> (matrix: QuantizedMatrix, layer: Linear, lora: LoRALayer) {
+        Threading.setThreads(2)
+        let matrix = try quantized(type, seed: seed)
+        let layer = Linear(compact: matrix, bias: nil)
+        let lora = LoRALayer(base: layer, rank: rank, alpha: 32, useRSLoRA: false, dropout: 0, useDoRA: false,
+                             initLoraWeights: false, bias: false, state: AdapterState(seed: loraSeed))
+        layer.adapters = [lora]
+        return (matrix, layer, lora)
+    }
+
     /// The largest |(out − base) − update| over `rows` rows, the update `s · B (A x)` computed in float64 from `a`
     /// and `b`, and the largest |update|. A NaN or infinity in `out` gives an infinite error.
     func worstUpdateError(_ out: Tensor, base: Tensor, x xv: [Double], rows: Int, a: [Double], b: [Double],
@@ -109,12 +122,7 @@ import GraftTestSupport
     /// and input are read.
     @Test(arguments: [GGMLType.q4_1, .q8_0])
     func fastModeReadsInt8FactorsInsideAScope(type: GGMLType) throws {
-        Threading.setThreads(2)
-        let matrix = try quantized(type, seed: 91)
-        let layer = Linear(compact: matrix, bias: nil)
-        let lora = LoRALayer(base: layer, rank: rank, alpha: 32, useRSLoRA: false, dropout: 0, useDoRA: false,
-                             initLoraWeights: false, bias: false, state: AdapterState(seed: 5))
-        layer.adapters = [lora]
+        let (matrix, layer, lora) = try adaptedLayer(type, seed: 91, loraSeed: 5)
         let s = Double(lora.scaling)
         let exactA = lora.loraA.scalars.map(Double.init), exactB = lora.loraB.scalars.map(Double.init)
         let roundedA = int8Rounded(exactA, rows: rank)
@@ -179,12 +187,7 @@ import GraftTestSupport
     /// float32 factors and in the fast mode against the int8-rounded ones and input.
     @Test(arguments: [false, true])
     func aScopeKeepsItsPlanAcrossSteps(fast: Bool) throws {
-        Threading.setThreads(2)
-        let matrix = try quantized(.q8_0, seed: 97)
-        let layer = Linear(compact: matrix, bias: nil)
-        let lora = LoRALayer(base: layer, rank: rank, alpha: 32, useRSLoRA: false, dropout: 0, useDoRA: false,
-                             initLoraWeights: false, bias: false, state: AdapterState(seed: 8))
-        layer.adapters = [lora]
+        let (matrix, layer, lora) = try adaptedLayer(seed: 97, loraSeed: 8)
         let exactA = lora.loraA.scalars.map(Double.init), exactB = lora.loraB.scalars.map(Double.init)
         let a = fast ? int8Rounded(exactA, rows: rank) : exactA
         let b = fast ? transposed(int8Rounded(transposed(exactB, rows: outF), rows: rank), rows: rank) : exactB
@@ -207,12 +210,7 @@ import GraftTestSupport
     /// A NaN in a factor reaches the fused fast-mode update as it reaches the float32 one: every output it enters is
     /// NaN, not a silently finite number.
     @Test func fastModeInt8FactorsPropagateNaN() throws {
-        Threading.setThreads(2)
-        let matrix = try quantized(.q8_0, seed: 93)
-        let layer = Linear(compact: matrix, bias: nil)
-        let lora = LoRALayer(base: layer, rank: rank, alpha: 32, useRSLoRA: false, dropout: 0, useDoRA: false,
-                             initLoraWeights: false, bias: false, state: AdapterState(seed: 6))
-        layer.adapters = [lora]
+        let (_, layer, lora) = try adaptedLayer(seed: 93, loraSeed: 6)
         lora.loraA.pointer[3 * inF + 7] = .nan
         let x = Tensor(shape: [1, inF], values: randomValues(inF, seed: 94).map(Float.init))
         let out = withNoGrad { withInt8Activations { withInt8FactorCopies(Int8FactorCopies()) { layer.forward(x) } } }
