@@ -13,7 +13,7 @@ import Synchronization
 /// is one object found through one field, current while its scope is open (a scope never outlives a change to the
 /// adapters it serves: see ``Int8FactorCopies``).
 final class LoRADecodePlan: DecodingWork, @unchecked Sendable {
-    /// The ``Int8FactorCopies/generation`` of the scope the plan belongs to.
+    /// The ``Int8FactorCopies/generation`` of the scope the plan belongs to (0: a plan for one step, outside a scope).
     let generation: UInt64
     /// The int8 copies of A and B that fast mode reads; nil in exact mode, which reads `a` and `b`.
     let int8: LoRALayer.Int8Factors?
@@ -99,25 +99,21 @@ final class LoRADecodePlan: DecodingWork, @unchecked Sendable {
 }
 
 extension LoRALayer {
-    /// The plan of the decoding steps inside the ``Int8FactorCopies`` scope open on this thread: the one kept from
-    /// an earlier token of the scope, else a new one (nil outside a scope, or when the update cannot be added in
-    /// place, ``isFusable``, or fast mode has no int8 copies).
+    /// The plan of a decoding step: inside an ``Int8FactorCopies`` scope open on this thread, the one kept from an
+    /// earlier token of the scope, else a new one kept for the rest of it; outside a scope, a new one for this step
+    /// only. Fast mode reads the scope's int8 copies (float32 factors where there are none). Nil when the update
+    /// cannot be added in place (``isFusable``) or the factors do not fit the layer.
     func decodePlan(inFeatures inF: Int, outFeatures outF: Int) -> LoRADecodePlan? {
-        guard let copies = Int8FactorCopies.current else { return nil }
-        let generation = copies.generation, fast = Int8ActivationMode.isEnabled
-        if let kept = keptDecodePlan.withLock({ $0 }), kept.generation == generation, kept.inFeatures == inF,
-           kept.outFeatures == outF, (kept.int8 != nil) == fast {
+        let scope = Int8FactorCopies.current, fast = Int8ActivationMode.isEnabled
+        if let generation = scope?.generation, let kept = keptDecodePlan.withLock({ $0 }),
+           kept.generation == generation, kept.inFeatures == inF, kept.outFeatures == outF,
+           (kept.int8 != nil) == fast {
             return kept
         }
         guard isFusable, rank > 0, loraA.count == rank * inF, loraB.count == outF * rank else { return nil }
-        var int8: Int8Factors? = nil
-        if fast {
-            guard let factors = decodeInt8Factors else { return nil }
-            int8 = factors
-        }
-        let plan = LoRADecodePlan(generation: generation, int8: int8, a: loraA, b: loraB, inFeatures: inF,
-                                  outFeatures: outF, rank: rank, scaling: scaling)
-        keptDecodePlan.withLock { $0 = plan }
+        let plan = LoRADecodePlan(generation: scope?.generation ?? 0, int8: fast ? decodeInt8Factors : nil, a: loraA,
+                                  b: loraB, inFeatures: inF, outFeatures: outF, rank: rank, scaling: scaling)
+        if scope != nil { keptDecodePlan.withLock { $0 = plan } }
         return plan
     }
 }

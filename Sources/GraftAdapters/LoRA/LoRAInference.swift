@@ -69,32 +69,13 @@ extension LoRALayer {
     }
 
     /// A decoding step: `h = x Aᵀ` in parts of a few rank components each (`[rank, in]`, a few tens of KB), which
-    /// the base product's threads share out, and `scaling · h Bᵀ` into whichever output rows they hand over. In
-    /// fast mode, inside an ``Int8FactorCopies`` scope, A and B are read from int8 copies: a quarter of the bytes per
-    /// token. Each component of `h` is the same sum however the parts fall.
+    /// the base product's threads share out, and `scaling · h Bᵀ` into whichever output rows they hand over
+    /// (``LoRADecodePlan``). In fast mode, inside an ``Int8FactorCopies`` scope, A and B are read from int8 copies:
+    /// a quarter of the bytes per token. Each component of `h` is the same sum however the parts fall.
     public func decodeUpdate(input x: Tensor, layer: Linear) -> DecodingUpdate? {
         let n = x.rows, inF = layer.inFeatures, r = rank
         guard n <= 2, r > 0, x.lastDim == inF else { return nil }
-        if let plan = decodePlan(inFeatures: inF, outFeatures: layer.outFeatures) {
-            return plan.update(input: x.pointer, rows: n)
-        }
-        guard isFusable, loraA.count == r * inF, loraB.count == layer.outFeatures * r else { return nil }
-        let h = Tensor(zeros: [n, r])
-        let xp = UnsafePointer(x.pointer), hp = h.pointer, s = scaling
-        // Multiples of four components (the down kernels' row groups), about four parts per row.
-        let width = max(4, (r / 4 + 3) / 4 * 4), perRow = (r + width - 1) / width
-        let a = UnsafePointer(loraA.pointer), b = loraB
-        return DecodingUpdate(parts: n * perRow, prepare: { part in
-            let i = part / perRow, k = part % perRow * width
-            cgraft_lora_down(xp + i * inF, Int64(inF), a + k * inF, Int64(min(r, k + width) - k), hp + i * r + k)
-        }, apply: { rows, y, ldy in
-            withExtendedLifetime(h) {
-                for i in 0..<n {
-                    cgraft_lora_up(hp + i * r, Int64(r), b.pointer, Int64(rows.lowerBound), Int64(rows.upperBound), s,
-                                   y + i * ldy)
-                }
-            }
-        })
+        return decodePlan(inFeatures: inF, outFeatures: layer.outFeatures)?.update(input: x.pointer, rows: n)
     }
 
     /// `y += scaling · (x Aᵀ) Bᵀ` for `rows` rows, written straight into `y`'s memory (no-grad inference). A row
