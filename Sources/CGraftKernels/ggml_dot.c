@@ -153,9 +153,9 @@ rows_q8_0_avx512(const uint8_t *const *rows, const uint16_t *const *tables, int 
 // `out[w * N + i]` receives weight row w against activation row i (W·N ≤ 8).
 
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-rows_q4_1_avx2(const uint8_t *const *rows, int W, const float *x, int64_t ldx, const float *sums, const float *lanes,
-               int64_t blocks, int N, float *out) {
-    __m256 acc[8], lane_offsets = _mm256_setzero_ps();
+rows_q4_1_avx2(const uint8_t *const *rows, int W, const float *x, int64_t ldx, const float *sums, int64_t blocks,
+               int N, float *out) {
+    __m256 acc[8];
     float offsets[8];
     for (int k = 0; k < W * N; k++) { acc[k] = _mm256_setzero_ps(); offsets[k] = 0; }
     const __m128i low4 = _mm_set1_epi8(15);
@@ -178,18 +178,11 @@ rows_q4_1_avx2(const uint8_t *const *rows, int W, const float *x, int64_t ldx, c
                 }
             }
         }
-        if (lanes) {
-            // Activation row i's offset in lane i (W = 1): the fused multiply-adds of fmaf below, in the same order.
-            const __m256 minimum = _mm256_set1_ps(half_f16c(rows[0] + b * 20 + 2));
-            lane_offsets = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(lanes + b * 8), lane_offsets);
-            continue;
-        }
         for (int w = 0; w < W; w++) {
             float mn = half_f16c(rows[w] + b * 20 + 2);
             for (int i = 0; i < N; i++) offsets[w * N + i] = fmaf(mn, sums[i * blocks + b], offsets[w * N + i]);
         }
     }
-    if (lanes) _mm256_storeu_ps(offsets, lane_offsets);
     for (int k = 0; k < W * N; k++) out[k] = hsum256(acc[k]) + offsets[k];
 }
 
@@ -232,22 +225,17 @@ __attribute__((target("avx512f,fma,f16c"))) static void rows_avx512(int type, co
 #undef CGRAFT_ROWS
 }
 
-/// Weight rows `rows[0..<w]` against rows `x[0..<n]` (w = 1 with n ≤ 8, w = 2 with n ≤ 4, or w = 4 with n ≤ 2),
-/// into `out`, with the AVX2 kernels. `lanes` (one weight row only, or NULL): the Q4_1 block sums of the n rows
-/// transposed, block b's in `lanes[b·8 ..< b·8 + 8]`, so their offset terms build up in one vector.
+/// Weight rows `rows[0..<w]` against rows `x[0..<n]` (w ∈ {1, 4}, n ≤ 2), into `out`, with the AVX2 kernels.
 __attribute__((target("avx2,fma,f16c"))) static void rows_avx2(int type, const uint8_t *const *rows, int w, const float *x,
-                                                               int64_t ldx, const float *sums, const float *lanes,
-                                                               int64_t blocks, int n, float *out) {
+                                                               int64_t ldx, const float *sums, int64_t blocks, int n,
+                                                               float *out) {
 #define CGRAFT_ROWS(W, N)                                                                                            \
     case W * 16 + N:                                                                                                 \
-        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_avx2(rows, W, x, ldx, sums, lanes, blocks, N, out);                   \
+        if (type == CGRAFT_GGML_Q4_1) rows_q4_1_avx2(rows, W, x, ldx, sums, blocks, N, out);                          \
         else rows_q8_0_avx2(rows, W, x, ldx, blocks, N, out);                                                         \
         break;
     switch (w * 16 + n) {
-        CGRAFT_ROWS(1, 1) CGRAFT_ROWS(1, 2) CGRAFT_ROWS(1, 3) CGRAFT_ROWS(1, 4)
-        CGRAFT_ROWS(1, 5) CGRAFT_ROWS(1, 6) CGRAFT_ROWS(1, 7) CGRAFT_ROWS(1, 8)
-        CGRAFT_ROWS(2, 1) CGRAFT_ROWS(2, 2) CGRAFT_ROWS(2, 3) CGRAFT_ROWS(2, 4)
-        CGRAFT_ROWS(4, 1) CGRAFT_ROWS(4, 2)
+        CGRAFT_ROWS(1, 1) CGRAFT_ROWS(1, 2) CGRAFT_ROWS(4, 1) CGRAFT_ROWS(4, 2)
         default: break;
     }
 #undef CGRAFT_ROWS
@@ -300,41 +288,21 @@ int cgraft_ggml_rows_product(int type, const uint8_t *w, int64_t row_bytes, cons
     }
 #ifdef CGRAFT_X86
     if (level == 1) {
-        if (m <= 2) {
-            // A decoding step: weight rows in fours, each with its own accumulator chain in flight.
+        // Three or more rows (a decoding step of a batch of sequences): each weight row decoded once into a float32
+        // tile. One or two rows (a sequence's decoding step), or more without memory for the tile: weight rows in
+        // fours against two activation rows at a time, each pair with its own accumulator chain in flight.
+        if (m > 2 && cgraft_ggml_rows_product_batch(type, w, row_bytes, row_order, r0, r1, blocks, x, ldx, scratch,
+                                                    m, y, ldy) == 0) {
+            return 0;
+        }
+        for (int64_t i = 0; i < m; i += 2) {
+            int n = m - i < 2 ? 1 : 2;
             for (int64_t r = r0; r < r1;) {
                 int count = r1 - r >= 4 ? 4 : 1;
                 const uint8_t *rows[4];
                 for (int k = 0; k < count; k++) rows[k] = w + (row_order ? row_order[r + k] : r + k) * row_bytes;
                 float out[8];
-                rows_avx2(type, rows, count, x, ldx, scratch, NULL, blocks, (int)m, out);
-                for (int k = 0; k < count; k++) {
-                    for (int j = 0; j < m; j++) y[j * ldy + r + k] += out[k * m + j];
-                }
-                r += count;
-            }
-            return 0;
-        }
-        // More rows, eight at a time: each weight row's blocks decoded once for the eight (18 KB for a width of 576,
-        // kept in L1 while the weight rows stream past), their Q4_1 block sums transposed in when they fit. Four or
-        // fewer go two weight rows at a time, so that eight accumulator chains stay in flight.
-        float lanes[8 * 512];
-        for (int64_t i = 0; i < m; i += 8) {
-            int n = (int)(m - i < 8 ? m - i : 8), wide = n <= 4 ? 2 : 1;
-            const float *transposed = NULL;
-            if (wide == 1 && type == CGRAFT_GGML_Q4_1 && blocks <= 512) {
-                for (int64_t b = 0; b < blocks; b++) {
-                    for (int j = 0; j < 8; j++) lanes[b * 8 + j] = j < n ? scratch[(i + j) * blocks + b] : 0;
-                }
-                transposed = lanes;
-            }
-            for (int64_t r = r0; r < r1;) {
-                int count = r1 - r >= wide ? wide : 1;
-                const uint8_t *rows[2];
-                for (int k = 0; k < count; k++) rows[k] = w + (row_order ? row_order[r + k] : r + k) * row_bytes;
-                float out[8];
-                rows_avx2(type, rows, count, x + i * ldx, ldx, scratch + i * blocks, count == 1 ? transposed : NULL,
-                          blocks, n, out);
+                rows_avx2(type, rows, count, x + i * ldx, ldx, scratch + i * blocks, blocks, n, out);
                 for (int k = 0; k < count; k++) {
                     for (int j = 0; j < n; j++) y[(i + j) * ldy + r + k] += out[k * n + j];
                 }

@@ -57,6 +57,16 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/// cgraft_ggml_rows_product's AVX2 path for three or more activation rows (`sums`: their Q4_1 block sums, `m`
+/// rows of `blocks`), each weight row decoded once into a float32 tile (ggml_dot_batch.c). Returns 0, or -1 when
+/// its working memory cannot be allocated (nothing touched).
+__attribute__((target("avx2,fma,f16c"))) int cgraft_ggml_rows_product_batch(int type, const uint8_t *w,
+                                                                             int64_t row_bytes,
+                                                                             const int64_t *row_order, int64_t r0,
+                                                                             int64_t r1, int64_t blocks, const float *x,
+                                                                             int64_t ldx, const float *sums, int64_t m,
+                                                                             float *y, int64_t ldy);
+
 /// The target the AVX-512 VNNI kernels are compiled for.
 #define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
 
