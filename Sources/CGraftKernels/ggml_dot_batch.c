@@ -142,7 +142,8 @@ __attribute__((target("avx2,fma,f16c"))) int cgraft_ggml_rows_product_batch(int 
         }
         if (type == CGRAFT_GGML_Q4_1) {
             // The offset terms, eight activation rows a lane: ggml_dot.c's fmaf chain, block by block, the tile's
-            // four rows as four chains in flight (a row past `count` has zero minimums and is not read).
+            // four rows as four chains in flight (rows past `count` hold zeros or an earlier tile's minimums,
+            // and their offsets are not read).
             for (int64_t i = 0; i < padded; i += 8) {
                 __m256 o[TILE_ROWS];
                 for (int k = 0; k < TILE_ROWS; k++) o[k] = _mm256_setzero_ps();
