@@ -1,8 +1,8 @@
 // The float32 product of three or more activation rows (a decoding step of a batch of sequences) with Q4_1 / Q8_0
-// weight rows, AVX2 + FMA. The row-at-a-time kernels of ggml_dot.c decode each block once per eight activation rows
-// and load an activation vector for every multiply-add; here each weight row is decoded to float32 once per call,
+// weight rows, AVX2 + FMA. The row-at-a-time kernels of ggml_dot.c (one or two activation rows) decode a block for
+// every use and load an activation vector for every multiply-add; here each weight row is decoded to float32 once,
 // into a tile of up to four rows, and the tile multiplies the activation rows three at a time with twelve
-// accumulators in registers, a stretch of 256 columns at a time so the tile and the activations stay in L1.
+// accumulators in registers, a stretch of up to 768 columns at a time so the tile and the activations stay in L1.
 //
 // Each (weight row, activation row) pair is computed exactly as rows_q4_1_avx2 / rows_q8_0_avx2 compute it: the
 // same decoded weights (d · q, one rounding), one eight-lane accumulator fed block by block and part by part in
